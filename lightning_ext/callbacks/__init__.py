@@ -1,0 +1,1 @@
+"""Lightning callbacks: thin adapters over ``lightning_ext.functional``."""

@@ -1,0 +1,5 @@
+"""Datasets and data utilities: sample identity, task streams, and small real datasets."""
+
+from lightning_ext.data.digits import digits_splits, digits_tensors
+
+__all__ = ["digits_splits", "digits_tensors"]

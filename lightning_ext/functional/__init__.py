@@ -1,0 +1,9 @@
+"""Pure-torch math of every method. No Lightning import: usable and testable on its own.
+
+Each submodule declares ``__all__``; this package re-exports them all.
+"""
+
+from lightning_ext.functional.ema import *  # noqa: F403
+from lightning_ext.functional.ema import __all__ as _ema_all
+
+__all__ = [*_ema_all]

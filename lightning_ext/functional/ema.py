@@ -1,0 +1,162 @@
+"""Exponential moving averages of tensors: the update, its decay warm-up, and Karras et al.'s
+power-function EMA with post-hoc reconstruction of any EMA length from stored snapshots."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ema_decay_at",
+    "ema_update_",
+    "group_by_device_and_dtype",
+    "posthoc_ema_coefficients",
+    "power_ema_beta",
+    "power_profile_inner",
+    "sigma_rel_to_gamma",
+]
+
+
+def group_by_device_and_dtype(
+    ema: Sequence[Tensor], params: Sequence[Tensor]
+) -> list[tuple[list[Tensor], list[Tensor]]]:
+    """Split paired lists into groups that one multi-tensor kernel can process.
+
+    ``torch._foreach_*`` kernels take their fast path only when every tensor of a call shares a
+    device and dtype; grouping once up front keeps the hot path free of per-tensor Python work.
+    """
+    if len(ema) != len(params):
+        raise ValueError(f"ema has {len(ema)} tensors but params has {len(params)}")
+    groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
+    for e, p in zip(ema, params):
+        if e.shape != p.shape:
+            raise ValueError(f"shape mismatch: ema {tuple(e.shape)} vs param {tuple(p.shape)}")
+        key = (e.device, e.dtype, p.device, p.dtype)
+        groups[key][0].append(e)
+        groups[key][1].append(p)
+    return list(groups.values())
+
+
+def _check_decay(decay: float) -> None:
+    if not 0.0 <= decay <= 1.0 or math.isnan(decay):
+        raise ValueError(f"decay must lie in [0, 1], got {decay}")
+
+
+@torch.no_grad()
+def ema_update_(ema: Sequence[Tensor], params: Sequence[Tensor], decay: float) -> None:
+    """In place: ``ema <- decay * ema + (1 - decay) * params`` for every pair of tensors.
+
+    One ``_foreach_lerp_`` per (device, dtype) group: no allocation when devices and dtypes match,
+    and ``decay`` is a Python float, so no host-device synchronisation. Floating-point only.
+    """
+    _check_decay(decay)
+    weight = 1.0 - decay
+    for ema_group, param_group in group_by_device_and_dtype(ema, params):
+        target = ema_group[0]
+        if not target.is_floating_point():
+            raise TypeError(f"EMA tensors must be floating point, got {target.dtype}")
+        if param_group[0].device != target.device or param_group[0].dtype != target.dtype:
+            param_group = [p.to(device=target.device, dtype=target.dtype) for p in param_group]
+        torch._foreach_lerp_(ema_group, [p.detach() for p in param_group], weight)
+
+
+def ema_decay_at(
+    num_updates: int,
+    decay: float,
+    *,
+    warmup_gamma: float | None = None,
+    warmup_power: float = 2.0 / 3.0,
+) -> float:
+    """The decay to use for update number ``num_updates`` (0 for the first update).
+
+    Without warm-up this is ``decay``. With warm-up it is timm's
+    ``min(decay, 1 - (1 + t / gamma) ** -power)``, which makes early EMAs follow the weights closely
+    instead of remembering the random initialisation.
+    """
+    _check_decay(decay)
+    if num_updates < 0:
+        raise ValueError(f"num_updates must be >= 0, got {num_updates}")
+    if warmup_gamma is None:
+        return decay
+    if warmup_gamma <= 0 or warmup_power <= 0:
+        raise ValueError("warmup_gamma and warmup_power must be > 0")
+    warm = 1.0 - (1.0 + num_updates / warmup_gamma) ** -warmup_power
+    return min(decay, max(warm, 0.0))
+
+
+# --- Post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion
+# Models", section 3 and appendix C). A power-function EMA with exponent gamma weights the training
+# iterate at time tau by a profile proportional to tau**gamma on [0, t]. Its relative standard
+# deviation sigma_rel fixes gamma. Any such profile is approximated by a linear combination of
+# stored snapshots, whose coefficients solve a small least-squares problem in closed form.
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """Exponent gamma of the power-function EMA whose relative width is ``sigma_rel``.
+
+    Solves ``sigma_rel**2 = (g + 1) / ((g + 2)**2 (g + 3))`` for its largest real root.
+    """
+    if not 0.0 < sigma_rel < 0.28:
+        raise ValueError(f"sigma_rel must lie in (0, 0.28), got {sigma_rel}")
+    s2 = sigma_rel**2
+    # Expanded cubic: s2 * (g^3 + 7 g^2 + 16 g + 12) - g - 1 = 0.
+    roots = np.roots([s2, 7 * s2, 16 * s2 - 1, 12 * s2 - 1])
+    return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
+
+
+def power_ema_beta(t: int, gamma: float) -> float:
+    """Decay of the power-function EMA at update ``t`` (1-based): ``(1 - 1/t) ** (gamma + 1)``.
+
+    At t = 1 it is 0, so the EMA starts as an exact copy of the first iterate.
+    """
+    if t < 1:
+        raise ValueError(f"t must be >= 1, got {t}")
+    return (1.0 - 1.0 / t) ** (gamma + 1.0)
+
+
+def power_profile_inner(gamma_a: Tensor, t_a: Tensor, gamma_b: Tensor, t_b: Tensor) -> Tensor:
+    """Inner products <p_a, p_b> of normalised power profiles p(tau) = (g+1) tau^g / t^(g+1).
+
+    Broadcasts over its arguments; evaluated in log space so that large gammas do not overflow.
+    """
+    g = gamma_a + gamma_b + 1.0
+    t_min = torch.minimum(t_a, t_b)
+    log_value = (
+        torch.log(gamma_a + 1.0)
+        + torch.log(gamma_b + 1.0)
+        - torch.log(g)
+        + g * torch.log(t_min)
+        - (gamma_a + 1.0) * torch.log(t_a)
+        - (gamma_b + 1.0) * torch.log(t_b)
+    )
+    return torch.exp(log_value)
+
+
+def posthoc_ema_coefficients(
+    snapshot_gammas: Sequence[float],
+    snapshot_steps: Sequence[float],
+    target_gamma: float,
+    target_step: float,
+) -> Tensor:
+    """Least-squares coefficients x with sum_i x_i * snapshot_i ~ the EMA of exponent
+    ``target_gamma`` at ``target_step``. Returns a float64 tensor, one entry per snapshot."""
+    if len(snapshot_gammas) != len(snapshot_steps) or not snapshot_gammas:
+        raise ValueError("need one gamma per snapshot step, and at least one snapshot")
+    if min(snapshot_steps) <= 0 or target_step <= 0:
+        raise ValueError("snapshot and target steps must be > 0")
+    gammas = torch.tensor(list(snapshot_gammas), dtype=torch.float64)
+    steps = torch.tensor(list(snapshot_steps), dtype=torch.float64)
+    gram = power_profile_inner(gammas[:, None], steps[:, None], gammas[None, :], steps[None, :])
+    rhs = power_profile_inner(
+        gammas,
+        steps,
+        torch.tensor(float(target_gamma), dtype=torch.float64),
+        torch.tensor(float(target_step), dtype=torch.float64),
+    )
+    # The Gram matrix of nearby snapshots is ill-conditioned; an SVD-based solve stays stable.
+    return torch.linalg.lstsq(gram, rhs[:, None], driver="gelsd").solution[:, 0]

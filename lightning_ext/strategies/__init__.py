@@ -1,0 +1,1 @@
+"""Lightning strategies (DDPStrategy subclasses) for methods that run one model per rank."""

@@ -1,0 +1,90 @@
+"""Run a function as a real 2-process DDP job on CPU (gloo), from inside pytest.
+
+Each rank is its own ``python`` process with the environment torchrun would give it, so Lightning
+sees processes created externally and does not re-launch pytest. The target writes what it wants
+to compare to ``out_dir / f"rank{rank}.pt"``; the runner returns those objects, rank by rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ddp(
+    target: str, out_dir: Path, *, nprocs: int = 2, timeout: float = 240, **kwargs: Any
+) -> list[Any]:
+    """Run ``target`` ("package.module:function") on ``nprocs`` ranks; return each rank's result.
+
+    The function is called as ``function(out_dir=str, **kwargs)`` (kwargs must be JSON-able) and
+    should build a Trainer with ``accelerator="cpu", devices=nprocs, strategy="ddp"``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    procs = []
+    for rank in range(nprocs):
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in {"RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE"}
+        }
+        env.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            WORLD_SIZE=str(nprocs),
+            NODE_RANK="0",
+            LOCAL_RANK=str(rank),
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
+        )
+        cmd = [sys.executable, "-m", "tests.helpers.ddp", target, str(out_dir), json.dumps(kwargs)]
+        log = open(out_dir / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
+        procs.append(
+            (
+                subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT),
+                log,
+            )
+        )
+    failures = []
+    for rank, (proc, log) in enumerate(procs):
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other, _ in procs:
+                other.kill()
+            code = "timeout"
+        log.close()
+        if code != 0:
+            tail = (out_dir / f"rank{rank}.log").read_text()[-4000:]
+            failures.append(f"rank {rank} exited with {code}:\n{tail}")
+    if failures:
+        raise AssertionError("\n".join(failures))
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(nprocs)]
+
+
+def _main() -> None:
+    import importlib
+
+    target, out_dir, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    module_name, function_name = target.split(":")
+    getattr(importlib.import_module(module_name), function_name)(out_dir=out_dir, **kwargs)
+
+
+if __name__ == "__main__":
+    _main()

@@ -62,7 +62,7 @@ def ema_update_(ema: Sequence[Tensor], params: Sequence[Tensor], decay: float) -
             raise TypeError(f"EMA tensors must be floating point, got {target.dtype}")
         if param_group[0].device != target.device or param_group[0].dtype != target.dtype:
             param_group = [p.to(device=target.device, dtype=target.dtype) for p in param_group]
-        torch._foreach_lerp_(ema_group, [p.detach() for p in param_group], weight)
+        torch._foreach_lerp_(ema_group, list(param_group), weight)
 
 
 def ema_decay_at(

@@ -6,6 +6,7 @@ from functools import cache
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from lightning_ext.data import digits_splits
@@ -36,11 +37,13 @@ def loader(dataset: Dataset, batch_size: int = 32, shuffle_seed: int | None = 0)
     """A DataLoader whose shuffling depends only on (seed, epoch).
 
     Lightning calls ``set_epoch`` on the sampler, so a run resumed from an epoch boundary sees the
-    same order as an uninterrupted one: the precondition for bitwise resume tests. Single-process
-    only; under DDP pass ``shuffle_seed=None`` and let Lightning insert its DistributedSampler.
+    same order as an uninterrupted one: the precondition for bitwise resume tests. Under DDP the
+    loader shuffles plainly and Lightning inserts its (seeded, epoch-aware) DistributedSampler.
     """
     if shuffle_seed is None:
         return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True)  # Lightning shards it
     sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=shuffle_seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
 

@@ -1,0 +1,183 @@
+"""Shadow copies of a module's weights, shared by the weight-averaging callbacks (EMA, PostHocEMA).
+
+A ``ShadowWeights`` follows one module: floating-point tensors are averaged with the foreach EMA
+update, the rest (integer buffers such as BatchNorm's ``num_batches_tracked``) are copied. The
+shadow may live on another device than the module (e.g. CPU offload of a GPU model); then each
+update stages the weights into pinned host buffers with non-blocking copies and the averaging runs
+in a background thread, so the training step never waits for the host-side arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ext.functional.ema import ema_update_, group_by_device_and_dtype
+
+
+@dataclass(frozen=True)
+class TrackedTensors:
+    """The module tensors a shadow follows, by name: ``averaged`` ones and ``copied`` ones."""
+
+    averaged_names: list[str]
+    averaged: list[Tensor]
+    copied_names: list[str]
+    copied: list[Tensor]
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, average_buffers: bool = True) -> TrackedTensors:
+        avg_names, avg, copy_names, copy = [], [], [], []
+        for name, param in module.named_parameters():
+            if not param.is_floating_point():
+                raise TypeError(f"parameter {name!r} is {param.dtype}; only float is supported")
+            avg_names.append(name)
+            avg.append(param)
+        for name, buf in module.named_buffers():
+            if buf.is_floating_point() and average_buffers:
+                avg_names.append(name)
+                avg.append(buf)
+            else:
+                copy_names.append(name)
+                copy.append(buf)
+        return cls(avg_names, avg, copy_names, copy)
+
+    def items(self) -> Iterator[tuple[str, Tensor]]:
+        yield from zip(self.averaged_names, self.averaged)
+        yield from zip(self.copied_names, self.copied)
+
+
+class ShadowWeights:
+    """An averaged copy of ``tracked`` stored on ``device`` (default: beside each tensor)."""
+
+    def __init__(
+        self,
+        tracked: TrackedTensors,
+        device: torch.device | None = None,
+        *,
+        background: bool | None = None,
+    ) -> None:
+        self.tracked = tracked
+        with torch.no_grad():
+            self.averaged = [_clone_to(t, device) for t in tracked.averaged]
+            self.copied = [_clone_to(t, device) for t in tracked.copied]
+        crosses_devices = any(
+            s.device != t.device
+            for s, t in zip(self.averaged + self.copied, tracked.averaged + tracked.copied)
+        )
+        self.background = crosses_devices if background is None else background
+        self._future: Future | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        if self.background:
+            self._executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="lightning-ext-ema"
+            )
+            self._staged = [_empty_staging(s, t) for s, t in zip(self.averaged, tracked.averaged)]
+            self._staged_copied = [
+                _empty_staging(s, t) for s, t in zip(self.copied, tracked.copied)
+            ]
+        self._groups = group_by_device_and_dtype(self.averaged, tracked.averaged)
+
+    @torch.no_grad()
+    def update_(self, decay: float) -> None:
+        """shadow <- decay * shadow + (1 - decay) * live; copied tensors are copied."""
+        if not self.background:
+            for shadow_group, live_group in self._groups:
+                ema_update_(shadow_group, live_group, decay)
+            if self.copied:
+                torch._foreach_copy_(self.copied, self.tracked.copied)
+            return
+        self.wait()  # the staging buffers are reused: the previous update must be done with them
+        for stage, live in zip(
+            self._staged + self._staged_copied, self.tracked.averaged + self.tracked.copied
+        ):
+            stage.copy_(live, non_blocking=True)
+        event = None
+        if any(t.is_cuda for t in self.tracked.averaged):
+            event = torch.cuda.Event()
+            event.record()
+        assert self._executor is not None
+        self._future = self._executor.submit(self._finish_update, event, decay)
+
+    @torch.no_grad()
+    def _finish_update(self, event: torch.cuda.Event | None, decay: float) -> None:
+        if event is not None:
+            event.synchronize()
+        ema_update_(self.averaged, self._staged, decay)
+        for shadow, stage in zip(self.copied, self._staged_copied):
+            shadow.copy_(stage)
+
+    def wait(self) -> None:
+        """Block until a background update has finished (before any read of the shadow)."""
+        if self._future is not None:
+            future, self._future = self._future, None
+            future.result()
+
+    @torch.no_grad()
+    def copy_from_live_(self) -> None:
+        self.wait()
+        for shadow, live in zip(
+            self.averaged + self.copied, self.tracked.averaged + self.tracked.copied
+        ):
+            shadow.copy_(live)
+
+    @torch.no_grad()
+    def exchange_with_live_(self) -> None:
+        """Swap storage with the live tensors (no copy, no allocation); calling twice restores.
+
+        Only valid when every shadow tensor matches its live tensor's device and dtype.
+        """
+        self.wait()
+        live = self.tracked.averaged + self.tracked.copied
+        shadow = self.averaged + self.copied
+        for i, tensor in enumerate(live):
+            tensor.data, shadow[i] = shadow[i], tensor.data
+        n = len(self.averaged)
+        self.averaged[:], self.copied[:] = shadow[:n], shadow[n:]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        self.wait()
+        names = self.tracked.averaged_names + self.tracked.copied_names
+        return dict(zip(names, self.averaged + self.copied))
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Tensor], what: str = "EMA state") -> None:
+        """Copy ``state`` into the shadow, checking that it describes the same tensors."""
+        self.wait()
+        names = self.tracked.averaged_names + self.tracked.copied_names
+        missing = [n for n in names if n not in state]
+        unexpected = [n for n in state if n not in set(names)]
+        if missing or unexpected:
+            raise ValueError(
+                f"{what} does not match the model: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}. Was the checkpoint written for a different architecture?"
+            )
+        for name, shadow in zip(names, self.averaged + self.copied):
+            value = state[name]
+            if value.shape != shadow.shape:
+                raise ValueError(
+                    f"{what}: tensor {name!r} has shape {tuple(value.shape)} in the checkpoint but "
+                    f"{tuple(shadow.shape)} in the model"
+                )
+            shadow.copy_(value)
+
+    def close(self) -> None:
+        self.wait()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+def _clone_to(tensor: Tensor, device: torch.device | None) -> Tensor:
+    target = tensor.device if device is None else device
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, device=target)
+    return out.copy_(tensor.detach())
+
+
+def _empty_staging(shadow: Tensor, live: Tensor) -> Tensor:
+    """Host staging buffers are pinned so that device-to-host copies can be asynchronous."""
+    pin = live.is_cuda and shadow.device.type == "cpu"
+    return torch.empty(shadow.shape, dtype=shadow.dtype, device=shadow.device, pin_memory=pin)

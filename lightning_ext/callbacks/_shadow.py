@@ -80,13 +80,15 @@ class ShadowWeights:
                 _empty_staging(s, t) for s, t in zip(self.copied, tracked.copied)
             ]
         self._groups = group_by_device_and_dtype(self.averaged, tracked.averaged)
+        if self.background:
+            self._staged_groups = group_by_device_and_dtype(self.averaged, self._staged)
 
     @torch.no_grad()
     def update_(self, decay: float) -> None:
         """shadow <- decay * shadow + (1 - decay) * live; copied tensors are copied."""
         if not self.background:
             for shadow_group, live_group in self._groups:
-                ema_update_(shadow_group, live_group, decay)
+                ema_update_(shadow_group, live_group, decay, homogeneous=True)
             if self.copied:
                 torch._foreach_copy_(self.copied, self.tracked.copied)
             return
@@ -106,7 +108,8 @@ class ShadowWeights:
     def _finish_update(self, event: torch.cuda.Event | None, decay: float) -> None:
         if event is not None:
             event.synchronize()
-        ema_update_(self.averaged, self._staged, decay)
+        for shadow_group, staged_group in self._staged_groups:
+            ema_update_(shadow_group, staged_group, decay, homogeneous=True)
         for shadow, stage in zip(self.copied, self._staged_copied):
             shadow.copy_(stage)
 

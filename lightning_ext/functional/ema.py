@@ -48,21 +48,28 @@ def _check_decay(decay: float) -> None:
 
 
 @torch.no_grad()
-def ema_update_(ema: Sequence[Tensor], params: Sequence[Tensor], decay: float) -> None:
+def ema_update_(
+    ema: Sequence[Tensor], params: Sequence[Tensor], decay: float, *, homogeneous: bool = False
+) -> None:
     """In place: ``ema <- decay * ema + (1 - decay) * params`` for every pair of tensors.
 
     One ``_foreach_lerp_`` per (device, dtype) group: no allocation when devices and dtypes match,
     and ``decay`` is a Python float, so no host-device synchronisation. Floating-point only.
+    ``homogeneous=True`` promises that all tensors share one device and dtype (as the groups of
+    ``group_by_device_and_dtype`` do) and skips the per-call grouping, for hot loops.
     """
     _check_decay(decay)
     weight = 1.0 - decay
-    for ema_group, param_group in group_by_device_and_dtype(ema, params):
+    groups = [(ema, params)] if homogeneous else group_by_device_and_dtype(ema, params)
+    for ema_group, param_group in groups:
+        if not ema_group:
+            continue
         target = ema_group[0]
         if not target.is_floating_point():
             raise TypeError(f"EMA tensors must be floating point, got {target.dtype}")
         if param_group[0].device != target.device or param_group[0].dtype != target.dtype:
             param_group = [p.to(device=target.device, dtype=target.dtype) for p in param_group]
-        torch._foreach_lerp_(ema_group, list(param_group), weight)
+        torch._foreach_lerp_(list(ema_group), list(param_group), weight)
 
 
 def ema_decay_at(

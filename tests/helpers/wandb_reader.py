@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,16 +57,33 @@ class OfflineRun:
         return sorted((self.directory / "files" / "media").rglob(pattern))
 
 
-def read_offline_runs(save_dir: str | Path) -> list[OfflineRun]:
-    """Every offline run under ``save_dir`` (the ``save_dir``/``dir`` given to wandb)."""
+def _complete_records(run_file: Path, timeout: float) -> list[Any]:
+    """The run's records, waiting until wandb's service has written the final ``exit`` record.
+
+    ``run.finish()`` can return before the service process has flushed the file to disk.
+    """
     from wandb.proto import wandb_internal_pb2 as pb
 
-    runs = []
-    for run_file in sorted(Path(save_dir).rglob("offline-run-*/run-*.wandb")):
-        run = OfflineRun(directory=run_file.parent)
+    deadline = time.monotonic() + timeout
+    while True:
+        records = []
         for raw in _records(run_file.read_bytes()):
             record = pb.Record()
             record.ParseFromString(raw)
+            records.append(record)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{run_file} never received its exit record: was finish() called?")
+        time.sleep(0.2)
+
+
+def read_offline_runs(save_dir: str | Path, timeout: float = 60.0) -> list[OfflineRun]:
+    """Every finished offline run under ``save_dir`` (the ``save_dir``/``dir`` given to wandb)."""
+    runs = []
+    for run_file in sorted(Path(save_dir).rglob("offline-run-*/run-*.wandb")):
+        run = OfflineRun(directory=run_file.parent)
+        for record in _complete_records(run_file, timeout):
             kind = record.WhichOneof("record_type")
             if kind == "history":
                 row = {}

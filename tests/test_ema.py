@@ -368,3 +368,24 @@ def test_lightning_cli_builds_the_callback_from_yaml(tmp_path):
     (ph,) = [c for c in cli.trainer.callbacks if isinstance(c, PostHocEMA)]
     assert (ema.decay, ema.warmup_gamma, ema.validate_on) == (0.95, 2.0, "both")
     assert ph.sigma_rels == [0.05, 0.1]
+
+
+class _CopySwapEMA(EMA):
+    """The code path of sharded strategies and CPU offload: swaps copy through a buffer."""
+
+    def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
+        self._sharded = True
+
+
+def test_copy_swap_path_matches_the_pointer_swap_path():
+    results = []
+    for cls in (EMA, _CopySwapEMA):
+        pl.seed_everything(0)
+        model = Classifier(net="cnn")
+        ema = cls(decay=0.8, validate_on="both", apply_on_fit_end=False)
+        trainer = fit(model, [ema], limit_val_batches=2)
+        assert ema._pointer_swap is (cls is EMA)
+        metrics = {k: v.clone() for k, v in trainer.callback_metrics.items()}
+        results.append((model.state_dict(), ema.ema_state_dict(), metrics))
+    assert_bitwise_equal(results[0], results[1])

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lightning_ext.functional.merging import check_same_layout
 
-__all__ = ["IngredientSource", "Ingredients", "load_state_dict"]
+__all__ = ["IngredientSource", "IngredientSubset", "Ingredients", "load_state_dict"]
 
 IngredientSource = Mapping[str, Tensor] | nn.Module | str | os.PathLike
 
@@ -146,8 +146,26 @@ class Ingredients(Sequence):
         }
         check_same_layout(reference, sd, name=self.name(index), ref_name=self.name(0))
 
+    def subset(self, indices: Sequence[int]) -> IngredientSubset:
+        """A lazy view of the ingredients at ``indices`` (repeats allowed), still loaded one at a
+        time: the soup of a greedy choice is ``uniform_soup(ingredients.subset(chosen))``."""
+        return IngredientSubset(self, indices)
+
     def validate(self) -> Ingredients:
         """Load every ingredient once (memory-mapped where possible) and check its layout."""
         for i in range(len(self)):
             self[i]
         return self
+
+
+class IngredientSubset(Sequence):
+    """``parent[indices[i]]`` on access; see ``Ingredients.subset``."""
+
+    def __init__(self, parent: Sequence, indices: Sequence[int]) -> None:
+        self.parent, self.indices = parent, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:  # type: ignore[override]
+        return self.parent[self.indices[index]]

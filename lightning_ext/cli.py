@@ -6,10 +6,13 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from lightning_ext import soup_cli
+
 # Each entry adds one subcommand: a function taking the subparsers object and registering a parser
 # whose ``func`` default is the handler (returning an exit code).
 Registrar = Callable[[argparse._SubParsersAction], None]
 REGISTRARS: list[Registrar] = []
+REGISTRARS.append(soup_cli.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -132,7 +132,7 @@ def estimate_fisher(
 
     def log_prob(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         logits = functional_call(model, (p, buffers), (x.unsqueeze(0),))
-        return F.log_softmax(logits.float(), dim=-1)[0, y]
+        return F.log_softmax(logits.float(), dim=-1)[0].gather(0, y.reshape(1))[0]
 
     per_sample_grad = vmap(grad(log_prob), in_dims=(None, 0, 0))
     was_training = model.training

@@ -93,6 +93,15 @@ def _as_acc(t: Tensor, like: Tensor) -> Tensor:
     return t.detach().to(device=like.device, dtype=like.dtype)
 
 
+def _skeleton(sd: StateDict) -> dict[str, Tensor]:
+    """What later steps need of a reference state dict without holding its data: floating
+    tensors as meta tensors (shape and dtype only), the few non-floating ones cloned."""
+    return {
+        k: torch.empty(t.shape, dtype=t.dtype, device="meta") if _is_mergeable(t) else t.clone()
+        for k, t in sd.items()
+    }
+
+
 def _finish(acc: Mapping[str, Tensor], reference: StateDict) -> dict[str, Tensor]:
     """Merged floats cast back to their dtypes; everything else copied from ``reference``."""
     out = {}
@@ -116,6 +125,7 @@ def _iter_checked(state_dicts: Sequence[StateDict], reference: StateDict) -> Ite
         sd = state_dicts[i]
         check_same_layout(reference, sd, name=f"ingredient {i}", ref_name="the reference")
         yield sd
+        del sd
 
 
 def _check_fraction(name: str, value: float, *, low_open: bool = True) -> None:
@@ -142,8 +152,10 @@ def weighted_average(state_dicts: Sequence[StateDict], weights: Sequence[float])
         raise ValueError(f"weights must be >= 0 with a positive sum, got {weights}")
     first = state_dicts[0]
     acc = {k: _float_copy(t) for k, t in first.items() if _is_mergeable(t)}
+    first = _skeleton(first)
     total = weights[0]
     for i in range(1, n):
+        sd = None  # drop the previous ingredient before loading the next
         sd = state_dicts[i]
         check_same_layout(first, sd, name=f"ingredient {i}", ref_name="ingredient 0")
         total += weights[i]
@@ -215,6 +227,7 @@ def greedy_soup(
     best_index = order[0]
     reference = state_dicts[best_index]
     soup = {k: _float_copy(t) for k, t in reference.items() if _is_mergeable(t)}
+    reference = _skeleton(reference)
     best_score = scores[best_index] if not math.isnan(scores[best_index]) else worst
     chosen = [best_index]
     for pass_index in range(passes):
@@ -252,6 +265,7 @@ def _task_vector_sum(
         for key, a in acc.items():
             delta = _as_acc(sd[key], a) - _as_acc(base[key], a)
             a.add_(transform(delta, i))
+        del sd
     return acc
 
 
@@ -315,6 +329,7 @@ def ties_merge(
             agree = (torch.sign(delta) == sign) & (delta != 0)
             total[key].add_(torch.where(agree, delta, 0.0))
             count[key].add_(agree.to(count[key].dtype))
+        del sd
     merged = {k: total[k] / count[k].clamp(min=1.0) for k in total}
     return _apply(base, merged, scale)
 
@@ -407,8 +422,9 @@ def model_stock(base: StateDict, state_dicts: Sequence[StateDict]) -> dict:
             delta = theta - _as_acc(base[key], m)
             norm = float(torch.linalg.vector_norm(delta.double()))
             if norm > 0:
-                unit_sum[key].add_(delta / norm)
+                unit_sum[key].add_(delta, alpha=1.0 / norm)
                 nonzero[key] += 1
+        del sd
     out = {}
     for key, m in mean.items():
         sq = float(torch.linalg.vector_norm(unit_sum[key].double())) ** 2
@@ -438,10 +454,11 @@ def fisher_merge(
     weights = [1.0] * n if weights is None else [float(w) for w in weights]
     if len(weights) != n or any(w <= 0 or math.isnan(w) for w in weights):
         raise ValueError(f"need one positive weight per ingredient, got {weights}")
-    first = state_dicts[0]
+    first = _skeleton(state_dicts[0])
     acc: dict[str, Tensor] = {}
     mass: dict[str, Tensor | float] = {}
     for i in range(n):
+        sd = fisher = None  # drop the previous ingredient before loading the next
         sd, fisher = state_dicts[i], fishers[i]
         if i:
             check_same_layout(first, sd, name=f"ingredient {i}", ref_name="ingredient 0")

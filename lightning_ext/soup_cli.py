@@ -45,11 +45,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--density", type=float, default=None, help="kept fraction (ties 0.2)")
     p.add_argument("--gamma", type=float, default=0.01, help="breadcrumbs outlier fraction")
     p.add_argument("--seed", type=int, default=0, help="DARE mask seed")
+    p.add_argument(
+        "--trusted", action="store_true", help="allow checkpoints holding arbitrary pickled objects"
+    )
     p.set_defaults(func=run)
 
 
 def merge(args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    ings = Ingredients(args.checkpoints).validate()
+    ings = Ingredients(args.checkpoints, trusted=args.trusted).validate()
     method = args.method
     if method in NEEDS_BASE and not args.base:
         raise ValueError(f"--method {method} needs --base (the model the ingredients share)")
@@ -59,7 +62,7 @@ def merge(args: argparse.Namespace) -> dict[str, torch.Tensor]:
         raise ValueError("--weights goes with --method weighted (one weight per checkpoint)")
     base = None
     if args.base:
-        base = load_state_dict(args.base)
+        base = load_state_dict(args.base, trusted=args.trusted)
         merging.check_same_layout(base, ings[0], name=ings.name(0), ref_name=f"base {args.base}")
     density = args.density
     if method == "uniform":
@@ -82,7 +85,9 @@ def merge(args: argparse.Namespace) -> dict[str, torch.Tensor]:
 
 def run(args: argparse.Namespace) -> int:
     soup = merge(args)
-    first: Any = torch.load(args.checkpoints[0], map_location="cpu", mmap=True, weights_only=True)
+    first: Any = torch.load(
+        args.checkpoints[0], map_location="cpu", mmap=True, weights_only=not args.trusted
+    )
     if isinstance(first, Mapping) and "state_dict" in first:
         out = {k: v for k, v in first.items() if k not in TRAINING_STATE}
         out["state_dict"] = soup

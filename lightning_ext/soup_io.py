@@ -10,6 +10,7 @@ Lightning checkpoint is a ``torch.save``'d dict whose weights sit under ``"state
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
@@ -24,14 +25,20 @@ __all__ = ["IngredientSource", "IngredientSubset", "Ingredients", "load_state_di
 IngredientSource = Mapping[str, Tensor] | nn.Module | str | os.PathLike
 
 
-def _load_file(path: Path, map_location: str | torch.device, mmap: bool) -> Any:
+def _load_file(path: Path, map_location: str | torch.device, mmap: bool, trusted: bool) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"ingredient checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=not trusted)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path}: holds objects other than tensors and plain containers, which are not "
+            "loaded by default because unpickling can run code; if you trust the file, pass "
+            f"trusted=True (CLI: --trusted). Details: {str(err).splitlines()[0]}"
+        ) from err
     except RuntimeError as err:
         if mmap and "mmap" in str(err):  # legacy (non-zip) files cannot be memory-mapped
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=not trusted)
         raise
 
 
@@ -41,19 +48,20 @@ def load_state_dict(
     key: str | None = "state_dict",
     map_location: str | torch.device = "cpu",
     mmap: bool = True,
+    trusted: bool = False,
 ) -> dict[str, Tensor]:
     """The state dict of one ingredient.
 
     A checkpoint file may hold a Lightning checkpoint (weights under ``key``) or a bare state
     dict. Files are memory-mapped by default, so validating layouts reads no tensor data, and
-    loaded with ``weights_only=True`` (no code from the file is executed).
+    loaded with ``weights_only=True`` (no code from the file is executed) unless ``trusted``.
     """
     if isinstance(source, nn.Module):
         return dict(source.state_dict())
     if isinstance(source, Mapping):
         return dict(source)
     path = Path(source)
-    obj = _load_file(path, map_location, mmap)
+    obj = _load_file(path, map_location, mmap, trusted)
     if isinstance(obj, Mapping) and key is not None and key in obj:
         obj = obj[key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
@@ -81,7 +89,8 @@ class Ingredients(Sequence):
     soup APIs do before any averaging or evaluation.
 
     ``strip_prefix`` removes a key prefix (e.g. ``"model."`` when checkpoints wrap the network),
-    ``keys`` keeps only the named entries, and ``map_location`` places loaded tensors.
+    ``map_location`` places loaded tensors and ``trusted=True`` allows checkpoints that pickle
+    arbitrary objects (e.g. custom classes in ``hyper_parameters``).
     """
 
     def __init__(
@@ -92,12 +101,13 @@ class Ingredients(Sequence):
         strip_prefix: str | None = None,
         map_location: str | torch.device = "cpu",
         mmap: bool = True,
+        trusted: bool = False,
     ) -> None:
         self.sources = list(sources)
         if not self.sources:
             raise ValueError("no ingredients given")
         self.key, self.strip_prefix = key, strip_prefix
-        self.map_location, self.mmap = map_location, mmap
+        self.map_location, self.mmap, self.trusted = map_location, mmap, trusted
         self._layout: dict[str, tuple[torch.Size, torch.dtype]] | None = None
 
     def __len__(self) -> int:
@@ -108,7 +118,11 @@ class Ingredients(Sequence):
 
     def _load(self, index: int) -> dict[str, Tensor]:
         sd = load_state_dict(
-            self.sources[index], key=self.key, map_location=self.map_location, mmap=self.mmap
+            self.sources[index],
+            key=self.key,
+            map_location=self.map_location,
+            mmap=self.mmap,
+            trusted=self.trusted,
         )
         if self.strip_prefix:
             p = self.strip_prefix

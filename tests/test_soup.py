@@ -52,6 +52,10 @@ def ingredients(tmp_path_factory) -> tuple[Path, list[Path]]:
 # ----------------------------------------------------------------------------- ingredients
 
 
+class Opaque:
+    """Stands for a custom object a checkpoint may pickle (e.g. in hyper_parameters)."""
+
+
 def test_ingredients_load_lightning_checkpoints_lazily_and_name_the_bad_file(ingredients, tmp_path):
     _, paths = ingredients
     ings = Ingredients([*paths, tmp_path / "missing.ckpt"])  # nothing is read up front
@@ -71,6 +75,12 @@ def test_ingredients_load_lightning_checkpoints_lazily_and_name_the_bad_file(ing
     half = {k: v.half() for k, v in first.items()}
     with pytest.raises(ValueError, match=r"ft0.ckpt\)"):
         Ingredients([half, paths[0]]).validate()
+    # checkpoints pickling arbitrary objects are refused unless trusted
+    odd = tmp_path / "odd.ckpt"
+    torch.save({"state_dict": first, "hyper_parameters": {"x": Opaque()}}, odd)
+    with pytest.raises(ValueError, match="trusted=True"):
+        Ingredients([odd]).validate()
+    assert_bitwise_equal(Ingredients([odd], trusted=True)[0], first)
     # modules and state dicts are ingredients too; a subset stays lazy and allows repeats
     module = Classifier()
     assert_bitwise_equal(Ingredients([module])[0], module.state_dict())
@@ -247,6 +257,8 @@ def test_model_soup_logs_scores_and_a_wandb_table(tmp_path):
     (run,) = read_offline_runs(tmp_path)
     assert run.series("soup/score") == [pytest.approx(soup_cb.result["soup_score"])]
     assert run.series("soup/num_ingredients") == [2]
+    per_ingredient = [run.series(f"soup/ingredient_score/epoch_{e}")[0] for e in (0, 1)]
+    assert per_ingredient == pytest.approx(soup_cb.result["scores"])
     tables = run.media("*.table.json")
     assert tables, "the ingredient table was not written"
     import json

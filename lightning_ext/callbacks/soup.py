@@ -31,7 +31,8 @@ class ModelSoup(Callback):
 
     ``recalibrate_bn`` recomputes BatchNorm statistics of the soup on the training data. The soup
     is saved to ``dirpath/soup.pt``. Logged (to every logger, at fit end): ``soup/score``,
-    ``soup/best_ingredient_score``, ``soup/num_ingredients``, ``soup/num_chosen``; with a
+    ``soup/best_ingredient_score``, ``soup/ingredient_score/epoch_E`` (each ingredient),
+    ``soup/num_ingredients``, ``soup/num_chosen``; with a
     WandbLogger also the table ``soup/ingredients`` (epoch, file, score, chosen).
     """
 
@@ -171,6 +172,8 @@ class ModelSoup(Callback):
             metrics["soup/score"] = float(decision["soup_score"])
             best = max(scores) if self.mode == "max" else min(scores)
             metrics["soup/best_ingredient_score"] = float(best)
+            for entry, score in zip(self.ingredients, scores):
+                metrics[f"soup/ingredient_score/epoch_{entry['epoch']}"] = float(score)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             if isinstance(logger, WandbLogger) and scores:

@@ -44,8 +44,6 @@ class SoupStrategy(DDPStrategy):
     ingredients. The merge result is in ``strategy.soup_result``.
     """
 
-    strategy_name = "soup"
-
     def __init__(
         self,
         merge: Literal["uniform", "greedy"] = "uniform",

@@ -300,3 +300,11 @@ def test_fisher_merge_closed_form_and_floor():
         [sd(w=[1.0], r=[0.0]), sd(w=[3.0], r=[4.0])], [sd(w=[1.0]), sd(w=[1.0])], weights=[1.0, 3.0]
     )
     torch.testing.assert_close(out["r"], torch.tensor([3.0]))
+
+
+def test_in_memory_ingredients_are_all_checked_before_any_evaluation():
+    calls = []
+    sds = [sd(w=[1.0, 2.0]), sd(w=[3.0, 4.0]), sd(w=[1.0])]
+    with pytest.raises(ValueError, match="ingredient 2: tensor 'w' has shape"):
+        greedy_soup(sds, lambda s: calls.append(s) or 0.0)
+    assert calls == []

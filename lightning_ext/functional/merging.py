@@ -114,9 +114,17 @@ def _finish(acc: Mapping[str, Tensor], reference: StateDict) -> dict[str, Tensor
 
 
 def _ingredients(state_dicts: Sequence[StateDict], minimum: int = 1) -> int:
+    """Count the ingredients; when they are all in memory (a list or tuple), check every layout
+    against the first before any work. Lazy sequences are checked as they load (and
+    ``soup_io.Ingredients.validate()`` checks them all up front, without reading tensor data)."""
     n = len(state_dicts)
     if n < minimum:
         raise ValueError(f"need at least {minimum} ingredient(s), got {n}")
+    if isinstance(state_dicts, list | tuple):
+        for i in range(1, n):
+            check_same_layout(
+                state_dicts[0], state_dicts[i], name=f"ingredient {i}", ref_name="ingredient 0"
+            )
     return n
 
 

@@ -1,6 +1,6 @@
 """Merge benchmark: peak resident memory and time versus the number of ingredients.
 
-16 checkpoints of a ~21M-parameter model (a stack of 2048x2048 linear layers, 84 MB each in
+16 checkpoints of a ~21M-parameter model (a stack of 2048x2048 linear layers, 80 MiB each in
 float32) are merged with the streaming implementation (``soup_io.Ingredients`` feeding
 ``functional``: uniform soup, TIES, Model Stock, greedy soup) and, for contrast, with the naive
 "load every checkpoint, then average" approach. Each measurement runs in a fresh process and
@@ -152,8 +152,8 @@ def main() -> None:
                 )
                 print(rows[-1], flush=True)
     body = (
-        f"Model: {params / 1e6:.1f}M float32 parameters, {ingredient_mb:.0f} MB per checkpoint. "
-        "Peak RSS above the process's RSS before merging (torch imported), in MB and in units "
+        f"Model: {params / 1e6:.1f}M float32 parameters, {ingredient_mb:.0f} MiB per checkpoint. "
+        "Peak RSS above the process's RSS before merging (torch imported), in MiB and in units "
         "of one ingredient; time includes validating every checkpoint's layout first. "
         "Greedy uses a stand-in score (no model evaluation), so it measures the merge machinery: "
         "the soup, one candidate and one ingredient.\n\n"
@@ -161,7 +161,7 @@ def main() -> None:
             [
                 "method",
                 "ingredients",
-                "peak extra RSS (MB)",
+                "peak extra RSS (MiB)",
                 "in ingredients",
                 "seconds",
                 "seconds / ingredient",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -107,6 +108,11 @@ def measure(method: str, paths: list[str], base: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--counts", type=int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's dynamic mmap threshold (peaks then vary with allocator history)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -120,6 +126,11 @@ def main() -> None:
         "greedy (streaming)",
         "uniform (load all, naive)",
     ]
+    env = dict(os.environ)
+    if not args.default_malloc:
+        # glibc raises its mmap threshold after freeing a large block, so later per-tensor
+        # temporaries land in the heap and fragment it; a fixed threshold measures the algorithm.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_checkpoints(Path(tmp), max(args.counts))
@@ -137,6 +148,7 @@ def main() -> None:
                     capture_output=True,
                     text=True,
                     check=True,
+                    env=env,
                 )
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 extra = r["peak_mb"] - r["start_mb"]
@@ -153,6 +165,7 @@ def main() -> None:
                 print(rows[-1], flush=True)
     body = (
         f"Model: {params / 1e6:.1f}M float32 parameters, {ingredient_mb:.0f} MiB per checkpoint. "
+        f"Allocator: {'glibc defaults' if args.default_malloc else 'MALLOC_MMAP_THRESHOLD_=1MiB'}. "
         "Peak RSS above the process's RSS before merging (torch imported), in MiB and in units "
         "of one ingredient; time includes validating every checkpoint's layout first. "
         "Greedy uses a stand-in score (no model evaluation), so it measures the merge machinery: "
@@ -173,7 +186,7 @@ def main() -> None:
         "bench_merging",
         "Merging: memory and time vs ingredient count",
         body,
-        "python benchmarks/bench_merging.py",
+        "python benchmarks/bench_merging.py" + " --default-malloc" * args.default_malloc,
     )
 
 

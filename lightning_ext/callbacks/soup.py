@@ -27,7 +27,8 @@ class ModelSoup(Callback):
     ``validation_step`` on the fit's validation data and keeps an ingredient only if ``monitor``
     improves (strictly, unless ``strict=False``); ``"uniform"`` averages all of them. Snapshots
     live on disk (rank 0 writes them), never all in memory: merging streams them one at a time.
-    Under DDP every rank holds identical weights, rank 0 decides, all ranks apply the same soup.
+    Under DDP every rank holds identical weights, rank 0 decides, all ranks apply the same soup
+    (several nodes need ``dirpath`` on a shared filesystem).
 
     ``recalibrate_bn`` recomputes BatchNorm statistics of the soup on the training data. The soup
     is saved to ``dirpath/soup.pt``. Logged (to every logger, at fit end): ``soup/score``,

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ext.callbacks import ModelSoup
 from lightning_ext.cli import main as cli_main
-from lightning_ext.functional import task_arithmetic, ties_merge, uniform_soup
+from lightning_ext.functional import fisher_merge, task_arithmetic, ties_merge, uniform_soup
 from lightning_ext.soup_io import Ingredients, load_state_dict
 from lightning_ext.soups import build_soup, estimate_fisher, recalibrate_batchnorm
 from tests.helpers.data import DigitsDataModule, digits, loader
@@ -172,6 +172,24 @@ def test_fisher_matches_a_per_sample_loop():
     a = estimate_fisher(model, data, generator=torch.Generator().manual_seed(3))
     b = estimate_fisher(model, data, generator=torch.Generator().manual_seed(3))
     assert_bitwise_equal(a, b)
+
+
+def test_fisher_merge_of_lightning_checkpoints_is_an_entrywise_convex_combination(ingredients):
+    _, paths = ingredients
+    states = [load_state_dict(p) for p in paths[:2]]
+    fishers = []
+    for state in states:
+        module = Classifier()
+        module.load_state_dict(state)
+        fishers.append(estimate_fisher(module, dm().val_dataloader(), max_batches=1))
+    assert set(fishers[0]) == {n for n, _ in Classifier().named_parameters()}
+    merged = fisher_merge(states, fishers)
+    for key, value in merged.items():
+        low = torch.minimum(states[0][key], states[1][key])
+        high = torch.maximum(states[0][key], states[1][key])
+        assert torch.all(value >= low - 1e-6) and torch.all(value <= high + 1e-6), key
+    mean = uniform_soup(states)
+    assert any(not torch.allclose(merged[k], mean[k]) for k in merged)  # the Fisher matters
 
 
 def test_batchnorm_recalibration_recovers_the_data_statistics():

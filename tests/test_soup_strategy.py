@@ -3,6 +3,9 @@ synchronisation, uniform and greedy merges, periodic merging."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -13,7 +16,7 @@ from lightning_ext.strategies import SoupStrategy
 from tests.helpers.data import DigitsDataModule, digits
 from tests.helpers.ddp import run_ddp
 from tests.helpers.models import Classifier
-from tests.helpers.resume import assert_bitwise_equal, quiet_trainer
+from tests.helpers.resume import _SaveAtEpochEnd, assert_bitwise_equal, quiet_trainer
 
 
 class HookedClassifier(Classifier):
@@ -45,14 +48,25 @@ class ShuffledDigits(DigitsDataModule):
         return DataLoader(digits("train", 0, 256), batch_size=64, shuffle=True)
 
 
-def fit(strategy: SoupStrategy, **trainer_kwargs) -> tuple[pl.Trainer, HookedClassifier, Record]:
-    pl.seed_everything(0)
+def fit(
+    strategy: SoupStrategy,
+    *,
+    max_epochs: int = 2,
+    extra_callbacks: tuple = (),
+    ckpt_path: str | None = None,
+    **trainer_kwargs,
+) -> tuple[pl.Trainer, HookedClassifier, Record]:
+    pl.seed_everything(0 if ckpt_path is None else 1)  # resuming must not depend on the seed
     module = HookedClassifier(net="cnn")
     record = Record()
     trainer = quiet_trainer(
-        devices=2, strategy=strategy, max_epochs=2, callbacks=[record], **trainer_kwargs
+        devices=2,
+        strategy=strategy,
+        max_epochs=max_epochs,
+        callbacks=[record, *extra_callbacks],
+        **trainer_kwargs,
     )
-    trainer.fit(module, datamodule=ShuffledDigits())
+    trainer.fit(module, datamodule=ShuffledDigits(), ckpt_path=ckpt_path)
     return trainer, module, record
 
 
@@ -77,6 +91,15 @@ def ddp_soup_strategy(out_dir: str) -> None:
     strategy = SoupStrategy(merge_every_n_steps=3, shard_data=True)
     trainer, module, record = fit(strategy)
     out["periodic"] = dict(checksums=record.checksums, steps=trainer.global_step)
+    # exact resume: fit 3 epochs (checkpoint after epoch 1), and resume that checkpoint to 3
+    ckpt = f"{out_dir}/epoch1.ckpt"
+    strategy = SoupStrategy(hparams_per_rank=[{"lr": 0.02}, {"lr": 0.1}])
+    _, _, full = fit(strategy, max_epochs=3, extra_callbacks=[_SaveAtEpochEnd(1, Path(ckpt))])
+    strategy = SoupStrategy(hparams_per_rank=[{"lr": 0.02}, {"lr": 0.1}])
+    _, _, resumed = fit(strategy, max_epochs=3, ckpt_path=ckpt)
+    out["resume"] = dict(
+        full=full.before, resumed=resumed.before, files=sorted(os.listdir(out_dir))
+    )
     torch.save(out, f"{out_dir}/rank{trainer.global_rank}.pt")
 
 
@@ -113,6 +136,14 @@ def test_soup_strategy_trains_one_ingredient_per_rank_and_merges(tmp_path):
             if value.is_floating_point():
                 mean = (g0["before"][key] + g1["before"][key]) / 2
                 torch.testing.assert_close(value, mean, rtol=1e-6, atol=1e-7)
+
+    # every rank resumes its own ingredient: pre-merge weights equal bit for bit, per rank
+    for r in (r0, r1):
+        assert_bitwise_equal(r["resume"]["full"], r["resume"]["resumed"])
+    assert not torch.equal(
+        r0["resume"]["full"]["net.head.weight"], r1["resume"]["full"]["net.head.weight"]
+    )
+    assert "epoch1.ckpt.rank1" in r0["resume"]["files"]
 
     p0, p1 = r0["periodic"]["checksums"], r1["periodic"]["checksums"]
     assert r0["periodic"]["steps"] == 2 * 2  # shard_data=True: half the data per rank

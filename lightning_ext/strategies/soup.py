@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -11,10 +13,17 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_ext._io import atomic_torch_save
 from lightning_ext.functional.merging import check_same_layout
 from lightning_ext.soups import ValidationScorer
 
 INGREDIENT_HOOK = "configure_soup_ingredient"
+RANK_STATE = ("state_dict", "optimizer_states", "lr_schedulers")
+
+
+def rank_checkpoint_path(filepath: Any, rank: int) -> str:
+    """Where rank ``rank`` (> 0) keeps its ingredient beside checkpoint ``filepath``."""
+    return f"{os.fspath(filepath)}.rank{rank}"
 
 
 class SoupStrategy(DDPStrategy):
@@ -41,7 +50,8 @@ class SoupStrategy(DDPStrategy):
     (uniformly) every n optimizer steps, optimizer states staying per rank.
 
     Validation metrics logged with ``sync_dist=True`` during training are means over the ranks'
-    ingredients. The merge result is in ``strategy.soup_result``.
+    ingredients. The merge result is in ``strategy.soup_result``. Checkpoints hold every rank's
+    ingredient (rank r > 0 in ``<file>.rank<r>``), so a resumed job continues each of them.
     """
 
     def __init__(
@@ -103,9 +113,44 @@ class SoupStrategy(DDPStrategy):
     @torch.no_grad()
     def configure_ddp(self) -> None:
         """No DistributedDataParallel wrapper, so gradients stay on their rank; like DDP, every
-        rank starts from rank 0's weights (soups need ingredients fine-tuned from one model)."""
+        rank starts from rank 0's weights (soups need ingredients fine-tuned from one model),
+        except when resuming, where every rank has restored its own ingredient."""
+        if self.lightning_module.trainer.ckpt_path is not None:
+            return
         for tensor in self.lightning_module.state_dict().values():
             dist.broadcast(tensor, src=0)
+
+    # ----------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        """Rank 0 writes the usual checkpoint (holding its own ingredient); every other rank
+        writes its ingredient's weights and optimizer states beside it (``<file>.rank<r>``), so
+        that a resumed job continues every ingredient."""
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        if self.global_rank != 0:
+            own = {k: checkpoint[k] for k in RANK_STATE if k in checkpoint}
+            atomic_torch_save(own, rank_checkpoint_path(filepath, self.global_rank))
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if self.global_rank != 0:
+            path = rank_checkpoint_path(checkpoint_path, self.global_rank)
+            if not os.path.exists(path):
+                raise FileNotFoundError(
+                    f"{path} is missing: SoupStrategy writes each rank's ingredient beside the "
+                    f"checkpoint; without it rank {self.global_rank} would silently continue rank "
+                    "0's ingredient. Resume from a checkpoint written by SoupStrategy."
+                )
+            checkpoint.update(torch.load(path, map_location="cpu", weights_only=True))
+        return checkpoint
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        super().remove_checkpoint(filepath)
+        if self.is_global_zero:
+            for rank in range(1, self.world_size):
+                Path(rank_checkpoint_path(filepath, rank)).unlink(missing_ok=True)
 
     # ----------------------------------------------------------------------- merging
 

@@ -2,5 +2,6 @@
 
 from lightning_ext.callbacks.ema import EMA
 from lightning_ext.callbacks.posthoc_ema import PostHocEMA
+from lightning_ext.callbacks.soup import ModelSoup
 
-__all__ = ["EMA", "PostHocEMA"]
+__all__ = ["EMA", "ModelSoup", "PostHocEMA"]

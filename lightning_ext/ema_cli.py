@@ -1,0 +1,49 @@
+"""``lightning-ext export-ema`` and ``lightning-ext posthoc-ema``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _export_ema(args: argparse.Namespace) -> int:
+    from lightning_ext.callbacks.ema import export_ema
+
+    path = export_ema(args.checkpoint, args.out, state_key=args.state_key)
+    print(f"wrote the EMA weights of {args.checkpoint} to {path}")
+    return 0
+
+
+def _register_export_ema(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-ema", help="write the EMA-only state dict of a checkpoint")
+    p.add_argument("checkpoint", help="Lightning checkpoint written with the EMA callback")
+    p.add_argument("out", help="output file (torch.save of a state dict)")
+    p.add_argument("--state-key", default=None, help="which EMA, when the run had several")
+    p.set_defaults(func=_export_ema)
+
+
+def _posthoc_ema(args: argparse.Namespace) -> int:
+    from lightning_ext.callbacks.posthoc_ema import write_posthoc_ema
+
+    path = write_posthoc_ema(args.snapshot_dir, args.sigma_rel, args.out, step=args.step)
+    print(
+        f"wrote the sigma_rel={args.sigma_rel} EMA reconstructed from {args.snapshot_dir} to {path}"
+    )
+    return 0
+
+
+def _register_posthoc_ema(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "posthoc-ema", help="reconstruct an EMA of any length from PostHocEMA snapshots"
+    )
+    p.add_argument("snapshot_dir", help="the PostHocEMA snapshot_dir")
+    p.add_argument("out", help="output file (torch.save of a state dict)")
+    p.add_argument("--sigma-rel", type=float, required=True, help="relative EMA width, e.g. 0.08")
+    p.add_argument(
+        "--step", type=int, default=None, help="EMA update to reconstruct (default: last)"
+    )
+    p.set_defaults(func=_posthoc_ema)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _register_export_ema(sub)
+    _register_posthoc_ema(sub)

@@ -1,0 +1,499 @@
+"""Weight-space merging of models that share an architecture: model soups (uniform, weighted,
+greedy), task-vector methods (task arithmetic, TIES, DARE, breadcrumbs), Model Stock and Fisher
+merging.
+
+Every function takes its ingredients as a ``Sequence`` of state dicts and touches them one at a
+time, in order, so that a lazy sequence (``lightning_ext.soup_io.Ingredients``) that loads each
+ingredient from disk on access keeps peak memory at the merged result, a constant number of
+accumulators and one ingredient, whatever the number of ingredients.
+
+Conventions shared by all methods:
+
+- Floating-point tensors are merged; accumulation runs in float32 for half and bfloat16 tensors,
+  and the result has each tensor's original dtype.
+- Non-floating tensors (BatchNorm's ``num_batches_tracked``, integer or boolean buffers) cannot be
+  averaged meaningfully: they are copied from the reference, i.e. the base model for task-vector
+  methods, the first ingredient for averages, the starting (best) ingredient for greedy soups.
+- Averages are accumulated as running means with ``lerp`` (``mean += w_k / W_k * (x - mean)``), so
+  merging identical models returns them bit for bit, and task vectors of models identical to the
+  base are exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "breadcrumbs_merge",
+    "check_same_layout",
+    "dare_merge",
+    "fisher_merge",
+    "greedy_soup",
+    "model_stock",
+    "task_arithmetic",
+    "ties_merge",
+    "uniform_soup",
+    "weighted_average",
+]
+
+StateDict = Mapping[str, Tensor]
+FISHER_FLOOR = 1e-6
+
+
+# --------------------------------------------------------------------------- shared plumbing
+
+
+def check_same_layout(
+    reference: StateDict, other: StateDict, *, name: str = "ingredient", ref_name: str = "first"
+) -> None:
+    """Raise ``ValueError`` unless ``other`` has exactly the keys, shapes and dtypes of
+    ``reference``; the message names ``name`` and the first offending tensor."""
+    missing = [k for k in reference if k not in other]
+    extra = [k for k in other if k not in reference]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+        if extra:
+            parts.append(f"has {len(extra)} unexpected tensor(s), e.g. {extra[:3]}")
+        raise ValueError(f"{name} does not match {ref_name}: " + "; ".join(parts))
+    for key, ref in reference.items():
+        t = other[key]
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name}: entry '{key}' is a {type(t).__name__}, not a tensor")
+        if t.shape != ref.shape:
+            raise ValueError(
+                f"{name}: tensor '{key}' has shape {tuple(t.shape)} but {ref_name} has "
+                f"{tuple(ref.shape)}"
+            )
+        if t.dtype != ref.dtype:
+            raise ValueError(
+                f"{name}: tensor '{key}' has dtype {t.dtype} but {ref_name} has {ref.dtype}"
+            )
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _is_mergeable(t: Tensor) -> bool:
+    return t.is_floating_point()
+
+
+def _float_copy(t: Tensor) -> Tensor:
+    return t.detach().to(dtype=_acc_dtype(t.dtype), copy=True)
+
+
+def _as_acc(t: Tensor, like: Tensor) -> Tensor:
+    return t.detach().to(device=like.device, dtype=like.dtype)
+
+
+def _skeleton(sd: StateDict) -> dict[str, Tensor]:
+    """What later steps need of a reference state dict without holding its data: floating
+    tensors as meta tensors (shape and dtype only), the few non-floating ones cloned."""
+    return {
+        k: torch.empty(t.shape, dtype=t.dtype, device="meta") if _is_mergeable(t) else t.clone()
+        for k, t in sd.items()
+    }
+
+
+def _finish(acc: Mapping[str, Tensor], reference: StateDict) -> dict[str, Tensor]:
+    """Merged floats cast back to their dtypes; everything else copied from ``reference``."""
+    out = {}
+    for key, ref in reference.items():
+        if key in acc:
+            out[key] = acc[key].to(dtype=ref.dtype)
+        else:
+            out[key] = ref.detach().clone()
+    return out
+
+
+def _ingredients(state_dicts: Sequence[StateDict], minimum: int = 1) -> int:
+    """Count the ingredients; when they are all in memory (a list or tuple), check every layout
+    against the first before any work. Lazy sequences are checked as they load (and
+    ``soup_io.Ingredients.validate()`` checks them all up front, without reading tensor data)."""
+    n = len(state_dicts)
+    if n < minimum:
+        raise ValueError(f"need at least {minimum} ingredient(s), got {n}")
+    if isinstance(state_dicts, list | tuple):
+        for i in range(1, n):
+            check_same_layout(
+                state_dicts[0], state_dicts[i], name=f"ingredient {i}", ref_name="ingredient 0"
+            )
+    return n
+
+
+def _iter_checked(state_dicts: Sequence[StateDict], reference: StateDict) -> Iterator[StateDict]:
+    for i in range(len(state_dicts)):
+        sd = state_dicts[i]
+        check_same_layout(reference, sd, name=f"ingredient {i}", ref_name="the reference")
+        yield sd
+        del sd
+
+
+def _check_fraction(name: str, value: float, *, low_open: bool = True) -> None:
+    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
+    if not ok or math.isnan(value):
+        interval = "(0, 1]" if low_open else "[0, 1]"
+        raise ValueError(f"{name} must lie in {interval}, got {value}")
+
+
+# --------------------------------------------------------------------------- averages
+
+
+@torch.no_grad()
+def weighted_average(state_dicts: Sequence[StateDict], weights: Sequence[float]) -> dict:
+    """``sum_i w_i theta_i / sum_i w_i`` over the floating-point tensors.
+
+    Weights must be non-negative with a positive sum; they are normalised, so only ratios matter.
+    """
+    n = _ingredients(state_dicts)
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise ValueError(f"got {len(weights)} weights for {n} ingredients")
+    if any(w < 0 or math.isnan(w) for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be >= 0 with a positive sum, got {weights}")
+    first = state_dicts[0]
+    acc = {k: _float_copy(t) for k, t in first.items() if _is_mergeable(t)}
+    first = _skeleton(first)
+    total = weights[0]
+    for i in range(1, n):
+        sd = None  # drop the previous ingredient before loading the next
+        sd = state_dicts[i]
+        check_same_layout(first, sd, name=f"ingredient {i}", ref_name="ingredient 0")
+        total += weights[i]
+        if weights[i] == 0:
+            continue
+        frac = weights[i] / total
+        for key, a in acc.items():
+            a.lerp_(_as_acc(sd[key], a), frac)
+    return _finish(acc, first)
+
+
+def uniform_soup(state_dicts: Sequence[StateDict]) -> dict:
+    """The uniform soup: the plain mean of the ingredients (Wortsman et al. 2022)."""
+    return weighted_average(state_dicts, [1.0] * _ingredients(state_dicts))
+
+
+def _better(score: float, best: float, mode: str, strict: bool) -> bool:
+    if math.isnan(score):
+        return False
+    if mode == "max":
+        return score > best if strict else score >= best
+    return score < best if strict else score <= best
+
+
+@torch.no_grad()
+def greedy_soup(
+    state_dicts: Sequence[StateDict],
+    evaluate: Callable[[dict[str, Tensor]], float],
+    *,
+    mode: Literal["max", "min"] = "max",
+    strict: bool = True,
+    passes: int = 1,
+    scores: Sequence[float] | None = None,
+    on_candidate: Callable[[int, float, bool], None] | None = None,
+) -> tuple[dict, list[int]]:
+    """Greedy soup (Wortsman et al. 2022): rank the ingredients by their own held-out score,
+    start from the best, and add each next one only if the soup's score improves.
+
+    ``evaluate`` maps a state dict to a held-out score (``mode`` says whether higher or lower is
+    better). A candidate ``soup * n/(n+1) + theta/(n+1)`` is kept if it scores strictly better
+    (``strict=False``: at least as well). ``passes > 1`` walks the ranked list again, allowing an
+    ingredient to be added more than once (weighting it higher); it stops early after a pass that
+    adds nothing. ``scores`` gives the ingredients' own scores when they are already known (skipping
+    one evaluation each). ``on_candidate(index, score, kept)`` observes every evaluated candidate.
+
+    Returns the soup and the chosen ingredient indices in order of addition. Peak memory: the soup,
+    one candidate, one ingredient and whatever ``evaluate`` holds.
+    """
+    n = _ingredients(state_dicts)
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    if scores is None:
+        scores = [float(evaluate(dict(state_dicts[i]))) for i in range(n)]
+    else:
+        scores = [float(s) for s in scores]
+        if len(scores) != n:
+            raise ValueError(f"got {len(scores)} scores for {n} ingredients")
+    worst = -math.inf if mode == "max" else math.inf
+
+    def rank_key(i: int) -> float:
+        s = scores[i]
+        if math.isnan(s):
+            return math.inf
+        return -s if mode == "max" else s
+
+    order = sorted(range(n), key=rank_key)  # stable: ties keep the given order
+    best_index = order[0]
+    reference = state_dicts[best_index]
+    soup = {k: _float_copy(t) for k, t in reference.items() if _is_mergeable(t)}
+    reference = _skeleton(reference)
+    best_score = scores[best_index] if not math.isnan(scores[best_index]) else worst
+    chosen = [best_index]
+    for pass_index in range(passes):
+        added = False
+        for i in order if pass_index else order[1:]:
+            sd = state_dicts[i]
+            check_same_layout(reference, sd, name=f"ingredient {i}", ref_name="the best ingredient")
+            frac = 1.0 / (len(chosen) + 1)
+            candidate = {k: s.lerp(_as_acc(sd[k], s), frac) for k, s in soup.items()}
+            del sd
+            score = float(evaluate(_finish(candidate, reference)))
+            kept = _better(score, best_score, mode, strict)
+            if on_candidate is not None:
+                on_candidate(i, score, kept)
+            if kept:
+                soup, best_score, added = candidate, score, True
+                chosen.append(i)
+            del candidate
+        if not added:
+            break
+    return _finish(soup, reference), chosen
+
+
+# --------------------------------------------------------------------------- task vectors
+
+
+def _task_vector_sum(
+    base: StateDict,
+    state_dicts: Sequence[StateDict],
+    transform: Callable[[Tensor, int], Tensor],
+) -> dict[str, Tensor]:
+    """``sum_i transform(theta_i - base)`` per floating tensor, one ingredient at a time."""
+    acc = {k: torch.zeros_like(_float_copy(t)) for k, t in base.items() if _is_mergeable(t)}
+    for i, sd in enumerate(_iter_checked(state_dicts, base)):
+        for key, a in acc.items():
+            delta = _as_acc(sd[key], a) - _as_acc(base[key], a)
+            a.add_(transform(delta, i))
+        del sd
+    return acc
+
+
+def _apply(base: StateDict, merged_delta: dict[str, Tensor], scale: float) -> dict:
+    """``base + scale * delta``, consuming ``merged_delta`` tensor by tensor (lower peak)."""
+    acc = {
+        k: _float_copy(base[k]).add_(merged_delta.pop(k), alpha=scale) for k in list(merged_delta)
+    }
+    return _finish(acc, base)
+
+
+@torch.no_grad()
+def task_arithmetic(base: StateDict, state_dicts: Sequence[StateDict], scale: float = 1.0) -> dict:
+    """``base + scale * sum_i (theta_i - base)`` (Ilharco et al. 2023)."""
+    _ingredients(state_dicts)
+    return _apply(base, _task_vector_sum(base, state_dicts, lambda d, i: d), scale)
+
+
+def _top_k_mask(delta: Tensor, k: int) -> Tensor:
+    """Boolean mask of the ``k`` largest magnitudes (exactly ``k``; ties broken by position)."""
+    flat = delta.abs().flatten()
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k >= flat.numel():
+        mask[:] = True
+    elif k > 0:
+        mask[torch.topk(flat, k, sorted=False).indices] = True
+    return mask.view_as(delta)
+
+
+def _count(fraction: float, numel: int) -> int:
+    """round(fraction * numel), and at least one entry when the fraction is positive: a small
+    tensor never loses its whole task vector to rounding."""
+    if fraction <= 0 or numel == 0:
+        return 0
+    return min(numel, max(1, round(fraction * numel)))
+
+
+def _trim(delta: Tensor, density: float) -> Tensor:
+    if density >= 1.0:
+        return delta
+    return delta * _top_k_mask(delta, _count(density, delta.numel()))
+
+
+@torch.no_grad()
+def ties_merge(
+    base: StateDict, state_dicts: Sequence[StateDict], density: float = 0.2, scale: float = 1.0
+) -> dict:
+    """TIES-merging (Yadav et al. 2023): trim each task vector to its ``density`` fraction of
+    largest magnitudes (per tensor), elect each entry's sign as the sign of the summed trimmed
+    values, and average only the trimmed entries that agree with it (disjoint mean).
+
+    Two passes over the ingredients (elect, then average) keep memory at a few accumulators.
+    """
+    _ingredients(state_dicts)
+    _check_fraction("density", density)
+    elected = _task_vector_sum(base, state_dicts, lambda d, i: _trim(d, density))
+    # Elected signs as int8, converted tensor by tensor: a quarter of a float accumulator.
+    signs = {k: torch.sign(elected.pop(k)).to(torch.int8) for k in list(elected)}
+    total = {k: torch.zeros_like(_float_copy(base[k])) for k in signs}
+    count = {k: torch.zeros_like(t) for k, t in total.items()}
+    for sd in _iter_checked(state_dicts, base):
+        for key, sign in signs.items():
+            t = total[key]
+            delta = _trim(_as_acc(sd[key], t) - _as_acc(base[key], t), density)
+            agree = (torch.sign(delta) == sign) & (delta != 0)
+            total[key].add_(torch.where(agree, delta, 0.0))
+            count[key].add_(agree.to(count[key].dtype))
+        del sd
+    merged = {k: total.pop(k).div_(count.pop(k).clamp_(min=1.0)) for k in list(total)}
+    return _apply(base, merged, scale)
+
+
+@torch.no_grad()
+def dare_merge(
+    base: StateDict,
+    state_dicts: Sequence[StateDict],
+    density: float,
+    scale: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> dict:
+    """DARE (Yu et al. 2024): drop each task-vector entry with probability ``1 - density`` and
+    rescale the survivors by ``1 / density`` (unbiased), then add the task vectors to the base.
+
+    Masks are drawn on the CPU from ``generator`` (same seed, same masks on any device).
+    """
+    _ingredients(state_dicts)
+    _check_fraction("density", density)
+
+    def drop(delta: Tensor, i: int) -> Tensor:
+        if density >= 1.0:
+            return delta
+        keep = torch.rand(delta.shape, generator=generator) < density
+        return delta * keep.to(delta.device) / density
+
+    return _apply(base, _task_vector_sum(base, state_dicts, drop), scale)
+
+
+def _band_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """Keep ranks [n_top, n_top + n_keep) of the magnitudes sorted in decreasing order."""
+    n = delta.numel()
+    n_top = min(n, round(gamma * n))
+    n_keep = min(n - n_top, _count(density, n))
+    flat = delta.abs().flatten()
+    order = torch.argsort(flat, descending=True, stable=True)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[order[n_top : n_top + n_keep]] = True
+    return mask.view_as(delta)
+
+
+@torch.no_grad()
+def breadcrumbs_merge(
+    base: StateDict,
+    state_dicts: Sequence[StateDict],
+    density: float,
+    gamma: float,
+    scale: float = 1.0,
+) -> dict:
+    """Model Breadcrumbs (Davari & Belilovsky 2024): per tensor, drop the largest ``gamma``
+    fraction of each task vector's magnitudes (outliers) and the smallest ``1 - density - gamma``,
+    keep the ``density`` band in between, then add the task vectors to the base.
+
+    ``gamma = 0`` keeps the top ``density`` fraction (mergekit instead zeroes the whole task
+    vector whenever ``int(gamma * numel) == 0``).
+    """
+    _ingredients(state_dicts)
+    _check_fraction("density", density)
+    _check_fraction("gamma", gamma, low_open=False)
+    if density + gamma > 1.0:
+        raise ValueError(f"density + gamma must be <= 1, got {density} + {gamma}")
+    return _apply(
+        base,
+        _task_vector_sum(base, state_dicts, lambda d, i: d * _band_mask(d, density, gamma)),
+        scale,
+    )
+
+
+@torch.no_grad()
+def model_stock(base: StateDict, state_dicts: Sequence[StateDict]) -> dict:
+    """Model Stock (Jang et al. 2024), per tensor: with ``cos`` the mean pairwise cosine of the
+    task vectors and ``N`` their number, ``t = N cos / (1 + (N - 1) cos)`` clamped to [0, 1], and
+    the result is ``t * mean_i(theta_i) + (1 - t) * base``.
+
+    The mean pairwise cosine is streamed exactly: with unit vectors ``u_i``,
+    ``sum_{i<j} <u_i, u_j> = (|sum_i u_i|^2 - sum_i |u_i|^2) / 2``. A zero task vector has cosine
+    0 with everything, so ingredients identical to the base give ``t = 0`` and return the base.
+    """
+    n = _ingredients(state_dicts, minimum=2)
+    mean = {k: _float_copy(t) for k, t in base.items() if _is_mergeable(t)}
+    unit_sum = {k: torch.zeros_like(v) for k, v in mean.items()}
+    nonzero = dict.fromkeys(mean, 0)
+    for i, sd in enumerate(_iter_checked(state_dicts, base)):
+        for key, m in mean.items():
+            theta = _as_acc(sd[key], m)
+            if i == 0:
+                m.copy_(theta)
+            else:
+                m.lerp_(theta, 1.0 / (i + 1))
+            delta = theta - _as_acc(base[key], m)
+            norm = float(torch.linalg.vector_norm(delta.double()))
+            if norm > 0:
+                unit_sum[key].add_(delta, alpha=1.0 / norm)
+                nonzero[key] += 1
+        del sd
+    out = {}
+    for key, m in mean.items():
+        sq = float(torch.linalg.vector_norm(unit_sum[key].double())) ** 2
+        cos = (sq - nonzero[key]) / (n * (n - 1))
+        t = 0.0 if cos <= 0 else min(1.0, n * cos / (1.0 + (n - 1) * cos))
+        out[key] = m * t + _as_acc(base[key], m) * (1.0 - t)
+    return _finish(out, base)
+
+
+# --------------------------------------------------------------------------- Fisher
+
+
+@torch.no_grad()
+def fisher_merge(
+    state_dicts: Sequence[StateDict],
+    fishers: Sequence[Mapping[str, Tensor]],
+    weights: Sequence[float] | None = None,
+) -> dict:
+    """Fisher merging (Matena & Raffel 2022): ``sum_i w_i F_i theta_i / sum_i w_i F_i`` per entry,
+    with diagonal Fishers ``F_i`` floored at 1e-6 so that entries no ingredient informs fall back
+    to the weighted average. Floating tensors without a Fisher entry (e.g. BatchNorm running
+    statistics) get the plain weighted average.
+    """
+    n = _ingredients(state_dicts)
+    if len(fishers) != n:
+        raise ValueError(f"got {len(fishers)} Fishers for {n} ingredients")
+    weights = [1.0] * n if weights is None else [float(w) for w in weights]
+    if len(weights) != n or any(w <= 0 or math.isnan(w) for w in weights):
+        raise ValueError(f"need one positive weight per ingredient, got {weights}")
+    first = _skeleton(state_dicts[0])
+    acc: dict[str, Tensor] = {}
+    mass: dict[str, Tensor | float] = {}
+    for i in range(n):
+        sd = fisher = None  # drop the previous ingredient before loading the next
+        sd, fisher = state_dicts[i], fishers[i]
+        if i:
+            check_same_layout(first, sd, name=f"ingredient {i}", ref_name="ingredient 0")
+        for key, ref in first.items():
+            if not _is_mergeable(ref):
+                continue
+            theta = _float_copy(sd[key]) if i == 0 else _as_acc(sd[key], acc[key])
+            if key in fisher:
+                f = fisher[key]
+                if f.shape != ref.shape:
+                    raise ValueError(
+                        f"Fisher {i}: tensor '{key}' has shape {tuple(f.shape)}, "
+                        f"expected {tuple(ref.shape)}"
+                    )
+                w = weights[i] * _as_acc(f, theta).clamp(min=FISHER_FLOOR)
+            else:
+                w = weights[i]
+            if i == 0:
+                acc[key], mass[key] = theta, w
+            else:
+                mass[key] = mass[key] + w
+                frac = w / mass[key]
+                if not isinstance(frac, Tensor):
+                    frac = torch.tensor(frac, dtype=theta.dtype, device=theta.device)
+                acc[key].lerp_(theta, frac)
+    return _finish(acc, first)

@@ -1,0 +1,99 @@
+"""``lightning-ext soup``: merge checkpoint files on the command line, streaming them one at a time.
+
+Examples::
+
+    lightning-ext soup run*/last.ckpt -o soup.ckpt                      # uniform soup
+    lightning-ext soup a.ckpt b.ckpt --method weighted --weights 1 3 -o soup.pt
+    lightning-ext soup ft*.ckpt --base pre.ckpt --method ties --density 0.2 -o merged.ckpt
+
+The output keeps the first input's format: a Lightning checkpoint (the first input's, with its
+``state_dict`` replaced and optimizer/loop state dropped, so ``Module.load_from_checkpoint``
+works) or a bare state dict. Greedy soups need a model to evaluate: use ``build_soup`` in Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_ext._io import atomic_torch_save
+from lightning_ext.functional import merging
+from lightning_ext.soup_io import Ingredients, load_state_dict
+
+METHODS = ("uniform", "weighted", "task-arithmetic", "ties", "dare", "breadcrumbs", "model-stock")
+NEEDS_BASE = {"task-arithmetic", "ties", "dare", "breadcrumbs", "model-stock"}
+TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "soup",
+        help="merge checkpoints (model soups, task arithmetic, TIES, DARE, ...)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoints", nargs="+", help="ingredient checkpoints or state-dict files")
+    p.add_argument("-o", "--output", required=True, help="file to write (atomically)")
+    p.add_argument("--method", choices=METHODS, default="uniform")
+    p.add_argument("--base", help="base (pre-trained) checkpoint for task-vector methods")
+    p.add_argument("--weights", type=float, nargs="+", help="one weight per checkpoint")
+    p.add_argument("--scale", type=float, default=1.0, help="task-vector scale (default 1)")
+    p.add_argument("--density", type=float, default=None, help="kept fraction (ties 0.2)")
+    p.add_argument("--gamma", type=float, default=0.01, help="breadcrumbs outlier fraction")
+    p.add_argument("--seed", type=int, default=0, help="DARE mask seed")
+    p.add_argument(
+        "--trusted", action="store_true", help="allow checkpoints holding arbitrary pickled objects"
+    )
+    p.set_defaults(func=run)
+
+
+def merge(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    ings = Ingredients(args.checkpoints, trusted=args.trusted).validate()
+    method = args.method
+    if method in NEEDS_BASE and not args.base:
+        raise ValueError(f"--method {method} needs --base (the model the ingredients share)")
+    if method not in NEEDS_BASE and args.base:
+        raise ValueError(f"--base is only used by {sorted(NEEDS_BASE)}, not {method}")
+    if (args.weights is not None) != (method == "weighted"):
+        raise ValueError("--weights goes with --method weighted (one weight per checkpoint)")
+    base = None
+    if args.base:
+        base = load_state_dict(args.base, trusted=args.trusted)
+        merging.check_same_layout(base, ings[0], name=ings.name(0), ref_name=f"base {args.base}")
+    density = args.density
+    if method == "uniform":
+        return merging.uniform_soup(ings)
+    if method == "weighted":
+        return merging.weighted_average(ings, args.weights)
+    if method == "task-arithmetic":
+        return merging.task_arithmetic(base, ings, scale=args.scale)
+    if method == "ties":
+        return merging.ties_merge(base, ings, density=density or 0.2, scale=args.scale)
+    if method == "model-stock":
+        return merging.model_stock(base, ings)
+    if density is None:
+        raise ValueError(f"--method {method} needs --density (the kept fraction, in (0, 1])")
+    if method == "dare":
+        gen = torch.Generator().manual_seed(args.seed)
+        return merging.dare_merge(base, ings, density, scale=args.scale, generator=gen)
+    return merging.breadcrumbs_merge(base, ings, density, args.gamma, scale=args.scale)
+
+
+def run(args: argparse.Namespace) -> int:
+    soup = merge(args)
+    first: Any = torch.load(
+        args.checkpoints[0], map_location="cpu", mmap=True, weights_only=not args.trusted
+    )
+    if isinstance(first, Mapping) and "state_dict" in first:
+        out = {k: v for k, v in first.items() if k not in TRAINING_STATE}
+        out["state_dict"] = soup
+        out["soup"] = {"method": args.method, "ingredients": list(args.checkpoints)}
+    else:
+        out = soup
+    atomic_torch_save(out, Path(args.output))
+    print(f"wrote {args.method} merge of {len(args.checkpoints)} checkpoint(s) to {args.output}")
+    return 0

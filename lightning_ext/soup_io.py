@@ -1,0 +1,185 @@
+"""Streaming ingredients for model soups and merges: state dicts, modules or checkpoint files,
+loaded one at a time and validated against the first.
+
+``Ingredients`` is a lazy ``Sequence`` of state dicts that the functions of
+``lightning_ext.functional.merging`` consume one element at a time, so a soup of 50 checkpoints
+needs the memory of the soup and one checkpoint, not 50. Pure torch: no Lightning import (a
+Lightning checkpoint is a ``torch.save``'d dict whose weights sit under ``"state_dict"``).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ext.functional.merging import check_same_layout
+
+__all__ = ["IngredientSource", "IngredientSubset", "Ingredients", "load_state_dict"]
+
+IngredientSource = Mapping[str, Tensor] | nn.Module | str | os.PathLike
+
+
+def _load_file(path: Path, map_location: str | torch.device, mmap: bool, trusted: bool) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"ingredient checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=not trusted)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path}: holds objects other than tensors and plain containers, which are not "
+            "loaded by default because unpickling can run code; if you trust the file, pass "
+            f"trusted=True (CLI: --trusted). Details: {str(err).splitlines()[0]}"
+        ) from err
+    except RuntimeError as err:
+        if mmap and "mmap" in str(err):  # legacy (non-zip) files cannot be memory-mapped
+            return torch.load(path, map_location=map_location, weights_only=not trusted)
+        raise
+
+
+def load_state_dict(
+    source: IngredientSource,
+    *,
+    key: str | None = "state_dict",
+    map_location: str | torch.device = "cpu",
+    mmap: bool = True,
+    trusted: bool = False,
+) -> dict[str, Tensor]:
+    """The state dict of one ingredient.
+
+    A checkpoint file may hold a Lightning checkpoint (weights under ``key``) or a bare state
+    dict. Files are memory-mapped by default, so validating layouts reads no tensor data, and
+    loaded with ``weights_only=True`` (no code from the file is executed) unless ``trusted``.
+    """
+    if isinstance(source, nn.Module):
+        return dict(source.state_dict())
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = Path(source)
+    obj = _load_file(path, map_location, mmap, trusted)
+    if isinstance(obj, Mapping) and key is not None and key in obj:
+        obj = obj[key]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(
+            f"{path}: expected a Lightning checkpoint with a '{key}' entry or a state dict of "
+            "tensors"
+        )
+    return dict(obj)
+
+
+def _describe(source: IngredientSource, index: int) -> str:
+    if isinstance(source, str | os.PathLike):
+        return f"ingredient {index} ({os.fspath(source)})"
+    if isinstance(source, nn.Module):
+        return f"ingredient {index} ({type(source).__name__} module)"
+    return f"ingredient {index} (state dict)"
+
+
+class Ingredients(Sequence):
+    """A lazy, validated sequence of state dicts.
+
+    ``ingredients[i]`` loads ingredient ``i`` (from disk, for paths) and checks its keys, shapes
+    and dtypes against ingredient 0, raising ``ValueError`` that names the file and the tensor.
+    ``validate()`` checks them all up front (memory-mapped: no tensor data is read), which the
+    soup APIs do before any averaging or evaluation.
+
+    ``strip_prefix`` removes a key prefix (e.g. ``"model."`` when checkpoints wrap the network),
+    ``map_location`` places loaded tensors and ``trusted=True`` allows checkpoints that pickle
+    arbitrary objects (e.g. custom classes in ``hyper_parameters``).
+    """
+
+    def __init__(
+        self,
+        sources: Iterable[IngredientSource],
+        *,
+        key: str | None = "state_dict",
+        strip_prefix: str | None = None,
+        map_location: str | torch.device = "cpu",
+        mmap: bool = True,
+        trusted: bool = False,
+    ) -> None:
+        self.sources = list(sources)
+        if not self.sources:
+            raise ValueError("no ingredients given")
+        self.key, self.strip_prefix = key, strip_prefix
+        self.map_location, self.mmap, self.trusted = map_location, mmap, trusted
+        self._layout: dict[str, tuple[torch.Size, torch.dtype]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def name(self, index: int) -> str:
+        return _describe(self.sources[index], index)
+
+    def _load(self, index: int) -> dict[str, Tensor]:
+        sd = load_state_dict(
+            self.sources[index],
+            key=self.key,
+            map_location=self.map_location,
+            mmap=self.mmap,
+            trusted=self.trusted,
+        )
+        if self.strip_prefix:
+            p = self.strip_prefix
+            sd = {k[len(p) :] if k.startswith(p) else k: v for k, v in sd.items()}
+        return sd
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Tensor]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, Tensor]]: ...
+    def __getitem__(self, index: int | slice) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"ingredient index {index} out of range for {len(self)}")
+        sd = self._load(index)
+        if self._layout is None:
+            if index != 0:
+                self._check(self._load(0), 0)
+            else:
+                self._check(sd, 0)
+        self._check(sd, index)
+        return sd
+
+    def _check(self, sd: Mapping[str, Tensor], index: int) -> None:
+        if self._layout is None:
+            self._layout = {k: (v.shape, v.dtype) for k, v in sd.items()}
+            return
+        # Compare against meta tensors of the first layout: no data held for the reference.
+        reference = {
+            k: torch.empty(shape, dtype=dtype, device="meta")
+            for k, (shape, dtype) in self._layout.items()
+        }
+        check_same_layout(reference, sd, name=self.name(index), ref_name=self.name(0))
+
+    def subset(self, indices: Sequence[int]) -> IngredientSubset:
+        """A lazy view of the ingredients at ``indices`` (repeats allowed), still loaded one at a
+        time: the soup of a greedy choice is ``uniform_soup(ingredients.subset(chosen))``."""
+        return IngredientSubset(self, indices)
+
+    def validate(self) -> Ingredients:
+        """Load every ingredient once (memory-mapped where possible) and check its layout."""
+        for i in range(len(self)):
+            self[i]
+        return self
+
+
+class IngredientSubset(Sequence):
+    """``parent[indices[i]]`` on access; see ``Ingredients.subset``."""
+
+    def __init__(self, parent: Sequence, indices: Sequence[int]) -> None:
+        self.parent, self.indices = parent, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:  # type: ignore[override]
+        return self.parent[self.indices[index]]

@@ -3,7 +3,9 @@
 Each submodule declares ``__all__``; this package re-exports them all.
 """
 
+from lightning_ext.functional.continual import *  # noqa: F403
+from lightning_ext.functional.continual import __all__ as _continual_all
 from lightning_ext.functional.ema import *  # noqa: F403
 from lightning_ext.functional.ema import __all__ as _ema_all
 
-__all__ = [*_ema_all]
+__all__ = [*_ema_all, *_continual_all]

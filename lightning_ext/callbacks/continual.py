@@ -350,11 +350,21 @@ class ContinualEvaluation(Callback):
         else:
             record = {"step": step, "trained": self.task, "values": {}}
             self.records.append(record)
+        for task, score in self.evaluate(trainer, pl_module, tasks).items():
+            record["values"][task] = score
+            self._update_online(task, score, record)
+
+    def evaluate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, tasks: Sequence[int]
+    ) -> dict[int, float]:
+        """The metric on each task's cached subsample for the current weights, recording nothing.
+
+        Every rank must call it (under DDP each evaluates its slice and the results are
+        gathered); one host synchronisation for all tasks together.
+        """
         with self._isolated(pl_module):
             scores = [self._evaluate_task(trainer, pl_module, t) for t in tasks]
-        for task, score in zip(tasks, torch.stack(scores).tolist()):  # one host sync
-            record["values"][task] = float(score)
-            self._update_online(task, float(score), record)
+        return dict(zip(tasks, torch.stack(scores).tolist())) if scores else {}
 
     def _update_online(self, task: int, value: float, record: dict[str, Any]) -> None:
         """Running minima, WF^w/WP^w and LCA, O(w) per new value (see ``task_curve``)."""
@@ -531,7 +541,7 @@ class ContinualEvaluation(Callback):
         values, trained, steps = self.tables()
         fig, ax = plt.subplots(figsize=(8, 4))
         for t in range(values.shape[1]):
-            mask = ~torch.isnan(values[:, t])
+            mask = ~torch.isnan(values[:, t]) & (trained >= t - 1)  # from its zero-shot point
             ax.plot(steps[mask].tolist(), values[mask, t].tolist(), label=f"task {t}", lw=1)
         for end in task_ends(trained).values():
             if end < len(steps) - 1:
@@ -566,7 +576,7 @@ class ContinualEvaluation(Callback):
         ]
         ys, xs = [], []
         for t in range(values.shape[1]):
-            mask = ~torch.isnan(values[:, t])
+            mask = ~torch.isnan(values[:, t]) & (trained >= t - 1)
             xs.append(steps[mask].tolist())
             ys.append(values[mask, t].tolist())
         logger.experiment.log(

@@ -83,7 +83,13 @@ def run(
     callbacks = []
     cb = None
     if every_n_steps is not None:
-        cb = ContinualEvaluation(every_n_steps=every_n_steps, seed=seed, export_dir=out, plot=plot)
+        cb = ContinualEvaluation(
+            every_n_steps=every_n_steps,
+            seed=seed,
+            export_dir=out,
+            export=out is not None,
+            plot=plot,
+        )
         callbacks.append(cb)
     trainer = pl.Trainer(
         accelerator="cpu",

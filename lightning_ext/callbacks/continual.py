@@ -91,7 +91,8 @@ class ContinualEvaluation(Callback):
             (the datamodule's ``current_task`` if it has one, else each new ``fit`` that does not
             resume a checkpoint starts the next task), "stream" or "fit".
         export_dir: where curves (CSV, JSON) and the plot go at the end of each fit; default
-            ``<trainer.default_root_dir>/continual``. plot: also write ``curves.png``.
+            ``<trainer.default_root_dir>/continual``. export: write them at all. plot: also
+            write ``curves.png``.
     """
 
     def __init__(
@@ -108,6 +109,7 @@ class ContinualEvaluation(Callback):
         seed: int = 0,
         task_boundary: str = "auto",
         export_dir: str | None = None,
+        export: bool = True,
         plot: bool = True,
     ) -> None:
         for name, value in (("every_n_steps", every_n_steps), ("subsample", subsample)):
@@ -142,7 +144,7 @@ class ContinualEvaluation(Callback):
         if eval_sets is not None:
             eval_sets = [s.dataset if isinstance(s, DataLoader) else s for s in eval_sets]
             self._check_sets(eval_sets)
-        if plot:
+        if plot and export:
             try:
                 import matplotlib  # noqa: F401
             except ImportError as err:
@@ -155,6 +157,7 @@ class ContinualEvaluation(Callback):
         self.metric, self.higher_is_better = metric, bool(higher_is_better)
         self.window, self.lca_beta, self.seed = window, lca_beta, seed
         self.task_boundary, self.export_dir, self.plot = task_boundary, export_dir, plot
+        self.export_files = export
         self.metric_name = metric if isinstance(metric, str) else "metric"
         # Run state (all of it in state_dict).
         self.task = -1
@@ -443,7 +446,8 @@ class ContinualEvaluation(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(flat, step=trainer.global_step)
-            self.export(trainer)
+            if self.export_files:
+                self.export(trainer)
             for logger in trainer.loggers:
                 self._wandb_log(logger)
 

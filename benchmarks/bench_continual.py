@@ -1,0 +1,139 @@
+"""ContinualEvaluation: the stability gap on Split-Digits over 5 seeds, the overhead of evaluating
+every rho = 1, 10, 100 steps against training alone, and evaluation throughput against a bare
+inference_mode loop over the same cached tensors.
+
+    PYTHONPATH=. python benchmarks/bench_continual.py [--seeds 5] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import interleaved_timings, markdown_table, median, write_result
+from examples.stability_gap import end_of_task_view, run
+from lightning_ext.callbacks import ContinualEvaluation
+
+COMMAND = "PYTHONPATH=. python benchmarks/bench_continual.py"
+
+
+def mean_std(xs: list[float]) -> str:
+    return (
+        f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+    )
+
+
+def quality(seeds: int) -> str:
+    keys = [
+        ("task1_end", "task 1 acc. at its end"),
+        ("task1_worst_in_task2", "task 1 worst during task 2"),
+        ("task1_drop", "task 1 drop when task 2 starts"),
+        ("task1_steps_to_worst", "steps from task 2 start to that trough"),
+        ("task1_after_task2", "task 1 acc. at end of task 2 (what end-of-task eval shows)"),
+        ("min_acc", "min-ACC (per-step evaluation)"),
+        ("min_acc_task_ends", "min-ACC seen by end-of-task evaluation"),
+        ("wc_acc", "WC-ACC (per-step evaluation)"),
+        ("wc_acc_task_ends", "WC-ACC seen by end-of-task evaluation"),
+        ("acc", "final average accuracy (ACC)"),
+        ("bwt", "BWT"),
+        ("forgetting", "forgetting"),
+    ]
+    per_seed, gaps = [], []
+    for seed in range(seeds):
+        cb, _ = run(seed, every_n_steps=1)
+        view = end_of_task_view(cb)
+        per_seed.append(view)
+        gaps.append([g["depth"] for g in cb.summary()["gap"].values()])
+        print(f"seed {seed}: " + ", ".join(f"{k}={view[k]:.3f}" for k, _ in keys), flush=True)
+    rows = [[label, mean_std([v[k] for v in per_seed])] for k, label in keys]
+    for task in range(len(gaps[0])):
+        rows.append(
+            [f"depth of the gap of task {task + 1} when task {task + 2} starts",
+             mean_std([g[task] for g in gaps])]
+        )  # fmt: skip
+    return (
+        f"## Split-Digits stability gap ({seeds} seeds, mean ± std)\n\n"
+        "5 tasks of 2 classes, MLP 2x400, SGD lr 0.05, batch 32 + replay batch 32 from a "
+        "100-sample class-balanced memory (loss 0.3 new + 0.7 replay), 10 epochs per task, "
+        "evaluation every step on each task's test samples (about 108 per task).\n\n"
+        + markdown_table(["quantity", "value"], rows)
+    )
+
+
+def overhead(repeats: int) -> str:
+    candidates = {"training alone": lambda: run(0, every_n_steps=None)}
+    for rho in (1, 10, 100):
+        candidates[f"rho = {rho}"] = lambda rho=rho: run(0, every_n_steps=rho)
+    times = interleaved_timings(candidates, repeats=repeats, inner=1, warmup=0)
+    base = median(times["training alone"])
+    rows = [[name, median(t), median(t) / base] for name, t in times.items()]
+    return (
+        f"## Overhead of evaluation (one 5-task Split-Digits fit, 360 steps, median of {repeats})"
+        "\n\n" + markdown_table(["run", "seconds", "time / training alone"], rows)
+    )
+
+
+def throughput(repeats: int) -> str:
+    rows = []
+    cb, trainer = run(0, every_n_steps=100, epochs_per_task=1)
+    model = trainer.lightning_module
+    cases = [("Split-Digits test subsets (~108 per task)", cb)]
+    g = torch.Generator().manual_seed(0)
+    synthetic = [
+        TensorDataset(torch.rand(1000, 64, generator=g), torch.randint(10, (1000,), generator=g))
+        for _ in range(5)
+    ]
+    cases.append(
+        ("5 tasks x 1000 samples (default subsample)", ContinualEvaluation(synthetic, plot=False))
+    )
+    for label, callback in cases:
+        tasks = list(range(5))
+        for t in tasks:
+            callback._shard(trainer, model, t)
+        cached = [callback._cache[t] for t in tasks]
+
+        def bare(cached=cached):
+            with torch.inference_mode():
+                hits = [(model(x).argmax(-1) == y).double().mean() for x, y, _ in cached]
+            return torch.stack(hits).tolist()
+
+        def ours(callback=callback, tasks=tasks):
+            return callback.evaluate(trainer, model, tasks)
+
+        assert list(ours().values()) == bare(), "the two loops disagree"
+        model.eval()  # the bare loop gets eval mode for free; ours switches and restores it
+        times = interleaved_timings({"bare": bare, "ours": ours}, repeats=repeats, inner=50)
+        model.train()
+        ratio = median(times["bare"]) / median(times["ours"])
+        n = sum(x.shape[0] for x, _, _ in cached)
+        rows.append([label, n, median(times["bare"]) * 1e3, median(times["ours"]) * 1e3, ratio])
+    return (
+        "## Evaluation throughput against a bare `inference_mode` loop (same cached tensors)\n\n"
+        "Target: >= 0.9x.\n\n"
+        + markdown_table(
+            ["eval sets", "samples", "bare ms", "ContinualEvaluation ms", "throughput ratio"], rows
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    body = "\n\n".join([throughput(7), quality(args.seeds), overhead(args.repeats)])
+    write_result(
+        "continual", "ContinualEvaluation: stability gap, overhead, throughput", body, COMMAND
+    )
+
+
+if __name__ == "__main__":
+    main()

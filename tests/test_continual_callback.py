@@ -309,3 +309,30 @@ def test_ddp_splits_evaluation_and_matches_single_process(tmp_path):
     trainer.fit(model, datamodule=stream())
     single = {t: v for t, v in cb.records[0]["values"].items() if t in final["values"]}
     assert single == final["values"]
+
+
+def test_perplexity_and_callable_metrics_agree_with_the_loss():
+    sets = split_by_classes(digits("val"), 2)[:2]
+
+    def per_sample_nll(outputs, targets):
+        return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+    loss_cb = ContinualEvaluation(sets, every_n_steps=2, metric="loss", plot=False)
+    ppl_cb = ContinualEvaluation(sets, every_n_steps=2, metric="perplexity", plot=False)
+    fn_cb = ContinualEvaluation(
+        sets, every_n_steps=2, metric=per_sample_nll, higher_is_better=False, plot=False
+    )
+    pl.seed_everything(0)
+    trainer = quiet_trainer(
+        max_epochs=2,
+        reload_dataloaders_every_n_epochs=1,
+        limit_val_batches=0,
+        callbacks=[loss_cb, ppl_cb, fn_cb],
+    )
+    trainer.fit(Classifier(), datamodule=stream())
+    assert len(loss_cb.records) == len(ppl_cb.records) >= 3
+    for a, b, c in zip(loss_cb.records, ppl_cb.records, fn_cb.records):
+        for task, loss in a["values"].items():
+            assert b["values"][task] == pytest.approx(math.exp(loss))
+            assert c["values"][task] == pytest.approx(loss)
+    assert not ppl_cb.higher_is_better and ppl_cb.summary()["gap"][0]["depth"] >= 0

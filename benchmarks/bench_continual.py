@@ -8,6 +8,7 @@ inference_mode loop over the same cached tensors.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -50,13 +51,19 @@ def quality(seeds: int) -> str:
         cb, _ = run(seed, every_n_steps=1)
         view = end_of_task_view(cb)
         per_seed.append(view)
-        gaps.append([g["depth"] for g in cb.summary()["gap"].values()])
+        gaps.append([(g["depth"], g["steps_to_recover"]) for g in cb.summary()["gap"].values()])
         print(f"seed {seed}: " + ", ".join(f"{k}={view[k]:.3f}" for k, _ in keys), flush=True)
     rows = [[label, mean_std([v[k] for v in per_seed])] for k, label in keys]
     for task in range(len(gaps[0])):
         rows.append(
             [f"depth of the gap of task {task + 1} when task {task + 2} starts",
-             mean_std([g[task] for g in gaps])]
+             mean_std([g[task][0] for g in gaps])]
+        )  # fmt: skip
+        recovered = [g[task][1] for g in gaps if not math.isnan(g[task][1])]
+        rows.append(
+            [f"steps until task {task + 1} regains half of that drop (seeds that did)",
+             f"{mean_std(recovered)} ({len(recovered)}/{len(gaps)} seeds)" if recovered
+             else f"never (0/{len(gaps)} seeds)"]
         )  # fmt: skip
     return (
         f"## Split-Digits stability gap ({seeds} seeds, mean ± std)\n\n"
@@ -126,7 +133,7 @@ def throughput(repeats: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(1)
     body = "\n\n".join([throughput(7), quality(args.seeds), overhead(args.repeats)])

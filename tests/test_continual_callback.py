@@ -218,6 +218,15 @@ def test_bad_setups_are_rejected_before_training():
     trainer = quiet_trainer(max_epochs=1, callbacks=[cb])  # no reload at task boundaries
     with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs=1"):
         trainer.fit(Classifier(), datamodule=stream())
+    cb = ContinualEvaluation(one_set, plot=False)  # one fit per task, a second task has no data
+    quiet_trainer(max_epochs=1, callbacks=[cb]).fit(
+        Classifier(), train_dataloaders=loader(digits("train", limit=64))
+    )
+    model = Classifier()
+    with pytest.raises(ValueError, match="task 1, which was never given"):
+        quiet_trainer(max_epochs=1, callbacks=[cb]).fit(
+            model, train_dataloaders=loader(digits("train", limit=64))
+        )
     cb = ContinualEvaluation(plot=False)
     trainer = quiet_trainer(max_epochs=1, callbacks=[cb])
     with pytest.raises(ValueError, match="no evaluation data"):

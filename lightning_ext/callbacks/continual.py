@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
@@ -174,6 +175,7 @@ class ContinualEvaluation(Callback):
         self._datasets: dict[int, Dataset] = dict(enumerate(eval_sets or []))
         self._cache: dict[int, tuple[Tensor, Tensor, int]] = {}
         self._fit_task: int | None = None
+        self._streaming = False
 
     # ----------------------------------------------------------------------------- configuration
     @staticmethod
@@ -235,8 +237,8 @@ class ContinualEvaluation(Callback):
                     f"{len(self.eval_sets)} evaluation sets: tasks {len(self.eval_sets)}.."
                     f"{num_tasks - 1} were never given data"
                 )
-        no_val = dm is None or not hasattr(dm, "val_dataloader")
-        if self.explicit_task is None and not streaming and self.eval_sets is None and no_val:
+        no_val = dm is None or not is_overridden("val_dataloader", dm)
+        if self.eval_sets is None and no_val:
             raise ValueError(
                 "ContinualEvaluation has no evaluation data: pass eval_sets=[...] (one per "
                 "task), or use a datamodule with task_eval_datasets() or val_dataloader()"
@@ -246,6 +248,12 @@ class ContinualEvaluation(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         resuming = trainer.ckpt_path is not None
         self._fit_task = max(self.task, 0) if (resuming or not self.records) else self.task + 1
+        task = self._resolve_task(trainer)
+        if self.eval_sets is not None and task >= len(self.eval_sets):
+            raise ValueError(
+                f"ContinualEvaluation: this fit trains task {task}, which was never given "
+                f"evaluation data ({len(self.eval_sets)} evaluation sets)"
+            )
 
     def _resolve_task(self, trainer: pl.Trainer) -> int:
         if self.explicit_task is not None:
@@ -257,7 +265,7 @@ class ContinualEvaluation(Callback):
     def _dataset_for(self, trainer: pl.Trainer, task: int) -> Dataset:
         if task not in self._datasets:
             dm = trainer.datamodule
-            if self.eval_sets is not None or dm is None or not hasattr(dm, "val_dataloader"):
+            if self.eval_sets is not None or dm is None or not is_overridden("val_dataloader", dm):
                 known = len(self.eval_sets) if self.eval_sets is not None else 0
                 raise ValueError(
                     f"ContinualEvaluation: task {task} was never given evaluation data "

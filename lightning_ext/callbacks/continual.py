@@ -51,11 +51,10 @@ PerSampleMetric = Callable[[Tensor, Tensor], Tensor]
 
 def _per_sample(metric: str, outputs: Tensor, targets: Tensor) -> Tensor:
     """Per-sample accuracy or cross-entropy; sequences ([N, L, V]) average over their tokens."""
-    outputs = outputs.float()
     if metric == "accuracy":
         hit = (outputs.argmax(-1) == targets).float()
         return hit if hit.ndim == 1 else hit.flatten(1).mean(1)
-    loss = F.cross_entropy(outputs.flatten(0, -2), targets.flatten(), reduction="none")
+    loss = F.cross_entropy(outputs.float().flatten(0, -2), targets.flatten(), reduction="none")
     return loss.view(targets.shape[0], -1).mean(1)
 
 
@@ -176,6 +175,7 @@ class ContinualEvaluation(Callback):
         self._cache: dict[int, tuple[Tensor, Tensor, int]] = {}
         self._fit_task: int | None = None
         self._streaming = False
+        self._precision_context: Callable[[], Any] = contextlib.nullcontext
 
     # ----------------------------------------------------------------------------- configuration
     @staticmethod
@@ -302,9 +302,10 @@ class ContinualEvaluation(Callback):
         modes = [(m, m.training) for m in pl_module.modules()]
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        pl_module.eval()
+        for module, _ in modes:
+            module.training = False
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self._precision_context():
                 yield
         finally:
             for module, training in modes:
@@ -326,15 +327,17 @@ class ContinualEvaluation(Callback):
     def _evaluate_task(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> Any:
         x, y, total = self._shard(trainer, pl_module, task)
         outputs = []
-        with trainer.precision_plugin.forward_context():
-            for start in range(0, x.shape[0], self.batch_size):
-                out = pl_module(x[start : start + self.batch_size])
-                if isinstance(self.metric, str):
-                    out = _per_sample(self.metric, out, y[start : start + self.batch_size])
-                elif not isinstance(self.metric, Metric):
-                    out = self.metric(out, y[start : start + self.batch_size]).float()
-                outputs.append(out)
-        local = torch.cat(outputs) if outputs else x.new_zeros((0,))
+        for start in range(0, x.shape[0], self.batch_size):
+            out = pl_module(x[start : start + self.batch_size])
+            if isinstance(self.metric, str):
+                out = _per_sample(self.metric, out, y[start : start + self.batch_size])
+            elif not isinstance(self.metric, Metric):
+                out = self.metric(out, y[start : start + self.batch_size]).float()
+            outputs.append(out)
+        if len(outputs) == 1:
+            local = outputs[0]
+        else:
+            local = torch.cat(outputs) if outputs else x.new_zeros((0,))
         if isinstance(self.metric, Metric):
             full_out = self._gather(trainer, local.float(), total)
             full_y = self._gather(trainer, y, total)
@@ -373,6 +376,7 @@ class ContinualEvaluation(Callback):
         Every rank must call it (under DDP each evaluates its slice and the results are
         gathered); one host synchronisation for all tasks together.
         """
+        self._precision_context = trainer.precision_plugin.forward_context
         with self._isolated(pl_module):
             scores = [self._evaluate_task(trainer, pl_module, t) for t in tasks]
         return dict(zip(tasks, torch.stack(scores).tolist())) if scores else {}

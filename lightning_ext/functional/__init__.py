@@ -3,9 +3,11 @@
 Each submodule declares ``__all__``; this package re-exports them all.
 """
 
+from lightning_ext.functional.continual import *  # noqa: F403
+from lightning_ext.functional.continual import __all__ as _continual_all
 from lightning_ext.functional.ema import *  # noqa: F403
 from lightning_ext.functional.ema import __all__ as _ema_all
 from lightning_ext.functional.merging import *  # noqa: F403
 from lightning_ext.functional.merging import __all__ as _merging_all
 
-__all__ = [*_ema_all, *_merging_all]
+__all__ = [*_continual_all, *_ema_all, *_merging_all]

@@ -1,0 +1,347 @@
+"""ContinualEvaluation in real Trainer.fit runs on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_ext.callbacks import ContinualEvaluation
+from lightning_ext.data import TaskStream, split_by_classes
+from lightning_ext.functional import continual_metrics
+from tests.helpers.data import digits, loader
+from tests.helpers.ddp import run_ddp
+from tests.helpers.models import Classifier
+from tests.helpers.resume import assert_bitwise_equal, check_resume_exact, quiet_trainer
+
+
+def stream(num_tasks: int = 2, epochs_per_task: int = 1, limit: int = 300, **kw) -> TaskStream:
+    train = split_by_classes(digits("train", limit=limit), 2)[:num_tasks]
+    test = split_by_classes(digits("test"), 2)[:num_tasks]
+    return TaskStream(train, test, epochs_per_task=epochs_per_task, batch_size=32, **kw)
+
+
+class NoisyClassifier(Classifier):
+    """Draws from the global RNG in every forward, also in eval mode, and keeps one submodule
+    frozen in eval mode: evaluation must restore both the RNG and each module's own mode."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.frozen = torch.nn.Dropout(0.5)
+
+    def on_fit_start(self) -> None:
+        self.frozen.eval()
+
+    def forward(self, x):
+        return super().forward(x + 1e-3 * torch.randn_like(x))
+
+
+def fit(make_callbacks, *, net: str = "cnn", epochs: int = 2, **trainer_kw):
+    pl.seed_everything(0, verbose=False)
+    model = NoisyClassifier(net=net)
+    callbacks = make_callbacks()
+    trainer = quiet_trainer(
+        max_epochs=epochs,
+        reload_dataloaders_every_n_epochs=1,
+        limit_val_batches=0,
+        callbacks=callbacks,
+        enable_checkpointing=True,
+        **trainer_kw,
+    )
+    trainer.fit(model, datamodule=stream())
+    return model, callbacks, trainer
+
+
+@pytest.mark.parametrize(
+    "trainer_kw",
+    [{}, {"precision": "bf16-mixed"}, {"accumulate_grad_batches": 2}],
+    ids=["fp32", "bf16", "accumulate"],
+)
+def test_evaluation_does_not_change_training(tmp_path, trainer_kw):
+    """Bitwise identical weights and BatchNorm statistics with and without the callback, next to
+    a ModelCheckpoint; the frozen submodule stays in eval mode."""
+
+    def with_cb():
+        cb = ContinualEvaluation(every_n_steps=1, subsample=50, plot=False)
+        return [cb, ModelCheckpoint(dirpath=tmp_path / "a")]
+
+    plain, _, _ = fit(lambda: [ModelCheckpoint(dirpath=tmp_path / "b")], **trainer_kw)
+    model, callbacks, trainer = fit(with_cb, **trainer_kw)
+    assert_bitwise_equal(plain.state_dict(), model.state_dict(), "weights")
+    assert not model.frozen.training and model.net.training
+    cb = callbacks[0]
+    expected_evals = 1 + trainer.global_step  # before the first update, then every step
+    assert len(cb.records) == expected_evals
+    assert [r["trained"] for r in cb.records][:2] == [-1, 0]
+    assert (tmp_path / "a").exists() and any((tmp_path / "a").iterdir())
+
+
+def test_online_metrics_match_functional_and_exports(tmp_path):
+    cb = ContinualEvaluation(
+        every_n_steps=2, subsample=40, window=3, lca_beta=2, export_dir=str(tmp_path / "out")
+    )
+    pl.seed_everything(0)
+    trainer = quiet_trainer(
+        max_epochs=3, reload_dataloaders_every_n_epochs=1, limit_val_batches=0, callbacks=[cb]
+    )
+    trainer.fit(Classifier(), datamodule=stream(num_tasks=3))
+    values, trained, steps = cb.tables()
+    ref = continual_metrics(values, trained, steps, window=3, lca_beta=2)
+    online = cb.online_metrics()
+    assert online["avg"] == pytest.approx(ref["avg"])
+    assert online["min_acc"] == pytest.approx(ref["min_acc"])
+    assert online["wc_acc"] == pytest.approx(ref["wc_acc"])
+    assert online["wf3"] == pytest.approx(ref["wf"]) and online["wp3"] == pytest.approx(ref["wp"])
+    assert online["lca"] == pytest.approx(ref["lca"])
+    # Subsamples: fixed size, sorted unique indices, drawn once.
+    assert all(len(s) == 40 and len(set(s.tolist())) == 40 for s in cb.subsets.values())
+    summary = cb.summary()
+    matrix = torch.tensor(summary["matrix"])
+    assert not torch.isnan(matrix).any()  # eval sets known up front: every row is full
+    assert summary["gap"][0]["depth"] >= 0 and summary["bwt"] == pytest.approx(ref["bwt"])
+    out = tmp_path / "out"
+    rows = (out / "curves.csv").read_text().splitlines()
+    assert rows[0] == "step,trained_task,task0,task1,task2" and len(rows) == len(cb.records) + 1
+    data = json.loads((out / "curves.json").read_text())
+    assert data["summary"]["acc"] == pytest.approx(summary["acc"])
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class TaskData(pl.LightningDataModule):
+    """One task's data; the user calls fit once per task with a new one of these."""
+
+    def __init__(self, task: int) -> None:
+        super().__init__()
+        self.train = split_by_classes(digits("train", limit=300), 2)[task]
+        self.val = split_by_classes(digits("val"), 2)[task]
+
+    def train_dataloader(self) -> DataLoader:
+        return loader(self.train, 32, 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return loader(self.val, 64, None)
+
+
+def test_one_fit_per_task_reads_the_datamodule_and_lower_is_better():
+    cb = ContinualEvaluation(every_n_steps=3, metric="loss", plot=False, window=4)
+    pl.seed_everything(0)
+    model = Classifier()
+    for task in range(3):
+        trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[cb])
+        trainer.fit(model, datamodule=TaskData(task))
+    trained = [r["trained"] for r in cb.records]
+    assert trained[0] == -1 and sorted(set(trained)) == [-1, 0, 1, 2]
+    values, trained_t, steps = cb.tables()
+    ref = continual_metrics(values, trained_t, steps, window=4, higher_is_better=False)
+    online = cb.online_metrics()
+    assert online["min_acc"] == pytest.approx(ref["min_acc"])
+    # For a loss the worst case is the maximum after each task's end.
+    for task in (0, 1):
+        end = max(i for i, t in enumerate(trained_t.tolist()) if t == task)
+        after = values[end + 1 :, task]
+        assert cb.worst_after_end[task] == pytest.approx(float(after.max()))
+    assert online["wc_acc"] >= online["task2"] - 1e-9  # worst case is no better than current
+    # The matrix's upper triangle is the zero-shot entry R[i-1, i] only (data came per task).
+    matrix = torch.tensor(cb.summary()["matrix"])
+    assert not math.isnan(matrix[0, 1]) and math.isnan(matrix[0, 2])
+
+
+def test_explicit_start_task_and_torchmetrics_metric():
+    from torchmetrics.classification import MulticlassAccuracy
+
+    sets = split_by_classes(digits("val"), 2)[:2]
+    metric_cb = ContinualEvaluation(
+        sets,
+        every_n_steps=2,
+        metric=MulticlassAccuracy(num_classes=10, average="micro"),
+        plot=False,
+    )
+    plain_cb = ContinualEvaluation(sets, every_n_steps=2, plot=False)
+    pl.seed_everything(0)
+    model = Classifier()
+    train = split_by_classes(digits("train", limit=300), 2)
+    for task in (0, 1):
+        metric_cb.start_task(task)
+        plain_cb.start_task(task)
+        trainer = quiet_trainer(max_epochs=1, callbacks=[metric_cb, plain_cb])
+        trainer.fit(model, train_dataloaders=loader(train[task], 32, 0))
+    assert [r["trained"] for r in metric_cb.records] == [r["trained"] for r in plain_cb.records]
+    for a, b in zip(metric_cb.records, plain_cb.records):
+        assert a["values"] == pytest.approx(b["values"])
+    with pytest.raises(ValueError, match="no evaluation set for this task"):
+        plain_cb.start_task(5)
+
+
+def test_resume_is_exact(tmp_path):
+    result = check_resume_exact(
+        lambda: Classifier(optimizer="adam", lr=1e-3),
+        lambda: [ContinualEvaluation(every_n_steps=2, subsample=40, window=3, plot=False)],
+        lambda: stream(num_tasks=2, epochs_per_task=2, limit=200),
+        tmp_path,
+        max_epochs=4,
+        split_epoch=1,  # mid-task
+        limit_val_batches=0,
+        reload_dataloaders_every_n_epochs=2,
+    )
+    cb = result.resumed_callbacks[0]
+    assert {r["trained"] for r in cb.records} == {-1, 0, 1} and cb.worst_after_end
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"subsample": 0}, "subsample must be >= 1"),
+        ({"every_n_steps": 0}, "every_n_steps must be >= 1"),
+        ({"eval_sets": []}, "eval_sets is empty"),
+        ({"eval_sets": [TensorDataset(torch.zeros(0, 64), torch.zeros(0))]}, "task 0 is empty"),
+        ({"metric": lambda out, y: out.sum(-1)}, "higher_is_better"),
+        ({"metric": "f1"}, "unknown metric"),
+    ],
+)
+def test_bad_configuration_is_rejected_in_init(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ContinualEvaluation(**kwargs)
+
+
+def test_bad_setups_are_rejected_before_training():
+    one_set = split_by_classes(digits("val"), 2)[:1]
+    cb = ContinualEvaluation(one_set, plot=False)  # the stream has 2 tasks
+    trainer = quiet_trainer(max_epochs=1, reload_dataloaders_every_n_epochs=1, callbacks=[cb])
+    with pytest.raises(ValueError, match="never given data"):
+        trainer.fit(Classifier(), datamodule=stream())
+    cb = ContinualEvaluation(plot=False)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[cb])  # no reload at task boundaries
+    with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs=1"):
+        trainer.fit(Classifier(), datamodule=stream())
+    cb = ContinualEvaluation(one_set, plot=False)  # one fit per task, a second task has no data
+    quiet_trainer(max_epochs=1, callbacks=[cb]).fit(
+        Classifier(), train_dataloaders=loader(digits("train", limit=64))
+    )
+    model = Classifier()
+    with pytest.raises(ValueError, match="task 1, which was never given"):
+        quiet_trainer(max_epochs=1, callbacks=[cb]).fit(
+            model, train_dataloaders=loader(digits("train", limit=64))
+        )
+    cb = ContinualEvaluation(plot=False)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[cb])
+    with pytest.raises(ValueError, match="no evaluation data"):
+        trainer.fit(Classifier(), train_dataloaders=loader(digits("train", limit=64)))
+
+
+def test_wandb_offline_run_has_curves_table_and_plot(tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    from tests.helpers.wandb_reader import read_offline_runs
+
+    logger = WandbLogger(save_dir=tmp_path, offline=True)
+    cb = ContinualEvaluation(every_n_steps=1, subsample=50, plot=False)
+    pl.seed_everything(0)
+    trainer = quiet_trainer(
+        max_epochs=2,
+        reload_dataloaders_every_n_epochs=1,
+        limit_val_batches=0,
+        callbacks=[cb],
+        logger=logger,
+        log_every_n_steps=1,
+    )
+    trainer.fit(Classifier(), datamodule=stream())
+    logger.experiment.finish()
+    (run,) = read_offline_runs(tmp_path)
+    assert len(run.series("cl/task0")) >= trainer.global_step - 1
+    assert run.series("cl/min_acc") and run.series("cl/wc_acc")
+    assert "cl/acc" in run.summary and "cl/gap/task0/depth" in run.summary
+    assert run.media("*.table.json"), "the curves table was not written"
+
+
+def test_lightning_cli_builds_the_callback_from_yaml():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--cb", type=ContinualEvaluation)
+    cfg = parser.parse_string(
+        "cb:\n  class_path: lightning_ext.callbacks.ContinualEvaluation\n"
+        "  init_args:\n    every_n_steps: 10\n    metric: loss\n    subsample: 200\n"
+        "    plot: false\n"
+    )
+    cb = parser.instantiate_classes(cfg).cb
+    assert isinstance(cb, ContinualEvaluation)
+    assert (cb.every_n_steps, cb.subsample, cb.higher_is_better) == (10, 200, False)
+
+
+def ddp_fit(out_dir: str, world: int) -> None:
+    torch.set_num_threads(1)
+    pl.seed_everything(0, verbose=False)
+    cb = ContinualEvaluation(every_n_steps=2, subsample=45, plot=False)
+    sizes = []
+    shard = cb._shard
+
+    def counting_shard(trainer, module, task):
+        x, y, total = shard(trainer, module, task)
+        sizes.append((task, x.shape[0], total))
+        return x, y, total
+
+    cb._shard = counting_shard
+    model = Classifier()
+    trainer = quiet_trainer(
+        devices=world,
+        strategy="ddp" if world > 1 else "auto",
+        max_epochs=2,
+        reload_dataloaders_every_n_epochs=1,
+        limit_val_batches=0,
+        callbacks=[cb],
+    )
+    trainer.fit(model, datamodule=stream())
+    torch.save(
+        {"records": cb.records, "state": model.state_dict(), "sizes": sizes},
+        f"{out_dir}/rank{trainer.global_rank}.pt",
+    )
+
+
+@pytest.mark.ddp
+def test_ddp_splits_evaluation_and_matches_single_process(tmp_path):
+    r0, r1 = run_ddp("tests.test_continual_callback:ddp_fit", tmp_path / "ddp", world=2)
+    assert r0["records"] == r1["records"]
+    assert {s[1] for s in r0["sizes"]} == {23} and {s[1] for s in r1["sizes"]} == {22}
+    # Single process on the DDP run's final weights: the same values, bit for bit.
+    final = r0["records"][-1]
+    cb = ContinualEvaluation(every_n_steps=1, subsample=45, plot=False)
+    model = Classifier(lr=0.0, momentum=0.0)
+    model.load_state_dict(r0["state"])
+    trainer = quiet_trainer(
+        max_steps=1, reload_dataloaders_every_n_epochs=1, limit_val_batches=0, callbacks=[cb]
+    )
+    trainer.fit(model, datamodule=stream())
+    single = {t: v for t, v in cb.records[0]["values"].items() if t in final["values"]}
+    assert single == final["values"]
+
+
+def test_perplexity_and_callable_metrics_agree_with_the_loss():
+    sets = split_by_classes(digits("val"), 2)[:2]
+
+    def per_sample_nll(outputs, targets):
+        return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+    loss_cb = ContinualEvaluation(sets, every_n_steps=2, metric="loss", plot=False)
+    ppl_cb = ContinualEvaluation(sets, every_n_steps=2, metric="perplexity", plot=False)
+    fn_cb = ContinualEvaluation(
+        sets, every_n_steps=2, metric=per_sample_nll, higher_is_better=False, plot=False
+    )
+    pl.seed_everything(0)
+    trainer = quiet_trainer(
+        max_epochs=2,
+        reload_dataloaders_every_n_epochs=1,
+        limit_val_batches=0,
+        callbacks=[loss_cb, ppl_cb, fn_cb],
+    )
+    trainer.fit(Classifier(), datamodule=stream())
+    assert len(loss_cb.records) == len(ppl_cb.records) >= 3
+    for a, b, c in zip(loss_cb.records, ppl_cb.records, fn_cb.records):
+        for task, loss in a["values"].items():
+            assert b["values"][task] == pytest.approx(math.exp(loss))
+            assert c["values"][task] == pytest.approx(loss)
+    assert not ppl_cb.higher_is_better and ppl_cb.summary()["gap"][0]["depth"] >= 0

@@ -1,1 +1,5 @@
 """Lightning strategies (DDPStrategy subclasses) for methods that run one model per rank."""
+
+from lightning_ext.strategies.warp import WARPStrategy
+
+__all__ = ["WARPStrategy"]

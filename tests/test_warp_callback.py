@@ -135,17 +135,30 @@ def test_composes_with_model_checkpoint_and_lightning_ema(tmp_path):
 def test_wandb_offline_run_receives_anchor_metrics(tmp_path):
     from lightning.pytorch.loggers import WandbLogger
 
-    from tests.helpers.wandb_reader import read_offline_runs
-
     logger = WandbLogger(save_dir=tmp_path, offline=True, project="warp-test")
     _fit([WARP()], max_epochs=2, logger=logger, log_every_n_steps=2)
     import wandb
 
     wandb.finish()
-    (run,) = read_offline_runs(tmp_path)
+    run = _read_wandb_run(tmp_path, "kl_anchor", 4)
     distances = run.series("warp/anchor_distance")
     assert len(distances) == 4 and all(d > 0 for d in distances)
     assert len(run.series("kl_anchor")) == 4
+
+
+def _read_wandb_run(save_dir, key: str, count: int):
+    """The offline run once wandb's service has flushed ``count`` values of ``key`` (it writes
+    asynchronously after ``finish``)."""
+    import time
+
+    from tests.helpers.wandb_reader import read_offline_runs
+
+    for _ in range(120):
+        runs = read_offline_runs(save_dir)
+        if runs and len(runs[0].series(key)) >= count:
+            return runs[0]
+        time.sleep(0.25)
+    raise AssertionError(f"wandb never wrote {count} values of {key}")
 
 
 def test_lightning_cli_builds_the_callback_from_yaml(tmp_path):

@@ -17,7 +17,7 @@ from lightning_ext.warp import WARPRun, run_warp
 from tests.helpers.data import DigitsDataModule, digits, loader
 from tests.helpers.ddp import run_ddp
 from tests.helpers.resume import assert_bitwise_equal, quiet_trainer
-from tests.test_warp_callback import KLClassifier
+from tests.test_warp_callback import KLClassifier, _read_wandb_run
 
 
 def _load(path: Path) -> dict:
@@ -45,7 +45,9 @@ class Interrupt(Callback):
             raise RuntimeError("simulated crash")
 
 
-def _sequential(out_dir: Path, crash: tuple[int, int, int] | None = None, fits: list | None = None):
+def _sequential(
+    out_dir: Path, crash: tuple[int, int, int] | None = None, fits: list | None = None, loggers=()
+):
     def make_trainer(run: WARPRun) -> pl.Trainer:
         if fits is not None:
             fits.append((run.iteration, run.policy))
@@ -68,12 +70,22 @@ def _sequential(out_dir: Path, crash: tuple[int, int, int] | None = None, fits: 
         },
         evaluate=_accuracy,
         eta_sweep=(0.0, 1.0),
+        loggers=loggers,
     )
 
 
 def test_sequential_loop_merges_saves_everything_and_resumes_exactly(tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
     ref_dir, fits = tmp_path / "ref", []
-    ref = _sequential(ref_dir, fits=fits)
+    logger = WandbLogger(save_dir=tmp_path / "wandb", offline=True, project="warp-loop")
+    ref = _sequential(ref_dir, fits=fits, loggers=[logger])
+    import wandb
+
+    wandb.finish()
+    run = _read_wandb_run(tmp_path / "wandb", "warp/val_acc@eta=1", 2)
+    for eta in ("0", "0.5", "1"):  # one value per iteration and per eta
+        assert run.series(f"warp/val_acc@eta={eta}") == [m[eta]["val_acc"] for m in ref.metrics]
     assert fits == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for i in range(2):
         it = ref_dir / f"iteration_{i}"

@@ -409,6 +409,7 @@ def main() -> None:
         help="KL weights of the frozen-anchor front trained for 2x steps (WARP's compute)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--name", default="warp", help="result files: <name>.md/.json/.png")
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -421,8 +422,8 @@ def main() -> None:
             print(f"seed {seed} done at {time.perf_counter() - start:.0f}s", flush=True)
     table, verdict = summarise(runs, args.betas, args.long_betas)
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json({str(k): v for k, v in runs.items()}, args.out / "warp.json")
-    plot(runs, args.out / "warp.png")
+    atomic_write_json({str(k): v for k, v in runs.items()}, args.out / f"{args.name}.json")
+    plot(runs, args.out / f"{args.name}.png")
     minutes = (time.perf_counter() - start) / 60
     lines = []
     for name, text in (
@@ -444,18 +445,21 @@ def main() -> None:
         f"is under-estimated between its points, which flatters WARP; the beta grid is dense to "
         f"keep that small). Wall time {minutes:.1f} min on 1 CPU thread.\n\n"
         + "\n".join(lines)
-        + "\n\n![reward vs KL](warp.png)\n\n"
+        + f"\n\n![reward vs KL]({args.name}.png)\n\n"
         + table
         + "\n\n### Logged per fine-tuning and per eta\n\n"
         + training_table(runs)
     )
     from benchmarks._common import write_result
 
+    command = f"python examples/warp.py --seeds {args.seeds} --steps {args.steps}"
+    if args.name != "warp":
+        command += f" --name {args.name}"
     write_result(
-        "warp",
+        args.name,
         "WARP: reward vs KL(policy ‖ SFT) on a tiny autoregressive policy",
         body,
-        f"python examples/warp.py --seeds {args.seeds} --steps {args.steps}",
+        command,
     )
 
 

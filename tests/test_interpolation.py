@@ -169,3 +169,14 @@ def test_inputs_are_never_modified():
     for sd, copy in zip((base, a, b), copies):
         for key in sd:
             assert torch.equal(sd[key], copy[key])
+
+
+def test_repeated_pairwise_slerp_is_order_dependent_where_multi_slerp_is_not():
+    """Why multi_slerp is a spherical mean: the alternative, slerp(slerp(e1, e2, 1/2), e3, 1/3),
+    gives three orthonormal policies the coefficients 0.61, 0.61, 0.5."""
+    e1, e2, e3 = torch.eye(3, dtype=torch.float64)
+    repeated = slerp(slerp(e1, e2, 0.5), e3, 1 / 3)
+    want = torch.tensor([math.sqrt(3) / 2 / math.sqrt(2)] * 2 + [0.5], dtype=torch.float64)
+    torch.testing.assert_close(repeated, want)
+    merged = multi_slerp(torch.zeros(3, dtype=torch.float64), [e1, e2, e3])
+    torch.testing.assert_close(merged, torch.full((3,), 1 / math.sqrt(3), dtype=torch.float64))

@@ -46,7 +46,7 @@ class WARPRun:
     """What ``make_trainer`` is told about the fine-tuning it builds a Trainer for."""
 
     iteration: int
-    policy: int  # -1 when one WARPStrategy fit trains all policies
+    policy: int  # with a WARPStrategy: 0, and that one fit trains every policy, one per rank
     root_dir: Path
 
 
@@ -69,6 +69,7 @@ def _fit_one(
     fit_kwargs: Callable[[WARPRun], dict[str, Any]],
     seed: int,
     num_policies: int,
+    weights: Sequence[float] | None,
 ) -> tuple[pl.LightningModule, pl.Trainer]:
     pl.seed_everything(seed, workers=True, verbose=False)
     module = make_module()
@@ -82,6 +83,7 @@ def _fit_one(
                 "use one rank per policy"
             )
         trainer.strategy.save_dir = str(run.root_dir.parent)
+        trainer.strategy.weights = list(weights) if weights is not None else None
     last = run.root_dir / "last.ckpt"
     trainer.fit(module, ckpt_path=str(last) if last.exists() else None, **fit_kwargs(run))
     return module, trainer
@@ -111,7 +113,7 @@ def run_warp(
             ``WARPStrategy`` on ``num_policies`` ranks trains all policies of an iteration at once.
         fit_kwargs: returns the extra ``trainer.fit`` arguments for a run (``datamodule=...``).
         evaluate: maps (module, iteration) to metrics (reward, KL to the init, ...); called on the
-            LITI model at every eta of ``eta_sweep`` and at ``eta``; results are written to
+            LITI model (in eval mode) at every eta of ``eta_sweep`` and at ``eta``; results go to
             ``metrics.json`` and logged to ``loggers`` as ``warp/<name>@eta=<eta>`` at step i.
         seed: fine-tuning m of iteration i is seeded with ``seed + 1000 * i + m``.
     """
@@ -147,6 +149,7 @@ def run_warp(
             )
             metrics = {}
             if evaluate is not None and module is not None:
+                module.eval()
                 for e in sorted({*eta_sweep, eta}):
                     module.load_state_dict(liti(init, merged, e))
                     metrics[f"{e:g}"] = {k: float(v) for k, v in evaluate(module, i).items()}
@@ -189,7 +192,14 @@ def _iteration(
                 continue
             run = WARPRun(i, m, it_dir / f"policy_{m}")
             module, trainer = _fit_one(
-                run, init, make_module, make_trainer, fit_kwargs, seed + 1000 * i + m, num_policies
+                run,
+                init,
+                make_module,
+                make_trainer,
+                fit_kwargs,
+                seed + 1000 * i + m,
+                num_policies,
+                weights,
             )
             if isinstance(trainer.strategy, WARPStrategy):
                 break  # one fit trained every policy, one per rank, and wrote policy_<rank>.pt

@@ -195,6 +195,7 @@ def multi_slerp(
     base: StateDictOrTensor,
     state_dicts: Sequence[StateDictOrTensor],
     weights: Sequence[float] | None = None,
+    *,
     eps: float = 1e-8,
 ) -> StateDictOrTensor:
     """Merge M fine-tunings of ``base`` by the weighted spherical mean of their task vectors.

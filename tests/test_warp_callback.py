@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheck
 from torch import Tensor
 
 from lightning_ext.callbacks import WARP
+from lightning_ext.strategies import WARPStrategy
 from tests.helpers.data import DigitsDataModule
 from tests.helpers.ddp import run_ddp
 from tests.helpers.models import Classifier
@@ -169,10 +170,14 @@ def test_lightning_cli_builds_the_callback_from_yaml(tmp_path):
         "trainer:\n  max_steps: 2\n  callbacks:\n"
         "    - class_path: lightning_ext.callbacks.WARP\n"
         "      init_args: {anchor: sync, alpha: 0.5, tau: 1}\n"
+        "  strategy:\n    class_path: lightning_ext.strategies.WARPStrategy\n"
+        "    init_args: {eta: 0.5, weights: [0.3, 0.7]}\n"
     )
     cli = LightningCLI(KLClassifier, DigitsDataModule, run=False, args=["--config", str(config)])
     (warp,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, WARP)]
     assert (warp.kind, warp.alpha, warp.tau) == ("sync", 0.5, 1)
+    assert isinstance(cli.trainer.strategy, WARPStrategy)
+    assert (cli.trainer.strategy.eta, cli.trainer.strategy.weights) == (0.5, [0.3, 0.7])
 
 
 def test_bad_configuration_and_missing_callback_give_clear_errors(tmp_path):

@@ -62,7 +62,7 @@ class WARPStrategy(DDPStrategy):
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         for key in ("ddp_comm_hook", "model_averaging_period", "static_graph"):
-            if ddp_kwargs.get(key) is not None:
+            if ddp_kwargs.get(key):  # explicit None or False (as LightningCLI passes) is fine
                 raise ValueError(f"WARPStrategy never wraps the model in DDP: {key} has no effect")
         super().__init__(**ddp_kwargs)
         self.eta, self.weights, self.shard_data = float(eta), weights, shard_data

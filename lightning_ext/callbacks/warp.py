@@ -112,6 +112,8 @@ class WARP(Callback):
         anchor = copy.deepcopy(pl_module)  # LightningModule.__getstate__ drops the trainer
         anchor.requires_grad_(False)
         anchor.eval()
+        for p in anchor.parameters():
+            p.grad = None  # a module fitted before may carry gradients: the anchor needs none
         self._anchor = anchor
         policy = dict(pl_module.named_parameters()) | dict(pl_module.named_buffers())
         mine = dict(anchor.named_parameters()) | dict(anchor.named_buffers())

@@ -73,7 +73,9 @@ class TinyLM(nn.Module):
 
 def markov_corpus(seed: int, n: int = 4096) -> tuple[Tensor, int]:
     g = torch.Generator().manual_seed(seed)
-    trans = torch.distributions.Dirichlet(torch.full((VOCAB,), 0.3)).sample((VOCAB,))
+    with torch.random.fork_rng():  # Dirichlet sampling draws from the global generator
+        torch.manual_seed(seed)
+        trans = torch.distributions.Dirichlet(torch.full((VOCAB,), 0.3)).sample((VOCAB,))
     x = torch.empty(n, LENGTH, dtype=torch.long)
     x[:, 0] = torch.randint(0, VOCAB, (n,), generator=g)
     for t in range(1, LENGTH):

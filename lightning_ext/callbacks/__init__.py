@@ -4,5 +4,6 @@ from lightning_ext.callbacks.continual import ContinualEvaluation
 from lightning_ext.callbacks.ema import EMA
 from lightning_ext.callbacks.posthoc_ema import PostHocEMA
 from lightning_ext.callbacks.soup import ModelSoup
+from lightning_ext.callbacks.warp import WARP
 
-__all__ = ["EMA", "ContinualEvaluation", "ModelSoup", "PostHocEMA"]
+__all__ = ["EMA", "WARP", "ContinualEvaluation", "ModelSoup", "PostHocEMA"]

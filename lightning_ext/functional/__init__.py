@@ -7,7 +7,9 @@ from lightning_ext.functional.continual import *  # noqa: F403
 from lightning_ext.functional.continual import __all__ as _continual_all
 from lightning_ext.functional.ema import *  # noqa: F403
 from lightning_ext.functional.ema import __all__ as _ema_all
+from lightning_ext.functional.interpolation import *  # noqa: F403
+from lightning_ext.functional.interpolation import __all__ as _interpolation_all
 from lightning_ext.functional.merging import *  # noqa: F403
 from lightning_ext.functional.merging import __all__ as _merging_all
 
-__all__ = [*_continual_all, *_ema_all, *_merging_all]
+__all__ = [*_continual_all, *_ema_all, *_interpolation_all, *_merging_all]

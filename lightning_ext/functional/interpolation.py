@@ -1,0 +1,247 @@
+"""Spherical and linear interpolation in weight space: SLERP of task vectors, its weighted
+generalisation to M models, and LITI (linear interpolation towards the initialisation).
+
+These are WARP's merge stages (Rame et al. 2024) and a merge method of model soups. All functions
+work on single tensors or per tensor over state dicts (``Mapping[str, Tensor]``). Each tensor is a
+vector of its own: angles are per tensor (per layer), as in WARP and mergekit.
+
+Guards, per tensor: when task vectors are (anti)parallel (``|cos| > 0.9995``) or one has a norm
+below ``eps``, the sphere gives no well-defined arc and the functions fall back to the linear
+combination with the same weights, which is the limit of SLERP as the angle goes to 0.
+Integer and boolean tensors (counters such as BatchNorm's ``num_batches_tracked``) are never
+interpolated: they are copied from the input with the largest weight (the nearer endpoint).
+Arithmetic runs in at least float32 and results are cast back to each input's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["liti", "multi_slerp", "slerp"]
+
+COLINEAR_THRESHOLD = 0.9995
+_KARCHER_MAX_ITERS = 100
+_KARCHER_TOL = 1e-12
+
+StateDictOrTensor = TypeVar("StateDictOrTensor", Tensor, Mapping[str, Tensor])
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check_same_keys(named: Sequence[tuple[str, Mapping[str, Tensor]]]) -> list[str]:
+    first_name, first = named[0]
+    keys = list(first.keys())
+    for name, sd in named[1:]:
+        if set(sd.keys()) != set(keys):
+            diff = sorted(set(sd.keys()) ^ set(keys))[:5]
+            raise ValueError(
+                f"{name} and {first_name} have different keys (e.g. {diff}); interpolate only "
+                "state dicts of the same architecture"
+            )
+    return keys
+
+
+def _check_shapes(key: str, tensors: Sequence[Tensor]) -> None:
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) != 1:
+        raise ValueError(f"tensor {key!r} has different shapes across inputs: {sorted(shapes)}")
+
+
+def _slerp_coefficients(
+    dot: float, norm_a: float, norm_b: float, t: float, eps: float
+) -> tuple[float, float]:
+    """Weights (w_a, w_b) of the combination w_a * a + w_b * b that SLERP gives."""
+    if norm_a < eps or norm_b < eps:
+        return 1.0 - t, t
+    cos = max(-1.0, min(1.0, dot / (norm_a * norm_b)))
+    if abs(cos) > COLINEAR_THRESHOLD:
+        return 1.0 - t, t
+    omega = math.acos(cos)
+    sin_omega = math.sin(omega)
+    return math.sin((1.0 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega
+
+
+def _slerp_tensor(a: Tensor, b: Tensor, t: float, base: Tensor | None, eps: float) -> Tensor:
+    if not a.is_floating_point():
+        return (a if t <= 0.5 else b).clone()
+    if t == 0.0:
+        return a.clone()
+    if t == 1.0:
+        return b.clone()
+    dtype = _compute_dtype(a)
+    va, vb = a.to(dtype), b.to(device=a.device, dtype=dtype)
+    if base is not None:
+        vbase = base.to(device=a.device, dtype=dtype)
+        va, vb = va - vbase, vb - vbase
+    elif va.data_ptr() == a.data_ptr():
+        va = va.clone()  # the combination below works in place: never on the caller's tensor
+    dot = torch.dot(va.flatten(), vb.flatten()).item()
+    wa, wb = _slerp_coefficients(
+        dot, torch.linalg.vector_norm(va).item(), torch.linalg.vector_norm(vb).item(), t, eps
+    )
+    out = va.mul_(wa).add_(vb, alpha=wb)
+    if base is not None:
+        out.add_(vbase)
+    return out.to(a.dtype)
+
+
+def _check_t(t: float) -> None:
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"t must lie in [0, 1], got {t}")
+
+
+def slerp(
+    a: StateDictOrTensor,
+    b: StateDictOrTensor,
+    t: float,
+    base: StateDictOrTensor | None = None,
+    eps: float = 1e-8,
+) -> StateDictOrTensor:
+    """Spherical interpolation from ``a`` (t=0) to ``b`` (t=1), per tensor.
+
+    Without ``base`` the tensors themselves are interpolated. With ``base`` their task vectors
+    ``a - base`` and ``b - base`` are, and ``base`` is added back (WARP's stage 2):
+    ``base + sin((1-t) W) / sin W * (a - base) + sin(t W) / sin W * (b - base)``, W the angle
+    between the task vectors. Task vectors of equal norm keep that norm, where a linear average
+    would shrink it.
+    """
+    _check_t(t)
+    if isinstance(a, Tensor):
+        _check_shapes("tensor", [a, b] + ([base] if base is not None else []))
+        return _slerp_tensor(a, b, t, base, eps)
+    named = [("a", a), ("b", b)] + ([("base", base)] if base is not None else [])
+    keys = _check_same_keys(named)
+    out = {}
+    for key in keys:
+        tensors = [sd[key] for _, sd in named]
+        _check_shapes(key, tensors)
+        out[key] = _slerp_tensor(a[key], b[key], t, base[key] if base is not None else None, eps)
+    return out
+
+
+def _spherical_mean_coefficients(gram: Tensor, weights: Tensor, eps: float) -> Tensor:
+    """Coefficients c with ``sum_i c_i * v_i`` the merged task vector of vectors v_i.
+
+    ``gram`` holds the float64 inner products <v_i, v_j>. The merge is the weighted spherical
+    (Karcher) mean x of the unit directions u_i = v_i / |v_i|, found by Riemannian gradient
+    steps carried out in the M-dimensional coordinates x = sum_i c_i u_i; then, exactly as in
+    two-model SLERP, those coefficients are applied to the task vectors themselves. For M = 2 this
+    is SLERP with t = w_2; it is symmetric in the inputs, so no model's weight depends on its
+    position in the list (repeated pairwise SLERP with t = 1/m is not: it favours the last ones).
+    Returns the linear weights when a guard applies.
+    """
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    if bool((norms < eps).any()):
+        return weights.clone()
+    cos = (gram / torch.outer(norms, norms)).clamp(-1.0, 1.0)
+    off_diagonal = cos[~torch.eye(len(norms), dtype=torch.bool)]
+    if bool((off_diagonal > COLINEAR_THRESHOLD).all()) or bool(
+        (off_diagonal < -COLINEAR_THRESHOLD).any()
+    ):
+        return weights.clone()
+    # Start from the normalised linear mean; iterate x <- exp_x(sum_i w_i log_x(u_i)).
+    coeffs = weights / torch.sqrt(weights @ cos @ weights)
+    identity = torch.eye(len(weights), dtype=torch.float64)
+    for _ in range(_KARCHER_MAX_ITERS):
+        cos_to_x = (cos @ coeffs).clamp(-1.0, 1.0)
+        angle = torch.acos(cos_to_x)
+        ratio = torch.where(angle > 1e-12, angle / torch.sin(angle), torch.ones_like(angle))
+        # log_x(u_i) = ratio_i * (u_i - cos_i * x), written in the coordinates of the u's.
+        logs = ratio[:, None] * (identity - cos_to_x[:, None] * coeffs[None, :])
+        step = weights @ logs
+        step_norm = torch.sqrt((step @ cos @ step).clamp_min(0))
+        if step_norm < _KARCHER_TOL:
+            break
+        coeffs = torch.cos(step_norm) * coeffs + torch.sin(step_norm) * step / step_norm
+    return coeffs
+
+
+def _multi_slerp_tensor(
+    base: Tensor, tensors: Sequence[Tensor], weights: Tensor, eps: float
+) -> Tensor:
+    if not base.is_floating_point():
+        return tensors[int(torch.argmax(weights))].clone()
+    if all(torch.equal(tensors[0], t) for t in tensors[1:]):
+        return tensors[0].clone()
+    dtype = _compute_dtype(base)
+    vbase = base.to(dtype)
+    stacked = torch.stack([t.to(device=base.device, dtype=dtype).flatten() for t in tensors])
+    stacked -= vbase.flatten()
+    gram = (stacked @ stacked.T).to(torch.float64).cpu()
+    coeffs = _spherical_mean_coefficients(gram, weights, eps)
+    merged = coeffs.to(dtype=dtype, device=base.device) @ stacked
+    return (merged.view_as(vbase) + vbase).to(base.dtype)
+
+
+def _normalised_weights(weights: Sequence[float] | None, count: int) -> Tensor:
+    if weights is None:
+        return torch.full((count,), 1.0 / count, dtype=torch.float64)
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    if len(w) != count:
+        raise ValueError(f"got {len(w)} weights for {count} state dicts; give one per state dict")
+    if bool((w < 0).any()) or not bool(torch.isfinite(w).all()) or float(w.sum()) <= 0:
+        raise ValueError(f"weights must be finite, >= 0 and not all 0, got {w.tolist()}")
+    return w / w.sum()
+
+
+def multi_slerp(
+    base: StateDictOrTensor,
+    state_dicts: Sequence[StateDictOrTensor],
+    weights: Sequence[float] | None = None,
+    *,
+    eps: float = 1e-8,
+) -> StateDictOrTensor:
+    """Merge M fine-tunings of ``base`` by the weighted spherical mean of their task vectors.
+
+    ``weights`` (default uniform) are normalised to sum to 1. For M = 2 the result equals
+    ``slerp(sd0, sd1, t=w1, base=base)``; for any M it is invariant to the order of the inputs,
+    and equal inputs give that input back. Memory per tensor: the M task vectors of that tensor.
+    """
+    if len(state_dicts) == 0:
+        raise ValueError("multi_slerp needs at least one state dict")
+    w = _normalised_weights(weights, len(state_dicts))
+    if isinstance(base, Tensor):
+        _check_shapes("tensor", [base, *state_dicts])
+        return _multi_slerp_tensor(base, list(state_dicts), w, eps)
+    named = [("base", base)] + [(f"state_dicts[{i}]", sd) for i, sd in enumerate(state_dicts)]
+    keys = _check_same_keys(named)
+    out = {}
+    for key in keys:
+        tensors = [sd[key] for sd in state_dicts]
+        _check_shapes(key, [base[key], *tensors])
+        out[key] = _multi_slerp_tensor(base[key], tensors, w, eps)
+    return out
+
+
+def _liti_tensor(base: Tensor, merged: Tensor, eta: float) -> Tensor:
+    if not base.is_floating_point():
+        return (merged if eta >= 0.5 else base).clone()
+    dtype = _compute_dtype(base)
+    out = torch.lerp(base.to(dtype), merged.to(device=base.device, dtype=dtype), eta)
+    return out.to(base.dtype)
+
+
+def liti(base: StateDictOrTensor, merged: StateDictOrTensor, eta: float) -> StateDictOrTensor:
+    """Linear interpolation towards the initialisation: ``(1 - eta) * base + eta * merged``.
+
+    WARP's stage 3: eta = 0 is the initialisation, eta = 1 the merged model, and sweeping eta
+    traces a reward/KL front; eta > 1 extrapolates along the same line.
+    """
+    if not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be finite and >= 0, got {eta}")
+    if isinstance(base, Tensor):
+        _check_shapes("tensor", [base, merged])
+        return _liti_tensor(base, merged, eta)
+    keys = _check_same_keys([("base", base), ("merged", merged)])
+    out = {}
+    for key in keys:
+        _check_shapes(key, [base[key], merged[key]])
+        out[key] = _liti_tensor(base[key], merged[key], eta)
+    return out

@@ -1,0 +1,153 @@
+"""WARPStrategy: WARP's M independent fine-tunings, one per rank, merged across ranks at the end.
+
+Built on Lightning's DDPStrategy (process launch, process group, device placement, collectives),
+with three differences:
+
+- the model is not wrapped in DistributedDataParallel, so gradients are never all-reduced: each
+  rank trains its own policy. Rank 0's initial weights are broadcast first, so all policies share
+  one initialisation, and each rank is then re-seeded with ``seed + rank`` so that sampling,
+  dropout and data order differ (each rank sees the whole data set unless ``shard_data``);
+- checkpoints are per rank (rank 0 writes the usual path, rank r writes ``<path>.rank<r>``), and
+  each holds the shared initialisation, so an interrupted fit resumes exactly;
+- when training ends, the M = world-size policies are merged tensor by tensor by SLERP of their
+  task vectors (``functional.multi_slerp``) and moved towards the initialisation by LITI
+  (``functional.liti`` with ``eta``); every rank ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.overrides.distributed import _sync_module_states
+from lightning.pytorch.strategies import DDPStrategy
+from torch import Tensor
+
+from lightning_ext._io import atomic_torch_save
+from lightning_ext.functional.interpolation import liti, multi_slerp
+
+
+class WARPStrategy(DDPStrategy):
+    """Fine-tune one policy per rank from a shared initialisation, then merge them (WARP).
+
+    Args:
+        eta: LITI coefficient applied after the merge: ``(1 - eta) * init + eta * merged``
+            (1 keeps the merged policy).
+        weights: one merge weight per rank (default uniform).
+        shard_data: give each rank a disjoint shard of the data (DDP's default) instead of the
+            whole data set in its own order.
+        save_dir: if set, each rank writes ``policy_<rank>.pt`` there, and rank 0 writes
+            ``init.pt`` and ``merged.pt``, atomically, before the merged weights are loaded.
+        **ddp_kwargs: passed to DDPStrategy (``process_group_backend``, ``timeout``, ...).
+
+    After ``fit``, ``init_state`` and ``merged_state`` hold the shared initialisation and the SLERP
+    merge (before LITI); the module holds the LITI result.
+    """
+
+    strategy_name = "warp"
+
+    def __init__(
+        self,
+        eta: float = 1.0,
+        weights: list[float] | None = None,
+        shard_data: bool = False,
+        save_dir: str | None = None,
+        **ddp_kwargs: Any,
+    ) -> None:
+        if not eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        for key in ("ddp_comm_hook", "model_averaging_period", "static_graph"):
+            if ddp_kwargs.get(key):  # explicit None or False (as LightningCLI passes) is fine
+                raise ValueError(f"WARPStrategy never wraps the model in DDP: {key} has no effect")
+        super().__init__(**ddp_kwargs)
+        self.eta, self.weights, self.shard_data = float(eta), weights, shard_data
+        self.save_dir = save_dir
+        self.init_state: dict[str, Tensor] | None = None
+        self.merged_state: dict[str, Tensor] | None = None
+        self._resumed = False
+
+    # -- training without gradient synchronisation -----------------------------------------
+    def configure_ddp(self) -> None:
+        if self.weights is not None and len(self.weights) != self.world_size:
+            raise ValueError(
+                f"got {len(self.weights)} merge weights for {self.world_size} ranks: give one "
+                "per rank (devices * num_nodes), or None for uniform"
+            )
+        if not self._resumed:  # a resumed fit restored each rank's own policy and the init
+            _sync_module_states(self.model)  # one shared initialisation: rank 0's weights
+            self.init_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self._resumed = False
+        base = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed() % 2**31))
+        pl.seed_everything(base + self.global_rank, workers=True, verbose=False)
+        self.merged_state = None
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        if self.shard_data:
+            return super().distributed_sampler_kwargs
+        return {"num_replicas": 1, "rank": 0}  # the whole data; seed (per rank) from PL_GLOBAL_SEED
+
+    # -- per-rank checkpoints --------------------------------------------------------------
+    def _rank_path(self, filepath: _PATH) -> str:
+        return str(filepath) if self.global_rank == 0 else f"{filepath}.rank{self.global_rank}"
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
+    ) -> None:
+        checkpoint = {
+            **checkpoint,
+            "warp_strategy": {"init_state": self.init_state, "world_size": self.world_size},
+        }
+        self.checkpoint_io.save_checkpoint(checkpoint, self._rank_path(filepath), storage_options)
+
+    def load_checkpoint(
+        self, checkpoint_path: _PATH, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        path = self._rank_path(checkpoint_path)
+        if not Path(path).exists():
+            raise FileNotFoundError(
+                f"rank {self.global_rank} has no checkpoint {path}: WARPStrategy resumes only from "
+                "checkpoints it wrote itself, with the same number of ranks"
+            )
+        checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+        saved = checkpoint.get("warp_strategy")
+        if saved is None or saved["world_size"] != self.world_size:
+            raise ValueError(
+                f"{path} was not written by a WARPStrategy on {self.world_size} ranks; resume with "
+                "the world size that wrote it"
+            )
+        self.init_state = saved["init_state"]
+        self._resumed = True
+        return checkpoint
+
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        self.checkpoint_io.remove_checkpoint(self._rank_path(filepath))
+
+    def teardown(self) -> None:
+        super().teardown()
+        self._resumed = False  # a checkpoint loaded for validate/test must not affect a later fit
+
+    # -- the merge -------------------------------------------------------------------------
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        module = self.lightning_module
+        assert module is not None and self.init_state is not None
+        policy = module.state_dict()
+        if self.save_dir is not None:
+            atomic_torch_save(policy, Path(self.save_dir) / f"policy_{self.global_rank}.pt")
+        merged = {}
+        for key, tensor in policy.items():
+            gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
+            dist.all_gather(gathered, tensor.contiguous())
+            merged[key] = multi_slerp(self.init_state[key], gathered, self.weights)
+        self.merged_state = merged
+        if self.save_dir is not None and self.global_rank == 0:
+            atomic_torch_save(self.init_state, Path(self.save_dir) / "init.pt")
+            atomic_torch_save(merged, Path(self.save_dir) / "merged.pt")
+        module.load_state_dict(liti(self.init_state, merged, self.eta))
+        self.barrier("WARPStrategy.on_train_end")

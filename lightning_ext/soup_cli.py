@@ -24,8 +24,18 @@ from lightning_ext._io import atomic_torch_save
 from lightning_ext.functional import merging
 from lightning_ext.soup_io import Ingredients, load_state_dict
 
-METHODS = ("uniform", "weighted", "task-arithmetic", "ties", "dare", "breadcrumbs", "model-stock")
+METHODS = (
+    "uniform",
+    "weighted",
+    "task-arithmetic",
+    "ties",
+    "dare",
+    "breadcrumbs",
+    "model-stock",
+    "slerp",
+)
 NEEDS_BASE = {"task-arithmetic", "ties", "dare", "breadcrumbs", "model-stock"}
+BASE_OPTIONAL = {"slerp"}  # SLERP of the models, or of their task vectors when --base is given
 TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
 
 
@@ -45,10 +55,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--density", type=float, default=None, help="kept fraction (ties 0.2)")
     p.add_argument("--gamma", type=float, default=0.01, help="breadcrumbs outlier fraction")
     p.add_argument("--seed", type=int, default=0, help="DARE mask seed")
+    p.add_argument("--t", type=float, default=0.5, help="SLERP position between 2 checkpoints")
     p.add_argument(
         "--trusted", action="store_true", help="allow checkpoints holding arbitrary pickled objects"
     )
     p.set_defaults(func=run)
+
+
+def _slerp(
+    args: argparse.Namespace, ings: Ingredients, base: dict[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """Two checkpoints: SLERP at ``--t`` (of task vectors with ``--base``); more: multi-SLERP."""
+    from lightning_ext.functional.interpolation import multi_slerp, slerp
+
+    if len(args.checkpoints) == 2 and args.weights is None:
+        return slerp(ings[0], ings[1], args.t, base=base)
+    if base is None:
+        raise ValueError("--method slerp with --weights needs --base (multi-SLERP of task vectors)")
+    return multi_slerp(base, [ings[i] for i in range(len(args.checkpoints))], args.weights)
 
 
 def merge(args: argparse.Namespace) -> dict[str, torch.Tensor]:
@@ -56,15 +80,23 @@ def merge(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     method = args.method
     if method in NEEDS_BASE and not args.base:
         raise ValueError(f"--method {method} needs --base (the model the ingredients share)")
-    if method not in NEEDS_BASE and args.base:
-        raise ValueError(f"--base is only used by {sorted(NEEDS_BASE)}, not {method}")
-    if (args.weights is not None) != (method == "weighted"):
-        raise ValueError("--weights goes with --method weighted (one weight per checkpoint)")
+    if method not in NEEDS_BASE | BASE_OPTIONAL and args.base:
+        raise ValueError(
+            f"--base is only used by {sorted(NEEDS_BASE | BASE_OPTIONAL)}, not {method}"
+        )
+    if method == "weighted" and args.weights is None:
+        raise ValueError("--method weighted needs --weights (one weight per checkpoint)")
+    if args.weights is not None and method not in ("weighted", "slerp"):
+        raise ValueError("--weights goes with --method weighted or slerp (one per checkpoint)")
+    if method == "slerp" and len(args.checkpoints) > 2 and not args.base:
+        raise ValueError("--method slerp of more than 2 checkpoints needs --base (multi-SLERP)")
     base = None
     if args.base:
         base = load_state_dict(args.base, trusted=args.trusted)
         merging.check_same_layout(base, ings[0], name=ings.name(0), ref_name=f"base {args.base}")
     density = args.density
+    if method == "slerp":
+        return _slerp(args, ings, base)
     if method == "uniform":
         return merging.uniform_soup(ings)
     if method == "weighted":

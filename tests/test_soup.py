@@ -359,3 +359,22 @@ def test_cli_soup_writes_a_loadable_checkpoint(ingredients, tmp_path, capsys):
     assert cli_main(["soup", str(paths[0]), str(cnn), "-o", str(tmp_path / "x.pt")]) == 2
     assert "cnn.pt" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_cli_soup_slerp_matches_the_functional_slerp(ingredients, tmp_path, capsys):
+    from lightning_ext.functional import multi_slerp, slerp
+
+    base, paths = ingredients
+    out = tmp_path / "slerp.pt"
+    assert (
+        cli_main(["soup", *map(str, paths[:2]), "--method", "slerp", "--t", "0.3", "-o", str(out)])
+        == 0
+    )
+    expected = slerp(load_state_dict(paths[0]), load_state_dict(paths[1]), 0.3)
+    assert_bitwise_equal(torch.load(out, weights_only=True)["state_dict"], expected)
+    args = ["soup", *map(str, paths[:3]), "--method", "slerp", "--base", str(base), "-o", str(out)]
+    assert cli_main(args) == 0
+    expected = multi_slerp(load_state_dict(base), [load_state_dict(p) for p in paths[:3]])
+    assert_bitwise_equal(torch.load(out, weights_only=True)["state_dict"], expected)
+    assert cli_main(["soup", *map(str, paths[:3]), "--method", "slerp", "-o", str(out)]) == 2
+    assert "needs --base" in capsys.readouterr().err

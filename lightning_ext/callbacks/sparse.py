@@ -134,6 +134,11 @@ class DynamicSparseTraining(Callback):
         self._log_due = False
 
     @property
+    def masks(self) -> dict[str, Tensor]:
+        """The live masks (0/1 in the weight's dtype) by parameter name."""
+        return dict(zip(self.names, self._masks))
+
+    @property
     def state_key(self) -> str:
         return self._generate_state_key(method=self.method, density=self.density)
 

@@ -237,7 +237,13 @@ class DynamicSparseTraining(Callback):
         named = dict(pl_module.named_parameters())
         self._params = [named[n] for n in self.names]
         self._check_optimizers(trainer)
-        self.end_step = int(self.end_fraction * trainer.estimated_stepping_batches)
+        total = trainer.estimated_stepping_batches
+        if self._update_methods and not 0 < total < float("inf"):
+            raise ValueError(
+                "DynamicSparseTraining needs a finite run length to place its updates: "
+                "set max_steps or max_epochs on the Trainer"
+            )
+        self.end_step = int(self.end_fraction * total) if total < float("inf") else 0
         if self._loaded is None:
             self._init_masks()
         self._materialise()
@@ -278,12 +284,13 @@ class DynamicSparseTraining(Callback):
 
     # ----- the training step -----------------------------------------------------------------
 
+    @property
+    def _update_methods(self) -> bool:
+        return self.method in ("rigl", "set", "snfs")
+
     def _update_due(self, step: int) -> bool:
         return (
-            self.method in ("rigl", "set", "snfs")
-            and step > 0
-            and step % self.delta_t == 0
-            and step < self.end_step
+            self._update_methods and step > 0 and step % self.delta_t == 0 and step < self.end_step
         )
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_ext.callbacks import DynamicSparseTraining
+from lightning_ext.callbacks.sparse import export_sparse_checkpoint
 from lightning_ext.functional import drop_and_grow
 from tests.helpers.data import DigitsDataModule
 from tests.helpers.ddp import run_ddp
@@ -205,6 +206,19 @@ def test_bad_patterns_and_optimizers_fail_at_setup():
         )
 
 
+def test_srste_refuses_accumulation_and_second_fit_keeps_masks():
+    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+        fit([DynamicSparseTraining(method="srste")], accumulate_grad_batches=2, epochs=1)
+    cb = DynamicSparseTraining(density=0.2, method="set", delta_t=4)
+    model, _ = fit([cb], epochs=2)
+    trained = [m.clone() for m in cb._masks]
+    quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[cb]).fit(
+        model, datamodule=DigitsDataModule(limit=LIMIT)
+    )
+    assert all(torch.equal(a, b) for a, b in zip(trained, cb._masks))  # too short to update
+    assert_sparse_invariants(cb, model)
+
+
 def test_layer_density_mapping_and_uniform_first_dense():
     cb = DynamicSparseTraining(density=0.3, layer_density={r"net\.4": 1.0})
     fit([cb], epochs=1)
@@ -264,6 +278,11 @@ def test_bf16_autocast_and_checkpoint_composition(tmp_path):
     for name, mask in zip(saved["names"], saved["masks"]):
         assert torch.equal(mask, cb.masks[name].bool())
         assert torch.all(state["state_dict"][name][~mask] == 0)
+    exported = export_sparse_checkpoint(tmp_path / "last.ckpt", tmp_path / "sparse.pt")
+    reloaded = torch.load(tmp_path / "sparse.pt", weights_only=False)
+    for name in cb.names:
+        assert reloaded[name].layout == torch.sparse_csr
+        assert torch.equal(exported[name].to_dense(), model.state_dict()[name].float())
 
 
 def test_export_permanent_and_csr():

@@ -3,6 +3,7 @@ on any LightningModule. The math lives in ``lightning_ext.functional.sparsity``.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Literal
 
@@ -11,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from lightning_ext._io import atomic_torch_save
 from lightning_ext.functional.sparsity import (
     active_count,
     allocate_counts,
@@ -244,7 +246,10 @@ class DynamicSparseTraining(Callback):
                 "set max_steps or max_epochs on the Trainer"
             )
         self.end_step = int(self.end_fraction * total) if total < float("inf") else 0
-        if self._loaded is None:
+        continuing = len(self._masks) == len(self._params) and all(
+            m.shape == p.shape for m, p in zip(self._masks, self._params)
+        )
+        if self._loaded is None and not continuing:  # a second fit() keeps the trained masks
             self._init_masks()
         self._materialise()
 
@@ -466,3 +471,34 @@ class DynamicSparseTraining(Callback):
         for name in masks:
             out[name] = convert(out[name])
         return out
+
+
+def export_sparse_checkpoint(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    layout: Literal["csr", "semi_structured"] = "csr",
+) -> dict[str, Tensor]:
+    """The model state dict of a Lightning checkpoint with its DynamicSparseTraining masks applied
+    and the targeted weights as sparse tensors; written atomically to ``out`` when given.
+
+    Needs no model class or Trainer: the masks travel in the checkpoint's callback state.
+    """
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    states = [
+        v
+        for k, v in ckpt.get("callbacks", {}).items()
+        if k.startswith("DynamicSparseTraining") and "masks" in v
+    ]
+    if len(states) != 1:
+        raise ValueError(
+            f"{checkpoint}: expected one DynamicSparseTraining state, found {len(states)}"
+        )
+    convert = {"csr": to_csr, "semi_structured": to_semi_structured}.get(layout)
+    if convert is None:
+        raise ValueError(f"layout must be 'csr' or 'semi_structured', got {layout!r}")
+    state = dict(ckpt["state_dict"])
+    for name, mask in zip(states[0]["names"], states[0]["masks"]):
+        state[name] = convert(state[name], mask.to(state[name].dtype))
+    if out is not None:
+        atomic_torch_save(state, out)
+    return state

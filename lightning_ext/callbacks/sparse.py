@@ -337,6 +337,8 @@ class DynamicSparseTraining(Callback):
         fraction = cosine_drop_fraction(step, self.end_step, self.drop_fraction)
         n_drop = [round(fraction * int(m.sum().item())) for m in self._masks]
         if self.method == "snfs":
+            for mom in self._momentum:  # an overflow step before this one must not poison growth
+                torch.nan_to_num_(mom, nan=0.0, posinf=0.0, neginf=0.0)
             strength = [
                 float((mom.abs() * m).sum() / m.sum())
                 for mom, m in zip(self._momentum, self._masks)

@@ -330,6 +330,28 @@ def test_cli_builds_from_yaml():
     assert cb.layer_density == {r"net\.0": 0.5}
 
 
+def test_lightning_cli_builds_the_callback_from_yaml(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n  accelerator: cpu\n  logger: false\n  callbacks:\n"
+        "    - class_path: lightning_ext.callbacks.DynamicSparseTraining\n"
+        "      init_args: {density: 0.1, method: rigl, distribution: erk, delta_t: 100}\n"
+    )
+    cli = LightningCLI(Classifier, DigitsDataModule, run=False, args=["--config", str(config)])
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, DynamicSparseTraining)]
+    assert (cb.density, cb.method, cb.delta_t) == (0.1, "rigl", 100)
+
+
+def test_transformer_attention_projections_are_masked():
+    cb = DynamicSparseTraining(density=0.3, delta_t=2)
+    model, _ = fit([cb], net="transformer", epochs=1)
+    assert "net.encoder.layers.0.self_attn.in_proj_weight" in cb.names
+    assert cb.updates == 2
+    assert_sparse_invariants(cb, model)
+
+
 def ddp_sparse_fit(out_dir: str, methods: list[str]) -> None:
     results = {}
     for method in methods:  # one process group, several fits: saves process start-up time

@@ -4,6 +4,7 @@ from lightning_ext.callbacks.continual import ContinualEvaluation
 from lightning_ext.callbacks.ema import EMA
 from lightning_ext.callbacks.posthoc_ema import PostHocEMA
 from lightning_ext.callbacks.soup import ModelSoup
+from lightning_ext.callbacks.sparse import DynamicSparseTraining
 from lightning_ext.callbacks.warp import WARP
 
-__all__ = ["EMA", "WARP", "ContinualEvaluation", "ModelSoup", "PostHocEMA"]
+__all__ = ["EMA", "WARP", "ContinualEvaluation", "DynamicSparseTraining", "ModelSoup", "PostHocEMA"]

@@ -11,5 +11,7 @@ from lightning_ext.functional.interpolation import *  # noqa: F403
 from lightning_ext.functional.interpolation import __all__ as _interpolation_all
 from lightning_ext.functional.merging import *  # noqa: F403
 from lightning_ext.functional.merging import __all__ as _merging_all
+from lightning_ext.functional.sparsity import *  # noqa: F403
+from lightning_ext.functional.sparsity import __all__ as _sparsity_all
 
-__all__ = [*_continual_all, *_ema_all, *_interpolation_all, *_merging_all]
+__all__ = [*_continual_all, *_ema_all, *_interpolation_all, *_merging_all, *_sparsity_all]

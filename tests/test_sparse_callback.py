@@ -1,0 +1,380 @@
+"""DynamicSparseTraining in real Trainer.fit runs on CPU."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_ext.callbacks import DynamicSparseTraining
+from lightning_ext.callbacks.sparse import export_sparse_checkpoint
+from lightning_ext.functional import drop_and_grow
+from tests.helpers.data import DigitsDataModule
+from tests.helpers.ddp import run_ddp
+from tests.helpers.models import Classifier
+from tests.helpers.resume import assert_bitwise_equal, check_resume_exact, quiet_trainer
+
+LIMIT = 256  # digits samples: 8 optimizer steps per epoch at batch 32
+
+
+def fit(callbacks, *, net="mlp", optimizer="adam", epochs=3, batch=32, **kwargs):
+    pl.seed_everything(0, verbose=False)
+    model = Classifier(net=net, optimizer=optimizer, lr=1e-2)
+    trainer = quiet_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=callbacks, **kwargs)
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=batch, limit=LIMIT))
+    return model, trainer
+
+
+def assert_sparse_invariants(cb, module, counts=None):
+    named = dict(module.named_parameters())
+    for name, count, mask in zip(cb.names, counts or cb.counts, cb.masks.values()):
+        assert int(mask.sum()) == count, f"{name}: {int(mask.sum())} active, target {count}"
+        assert torch.all(named[name][mask == 0] == 0), f"{name}: inactive weights are not zero"
+
+
+class Spy(Callback):
+    """Checks, around every optimizer step, what the sparse callback promises."""
+
+    def __init__(self, cb: DynamicSparseTraining) -> None:
+        self.cb, self.checked_updates, self.grown = cb, 0, 0
+        self.prev: list[torch.Tensor] = []
+        self.seen_updates = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        cb = self.cb
+        for p, mask in zip(cb._params, cb._masks):
+            assert torch.all(p.grad[mask == 0] == 0), "gradient of an inactive weight not masked"
+        if cb.updates > self.seen_updates:  # an update happened in this very step
+            self.seen_updates = cb.updates
+            for p, old, new in zip(cb._params, self.prev, cb._masks):
+                grown = (new == 1) & (old == 0)
+                self.grown += int(grown.sum())
+                assert torch.all(p[grown] == 0), "grown weights must start at zero"
+                for value in optimizer.state[p].values():
+                    if value.shape == p.shape:
+                        assert torch.all(value[grown] == 0), "grown weights' state not reset"
+                        assert torch.all(value[new == 0] == 0), "dropped weights' state kept"
+            self.checked_updates += 1
+        assert_sparse_invariants(cb, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.prev = [m.clone() for m in self.cb._masks]
+
+
+@pytest.mark.parametrize(("method", "optimizer"), [("rigl", "adam"), ("set", "sgd")])
+def test_updates_keep_exact_counts_and_restart_state(method, optimizer):
+    cb = DynamicSparseTraining(density=0.2, method=method, delta_t=4)
+    spy = Spy(cb)
+    model, trainer = fit([cb, spy], optimizer=optimizer)
+    assert trainer.global_step == 24 and cb.end_step == 18
+    assert cb.updates == 4 == spy.checked_updates  # steps 4, 8, 12, 16
+    assert spy.grown > 0 and cb.last_change > 0
+    assert_sparse_invariants(cb, model)
+    metrics = cb.metrics()
+    total = sum(p.numel() for p in cb._params)
+    assert metrics["sparse/sparsity"] == pytest.approx(1 - sum(cb.counts) / total)
+    assert metrics["sparse/itop_rate"] > 1 - metrics["sparse/sparsity"]
+    # ERK: the small output layer is denser than the big first layer
+    assert metrics["sparse/density/net.4.weight"] > metrics["sparse/density/net.0.weight"]
+
+
+class RecordDenseGrad(Callback):
+    def __init__(self) -> None:
+        self.records = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        cb = trainer.callbacks[1]
+        self.records.append(
+            (
+                trainer.global_step,
+                [p.detach().clone() for p in cb._params],
+                [p.grad.clone() for p in cb._params],
+                [m.clone() for m in cb._masks],
+            )
+        )
+
+
+def test_rigl_grows_by_the_accumulated_dense_gradient():
+    rec = RecordDenseGrad()
+    cb = DynamicSparseTraining(density=0.3, method="rigl", delta_t=3, drop_fraction=0.5)
+    after = []
+
+    class After(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            after.append([m.clone() for m in cb._masks])
+
+    _, trainer = fit([rec, cb, After()], accumulate_grad_batches=2, epochs=2)
+    assert trainer.global_step == 8 and cb.updates == 1  # optimizer step 3 (end step 6)
+    from lightning_ext.functional import cosine_drop_fraction
+
+    for (step, weights, grads, masks), new_masks in zip(rec.records, after):
+        if step not in (3,):
+            continue
+        frac = cosine_drop_fraction(step, cb.end_step, 0.5)
+        for w, g, m, new in zip(weights, grads, masks, new_masks):
+            expected = drop_and_grow(w, m, g.abs(), round(frac * int(m.sum())))
+            assert torch.equal(new, expected)
+
+
+def test_non_finite_gradients_skip_the_update():
+    cb = DynamicSparseTraining(density=0.2, method="rigl", delta_t=4)
+
+    class Poison(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 4:
+                self.before = [m.clone() for m in cb._masks]
+                cb._params[0].grad[0, 0] = float("inf")
+
+    class Clean(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 4:
+                assert all(torch.equal(a, b) for a, b in zip(poison.before, cb._masks))
+                for p in cb._params:
+                    p.grad.zero_()
+
+    poison = Poison()
+    fit([poison, cb, Clean()], epochs=2)
+    assert cb.skipped == 1 and cb.updates == 1  # step 4 skipped, step 8 done (end step 12)
+
+
+def test_static_and_snfs():
+    static = DynamicSparseTraining(density=0.1, method="static", delta_t=2)
+    model, _ = fit([static], epochs=1)
+    assert static.updates == 0 and static.metrics()["sparse/itop_rate"] == pytest.approx(
+        1 - static.metrics()["sparse/sparsity"]
+    )
+    assert_sparse_invariants(static, model)
+
+    snfs = DynamicSparseTraining(density=0.1, method="snfs", delta_t=3, distribution="uniform")
+    initial_total = None
+
+    class Total(Callback):
+        def on_train_start(self, trainer, pl_module):
+            nonlocal initial_total
+            initial_total = sum(snfs.counts)
+
+    model, _ = fit([snfs, Total()], optimizer="sgd", epochs=2)
+    assert snfs.updates == 3
+    assert sum(int(m.sum()) for m in snfs._masks) == initial_total == sum(snfs.counts)
+    assert_sparse_invariants(snfs, model)
+
+
+def test_default_targets_and_patterns():
+    transformer = Classifier(net="transformer")
+    names = [n for n, _ in DynamicSparseTraining().select_targets(transformer)]
+    assert "net.encoder.layers.0.self_attn.in_proj_weight" in names
+    assert "net.encoder.layers.0.linear1.weight" in names and "net.head.weight" in names
+    assert not any("bias" in n or "norm" in n or "pos" in n for n in names)
+    cnn = Classifier(net="cnn")
+    convs = DynamicSparseTraining(module_types=["Conv2d"]).select_targets(cnn)
+    assert [n for n, _ in convs] == ["net.features.0.weight", "net.features.3.weight"]
+    picked = DynamicSparseTraining(exclude=[r"features\.0"], include=[r"head\.bias"])
+    assert [n for n, _ in picked.select_targets(cnn)] == [
+        "net.features.3.weight",
+        "net.head.weight",
+        "net.head.bias",
+    ]
+
+
+@pytest.mark.parametrize("density", [0.0, 1.01, -1.0])
+def test_bad_density(density):
+    with pytest.raises(ValueError, match="density"):
+        DynamicSparseTraining(density=density)
+
+
+def test_bad_patterns_and_optimizers_fail_at_setup():
+    with pytest.raises(ValueError, match="matches no parameter"):
+        fit([DynamicSparseTraining(include=["nonexistent"])], epochs=1)
+    with pytest.raises(ValueError, match="layer_density pattern"):
+        fit([DynamicSparseTraining(layer_density={"zzz": 0.5})], epochs=1)
+
+    class Factored(Classifier):
+        def configure_optimizers(self):
+            return torch.optim.Adafactor(self.parameters(), lr=1e-2)
+
+    pl.seed_everything(0)
+    with pytest.raises(ValueError, match="Adafactor"):
+        quiet_trainer(max_steps=1, callbacks=[DynamicSparseTraining()]).fit(
+            Factored(), datamodule=DigitsDataModule(limit=64)
+        )
+    # trusted but factored: caught at the first update with the shape named
+    cb = DynamicSparseTraining(delta_t=1, trust_optimizer_state=True)
+    with pytest.raises(ValueError, match="shape"):
+        quiet_trainer(max_steps=4, callbacks=[cb]).fit(
+            Factored(), datamodule=DigitsDataModule(limit=256)
+        )
+
+
+def test_srste_refuses_accumulation_and_second_fit_keeps_masks():
+    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+        fit([DynamicSparseTraining(method="srste")], accumulate_grad_batches=2, epochs=1)
+    cb = DynamicSparseTraining(density=0.2, method="set", delta_t=4)
+    model, _ = fit([cb], epochs=2)
+    trained = [m.clone() for m in cb._masks]
+    quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[cb]).fit(
+        model, datamodule=DigitsDataModule(limit=LIMIT)
+    )
+    assert all(torch.equal(a, b) for a, b in zip(trained, cb._masks))  # too short to update
+    assert_sparse_invariants(cb, model)
+
+
+def test_layer_density_mapping_and_uniform_first_dense():
+    cb = DynamicSparseTraining(density=0.3, layer_density={r"net\.4": 1.0})
+    fit([cb], epochs=1)
+    assert cb.masks["net.4.weight"].sum() == 320
+    total = sum(p.numel() for p in cb._params)
+    assert abs(sum(cb.counts) - 0.3 * total) <= len(cb.counts)
+    first = DynamicSparseTraining(density=0.7, distribution="uniform_first_dense")
+    fit([first], epochs=1)
+    assert int(first.masks["net.0.weight"].sum()) == 64 * 32
+
+
+def test_resume_exact_rigl_adam(tmp_path):
+    check_resume_exact(
+        lambda: Classifier(net="cnn", optimizer="adam", lr=1e-2),
+        lambda: [DynamicSparseTraining(density=0.2, method="rigl", delta_t=3)],
+        lambda: DigitsDataModule(batch_size=64, limit=LIMIT),
+        tmp_path,
+        max_epochs=4,
+        split_epoch=2,
+        limit_val_batches=0,
+    )
+
+
+@pytest.mark.parametrize("method", ["snfs", "srste"])
+def test_resume_exact_other_methods(tmp_path, method):
+    result = check_resume_exact(
+        lambda: Classifier(net="mlp", optimizer="sgd", lr=5e-2),
+        lambda: [DynamicSparseTraining(density=0.2, method=method, delta_t=3)],
+        lambda: DigitsDataModule(batch_size=64, limit=LIMIT),
+        tmp_path,
+        max_epochs=3,
+        split_epoch=1,
+        limit_val_batches=0,
+    )
+    cb = result.resumed_callbacks[0]
+    assert cb.updates == (2 if method == "snfs" else 0)
+    if method == "srste":  # every group of 4 consecutive inputs keeps at most 2 weights
+        for name, p in result.resumed_module.named_parameters():
+            if name in cb.names:
+                assert int((p.reshape(p.shape[0], -1, 4) != 0).sum(-1).max()) <= 2
+
+
+def test_bf16_autocast_and_checkpoint_composition(tmp_path):
+    cb = DynamicSparseTraining(density=0.2, delta_t=4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    model, _ = fit(
+        [cb, ckpt],
+        precision="bf16-mixed",
+        enable_checkpointing=True,
+        default_root_dir=tmp_path,
+    )
+    assert cb.updates == 4
+    assert_sparse_invariants(cb, model)
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    saved = state["callbacks"][cb.state_key]
+    assert saved["updates"] == 4
+    for name, mask in zip(saved["names"], saved["masks"]):
+        assert torch.equal(mask, cb.masks[name].bool())
+        assert torch.all(state["state_dict"][name][~mask] == 0)
+    exported = export_sparse_checkpoint(tmp_path / "last.ckpt", tmp_path / "sparse.pt")
+    reloaded = torch.load(tmp_path / "sparse.pt", weights_only=False)
+    for name in cb.names:
+        assert reloaded[name].layout == torch.sparse_csr
+        assert torch.equal(exported[name].to_dense(), model.state_dict()[name].float())
+
+
+def test_export_permanent_and_csr():
+    cb = DynamicSparseTraining(density=0.2, delta_t=4)
+    model, _ = fit([cb], epochs=1)
+    sd = cb.sparse_state_dict(model)
+    for name in cb.names:
+        assert sd[name].layout == torch.sparse_csr
+        assert sd[name]._nnz() == int(cb.masks[name].sum())
+    assert sd["net.0.bias"].layout == torch.strided
+    with pytest.raises(RuntimeError, match="CUDA"):
+        cb.sparse_state_dict(model, layout="semi_structured")
+
+
+def test_wandb_offline_logging(tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    from tests.helpers.wandb_reader import read_offline_runs
+
+    cb = DynamicSparseTraining(density=0.2, delta_t=4)
+    logger = WandbLogger(save_dir=tmp_path, offline=True)
+    fit([cb], logger=logger, log_every_n_steps=1)
+    logger.experiment.finish()
+    (run,) = read_offline_runs(tmp_path)
+    changes = run.series("sparse/mask_change")
+    distinct = [c for i, c in enumerate(changes) if i == 0 or c != changes[i - 1]]
+    assert len(distinct) == 5 and distinct[0] == 0 and all(c > 0 for c in distinct[1:])
+    assert changes[:4] == [0, 0, 0, 0] and changes[4] > 0  # first update at step 4
+    assert run.series("sparse/itop_rate")[-1] > run.series("sparse/itop_rate")[0]
+    assert run.series("sparse/sparsity")[0] == pytest.approx(0.8, abs=0.01)
+    assert run.series("sparse/density/net.2.weight")
+
+
+def test_cli_builds_from_yaml():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(DynamicSparseTraining, "sparse")
+    cfg = parser.parse_string(
+        "sparse:\n  density: 0.05\n  method: set\n  exclude: ['head']\n"
+        "  layer_density: {'net\\.0': 0.5}\n"
+    )
+    cb = parser.instantiate_classes(cfg).sparse
+    assert (cb.density, cb.method, cb.exclude) == (0.05, "set", ["head"])
+    assert cb.layer_density == {r"net\.0": 0.5}
+
+
+def test_lightning_cli_builds_the_callback_from_yaml(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n  accelerator: cpu\n  logger: false\n  callbacks:\n"
+        "    - class_path: lightning_ext.callbacks.DynamicSparseTraining\n"
+        "      init_args: {density: 0.1, method: rigl, distribution: erk, delta_t: 100}\n"
+    )
+    cli = LightningCLI(Classifier, DigitsDataModule, run=False, args=["--config", str(config)])
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, DynamicSparseTraining)]
+    assert (cb.density, cb.method, cb.delta_t) == (0.1, "rigl", 100)
+
+
+def test_transformer_attention_projections_are_masked():
+    cb = DynamicSparseTraining(density=0.3, delta_t=2)
+    model, _ = fit([cb], net="transformer", epochs=1)
+    assert "net.encoder.layers.0.self_attn.in_proj_weight" in cb.names
+    assert cb.updates == 2
+    assert_sparse_invariants(cb, model)
+
+
+def ddp_sparse_fit(out_dir: str, methods: list[str]) -> None:
+    results = {}
+    for method in methods:  # one process group, several fits: saves process start-up time
+        pl.seed_everything(0)
+        model = Classifier(net="cnn", optimizer="adam", lr=1e-2)
+        cb = DynamicSparseTraining(density=0.2, method=method, delta_t=2)
+        trainer = quiet_trainer(
+            devices=2, strategy="ddp", max_epochs=4, limit_val_batches=0, callbacks=[cb]
+        )
+        # each rank reads its own data split (and Lightning shards it): only the all-reduce
+        # keeps gradients equal
+        trainer.fit(model, datamodule=DigitsDataModule(limit=LIMIT, seed=trainer.global_rank))
+        results[method] = {"state": model.state_dict(), "sparse": cb.state_dict()}
+    torch.save(results, f"{out_dir}/rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_hold_identical_masks(tmp_path):
+    methods = ["set", "rigl", "snfs"]
+    r0, r1 = run_ddp("tests.test_sparse_callback:ddp_sparse_fit", tmp_path, methods=methods)
+    params = [n for n, _ in Classifier(net="cnn").named_parameters()]  # BatchNorm stats stay local
+    for method in methods:
+        a, b = r0[method], r1[method]
+        assert a["sparse"]["updates"] >= 2
+        assert_bitwise_equal(a["sparse"], b["sparse"], method)
+        assert_bitwise_equal({n: a["state"][n] for n in params}, {n: b["state"][n] for n in params})

@@ -1,5 +1,16 @@
 """Datasets and data utilities: sample identity, task streams, and small real datasets."""
 
 from lightning_ext.data.digits import digits_splits, digits_tensors
+from lightning_ext.data.indexed import IndexedDataset, find_indices, load_scores, pruned_subset
+from lightning_ext.data.sampling import InfoBatchSampler, RS2Sampler
 
-__all__ = ["digits_splits", "digits_tensors"]
+__all__ = [
+    "IndexedDataset",
+    "InfoBatchSampler",
+    "RS2Sampler",
+    "digits_splits",
+    "digits_tensors",
+    "find_indices",
+    "load_scores",
+    "pruned_subset",
+]

@@ -16,7 +16,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_ext._io import atomic_torch_save
-from lightning_ext.data.indexed import IndexedDataset, check_fingerprint, find_indices
+from lightning_ext.data.indexed import (
+    IndexedDataset,
+    check_fingerprint,
+    find_indices,
+    is_indexed,
+)
 from lightning_ext.data.sampling import InfoBatchSampler
 from lightning_ext.functional.pruning import (
     dataset_fingerprint,
@@ -63,9 +68,10 @@ def _gather_records(trainer: pl.Trainer, indices: Tensor, values: Tensor) -> tup
         longest = int(strategy.all_gather(count).max())
         pad = longest - indices.numel()
         idx = F.pad(indices.to(strategy.root_device), (0, pad), value=-1)
-        val = F.pad(values.to(strategy.root_device).double(), (0, pad))
+        val = values.to(strategy.root_device).double()
+        val = torch.cat([val, val.new_zeros(pad, *val.shape[1:])])
         indices = strategy.all_gather(idx).flatten().cpu()
-        values = strategy.all_gather(val).flatten().cpu()
+        values = strategy.all_gather(val).reshape(-1, *val.shape[1:]).cpu()
         values, indices = values[indices >= 0], indices[indices >= 0]
     indices, values = indices.cpu(), values.cpu()
     unique, inverse = torch.unique(indices, return_inverse=True)
@@ -236,7 +242,7 @@ class DataPruningScores(Callback):
             )
         logits = outputs["logits"].detach()
         targets = batch[self.target_index]
-        indices = find_indices(batch)
+        indices = find_indices(batch, last_is_index=is_indexed(_train_dataset(trainer)))
         if self.score == "forgetting":
             value = (logits.argmax(-1) == targets).double()
         else:

@@ -37,16 +37,24 @@ class IndexedDataset(Dataset):
         return (sample, index)
 
 
-def find_indices(batch: Any) -> Tensor:
-    """The dataset indices of a batch built from an ``IndexedDataset``.
+def is_indexed(dataset: Dataset) -> bool:
+    """Whether ``dataset`` is an ``IndexedDataset``, possibly inside ``Subset``s."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return isinstance(dataset, IndexedDataset)
 
-    Looks for the key ``"index"`` in a mapping batch, or an integer 1-D tensor as the last element
-    of a tuple/list batch. Raises a ``ValueError`` that says how to provide them otherwise.
+
+def find_indices(batch: Any, last_is_index: bool = True) -> Tensor:
+    """The dataset indices of a batch.
+
+    Looks for the key ``"index"`` in a mapping batch, or (when ``last_is_index``, i.e. the data
+    comes from an ``IndexedDataset``) an integer 1-D tensor as the last element of a tuple/list
+    batch. Raises a ``ValueError`` that says how to provide them otherwise.
     """
     found = None
     if isinstance(batch, Mapping):
         found = batch.get(INDEX_KEY)
-    elif isinstance(batch, tuple | list) and len(batch) >= 2:
+    elif isinstance(batch, tuple | list) and len(batch) >= 2 and last_is_index:
         found = batch[-1]
     if isinstance(found, Tensor) and found.ndim == 1 and not found.is_floating_point():
         return found.long()

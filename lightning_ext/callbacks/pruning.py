@@ -111,7 +111,7 @@ class DataPruningScores(Callback):
         input_index: int | str = 0,
         target_index: int | str = 1,
         last_layer: bool = False,
-        chunk_size: int = 64,
+        chunk_size: int = 32,
         log_top_k: int = 20,
     ) -> None:
         if score not in SCORES:
@@ -141,6 +141,7 @@ class DataPruningScores(Callback):
         self._last_correct = self._forgotten = self._learned = None
         self._online: Tensor | None = None  # online per-example values (NaN: never presented)
         self._buffer: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._last_is_index: bool | None = None
 
     # --- configuration
 
@@ -216,6 +217,7 @@ class DataPruningScores(Callback):
     # --- hooks
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_is_index = None
         if self.mode == "pass" and self.at_epoch == 0 and self.scores is None:
             values, labels = self._pass(trainer, pl_module, self.score)
             self._finish(trainer, values, labels)
@@ -242,7 +244,9 @@ class DataPruningScores(Callback):
             )
         logits = outputs["logits"].detach()
         targets = batch[self.target_index]
-        indices = find_indices(batch, last_is_index=is_indexed(_train_dataset(trainer)))
+        if self._last_is_index is None:  # looked up once: the hook runs every step
+            self._last_is_index = is_indexed(_train_dataset(trainer))
+        indices = find_indices(batch, last_is_index=self._last_is_index)
         if self.score == "forgetting":
             value = (logits.argmax(-1) == targets).double()
         else:

@@ -38,9 +38,11 @@ SELECTION_MODES = ("hardest", "easiest", "offset", "random", "class_balanced")
 def el2n_scores(logits: Tensor, targets: Tensor) -> Tensor:
     """EL2N: ``|| softmax(logits) - onehot(targets) ||_2`` per sample, in float32 or wider."""
     _check_logits(logits, targets)
-    probs = logits.float().softmax(dim=-1)
-    onehot = F.one_hot(targets.long(), probs.shape[-1]).to(probs.dtype)
-    return torch.linalg.vector_norm(probs - onehot, dim=-1)
+    # Subtract 1 at the target in place of building a one-hot matrix (which would also force a
+    # host-device sync to validate the class count).
+    diff = logits.float().softmax(dim=-1)
+    diff.scatter_add_(-1, targets.long()[:, None], diff.new_full((diff.shape[0], 1), -1.0))
+    return torch.linalg.vector_norm(diff, dim=-1)
 
 
 def loss_scores(logits: Tensor, targets: Tensor) -> Tensor:
@@ -73,7 +75,7 @@ def grand_scores(
     targets: Tensor,
     *,
     last_layer: bool = False,
-    chunk_size: int | None = 64,
+    chunk_size: int | None = 32,
 ) -> Tensor:
     """GraNd: the L2 norm of each sample's loss gradient over all trainable parameters.
 
@@ -105,14 +107,18 @@ def grand_scores(
         out = functional_call(model, (params, frozen, buffers), (x.unsqueeze(0),))
         return loss_fn(out, y.unsqueeze(0))
 
-    per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)
+    def squared_grad_norm(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        # Reduced inside vmap: a chunk's gradients are freed before the next chunk starts.
+        grads = grad(sample_loss)(params, x, y)
+        return sum(g.float().square().sum() for g in grads.values())
+
+    per_sample = vmap(squared_grad_norm, in_dims=(None, 0, 0), chunk_size=chunk_size)
     was_training = model.training
     model.eval()
     try:
-        grads = per_sample_grad({n: p.detach() for n, p in wrt.items()}, inputs, targets)
+        squared = per_sample({n: p.detach() for n, p in wrt.items()}, inputs, targets)
     finally:
         model.train(was_training)
-    squared = sum(g.float().flatten(1).square().sum(1) for g in grads.values())
     return squared.sqrt()
 
 

@@ -158,8 +158,9 @@ def main() -> None:
             ["model", "plain fit (s)", "with online EL2N (s)", "end-to-end", "hook share"],
             overhead_rows,
         )
-        + "\n\nThe end-to-end difference is within the noise of a shared 2-core machine; the hook "
-        "time is the callback's measured share of the run."
+        + "\n\nEnd-to-end: median fit times, interleaved; on a shared 2-core machine other jobs "
+        "move them by more than the callback costs. Hook share: wall time measured inside the "
+        "callback's own hooks over the runs with it, divided by their fit time."
     )
     write_result(
         "bench_pruning",

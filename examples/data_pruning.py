@@ -108,13 +108,19 @@ def trainer(callbacks: list[Callback], epochs: int = EPOCHS, validate: bool = Fa
 
 
 def fit_and_test(
-    train: Dataset, splits: dict, seed: int, sampler=None, callbacks=(), teacher=None
+    train: Dataset,
+    splits: dict,
+    seed: int,
+    sampler=None,
+    callbacks=(),
+    teacher=None,
+    epochs: int = EPOCHS,
 ) -> tuple[float, Net]:
     pl.seed_everything(seed, verbose=False)
     model = Net(teacher=teacher)
     loader = DataLoader(train, batch_size=64, shuffle=sampler is None, sampler=sampler)
     val = DataLoader(splits["val"], batch_size=512)
-    t = trainer(list(callbacks), validate=bool(callbacks))
+    t = trainer(list(callbacks), epochs=epochs, validate=bool(callbacks))
     t.fit(model, loader, val if callbacks else None)
     result = t.test(model, DataLoader(splits["test"], batch_size=512), verbose=False)
     return result[0]["test_acc"], model
@@ -166,11 +172,17 @@ def main() -> None:
         paths = score_files(splits, seeds, Path(tmp))
         rows = []
         full = [fit_and_test(splits["train"], splits, s)[0] for s in seeds]
-        for method in ("el2n", "grand", "forgetting", "random"):
+        for method in ("el2n", "el2n, offset 20%", "grand", "forgetting", "random"):
             row = [method]
             for fraction in FRACTIONS:
                 if method == "random":
                     subsets = [_random_subset(splits["train"], fraction, s) for s in seeds]
+                elif method.startswith("el2n, offset"):
+                    offset = min(0.2, 1 - fraction)
+                    sub = pruned_subset(
+                        splits["train"], paths["el2n"], fraction, "offset", offset=offset
+                    )
+                    subsets = [sub] * len(seeds)
                 else:
                     subsets = [pruned_subset(splits["train"], paths[method], fraction)] * len(seeds)
                 accs = [fit_and_test(sub, splits, s)[0] for sub, s in zip(subsets, seeds)]
@@ -183,7 +195,13 @@ def main() -> None:
     table.append(f"| all data (100%) | {mean_std(full)} |" + " |" * (len(FRACTIONS) - 1))
 
     # Data-efficient training: same epoch budget, validation after every epoch.
-    curves: dict[str, list] = {"full data": [], "RS2 (30%/epoch)": [], "InfoBatch (p=0.5)": []}
+    rs2_long = f"RS2 (30%/epoch, {round(EPOCHS / 0.3)} epochs)"
+    curves: dict[str, list] = {
+        "full data": [],
+        "RS2 (30%/epoch)": [],
+        rs2_long: [],
+        "InfoBatch (p=0.5)": [],
+    }
     finals: dict[str, list[float]] = {name: [] for name in curves}
     train_indexed = IndexedDataset(splits["train"])
     for s in seeds:
@@ -197,7 +215,10 @@ def main() -> None:
             elif name.startswith("InfoBatch"):
                 data, sampler = train_indexed, InfoBatchSampler(train_indexed, seed=s)
                 callbacks.append(InfoBatch(prune_prob=0.5, delta=0.875))
-            acc, _ = fit_and_test(data, splits, s, sampler=sampler, callbacks=callbacks)
+            epochs = round(EPOCHS / 0.3) if name == rs2_long else EPOCHS
+            acc, _ = fit_and_test(
+                data, splits, s, sampler=sampler, callbacks=callbacks, epochs=epochs
+            )
             curves[name].append(clock.curve)
             finals[name].append(acc)
     target = 0.95
@@ -232,7 +253,7 @@ def main() -> None:
         "(mean ± std)\n\nScores: EL2N and GraNd after 2 epochs, forgetting over a full run, each "
         f"averaged over {len(seeds)} scoring runs; hardest kept.\n\n"
         + "\n".join(table)
-        + f"\n\n## Data-efficient training, {EPOCHS} epochs, {len(seeds)} seeds\n\n"
+        + f"\n\n## Data-efficient training, {EPOCHS} epochs unless said, {len(seeds)} seeds\n\n"
         + "\n".join(tta)
         + kd_line
         + f"\n\nWhole script: {minutes:.1f} minutes."

@@ -271,8 +271,19 @@ def ddp_scores(out_dir: str) -> None:
     )
     # 199 examples: DistributedSampler pads one duplicate; every example must be scored once
     trainer.fit(module, datamodule=IndexedDigits(limit=LIMIT - 1, batch_size=32))
+    infobatch, counter = InfoBatch(prune_prob=0.5, delta=0.75), _LossMeanUnweighted()
+    again = quiet_trainer(
+        devices=2, strategy="ddp", max_epochs=3, limit_val_batches=0, callbacks=[infobatch, counter]
+    )
+    again.fit(InfoBatchClassifier(), datamodule=InfoBatchDigits(limit=LIMIT - 1, batch_size=32))
     torch.save(
-        {"el2n": el2n.scores, "grand": grand.scores, "forgetting": forgetting.scores},
+        {
+            "el2n": el2n.scores,
+            "grand": grand.scores,
+            "forgetting": forgetting.scores,
+            "infobatch": infobatch.scores,
+            "seen": counter.seen,
+        },
         f"{out_dir}/rank{trainer.global_rank}.pt",
     )
 
@@ -291,8 +302,11 @@ def test_ddp_scores_every_example_once_like_one_process(tmp_path):
     from lightning_ext.functional import grand_scores
 
     r0, r1 = run_ddp("tests.test_pruning_callbacks:ddp_scores", tmp_path)
-    for key in ("el2n", "grand", "forgetting"):
-        assert r0[key].shape == (LIMIT - 1,) and torch.equal(r0[key], r1[key])
+    # InfoBatch: both ranks hold the same scores; epoch 0 covers all (padded to 200), epoch 1 prunes
+    assert r0["seen"][0] == r1["seen"][0] == LIMIT // 2
+    assert r0["seen"][1] + r1["seen"][1] < 0.9 * LIMIT
+    for key in ("el2n", "grand", "forgetting", "infobatch"):
+        assert r0[key].shape == (LIMIT - 1,) and torch.equal(r0[key], r1[key]), key
         assert not torch.isnan(r0[key]).any()
     module = IndexedClassifier()
     module.load_state_dict(torch.load(tmp_path / "weights.pt"))

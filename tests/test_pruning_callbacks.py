@@ -156,6 +156,8 @@ def test_pass_forgetting_and_grand_with_accumulation_bf16_and_checkpoint(tmp_pat
 def test_clear_errors():
     with pytest.raises(ValueError, match="mode='pass'"):
         DataPruningScores("grand", mode="online")
+    with pytest.raises(ValueError, match="at_epoch or at_step"):
+        DataPruningScores("el2n", at_epoch=None)
     with pytest.raises(ValueError, match="score must be"):
         DataPruningScores("entropy")
     with pytest.raises(ValueError, match="never be computed"):

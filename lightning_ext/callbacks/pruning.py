@@ -129,6 +129,8 @@ class DataPruningScores(Callback):
             at_epoch = None
         if at_epoch is not None and at_epoch < (1 if mode == "online" else 0):
             raise ValueError(f"at_epoch must be >= 0 (>= 1 online), got {at_epoch}")
+        if mode == "pass" and score != "forgetting" and at_epoch is None and at_step is None:
+            raise ValueError(f"say when to score {score!r}: set at_epoch or at_step")
         if batch_size < 1 or chunk_size < 1 or log_top_k < 0:
             raise ValueError("batch_size and chunk_size must be >= 1, log_top_k >= 0")
         self.score, self.mode = score, mode

@@ -103,7 +103,7 @@ def main() -> None:
         times = interleaved_timings(
             {
                 "per-sample loop (autograd)": lambda m=model: loop_grand(m, x, y),
-                "torch.func vmap(grad), chunk 32": lambda m=model: grand_scores(
+                "torch.func vmap(grad), auto chunk": lambda m=model: grand_scores(
                     m, F.cross_entropy, x, y
                 ),
                 "torch.func, last layer only": lambda m=model: grand_scores(

@@ -111,7 +111,7 @@ class DataPruningScores(Callback):
         input_index: int | str = 0,
         target_index: int | str = 1,
         last_layer: bool = False,
-        chunk_size: int = 32,
+        chunk_size: int | None = None,
         log_top_k: int = 20,
     ) -> None:
         if score not in SCORES:
@@ -131,7 +131,7 @@ class DataPruningScores(Callback):
             raise ValueError(f"at_epoch must be >= 0 (>= 1 online), got {at_epoch}")
         if mode == "pass" and score != "forgetting" and at_epoch is None and at_step is None:
             raise ValueError(f"say when to score {score!r}: set at_epoch or at_step")
-        if batch_size < 1 or chunk_size < 1 or log_top_k < 0:
+        if batch_size < 1 or (chunk_size is not None and chunk_size < 1) or log_top_k < 0:
             raise ValueError("batch_size and chunk_size must be >= 1, log_top_k >= 0")
         self.score, self.mode = score, mode
         self.at_epoch, self.at_step = at_epoch, at_step

@@ -32,6 +32,7 @@ __all__ = [
     "select_indices",
 ]
 
+GRAND_CHUNK_ELEMENTS = 2**21
 SELECTION_MODES = ("hardest", "easiest", "offset", "random", "class_balanced")
 
 
@@ -75,17 +76,18 @@ def grand_scores(
     targets: Tensor,
     *,
     last_layer: bool = False,
-    chunk_size: int | None = 32,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """GraNd: the L2 norm of each sample's loss gradient over all trainable parameters.
 
     Exact per-sample gradients with ``torch.func`` (``vmap`` over ``grad``), ``chunk_size``
-    samples at a time to bound memory. The model runs in eval mode for the duration, so that a
-    sample's gradient depends on that sample alone (BatchNorm uses running statistics, dropout is
-    off); its mode is restored afterwards. ``loss_fn(logits, targets)`` must return the mean loss
-    (``F.cross_entropy`` by default in the callback). ``last_layer=True`` restricts the gradient
-    to the parameters of the last module that has trainable parameters (DeepCore's cheaper
-    approximation), which is no longer the paper's score.
+    samples at a time to bound memory; by default as many as keep one chunk's gradients within
+    ``GRAND_CHUNK_ELEMENTS`` numbers (8 MiB in float32). The model runs in eval mode for the
+    duration, so that a sample's gradient depends on that sample alone (BatchNorm uses running
+    statistics, dropout is off); its mode is restored afterwards. ``loss_fn(logits, targets)``
+    must return the mean loss (``F.cross_entropy`` in the callback). ``last_layer=True``
+    restricts the gradient to the parameters of the last module that has trainable parameters
+    (DeepCore's cheaper approximation), which is no longer the paper's score.
     """
     from torch.func import functional_call, grad, vmap
 
@@ -112,6 +114,9 @@ def grand_scores(
         grads = grad(sample_loss)(params, x, y)
         return sum(g.float().square().sum() for g in grads.values())
 
+    if chunk_size is None:
+        per_sample_numel = sum(p.numel() for p in wrt.values())
+        chunk_size = max(1, GRAND_CHUNK_ELEMENTS // per_sample_numel)
     per_sample = vmap(squared_grad_norm, in_dims=(None, 0, 0), chunk_size=chunk_size)
     was_training = model.training
     model.eval()

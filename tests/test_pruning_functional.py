@@ -26,7 +26,7 @@ from lightning_ext.functional import (
     select_indices,
 )
 from tests.helpers.data import digits
-from tests.helpers.models import CNN, MLP
+from tests.helpers.models import CNN, MLP, TinyTransformer
 
 
 def test_el2n_loss_margin_by_hand():
@@ -53,14 +53,32 @@ def _loop_grand(model, x, y, params):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("net", [MLP, CNN])
-def test_grand_matches_a_per_sample_loop(net):
+class SharedLinear(torch.nn.Module):
+    """A linear layer applied twice and a weight tied to a second layer: the factorised path
+    must leave both to torch.func."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(64, 16)
+        self.twice = torch.nn.Linear(16, 16)
+        self.out = torch.nn.Linear(16, 10)
+        self.tied = torch.nn.Linear(16, 10)
+        self.tied.weight = self.out.weight
+
+    def forward(self, x):
+        h = torch.tanh(self.twice(torch.tanh(self.twice(torch.tanh(self.inp(x))))))
+        return self.out(h) + self.tied(h.flip(-1))
+
+
+@pytest.mark.parametrize("net", [MLP, CNN, TinyTransformer, SharedLinear])
+@pytest.mark.parametrize("factorise", [True, False])
+def test_grand_matches_a_per_sample_loop(net, factorise):
     torch.manual_seed(0)
     model = net()
-    ds = digits(limit=40)
+    ds = digits(limit=24)
     x, y = ds.tensors
     model.train()  # grand_scores must evaluate in eval mode and restore train mode
-    fast = grand_scores(model, F.cross_entropy, x, y, chunk_size=16)
+    fast = grand_scores(model, F.cross_entropy, x, y, chunk_size=16, factorise_linear=factorise)
     assert model.training
     model.eval()
     slow = _loop_grand(model, x, y, list(model.parameters()))

@@ -77,54 +77,137 @@ def grand_scores(
     *,
     last_layer: bool = False,
     chunk_size: int | None = None,
+    factorise_linear: bool = True,
 ) -> Tensor:
     """GraNd: the L2 norm of each sample's loss gradient over all trainable parameters.
 
-    Exact per-sample gradients with ``torch.func`` (``vmap`` over ``grad``), ``chunk_size``
-    samples at a time to bound memory; by default as many as keep one chunk's gradients within
-    ``GRAND_CHUNK_ELEMENTS`` numbers (8 MiB in float32). The model runs in eval mode for the
-    duration, so that a sample's gradient depends on that sample alone (BatchNorm uses running
-    statistics, dropout is off); its mode is restored afterwards. ``loss_fn(logits, targets)``
-    must return the mean loss (``F.cross_entropy`` in the callback). ``last_layer=True``
-    restricts the gradient to the parameters of the last module that has trainable parameters
-    (DeepCore's cheaper approximation), which is no longer the paper's score.
-    """
-    from torch.func import functional_call, grad, vmap
+    Exact. ``loss_fn(logits, targets)`` must return the batch mean of a per-sample loss
+    (``F.cross_entropy`` in the callback). The model runs in eval mode for the duration, so that a
+    sample's gradient depends on that sample alone (BatchNorm uses running statistics, dropout is
+    off); its mode is restored afterwards.
 
+    Parameters of plain ``nn.Linear`` layers that see 2-D inputs once per forward are handled by
+    the factorisation ``‖∇W‖² = ‖a‖²·‖g‖²`` (layer input ``a``, gradient ``g`` at its output, one
+    batched backward), unless ``factorise_linear=False``. Every other parameter gets per-sample
+    gradients from ``torch.func`` (``vmap`` over ``grad``), ``chunk_size`` samples at a time; by
+    default as many as keep one chunk's gradients within ``GRAND_CHUNK_ELEMENTS`` numbers.
+    ``last_layer=True`` restricts the gradient to the parameters of the last module that has
+    trainable parameters (DeepCore's cheaper approximation), which is no longer the paper's score.
+    """
     if inputs.shape[0] != targets.shape[0]:
         raise ValueError(f"{inputs.shape[0]} inputs but {targets.shape[0]} targets")
-    trainable = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("the model has no trainable parameters to take gradients of")
     if last_layer:
         last = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(False))]
-        last_names = {id(p) for p in last[-1].parameters(False) if p.requires_grad}
-        wrt = {n: p for n, p in model.named_parameters() if id(p) in last_names}
+        last_ids = {id(p) for p in last[-1].parameters(False) if p.requires_grad}
+        wrt = {n: p for n, p in trainable.items() if id(p) in last_ids}
     else:
         wrt = trainable
-    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in wrt}
+    was_training = model.training
+    model.eval()
+    try:
+        squared = torch.zeros(inputs.shape[0], device=inputs.device)
+        remaining = set(wrt)
+        if factorise_linear:
+            linear_squared, covered = _linear_squared_norms(model, loss_fn, inputs, targets, wrt)
+            squared += linear_squared
+            remaining -= covered
+        if remaining:
+            squared += _vmap_squared_norms(model, loss_fn, inputs, targets, remaining, chunk_size)
+    finally:
+        model.train(was_training)
+    return squared.sqrt()
+
+
+def _linear_squared_norms(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    wrt: dict[str, Tensor],
+) -> tuple[Tensor, set[str]]:
+    """Per-sample squared gradient norms of the weights (and biases) of eligible linear layers,
+    and the names of the parameters they cover."""
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            holders[id(p)] = holders.get(id(p), 0) + 1
+    candidates = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        weight = f"{prefix}weight"
+        if type(module) is nn.Linear and weight in wrt and holders[id(module.weight)] == 1:
+            candidates[name] = (module, weight, f"{prefix}bias")
+    squared = torch.zeros(inputs.shape[0], device=inputs.device)
+    if not candidates:
+        return squared, set()
+    seen: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in candidates}
+
+    def recorder(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            seen[name].append((args[0].detach(), output))
+
+        return hook
+
+    handles = [m.register_forward_hook(recorder(n)) for n, (m, _, _) in candidates.items()]
+    try:
+        with torch.enable_grad():
+            out = model(inputs)
+            eligible = [n for n, calls in seen.items() if len(calls) == 1 and calls[0][0].ndim == 2]
+            outputs = [seen[n][0][1] for n in eligible]
+            # The mean loss times N is the sum of per-sample losses: its gradient at a layer's
+            # output is each sample's own gradient there.
+            total = loss_fn(out, targets) * inputs.shape[0]
+            grads = torch.autograd.grad(total, outputs, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    covered = set()
+    for name, g in zip(eligible, grads):
+        _, weight, bias = candidates[name]
+        covered.add(weight)
+        if bias in wrt:
+            covered.add(bias)
+        if g is None:
+            continue
+        g_sq = g.float().square().sum(1)
+        a_sq = seen[name][0][0].float().square().sum(1)
+        squared += a_sq * g_sq + (g_sq if bias in wrt else 0.0)
+    return squared, covered
+
+
+def _vmap_squared_norms(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    names: set[str],
+    chunk_size: int | None,
+) -> Tensor:
+    from torch.func import functional_call, grad, vmap
+
+    params = dict(model.named_parameters())
+    wrt = {n: params[n].detach() for n in names}
+    frozen = {n: p.detach() for n, p in params.items() if n not in names}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
 
-    def sample_loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        out = functional_call(model, (params, frozen, buffers), (x.unsqueeze(0),))
+    def sample_loss(wrt: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        out = functional_call(model, (wrt, frozen, buffers), (x.unsqueeze(0),))
         return loss_fn(out, y.unsqueeze(0))
 
-    def squared_grad_norm(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    def squared_grad_norm(wrt: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         # Reduced inside vmap: a chunk's gradients are freed before the next chunk starts.
-        grads = grad(sample_loss)(params, x, y)
+        grads = grad(sample_loss)(wrt, x, y)
         return sum(g.float().square().sum() for g in grads.values())
 
     if chunk_size is None:
         per_sample_numel = sum(p.numel() for p in wrt.values())
         chunk_size = max(1, GRAND_CHUNK_ELEMENTS // per_sample_numel)
-    per_sample = vmap(squared_grad_norm, in_dims=(None, 0, 0), chunk_size=chunk_size)
-    was_training = model.training
-    model.eval()
-    try:
-        squared = per_sample({n: p.detach() for n, p in wrt.items()}, inputs, targets)
-    finally:
-        model.train(was_training)
-    return squared.sqrt()
+    return vmap(squared_grad_norm, in_dims=(None, 0, 0), chunk_size=chunk_size)(
+        wrt, inputs, targets
+    )
 
 
 # --- Forgetting events (Toneva et al. 2019). State per example: ``last_correct`` (-1 before the

@@ -318,3 +318,17 @@ def test_ddp_scores_every_example_once_like_one_process(tmp_path):
         expected = el2n_scores(module(x), y).double()
     torch.testing.assert_close(r0["el2n"], expected)
     torch.testing.assert_close(r0["grand"], grand_scores(module, F.cross_entropy, x, y).double())
+
+
+def test_pruned_datamodule_trains_on_the_kept_examples(tmp_path):
+    from lightning_ext.data import pruned_datamodule
+
+    scores = torch.arange(float(LIMIT))  # the last examples are the "hardest"
+    dm = pruned_datamodule(DigitsDataModule(limit=LIMIT), scores, 0.25)
+    loader = dm.train_dataloader()
+    assert loader.dataset.indices == list(range(150, 200))
+    seen = _LossMeanUnweighted()
+    _fit([seen], dm=dm)
+    assert seen.seen == [50]
+    with pytest.raises(ValueError, match="score/dataset mismatch"):
+        pruned_datamodule(DigitsDataModule(limit=LIMIT), scores[:-1], 0.5).train_dataloader()

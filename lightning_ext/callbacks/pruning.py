@@ -111,6 +111,7 @@ class DataPruningScores(Callback):
         input_index: int | str = 0,
         target_index: int | str = 1,
         last_layer: bool = False,
+        factorise_linear: bool = True,
         chunk_size: int | None = None,
         log_top_k: int = 20,
     ) -> None:
@@ -138,6 +139,7 @@ class DataPruningScores(Callback):
         self.output_path, self.run_name = output_path, run_name
         self.batch_size, self.input_index, self.target_index = batch_size, input_index, target_index
         self.last_layer, self.chunk_size, self.log_top_k = last_layer, chunk_size, log_top_k
+        self.factorise_linear = factorise_linear
         self.scores: Tensor | None = None  # this run's final scores
         self.labels: Tensor | None = None
         self._last_correct = self._forgotten = self._learned = None
@@ -189,6 +191,7 @@ class DataPruningScores(Callback):
                             x,
                             y,
                             last_layer=self.last_layer,
+                            factorise_linear=self.factorise_linear,
                             chunk_size=self.chunk_size,
                         ).double()
                     )

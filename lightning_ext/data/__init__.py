@@ -1,7 +1,13 @@
 """Datasets and data utilities: sample identity, task streams, and small real datasets."""
 
 from lightning_ext.data.digits import digits_splits, digits_tensors
-from lightning_ext.data.indexed import IndexedDataset, find_indices, load_scores, pruned_subset
+from lightning_ext.data.indexed import (
+    IndexedDataset,
+    find_indices,
+    load_scores,
+    pruned_datamodule,
+    pruned_subset,
+)
 from lightning_ext.data.sampling import InfoBatchSampler, RS2Sampler
 
 __all__ = [
@@ -12,5 +18,6 @@ __all__ = [
     "digits_tensors",
     "find_indices",
     "load_scores",
+    "pruned_datamodule",
     "pruned_subset",
 ]

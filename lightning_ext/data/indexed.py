@@ -119,3 +119,51 @@ def pruned_subset(
         )
     keep = select_indices(scores, fraction, mode, offset=offset, labels=labels, seed=seed)  # type: ignore[arg-type]
     return torch.utils.data.Subset(dataset, keep.tolist())
+
+
+def pruned_datamodule(
+    datamodule: Any,
+    scores: str | Tensor,
+    fraction: float,
+    mode: str = "hardest",
+    *,
+    offset: float = 0.0,
+    seed: int = 0,
+    target_index: int | str = 1,
+) -> Any:
+    """Wrap a LightningDataModule so that its training loader serves only the kept examples.
+
+    Everything else (validation, test, hooks) is the wrapped datamodule's. The training loader is
+    rebuilt over the ``pruned_subset`` with the original batch size, workers, collate function and
+    ``drop_last``, shuffled (a custom sampler of the original cannot carry over to a subset).
+    """
+    from torch.utils.data import DataLoader
+
+    original = datamodule.train_dataloader
+
+    def train_dataloader() -> DataLoader:
+        loader = original()
+        if not isinstance(loader, DataLoader):
+            raise TypeError("pruned_datamodule needs train_dataloader() to return one DataLoader")
+        subset = pruned_subset(
+            loader.dataset,
+            scores,
+            fraction,
+            mode,
+            offset=offset,
+            seed=seed,
+            target_index=target_index,
+        )
+        return DataLoader(
+            subset,
+            batch_size=loader.batch_size,
+            shuffle=True,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            drop_last=loader.drop_last,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    datamodule.train_dataloader = train_dataloader
+    return datamodule

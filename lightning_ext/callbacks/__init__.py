@@ -3,8 +3,18 @@
 from lightning_ext.callbacks.continual import ContinualEvaluation
 from lightning_ext.callbacks.ema import EMA
 from lightning_ext.callbacks.posthoc_ema import PostHocEMA
+from lightning_ext.callbacks.pruning import DataPruningScores, InfoBatch
 from lightning_ext.callbacks.soup import ModelSoup
 from lightning_ext.callbacks.sparse import DynamicSparseTraining
 from lightning_ext.callbacks.warp import WARP
 
-__all__ = ["EMA", "WARP", "ContinualEvaluation", "DynamicSparseTraining", "ModelSoup", "PostHocEMA"]
+__all__ = [
+    "EMA",
+    "WARP",
+    "ContinualEvaluation",
+    "DataPruningScores",
+    "DynamicSparseTraining",
+    "InfoBatch",
+    "ModelSoup",
+    "PostHocEMA",
+]

@@ -1,7 +1,28 @@
 """Datasets and data utilities: sample identity, task streams, and small real datasets."""
 
 from lightning_ext.data.digits import digits_splits, digits_tensors
+from lightning_ext.data.indexed import (
+    IndexedDataset,
+    find_indices,
+    load_scores,
+    pruned_datamodule,
+    pruned_subset,
+)
+from lightning_ext.data.sampling import InfoBatchSampler, RS2Sampler
 from lightning_ext.data.tasks import ReplayMemory, TaskStream, WithReplay, split_by_classes
 
-__all__ = ["digits_splits", "digits_tensors"]
-__all__ += ["ReplayMemory", "TaskStream", "WithReplay", "split_by_classes"]
+__all__ = [
+    "IndexedDataset",
+    "InfoBatchSampler",
+    "RS2Sampler",
+    "ReplayMemory",
+    "TaskStream",
+    "WithReplay",
+    "digits_splits",
+    "digits_tensors",
+    "find_indices",
+    "load_scores",
+    "pruned_datamodule",
+    "pruned_subset",
+    "split_by_classes",
+]

@@ -11,7 +11,16 @@ from lightning_ext.functional.interpolation import *  # noqa: F403
 from lightning_ext.functional.interpolation import __all__ as _interpolation_all
 from lightning_ext.functional.merging import *  # noqa: F403
 from lightning_ext.functional.merging import __all__ as _merging_all
+from lightning_ext.functional.pruning import *  # noqa: F403
+from lightning_ext.functional.pruning import __all__ as _pruning_all
 from lightning_ext.functional.sparsity import *  # noqa: F403
 from lightning_ext.functional.sparsity import __all__ as _sparsity_all
 
-__all__ = [*_continual_all, *_ema_all, *_interpolation_all, *_merging_all, *_sparsity_all]
+__all__ = [
+    *_continual_all,
+    *_ema_all,
+    *_interpolation_all,
+    *_merging_all,
+    *_pruning_all,
+    *_sparsity_all,
+]

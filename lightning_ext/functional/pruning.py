@@ -1,0 +1,377 @@
+"""Data-pruning scores and the selection of kept examples.
+
+Every score follows one convention: higher means harder (more worth keeping). EL2N and GraNd are
+from Paul, Ganguli and Dziugaite (2021); forgetting events from Toneva et al. (2019); RS2 slices
+from Okanovic et al.; the InfoBatch pruning rule from Qin et al. (2024).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "SELECTION_MODES",
+    "check_fraction",
+    "dataset_fingerprint",
+    "distillation_loss",
+    "el2n_scores",
+    "forgetting_scores",
+    "forgetting_update_",
+    "grand_scores",
+    "infobatch_prune",
+    "loss_scores",
+    "margin_scores",
+    "rs2_epoch_indices",
+    "select_indices",
+]
+
+GRAND_CHUNK_ELEMENTS = 2**21
+SELECTION_MODES = ("hardest", "easiest", "offset", "random", "class_balanced")
+
+
+def el2n_scores(logits: Tensor, targets: Tensor) -> Tensor:
+    """EL2N: ``|| softmax(logits) - onehot(targets) ||_2`` per sample, in float32 or wider."""
+    _check_logits(logits, targets)
+    # Subtract 1 at the target in place of building a one-hot matrix (which would also force a
+    # host-device sync to validate the class count).
+    diff = logits.float().softmax(dim=-1)
+    diff.scatter_add_(-1, targets.long()[:, None], diff.new_full((diff.shape[0], 1), -1.0))
+    return torch.linalg.vector_norm(diff, dim=-1)
+
+
+def loss_scores(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-sample cross-entropy."""
+    _check_logits(logits, targets)
+    return F.cross_entropy(logits.float(), targets.long(), reduction="none")
+
+
+def margin_scores(logits: Tensor, targets: Tensor) -> Tensor:
+    """Negative classification margin: ``max_{k != y} logit_k - logit_y`` (higher is harder)."""
+    _check_logits(logits, targets)
+    logits = logits.float()
+    true = logits.gather(-1, targets.long()[:, None])[:, 0]
+    others = logits.scatter(-1, targets.long()[:, None], float("-inf"))
+    return others.amax(dim=-1) - true
+
+
+def _check_logits(logits: Tensor, targets: Tensor) -> None:
+    if logits.ndim != 2 or targets.ndim != 1 or logits.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"expected logits (N, C) and targets (N,), got {tuple(logits.shape)} and "
+            f"{tuple(targets.shape)}"
+        )
+
+
+def grand_scores(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    last_layer: bool = False,
+    chunk_size: int | None = None,
+    factorise_linear: bool = True,
+) -> Tensor:
+    """GraNd: the L2 norm of each sample's loss gradient over all trainable parameters.
+
+    Exact. ``loss_fn(logits, targets)`` must return the batch mean of a per-sample loss
+    (``F.cross_entropy`` in the callback). The model runs in eval mode for the duration, so that a
+    sample's gradient depends on that sample alone (BatchNorm uses running statistics, dropout is
+    off); its mode is restored afterwards.
+
+    Parameters of plain ``nn.Linear`` layers that see 2-D inputs once per forward are handled by
+    the factorisation ``‖∇W‖² = ‖a‖²·‖g‖²`` (layer input ``a``, gradient ``g`` at its output, one
+    batched backward), unless ``factorise_linear=False``. Every other parameter gets per-sample
+    gradients from ``torch.func`` (``vmap`` over ``grad``), ``chunk_size`` samples at a time; by
+    default as many as keep one chunk's gradients within ``GRAND_CHUNK_ELEMENTS`` numbers.
+    ``last_layer=True`` restricts the gradient to the parameters of the last module that has
+    trainable parameters (DeepCore's cheaper approximation), which is no longer the paper's score.
+    """
+    if inputs.shape[0] != targets.shape[0]:
+        raise ValueError(f"{inputs.shape[0]} inputs but {targets.shape[0]} targets")
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise ValueError("the model has no trainable parameters to take gradients of")
+    if last_layer:
+        last = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(False))]
+        last_ids = {id(p) for p in last[-1].parameters(False) if p.requires_grad}
+        wrt = {n: p for n, p in trainable.items() if id(p) in last_ids}
+    else:
+        wrt = trainable
+    was_training = model.training
+    model.eval()
+    try:
+        squared = torch.zeros(inputs.shape[0], device=inputs.device)
+        remaining = set(wrt)
+        if factorise_linear:
+            linear_squared, covered = _linear_squared_norms(model, loss_fn, inputs, targets, wrt)
+            squared += linear_squared
+            remaining -= covered
+        if remaining:
+            squared += _vmap_squared_norms(model, loss_fn, inputs, targets, remaining, chunk_size)
+    finally:
+        model.train(was_training)
+    return squared.sqrt()
+
+
+def _linear_squared_norms(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    wrt: dict[str, Tensor],
+) -> tuple[Tensor, set[str]]:
+    """Per-sample squared gradient norms of the weights (and biases) of eligible linear layers,
+    and the names of the parameters they cover."""
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            holders[id(p)] = holders.get(id(p), 0) + 1
+    candidates = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        weight = f"{prefix}weight"
+        if type(module) is nn.Linear and weight in wrt and holders[id(module.weight)] == 1:
+            candidates[name] = (module, weight, f"{prefix}bias")
+    squared = torch.zeros(inputs.shape[0], device=inputs.device)
+    if not candidates:
+        return squared, set()
+    seen: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in candidates}
+
+    def recorder(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            seen[name].append((args[0].detach(), output))
+
+        return hook
+
+    handles = [m.register_forward_hook(recorder(n)) for n, (m, _, _) in candidates.items()]
+    try:
+        with torch.enable_grad():
+            out = model(inputs)
+            eligible = [n for n, calls in seen.items() if len(calls) == 1 and calls[0][0].ndim == 2]
+            outputs = [seen[n][0][1] for n in eligible]
+            # The mean loss times N is the sum of per-sample losses: its gradient at a layer's
+            # output is each sample's own gradient there.
+            total = loss_fn(out, targets) * inputs.shape[0]
+            grads = torch.autograd.grad(total, outputs, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    covered = set()
+    for name, g in zip(eligible, grads):
+        _, weight, bias = candidates[name]
+        covered.add(weight)
+        if bias in wrt:
+            covered.add(bias)
+        if g is None:
+            continue
+        g_sq = g.float().square().sum(1)
+        a_sq = seen[name][0][0].float().square().sum(1)
+        squared += a_sq * g_sq + (g_sq if bias in wrt else 0.0)
+    return squared, covered
+
+
+def _vmap_squared_norms(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    names: set[str],
+    chunk_size: int | None,
+) -> Tensor:
+    from torch.func import functional_call, grad, vmap
+
+    params = dict(model.named_parameters())
+    wrt = {n: params[n].detach() for n in names}
+    frozen = {n: p.detach() for n, p in params.items() if n not in names}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def sample_loss(wrt: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        out = functional_call(model, (wrt, frozen, buffers), (x.unsqueeze(0),))
+        return loss_fn(out, y.unsqueeze(0))
+
+    def squared_grad_norm(wrt: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        # Reduced inside vmap: a chunk's gradients are freed before the next chunk starts.
+        grads = grad(sample_loss)(wrt, x, y)
+        return sum(g.float().square().sum() for g in grads.values())
+
+    if chunk_size is None:
+        per_sample_numel = sum(p.numel() for p in wrt.values())
+        chunk_size = max(1, GRAND_CHUNK_ELEMENTS // per_sample_numel)
+    return vmap(squared_grad_norm, in_dims=(None, 0, 0), chunk_size=chunk_size)(
+        wrt, inputs, targets
+    )
+
+
+# --- Forgetting events (Toneva et al. 2019). State per example: ``last_correct`` (-1 before the
+# first presentation, else 0/1), ``forgotten`` (count of 1 -> 0 transitions) and ``learned``
+# (correct at least once). Never-learned examples rank hardest: their score is +inf.
+
+
+@torch.no_grad()
+def forgetting_update_(
+    last_correct: Tensor, forgotten: Tensor, learned: Tensor, indices: Tensor, correct: Tensor
+) -> None:
+    """In place: record one presentation of ``indices`` with correctness ``correct``.
+
+    ``indices`` must be unique within one call (one presentation per example).
+    """
+    indices = indices.long()
+    correct = correct.to(last_correct.dtype)
+    previous = last_correct[indices]
+    forgotten.index_add_(0, indices, ((previous == 1) & (correct == 0)).to(forgotten.dtype))
+    learned[indices] |= correct.bool()
+    last_correct[indices] = correct
+
+
+def forgetting_scores(forgotten: Tensor, learned: Tensor) -> Tensor:
+    """Forgetting counts as float scores, +inf for examples that were never learned."""
+    scores = forgotten.double()
+    return scores.masked_fill(~learned.bool(), math.inf)
+
+
+# --- Selection
+
+
+def check_fraction(fraction: float, name: str = "fraction") -> float:
+    if not isinstance(fraction, int | float) or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"{name} must lie in (0, 1], got {fraction!r}")
+    return float(fraction)
+
+
+def _keep_count(n: int, fraction: float) -> int:
+    return max(1, min(n, round(fraction * n)))
+
+
+def select_indices(
+    scores: Tensor,
+    fraction: float,
+    mode: Literal["hardest", "easiest", "offset", "random", "class_balanced"] = "hardest",
+    *,
+    offset: float = 0.0,
+    labels: Tensor | None = None,
+    seed: int = 0,
+) -> Tensor:
+    """Sorted indices of the ``round(fraction * N)`` examples to keep.
+
+    ``hardest`` keeps the highest scores, ``easiest`` the lowest, ``offset`` drops the hardest
+    ``offset`` fraction first and keeps the next ones (the paper's remedy at high pruning rates),
+    ``random`` ignores scores (seeded), ``class_balanced`` keeps the hardest ``fraction`` of each
+    class (needs ``labels``). Ties break by index, so selection is deterministic.
+    """
+    check_fraction(fraction)
+    if mode not in SELECTION_MODES:
+        raise ValueError(f"mode must be one of {SELECTION_MODES}, got {mode!r}")
+    if scores.ndim != 1 or scores.numel() == 0:
+        raise ValueError(f"scores must be a non-empty 1-D tensor, got shape {tuple(scores.shape)}")
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN: some examples were never scored")
+    n = scores.numel()
+    keep = _keep_count(n, fraction)
+    if mode == "random":
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        return order[:keep].sort().values
+    hardest_first = torch.sort(scores.double().cpu(), descending=True, stable=True).indices
+    if mode == "hardest":
+        chosen = hardest_first[:keep]
+    elif mode == "easiest":
+        chosen = torch.sort(scores.double().cpu(), stable=True).indices[:keep]
+    elif mode == "offset":
+        if not 0.0 <= offset < 1.0:
+            raise ValueError(f"offset must lie in [0, 1), got {offset}")
+        start = min(round(offset * n), n - keep)
+        chosen = hardest_first[start : start + keep]
+    else:
+        if labels is None or labels.shape != scores.shape:
+            raise ValueError("class_balanced selection needs one label per score")
+        labels = labels.cpu()
+        parts = []
+        for cls in labels.unique():
+            members = (labels == cls).nonzero()[:, 0]
+            ranked = members[torch.sort(scores.double().cpu()[members], descending=True).indices]
+            parts.append(ranked[: _keep_count(members.numel(), fraction)])
+        chosen = torch.cat(parts)
+    return chosen.sort().values
+
+
+# --- Dataset identity
+
+
+def dataset_fingerprint(labels: Tensor | Sequence[int]) -> dict[str, object]:
+    """Size and SHA-256 of the int64 labels in index order: ties a score file to its dataset."""
+    labels = torch.as_tensor(labels).long().cpu().contiguous()
+    digest = hashlib.sha256(labels.numpy().tobytes()).hexdigest()
+    return {"size": int(labels.numel()), "labels_sha256": digest}
+
+
+# --- Data-efficient training
+
+
+def rs2_epoch_indices(n: int, fraction: float, epoch: int, seed: int = 0) -> Tensor:
+    """RS2 without replacement: the indices trained on in ``epoch``.
+
+    The stream is the concatenation of seeded permutations of ``range(n)`` (permutation k from
+    ``seed`` and k); epoch e takes stream positions ``[e*m, (e+1)*m)`` with
+    ``m = round(fraction * n)``. No example repeats until every example has been seen.
+    """
+    check_fraction(fraction)
+    if n <= 0 or epoch < 0:
+        raise ValueError(f"need n > 0 and epoch >= 0, got n={n}, epoch={epoch}")
+    m = _keep_count(n, fraction)
+    start, stop = epoch * m, (epoch + 1) * m
+    parts = []
+    for k in range(start // n, (stop - 1) // n + 1):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + k))
+        lo, hi = max(start - k * n, 0), min(stop - k * n, n)
+        parts.append(perm[lo:hi])
+    return torch.cat(parts)
+
+
+def infobatch_prune(
+    scores: Tensor, prune_prob: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """InfoBatch's rule: examples whose score (last loss) is below the mean are dropped with
+    probability ``prune_prob``; kept ones of them get weight ``1 / (1 - prune_prob)``.
+
+    Examples never scored (NaN) are always kept with weight 1. Returns the kept indices (sorted)
+    and a weight for every example (1 for those not pruned-eligible).
+    """
+    if not 0.0 <= prune_prob < 1.0:
+        raise ValueError(f"prune_prob must lie in [0, 1), got {prune_prob}")
+    scored = ~torch.isnan(scores)
+    weights = torch.ones(scores.numel(), dtype=torch.float32)
+    if not scored.any():
+        return torch.arange(scores.numel()), weights
+    mean = scores[scored].mean()
+    well_learned = scored & (scores < mean)
+    dropped = well_learned & (torch.rand(scores.numel(), generator=generator) < prune_prob)
+    weights[well_learned & ~dropped] = 1.0 / (1.0 - prune_prob)
+    return (~dropped).nonzero()[:, 0], weights
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+) -> Tensor:
+    """Hinton distillation: ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``."""
+    if temperature <= 0 or not 0.0 <= alpha <= 1.0:
+        raise ValueError("temperature must be > 0 and alpha in [0, 1]")
+    t = temperature
+    kl = F.kl_div(
+        F.log_softmax(student_logits.float() / t, dim=-1),
+        F.log_softmax(teacher_logits.float() / t, dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    return alpha * t * t * kl + (1 - alpha) * F.cross_entropy(student_logits.float(), targets)

@@ -1,0 +1,240 @@
+"""Pruning math against hand-worked values, closed forms and brute-force loops."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_ext.data import IndexedDataset, RS2Sampler, find_indices, pruned_subset
+from lightning_ext.data.indexed import labels_of, load_scores
+from lightning_ext.data.sampling import InfoBatchSampler
+from lightning_ext.functional import (
+    dataset_fingerprint,
+    distillation_loss,
+    el2n_scores,
+    forgetting_scores,
+    forgetting_update_,
+    grand_scores,
+    infobatch_prune,
+    loss_scores,
+    margin_scores,
+    rs2_epoch_indices,
+    select_indices,
+)
+from tests.helpers.data import digits
+from tests.helpers.models import CNN, MLP, TinyTransformer
+
+
+def test_el2n_loss_margin_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 3.0]])
+    y = torch.tensor([0, 0, 0])
+    p1 = math.exp(2) / (math.exp(2) + 1)
+    p2 = 1 / (1 + math.exp(3))
+    expected = [math.sqrt(0.5), math.sqrt(2) * (1 - p1), math.sqrt(2) * (1 - p2)]
+    torch.testing.assert_close(el2n_scores(logits, y), torch.tensor(expected))
+    torch.testing.assert_close(
+        loss_scores(logits, y), torch.tensor([math.log(2), -math.log(p1), -math.log(p2)])
+    )
+    torch.testing.assert_close(margin_scores(logits, y), torch.tensor([0.0, -2.0, 3.0]))
+    with pytest.raises(ValueError, match="expected logits"):
+        el2n_scores(logits, y[:2])
+
+
+def _loop_grand(model, x, y, params):
+    out = []
+    for i in range(len(y)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        out.append(torch.sqrt(sum(p.grad.square().sum() for p in params)))
+    return torch.stack(out)
+
+
+class SharedLinear(torch.nn.Module):
+    """A linear layer applied twice and a weight tied to a second layer: the factorised path
+    must leave both to torch.func."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(64, 16)
+        self.twice = torch.nn.Linear(16, 16)
+        self.out = torch.nn.Linear(16, 10)
+        self.tied = torch.nn.Linear(16, 10)
+        self.tied.weight = self.out.weight
+
+    def forward(self, x):
+        h = torch.tanh(self.twice(torch.tanh(self.twice(torch.tanh(self.inp(x))))))
+        return self.out(h) + self.tied(h.flip(-1))
+
+
+@pytest.mark.parametrize("net", [MLP, CNN, TinyTransformer, SharedLinear])
+@pytest.mark.parametrize("factorise", [True, False])
+def test_grand_matches_a_per_sample_loop(net, factorise):
+    torch.manual_seed(0)
+    model = net()
+    ds = digits(limit=24)
+    x, y = ds.tensors
+    model.train()  # grand_scores must evaluate in eval mode and restore train mode
+    fast = grand_scores(model, F.cross_entropy, x, y, chunk_size=16, factorise_linear=factorise)
+    assert model.training
+    model.eval()
+    slow = _loop_grand(model, x, y, list(model.parameters()))
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
+
+
+def test_grand_last_layer_closed_form_and_frozen_params():
+    torch.manual_seed(0)
+    model = MLP()
+    x, y = digits(limit=30).tensors
+    h = torch.nn.Sequential(*list(model)[:4])(x)
+    probs = model(x).softmax(-1)
+    err = (probs - F.one_hot(y, 10)).norm(dim=-1)
+    expected = err * torch.sqrt(h.square().sum(-1) + 1)  # weight grad (p - y) h^T, bias grad p - y
+    last = grand_scores(model, F.cross_entropy, x, y, last_layer=True)
+    torch.testing.assert_close(last, expected, rtol=1e-4, atol=1e-6)
+    # frozen parameters are excluded from "all trainable parameters"
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    partial = grand_scores(model, F.cross_entropy, x, y)
+    slow = _loop_grand(model, x, y, [p for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(partial, slow, rtol=1e-4, atol=1e-6)
+
+
+def test_forgetting_follows_toneva():
+    n = 4
+    last, forgotten, learned = (
+        torch.full((n,), -1, dtype=torch.int8),
+        torch.zeros(n, dtype=torch.long),
+        torch.zeros(n, dtype=torch.bool),
+    )
+    # rows: presentations; columns: examples
+    history = torch.tensor([[1, 0, 0, 1], [0, 1, 0, 1], [1, 0, 0, 1], [0, 1, 0, 1]])
+    for row in history:
+        forgetting_update_(last, forgotten, learned, torch.arange(n), row)
+    # brute force: count 1 -> 0 transitions per column
+    brute = [
+        sum(int(a == 1 and b == 0) for a, b in itertools.pairwise(column))
+        for column in history.T.tolist()
+    ]
+    assert forgotten.tolist() == brute == [2, 1, 0, 0]
+    scores = forgetting_scores(forgotten, learned)
+    assert scores[2] == math.inf  # never learned: hardest
+    assert select_indices(scores, 0.25).tolist() == [2]
+    assert select_indices(scores, 0.5).tolist() == [0, 2]
+
+
+def test_selection_modes():
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.7, 0.3, 0.8, 0.2, 0.6, 0.4, 1.0])
+    assert select_indices(scores, 0.3).tolist() == [1, 5, 9]
+    assert select_indices(scores, 0.3, "easiest").tolist() == [0, 4, 6]
+    assert select_indices(scores, 0.3, "offset", offset=0.2).tolist() == [3, 5, 7]
+    rnd = select_indices(scores, 0.5, "random", seed=3)
+    assert rnd.numel() == 5 and rnd.unique().numel() == 5
+    assert torch.equal(rnd, select_indices(scores, 0.5, "random", seed=3))
+    labels = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    assert select_indices(scores, 0.4, "class_balanced", labels=labels).tolist() == [1, 3, 5, 9]
+    assert select_indices(scores, 1.0).tolist() == list(range(10))
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5, float("nan")])
+def test_fraction_outside_unit_interval_is_refused(fraction):
+    with pytest.raises(ValueError, match=r"fraction must lie in \(0, 1\]"):
+        select_indices(torch.rand(10), fraction)
+    with pytest.raises(ValueError, match="fraction"):
+        RS2Sampler(digits(limit=10), fraction)
+
+
+def test_selection_refuses_nan_and_missing_labels():
+    with pytest.raises(ValueError, match="never scored"):
+        select_indices(torch.tensor([1.0, float("nan")]), 0.5)
+    with pytest.raises(ValueError, match="one label per score"):
+        select_indices(torch.rand(4), 0.5, "class_balanced")
+
+
+def test_fingerprint_and_score_dataset_mismatch(tmp_path):
+    ds = digits(limit=50)
+    labels = labels_of(ds)
+    fp = dataset_fingerprint(labels)
+    assert fp["size"] == 50
+    assert dataset_fingerprint(labels.flip(0)) != fp
+    path = tmp_path / "s.pt"
+    torch.save({"fingerprint": fp, "scores": torch.arange(50.0)}, path)
+    sub = pruned_subset(ds, str(path), 0.2)
+    assert sub.indices == list(range(40, 50))
+    with pytest.raises(ValueError, match="score/dataset mismatch"):
+        pruned_subset(digits(limit=60), str(path), 0.2)
+    with pytest.raises(ValueError, match="score/dataset mismatch"):
+        load_scores(str(path), labels.flip(0))
+    with pytest.raises(ValueError, match="score/dataset mismatch"):
+        pruned_subset(ds, torch.rand(49), 0.5)
+
+
+def test_indexed_dataset_and_missing_indices():
+    ds = IndexedDataset(digits(limit=8))
+    x, y, i = ds[3]
+    assert i == 3 and y == digits(limit=8)[3][1]
+    batch = torch.utils.data.default_collate([ds[j] for j in range(4)])
+    assert find_indices(batch).tolist() == [0, 1, 2, 3]
+    assert find_indices({"x": x, "index": torch.tensor([5])}).tolist() == [5]
+    with pytest.raises(ValueError, match="IndexedDataset"):
+        find_indices(torch.utils.data.default_collate([digits(limit=4)[j] for j in range(4)])[:1])
+    with pytest.raises(ValueError, match="IndexedDataset"):
+        plain = torch.utils.data.default_collate([digits(limit=4)[j] for j in range(4)])
+        find_indices([plain[0], x[:2]])
+
+
+def test_rs2_is_without_replacement_across_epochs():
+    n, fraction = 23, 0.3  # slice 7 does not divide 23: slices straddle permutations
+    m = round(n * fraction)
+    stream = torch.cat([rs2_epoch_indices(n, fraction, e, seed=1) for e in range(10)])
+    assert stream.numel() == 10 * m
+    for k in range(stream.numel() // n):  # every window of n consecutive positions per cycle
+        assert sorted(stream[k * n : (k + 1) * n].tolist()) == list(range(n))
+    # the sampler shards an epoch across ranks, covering it
+    ds = digits(limit=n)
+    shards = []
+    for rank in range(2):
+        s = RS2Sampler(ds, fraction, seed=1, num_replicas=2, rank=rank)
+        s.set_epoch(3)
+        shards.append(list(s))
+        assert len(s) == len(shards[-1])
+    assert set(shards[0]) | set(shards[1]) == set(
+        rs2_epoch_indices(n, fraction, 3, seed=1).tolist()
+    )
+
+
+def test_infobatch_rule():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.cat([torch.zeros(5000), torch.ones(5000)])  # mean 0.5
+    kept, weights = infobatch_prune(scores, 0.75, g)
+    dropped = torch.ones(10000, dtype=torch.bool)
+    dropped[kept] = False
+    assert not dropped[5000:].any()  # above mean: always kept
+    assert abs(dropped[:5000].float().mean().item() - 0.75) < 0.03
+    kept_low = kept[kept < 5000]
+    torch.testing.assert_close(weights[kept_low], torch.full_like(weights[kept_low], 4.0))
+    assert (weights[5000:] == 1).all()
+    # expected total weight is unchanged: sum of kept weights ~ number of examples
+    assert abs(weights[kept].sum().item() - 10000) / 10000 < 0.05
+    nan_kept, _ = infobatch_prune(torch.full((4,), float("nan")), 0.5, g)
+    assert nan_kept.tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="prune_prob"):
+        infobatch_prune(scores, 1.0, g)
+    sampler = InfoBatchSampler(digits(limit=100), seed=0)
+    sampler.configure(torch.arange(100.0), 0.5, pruning=True)
+    assert 60 <= len(list(sampler)) <= 90
+
+
+def test_distillation_loss():
+    s, t, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    torch.testing.assert_close(distillation_loss(s, t, y, alpha=0.0), F.cross_entropy(s, y))
+    torch.testing.assert_close(distillation_loss(s, s, y, alpha=1.0), torch.tensor(0.0))
+    kl = (
+        (F.softmax(t / 2, -1) * (F.log_softmax(t / 2, -1) - F.log_softmax(s / 2, -1)))
+        .sum(-1)
+        .mean()
+    )
+    torch.testing.assert_close(distillation_loss(s, t, y, temperature=2.0, alpha=1.0), 4 * kl)

@@ -12,6 +12,15 @@ Registrar = Callable[[argparse._SubParsersAction], None]
 REGISTRARS: list[Registrar] = []
 
 
+def _register_refine_schedule(sub: argparse._SubParsersAction) -> None:
+    from lightning_ext.callbacks.schedule import register_cli
+
+    register_cli(sub)
+
+
+REGISTRARS.append(_register_refine_schedule)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-ext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

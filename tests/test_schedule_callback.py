@@ -258,3 +258,14 @@ def test_lightning_cli_builds_the_callback_from_yaml(tmp_path):
         "refined.pt",
         100,
     )
+
+
+def test_sharded_strategies_are_refused_while_recording():
+    from types import SimpleNamespace
+
+    class FSDPStrategy:  # stands in for Lightning's, which refuses the CPU
+        pass
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), log_dir=None, default_root_dir=".")
+    with pytest.raises(ValueError, match="shards: use DDP"):
+        ScheduleRefinement().setup(trainer, None, "fit")

@@ -208,6 +208,13 @@ class ScheduleRefinement(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        strategy = type(trainer.strategy).__name__
+        if self.record and any(key in strategy for key in ("FSDP", "DeepSpeed", "ModelParallel")):
+            raise ValueError(
+                f"ScheduleRefinement records the gradient norm from each rank's local gradients, "
+                f"which under {strategy} are shards: use DDP, or record=False to only apply a "
+                "stored schedule"
+            )
         if self.schedule_path is not None:
             stored = load_schedule(self.schedule_path)
             if stored.numel() < 2 or not torch.isfinite(stored).all():

@@ -118,10 +118,11 @@ def main() -> None:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
-    rows, claims = [], []
+    rows, claims, shapes = [], [], []
     with tempfile.TemporaryDirectory() as workdir:
         for kind in args.models:
             results = {name: ([], []) for name in ("cosine", "linear", "refined")}
+            peaks, means_lr, norm_ratios = [], [], []
             for seed in range(args.seeds):
                 splits = digits_splits(seed=seed)
                 for name in ("cosine", "linear"):
@@ -133,6 +134,12 @@ def main() -> None:
                                    workdir, stored=str(refined))  # fmt: skip
                 results["refined"][0].append(loss)
                 results["refined"][1].append(acc)
+                schedule = torch.load(refined)["schedule"]
+                norms = torch.load(refined.with_name("grad_norms.pt"))["grad_norms"][0]
+                tenth = max(1, norms.numel() // 10)
+                peaks.append(float(schedule.argmax()) / (schedule.numel() - 1))
+                means_lr.append(float(schedule.mean()))
+                norm_ratios.append(float(norms[:tenth].mean() / norms[-tenth:].mean()))
                 print(kind, seed, {k: (v[0][-1], v[1][-1]) for k, v in results.items()}, flush=True)
             means = {}
             for name, (losses, accs) in results.items():
@@ -140,6 +147,9 @@ def main() -> None:
                 loss_cell = f"{statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f}"
                 acc_cell = f"{100 * statistics.mean(accs):.2f} ± {100 * statistics.stdev(accs):.2f}"
                 rows.append([kind, name, loss_cell, acc_cell])
+            mean = statistics.mean
+            shapes.append([kind, f"{mean(peaks):.2f}", f"{mean(means_lr):.3f}",
+                           f"{mean(norm_ratios):.1f}"])  # fmt: skip
             claims.append([kind, "yes" if means["linear"] <= means["cosine"] else "no",
                            "yes" if means["refined"] <= means["linear"] else "no"])  # fmt: skip
     body = (
@@ -150,6 +160,10 @@ def main() -> None:
         + markdown_table(["model", "schedule", "final train loss", "test accuracy"], rows)
         + "\n\nDo the paper's claims hold here (lower mean final training loss)?\n\n"
         + markdown_table(["model", "linear >= cosine", "refined >= linear"], claims)
+        + "\n\nShape of the refined schedules (means over seeds): where the peak lies (fraction of "
+        "the run), the mean LR multiplier (linear decay: 0.5), and the linear run's mean gradient "
+        "norm over its first tenth divided by that over its last tenth.\n\n"
+        + markdown_table(["model", "peak at", "mean multiplier", "G first/last tenth"], shapes)
     )
     command = "PYTHONPATH=. python examples/schedule_refinement.py " + " ".join(sys.argv[1:])
     write_result("schedule_refinement", "Schedule refinement on digits", body, command.strip())

@@ -200,14 +200,21 @@ def gradient_norm(grads: Sequence[Tensor], norm: Norm = "l2") -> Tensor:
     if not grads:
         raise ValueError("no gradients to take the norm of")
     order = 2 if norm == "l2" else 1
-    groups: dict[tuple, list[Tensor]] = defaultdict(list)
-    for g in grads:
-        groups[(g.device, g.dtype)].append(g)
-    device = grads[0].device
-    parts = []
+    first = grads[0]
+    if all(g.dtype == first.dtype and g.device == first.device for g in grads):
+        groups = {(first.device, first.dtype): list(grads)}  # the common case, kept cheap
+    else:
+        groups = defaultdict(list)
+        for g in grads:
+            groups[(g.device, g.dtype)].append(g)
+    parts: list[Tensor] = []
     for (_, dtype), group in groups.items():
         # Half-precision gradients accumulate their norm in float32; wider ones in their own dtype.
         low = dtype in (torch.float16, torch.bfloat16)
         parts.extend(torch._foreach_norm(group, order, dtype=torch.float32 if low else None))
-    stacked = torch.stack([p.to(device, torch.float32, non_blocking=True) for p in parts])
+    if len(groups) > 1:
+        parts = [p.to(first.device, torch.float32, non_blocking=True) for p in parts]
+    stacked = torch.stack(parts)
+    if stacked.dtype != torch.float32:
+        stacked = stacked.float()
     return stacked.norm(2) if norm == "l2" else stacked.sum()

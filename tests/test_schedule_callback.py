@@ -269,3 +269,28 @@ def test_sharded_strategies_are_refused_while_recording():
     trainer = SimpleNamespace(strategy=FSDPStrategy(), log_dir=None, default_root_dir=".")
     with pytest.raises(ValueError, match="shards: use DDP"):
         ScheduleRefinement().setup(trainer, None, "fit")
+
+
+def test_fp16_grad_scaler_records_unscaled_norms_and_drops_skipped_steps(tmp_path):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    # Lightning gives CPU 16-mixed no scaler; pass one so that steps overflow and get skipped.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**22)
+    cb, ref = ScheduleRefinement(output_dir=str(tmp_path)), ReferenceNorms()
+    trainer = quiet_trainer(
+        max_epochs=3,
+        callbacks=[cb, ref],
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        limit_val_batches=0,
+    )
+    with pytest.warns(UserWarning, match=r"dropping \d+ non-finite"):
+        trainer.fit(Classifier(net="cnn"), datamodule=DigitsDataModule(limit=256))
+    recorded = cb.grad_norms()[0]
+    finite = torch.isfinite(recorded)
+    assert recorded.numel() == 3 * STEPS_PER_EPOCH and 0 < int(finite.sum()) < recorded.numel()
+    assert scaler.get_scale() > 1000 and (recorded[finite] < 100).all()  # unscaled values
+    reference = torch.tensor(ref.norms, dtype=torch.float64)
+    torch.testing.assert_close(recorded[finite].double(), reference[finite], rtol=1e-5, atol=0)
+    refined = torch.load(tmp_path / "refined_schedule.pt")["schedule"]
+    expected = refine_schedule(recorded[finite], steps=recorded.numel())
+    assert torch.equal(refined, expected)

@@ -105,10 +105,13 @@ def write_refined_schedule(
     with ``plot_path``, a plot of norms and schedules. Returns what was saved.
 
     ``drop_nonfinite`` drops inf/nan norms (steps an fp16 grad scaler skipped) with a warning;
-    otherwise they are an error."""
+    otherwise they are an error. The schedule spans the whole record, dropped steps included."""
     schedules = [
         refine_schedule(
-            _finite(g, str(out_path), drop_nonfinite), norm=n, smoothing=smoothing, steps=steps
+            _finite(g, str(out_path), drop_nonfinite),
+            norm=n,
+            smoothing=smoothing,
+            steps=g.numel() if steps is None else steps,
         )
         for g, n in zip(grad_norms, norms)
     ]
@@ -369,6 +372,7 @@ class ScheduleRefinement(Callback):
             self._out / SCHEDULE_FILE,
             smoothing=self.smoothing,
             plot_path=plot,
+            drop_nonfinite=True,
         )
         schedule = payload["schedule"]
         summary = {

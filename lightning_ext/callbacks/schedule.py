@@ -170,6 +170,9 @@ class ScheduleRefinement(Callback):
         total_steps: the optimizer steps the stored schedule spans (default: the Trainer's
             ``estimated_stepping_batches``).
         plot: write ``refined_schedule.png`` (needs matplotlib).
+
+    Logs ``schedule/grad_norm`` and (drop-in) ``schedule/lr_scale`` per optimizer step to the
+    Trainer's loggers every ``log_every_n_steps`` steps, and a summary plus the plot at fit end.
     """
 
     def __init__(

@@ -111,7 +111,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--models", nargs="+", default=["logreg", "mlp", "cnn"])
-    parser.add_argument("--lr-multipliers", nargs="+", type=float, default=[0.5, 1.0, 2.0, 4.0])
+    parser.add_argument(
+        "--lr-multipliers", nargs="+", type=float, default=[0.5, 1.0, 2.0, 4.0, 8.0]
+    )
     args = parser.parse_args()
     args.lr_multipliers = sorted(set(args.lr_multipliers) | {1.0})
     torch.set_num_threads(1)

@@ -3,7 +3,9 @@
 For logistic regression, an MLP and a small CNN, over several seeds: train with cosine annealing,
 with linear decay (recording gradient norms with ScheduleRefinement), and with the schedule
 refined from that linear run's norms (ScheduleRefinement in drop-in mode: the module is the same).
-Reports final training loss and test accuracy (mean ± std) and whether Defazio et al.'s two claims
+Each schedule runs at a base peak LR and at multiples of it (--lr-multipliers), so that each can
+also be compared at its own best peak LR, as the paper does. Reports final training loss and
+test accuracy (mean ± std) and whether Defazio et al.'s two claims
 (linear >= cosine, refined >= linear) hold here. Writes benchmarks/results/schedule_refinement.md.
 
     PYTHONPATH=. python examples/schedule_refinement.py            # 5 seeds, ~ a few minutes

@@ -78,6 +78,12 @@ def test_records_the_norm_the_optimizer_uses_and_writes_the_refined_schedule(
     assert refined["schedule"].max() == 1 and refined["schedule"][-1] == 0
     assert (tmp_path / "out" / "refined_schedule.png").stat().st_size > 1000
 
+    # The CLI on the saved record (norm kind read from the file) gives the same schedule and a plot.
+    again, plot = tmp_path / "again.pt", tmp_path / "again.png"
+    args = ["refine-schedule", str(tmp_path / "out" / "grad_norms.pt"), "-o", str(again)]
+    assert cli_main([*args, "--plot", str(plot)]) == 0
+    assert torch.equal(torch.load(again)["schedule"], expected) and plot.stat().st_size > 1000
+
 
 def test_bf16_mixed_records_finite_norms_of_the_float32_gradients(tmp_path):
     cb, ref = ScheduleRefinement(output_dir=str(tmp_path)), ReferenceNorms()

@@ -323,7 +323,7 @@ class ScheduleRefinement(Callback):
     def _flush(self, trainer: pl.Trainer) -> None:
         """Send every step's values since the last flush to the loggers, one row per optimizer
         step: one host copy per ``log_every_n_steps`` steps. (``pl_module.log`` every step was
-        measured at ~1 ms per call on CPU, costlier than the recording itself.)"""
+        measured at 0.5-1 ms per call on CPU, costlier than the recording itself.)"""
         rows: dict[int, dict[str, float]] = defaultdict(dict)
         many = len(self._records) > 1
         for i, record in enumerate(self._records):

@@ -7,14 +7,14 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from lightning_ext import ema_cli, soup_cli
+from lightning_ext import ema_cli, schedule_cli, soup_cli
 
 # Each entry adds one subcommand: a function taking the subparsers object and registering a parser
 # whose ``func`` default is the handler (returning an exit code).
 Registrar = Callable[[argparse._SubParsersAction], None]
 
 
-REGISTRARS: list[Registrar] = [ema_cli.register, soup_cli.register]
+REGISTRARS: list[Registrar] = [ema_cli.register, soup_cli.register, schedule_cli.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,8 @@ from lightning_ext.functional.merging import *  # noqa: F403
 from lightning_ext.functional.merging import __all__ as _merging_all
 from lightning_ext.functional.pruning import *  # noqa: F403
 from lightning_ext.functional.pruning import __all__ as _pruning_all
+from lightning_ext.functional.schedules import *  # noqa: F403
+from lightning_ext.functional.schedules import __all__ as _schedules_all
 from lightning_ext.functional.sparsity import *  # noqa: F403
 from lightning_ext.functional.sparsity import __all__ as _sparsity_all
 
@@ -22,5 +24,6 @@ __all__ = [
     *_interpolation_all,
     *_merging_all,
     *_pruning_all,
+    *_schedules_all,
     *_sparsity_all,
 ]

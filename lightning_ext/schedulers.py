@@ -1,0 +1,153 @@
+"""Standard torch LR schedulers over the multipliers in ``lightning_ext.functional.schedules``.
+
+Each one scales every param group's base learning rate by a multiplier of the step count; step
+them once per optimizer step (Lightning: ``"interval": "step"``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from lightning_ext.functional.schedules import (
+    infinite_schedule,
+    linear_decay,
+    resample_schedule,
+    warmup_stable_decay,
+)
+
+__all__ = [
+    "InfiniteScheduleLR",
+    "LinearDecayLR",
+    "StoredScheduleLR",
+    "WarmupStableDecayLR",
+    "load_schedule",
+]
+
+
+def load_schedule(path: str | os.PathLike) -> Tensor:
+    """A schedule file written by ``ScheduleRefinement`` or ``lightning-ext refine-schedule`` (a
+    dict with key ``"schedule"``), a bare 1-D tensor saved with torch.save, or a text file with
+    one value per line."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"schedule file {path!r} does not exist")
+    if path.endswith((".txt", ".csv")):
+        with open(path) as handle:
+            values = [float(line.split(",")[-1]) for line in handle if line.strip()]
+        return torch.tensor(values, dtype=torch.float64)
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict):
+        if "schedule" not in obj:
+            raise KeyError(f"{path!r} holds a dict without a 'schedule' entry: {sorted(obj)}")
+        obj = obj["schedule"]
+    if isinstance(obj, list | tuple) and obj and isinstance(obj[0], Tensor):
+        obj = obj[0]  # one schedule per optimizer: the first
+    return torch.as_tensor(obj, dtype=torch.float64)
+
+
+class _MultiplierLR(LRScheduler):
+    """lr = base_lr * multiplier(step) for every param group."""
+
+    def multiplier(self, step: int) -> float:
+        raise NotImplementedError
+
+    def get_lr(self) -> list[float]:
+        scale = self.multiplier(self.last_epoch)
+        return [base * scale for base in self.base_lrs]
+
+    _get_closed_form_lr = get_lr
+
+
+class StoredScheduleLR(_MultiplierLR):
+    """Follows a stored schedule (a tensor, a list or a schedule file), resampled to
+    ``total_steps`` optimizer steps; after the last step it stays at the last value."""
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        schedule: Tensor | Sequence[float] | str,
+        total_steps: int,
+        last_epoch: int = -1,
+    ) -> None:
+        values = load_schedule(schedule) if isinstance(schedule, str) else schedule
+        self.values = resample_schedule(values, total_steps).tolist()
+        super().__init__(optimizer, last_epoch)
+
+    def multiplier(self, step: int) -> float:
+        return self.values[min(step, len(self.values) - 1)]
+
+
+class LinearDecayLR(_MultiplierLR):
+    """``1 - step / total_steps``: the schedule that matches or beats cosine (Defazio et al.)."""
+
+    def __init__(self, optimizer: Optimizer, total_steps: int, last_epoch: int = -1) -> None:
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.total_steps = total_steps
+        super().__init__(optimizer, last_epoch)
+
+    def multiplier(self, step: int) -> float:
+        return linear_decay(step, self.total_steps)
+
+
+class WarmupStableDecayLR(_MultiplierLR):
+    """Warm-up, constant, then linear decay over the last ``decay_fraction`` of the run."""
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        total_steps: int,
+        warmup_fraction: float = 0.0,
+        decay_fraction: float = 0.2,
+        final: float = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
+        self.total_steps, self.final = total_steps, final
+        self.warmup_fraction, self.decay_fraction = warmup_fraction, decay_fraction
+        warmup_stable_decay(0, total_steps, warmup_fraction=warmup_fraction,
+                            decay_fraction=decay_fraction, final=final)  # fmt: skip
+        super().__init__(optimizer, last_epoch)
+
+    def multiplier(self, step: int) -> float:
+        return warmup_stable_decay(
+            step,
+            self.total_steps,
+            warmup_fraction=self.warmup_fraction,
+            decay_fraction=self.decay_fraction,
+            final=self.final,
+        )
+
+
+class InfiniteScheduleLR(_MultiplierLR):
+    """The infinite schedule: warm-up, cosine cool-down, constant, optional exponential anneal."""
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        warmup_steps: int = 0,
+        cooldown_steps: int = 0,
+        constant_level: float = 1.0,
+        anneal_start: int | None = None,
+        anneal_steps: int = 0,
+        min_level: float = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
+        self.options = dict(
+            warmup_steps=warmup_steps,
+            cooldown_steps=cooldown_steps,
+            constant_level=constant_level,
+            anneal_start=anneal_start,
+            anneal_steps=anneal_steps,
+            min_level=min_level,
+        )
+        infinite_schedule(0, **self.options)  # validates the options before any step
+        super().__init__(optimizer, last_epoch)
+
+    def multiplier(self, step: int) -> float:
+        return infinite_schedule(step, **self.options)

@@ -13,6 +13,7 @@ from lightning_ext.callbacks import (
     DynamicSparseTraining,
     ModelSoup,
     PostHocEMA,
+    ScheduleRefinement,
 )
 from tests.helpers.data import DigitsDataModule, digits
 from tests.helpers.models import Classifier
@@ -31,6 +32,7 @@ def make_callbacks(tmp_path):
             DataPruningScores("el2n", at_epoch=1, output_path=str(tmp_path / "el2n.pt")),
             WARP(anchor="ema", mu=0.1),
             ModelSoup(method="uniform", monitor="val_acc", dirpath=str(tmp_path / "soup")),
+            ScheduleRefinement(output_dir=str(tmp_path / "schedule"), plot=False),
         ]
 
     return build
@@ -47,13 +49,15 @@ def test_every_callback_on_one_trainer_resumes_bitwise(tmp_path):
         accumulate_grad_batches=2,
         limit_val_batches=2,
     )
-    sparse, ema, posthoc, continual, _scores, warp, soup = result.resumed_callbacks
+    sparse, ema, posthoc, continual, _scores, warp, soup, schedule = result.resumed_callbacks
     steps = 9  # 3 epochs x 3 optimizer steps (5 batches, accumulation 2)
     assert ema.num_updates == steps and posthoc.num_updates == steps
     assert sparse.updates >= 1
     assert continual.records and continual.records[-1]["step"] == steps
     assert (tmp_path / "el2n.pt").exists()
     assert warp.updates == steps
+    assert (tmp_path / "schedule" / "refined_schedule.pt").exists()
+    assert [r.numel() for r in schedule.grad_norms()] == [steps]
     weights = dict(result.resumed_module.named_parameters())
     assert torch.isfinite(torch.cat([w.flatten() for w in weights.values()])).all()
     assert soup.result is not None and len(soup.ingredients) == 3  # one snapshot per epoch

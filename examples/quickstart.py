@@ -1,7 +1,9 @@
 """lightning-ext quick start: the library's callbacks on one ordinary LightningModule.
 
-Trains a small CNN on scikit-learn's bundled digits (CPU, about a minute), logging to CSV and to
-wandb in offline mode, and prints a results table. Run with ``make demo`` or
+Trains a small CNN on scikit-learn's bundled digits four times (CPU, about a minute in all): with
+EMA, post-hoc EMA, gradient-norm recording and EL2N scoring; with the LR schedule refined from that
+run; sparse with RigL; and on the EL2N-hardest half of the data. The first run logs to CSV and to
+wandb in offline mode. Prints a results table. Run with ``make demo`` or
 ``WANDB_MODE=offline python examples/quickstart.py``.
 """
 
@@ -19,9 +21,15 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_ext.callbacks import EMA, PostHocEMA
+from lightning_ext.callbacks import (
+    EMA,
+    DataPruningScores,
+    DynamicSparseTraining,
+    PostHocEMA,
+    ScheduleRefinement,
+)
 from lightning_ext.callbacks.posthoc_ema import posthoc_ema_state_dict
-from lightning_ext.data import digits_splits
+from lightning_ext.data import digits_splits, pruned_subset
 
 
 class DigitsCNN(pl.LightningModule):
@@ -68,6 +76,27 @@ def evaluate(
     return (logits.argmax(-1) == y).float().mean().item(), F.cross_entropy(logits, y).item()
 
 
+def fit(
+    epochs: int,
+    callbacks: list[pl.Callback],
+    train: DataLoader,
+    val: DataLoader,
+    out: Path,
+    loggers: list | bool = False,
+) -> tuple[DigitsCNN, float]:
+    """One ordinary fit of the same module with the given callbacks; returns it and its seconds."""
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=epochs, logger=loggers, callbacks=callbacks,
+        log_every_n_steps=10, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=out,
+    )  # fmt: skip
+    model = DigitsCNN()
+    start = time.perf_counter()
+    trainer.fit(model, train, val)
+    return model, time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=6)
@@ -76,50 +105,62 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    pl.seed_everything(0, verbose=False)
     out = Path(args.out)
 
     splits = digits_splits(seed=0)
     train = DataLoader(splits["train"], batch_size=32, shuffle=True)
     val = DataLoader(splits["val"], batch_size=256)
     x_test, y_test = splits["test"].tensors
+    rows: list[tuple[str, tuple[float, float]]] = []
 
+    # 1. One fit with EMA, post-hoc EMA snapshots, gradient-norm recording and EL2N scores.
     ema = EMA(decay=0.995, warmup_gamma=1.0, validate_on="both", apply_on_fit_end=False)
     posthoc = PostHocEMA(sigma_rels=(0.05, 0.10), snapshot_every_n_steps=20,
                          snapshot_dir=str(out / "posthoc_ema"))  # fmt: skip
+    schedule = ScheduleRefinement(output_dir=str(out / "schedule"), plot=False)
+    scores = DataPruningScores(
+        "el2n", at_epoch=min(2, args.epochs), output_path=str(out / "el2n.pt")
+    )
     loggers = [
         CSVLogger(out, name="csv"),
         WandbLogger(save_dir=str(out), project="quickstart", offline=True),
     ]
-    trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=args.epochs, logger=loggers, callbacks=[ema, posthoc],
-        log_every_n_steps=10, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=out,
-    )  # fmt: skip
-    model = DigitsCNN()
-    start = time.perf_counter()
-    trainer.fit(model, train, val)
-    seconds = time.perf_counter() - start
-
-    rows = [
-        ("live weights", evaluate(model, None, x_test, y_test)),
-        ("EMA (decay 0.995, warm-up)", evaluate(model, ema.ema_state_dict(), x_test, y_test)),
-    ]
+    model, seconds = fit(args.epochs, [ema, posthoc, schedule, scores], train, val, out, loggers)
+    rows.append(("plain training (live weights)", evaluate(model, None, x_test, y_test)))
+    rows.append(
+        ("EMA (decay 0.995, warm-up)", evaluate(model, ema.ema_state_dict(), x_test, y_test))
+    )
     for sigma in (0.03, 0.05, 0.08, 0.10, 0.15):
         state = posthoc_ema_state_dict(out / "posthoc_ema", sigma)
         rows.append((f"post-hoc EMA sigma_rel={sigma}", evaluate(model, state, x_test, y_test)))
+
+    # 2. Rerun with the learning-rate schedule refined from run 1's gradient norms.
+    refined = ScheduleRefinement(schedule_path=str(out / "schedule" / "refined_schedule.pt"),
+                                 record=False)  # fmt: skip
+    model, _ = fit(args.epochs, [refined], train, val, out)
+    rows.append(("refined LR schedule (from run 1)", evaluate(model, None, x_test, y_test)))
+
+    # 3. Sparse from scratch: RigL keeps 20% of the conv/linear weights.
+    sparse = DynamicSparseTraining(density=0.2, method="rigl", delta_t=20)
+    model, _ = fit(args.epochs, [sparse], train, val, out)
+    rows.append(("RigL, 80% sparse", evaluate(model, None, x_test, y_test)))
+
+    # 4. Data pruning: keep the 50% of the training set with the highest EL2N (from run 1).
+    half = pruned_subset(splits["train"], str(out / "el2n.pt"), fraction=0.5)
+    model, _ = fit(args.epochs, [], DataLoader(half, batch_size=32, shuffle=True), val, out)
+    rows.append(("50% of the data, hardest by EL2N", evaluate(model, None, x_test, y_test)))
+
     wandb_run = loggers[1].experiment
     wandb_run.summary.update({f"test_acc/{name}": acc for name, (acc, _) in rows})
     wandb_run.finish()
 
     width = max(len(name) for name, _ in rows)
-    print(
-        f"\nTrained {args.epochs} epochs on digits in {seconds:.1f}s ({trainer.global_step} steps)."
-    )
-    print(f"{'weights':<{width}}  test accuracy  test loss")
+    print(f"\nDigits, {args.epochs} epochs per run; run 1 trained in {seconds:.1f}s.")
+    print(f"{'model':<{width}}  test accuracy  test loss")
     for name, (acc, loss) in rows:
         print(f"{name:<{width}}  {100 * acc:12.2f}%  {loss:9.4f}")
     print(f"\nCSV metrics: {loggers[0].log_dir}/metrics.csv; wandb (offline): {out}/wandb")
+    print("Continual evaluation, model soups and WARP have their own scripts in examples/.")
 
 
 if __name__ == "__main__":

@@ -27,5 +27,6 @@ def test_quickstart_runs_and_prints_its_table(tmp_path):
         env={**__import__("os").environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "EMA (decay 0.995, warm-up)" in result.stdout and "post-hoc EMA" in result.stdout
+    for row in ("EMA (decay 0.995", "post-hoc EMA", "refined LR", "RigL", "hardest by EL2N"):
+        assert row in result.stdout, row
     assert list(out.rglob("metrics.csv")) and list(out.rglob("run-*.wandb"))

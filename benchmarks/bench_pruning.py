@@ -129,8 +129,8 @@ def main() -> None:
                 "torch.func vmap(grad) for all": lambda m=model: grand_scores(
                     m, F.cross_entropy, x, y, factorise_linear=False
                 ),
-                "default: linear layers factorised, rest torch.func": lambda m=model: grand_scores(
-                    m, F.cross_entropy, x, y
+                "default: closed forms (linear, conv, BN), rest torch.func": lambda m=model: (
+                    grand_scores(m, F.cross_entropy, x, y)
                 ),
                 "torch.func, last layer only": lambda m=model: grand_scores(
                     m, F.cross_entropy, x, y, last_layer=True

@@ -70,7 +70,26 @@ class SharedLinear(torch.nn.Module):
         return self.out(h) + self.tied(h.flip(-1))
 
 
-@pytest.mark.parametrize("net", [MLP, CNN, TinyTransformer, SharedLinear])
+class OddConvs(torch.nn.Module):
+    """Layers the closed forms cover (dilated bias-free conv, BatchNorm1d with running statistics)
+    and one they must leave to torch.func (grouped conv)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dilated = torch.nn.Conv2d(1, 4, 3, padding=2, dilation=2, bias=False)
+        self.grouped = torch.nn.Conv2d(4, 4, 3, padding=1, stride=2, groups=2)
+        self.norm = torch.nn.BatchNorm1d(64)  # eval mode: running statistics, set non-trivially
+        self.norm.running_mean.uniform_(-1, 1)
+        self.norm.running_var.uniform_(0.5, 2)
+        self.norm.weight.data.uniform_(0.5, 1.5)
+        self.head = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.grouped(torch.relu(self.dilated(x.view(-1, 1, 8, 8)))))
+        return self.head(self.norm(h.flatten(1)))
+
+
+@pytest.mark.parametrize("net", [MLP, CNN, TinyTransformer, SharedLinear, OddConvs])
 @pytest.mark.parametrize("factorise", [True, False])
 def test_grand_matches_a_per_sample_loop(net, factorise):
     torch.manual_seed(0)

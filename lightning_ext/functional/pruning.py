@@ -88,9 +88,11 @@ def grand_scores(
 
     Parameters of plain ``nn.Linear`` layers that see 2-D inputs once per forward are handled by
     the factorisation ``‖∇W‖² = ‖a‖²·‖g‖²`` (layer input ``a``, gradient ``g`` at its output, one
-    batched backward), unless ``factorise_linear=False``. Every other parameter gets per-sample
-    gradients from ``torch.func`` (``vmap`` over ``grad``), ``chunk_size`` samples at a time; by
-    default as many as keep one chunk's gradients within ``GRAND_CHUNK_ELEMENTS`` numbers.
+    batched backward), and those of ungrouped ``nn.Conv2d`` layers by ``‖G_i U_iᵀ‖²`` (output
+    gradient times unfolded input patches), unless ``factorise_linear=False``. Every other
+    parameter gets per-sample gradients from ``torch.func`` (``vmap`` over ``grad``),
+    ``chunk_size`` samples at a time; by default as many as keep one chunk's gradients within
+    ``GRAND_CHUNK_ELEMENTS`` numbers.
     ``last_layer=True`` restricts the gradient to the parameters of the last module that has
     trainable parameters (DeepCore's cheaper approximation), which is no longer the paper's score.
     """
@@ -138,7 +140,7 @@ def _linear_squared_norms(
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         weight = f"{prefix}weight"
-        if type(module) is nn.Linear and weight in wrt and holders[id(module.weight)] == 1:
+        if _factorisable(module) and weight in wrt and holders[id(module.weight)] == 1:
             candidates[name] = (module, weight, f"{prefix}bias")
     squared = torch.zeros(inputs.shape[0], device=inputs.device)
     if not candidates:
@@ -151,11 +153,17 @@ def _linear_squared_norms(
 
         return hook
 
+    def _ndim_ok(name: str, calls: list[tuple[Tensor, Tensor]]) -> bool:
+        kind = type(candidates[name][0])
+        return (
+            calls[0][0].ndim == 2 if kind is nn.Linear else calls[0][0].ndim == 4 or kind in _NORMS
+        )
+
     handles = [m.register_forward_hook(recorder(n)) for n, (m, _, _) in candidates.items()]
     try:
         with torch.enable_grad():
             out = model(inputs)
-            eligible = [n for n, calls in seen.items() if len(calls) == 1 and calls[0][0].ndim == 2]
+            eligible = [n for n, calls in seen.items() if len(calls) == 1 and _ndim_ok(n, calls)]
             outputs = [seen[n][0][1] for n in eligible]
             # The mean loss times N is the sum of per-sample losses: its gradient at a layer's
             # output is each sample's own gradient there.
@@ -172,10 +180,55 @@ def _linear_squared_norms(
             covered.add(bias)
         if g is None:
             continue
-        g_sq = g.float().square().sum(1)
-        a_sq = seen[name][0][0].float().square().sum(1)
-        squared += a_sq * g_sq + (g_sq if bias in wrt else 0.0)
+        module, a = candidates[name][0], seen[name][0][0].float()
+        if type(module) in _NORMS:
+            # Eval-mode BatchNorm is a per-channel affine map of the normalised input x_hat:
+            # per sample, dgamma_c = sum over positions of g * x_hat, dbeta_c = sum of g.
+            shape = (1, -1) + (1,) * (a.ndim - 2)
+            x_hat = (a - module.running_mean.view(shape)) * torch.rsqrt(
+                module.running_var.view(shape) + module.eps
+            )
+            dims = tuple(range(2, a.ndim))
+            g32 = g.float()
+            squared += (
+                (g32 * x_hat).sum(dims).square().sum(1) if dims else (g32 * x_hat).square().sum(1)
+            )
+            if bias in wrt:
+                squared += (g32.sum(dims) if dims else g32).square().sum(1)
+            continue
+        if type(module) is nn.Linear:
+            g_sq = g.float().square().sum(1)
+            squared += a.square().sum(1) * g_sq + (g_sq if bias in wrt else 0.0)
+            continue
+        # Conv2d: each sample's weight gradient is G_i U_i^T, with G_i its output gradient
+        # (out_channels x positions) and U_i its unfolded input patches (patch size x positions).
+        patches = F.unfold(
+            a, module.kernel_size, module.dilation, module.padding, module.stride
+        )  # (N, patch, positions)
+        g_flat = g.float().flatten(2)  # (N, out_channels, positions)
+        squared += torch.bmm(g_flat, patches.transpose(1, 2)).square().sum((1, 2))
+        if bias in wrt:
+            squared += g_flat.sum(2).square().sum(1)
     return squared, covered
+
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _factorisable(module: nn.Module) -> bool:
+    """Layers whose per-sample weight gradients have a closed form from one batched backward:
+    plain Linear, 2-D convolutions without groups and with zero padding given as numbers, and
+    affine BatchNorm with running statistics (grand_scores evaluates in eval mode)."""
+    if type(module) is nn.Linear:
+        return True
+    if type(module) in _NORMS:
+        return module.affine and module.track_running_stats
+    return (
+        type(module) is nn.Conv2d
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
 
 
 def _vmap_squared_norms(

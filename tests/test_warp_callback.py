@@ -148,18 +148,12 @@ def test_wandb_offline_run_receives_anchor_metrics(tmp_path):
 
 
 def _read_wandb_run(save_dir, key: str, count: int):
-    """The offline run once wandb's service has flushed ``count`` values of ``key`` (it writes
-    asynchronously after ``finish``)."""
-    import time
-
+    """The finished offline run, checked to hold at least ``count`` values of ``key``."""
     from tests.helpers.wandb_reader import read_offline_runs
 
-    for _ in range(120):
-        runs = read_offline_runs(save_dir)
-        if runs and len(runs[0].series(key)) >= count:
-            return runs[0]
-        time.sleep(0.25)
-    raise AssertionError(f"wandb never wrote {count} values of {key}")
+    (run,) = read_offline_runs(save_dir)  # waits until wandb has flushed the run's exit record
+    assert len(run.series(key)) >= count, f"wandb wrote fewer than {count} values of {key}"
+    return run
 
 
 def test_lightning_cli_builds_the_callback_from_yaml(tmp_path):

@@ -110,6 +110,21 @@ def test_resume_is_bitwise_exact(tmp_path, kind):
     assert result.resumed_callbacks[0].updates == (12 if kind == "ema" else 4)
 
 
+def test_resume_is_bitwise_exact_with_gradient_accumulation(tmp_path):
+    """5 batches per epoch with accumulation 2: the first batch after resume takes no step."""
+    result = check_resume_exact(
+        lambda: KLClassifier(optimizer="adam", lr=1e-2),
+        lambda: [WARP(anchor="ema")],
+        lambda: DigitsDataModule(batch_size=32, limit=160),
+        tmp_path,
+        max_epochs=3,
+        split_epoch=1,
+        limit_val_batches=0,
+        accumulate_grad_batches=2,
+    )
+    assert result.resumed_callbacks[0].updates == 9  # 3 optimizer steps per epoch
+
+
 def test_gradient_accumulation_updates_once_per_optimizer_step():
     warp = WARP(mu=0.05)
     _, trainer = _fit([warp], accumulate_grad_batches=2)

@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from lightning_ext.callbacks._steps import OptimizerStepWatch
 from lightning_ext.functional.ema import ema_update_
 
 AnchorKind = Literal["ema", "init", "sync"]
@@ -60,7 +61,7 @@ class WARP(Callback):
         self.kind: AnchorKind = anchor
         self.mu, self.alpha, self.tau = float(mu), float(alpha), int(tau)
         self.updates = 0
-        self._last_step = 0
+        self._steps = OptimizerStepWatch()
         self._anchor: pl.LightningModule | None = None
         self._pairs: list[tuple[list[Tensor], list[Tensor]]] = []  # (anchor floats, policy floats)
         self._copies: list[tuple[Tensor, Tensor]] = []  # integer buffers: (anchor, policy)
@@ -100,7 +101,7 @@ class WARP(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._build_anchor(pl_module)
-        self.updates, self._last_step = 0, trainer.global_step
+        self.updates = 0
         if self._pending_state is not None:  # load_state_dict came first
             self._apply_state(self._pending_state)
             self._pending_state = None
@@ -130,6 +131,11 @@ class WARP(Callback):
         self._pairs = list(floats.values())
 
     # -- updates ---------------------------------------------------------------------------
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._steps.batch_started(trainer)
+
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -138,10 +144,9 @@ class WARP(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        step = trainer.global_step
-        if step == self._last_step:  # no optimizer step in this batch (gradient accumulation)
+        if not self._steps.stepped(trainer):  # no optimizer step in this batch (accumulation)
             return
-        self._last_step = step
+        step = trainer.global_step
         if self.kind == "ema":
             self._move_towards_policy(self.mu)
         elif self.kind == "sync" and step % self.tau == 0:
@@ -175,7 +180,6 @@ class WARP(Callback):
             "alpha": self.alpha,
             "tau": self.tau,
             "updates": self.updates,
-            "last_step": self._last_step,
             "anchor": None if self._anchor is None else self._anchor.state_dict(),
         }
 
@@ -195,4 +199,4 @@ class WARP(Callback):
         assert self._anchor is not None
         if state["anchor"] is not None:
             self._anchor.load_state_dict(state["anchor"])
-        self.updates, self._last_step = int(state["updates"]), int(state["last_step"])
+        self.updates = int(state["updates"])

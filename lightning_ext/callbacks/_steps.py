@@ -1,23 +1,41 @@
-"""Detect optimizer steps from batch hooks, robust to gradient accumulation and resumption."""
+"""A callback base for work that must follow each optimizer step (weight averaging, anchors)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
 
 
-class OptimizerStepWatch:
-    """Remembers ``global_step`` when a batch starts; the batch stepped iff it changed by the end.
+class AfterOptimizerStep(Callback):
+    """Calls ``on_optimizer_step_done`` at the end of every batch that took an optimizer step.
 
-    Comparing against the step seen at the previous batch end is wrong right after a resume
-    (hooks that run before the loops restore their counters see step 0), so the reference is
-    taken at every batch start instead.
+    Lightning has no callback hook after ``optimizer.step``; ``on_train_batch_end`` runs for every
+    batch, including those that only accumulate gradients. A batch stepped iff ``global_step``
+    changed between its start and its end. Comparing against the step seen at the previous batch
+    end instead is wrong right after a resume (hooks that run before the loops restore their
+    counters see step 0), so the reference is taken at every batch start.
     """
 
-    def __init__(self) -> None:
-        self._at_batch_start: int | None = None
+    _step_at_batch_start: int | None = None
 
-    def batch_started(self, trainer: pl.Trainer) -> None:
-        self._at_batch_start = trainer.global_step
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step_at_batch_start = trainer.global_step
 
-    def stepped(self, trainer: pl.Trainer) -> bool:
-        return self._at_batch_start is not None and trainer.global_step != self._at_batch_start
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        start = self._step_at_batch_start
+        if start is not None and trainer.global_step != start:
+            self.on_optimizer_step_done(trainer, pl_module)
+
+    def on_optimizer_step_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Runs after each optimizer step, with ``trainer.global_step`` already advanced."""

@@ -9,14 +9,13 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_ext._io import atomic_torch_save
 from lightning_ext.callbacks._shadow import ShadowWeights, TrackedTensors
-from lightning_ext.callbacks._steps import OptimizerStepWatch
+from lightning_ext.callbacks._steps import AfterOptimizerStep
 from lightning_ext.functional.ema import ema_decay_at
 
 __all__ = ["EMA", "ema_state_dict_from_checkpoint", "export_ema"]
@@ -26,7 +25,7 @@ _UNSUPPORTED_STRATEGIES = ("DeepSpeedStrategy",)
 _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
 
 
-class EMA(Callback):
+class EMA(AfterOptimizerStep):
     """Keep an exponential moving average of the weights and evaluate on it.
 
     After every ``update_every_n_steps``-th optimizer step (from ``start_step``):
@@ -108,7 +107,6 @@ class EMA(Callback):
         self.started = start_step == 0
         self._shadow: ShadowWeights | None = None
         self._loaded: dict[str, Any] | None = None
-        self._steps = OptimizerStepWatch()
         self._swapped = False
         self._pointer_swap = True
         self._backup: list[Tensor] | None = None
@@ -187,21 +185,7 @@ class EMA(Callback):
         self._ensure_shadow(pl_module)
         self._applied = False
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._steps.batch_started(trainer)
-
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        if not self._steps.stepped(trainer):  # accumulating gradients: no optimizer step
-            return
+    def on_optimizer_step_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
         if step < max(self.start_step, 1) or (step - self.start_step) % self.update_every_n_steps:
             return

@@ -14,12 +14,11 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightning_ext._io import atomic_torch_save, atomic_write_json
 from lightning_ext.callbacks._shadow import ShadowWeights, TrackedTensors
-from lightning_ext.callbacks._steps import OptimizerStepWatch
+from lightning_ext.callbacks._steps import AfterOptimizerStep
 from lightning_ext.functional.ema import (
     posthoc_ema_coefficients,
     power_ema_beta,
@@ -31,7 +30,7 @@ __all__ = ["PostHocEMA", "posthoc_ema_state_dict", "write_posthoc_ema"]
 INDEX_FILE = "posthoc_ema_index.json"
 
 
-class PostHocEMA(Callback):
+class PostHocEMA(AfterOptimizerStep):
     """Track power-function EMAs with relative widths ``sigma_rels`` and snapshot them to disk.
 
     Args:
@@ -72,7 +71,6 @@ class PostHocEMA(Callback):
         self.snapshots: list[dict[str, Any]] = []
         self._shadows: list[ShadowWeights] = []
         self._loaded: list[dict[str, Tensor]] | None = None
-        self._steps = OptimizerStepWatch()
         self._dir: Path | None = None
 
     @property
@@ -94,20 +92,8 @@ class PostHocEMA(Callback):
                 shadow.load_state_dict(state, "PostHocEMA state in the checkpoint")
             self._loaded = None
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._steps.batch_started(trainer)
-
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        if not self._steps.stepped(trainer) or trainer.global_step % self.update_every_n_steps:
+    def on_optimizer_step_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step % self.update_every_n_steps:
             return
         self.num_updates += 1
         for gamma, shadow in zip(self.gammas, self._shadows):

@@ -22,16 +22,15 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from lightning_ext.callbacks._steps import OptimizerStepWatch
+from lightning_ext.callbacks._steps import AfterOptimizerStep
 from lightning_ext.functional.ema import ema_update_
 
 AnchorKind = Literal["ema", "init", "sync"]
 
 
-class WARP(Callback):
+class WARP(AfterOptimizerStep):
     """Keep the KL anchor of a fine-tuning: an EMA of the policy, its initialisation, or a
     periodically synchronised copy.
 
@@ -61,7 +60,6 @@ class WARP(Callback):
         self.kind: AnchorKind = anchor
         self.mu, self.alpha, self.tau = float(mu), float(alpha), int(tau)
         self.updates = 0
-        self._steps = OptimizerStepWatch()
         self._anchor: pl.LightningModule | None = None
         self._pairs: list[tuple[list[Tensor], list[Tensor]]] = []  # (anchor floats, policy floats)
         self._copies: list[tuple[Tensor, Tensor]] = []  # integer buffers: (anchor, policy)
@@ -131,21 +129,7 @@ class WARP(Callback):
         self._pairs = list(floats.values())
 
     # -- updates ---------------------------------------------------------------------------
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._steps.batch_started(trainer)
-
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        if not self._steps.stepped(trainer):  # no optimizer step in this batch (accumulation)
-            return
+    def on_optimizer_step_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
         if self.kind == "ema":
             self._move_towards_policy(self.mu)

@@ -6,35 +6,23 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from lightning_ext.callbacks._steps import AfterOptimizerStep
 
-class WeightRecorder(Callback):
+
+class WeightRecorder(AfterOptimizerStep):
     """Copies the module's state dict after every optimizer step (one entry per global step)."""
 
     def __init__(self) -> None:
         self.states: list[dict[str, Tensor]] = []
         self.initial: dict[str, Tensor] | None = None
-        self._last = -1
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.initial = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        self._last = trainer.global_step
-
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        if trainer.global_step != self._last:
-            self._last = trainer.global_step
-            self.states.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+    def on_optimizer_step_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.states.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -45,9 +45,17 @@ class TrackedTensors:
                 copy.append(buf)
         return cls(avg_names, avg, copy_names, copy)
 
+    @property
+    def names(self) -> list[str]:
+        return self.averaged_names + self.copied_names
+
+    @property
+    def tensors(self) -> list[Tensor]:
+        """Averaged then copied tensors, in ``names`` order."""
+        return self.averaged + self.copied
+
     def items(self) -> Iterator[tuple[str, Tensor]]:
-        yield from zip(self.averaged_names, self.averaged)
-        yield from zip(self.copied_names, self.copied)
+        yield from zip(self.names, self.tensors)
 
 
 class ShadowWeights:
@@ -64,10 +72,7 @@ class ShadowWeights:
         with torch.no_grad():
             self.averaged = [_clone_to(t, device) for t in tracked.averaged]
             self.copied = [_clone_to(t, device) for t in tracked.copied]
-        crosses_devices = any(
-            s.device != t.device
-            for s, t in zip(self.averaged + self.copied, tracked.averaged + tracked.copied)
-        )
+        crosses_devices = any(s.device != t.device for s, t in zip(self.tensors, tracked.tensors))
         self.background = crosses_devices if background is None else background
         self._future: Future | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -93,9 +98,7 @@ class ShadowWeights:
                 torch._foreach_copy_(self.copied, self.tracked.copied)
             return
         self.wait()  # the staging buffers are reused: the previous update must be done with them
-        for stage, live in zip(
-            self._staged + self._staged_copied, self.tracked.averaged + self.tracked.copied
-        ):
+        for stage, live in zip(self._staged + self._staged_copied, self.tracked.tensors):
             stage.copy_(live, non_blocking=True)
         event = None
         if any(t.is_cuda for t in self.tracked.averaged):
@@ -119,12 +122,20 @@ class ShadowWeights:
             future, self._future = self._future, None
             future.result()
 
+    @property
+    def tensors(self) -> list[Tensor]:
+        """Averaged then copied shadow tensors, in ``tracked.names`` order."""
+        return self.averaged + self.copied
+
+    @torch.no_grad()
+    def copy_to_live_(self) -> None:
+        self.wait()
+        torch._foreach_copy_(self.tracked.tensors, self.tensors)
+
     @torch.no_grad()
     def copy_from_live_(self) -> None:
         self.wait()
-        for shadow, live in zip(
-            self.averaged + self.copied, self.tracked.averaged + self.tracked.copied
-        ):
+        for shadow, live in zip(self.tensors, self.tracked.tensors):
             shadow.copy_(live)
 
     @torch.no_grad()
@@ -134,8 +145,8 @@ class ShadowWeights:
         Only valid when every shadow tensor matches its live tensor's device and dtype.
         """
         self.wait()
-        live = self.tracked.averaged + self.tracked.copied
-        shadow = self.averaged + self.copied
+        live = self.tracked.tensors
+        shadow = self.tensors
         for i, tensor in enumerate(live):
             tensor.data, shadow[i] = shadow[i], tensor.data
         n = len(self.averaged)
@@ -143,14 +154,13 @@ class ShadowWeights:
 
     def state_dict(self) -> dict[str, Tensor]:
         self.wait()
-        names = self.tracked.averaged_names + self.tracked.copied_names
-        return dict(zip(names, self.averaged + self.copied))
+        return dict(zip(self.tracked.names, self.tensors))
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Tensor], what: str = "EMA state") -> None:
         """Copy ``state`` into the shadow, checking that it describes the same tensors."""
         self.wait()
-        names = self.tracked.averaged_names + self.tracked.copied_names
+        names = self.tracked.names
         missing = [n for n in names if n not in state]
         unexpected = [n for n in state if n not in set(names)]
         if missing or unexpected:
@@ -158,7 +168,7 @@ class ShadowWeights:
                 f"{what} does not match the model: missing {missing[:5]}, unexpected "
                 f"{unexpected[:5]}. Was the checkpoint written for a different architecture?"
             )
-        for name, shadow in zip(names, self.averaged + self.copied):
+        for name, shadow in zip(names, self.tensors):
             value = state[name]
             if value.shape != shadow.shape:
                 raise ValueError(

@@ -144,14 +144,11 @@ class EMA(AfterOptimizerStep):
     def state_dict(self) -> dict[str, Any]:
         if self._shadow is None:
             return dict(self._loaded) if self._loaded is not None else {}
-        shadow = self._shadow.state_dict()
-        if self._swapped:  # the EMA values currently sit in the module, the live ones with us
-            shadow = dict(self._shadow.tracked.items())
         return {
             "num_updates": self.num_updates,
             "started": self.started,
             "decay": self.decay,
-            "shadow": shadow,
+            "shadow": self._ema_values(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -207,8 +204,9 @@ class EMA(AfterOptimizerStep):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.apply_on_fit_end and self._has_average():
+            assert self._shadow is not None
             self._restore_live()
-            self._copy_ema_into_module()
+            self._shadow.copy_to_live_()
             self._applied = True
 
     def on_exception(
@@ -251,10 +249,7 @@ class EMA(AfterOptimizerStep):
         """The EMA weights as a state dict of the module (detached copies)."""
         if self._shadow is None:
             raise RuntimeError("the EMA has not been created yet: call it after trainer.fit starts")
-        values = (
-            self._shadow.state_dict() if not self._swapped else dict(self._shadow.tracked.items())
-        )
-        return {name: value.detach().clone() for name, value in values.items()}
+        return {name: value.detach().clone() for name, value in self._ema_values().items()}
 
     # ------------------------------------------------------------------ internals
     def _has_average(self) -> bool:
@@ -273,13 +268,12 @@ class EMA(AfterOptimizerStep):
         if self._pointer_swap:
             shadow.exchange_with_live_()
         else:
-            live = shadow.tracked.averaged + shadow.tracked.copied
+            live = shadow.tracked.tensors
             with torch.no_grad():
                 if self._backup is None:  # allocated once, reused by every later swap
                     self._backup = [torch.empty_like(t) for t in live]
                 torch._foreach_copy_(self._backup, live)
-                for tensor, value in zip(live, shadow.averaged + shadow.copied):
-                    tensor.copy_(value, non_blocking=True)
+            shadow.copy_to_live_()
         self._swapped = True
 
     def _restore_live(self) -> None:
@@ -289,28 +283,21 @@ class EMA(AfterOptimizerStep):
             self._shadow.exchange_with_live_()
         else:
             assert self._backup is not None
-            live = self._shadow.tracked.averaged + self._shadow.tracked.copied
             with torch.no_grad():
-                torch._foreach_copy_(live, self._backup)
+                torch._foreach_copy_(self._shadow.tracked.tensors, self._backup)
         self._swapped = False
 
     def _live_values(self) -> dict[str, Tensor]:
         assert self._shadow is not None
-        names = self._shadow.tracked.averaged_names + self._shadow.tracked.copied_names
-        if self._pointer_swap:
-            return dict(zip(names, self._shadow.averaged + self._shadow.copied))
+        if self._pointer_swap:  # the module's storage was exchanged with ours
+            return self._shadow.state_dict()
         assert self._backup is not None
-        return dict(zip(names, self._backup))
+        return dict(zip(self._shadow.tracked.names, self._backup))
 
-    @torch.no_grad()
-    def _copy_ema_into_module(self) -> None:
+    def _ema_values(self) -> dict[str, Tensor]:
+        """Where the EMA values are now: in the module while swapped in, else in the shadow."""
         assert self._shadow is not None
-        self._shadow.wait()
-        for tensor, value in zip(
-            self._shadow.tracked.averaged + self._shadow.tracked.copied,
-            self._shadow.averaged + self._shadow.copied,
-        ):
-            tensor.copy_(value)
+        return dict(self._shadow.tracked.items()) if self._swapped else self._shadow.state_dict()
 
     def _validate_live(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run the module's own validation_step on the live weights and log its metrics with

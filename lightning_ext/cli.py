@@ -1,25 +1,37 @@
-"""The ``lightning-ext`` console entry point. Each method's ``<method>_cli`` module registers
-its subcommands through ``REGISTRARS``."""
+"""The ``lightning-ext`` command: offline tools for files written by lightning-ext's callbacks."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from importlib import metadata
 
 from lightning_ext import ema_cli, schedule_cli, soup_cli
 
-# Each entry adds one subcommand: a function taking the subparsers object and registering a parser
-# whose ``func`` default is the handler (returning an exit code).
+DESCRIPTION = """\
+Offline tools for the files lightning-ext's callbacks write: export averaged weights, merge
+checkpoints into a soup, refine a learning-rate schedule from a recorded run. Run
+`lightning-ext COMMAND --help` for a command's options.
+"""
+
+# Each method's ``<method>_cli`` module contributes ``register(subparsers)``, which adds its
+# subcommands with a ``func`` default (the handler, returning an exit code).
 Registrar = Callable[[argparse._SubParsersAction], None]
-
-
 REGISTRARS: list[Registrar] = [ema_cli.register, soup_cli.register, schedule_cli.register]
 
 
+def _version() -> str:
+    try:
+        return metadata.version("lightning-ext")
+    except metadata.PackageNotFoundError:  # running from a source tree without installing
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lightning-ext", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="lightning-ext", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"lightning-ext {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in REGISTRARS:
         register(sub)
     return parser

@@ -33,9 +33,9 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_ext._io import atomic_torch_save, atomic_write_json
+from lightning_ext._io import atomic_torch_save, atomic_write_json, load_file
 from lightning_ext.functional.interpolation import liti, multi_slerp
-from lightning_ext.strategies.warp import WARPStrategy
+from lightning_ext.strategies.warp import WARPStrategyMixin
 
 StateDict = dict[str, Tensor]
 Evaluate = Callable[[pl.LightningModule, int], Mapping[str, float]]
@@ -58,7 +58,7 @@ class WARPResult:
 
 
 def _load(path: Path) -> StateDict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_file(path)
 
 
 def _fit_one(
@@ -75,7 +75,7 @@ def _fit_one(
     module = make_module()
     module.load_state_dict(init)
     trainer = make_trainer(run)
-    if isinstance(trainer.strategy, WARPStrategy):
+    if isinstance(trainer.strategy, WARPStrategyMixin):
         ranks = trainer.num_nodes * trainer.num_devices
         if ranks != num_policies:
             raise ValueError(
@@ -201,7 +201,7 @@ def _iteration(
                 num_policies,
                 weights,
             )
-            if isinstance(trainer.strategy, WARPStrategy):
+            if isinstance(trainer.strategy, WARPStrategyMixin):
                 break  # one fit trained every policy, one per rank, and wrote policy_<rank>.pt
             atomic_torch_save(module.state_dict(), path)
         rank_zero_info(f"WARP iteration {i}: merging {num_policies} policies by SLERP")

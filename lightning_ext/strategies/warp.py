@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.seed import seed_everything
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
 
@@ -32,24 +31,22 @@ from lightning_ext._io import atomic_torch_save
 from lightning_ext.functional.interpolation import liti, multi_slerp
 
 
-class WARPStrategy(DDPStrategy):
-    """Fine-tune one policy per rank from a shared initialisation, then merge them (WARP).
+def _broadcast_module_states(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers (one shared initialisation)."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, src=0)
 
-    Args:
-        eta: LITI coefficient applied after the merge: ``(1 - eta) * init + eta * merged``
-            (1 keeps the merged policy).
-        weights: one merge weight per rank (default uniform).
-        shard_data: give each rank a disjoint shard of the data (DDP's default) instead of the
-            whole data set in its own order.
-        save_dir: if set, each rank writes ``policy_<rank>.pt`` there, and rank 0 writes
-            ``init.pt`` and ``merged.pt``, atomically, before the merged weights are loaded.
-        **ddp_kwargs: passed to DDPStrategy (``process_group_backend``, ``timeout``, ...).
 
-    After ``fit``, ``init_state`` and ``merged_state`` hold the shared initialisation and the SLERP
-    merge (before LITI); the module holds the LITI result.
+# The mixin runs on top of a DDPStrategy of either namespace; type checkers see it as one.
+_MixinBase = DDPStrategy if TYPE_CHECKING else object
+
+
+class WARPStrategyMixin(_MixinBase):
+    """WARP's behaviour over any Lightning ``DDPStrategy``; see :class:`WARPStrategy`.
+
+    Kept free of Lightning classes so the same logic serves ``lightning.pytorch`` (``WARPStrategy``
+    here) and ``pytorch_lightning`` (``lightning_ext.pytorch_lightning.WARPStrategy``).
     """
-
-    strategy_name = "warp"
 
     def __init__(
         self,
@@ -79,11 +76,11 @@ class WARPStrategy(DDPStrategy):
                 "per rank (devices * num_nodes), or None for uniform"
             )
         if not self._resumed:  # a resumed fit restored each rank's own policy and the init
-            _sync_module_states(self.model)  # one shared initialisation: rank 0's weights
+            _broadcast_module_states(self.model)  # one shared initialisation: rank 0's weights
             self.init_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self._resumed = False
         base = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed() % 2**31))
-        pl.seed_everything(base + self.global_rank, workers=True, verbose=False)
+        seed_everything(base + self.global_rank, workers=True, verbose=False)
         self.merged_state = None
 
     @property
@@ -151,3 +148,28 @@ class WARPStrategy(DDPStrategy):
             atomic_torch_save(merged, Path(self.save_dir) / "merged.pt")
         module.load_state_dict(liti(self.init_state, merged, self.eta))
         self.barrier("WARPStrategy.on_train_end")
+
+
+class WARPStrategy(WARPStrategyMixin, DDPStrategy):
+    """Fine-tune one policy per rank from a shared initialisation, then merge them (WARP).
+
+    Args:
+        eta: LITI coefficient applied after the merge: ``(1 - eta) * init + eta * merged``
+            (1 keeps the merged policy).
+        weights: one merge weight per rank (default uniform).
+        shard_data: give each rank a disjoint shard of the data (DDP's default) instead of the
+            whole data set in its own order.
+        save_dir: if set, each rank writes ``policy_<rank>.pt`` there, and rank 0 writes
+            ``init.pt`` and ``merged.pt``, atomically, before the merged weights are loaded.
+        **ddp_kwargs: passed to DDPStrategy (``process_group_backend``, ``timeout``, ...).
+
+    After ``fit``, ``init_state`` and ``merged_state`` hold the shared initialisation and the SLERP
+    merge (before LITI); the module holds the LITI result. For a ``pytorch_lightning`` Trainer use
+    ``lightning_ext.pytorch_lightning.WARPStrategy``.
+
+    Example::
+
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=WARPStrategy(eta=0.5))
+    """
+
+    strategy_name = "warp"

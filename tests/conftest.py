@@ -12,3 +12,13 @@ torch.set_num_threads(1)
 def _cwd_tmp(tmp_path, monkeypatch):
     """Keep lightning_logs/ and wandb/ out of the repository."""
     monkeypatch.chdir(tmp_path)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run only where a GPU is (``make test-gpu``)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run by `make test-gpu` on a GPU machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_ext.callbacks import DynamicSparseTraining
 from lightning_ext.callbacks.sparse import export_sparse_checkpoint
-from lightning_ext.functional import drop_and_grow
+from lightning_ext.functional import drop_and_grow, drop_count
 from tests.helpers.data import DigitsDataModule
 from tests.helpers.ddp import run_ddp
 from tests.helpers.models import Classifier
@@ -113,7 +113,7 @@ def test_rigl_grows_by_the_accumulated_dense_gradient():
             continue
         frac = cosine_drop_fraction(step, cb.end_step, 0.5)
         for w, g, m, new in zip(weights, grads, masks, new_masks):
-            expected = drop_and_grow(w, m, g.abs(), round(frac * int(m.sum())))
+            expected = drop_and_grow(w, m, g.abs(), drop_count(frac, int(m.sum())))
             assert torch.equal(new, expected)
 
 

@@ -316,6 +316,10 @@ def test_wandb_offline_logging(tmp_path):
     assert run.series("sparse/itop_rate")[-1] > run.series("sparse/itop_rate")[0]
     assert run.series("sparse/sparsity")[0] == pytest.approx(0.8, abs=0.01)
     assert run.series("sparse/density/net.2.weight")
+    layer_changes = [c for c in run.series("sparse/mask_change/net.2.weight") if c is not None]
+    assert layer_changes[0] == 0 and max(layer_changes) > 0
+    pictures = [p for p in run.media("*.png") if "sparse" in str(p)]
+    assert len(pictures) == 1  # the picture, logged once at fit end
 
 
 def test_cli_builds_from_yaml():
@@ -721,3 +725,52 @@ def test_sparse_export_cli(tmp_path):
     )
     with pytest.raises(RuntimeError, match="CUDA"):
         args.func(args)
+
+
+def test_srste_masks_convolutions_channel_wise():
+    with pytest.raises(ValueError, match="1 input channels, not a multiple of M=4"):
+        fit([DynamicSparseTraining(method="srste", module_types=["Conv2d"])], net="cnn", epochs=1)
+    cb = DynamicSparseTraining(method="srste", module_types=["Conv2d"], exclude=[r"features\.0"])
+    model, _ = fit([cb], net="cnn", epochs=1)
+    weight = model.net.features[3].weight  # 8 -> 8 channels, 3x3
+    mask = cb.masks["net.features.3.weight"]
+    assert torch.equal(mask, weight != 0)
+    channel_groups = mask.permute(0, 2, 3, 1).reshape(-1, 4)  # (C_out, kh, kw, C_in) / 4
+    assert torch.all(channel_groups.sum(-1) == 2)
+    exported = cb.sparse_state_dict(model, layout="dense")["net.features.3.weight"]
+    assert torch.all(exported.permute(0, 2, 3, 1).reshape(-1, 4).ne(0).sum(-1) <= 2)
+
+
+def test_checkpoint_of_the_earlier_format_resumes(tmp_path):
+    """Checkpoints written before bool masks: float-free already, but snfs momentum was a list
+    over all targets, and compiled runs stored names with _orig_mod."""
+    cb = DynamicSparseTraining(density=0.2, method="snfs", delta_t=3)
+    pl.seed_everything(0, verbose=False)
+    model = Classifier(net="mlp", optimizer="sgd", lr=5e-2, momentum=0.0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[cb, ckpt], enable_checkpointing=True)
+    trainer.fit(model, datamodule=DigitsDataModule(limit=LIMIT))
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    saved = state["callbacks"][cb.state_key]
+    saved["momentum"] = [saved["momentum"][n] for n in saved["names"]]  # the old list
+    saved["names"] = [n.replace("net.", "net._orig_mod.") for n in saved["names"]]
+    del saved["history"]
+    torch.save(state, tmp_path / "old.ckpt")
+    resumed = DynamicSparseTraining(density=0.2, method="snfs", delta_t=3)
+    restored = []
+
+    class AtStart(Callback):
+        def on_train_start(self, trainer, pl_module):
+            restored.extend(t.clone() for t in resumed._own_momentum.values())
+
+    pl.seed_everything(0, verbose=False)
+    again = Classifier(net="mlp", optimizer="sgd", lr=5e-2, momentum=0.0)
+    quiet_trainer(max_epochs=4, callbacks=[resumed, AtStart()]).fit(
+        again, datamodule=DigitsDataModule(limit=LIMIT), ckpt_path=tmp_path / "old.ckpt"
+    )
+    # 8 steps of 64 samples: an update at step 3; resumed to 16 steps: one more, at step 9
+    assert cb.updates == 1 and resumed.updates == 2 and resumed.names == cb.names
+    assert len(restored) == 3
+    assert all(torch.equal(a, b) for a, b in zip(restored, saved["momentum"]))
+    assert all(t.abs().sum() > 0 for t in restored)
+    assert_sparse_invariants(resumed, again)

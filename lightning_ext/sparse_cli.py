@@ -4,8 +4,12 @@ DynamicSparseTraining, without the model's code."""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-FORMATS = {"dense": "dense", "csr": "csr", "2:4": "semi_structured"}
+if TYPE_CHECKING:
+    from lightning_ext.callbacks.sparse import Layout
+
+FORMATS: dict[str, Layout] = {"dense": "dense", "csr": "csr", "2:4": "semi_structured"}
 
 
 def _sparse_export(args: argparse.Namespace) -> int:

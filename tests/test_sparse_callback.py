@@ -774,3 +774,25 @@ def test_checkpoint_of_the_earlier_format_resumes(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(restored, saved["momentum"]))
     assert all(t.abs().sum() > 0 for t in restored)
     assert_sparse_invariants(resumed, again)
+
+
+@pytest.mark.parametrize("method", ["rigl", "snfs"])
+def test_masking_steps_make_no_host_sync(monkeypatch, method):
+    cb = DynamicSparseTraining(density=0.2, method=method, delta_t=4)
+    model, trainer = fit([cb], epochs=1)
+    assert not cb._update_due(trainer.global_step)
+    optimizer = trainer.optimizers[0]
+    syncs = []
+    for attr in ("item", "__bool__", "__int__", "__float__", "tolist", "cpu"):
+        original = getattr(torch.Tensor, attr)
+
+        def counting(self, *args, _original=original, _attr=attr, **kwargs):
+            syncs.append(_attr)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, attr, counting)
+    cb.on_before_optimizer_step(trainer, model, optimizer)
+    cb._after_step(optimizer, (), {})
+    assert syncs == []
+    cb.metrics()  # the instrument works: reading the ITOP count is a sync (update steps only)
+    assert "item" in syncs

@@ -156,7 +156,9 @@ class DynamicSparseTraining(Callback):
         self._own_momentum: dict[int, Tensor] = {}  # snfs without optimizer momentum: own EMA
         self._dense: list[Tensor] = []  # srste: dense weights behind the masked ones
         self._loaded: dict[str, Any] | None = None
-        self._hooks: list[Any] = []
+        self._hooks: list[Any] = []  # handles of the optimizer post-step hooks
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._own_momentum_index: list[int] = []
         self._pending_update: int | None = None
         self._last_update_step = -1
         self._out_dir: Path | None = None
@@ -659,7 +661,7 @@ class DynamicSparseTraining(Callback):
         path = plot_sparsity_history(self.history, self.names, self._out_dir / "sparsity.png")
         for logger in trainer.loggers:
             if is_wandb_logger(logger):
-                logger.log_image(key="sparse/masks", images=[str(path)])
+                logger.log_image(key="sparse/masks", images=[str(path)])  # type: ignore[attr-defined]
 
     # ----- checkpoints and export ------------------------------------------------------------
 

@@ -140,7 +140,7 @@ def main() -> None:
         "batch 64) on the scikit-learn digits train split; test accuracy (%) on the held-out "
         "split as mean ± std over seeds. Delta T = run length / 16, updates until 75% of the "
         "run, alpha = 0.3 (cosine). ITOP: fraction of weights ever active. "
-        f"Wall time {minutes:.1f} min.\n\n"
+        f"Wall time {minutes:.1f} min on a machine shared with other jobs.\n\n"
         + markdown_table(["net", "sparsity", "method", "test acc (%)", "ITOP rate"], rows)
     )
     command = "python examples/sparse_training.py " + " ".join(sys.argv[1:])

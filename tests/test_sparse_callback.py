@@ -244,10 +244,12 @@ def test_resume_exact_rigl_adam(tmp_path):
     )
 
 
-@pytest.mark.parametrize("method", ["snfs", "srste"])
-def test_resume_exact_other_methods(tmp_path, method):
+@pytest.mark.parametrize(
+    ("method", "optimizer"), [("snfs", "sgd"), ("snfs", "adam"), ("srste", "sgd")]
+)
+def test_resume_exact_other_methods(tmp_path, method, optimizer):
     result = check_resume_exact(
-        lambda: Classifier(net="mlp", optimizer="sgd", lr=5e-2),
+        lambda: Classifier(net="mlp", optimizer=optimizer, lr=5e-2 if optimizer == "sgd" else 1e-2),
         lambda: [DynamicSparseTraining(density=0.2, method=method, delta_t=3)],
         lambda: DigitsDataModule(batch_size=64, limit=LIMIT),
         tmp_path,

@@ -7,18 +7,24 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
 
-from lightning_ext import ema_cli, schedule_cli, soup_cli
+from lightning_ext import ema_cli, schedule_cli, soup_cli, sparse_cli
 
 DESCRIPTION = """\
 Offline tools for the files lightning-ext's callbacks write: export averaged weights, merge
-checkpoints into a soup, refine a learning-rate schedule from a recorded run. Run
+checkpoints into a soup, refine a learning-rate schedule from a recorded run, export a sparse
+model. Run
 `lightning-ext COMMAND --help` for a command's options.
 """
 
 # Each method's ``<method>_cli`` module contributes ``register(subparsers)``, which adds its
 # subcommands with a ``func`` default (the handler, returning an exit code).
 Registrar = Callable[[argparse._SubParsersAction], None]
-REGISTRARS: list[Registrar] = [ema_cli.register, soup_cli.register, schedule_cli.register]
+REGISTRARS: list[Registrar] = [
+    ema_cli.register,
+    soup_cli.register,
+    schedule_cli.register,
+    sparse_cli.register,
+]
 
 
 def _version() -> str:

@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_ext._io import atomic_torch_save, atomic_write_json
+from lightning_ext._io import atomic_torch_save, atomic_write_json, load_file
 from lightning_ext.callbacks._shadow import ShadowWeights, TrackedTensors
 from lightning_ext.callbacks._steps import AfterOptimizerStep
 from lightning_ext.functional.ema import (
@@ -171,9 +171,7 @@ def posthoc_ema_state_dict(
     dtypes: dict[str, torch.dtype] = {}
     position = 0
     for entry in usable:
-        snapshot = torch.load(
-            Path(snapshot_dir) / entry["file"], map_location="cpu", weights_only=True
-        )
+        snapshot = load_file(Path(snapshot_dir) / entry["file"])
         for weights in snapshot["weights"]:
             x = coefficients[position].item()
             position += 1

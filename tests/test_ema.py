@@ -4,6 +4,8 @@ bf16, gradient accumulation, composition, checkpoints, wandb and LightningCLI.""
 from __future__ import annotations
 
 import itertools
+import math
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -139,11 +141,20 @@ def test_fit_end_applies_ema_and_test_predict_use_it_without_changing_live():
     assert_bitwise_equal(averaged, model2.state_dict(), "weights after fit")
 
 
-@pytest.mark.parametrize("validate_on", ["ema", "both"])
-def test_resume_is_bitwise_exact(tmp_path, validate_on):
+@pytest.mark.parametrize(
+    ("validate_on", "checkpoint_weights"), [("ema", "ema"), ("both", "live"), ("both", "ema")]
+)
+def test_resume_is_bitwise_exact(tmp_path, validate_on, checkpoint_weights):
     check_resume_exact(
         lambda: Classifier(net="cnn"),
-        lambda: [EMA(decay=0.9, warmup_gamma=2.0, validate_on=validate_on)],
+        lambda: [
+            EMA(
+                decay=0.9,
+                warmup_gamma=2.0,
+                validate_on=validate_on,
+                checkpoint_weights=checkpoint_weights,
+            )
+        ],
         lambda: DigitsDataModule(batch_size=32, limit=160),
         tmp_path,
         max_epochs=3,
@@ -153,7 +164,8 @@ def test_resume_is_bitwise_exact(tmp_path, validate_on):
     )
 
 
-def test_checkpoint_keeps_live_weights_even_when_saved_mid_validation(tmp_path):
+@pytest.mark.parametrize("checkpoint_weights", ["ema", "live"])
+def test_checkpoint_layout_is_right_even_when_saved_mid_validation(tmp_path, checkpoint_weights):
     class SaveDuringValidation(Callback):
         def on_validation_batch_end(self, trainer, *args, **kwargs):
             if trainer.current_epoch == 1 and not self.__dict__.get("done"):
@@ -163,14 +175,45 @@ def test_checkpoint_keeps_live_weights_even_when_saved_mid_validation(tmp_path):
                 trainer.save_checkpoint(tmp_path / "mid.ckpt")
 
     pl.seed_everything(0)
-    ema = EMA(decay=0.8, apply_on_fit_end=False)
+    ema = EMA(decay=0.8, apply_on_fit_end=False, checkpoint_weights=checkpoint_weights)
     saver = SaveDuringValidation()
     fit(Classifier(), [ema, saver], limit_val_batches=2)
     ckpt = torch.load(tmp_path / "mid.ckpt", weights_only=False)
     assert ema._swapped is False
-    assert_bitwise_equal({k: ckpt["state_dict"][k] for k in saver.live}, saver.live, "ckpt live")
+    live_key = "state_dict" if checkpoint_weights == "live" else "current_model_state"
+    assert_bitwise_equal({k: ckpt[live_key][k] for k in saver.live}, saver.live, "ckpt live")
+    if checkpoint_weights == "ema":  # what load_from_checkpoint gives: the judged weights
+        assert_bitwise_equal(ckpt["state_dict"], saver.averaged, "ckpt state_dict")
+        loaded = Classifier.load_from_checkpoint(tmp_path / "mid.ckpt")
+        assert_bitwise_equal(loaded.state_dict(), saver.averaged, "load_from_checkpoint")
     exported = ema_state_dict_from_checkpoint(tmp_path / "mid.ckpt")
     assert_bitwise_equal(exported, saver.averaged, "exported EMA")
+
+
+def test_model_checkpoint_keeps_the_best_ema_and_exports_it(tmp_path):
+    """ModelCheckpoint ranks by the EMA's val_loss; the best file loads as that EMA."""
+
+    class RecordEMA(Callback):
+        def __init__(self):
+            self.by_epoch = {}
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                loss = trainer.callback_metrics["val_loss"].item()
+                self.by_epoch[trainer.current_epoch] = (loss, ema.ema_state_dict())
+
+    pl.seed_everything(0)
+    ema = EMA(decay=0.8, apply_on_fit_end=False)
+    record = RecordEMA()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=1)
+    fit(Classifier(), [ema, record, ckpt], epochs=3, limit_val_batches=2, enable_checkpointing=True)
+    best_loss, best_ema = min(record.by_epoch.values(), key=lambda item: item[0])
+    assert ckpt.best_model_score.item() == best_loss
+    loaded = Classifier.load_from_checkpoint(ckpt.best_model_path)
+    assert_bitwise_equal(loaded.state_dict(), best_ema, "best checkpoint")
+    out = tmp_path / "exported.pt"
+    assert cli_main(["export-ema", ckpt.best_model_path, str(out)]) == 0
+    assert_bitwise_equal(torch.load(out, weights_only=True), best_ema, "export-ema")
 
 
 def test_export_ema_cli_and_helper(tmp_path):
@@ -235,7 +278,8 @@ def test_bf16_autocast_and_composition_with_other_callbacks(tmp_path):
         assert shadow[n].dtype == torch.float32
         torch.testing.assert_close(shadow[n].double(), expected[n], rtol=1e-5, atol=1e-6)
     last = torch.load(tmp_path / "ckpts" / "last.ckpt", weights_only=False)
-    assert_bitwise_equal(last["state_dict"], model.state_dict(), "last.ckpt holds live weights")
+    assert_bitwise_equal(last["current_model_state"], model.state_dict(), "live in last.ckpt")
+    assert_bitwise_equal(last["state_dict"], ema.ema_state_dict(), "EMA in last.ckpt")
     assert trainer.global_step == posthoc.num_updates
     assert (tmp_path / "ph" / "posthoc_ema_index.json").exists()
 
@@ -389,3 +433,112 @@ def test_copy_swap_path_matches_the_pointer_swap_path():
         metrics = {k: v.clone() for k, v in trainer.callback_metrics.items()}
         results.append((model.state_dict(), ema.ema_state_dict(), metrics))
     assert_bitwise_equal(results[0], results[1])
+
+
+class EpochEndMetrics(Classifier):
+    """Metrics written the common ways: a torchmetrics metric updated per step and computed in
+    on_validation_epoch_end, an output list, a sum-reduced count and a per-step loss."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        from torchmetrics.classification import MulticlassAccuracy
+
+        self.val_accuracy = MulticlassAccuracy(num_classes=10, average="micro")
+        self.val_sizes: list[int] = []
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.val_accuracy.update(logits, y)
+        self.val_sizes.append(len(y))
+        self.log("val_loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log("val_seen", float(len(y)), reduce_fx="sum", sync_dist=True)
+
+    def on_validation_epoch_end(self):
+        self.log("val_acc", self.val_accuracy.compute())
+        self.val_accuracy.reset()
+        self.log("val_count", float(sum(self.val_sizes)), sync_dist=True, reduce_fx="sum")
+        self.val_sizes.clear()
+
+
+class ValidationRecorder(Callback):
+    """Every metric the trainer holds after each (non-sanity) validation, by epoch."""
+
+    def __init__(self):
+        self.epochs: list[dict[str, torch.Tensor]] = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.epochs.append({k: v.clone() for k, v in trainer.callback_metrics.items()})
+
+
+def validation_metrics_by_mode(
+    tmp_path, modes=("ema", "live", "both"), limit=256, **trainer_kwargs
+):
+    """Fit the same model once per ``validate_on`` mode; return each run's metrics and the
+    best score its ModelCheckpoint(monitor="val_loss") kept."""
+    out = {}
+    for mode in modes:
+        pl.seed_everything(0)
+        recorder = ValidationRecorder()
+        ckpt = ModelCheckpoint(dirpath=tmp_path / mode, monitor="val_loss", save_top_k=1)
+        trainer = quiet_trainer(
+            max_epochs=2,
+            callbacks=[EMA(decay=0.8, validate_on=mode), recorder, ckpt],
+            limit_val_batches=2,
+            enable_checkpointing=True,
+            **trainer_kwargs,
+        )
+        trainer.fit(EpochEndMetrics(), datamodule=DigitsDataModule(batch_size=32, limit=limit))
+        out[mode] = (recorder.epochs, ckpt.best_model_score)
+    return out
+
+
+def assert_both_equals_ema_and_live(runs, samples):
+    (ema, ema_best), (live, _), (both, both_best) = runs["ema"], runs["live"], runs["both"]
+    assert len(both) == len(ema) == len(live) == 2
+    for e, lv, b in zip(ema, live, both):
+        names = {"val_loss", "val_acc", "val_seen", "val_count"}
+        assert names <= set(e), sorted(e)
+        for name in names:
+            assert torch.equal(b[name], e[name]), (name, b[name], e[name])
+            assert torch.equal(b[f"{name}_live"], lv[name]), (name, b[f"{name}_live"], lv[name])
+        # every sample counted once per pass, whatever the reduction
+        assert b["val_count"].item() == b["val_count_live"].item() == samples
+        assert b["val_seen"].item() == b["val_seen_live"].item() == samples
+        assert not torch.equal(b["val_loss"], b["val_loss_live"])
+    assert torch.equal(both_best, ema_best)  # the checkpoint monitor saw the EMA's val_loss
+
+
+def test_validate_on_both_is_two_complete_separate_passes(tmp_path):
+    assert_both_equals_ema_and_live(validation_metrics_by_mode(tmp_path), samples=256)
+
+
+def test_validate_on_both_refuses_persistent_workers_with_the_option_to_use():
+    class PersistentVal(DigitsDataModule):
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(
+                digits("val"), batch_size=128, num_workers=1, persistent_workers=True
+            )
+
+    trainer = quiet_trainer(max_epochs=1, callbacks=[EMA(validate_on="both")])
+    with pytest.raises(ValueError, match="persistent_workers=False"):
+        trainer.fit(Classifier(), datamodule=PersistentVal(limit=64))
+
+
+def ddp_both_target(out_dir: str) -> None:
+    import torch.distributed as dist
+
+    runs = validation_metrics_by_mode(Path(out_dir), limit=128, devices=2, strategy="ddp")
+    torch.save(runs, f"{out_dir}/rank{dist.get_rank()}.pt")
+
+
+@pytest.mark.ddp
+def test_ddp_validate_on_both_is_two_complete_separate_passes(tmp_path):
+    r0, r1 = run_ddp("tests.test_ema:ddp_both_target", tmp_path, timeout=120)
+    # each rank reads its half of the padded validation set; counts are summed over ranks
+    assert_both_equals_ema_and_live(r0, samples=2 * math.ceil(len(digits("val")) / 2))
+    synced = {"val_loss", "val_acc", "val_seen", "val_count"}
+    for a, b in zip(r0["both"][0], r1["both"][0]):
+        for name in synced | {f"{n}_live" for n in synced}:
+            assert torch.equal(a[name], b[name]), name

@@ -17,6 +17,7 @@ __all__ = [
     "group_by_device_and_dtype",
     "posthoc_ema_coefficients",
     "power_ema_beta",
+    "power_profile",
     "power_profile_inner",
     "sigma_rel_to_gamma",
 ]
@@ -142,6 +143,15 @@ def power_profile_inner(gamma_a: Tensor, t_a: Tensor, gamma_b: Tensor, t_b: Tens
         - (gamma_b + 1.0) * torch.log(t_b)
     )
     return torch.exp(log_value)
+
+
+def power_profile(gamma: Tensor, t: Tensor, tau: Tensor) -> Tensor:
+    """Normalised power profile ``(g + 1) tau^g / t^(g + 1)`` on ``[0, t]``, zero after ``t``:
+    the weight a power EMA of exponent ``gamma`` taken at ``t`` gives the iterate at ``tau``."""
+    inside = (tau >= 0) & (tau <= t)
+    safe = torch.where(inside, tau, torch.zeros_like(tau))
+    value = (gamma + 1.0) * torch.exp(gamma * torch.log(safe) - (gamma + 1.0) * torch.log(t))
+    return torch.where(inside, value, torch.zeros_like(value))
 
 
 def posthoc_ema_coefficients(

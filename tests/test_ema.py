@@ -542,3 +542,161 @@ def test_ddp_validate_on_both_is_two_complete_separate_passes(tmp_path):
     for a, b in zip(r0["both"][0], r1["both"][0]):
         for name in synced | {f"{n}_live" for n in synced}:
             assert torch.equal(a[name], b[name]), name
+
+
+def test_ema_storage_stays_put_across_steps_and_a_constant_decay_is_logged_once(tmp_path):
+    """No per-step allocation: the EMA buffers keep their storage through training steps; and
+    ``ema/decay`` reaches the logger once for a constant decay, not at every step."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    pointers = []
+
+    class Probe(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            pointers.append([t.data_ptr() for t in ema._shadow.tensors])
+
+    ema = EMA(decay=0.9, apply_on_fit_end=False)
+    trainer = fit(
+        Classifier(net="cnn"),
+        [ema, Probe()],
+        epochs=1,
+        limit_val_batches=0,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+    )
+    assert len(pointers) == trainer.global_step == 8
+    assert all(p == pointers[0] for p in pointers)
+    rows = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()
+    column = rows[0].split(",").index("ema/decay")
+    assert [r.split(",")[column] for r in rows[1:] if r.split(",")[column]] == ["0.9"]
+
+
+class StubSparse(Callback):
+    """Stands in for DynamicSparseTraining: exposes ``masks_by_name`` and keeps the live weights
+    of the first layer masked after every step."""
+
+    def __init__(self):
+        self.mask = None
+
+    def masks_by_name(self):
+        return {"net.0.weight": self.mask}
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        weight = pl_module.net[0].weight
+        if self.mask is None or trainer.global_step % 4 == 0:  # the mask changes now and then
+            generator = torch.Generator().manual_seed(trainer.global_step)
+            self.mask = torch.rand(weight.shape, generator=generator) < 0.2
+        with torch.no_grad():
+            weight.mul_(self.mask)
+
+
+def test_sparse_masks_are_reapplied_to_the_ema_wherever_it_is_used(tmp_path):
+    seen = {}
+
+    class Probe(Callback):
+        def on_validation_batch_start(self, trainer, pl_module, *args):
+            seen["val"] = pl_module.net[0].weight.clone()
+
+    pl.seed_everything(0)
+    sparse = StubSparse()
+    ema = EMA(decay=0.9, apply_on_fit_end=True)
+    model = Classifier()
+    trainer = fit(model, [ema, sparse, Probe()], limit_val_batches=1)
+    outside = ~sparse.mask
+    raw = ema._shadow.state_dict()["net.0.weight"]
+    assert (raw[outside] != 0).sum() > 100  # the plain average would leak outside the mask
+    assert (seen["val"][outside] == 0).all()  # validation
+    assert (model.net[0].weight[outside] == 0).all()  # apply_on_fit_end
+    assert (ema.ema_state_dict()["net.0.weight"][outside] == 0).all()
+    trainer.save_checkpoint(tmp_path / "sparse.ckpt")
+    for layout in ("ema", "live"):
+        ema.checkpoint_weights = layout
+        ema._applied = False
+        trainer.save_checkpoint(tmp_path / f"{layout}.ckpt")
+        exported = ema_state_dict_from_checkpoint(tmp_path / f"{layout}.ckpt")
+        assert (exported["net.0.weight"][outside] == 0).all(), layout
+        assert torch.equal(exported["net.0.weight"][sparse.mask], raw[sparse.mask])
+
+
+class TiedCompiled(Classifier):
+    """A compiled inner network whose output layer shares the input layer's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)
+        )
+        self.net[2].weight = self.net[0].weight  # tied
+        self.net = torch.compile(self.net, backend="eager")
+        self.head = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.net(x))
+
+
+def test_tied_weights_in_a_compiled_module_are_averaged_once_and_stay_tied(tmp_path):
+    seen = {}
+
+    class Probe(Callback):
+        def on_validation_batch_start(self, trainer, pl_module, *args):
+            inner = pl_module.net._orig_mod
+            seen["tied"] = inner[0].weight is inner[2].weight
+            seen["value"] = inner[2].weight.detach().clone()
+
+    pl.seed_everything(0)
+    model = TiedCompiled()
+    ema = EMA(decay=0.8, apply_on_fit_end=False)
+    trainer = fit(model, [ema, Probe()], limit_val_batches=1)
+    names = ema._shadow.tracked.averaged_names
+    assert "net._orig_mod.0.weight" in names and "net._orig_mod.2.weight" not in names
+    averaged = ema.ema_state_dict()
+    assert seen["tied"] and torch.equal(seen["value"], averaged["net._orig_mod.0.weight"])
+    assert torch.equal(averaged["net._orig_mod.2.weight"], averaged["net._orig_mod.0.weight"])
+    inner = model.net._orig_mod
+    assert inner[0].weight is inner[2].weight
+    trainer.save_checkpoint(tmp_path / "tied.ckpt")
+    fresh = TiedCompiled()
+    fresh.load_state_dict(ema_state_dict_from_checkpoint(tmp_path / "tied.ckpt"))
+    assert torch.equal(fresh.net._orig_mod[2].weight, averaged["net._orig_mod.0.weight"])
+
+
+def test_pytorch_lightning_namespace_fit_with_both_validations():
+    import pytorch_lightning as old_pl
+    import torch.nn.functional as F
+
+    class OldModule(old_pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(64, 10)
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", F.cross_entropy(self.net(batch[0]), batch[1]))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    pl.seed_everything(0)
+    model = OldModule()
+    ema = EMA(decay=0.8, validate_on="both", apply_on_fit_end=False)
+    trainer = old_pl.Trainer(
+        max_epochs=2,
+        callbacks=[ema],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+    )
+    dm = DigitsDataModule(batch_size=32, limit=128)
+    trainer.fit(model, train_dataloaders=dm.train_dataloader(), val_dataloaders=dm.val_dataloader())
+    x, y = digits("val").tensors[0][:128], digits("val").tensors[1][:128]
+    with torch.no_grad():
+        live = F.cross_entropy(model.net(x), y)
+        probe = torch.nn.Linear(64, 10)
+        probe.load_state_dict({k[4:]: v for k, v in ema.ema_state_dict().items()})
+        averaged = F.cross_entropy(probe(x), y)
+    torch.testing.assert_close(trainer.callback_metrics["val_loss_live"], live)
+    torch.testing.assert_close(trainer.callback_metrics["val_loss"], averaged)

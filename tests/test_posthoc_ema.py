@@ -222,3 +222,11 @@ def test_cli_shows_progress_while_loading_snapshots(trained, tmp_path, capsys):
     out, _, _, _ = trained
     assert cli_main(["posthoc-ema", str(out), str(tmp_path / "w.pt"), "--sigma-rel", "0.08"]) == 0
     assert "loading snapshots" in capsys.readouterr().err
+
+
+def test_memory_is_one_copy_per_profile_and_nothing_else(trained):
+    _, _, cb, _ = trained
+    model_bytes = sum(t.numel() * t.element_size() for t in cb._shadows[0].tracked.tensors)
+    held = {t.data_ptr(): t.numel() * t.element_size() for s in cb._shadows for t in s.tensors}
+    assert sum(held.values()) == len(cb.sigma_rels) * model_bytes == 2 * model_bytes
+    assert cb._loaded is None and not any(s.background for s in cb._shadows)  # no staging

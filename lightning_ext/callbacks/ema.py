@@ -172,13 +172,17 @@ class EMA(AfterOptimizerStep):
     def state_dict(self) -> dict[str, Any]:
         if self._shadow is None:
             return dict(self._loaded) if self._loaded is not None else {}
-        return {
+        state = {
             "num_updates": self.num_updates,
             "started": self.started,
             "decay": self.decay,
             "shadow": self._ema_values(),
             "aliases": dict(self._shadow.tracked.aliases),
         }
+        masks = self._current_masks()
+        if masks:  # for exports: the raw shadow is kept, the masks say what to zero
+            state["masks"] = {name: mask.cpu() for name, mask in masks.items()}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -213,9 +217,8 @@ class EMA(AfterOptimizerStep):
         checkpoint[_LIVE_KEY] = model_state
         checkpoint["state_dict"] = ema_state
         own[_EMA_IN_STATE_DICT] = True
-        if masks:  # the state_dict holds the masked EMA; resuming needs the raw one
-            own["masks"] = {name: mask.cpu() for name, mask in masks.items()}
-        else:  # only what the state_dict lacks (non-persistent buffers), never twice
+        if not masks:  # only what the state_dict lacks (non-persistent buffers), never twice;
+            # with masks the state_dict holds the masked EMA and resuming needs the raw one
             own["shadow"] = {k: v for k, v in own["shadow"].items() if k not in ema_state}
 
     def on_load_checkpoint(

@@ -70,7 +70,11 @@ def ema_update_(
             raise TypeError(f"EMA tensors must be floating point, got {target.dtype}")
         if param_group[0].device != target.device or param_group[0].dtype != target.dtype:
             param_group = [p.to(device=target.device, dtype=target.dtype) for p in param_group]
-        torch._foreach_lerp_(list(ema_group), list(param_group), weight)
+        torch._foreach_lerp_(_as_list(ema_group), _as_list(param_group), weight)
+
+
+def _as_list(tensors: Sequence[Tensor]) -> list[Tensor]:
+    return tensors if isinstance(tensors, list) else list(tensors)
 
 
 def ema_decay_at(

@@ -700,3 +700,23 @@ def test_pytorch_lightning_namespace_fit_with_both_validations():
         averaged = F.cross_entropy(probe(x), y)
     torch.testing.assert_close(trainer.callback_metrics["val_loss_live"], live)
     torch.testing.assert_close(trainer.callback_metrics["val_loss"], averaged)
+
+
+def test_export_reads_weights_only_unless_trusted(tmp_path):
+    import argparse
+
+    pl.seed_everything(0)
+    ema = EMA(decay=0.8, apply_on_fit_end=False)
+    trainer = fit(Classifier(), [ema], epochs=1, limit_val_batches=0)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    ckpt = torch.load(tmp_path / "run.ckpt", weights_only=False)
+    ckpt["extra"] = argparse.Namespace(note="an arbitrary Python object")
+    torch.save(ckpt, tmp_path / "pickled.ckpt")
+    with pytest.raises(ValueError, match="trusted=True"):
+        ema_state_dict_from_checkpoint(tmp_path / "pickled.ckpt")
+    exported = ema_state_dict_from_checkpoint(tmp_path / "pickled.ckpt", trusted=True)
+    assert_bitwise_equal(exported, ema.ema_state_dict())
+    args = ["export-ema", str(tmp_path / "pickled.ckpt"), str(tmp_path / "out.pt")]
+    assert cli_main(args) == 2 and not (tmp_path / "out.pt").exists()
+    assert cli_main([*args, "--trusted"]) == 0
+    assert_bitwise_equal(torch.load(tmp_path / "out.pt", weights_only=True), exported)

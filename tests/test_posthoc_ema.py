@@ -230,3 +230,21 @@ def test_memory_is_one_copy_per_profile_and_nothing_else(trained):
     held = {t.data_ptr(): t.numel() * t.element_size() for s in cb._shadows for t in s.tensors}
     assert sum(held.values()) == len(cb.sigma_rels) * model_bytes == 2 * model_bytes
     assert cb._loaded is None and not any(s.background for s in cb._shadows)  # no staging
+
+
+def test_the_picture_goes_to_a_wandb_logger(tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    logged = []
+
+    class RecordingWandb(WandbLogger):
+        def log_image(self, key, images, **kwargs):
+            logged.append((key, images))
+            super().log_image(key, images, **kwargs)
+
+    logger = RecordingWandb(save_dir=str(tmp_path), offline=True, project="phema-test")
+    cb = PostHocEMA(snapshot_every_n_steps=2)
+    quick_fit([cb], tmp_path, logger=logger)
+    logger.experiment.finish()
+    assert cb.folder.parent.parent == tmp_path / "phema-test"  # the wandb run's own folder
+    assert logged == [("posthoc_ema/profiles", [str(cb.folder / "profiles.png")])]

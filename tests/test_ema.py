@@ -514,6 +514,13 @@ def test_validate_on_both_is_two_complete_separate_passes(tmp_path):
     assert_both_equals_ema_and_live(validation_metrics_by_mode(tmp_path), samples=256)
 
 
+def test_validate_on_both_logs_live_names_even_before_the_first_update():
+    pl.seed_everything(0)
+    trainer = fit(Classifier(), [EMA(validate_on="both", start_step=1000)], limit_val_batches=1)
+    metrics = trainer.callback_metrics
+    assert torch.equal(metrics["val_loss_live"], metrics["val_loss"])  # both are the live weights
+
+
 def test_validate_on_both_refuses_persistent_workers_with_the_option_to_use():
     class PersistentVal(DigitsDataModule):
         def val_dataloader(self):
@@ -646,7 +653,7 @@ def test_tied_weights_in_a_compiled_module_are_averaged_once_and_stay_tied(tmp_p
     pl.seed_everything(0)
     model = TiedCompiled()
     ema = EMA(decay=0.8, apply_on_fit_end=False)
-    trainer = fit(model, [ema, Probe()], limit_val_batches=1)
+    trainer = fit(model, [ema, Probe()], epochs=1, limit=128, limit_val_batches=1)
     names = ema._shadow.tracked.averaged_names
     assert "net._orig_mod.0.weight" in names and "net._orig_mod.2.weight" not in names
     averaged = ema.ema_state_dict()

@@ -283,11 +283,9 @@ class EMA(AfterOptimizerStep):
         if self.validate_on == "live" or trainer.sanity_checking:
             return
         self._ensure_shadow(pl_module)
-        if not self._has_average():
-            return
-        if self.validate_on == "both":
+        if self.validate_on == "both":  # also before the first update: the names are always there
             self._validate_live(trainer, pl_module)
-        self._swap_in_ema()
+        self._swap_in_ema()  # no-op until the first update: the live weights are validated
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_live()

@@ -446,7 +446,7 @@ class EpochEndMetrics(Classifier):
         self.val_accuracy = MulticlassAccuracy(num_classes=10, average="micro")
         self.val_sizes: list[int] = []
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
         x, y = batch
         logits = self(x)
         self.val_accuracy.update(logits, y)
@@ -512,6 +512,32 @@ def assert_both_equals_ema_and_live(runs, samples):
 
 def test_validate_on_both_is_two_complete_separate_passes(tmp_path):
     assert_both_equals_ema_and_live(validation_metrics_by_mode(tmp_path), samples=256)
+
+
+def test_validate_on_both_with_two_validation_loaders(tmp_path):
+    class TwoLoaders(DigitsDataModule):
+        def val_dataloader(self):
+            val = digits("val")
+            half = torch.utils.data.Subset(val, range(64))
+            return [super().val_dataloader(), torch.utils.data.DataLoader(half, batch_size=32)]
+
+    metrics = {}
+    for mode in ("ema", "live", "both"):
+        pl.seed_everything(0)
+        recorder = ValidationRecorder()
+        trainer = quiet_trainer(
+            max_epochs=1, callbacks=[EMA(decay=0.8, validate_on=mode), recorder]
+        )
+        trainer.fit(EpochEndMetrics(), datamodule=TwoLoaders(batch_size=32, limit=128))
+        metrics[mode] = recorder.epochs[-1]
+    for idx in (0, 1):
+        name = f"val_loss/dataloader_idx_{idx}"
+        live_name = f"val_loss_live/dataloader_idx_{idx}"
+        assert torch.equal(metrics["both"][name], metrics["ema"][name])
+        assert torch.equal(metrics["both"][live_name], metrics["live"][name])
+    total = len(digits("val")) + 64
+    assert metrics["both"]["val_count_live"] == metrics["live"]["val_count"] == total
+    assert metrics["both"]["val_count"] == metrics["ema"]["val_count"] == total
 
 
 def test_validate_on_both_logs_live_names_even_before_the_first_update():

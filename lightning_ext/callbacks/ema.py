@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -458,18 +458,18 @@ class EMA(AfterOptimizerStep):
         The regular loop then validates the EMA under the original names, starting from the
         metric states the module had before this pass.
         """
-        for name, (value, to_logger, to_bar) in _run_separate_validation_epoch(
-            trainer, pl_module
-        ).items():
-            # One already reduced (and synced) value per epoch: the mean of it is itself.
+        for name, metric in _run_separate_validation_epoch(trainer, pl_module).items():
+            # One already reduced value per epoch: its mean is itself. A value the module synced
+            # is the same on every rank, and syncing it again (mean) keeps it bit for bit.
             pl_module.log(
                 _suffixed(name, self.live_suffix),
-                value,
+                metric.value,
                 on_step=False,
                 on_epoch=True,
-                logger=to_logger and bool(trainer.loggers),
-                prog_bar=to_bar,
+                logger=metric.to_logger and bool(trainer.loggers),
+                prog_bar=metric.to_progress_bar,
                 batch_size=1,
+                sync_dist=metric.synced,
                 add_dataloader_idx=False,
             )
 
@@ -577,20 +577,43 @@ def _copy_state(state: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+class _EpochMetric(NamedTuple):
+    value: Tensor
+    to_logger: bool
+    to_progress_bar: bool
+    synced: bool
+
+
+def _collect_epoch_metrics(results: Any, into: dict[str, _EpochMetric]) -> None:
+    """Epoch-level values of ``results`` for its current dataloader index, as Lightning reads them
+    at the end of each dataloader and of the epoch, with where each goes and whether it was
+    synced across ranks."""
+    metrics = results.metrics(on_step=False)
+    synced = set()
+    for _, result_metric in results.valid_items():
+        if result_metric.meta.sync.should:
+            synced.update(results._forked_name(result_metric, False))
+    for name, value in metrics["callback"].items():
+        into[name] = _EpochMetric(
+            value.detach().clone(), name in metrics["log"], name in metrics["pbar"], name in synced
+        )
+
+
 def _run_separate_validation_epoch(
     trainer: pl.Trainer, pl_module: pl.LightningModule
-) -> dict[str, tuple[Tensor, bool, bool]]:
+) -> dict[str, _EpochMetric]:
     """Run one whole validation epoch of the module (its epoch-start hook, batch hooks,
     ``validation_step`` and epoch-end hook) with its own logged results and metric states.
 
-    Returns each epoch-level metric with whether it goes to the logger and to the progress bar.
     The global RNG is left as it was, so the regular pass and training see the same randomness.
     """
     call = _private(trainer, "trainer.call")
+    connector = trainer._logger_connector
     loaders = trainer.val_dataloaders
     loaders = list(loaders) if isinstance(loaders, list | tuple) else [loaders]
     limits = trainer.num_val_batches
     several = len(loaders) > 1
+    collected: dict[str, _EpochMetric] = {}
     with (
         torch.random.fork_rng(devices=[]),
         _metric_states_restored(pl_module),
@@ -606,18 +629,19 @@ def _run_separate_validation_epoch(
                 batch = call._call_strategy_hook(
                     trainer, "batch_to_device", batch, dataloader_idx=dl_idx
                 )
-                trainer._logger_connector.on_batch_start(batch, dl_idx if several else None)
+                connector.on_batch_start(batch, dl_idx if several else None)
                 args = (batch, batch_idx, dl_idx) if several else (batch, batch_idx)
                 call._call_lightning_module_hook(trainer, "on_validation_batch_start", *args)
                 output = call._call_strategy_hook(trainer, "validation_step", *args)
                 call._call_lightning_module_hook(trainer, "on_validation_batch_end", output, *args)
-        trainer._logger_connector.epoch_end_reached()
+            if several:  # this loader's metrics, as Lightning stores them between loaders
+                connector.epoch_end_reached()
+                _collect_epoch_metrics(results, collected)
+        connector.epoch_end_reached()
+        results.dataloader_idx = None
         call._call_lightning_module_hook(trainer, "on_validation_epoch_end")
-        metrics = results.metrics(on_step=False)
-        return {
-            name: (value.detach().clone(), name in metrics["log"], name in metrics["pbar"])
-            for name, value in metrics["callback"].items()
-        }
+        _collect_epoch_metrics(results, collected)
+    return collected
 
 
 # ---------------------------------------------------------------------- checkpoints

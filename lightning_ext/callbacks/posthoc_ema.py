@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
 from lightning_ext._io import atomic_torch_save, atomic_write, atomic_write_json, load_file
 from lightning_ext._lightning import is_wandb_logger, run_dir
@@ -165,7 +165,7 @@ class PostHocEMA(AfterOptimizerStep):
             if picture is not None:
                 for logger in trainer.loggers:
                     if is_wandb_logger(logger):
-                        logger.log_image(key="posthoc_ema/profiles", images=[str(picture)])
+                        logger.log_image(key="posthoc_ema/profiles", images=[str(picture)])  # type: ignore[attr-defined]
 
     def _snapshot(self, trainer: pl.Trainer) -> None:
         name = f"phema_{self.num_updates:010d}.pt"

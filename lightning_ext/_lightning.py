@@ -127,3 +127,21 @@ def run_dir(trainer: Any, name: str) -> Path:
     if trainer.is_global_zero:
         os.makedirs(path, exist_ok=True)
     return path
+
+
+# --------------------------------------------------------------------------- mixed precision
+
+
+def grad_scaler_found_inf(trainer: Any, optimizer: Any) -> list[Any]:
+    """The GradScaler's found-inf flags (device tensors) for ``optimizer``'s current step.
+
+    Call from ``on_before_optimizer_step``: Lightning has unscaled the gradients by then, so the
+    flags are set; ``scaler.step`` reads them on the host before stepping, so reading them again
+    after the step costs no extra synchronisation. Empty without an enabled GradScaler (fp32,
+    bf16). Reads ``GradScaler``'s per-optimizer state, which torch keeps private.
+    """
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return []
+    state = scaler._per_optimizer_states.get(id(optimizer), {})
+    return list(state.get("found_inf_per_device", {}).values())

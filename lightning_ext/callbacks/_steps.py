@@ -6,6 +6,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from lightning_ext._lightning import grad_scaler_found_inf
 
 
 class AfterOptimizerStep(Callback):
@@ -16,14 +19,27 @@ class AfterOptimizerStep(Callback):
     changed between its start and its end. Comparing against the step seen at the previous batch
     end instead is wrong right after a resume (hooks that run before the loops restore their
     counters see step 0), so the reference is taken at every batch start.
+
+    With fp16 and a GradScaler, a step whose gradients overflowed is skipped by the scaler while
+    Lightning still advances ``global_step``. Such batches call ``on_optimizer_step_skipped``
+    instead: the weights did not change, so averaging them again would count a step that never
+    happened (and advance warm-up schedules).
     """
 
     _step_at_batch_start: int | None = None
+    _found_inf: list[Tensor] | None = None
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._step_at_batch_start = trainer.global_step
+        self._found_inf = []
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        if self._found_inf is not None:
+            self._found_inf.extend(grad_scaler_found_inf(trainer, optimizer))
 
     def on_train_batch_end(
         self,
@@ -34,8 +50,16 @@ class AfterOptimizerStep(Callback):
         batch_idx: int,
     ) -> None:
         start = self._step_at_batch_start
-        if start is not None and trainer.global_step != start:
+        if start is None or trainer.global_step == start:
+            return
+        # Already synchronised by GradScaler.step, so .item() does not stall here.
+        if any(flag.item() for flag in self._found_inf or ()):
+            self.on_optimizer_step_skipped(trainer, pl_module)
+        else:
             self.on_optimizer_step_done(trainer, pl_module)
 
     def on_optimizer_step_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Runs after each optimizer step, with ``trainer.global_step`` already advanced."""
+
+    def on_optimizer_step_skipped(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Runs instead of ``on_optimizer_step_done`` when the GradScaler skipped the step."""

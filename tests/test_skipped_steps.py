@@ -1,0 +1,78 @@
+"""fp16 with a GradScaler: steps whose gradients overflow are skipped by the scaler while Lightning
+still advances ``global_step``. Every callback must treat them as the non-steps they are.
+
+The GradScaler runs on CPU here (``torch.amp.GradScaler("cpu")`` inside Lightning's
+``MixedPrecision`` plugin), so this CUDA-typical path is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import Tensor
+
+from lightning_ext.callbacks import EMA, WARP, PostHocEMA
+from tests.helpers.data import digits, loader
+from tests.helpers.models import Classifier
+from tests.helpers.recording import WeightRecorder
+
+OVERFLOW_BATCHES = {1, 4}
+STEPS = 7
+
+
+class Overflowing(Classifier):
+    """A classifier whose loss overflows on some batches, as fp16 training occasionally does."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if batch_idx in OVERFLOW_BATCHES else loss
+
+
+def _fit(*callbacks: pl.Callback) -> tuple[Overflowing, WeightRecorder, pl.Trainer]:
+    pl.seed_everything(0, verbose=False)
+    module, recorder = Overflowing(), WeightRecorder()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # no overflow from the scale itself
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=STEPS,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        callbacks=[recorder, *callbacks],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, loader(digits("train", limit=256), batch_size=32))
+    return module, recorder, trainer
+
+
+def test_scaler_skips_the_overflowing_steps_and_the_recorder_sees_only_real_steps():
+    module, recorder, trainer = _fit()
+    assert trainer.global_step == STEPS  # Lightning counts the skipped steps too
+    assert len(recorder.states) == STEPS - len(OVERFLOW_BATCHES)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_ema_averages_only_the_steps_that_happened():
+    decay = 0.8
+    ema = EMA(decay=decay, validate_on="live", apply_on_fit_end=False)
+    _, recorder, _ = _fit(ema)
+    assert ema.num_updates == STEPS - len(OVERFLOW_BATCHES)
+    expected = {k: v.double() for k, v in recorder.initial.items() if v.is_floating_point()}
+    for state in recorder.states:
+        for k in expected:
+            expected[k] = decay * expected[k] + (1 - decay) * state[k].double()
+    got = ema.ema_state_dict()
+    for k, value in expected.items():
+        torch.testing.assert_close(got[k].double(), value, rtol=1e-5, atol=1e-6)
+
+
+def test_posthoc_ema_and_warp_anchor_count_only_real_steps(tmp_path):
+    posthoc = PostHocEMA(snapshot_dir=str(tmp_path / "phema"), snapshot_every_n_steps=100)
+    warp = WARP(anchor="ema", mu=0.1)
+    _fit(posthoc, warp)
+    real = STEPS - len(OVERFLOW_BATCHES)
+    assert posthoc.num_updates == real
+    assert warp.state_dict()["updates"] == real

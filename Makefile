@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lightning-ext-installed
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test test-gpu docs lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,21 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# On a GPU machine: the tests marked `cuda` and the GPU benchmarks, with an interpreter whose torch
+# sees the GPU (GPU_PYTHON; e.g. a venv made with a plain `pip install torch lightning
+# torchmetrics pytest pytest-timeout scikit-learn matplotlib`, which takes a CUDA build, or the
+# python3 of an image that has them). Sized to finish in under 8 minutes on one data-center GPU.
+GPU_PYTHON ?= python3
+test-gpu:
+	$(GPU_PYTHON) -c "import torch; assert torch.cuda.is_available(), 'test-gpu needs a CUDA GPU'"
+	PYTHONPATH=. $(GPU_PYTHON) -m pytest -q -p no:cacheprovider -m cuda -o addopts="" tests
+	PYTHONPATH=. $(GPU_PYTHON) benchmarks/bench_suite.py --device cuda --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -35,4 +49,4 @@ bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do PYTHONPATH=. $(BIN)/python $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) lightning_logs wandb .pytest_cache .ruff_cache
+	rm -rf $(VENV) lightning_logs wandb site .pytest_cache .ruff_cache

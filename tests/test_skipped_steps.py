@@ -8,6 +8,7 @@ The GradScaler runs on CPU here (``torch.amp.GradScaler("cpu")`` inside Lightnin
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor
@@ -29,14 +30,19 @@ class Overflowing(Classifier):
         return loss * float("inf") if batch_idx in OVERFLOW_BATCHES else loss
 
 
-def _fit(*callbacks: pl.Callback) -> tuple[Overflowing, WeightRecorder, pl.Trainer]:
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def _fit(
+    *callbacks: pl.Callback, device: str = "cpu"
+) -> tuple[Overflowing, WeightRecorder, pl.Trainer]:
     pl.seed_everything(0, verbose=False)
     module, recorder = Overflowing(), WeightRecorder()
-    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # no overflow from the scale itself
+    scaler = torch.amp.GradScaler(device, init_scale=1.0)  # no overflow from the scale itself
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=device,
         max_steps=STEPS,
-        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        plugins=[MixedPrecision("16-mixed", device, scaler=scaler)],
         callbacks=[recorder, *callbacks],
         logger=False,
         enable_checkpointing=False,
@@ -48,17 +54,19 @@ def _fit(*callbacks: pl.Callback) -> tuple[Overflowing, WeightRecorder, pl.Train
     return module, recorder, trainer
 
 
-def test_scaler_skips_the_overflowing_steps_and_the_recorder_sees_only_real_steps():
-    module, recorder, trainer = _fit()
+@pytest.mark.parametrize("device", DEVICES)
+def test_scaler_skips_the_overflowing_steps_and_the_recorder_sees_only_real_steps(device):
+    module, recorder, trainer = _fit(device=device)
     assert trainer.global_step == STEPS  # Lightning counts the skipped steps too
     assert len(recorder.states) == STEPS - len(OVERFLOW_BATCHES)
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
-def test_ema_averages_only_the_steps_that_happened():
+@pytest.mark.parametrize("device", DEVICES)
+def test_ema_averages_only_the_steps_that_happened(device):
     decay = 0.8
     ema = EMA(decay=decay, validate_on="live", apply_on_fit_end=False)
-    _, recorder, _ = _fit(ema)
+    _, recorder, _ = _fit(ema, device=device)
     assert ema.num_updates == STEPS - len(OVERFLOW_BATCHES)
     expected = {k: v.double() for k, v in recorder.initial.items() if v.is_floating_point()}
     for state in recorder.states:
@@ -66,7 +74,7 @@ def test_ema_averages_only_the_steps_that_happened():
             expected[k] = decay * expected[k] + (1 - decay) * state[k].double()
     got = ema.ema_state_dict()
     for k, value in expected.items():
-        torch.testing.assert_close(got[k].double(), value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[k].cpu().double(), value.cpu(), rtol=1e-5, atol=1e-6)
 
 
 def test_posthoc_ema_and_warp_anchor_count_only_real_steps(tmp_path):

@@ -34,7 +34,7 @@ docs: $(STAMP)
 GPU_PYTHON ?= python3
 test-gpu:
 	$(GPU_PYTHON) -c "import torch; assert torch.cuda.is_available(), 'test-gpu needs a CUDA GPU'"
-	PYTHONPATH=. $(GPU_PYTHON) -m pytest -q -p no:cacheprovider -m cuda -o addopts="" tests
+	PYTHONPATH=. $(GPU_PYTHON) -m pytest -q -p no:cacheprovider -m cuda tests
 	PYTHONPATH=. $(GPU_PYTHON) benchmarks/bench_suite.py --device cuda --quick
 
 lint: $(STAMP)

@@ -81,9 +81,15 @@ def test_evaluation_does_not_change_training(tmp_path, trainer_kw):
     assert (tmp_path / "a").exists() and any((tmp_path / "a").iterdir())
 
 
-def test_online_metrics_match_functional_and_exports(tmp_path):
+@pytest.mark.parametrize("zero_shot", [False, True])
+def test_online_metrics_match_functional_and_exports(tmp_path, zero_shot):
     cb = ContinualEvaluation(
-        every_n_steps=2, subsample=40, window=3, lca_beta=2, export_dir=str(tmp_path / "out")
+        every_n_steps=2,
+        subsample=40,
+        window=3,
+        lca_beta=2,
+        zero_shot=zero_shot,
+        export_dir=str(tmp_path / "out"),
     )
     pl.seed_everything(0)
     trainer = quiet_trainer(
@@ -91,19 +97,25 @@ def test_online_metrics_match_functional_and_exports(tmp_path):
     )
     trainer.fit(Classifier(), datamodule=stream(num_tasks=3))
     values, trained, steps = cb.tables()
-    ref = continual_metrics(values, trained, steps, window=3, lca_beta=2)
+    ref = continual_metrics(values, trained, steps, window=3, lca_beta=2, zero_shot=zero_shot)
     online = cb.online_metrics()
     assert online["avg"] == pytest.approx(ref["avg"])
     assert online["min_acc"] == pytest.approx(ref["min_acc"])
     assert online["wc_acc"] == pytest.approx(ref["wc_acc"])
     assert online["wf3"] == pytest.approx(ref["wf"]) and online["wp3"] == pytest.approx(ref["wp"])
     assert online["lca"] == pytest.approx(ref["lca"])
+    assert cb.lca == pytest.approx({t: v for t, v in ref["lca_per_task"].items() if v == v})
     # Subsamples: fixed size, sorted unique indices, drawn once.
     assert all(len(s) == 40 and len(set(s.tolist())) == 40 for s in cb.subsets.values())
     summary = cb.summary()
     matrix = torch.tensor(summary["matrix"])
     assert not torch.isnan(matrix).any()  # eval sets known up front: every row is full
-    assert summary["gap"][0]["depth"] >= 0 and summary["bwt"] == pytest.approx(ref["bwt"])
+    assert summary["gap"][0][1]["depth"] >= 0 and summary["bwt"] == pytest.approx(ref["bwt"])
+    assert set(summary["gap"]) == set(ref["gap"]) == {0, 1}
+    for task, per_switch in ref["gap"].items():
+        for switch, entry in per_switch.items():
+            assert summary["gap"][task][switch] == pytest.approx(entry, nan_ok=True)
+    assert summary["stream_forgetting"] == pytest.approx(-summary["bwt"])
     out = tmp_path / "out"
     rows = (out / "curves.csv").read_text().splitlines()
     assert rows[0] == "step,trained_task,task0,task1,task2" and len(rows) == len(cb.records) + 1
@@ -233,29 +245,71 @@ def test_bad_setups_are_rejected_before_training():
         trainer.fit(Classifier(), train_dataloaders=loader(digits("train", limit=64)))
 
 
-def test_wandb_offline_run_has_curves_table_and_plot(tmp_path):
-    from lightning.pytorch.loggers import WandbLogger
+def ptl_classifier():
+    """The same MLP classifier written against ``import pytorch_lightning as pl``."""
+    import pytorch_lightning as ptl
+
+    class PTLClassifier(ptl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Classifier().net
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    return PTLClassifier()
+
+
+def test_wandb_offline_run_with_pytorch_lightning_has_table_and_plot(tmp_path):
+    """pytorch_lightning's Trainer and WandbLogger: the curves reach wandb, and the values table
+    is not overwritten by the line plot's own backing table (``cl/curves_table``)."""
+    import pytorch_lightning as ptl
+    from pytorch_lightning.loggers import WandbLogger
 
     from tests.helpers.wandb_reader import read_offline_runs
 
     logger = WandbLogger(save_dir=tmp_path, offline=True)
-    cb = ContinualEvaluation(every_n_steps=1, subsample=50, plot=False)
-    pl.seed_everything(0)
-    trainer = quiet_trainer(
-        max_epochs=2,
-        reload_dataloaders_every_n_epochs=1,
-        limit_val_batches=0,
-        callbacks=[cb],
-        logger=logger,
-        log_every_n_steps=1,
-    )
-    trainer.fit(Classifier(), datamodule=stream())
+    cb = ContinualEvaluation(every_n_steps=1, subsample=50)
+    train = split_by_classes(digits("train", limit=300), 2)[:2]
+    val = [loader(v, 64, None) for v in split_by_classes(digits("val"), 2)[:2]]
+    ptl.seed_everything(0)
+    model = ptl_classifier()
+    for task in range(2):  # one fit per task; the fit's two validation loaders: one per task
+        trainer = ptl.Trainer(
+            accelerator="cpu",
+            max_epochs=1,
+            limit_val_batches=0,
+            callbacks=[cb],
+            logger=logger,
+            log_every_n_steps=1,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        trainer.fit(model, loader(train[task], 32, 0), val)
     logger.experiment.finish()
     (run,) = read_offline_runs(tmp_path)
-    assert len(run.series("cl/task0")) >= trainer.global_step - 1
+    steps = [r["step"] for r in cb.records]
+    assert steps == sorted(set(steps)) and cb.step_offset > 0  # the second fit continues
+    assert len(run.series("cl/task0")) >= len(cb.records)
     assert run.series("cl/min_acc") and run.series("cl/wc_acc")
-    assert "cl/acc" in run.summary and "cl/gap/task0/depth" in run.summary
-    assert run.media("*.table.json"), "the curves table was not written"
+    assert "cl/acc" in run.summary and "cl/gap/task0/at_task1/depth" in run.summary
+    assert "cl/stream_forgetting" in run.summary and "cl/chaudhry_forgetting" in run.summary
+    values_path = run.series("cl/curve_values/path")[-1]  # one per fit
+    plot_path = run.series("cl/curves_table/path")[-1]  # the line plot's own table
+    assert values_path != plot_path
+    values_table = json.loads((run.directory / "files" / values_path).read_text())
+    assert values_table["columns"] == ["step", "trained_task", "task0", "task1"]
+    assert len(values_table["data"]) == len(cb.records)
+    # Outputs went to the wandb run's own folder, with the picture.
+    folder = tmp_path / logger.name / logger.version / "continual"
+    assert (folder / "curves.csv").exists() and (folder / "curves.png").exists()
 
 
 def test_lightning_cli_builds_the_callback_from_yaml():
@@ -281,9 +335,9 @@ def ddp_fit(out_dir: str, world: int) -> None:
     shard = cb._shard
 
     def counting_shard(trainer, module, task):
-        x, y, total = shard(trainer, module, task)
-        sizes.append((task, x.shape[0], total))
-        return x, y, total
+        batches, total = shard(trainer, module, task)
+        sizes.append((task, sum(b[0].shape[0] for b in batches), total))
+        return batches, total
 
     cb._shard = counting_shard
     model = Classifier()
@@ -344,4 +398,4 @@ def test_perplexity_and_callable_metrics_agree_with_the_loss():
         for task, loss in a["values"].items():
             assert b["values"][task] == pytest.approx(math.exp(loss))
             assert c["values"][task] == pytest.approx(loss)
-    assert not ppl_cb.higher_is_better and ppl_cb.summary()["gap"][0]["depth"] >= 0
+    assert not ppl_cb.higher_is_better and ppl_cb.summary()["gap"][0][1]["depth"] >= 0

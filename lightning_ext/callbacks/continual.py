@@ -745,6 +745,8 @@ class ContinualEvaluation(Callback):
                 ax.axvline(int(steps[end]), color="grey", ls="--", lw=0.8)
         ax.set_xlabel("training step")
         ax.set_ylabel(self.metric_name)
+        if self.metric_name == "perplexity":
+            ax.set_yscale("log")
         ax.legend(fontsize="small")
         fig.tight_layout()
         return fig

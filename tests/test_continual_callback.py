@@ -528,6 +528,12 @@ def test_defaults_to_the_fits_validation_loader_one_task_per_fit():
     assert cb._sources[0][0] is val[0] and cb._sources[1][0] is val[1]
     assert sorted({r["trained"] for r in cb.records}) == [-1, 0, 1]
     assert set(cb.records[-1]["values"]) == {0, 1}
+    # Restored from a checkpoint, the earlier fits' loaders are gone: say so, never mix up data.
+    restored = ContinualEvaluation(every_n_steps=2, export=False)
+    restored.load_state_dict(cb.state_dict())
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[restored])
+    with pytest.raises(ValueError, match="earlier task 0 came from an earlier fit"):
+        trainer.fit(model, loader(train[2], 32, 0), loader(val[2], 64, None))
 
 
 # ----------------------------------------------------------------------------------- outputs

@@ -378,6 +378,12 @@ class ContinualEvaluation(Callback):
                 f"ContinualEvaluation: task {task} was never given evaluation data "
                 f"({len(self._sources)} evaluation sets known)"
             )
+        if task < self.task:
+            raise ValueError(
+                f"ContinualEvaluation: the evaluation set of the earlier task {task} came from an "
+                "earlier fit's validation loader, which this callback (restored from a checkpoint) "
+                "cannot read back: pass eval_sets=[...] (one per task) to resume such a run"
+            )
         loaders = _as_list(_fit_val_loaders(trainer))
         if len(loaders) > 1 and not self._sources:
             self._set_fixed_sources(loaders)  # several validation loaders: one per task

@@ -528,6 +528,12 @@ def test_defaults_to_the_fits_validation_loader_one_task_per_fit():
     assert cb._sources[0][0] is val[0] and cb._sources[1][0] is val[1]
     assert sorted({r["trained"] for r in cb.records}) == [-1, 0, 1]
     assert set(cb.records[-1]["values"]) == {0, 1}
+    # Tasks of 2 steps evaluated every 2 steps cannot fill LCA^10: said with figures, once.
+    with pytest.warns(
+        UserWarning, match=r"LCA\^10 needs 10 evaluations.*task 0: 2; one every 2 steps"
+    ):
+        cb._lca_warned.clear()
+        cb._warn_short_tasks()
     # Restored from a checkpoint, the earlier fits' loaders are gone: say so, never mix up data.
     restored = ContinualEvaluation(every_n_steps=2, export=False)
     restored.load_state_dict(cb.state_dict())
@@ -586,3 +592,19 @@ def test_without_matplotlib_it_warns_once_and_writes_the_rest(tmp_path, monkeypa
     assert sum("matplotlib" in str(w.message) for w in record) == 1
     assert (tmp_path / "out" / "curves.csv").exists()
     assert not (tmp_path / "out" / "curves.png").exists()
+
+
+def test_stability_gap_example_runs_and_reports_drop_recovery_and_forgetting():
+    from examples.stability_gap import gap_table, jittered_split_digits, run
+
+    train, evaluation = jittered_split_digits(seed=0, train_per_task=64, eval_per_task=32)
+    assert len(train) == len(evaluation) == 5
+    for t, (tr, ev) in enumerate(zip(train, evaluation)):
+        assert set(tr.tensors[1].tolist()) <= {2 * t, 2 * t + 1} and len(ev) == 32
+        assert float(tr.tensors[0].min()) >= 0 and float(tr.tensors[0].max()) <= 1
+    cb, trainer = run(0, epochs_per_task=1, train_per_task=256, gap_within=2)
+    assert cb is not None and trainer.global_step == 5
+    summary = cb.summary()
+    assert set(summary["gap"]) == {0, 1, 2, 3} and set(summary["gap"][0]) == {1, 2, 3, 4}
+    lines = gap_table(cb)
+    assert len(lines) == 1 + 10 + len(summary["forgetting_per_task"])

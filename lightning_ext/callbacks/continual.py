@@ -243,6 +243,7 @@ class ContinualEvaluation(Callback):
         self._streaming = False
         self._folder: Path | None = None
         self._plot_warned = False
+        self._lca_warned: set[int] = set()
         self._precision_context: Callable[[], Any] = contextlib.nullcontext
 
     # ----------------------------------------------------------------------------- configuration
@@ -591,6 +592,7 @@ class ContinualEvaluation(Callback):
         if self.task < 0:
             return
         self._evaluate(trainer, pl_module, self._known_tasks())
+        self._warn_short_tasks()
         summary = self.summary()
         flat = {
             f"cl/{k}": v for k, v in summary.items() if isinstance(v, float) and not math.isnan(v)
@@ -610,6 +612,23 @@ class ContinualEvaluation(Callback):
             for logger in trainer.loggers:
                 if is_wandb_logger(logger):
                     self._wandb_log(logger)
+
+    def _warn_short_tasks(self) -> None:
+        """Say, with figures, which finished tasks had too few evaluations for an LCA."""
+        short = {
+            t: len(self.head.get(t, []))
+            for t in range(self.task)
+            if t not in self.lca and t not in self._lca_warned
+        }
+        if short:
+            counts = ", ".join(f"task {t}: {n}" for t, n in short.items())
+            rank_zero_warn(
+                f"ContinualEvaluation: LCA^{self.lca_beta} needs {self.lca_beta} evaluations "
+                f"during a task's own training, but finished tasks had fewer ({counts}; one "
+                f"every {self.every_n_steps} steps), so they have no LCA. Lower lca_beta or "
+                "every_n_steps."
+            )
+            self._lca_warned |= set(short)
 
     # -------------------------------------------------------------------------------- logging
     def online_metrics(self) -> dict[str, float]:

@@ -308,6 +308,7 @@ def test_wandb_offline_run_with_pytorch_lightning_has_table_and_plot(tmp_path):
     assert values_path != plot_path
     values_table = json.loads((run.directory / "files" / values_path).read_text())
     assert values_table["columns"] == ["step", "trained_task", "task0", "task1"]
+    assert run.media("cl/curves_png*.png"), "the picture did not reach wandb"
     assert len(values_table["data"]) == len(cb.records)
     # Outputs went to the wandb run's own folder, with the picture.
     folder = tmp_path / logger.name / logger.version / "continual"

@@ -66,6 +66,7 @@ Collate = Callable[[list[Any]], Any]
 #: (``<plot key>_table``), or one overwrites the other in the run.
 WANDB_PLOT_KEY = "cl/curves"
 WANDB_TABLE_KEY = "cl/curve_values"
+WANDB_IMAGE_KEY = "cl/curves_png"
 
 
 def _per_sample(metric: str, logits: Tensor, targets: Tensor) -> Tensor:
@@ -786,7 +787,8 @@ class ContinualEvaluation(Callback):
         return buffer.getvalue()
 
     def _wandb_log(self, logger: Any) -> None:
-        """The raw evaluation table and a line plot of the curves (two distinct wandb keys)."""
+        """The raw evaluation table, a line plot of the curves (two distinct wandb keys) and the
+        picture written by ``export``, if any."""
         import wandb
 
         values, trained, steps = self.tables()
@@ -796,18 +798,20 @@ class ContinualEvaluation(Callback):
             for e in range(values.shape[0])
         ]
         points = self.curve_points()
-        logger.experiment.log(
-            {
-                WANDB_TABLE_KEY: wandb.Table(columns=columns, data=rows),
-                WANDB_PLOT_KEY: wandb.plot.line_series(
-                    xs=[p[0] for p in points],
-                    ys=[p[1] for p in points],
-                    keys=[f"task{t}" for t in range(values.shape[1])],
-                    title=f"continual evaluation ({self.metric_name})",
-                    xname="step",
-                ),
-            }
-        )
+        entries = {
+            WANDB_TABLE_KEY: wandb.Table(columns=columns, data=rows),
+            WANDB_PLOT_KEY: wandb.plot.line_series(
+                xs=[p[0] for p in points],
+                ys=[p[1] for p in points],
+                keys=[f"task{t}" for t in range(values.shape[1])],
+                title=f"continual evaluation ({self.metric_name})",
+                xname="step",
+            ),
+        }
+        picture = self._folder / "curves.png" if self._folder is not None else None
+        if picture is not None and picture.exists():
+            entries[WANDB_IMAGE_KEY] = wandb.Image(str(picture))
+        logger.experiment.log(entries)
 
     # ---------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

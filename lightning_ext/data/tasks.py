@@ -114,6 +114,9 @@ class TaskStream(pl.LightningDataModule):
     ``replay_capacity > 0`` the loaders of tasks after the first yield ``WithReplay`` items drawn
     from a memory of all earlier tasks. ``task_eval_datasets()`` gives the per-task evaluation
     sets that ContinualEvaluation reads when it is given none.
+
+    It is a ``lightning.pytorch`` datamodule: a ``pytorch_lightning`` Trainer refuses it (its
+    hook checks compare against its own class); there, give loaders to one fit per task.
     """
 
     def __init__(

@@ -100,7 +100,9 @@ def validate_score(state: dict, monitor: str = "val_acc") -> float:
 def test_build_soup_greedy_scores_with_validation_step_and_applies_the_soup(ingredients):
     _, paths = ingredients
     module = Classifier()
-    result = build_soup(module, paths, datamodule=dm(), monitor="val_acc", progress_bar=False)
+    result = build_soup(
+        module, paths, datamodule=dm(), monitor="val_acc", mode="max", progress_bar=False
+    )
     # own scores are the module's validation_step metric, computed independently here
     expected = [validate_score(load_state_dict(p)) for p in paths]
     assert result.scores == pytest.approx(expected, abs=1e-6)
@@ -214,7 +216,8 @@ def test_model_soup_callback_greedy_fit(tmp_path):
     files = sorted(p.name for p in (tmp_path / "soup").glob("ingredient-*.pt"))
     assert files == [f"ingredient-epoch={e}.pt" for e in (1, 2, 3)]  # keep_last dropped epoch 0
     result = soup_cb.result
-    assert len(result["scores"]) == 3 and result["soup_score"] >= max(result["scores"])
+    # mode="min" by default: the soup's val_loss is at most the best ingredient's
+    assert len(result["scores"]) == 3 and result["soup_score"] <= min(result["scores"])
     saved = torch.load(tmp_path / "soup" / "soup.pt")
     assert_bitwise_equal(module.state_dict(), saved)
     # the weights (before BatchNorm recalibration) are the uniform soup of the chosen snapshots
@@ -282,7 +285,7 @@ def test_model_soup_logs_scores_and_a_wandb_table(tmp_path):
     import json
 
     table = json.loads(tables[0].read_text())
-    assert table["columns"] == ["epoch", "file", "val_acc", "times_chosen"]
+    assert table["columns"] == ["epoch", "file", "val_loss", "times_chosen"]
     assert [row[2] for row in table["data"]] == pytest.approx(soup_cb.result["scores"])
 
 

@@ -126,7 +126,12 @@ def run_seed(seed: int, workdir: Path, pre_epochs: int, ft_epochs: int) -> dict[
         t.save_checkpoint(paths[-1])
     val_loader = DataLoader(val, batch_size=256)
     greedy = build_soup(
-        DigitsNet(), paths, dataloaders=val_loader, monitor="val_acc", progress_bar=False
+        DigitsNet(),
+        paths,
+        dataloaders=val_loader,
+        monitor="val_acc",
+        mode="max",
+        progress_bar=False,
     )
     ings = Ingredients(paths)
     best = max(range(len(paths)), key=lambda i: greedy.scores[i])

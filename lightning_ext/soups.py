@@ -135,7 +135,7 @@ def _inputs_of(batch: Any, unpack_batch: UnpackBatch) -> Any:
     return unpack_batch(batch)[0]
 
 
-def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
@@ -326,8 +326,8 @@ def _shard(loader: Any, rank: int, world: int) -> tuple[Any, int]:
             f"the held-out data has {len(dataset)} samples, fewer than the {world} ranks that "  # type: ignore[arg-type]
             "score soups together: give every rank at least one sample"
         )
-    shard = DataLoader(
-        dataset,
+    shard: DataLoader = DataLoader(
+        dataset,  # type: ignore[arg-type]
         batch_size=loader.batch_size,
         sampler=indices,
         num_workers=loader.num_workers,
@@ -498,7 +498,7 @@ def run_soup(
     scorer: Callable[[Mapping[str, Tensor]], float],
     ingredients: Sequence[Mapping[str, Tensor]],
     *,
-    method: Literal["greedy", "uniform"] | Callable[[Sequence], dict] = "greedy",
+    method: Literal["greedy", "uniform"] | Callable[[Any], dict] = "greedy",
     monitor: str = "val_loss",
     mode: Mode = "min",
     strict: bool = True,
@@ -558,7 +558,7 @@ def build_soup(
     module: Any,
     ingredients: Sequence[IngredientSource] | Ingredients,
     *,
-    method: Literal["greedy", "uniform"] | Callable[[Ingredients], dict] = "greedy",
+    method: Literal["greedy", "uniform"] | Callable[[Any], dict] = "greedy",
     monitor: str = "val_loss",
     mode: Mode = "min",
     dataloaders: Any = None,

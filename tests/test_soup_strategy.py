@@ -159,11 +159,21 @@ def test_soup_strategy_validates_its_configuration():
         SoupStrategy(merge="median")
     with pytest.raises(ValueError, match="merge_every_n_steps"):
         SoupStrategy(merge_every_n_steps=0)
+    with pytest.raises(ValueError, match="passes"):
+        SoupStrategy(passes=0)
+    with pytest.warns(UserWarning, match="pass mode='max'"):
+        SoupStrategy(monitor="val_acc")  # the default mode is "min", as in Lightning
     strategy = SoupStrategy(hparams_per_rank=[{"lr": 0.1}, {"lr": 0.2}])
     trainer = quiet_trainer(devices=1, strategy=strategy, max_epochs=1)
     try:
         with pytest.raises(ValueError, match="2 hparams_per_rank entries for 1 ranks"):
             trainer.fit(Classifier(), datamodule=DigitsDataModule(limit=64))
+        # a misspelled monitor fails at the first validation, not after all the training
+        strategy = SoupStrategy(merge="greedy", monitor="val_los")
+        trainer = quiet_trainer(devices=1, strategy=strategy, max_epochs=3, limit_train_batches=1)
+        with pytest.raises(KeyError, match=r"val_los.*'val_acc', 'val_loss'"):
+            trainer.fit(Classifier(), datamodule=DigitsDataModule(limit=64))
+        assert trainer.global_step == 1
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

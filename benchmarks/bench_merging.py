@@ -171,7 +171,8 @@ def main() -> None:
         "Peak RSS above the process's RSS before merging (torch imported), in MiB and in units "
         "of one ingredient; time includes validating every checkpoint's layout first. "
         "Greedy uses a stand-in score (no model evaluation), so it measures the merge machinery: "
-        "the soup, one candidate and one ingredient.\n\n"
+        "the soup, one candidate and one ingredient. The machine is shared with other jobs: "
+        "timings vary several-fold between runs; the memory figures do not.\n\n"
         + markdown_table(
             [
                 "method",

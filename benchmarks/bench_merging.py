@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from lightning_ext._io import load_file
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import markdown_table, write_result
 
@@ -93,7 +95,7 @@ def measure(method: str, paths: list[str], base: str) -> dict:
 
         greedy_soup(ings, evaluate)
     elif method == "uniform (load all, naive)":
-        sds = [torch.load(p, weights_only=True)["state_dict"] for p in paths]
+        sds = [load_file(p)["state_dict"] for p in paths]
         {k: torch.stack([sd[k].float() for sd in sds]).mean(0) for k in sds[0]}
     else:
         raise ValueError(method)
@@ -169,7 +171,8 @@ def main() -> None:
         "Peak RSS above the process's RSS before merging (torch imported), in MiB and in units "
         "of one ingredient; time includes validating every checkpoint's layout first. "
         "Greedy uses a stand-in score (no model evaluation), so it measures the merge machinery: "
-        "the soup, one candidate and one ingredient.\n\n"
+        "the soup, one candidate and one ingredient. The machine is shared with other jobs: "
+        "timings vary several-fold between runs; the memory figures do not.\n\n"
         + markdown_table(
             [
                 "method",

@@ -31,7 +31,9 @@ def make_callbacks(tmp_path):
             ),
             DataPruningScores("el2n", at_epoch=1, output_path=str(tmp_path / "el2n.pt")),
             WARP(anchor="ema", mu=0.1),
-            ModelSoup(method="uniform", monitor="val_acc", dirpath=str(tmp_path / "soup")),
+            ModelSoup(
+                method="uniform", monitor="val_acc", mode="max", dirpath=str(tmp_path / "soup")
+            ),
             ScheduleRefinement(output_dir=str(tmp_path / "schedule"), plot=False),
         ]
 

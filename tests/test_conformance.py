@@ -285,18 +285,25 @@ def _differs(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
 # ------------------------------------------------------------------------------- the cells
 
 
-def check_ema(entry: ZooEntry, config: Config, tmp_path: Path) -> None:
+def check_ema(
+    entry: ZooEntry, config: Config, tmp_path: Path, namespace: Namespace = "lightning"
+) -> None:
     """The EMA is updated at every optimizer step and applied at fit end; with
     ``validate_on="both"`` the unsuffixed metrics are exactly those of ``validate_on="ema"``."""
     options: dict[str, Any] = {} if config == "defaults" else {"decay": 0.9, "validate_on": "both"}
-    run = fit(entry, lambda *_: EMA(**options), tmp_path / "run")
+    run = fit(entry, lambda *_: EMA(**options), tmp_path / "run", namespace=namespace)
     assert run.callback.num_updates >= run.steps.batches - 1 >= 1
     assert _differs(_float_state(run.module), run.steps.live_at_train_end), (
         "the module does not hold the EMA weights after fit"
     )
     assert_finite_weights(run.module)
     if config == "typical" and entry.logged:
-        reference = fit(entry, lambda *_: EMA(decay=0.9, validate_on="ema"), tmp_path / "ref")
+        reference = fit(
+            entry,
+            lambda *_: EMA(decay=0.9, validate_on="ema"),
+            tmp_path / "ref",
+            namespace=namespace,
+        )
         ours, theirs = run.trainer.callback_metrics, reference.trainer.callback_metrics
         for name in entry.logged:
             assert name in ours and f"{name}_live" in ours, sorted(ours)
@@ -306,7 +313,9 @@ def check_ema(entry: ZooEntry, config: Config, tmp_path: Path) -> None:
             )
 
 
-def check_posthoc_ema(entry: ZooEntry, config: Config, tmp_path: Path) -> None:
+def check_posthoc_ema(
+    entry: ZooEntry, config: Config, tmp_path: Path, namespace: Namespace = "lightning"
+) -> None:
     """Snapshots are written and any profile in range reconstructs to finite weights."""
     options: dict[str, Any] = (
         {}
@@ -317,7 +326,7 @@ def check_posthoc_ema(entry: ZooEntry, config: Config, tmp_path: Path) -> None:
             "snapshot_dir": str(tmp_path / "phema"),
         }
     )
-    run = fit(entry, lambda *_: PostHocEMA(**options), tmp_path)
+    run = fit(entry, lambda *_: PostHocEMA(**options), tmp_path, namespace=namespace)
     assert run.callback.snapshots, "no snapshot written"
     state = posthoc_ema_state_dict(run.callback._dir, 0.1)
     module_keys = set(run.module.state_dict())
@@ -326,7 +335,9 @@ def check_posthoc_ema(entry: ZooEntry, config: Config, tmp_path: Path) -> None:
     assert_finite_weights(run.module)
 
 
-def check_continual(entry: ZooEntry, config: Config, tmp_path: Path) -> None:
+def check_continual(
+    entry: ZooEntry, config: Config, tmp_path: Path, namespace: Namespace = "lightning"
+) -> None:
     """Finite curves: one evaluation before the first update, then every ``every_n_steps``."""
     every = 1 if config == "defaults" else 2
 
@@ -339,9 +350,9 @@ def check_continual(entry: ZooEntry, config: Config, tmp_path: Path) -> None:
 
     refusal = expected_refusal("ContinualEvaluation", entry, config)
     if refusal is not None:
-        assert_refuses(refusal, lambda: fit(entry, make, tmp_path))
+        assert_refuses(refusal, lambda: fit(entry, make, tmp_path, namespace=namespace))
         return
-    run = fit(entry, make, tmp_path)
+    run = fit(entry, make, tmp_path, namespace=namespace)
     records = run.callback.records
     # One evaluation before the first update, then at batch ends where global_step reached a
     # multiple of every_n_steps (manual optimization steps several optimizers per batch).
@@ -359,7 +370,9 @@ def _lm_reading_options() -> dict[str, Any]:
     return {"unpack_batch": causal_lm_batch, "metric": "perplexity"}
 
 
-def check_model_soup(entry: ZooEntry, config: Config, tmp_path: Path) -> None:
+def check_model_soup(
+    entry: ZooEntry, config: Config, tmp_path: Path, namespace: Namespace = "lightning"
+) -> None:
     """The greedy soup starts from the best ingredient by ``mode`` (defaults: Lightning's
     ``mode="min"``), and its weights are finite."""
     options: dict[str, Any] = {"dirpath": str(tmp_path / "soup")}
@@ -367,9 +380,12 @@ def check_model_soup(entry: ZooEntry, config: Config, tmp_path: Path) -> None:
         options |= {"monitor": _soup_monitor(entry), "mode": entry.mode}
     refusal = expected_refusal("ModelSoup", entry, config)
     if refusal is not None:
-        assert_refuses(refusal, lambda: fit(entry, lambda *_: ModelSoup(**options), tmp_path))
+        assert_refuses(
+            refusal,
+            lambda: fit(entry, lambda *_: ModelSoup(**options), tmp_path, namespace=namespace),
+        )
         return
-    run = fit(entry, lambda *_: ModelSoup(**options), tmp_path)
+    run = fit(entry, lambda *_: ModelSoup(**options), tmp_path, namespace=namespace)
     soup = run.callback
     if config == "defaults":
         assert soup.mode == "min", "ModelSoup's default mode must follow Lightning's: 'min'"
@@ -379,10 +395,12 @@ def check_model_soup(entry: ZooEntry, config: Config, tmp_path: Path) -> None:
     assert_finite_weights(run.module)
 
 
-def check_warp(entry: ZooEntry, config: Config, tmp_path: Path) -> None:
+def check_warp(
+    entry: ZooEntry, config: Config, tmp_path: Path, namespace: Namespace = "lightning"
+) -> None:
     """The anchor starts at the initial weights, moves towards the policy, stays finite."""
     options: dict[str, Any] = {} if config == "defaults" else {"anchor": "sync", "tau": 2}
-    run = fit(entry, lambda *_: WARP(**options), tmp_path)
+    run = fit(entry, lambda *_: WARP(**options), tmp_path, namespace=namespace)
     anchor = _float_state(run.callback.anchor_module)
     assert _differs(anchor, run.initial), "the anchor never moved"
     assert _differs(anchor, _float_state(run.module)), "the anchor is the policy itself"
@@ -390,7 +408,9 @@ def check_warp(entry: ZooEntry, config: Config, tmp_path: Path) -> None:
     assert_finite_weights(run.module)
 
 
-def check_pruning_scores(entry: ZooEntry, config: Config, tmp_path: Path) -> None:
+def check_pruning_scores(
+    entry: ZooEntry, config: Config, tmp_path: Path, namespace: Namespace = "lightning"
+) -> None:
     """One finite score per training example, written to ``output_path`` when given."""
     path = tmp_path / "scores.pt"
     options: dict[str, Any] = (
@@ -403,9 +423,9 @@ def check_pruning_scores(entry: ZooEntry, config: Config, tmp_path: Path) -> Non
     refusal = expected_refusal("DataPruningScores", entry, config)
     make = lambda *_: DataPruningScores(**options)  # noqa: E731
     if refusal is not None:
-        assert_refuses(refusal, lambda: fit(entry, make, tmp_path))
+        assert_refuses(refusal, lambda: fit(entry, make, tmp_path, namespace=namespace))
         return
-    run = fit(entry, make, tmp_path)
+    run = fit(entry, make, tmp_path, namespace=namespace)
     n = len(run.train_data)  # type: ignore[arg-type]
     scores = run.callback.scores
     assert scores is not None and scores.shape == (n,), None if scores is None else scores.shape
@@ -424,18 +444,25 @@ def _infobatch_loader(loader: DataLoader) -> DataLoader:
     return DataLoader(dataset, batch_size=BATCH_SIZE, sampler=InfoBatchSampler(dataset, seed=0))
 
 
-def check_infobatch(entry: ZooEntry, config: Config, tmp_path: Path) -> None:
+def check_infobatch(
+    entry: ZooEntry, config: Config, tmp_path: Path, namespace: Namespace = "lightning"
+) -> None:
     """A user module never calls ``InfoBatch.loss``: InfoBatch must refuse, never pretend to
     prune (with the hook in place, pruning itself is tested in test_pruning_callbacks.py)."""
     refusal = expected_refusal("InfoBatch", entry, config)
     assert refusal is not None
     loader = None if config == "defaults" else _infobatch_loader
     assert_refuses(
-        refusal, lambda: fit(entry, lambda *_: InfoBatch(), tmp_path, train_loader=loader)
+        refusal,
+        lambda: fit(
+            entry, lambda *_: InfoBatch(), tmp_path, train_loader=loader, namespace=namespace
+        ),
     )
 
 
-def check_sparse(entry: ZooEntry, config: Config, tmp_path: Path) -> None:
+def check_sparse(
+    entry: ZooEntry, config: Config, tmp_path: Path, namespace: Namespace = "lightning"
+) -> None:
     """Every targeted weight is masked at its budget (round(density * numel) ones), the global
     density is the target, and the weights outside the masks are zero."""
     options: dict[str, Any] = (
@@ -443,7 +470,7 @@ def check_sparse(entry: ZooEntry, config: Config, tmp_path: Path) -> None:
         if config == "defaults"
         else {"density": 0.5, "method": "set", "delta_t": 1, "end_fraction": 1.0}
     )
-    run = fit(entry, lambda *_: DynamicSparseTraining(**options), tmp_path)
+    run = fit(entry, lambda *_: DynamicSparseTraining(**options), tmp_path, namespace=namespace)
     dst = run.callback
     params = dict(run.module.named_parameters())
     masks = dst.masks
@@ -466,14 +493,16 @@ def _dense_layer_weights(module: Any) -> set[int]:
     return {id(m.weight) for m in module.modules() if isinstance(m, kinds)}
 
 
-def check_schedule(entry: ZooEntry, config: Config, tmp_path: Path) -> None:
+def check_schedule(
+    entry: ZooEntry, config: Config, tmp_path: Path, namespace: Namespace = "lightning"
+) -> None:
     """One finite gradient norm per optimizer step for each optimizer, and a refined schedule of
     the same length."""
     out = tmp_path / "schedule"
     options: dict[str, Any] = (
         {} if config == "defaults" else {"norm": "l1", "smoothing": 0.0, "output_dir": str(out)}
     )
-    run = fit(entry, lambda *_: ScheduleRefinement(**options), tmp_path)
+    run = fit(entry, lambda *_: ScheduleRefinement(**options), tmp_path, namespace=namespace)
     records = run.callback.grad_norms()
     assert len(records) == len(run.trainer.optimizers)
     for record in records:

@@ -39,7 +39,14 @@ from lightning_ext.callbacks import (
 from lightning_ext.callbacks.posthoc_ema import posthoc_ema_state_dict
 from lightning_ext.data import IndexedDataset
 from lightning_ext.data.sampling import InfoBatchSampler
-from tests.helpers.zoo import BATCH_SIZE, ZOO, Namespace, ZooEntry, lightning_namespace
+from tests.helpers.zoo import (
+    BATCH_SIZE,
+    ZOO,
+    Namespace,
+    ZooEntry,
+    eager_twin,
+    lightning_namespace,
+)
 
 Config = Literal["defaults", "typical"]
 CALLBACKS = (
@@ -135,6 +142,14 @@ INFOBATCH_NO_HOOK = (
     "known: InfoBatch does not check that training_step calls InfoBatch.loss (silent no-op); "
     "the IndexedDataset's extra index then breaks the user's own batch unpacking"
 )
+OUTPUTS_OUTSIDE_RUN_DIR = (
+    "convention not adopted yet: without an explicit path the files go to "
+    "<default_root_dir>/<method>/, not run_dir(trainer, ...), so the next run overwrites them"
+)
+SPARSE_COMPILED_NAMES = (
+    "known: DynamicSparseTraining seeds masks by parameter name, so a compiled inner network "
+    "('_orig_mod.' names) gets other masks than the same network uncompiled"
+)
 SPARSE_TIED = (
     "new: DynamicSparseTraining leaves a tied weight dense: select_targets names it by module "
     "('net.out.weight'), named_parameters only by its first owner ('net.embed.weight')"
@@ -145,15 +160,26 @@ def _known_failures() -> dict[tuple[str, str, Config], str]:
     known: dict[tuple[str, str, Config], str] = {}
 
     def mark(callback: str, zoo: str, configs: tuple[Config, ...], reason: str) -> None:
-        known.update({(callback, zoo, config): reason for config in configs})
+        """Record why the cells fail; a cell with several bugs lists them all."""
+        for config in configs:
+            key = (callback, zoo, config)
+            known[key] = f"{known[key]}; and {reason}" if key in known else reason
 
     both: tuple[Config, ...] = CONFIGS
     mark("EMA", "metrics_classifier", ("typical",), EMA_EPOCH_END_METRICS)
+    for zoo in ZOO:
+        mark("PostHocEMA", zoo, ("defaults",), OUTPUTS_OUTSIDE_RUN_DIR)
+    for zoo in ("metrics_classifier", "batchnorm_cnn", "manual_two_optimizers", "compiled_inner"):
+        mark("ContinualEvaluation", zoo, ("defaults",), OUTPUTS_OUTSIDE_RUN_DIR)
+    mark("ContinualEvaluation", "tied_weights", ("defaults",), OUTPUTS_OUTSIDE_RUN_DIR)
     for zoo in ("metrics_classifier", "batchnorm_cnn", "manual_two_optimizers", "compiled_inner"):
         mark("ModelSoup", zoo, ("defaults",), SOUP_MODE_DEFAULT)
     for zoo in ("causal_lm_dict", "tied_weights", "boring_model"):
         mark("ModelSoup", zoo, ("defaults",), SOUP_MONITOR_LATE)
     mark("ModelSoup", "boring_model", ("typical",), SOUP_MONITOR_LATE)
+    for zoo in ZOO:  # ingredients go to <default_root_dir>/soup_ingredients
+        if zoo != "lightning_transformer":  # refused at setup: writes nothing
+            mark("ModelSoup", zoo, ("defaults",), OUTPUTS_OUTSIDE_RUN_DIR)
     for callback in ("ContinualEvaluation", "DataPruningScores"):
         mark(callback, "causal_lm_dict", ("defaults",), DICT_BATCHES)
         mark(callback, "causal_lm_dict", ("typical",), NO_UNPACK_OPTION)
@@ -163,6 +189,7 @@ def _known_failures() -> dict[tuple[str, str, Config], str]:
     for zoo in ZOO:
         mark("InfoBatch", zoo, ("typical",), INFOBATCH_NO_HOOK)
     mark("DynamicSparseTraining", "tied_weights", both, SPARSE_TIED)
+    mark("DynamicSparseTraining", "compiled_inner", both, SPARSE_COMPILED_NAMES)
     return known
 
 
@@ -375,9 +402,9 @@ def check_model_soup(
 ) -> None:
     """The greedy soup starts from the best ingredient by ``mode`` (defaults: Lightning's
     ``mode="min"``), and its weights are finite."""
-    options: dict[str, Any] = {"dirpath": str(tmp_path / "soup")}
+    options: dict[str, Any] = {}
     if config == "typical":
-        options |= {"monitor": _soup_monitor(entry), "mode": entry.mode}
+        options = {"monitor": _soup_monitor(entry), "mode": entry.mode, "dirpath": str(tmp_path)}
     refusal = expected_refusal("ModelSoup", entry, config)
     if refusal is not None:
         assert_refuses(
@@ -485,6 +512,18 @@ def check_sparse(
     assert not dense, f"{len(dense)} Linear/Conv weight(s) silently left dense"
     assert abs(kept / total - dst.density) < 0.02, (kept / total, dst.density)
     assert_finite_weights(run.module)
+    if entry.name == "compiled_inner":
+        eager = fit(
+            eager_twin(entry),
+            lambda *_: DynamicSparseTraining(**options),
+            tmp_path / "eager",
+            namespace=namespace,
+        )
+        compiled_masks = {n.replace("_orig_mod.", ""): m for n, m in masks.items()}
+        eager_masks = eager.callback.masks
+        assert compiled_masks.keys() == eager_masks.keys()
+        differ = [n for n, m in eager_masks.items() if not torch.equal(m, compiled_masks[n])]
+        assert not differ, f"compiling the network changed the masks of {differ}"
 
 
 def _dense_layer_weights(module: Any) -> set[int]:
@@ -549,6 +588,19 @@ def cells() -> Iterator[Any]:
 @pytest.mark.parametrize(("callback", "zoo_name", "config"), list(cells()))
 def test_cell(callback: str, zoo_name: str, config: Config, tmp_path: Path) -> None:
     CHECKS[callback](ZOO[zoo_name], config, tmp_path)
+    if config == "defaults":  # no path given: every file belongs to the run that wrote it
+        assert_outputs_in_run_folders(tmp_path)
+
+
+def assert_outputs_in_run_folders(root: Path) -> None:
+    """Without explicit paths, a callback writes under ``run_dir`` (the logger's versioned
+    ``.../version_N/``), so a second run never overwrites the first's files."""
+    outside = sorted(
+        str(path.relative_to(root))
+        for path in root.rglob("*")
+        if path.is_file() and not re.search(r"/version_\d+/", str(path.relative_to(root)))
+    )
+    assert not outside, f"written outside the run's versioned folder: {outside[:5]}"
 
 
 def test_every_callback_and_zoo_entry_is_in_the_matrix() -> None:

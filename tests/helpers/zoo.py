@@ -264,9 +264,17 @@ class CompiledBody(BatchNormCNNBody):
     """The inner network compiled (``eager`` backend: fast to build on CPU); its parameters are
     named ``net._orig_mod.*``."""
 
+    compile_net = True
+
     def __init__(self, lr: float = 0.01) -> None:
         super().__init__(lr)
-        self.net = torch.compile(MLP(), backend="eager")
+        self.net = torch.compile(MLP(), backend="eager") if self.compile_net else MLP()
+
+
+class EagerTwinBody(CompiledBody):
+    """``CompiledBody`` without the compile: the same weights under the eager parameter names."""
+
+    compile_net = False
 
 
 # ----------------------------------------------------------------------------- (g) tied
@@ -382,6 +390,20 @@ def _build_lightning_transformer(seed: int, namespace: Namespace) -> Built:
     module = _offline_transformer(namespace)(vocab_size=VOCAB)
     train = _token_pairs(TRAIN_SAMPLES // 4, seed)  # the demo's default model is the largest here
     return (module, _loaders(train, None, seed)[0], None)
+
+
+def eager_twin(entry: ZooEntry) -> ZooEntry:
+    """The same module without ``torch.compile`` (for ``compiled_inner``): results that depend
+    on parameter names (seeded masks...) must match between the two."""
+    if entry.name != "compiled_inner":
+        raise ValueError(f"{entry.name} has no eager twin")
+    return ZooEntry(
+        "compiled_inner_eager", _build_body(EagerTwinBody, _digits), *_fields_after_build(entry)
+    )
+
+
+def _fields_after_build(entry: ZooEntry) -> tuple:
+    return (entry.monitor, entry.mode, entry.batches, entry.forward, entry.logged)
 
 
 ZOO: dict[str, ZooEntry] = {

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -618,3 +619,38 @@ def test_every_callback_and_zoo_entry_is_in_the_matrix() -> None:
         "tied_weights",
     }
     assert all(re.fullmatch(r"[a-z_]+", name) for name in ZOO)
+
+
+def test_table_reports_each_outcome_in_words(tmp_path: Path) -> None:
+    """tools/conformance_table.py: refusals name their option, known bugs their reason, and a
+    failing or unexpectedly passing cell is not hidden."""
+    import importlib.util
+
+    tool_path = Path(__file__).resolve().parents[1] / "tools" / "conformance_table.py"
+    spec = importlib.util.spec_from_file_location("conformance_table", tool_path)
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    with pytest.MonkeyPatch.context() as mp:  # dataclasses look their module up by name
+        mp.setitem(sys.modules, "conformance_table", tool)
+        spec.loader.exec_module(tool)
+    junit = tmp_path / "run.xml"
+    junit.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="t" name="test_cell[InfoBatch-batchnorm_cnn-defaults]"/>'
+        '<testcase classname="t" name="test_cell[EMA-batchnorm_cnn-defaults]"/>'
+        '<testcase classname="t" name="test_cell[EMA-metrics_classifier-typical]">'
+        '<skipped type="pytest.xfail" message="the reason"/></testcase>'
+        '<testcase classname="t" name="test_cell[WARP-tied_weights-typical]">'
+        '<failure message="AssertionError: the anchor never moved"/></testcase>'
+        '<testcase classname="t" name="test_cell[WARP-tied_weights-defaults]">'
+        '<failure message="[XPASS(strict)] fixed"/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    page = tool.render(tool.read_junit(junit))
+    row = {line.split("|")[1].strip(): line for line in page.splitlines() if line.count("|") > 8}
+    batchnorm = list(ZOO).index("batchnorm_cnn") + 2
+    tied = list(ZOO).index("tied_weights") + 2
+    assert "refuses (`InfoBatchSampler`) / not run" in row["**InfoBatch**"].split("|")[batchnorm]
+    assert "works / not run" in row["**EMA**"].split("|")[batchnorm]
+    assert "fixed: remove its xfail / **FAILED**" in row["**WARP**"].split("|")[tied]
+    assert f"1. {EMA_EPOCH_END_METRICS}" in page

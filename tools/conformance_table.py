@@ -184,6 +184,18 @@ def render(outcomes: dict[str, Outcome]) -> str:
         "",
         *(f"{i}. {reason}" for i, reason in enumerate(notes.reasons, 1)),
         "",
+        "## Maintaining the matrix",
+        "",
+        "- A fix merged: its cells now pass, so their strict xfails fail (`XPASS(strict)`). "
+        "Delete the matching lines of `_known_failures()` (or `KNOWN_FAILURES` in the DDP "
+        "file) and regenerate this page.",
+        "- A new callback: add it to `CALLBACKS`, write its `check_*` (a property that fails "
+        "when the callback does nothing) and its refusals in `expected_refusal`.",
+        "- A new kind of user module: add a `ZooEntry` in `tests/helpers/zoo.py` (tiny, both "
+        "namespaces through `module_class`) with the metrics it logs and its batch layout.",
+        "- Regenerate: `PYTHONPATH=. python tools/conformance_table.py` (or `--junit FILE` "
+        "to read a JUnit report of the two test files written by `pytest --junitxml=FILE`).",
+        "",
         "## This run",
         "",
         f"- Outcomes: {', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}.",

@@ -164,7 +164,9 @@ def _known_failures() -> dict[tuple[str, str, Config], str]:
         """Record why the cells fail; a cell with several bugs lists them all."""
         for config in configs:
             key = (callback, zoo, config)
-            known[key] = f"{known[key]}; and {reason}" if key in known else reason
+            known[key] = (
+                f"{known[key]}; and {reason}" if key in known else reason
+            )  # the table splits
 
     both: tuple[Config, ...] = CONFIGS
     mark("EMA", "metrics_classifier", ("typical",), EMA_EPOCH_END_METRICS)

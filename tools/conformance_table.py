@@ -25,9 +25,14 @@ sys.path.insert(0, str(REPO))
 
 from tests import test_conformance as matrix  # noqa: E402
 from tests import test_conformance_ddp as ddp_matrix  # noqa: E402
+from tests import test_namespaces as namespaces  # noqa: E402
 from tests.helpers.zoo import ZOO  # noqa: E402
 
-TEST_FILES = ("tests/test_conformance.py", "tests/test_conformance_ddp.py")
+TEST_FILES = (
+    "tests/test_conformance.py",
+    "tests/test_conformance_ddp.py",
+    "tests/test_namespaces.py",
+)
 ZOO_DESCRIPTIONS = {
     "metrics_classifier": "torchmetrics computed at epoch end, LR scheduler",
     "batchnorm_cnn": "BatchNorm CNN",
@@ -38,6 +43,9 @@ ZOO_DESCRIPTIONS = {
     "compiled_inner": "torch.compile'd inner network",
     "tied_weights": "tied embedding / output weights",
 }
+
+
+REASON_SEPARATOR = "; and "  # how the test files join several reasons for one cell
 
 
 @dataclass(frozen=True)
@@ -53,9 +61,7 @@ def read_junit(path: Path) -> dict[str, Outcome]:
     outcomes = {}
     for case in ET.parse(path).getroot().iter("testcase"):
         name = case.get("name", "")
-        if "[" not in name:
-            continue
-        test_id = name[name.index("[") + 1 : -1]
+        test_id = name[name.index("[") + 1 : -1] if "[" in name else name
         status, message = "passed", ""
         for child in case:
             if child.tag == "skipped":
@@ -94,6 +100,11 @@ class Footnotes:
         return f"[{self.reasons.index(reason) + 1}]"
 
 
+def junit_seconds(path: Path) -> float:
+    """Wall time of the run, as pytest recorded it."""
+    return sum(float(suite.get("time", 0)) for suite in ET.parse(path).getroot().iter("testsuite"))
+
+
 def describe(
     outcome: Outcome | None, refusal: matrix.Refusal | None, known: str | None, notes: Footnotes
 ) -> str:
@@ -103,7 +114,8 @@ def describe(
     if outcome.status == "passed":
         return "works" if refusal is None else f"refuses (`{refusal.option}`)"
     if outcome.status == "xfailed":
-        return f"bug {notes.ref(known or outcome.message)}"
+        reasons = (known or outcome.message).split(REASON_SEPARATOR)
+        return f"bug {', '.join(notes.ref(r) for r in reasons)}"
     if outcome.status == "xpassed":
         return "fixed: remove its xfail"
     return f"**{outcome.status.upper()}**"
@@ -135,7 +147,19 @@ def table(
     return lines
 
 
-def render(outcomes: dict[str, Outcome]) -> str:
+def namespace_rows(outcomes: dict[str, Outcome], notes: Footnotes) -> list[str]:
+    """One row per callback (and one for both strategies) of tests/test_namespaces.py."""
+    tests = {name: name for name in namespaces.CELLS}
+    tests["InfoBatch"] = "test_infobatch_under_pytorch_lightning"
+    tests["SoupStrategy, WARPStrategy"] = "test_strategies_under_pytorch_lightning"
+    rows = []
+    for name in sorted(tests):
+        known = namespaces.NAMESPACE_FAILURES.get(name)
+        rows.append(f"| {name} | {describe(outcomes.get(tests[name]), None, known, notes)} |")
+    return rows
+
+
+def render(outcomes: dict[str, Outcome], seconds: float | None = None) -> str:
     notes = Footnotes()
     callbacks = table(
         matrix.CALLBACKS, outcomes, matrix.expected_refusal, matrix.KNOWN_FAILURES, notes
@@ -147,6 +171,7 @@ def render(outcomes: dict[str, Outcome]) -> str:
         ddp_matrix.KNOWN_FAILURES,
         notes,
     )
+    pl_rows = namespace_rows(outcomes, notes)
     counts: dict[str, int] = {}
     for outcome in outcomes.values():
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
@@ -180,6 +205,15 @@ def render(outcomes: dict[str, Outcome]) -> str:
         "",
         *strategies,
         "",
+        "## Under `import pytorch_lightning as pl` (tests/test_namespaces.py)",
+        "",
+        "Module, Trainer and logger from `pytorch_lightning`; the same checks as above on one "
+        "zoo module per callback (InfoBatch: with its `InfoBatch.loss` hook, pruning checked).",
+        "",
+        "| | pytorch_lightning |",
+        "|---|---|",
+        *pl_rows,
+        "",
         "## Why cells fail today",
         "",
         *(f"{i}. {reason}" for i, reason in enumerate(notes.reasons, 1)),
@@ -198,7 +232,15 @@ def render(outcomes: dict[str, Outcome]) -> str:
         "",
         "## This run",
         "",
-        f"- Outcomes: {', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}.",
+        f"- Outcomes: {', '.join(f'{n} {s}' for s, n in sorted(counts.items()))} tests.",
+        *(
+            [
+                f"- Wall time: {seconds:.0f} s for both files, on 2 CPU cores shared with other "
+                "jobs (a loaded machine: expect less on an idle one)."
+            ]
+            if seconds
+            else []
+        ),
         f"- Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; machine: "
         f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}, "
         f"lightning {lightning.__version__}.",
@@ -222,7 +264,7 @@ def main() -> None:
         junit = Path(tempfile.mkdtemp()) / "conformance.xml"
         run_matrix(junit)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(read_junit(junit)))
+    args.out.write_text(render(read_junit(junit), junit_seconds(junit)))
     print(f"wrote {args.out}")
 
 

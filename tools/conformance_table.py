@@ -235,8 +235,8 @@ def render(outcomes: dict[str, Outcome], seconds: float | None = None) -> str:
         f"- Outcomes: {', '.join(f'{n} {s}' for s, n in sorted(counts.items()))} tests.",
         *(
             [
-                f"- Wall time: {seconds:.0f} s for both files, on 2 CPU cores shared with other "
-                "jobs (a loaded machine: expect less on an idle one)."
+                f"- Wall time: {seconds:.0f} s for the test files, on 2 CPU cores shared with "
+                "other jobs (a loaded machine: expect less on an idle one)."
             ]
             if seconds
             else []

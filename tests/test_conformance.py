@@ -98,15 +98,11 @@ def expected_refusal(callback: str, entry: ZooEntry, config: Config) -> Refusal 
         return Refusal("InfoBatch.loss", "training_step never hands over per-sample losses")
     if callback == "ModelSoup":
         monitor = ModelSoup().monitor if config == "defaults" else _soup_monitor(entry)
-        if entry.monitor is None and not entry.logged and not _has_validation(entry):
+        if not entry.validates:
             return Refusal("uniform", "greedy soups score on validation data; the fit has none")
         if monitor not in entry.logged:
             return Refusal("monitor", f"the module never logs {monitor!r}", True)
     return None
-
-
-def _has_validation(entry: ZooEntry) -> bool:
-    return entry.name != "lightning_transformer"
 
 
 def _soup_monitor(entry: ZooEntry) -> str:

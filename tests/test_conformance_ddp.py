@@ -49,7 +49,7 @@ def strategy_options(strategy: str, entry: ZooEntry, config: Config) -> dict[str
 def expected_refusal(strategy: str, entry: ZooEntry, config: Config) -> Refusal | None:
     if strategy != "SoupStrategy" or config != "typical":
         return None
-    if entry.name == "lightning_transformer":
+    if not entry.validates:
         return Refusal("uniform", "greedy soups score on validation data; the fit has none")
     monitor = strategy_options(strategy, entry, config)["monitor"]
     if monitor not in entry.logged:

@@ -354,7 +354,8 @@ def module_class(body: type, namespace: Namespace) -> type:
 @dataclass(frozen=True)
 class ZooEntry:
     """One way users write modules. ``monitor``/``mode``: a validation metric it logs (None when
-    it logs none); ``batches``: the batch layout; ``forward``: what ``module(inputs)`` returns."""
+    it logs none); ``batches``: the batch layout; ``forward``: what ``module(inputs)`` returns;
+    ``logged``: every metric its validation logs."""
 
     name: str
     build: Callable[[int, Namespace], Built]
@@ -363,6 +364,7 @@ class ZooEntry:
     batches: Literal["tuple", "dict", "tensor"]
     forward: Literal["logits", "output_object", "two_inputs"]
     logged: tuple[str, ...] = ()
+    validates: bool = True  # has a validation_step and validation data
 
     def __call__(self, seed: int = 0, namespace: Namespace = "lightning") -> Built:
         torch.manual_seed(seed)
@@ -403,7 +405,7 @@ def eager_twin(entry: ZooEntry) -> ZooEntry:
 
 
 def _fields_after_build(entry: ZooEntry) -> tuple:
-    return (entry.monitor, entry.mode, entry.batches, entry.forward, entry.logged)
+    return (entry.monitor, entry.mode, entry.batches, entry.forward, entry.logged, entry.validates)
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -447,6 +449,7 @@ ZOO: dict[str, ZooEntry] = {
             "min",
             "tuple",
             "two_inputs",
+            validates=False,
         ),
         ZooEntry(
             "manual_two_optimizers",

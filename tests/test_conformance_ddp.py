@@ -32,6 +32,8 @@ from tests.test_conformance import (
     TrainingSteps,
 )
 
+pytestmark = pytest.mark.ddp
+
 STRATEGIES = ("SoupStrategy", "WARPStrategy")
 JOB_TIMEOUT = 240  # seconds for the job of all cells that must not hang, cold imports included
 HANG_TIMEOUT = 45  # seconds after which a job of known deadlocks is killed

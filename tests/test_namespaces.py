@@ -142,6 +142,7 @@ def pl_strategies(out_dir: str) -> None:
     torch.save(results, Path(out_dir) / f"rank{dist.get_rank()}.pt")
 
 
+@pytest.mark.ddp
 @pytest.mark.xfail(
     strict=True,
     reason="lightning_ext.pytorch_lightning (the strategies on pytorch_lightning's DDPStrategy) "

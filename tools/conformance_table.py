@@ -1,0 +1,272 @@
+"""Write docs/conformance.md from the conformance matrix's declarations and a run's outcomes.
+
+    PYTHONPATH=. python tools/conformance_table.py            # runs the matrix (~3 min on CPU)
+    PYTHONPATH=. python tools/conformance_table.py --junit run.xml   # reads a pytest JUnit file
+
+What a cell must do (work, or refuse naming an option) comes from ``expected_refusal`` in the
+test files, why a cell fails from their ``KNOWN_FAILURES``, and whether it did from pytest's JUnit
+report, so the table cannot drift from the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests import test_conformance as matrix  # noqa: E402
+from tests import test_conformance_ddp as ddp_matrix  # noqa: E402
+from tests import test_namespaces as namespaces  # noqa: E402
+from tests.helpers.zoo import ZOO  # noqa: E402
+
+TEST_FILES = (
+    "tests/test_conformance.py",
+    "tests/test_conformance_ddp.py",
+    "tests/test_namespaces.py",
+)
+ZOO_DESCRIPTIONS = {
+    "metrics_classifier": "torchmetrics computed at epoch end, LR scheduler",
+    "batchnorm_cnn": "BatchNorm CNN",
+    "causal_lm_dict": "causal LM, dict batches, forward returns the loss",
+    "boring_model": "Lightning's demo BoringModel",
+    "lightning_transformer": "Lightning's demo LightningTransformer",
+    "manual_two_optimizers": "manual optimization, two optimizers",
+    "compiled_inner": "torch.compile'd inner network",
+    "tied_weights": "tied embedding / output weights",
+}
+
+
+REASON_SEPARATOR = "; and "  # how the test files join several reasons for one cell
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A test's result in the JUnit report: passed, xfailed (with the reason), failed, ..."""
+
+    status: str
+    message: str = ""
+
+
+def read_junit(path: Path) -> dict[str, Outcome]:
+    """Outcomes keyed by test id (the part inside ``[...]``) of the matrix tests."""
+    outcomes = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        name = case.get("name", "")
+        test_id = name[name.index("[") + 1 : -1] if "[" in name else name
+        status, message = "passed", ""
+        for child in case:
+            if child.tag == "skipped":
+                status = "xfailed" if child.get("type") == "pytest.xfail" else "skipped"
+                message = child.get("message", "")
+            elif child.tag in ("failure", "error"):
+                message = child.get("message", "")
+                status = "xpassed" if "XPASS" in message else "failed"
+        outcomes[test_id] = Outcome(status, message)
+    return outcomes
+
+
+def run_matrix(junit: Path) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={junit}",
+        *TEST_FILES,
+    ]
+    subprocess.run(command, cwd=REPO, check=False)
+
+
+class Footnotes:
+    """Known-failure reasons, numbered in order of first use."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def ref(self, reason: str) -> str:
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+        return f"[{self.reasons.index(reason) + 1}]"
+
+
+def junit_seconds(path: Path) -> float:
+    """Wall time of the run, as pytest recorded it."""
+    return sum(float(suite.get("time", 0)) for suite in ET.parse(path).getroot().iter("testsuite"))
+
+
+def describe(
+    outcome: Outcome | None, refusal: matrix.Refusal | None, known: str | None, notes: Footnotes
+) -> str:
+    """One cell in words: what it does today."""
+    if outcome is None:
+        return "not run"
+    if outcome.status == "passed":
+        return "works" if refusal is None else f"refuses (`{refusal.option}`)"
+    if outcome.status == "xfailed":
+        reasons = (known or outcome.message).split(REASON_SEPARATOR)
+        return f"bug {', '.join(notes.ref(r) for r in reasons)}"
+    if outcome.status == "xpassed":
+        return "fixed: remove its xfail"
+    return f"**{outcome.status.upper()}**"
+
+
+def table(
+    rows: tuple[str, ...],
+    outcomes: dict[str, Outcome],
+    refusal_of: object,
+    known: dict,
+    notes: Footnotes,
+) -> list[str]:
+    zoo = list(ZOO)
+    lines = [
+        "| | " + " | ".join(f"`{z}`" for z in zoo) + " |",
+        "|---" * (len(zoo) + 1) + "|",
+    ]
+    for row in rows:
+        cells = []
+        for zoo_name in zoo:
+            parts = []
+            for config in matrix.CONFIGS:
+                key = (row, zoo_name, config)
+                refusal = refusal_of(row, ZOO[zoo_name], config)  # type: ignore[operator]
+                outcome = outcomes.get("-".join(key))
+                parts.append(describe(outcome, refusal, known.get(key), notes))
+            cells.append(" / ".join(parts))
+        lines.append(f"| **{row}** | " + " | ".join(cells) + " |")
+    return lines
+
+
+def namespace_rows(outcomes: dict[str, Outcome], notes: Footnotes) -> list[str]:
+    """One row per callback (and one for both strategies) of tests/test_namespaces.py."""
+    tests = {name: name for name in namespaces.CELLS}
+    tests["InfoBatch"] = "test_infobatch_under_pytorch_lightning"
+    tests["SoupStrategy, WARPStrategy"] = "test_strategies_under_pytorch_lightning"
+    rows = []
+    for name in sorted(tests):
+        known = namespaces.NAMESPACE_FAILURES.get(name)
+        rows.append(f"| {name} | {describe(outcomes.get(tests[name]), None, known, notes)} |")
+    return rows
+
+
+def render(outcomes: dict[str, Outcome], seconds: float | None = None) -> str:
+    notes = Footnotes()
+    callbacks = table(
+        matrix.CALLBACKS, outcomes, matrix.expected_refusal, matrix.KNOWN_FAILURES, notes
+    )
+    strategies = table(
+        ddp_matrix.STRATEGIES,
+        outcomes,
+        ddp_matrix.expected_refusal,
+        ddp_matrix.KNOWN_FAILURES,
+        notes,
+    )
+    pl_rows = namespace_rows(outcomes, notes)
+    counts: dict[str, int] = {}
+    for outcome in outcomes.values():
+        counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    import lightning
+    import torch
+
+    lines = [
+        "# Conformance: every callback and strategy on modules written the way users write them",
+        "",
+        "<!-- generated by tools/conformance_table.py from the test outcomes: do not edit -->",
+        "",
+        "Each cell is a real `Trainer.fit` (2 epochs of 2 batches; strategies: 2 DDP processes "
+        "on CPU) of one zoo module (`tests/helpers/zoo.py`) with the callback or strategy, "
+        "first with its defaults, then with a typical option set (`defaults / typical`). "
+        "**works**: a property that can fail was checked (see the `check_*` functions in "
+        "`tests/test_conformance.py` and `tests/test_conformance_ddp.py`). **refuses "
+        "(`option`)**: it raised before the first training step (for a monitor that is never "
+        "logged: at the first validation) with a message naming that option. **bug [n]**: the "
+        "cell fails today for the reason in note n; it is a strict xfail, so it turns into a "
+        "test failure the day the fix lands, and its mark must then be removed.",
+        "",
+        "Zoo: "
+        + "; ".join(f"`{name}`: {text}" for name, text in ZOO_DESCRIPTIONS.items() if name in ZOO)
+        + ".",
+        "",
+        "## Callbacks",
+        "",
+        *callbacks,
+        "",
+        "## Strategies (2 processes, DDP on CPU)",
+        "",
+        *strategies,
+        "",
+        "## Under `import pytorch_lightning as pl` (tests/test_namespaces.py)",
+        "",
+        "Module, Trainer and logger from `pytorch_lightning`; the same checks as above on one "
+        "zoo module per callback (InfoBatch: with its `InfoBatch.loss` hook, pruning checked).",
+        "",
+        "| | pytorch_lightning |",
+        "|---|---|",
+        *pl_rows,
+        "",
+        "## Why cells fail today",
+        "",
+        *(f"{i}. {reason}" for i, reason in enumerate(notes.reasons, 1)),
+        "",
+        "## Maintaining the matrix",
+        "",
+        "- A fix merged: its cells now pass, so their strict xfails fail (`XPASS(strict)`). "
+        "Delete the matching lines of `_known_failures()` (or `KNOWN_FAILURES` in the DDP "
+        "file) and regenerate this page.",
+        "- A new callback: add it to `CALLBACKS`, write its `check_*` (a property that fails "
+        "when the callback does nothing) and its refusals in `expected_refusal`.",
+        "- A new kind of user module: add a `ZooEntry` in `tests/helpers/zoo.py` (tiny, both "
+        "namespaces through `module_class`) with the metrics it logs and its batch layout.",
+        "- Regenerate: `PYTHONPATH=. python tools/conformance_table.py` (or `--junit FILE` "
+        "to read a JUnit report of the two test files written by `pytest --junitxml=FILE`).",
+        "",
+        "## This run",
+        "",
+        f"- Outcomes: {', '.join(f'{n} {s}' for s, n in sorted(counts.items()))} tests.",
+        *(
+            [
+                f"- Wall time: {seconds:.0f} s for the test files, on 2 CPU cores shared with "
+                "other jobs (a loaded machine: expect less on an idle one)."
+            ]
+            if seconds
+            else []
+        ),
+        f"- Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; machine: "
+        f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"lightning {lightning.__version__}.",
+        "- Command: `PYTHONPATH=. python tools/conformance_table.py` (runs "
+        + " and ".join(f"`{f}`" for f in TEST_FILES)
+        + " with `--junitxml`).",
+        "- Both Lightning namespaces: `tests/test_namespaces.py` runs every callback under "
+        "`import pytorch_lightning as pl`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--junit", type=Path, help="read this JUnit XML instead of running")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "conformance.md")
+    args = parser.parse_args()
+    junit = args.junit
+    if junit is None:
+        junit = Path(tempfile.mkdtemp()) / "conformance.xml"
+        run_matrix(junit)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(read_junit(junit), junit_seconds(junit)))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ over the tokens whose target is not ``ignore_index`` (-100, as in PyTorch and Hu
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -116,8 +117,28 @@ def logits_from_output(output: Any) -> Tensor:
     )
 
 
+def _check_callable_on(module: nn.Module, inputs: Any) -> None:
+    """Refuse, naming ``forward_fn``, a forward that cannot be called on the inputs alone (for
+    example ``forward(inputs, target)``), instead of letting a bare TypeError escape."""
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):  # builtins or C extensions: nothing to check
+        return
+    try:
+        if isinstance(inputs, Mapping):
+            signature.bind(**inputs)
+        else:
+            signature.bind(inputs)
+    except TypeError as err:
+        raise BatchFormatError(
+            f"{type(module).__name__}.forward cannot be called on the batch's inputs alone "
+            f"({err}). Pass forward_fn=lambda module, inputs: <logits> to say how to get logits."
+        ) from err
+
+
 def default_forward(module: nn.Module, inputs: Any) -> Tensor:
     """``module(**inputs)`` for dicts, ``module(inputs)`` otherwise; logits from the output."""
+    _check_callable_on(module, inputs)
     output = module(**inputs) if isinstance(inputs, Mapping) else module(inputs)
     return logits_from_output(output)
 

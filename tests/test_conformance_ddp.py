@@ -63,10 +63,6 @@ GREEDY_TORCHMETRICS_DEADLOCK = (
     "known: SoupStrategy(merge='greedy') deadlocks when validation computes torchmetrics "
     "(rank 0 scores alone while the metric syncs across ranks)"
 )
-GREEDY_MONITOR_LATE = (
-    "new: SoupStrategy(merge='greedy') reports a monitor that validation never logs only when "
-    "merging at train end, after the whole training"
-)
 GREEDY_NO_VALIDATION_MESSAGE = (
     "new: SoupStrategy(merge='greedy') without validation data refuses at setup, but the "
     "message does not name the option to use (merge='uniform')"
@@ -74,9 +70,8 @@ GREEDY_NO_VALIDATION_MESSAGE = (
 
 KNOWN_FAILURES: dict[tuple[str, str, Config], str] = {}
 # Cells that hang (rather than fail) are run in a job of their own.
-HANGS: set[tuple[str, str, Config]] = {("SoupStrategy", "metrics_classifier", "typical")}
+HANGS: set[tuple[str, str, Config]] = set()
 KNOWN_FAILURES |= dict.fromkeys(HANGS, GREEDY_TORCHMETRICS_DEADLOCK)
-KNOWN_FAILURES[("SoupStrategy", "boring_model", "typical")] = GREEDY_MONITOR_LATE
 KNOWN_FAILURES[("SoupStrategy", "lightning_transformer", "typical")] = GREEDY_NO_VALIDATION_MESSAGE
 
 

@@ -40,12 +40,7 @@ CELLS = {
 
 
 # Cells that fail under pytorch_lightning only: strict xfails naming the bug.
-NAMESPACE_FAILURES = {
-    "ModelSoup": (
-        "new: lightning_ext.soups.ValidationScorer scores ingredients with a lightning.pytorch "
-        "Trainer, which refuses a pytorch_lightning module ('`model` must be a `LightningModule`')"
-    ),
-}
+NAMESPACE_FAILURES: dict[str, str] = {}
 
 
 def _callbacks() -> list:
@@ -118,6 +113,7 @@ def test_infobatch_under_pytorch_lightning(tmp_path: Path) -> None:
 def pl_strategies(out_dir: str) -> None:
     """DDP target: SoupStrategy then WARPStrategy on a pytorch_lightning module and Trainer."""
     import torch.distributed as dist
+
     from lightning_ext.pytorch_lightning import SoupStrategy, WARPStrategy
 
     results = {}
@@ -143,15 +139,8 @@ def pl_strategies(out_dir: str) -> None:
 
 
 @pytest.mark.ddp
-@pytest.mark.xfail(
-    strict=True,
-    reason="lightning_ext.pytorch_lightning (the strategies on pytorch_lightning's DDPStrategy) "
-    "is being written by the lead",
-)
 def test_strategies_under_pytorch_lightning(tmp_path: Path) -> None:
     """Both strategies run under a pytorch_lightning Trainer; ranks end with the same merge."""
-    from lightning_ext.pytorch_lightning import SoupStrategy, WARPStrategy  # noqa: F401
-
     r0, r1 = run_ddp("tests.test_namespaces:pl_strategies", tmp_path, timeout=120)
     for name in ("SoupStrategy", "WARPStrategy"):
         (initial, s0), (_, s1) = r0[name], r1[name]

@@ -165,6 +165,9 @@ def test_robust_options_by_hand():
     # the schedule is linear decay.
     linear = 1 - torch.arange(200, dtype=torch.float64) / 199
     torch.testing.assert_close(refine_schedule(g, smoothing=0, exclude_initial=0.1), linear)
+    # With smoothing, the transient is left out of the filter too: its edge would carry it on.
+    torch.testing.assert_close(refine_schedule(g, exclude_initial=0.1), linear)
+    assert not torch.allclose(refine_schedule(g, smoothing=0.2, exclude_initial=0.02), linear)
     # power: w = G^-1 instead of G^-2.
     expected = brute_force_refined(g.tolist(), 1.0)
     expected = torch.tensor(expected, dtype=torch.float64)
@@ -185,7 +188,8 @@ def test_early_rising_norms_give_a_degenerate_schedule_with_figures():
     found = schedule_diagnostics(schedule, g)
     assert found.early_budget > 0.9 and found.norm_early_rise == pytest.approx(10.0)
     problems = found.problems()
-    assert any("of the LR budget lies in the first 5%" in p for p in problems)
+    assert any("of the LR budget lies in the first 5% of the run (linear decay: 10%)" in p
+               for p in problems)  # fmt: skip
     assert any("start 10.0x below" in p for p in problems)
     # Excluding the transient gives linear decay back, which is not degenerate.
     fixed = refine_schedule(g, smoothing=0, exclude_initial=0.06)
@@ -198,6 +202,9 @@ def test_diagnostics_of_linear_decay_and_a_late_peak_by_hand():
     assert d.mean_multiplier == pytest.approx(0.5) and d.peak_at == 0.0
     assert d.early_budget == pytest.approx(float(linear[:5].sum() / linear.sum()))
     assert d.problems() == [] and d.norm_range is None
+    assert d.linear_early_budget == d.early_budget
+    # On a run of two steps, the first step is 5% of it: no false alarm for linear decay.
+    assert schedule_diagnostics([1.0, 0.0]).problems() == []
     late = torch.zeros(101, dtype=torch.float64)
     late[99] = 1.0
     assert schedule_diagnostics(late).problems() == [

@@ -157,6 +157,19 @@ def _linear(steps: int) -> Tensor:
     return 1.0 - torch.arange(steps, dtype=torch.float64) / (steps - 1)
 
 
+def _smooth_excluding_start(
+    g: Tensor, smoothing: Smoothing, window: int, exclude_initial: float
+) -> Tensor:
+    """Smoothed norms; the leading ``exclude_initial`` of the run is left out of the smoothing
+    (so the filter's edge does not carry the transient on) and takes the first smoothed value
+    after it."""
+    start = min(round(exclude_initial * g.numel()), g.numel() - 2)
+    if start <= 0:
+        return smooth_grad_norms(g, smoothing, window)
+    rest = smooth_grad_norms(g[start:], smoothing, window)
+    return torch.cat([rest[:1].expand(start), rest])
+
+
 def refine_schedule(
     grad_norms: Tensor | Sequence[float],
     *,
@@ -179,7 +192,8 @@ def refine_schedule(
     misreads (see docs/schedule_refinement.md for what each one was measured to do):
 
     - ``exclude_initial``: the norms of this leading fraction of the run (an initial transient
-      or a warm-up) are replaced by the first norm after it, so they carry no special weight;
+      or a warm-up) are left out of the smoothing and replaced by the first smoothed norm after
+      it, so they carry no special weight;
     - ``blend``: eta <- (1 - blend) * eta + blend * linear decay, renormalised to peak 1;
     - ``floor``: eta_t >= floor * (1 - t / (T - 1)): never below that fraction of linear decay.
 
@@ -201,10 +215,7 @@ def refine_schedule(
     if (g < 0).any():
         raise ValueError("gradient norms must be >= 0")
     steps = g.numel() if steps is None else steps
-    g = smooth_grad_norms(g, smoothing, window)
-    if exclude_initial > 0:
-        start = min(round(exclude_initial * g.numel()), g.numel() - 1)
-        g[:start] = g[start]
+    g = _smooth_excluding_start(g, smoothing, window, exclude_initial)
     if (g <= 0).any():
         raise ValueError(
             "a (smoothed) gradient norm is 0, so its weight G^-p is infinite: smooth more "
@@ -227,7 +238,8 @@ class ScheduleDiagnostics:
     """Figures that tell whether a refined schedule is usable (linear decay in brackets).
 
     ``mean_multiplier`` (0.5), ``peak_at`` (0.0, fraction of the run), ``early_budget``: share of
-    the summed multipliers in the first 5% of the run (about 0.1); from the norms, when given:
+    the summed multipliers in the first 5% of the run (``linear_early_budget``: linear decay's
+    share over the same steps, about 0.1 on runs of 100 steps or more); from the norms, if given:
     ``norm_early_rise``: their median over the run over their median in its first 5% (above 1:
     the norms start low), ``norm_late_collapse``: the run's median over the last 5%'s (above 1:
     they fall at the end), ``norm_range``: largest over smallest median of the run's twenty 5%
@@ -236,6 +248,7 @@ class ScheduleDiagnostics:
     mean_multiplier: float
     peak_at: float
     early_budget: float
+    linear_early_budget: float
     norm_early_rise: float | None = None
     norm_late_collapse: float | None = None
     norm_range: float | None = None
@@ -243,10 +256,12 @@ class ScheduleDiagnostics:
     def problems(self) -> list[str]:
         """What makes the schedule degenerate, in words with figures; empty when it is not."""
         found = []
-        if self.early_budget > MAX_EARLY_BUDGET:
+        # Relative to linear decay too: on a run of a few steps, 5% of it is the first step.
+        if self.early_budget > max(MAX_EARLY_BUDGET, 2 * self.linear_early_budget):
             found.append(
                 f"{100 * self.early_budget:.0f}% of the LR budget lies in the first "
-                f"{100 * EDGE_FRACTION:.0f}% of the run (linear decay: about 10%)"
+                f"{100 * EDGE_FRACTION:.0f}% of the run (linear decay: "
+                f"{100 * self.linear_early_budget:.0f}%)"
             )
         if self.mean_multiplier < MIN_MEAN_MULTIPLIER:
             found.append(
@@ -276,11 +291,13 @@ def schedule_diagnostics(
     """Shape figures of ``schedule`` (and of the norms it came from), see ScheduleDiagnostics."""
     s = _as_1d_float64(schedule, "schedule")
     edge = max(1, round(EDGE_FRACTION * s.numel()))
+    linear = _linear(s.numel())
     total = float(s.sum())
     figures: dict[str, float] = {
         "mean_multiplier": float(s.mean()),
         "peak_at": float(s.argmax()) / max(s.numel() - 1, 1),
         "early_budget": float(s[:edge].sum()) / total if total > 0 else 1.0,
+        "linear_early_budget": float(linear[:edge].sum() / linear.sum()),
     }
     if grad_norms is not None:
         g = _as_1d_float64(grad_norms, "grad_norms")

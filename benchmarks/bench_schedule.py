@@ -32,9 +32,9 @@ from lightning_ext.functional import gradient_norm, refine_schedule
 
 
 class Transformer(nn.Module):
-    """A small pre-norm transformer over the 8 rows of an 8x8 input: 2 layers, width 64."""
+    """A small pre-norm transformer over the 8 rows of an 8x8 input: 2 layers, width 32."""
 
-    def __init__(self, dim: int = 64) -> None:
+    def __init__(self, dim: int = 32) -> None:
         super().__init__()
         self.embed = nn.Linear(8, dim)
         self.pos = nn.Parameter(torch.zeros(8, dim))
@@ -151,7 +151,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
-    for kind, batch in (("mlp", 128), ("cnn", 128), ("transformer", 32)):
+    for kind, batch in (("mlp", 128), ("cnn", 128), ("transformer", 64)):
         times = interleaved_timings(raw_step_candidates(kind, device, batch), repeats=15, inner=50)
         base = median(times["plain step"])
         for what, name in (

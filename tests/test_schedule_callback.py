@@ -363,3 +363,30 @@ def test_files_go_to_the_runs_own_folder_with_a_shared_wandb_save_dir(tmp_path):
     for folder in folders:
         assert (folder / "refined_schedule.pt").exists() and (folder / "grad_norms.pt").exists()
     assert not list(tmp_path.glob("*.pt")) and not (tmp_path / "schedule_refinement").exists()
+
+
+@pytest.mark.parametrize("norm,ord", [("l2", 2), ("l1", 1)])
+def test_recorder_paths_agree_with_a_plain_norm(norm, ord, monkeypatch):
+    # float32 goes through the flat CPU path, float64 and bf16 through per-tensor norms; one
+    # parameter has no gradient; the buffer fills and moves to the host twice.
+    monkeypatch.setattr(_NormRecorder, "CHUNK", 2)
+    gen = torch.Generator().manual_seed(0)
+    params = [
+        torch.nn.Parameter(torch.zeros(5, 3)),
+        torch.nn.Parameter(torch.zeros(4, dtype=torch.float64)),
+        torch.nn.Parameter(torch.zeros(6, dtype=torch.bfloat16)),
+        torch.nn.Parameter(torch.zeros(2)),  # never gets a gradient
+        torch.nn.Parameter(torch.zeros(7)),
+    ]
+    recorder = _NormRecorder(torch.optim.SGD(params, lr=0.1), norm, None)
+    expected = []
+    for _ in range(5):
+        for p in params[:3] + params[4:]:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        flat = torch.cat([p.grad.double().flatten() for p in params if p.grad is not None])
+        expected.append(float(flat.norm(ord)))
+        recorder.record()
+    torch.testing.assert_close(
+        recorder.values().double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0
+    )
+    assert recorder.count == 5

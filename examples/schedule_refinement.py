@@ -226,7 +226,7 @@ def plot(curves: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(curves), figsize=(4 * len(curves), 6))
+    fig, axes = plt.subplots(2, len(curves), figsize=(4 * len(curves), 6), squeeze=False)
     for col, (key, c) in enumerate(curves.items()):
         top, bottom = axes[0, col], axes[1, col]
         top.plot(c["norms"].numpy(), lw=0.7)
@@ -245,7 +245,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
-    parser.add_argument("--out", default=str(RESULTS / "schedule_refinement"))
+    parser.add_argument("--name", default="schedule_refinement",
+                        help="results go to benchmarks/results/<name>.md and .png")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -256,7 +257,7 @@ def main() -> None:
         shapes += s
         curves[key] = c
         print(f"{key} done after {time.perf_counter() - start:.0f}s", flush=True)
-    out = Path(args.out)
+    out = RESULTS / args.name
     plot(curves, out.with_suffix(".png"))
     body = (
         f"{args.seeds} seeds; SGD with momentum 0.9, batch 64, LR multiplier set per step. Peak "

@@ -108,9 +108,10 @@ class _NormRecorder:
             self._move_to_host()
         row = self._rows[self._filled]
         for params, col, flat in self._flat_groups:
-            views = [p.grad.reshape(-1) if p.grad is not None else None for p in params]
-            if any(v is None for v in views):  # a missing gradient counts as zeros (rare)
-                views = [torch.zeros(p.numel()) if v is None else v for p, v in zip(params, views)]
+            views = [p.grad.reshape(-1) for p in params if p.grad is not None]
+            if len(views) < len(params):  # a missing gradient counts as zeros (rare)
+                views = [torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1)
+                         for p in params]  # fmt: skip
             torch.cat(views, out=flat)
             torch.linalg.vector_norm(flat, self.order, out=row[col])
         for params, cols, zero, dtype in self._groups:
@@ -388,16 +389,18 @@ class ScheduleRefinement(Callback):
         if self.record:
             rank_zero_info(f"ScheduleRefinement records {', '.join(self._norms)} gradient norms")
         if self._stored is not None:
-            self._take_over_learning_rates(trainer, optimizers)
+            self._take_over_learning_rates(trainer, optimizers, self._stored)
 
-    def _take_over_learning_rates(self, trainer: pl.Trainer, optimizers: list[Optimizer]) -> None:
+    def _take_over_learning_rates(
+        self, trainer: pl.Trainer, optimizers: list[Optimizer], stored: Tensor
+    ) -> None:
         total = self.total_steps or trainer.estimated_stepping_batches
         if total == float("inf") or total < 2:
             raise ValueError(
                 f"cannot stretch the stored schedule over {total} steps: set total_steps= on "
                 "ScheduleRefinement (or max_steps / max_epochs on the Trainer)"
             )
-        applied = resample_schedule(self._stored, int(total))
+        applied = resample_schedule(stored, int(total))
         self._values = applied.tolist()
         found = schedule_diagnostics(applied)
         if found.problems() and self._steps[0] == 0:

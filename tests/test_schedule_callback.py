@@ -390,3 +390,59 @@ def test_recorder_paths_agree_with_a_plain_norm(norm, ord, monkeypatch):
         recorder.values().double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0
     )
     assert recorder.count == 5
+
+
+class ManualClassifier(Classifier):
+    """Manual optimization: the module calls backward and step itself."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(super().training_step(batch, batch_idx))
+        opt.step()
+
+
+def test_manual_optimization_records_and_applies(tmp_path):
+    cb, ref = ScheduleRefinement(output_dir=str(tmp_path)), ReferenceNorms()
+    trainer = quiet_trainer(max_epochs=2, callbacks=[cb, ref], limit_val_batches=0)
+    trainer.fit(ManualClassifier(), datamodule=DigitsDataModule(limit=256))
+    recorded = cb.grad_norms()[0]
+    assert recorded.numel() == 2 * STEPS_PER_EPOCH
+    torch.testing.assert_close(
+        recorded.double(), torch.tensor(ref.norms, dtype=torch.float64), rtol=1e-5, atol=0
+    )
+    drop_in = ScheduleRefinement(schedule_path=str(tmp_path / "refined_schedule.pt"), record=False)
+    ref = ReferenceNorms()
+    trainer = quiet_trainer(max_epochs=2, callbacks=[drop_in, ref], limit_val_batches=0)
+    trainer.fit(ManualClassifier(lr=0.1), datamodule=DigitsDataModule(limit=256))
+    expected = torch.load(tmp_path / "refined_schedule.pt")["schedule"] * 0.1
+    assert [lrs[0] for lrs in ref.lrs] == pytest.approx(expected.tolist())
+
+
+def test_pytorch_lightning_namespace_records_into_its_run_folder(tmp_path):
+    pl_old = pytest.importorskip("pytorch_lightning")
+
+    class OldModule(pl_old.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(64, 10)
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = DigitsDataModule(limit=256)
+    data.setup("fit")
+    cb = ScheduleRefinement(plot=False)
+    trainer = pl_old.Trainer(max_epochs=1, callbacks=[cb], default_root_dir=tmp_path,
+                             logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                             enable_model_summary=False)  # fmt: skip
+    trainer.fit(OldModule(), train_dataloaders=data.train_dataloader())
+    assert cb.grad_norms()[0].numel() == STEPS_PER_EPOCH
+    assert (tmp_path / "lightning_logs" / "version_0" / "schedule" / "refined_schedule.pt").exists()

@@ -120,8 +120,8 @@ def main() -> None:
 
     # 1. One fit with EMA, post-hoc EMA snapshots, gradient-norm recording and EL2N scores.
     ema = EMA(decay=0.995, warmup_gamma=1.0, validate_on="both", apply_on_fit_end=False)
-    posthoc = PostHocEMA(sigma_rels=(0.05, 0.10), snapshot_every_n_steps=20,
-                         snapshot_dir=str(out / "posthoc_ema"))  # fmt: skip
+    # snapshots go to this run's own versioned folder (posthoc.folder), so reruns never collide
+    posthoc = PostHocEMA(sigma_rels=(0.05, 0.10), snapshot_every_n_steps=20)
     schedule = ScheduleRefinement(output_dir=str(out / "schedule"), plot=False)
     scores = DataPruningScores(
         "el2n", at_epoch=min(2, args.epochs), output_path=str(out / "el2n.pt")
@@ -136,7 +136,7 @@ def main() -> None:
         ("EMA (decay 0.995, warm-up)", evaluate(model, ema.ema_state_dict(), x_test, y_test))
     )
     for sigma in (0.03, 0.05, 0.08, 0.10, 0.15):
-        state = posthoc_ema_state_dict(out / "posthoc_ema", sigma)
+        state = posthoc_ema_state_dict(posthoc.folder, sigma)
         rows.append((f"post-hoc EMA sigma_rel={sigma}", evaluate(model, state, x_test, y_test)))
 
     # 2. Rerun with the schedule refined from run 1's gradient norms in place of linear decay.

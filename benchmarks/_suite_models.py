@@ -204,6 +204,9 @@ _SYNC_OPS = {
 _INDEXING = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
 # Python-level calls that copy to host memory (no dispatch at all for CPU tensors).
 _HOST_COPIES = ("cpu", "tolist", "numpy")
+# ``torch.tensor(data, device=...)`` copies host data to the device: on a GPU a blocking copy
+# (e.g. Lightning's ``self.log(name, float)`` does it for every Python number logged).
+_DEVICE_FROM_HOST = "torch.tensor(..., device=...)"
 
 
 def _has_bool_index(args: tuple) -> bool:
@@ -212,7 +215,8 @@ def _has_bool_index(args: tuple) -> bool:
 
 
 class HostSyncCounter(TorchDispatchMode):
-    """Counts host-sync operations while active, by name (see ``_SYNC_OPS``, ``_HOST_COPIES``)."""
+    """Counts host-sync operations while active, by name (``_SYNC_OPS``, ``_INDEXING`` with a
+    boolean index, ``_HOST_COPIES``, ``_DEVICE_FROM_HOST``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -247,11 +251,20 @@ class HostSyncCounter(TorchDispatchMode):
 
             return call
 
+        make_tensor = torch.tensor
+
+        def tensor_from_host(data: Any, *args: Any, **kwargs: Any) -> Tensor:
+            if kwargs.get("device") is not None:
+                self._count(_DEVICE_FROM_HOST)
+            return make_tensor(data, *args, **kwargs)
+
         for name in _HOST_COPIES:
             setattr(torch.Tensor, name, patched(name))
+        torch.tensor = tensor_from_host
         try:
             with self:
                 yield self
         finally:
+            torch.tensor = make_tensor
             for name, original in originals.items():
                 setattr(torch.Tensor, name, original)

@@ -191,16 +191,48 @@ def measure_bandwidth(device: torch.device, megabytes: int = 128) -> dict[str, f
 # -------------------------------------------------------------------------- timing fits
 
 
+# Callback hooks that run every step (the callbacks' own time is measured inside them).
+PER_STEP_HOOKS = (
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_train_batch_end",
+)
+
+
 class StepClock(Callback):
     """Times each step from the start of batch ``warmup`` to the start of batch
-    ``warmup + steps``: whole steps, every callback's batch-end work included. On a CPU the clock
-    is this process's CPU time, so that other users' processes on a shared machine do not count;
-    on a GPU, wall time after a synchronisation. Measures the held memory at the end."""
+    ``warmup + steps`` (whole steps, every callback's batch-end work included) and the time
+    spent inside the watched callbacks' per-step hooks. On a CPU the clock is this process's CPU
+    time, so that other users' processes on a shared machine do not count; on a GPU, wall time
+    after a synchronisation. Measures the held memory at the end."""
 
     def __init__(self, warmup: int, steps: int, watched: list[Callback], cuda: bool) -> None:
         self.warmup, self.steps, self.watched, self.cuda = warmup, steps, watched, cuda
         self.stamps: list[float] = []
         self.held = 0
+        self.in_hooks = 0.0  # seconds spent inside the watched callbacks' per-step hooks
+        for callback in watched:
+            for hook in PER_STEP_HOOKS:
+                setattr(callback, hook, self._timed(getattr(callback, hook)))
+
+    @property
+    def open(self) -> bool:
+        return 0 < len(self.stamps) <= self.steps
+
+    def _timed(self, hook: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self.open:
+                return hook(*args, **kwargs)
+            start = self.now()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                self.in_hooks += self.now() - start
+
+        return timed
 
     def now(self) -> float:
         if self.cuda:
@@ -226,6 +258,7 @@ class StepClock(Callback):
 @dataclass
 class Measured:
     rounds: list[list[float]] = field(default_factory=list)  # step durations, one list per round
+    hooks: list[float] = field(default_factory=list)  # seconds per step inside hooks, per round
     held: int = 0
     moved: int | None = None
 
@@ -245,8 +278,9 @@ def run_fit(
     batch_size: int,
     config: Config,
     args: argparse.Namespace,
-) -> tuple[list[float], int, int | None]:
-    """One fit of ``config``: (seconds of each timed step, held bytes, bytes moved per step)."""
+) -> tuple[list[float], float, int, int | None]:
+    """One fit of ``config``: (seconds of each timed step, seconds per step inside the
+    callbacks' hooks, held bytes, bytes moved per step)."""
     steps = args.warmup + args.steps + 1
     data = random_data(sample_shape, steps * batch_size, seed=1)  # one epoch: every sample seen
     module = SuiteTask(copy.deepcopy(template))
@@ -273,7 +307,8 @@ def run_fit(
         raise RuntimeError(f"{config.name}: the fit ended before the timed window did")
     moved = [bytes_per_step(cb, module) for cb in callbacks]
     known = [m for m in moved if m is not None]
-    return clock.durations, clock.held, sum(known) if known else None
+    in_hooks = clock.in_hooks / args.steps
+    return clock.durations, in_hooks, clock.held, sum(known) if known else None
 
 
 def measure_model(name: str, args: argparse.Namespace) -> tuple[dict[str, Measured], int]:
@@ -288,9 +323,10 @@ def measure_model(name: str, args: argparse.Namespace) -> tuple[dict[str, Measur
     for round_ in range(args.rounds):
         order = configs[round_ % len(configs) :] + configs[: round_ % len(configs)]
         for config in order:
-            durations, held, moved = run_fit(template, shape, batch_size, config, args)
+            durations, in_hooks, held, moved = run_fit(template, shape, batch_size, config, args)
             entry = results[config.name]
             entry.rounds.append(durations)
+            entry.hooks.append(in_hooks)
             entry.held, entry.moved = held, moved
         print(f"{name}: round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     return results, param_bytes
@@ -316,25 +352,29 @@ def model_table(
         ratio = m.step_time / plain.step_time
         overhead_ms = (m.step_time - plain.step_time) * 1e3
         bound_ms = None if m.moved is None else m.moved / (bandwidth * 1e9) * 1e3
+        hooks_ms = median(m.hooks) * 1e3
         vs_bound = None if bound_ms is None or config == "plain" else overhead_ms / bound_ms
+        hooks_vs_bound = None if vs_bound is None else hooks_ms / bound_ms
         held = m.held / param_bytes
         rows.append(
             [
                 config,
                 f"{ratio:.3f} [{min(ratios):.3f}-{max(ratios):.3f}]",
                 f"{overhead_ms:+.2f}",
+                f"{hooks_ms:.2f}",
                 "-" if m.moved is None else f"{m.moved / MB:.1f} MB: {bound_ms:.2f} ms",
-                "-" if vs_bound is None else f"{vs_bound:.2f}",
+                "-" if vs_bound is None else f"{vs_bound:.2f} / {hooks_vs_bound:.2f}",
                 f"{held:.2f}",
-                _goal(config, model, ratio, vs_bound, held),
+                _goal(config, model, ratio, hooks_vs_bound, held),
             ]
         )
     header = [
         "callback(s)",
         "step time / plain [rounds min-max]",
         "overhead ms/step",
+        "in hooks ms/step",
         "bandwidth bound per step",
-        "overhead / bound",
+        "overhead / bound, in hooks / bound",
         "held x param bytes",
         "goal",
     ]
@@ -373,13 +413,17 @@ def main() -> None:
     warnings.filterwarnings("ignore")
 
     started = time.perf_counter()
-    bandwidth = measure_bandwidth(args.device)
     sections = []
     for name in args.models:
+        bandwidth = measure_bandwidth(args.device)  # per model: the load changes over the run
         results, param_bytes = measure_model(name, args)
         table = model_table(name, results, param_bytes, bandwidth["add"])
         plain_ms = results["plain"].step_time * 1e3
-        sections.append(f"## {describe_model(name)}\n\nPlain step: {plain_ms:.1f} ms.\n\n{table}\n")
+        sections.append(
+            f"## {describe_model(name)}\n\nPlain step: {plain_ms:.1f} ms. Bandwidth measured "
+            f"just before: foreach copy {bandwidth['copy']:.1f} GB/s, foreach add "
+            f"{bandwidth['add']:.1f} GB/s (the bounds use the add figure).\n\n{table}\n"
+        )
     elapsed = time.perf_counter() - started
     mode = "quick" if args.quick else "full"
     body = (
@@ -388,9 +432,7 @@ def main() -> None:
         f"= mean over step positions of the median over rounds, clock = "
         f"{'wall time' if args.device.type == 'cuda' else 'process CPU time'}; "
         f"{torch.get_num_threads()} torch thread(s), device {args.device}; {elapsed:.0f} s in "
-        f"all. Memory bandwidth of this machine measured in the same run: foreach copy "
-        f"{bandwidth['copy']:.1f} GB/s, foreach add {bandwidth['add']:.1f} GB/s (the bounds use "
-        f"the add figure). Load average at the end: {_load()}.\n\n" + "\n".join(sections)
+        f"all. Load average (1, 5, 15 min) at the end: {_load()}.\n\n" + "\n".join(sections)
     )
     out = args.out or ("suite_gpu" if args.device.type == "cuda" else "suite_cpu")
     command = "python benchmarks/bench_suite.py " + " ".join(sys.argv[1:])

@@ -118,6 +118,7 @@ def _eval_set() -> torch.utils.data.Dataset:
 # name -> (callback factory, needs InfoBatch's sampler). Every callback with per-step work.
 PER_STEP: dict[str, tuple[Callable[[], Callback], bool]] = {
     "EMA": (EMA, False),
+    "EMA-log_decay=False": (lambda: EMA(log_decay=False), False),
     "PostHocEMA": (lambda: PostHocEMA(snapshot_dir="phema"), False),
     "WARP": (WARP, False),
     "DST-rigl": (_dst, False),
@@ -139,6 +140,7 @@ BUFFERED = ["EMA", "PostHocEMA", "WARP", "DST-rigl", "DST-snfs", "ScheduleRefine
 
 def test_counter_sees_the_syncs_it_claims_to() -> None:
     originals = [torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.numpy]
+    make_tensor = torch.tensor
     counter = HostSyncCounter()
     x = torch.arange(4.0)
     with counter.counting():
@@ -148,6 +150,8 @@ def test_counter_sees_the_syncs_it_claims_to() -> None:
         x.tolist()
         x.cpu()
         x.nonzero()
+        torch.tensor(1.0, device=x.device)
+        torch.tensor(1.0)  # host memory only: not a sync
         x.mul_(2)  # not a sync
     assert counter.counts == {
         "aten::_local_scalar_dense": 2,
@@ -155,8 +159,10 @@ def test_counter_sees_the_syncs_it_claims_to() -> None:
         "Tensor.tolist": 1,
         "Tensor.cpu": 1,
         "aten::nonzero": 1,
+        "torch.tensor(..., device=...)": 1,
     }
     assert [torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.numpy] == originals  # restored
+    assert torch.tensor is make_tensor
 
 
 def test_plain_training_makes_no_host_sync_per_step() -> None:
@@ -167,7 +173,18 @@ def test_plain_training_makes_no_host_sync_per_step() -> None:
     assert steps == [{}] * STEPS
 
 
-@pytest.mark.parametrize("name", list(PER_STEP))
+EMA_LOGS_A_FLOAT = pytest.mark.xfail(
+    strict=True,
+    reason="EMA(log_decay=True), the default, logs a Python float every step, which Lightning's "
+    "self.log turns into torch.tensor(value, device=module.device): a blocking host-to-device "
+    "copy per step on a GPU. Remove this mark when EMA logs a device tensor filled in place "
+    "(or logs less often).",
+)
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=EMA_LOGS_A_FLOAT) if n == "EMA" else n for n in PER_STEP]
+)
 def test_no_host_sync_per_step(name: str) -> None:
     make, infobatch = PER_STEP[name]
     steps = fit([make()], count_syncs=True, infobatch=infobatch).syncs_per_step()

@@ -45,7 +45,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import interleaved_timings, markdown_table, median, write_result
+from benchmarks._common import markdown_table, median, write_result
 from benchmarks._suite_models import (
     MODELS,
     SuiteTask,
@@ -169,23 +169,101 @@ def bytes_per_step(callback: Callback, module: nn.Module) -> int | None:
     return None
 
 
+def clock_for(device: torch.device) -> Callable[[], float]:
+    """Process CPU time on a CPU (other users of a shared machine do not count), wall time after
+    a synchronisation on a GPU."""
+    if device.type == "cuda":
+
+        def wall() -> float:
+            torch.cuda.synchronize()
+            return time.perf_counter()
+
+        return wall
+    return time.process_time
+
+
+def interleaved(
+    candidates: dict[str, Callable[[], object]], device: torch.device, repeats: int, inner: int
+) -> dict[str, list[float]]:
+    """``_common.interleaved_timings`` with this benchmark's clock (see ``clock_for``)."""
+    now = clock_for(device)
+    for fn in candidates.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = now()
+            for _ in range(inner):
+                fn()
+            times[name].append((now() - start) / inner)
+    return times
+
+
 def measure_bandwidth(device: torch.device, megabytes: int = 128) -> dict[str, float]:
     """GB/s of a foreach copy (read+write) and add (2 reads + write) over ``megabytes`` per
     operand, far beyond the caches; interleaved, median of 5."""
     n = megabytes * MB // 4 // 32
     a = [torch.randn(n, device=device) for _ in range(32)]
     b = [torch.randn(n, device=device) for _ in range(32)]
-    times = interleaved_timings(
+    times = interleaved(
         {"copy": lambda: torch._foreach_copy_(a, b), "add": lambda: torch._foreach_add_(a, b)},
+        device,
         repeats=5,
         inner=1,
-        warmup=1,
     )
     size = megabytes * MB
     return {
         "copy": 2 * size / median(times["copy"]) / 1e9,
         "add": 3 * size / median(times["add"]) / 1e9,
     }
+
+
+def primitives_table(device: torch.device, bandwidth: float) -> str:
+    """The per-step tensor operations of the callbacks, alone, over the transformer's parameter
+    shapes: what each costs against the bytes it must move (interleaved, median of 7)."""
+    shapes = [p.shape for p in MODELS["transformer"][0]().parameters()]
+
+    def like(dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        return [torch.ones(s, dtype=dtype, device=device) for s in shapes]
+
+    weights, grads, ema = like(), like(), like()
+    float_mask, bool_mask, byte_mask = like(), like(torch.bool), like(torch.uint8)
+    dropped = [~m for m in bool_mask]
+    size = sum(t.nbytes for t in weights)
+    ops: dict[str, tuple[Callable[[], object], int]] = {
+        "EMA lerp: _foreach_lerp_(ema, weights)": (
+            lambda: torch._foreach_lerp_(ema, weights, 1e-3),
+            3 * size,
+        ),
+        "mask: _foreach_mul_(grads, float mask)": (
+            lambda: torch._foreach_mul_(grads, float_mask),
+            3 * size,
+        ),
+        "mask: _foreach_mul_(grads, bool mask)": (
+            lambda: torch._foreach_mul_(grads, bool_mask),
+            2 * size + size // 4,
+        ),
+        "mask: _foreach_mul_(grads, uint8 mask)": (
+            lambda: torch._foreach_mul_(grads, byte_mask),
+            2 * size + size // 4,
+        ),
+        "mask: masked_fill_(grads, ~bool mask, 0) per tensor": (
+            lambda: [g.masked_fill_(d, 0.0) for g, d in zip(grads, dropped)],
+            2 * size + size // 4,
+        ),
+        "grad norm: _foreach_norm(grads, 2)": (lambda: torch._foreach_norm(grads, 2), size),
+        "grad norm: _foreach_norm(grads, 1)": (lambda: torch._foreach_norm(grads, 1), size),
+    }
+    times = interleaved({k: fn for k, (fn, _) in ops.items()}, device, repeats=7, inner=3)
+    rows = []
+    for name, (_, moved) in ops.items():
+        ms = median(times[name]) * 1e3
+        bound_ms = moved / (bandwidth * 1e9) * 1e3
+        rows.append(
+            [name, f"{moved / MB:.1f}", f"{ms:.2f}", f"{bound_ms:.2f}", f"{ms / bound_ms:.2f}"]
+        )
+    header = ["operation", "MB moved", "ms", "bound ms", "x bound"]
+    return markdown_table(header, rows)
 
 
 # -------------------------------------------------------------------------- timing fits
@@ -211,6 +289,7 @@ class StepClock(Callback):
 
     def __init__(self, warmup: int, steps: int, watched: list[Callback], cuda: bool) -> None:
         self.warmup, self.steps, self.watched, self.cuda = warmup, steps, watched, cuda
+        self.now = clock_for(torch.device("cuda" if cuda else "cpu"))
         self.stamps: list[float] = []
         self.held = 0
         self.in_hooks = 0.0  # seconds spent inside the watched callbacks' per-step hooks
@@ -233,12 +312,6 @@ class StepClock(Callback):
                 self.in_hooks += self.now() - start
 
         return timed
-
-    def now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return time.perf_counter()
-        return time.process_time()
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -413,7 +486,13 @@ def main() -> None:
     warnings.filterwarnings("ignore")
 
     started = time.perf_counter()
-    sections = []
+    bandwidth = measure_bandwidth(args.device)
+    sections = [
+        "## Per-step operations alone\n\nOver the transformer's 206 parameter tensors "
+        f"(float32, {args.device}); bandwidth measured just before: foreach add "
+        f"{bandwidth['add']:.1f} GB/s (bound = bytes moved / that).\n\n"
+        f"{primitives_table(args.device, bandwidth['add'])}\n"
+    ]
     for name in args.models:
         bandwidth = measure_bandwidth(args.device)  # per model: the load changes over the run
         results, param_bytes = measure_model(name, args)

@@ -165,6 +165,24 @@ def test_counter_sees_the_syncs_it_claims_to() -> None:
     assert torch.tensor is make_tensor
 
 
+def test_held_storages_counts_each_storage_once_and_not_the_models() -> None:
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    own = torch.zeros(10)
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.views = [own, own[:5], {"again": own.view(2, 5)}]  # one storage, 40 bytes
+    holder.other = (torch.ones(3, dtype=torch.float64),)  # 24 bytes
+    holder.borrowed = [model.weight, model.weight.grad, *optimizer.state[model.weight].values()]
+    held = held_storages(holder, model_storages(model, [optimizer]))
+    assert sorted(held.values()) == [24, 40]
+
+
 def test_plain_training_makes_no_host_sync_per_step() -> None:
     """The baseline: without callbacks this fit syncs nowhere, so the tests below see only
     what a callback adds."""

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from lightning_ext._io import load_file
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import markdown_table, write_result
 
@@ -93,7 +95,7 @@ def measure(method: str, paths: list[str], base: str) -> dict:
 
         greedy_soup(ings, evaluate)
     elif method == "uniform (load all, naive)":
-        sds = [torch.load(p, weights_only=True)["state_dict"] for p in paths]
+        sds = [load_file(p)["state_dict"] for p in paths]
         {k: torch.stack([sd[k].float() for sd in sds]).mean(0) for k in sds[0]}
     else:
         raise ValueError(method)

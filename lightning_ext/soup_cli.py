@@ -5,22 +5,34 @@ Examples::
     lightning-ext soup run*/last.ckpt -o soup.ckpt                      # uniform soup
     lightning-ext soup a.ckpt b.ckpt --method weighted --weights 1 3 -o soup.pt
     lightning-ext soup ft*.ckpt --base pre.ckpt --method ties --density 0.2 -o merged.ckpt
+    lightning-ext soup ft*.ckpt -o soup.ckpt --model mypkg.models:make_model \
+        --recalibrate-bn mypkg.data:train_loader              # recompute BatchNorm statistics
 
 The output keeps the first input's format: a Lightning checkpoint (the first input's, with its
 ``state_dict`` replaced and optimizer/loop state dropped, so ``Module.load_from_checkpoint``
 works) or a bare state dict. Greedy soups need a model to evaluate: use ``build_soup`` in Python.
+
+BatchNorm statistics (running mean and variance) are averaged over the ingredients by every
+method, never extrapolated; they are still those of the ingredients, not of the merged weights.
+``--recalibrate-bn module:function`` recomputes them: the function (called with no argument)
+returns a DataLoader of training inputs, and ``--model module:function`` returns the network
+(e.g. the LightningModule) into which the merged weights are loaded to run it. Without it, a
+warning says how many statistics were averaged.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+import importlib
+import os
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lightning_ext._io import atomic_torch_save
+from lightning_ext._io import atomic_torch_save, load_file
 from lightning_ext.functional import merging
 from lightning_ext.soup_io import Ingredients, load_state_dict
 
@@ -58,6 +70,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--t", type=float, default=0.5, help="SLERP position between 2 checkpoints")
     p.add_argument(
         "--trusted", action="store_true", help="allow checkpoints holding arbitrary pickled objects"
+    )
+    p.add_argument(
+        "--recalibrate-bn",
+        metavar="MODULE:FUNCTION",
+        help="recompute BatchNorm statistics on the DataLoader this function returns "
+        "(with --model)",
+    )
+    p.add_argument(
+        "--model",
+        metavar="MODULE:FUNCTION",
+        help="function (or class) returning the network the merged weights are loaded into",
+    )
+    p.add_argument(
+        "--bn-batches",
+        type=int,
+        default=None,
+        help="at most this many batches for --recalibrate-bn",
     )
     p.set_defaults(func=run)
 
@@ -115,11 +144,72 @@ def merge(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     return merging.breadcrumbs_merge(base, ings, density, args.gamma, scale=args.scale)
 
 
-def run(args: argparse.Namespace) -> int:
-    soup = merge(args)
-    first: Any = torch.load(
-        args.checkpoints[0], map_location="cpu", mmap=True, weights_only=not args.trusted
+def import_callable(spec: str, option: str) -> Callable[..., Any]:
+    """``package.module:function`` -> the function; the working directory is importable."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(
+            f"{option} expects MODULE:FUNCTION (e.g. mypkg.data:train_loader), got {spec!r}"
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    target = getattr(importlib.import_module(module_name), attr, None)
+    if not callable(target):
+        raise ValueError(f"{option}: {spec!r} is not a callable")
+    return target
+
+
+def statistics_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The floating statistics buffers (BatchNorm running mean/variance) of a state dict."""
+    return [k for k, v in state.items() if v.is_floating_point() and merging.is_statistic(k, v)]
+
+
+BNRecalibration = tuple[Callable[..., Any], Callable[..., Any]]
+
+
+def bn_recalibration(args: argparse.Namespace) -> BNRecalibration | None:
+    """The (model, data) functions of ``--model``/``--recalibrate-bn``, checked before merging."""
+    if args.recalibrate_bn is None and args.model is None:
+        return None
+    if args.recalibrate_bn is None:
+        raise ValueError("--model is only used with --recalibrate-bn")
+    if args.model is None:
+        raise ValueError("--recalibrate-bn needs --model (the network to run the data through)")
+    return (
+        import_callable(args.model, "--model"),
+        import_callable(args.recalibrate_bn, "--recalibrate-bn"),
     )
+
+
+def recalibrate(
+    args: argparse.Namespace, soup: dict[str, torch.Tensor], bn: BNRecalibration | None
+) -> dict[str, torch.Tensor]:
+    """Load the merge into the model and recompute its BatchNorm statistics on the data; without
+    ``--recalibrate-bn``, warn when statistics were only averaged."""
+    from lightning_ext.soups import recalibrate_batchnorm
+
+    if bn is None:
+        averaged = statistics_keys(soup)
+        if averaged:
+            print(
+                f"warning: {len(averaged)} BatchNorm statistics buffers (e.g. {averaged[0]}) were "
+                "averaged over the ingredients, not recomputed for the merged weights; pass "
+                "--recalibrate-bn MODULE:FUNCTION --model MODULE:FUNCTION to recompute them",
+                file=sys.stderr,
+            )
+        return soup
+    make_model, make_data = bn
+    model = make_model()
+    model.load_state_dict(soup)
+    if not recalibrate_batchnorm(model, make_data(), max_batches=args.bn_batches):
+        raise ValueError(f"--recalibrate-bn: the model from {args.model} has no BatchNorm layer")
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def run(args: argparse.Namespace) -> int:
+    bn = bn_recalibration(args)
+    soup = recalibrate(args, merge(args), bn)
+    first: Any = load_file(args.checkpoints[0], trusted=args.trusted, mmap=True)
     if isinstance(first, Mapping) and "state_dict" in first:
         out = {k: v for k, v in first.items() if k not in TRAINING_STATE}
         out["state_dict"] = soup

@@ -10,7 +10,6 @@ Lightning checkpoint is a ``torch.save``'d dict whose weights sit under ``"state
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
@@ -18,28 +17,12 @@ from typing import Any, overload
 import torch
 from torch import Tensor, nn
 
+from lightning_ext._io import load_file
 from lightning_ext.functional.merging import check_same_layout
 
 __all__ = ["IngredientSource", "IngredientSubset", "Ingredients", "load_state_dict"]
 
 IngredientSource = Mapping[str, Tensor] | nn.Module | str | os.PathLike
-
-
-def _load_file(path: Path, map_location: str | torch.device, mmap: bool, trusted: bool) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"ingredient checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=not trusted)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path}: holds objects other than tensors and plain containers, which are not "
-            "loaded by default because unpickling can run code; if you trust the file, pass "
-            f"trusted=True (CLI: --trusted). Details: {str(err).splitlines()[0]}"
-        ) from err
-    except RuntimeError as err:
-        if mmap and "mmap" in str(err):  # legacy (non-zip) files cannot be memory-mapped
-            return torch.load(path, map_location=map_location, weights_only=not trusted)
-        raise
 
 
 def load_state_dict(
@@ -61,7 +44,9 @@ def load_state_dict(
     if isinstance(source, Mapping):
         return dict(source)
     path = Path(source)
-    obj = _load_file(path, map_location, mmap, trusted)
+    if not path.is_file():
+        raise FileNotFoundError(f"ingredient checkpoint not found: {path}")
+    obj = load_file(path, trusted=trusted, map_location=map_location, mmap=mmap)
     if isinstance(obj, Mapping) and key is not None and key in obj:
         obj = obj[key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):

@@ -4,23 +4,41 @@ one call, estimate diagonal Fishers, and recalibrate BatchNorm statistics after 
 
 The math lives in ``lightning_ext.functional.merging``; ingredients stream through
 ``lightning_ext.soup_io.Ingredients`` (one loaded at a time, validated before any work).
+
+Under ``torch.distributed`` (a DDP fit) scoring is collective: every rank validates its share of
+the held-out data and the ranks reduce the score, so every rank must score the same weights in the
+same order. That is what lets a module's torchmetrics ``Metric`` all-gather its state at epoch end
+without a deadlock, and it divides the scoring time by the number of ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import re
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from lightning.pytorch.strategies import SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_ext.functional.merging import greedy_soup, uniform_soup
+from lightning_ext._batch import (
+    ForwardFn,
+    UnpackBatch,
+    default_forward,
+    default_unpack_batch,
+    move_to_device,
+)
+from lightning_ext._lightning import namespace_of
+from lightning_ext.functional.merging import greedy_soup, is_statistic, uniform_soup
 from lightning_ext.soup_io import Ingredients, IngredientSource
 
 __all__ = [
@@ -29,29 +47,11 @@ __all__ = [
     "build_soup",
     "estimate_fisher",
     "recalibrate_batchnorm",
+    "run_soup",
+    "save_soup_plot",
 ]
 
-BatchToInput = Callable[[Any], Any]
-
-
-def _first(batch: Any) -> Any:
-    return batch[0] if isinstance(batch, list | tuple) else batch
-
-
-def _second(batch: Any) -> Any:
-    if not isinstance(batch, list | tuple) or len(batch) < 2:
-        raise ValueError("labels='empirical' needs (input, target) batches; pass batch_to_target")
-    return batch[1]
-
-
-def _move(x: Any, device: torch.device) -> Any:
-    if isinstance(x, Tensor):
-        return x.to(device)
-    if isinstance(x, list | tuple):
-        return type(x)(_move(v, device) for v in x)
-    if isinstance(x, Mapping):
-        return {k: _move(v, device) for k, v in x.items()}
-    return x
+Mode = Literal["min", "max"]
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -62,7 +62,81 @@ def _device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _is_rank_zero() -> bool:
+    return not _distributed() or dist.get_rank() == 0
+
+
+# --------------------------------------------------------------------------- mode
+
+
+_HIGHER_IS_BETTER = re.compile(r"acc|f1|auroc|auc|precision|recall|iou|dice|bleu|rouge|score")
+_LOWER_IS_BETTER = re.compile(r"loss|err|perplexity|ppl|mse|mae|rmse|nll")
+
+
+def check_mode(monitor: str, mode: str, owner: str) -> None:
+    """Refuse an unknown ``mode``; warn when the monitor's name says the opposite direction
+    (``mode="min"`` on an accuracy keeps the worst ingredients)."""
+    if mode not in ("min", "max"):
+        raise ValueError(f"{owner}(mode=...) must be 'min' or 'max', got {mode!r}")
+    name = monitor.lower()
+    if mode == "min" and _HIGHER_IS_BETTER.search(name) and not _LOWER_IS_BETTER.search(name):
+        rank_zero_warn(
+            f"{owner}(monitor={monitor!r}, mode='min') keeps the weights with the LOWEST "
+            f"{monitor}. If higher is better, pass mode='max'."
+        )
+    if mode == "max" and _LOWER_IS_BETTER.search(name) and not _HIGHER_IS_BETTER.search(name):
+        rank_zero_warn(
+            f"{owner}(monitor={monitor!r}, mode='max') keeps the weights with the HIGHEST "
+            f"{monitor}. If lower is better, pass mode='min' (the default)."
+        )
+
+
+def check_monitor_logged(monitor: str, trainer: Any, owner: str) -> None:
+    """Raise, naming the logged metrics, when ``monitor`` is not among them."""
+    logged = sorted(trainer.callback_metrics)
+    if monitor not in logged:
+        raise KeyError(
+            f"{owner}(monitor={monitor!r}): no such metric was logged at the first validation. "
+            f"Logged metrics: {logged}. Pass one of them as monitor, or log {monitor!r} with "
+            "self.log in validation_step."
+        )
+
+
+def fit_val_loader(trainer: Any) -> Any:
+    """The fit's validation data, un-sharded (the scorer shares it out across ranks)."""
+    if trainer.datamodule is not None and hasattr(trainer.datamodule, "val_dataloader"):
+        try:
+            return trainer.datamodule.val_dataloader()
+        except NotImplementedError:
+            pass
+    source = trainer.fit_loop.epoch_loop.val_loop._data_source
+    return source.dataloader() if source.is_defined() else None
+
+
 # --------------------------------------------------------------------------- BatchNorm
+
+
+def _call_module(module: nn.Module, inputs: Any) -> Any:
+    """Run the forward and ignore what it returns (recalibration only needs the forward)."""
+    return module(**inputs) if isinstance(inputs, Mapping) else module(inputs)
+
+
+def _inputs_of(batch: Any, unpack_batch: UnpackBatch) -> Any:
+    """The inputs of a batch; unlabelled batches (a tensor, or a 1-tuple as from
+    ``TensorDataset(x)``) are all inputs: recalibration needs no labels."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, list | tuple) and len(batch) == 1:
+        return batch[0]
+    return unpack_batch(batch)[0]
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 @torch.no_grad()
@@ -70,16 +144,22 @@ def recalibrate_batchnorm(
     model: nn.Module,
     dataloader: Iterable,
     *,
-    batch_to_input: BatchToInput = _first,
+    unpack_batch: UnpackBatch = default_unpack_batch,
+    forward_fn: ForwardFn | None = None,
     max_batches: int | None = None,
 ) -> bool:
     """Recompute BatchNorm running statistics of ``model`` on ``dataloader`` (train mode, no
     gradients, cumulative average over the batches), as averaged weights make the averaged
     running statistics stale. Returns False (and does nothing) when the model has no BatchNorm.
+
+    ``unpack_batch(batch) -> (inputs, targets)`` reads the batches (a bare tensor batch is taken
+    as the inputs); ``forward_fn(model, inputs)`` runs the model (default: ``model(inputs)``, or
+    ``model(**inputs)`` for dicts; its output is ignored).
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = batchnorm_layers(model)
     if not norms:
         return False
+    forward = forward_fn or _call_module
     device = _device_of(model)
     was_training = model.training
     momenta = {m: m.momentum for m in norms}
@@ -91,7 +171,7 @@ def recalibrate_batchnorm(
         for i, batch in enumerate(dataloader):
             if max_batches is not None and i >= max_batches:
                 break
-            model(_move(batch_to_input(batch), device))
+            forward(model, move_to_device(_inputs_of(batch, unpack_batch), device))
     finally:
         for m, momentum in momenta.items():
             m.momentum = momentum
@@ -102,18 +182,56 @@ def recalibrate_batchnorm(
 # --------------------------------------------------------------------------- Fisher
 
 
+class _ForwardModule(nn.Module):
+    """``forward_fn(inner, inputs)`` as a module, so that ``torch.func.functional_call`` can
+    substitute the inner module's parameters."""
+
+    def __init__(self, inner: nn.Module, forward_fn: ForwardFn) -> None:
+        super().__init__()
+        self.inner, self.forward_fn = inner, forward_fn
+
+    def forward(self, inputs: Any) -> Tensor:
+        return self.forward_fn(self.inner, inputs)
+
+
+def _unsqueeze(inputs: Any) -> Any:
+    if isinstance(inputs, Tensor):
+        return inputs.unsqueeze(0)
+    if isinstance(inputs, Mapping):
+        return {k: _unsqueeze(v) for k, v in inputs.items()}
+    if isinstance(inputs, list | tuple):
+        return type(inputs)(_unsqueeze(v) for v in inputs)
+    return inputs
+
+
+def _class_targets(
+    probs: Tensor, labels: str, batch_targets: Any, generator: torch.Generator | None
+) -> list[tuple[Tensor, Tensor | None]]:
+    """(targets, per-sample weight) pairs whose weighted squared gradients sum to the Fisher."""
+    if labels == "expected":
+        return [
+            (torch.full_like(probs[:, 0], c, dtype=torch.long), probs[:, c])
+            for c in range(probs.shape[-1])
+        ]
+    if labels == "sample":
+        y = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(probs.device)
+        return [(y, None)]
+    return [(batch_targets.to(probs.device).long(), None)]
+
+
 def estimate_fisher(
     model: nn.Module,
     dataloader: Iterable,
     *,
     labels: Literal["sample", "expected", "empirical"] = "sample",
     max_batches: int | None = None,
-    batch_to_input: BatchToInput = _first,
-    batch_to_target: BatchToInput = _second,
+    unpack_batch: UnpackBatch = default_unpack_batch,
+    forward_fn: ForwardFn = default_forward,
     generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """Diagonal Fisher ``F = E_x E_{y ~ p(y|x)} (d log p(y|x) / d theta)^2`` of a classifier whose
-    forward returns logits of shape (batch, classes), for every trainable parameter.
+    ``forward_fn(model, inputs)`` gives logits of shape (batch, classes), for every trainable
+    parameter. ``unpack_batch(batch) -> (inputs, targets)`` reads the batches.
 
     Per-sample gradients come from ``torch.func`` (vmap over the batch), so the square is taken
     per sample, not of the batch gradient. ``labels``: ``"sample"`` draws one y per x from the
@@ -126,12 +244,14 @@ def estimate_fisher(
     if labels not in ("sample", "expected", "empirical"):
         raise ValueError(f"labels must be 'sample', 'expected' or 'empirical', got {labels!r}")
     device = _device_of(model)
+    wrapper = _ForwardModule(model, forward_fn)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    buffers = {f"inner.{n}": b.detach() for n, b in model.named_buffers()}
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
 
-    def log_prob(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        logits = functional_call(model, (p, buffers), (x.unsqueeze(0),))
+    def log_prob(p: dict[str, Tensor], x: Any, y: Tensor) -> Tensor:
+        named = {f"inner.{n}": v for n, v in p.items()}
+        logits = functional_call(wrapper, (named, buffers), (_unsqueeze(x),))
         return F.log_softmax(logits.float(), dim=-1)[0].gather(0, y.reshape(1))[0]
 
     per_sample_grad = vmap(grad(log_prob), in_dims=(None, 0, 0))
@@ -142,22 +262,12 @@ def estimate_fisher(
         for i, batch in enumerate(dataloader):
             if max_batches is not None and i >= max_batches:
                 break
-            x = _move(batch_to_input(batch), device)
+            inputs, targets = unpack_batch(batch)
+            x = move_to_device(inputs, device)
             with torch.no_grad():
-                probs = F.softmax(model(x).float(), dim=-1)
-            if labels == "expected":
-                targets = [
-                    (torch.full_like(probs[:, 0], c, dtype=torch.long), probs[:, c])
-                    for c in range(probs.shape[-1])
-                ]
-            elif labels == "sample":
-                y = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(device)
-                targets = [(y, None)]
-            else:
-                targets = [(_move(batch_to_target(batch), device).long(), None)]
-            for y, weight in targets:
-                grads = per_sample_grad(params, x, y)
-                for name, g in grads.items():
+                probs = F.softmax(forward_fn(model, x).float(), dim=-1)
+            for y, weight in _class_targets(probs, labels, targets, generator):
+                for name, g in per_sample_grad(params, x, y).items():
                     sq = g.float() ** 2
                     if weight is not None:
                         sq = sq * weight.view(-1, *([1] * (sq.dim() - 1)))
@@ -172,66 +282,171 @@ def estimate_fisher(
 
 # --------------------------------------------------------------------------- scoring
 
+_LIGHTNING_LOGGERS = (
+    "lightning.pytorch",
+    "lightning.fabric",
+    "pytorch_lightning",
+    "lightning_fabric",
+)
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Silence the banners ("GPU available ...", tips) and data-loader hints that every inner
+    Trainer would print again for every candidate; warnings and errors still show."""
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _shard(loader: Any, rank: int, world: int) -> tuple[Any, int]:
+    """This rank's share of a held-out loader (every ``world``-th sample, no padding, so no sample
+    counts twice) and its number of samples. Loaders that cannot be split (iterable datasets,
+    custom batch samplers) are scored whole on every rank, each rank then counting 1."""
+    dataset = getattr(loader, "dataset", None)
+    if (
+        not isinstance(loader, DataLoader)
+        or isinstance(dataset, IterableDataset)
+        or loader.batch_size is None
+        or world == 1
+    ):
+        return loader, 1
+    indices = list(range(rank, len(dataset), world))  # type: ignore[arg-type]
+    if not indices:
+        raise ValueError(
+            f"the held-out data has {len(dataset)} samples, fewer than the {world} ranks that "  # type: ignore[arg-type]
+            "score soups together: give every rank at least one sample"
+        )
+    shard: DataLoader = DataLoader(
+        dataset,  # type: ignore[arg-type]
+        batch_size=loader.batch_size,
+        sampler=indices,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+    )
+    return shard, len(indices)
+
+
+def _reduce_score(score: float, count: int) -> float:
+    """The held-out score over all ranks: the sample-weighted mean of the ranks' scores (what a
+    single process gets for a mean-reduced log), or the common value when every rank already got
+    the same one (a torchmetrics Metric synchronises its state across ranks in ``compute``)."""
+    if not _distributed():
+        return score
+    local = torch.tensor([score, float(count)], dtype=torch.float64)
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    scores = [float(g[0]) for g in gathered]
+    if all(s == scores[0] or (math.isnan(s) and math.isnan(scores[0])) for s in scores):
+        return scores[0]
+    total = sum(float(g[1]) for g in gathered)
+    return sum(float(g[0] * g[1]) for g in gathered) / total
+
 
 class ValidationScorer:
     """Scores state dicts with the module's own ``validation_step``: loads the weights into
     ``module`` and runs ``Trainer.validate`` on one device, returning the logged ``monitor``.
 
     The scoring Trainer is separate from any Trainer the module is attached to (so scoring may run
-    inside a fit, e.g. at its end) and single-device: under DDP every rank may score on its own.
-    ``recalibrate_on`` (a train loader) recomputes BatchNorm statistics before each evaluation.
+    inside a fit, e.g. at its end), silent (no banners, bars, summaries or loggers) and runs under
+    ``precision`` (pass the fit's, ``trainer.precision``). Under ``torch.distributed`` every rank
+    must call it with the same weights: each validates its share of the data and the score is
+    reduced over the ranks (see ``_reduce_score``). ``recalibrate_on`` (a train loader)
+    recomputes BatchNorm statistics before each evaluation (rank 0's are used on every rank).
     """
 
     def __init__(
         self,
-        module: pl.LightningModule,
+        module: Any,
         *,
         dataloaders: Any = None,
-        datamodule: pl.LightningDataModule | None = None,
-        monitor: str = "val_acc",
-        trainer: pl.Trainer | None = None,
+        datamodule: Any = None,
+        monitor: str = "val_loss",
+        trainer: Any = None,
+        precision: Any = None,
         recalibrate_on: Iterable | None = None,
-        progress_bar: bool = False,
+        unpack_batch: UnpackBatch = default_unpack_batch,
+        forward_fn: ForwardFn | None = None,
     ) -> None:
         if dataloaders is None and datamodule is None:
             raise ValueError("ValidationScorer needs held-out `dataloaders` or a `datamodule`")
+        if dataloaders is None:
+            datamodule.setup("validate")
+            dataloaders = datamodule.val_dataloader()
         self.module, self.monitor = module, monitor
-        self.dataloaders, self.datamodule = dataloaders, datamodule
+        self.precision = precision
         self.recalibrate_on = recalibrate_on
-        self.progress_bar = progress_bar
+        self.unpack_batch, self.forward_fn = unpack_batch, forward_fn
         self._trainer = trainer
         self.evaluations = 0
+        rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+        if isinstance(dataloaders, list | tuple):
+            shards = [_shard(loader, rank, world) for loader in dataloaders]
+            self.dataloaders: Any = [s for s, _ in shards]
+            self.count = sum(n for _, n in shards)
+        else:
+            self.dataloaders, self.count = _shard(dataloaders, rank, world)
 
-    def _scoring_trainer(self) -> pl.Trainer:
+    def _scoring_trainer(self) -> Any:
         if self._trainer is None:
+            ns = namespace_of(self.module)
             device = _device_of(self.module)
-            self._trainer = pl.Trainer(
-                accelerator="gpu" if device.type == "cuda" else device.type,
-                strategy=SingleDeviceStrategy(device=device),
-                logger=False,
-                enable_checkpointing=False,
-                enable_model_summary=False,
-                enable_progress_bar=self.progress_bar,
-            )
+            kwargs = {} if self.precision is None else {"precision": self.precision}
+            with _quiet_lightning():
+                self._trainer = ns.Trainer(
+                    accelerator="gpu" if device.type == "cuda" else device.type,
+                    strategy=ns.strategies.SingleDeviceStrategy(device=device),
+                    logger=False,
+                    enable_checkpointing=False,
+                    enable_model_summary=False,
+                    enable_progress_bar=False,
+                    num_sanity_val_steps=0,
+                    **kwargs,
+                )
         return self._trainer
 
     def load(self, state_dict: Mapping[str, Tensor]) -> None:
         self.module.load_state_dict(state_dict)
         if self.recalibrate_on is not None:
-            recalibrate_batchnorm(self.module, self.recalibrate_on)
+            recalibrate_batchnorm(
+                self.module,
+                self.recalibrate_on,
+                unpack_batch=self.unpack_batch,
+                forward_fn=self.forward_fn,
+            )
+            self._share_statistics()
+
+    def _share_statistics(self) -> None:
+        """Rank 0's recalibrated statistics on every rank (shuffled loaders differ per rank)."""
+        if not _distributed():
+            return
+        for key, tensor in self.module.state_dict().items():
+            if is_statistic(key, tensor):
+                dist.broadcast(tensor, src=0)
 
     def __call__(self, state_dict: Mapping[str, Tensor]) -> float:
         self.load(state_dict)
         return self.score_loaded()
 
     def score_loaded(self) -> float:
-        """Score the weights the module holds now."""
+        """Score the weights the module holds now (collectively under torch.distributed)."""
         module = self.module
         previous_trainer, device = module._trainer, _device_of(module)
         try:
-            results = self._scoring_trainer().validate(
-                module, dataloaders=self.dataloaders, datamodule=self.datamodule, verbose=False
-            )
+            with _quiet_lightning():
+                results = self._scoring_trainer().validate(
+                    module, dataloaders=self.dataloaders, verbose=False
+                )
         finally:
             module.trainer = previous_trainer  # re-attach the fit's Trainer, if any
             module.to(device)  # the scoring strategy's teardown may move it to the CPU
@@ -242,13 +457,17 @@ class ValidationScorer:
                 f"monitor '{self.monitor}' was not logged by validation_step; logged metrics: "
                 f"{sorted(metrics)}. Log it with self.log('{self.monitor}', ...) or choose one."
             )
-        return float(metrics[self.monitor])
+        return _reduce_score(float(metrics[self.monitor]), self.count)
+
+
+# --------------------------------------------------------------------------- soups
 
 
 @dataclass
 class SoupResult:
-    """What ``build_soup`` made: the weights, the chosen ingredients (indices in order of
-    addition; every index for a uniform soup), each ingredient's own score and the soup's."""
+    """What a soup run made: the weights, the chosen ingredients (indices in order of addition;
+    every index for a uniform soup), each ingredient's own score and the soup's, the ingredient
+    names and every greedy candidate as (index, score, kept)."""
 
     state_dict: dict[str, Tensor]
     chosen: list[int]
@@ -256,96 +475,6 @@ class SoupResult:
     soup_score: float
     names: list[str] = field(default_factory=list)
     candidates: list[tuple[int, float, bool]] = field(default_factory=list)
-
-
-def build_soup(
-    module: pl.LightningModule,
-    ingredients: Sequence[IngredientSource] | Ingredients,
-    *,
-    method: Literal["greedy", "uniform"] | Callable[[Ingredients], dict] = "greedy",
-    monitor: str = "val_acc",
-    mode: Literal["max", "min"] = "max",
-    dataloaders: Any = None,
-    datamodule: pl.LightningDataModule | None = None,
-    strict: bool = True,
-    passes: int = 1,
-    recalibrate_on: Iterable | None = None,
-    trainer: pl.Trainer | None = None,
-    progress_bar: bool = True,
-    apply: bool = True,
-) -> SoupResult:
-    """Build a soup for ``module`` from checkpoint paths (or state dicts, or modules), scoring
-    every ingredient and candidate with the module's ``validation_step`` and ``monitor``.
-
-    ``method="greedy"`` follows Wortsman et al. (see ``functional.greedy_soup``); ``"uniform"``
-    averages all; a callable ``method(ingredients) -> state_dict`` builds any other merge (e.g.
-    ``lambda ings: ties_merge(base, ings, density=0.2)``), which is then scored. Every ingredient
-    is validated (keys, shapes, dtypes) before any averaging or evaluation. With ``apply`` the
-    module ends holding the soup. ``recalibrate_on`` recomputes BatchNorm statistics on that
-    (train) loader for every candidate and for the result.
-    """
-    ings = ingredients if isinstance(ingredients, Ingredients) else Ingredients(ingredients)
-    ings.validate()
-    if mode not in ("max", "min"):
-        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
-    scorer = ValidationScorer(
-        module,
-        dataloaders=dataloaders,
-        datamodule=datamodule,
-        monitor=monitor,
-        trainer=trainer,
-        recalibrate_on=recalibrate_on,
-    )
-    original = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    bar = _progress(len(ings), progress_bar)
-    scores: list[float] = []
-    for i in range(len(ings)):
-        scores.append(scorer(ings[i]))
-        bar.update(1)
-        bar.set_postfix_str(f"{ings.name(i)}: {monitor}={scores[-1]:.4g}")
-    candidates: list[tuple[int, float, bool]] = []
-    if method == "greedy":
-        bar.reset(total=max(len(ings) - 1, 0))
-        bar.set_description("greedy soup")
-
-        def observe(index: int, score: float, kept: bool) -> None:
-            candidates.append((index, score, kept))
-            bar.update(1)
-            bar.set_postfix_str(f"+{index}: {monitor}={score:.4g} {'kept' if kept else 'no'}")
-
-        soup, chosen = greedy_soup(
-            ings,
-            scorer,
-            mode=mode,
-            strict=strict,
-            passes=passes,
-            scores=scores,
-            on_candidate=observe,
-        )
-    elif method == "uniform":
-        soup, chosen = uniform_soup(ings), list(range(len(ings)))
-    elif callable(method):
-        soup, chosen = method(ings), list(range(len(ings)))
-    else:
-        raise ValueError(f"method must be 'greedy', 'uniform' or a callable, got {method!r}")
-    bar.close()
-    soup_score = scorer(soup)
-    if recalibrate_on is not None:
-        soup = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    module.load_state_dict(soup if apply else original)
-    names = [ings.name(i) for i in range(len(ings))]
-    rank_zero_info(
-        f"soup of {len(chosen)} ingredient(s) {chosen}: {monitor}={soup_score:.4g} "
-        f"(best single {_best(scores, mode):.4g})"
-    )
-    return SoupResult(soup, chosen, scores, soup_score, names, candidates)
-
-
-def _best(scores: Sequence[float], mode: str) -> float:
-    valid = [s for s in scores if not math.isnan(s)]
-    if not valid:
-        return math.nan
-    return max(valid) if mode == "max" else min(valid)
 
 
 class _NoBar:
@@ -357,8 +486,195 @@ class _NoBar:
 
 
 def _progress(total: int, enabled: bool) -> Any:
-    if not enabled:
+    """A tqdm bar on rank 0 (tqdm comes with Lightning), nothing elsewhere."""
+    if not enabled or not _is_rank_zero():
         return _NoBar()
-    from tqdm.auto import tqdm  # a dependency of Lightning
+    from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="scoring ingredients", leave=False)
+
+
+def run_soup(
+    scorer: Callable[[Mapping[str, Tensor]], float],
+    ingredients: Sequence[Mapping[str, Tensor]],
+    *,
+    method: Literal["greedy", "uniform"] | Callable[[Any], dict] = "greedy",
+    monitor: str = "val_loss",
+    mode: Mode = "min",
+    strict: bool = True,
+    passes: int = 1,
+    names: Sequence[str] | None = None,
+    progress_bar: bool = True,
+) -> SoupResult:
+    """Score every ingredient, build the soup (greedy with ``functional.greedy_soup``, the one
+    implementation; uniform; or ``method(ingredients)``) and score it; the scorer ends holding the
+    soup. The one procedure behind ``build_soup``, ``ModelSoup`` and ``SoupStrategy``; with a
+    collective scorer, every rank runs it in lockstep and gets the same result."""
+    n = len(ingredients)
+    names = list(names) if names is not None else [f"ingredient {i}" for i in range(n)]
+    bar = _progress(n, progress_bar)
+    scores: list[float] = []
+    for i in range(n):
+        scores.append(float(scorer(ingredients[i])))
+        bar.update(1)
+        bar.set_postfix_str(f"{names[i]}: {monitor}={scores[-1]:.4g}")
+    candidates: list[tuple[int, float, bool]] = []
+    if method == "greedy":
+        bar.reset(total=max(n - 1, 0))
+        bar.set_description("greedy soup")
+
+        def observe(index: int, score: float, kept: bool) -> None:
+            candidates.append((index, score, kept))
+            bar.update(1)
+            bar.set_postfix_str(
+                f"+{names[index]}: {monitor}={score:.4g} {'kept' if kept else 'no'}"
+            )
+
+        soup, chosen = greedy_soup(
+            ingredients,
+            scorer,
+            mode=mode,
+            strict=strict,
+            passes=passes,
+            scores=scores,
+            on_candidate=observe,
+        )
+    elif method == "uniform":
+        soup, chosen = uniform_soup(ingredients), list(range(n))
+    elif callable(method):
+        soup, chosen = method(ingredients), list(range(n))
+    else:
+        raise ValueError(f"method must be 'greedy', 'uniform' or a callable, got {method!r}")
+    bar.close()
+    soup_score = float(scorer(soup))
+    rank_zero_info(
+        f"soup of {len(chosen)} ingredient(s) {chosen}: {monitor}={soup_score:.4g} "
+        f"(best single {_best(scores, mode):.4g})"
+    )
+    return SoupResult(soup, chosen, scores, soup_score, names, candidates)
+
+
+def build_soup(
+    module: Any,
+    ingredients: Sequence[IngredientSource] | Ingredients,
+    *,
+    method: Literal["greedy", "uniform"] | Callable[[Any], dict] = "greedy",
+    monitor: str = "val_loss",
+    mode: Mode = "min",
+    dataloaders: Any = None,
+    datamodule: Any = None,
+    strict: bool = True,
+    passes: int = 1,
+    recalibrate_on: Iterable | None = None,
+    unpack_batch: UnpackBatch = default_unpack_batch,
+    forward_fn: ForwardFn | None = None,
+    precision: Any = None,
+    trainer: Any = None,
+    progress_bar: bool = True,
+    plot: str | Path | None = None,
+    apply: bool = True,
+) -> SoupResult:
+    """Build a soup for ``module`` from checkpoint paths (or state dicts, or modules), scoring
+    every ingredient and candidate with the module's ``validation_step`` and ``monitor``
+    (``mode="min"``, Lightning's default: lower is better; pass ``mode="max"`` for accuracies).
+
+    ``method="greedy"`` follows Wortsman et al. (see ``functional.greedy_soup``); ``"uniform"``
+    averages all; a callable ``method(ingredients) -> state_dict`` builds any other merge (e.g.
+    ``lambda ings: ties_merge(base, ings, density=0.2)``), which is then scored. Every ingredient
+    is validated (keys, shapes, dtypes) before any averaging or evaluation. With ``apply`` the
+    module ends holding the soup. ``recalibrate_on`` recomputes BatchNorm statistics on that
+    (train) loader, read with ``unpack_batch``/``forward_fn``, for every candidate and the result.
+    ``precision`` is the scoring Trainer's (use the fit's). ``plot`` writes the picture of the
+    scores there (PNG, when matplotlib is installed). Call it on every rank under DDP.
+    """
+    ings = ingredients if isinstance(ingredients, Ingredients) else Ingredients(ingredients)
+    ings.validate()
+    check_mode(monitor, mode, "build_soup")
+    scorer = ValidationScorer(
+        module,
+        dataloaders=dataloaders,
+        datamodule=datamodule,
+        monitor=monitor,
+        trainer=trainer,
+        precision=precision,
+        recalibrate_on=recalibrate_on,
+        unpack_batch=unpack_batch,
+        forward_fn=forward_fn,
+    )
+    original = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    result = run_soup(
+        scorer,
+        ings,
+        method=method,
+        monitor=monitor,
+        mode=mode,
+        strict=strict,
+        passes=passes,
+        names=[ings.name(i) for i in range(len(ings))],
+        progress_bar=progress_bar,
+    )
+    if recalibrate_on is not None:
+        result.state_dict = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    module.load_state_dict(result.state_dict if apply else original)
+    if plot is not None and _is_rank_zero():
+        save_soup_plot(result, plot, monitor=monitor)
+    return result
+
+
+def _best(scores: Sequence[float], mode: str) -> float:
+    valid = [s for s in scores if not math.isnan(s)]
+    if not valid:
+        return math.nan
+    return max(valid) if mode == "max" else min(valid)
+
+
+# --------------------------------------------------------------------------- picture
+
+
+def save_soup_plot(result: SoupResult, path: str | Path, *, monitor: str) -> Path | None:
+    """One picture of a soup: each ingredient's own score (bars), then every greedy candidate in
+    order (kept in green, rejected in grey) and the soup's score (a line). Returns None when
+    matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    positions = range(len(result.scores))
+    chosen = set(result.chosen)
+    colours = ["tab:green" if i in chosen else "tab:gray" for i in positions]
+    left.bar(list(positions), result.scores, color=colours)
+    left.set_xticks(list(positions), [str(i) for i in positions])
+    left.set_xlabel("ingredient (green: in the soup)")
+    left.set_ylabel(monitor)
+    left.set_title("ingredients")
+    _zoom(left, result.scores)
+    if result.candidates:
+        steps = range(1, len(result.candidates) + 1)
+        values = [c[1] for c in result.candidates]
+        left_colours = ["tab:green" if c[2] else "tab:red" for c in result.candidates]
+        right.scatter(list(steps), values, c=left_colours, zorder=3)
+        for step, (index, score, _kept) in zip(steps, result.candidates):
+            right.annotate(f"+{index}", (step, score), textcoords="offset points", xytext=(0, 6))
+        right.set_xlabel("greedy candidate (green: kept, red: rejected)")
+        _zoom(right, [*values, result.soup_score])
+    right.axhline(result.soup_score, color="tab:blue", linestyle="--", label="soup")
+    right.set_ylabel(monitor)
+    right.set_title(f"soup of {len(result.chosen)}: {monitor}={result.soup_score:.4g}")
+    right.legend(loc="best")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _zoom(axis: Any, values: Sequence[float]) -> None:
+    finite = [v for v in values if math.isfinite(v)]
+    if finite:
+        low, high = min(finite), max(finite)
+        pad = (high - low) * 0.1 or abs(high) * 0.05 or 1.0
+        axis.set_ylim(low - pad, high + pad)

@@ -186,34 +186,61 @@ def test_task_arithmetic_closed_form():
     torch.testing.assert_close(out["w"], torch.tensor([1.5, 2.5]))
 
 
+def official_ties(base: torch.Tensor, thetas: list, density: float) -> torch.Tensor:
+    """TIES as prateeksha10/TIES-Merging computes it on one flattened vector, re-derived here
+    with loops: trim by the (d - int(d * K))-th smallest magnitude (kept: >= it), elect the sign
+    of the sum (0 -> sign of the sum of all elected signs), disjoint mean of the agreeing ones."""
+    d = base.numel()
+    deltas = []
+    for t in thetas:
+        v = (t - base).flatten()
+        kth = sorted(v.abs().tolist())[d - int(d * density) - 1]
+        deltas.append([x if abs(x) >= kth else 0.0 for x in v.tolist()])
+    sums = [sum(col) for col in zip(*deltas)]
+    signs = [(s > 0) - (s < 0) for s in sums]
+    total = sum(signs)
+    majority = (total > 0) - (total < 0)
+    signs = [s if s != 0 else majority for s in signs]
+    out = []
+    for j in range(d):
+        keep = [v[j] for v in deltas if (v[j] > 0 if signs[j] > 0 else v[j] < 0)]
+        out.append(sum(keep) / max(len(keep), 1))
+    return base + torch.tensor(out).view_as(base)
+
+
 def test_ties_matches_a_hand_computed_example():
     base = sd(w=[0.0, 0.0, 0.0])
     d = [sd(w=[3.0, -1.0, 0.5]), sd(w=[-2.0, -2.0, 1.0]), sd(w=[1.0, 1.5, -4.0])]
     # No trimming: elected signs (+, -, -) from sums (2, -1.5, -2.5); disjoint means.
     out = ties_merge(base, d, density=1.0)
     torch.testing.assert_close(out["w"], torch.tensor([2.0, -1.5, -4.0]))
-    # density 2/3 keeps two of three entries: [3,-1,0], [-2,-2,0], [0,1.5,-4]; sums (1,-1.5,-4).
-    out = ties_merge(base, d, density=2 / 3, scale=2.0)
+    # density 1/3: int(3 / 3) = 1, threshold = 2nd smallest magnitude, so two entries stay, as in
+    # the official code: [3,-1,0], [-2,-2,0], [0,1.5,-4]; sums (1, -1.5, -4).
+    out = ties_merge(base, d, density=1 / 3, scale=2.0)
     torch.testing.assert_close(out["w"], 2 * torch.tensor([3.0, -1.5, -4.0]))
 
 
-def test_ties_brute_force_on_random_vectors():
+def test_ties_zero_sign_sum_takes_the_majority_sign_like_the_official_code():
+    base = sd(w=[0.0, 0.0, 0.0])
+    # Entry 0 sums to exactly 0; the other entries elect (+, +): the majority sign is +, so entry
+    # 0 averages the positive values (2.0) instead of being dropped (the old behaviour: 0.0).
+    d = [sd(w=[2.0, 1.0, 1.0]), sd(w=[-2.0, 1.0, 3.0])]
+    out = ties_merge(base, d, density=1.0)
+    torch.testing.assert_close(out["w"], torch.tensor([2.0, 1.0, 2.0]))
+    # With a negative majority the tie goes to the negative values.
+    d = [sd(w=[2.0, -1.0, -1.0]), sd(w=[-2.0, -1.0, -3.0])]
+    out = ties_merge(base, d, density=1.0)
+    torch.testing.assert_close(out["w"], torch.tensor([-2.0, -1.0, -2.0]))
+
+
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.3, 0.5])
+def test_ties_agrees_with_the_official_algorithm_on_random_vectors(density):
     g = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(50, generator=g)}
-    sds = [{"w": base["w"] + torch.randn(50, generator=g)} for _ in range(4)]
-    density = 0.3
-    deltas = []
-    for s in sds:
-        d = s["w"] - base["w"]
-        k = round(density * 50)
-        keep = d.abs() >= d.abs().sort(descending=True).values[k - 1]
-        deltas.append(torch.where(keep, d, 0.0))
-    signs = torch.sign(sum(deltas))
-    expected = torch.zeros(50)
-    for j in range(50):
-        agree = [float(d[j]) for d in deltas if d[j] != 0 and torch.sign(d[j]) == signs[j]]
-        expected[j] = sum(agree) / len(agree) if agree else 0.0
-    torch.testing.assert_close(ties_merge(base, sds, density=density)["w"], base["w"] + expected)
+    # Rounded values make exact zero sums and equal magnitudes occur.
+    sds = [{"w": base["w"] + torch.randint(-3, 4, (50,), generator=g).float()} for _ in range(4)]
+    expected = official_ties(base["w"], [s["w"] for s in sds], density)
+    torch.testing.assert_close(ties_merge(base, sds, density=density)["w"], expected)
 
 
 def test_dare_is_reproducible_unbiased_and_keeps_the_density():
@@ -287,14 +314,49 @@ def test_model_stock_clamps_t_for_opposed_task_vectors():
 # ----------------------------------------------------------------------------- Fisher
 
 
-def test_fisher_merge_closed_form_and_floor():
-    sds = [sd(w=[1.0, 1.0, 2.0]), sd(w=[3.0, 5.0, 4.0])]
-    fishers = [sd(w=[1.0, 0.0, 0.0]), sd(w=[3.0, 0.0, 1.0])]
-    out = fisher_merge(sds, fishers)
-    # entry 0: (1*1 + 3*3)/4 = 2.5; entry 1: both floored -> plain mean 3; entry 2: ~4.
-    torch.testing.assert_close(out["w"], torch.tensor([2.5, 3.0, 4.0]), rtol=1e-5, atol=1e-5)
-    out = fisher_merge(sds, fishers, weights=[3.0, 1.0])
-    torch.testing.assert_close(out["w"][0], torch.tensor((3 * 1 + 3 * 3) / 6.0))
+def official_fisher(thetas, fishers, weights, floor=1e-6, normalize=True):
+    """mmatena/model_merging's _merge_with_coeffs (favor_target_model=True) with its
+    normalize_fishers, re-derived with loops over entries: coefficients w_i / ||F_i||_2, only the
+    target model's (index 0) Fisher floored, then sum c F theta / sum c F."""
+    coeffs = [
+        w / math.sqrt(sum(x * x for x in f)) if normalize else w for w, f in zip(weights, fishers)
+    ]
+    out = []
+    for j in range(len(thetas[0])):
+        diag = [max(f[j], floor) if i == 0 else f[j] for i, f in enumerate(fishers)]
+        num = sum(c * d * t[j] for c, d, t in zip(coeffs, diag, thetas))
+        den = sum(c * d for c, d in zip(coeffs, diag))
+        out.append(num / den)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fisher_merge_agrees_with_the_official_code(normalize):
+    thetas = [[1.0, 1.0, 2.0, -1.0], [3.0, 5.0, 4.0, 2.0], [0.0, 2.0, -2.0, 6.0]]
+    # Different scales (the normalisation matters) and zeros in the donors only, and in all.
+    fishers = [[1.0, 0.0, 0.0, 0.5], [30.0, 0.0, 10.0, 0.0], [2.0, 0.0, 0.0, 4.0]]
+    weights = [1.0, 2.0, 0.5]
+    out = fisher_merge(
+        [sd(w=t) for t in thetas],
+        [sd(w=f) for f in fishers],
+        weights=weights,
+        normalize_fishers=normalize,
+    )
+    expected = official_fisher(thetas, fishers, weights, normalize=normalize)
+    torch.testing.assert_close(out["w"], expected, rtol=1e-5, atol=1e-6)
+    # Entry 1 has no Fisher mass anywhere: only the target's floor counts, so it is the target's
+    # value (the old code floored every Fisher and gave the weighted mean instead).
+    assert out["w"][1] == 1.0
+
+
+def test_fisher_merge_normalisation_is_on_by_default_and_refuses_a_zero_fisher():
+    sds = [sd(w=[1.0, 3.0]), sd(w=[3.0, 5.0])]
+    fishers = [sd(w=[1.0, 1.0]), sd(w=[100.0, 0.0])]
+    default = fisher_merge(sds, fishers)["w"]
+    expected = official_fisher([[1.0, 3.0], [3.0, 5.0]], [[1.0, 1.0], [100.0, 0.0]], [1.0, 1.0])
+    torch.testing.assert_close(default, expected)
+    with pytest.raises(ValueError, match="normalize_fishers=False"):
+        fisher_merge(sds, [sd(w=[1.0, 1.0]), sd(w=[0.0, 0.0])])
     # A tensor without Fisher (e.g. a running mean) gets the weighted average.
     out = fisher_merge(
         [sd(w=[1.0], r=[0.0]), sd(w=[3.0], r=[4.0])], [sd(w=[1.0]), sd(w=[1.0])], weights=[1.0, 3.0]
@@ -308,3 +370,56 @@ def test_in_memory_ingredients_are_all_checked_before_any_evaluation():
     with pytest.raises(ValueError, match="ingredient 2: tensor 'w' has shape"):
         greedy_soup(sds, lambda s: calls.append(s) or 0.0)
     assert calls == []
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+
+
+def bn_checkpoints() -> tuple[dict, list[dict]]:
+    """A base and three fine-tunes whose BatchNorm variances shrank well below the base's: any
+    merge that moves running_var along task vectors (base + sum of deltas) makes it negative."""
+    base = cnn_state(0)
+    ingredients = []
+    for seed in (1, 2, 3):
+        sd_ = cnn_state(seed)
+        for k, v in sd_.items():
+            if k.endswith("running_var"):
+                v.copy_(base[k] * 0.2)
+        ingredients.append(sd_)
+    return base, ingredients
+
+
+def _interpolations() -> dict:
+    from lightning_ext.functional import liti, multi_slerp, slerp
+
+    return {
+        "slerp_base": lambda base, sds: slerp(sds[0], sds[1], 0.5, base=base),
+        "multi_slerp": lambda base, sds: multi_slerp(base, sds),
+        "liti_extrapolated": lambda base, sds: liti(base, uniform_soup(sds), 3.0),
+    }
+
+
+@pytest.mark.parametrize("method", sorted(ALL_METHODS) + sorted(_interpolations()))
+def test_every_merge_of_batchnorm_models_keeps_variances_positive_and_outputs_finite(method):
+    base, ingredients = bn_checkpoints()
+    merge = {**ALL_METHODS, **_interpolations()}[method]
+    if method == "task_arithmetic":  # scale 1: base + sum of 3 deltas = 0.6 - 2 = -1.4 * var
+        merged = task_arithmetic(base, ingredients, scale=1.0)
+    else:
+        merged = merge(base, ingredients)
+    variances = [v for k, v in merged.items() if k.endswith("running_var")]
+    assert variances and all(bool((v > 0).all()) for v in variances)
+    net = CNN()
+    net.load_state_dict(merged)
+    out = net.eval()(torch.randn(16, 64))
+    assert torch.isfinite(out).all()
+
+
+def test_task_vector_merges_average_statistics_and_take_counters_from_the_base():
+    base, ingredients = bn_checkpoints()
+    merged = task_arithmetic(base, ingredients, scale=2.0)
+    for k, v in merged.items():
+        if k.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(v, torch.stack([s[k] for s in ingredients]).mean(0))
+        elif k.endswith("num_batches_tracked"):
+            assert v == base[k]

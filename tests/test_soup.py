@@ -100,7 +100,9 @@ def validate_score(state: dict, monitor: str = "val_acc") -> float:
 def test_build_soup_greedy_scores_with_validation_step_and_applies_the_soup(ingredients):
     _, paths = ingredients
     module = Classifier()
-    result = build_soup(module, paths, datamodule=dm(), monitor="val_acc", progress_bar=False)
+    result = build_soup(
+        module, paths, datamodule=dm(), monitor="val_acc", mode="max", progress_bar=False
+    )
     # own scores are the module's validation_step metric, computed independently here
     expected = [validate_score(load_state_dict(p)) for p in paths]
     assert result.scores == pytest.approx(expected, abs=1e-6)
@@ -214,7 +216,12 @@ def test_model_soup_callback_greedy_fit(tmp_path):
     files = sorted(p.name for p in (tmp_path / "soup").glob("ingredient-*.pt"))
     assert files == [f"ingredient-epoch={e}.pt" for e in (1, 2, 3)]  # keep_last dropped epoch 0
     result = soup_cb.result
-    assert len(result["scores"]) == 3 and result["soup_score"] >= max(result["scores"])
+    # mode="min" by default (Lightning's convention) with monitor="val_loss": the greedy soup
+    # starts from the LOWEST loss (the old default mode="max" started from the worst one)
+    assert (soup_cb.monitor, soup_cb.mode) == ("val_loss", "min")
+    scores = result["scores"]
+    assert result["chosen"][0] == min(range(3), key=scores.__getitem__)
+    assert len(scores) == 3 and result["soup_score"] <= min(scores)
     saved = torch.load(tmp_path / "soup" / "soup.pt")
     assert_bitwise_equal(module.state_dict(), saved)
     # the weights (before BatchNorm recalibration) are the uniform soup of the chosen snapshots
@@ -281,8 +288,10 @@ def test_model_soup_logs_scores_and_a_wandb_table(tmp_path):
     assert tables, "the ingredient table was not written"
     import json
 
+    assert run.media("*.png"), "the picture of the scores was not logged"
+    assert (tmp_path / "soup" / "soup.png").stat().st_size > 0
     table = json.loads(tables[0].read_text())
-    assert table["columns"] == ["epoch", "file", "val_acc", "times_chosen"]
+    assert table["columns"] == ["epoch", "file", "val_loss", "times_chosen"]
     assert [row[2] for row in table["data"]] == pytest.approx(soup_cb.result["scores"])
 
 
@@ -378,3 +387,224 @@ def test_cli_soup_slerp_matches_the_functional_slerp(ingredients, tmp_path, caps
     assert_bitwise_equal(torch.load(out, weights_only=True)["state_dict"], expected)
     assert cli_main(["soup", *map(str, paths[:3]), "--method", "slerp", "-o", str(out)]) == 2
     assert "needs --base" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- issue items
+
+
+def test_a_monitor_that_contradicts_the_mode_is_reported():
+    with pytest.warns(UserWarning, match="pass mode='max'"):
+        ModelSoup(monitor="val_acc", mode="min")
+    with pytest.warns(UserWarning, match="pass mode='min'"):
+        ModelSoup(monitor="val_loss", mode="max")
+
+
+def test_a_misspelled_monitor_fails_at_the_first_validation_naming_the_logged_metrics(tmp_path):
+    trainer = quiet_trainer(
+        max_epochs=3, limit_train_batches=2, callbacks=[ModelSoup(monitor="val_los")]
+    )
+    with pytest.raises(KeyError, match=r"val_los.*'val_acc', 'val_loss'"):
+        trainer.fit(Classifier(), datamodule=dm())
+    assert trainer.current_epoch == 0 and trainer.global_step == 2  # not after all the training
+
+
+class PrecisionRecorder(Classifier):
+    """Records, for every validation batch, which kind of run it was and the autocast state."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.seen: list[tuple[str, bool, torch.dtype]] = []
+
+    def validation_step(self, batch, batch_idx):
+        fn = str(self.trainer.state.fn.value)
+        self.seen.append((fn, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return super().validation_step(batch, batch_idx)
+
+
+def test_the_greedy_soup_is_scored_under_the_fit_precision(tmp_path):
+    pl.seed_everything(0)
+    module = PrecisionRecorder()
+    soup_cb = ModelSoup(dirpath=str(tmp_path / "soup"))
+    quiet_trainer(max_epochs=2, precision="bf16-mixed", callbacks=[soup_cb]).fit(
+        module, datamodule=dm()
+    )
+    scoring = [s for s in module.seen if s[0] == "validate"]
+    assert scoring, "the soup was not scored"
+    assert all(enabled and dtype == torch.bfloat16 for _, enabled, dtype in scoring)
+
+
+def test_model_soup_files_go_to_the_run_folder_and_runs_do_not_overwrite_each_other(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    for _ in range(2):
+        pl.seed_everything(0)
+        logger = CSVLogger(save_dir=str(tmp_path / "logs"), name="exp")
+        quiet_trainer(max_epochs=2, logger=logger, callbacks=[ModelSoup()]).fit(
+            Classifier(), datamodule=dm()
+        )
+    for version in ("version_0", "version_1"):
+        folder = tmp_path / "logs" / "exp" / version / "soup"
+        names = sorted(p.name for p in folder.iterdir())
+        assert names == ["ingredient-epoch=0.pt", "ingredient-epoch=1.pt", "soup.png", "soup.pt"]
+    assert not list(tmp_path.rglob("soup_ingredients"))
+
+
+def test_greedy_soup_shows_progress_and_silences_the_inner_trainers(ingredients, capsys, caplog):
+    import logging
+
+    _, paths = ingredients
+    caplog.set_level(logging.INFO)
+    build_soup(Classifier(), paths, datamodule=dm(), progress_bar=True)
+    err = capsys.readouterr().err
+    assert "scoring ingredients" in err and "greedy soup" in err  # one bar line per candidate
+    assert "GPU available" not in caplog.text and "Tip" not in caplog.text
+    assert "soup of" in caplog.text  # the result itself is still reported
+
+
+def test_model_soup_works_with_the_pytorch_lightning_namespace(tmp_path):
+    import pytorch_lightning as old_pl
+
+    from tests.test_soup_strategy import _pl_metric_classifier, small_digits
+
+    old_pl.seed_everything(0)
+    module = _pl_metric_classifier()
+    soup_cb = ModelSoup(monitor="val_acc", mode="max", dirpath=str(tmp_path / "soup"))
+    trainer = old_pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        callbacks=[soup_cb],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    data = small_digits()
+    trainer.fit(
+        module, train_dataloaders=data.train_dataloader(), val_dataloaders=data.val_dataloader()
+    )
+    result = soup_cb.result
+    assert len(result["scores"]) == 2 and result["soup_score"] >= max(result["scores"])
+    soup = uniform_soup(
+        Ingredients([e["path"] for e in soup_cb.ingredients]).subset(result["chosen"])
+    )
+    assert_bitwise_equal(module.state_dict(), soup)
+
+
+def test_ingredients_are_loaded_by_the_one_loading_function(ingredients, monkeypatch):
+    import lightning_ext.soup_io as soup_io
+
+    calls = []
+    original = soup_io.load_file
+
+    def spy(path, **kwargs):
+        calls.append(kwargs)
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(soup_io, "load_file", spy)
+    _, paths = ingredients
+    Ingredients(paths[:1], trusted=True)[0]
+    assert calls and calls[0]["trusted"] is True
+
+
+class DictNet(nn.Module):
+    """A Hugging Face style network: keyword inputs, a dict output holding the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, pixels):
+        return {"logits": self.head(self.norm(pixels))}
+
+
+def test_recalibration_and_fisher_read_batches_with_unpack_batch_and_forward_fn():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 5) * 3 + 2, torch.randint(0, 3, (32,))
+    dict_batches = [{"pixels": x[i : i + 8], "label": y[i : i + 8]} for i in range(0, 32, 8)]
+    model = DictNet()
+    # the default unpack_batch drops the label; the default forward calls model(pixels=...)
+    assert recalibrate_batchnorm(model, dict_batches)
+    torch.testing.assert_close(model.norm.running_mean, x.mean(0))
+    model.eval()
+    fisher = estimate_fisher(model, dict_batches, labels="empirical")
+    # the same Fisher from (x, y) tuples and a forward_fn adapting the call
+    tuples = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
+    again = estimate_fisher(
+        model,
+        tuples,
+        labels="empirical",
+        forward_fn=lambda m, inputs: m(pixels=inputs)["logits"],
+    )
+    for name in fisher:
+        torch.testing.assert_close(fisher[name], again[name])
+    custom = estimate_fisher(
+        model,
+        [{"inputs": b["pixels"], "y": b["label"]} for b in dict_batches],
+        labels="empirical",
+        unpack_batch=lambda b: (b["inputs"], b["y"]),
+        forward_fn=lambda m, inputs: m(pixels=inputs)["logits"],
+    )
+    for name in fisher:
+        torch.testing.assert_close(fisher[name], custom[name])
+
+
+def make_cnn_classifier() -> Classifier:
+    return Classifier(net="cnn")
+
+
+def bn_data() -> DataLoader:
+    return DataLoader(digits("train", 0, 128), batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def cnn_ingredients(tmp_path_factory) -> tuple[Path, list[Path]]:
+    root = tmp_path_factory.mktemp("cnn")
+    pl.seed_everything(0)
+    base = Classifier(net="cnn")
+    torch.save({"state_dict": base.state_dict()}, root / "base.ckpt")
+    paths = []
+    for i in range(3):
+        model = Classifier(net="cnn", lr=0.1)
+        model.load_state_dict(base.state_dict())
+        quiet_trainer(max_epochs=1, limit_val_batches=0).fit(model, datamodule=dm())
+        paths.append(root / f"ft{i}.ckpt")
+        torch.save({"state_dict": model.state_dict()}, paths[-1])
+    return root / "base.ckpt", paths
+
+
+@pytest.mark.parametrize("method", ["task-arithmetic", "ties", "dare", "breadcrumbs"])
+def test_cli_merges_of_batchnorm_checkpoints_are_finite_and_warn_about_statistics(
+    cnn_ingredients, tmp_path, capsys, method
+):
+    base, paths = cnn_ingredients
+    out = tmp_path / "merged.ckpt"
+    args = ["soup", *map(str, paths), "--base", str(base), "--method", method, "-o", str(out)]
+    assert cli_main([*args, "--scale", "1.0", "--density", "0.5"]) == 0
+    assert "BatchNorm statistics buffers" in capsys.readouterr().err
+    merged = torch.load(out, weights_only=True)["state_dict"]
+    assert all(bool((v >= 0).all()) for k, v in merged.items() if k.endswith("running_var"))
+    module = Classifier(net="cnn")
+    module.load_state_dict(merged)
+    assert torch.isfinite(module.eval()(digits("val").tensors[0][:64])).all()
+
+
+def test_cli_recalibrates_batchnorm_with_a_model_and_a_data_function(
+    cnn_ingredients, tmp_path, capsys
+):
+    _, paths = cnn_ingredients
+    out = tmp_path / "soup.ckpt"
+    recal = [
+        "--model",
+        "tests.test_soup:make_cnn_classifier",
+        "--recalibrate-bn",
+        "tests.test_soup:bn_data",
+    ]
+    assert cli_main(["soup", *map(str, paths), "-o", str(out), *recal]) == 0
+    assert "BatchNorm statistics buffers" not in capsys.readouterr().err
+    expected = make_cnn_classifier()
+    expected.load_state_dict(uniform_soup(Ingredients(paths)))
+    recalibrate_batchnorm(expected, bn_data())
+    assert_bitwise_equal(torch.load(out, weights_only=True)["state_dict"], expected.state_dict())
+    assert cli_main(["soup", *map(str, paths), "-o", str(out), "--recalibrate-bn", "x:y"]) == 2
+    assert "needs --model" in capsys.readouterr().err

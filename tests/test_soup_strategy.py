@@ -167,3 +167,178 @@ def test_soup_strategy_validates_its_configuration():
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- torchmetrics
+
+
+class _MetricSteps:
+    """validation_step as users write it with torchmetrics: update per batch, compute (an
+    all-gather under DDP) at epoch end."""
+
+    def _evaluate_with_metric(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.val_metric.update(logits, y)
+        self.log("val_loss", torch.nn.functional.cross_entropy(logits, y), sync_dist=True)
+
+    def _log_metric(self):
+        self.log("val_acc", self.val_metric.compute())
+        self.val_metric.reset()
+
+
+class MetricClassifier(_MetricSteps, Classifier):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        from torchmetrics.classification import MulticlassAccuracy
+
+        self.val_metric = MulticlassAccuracy(num_classes=10, average="micro")
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate_with_metric(batch, batch_idx)
+
+    def on_validation_epoch_end(self):
+        self._log_metric()
+
+
+def _pl_metric_classifier(lr: float = 0.05):
+    """The same module on ``pytorch_lightning`` (the older namespace)."""
+    import pytorch_lightning as old_pl
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from tests.helpers.models import MLP
+
+    class PLMetricClassifier(_MetricSteps, old_pl.LightningModule):
+        def __init__(self, lr: float = 0.05) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = MLP()
+            self.val_metric = MulticlassAccuracy(num_classes=10, average="micro")
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self(x), y)
+
+        def validation_step(self, batch, batch_idx):
+            self._evaluate_with_metric(batch, batch_idx)
+
+        def on_validation_epoch_end(self):
+            self._log_metric()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+    return PLMetricClassifier(lr=lr)
+
+
+def _pl_soup_strategy(**kwargs):
+    """The composition the lead adds as lightning_ext.pytorch_lightning.SoupStrategy."""
+    import pytorch_lightning as old_pl
+
+    from lightning_ext.strategies.soup import SoupStrategyMixin
+
+    cls = type("PLSoupStrategy", (SoupStrategyMixin, old_pl.strategies.DDPStrategy), {})
+    return cls(**kwargs)
+
+
+def small_digits() -> DigitsDataModule:
+    return DigitsDataModule(batch_size=64, limit=128)
+
+
+def ddp_soups_with_torchmetrics(out_dir: str) -> None:
+    import pytorch_lightning as old_pl
+
+    from lightning_ext.callbacks import ModelSoup
+
+    out = {}
+    pl.seed_everything(0)
+    module = MetricClassifier()
+    soup_cb = ModelSoup(monitor="val_acc", mode="max", dirpath=f"{out_dir}/soup")
+    trainer = quiet_trainer(devices=2, strategy="ddp", max_epochs=3, callbacks=[soup_cb])
+    trainer.fit(module, datamodule=small_digits())
+    out["model_soup"] = dict(
+        state=module.state_dict(), result=soup_cb.result, paths=soup_cb.ingredients
+    )
+
+    strategy = SoupStrategy(
+        merge="greedy", monitor="val_acc", mode="max", hparams_per_rank=[{"lr": 0.02}, {"lr": 0.2}]
+    )
+    pl.seed_everything(0)
+    module, record = MetricClassifier(), Record()
+    trainer = quiet_trainer(devices=2, strategy=strategy, max_epochs=2, callbacks=[record])
+    trainer.fit(module, datamodule=small_digits())
+    out["strategy"] = dict(
+        before=record.before, after=module.state_dict(), result=strategy.soup_result
+    )
+
+    strategy = _pl_soup_strategy(
+        merge="greedy", monitor="val_acc", mode="max", hparams_per_rank=[{"lr": 0.02}, {"lr": 0.2}]
+    )
+    old_pl.seed_everything(0)
+    module, record = _pl_metric_classifier(), Record()
+    trainer = old_pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_epochs=2,
+        callbacks=[record],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    data = small_digits()  # a lightning.pytorch DataModule: pass its loaders to the old Trainer
+    trainer.fit(
+        module, train_dataloaders=data.train_dataloader(), val_dataloaders=data.val_dataloader()
+    )
+    out["pl_strategy"] = dict(
+        before=record.before, after=module.state_dict(), result=strategy.soup_result
+    )
+    torch.save(out, f"{out_dir}/rank{trainer.global_rank}.pt")
+
+
+def _single_process_soup(module, ingredients) -> object:
+    from lightning_ext.soups import build_soup
+
+    return build_soup(
+        module,
+        ingredients,
+        dataloaders=small_digits().val_dataloader(),
+        monitor="val_acc",
+        mode="max",
+        progress_bar=False,
+    )
+
+
+@pytest.mark.ddp
+def test_greedy_soups_with_a_torchmetrics_metric_under_ddp_finish_and_match_one_process(tmp_path):
+    """The old greedy soups scored on rank 0 only: Metric.compute() all-gathered while rank 1
+    waited in a broadcast, and the job never ended. Every rank now scores its share."""
+    r0, r1 = run_ddp("tests.test_soup_strategy:ddp_soups_with_torchmetrics", tmp_path, timeout=180)
+
+    m0, m1 = r0["model_soup"], r1["model_soup"]
+    assert m0["result"] == m1["result"]
+    assert_bitwise_equal(m0["state"], m1["state"])
+    single = _single_process_soup(MetricClassifier(), [e["path"] for e in m0["paths"]])
+    assert m0["result"]["chosen"] == single.chosen
+    assert m0["result"]["scores"] == pytest.approx(single.scores, abs=1e-6)
+    assert m0["result"]["soup_score"] == pytest.approx(single.soup_score, abs=1e-6)
+    assert_bitwise_equal(m0["state"], single.state_dict)
+
+    for name, make_module in (
+        ("strategy", MetricClassifier),
+        ("pl_strategy", _pl_metric_classifier),
+    ):
+        s0, s1 = r0[name], r1[name]
+        assert s0["result"] == s1["result"], name
+        assert_bitwise_equal(s0["after"], s1["after"])
+        assert not torch.equal(s0["before"]["net.0.weight"], s1["before"]["net.0.weight"])
+        single = _single_process_soup(make_module(), [s0["before"], s1["before"]])
+        assert s0["result"]["chosen"] == single.chosen, name
+        assert s0["result"]["scores"] == pytest.approx(single.scores, abs=1e-6)
+        assert s0["result"]["soup_score"] == pytest.approx(single.soup_score, abs=1e-6)
+        for key, value in single.state_dict.items():
+            torch.testing.assert_close(s0["after"][key], value, rtol=1e-6, atol=1e-7)

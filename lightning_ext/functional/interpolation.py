@@ -10,6 +10,9 @@ below ``eps``, the sphere gives no well-defined arc and the functions fall back 
 combination with the same weights, which is the limit of SLERP as the angle goes to 0.
 Integer and boolean tensors (counters such as BatchNorm's ``num_batches_tracked``) are never
 interpolated: they are copied from the input with the largest weight (the nearer endpoint).
+Floating statistics buffers (``running_mean``, ``running_var``; ``merging.is_statistic``, the one
+rule of every merge) are interpolated linearly between the inputs, never along task vectors from
+a base nor beyond them, so variances stay positive.
 Arithmetic runs in at least float32 and results are cast back to each input's dtype.
 """
 
@@ -21,6 +24,8 @@ from typing import TypeVar
 
 import torch
 from torch import Tensor
+
+from lightning_ext.functional.merging import is_statistic
 
 __all__ = ["liti", "multi_slerp", "slerp"]
 
@@ -92,6 +97,15 @@ def _slerp_tensor(a: Tensor, b: Tensor, t: float, base: Tensor | None, eps: floa
     return out.to(a.dtype)
 
 
+def _lerp_statistic(first: Tensor, others: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """``sum_i w_i x_i`` of statistics buffers (weights summing to 1, all >= 0)."""
+    dtype = _compute_dtype(first)
+    out = first.to(dtype) * float(weights[0])
+    for w, x in zip(weights[1:], others):
+        out.add_(x.to(device=first.device, dtype=dtype), alpha=float(w))
+    return out.to(first.dtype)
+
+
 def _check_t(t: float) -> None:
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"t must lie in [0, 1], got {t}")
@@ -122,6 +136,9 @@ def slerp(
     for key in keys:
         tensors = [sd[key] for _, sd in named]
         _check_shapes(key, tensors)
+        if is_statistic(key, a[key]) and a[key].is_floating_point():
+            out[key] = _lerp_statistic(a[key], [b[key]], torch.tensor([1.0 - t, t]))
+            continue
         out[key] = _slerp_tensor(a[key], b[key], t, base[key] if base is not None else None, eps)
     return out
 
@@ -216,6 +233,9 @@ def multi_slerp(
     for key in keys:
         tensors = [sd[key] for sd in state_dicts]
         _check_shapes(key, [base[key], *tensors])
+        if is_statistic(key, base[key]) and base[key].is_floating_point():
+            out[key] = _lerp_statistic(tensors[0], tensors[1:], w)
+            continue
         out[key] = _multi_slerp_tensor(base[key], tensors, w, eps)
     return out
 
@@ -232,7 +252,8 @@ def liti(base: StateDictOrTensor, merged: StateDictOrTensor, eta: float) -> Stat
     """Linear interpolation towards the initialisation: ``(1 - eta) * base + eta * merged``.
 
     WARP's stage 3: eta = 0 is the initialisation, eta = 1 the merged model, and sweeping eta
-    traces a reward/KL front; eta > 1 extrapolates along the same line.
+    traces a reward/KL front; eta > 1 extrapolates along the same line (statistics buffers stop
+    at the merged model's: variances are never extrapolated).
     """
     if not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be finite and >= 0, got {eta}")
@@ -243,5 +264,6 @@ def liti(base: StateDictOrTensor, merged: StateDictOrTensor, eta: float) -> Stat
     out = {}
     for key in keys:
         _check_shapes(key, [base[key], merged[key]])
-        out[key] = _liti_tensor(base[key], merged[key], eta)
+        statistic = is_statistic(key, base[key]) and base[key].is_floating_point()
+        out[key] = _liti_tensor(base[key], merged[key], min(eta, 1.0) if statistic else eta)
     return out

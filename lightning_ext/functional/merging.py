@@ -14,6 +14,11 @@ Conventions shared by all methods:
 - Non-floating tensors (BatchNorm's ``num_batches_tracked``, integer or boolean buffers) cannot be
   averaged meaningfully: they are copied from the reference, i.e. the base model for task-vector
   methods, the first ingredient for averages, the starting (best) ingredient for greedy soups.
+- Statistics buffers (``running_mean``, ``running_var``: see ``is_statistic``) describe data, not a
+  direction in weight space. Task-vector methods never extrapolate them (``base + 3 * delta`` of
+  variances goes negative and the model outputs NaN): every merge averages them over the
+  ingredients. They are still stale for the merged weights: recompute them with
+  ``lightning_ext.soups.recalibrate_batchnorm`` when the model has BatchNorm.
 - Averages are accumulated as running means with ``lerp`` (``mean += w_k / W_k * (x - mean)``), so
   merging identical models returns them bit for bit, and task vectors of models identical to the
   base are exactly zero.
@@ -34,6 +39,7 @@ __all__ = [
     "dare_merge",
     "fisher_merge",
     "greedy_soup",
+    "is_statistic",
     "model_stock",
     "task_arithmetic",
     "ties_merge",
@@ -43,6 +49,14 @@ __all__ = [
 
 StateDict = Mapping[str, Tensor]
 FISHER_FLOOR = 1e-6
+STATISTIC_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_statistic(key: str, tensor: Tensor) -> bool:
+    """True for buffers that hold statistics of the data or counters (BatchNorm's running mean and
+    variance, ``num_batches_tracked``, any integer or boolean tensor): merges average or copy them,
+    never extrapolate them along task vectors. The one rule every merge uses."""
+    return not tensor.is_floating_point() or key.rsplit(".", 1)[-1] in STATISTIC_NAMES
 
 
 # --------------------------------------------------------------------------- shared plumbing
@@ -262,26 +276,44 @@ def greedy_soup(
 # --------------------------------------------------------------------------- task vectors
 
 
-def _task_vector_sum(
-    base: StateDict,
-    state_dicts: Sequence[StateDict],
-    transform: Callable[[Tensor, int], Tensor],
-) -> dict[str, Tensor]:
-    """``sum_i transform(theta_i - base)`` per floating tensor, one ingredient at a time."""
-    acc = {k: torch.zeros_like(_float_copy(t)) for k, t in base.items() if _is_mergeable(t)}
-    for i, sd in enumerate(_iter_checked(state_dicts, base)):
-        for key, a in acc.items():
-            delta = _as_acc(sd[key], a) - _as_acc(base[key], a)
-            a.add_(transform(delta, i))
-        del sd
-    return acc
+def _is_direction(key: str, t: Tensor) -> bool:
+    """Tensors that task-vector methods move along their task vectors."""
+    return _is_mergeable(t) and not is_statistic(key, t)
 
 
-def _apply(base: StateDict, merged_delta: dict[str, Tensor], scale: float) -> dict:
-    """``base + scale * delta``, consuming ``merged_delta`` tensor by tensor (lower peak)."""
+class _TaskVectors:
+    """``sum_i transform(theta_i - base)`` per weight tensor and the plain mean of the floating
+    statistics buffers, accumulated in one pass over the ingredients (one held at a time)."""
+
+    def __init__(
+        self,
+        base: StateDict,
+        state_dicts: Sequence[StateDict],
+        transform: Callable[[Tensor, int], Tensor],
+    ) -> None:
+        self.delta = {
+            k: torch.zeros_like(_float_copy(t)) for k, t in base.items() if _is_direction(k, t)
+        }
+        self.statistics = {
+            k: _float_copy(t) for k, t in base.items() if _is_mergeable(t) and is_statistic(k, t)
+        }
+        for i, sd in enumerate(_iter_checked(state_dicts, base)):
+            for key, a in self.delta.items():
+                a.add_(transform(_as_acc(sd[key], a) - _as_acc(base[key], a), i))
+            for key, m in self.statistics.items():
+                m.lerp_(_as_acc(sd[key], m), 1.0 / (i + 1))  # i = 0 replaces the base's
+            del sd
+
+
+def _apply(
+    base: StateDict, merged_delta: dict[str, Tensor], scale: float, statistics: dict[str, Tensor]
+) -> dict:
+    """``base + scale * delta`` for the weights (consuming ``merged_delta`` tensor by tensor, for
+    a lower peak), the averaged ``statistics`` for the statistics buffers."""
     acc = {
         k: _float_copy(base[k]).add_(merged_delta.pop(k), alpha=scale) for k in list(merged_delta)
     }
+    acc.update(statistics)
     return _finish(acc, base)
 
 
@@ -289,18 +321,8 @@ def _apply(base: StateDict, merged_delta: dict[str, Tensor], scale: float) -> di
 def task_arithmetic(base: StateDict, state_dicts: Sequence[StateDict], scale: float = 1.0) -> dict:
     """``base + scale * sum_i (theta_i - base)`` (Ilharco et al. 2023)."""
     _ingredients(state_dicts)
-    return _apply(base, _task_vector_sum(base, state_dicts, lambda d, i: d), scale)
-
-
-def _top_k_mask(delta: Tensor, k: int) -> Tensor:
-    """Boolean mask of the ``k`` largest magnitudes (exactly ``k``; ties broken by position)."""
-    flat = delta.abs().flatten()
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k >= flat.numel():
-        mask[:] = True
-    elif k > 0:
-        mask[torch.topk(flat, k, sorted=False).indices] = True
-    return mask.view_as(delta)
+    tv = _TaskVectors(base, state_dicts, lambda d, i: d)
+    return _apply(base, tv.delta, scale, tv.statistics)
 
 
 def _count(fraction: float, numel: int) -> int:
@@ -312,9 +334,26 @@ def _count(fraction: float, numel: int) -> int:
 
 
 def _trim(delta: Tensor, density: float) -> Tensor:
+    """TIES's trim, as the official code does it: keep the entries whose magnitude reaches the
+    ``(numel - int(density * numel))``-th smallest one. That keeps ``int(density * numel) + 1``
+    entries (ties at the threshold included) and never empties a tensor."""
     if density >= 1.0:
         return delta
-    return delta * _top_k_mask(delta, _count(density, delta.numel()))
+    flat = delta.abs().flatten()
+    kth = flat.numel() - int(density * flat.numel())
+    threshold = flat.kthvalue(kth).values
+    return delta * (delta.abs() >= threshold)
+
+
+def _elect_signs(summed: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Sign of each entry's summed trimmed task vectors (int8). An entry whose sum is exactly 0
+    takes the majority sign, the sign of the sum of all elected signs over the whole model, as in
+    the official code (``resolve_zero_signs(..., "majority")``)."""
+    signs = {k: torch.sign(summed.pop(k)).to(torch.int8) for k in list(summed)}
+    majority = torch.sign(sum((s.sum(dtype=torch.int64) for s in signs.values()), torch.tensor(0)))
+    for s in signs.values():
+        s.masked_fill_(s == 0, int(majority))
+    return signs
 
 
 @torch.no_grad()
@@ -329,21 +368,22 @@ def ties_merge(
     """
     _ingredients(state_dicts)
     _check_fraction("density", density)
-    elected = _task_vector_sum(base, state_dicts, lambda d, i: _trim(d, density))
-    # Elected signs as int8, converted tensor by tensor: a quarter of a float accumulator.
-    signs = {k: torch.sign(elected.pop(k)).to(torch.int8) for k in list(elected)}
+    tv = _TaskVectors(base, state_dicts, lambda d, i: _trim(d, density))
+    signs = _elect_signs(tv.delta)
     total = {k: torch.zeros_like(_float_copy(base[k])) for k in signs}
     count = {k: torch.zeros_like(t) for k, t in total.items()}
     for sd in _iter_checked(state_dicts, base):
         for key, sign in signs.items():
             t = total[key]
             delta = _trim(_as_acc(sd[key], t) - _as_acc(base[key], t), density)
-            agree = (torch.sign(delta) == sign) & (delta != 0)
+            # A sign of 0 (only when the whole model's majority is 0) selects the negative
+            # entries, as the official disjoint merge does.
+            agree = torch.where(sign > 0, delta > 0, delta < 0)
             total[key].add_(torch.where(agree, delta, 0.0))
             count[key].add_(agree.to(count[key].dtype))
         del sd
     merged = {k: total.pop(k).div_(count.pop(k).clamp_(min=1.0)) for k in list(total)}
-    return _apply(base, merged, scale)
+    return _apply(base, merged, scale, tv.statistics)
 
 
 @torch.no_grad()
@@ -368,7 +408,8 @@ def dare_merge(
         keep = torch.rand(delta.shape, generator=generator) < density
         return delta * keep.to(delta.device) / density
 
-    return _apply(base, _task_vector_sum(base, state_dicts, drop), scale)
+    tv = _TaskVectors(base, state_dicts, drop)
+    return _apply(base, tv.delta, scale, tv.statistics)
 
 
 def _band_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
@@ -403,11 +444,8 @@ def breadcrumbs_merge(
     _check_fraction("gamma", gamma, low_open=False)
     if density + gamma > 1.0:
         raise ValueError(f"density + gamma must be <= 1, got {density} + {gamma}")
-    return _apply(
-        base,
-        _task_vector_sum(base, state_dicts, lambda d, i: d * _band_mask(d, density, gamma)),
-        scale,
-    )
+    tv = _TaskVectors(base, state_dicts, lambda d, i: d * _band_mask(d, density, gamma))
+    return _apply(base, tv.delta, scale, tv.statistics)
 
 
 @torch.no_grad()
@@ -442,6 +480,8 @@ def model_stock(base: StateDict, state_dicts: Sequence[StateDict]) -> dict:
         sq = float(torch.linalg.vector_norm(unit_sum[key].double())) ** 2
         cos = (sq - nonzero[key]) / (n * (n - 1))
         t = 0.0 if cos <= 0 else min(1.0, n * cos / (1.0 + (n - 1) * cos))
+        if is_statistic(key, m):
+            t = 1.0  # statistics buffers: the ingredients' mean, as in every merge
         out[key] = m * t + _as_acc(base[key], m) * (1.0 - t)
     return _finish(out, base)
 
@@ -449,16 +489,36 @@ def model_stock(base: StateDict, state_dicts: Sequence[StateDict]) -> dict:
 # --------------------------------------------------------------------------- Fisher
 
 
+def _fisher_norm(fisher: Mapping[str, Tensor], index: int) -> float:
+    """The L2 norm of a whole diagonal Fisher (all its tensors as one vector)."""
+    norm = math.sqrt(sum(float(f.double().square().sum()) for f in fisher.values()))
+    if not math.isfinite(norm) or norm <= 0:
+        raise ValueError(
+            f"Fisher {index} has norm {norm}: it cannot be normalised. Check the Fisher "
+            "estimate, or pass normalize_fishers=False."
+        )
+    return norm
+
+
 @torch.no_grad()
 def fisher_merge(
     state_dicts: Sequence[StateDict],
     fishers: Sequence[Mapping[str, Tensor]],
     weights: Sequence[float] | None = None,
+    *,
+    normalize_fishers: bool = True,
+    fisher_floor: float = FISHER_FLOOR,
 ) -> dict:
-    """Fisher merging (Matena & Raffel 2022): ``sum_i w_i F_i theta_i / sum_i w_i F_i`` per entry,
-    with diagonal Fishers ``F_i`` floored at 1e-6 so that entries no ingredient informs fall back
-    to the weighted average. Floating tensors without a Fisher entry (e.g. BatchNorm running
-    statistics) get the plain weighted average.
+    """Fisher merging (Matena & Raffel 2022): ``sum_i c_i F_i theta_i / sum_i c_i F_i`` per entry,
+    as the official code (mmatena/model_merging) computes it:
+
+    - ``normalize_fishers`` (default, as there): ``c_i = w_i / ||F_i||``, the L2 norm of the whole
+      Fisher, so that models whose Fishers differ in scale count by their weights;
+    - only the target model's Fisher (ingredient 0) is floored at ``fisher_floor``, so entries no
+      ingredient informs fall back to the target model's value.
+
+    Floating tensors without a Fisher entry (e.g. BatchNorm running statistics) get the plain
+    weighted average.
     """
     n = _ingredients(state_dicts)
     if len(fishers) != n:
@@ -466,9 +526,12 @@ def fisher_merge(
     weights = [1.0] * n if weights is None else [float(w) for w in weights]
     if len(weights) != n or any(w <= 0 or math.isnan(w) for w in weights):
         raise ValueError(f"need one positive weight per ingredient, got {weights}")
+    coefficients = list(weights)
+    if normalize_fishers:
+        coefficients = [w / _fisher_norm(f, i) for i, (w, f) in enumerate(zip(weights, fishers))]
     first = _skeleton(state_dicts[0])
     acc: dict[str, Tensor] = {}
-    mass: dict[str, Tensor | float] = {}
+    mass: dict[str, Tensor] = {}
     for i in range(n):
         sd = fisher = None  # drop the previous ingredient before loading the next
         sd, fisher = state_dicts[i], fishers[i]
@@ -477,23 +540,28 @@ def fisher_merge(
         for key, ref in first.items():
             if not _is_mergeable(ref):
                 continue
-            theta = _float_copy(sd[key]) if i == 0 else _as_acc(sd[key], acc[key])
+            theta = _float_copy(sd[key])
             if key in fisher:
-                f = fisher[key]
-                if f.shape != ref.shape:
-                    raise ValueError(
-                        f"Fisher {i}: tensor '{key}' has shape {tuple(f.shape)}, "
-                        f"expected {tuple(ref.shape)}"
-                    )
-                w = weights[i] * _as_acc(f, theta).clamp(min=FISHER_FLOOR)
+                w = coefficients[i] * _checked_fisher(fisher, key, ref, i, theta, fisher_floor)
             else:
-                w = weights[i]
+                w = torch.full_like(theta, weights[i])
             if i == 0:
                 acc[key], mass[key] = theta, w
-            else:
-                mass[key] = mass[key] + w
-                frac = w / mass[key]
-                if not isinstance(frac, Tensor):
-                    frac = torch.tensor(frac, dtype=theta.dtype, device=theta.device)
-                acc[key].lerp_(theta, frac)
+            else:  # running weighted mean: identical ingredients come back bit for bit
+                mass[key].add_(w)
+                acc[key].lerp_(theta, w / mass[key])
     return _finish(acc, first)
+
+
+def _checked_fisher(
+    fisher: Mapping[str, Tensor], key: str, ref: Tensor, index: int, like: Tensor, floor: float
+) -> Tensor:
+    """Fisher ``index``'s entry for ``key``, floored for the target model (index 0) only."""
+    f = fisher[key]
+    if f.shape != ref.shape:
+        raise ValueError(
+            f"Fisher {index}: tensor {key!r} has shape {tuple(f.shape)}, "
+            f"expected {tuple(ref.shape)}"
+        )
+    f = _as_acc(f, like)
+    return f.clamp(min=floor) if index == 0 else f

@@ -1,21 +1,36 @@
-"""SoupStrategy: every DDP rank fine-tunes its own soup ingredient; the fit ends with their soup."""
+"""SoupStrategy: every DDP rank fine-tunes its own soup ingredient; the fit ends with their soup.
+
+All the logic is in ``SoupStrategyMixin``, which uses no class of a Lightning namespace, so that it
+composes with ``lightning.pytorch``'s DDPStrategy (``SoupStrategy``, here) and with
+``pytorch_lightning``'s alike:
+``class S(SoupStrategyMixin, pytorch_lightning.strategies.DDPStrategy): ...``.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy  # only for SoupStrategy, at the end
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_ext._io import atomic_torch_save
+from lightning_ext._batch import ForwardFn, UnpackBatch, default_unpack_batch
+from lightning_ext._io import atomic_torch_save, load_file
+from lightning_ext._lightning import run_dir
 from lightning_ext.functional.merging import check_same_layout
-from lightning_ext.soups import ValidationScorer
+from lightning_ext.soups import (
+    ValidationScorer,
+    check_mode,
+    check_monitor_logged,
+    fit_val_loader,
+    run_soup,
+    save_soup_plot,
+)
 
 INGREDIENT_HOOK = "configure_soup_ingredient"
 RANK_STATE = ("state_dict", "optimizer_states", "lr_schedulers")
@@ -26,8 +41,15 @@ def rank_checkpoint_path(filepath: Any, rank: int) -> str:
     return f"{os.fspath(filepath)}.rank{rank}"
 
 
-class SoupStrategy(DDPStrategy):
-    """A ``DDPStrategy`` whose ranks do not synchronise gradients: each rank trains its own
+if TYPE_CHECKING:  # the mixin's methods use the DDPStrategy API of whichever namespace
+    _StrategyBase = DDPStrategy
+else:
+    _StrategyBase = object
+
+
+class SoupStrategyMixin(_StrategyBase):
+    """Mixed in before a ``DDPStrategy`` (of either Lightning namespace): a strategy whose ranks
+    do not synchronise gradients: each rank trains its own
     ingredient from the same initial weights, and at fit end the ranks' weights are merged and
     every rank ends holding the soup (the "hyperparameter sweep in one job" of model soups).
 
@@ -43,10 +65,13 @@ class SoupStrategy(DDPStrategy):
       called at the same point (set a learning rate, a weight decay, an augmentation...).
 
     ``merge="uniform"`` averages floating-point weights and buffers with one all-reduce per
-    tensor (integer buffers come from rank 0). ``merge="greedy"`` scores each rank's weights
-    with the module's ``validation_step`` on the fit's validation data (``monitor``, ``mode``),
-    then greedily builds the soup by receiving one ingredient at a time by broadcast (memory: the
-    soup, one candidate, one ingredient), rank 0 deciding. ``merge_every_n_steps`` also averages
+    tensor (integer buffers come from rank 0). ``merge="greedy"`` is ``functional.greedy_soup``
+    (the one implementation; ``passes``, ``strict``) over the ranks' weights, each received by
+    broadcast when needed (memory: the soup, one candidate, one ingredient); every candidate is
+    scored by all ranks together, each on its share of the fit's validation data, with the
+    module's ``validation_step``, ``monitor`` and ``mode`` (``"min"``, as in Lightning), under the
+    fit's precision; ``monitor`` is checked at the first validation. The picture of the scores
+    goes to ``run_dir(trainer, "soup")/soup.png``. ``merge_every_n_steps`` also averages
     (uniformly) every n optimizer steps, optimizer states staying per rank.
 
     Validation metrics logged with ``sync_dist=True`` during training are means over the ranks'
@@ -57,13 +82,16 @@ class SoupStrategy(DDPStrategy):
     def __init__(
         self,
         merge: Literal["uniform", "greedy"] = "uniform",
-        monitor: str = "val_acc",
-        mode: Literal["max", "min"] = "max",
+        monitor: str = "val_loss",
+        mode: Literal["min", "max"] = "min",
         seed: int = 0,
         shard_data: bool = False,
         hparams_per_rank: list[dict[str, Any]] | None = None,
         merge_every_n_steps: int | None = None,
         strict: bool = True,
+        passes: int = 1,
+        unpack_batch: UnpackBatch = default_unpack_batch,
+        forward_fn: ForwardFn | None = None,
         **ddp_kwargs: Any,
     ) -> None:
         super().__init__(**ddp_kwargs)
@@ -71,15 +99,18 @@ class SoupStrategy(DDPStrategy):
             raise ValueError(
                 f"SoupStrategy(merge=...) must be 'uniform' or 'greedy', got {merge!r}"
             )
-        if mode not in ("max", "min"):
-            raise ValueError(f"SoupStrategy(mode=...) must be 'max' or 'min', got {mode!r}")
+        check_mode(monitor, mode, "SoupStrategy")
         if merge_every_n_steps is not None and merge_every_n_steps < 1:
             raise ValueError(f"merge_every_n_steps must be None or >= 1, got {merge_every_n_steps}")
+        if passes < 1:
+            raise ValueError(f"SoupStrategy(passes=...) must be >= 1, got {passes}")
         self.merge, self.monitor, self.mode = merge, monitor, mode
         self.seed, self.shard_data = seed, shard_data
         self.hparams_per_rank = hparams_per_rank
-        self.merge_every_n_steps, self.strict = merge_every_n_steps, strict
+        self.merge_every_n_steps, self.strict, self.passes = merge_every_n_steps, strict, passes
+        self.unpack_batch, self.forward_fn = unpack_batch, forward_fn
         self.soup_result: dict[str, Any] | None = None
+        self._monitor_checked = False
 
     # ----------------------------------------------------------------------- per-rank set-up
 
@@ -89,7 +120,7 @@ class SoupStrategy(DDPStrategy):
             return super().distributed_sampler_kwargs
         return {"num_replicas": 1, "rank": 0, "seed": self.seed + self.global_rank}
 
-    def setup(self, trainer: pl.Trainer) -> None:
+    def setup(self, trainer: Any) -> None:
         if trainer.state.fn == "fit":
             world = self.world_size
             if self.hparams_per_rank is not None and len(self.hparams_per_rank) != world:
@@ -143,7 +174,7 @@ class SoupStrategy(DDPStrategy):
                     f"checkpoint; without it rank {self.global_rank} would silently continue rank "
                     "0's ingredient. Resume from a checkpoint written by SoupStrategy."
                 )
-            checkpoint.update(torch.load(path, map_location="cpu", weights_only=True))
+            checkpoint.update(load_file(path, map_location="cpu"))
         return checkpoint
 
     def remove_checkpoint(self, filepath: Any) -> None:
@@ -161,6 +192,15 @@ class SoupStrategy(DDPStrategy):
         if n is not None and (trainer.global_step + 1) % n == 0:
             self._uniform_merge_()
         return out
+
+    def on_validation_end(self) -> None:
+        """Check ``monitor`` at the first validation, not after all the training."""
+        super().on_validation_end()
+        trainer = self.lightning_module.trainer
+        if self.merge != "greedy" or self._monitor_checked or trainer.sanity_checking:
+            return
+        self._monitor_checked = True
+        check_monitor_logged(self.monitor, trainer, "SoupStrategy")
 
     def on_train_end(self) -> None:
         super().on_train_end()
@@ -183,43 +223,39 @@ class SoupStrategy(DDPStrategy):
 
     @torch.no_grad()
     def _greedy_merge_(self) -> dict[str, Any]:
+        """``functional.greedy_soup`` over the ranks' weights, every rank in lockstep."""
         module = self.lightning_module
         trainer = module.trainer
         own = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        from lightning_ext.callbacks.soup import _val_loader
-
-        scorer = ValidationScorer(module, dataloaders=_val_loader(trainer), monitor=self.monitor)
-        own_score = torch.tensor([scorer.score_loaded()], dtype=torch.float64)
-        gathered = [torch.zeros_like(own_score) for _ in range(self.world_size)]
-        dist.all_gather(gathered, own_score)
-        scores = [float(s) for s in gathered]
-        sign = -1.0 if self.mode == "max" else 1.0
-        order = sorted(range(self.world_size), key=lambda r: sign * scores[r])
-        soup = self._receive(own, order[0])
-        best, chosen = scores[order[0]], [order[0]]
-        for rank in order[1:]:
-            theta = self._receive(own, rank)
-            frac = 1.0 / (len(chosen) + 1)
-            candidate = {
-                k: s.lerp(theta[k], frac) if s.is_floating_point() else s for k, s in soup.items()
-            }
-            del theta
-            keep = torch.zeros(1, dtype=torch.int32)
-            if self.global_rank == 0:
-                score = scorer(candidate)
-                better = score > best if self.mode == "max" else score < best
-                if not self.strict:
-                    better = better or score == best
-                keep[0] = int(better)
-                if better:
-                    best = score
-            dist.broadcast(keep, src=0)
-            if keep.item():
-                soup, chosen = candidate, [*chosen, rank]
-        module.load_state_dict(soup)
-        best_t = torch.tensor([best], dtype=torch.float64)
-        dist.broadcast(best_t, src=0)
-        return {"chosen": chosen, "scores": scores, "soup_score": float(best_t)}
+        scorer = ValidationScorer(
+            module,
+            dataloaders=fit_val_loader(trainer),
+            monitor=self.monitor,
+            precision=trainer.precision,
+            unpack_batch=self.unpack_batch,
+            forward_fn=self.forward_fn,
+        )
+        result = run_soup(
+            scorer,
+            _RankWeights(self, own),
+            method="greedy",
+            monitor=self.monitor,
+            mode=self.mode,
+            strict=self.strict,
+            passes=self.passes,
+            names=[f"rank {r}" for r in range(self.world_size)],
+            progress_bar=trainer.progress_bar_callback is not None,
+        )
+        module.load_state_dict(result.state_dict)
+        folder = run_dir(trainer, "soup")
+        if self.global_rank == 0:
+            save_soup_plot(result, folder / "soup.png", monitor=self.monitor)
+        return {
+            "chosen": result.chosen,
+            "scores": result.scores,
+            "soup_score": result.soup_score,
+            "candidates": result.candidates,
+        }
 
     def _receive(self, own: dict[str, Tensor], src: int) -> dict[str, Tensor]:
         """Rank ``src``'s weights on every rank, one broadcast per tensor."""
@@ -230,3 +266,22 @@ class SoupStrategy(DDPStrategy):
             out[key] = buf
         check_same_layout(own, out, name=f"rank {src}'s weights", ref_name="this rank's")
         return out
+
+
+class _RankWeights(Sequence):
+    """The ranks' weights as a lazy sequence of state dicts: item ``r`` is rank ``r``'s, received
+    by broadcast on access. A collective: every rank must access the same items in order, which
+    ``run_soup`` does since every rank computes the same scores."""
+
+    def __init__(self, strategy: SoupStrategyMixin, own: dict[str, Tensor]) -> None:
+        self.strategy, self.own = strategy, own
+
+    def __len__(self) -> int:
+        return self.strategy.world_size  # type: ignore[attr-defined]
+
+    def __getitem__(self, rank: int) -> dict[str, Tensor]:  # type: ignore[override]
+        return self.strategy._receive(self.own, rank)
+
+
+class SoupStrategy(SoupStrategyMixin, DDPStrategy):
+    __doc__ = SoupStrategyMixin.__doc__

@@ -8,7 +8,7 @@ import argparse
 def _export_ema(args: argparse.Namespace) -> int:
     from lightning_ext.callbacks.ema import export_ema
 
-    path = export_ema(args.checkpoint, args.out, state_key=args.state_key)
+    path = export_ema(args.checkpoint, args.out, state_key=args.state_key, trusted=args.trusted)
     print(f"wrote the EMA weights of {args.checkpoint} to {path}")
     return 0
 
@@ -18,13 +18,20 @@ def _register_export_ema(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="Lightning checkpoint written with the EMA callback")
     p.add_argument("out", help="output file (torch.save of a state dict)")
     p.add_argument("--state-key", default=None, help="which EMA, when the run had several")
+    p.add_argument(
+        "--trusted",
+        action="store_true",
+        help="the checkpoint comes from a trusted source: allow Python objects beyond tensors",
+    )
     p.set_defaults(func=_export_ema)
 
 
 def _posthoc_ema(args: argparse.Namespace) -> int:
     from lightning_ext.callbacks.posthoc_ema import write_posthoc_ema
 
-    path = write_posthoc_ema(args.snapshot_dir, args.sigma_rel, args.out, step=args.step)
+    path = write_posthoc_ema(
+        args.snapshot_dir, args.sigma_rel, args.out, step=args.step, progress=True
+    )
     print(
         f"wrote the sigma_rel={args.sigma_rel} EMA reconstructed from {args.snapshot_dir} to {path}"
     )

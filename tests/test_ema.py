@@ -4,6 +4,8 @@ bf16, gradient accumulation, composition, checkpoints, wandb and LightningCLI.""
 from __future__ import annotations
 
 import itertools
+import math
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -139,11 +141,20 @@ def test_fit_end_applies_ema_and_test_predict_use_it_without_changing_live():
     assert_bitwise_equal(averaged, model2.state_dict(), "weights after fit")
 
 
-@pytest.mark.parametrize("validate_on", ["ema", "both"])
-def test_resume_is_bitwise_exact(tmp_path, validate_on):
+@pytest.mark.parametrize(
+    ("validate_on", "checkpoint_weights"), [("ema", "ema"), ("both", "live"), ("both", "ema")]
+)
+def test_resume_is_bitwise_exact(tmp_path, validate_on, checkpoint_weights):
     check_resume_exact(
         lambda: Classifier(net="cnn"),
-        lambda: [EMA(decay=0.9, warmup_gamma=2.0, validate_on=validate_on)],
+        lambda: [
+            EMA(
+                decay=0.9,
+                warmup_gamma=2.0,
+                validate_on=validate_on,
+                checkpoint_weights=checkpoint_weights,
+            )
+        ],
         lambda: DigitsDataModule(batch_size=32, limit=160),
         tmp_path,
         max_epochs=3,
@@ -153,7 +164,8 @@ def test_resume_is_bitwise_exact(tmp_path, validate_on):
     )
 
 
-def test_checkpoint_keeps_live_weights_even_when_saved_mid_validation(tmp_path):
+@pytest.mark.parametrize("checkpoint_weights", ["ema", "live"])
+def test_checkpoint_layout_is_right_even_when_saved_mid_validation(tmp_path, checkpoint_weights):
     class SaveDuringValidation(Callback):
         def on_validation_batch_end(self, trainer, *args, **kwargs):
             if trainer.current_epoch == 1 and not self.__dict__.get("done"):
@@ -163,14 +175,45 @@ def test_checkpoint_keeps_live_weights_even_when_saved_mid_validation(tmp_path):
                 trainer.save_checkpoint(tmp_path / "mid.ckpt")
 
     pl.seed_everything(0)
-    ema = EMA(decay=0.8, apply_on_fit_end=False)
+    ema = EMA(decay=0.8, apply_on_fit_end=False, checkpoint_weights=checkpoint_weights)
     saver = SaveDuringValidation()
     fit(Classifier(), [ema, saver], limit_val_batches=2)
     ckpt = torch.load(tmp_path / "mid.ckpt", weights_only=False)
     assert ema._swapped is False
-    assert_bitwise_equal({k: ckpt["state_dict"][k] for k in saver.live}, saver.live, "ckpt live")
+    live_key = "state_dict" if checkpoint_weights == "live" else "current_model_state"
+    assert_bitwise_equal({k: ckpt[live_key][k] for k in saver.live}, saver.live, "ckpt live")
+    if checkpoint_weights == "ema":  # what load_from_checkpoint gives: the judged weights
+        assert_bitwise_equal(ckpt["state_dict"], saver.averaged, "ckpt state_dict")
+        loaded = Classifier.load_from_checkpoint(tmp_path / "mid.ckpt")
+        assert_bitwise_equal(loaded.state_dict(), saver.averaged, "load_from_checkpoint")
     exported = ema_state_dict_from_checkpoint(tmp_path / "mid.ckpt")
     assert_bitwise_equal(exported, saver.averaged, "exported EMA")
+
+
+def test_model_checkpoint_keeps_the_best_ema_and_exports_it(tmp_path):
+    """ModelCheckpoint ranks by the EMA's val_loss; the best file loads as that EMA."""
+
+    class RecordEMA(Callback):
+        def __init__(self):
+            self.by_epoch = {}
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                loss = trainer.callback_metrics["val_loss"].item()
+                self.by_epoch[trainer.current_epoch] = (loss, ema.ema_state_dict())
+
+    pl.seed_everything(0)
+    ema = EMA(decay=0.8, apply_on_fit_end=False)
+    record = RecordEMA()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=1)
+    fit(Classifier(), [ema, record, ckpt], epochs=3, limit_val_batches=2, enable_checkpointing=True)
+    best_loss, best_ema = min(record.by_epoch.values(), key=lambda item: item[0])
+    assert ckpt.best_model_score.item() == best_loss
+    loaded = Classifier.load_from_checkpoint(ckpt.best_model_path)
+    assert_bitwise_equal(loaded.state_dict(), best_ema, "best checkpoint")
+    out = tmp_path / "exported.pt"
+    assert cli_main(["export-ema", ckpt.best_model_path, str(out)]) == 0
+    assert_bitwise_equal(torch.load(out, weights_only=True), best_ema, "export-ema")
 
 
 def test_export_ema_cli_and_helper(tmp_path):
@@ -235,7 +278,8 @@ def test_bf16_autocast_and_composition_with_other_callbacks(tmp_path):
         assert shadow[n].dtype == torch.float32
         torch.testing.assert_close(shadow[n].double(), expected[n], rtol=1e-5, atol=1e-6)
     last = torch.load(tmp_path / "ckpts" / "last.ckpt", weights_only=False)
-    assert_bitwise_equal(last["state_dict"], model.state_dict(), "last.ckpt holds live weights")
+    assert_bitwise_equal(last["current_model_state"], model.state_dict(), "live in last.ckpt")
+    assert_bitwise_equal(last["state_dict"], ema.ema_state_dict(), "EMA in last.ckpt")
     assert trainer.global_step == posthoc.num_updates
     assert (tmp_path / "ph" / "posthoc_ema_index.json").exists()
 
@@ -389,3 +433,323 @@ def test_copy_swap_path_matches_the_pointer_swap_path():
         metrics = {k: v.clone() for k, v in trainer.callback_metrics.items()}
         results.append((model.state_dict(), ema.ema_state_dict(), metrics))
     assert_bitwise_equal(results[0], results[1])
+
+
+class EpochEndMetrics(Classifier):
+    """Metrics written the common ways: a torchmetrics metric updated per step and computed in
+    on_validation_epoch_end, an output list, a sum-reduced count and a per-step loss."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        from torchmetrics.classification import MulticlassAccuracy
+
+        self.val_accuracy = MulticlassAccuracy(num_classes=10, average="micro")
+        self.val_sizes: list[int] = []
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        logits = self(x)
+        self.val_accuracy.update(logits, y)
+        self.val_sizes.append(len(y))
+        self.log("val_loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log("val_seen", float(len(y)), reduce_fx="sum", sync_dist=True)
+
+    def on_validation_epoch_end(self):
+        self.log("val_acc", self.val_accuracy.compute())
+        self.val_accuracy.reset()
+        self.log("val_count", float(sum(self.val_sizes)), sync_dist=True, reduce_fx="sum")
+        self.val_sizes.clear()
+
+
+class ValidationRecorder(Callback):
+    """Every metric the trainer holds after each (non-sanity) validation, by epoch."""
+
+    def __init__(self):
+        self.epochs: list[dict[str, torch.Tensor]] = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.epochs.append({k: v.clone() for k, v in trainer.callback_metrics.items()})
+
+
+def validation_metrics_by_mode(
+    tmp_path, modes=("ema", "live", "both"), limit=256, **trainer_kwargs
+):
+    """Fit the same model once per ``validate_on`` mode; return each run's metrics and the
+    best score its ModelCheckpoint(monitor="val_loss") kept."""
+    out = {}
+    for mode in modes:
+        pl.seed_everything(0)
+        recorder = ValidationRecorder()
+        ckpt = ModelCheckpoint(dirpath=tmp_path / mode, monitor="val_loss", save_top_k=1)
+        trainer = quiet_trainer(
+            max_epochs=2,
+            callbacks=[EMA(decay=0.8, validate_on=mode), recorder, ckpt],
+            limit_val_batches=2,
+            enable_checkpointing=True,
+            **trainer_kwargs,
+        )
+        trainer.fit(EpochEndMetrics(), datamodule=DigitsDataModule(batch_size=32, limit=limit))
+        out[mode] = (recorder.epochs, ckpt.best_model_score)
+    return out
+
+
+def assert_both_equals_ema_and_live(runs, samples):
+    (ema, ema_best), (live, _), (both, both_best) = runs["ema"], runs["live"], runs["both"]
+    assert len(both) == len(ema) == len(live) == 2
+    for e, lv, b in zip(ema, live, both):
+        names = {"val_loss", "val_acc", "val_seen", "val_count"}
+        assert names <= set(e), sorted(e)
+        for name in names:
+            assert torch.equal(b[name], e[name]), (name, b[name], e[name])
+            assert torch.equal(b[f"{name}_live"], lv[name]), (name, b[f"{name}_live"], lv[name])
+        # every sample counted once per pass, whatever the reduction
+        assert b["val_count"].item() == b["val_count_live"].item() == samples
+        assert b["val_seen"].item() == b["val_seen_live"].item() == samples
+        assert not torch.equal(b["val_loss"], b["val_loss_live"])
+    assert torch.equal(both_best, ema_best)  # the checkpoint monitor saw the EMA's val_loss
+
+
+def test_validate_on_both_is_two_complete_separate_passes(tmp_path):
+    assert_both_equals_ema_and_live(validation_metrics_by_mode(tmp_path), samples=256)
+
+
+def test_validate_on_both_with_two_validation_loaders(tmp_path):
+    class TwoLoaders(DigitsDataModule):
+        def val_dataloader(self):
+            val = digits("val")
+            half = torch.utils.data.Subset(val, range(64))
+            return [super().val_dataloader(), torch.utils.data.DataLoader(half, batch_size=32)]
+
+    metrics = {}
+    for mode in ("ema", "live", "both"):
+        pl.seed_everything(0)
+        recorder = ValidationRecorder()
+        trainer = quiet_trainer(
+            max_epochs=1, callbacks=[EMA(decay=0.8, validate_on=mode), recorder]
+        )
+        trainer.fit(EpochEndMetrics(), datamodule=TwoLoaders(batch_size=32, limit=128))
+        metrics[mode] = recorder.epochs[-1]
+    for idx in (0, 1):
+        name = f"val_loss/dataloader_idx_{idx}"
+        live_name = f"val_loss_live/dataloader_idx_{idx}"
+        assert torch.equal(metrics["both"][name], metrics["ema"][name])
+        assert torch.equal(metrics["both"][live_name], metrics["live"][name])
+    total = len(digits("val")) + 64
+    assert metrics["both"]["val_count_live"] == metrics["live"]["val_count"] == total
+    assert metrics["both"]["val_count"] == metrics["ema"]["val_count"] == total
+
+
+def test_validate_on_both_logs_live_names_even_before_the_first_update():
+    pl.seed_everything(0)
+    trainer = fit(Classifier(), [EMA(validate_on="both", start_step=1000)], limit_val_batches=1)
+    metrics = trainer.callback_metrics
+    assert torch.equal(metrics["val_loss_live"], metrics["val_loss"])  # both are the live weights
+
+
+def test_validate_on_both_refuses_persistent_workers_with_the_option_to_use():
+    class PersistentVal(DigitsDataModule):
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(
+                digits("val"), batch_size=128, num_workers=1, persistent_workers=True
+            )
+
+    trainer = quiet_trainer(max_epochs=1, callbacks=[EMA(validate_on="both")])
+    with pytest.raises(ValueError, match="persistent_workers=False"):
+        trainer.fit(Classifier(), datamodule=PersistentVal(limit=64))
+
+
+def ddp_both_target(out_dir: str) -> None:
+    import torch.distributed as dist
+
+    runs = validation_metrics_by_mode(Path(out_dir), limit=128, devices=2, strategy="ddp")
+    torch.save(runs, f"{out_dir}/rank{dist.get_rank()}.pt")
+
+
+@pytest.mark.ddp
+def test_ddp_validate_on_both_is_two_complete_separate_passes(tmp_path):
+    r0, r1 = run_ddp("tests.test_ema:ddp_both_target", tmp_path, timeout=120)
+    # each rank reads its half of the padded validation set; counts are summed over ranks
+    assert_both_equals_ema_and_live(r0, samples=2 * math.ceil(len(digits("val")) / 2))
+    synced = {"val_loss", "val_acc", "val_seen", "val_count"}
+    for a, b in zip(r0["both"][0], r1["both"][0]):
+        for name in synced | {f"{n}_live" for n in synced}:
+            assert torch.equal(a[name], b[name]), name
+
+
+def test_ema_storage_stays_put_across_steps_and_a_constant_decay_is_logged_once(tmp_path):
+    """No per-step allocation: the EMA buffers keep their storage through training steps; and
+    ``ema/decay`` reaches the logger once for a constant decay, not at every step."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    pointers = []
+
+    class Probe(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            pointers.append([t.data_ptr() for t in ema._shadow.tensors])
+
+    ema = EMA(decay=0.9, apply_on_fit_end=False)
+    trainer = fit(
+        Classifier(net="cnn"),
+        [ema, Probe()],
+        epochs=1,
+        limit_val_batches=0,
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+    )
+    assert len(pointers) == trainer.global_step == 8
+    assert all(p == pointers[0] for p in pointers)
+    rows = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()
+    column = rows[0].split(",").index("ema/decay")
+    assert [r.split(",")[column] for r in rows[1:] if r.split(",")[column]] == ["0.9"]
+
+
+class StubSparse(Callback):
+    """Stands in for DynamicSparseTraining: exposes ``masks_by_name`` and keeps the live weights
+    of the first layer masked after every step."""
+
+    def __init__(self):
+        self.mask = None
+
+    def masks_by_name(self):
+        return {"net.0.weight": self.mask}
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        weight = pl_module.net[0].weight
+        if self.mask is None or trainer.global_step % 4 == 0:  # the mask changes now and then
+            generator = torch.Generator().manual_seed(trainer.global_step)
+            self.mask = torch.rand(weight.shape, generator=generator) < 0.2
+        with torch.no_grad():
+            weight.mul_(self.mask)
+
+
+def test_sparse_masks_are_reapplied_to_the_ema_wherever_it_is_used(tmp_path):
+    seen = {}
+
+    class Probe(Callback):
+        def on_validation_batch_start(self, trainer, pl_module, *args):
+            seen["val"] = pl_module.net[0].weight.clone()
+
+    pl.seed_everything(0)
+    sparse = StubSparse()
+    ema = EMA(decay=0.9, apply_on_fit_end=True)
+    model = Classifier()
+    trainer = fit(model, [ema, sparse, Probe()], limit_val_batches=1)
+    outside = ~sparse.mask
+    raw = ema._shadow.state_dict()["net.0.weight"]
+    assert (raw[outside] != 0).sum() > 100  # the plain average would leak outside the mask
+    assert (seen["val"][outside] == 0).all()  # validation
+    assert (model.net[0].weight[outside] == 0).all()  # apply_on_fit_end
+    assert (ema.ema_state_dict()["net.0.weight"][outside] == 0).all()
+    trainer.save_checkpoint(tmp_path / "sparse.ckpt")
+    for layout in ("ema", "live"):
+        ema.checkpoint_weights = layout
+        ema._applied = False
+        trainer.save_checkpoint(tmp_path / f"{layout}.ckpt")
+        exported = ema_state_dict_from_checkpoint(tmp_path / f"{layout}.ckpt")
+        assert (exported["net.0.weight"][outside] == 0).all(), layout
+        assert torch.equal(exported["net.0.weight"][sparse.mask], raw[sparse.mask])
+
+
+class TiedCompiled(Classifier):
+    """A compiled inner network whose output layer shares the input layer's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)
+        )
+        self.net[2].weight = self.net[0].weight  # tied
+        self.net = torch.compile(self.net, backend="eager")
+        self.head = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.net(x))
+
+
+def test_tied_weights_in_a_compiled_module_are_averaged_once_and_stay_tied(tmp_path):
+    seen = {}
+
+    class Probe(Callback):
+        def on_validation_batch_start(self, trainer, pl_module, *args):
+            inner = pl_module.net._orig_mod
+            seen["tied"] = inner[0].weight is inner[2].weight
+            seen["value"] = inner[2].weight.detach().clone()
+
+    pl.seed_everything(0)
+    model = TiedCompiled()
+    ema = EMA(decay=0.8, apply_on_fit_end=False)
+    trainer = fit(model, [ema, Probe()], epochs=1, limit=128, limit_val_batches=1)
+    names = ema._shadow.tracked.averaged_names
+    assert "net._orig_mod.0.weight" in names and "net._orig_mod.2.weight" not in names
+    averaged = ema.ema_state_dict()
+    assert seen["tied"] and torch.equal(seen["value"], averaged["net._orig_mod.0.weight"])
+    assert torch.equal(averaged["net._orig_mod.2.weight"], averaged["net._orig_mod.0.weight"])
+    inner = model.net._orig_mod
+    assert inner[0].weight is inner[2].weight
+    trainer.save_checkpoint(tmp_path / "tied.ckpt")
+    fresh = TiedCompiled()
+    fresh.load_state_dict(ema_state_dict_from_checkpoint(tmp_path / "tied.ckpt"))
+    assert torch.equal(fresh.net._orig_mod[2].weight, averaged["net._orig_mod.0.weight"])
+
+
+def test_pytorch_lightning_namespace_fit_with_both_validations():
+    import pytorch_lightning as old_pl
+    import torch.nn.functional as F
+
+    class OldModule(old_pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(64, 10)
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", F.cross_entropy(self.net(batch[0]), batch[1]))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    pl.seed_everything(0)
+    model = OldModule()
+    ema = EMA(decay=0.8, validate_on="both", apply_on_fit_end=False)
+    trainer = old_pl.Trainer(
+        max_epochs=2,
+        callbacks=[ema],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+    )
+    dm = DigitsDataModule(batch_size=32, limit=128)
+    trainer.fit(model, train_dataloaders=dm.train_dataloader(), val_dataloaders=dm.val_dataloader())
+    x, y = digits("val").tensors[0][:128], digits("val").tensors[1][:128]
+    with torch.no_grad():
+        live = F.cross_entropy(model.net(x), y)
+        probe = torch.nn.Linear(64, 10)
+        probe.load_state_dict({k[4:]: v for k, v in ema.ema_state_dict().items()})
+        averaged = F.cross_entropy(probe(x), y)
+    torch.testing.assert_close(trainer.callback_metrics["val_loss_live"], live)
+    torch.testing.assert_close(trainer.callback_metrics["val_loss"], averaged)
+
+
+def test_export_reads_weights_only_unless_trusted(tmp_path):
+    import argparse
+
+    pl.seed_everything(0)
+    ema = EMA(decay=0.8, apply_on_fit_end=False)
+    trainer = fit(Classifier(), [ema], epochs=1, limit_val_batches=0)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    ckpt = torch.load(tmp_path / "run.ckpt", weights_only=False)
+    ckpt["extra"] = argparse.Namespace(note="an arbitrary Python object")
+    torch.save(ckpt, tmp_path / "pickled.ckpt")
+    with pytest.raises(ValueError, match="trusted=True"):
+        ema_state_dict_from_checkpoint(tmp_path / "pickled.ckpt")
+    exported = ema_state_dict_from_checkpoint(tmp_path / "pickled.ckpt", trusted=True)
+    assert_bitwise_equal(exported, ema.ema_state_dict())
+    args = ["export-ema", str(tmp_path / "pickled.ckpt"), str(tmp_path / "out.pt")]
+    assert cli_main(args) == 2 and not (tmp_path / "out.pt").exists()
+    assert cli_main([*args, "--trusted"]) == 0
+    assert_bitwise_equal(torch.load(tmp_path / "out.pt", weights_only=True), exported)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,3 +125,46 @@ def test_posthoc_reconstruction_of_a_tracked_profile_is_that_snapshot():
     torch.testing.assert_close(
         x, torch.tensor([0, 0, 0, 1.0], dtype=torch.float64), atol=1e-6, rtol=0
     )
+
+
+# --- An independent port of edm2's post-hoc solve (NVlabs/edm2, training/phema.py), in numpy.
+def _edm2_std_to_exp(std: float) -> float:
+    t = np.float64(std) ** -2
+    return float(np.roots([1, 7, 16 - t, 12 - t]).real.max())
+
+
+def _edm2_p_dot_p(t_a, gamma_a, t_b, gamma_b):
+    t_ratio = t_a / t_b
+    t_exp = np.where(t_a < t_b, gamma_b, -gamma_a)
+    t_max = np.maximum(t_a, t_b)
+    return (gamma_a + 1) * (gamma_b + 1) * t_ratio**t_exp / ((gamma_a + gamma_b + 1) * t_max)
+
+
+def _edm2_solve(in_steps, in_stds, out_step, out_std):
+    ts = np.float64(in_steps).reshape(-1, 1)
+    gs = np.float64([_edm2_std_to_exp(s) for s in in_stds]).reshape(-1, 1)
+    a = _edm2_p_dot_p(ts, gs, ts.T, gs.T)
+    b = _edm2_p_dot_p(ts, gs, np.float64(out_step), np.float64(_edm2_std_to_exp(out_std)))
+    x = np.linalg.solve(a, b)
+    return (x / np.sum(x, axis=0))[:, 0]
+
+
+def _quickstart_snapshots(every: int = 10, count: int = 12):
+    """The quickstart set-up: ``count`` snapshots of the two default profiles (0.05, 0.10)."""
+    steps = [every * k for k in range(1, count + 1) for _ in range(2)]
+    stds = [0.05, 0.10] * count
+    return steps, stds
+
+
+@pytest.mark.parametrize("sigma_rel", [0.03, 0.07, 0.15, 0.25])
+def test_posthoc_coefficients_match_edm2_and_rebuild_a_constant_exactly(sigma_rel):
+    steps, stds = _quickstart_snapshots()
+    x = posthoc_ema_coefficients(
+        [sigma_rel_to_gamma(s) for s in stds], steps, sigma_rel_to_gamma(sigma_rel), steps[-1]
+    )
+    reference = _edm2_solve(steps, stds, steps[-1], sigma_rel)
+    np.testing.assert_allclose(x.numpy(), reference, rtol=1e-6, atol=1e-9)
+    # every snapshot of a constant trajectory is that constant: the rebuild must be it too
+    constant = torch.full((3,), 0.731, dtype=torch.float64)
+    rebuilt = sum(xi * constant for xi in x)
+    torch.testing.assert_close(rebuilt, constant, rtol=1e-12, atol=0)

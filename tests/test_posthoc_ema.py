@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -148,3 +149,102 @@ def test_ddp_ranks_agree_and_rank_zero_writes_once(tmp_path):
         len(files) == len(r0["state"]["snapshots"]) == 2
     )  # 4 steps (128 samples per rank), every 2
     assert not list((tmp_path / "snap").glob(".*tmp"))  # no half-written files
+
+
+def quick_fit(callbacks, root, **kwargs):
+    pl.seed_everything(0)
+    trainer = quiet_trainer(
+        max_epochs=1, callbacks=callbacks, limit_val_batches=0, default_root_dir=root, **kwargs
+    )
+    trainer.fit(Classifier(), datamodule=DigitsDataModule(batch_size=32, limit=128))
+    return trainer
+
+
+def test_default_folder_is_the_runs_own_and_a_rerun_leaves_the_first_intact(tmp_path):
+    first = PostHocEMA(snapshot_every_n_steps=2)
+    quick_fit([first], tmp_path)
+    index0 = (first.folder / "posthoc_ema_index.json").read_text()
+    second = PostHocEMA(snapshot_every_n_steps=2)
+    quick_fit([second], tmp_path)
+    assert first.folder == tmp_path / "lightning_logs" / "version_0" / "posthoc_ema"
+    assert second.folder == tmp_path / "lightning_logs" / "version_1" / "posthoc_ema"
+    assert (first.folder / "posthoc_ema_index.json").read_text() == index0
+    assert json.loads(index0)["run_id"] == first.run_id != second.run_id
+    posthoc_ema_state_dict(first.folder, 0.08)  # the first run's snapshots still reconstruct
+
+
+def test_an_explicit_folder_of_another_run_is_refused_before_training(tmp_path):
+    quick_fit([PostHocEMA(snapshot_every_n_steps=2, snapshot_dir=str(tmp_path / "snap"))], tmp_path)
+    index = (tmp_path / "snap" / "posthoc_ema_index.json").read_text()
+    with pytest.raises(ValueError, match="belongs to another PostHocEMA run"):
+        quick_fit([PostHocEMA(snapshot_dir=str(tmp_path / "snap"))], tmp_path)
+    assert (tmp_path / "snap" / "posthoc_ema_index.json").read_text() == index
+
+
+def test_a_run_resumed_into_a_new_folder_still_reconstructs_from_all_snapshots(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = PostHocEMA(snapshot_every_n_steps=2)
+    quick_fit([first, ckpt], tmp_path, enable_checkpointing=True)
+    resumed = PostHocEMA(snapshot_every_n_steps=2)
+    pl.seed_everything(0)
+    trainer = quiet_trainer(
+        max_epochs=2, callbacks=[resumed], limit_val_batches=0, default_root_dir=tmp_path
+    )
+    trainer.fit(
+        Classifier(),
+        datamodule=DigitsDataModule(batch_size=32, limit=128),
+        ckpt_path=tmp_path / "ckpt" / "last.ckpt",
+    )
+    assert resumed.folder != first.folder and resumed.run_id == first.run_id
+    entries = json.loads((resumed.folder / "posthoc_ema_index.json").read_text())["snapshots"]
+    assert [e["step"] for e in entries] == [2, 4, 6, 8]
+    assert all((resumed.folder / e["file"]).exists() for e in entries)
+    posthoc_ema_state_dict(resumed.folder, 0.08)
+
+
+def test_state_is_logged_and_the_profile_picture_is_written(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    cb = PostHocEMA(snapshot_every_n_steps=2)
+    trainer = quick_fit([cb], tmp_path, logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    assert cb.folder == Path(trainer.logger.log_dir) / "posthoc_ema"
+    picture = cb.folder / "profiles.png"
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()
+    column = rows[0].split(",").index("posthoc_ema/snapshots")
+    counts = [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]]
+    assert counts == [1.0, 2.0]
+
+
+def test_cli_shows_progress_while_loading_snapshots(trained, tmp_path, capsys):
+    out, _, _, _ = trained
+    assert cli_main(["posthoc-ema", str(out), str(tmp_path / "w.pt"), "--sigma-rel", "0.08"]) == 0
+    assert "loading snapshots" in capsys.readouterr().err
+
+
+def test_memory_is_one_copy_per_profile_and_nothing_else(trained):
+    _, _, cb, _ = trained
+    model_bytes = sum(t.numel() * t.element_size() for t in cb._shadows[0].tracked.tensors)
+    held = {t.data_ptr(): t.numel() * t.element_size() for s in cb._shadows for t in s.tensors}
+    assert sum(held.values()) == len(cb.sigma_rels) * model_bytes == 2 * model_bytes
+    assert cb._loaded is None and not any(s.background for s in cb._shadows)  # no staging
+
+
+def test_the_picture_goes_to_a_wandb_logger(tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    logged = []
+
+    class RecordingWandb(WandbLogger):
+        def log_image(self, key, images, **kwargs):
+            logged.append((key, images))
+            super().log_image(key, images, **kwargs)
+
+    logger = RecordingWandb(save_dir=str(tmp_path), offline=True, project="phema-test")
+    cb = PostHocEMA(snapshot_every_n_steps=2)
+    quick_fit([cb], tmp_path, logger=logger)
+    logger.experiment.finish()
+    assert cb.folder.parent.parent == tmp_path / "phema-test"  # the wandb run's own folder
+    assert logged == [("posthoc_ema/profiles", [str(cb.folder / "profiles.png")])]

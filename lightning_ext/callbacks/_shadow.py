@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -21,12 +21,17 @@ from lightning_ext.functional.ema import ema_update_, group_by_device_and_dtype
 
 @dataclass(frozen=True)
 class TrackedTensors:
-    """The module tensors a shadow follows, by name: ``averaged`` ones and ``copied`` ones."""
+    """The module tensors a shadow follows, by name: ``averaged`` ones and ``copied`` ones.
+
+    A tensor shared by several submodules (tied weights) is tracked once, under its first name;
+    ``aliases`` maps every other name of it to that one, so state dicts can be filled in for all.
+    """
 
     averaged_names: list[str]
     averaged: list[Tensor]
     copied_names: list[str]
     copied: list[Tensor]
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_module(cls, module: nn.Module, *, average_buffers: bool = True) -> TrackedTensors:
@@ -43,7 +48,7 @@ class TrackedTensors:
             else:
                 copy_names.append(name)
                 copy.append(buf)
-        return cls(avg_names, avg, copy_names, copy)
+        return cls(avg_names, avg, copy_names, copy, _aliases(module))
 
     @property
     def names(self) -> list[str]:
@@ -194,3 +199,18 @@ def _empty_staging(shadow: Tensor, live: Tensor) -> Tensor:
     """Host staging buffers are pinned so that device-to-host copies can be asynchronous."""
     pin = live.is_cuda and shadow.device.type == "cpu"
     return torch.empty(shadow.shape, dtype=shadow.dtype, device=shadow.device, pin_memory=pin)
+
+
+def _aliases(module: nn.Module) -> dict[str, str]:
+    """Every duplicate name of a shared parameter or buffer, mapped to its first name."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    named = [
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    ]
+    for name, tensor in named:
+        canonical = first.setdefault(id(tensor), name)
+        if canonical != name:
+            aliases[name] = canonical
+    return aliases

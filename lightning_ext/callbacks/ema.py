@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Mapping
+import importlib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_ext._io import atomic_torch_save
+from lightning_ext._io import atomic_torch_save, load_file
+from lightning_ext._lightning import namespace_of
 from lightning_ext.callbacks._shadow import ShadowWeights, TrackedTensors
 from lightning_ext.callbacks._steps import AfterOptimizerStep
 from lightning_ext.functional.ema import ema_decay_at
@@ -23,6 +25,10 @@ __all__ = ["EMA", "ema_state_dict_from_checkpoint", "export_ema"]
 WeightsChoice = Literal["ema", "live"]
 _UNSUPPORTED_STRATEGIES = ("DeepSpeedStrategy",)
 _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
+# Set in the callback state when the checkpoint's ``state_dict`` holds the EMA and the live
+# weights moved to ``current_model_state`` (the layout of Lightning 2.6's WeightAveraging).
+_EMA_IN_STATE_DICT = "ema_in_state_dict"
+_LIVE_KEY = "current_model_state"
 
 
 class EMA(AfterOptimizerStep):
@@ -45,10 +51,17 @@ class EMA(AfterOptimizerStep):
         device: where the EMA lives (``None``: beside each weight). ``"cpu"`` offloads a GPU
             model's EMA; the host-side averaging then runs in a background thread.
         validate_on: weights used by validation; ``"both"`` validates the EMA under the module's
-            own metric names and the live weights under the same names plus ``live_suffix``.
+            own metric names, then runs a second, complete validation epoch on the live weights
+            whose metrics get ``live_suffix``.
         test_on, predict_on: weights used by ``trainer.test`` and ``trainer.predict``.
+        checkpoint_weights: weights in a checkpoint's ``state_dict`` (what ``load_from_checkpoint``
+            gives). ``"ema"`` puts the EMA there and the live weights under
+            ``current_model_state`` (Lightning's WeightAveraging layout); ``"live"`` keeps the
+            live weights there. Default: the weights validation judges (``"live"`` only with
+            ``validate_on="live"``). Resuming is exact either way.
         apply_on_fit_end: copy the EMA into the module when fit ends.
-        log_decay: log the decay used at each update as ``ema/decay``.
+        log_decay: log ``ema/decay`` when it changes (every logging interval during warm-up,
+            once otherwise).
     """
 
     def __init__(
@@ -64,6 +77,7 @@ class EMA(AfterOptimizerStep):
         validate_on: Literal["ema", "live", "both"] = "ema",
         test_on: WeightsChoice = "ema",
         predict_on: WeightsChoice = "ema",
+        checkpoint_weights: WeightsChoice | None = None,
         live_suffix: str = "_live",
         apply_on_fit_end: bool = True,
         log_decay: bool = True,
@@ -85,6 +99,8 @@ class EMA(AfterOptimizerStep):
         _check_choice("validate_on", validate_on, ("ema", "live", "both"))
         _check_choice("test_on", test_on, ("ema", "live"))
         _check_choice("predict_on", predict_on, ("ema", "live"))
+        if checkpoint_weights is not None:
+            _check_choice("checkpoint_weights", checkpoint_weights, ("ema", "live"))
         if validate_on == "both" and not live_suffix:
             raise ValueError(
                 "validate_on='both' needs a non-empty live_suffix to tell metrics apart"
@@ -99,6 +115,9 @@ class EMA(AfterOptimizerStep):
         self.validate_on = validate_on
         self.test_on = test_on
         self.predict_on = predict_on
+        self.checkpoint_weights: WeightsChoice = checkpoint_weights or (
+            "live" if validate_on == "live" else "ema"
+        )
         self.live_suffix = live_suffix
         self.apply_on_fit_end = apply_on_fit_end
         self.log_decay = log_decay
@@ -106,12 +125,16 @@ class EMA(AfterOptimizerStep):
         self.num_updates = 0
         self.started = start_step == 0
         self._shadow: ShadowWeights | None = None
+        self._state_keys: list[str] = []
         self._loaded: dict[str, Any] | None = None
         self._swapped = False
         self._pointer_swap = True
         self._backup: list[Tensor] | None = None
         self._applied = False
         self._sharded = False
+        self._logged_decay: float | None = None
+        self._mask_source: Any = None
+        self._masked_out: list[tuple[Tensor, Tensor, Tensor]] = []
 
     @property
     def state_key(self) -> str:
@@ -126,6 +149,8 @@ class EMA(AfterOptimizerStep):
                 "Use DDP or FSDP instead."
             )
         self._sharded = name in _SHARDED_STRATEGIES
+        _refuse_two_emas_in_state_dict(trainer.callbacks)
+        self._mask_source = _find_mask_source(trainer.callbacks)
 
     def _ensure_shadow(self, pl_module: pl.LightningModule) -> ShadowWeights:
         if self._shadow is None:
@@ -133,44 +158,80 @@ class EMA(AfterOptimizerStep):
                 pl_module, average_buffers=self.buffers == "average"
             )
             self._shadow = ShadowWeights(tracked, self.device)
+            self._state_keys = list(pl_module.state_dict().keys())
             # Pointer swaps exchange storage without copying; sharded parameters are views into
             # flat shards and other devices or dtypes need a real copy, so those use copies.
             self._pointer_swap = not self._sharded and not self._shadow.background
         if self._loaded is not None:
             state, self._loaded = self._loaded, None
-            self._shadow.load_state_dict(state["shadow"], "EMA state in the checkpoint")
+            names = self._shadow.tracked.names
+            shadow = {n: state["shadow"][n] for n in names if n in state["shadow"]}
+            self._shadow.load_state_dict(shadow, "EMA state in the checkpoint")
         return self._shadow
 
     def state_dict(self) -> dict[str, Any]:
         if self._shadow is None:
             return dict(self._loaded) if self._loaded is not None else {}
-        return {
+        state = {
             "num_updates": self.num_updates,
             "started": self.started,
             "decay": self.decay,
             "shadow": self._ema_values(),
+            "aliases": dict(self._shadow.tracked.aliases),
         }
+        masks = self._current_masks()
+        if masks:  # for exports: the raw shadow is kept, the masks say what to zero
+            state["masks"] = {name: mask.cpu() for name, mask in masks.items()}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
         self.num_updates = int(state_dict["num_updates"])
         self.started = bool(state_dict["started"])
-        self._loaded = dict(state_dict)
+        pending = self._loaded.get("shadow", {}) if self._loaded else {}
+        # The EMA read from the checkpoint's state_dict by on_load_checkpoint, then the rest.
+        self._loaded = {**state_dict, "shadow": {**pending, **state_dict["shadow"]}}
         if self._shadow is not None:
-            self._shadow.load_state_dict(state_dict["shadow"], "EMA state")
+            self._shadow.load_state_dict(
+                {n: self._loaded["shadow"][n] for n in self._shadow.tracked.names},
+                "EMA state",
+            )
             self._loaded = None
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # A checkpoint saved mid-validation must still hold the live weights in its state_dict.
-        if self._swapped and self._shadow is not None:
-            live = self._live_values()
-            model_state = checkpoint["state_dict"]
-            for name, value in live.items():
-                if name in model_state:
-                    model_state[name] = value.detach().clone()
+        if self._shadow is None or "state_dict" not in checkpoint:
+            return
+        model_state = checkpoint["state_dict"]
+        if self._swapped:  # saved mid-validation: the module holds the EMA, not the live weights
+            self._fill_module_state(model_state, self._live_values(), clone=True)
+        own = checkpoint.get("callbacks", {}).get(self.state_key)
+        if self.checkpoint_weights != "ema" or not self._has_average() or own is None:
+            return
+        masks = self._current_masks()
+        ema = _masked(self._ema_values(), masks)
+        ema_state = dict(model_state)
+        self._fill_module_state(ema_state, ema, clone=bool(masks))
+        checkpoint[_LIVE_KEY] = model_state
+        checkpoint["state_dict"] = ema_state
+        own[_EMA_IN_STATE_DICT] = True
+        if not masks:  # only what the state_dict lacks (non-persistent buffers), never twice;
+            # with masks the state_dict holds the masked EMA and resuming needs the raw one
+            own["shadow"] = {k: v for k, v in own["shadow"].items() if k not in ema_state}
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        own = checkpoint.get("callbacks", {}).get(self.state_key) or {}
+        if not own.get(_EMA_IN_STATE_DICT) or _LIVE_KEY not in checkpoint:
+            return
+        # The Trainer has just loaded the EMA into the module: put the live weights back and
+        # keep the EMA for the shadow (load_state_dict, which runs next, completes it).
+        ema = dict(checkpoint["state_dict"])
+        pl_module.load_state_dict(checkpoint[_LIVE_KEY], strict=pl_module.strict_loading)
+        self._loaded = {"shadow": {**ema, **own.get("shadow", {})}}
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -200,13 +261,14 @@ class EMA(AfterOptimizerStep):
             shadow.copy_from_live_()
             self.started, decay = True, 0.0
         if self.log_decay:
-            pl_module.log("ema/decay", decay, on_step=True, on_epoch=False)
+            self._log_decay_if_changed(trainer, decay)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.apply_on_fit_end and self._has_average():
             assert self._shadow is not None
             self._restore_live()
             self._shadow.copy_to_live_()
+            self._mask_module_tensors(keep_masked_out=False)
             self._applied = True
 
     def on_exception(
@@ -216,14 +278,14 @@ class EMA(AfterOptimizerStep):
 
     # ------------------------------------------------------------------ evaluation
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.validate_on == "both":
+            _refuse_persistent_workers(trainer.val_dataloaders)
         if self.validate_on == "live" or trainer.sanity_checking:
             return
         self._ensure_shadow(pl_module)
-        if not self._has_average():
-            return
-        if self.validate_on == "both":
+        if self.validate_on == "both":  # also before the first update: the names are always there
             self._validate_live(trainer, pl_module)
-        self._swap_in_ema()
+        self._swap_in_ema()  # no-op until the first update: the live weights are validated
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_live()
@@ -246,10 +308,14 @@ class EMA(AfterOptimizerStep):
 
     # ------------------------------------------------------------------ public helpers
     def ema_state_dict(self) -> dict[str, Tensor]:
-        """The EMA weights as a state dict of the module (detached copies)."""
+        """The EMA weights as a state dict of the module (detached copies; masked when a sparse
+        training callback is present)."""
         if self._shadow is None:
             raise RuntimeError("the EMA has not been created yet: call it after trainer.fit starts")
-        return {name: value.detach().clone() for name, value in self._ema_values().items()}
+        ema = _masked(self._ema_values(), self._current_masks())
+        state: dict[str, Tensor] = {}
+        self._fill_module_state(state, ema, clone=True, keys=self._state_keys)
+        return state
 
     # ------------------------------------------------------------------ internals
     def _has_average(self) -> bool:
@@ -275,10 +341,16 @@ class EMA(AfterOptimizerStep):
                 torch._foreach_copy_(self._backup, live)
             shadow.copy_to_live_()
         self._swapped = True
+        # With pointer swaps the module's tensors *are* the shadow: keep what the mask hides.
+        self._mask_module_tensors(keep_masked_out=self._pointer_swap)
 
     def _restore_live(self) -> None:
         if not self._swapped or self._shadow is None:
             return
+        with torch.no_grad():
+            for tensor, keep, values in self._masked_out:
+                tensor[keep.logical_not()] = values
+        self._masked_out = []
         if self._pointer_swap:
             self._shadow.exchange_with_live_()
         else:
@@ -295,69 +367,114 @@ class EMA(AfterOptimizerStep):
         return dict(zip(self._shadow.tracked.names, self._backup))
 
     def _ema_values(self) -> dict[str, Tensor]:
-        """Where the EMA values are now: in the module while swapped in, else in the shadow."""
-        assert self._shadow is not None
-        return dict(self._shadow.tracked.items()) if self._swapped else self._shadow.state_dict()
+        """Where the EMA values are now: in the module while swapped in, else in the shadow.
 
+        Raw (unmasked): while swapped in, masked-out values are set aside and put back here.
+        """
+        assert self._shadow is not None
+        if not self._swapped:
+            return self._shadow.state_dict()
+        values = dict(self._shadow.tracked.items())
+        for tensor, keep, hidden in self._masked_out:
+            name = next(n for n, t in values.items() if t is tensor)
+            raw = tensor.detach().clone()
+            raw[keep.logical_not()] = hidden
+            values[name] = raw
+        return values
+
+    def _fill_module_state(
+        self,
+        state: dict[str, Tensor],
+        values: Mapping[str, Tensor],
+        *,
+        clone: bool,
+        keys: list[str] | None = None,
+    ) -> None:
+        """Write ``values`` (by tracked name) into ``state`` under every name that holds them
+        (tied weights appear once in the shadow, under each of their names in a state dict)."""
+        assert self._shadow is not None
+        aliases = self._shadow.tracked.aliases
+        for key in state if keys is None else keys:
+            name = aliases.get(key, key)
+            if name in values:
+                value = values[name].detach()
+                state[key] = value.clone() if clone else value
+
+    def _log_decay_if_changed(self, trainer: pl.Trainer, decay: float) -> None:
+        """``ema/decay`` when it changes: every logging interval during warm-up and when the
+        final value is reached, so a constant decay is logged once and never per step."""
+        if decay == self._logged_decay:
+            return
+        due = (
+            self._logged_decay is None
+            or decay == self.decay
+            or trainer.global_step % max(trainer.log_every_n_steps, 1) == 0
+        )
+        if not due:
+            return
+        self._logged_decay = decay
+        for logger in trainer.loggers:
+            logger.log_metrics({"ema/decay": decay}, step=trainer.global_step)
+
+    # ---------------------------------------------------------------- sparse-training masks
+    def _current_masks(self) -> dict[str, Tensor]:
+        """The sparse-training masks by tracked name (empty without such a callback)."""
+        if self._mask_source is None or self._shadow is None:
+            return {}
+        masks = self._mask_source.masks_by_name()
+        found = {}
+        for name in self._shadow.tracked.averaged_names:
+            mask = masks.get(name.replace("_orig_mod.", ""))
+            if mask is not None:
+                found[name] = mask
+        if found and not getattr(self, "_masks_announced", False):
+            self._masks_announced = True
+            rank_zero_info(
+                f"EMA: applying the masks of {type(self._mask_source).__name__} to the EMA "
+                f"weights of {len(found)} tensors wherever they are used (validation, test, "
+                "predict, apply_on_fit_end, ema_state_dict, checkpoints)."
+            )
+        return found
+
+    def _mask_module_tensors(self, *, keep_masked_out: bool) -> None:
+        """Zero the module's weights outside the current masks (they hold the EMA now)."""
+        masks = self._current_masks()
+        if not masks:
+            return
+        assert self._shadow is not None
+        tracked = dict(self._shadow.tracked.items())
+        with torch.no_grad():
+            for name, mask in masks.items():
+                tensor = tracked[name]
+                keep = mask.to(device=tensor.device, dtype=torch.bool)
+                if keep_masked_out:
+                    self._masked_out.append((tensor, keep, tensor[keep.logical_not()].clone()))
+                tensor.masked_fill_(keep.logical_not(), 0)
+
+    # ---------------------------------------------------------------- live validation pass
     def _validate_live(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Run the module's own validation_step on the live weights and log its metrics with
-        ``live_suffix``; the regular loop then runs on the EMA under the original names."""
-        metrics = _run_validation_capturing_logs(trainer, pl_module)
-        for name, value in metrics.items():
+        """A complete validation epoch on the live weights, logged with ``live_suffix``.
+
+        The regular loop then validates the EMA under the original names, starting from the
+        metric states the module had before this pass.
+        """
+        for name, metric in _run_separate_validation_epoch(trainer, pl_module).items():
+            # One already reduced value per epoch: its mean is itself. A value the module synced
+            # is the same on every rank, and syncing it again (mean) keeps it bit for bit.
             pl_module.log(
-                f"{name}{self.live_suffix}", value, on_step=False, on_epoch=True, sync_dist=True
+                _suffixed(name, self.live_suffix),
+                metric.value,
+                on_step=False,
+                on_epoch=True,
+                logger=metric.to_logger and bool(trainer.loggers),
+                prog_bar=metric.to_progress_bar,
+                batch_size=1,
+                sync_dist=metric.synced,
+                add_dataloader_idx=False,
             )
 
 
-def _run_validation_capturing_logs(
-    trainer: pl.Trainer, pl_module: pl.LightningModule
-) -> dict[str, Tensor]:
-    """One pass of ``validation_step`` over the validation loaders with ``self.log`` captured.
-
-    Values are averaged over batches weighted by batch size, as Lightning does for epoch metrics;
-    a logged torchmetrics ``Metric`` is computed and then reset so the regular pass starts clean.
-    """
-    loaders = trainer.val_dataloaders
-    loaders = list(loaders) if isinstance(loaders, list | tuple) else [loaders]
-    limits = trainer.num_val_batches
-    sums: dict[str, Tensor] = {}
-    weights: dict[str, float] = defaultdict(float)
-    metric_objects: dict[str, Metric] = {}
-    current: dict[str, Any] = {}
-
-    def capture(
-        name: str, value: Any, *args: Any, batch_size: int | None = None, **kwargs: Any
-    ) -> None:
-        if isinstance(value, Metric):
-            metric_objects[name] = value
-            return
-        size = batch_size if batch_size is not None else current["batch_size"]
-        tensor = torch.as_tensor(value, dtype=torch.float64).detach()
-        sums[name] = sums.get(name, 0.0) + tensor * size
-        weights[name] += size
-
-    pl_module.log = capture  # type: ignore[method-assign]
-    try:
-        precision = trainer.precision_plugin
-        for dl_idx, loader in enumerate(loaders):
-            for batch_idx, batch in enumerate(loader):
-                if batch_idx >= limits[dl_idx]:
-                    break
-                batch = trainer.lightning_module._on_before_batch_transfer(batch, dl_idx)
-                batch = trainer.strategy.batch_to_device(batch, dataloader_idx=dl_idx)
-                current["batch_size"] = extract_batch_size(batch)
-                args = (batch, batch_idx, dl_idx) if len(loaders) > 1 else (batch, batch_idx)
-                with precision.val_step_context():
-                    pl_module.validation_step(*args)
-    finally:
-        del pl_module.log
-    out = {name: (total / weights[name]).float() for name, total in sums.items()}
-    for name, metric in metric_objects.items():
-        out[name] = metric.compute().float()
-        metric.reset()
-    return out
-
-
+# -------------------------------------------------------------------------- helpers
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -374,20 +491,181 @@ def _parse_device(device: str | None) -> torch.device | None:
         ) from err
 
 
+def _refuse_two_emas_in_state_dict(callbacks: list[Any]) -> None:
+    """Only one EMA can own a checkpoint's ``state_dict``: a second would take the first's EMA
+    for the live weights."""
+    owners = [cb for cb in callbacks if isinstance(cb, EMA) and cb.checkpoint_weights == "ema"]
+    if len(owners) > 1:
+        raise ValueError(
+            f"{len(owners)} EMA callbacks would each put their average in the checkpoint's "
+            "state_dict: pass checkpoint_weights='live' to all but one of them"
+        )
+
+
+def _find_mask_source(callbacks: list[Any]) -> Any:
+    """A sparse-training callback (duck-typed by ``masks_by_name``), if the Trainer has one."""
+    sources = [cb for cb in callbacks if callable(getattr(cb, "masks_by_name", None))]
+    return sources[0] if sources else None
+
+
+def _masked(values: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    out = dict(values)
+    for name, mask in masks.items():
+        out[name] = values[name] * mask.to(device=values[name].device, dtype=torch.bool)
+    return out
+
+
+def _refuse_persistent_workers(loaders: Any) -> None:
+    loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+    for loader in loaders:
+        if getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0):
+            raise ValueError(
+                "EMA(validate_on='both') runs a second validation epoch, which a DataLoader with "
+                "persistent_workers=True cannot serve while the first is open: set "
+                "persistent_workers=False on the validation loader, or use validate_on='ema'"
+            )
+
+
+def _suffixed(name: str, suffix: str) -> str:
+    """``val_loss`` -> ``val_loss_live``; ``val_loss/dataloader_idx_1`` -> ``val_loss_live/...``."""
+    base, sep, rest = name.partition("/dataloader_idx_")
+    return f"{base}{suffix}{sep}{rest}"
+
+
+def _private(trainer: Any, module: str) -> Any:
+    """A Lightning-internal module of the namespace the Trainer comes from."""
+    return importlib.import_module(f"{namespace_of(trainer).__name__}.{module}")
+
+
+@contextmanager
+def _private_results(trainer: Any) -> Iterator[Any]:
+    """Route ``self.log`` of the running validation loop into a fresh result collection.
+
+    Lightning private API (loop ``_results``, logger connector state), restored on exit.
+    """
+    result_module = _private(trainer, "trainer.connectors.logger_connector.result")
+    loop = trainer._active_loop
+    connector = trainer._logger_connector
+    saved = (loop._results, connector._first_loop_iter, connector._current_fx)
+    results = result_module._ResultCollection(training=False)
+    loop._results = results
+    connector._first_loop_iter = None
+    try:
+        yield results
+    finally:
+        results.reset()  # also resets any torchmetrics Metric logged as an object
+        loop._results, connector._first_loop_iter, connector._current_fx = saved
+
+
+@contextmanager
+def _metric_states_restored(module: torch.nn.Module) -> Iterator[None]:
+    """Leave every torchmetrics ``Metric`` of ``module`` in the state it had on entry."""
+    metrics = [m for m in module.modules() if isinstance(m, Metric)]
+    saved = [(m, _copy_state(m.metric_state), m._update_count, m._computed) for m in metrics]
+    try:
+        yield
+    finally:
+        for metric, state, count, computed in saved:
+            for attr, value in state.items():
+                setattr(metric, attr, value)
+            metric._update_count, metric._computed = count, computed
+
+
+def _copy_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: [t.clone() for t in v] if isinstance(v, list) else v.clone() for k, v in state.items()
+    }
+
+
+class _EpochMetric(NamedTuple):
+    value: Tensor
+    to_logger: bool
+    to_progress_bar: bool
+    synced: bool
+
+
+def _collect_epoch_metrics(results: Any, into: dict[str, _EpochMetric]) -> None:
+    """Epoch-level values of ``results`` for its current dataloader index, as Lightning reads them
+    at the end of each dataloader and of the epoch, with where each goes and whether it was
+    synced across ranks."""
+    metrics = results.metrics(on_step=False)
+    synced = set()
+    for _, result_metric in results.valid_items():
+        if result_metric.meta.sync.should:
+            synced.update(results._forked_name(result_metric, False))
+    for name, value in metrics["callback"].items():
+        into[name] = _EpochMetric(
+            value.detach().clone(), name in metrics["log"], name in metrics["pbar"], name in synced
+        )
+
+
+def _run_separate_validation_epoch(
+    trainer: pl.Trainer, pl_module: pl.LightningModule
+) -> dict[str, _EpochMetric]:
+    """Run one whole validation epoch of the module (its epoch-start hook, batch hooks,
+    ``validation_step`` and epoch-end hook) with its own logged results and metric states.
+
+    The global RNG is left as it was, so the regular pass and training see the same randomness.
+    """
+    call = _private(trainer, "trainer.call")
+    connector = trainer._logger_connector
+    loaders = trainer.val_dataloaders
+    loaders = list(loaders) if isinstance(loaders, list | tuple) else [loaders]
+    limits = trainer.num_val_batches
+    several = len(loaders) > 1
+    collected: dict[str, _EpochMetric] = {}
+    with (
+        torch.random.fork_rng(devices=[]),
+        _metric_states_restored(pl_module),
+        _private_results(trainer) as results,
+    ):
+        call._call_lightning_module_hook(trainer, "on_validation_epoch_start")
+        for dl_idx, loader in enumerate(loaders):
+            for batch_idx, batch in enumerate(loader):
+                if batch_idx >= limits[dl_idx]:
+                    break
+                batch = trainer.precision_plugin.convert_input(batch)
+                batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=dl_idx)
+                batch = call._call_strategy_hook(
+                    trainer, "batch_to_device", batch, dataloader_idx=dl_idx
+                )
+                connector.on_batch_start(batch, dl_idx if several else None)
+                args = (batch, batch_idx, dl_idx) if several else (batch, batch_idx)
+                call._call_lightning_module_hook(trainer, "on_validation_batch_start", *args)
+                output = call._call_strategy_hook(trainer, "validation_step", *args)
+                call._call_lightning_module_hook(trainer, "on_validation_batch_end", output, *args)
+            if several:  # this loader's metrics, as Lightning stores them between loaders
+                connector.epoch_end_reached()
+                _collect_epoch_metrics(results, collected)
+        connector.epoch_end_reached()
+        results.dataloader_idx = None
+        call._call_lightning_module_hook(trainer, "on_validation_epoch_end")
+        _collect_epoch_metrics(results, collected)
+    return collected
+
+
 # ---------------------------------------------------------------------- checkpoints
+def _load_checkpoint(
+    checkpoint: str | Path | Mapping[str, Any], trusted: bool
+) -> Mapping[str, Any]:
+    if isinstance(checkpoint, str | Path):
+        return load_file(checkpoint, trusted=trusted)
+    return checkpoint
+
+
 def ema_state_dict_from_checkpoint(
-    checkpoint: str | Path | Mapping[str, Any], *, state_key: str | None = None
+    checkpoint: str | Path | Mapping[str, Any],
+    *,
+    state_key: str | None = None,
+    trusted: bool = False,
 ) -> dict[str, Tensor]:
     """The module's state dict with every averaged tensor replaced by its EMA, for inference.
 
     Works on checkpoints written by ``trainer.save_checkpoint`` or ``ModelCheckpoint`` with an
-    ``EMA`` callback. With several EMA callbacks, pick one by ``state_key``.
+    ``EMA`` callback, in either layout (``checkpoint_weights="ema"`` or ``"live"``). With several
+    EMA callbacks, pick one by ``state_key``. Files are read weights-only unless ``trusted=True``.
     """
-    ckpt = (
-        torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if isinstance(checkpoint, str | Path)
-        else checkpoint
-    )
+    ckpt = _load_checkpoint(checkpoint, trusted)
     if "state_dict" not in ckpt:
         raise ValueError(f"{checkpoint}: not a Lightning checkpoint (no 'state_dict' entry)")
     candidates = {k: v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("EMA") and v}
@@ -406,14 +684,27 @@ def ema_state_dict_from_checkpoint(
             "the checkpoint holds several EMA states; choose one with state_key from "
             f"{sorted(candidates)}"
         )
-    shadow = next(iter(candidates.values()))["shadow"]
+    state = next(iter(candidates.values()))
     model_state = ckpt["state_dict"]
-    unknown = [k for k in shadow if k not in model_state]
-    if unknown:
-        raise ValueError(f"EMA state names tensors the model state lacks: {unknown[:5]}")
-    return {name: shadow.get(name, value) for name, value in model_state.items()}
+    if state.get(_EMA_IN_STATE_DICT):
+        return dict(model_state)  # already the (masked) EMA
+    shadow = _masked(state["shadow"], state.get("masks", {}))
+    aliases = state.get("aliases", {})
+    if shadow and not any(k in model_state for k in shadow):
+        raise ValueError(
+            f"the EMA state names none of the model's tensors (e.g. {next(iter(shadow))!r}): "
+            "was the checkpoint edited or written for another model?"
+        )
+    return {name: shadow.get(aliases.get(name, name), value) for name, value in model_state.items()}
 
 
-def export_ema(checkpoint: str | Path, out: str | Path, *, state_key: str | None = None) -> Path:
+def export_ema(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    state_key: str | None = None,
+    trusted: bool = False,
+) -> Path:
     """Write the EMA-only state dict of ``checkpoint`` to ``out`` (atomically)."""
-    return atomic_torch_save(ema_state_dict_from_checkpoint(checkpoint, state_key=state_key), out)
+    state = ema_state_dict_from_checkpoint(checkpoint, state_key=state_key, trusted=trusted)
+    return atomic_torch_save(state, out)

@@ -8,26 +8,33 @@ least-squares combination of the snapshots. Nothing else in the Lightning ecosys
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from lightning_ext._io import atomic_torch_save, atomic_write_json
+from lightning_ext._io import atomic_torch_save, atomic_write, atomic_write_json, load_file
+from lightning_ext._lightning import is_wandb_logger, run_dir
 from lightning_ext.callbacks._shadow import ShadowWeights, TrackedTensors
 from lightning_ext.callbacks._steps import AfterOptimizerStep
 from lightning_ext.functional.ema import (
     posthoc_ema_coefficients,
     power_ema_beta,
+    power_profile,
     sigma_rel_to_gamma,
 )
 
 __all__ = ["PostHocEMA", "posthoc_ema_state_dict", "write_posthoc_ema"]
 
 INDEX_FILE = "posthoc_ema_index.json"
+PLOT_FILE = "profiles.png"
+PLOT_SIGMA_RELS = (0.03, 0.07, 0.15, 0.25)
 
 
 class PostHocEMA(AfterOptimizerStep):
@@ -37,10 +44,12 @@ class PostHocEMA(AfterOptimizerStep):
         sigma_rels: relative standard deviations of the tracked profiles (paper: 0.05 and 0.10).
         snapshot_every_n_steps: write a snapshot of every profile every n EMA updates (and one at
             the end of training). More snapshots give a more accurate reconstruction.
-        snapshot_dir: where snapshots go (default ``<trainer.default_root_dir>/posthoc_ema``).
+        snapshot_dir: where snapshots go (default: ``run_dir(trainer, "posthoc_ema")``, the run's
+            own versioned folder). An explicit folder holding another run's index is refused.
         update_every_n_steps: update the EMAs every n optimizer steps.
         device: where the EMAs live (``None``: beside each weight; ``"cpu"`` to offload).
         buffers: average float buffers or copy them; non-float buffers are always copied.
+        plot: write ``profiles.png`` (target vs reconstructed EMA profiles) at the end of fit.
     """
 
     def __init__(
@@ -52,6 +61,7 @@ class PostHocEMA(AfterOptimizerStep):
         update_every_n_steps: int = 1,
         device: str | None = None,
         buffers: Literal["average", "copy"] = "average",
+        plot: bool = True,
     ) -> None:
         super().__init__()
         if not sigma_rels:
@@ -67,21 +77,40 @@ class PostHocEMA(AfterOptimizerStep):
         self.update_every_n_steps = update_every_n_steps
         self.device = torch.device(device) if device is not None else None
         self.buffers = buffers
+        self.plot = plot
         self.num_updates = 0
         self.snapshots: list[dict[str, Any]] = []
+        self.run_id = uuid.uuid4().hex
         self._shadows: list[ShadowWeights] = []
         self._loaded: list[dict[str, Tensor]] | None = None
+        self._loaded_dir: str | None = None
         self._dir: Path | None = None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(sigma_rels=tuple(self.sigma_rels))
 
+    @property
+    def folder(self) -> Path | None:
+        """Where this run's snapshots, index and picture go (known from ``setup`` on)."""
+        return self._dir
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        root = self.snapshot_dir or Path(trainer.default_root_dir) / "posthoc_ema"
-        self._dir = Path(root)
+        if stage != "fit":
+            return
+        self.run_id = trainer.strategy.broadcast(self.run_id, src=0)  # one id for all ranks
+        if self.snapshot_dir is not None:
+            self._dir = Path(self.snapshot_dir)
+        else:
+            self._dir = run_dir(trainer, "posthoc_ema")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the checkpoint (if any) was restored: a resumed run carries its own run_id.
+        problem = self._foreign_index_problem() if trainer.is_global_zero else None
+        problem = trainer.strategy.broadcast(problem, src=0)
+        if problem:
+            raise ValueError(problem)
+        self._relocate_loaded_snapshots()
         if not self._shadows:
             tracked = TrackedTensors.from_module(
                 pl_module, average_buffers=self.buffers == "average"
@@ -91,6 +120,30 @@ class PostHocEMA(AfterOptimizerStep):
             for shadow, state in zip(self._shadows, self._loaded):
                 shadow.load_state_dict(state, "PostHocEMA state in the checkpoint")
             self._loaded = None
+
+    def _foreign_index_problem(self) -> str | None:
+        """Why writing into the folder would clobber another run's snapshots, or None."""
+        assert self._dir is not None
+        index = self._dir / INDEX_FILE
+        if not index.exists():
+            return None
+        other = json.loads(index.read_text()).get("run_id")
+        if other == self.run_id:
+            return None
+        return (
+            f"{index} belongs to another PostHocEMA run ({other or 'unknown id'}): writing here "
+            "would overwrite its index and orphan its snapshots. Give a new snapshot_dir, leave "
+            "snapshot_dir unset to use this run's own folder, or resume that run from its "
+            "checkpoint (ckpt_path=...)."
+        )
+
+    def _relocate_loaded_snapshots(self) -> None:
+        """A run resumed into a new folder still lists the snapshots written before, by path."""
+        assert self._dir is not None
+        old, self._loaded_dir = self._loaded_dir, None
+        if old is None or Path(old).resolve() == self._dir.resolve():
+            return
+        self.snapshots = [{**e, "file": str(Path(old) / e["file"])} for e in self.snapshots]
 
     def on_optimizer_step_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step % self.update_every_n_steps:
@@ -106,6 +159,13 @@ class PostHocEMA(AfterOptimizerStep):
             not self.snapshots or self.snapshots[-1]["step"] != self.num_updates
         ):
             self._snapshot(trainer)
+        if self.plot and self.snapshots and trainer.is_global_zero:
+            assert self._dir is not None
+            picture = plot_profiles(self.snapshots, self._dir / PLOT_FILE)
+            if picture is not None:
+                for logger in trainer.loggers:
+                    if is_wandb_logger(logger):
+                        logger.log_image(key="posthoc_ema/profiles", images=[str(picture)])
 
     def _snapshot(self, trainer: pl.Trainer) -> None:
         name = f"phema_{self.num_updates:010d}.pt"
@@ -122,8 +182,17 @@ class PostHocEMA(AfterOptimizerStep):
                 {k: v.detach().cpu() for k, v in s.state_dict().items()} for s in self._shadows
             ]
             atomic_torch_save({**entry, "weights": weights}, self._dir / name)
-            atomic_write_json({"snapshots": [*self.snapshots, entry]}, self._dir / INDEX_FILE)
+            index = {"run_id": self.run_id, "snapshots": [*self.snapshots, entry]}
+            atomic_write_json(index, self._dir / INDEX_FILE)
         self.snapshots.append(entry)
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {
+                    "posthoc_ema/snapshots": float(len(self.snapshots)),
+                    "posthoc_ema/updates": float(self.num_updates),
+                },
+                step=trainer.global_step,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         shadows = [s.state_dict() for s in self._shadows] if self._shadows else self._loaded
@@ -132,6 +201,8 @@ class PostHocEMA(AfterOptimizerStep):
             "snapshots": list(self.snapshots),
             "gammas": self.gammas,
             "shadows": shadows,
+            "run_id": self.run_id,
+            "dir": str(self._dir) if self._dir is not None else self._loaded_dir,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -143,6 +214,8 @@ class PostHocEMA(AfterOptimizerStep):
         self.num_updates = int(state_dict["num_updates"])
         self.snapshots = list(state_dict["snapshots"])
         self._loaded = state_dict["shadows"]
+        self.run_id = state_dict.get("run_id", self.run_id)
+        self._loaded_dir = state_dict.get("dir")
 
 
 def _read_index(snapshot_dir: Path) -> list[dict[str, Any]]:
@@ -152,28 +225,38 @@ def _read_index(snapshot_dir: Path) -> list[dict[str, Any]]:
     return json.loads(index.read_text())["snapshots"]
 
 
+def _coefficients(
+    entries: list[dict[str, Any]], sigma_rel: float, step: int
+) -> tuple[list[dict[str, Any]], Tensor]:
+    """The snapshots usable for the EMA at ``step`` and one coefficient per stored profile."""
+    usable = [e for e in entries if e["step"] <= step]
+    gammas = [g for e in usable for g in e["gammas"]]
+    steps = [e["step"] for e in usable for _ in e["gammas"]]
+    return usable, posthoc_ema_coefficients(gammas, steps, sigma_rel_to_gamma(sigma_rel), step)
+
+
 @torch.no_grad()
 def posthoc_ema_state_dict(
-    snapshot_dir: str | Path, sigma_rel: float, *, step: int | None = None
+    snapshot_dir: str | Path,
+    sigma_rel: float,
+    *,
+    step: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Tensor]:
     """Reconstruct the EMA with relative width ``sigma_rel`` at EMA update ``step`` (default: the
-    last snapshot) from the snapshots in ``snapshot_dir``. Streams one snapshot file at a time."""
+    last snapshot) from the snapshots in ``snapshot_dir``. Streams one snapshot file at a time,
+    with a tqdm progress bar when ``progress`` is set."""
     entries = _read_index(Path(snapshot_dir))
     last = entries[-1]["step"]
     step = last if step is None else step
     if not 0 < step <= last:
         raise ValueError(f"step must lie in [1, {last}] (the last snapshot), got {step}")
-    usable = [e for e in entries if e["step"] <= step]
-    gammas = [g for e in usable for g in e["gammas"]]
-    steps = [e["step"] for e in usable for _ in e["gammas"]]
-    coefficients = posthoc_ema_coefficients(gammas, steps, sigma_rel_to_gamma(sigma_rel), step)
+    usable, coefficients = _coefficients(entries, sigma_rel, step)
     result: dict[str, Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     position = 0
-    for entry in usable:
-        snapshot = torch.load(
-            Path(snapshot_dir) / entry["file"], map_location="cpu", weights_only=True
-        )
+    for entry in tqdm(usable, desc="loading snapshots", unit="file", disable=not progress):
+        snapshot = load_file(Path(snapshot_dir) / entry["file"])
         for weights in snapshot["weights"]:
             x = coefficients[position].item()
             position += 1
@@ -187,8 +270,61 @@ def posthoc_ema_state_dict(
     return {name: v.to(dtypes[name]) if name in dtypes else v for name, v in result.items()}
 
 
+def plot_profiles(
+    entries: list[dict[str, Any]],
+    path: str | Path,
+    sigma_rels: Sequence[float] = PLOT_SIGMA_RELS,
+) -> Path | None:
+    """One picture of what the snapshots can give: for a few ``sigma_rels``, the EMA profile
+    (weight of each training step) wanted at the last snapshot, dashed, and the one the
+    reconstruction achieves, solid. None (with one warning) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        rank_zero_warn("matplotlib is not installed: no PostHocEMA profile plot (pip install it)")
+        return None
+    last = entries[-1]["step"]
+    tau = torch.linspace(0, last, 400, dtype=torch.float64)[1:]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for sigma_rel in sigma_rels:
+        usable, x = _coefficients(entries, sigma_rel, last)
+        gammas = [g for e in usable for g in e["gammas"]]
+        steps = [float(e["step"]) for e in usable for _ in e["gammas"]]
+        rebuilt = sum(
+            xi * power_profile(torch.tensor(g, dtype=torch.float64), torch.tensor(t), tau)
+            for xi, g, t in zip(x, gammas, steps)
+        )
+        wanted = power_profile(
+            torch.tensor(sigma_rel_to_gamma(sigma_rel), dtype=torch.float64),
+            torch.tensor(float(last), dtype=torch.float64),
+            tau,
+        )
+        (line,) = ax.plot(tau.numpy(), rebuilt.numpy(), label=f"sigma_rel {sigma_rel}")
+        ax.plot(tau.numpy(), wanted.numpy(), ls="--", color=line.get_color(), lw=0.8)
+    ax.set(
+        xlabel="EMA update (training step)",
+        ylabel="weight of the step",
+        title=f"Post-hoc EMA from {len(entries)} snapshots: wanted (dashed), rebuilt (solid)",
+    )
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
+    plt.close(fig)
+    return out
+
+
 def write_posthoc_ema(
-    snapshot_dir: str | Path, sigma_rel: float, out: str | Path, *, step: int | None = None
+    snapshot_dir: str | Path,
+    sigma_rel: float,
+    out: str | Path,
+    *,
+    step: int | None = None,
+    progress: bool = False,
 ) -> Path:
     """Reconstruct (see ``posthoc_ema_state_dict``) and save the state dict atomically."""
-    return atomic_torch_save(posthoc_ema_state_dict(snapshot_dir, sigma_rel, step=step), out)
+    state = posthoc_ema_state_dict(snapshot_dir, sigma_rel, step=step, progress=progress)
+    return atomic_torch_save(state, out)

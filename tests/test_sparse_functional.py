@@ -9,17 +9,23 @@ import torch
 
 from lightning_ext.functional import (
     active_count,
+    adam_normalised_momentum,
     allocate_counts,
     cosine_drop_fraction,
     drop_and_grow,
+    drop_count,
     erk_densities,
     layer_densities,
+    mask_as_multiplier,
     nm_mask,
+    pack_bits,
+    popcount_bits,
     random_mask,
     seeded_generator,
     srste_decay_,
     to_csr,
     to_semi_structured,
+    unpack_bits,
 )
 
 
@@ -79,7 +85,7 @@ def test_exact_counts_and_random_mask():
     assert active_count(0.25, 10) == 3  # 2.5 rounds half up
     assert active_count(0.001, 10) == 1
     m = random_mask((7, 13), 17, seeded_generator(0, 5, "w"))
-    assert m.shape == (7, 13) and int(m.sum()) == 17 and set(m.unique().tolist()) == {0.0, 1.0}
+    assert m.shape == (7, 13) and m.dtype == torch.bool and int(m.sum()) == 17
     again = random_mask((7, 13), 17, seeded_generator(0, 5, "w"))
     other = random_mask((7, 13), 17, seeded_generator(0, 6, "w"))
     assert torch.equal(m, again) and not torch.equal(m, other)
@@ -97,9 +103,10 @@ def test_drop_and_grow_brute_force():
     survivors = {i for _, i in sorted(active)[4:]}
     free = [(scores.view(-1)[i].item(), i) for i in range(30) if i not in survivors]
     grown = {i for _, i in sorted(free, reverse=True)[:4]}
-    expected = torch.zeros(30)
-    expected[list(survivors | grown)] = 1
+    expected = torch.zeros(30, dtype=torch.bool)
+    expected[list(survivors | grown)] = True
     assert torch.equal(new.view(-1), expected)
+    assert torch.equal(drop_and_grow(w, mask, scores, 4, active=12), new)
     # unequal drop/grow (sparse momentum redistribution)
     assert int(drop_and_grow(w, mask, scores, 4, 7).sum()) == 15
     with pytest.raises(ValueError):
@@ -126,15 +133,75 @@ def test_allocate_counts_exact_and_capped():
 def test_nm_mask_and_srste():
     w = torch.tensor([[1.0, -5.0, 2.0, 0.5, 3.0, 0.1, -0.2, 4.0]])
     m = nm_mask(w, 2, 4)
-    assert m.tolist() == [[0, 1, 1, 0, 1, 0, 0, 1]]
-    conv = torch.randn(4, 2, 2, 2)
-    mc = nm_mask(conv, 2, 4)
-    assert torch.all(mc.reshape(4, -1, 4).sum(-1) == 2)
+    assert m.dtype == torch.bool
+    assert m.tolist() == [[False, True, True, False, True, False, False, True]]
     grad = torch.zeros_like(w)
     srste_decay_(grad, w, m, decay=0.1)
-    assert torch.allclose(grad, 0.1 * (1 - m) * w)
+    assert torch.allclose(grad, 0.1 * (~m) * w)
     with pytest.raises(ValueError, match="multiple"):
         nm_mask(torch.randn(2, 6), 2, 4)
+    with pytest.raises(ValueError, match="input channels 2"):
+        nm_mask(torch.randn(4, 2, 2, 2), 2, 4)  # 8 inputs per row, but only 2 channels
+
+
+def reference_nhwc_nm_mask(weight, n, m):
+    """Written from SR-STE's ``Sparse_NHWC`` (aojunzz/NM-sparsity): permute a conv kernel to
+    (C_out, kh, kw, C_in), cut into rows of M along C_in, zero the M-N smallest of each row."""
+    out_c, in_c, kh, kw = weight.shape
+    nhwc = weight.detach().abs().permute(0, 2, 3, 1).reshape(-1, m)
+    keep = torch.ones_like(nhwc)
+    drop = torch.argsort(nhwc, dim=1)[:, : m - n]
+    keep.scatter_(1, drop, 0.0)
+    return keep.reshape(out_c, kh, kw, in_c).permute(0, 3, 1, 2).bool()
+
+
+def test_nm_mask_on_convolutions_groups_input_channels_at_each_kernel_position():
+    w = torch.randn(8, 8, 3, 3, generator=torch.Generator().manual_seed(0))
+    mask = nm_mask(w, 2, 4)
+    assert torch.equal(mask, reference_nhwc_nm_mask(w, 2, 4))
+    per_group = mask.permute(0, 2, 3, 1).reshape(-1, 4).sum(-1)
+    assert torch.all(per_group == 2)  # channel-wise 2:4 kernels can consume it
+    # the flattened (C_in, kh, kw) grouping of before is a different mask on this kernel
+    flat = w.abs().reshape(8, -1, 4)
+    old = torch.zeros_like(flat).scatter_(-1, flat.topk(2, dim=-1).indices, 1.0).bool()
+    assert not torch.equal(old.reshape(w.shape), mask)
+    conv1d = torch.randn(4, 8, 5)
+    m1 = nm_mask(conv1d, 1, 4)
+    assert torch.all(m1.permute(0, 2, 1).reshape(-1, 4).sum(-1) == 1)
+
+
+def test_drop_count_truncates_like_rigl():
+    # google-research/rigl: tf.cast(tf.cast(n_ones, float32) * drop_fraction, int32)
+    assert drop_count(0.3, 25) == 7  # 7.5: round() gives 8
+    assert drop_count(0.29, 10) == 2  # 2.9: round() gives 3
+    assert drop_count(0.0, 100) == 0
+
+
+def test_adam_normalised_momentum_matches_sparse_learning():
+    # sparse_learning.core.Masking.get_momentum_for_weight: m1 / (sqrt(m2) + 1e-08)
+    m1 = torch.tensor([0.5, -0.2, 0.0])
+    m2 = torch.tensor([0.25, 0.01, 0.0])
+    expected = torch.tensor([0.5 / (0.5 + 1e-8), -0.2 / (0.1 + 1e-8), 0.0])
+    assert torch.allclose(adam_normalised_momentum(m1, m2), expected)
+
+
+def test_pack_bits_round_trip_and_count():
+    mask = torch.rand(7, 5, 3, generator=torch.Generator().manual_seed(1)) < 0.3
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (105 + 7) // 8
+    assert torch.equal(unpack_bits(packed, mask.shape), mask)
+    assert popcount_bits(packed) == int(mask.sum())
+
+
+def test_mask_as_multiplier_zeroes_exactly_without_copying():
+    mask = torch.tensor([[True, False], [False, True]])
+    multiplier = mask_as_multiplier(mask)
+    assert multiplier.data_ptr() == mask.data_ptr()
+    w = torch.tensor([[1.5, -2.0], [3.0, -4.0]])
+    w.mul_(multiplier)
+    assert w.tolist() == [[1.5, 0.0], [0.0, -4.0]] and w.dtype == torch.float32
+    with pytest.raises(ValueError, match="boolean"):
+        mask_as_multiplier(mask.float())
 
 
 def test_export_csr_and_semi_structured_errors_on_cpu():
@@ -145,3 +212,14 @@ def test_export_csr_and_semi_structured_errors_on_cpu():
     assert torch.equal(csr.to_dense(), (w * mask).reshape(4, -1))
     with pytest.raises(RuntimeError, match="CUDA"):
         to_semi_structured(torch.randn(8, 8))
+
+
+@pytest.mark.cuda
+def test_semi_structured_export_keeps_the_nm_mask_groups_on_cuda():
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("2:4 semi-structured sparsity needs compute capability >= 8.0")
+    w = torch.randn(64, 32, 3, 3, device="cuda", dtype=torch.float16)
+    mask = nm_mask(w, 2, 4)
+    sparse = to_semi_structured(w, mask)
+    expected = (w * mask).permute(0, 2, 3, 1).reshape(64, -1)
+    assert torch.equal(sparse.to_dense(), expected)

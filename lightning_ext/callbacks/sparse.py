@@ -5,30 +5,42 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_ext._io import atomic_torch_save
+from lightning_ext._io import atomic_torch_save, atomic_write, load_file
+from lightning_ext._lightning import is_wandb_logger, run_dir
+from lightning_ext._modules import named_parameters, normalise_name, normalised_keys
+from lightning_ext._modules import parameter_aliases as module_parameter_aliases
 from lightning_ext.functional.sparsity import (
     active_count,
+    adam_normalised_momentum,
     allocate_counts,
     cosine_drop_fraction,
     drop_and_grow,
+    drop_count,
     layer_densities,
+    mask_as_multiplier,
     nm_mask,
+    pack_bits,
+    popcount_bits,
     random_mask,
     seeded_generator,
     srste_decay_,
     to_csr,
     to_semi_structured,
+    unpack_bits,
 )
 
 Method = Literal["rigl", "set", "snfs", "static", "srste"]
 Distribution = Literal["erk", "er", "uniform", "uniform_first_dense"]
+Layout = Literal["dense", "csr", "semi_structured"]
 
 DEFAULT_MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention")
 # Optimizers whose per-parameter state is element-wise (same shape as the parameter) plus scalars,
@@ -36,6 +48,9 @@ DEFAULT_MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttent
 ELEMENTWISE_OPTIMIZERS = frozenset(
     {"SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "ASGD"}
 )
+# Optimizers keeping Adam's two moments (exp_avg, exp_avg_sq): sparse momentum grows by their ratio.
+ADAM_MOMENT_OPTIMIZERS = frozenset({"Adam", "AdamW", "NAdam", "RAdam"})
+LAYOUTS = ("dense", "csr", "semi_structured")
 
 
 class DynamicSparseTraining(Callback):
@@ -44,10 +59,11 @@ class DynamicSparseTraining(Callback):
     Args:
         density: global fraction of the targeted weights kept active, in (0, 1].
         method: ``rigl`` (grow by dense-gradient magnitude), ``set`` (grow at random),
-            ``snfs`` (sparse momentum: grow by gradient-momentum magnitude, growth redistributed
-            across layers by their mean momentum), ``static`` (fixed random mask: the baseline),
-            ``srste`` (N:M structured masks recomputed every step with SR-STE; ``density`` and
-            ``distribution`` are then given by ``nm``).
+            ``snfs`` (sparse momentum: grow by momentum magnitude, growth redistributed across
+            layers by their mean momentum; the momentum is the optimizer's own, Adam's normalised
+            by its second moment, as in sparse_learning), ``static`` (fixed random mask: the
+            baseline), ``srste`` (N:M structured masks recomputed every step with SR-STE;
+            ``density`` and ``distribution`` are then given by ``nm``).
         distribution: layer densities: ``erk``, ``er``, ``uniform``, ``uniform_first_dense``.
         erk_power: exponent of the ERK/ER raw densities.
         layer_density: explicit per-layer densities, ``{regex over parameter names: density}``;
@@ -59,14 +75,20 @@ class DynamicSparseTraining(Callback):
         module_types: class names (a subclass matches too) whose own >=2-D parameters are targets.
         include: regexes over parameter names adding targets (each must match one parameter).
         exclude: regexes over parameter names removing targets (each must match one target).
-        momentum_beta: decay of the gradient momentum ``snfs`` grows by.
+        dense_first_layer: leave the first targeted parameter (in registration order) dense and
+            out of the budget, as RigL's ``prune_first_layer=False``.
+        momentum_beta: decay of the gradient momentum ``snfs`` keeps itself when the optimizer
+            has none (plain SGD, RMSprop...).
         nm: ``"N:M"`` pattern for ``srste``.
         srste_decay: lambda of SR-STE's pull on pruned weights.
         seed: seeds the initial masks and random growth, together with step and parameter name.
         trust_optimizer_state: accept an optimizer not known to keep element-wise state; every
             state tensor of a parameter's shape is still zeroed with its weights, and any other
             non-scalar state raises at the first update.
-        log_per_layer: log ``sparse/density/<param>`` for every target.
+        log_per_layer: log ``sparse/density/<param>`` and ``sparse/mask_change/<param>`` at every
+            mask update.
+        plot: draw per-layer density and mask change over the run into
+            ``<run folder>/sparse/sparsity.png`` at fit end (and to wandb when logging there).
     """
 
     def __init__(
@@ -83,12 +105,14 @@ class DynamicSparseTraining(Callback):
         module_types: list[str] | None = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        dense_first_layer: bool = False,
         momentum_beta: float = 0.9,
         nm: str = "2:4",
         srste_decay: float = 2e-4,
         seed: int = 0,
         trust_optimizer_state: bool = False,
         log_per_layer: bool = True,
+        plot: bool = True,
     ) -> None:
         super().__init__()
         if not 0.0 < density <= 1.0:
@@ -116,62 +140,101 @@ class DynamicSparseTraining(Callback):
         self.delta_t, self.end_fraction, self.drop_fraction = delta_t, end_fraction, drop_fraction
         self.module_types = list(module_types or DEFAULT_MODULE_TYPES)
         self.include, self.exclude = list(include or []), list(exclude or [])
+        self.dense_first_layer = dense_first_layer
         self.momentum_beta, self.srste_decay, self.seed = momentum_beta, srste_decay, seed
         self.n, self.m = int(match[1]), int(match[2])
         self.trust_optimizer_state, self.log_per_layer = trust_optimizer_state, log_per_layer
+        self.plot = plot
 
-        self.names: list[str] = []
-        self.counts: list[int] = []  # target active weights per layer
+        self.names: list[str] = []  # normalised, first name of each targeted parameter
+        self.counts: list[int] = []  # active weights per layer (always equal to the mask's sum)
+        self.aliases: dict[str, list[str]] = {}  # every name of each target (tied weights)
         self._params: list[Tensor] = []
-        self._masks: list[Tensor] = []
-        self._ever: list[Tensor] = []
-        self._momentum: list[Tensor] = []  # snfs: EMA of dense gradients
+        self._masks: list[Tensor] = []  # bool
+        self._multipliers: list[Tensor] = []  # uint8 views of _masks, for multiplication
+        self._ever: list[Tensor] = []  # pack_bits of every position ever active
+        self._own_momentum: dict[int, Tensor] = {}  # snfs without optimizer momentum: own EMA
         self._dense: list[Tensor] = []  # srste: dense weights behind the masked ones
         self._loaded: dict[str, Any] | None = None
+        self._hooks: list[Any] = []  # handles of the optimizer post-step hooks
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._own_momentum_index: list[int] = []
+        self._pending_update: int | None = None
+        self._last_update_step = -1
+        self._out_dir: Path | None = None
+        self.history: list[dict[str, Any]] = []  # per update: step, density and change per layer
         self.updates = 0
         self.skipped = 0
         self.end_step = 0
         self.last_change = 0.0
-        self._stepped = False
         self._log_due = False
 
     @property
     def masks(self) -> dict[str, Tensor]:
-        """The live masks (0/1 in the weight's dtype) by parameter name."""
+        """The live boolean masks by (first, normalised) parameter name."""
         return dict(zip(self.names, self._masks))
+
+    def masks_by_name(self) -> dict[str, Tensor]:
+        """The current boolean masks keyed by every name the module gives the targeted parameters,
+        with ``_orig_mod.`` segments removed: a tied weight appears under each of its names with
+        one and the same mask. The tensors are the live masks: read them, do not modify them.
+
+        Meant for callbacks that keep other copies of the weights (EMA, soups), so that they can
+        re-apply the sparsity: ``averaged[name].mul_(mask)``.
+        """
+        return {
+            alias: mask
+            for name, mask in zip(self.names, self._masks)
+            for alias in self.aliases.get(name, [name])
+        }
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(method=self.method, density=self.density)
 
+    @property
+    def _update_methods(self) -> bool:
+        return self.method in ("rigl", "set", "snfs")
+
     # ----- setup: choose targets and their budgets -------------------------------------------
 
     def select_targets(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        """The parameters to sparsify, in ``named_parameters`` order; raises on useless patterns."""
-        named = dict(module.named_parameters())
+        """The parameters to sparsify, in ``named_parameters`` order, by normalised first name.
+
+        A parameter is chosen once however many modules hold it (tied weights), and patterns
+        match any of its names. Raises on patterns that match nothing.
+        """
+        named = named_parameters(module)
+        aliases = module_parameter_aliases(module)
+        by_id = {id(p): name for name, p in named.items()}
         chosen: set[str] = set()
-        for mod_name, mod in module.named_modules():
+        for mod in module.modules():
             kinds = {cls.__name__ for cls in type(mod).__mro__}
             if kinds & set(self.module_types):
-                for p_name, p in mod.named_parameters(recurse=False):
-                    if p.ndim >= 2:
-                        chosen.add(f"{mod_name}.{p_name}" if mod_name else p_name)
+                chosen.update(by_id[id(p)] for p in mod.parameters(recurse=False) if p.ndim >= 2)
+
+        def matching(pattern: str, among: set[str] | dict[str, Any]) -> set[str]:
+            return {n for n in among if any(re.search(pattern, a) for a in aliases[n])}
+
         for pattern in self.include:
-            hits = {n for n in named if re.search(pattern, n)}
+            hits = matching(pattern, named)
             if not hits:
                 raise ValueError(f"include pattern {pattern!r} matches no parameter of the module")
             chosen |= hits
         for pattern in self.exclude:
-            hits = {n for n in chosen if re.search(pattern, n)}
+            hits = matching(pattern, chosen)
             if not hits:
                 raise ValueError(f"exclude pattern {pattern!r} matches no targeted parameter")
             chosen -= hits
-        if not chosen:
+        targets = [(n, p) for n, p in named.items() if n in chosen]
+        if self.dense_first_layer:
+            targets = targets[1:]
+        if not targets:
             raise ValueError(
                 f"no parameter to sparsify: none belongs to {self.module_types}; "
                 "set module_types or include"
             )
-        return [(n, p) for n, p in named.items() if n in chosen]
+        return targets
 
     def _densities(self, targets: list[tuple[str, nn.Parameter]]) -> list[float]:
         if self.method == "srste":
@@ -207,15 +270,22 @@ class DynamicSparseTraining(Callback):
         targets = self.select_targets(pl_module)
         densities = self._densities(targets)
         self.names = [n for n, _ in targets]
+        all_aliases = module_parameter_aliases(pl_module)
+        self.aliases = {n: all_aliases[n] for n in self.names}
         self.counts = [active_count(d, p.numel()) for d, (_, p) in zip(densities, targets)]
         if self.method == "srste":
             for name, p in targets:
-                if p.reshape(p.shape[0], -1).shape[1] % self.m:
-                    raise ValueError(f"{name}: input size is not a multiple of M={self.m}")
+                if p.shape[1] % self.m:
+                    raise ValueError(
+                        f"{name}: {p.shape[1]} input channels, not a multiple of M={self.m}; "
+                        "exclude it or choose another nm"
+                    )
+        if self.plot:
+            self._out_dir = run_dir(trainer, "sparse")
 
-    # ----- start: optimizer checks, masks ----------------------------------------------------
+    # ----- start: optimizer checks, masks, the run's schedule --------------------------------
 
-    def _check_optimizers(self, trainer: pl.Trainer) -> None:
+    def _check_optimizers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         owned: set[int] = set()
         for opt in trainer.optimizers:
             kind = type(opt).__name__
@@ -234,11 +304,43 @@ class DynamicSparseTraining(Callback):
             raise ValueError(f"targeted parameters not in any optimizer: {missing}; exclude them")
         if self.method == "srste" and trainer.accumulate_grad_batches > 1:
             raise ValueError("method='srste' does not support accumulate_grad_batches > 1 yet")
+        if not pl_module.automatic_optimization and len(trainer.optimizers) > 1:
+            raise ValueError(
+                "DynamicSparseTraining with manual optimization supports one optimizer: the "
+                "update schedule (delta_t, end_fraction) counts trainer.global_step, which every "
+                "optimizer's step advances, so with several the updates would land off schedule. "
+                "Use one optimizer (param groups are fine) or automatic optimization."
+            )
+
+    def planned_updates(self) -> int:
+        """Mask updates this run will make: steps k * delta_t (k >= 1) before ``end_step``."""
+        if not self._update_methods or self.end_step <= 0:
+            return 0
+        return (self.end_step - 1) // self.delta_t
+
+    def _announce_schedule(self, total: float) -> None:
+        if not self._update_methods:
+            return
+        planned = self.planned_updates()
+        rank_zero_info(
+            f"DynamicSparseTraining ({self.method}): {planned} mask updates in this run, every "
+            f"{self.delta_t} optimizer steps before step {self.end_step} "
+            f"(end_fraction={self.end_fraction} of {int(total)} steps)."
+        )
+        if planned == 0:
+            rank_zero_warn(
+                f"DynamicSparseTraining ({self.method}) will make no mask update: the run has "
+                f"{int(total)} optimizer steps, updates stop at step {self.end_step} "
+                f"(end_fraction={self.end_fraction}) and the first is at step delta_t="
+                f"{self.delta_t}. Lower delta_t (to at most {max(1, (self.end_step - 1) // 3)} "
+                "for 3 updates), raise end_fraction, or train longer; as it is, this is static "
+                "sparse training."
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        named = dict(pl_module.named_parameters())
+        named = named_parameters(pl_module)
         self._params = [named[n] for n in self.names]
-        self._check_optimizers(trainer)
+        self._check_optimizers(trainer, pl_module)
         total = trainer.estimated_stepping_batches
         if self._update_methods and not 0 < total < float("inf"):
             raise ValueError(
@@ -246,12 +348,27 @@ class DynamicSparseTraining(Callback):
                 "set max_steps or max_epochs on the Trainer"
             )
         self.end_step = int(self.end_fraction * total) if total < float("inf") else 0
+        self._announce_schedule(total)
+        self._own_momentum_index = self._needs_own_momentum(trainer)
         continuing = len(self._masks) == len(self._params) and all(
             m.shape == p.shape for m, p in zip(self._masks, self._params)
         )
         if self._loaded is None and not continuing:  # a second fit() keeps the trained masks
             self._init_masks()
         self._materialise()
+        self._register_step_hooks(trainer)
+
+    def _needs_own_momentum(self, trainer: pl.Trainer) -> list[int]:
+        """snfs: targets whose optimizer keeps no momentum (not Adam-like, SGD without momentum)."""
+        if self.method != "snfs":
+            return []
+        has_momentum: set[int] = set()
+        for opt in trainer.optimizers:
+            adam_like = type(opt).__name__ in ADAM_MOMENT_OPTIMIZERS
+            for group in opt.param_groups:
+                if adam_like or (type(opt).__name__ == "SGD" and group.get("momentum", 0) > 0):
+                    has_momentum.update(id(p) for p in group["params"])
+        return [i for i, p in enumerate(self._params) if id(p) not in has_momentum]
 
     @torch.no_grad()
     def _init_masks(self) -> None:
@@ -260,116 +377,224 @@ class DynamicSparseTraining(Callback):
             if self.method == "srste":
                 mask = nm_mask(p, self.n, self.m)
             else:
-                mask = random_mask(p.shape, k, seeded_generator(self.seed, -1, name), dtype=p.dtype)
+                mask = random_mask(p.shape, k, seeded_generator(self.seed, -1, name))
             self._masks.append(mask.to(p.device))
-        self._ever = [mask.bool() for mask in self._masks]
-        self._momentum = (
-            [torch.zeros_like(p) for p in self._params] if self.method == "snfs" else []
-        )
+        self._ever = [pack_bits(mask) for mask in self._masks]
         self._dense = [p.detach().clone() for p in self._params] if self.method == "srste" else []
+        self.history = [self._history_entry(0, [0.0] * len(self._masks))]
         self._log_due = True
 
     @torch.no_grad()
     def _materialise(self) -> None:
-        """Move loaded state onto the parameters' devices and apply the masks to the weights."""
+        """Move loaded state onto the parameters' devices, size the snfs momentum, apply masks."""
+        state: dict[str, Any] = {}
         if self._loaded is not None:
             state, self._loaded = self._loaded, None
-            if state["names"] != self.names:
-                raise ValueError(
-                    "checkpoint masks are for other parameters: "
-                    f"{state['names']} vs {self.names}; same model and targeting options needed"
-                )
-            self.counts = list(state["counts"])
-            self._masks = [m.to(p.device, p.dtype) for m, p in zip(state["masks"], self._params)]
-            self._ever = [e.to(p.device) for e, p in zip(state["ever_active"], self._params)]
-            self._momentum = [t.to(p.device) for t, p in zip(state["momentum"], self._params)]
-            self._dense = [t.to(p.device) for t, p in zip(state["dense"], self._params)]
-            self._log_due = True
-        torch._foreach_mul_(self._params, self._masks)
+            self._restore(state)
+        self._multipliers = [mask_as_multiplier(m) for m in self._masks]
+        saved = state.get("momentum", {})
+        if not isinstance(saved, dict):  # format before 2026-11-30: a list over all targets
+            saved = dict(zip(state.get("names", []), saved))
+        saved = {normalise_name(n): t for n, t in saved.items()}
+        self._own_momentum = {
+            i: (
+                saved[self.names[i]].to(self._params[i].device)
+                if self.names[i] in saved
+                else self._own_momentum.get(i, torch.zeros_like(self._params[i]))
+            )
+            for i in self._own_momentum_index
+        }
+        torch._foreach_mul_(self._params, self._multipliers)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        names = [normalise_name(n) for n in state["names"]]
+        if names != self.names:
+            raise ValueError(
+                f"checkpoint masks are for other parameters: {names} vs {self.names}; same "
+                "model and targeting options needed"
+            )
+        self.counts = list(state["counts"])
+        self._masks = [m.to(p.device).bool() for m, p in zip(state["masks"], self._params)]
+        self._ever = [pack_bits(e.to(p.device)) for e, p in zip(state["ever_active"], self._params)]
+        self._dense = [t.to(p.device) for t, p in zip(state["dense"], self._params)]
+        self.history = list(state.get("history", []))
+        self._log_due = True
 
     # ----- the training step -----------------------------------------------------------------
 
-    @property
-    def _update_methods(self) -> bool:
-        return self.method in ("rigl", "set", "snfs")
+    def _register_step_hooks(self, trainer: pl.Trainer) -> None:
+        """Re-mask the weights right after every ``optimizer.step()``: automatic and manual
+        optimization alike, and before anything (another callback, the next forward) reads them.
+        """
+        self._remove_step_hooks()
+        self._hooks = [opt.register_step_post_hook(self._after_step) for opt in trainer.optimizers]
+        self._optimizers = list(trainer.optimizers)
+
+    def _remove_step_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_step_hooks()
+        if self.plot:
+            self._draw(trainer)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._remove_step_hooks()
 
     def _update_due(self, step: int) -> bool:
         return (
-            self._update_methods and step > 0 and step % self.delta_t == 0 and step < self.end_step
+            self._update_methods
+            and step > 0
+            and step % self.delta_t == 0
+            and step < self.end_step
+            and step != self._last_update_step  # once per step with several optimizers
         )
+
+    def _grads(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The targets' gradients and the matching mask multipliers (all of them, usually)."""
+        grads = [p.grad for p in self._params]
+        if all(g is not None for g in grads):
+            return grads, self._multipliers  # type: ignore[return-value]
+        pairs = [(g, m) for g, m in zip(grads, self._multipliers) if g is not None]
+        return [g for g, _ in pairs], [m for _, m in pairs]
 
     @torch.no_grad()
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._stepped = True
-        pairs = [(p.grad, m) for p, m in zip(self._params, self._masks) if p.grad is not None]
         if self.method == "srste":
-            torch._foreach_copy_(self._params, self._dense)
-            for p, mask in zip(self._params, self._masks):
-                if p.grad is not None:
-                    srste_decay_(p.grad, p, mask, self.srste_decay)
+            self._srste_before_step()
             return
-        if self.method == "snfs":
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
-            torch._foreach_lerp_(self._momentum, grads, 1.0 - self.momentum_beta)
         step = trainer.global_step
-        if self._update_due(step):
-            self._update_masks(trainer, step)
-        if pairs:
-            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+        due = self._update_due(step)
+        if due:
+            self._last_update_step = step
+        if self.method == "snfs":
+            # sparse momentum reads the momentum of the dense gradient: the optimizer gets it
+            # whole (weights are re-masked after the step), and the update follows the step.
+            self._accumulate_own_momentum()
+            self._pending_update = step if due else None
+            return
+        if due:
+            self._update_masks(step)
+        grads, multipliers = self._grads()
+        if grads:
+            torch._foreach_mul_(grads, multipliers)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        with torch.no_grad():
+            if self.method == "srste":
+                self._srste_after_step()
+            torch._foreach_mul_(self._params, self._multipliers)
+            if self._pending_update is not None:
+                step, self._pending_update = self._pending_update, None
+                self._update_masks(step)
+
+    def _accumulate_own_momentum(self) -> None:
+        if not self._own_momentum:
+            return
+        params = [self._params[i] for i in self._own_momentum]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        torch._foreach_lerp_(list(self._own_momentum.values()), grads, 1.0 - self.momentum_beta)
+
+    def _srste_before_step(self) -> None:
+        torch._foreach_copy_(self._params, self._dense)
+        for p, mask in zip(self._params, self._masks):
+            if p.grad is not None:
+                srste_decay_(p.grad, p, mask, self.srste_decay)
+
+    def _srste_after_step(self) -> None:
+        torch._foreach_copy_(self._dense, self._params)
+        for i, p in enumerate(self._params):
+            self._masks[i].copy_(nm_mask(p, self.n, self.m))
+            self._ever[i] |= pack_bits(self._masks[i])
+
+    # ----- mask updates ----------------------------------------------------------------------
+
+    def _momentum(self, i: int) -> Tensor:
+        """snfs growth signal of target i: Adam's m / (sqrt(v) + eps), SGD's momentum buffer, or
+        the callback's own gradient EMA (as sparse_learning's ``get_momentum_for_weight``)."""
+        if i in self._own_momentum:
+            return self._own_momentum[i]
+        p = self._params[i]
+        state: dict[str, Any] = {}
+        for opt in self._optimizers:
+            state = opt.state.get(p, state)
+        if "exp_avg" in state and "exp_avg_sq" in state:
+            return adam_normalised_momentum(state["exp_avg"], state["exp_avg_sq"])
+        if state.get("momentum_buffer") is not None:
+            return state["momentum_buffer"]
+        return torch.zeros_like(p)  # no step taken yet
 
     def _grow_scores(self, i: int, step: int) -> Tensor:
         p = self._params[i]
         if self.method == "rigl":
             return p.grad.abs() if p.grad is not None else torch.zeros_like(p)
         if self.method == "snfs":
-            return self._momentum[i].abs()
+            return self._momentum(i).abs()
         gen = seeded_generator(self.seed, step, self.names[i])
         return torch.rand(p.shape, generator=gen).to(p.device)
 
+    def _signals_finite(self) -> bool:
+        """False when a mixed-precision overflow left non-finite gradients (or momentum): the
+        scaler skips this step, and the update is skipped with it."""
+        if self.method == "snfs":
+            signals = [self._momentum(i) for i in range(len(self._params))]
+        else:
+            signals = [p.grad for p in self._params if p.grad is not None]
+        return not signals or bool(torch.stack([torch.isfinite(s).all() for s in signals]).all())
+
+    def _growth_counts(self, n_drop: list[int]) -> list[int]:
+        """Weights grown per layer: as many as dropped, or for snfs the total redistributed by
+        each layer's mean momentum magnitude over its active weights."""
+        if self.method != "snfs":
+            return n_drop
+        strength = [
+            float(self._momentum(i).abs().masked_fill(~m, 0).sum()) / max(c, 1)
+            for i, (m, c) in enumerate(zip(self._masks, self.counts))
+        ]
+        room = [p.numel() - (c - d) for p, c, d in zip(self._params, self.counts, n_drop)]
+        return allocate_counts(sum(n_drop), strength, room)
+
     @torch.no_grad()
-    def _update_masks(self, trainer: pl.Trainer, step: int) -> None:
-        grads = [p.grad for p in self._params if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            self.skipped += 1  # mixed precision overflow: the scaler skips this step too
+    def _update_masks(self, step: int) -> None:
+        if not self._signals_finite():
+            self.skipped += 1
             return
         fraction = cosine_drop_fraction(step, self.end_step, self.drop_fraction)
-        n_drop = [round(fraction * int(m.sum().item())) for m in self._masks]
-        if self.method == "snfs":
-            for mom in self._momentum:  # an overflow step before this one must not poison growth
-                torch.nan_to_num_(mom, nan=0.0, posinf=0.0, neginf=0.0)
-            strength = [
-                float((mom.abs() * m).sum() / m.sum())
-                for mom, m in zip(self._momentum, self._masks)
-            ]
-            room = [p.numel() - (c - d) for p, c, d in zip(self._params, self.counts, n_drop)]
-            n_grow = allocate_counts(sum(n_drop), strength, room)
-        else:
-            n_grow = n_drop
-        state = self._optimizer_state(trainer)
-        grown_total = active_total = 0
+        n_drop = [drop_count(fraction, c) for c in self.counts]
+        n_grow = self._growth_counts(n_drop)
+        state = self._optimizer_state() if self.method != "snfs" else [[]] * len(self._params)
+        changes = []
         for i, (p, mask) in enumerate(zip(self._params, self._masks)):
-            new = drop_and_grow(p, mask, self._grow_scores(i, step), n_drop[i], n_grow[i])
-            keep = mask * new  # grown weights restart at zero; dropped ones are zeroed
-            p.mul_(keep)
-            for tensor in state[i]:
-                tensor.mul_(keep.to(tensor.dtype))
-            grown_total += int((new - keep).sum().item())
-            active_total += int(new.sum().item())
+            new = drop_and_grow(
+                p, mask, self._grow_scores(i, step), n_drop[i], n_grow[i], active=self.counts[i]
+            )
+            kept = mask & new  # grown weights restart at zero, dropped ones are zeroed
+            p.masked_fill_(~kept, 0)
+            for tensor in state[i]:  # snfs: the momentum is the method's signal, kept as is
+                tensor.masked_fill_(~kept, 0)
+            self.counts[i] += n_grow[i] - n_drop[i]
+            changes.append(int((new & ~mask).count_nonzero()) / max(self.counts[i], 1))
             mask.copy_(new)
-            self._ever[i] |= new.bool()
-            self.counts[i] = self.counts[i] - n_drop[i] + n_grow[i]
+            self._ever[i] |= pack_bits(new)
         self.updates += 1
-        self.last_change = grown_total / max(active_total, 1)
+        self.last_change = sum(c * n for c, n in zip(changes, self.counts)) / max(
+            sum(self.counts), 1
+        )
+        self.history.append(self._history_entry(step, changes))
         self._log_due = True
 
-    def _optimizer_state(self, trainer: pl.Trainer) -> list[list[Tensor]]:
+    def _optimizer_state(self) -> list[list[Tensor]]:
         """Per target, every optimizer state tensor of its shape; raises on other non-scalars."""
         out: list[list[Tensor]] = []
         for name, p in zip(self.names, self._params):
             tensors = []
-            for opt in trainer.optimizers:
+            for opt in self._optimizers:
                 for key, value in opt.state.get(p, {}).items():
                     if not isinstance(value, Tensor) or value.numel() <= 1:
                         continue
@@ -382,7 +607,15 @@ class DynamicSparseTraining(Callback):
             out.append(tensors)
         return out
 
-    @torch.no_grad()
+    # ----- observability ---------------------------------------------------------------------
+
+    def _history_entry(self, step: int, changes: list[float]) -> dict[str, Any]:
+        return {
+            "step": step,
+            "density": [c / p.numel() for c, p in zip(self.counts, self._params)],
+            "change": list(changes),
+        }
+
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -391,33 +624,44 @@ class DynamicSparseTraining(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self._stepped:
-            self._stepped = False
-            if self.method == "srste":
-                torch._foreach_copy_(self._dense, self._params)
-                for i, p in enumerate(self._params):
-                    self._masks[i].copy_(nm_mask(p, self.n, self.m))
-                    self._ever[i] |= self._masks[i].bool()
-            torch._foreach_mul_(self._params, self._masks)
         if self._log_due:
             self._log_due = False
             for key, value in self.metrics().items():
                 pl_module.log(key, value, on_step=True, on_epoch=False)
 
     def metrics(self) -> dict[str, float]:
-        """Density per layer, total sparsity, last mask change and in-time over-parameterisation."""
+        """Total sparsity, mask change and in-time over-parameterisation (fraction of weights ever
+        active), and per layer the density and the mask change of the last update."""
         total = sum(p.numel() for p in self._params)
-        active = [int(m.sum().item()) for m in self._masks]
         out = {
-            "sparse/sparsity": 1.0 - sum(active) / total,
+            "sparse/sparsity": 1.0 - sum(self.counts) / total,
             "sparse/mask_change": self.last_change,
-            "sparse/itop_rate": sum(int(e.sum().item()) for e in self._ever) / total,
+            "sparse/itop_rate": sum(popcount_bits(e) for e in self._ever) / total,
             "sparse/updates": float(self.updates),
         }
-        if self.log_per_layer:
-            for name, p, a in zip(self.names, self._params, active):
-                out[f"sparse/density/{name}"] = a / p.numel()
+        if self.log_per_layer and self.history:
+            last = self.history[-1]
+            for name, density, change in zip(self.names, last["density"], last["change"]):
+                out[f"sparse/density/{name}"] = density
+                out[f"sparse/mask_change/{name}"] = change
         return out
+
+    def _draw(self, trainer: pl.Trainer) -> None:
+        """One picture of the run on rank 0: per-layer density and mask change per update."""
+        if not trainer.is_global_zero or self._out_dir is None or not self.history:
+            return
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            rank_zero_warn(
+                "DynamicSparseTraining(plot=True) draws its picture with matplotlib, which is not "
+                "installed: `pip install matplotlib`, or pass plot=False."
+            )
+            return
+        path = plot_sparsity_history(self.history, self.names, self._out_dir / "sparsity.png")
+        for logger in trainer.loggers:
+            if is_wandb_logger(logger):
+                logger.log_image(key="sparse/masks", images=[str(path)])  # type: ignore[attr-defined]
 
     # ----- checkpoints and export ------------------------------------------------------------
 
@@ -427,13 +671,18 @@ class DynamicSparseTraining(Callback):
         return {
             "names": list(self.names),
             "counts": list(self.counts),
-            "masks": [m.detach().bool().cpu() for m in self._masks],
-            "ever_active": [e.cpu() for e in self._ever],
-            "momentum": [t.detach().cpu().clone() for t in self._momentum],
+            "masks": [m.detach().cpu().clone() for m in self._masks],
+            "ever_active": [
+                unpack_bits(e, p.shape).cpu() for e, p in zip(self._ever, self._params)
+            ],
+            "momentum": {
+                self.names[i]: t.detach().cpu().clone() for i, t in self._own_momentum.items()
+            },
             "dense": [t.detach().cpu().clone() for t in self._dense],
             "updates": self.updates,
             "skipped": self.skipped,
             "last_change": self.last_change,
+            "history": [dict(h) for h in self.history],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -451,56 +700,100 @@ class DynamicSparseTraining(Callback):
         """
         if not self._masks:
             raise RuntimeError("no masks yet: call make_permanent after trainer.fit")
-        named = dict(module.named_parameters())
+        named = named_parameters(module)
         for name, mask in zip(self.names, self._masks):
-            named[name].mul_(mask.to(named[name].device, named[name].dtype))
-        return {n: m.bool() for n, m in zip(self.names, self._masks)}
+            named[name].masked_fill_(~mask.to(named[name].device), 0)
+        return {n: m.clone() for n, m in zip(self.names, self._masks)}
 
-    def sparse_state_dict(
-        self, module: nn.Module, layout: Literal["csr", "semi_structured"] = "csr"
-    ) -> dict[str, Tensor]:
+    def sparse_state_dict(self, module: nn.Module, layout: Layout = "csr") -> dict[str, Tensor]:
         """``module.state_dict()`` with the targeted weights as sparse tensors for inference.
 
-        ``csr``: 2-D CSR (conv kernels flattened to (out, in * k...)); ``semi_structured``: 2:4
-        tensors for NVIDIA sparse tensor cores (CUDA, fp16/bf16, a 2:4 mask: ``method='srste'``),
-        raising with the reason where that is impossible.
+        ``dense``: masked dense tensors; ``csr``: 2-D CSR (conv kernels flattened to
+        (out, in * k...)); ``semi_structured``: 2:4 tensors for NVIDIA sparse tensor cores (CUDA,
+        fp16/bf16, a 2:4 mask: ``method='srste'``), raising with the reason where impossible.
         """
+        convert = _converter(layout)
         masks = self.make_permanent(module)
-        convert = to_csr if layout == "csr" else to_semi_structured
-        if layout not in ("csr", "semi_structured"):
-            raise ValueError(f"layout must be 'csr' or 'semi_structured', got {layout!r}")
         out = dict(module.state_dict())
+        keys = normalised_keys(out)
         for name in masks:
-            out[name] = convert(out[name])
+            out[keys[name]] = convert(out[keys[name]], None)
         return out
+
+
+def plot_sparsity_history(
+    history: list[dict[str, Any]], names: list[str], path: str | os.PathLike
+) -> Path:
+    """Two heat maps over (update, layer): density and mask change (newly active weights as a
+    fraction of the layer's active ones). Written atomically to ``path``; needs matplotlib."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    steps = [h["step"] for h in history]
+    panels = [
+        ("density", "density (fraction of weights active)"),
+        ("change", "mask change (grown / active)"),
+    ]
+    height = 1.5 + 0.22 * len(names)
+    fig = Figure(figsize=(12, height))
+    axes = fig.subplots(1, 2, sharey=True, squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        values = np.array([h[key] for h in history], dtype=float).T  # layers x updates
+        image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis")
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step of the update")
+        ticks = np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int)
+        ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
+        fig.colorbar(image, ax=ax)
+    axes[0][0].set_yticks(range(len(names)), names, fontsize=7)
+    fig.tight_layout()
+    out = Path(path)
+    atomic_write(out, lambda handle: fig.savefig(handle, format="png", dpi=100))
+    return out
+
+
+def _converter(layout: str) -> Any:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "dense":
+        return lambda w, mask: w if mask is None else w.masked_fill(~mask.bool(), 0)
+    return to_csr if layout == "csr" else to_semi_structured
 
 
 def export_sparse_checkpoint(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike | None = None,
-    layout: Literal["csr", "semi_structured"] = "csr",
+    layout: Layout = "csr",
+    *,
+    trusted: bool = False,
+    state_key: str | None = None,
 ) -> dict[str, Tensor]:
     """The model state dict of a Lightning checkpoint with its DynamicSparseTraining masks applied
-    and the targeted weights as sparse tensors; written atomically to ``out`` when given.
+    and the targeted weights in ``layout``; written atomically to ``out`` when given.
 
-    Needs no model class or Trainer: the masks travel in the checkpoint's callback state.
+    Needs no model class or Trainer: the masks travel in the checkpoint's callback state. Loads
+    with ``load_file``: tensors and plain containers only unless ``trusted=True``.
     """
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    states = [
-        v
+    convert = _converter(layout)
+    ckpt = load_file(checkpoint, trusted=trusted)
+    states = {
+        k: v
         for k, v in ckpt.get("callbacks", {}).items()
         if k.startswith("DynamicSparseTraining") and "masks" in v
-    ]
+    }
+    if state_key is not None:
+        states = {k: v for k, v in states.items() if k == state_key}
     if len(states) != 1:
         raise ValueError(
-            f"{checkpoint}: expected one DynamicSparseTraining state, found {len(states)}"
+            f"{checkpoint}: expected one DynamicSparseTraining state, found {sorted(states)}"
+            + ("" if state_key else "; name one with state_key")
         )
-    convert = {"csr": to_csr, "semi_structured": to_semi_structured}.get(layout)
-    if convert is None:
-        raise ValueError(f"layout must be 'csr' or 'semi_structured', got {layout!r}")
-    state = dict(ckpt["state_dict"])
-    for name, mask in zip(states[0]["names"], states[0]["masks"]):
-        state[name] = convert(state[name], mask.to(state[name].dtype))
+    (state,) = states.values()
+    weights = dict(ckpt["state_dict"])
+    keys = normalised_keys(weights)
+    for name, mask in zip(state["names"], state["masks"]):
+        key = keys[normalise_name(name)]
+        weights[key] = convert(weights[key], mask)
     if out is not None:
-        atomic_torch_save(state, out)
-    return state
+        atomic_torch_save(weights, out)
+    return weights

@@ -1,8 +1,9 @@
 """Dynamic sparse training math: layer densities, exact-count masks, drop-and-grow updates, the
 cosine drop schedule, N:M masks with SR-STE, and export to sparse layouts.
 
-Masks are tensors of the weight's shape and dtype holding 0 and 1, so that applying one is a plain
-(multi-tensor) multiplication. Every mask built here holds exactly the number of ones asked for.
+Masks are boolean tensors of the weight's shape (a quarter of an fp32 weight's bytes); applying
+one is a multiplication by its ``uint8`` view (``mask_as_multiplier``), which CPU kernels convert on
+the fly, unlike ``bool``. Every mask built here holds exactly the number of ones asked for.
 """
 
 from __future__ import annotations
@@ -16,18 +17,25 @@ from torch import Tensor
 
 __all__ = [
     "active_count",
+    "adam_normalised_momentum",
     "allocate_counts",
     "cosine_drop_fraction",
     "drop_and_grow",
+    "drop_count",
     "erk_densities",
     "layer_densities",
+    "mask_as_multiplier",
+    "nm_groups",
     "nm_mask",
+    "pack_bits",
+    "popcount_bits",
     "random_mask",
     "seeded_generator",
     "srste_decay_",
     "to_csr",
     "to_semi_structured",
     "topk_mask",
+    "unpack_bits",
 ]
 
 DISTRIBUTIONS = ("erk", "er", "uniform", "uniform_first_dense")
@@ -120,14 +128,46 @@ def seeded_generator(seed: int, step: int, name: str) -> torch.Generator:
 
 
 def topk_mask(scores: Tensor, k: int) -> Tensor:
-    """A mask of ``scores``' shape and dtype with ones at the ``k`` largest scores, exactly."""
+    """A boolean mask of ``scores``' shape, true at the ``k`` largest scores, exactly."""
     flat = scores.reshape(-1)
     if not 0 <= k <= flat.numel():
         raise ValueError(f"k must lie in [0, {flat.numel()}], got {k}")
-    mask = torch.zeros_like(flat, dtype=scores.dtype if scores.is_floating_point() else None)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
     if k:
-        mask[torch.topk(flat, k, sorted=False).indices] = 1
+        mask[torch.topk(flat, k, sorted=False).indices] = True
     return mask.view_as(scores)
+
+
+def mask_as_multiplier(mask: Tensor) -> Tensor:
+    """The ``uint8`` view of a boolean mask (no copy): ``weight.mul_(mask_as_multiplier(mask))``
+    zeroes the inactive entries at memory speed. Multiplying by the ``bool`` tensor itself makes
+    PyTorch's CPU kernels cast it to a float temporary first (2-3x slower, one allocation)."""
+    if mask.dtype != torch.bool:
+        raise ValueError(f"expected a boolean mask, got {mask.dtype}")
+    return mask.view(torch.uint8)
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """A boolean tensor packed 8 entries per byte (flattened, zero-padded): 1/32 of fp32 bytes."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: Tensor, shape: Sequence[int]) -> Tensor:
+    """Inverse of ``pack_bits``: the boolean tensor of ``shape``."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.view(-1, 1) >> shifts) & 1
+    return bits.reshape(-1)[: math.prod(shape)].view(tuple(shape)).bool()
+
+
+def popcount_bits(packed: Tensor) -> int:
+    """Number of set bits in a ``pack_bits`` tensor."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return int(((packed.view(-1, 1) >> shifts) & 1).sum().item())
 
 
 def random_mask(
@@ -135,12 +175,18 @@ def random_mask(
     k: int,
     generator: torch.Generator,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.bool,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Exactly ``k`` ones at positions drawn uniformly without replacement."""
+    """Exactly ``k`` ones (``True`` by default) at positions drawn uniformly without replacement."""
     scores = torch.rand(tuple(shape), generator=generator)
     return topk_mask(scores, k).to(device=device, dtype=dtype)
+
+
+def drop_count(drop_fraction: float, active: int) -> int:
+    """Weights dropped at an update: ``int(drop_fraction * active)``, truncated as RigL does
+    (``tf.cast(n_ones * drop_fraction, tf.int32)`` in google-research/rigl)."""
+    return int(drop_fraction * active)
 
 
 def cosine_drop_fraction(step: int, end_step: int, alpha: float = 0.3) -> float:
@@ -159,27 +205,38 @@ def drop_and_grow(
     grow_scores: Tensor,
     n_drop: int,
     n_grow: int | None = None,
+    *,
+    active: int | None = None,
 ) -> Tensor:
-    """New mask: drop the ``n_drop`` active weights of smallest magnitude, then grow the ``n_grow``
-    (default ``n_drop``) positions with the largest ``grow_scores`` among those inactive after the
-    drop. Just-dropped positions may be regrown (as in RigL); they restart from zero anyway.
+    """New mask (dtype of ``mask``): drop the ``n_drop`` active weights of smallest magnitude, then
+    grow the ``n_grow`` (default ``n_drop``) positions with the largest ``grow_scores`` among those
+    inactive after the drop.
 
+    Just-dropped positions may be regrown, as in RigL: such a weight was active before and after,
+    so it keeps its value and optimizer state (only positions inactive before the update start from
+    zero). ``active``, the number of ones in ``mask`` when the caller knows it, saves a host sync.
     The result holds exactly ``active - n_drop + n_grow`` ones.
     """
     n_grow = n_drop if n_grow is None else n_grow
-    active = int(mask.sum().item())
+    active = int(mask.count_nonzero().item()) if active is None else active
     if not 0 <= n_drop <= active:
         raise ValueError(f"cannot drop {n_drop} of {active} active weights")
     kept = active - n_drop
     if not 0 <= n_grow <= mask.numel() - kept:
         raise ValueError(f"cannot grow {n_grow} into {mask.numel() - kept} free positions")
-    neg_inf = torch.finfo(torch.float32).min
-    keep_scores = torch.where(mask.bool(), weight.detach().abs().float(), neg_inf)
+    lowest = torch.finfo(torch.float32).min
+    keep_scores = torch.where(mask.bool(), weight.detach().abs().float(), lowest)
     new_mask = topk_mask(keep_scores, kept)
-    grow = torch.where(new_mask.bool(), neg_inf, grow_scores.detach().float())
-    # -inf-like scores for kept positions: topk picks free ones first since kept <= numel - n_grow.
-    new_mask += topk_mask(grow, n_grow) * (1 - new_mask)
+    # kept positions score lowest: topk picks free ones first since n_grow <= numel - kept.
+    grow = torch.where(new_mask, lowest, grow_scores.detach().float())
+    new_mask |= topk_mask(grow, n_grow)
     return new_mask.to(mask.dtype)
+
+
+def adam_normalised_momentum(exp_avg: Tensor, exp_avg_sq: Tensor, eps: float = 1e-8) -> Tensor:
+    """Sparse momentum's growth signal under Adam: ``exp_avg / (sqrt(exp_avg_sq) + eps)``, the
+    Adam update direction, as TimDettmers/sparse_learning's ``get_momentum_for_weight`` uses it."""
+    return exp_avg / (exp_avg_sq.sqrt() + eps)
 
 
 def allocate_counts(total: int, weights: Sequence[float], capacity: Sequence[int]) -> list[int]:
@@ -211,29 +268,46 @@ def allocate_counts(total: int, weights: Sequence[float], capacity: Sequence[int
     return counts
 
 
-def _groups_along_input(weight: Tensor, m: int) -> Tensor:
-    """View ``weight`` as (rows, groups, m) with groups of m consecutive input entries."""
-    rows = weight.reshape(weight.shape[0], -1)
-    if rows.shape[1] % m:
+def _input_channels_last(weight: Tensor) -> Tensor:
+    """``weight`` as (C_out, *kernel, C_in): input channels innermost at each kernel position, the
+    layout of NVIDIA's 2:4 kernels (NHWC implicit GEMM) and of SR-STE's ``Sparse_NHWC``. A 2-D
+    weight (C_out, C_in) is returned as it is."""
+    return weight.movedim(1, -1) if weight.ndim > 2 else weight
+
+
+def nm_groups(weight: Tensor, m: int) -> Tensor:
+    """``weight`` viewed as (C_out, groups, m): groups of ``m`` consecutive input channels at each
+    kernel position (a copy for convolutions)."""
+    if weight.ndim < 2:
+        raise ValueError(f"N:M needs a weight of at least 2 dims, got shape {tuple(weight.shape)}")
+    if weight.shape[1] % m:
         raise ValueError(
-            f"input size {rows.shape[1]} of {tuple(weight.shape)} is not a multiple of {m}"
+            f"input channels {weight.shape[1]} of {tuple(weight.shape)} are not a multiple of {m}"
         )
+    rows = _input_channels_last(weight)
     return rows.reshape(rows.shape[0], -1, m)
+
+
+def _from_groups(groups: Tensor, like: Tensor) -> Tensor:
+    """Inverse of ``nm_groups``: back to the layout and shape of ``like``."""
+    channels_last = groups.reshape(_input_channels_last(like).shape)
+    return channels_last.movedim(-1, 1) if like.ndim > 2 else channels_last
 
 
 @torch.no_grad()
 def nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
-    """N:M mask: in every group of ``m`` consecutive input weights, the ``n`` of largest magnitude.
+    """Boolean N:M mask: in every group of ``m`` consecutive input channels (at each kernel
+    position of a convolution), the ``n`` weights of largest magnitude.
 
-    Groups run along the flattened input dimension (dim 1 onwards), the layout NVIDIA's sparse
-    tensor cores use for ``y = x W^T``.
+    This is the grouping of SR-STE's reference (``Sparse_NHWC``: permute to (C_out, kh, kw, C_in))
+    and of NVIDIA ASP, so the mask can feed channel-wise 2:4 kernels.
     """
     if not 0 < n <= m:
         raise ValueError(f"N:M needs 0 < n <= m, got {n}:{m}")
-    groups = _groups_along_input(weight.detach().abs().float(), m)
+    groups = nm_groups(weight.detach().abs().float(), m)
     idx = torch.topk(groups, n, dim=-1).indices
-    mask = torch.zeros_like(groups).scatter_(-1, idx, 1.0)
-    return mask.reshape(weight.shape).to(weight.dtype)
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
+    return _from_groups(mask, weight)
 
 
 @torch.no_grad()
@@ -243,23 +317,29 @@ def srste_decay_(grad: Tensor, weight: Tensor, mask: Tensor, decay: float = 2e-4
     The gradient of the sparse forward is passed straight through to the dense weights; the added
     term pulls pruned weights towards zero so that the N:M mask stops flipping.
     """
-    return grad.add_((1 - mask) * weight, alpha=decay)
+    return grad.add_(weight.masked_fill(mask.bool(), 0), alpha=decay)
+
+
+def _masked(weight: Tensor, mask: Tensor | None) -> Tensor:
+    w = weight.detach()
+    return w if mask is None else w.masked_fill(~mask.bool(), 0)
 
 
 def to_csr(weight: Tensor, mask: Tensor | None = None) -> Tensor:
-    """The (masked) weight as a CSR matrix; conv kernels are flattened to (out, in * k...)."""
-    w = weight.detach() if mask is None else weight.detach() * mask
+    """The (masked) weight as a CSR matrix; conv kernels are flattened to (out, in * k...), the
+    layout of ``weight.view(out, -1)`` that unfold-based convolutions multiply by."""
+    w = _masked(weight, mask)
     return w.reshape(w.shape[0], -1).to_sparse_csr()
 
 
 def to_semi_structured(weight: Tensor, mask: Tensor | None = None) -> Tensor:
     """The (masked) weight as a 2:4 semi-structured sparse tensor for NVIDIA sparse tensor cores.
 
-    Raises with the reason when this machine or tensor cannot hold one, rather than returning a
-    dense tensor in disguise.
+    Convolution kernels are laid out as (C_out, kh * kw * C_in), input channels innermost (NHWC
+    implicit GEMM), so the 2:4 groups are exactly those of ``nm_mask``. Raises with the reason
+    when this machine or tensor cannot hold one, rather than returning a dense tensor in disguise.
     """
-    w = weight.detach() if mask is None else weight.detach() * mask
-    w = w.reshape(w.shape[0], -1)
+    w = _masked(weight, mask)
     if not w.is_cuda:
         raise RuntimeError(
             "2:4 semi-structured sparsity needs a CUDA tensor on an NVIDIA GPU of compute "
@@ -271,11 +351,11 @@ def to_semi_structured(weight: Tensor, mask: Tensor | None = None) -> Tensor:
         raise RuntimeError(
             f"2:4 semi-structured sparsity needs compute capability >= 8.0, got {major}.x"
         )
-    groups = _groups_along_input(w, 4)
+    groups = nm_groups(w, 4)
     if int((groups != 0).sum(-1).max().item()) > 2:
         raise ValueError("weight is not 2:4 sparse: train with nm='2:4' or apply nm_mask(w, 2, 4)")
     if w.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"2:4 semi-structured tensors need float16 or bfloat16, got {w.dtype}")
     from torch.sparse import to_sparse_semi_structured
 
-    return to_sparse_semi_structured(w)
+    return to_sparse_semi_structured(groups.reshape(groups.shape[0], -1).contiguous())

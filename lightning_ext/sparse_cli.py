@@ -1,0 +1,53 @@
+"""``lightning-ext sparse-export``: the sparse model of a checkpoint written with
+DynamicSparseTraining, without the model's code."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lightning_ext.callbacks.sparse import Layout
+
+FORMATS: dict[str, Layout] = {"dense": "dense", "csr": "csr", "2:4": "semi_structured"}
+
+
+def _sparse_export(args: argparse.Namespace) -> int:
+    from lightning_ext.callbacks.sparse import export_sparse_checkpoint
+
+    state = export_sparse_checkpoint(
+        args.checkpoint,
+        args.out,
+        FORMATS[args.format],
+        trusted=args.trusted,
+        state_key=args.state_key,
+    )
+    print(f"wrote {len(state)} tensors of {args.checkpoint} ({args.format}) to {args.out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sparse-export",
+        help="write the masked weights of a DynamicSparseTraining checkpoint (dense, CSR or 2:4)",
+        description=(
+            "Apply the masks stored in a Lightning checkpoint by DynamicSparseTraining and write "
+            "the model's state dict with the sparse weights as masked dense tensors, CSR matrices "
+            "(convolutions flattened to (out, in*k)), or 2:4 semi-structured tensors (needs a "
+            "CUDA GPU of compute capability >= 8.0, fp16/bf16 weights and a 2:4 mask from "
+            "method='srste')."
+        ),
+    )
+    p.add_argument("checkpoint", help="Lightning checkpoint written with DynamicSparseTraining")
+    p.add_argument("out", help="output file (torch.save of a state dict)")
+    p.add_argument("--format", choices=list(FORMATS), default="csr", help="default: csr")
+    p.add_argument(
+        "--state-key", default=None, help="which DynamicSparseTraining, when the run had several"
+    )
+    p.add_argument(
+        "--trusted",
+        action="store_true",
+        help="load checkpoints holding arbitrary Python objects (runs their code: trusted files "
+        "only); by default only tensors and plain containers are read",
+    )
+    p.set_defaults(func=_sparse_export)

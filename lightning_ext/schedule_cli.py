@@ -6,18 +6,41 @@ import os
 from typing import Any
 
 
+def _smoothing(text: str) -> float | str:
+    return text if text == "reference" else float(text)
+
+
 def register(sub: Any) -> None:
     """Add the ``refine-schedule`` subcommand to the ``lightning-ext`` parser."""
+    from lightning_ext.callbacks.schedule import DEFAULT_OPTIONS
+
     parser = sub.add_parser(
         "refine-schedule",
         help="refine an LR schedule from a run's recorded gradient norms",
         description="Reads grad_norms.pt (written by ScheduleRefinement), a 1-D tensor file or a "
-        "text file of one norm per line; writes the refined schedule (and a plot).",
+        "text file of one norm per line; writes the refined schedule, its diagnostics (.json) "
+        "and optionally a plot. Warns when the schedule is degenerate. --paper gives the "
+        "paper's exact formula.",
     )
     parser.add_argument("grad_norms", help="grad_norms.pt, a tensor .pt, or a .txt/.csv file")
     parser.add_argument("-o", "--output", help="output .pt (default: refined_schedule.pt beside)")
     parser.add_argument("--norm", choices=["l1", "l2"], help="default: the recorded one, else l2")
-    parser.add_argument("--smoothing", type=float, default=0.1, help="median window (fraction)")
+    parser.add_argument(
+        "--smoothing",
+        type=_smoothing,
+        default="reference",
+        help="'reference' (the reference code's median filter, default), or a fraction of the "
+        "run (0: none)",
+    )
+    parser.add_argument("--window", type=int, default=1001, help="median window in steps")
+    parser.add_argument("--power", type=float, default=DEFAULT_OPTIONS["power"],
+                        help="w = G^-power (default: 2 for l2, 1 for l1)")  # fmt: skip
+    for name in ("exclude_initial", "floor", "blend"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float,
+                            default=DEFAULT_OPTIONS[name])  # fmt: skip
+    parser.add_argument(
+        "--paper", action="store_true", help="the paper's formula: no exclusion, floor or blend"
+    )
     parser.add_argument("--steps", type=int, help="resample the schedule to this many steps")
     parser.add_argument("--plot", help="also write a PNG plot to this path")
     parser.add_argument(
@@ -30,6 +53,7 @@ def _refine_schedule_command(args: Any) -> int:
     import torch
 
     from lightning_ext.callbacks.schedule import (
+        PAPER_OPTIONS,
         SCHEDULE_FILE,
         load_grad_norms,
         write_refined_schedule,
@@ -38,16 +62,22 @@ def _refine_schedule_command(args: Any) -> int:
     records, kinds = load_grad_norms(args.grad_norms)
     norms = [args.norm or kind or "l2" for kind in kinds]
     out = args.output or os.path.join(os.path.dirname(args.grad_norms) or ".", SCHEDULE_FILE)
+    options = {k: getattr(args, k) for k in ("power", "exclude_initial", "floor", "blend")}
     payload = write_refined_schedule(
         [torch.as_tensor(r, dtype=torch.float64) for r in records],
         norms,
         out,
         smoothing=args.smoothing,
+        window=args.window,
         steps=args.steps,
         plot_path=args.plot,
         drop_nonfinite=args.drop_nonfinite,
+        **(PAPER_OPTIONS if args.paper else options),
     )
-    schedule = payload["schedule"]
+    schedule, found = payload["schedule"], payload["diagnostics"][0]
     peak = int(schedule.argmax())
-    print(f"wrote {out}: {schedule.numel()} steps, {', '.join(norms)} norms, peak at step {peak}")
+    print(
+        f"wrote {out}: {schedule.numel()} steps, {', '.join(norms)} norms, peak at step {peak}, "
+        f"mean multiplier {found['mean_multiplier']:.3f} (linear decay: 0.5)"
+    )
     return 0

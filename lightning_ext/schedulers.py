@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from lightning_ext._io import load_file
 from lightning_ext.functional.schedules import (
     infinite_schedule,
     linear_decay,
@@ -41,7 +42,7 @@ def load_schedule(path: str | os.PathLike) -> Tensor:
         with open(path) as handle:
             values = [float(line.split(",")[-1]) for line in handle if line.strip()]
         return torch.tensor(values, dtype=torch.float64)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_file(path)
     if isinstance(obj, dict):
         if "schedule" not in obj:
             raise KeyError(f"{path!r} holds a dict without a 'schedule' entry: {sorted(obj)}")

@@ -27,6 +27,8 @@ def test_quickstart_runs_and_prints_its_table(tmp_path):
         env={**__import__("os").environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for row in ("EMA (decay 0.995", "post-hoc EMA", "refined LR", "RigL", "hardest by EL2N"):
+    rows = ("linear LR decay", "EMA (decay 0.995", "post-hoc EMA", "refined LR schedule (vs linear",
+            "RigL", "hardest by EL2N", "Refined schedule: mean multiplier")  # fmt: skip
+    for row in rows:
         assert row in result.stdout, row
     assert list(out.rglob("metrics.csv")) and list(out.rglob("run-*.wandb"))

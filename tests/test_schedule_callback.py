@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 
 from lightning_ext.callbacks import ScheduleRefinement
+from lightning_ext.callbacks.schedule import DEFAULT_OPTIONS, _NormRecorder
 from lightning_ext.cli import main as cli_main
 from lightning_ext.functional import refine_schedule, resample_schedule
 from tests.helpers.data import DigitsDataModule
@@ -49,11 +53,12 @@ def stored_schedule(path, values=(1.0, 0.2, 0.6, 0.0)):
 
 @pytest.mark.parametrize("optimizer,ord", [("sgd", 2), ("adam", 1)])
 def test_records_the_norm_the_optimizer_uses_and_writes_the_refined_schedule(
-    tmp_path, optimizer, ord
+    tmp_path, optimizer, ord, monkeypatch
 ):
+    monkeypatch.setattr(_NormRecorder, "CHUNK", 3)  # the device buffer fills and moves to host
     cb, ref = ScheduleRefinement(output_dir=str(tmp_path / "out")), ReferenceNorms(ord)
     trainer = quiet_trainer(
-        max_epochs=2,
+        max_epochs=4,
         callbacks=[cb, ref],
         accumulate_grad_batches=2,  # the norm of the accumulated gradient, once per step
         gradient_clip_val=0.01,  # clipping comes after: the record is of the raw gradient
@@ -61,7 +66,7 @@ def test_records_the_norm_the_optimizer_uses_and_writes_the_refined_schedule(
     )
     trainer.fit(Classifier(optimizer=optimizer, lr=0.01), datamodule=DigitsDataModule(limit=256))
     recorded = cb.grad_norms()[0]
-    assert trainer.global_step == recorded.numel() == 2 * STEPS_PER_EPOCH // 2
+    assert trainer.global_step == recorded.numel() == 4 * STEPS_PER_EPOCH // 2
     assert cb._norms == ["l2" if ord == 2 else "l1"]
     torch.testing.assert_close(
         recorded.double(), torch.tensor(ref.norms, dtype=torch.float64), rtol=1e-5, atol=0
@@ -71,14 +76,18 @@ def test_records_the_norm_the_optimizer_uses_and_writes_the_refined_schedule(
     saved = torch.load(tmp_path / "out" / "grad_norms.pt")
     assert torch.equal(saved["grad_norms"][0], recorded)
     refined = torch.load(tmp_path / "out" / "refined_schedule.pt")
-    expected = refine_schedule(recorded, norm=cb._norms[0], smoothing=0.1)
+    expected = refine_schedule(recorded, norm=cb._norms[0], **cb.refine_options)
     assert torch.equal(refined["schedule"], expected)
+    diagnostics = json.loads((tmp_path / "out" / "refined_schedule.json").read_text())
+    assert diagnostics["diagnostics"][0] == refined["diagnostics"][0]
+    assert diagnostics["diagnostics"][0]["mean_multiplier"] == pytest.approx(float(expected.mean()))
     assert refined["schedule"].max() == 1 and refined["schedule"][-1] == 0
     assert (tmp_path / "out" / "refined_schedule.png").stat().st_size > 1000
 
     # The CLI on the saved record (norm kind read from the file) gives the same schedule and a plot.
     again, plot = tmp_path / "again.pt", tmp_path / "again.png"
     args = ["refine-schedule", str(tmp_path / "out" / "grad_norms.pt"), "-o", str(again)]
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in cb.refine_options.items() if v is not None]
     assert cli_main([*args, "--plot", str(plot)]) == 0
     assert torch.equal(torch.load(again)["schedule"], expected) and plot.stat().st_size > 1000
 
@@ -213,7 +222,7 @@ def test_refine_schedule_cli(tmp_path, capsys):
     code = cli_main(["refine-schedule", str(text), "-o", str(out), "--norm", "l1", "--steps", "9"])
     assert code == 0 and "9 steps" in capsys.readouterr().out
     expected = refine_schedule(
-        torch.tensor(norms.tolist(), dtype=torch.float64), norm="l1", steps=9
+        torch.tensor(norms.tolist(), dtype=torch.float64), norm="l1", steps=9, **DEFAULT_OPTIONS
     )
     torch.testing.assert_close(torch.load(out)["schedule"], expected)
 
@@ -290,5 +299,67 @@ def test_fp16_grad_scaler_records_unscaled_norms_and_drops_skipped_steps(tmp_pat
     reference = torch.tensor(ref.norms, dtype=torch.float64)
     torch.testing.assert_close(recorded[finite].double(), reference[finite], rtol=1e-5, atol=0)
     refined = torch.load(tmp_path / "refined_schedule.pt")["schedule"]
-    expected = refine_schedule(recorded[finite], steps=recorded.numel())
+    expected = refine_schedule(recorded[finite], steps=recorded.numel(), **cb.refine_options)
     assert torch.equal(refined, expected)
+
+
+class EarlyTransient(Classifier):
+    """Gradients 10x smaller for the first steps of the run, as right after some initialisations."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * (0.1 if self.trainer.global_step < 3 else 1.0)
+
+
+def test_early_rising_norms_warn_with_figures_and_the_fixes_remove_the_warning(tmp_path):
+    paper = ScheduleRefinement(output_dir=str(tmp_path / "paper"), plot=False, blend=0.0)
+    trainer = quiet_trainer(max_epochs=4, callbacks=[paper], limit_val_batches=0)
+    with pytest.warns(UserWarning, match=r"is degenerate: \d+% of the LR budget lies in the first"):
+        trainer.fit(EarlyTransient(lr=0.01), datamodule=DigitsDataModule(limit=256))
+    found = torch.load(tmp_path / "paper" / "refined_schedule.pt")["diagnostics"][0]
+    assert found["early_budget"] > 0.5 and found["norm_early_rise"] > 3
+
+    # The default (half linear decay) and excluding the transient each give a usable schedule.
+    for name, options in (("default", {}), ("exclude", {"blend": 0.0, "exclude_initial": 0.25})):
+        cb = ScheduleRefinement(output_dir=str(tmp_path / name), plot=False, **options)
+        trainer = quiet_trainer(max_epochs=4, callbacks=[cb], limit_val_batches=0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*degenerate")
+            trainer.fit(EarlyTransient(lr=0.01), datamodule=DigitsDataModule(limit=256))
+        found = torch.load(tmp_path / name / "refined_schedule.pt")["diagnostics"][0]
+        assert found["early_budget"] < 0.5
+
+
+def test_a_degenerate_schedule_applied_in_drop_in_mode_warns(tmp_path):
+    front_loaded = [1.0, 0.05] + [0.01] * 30 + [0.0]
+    path = stored_schedule(tmp_path / "front.pt", front_loaded)
+    cb = ScheduleRefinement(schedule_path=path, record=False)
+    trainer = quiet_trainer(max_epochs=5, callbacks=[cb], limit_val_batches=0)
+    with pytest.warns(
+        UserWarning, match=r"applies a schedule that is degenerate: \d+% of the LR budget"
+    ):
+        trainer.fit(Classifier(), datamodule=DigitsDataModule(limit=256))
+    linear = stored_schedule(tmp_path / "linear.pt", (1.0, 0.0))
+    trainer = quiet_trainer(max_epochs=1, callbacks=[ScheduleRefinement(schedule_path=linear,
+                            record=False)], limit_val_batches=0)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*degenerate")
+        trainer.fit(Classifier(), datamodule=DigitsDataModule(limit=256))
+
+
+def test_files_go_to_the_runs_own_folder_with_a_shared_wandb_save_dir(tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    folders = []
+    for _ in range(2):
+        logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="shared")
+        cb = ScheduleRefinement(plot=False)
+        trainer = quiet_trainer(max_epochs=1, logger=logger, callbacks=[cb], limit_val_batches=0)
+        trainer.fit(Classifier(), datamodule=DigitsDataModule(limit=128))
+        logger.experiment.finish()
+        run_id = logger.experiment.id
+        folders.append(tmp_path / "shared" / run_id / "schedule")
+    assert folders[0] != folders[1]
+    for folder in folders:
+        assert (folder / "refined_schedule.pt").exists() and (folder / "grad_norms.pt").exists()
+    assert not list(tmp_path.glob("*.pt")) and not (tmp_path / "schedule_refinement").exists()

@@ -5,17 +5,21 @@ from __future__ import annotations
 import math
 import statistics
 
+import numpy as np
 import pytest
 import torch
 
 from lightning_ext.functional import (
-    REFINE_RESOLUTION,
+    REFERENCE_RESOLUTION,
+    REFERENCE_WINDOW,
     gradient_norm,
     infinite_schedule,
     linear_decay,
     median_filter,
     refine_schedule,
     resample_schedule,
+    schedule_diagnostics,
+    smooth_grad_norms,
     warmup_stable_decay,
 )
 from lightning_ext.schedulers import (
@@ -37,8 +41,25 @@ def brute_force_refined(norms: list[float], power: float) -> list[float]:
     return [e / peak for e in eta]
 
 
+def numpy_reference_schedule(norms: np.ndarray, power: float, window: int) -> np.ndarray:
+    """The reference code's pipeline written with numpy/scipy, as its README gives it: pad the end
+    by reflection, median filter with the start padded by repetition ("nearest"), weights G^-p,
+    closed form eta_t = w_t * sum_{p>t} w_p / sum_p w_p, normalised to peak 1."""
+    from scipy.ndimage import median_filter as scipy_median
+
+    pad = 2 * window
+    smoothed = scipy_median(np.pad(norms, (0, pad), mode="reflect"), size=window, mode="nearest")
+    smoothed = smoothed[:-pad]
+    weights = smoothed**-power
+    tail_sums = np.flip(np.cumsum(np.flip(weights)))
+    eta = np.zeros(len(weights))
+    for t in range(len(weights) - 1):
+        eta[t] = weights[t] * tail_sums[t + 1] / tail_sums[0]
+    return eta / eta.max()
+
+
 @pytest.mark.parametrize("norm", ["l1", "l2"])
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, "reference"])
 def test_constant_norms_give_linear_decay(norm, smoothing):
     steps = 57
     schedule = refine_schedule(torch.full((steps,), 3.0), norm=norm, smoothing=smoothing)
@@ -46,14 +67,49 @@ def test_constant_norms_give_linear_decay(norm, smoothing):
     torch.testing.assert_close(schedule, expected, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("steps", [2, 200, 12_345])
 @pytest.mark.parametrize("norm,power", [("l2", 2.0), ("l1", 1.0)])
-def test_refinement_matches_a_brute_force_loop(norm, power):
-    # At the refinement resolution resampling is the identity, so the formula is all that is left.
-    g = torch.rand(REFINE_RESOLUTION, generator=torch.Generator().manual_seed(0)) + 0.5
-    expected = brute_force_refined(g.double().tolist(), power)
-    schedule = refine_schedule(g, norm=norm, smoothing=0.0)
-    torch.testing.assert_close(schedule, torch.tensor(expected, dtype=torch.float64))
+def test_no_smoothing_is_exactly_the_closed_form_at_any_length(norm, power, steps):
+    # No resampling round trip: the old code moved values by up to 0.8% on a 200-step record.
+    g = torch.rand(steps, generator=torch.Generator().manual_seed(steps)) + 0.5
+    expected = torch.tensor(brute_force_refined(g.double().tolist(), power), dtype=torch.float64)
+    schedule = refine_schedule(g, norm=norm, smoothing=0)
+    torch.testing.assert_close(schedule, expected, rtol=1e-12, atol=1e-15)
     assert schedule.max() == 1.0 and schedule[-1] == 0.0
+
+
+def test_default_smoothing_is_the_reference_median_filter_on_a_long_record():
+    # Longer than 10,000 steps: the reference filters at native resolution over 1001 samples.
+    gen = torch.Generator().manual_seed(4)
+    steps = 12_001
+    trend = torch.linspace(0, 3, steps).exp()  # rising norms, so the edges matter
+    g = (trend * (0.5 + torch.rand(steps, generator=gen))).double()
+    expected = numpy_reference_schedule(g.numpy(), 2.0, REFERENCE_WINDOW)
+    schedule = refine_schedule(g)
+    np.testing.assert_allclose(schedule.numpy(), expected, rtol=1e-12, atol=1e-15)
+    # The old form (10% of the run, edges repeated) gives something visibly different.
+    assert (refine_schedule(g, smoothing=0.1) - schedule).abs().max() > 1e-3
+
+
+def test_default_smoothing_of_a_short_record_reads_the_reference_curve_at_each_step():
+    # Shorter than 10,000 steps, the reference interpolates up to 10,000 points and filters there.
+    from scipy.ndimage import median_filter as scipy_median
+
+    g = torch.rand(300, generator=torch.Generator().manual_seed(5)).double() + 0.2
+    dense = np.interp(np.linspace(0, 1, REFERENCE_RESOLUTION), np.linspace(0, 1, 300), g.numpy())
+    pad = 2 * REFERENCE_WINDOW
+    smooth = scipy_median(np.pad(dense, (0, pad), mode="reflect"), size=1001, mode="nearest")
+    at_steps = np.interp(np.linspace(0, 1, 300), np.linspace(0, 1, REFERENCE_RESOLUTION),
+                         smooth[:-pad])  # fmt: skip
+    np.testing.assert_allclose(smooth_grad_norms(g).numpy(), at_steps, rtol=1e-12)
+    expected = brute_force_refined(at_steps.tolist(), 2.0)
+    torch.testing.assert_close(refine_schedule(g), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_fraction_of_run_smoothing_uses_the_reference_window_rule():
+    g = torch.rand(500, generator=torch.Generator().manual_seed(6)).double() + 0.1
+    expected = numpy_reference_schedule(g.numpy(), 2.0, 2 * (int(0.1 * 500) // 2) + 1)
+    np.testing.assert_allclose(refine_schedule(g, smoothing=0.1).numpy(), expected, rtol=1e-12)
 
 
 def test_growing_norms_give_a_faster_final_anneal_and_l1_l2_differ():
@@ -82,14 +138,83 @@ def test_median_smoothing_removes_a_spike():
 
 
 def test_median_filter_by_hand_and_brute_force():
+    # Start padded by repetition, end by reflection: the last window is (3, 4, 3).
     x = torch.tensor([1.0, 100.0, 2.0, 3.0, 4.0])
-    assert median_filter(x, 3).tolist() == [1.0, 2.0, 3.0, 3.0, 4.0]
+    assert median_filter(x, 3).tolist() == [1.0, 2.0, 3.0, 3.0, 3.0]
     y = torch.rand(40, generator=torch.Generator().manual_seed(2)).double()
     values, half = y.tolist(), 3
-    padded = [values[0]] * half + values + [values[-1]] * half
+    padded = [values[0]] * half + values + values[-2 : -2 - half : -1]
     expected = [statistics.median(padded[i : i + 2 * half + 1]) for i in range(len(values))]
     assert median_filter(y, 7).tolist() == expected
     assert median_filter(y, 1).tolist() == values
+    # A window longer than the record folds the reflection again, as numpy's "reflect" does.
+    short = torch.tensor([1.0, 5.0, 2.0])
+    folded = np.pad(short.numpy(), (2, 6), mode="reflect")  # end: 5 1 5 2 5 1
+    assert median_filter(short, 13).tolist()[-1] == statistics.median(
+        [1.0] * 4 + short.tolist() + folded[-6:].tolist()
+    )
+    with pytest.raises(ValueError, match="odd"):
+        median_filter(y, 4)
+
+
+def test_robust_options_by_hand():
+    g = torch.cat([torch.full((20,), 0.1), torch.ones(180)]).double()  # an initial transient
+    paper = refine_schedule(g, smoothing=0)
+    assert torch.equal(paper, refine_schedule(g, smoothing=0, power=2.0, floor=0, blend=0))
+    # exclude_initial: the first 10% take the norm right after them, so with the rest constant
+    # the schedule is linear decay.
+    linear = 1 - torch.arange(200, dtype=torch.float64) / 199
+    torch.testing.assert_close(refine_schedule(g, smoothing=0, exclude_initial=0.1), linear)
+    # With smoothing, the transient is left out of the filter too: its edge would carry it on.
+    torch.testing.assert_close(refine_schedule(g, exclude_initial=0.1), linear)
+    assert not torch.allclose(refine_schedule(g, smoothing=0.2, exclude_initial=0.02), linear)
+    # power: w = G^-1 instead of G^-2.
+    expected = brute_force_refined(g.tolist(), 1.0)
+    expected = torch.tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(refine_schedule(g, smoothing=0, power=1.0), expected)
+    # blend: a mix with linear decay, peak 1 again.
+    mix = 0.7 * paper + 0.3 * linear
+    torch.testing.assert_close(refine_schedule(g, smoothing=0, blend=0.3), mix / mix.max())
+    # floor: never below that fraction of linear decay, and the paper's values where above it.
+    floored = refine_schedule(g, smoothing=0, floor=0.5)
+    torch.testing.assert_close(floored, torch.maximum(paper, 0.5 * linear))
+    assert (floored > paper).any() and floored[-1] == 0 and floored.max() == 1
+
+
+def test_early_rising_norms_give_a_degenerate_schedule_with_figures():
+    # The 1-D CNN failure: norms 10x below their later level for the first 60 of 1,100 steps.
+    g = torch.cat([torch.full((60,), 0.1), torch.ones(1040)]).double()
+    schedule = refine_schedule(g, smoothing=0)
+    found = schedule_diagnostics(schedule, g)
+    assert found.early_budget > 0.9 and found.norm_early_rise == pytest.approx(10.0)
+    problems = found.problems()
+    assert any("of the LR budget lies in the first 5% of the run (linear decay: 10%)" in p
+               for p in problems)  # fmt: skip
+    assert any("start 10.0x below" in p for p in problems)
+    # Excluding the transient gives linear decay back, which is not degenerate.
+    fixed = refine_schedule(g, smoothing=0, exclude_initial=0.06)
+    assert schedule_diagnostics(fixed, g).problems() == []
+
+
+def test_diagnostics_of_linear_decay_and_a_late_peak_by_hand():
+    linear = 1 - torch.arange(101, dtype=torch.float64) / 100
+    d = schedule_diagnostics(linear)
+    assert d.mean_multiplier == pytest.approx(0.5) and d.peak_at == 0.0
+    assert d.early_budget == pytest.approx(float(linear[:5].sum() / linear.sum()))
+    assert d.problems() == [] and d.norm_range is None
+    assert d.linear_early_budget == d.early_budget
+    # On a run of two steps, the first step is 5% of it: no false alarm for linear decay.
+    assert schedule_diagnostics([1.0, 0.0]).problems() == []
+    late = torch.zeros(101, dtype=torch.float64)
+    late[99] = 1.0
+    assert schedule_diagnostics(late).problems() == [
+        "the mean LR multiplier is 0.01 (linear decay: 0.50)",
+        "the peak lies at 99% of the run",
+    ]
+    falling = torch.linspace(10, 1, 100).double()
+    d = schedule_diagnostics(linear[:100], falling)
+    assert d.norm_late_collapse == pytest.approx(float(falling.median() / falling[95:].median()))
+    assert d.norm_range == pytest.approx(float(falling[:5].median() / falling[95:].median()))
 
 
 def test_resample_is_linear_and_keeps_endpoints():
@@ -121,6 +246,15 @@ def test_bad_options_are_clear_errors():
         refine_schedule([1.0, 2.0], norm="l3")
     with pytest.raises(ValueError, match="smoothing"):
         refine_schedule([1.0, 2.0], smoothing=1.5)
+    with pytest.raises(ValueError, match="smoothing"):
+        refine_schedule([1.0, 2.0], smoothing="median")
+    with pytest.raises(ValueError, match="odd"):
+        refine_schedule([1.0, 2.0], window=10)
+    with pytest.raises(ValueError, match="power"):
+        refine_schedule([1.0, 2.0], power=0.0)
+    for option in ("floor", "blend", "exclude_initial"):
+        with pytest.raises(ValueError, match=option):
+            refine_schedule([1.0, 2.0], **{option: 1.5})
     with pytest.raises(ValueError, match="at least 2 steps"):
         resample_schedule([1.0], 10)
     with pytest.raises(ValueError, match="fewer than 2"):

@@ -3,8 +3,9 @@
 Defazio et al. (2023): the per-step gradient norms of one run give a better schedule for the next.
 The callback records the norm of the gradient the optimizer actually steps with (in
 ``on_before_optimizer_step``: after AMP unscaling, after accumulation, after the DDP all-reduce,
-before clipping), writes the refined schedule and a plot at fit end, and in drop-in mode drives
-the learning rate of an unchanged module from a stored schedule.
+before clipping), writes the refined schedule, its diagnostics and a plot at fit end, and in
+drop-in mode drives the learning rate of an unchanged module from a stored schedule. Either way
+it warns, with figures, when the schedule is degenerate.
 """
 
 from __future__ import annotations
@@ -21,16 +22,37 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_ext._io import atomic_torch_save, atomic_write
-from lightning_ext.functional.schedules import gradient_norm, refine_schedule, resample_schedule
+from lightning_ext._io import atomic_torch_save, atomic_write, atomic_write_json, load_file
+from lightning_ext._lightning import run_dir
+from lightning_ext.functional.schedules import (
+    REFERENCE_WINDOW,
+    Smoothing,
+    combine_norm_parts,
+    refine_schedule,
+    resample_schedule,
+    schedule_diagnostics,
+)
 from lightning_ext.schedulers import load_schedule
 
 __all__ = ["ScheduleRefinement", "load_grad_norms", "write_refined_schedule"]
 
 GRAD_NORMS_FILE = "grad_norms.pt"
 SCHEDULE_FILE = "refined_schedule.pt"
+DIAGNOSTICS_FILE = "refined_schedule.json"
 PLOT_FILE = "refined_schedule.png"
 _ADAM_LIKE = ("adam", "adagrad", "adadelta", "rmsprop", "adafactor", "lamb", "lion")
+_SHARDED = ("FSDP", "DeepSpeed", "ModelParallel")
+
+#: Refinement options the callback and ``lightning-ext refine-schedule`` use unless told:
+#: half linear decay, the one choice that never lost clearly to linear decay on the four
+#: reproductions (docs/schedule_refinement.md). ``PAPER_OPTIONS``: the paper's exact formula.
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "power": None,
+    "exclude_initial": 0.0,
+    "floor": 0.0,
+    "blend": 0.5,
+}
+PAPER_OPTIONS: dict[str, Any] = {"power": None, "exclude_initial": 0.0, "floor": 0.0, "blend": 0.0}
 
 
 def norm_for_optimizer(optimizer: Optimizer) -> Literal["l1", "l2"]:
@@ -39,30 +61,65 @@ def norm_for_optimizer(optimizer: Optimizer) -> Literal["l1", "l2"]:
     return "l1" if any(key in name for key in _ADAM_LIKE) else "l2"
 
 
-class _NormRecord:
-    """Per-step norms in a device buffer that doubles when full: appending is one copy kernel."""
+class _NormRecorder:
+    """The gradient norm of one optimizer's parameters at every step, with no host sync and no
+    allocation per step beyond the norm kernels' outputs.
 
-    def __init__(self, values: Tensor | None = None) -> None:
-        self.buffer = None if values is None else values.detach().float().clone()
-        self.count = 0 if values is None else values.numel()
+    Each step writes the per-tensor norms into one row of a preallocated ``(CHUNK, n_tensors)``
+    device buffer (one ``_foreach_norm`` and one ``stack(out=...)`` per device/dtype group). Rows
+    are reduced to step norms and copied to the host in one go when the buffer is full or when the
+    values are read (logging every ``log_every_n_steps``, checkpoints, fit end).
+    """
 
-    def append(self, value: Tensor) -> None:
-        if self.buffer is None:
-            self.buffer = torch.empty(1024, dtype=torch.float32, device=value.device)
-        elif self.buffer.device != value.device:
-            self.buffer = self.buffer.to(value.device)
-        if self.count == self.buffer.numel():
-            grown = torch.empty(max(1024, 2 * self.count), dtype=torch.float32, device=value.device)
-            grown[: self.count].copy_(self.buffer[: self.count])
-            self.buffer = grown
-        self.buffer[self.count].copy_(value)
-        self.count += 1
+    CHUNK = 256
+
+    def __init__(self, optimizer: Optimizer, norm: Literal["l1", "l2"], history: Tensor | None):
+        self.norm, self.order = norm, (2 if norm == "l2" else 1)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+        for p in params:
+            groups[(p.device, p.dtype)].append(p)
+        self._groups: list[tuple[list[Tensor], slice, Tensor, torch.dtype | None]] = []
+        start = 0
+        for (device, dtype), members in groups.items():
+            low = dtype in (torch.float16, torch.bfloat16)  # norms of half grads in float32
+            zero = torch.zeros((), dtype=dtype, device=device)  # stands in for a missing grad
+            cols = slice(start, start + len(members))
+            self._groups.append((members, cols, zero, torch.float32 if low else None))
+            start += len(members)
+        device = params[0].device if params else torch.device("cpu")
+        self._rows = torch.empty(self.CHUNK, max(start, 1), dtype=torch.float32, device=device)
+        self._filled = 0
+        self._host: list[Tensor] = [] if history is None else [history.detach().float().cpu()]
+
+    def record(self) -> None:
+        if self._filled == self.CHUNK:
+            self._move_to_host()
+        row = self._rows[self._filled]
+        for params, cols, zero, dtype in self._groups:
+            grads = [zero if p.grad is None else p.grad for p in params]
+            parts = torch._foreach_norm(grads, self.order, dtype=dtype)
+            if parts[0].device == row.device:
+                torch.stack(parts, out=row[cols])
+            else:
+                row[cols].copy_(torch.stack(parts), non_blocking=True)
+        self._filled += 1
+
+    def _move_to_host(self) -> None:
+        if self._filled:
+            self._host.append(combine_norm_parts(self._rows[: self._filled], self.norm).cpu())
+            self._filled = 0
+
+    @property
+    def count(self) -> int:
+        return sum(h.numel() for h in self._host) + self._filled
 
     def values(self) -> Tensor:
-        """The record on the CPU (a host sync: call it at checkpoints and at fit end only)."""
-        if self.buffer is None:
-            return torch.empty(0, dtype=torch.float32)
-        return self.buffer[: self.count].cpu().clone()
+        """Every recorded norm on the CPU (a host sync: for logging, checkpoints and fit end)."""
+        self._move_to_host()
+        if len(self._host) > 1:
+            self._host = [torch.cat(self._host)]
+        return self._host[0].clone() if self._host else torch.empty(0, dtype=torch.float32)
 
 
 def load_grad_norms(path: str | os.PathLike) -> tuple[list[Tensor], list[str | None]]:
@@ -73,7 +130,7 @@ def load_grad_norms(path: str | os.PathLike) -> tuple[list[Tensor], list[str | N
         raise FileNotFoundError(f"gradient-norm file {path!r} does not exist")
     if path.endswith((".txt", ".csv")):
         return [load_schedule(path)], [None]
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_file(path)
     if isinstance(obj, Tensor):
         return [obj], [None]
     if not isinstance(obj, dict) or "grad_norms" not in obj:
@@ -91,37 +148,65 @@ def _finite(values: Tensor, where: str, drop: bool) -> Tensor:
     return values[keep] if drop else values
 
 
+def degenerate_warning(what: str, diagnostics: dict[str, float], problems: list[str]) -> str:
+    """The one warning for a degenerate schedule: what is wrong, with figures, and what to do."""
+    return (
+        f"{what} is degenerate: {'; '.join(problems)}. Training with it can end far worse than "
+        "the linear decay it was refined from (an unseen 1-D CNN task went to chance accuracy). "
+        "Compare it against linear decay before using it, or refine again with exclude_initial= "
+        "(an initial transient), power=1 (milder weights), floor= or blend= (keep part of linear "
+        f"decay). Figures: {', '.join(f'{k}={v:.3g}' for k, v in diagnostics.items())}."
+    )
+
+
 def write_refined_schedule(
     grad_norms: list[Tensor],
     norms: list[Literal["l1", "l2"]],
     out_path: str | os.PathLike,
     *,
-    smoothing: float = 0.1,
+    smoothing: Smoothing = "reference",
+    window: int = REFERENCE_WINDOW,
     steps: int | None = None,
     plot_path: str | os.PathLike | None = None,
     drop_nonfinite: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Refine one schedule per record, save them atomically (``"schedule"``: the first one) and,
-    with ``plot_path``, a plot of norms and schedules. Returns what was saved.
+    """Refine one schedule per record, save them atomically (``"schedule"``: the first one) with
+    their diagnostics (also as JSON beside ``out_path``), optionally plot them, and warn with
+    figures about degenerate ones. ``options``: ``refine_schedule``'s ``power``,
+    ``exclude_initial``, ``floor``, ``blend``. Returns what was saved.
 
     ``drop_nonfinite`` drops inf/nan norms (steps an fp16 grad scaler skipped) with a warning;
     otherwise they are an error. The schedule spans the whole record, dropped steps included."""
-    schedules = [
-        refine_schedule(
-            _finite(g, str(out_path), drop_nonfinite),
+    options = {**PAPER_OPTIONS, **options}
+    schedules, diagnostics = [], []
+    for g, n in zip(grad_norms, norms):
+        kept = _finite(g, str(out_path), drop_nonfinite)
+        schedule = refine_schedule(
+            kept,
             norm=n,
             smoothing=smoothing,
+            window=window,
             steps=g.numel() if steps is None else steps,
+            **options,
         )
-        for g, n in zip(grad_norms, norms)
-    ]
+        schedules.append(schedule)
+        diagnostics.append(schedule_diagnostics(schedule, kept))
+    settings = {"smoothing": smoothing, "window": window, **options}
     payload = {
         "schedule": schedules[0],
         "schedules": schedules,
         "norm": list(norms),
-        "smoothing": smoothing,
+        "diagnostics": [d.as_dict() for d in diagnostics],
+        **settings,
     }
     atomic_torch_save(payload, out_path)
+    summary = {"norm": list(norms), "diagnostics": payload["diagnostics"], **settings}
+    atomic_write_json(summary, Path(out_path).with_suffix(".json"))
+    for i, d in enumerate(diagnostics):
+        if d.problems():
+            name = f"The refined schedule {out_path}" + (f" [{i}]" if len(diagnostics) > 1 else "")
+            rank_zero_warn(degenerate_warning(name, d.as_dict(), d.problems()))
     if plot_path is not None:
         plot_schedules(grad_norms, schedules, plot_path)
     return payload
@@ -130,7 +215,8 @@ def write_refined_schedule(
 def plot_schedules(
     grad_norms: list[Tensor], schedules: list[Tensor], path: str | os.PathLike
 ) -> Path | None:
-    """Gradient norms (top) and refined schedules (bottom) as a PNG; None without matplotlib."""
+    """Gradient norms (top) and refined schedules against linear decay (bottom) as a PNG; None
+    without matplotlib."""
     try:
         import matplotlib
 
@@ -142,7 +228,9 @@ def plot_schedules(
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=False)
     for i, (g, s) in enumerate(zip(grad_norms, schedules)):
         top.plot(g.numpy(), lw=0.8, label=f"optimizer {i}")
-        bottom.plot(s.numpy(), label=f"optimizer {i}")
+        bottom.plot(s.numpy(), label=f"refined, optimizer {i}")
+    steps = schedules[0].numel()
+    bottom.plot([0, steps - 1], [1, 0], "k--", lw=0.8, label="linear decay")
     top.set(ylabel="gradient norm", yscale="log", title="recorded")
     bottom.set(xlabel="optimizer step", ylabel="LR multiplier", title="refined schedule")
     bottom.legend()
@@ -161,9 +249,20 @@ class ScheduleRefinement(Callback):
 
     Args:
         norm: ``"l2"`` (SGD-like), ``"l1"`` (Adam-like), or ``"auto"`` to choose per optimizer.
-        smoothing: median-filter window as a fraction of the run (0: none), for the refinement.
-        record: record norms and write ``grad_norms.pt``, ``refined_schedule.pt`` and a plot.
-        output_dir: where those files go (default: ``<trainer.log_dir>/schedule_refinement``).
+        smoothing: ``"reference"``: the reference code's median filter (``window`` steps at the
+            record's resolution; records under 10,000 steps are first interpolated to 10,000
+            points, so it spans 10% of the run); a float: a window of that fraction of the run;
+            0: none.
+        window: the median window in steps for ``smoothing="reference"`` (odd; reference: 1001).
+        power: exponent p of the weights w = G^-p (None: the paper's 2 for l2, 1 for l1).
+        exclude_initial: leading fraction of the run whose norms (an initial transient or warm-up)
+            are replaced by the first norm after it.
+        floor: the schedule never falls below this fraction of linear decay.
+        blend: mix this fraction of linear decay into the refined schedule.
+        record: record norms and write ``grad_norms.pt``, ``refined_schedule.pt`` (+ ``.json``
+            diagnostics) and a plot.
+        output_dir: where those files go (default: ``run_dir(trainer, "schedule")``, the run's own
+            versioned folder).
         schedule_path: drop-in mode: drive every optimizer's LR from this stored schedule,
             resampled to the run, times each param group's base LR. The module's own LR schedulers
             are removed (with a warning).
@@ -172,13 +271,19 @@ class ScheduleRefinement(Callback):
         plot: write ``refined_schedule.png`` (needs matplotlib).
 
     Logs ``schedule/grad_norm`` and (drop-in) ``schedule/lr_scale`` per optimizer step to the
-    Trainer's loggers every ``log_every_n_steps`` steps, and a summary plus the plot at fit end.
+    Trainer's loggers every ``log_every_n_steps`` steps, and the diagnostics plus the plot at fit
+    end. Warns with figures when the refined or the applied schedule is degenerate.
     """
 
     def __init__(
         self,
         norm: Literal["auto", "l1", "l2"] = "auto",
-        smoothing: float = 0.1,
+        smoothing: float | Literal["reference"] = "reference",
+        window: int = REFERENCE_WINDOW,
+        power: float | None = DEFAULT_OPTIONS["power"],
+        exclude_initial: float = DEFAULT_OPTIONS["exclude_initial"],
+        floor: float = DEFAULT_OPTIONS["floor"],
+        blend: float = DEFAULT_OPTIONS["blend"],
         record: bool = True,
         output_dir: str | None = None,
         schedule_path: str | None = None,
@@ -187,19 +292,26 @@ class ScheduleRefinement(Callback):
     ) -> None:
         if norm not in ("auto", "l1", "l2"):
             raise ValueError(f"norm must be 'auto', 'l1' or 'l2', got {norm!r}")
-        if not 0.0 <= smoothing <= 1.0:
-            raise ValueError(f"smoothing is a fraction of the run in [0, 1], got {smoothing}")
         if total_steps is not None and total_steps < 2:
             raise ValueError(f"total_steps must be >= 2, got {total_steps}")
         if not record and schedule_path is None:
             raise ValueError("record=False and no schedule_path: the callback would do nothing")
+        self.refine_options: dict[str, Any] = {
+            "smoothing": smoothing,
+            "window": window,
+            "power": power,
+            "exclude_initial": exclude_initial,
+            "floor": floor,
+            "blend": blend,
+        }
+        refine_schedule([1.0, 1.0], **self.refine_options)  # validates the options up front
         self.norm, self.smoothing, self.record = norm, smoothing, record
         self.output_dir, self.schedule_path = output_dir, schedule_path
         self.total_steps, self.plot = total_steps, plot
         self._stored: Tensor | None = None
         self._values: list[float] = []
         self._norms: list[Literal["l1", "l2"]] = []
-        self._records: list[_NormRecord] = []
+        self._records: list[_NormRecorder] = []
         self._steps: list[int] = []
         self._index: dict[int, int] = {}
         self._logged_norms: list[int] = []
@@ -217,7 +329,7 @@ class ScheduleRefinement(Callback):
         if stage != "fit":
             return
         strategy = type(trainer.strategy).__name__
-        if self.record and any(key in strategy for key in ("FSDP", "DeepSpeed", "ModelParallel")):
+        if self.record and any(key in strategy for key in _SHARDED):
             raise ValueError(
                 f"ScheduleRefinement records the gradient norm from each rank's local gradients, "
                 f"which under {strategy} are shards: use DDP, or record=False to only apply a "
@@ -231,8 +343,9 @@ class ScheduleRefinement(Callback):
                     f"{stored.numel()}: pass a schedule written by refine-schedule"
                 )
             self._stored = stored
-        base = trainer.log_dir or trainer.default_root_dir
-        self._out = Path(self.output_dir or os.path.join(base, "schedule_refinement"))
+        if self.record:
+            # run_dir may broadcast: every rank calls it here, at the same point.
+            self._out = Path(self.output_dir) if self.output_dir else run_dir(trainer, "schedule")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizers = trainer.optimizers
@@ -248,8 +361,10 @@ class ScheduleRefinement(Callback):
                 f"checkpoint has {len(self._norms)} gradient-norm records for "
                 f"{len(optimizers)} optimizers: resume with the same configure_optimizers"
             )
-        records = restored.get("grad_norms") or [None] * len(optimizers)
-        self._records = [_NormRecord(r) for r in records]
+        history = restored.get("grad_norms") or [None] * len(optimizers)
+        self._records = [
+            _NormRecorder(opt, n, h) for opt, n, h in zip(optimizers, self._norms, history)
+        ]
         self._steps = list(restored.get("steps") or [0] * len(optimizers))
         self._logged_norms = [r.count for r in self._records]  # resumed steps were logged before
         self._logged_steps = self._steps[0]
@@ -265,7 +380,14 @@ class ScheduleRefinement(Callback):
                 f"cannot stretch the stored schedule over {total} steps: set total_steps= on "
                 "ScheduleRefinement (or max_steps / max_epochs on the Trainer)"
             )
-        self._values = resample_schedule(self._stored, int(total)).tolist()
+        applied = resample_schedule(self._stored, int(total))
+        self._values = applied.tolist()
+        found = schedule_diagnostics(applied)
+        if found.problems() and self._steps[0] == 0:
+            what = (
+                f"ScheduleRefinement(schedule_path={self.schedule_path!r}) applies a schedule that"
+            )
+            rank_zero_warn(degenerate_warning(what, found.as_dict(), found.problems()))
         if trainer.lr_scheduler_configs:
             names = [type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs]
             rank_zero_warn(
@@ -290,15 +412,7 @@ class ScheduleRefinement(Callback):
                 "ScheduleRefinement saw an optimizer that is not in trainer.optimizers"
             )
         if self.record:
-            grads = [
-                p.grad
-                for group in optimizer.param_groups
-                for p in group["params"]
-                if p.grad is not None
-            ]
-            if grads:
-                value = gradient_norm(grads, self._norms[index])
-                self._records[index].append(value)
+            self._records[index].record()
         if self._values:
             scale = self._values[min(self._steps[index], len(self._values) - 1)]
             for group in optimizer.param_groups:
@@ -326,12 +440,12 @@ class ScheduleRefinement(Callback):
         measured at 0.5-1 ms per call on CPU, costlier than the recording itself.)"""
         rows: dict[int, dict[str, float]] = defaultdict(dict)
         many = len(self._records) > 1
-        for i, record in enumerate(self._records):
-            start, self._logged_norms[i] = self._logged_norms[i], record.count
-            if record.count > start:
-                values = record.buffer[start : record.count].tolist()
-                for step, value in enumerate(values, start):
-                    rows[step][f"schedule/grad_norm{i if many else ''}"] = value
+        if self.record and trainer.loggers:
+            for i, record in enumerate(self._records):
+                start, self._logged_norms[i] = self._logged_norms[i], record.count
+                if record.count > start:
+                    for step, value in enumerate(record.values()[start:].tolist(), start):
+                        rows[step][f"schedule/grad_norm{i if many else ''}"] = value
         if self._values:
             for step in range(self._logged_steps, self._steps[0]):
                 rows[step]["schedule/lr_scale"] = self._values[min(step, len(self._values) - 1)]
@@ -373,16 +487,12 @@ class ScheduleRefinement(Callback):
             records,
             self._norms,
             self._out / SCHEDULE_FILE,
-            smoothing=self.smoothing,
             plot_path=plot,
             drop_nonfinite=True,
+            **self.refine_options,
         )
-        schedule = payload["schedule"]
-        summary = {
-            "schedule/recorded_steps": float(records[0].numel()),
-            "schedule/refined_peak_at": float(schedule.argmax()) / max(schedule.numel() - 1, 1),
-            "schedule/refined_mean": float(schedule.mean()),
-        }
+        summary = {"schedule/recorded_steps": float(records[0].numel())}
+        summary.update({f"schedule/{k}": v for k, v in payload["diagnostics"][0].items()})
         for logger in trainer.loggers:
             logger.log_metrics(summary, step=trainer.global_step)
             if plot is not None and plot.exists() and hasattr(logger, "log_image"):
@@ -400,6 +510,3 @@ class ScheduleRefinement(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = dict(state_dict)
-
-
-# --- `lightning-ext refine-schedule` ---------------------------------------------------------

@@ -9,26 +9,47 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "REFINE_RESOLUTION",
+    "REFERENCE_RESOLUTION",
+    "REFERENCE_WINDOW",
+    "ScheduleDiagnostics",
+    "closed_form_schedule",
+    "combine_norm_parts",
     "gradient_norm",
     "infinite_schedule",
     "linear_decay",
     "median_filter",
     "refine_schedule",
     "resample_schedule",
+    "schedule_diagnostics",
+    "smooth_grad_norms",
     "warmup_stable_decay",
 ]
 
 Norm = Literal["l1", "l2"]
 
-#: Defazio et al. smooth the norms at this many points, whatever the run's length.
-REFINE_RESOLUTION = 10_000
+#: The reference code (facebookresearch/adaptive_scheduling, ``visual.py``) interpolates records
+#: shorter than this up to this many points before smoothing them.
+REFERENCE_RESOLUTION = 10_000
+#: Its median-filter window in samples: ``2 * (int(0.1 * 10_000) // 2) + 1``.
+REFERENCE_WINDOW = 1001
+#: Diagnostics look at this leading (and trailing) fraction of the run.
+EDGE_FRACTION = 0.05
+#: A schedule is called degenerate when more than this share of its LR budget (sum of
+#: multipliers) lies in the first ``EDGE_FRACTION`` of the run (linear decay: about 0.1) ...
+MAX_EARLY_BUDGET = 0.5
+#: ... or its mean multiplier is below this (linear decay: 0.5; the reference ViT record: 0.19) ...
+MIN_MEAN_MULTIPLIER = 0.15
+#: ... or its peak lies after this fraction of the run.
+MAX_PEAK_AT = 0.95
+
+Smoothing = float | Literal["reference"]
 
 
 def _as_1d_float64(values: Tensor | Sequence[float], what: str) -> Tensor:
@@ -66,58 +87,226 @@ def resample_schedule(values: Tensor | Sequence[float], steps: int) -> Tensor:
     return tensor[left] * (1.0 - frac) + tensor[left + 1] * frac
 
 
-def median_filter(values: Tensor, window: int) -> Tensor:
-    """Running median of a 1-D tensor over ``window`` points (odd), edges padded by repetition.
+def _reflected_tail(values: Tensor, count: int) -> Tensor:
+    """``count`` values continuing ``values`` by reflection about its last point, the last point
+    itself not repeated (numpy's ``mode="reflect"``), folding again as often as needed."""
+    n = values.numel()
+    if n == 1:
+        return values.expand(count)
+    period = 2 * (n - 1)
+    index = (n - 1 + torch.arange(1, count + 1)) % period
+    index = torch.where(index >= n, period - index, index)
+    return values[index]
 
-    For an even window the next odd one is used so that the filter stays centred.
+
+def median_filter(values: Tensor, window: int) -> Tensor:
+    """Running median over an odd ``window`` of points, centred, with the reference code's edges:
+    the start is padded by repeating the first value, the end by reflection (numpy ``reflect``).
+
+    Computed in row blocks, so that a record of a million steps never materialises all windows.
     """
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"the median window must be an odd number >= 1, got {window}")
     if window == 1:
         return values.clone()
     half = window // 2
-    padded = torch.cat([values[:1].expand(half), values, values[-1:].expand(half)])
-    return padded.unfold(0, 2 * half + 1, 1).median(dim=-1).values
+    padded = torch.cat([values[:1].expand(half), values, _reflected_tail(values, half)])
+    windows = padded.unfold(0, window, 1)
+    out = torch.empty_like(values)
+    block = max(1, (1 << 22) // window)
+    for start in range(0, values.numel(), block):
+        out[start : start + block] = windows[start : start + block].median(dim=-1).values
+    return out
+
+
+def smooth_grad_norms(
+    grad_norms: Tensor | Sequence[float], smoothing: Smoothing = "reference", window: int = 1001
+) -> Tensor:
+    """The median-smoothed norms, one per step.
+
+    ``"reference"``: as the reference code does it: a ``window``-sample median filter at the
+    record's own resolution; records shorter than 10,000 steps are first interpolated up to 10,000
+    points (so the window spans 10% of the run) and the smoothed curve is read back at each step.
+    A float: a window of that fraction of the run, at the record's resolution (0: none).
+    """
+    g = _as_1d_float64(grad_norms, "grad_norms")
+    if smoothing == "reference":
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"window must be an odd number of steps >= 1, got {window}")
+        if window == 1:
+            return g.clone()
+        if g.numel() >= REFERENCE_RESOLUTION:
+            return median_filter(g, window)
+        dense = median_filter(resample_schedule(g, REFERENCE_RESOLUTION), window)
+        return resample_schedule(dense, g.numel())
+    if isinstance(smoothing, str) or not 0.0 <= smoothing <= 1.0 or math.isnan(smoothing):
+        raise ValueError(
+            f"smoothing is 'reference' or a fraction of the run in [0, 1], got {smoothing!r}"
+        )
+    return median_filter(g, 2 * (int(smoothing * g.numel()) // 2) + 1)
+
+
+def closed_form_schedule(weights: Tensor) -> Tensor:
+    """eta_t = w_t * sum_{p>t} w_p, normalised to peak 1 (so the last step is 0)."""
+    tail = weights.flip(0).cumsum(0).flip(0) - weights
+    eta = weights * tail
+    return eta / eta.max()
+
+
+def _linear(steps: int) -> Tensor:
+    return 1.0 - torch.arange(steps, dtype=torch.float64) / (steps - 1)
+
+
+def _smooth_excluding_start(
+    g: Tensor, smoothing: Smoothing, window: int, exclude_initial: float
+) -> Tensor:
+    """Smoothed norms; the leading ``exclude_initial`` of the run is left out of the smoothing
+    (so the filter's edge does not carry the transient on) and takes the first smoothed value
+    after it."""
+    start = min(round(exclude_initial * g.numel()), g.numel() - 2)
+    if start <= 0:
+        return smooth_grad_norms(g, smoothing, window)
+    rest = smooth_grad_norms(g[start:], smoothing, window)
+    return torch.cat([rest[:1].expand(start), rest])
 
 
 def refine_schedule(
     grad_norms: Tensor | Sequence[float],
     *,
     norm: Norm = "l2",
-    smoothing: float = 0.1,
+    smoothing: Smoothing = "reference",
+    window: int = REFERENCE_WINDOW,
+    power: float | None = None,
+    exclude_initial: float = 0.0,
+    floor: float = 0.0,
+    blend: float = 0.0,
     steps: int | None = None,
 ) -> Tensor:
     """The refined schedule of Defazio, Cutkosky, Mehta, Mishchenko (2023), one value per step.
 
-    From per-step gradient norms G_1..G_T of a previous run: resample to 10,000 points, median
-    filter over a window of ``smoothing`` times the run (0 for none), w_t = G_t^-2 (``"l2"``, for
-    SGD-like optimizers) or G_t^-1 (``"l1"``, Adam-like), eta_t = w_t * sum_{p>t} w_p, normalised
-    to peak 1 (the last step is 0), and resampled to ``steps`` points (default: T). Returns float64.
+    From per-step gradient norms G_1..G_T of a previous run: median smoothing (see
+    :func:`smooth_grad_norms`; ``smoothing=0`` for none), w_t = G_t^-p with p = ``power`` (default
+    the paper's: 2 for ``"l2"`` norms and SGD-like optimizers, 1 for ``"l1"`` and Adam-like ones),
+    eta_t = w_t * sum_{p>t} w_p, normalised to peak 1 (the last step is 0). With the defaults of
+    the options below this is exactly the paper's formula; they make it robust to records it
+    misreads (see docs/schedule_refinement.md for what each one was measured to do):
+
+    - ``exclude_initial``: the norms of this leading fraction of the run (an initial transient
+      or a warm-up) are left out of the smoothing and replaced by the first smoothed norm after
+      it, so they carry no special weight;
+    - ``blend``: eta <- (1 - blend) * eta + blend * linear decay, renormalised to peak 1;
+    - ``floor``: eta_t >= floor * (1 - t / (T - 1)): never below that fraction of linear decay.
+
+    The result is resampled to ``steps`` points (default: T). Returns float64.
     """
     if norm not in ("l1", "l2"):
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
-    if not 0.0 <= smoothing <= 1.0 or math.isnan(smoothing):
-        raise ValueError(f"smoothing is a fraction of the run in [0, 1], got {smoothing}")
+    for name, value in (("exclude_initial", exclude_initial), ("floor", floor), ("blend", blend)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} is a fraction in [0, 1], got {value}")
+    if exclude_initial >= 1.0:
+        raise ValueError("exclude_initial=1 would exclude the whole run: use a fraction below 1")
+    power = (2.0 if norm == "l2" else 1.0) if power is None else power
+    if not power > 0 or math.isinf(power):
+        raise ValueError(f"power must be a positive exponent of G, got {power}")
     g = _as_1d_float64(grad_norms, "grad_norms")
     if g.numel() < 2:
         raise ValueError(f"need the gradient norms of at least 2 steps, got {g.numel()}")
     if (g < 0).any():
         raise ValueError("gradient norms must be >= 0")
     steps = g.numel() if steps is None else steps
-    g = resample_schedule(g, REFINE_RESOLUTION)
-    if smoothing > 0:
-        g = median_filter(g, max(1, round(smoothing * REFINE_RESOLUTION)))
+    g = _smooth_excluding_start(g, smoothing, window, exclude_initial)
     if (g <= 0).any():
         raise ValueError(
             "a (smoothed) gradient norm is 0, so its weight G^-p is infinite: smooth more "
             "(larger smoothing) or drop the steps with zero gradients"
         )
-    w = g.pow(-2.0 if norm == "l2" else -1.0)
-    tail = w.flip(0).cumsum(0).flip(0) - w  # sum_{p>t} w_p
-    eta = w * tail
-    eta = eta / eta.max()
-    eta = resample_schedule(eta, steps)
-    return eta / eta.max()
+    eta = closed_form_schedule(g.pow(-power))
+    if blend > 0:
+        eta = (1.0 - blend) * eta + blend * _linear(eta.numel())
+        eta = eta / eta.max()
+    if floor > 0:
+        eta = torch.maximum(eta, floor * _linear(eta.numel()))
+    if steps != eta.numel():
+        eta = resample_schedule(eta, steps)
+        eta = eta / eta.max()
+    return eta
+
+
+@dataclass(frozen=True)
+class ScheduleDiagnostics:
+    """Figures that tell whether a refined schedule is usable (linear decay in brackets).
+
+    ``mean_multiplier`` (0.5), ``peak_at`` (0.0, fraction of the run), ``early_budget``: share of
+    the summed multipliers in the first 5% of the run (``linear_early_budget``: linear decay's
+    share over the same steps, about 0.1 on runs of 100 steps or more); from the norms, if given:
+    ``norm_early_rise``: their median over the run over their median in its first 5% (above 1:
+    the norms start low), ``norm_late_collapse``: the run's median over the last 5%'s (above 1:
+    they fall at the end), ``norm_range``: largest over smallest median of the run's twenty 5%
+    segments."""
+
+    mean_multiplier: float
+    peak_at: float
+    early_budget: float
+    linear_early_budget: float
+    norm_early_rise: float | None = None
+    norm_late_collapse: float | None = None
+    norm_range: float | None = None
+
+    def problems(self) -> list[str]:
+        """What makes the schedule degenerate, in words with figures; empty when it is not."""
+        found = []
+        # Relative to linear decay too: on a run of a few steps, 5% of it is the first step.
+        if self.early_budget > max(MAX_EARLY_BUDGET, 2 * self.linear_early_budget):
+            found.append(
+                f"{100 * self.early_budget:.0f}% of the LR budget lies in the first "
+                f"{100 * EDGE_FRACTION:.0f}% of the run (linear decay: "
+                f"{100 * self.linear_early_budget:.0f}%)"
+            )
+        if self.mean_multiplier < MIN_MEAN_MULTIPLIER:
+            found.append(
+                f"the mean LR multiplier is {self.mean_multiplier:.2f} (linear decay: 0.50)"
+            )
+        if self.peak_at > MAX_PEAK_AT:
+            found.append(f"the peak lies at {100 * self.peak_at:.0f}% of the run")
+        if found and self.norm_early_rise is not None and self.norm_early_rise > 2:
+            found.append(
+                f"the gradient norms start {self.norm_early_rise:.1f}x below their median "
+                "(an initial transient)"
+            )
+        if found and self.norm_late_collapse is not None and self.norm_late_collapse > 2:
+            found.append(
+                f"the gradient norms end {self.norm_late_collapse:.1f}x below their median "
+                "(the training loss goes to zero)"
+            )
+        return found
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def schedule_diagnostics(
+    schedule: Tensor | Sequence[float], grad_norms: Tensor | Sequence[float] | None = None
+) -> ScheduleDiagnostics:
+    """Shape figures of ``schedule`` (and of the norms it came from), see ScheduleDiagnostics."""
+    s = _as_1d_float64(schedule, "schedule")
+    edge = max(1, round(EDGE_FRACTION * s.numel()))
+    linear = _linear(s.numel())
+    total = float(s.sum())
+    figures: dict[str, float] = {
+        "mean_multiplier": float(s.mean()),
+        "peak_at": float(s.argmax()) / max(s.numel() - 1, 1),
+        "early_budget": float(s[:edge].sum()) / total if total > 0 else 1.0,
+        "linear_early_budget": float(linear[:edge].sum() / linear.sum()),
+    }
+    if grad_norms is not None:
+        g = _as_1d_float64(grad_norms, "grad_norms")
+        segments = [part.median() for part in g.tensor_split(min(20, g.numel()))]
+        middle, tiny = float(g.median()), torch.finfo(torch.float64).tiny
+        figures["norm_early_rise"] = middle / max(float(segments[0]), tiny)
+        figures["norm_late_collapse"] = middle / max(float(segments[-1]), tiny)
+        figures["norm_range"] = float(max(segments)) / max(float(min(segments)), tiny)
+    return ScheduleDiagnostics(**figures)
 
 
 def linear_decay(t: float, total: float) -> float:
@@ -217,4 +406,10 @@ def gradient_norm(grads: Sequence[Tensor], norm: Norm = "l2") -> Tensor:
     stacked = torch.stack(parts)
     if stacked.dtype != torch.float32:
         stacked = stacked.float()
-    return stacked.norm(2) if norm == "l2" else stacked.sum()
+    return combine_norm_parts(stacked, norm)
+
+
+def combine_norm_parts(parts: Tensor, norm: Norm = "l2") -> Tensor:
+    """The norm of several tensors together from their own norms (along the last dimension):
+    the l2 norm of the l2 norms, or the sum of the l1 norms."""
+    return parts.norm(2, dim=-1) if norm == "l2" else parts.sum(dim=-1)

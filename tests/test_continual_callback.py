@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -81,9 +83,15 @@ def test_evaluation_does_not_change_training(tmp_path, trainer_kw):
     assert (tmp_path / "a").exists() and any((tmp_path / "a").iterdir())
 
 
-def test_online_metrics_match_functional_and_exports(tmp_path):
+@pytest.mark.parametrize("zero_shot", [False, True])
+def test_online_metrics_match_functional_and_exports(tmp_path, zero_shot):
     cb = ContinualEvaluation(
-        every_n_steps=2, subsample=40, window=3, lca_beta=2, export_dir=str(tmp_path / "out")
+        every_n_steps=2,
+        subsample=40,
+        window=3,
+        lca_beta=2,
+        zero_shot=zero_shot,
+        export_dir=str(tmp_path / "out"),
     )
     pl.seed_everything(0)
     trainer = quiet_trainer(
@@ -91,19 +99,25 @@ def test_online_metrics_match_functional_and_exports(tmp_path):
     )
     trainer.fit(Classifier(), datamodule=stream(num_tasks=3))
     values, trained, steps = cb.tables()
-    ref = continual_metrics(values, trained, steps, window=3, lca_beta=2)
+    ref = continual_metrics(values, trained, steps, window=3, lca_beta=2, zero_shot=zero_shot)
     online = cb.online_metrics()
     assert online["avg"] == pytest.approx(ref["avg"])
     assert online["min_acc"] == pytest.approx(ref["min_acc"])
     assert online["wc_acc"] == pytest.approx(ref["wc_acc"])
     assert online["wf3"] == pytest.approx(ref["wf"]) and online["wp3"] == pytest.approx(ref["wp"])
     assert online["lca"] == pytest.approx(ref["lca"])
+    assert cb.lca == pytest.approx({t: v for t, v in ref["lca_per_task"].items() if v == v})
     # Subsamples: fixed size, sorted unique indices, drawn once.
     assert all(len(s) == 40 and len(set(s.tolist())) == 40 for s in cb.subsets.values())
     summary = cb.summary()
     matrix = torch.tensor(summary["matrix"])
     assert not torch.isnan(matrix).any()  # eval sets known up front: every row is full
-    assert summary["gap"][0]["depth"] >= 0 and summary["bwt"] == pytest.approx(ref["bwt"])
+    assert summary["gap"][0][1]["depth"] >= 0 and summary["bwt"] == pytest.approx(ref["bwt"])
+    assert set(summary["gap"]) == set(ref["gap"]) == {0, 1}
+    for task, per_switch in ref["gap"].items():
+        for switch, entry in per_switch.items():
+            assert summary["gap"][task][switch] == pytest.approx(entry, nan_ok=True)
+    assert summary["stream_forgetting"] == pytest.approx(-summary["bwt"])
     out = tmp_path / "out"
     rows = (out / "curves.csv").read_text().splitlines()
     assert rows[0] == "step,trained_task,task0,task1,task2" and len(rows) == len(cb.records) + 1
@@ -233,29 +247,71 @@ def test_bad_setups_are_rejected_before_training():
         trainer.fit(Classifier(), train_dataloaders=loader(digits("train", limit=64)))
 
 
-def test_wandb_offline_run_has_curves_table_and_plot(tmp_path):
-    from lightning.pytorch.loggers import WandbLogger
+def ptl_classifier():
+    """The same MLP classifier written against ``import pytorch_lightning as pl``."""
+    import pytorch_lightning as ptl
+
+    class PTLClassifier(ptl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Classifier().net
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    return PTLClassifier()
+
+
+def test_wandb_offline_run_with_pytorch_lightning_has_table_and_plot(tmp_path):
+    """pytorch_lightning's Trainer and WandbLogger: the curves reach wandb, and the values table
+    is not overwritten by the line plot's own backing table (``cl/curves_table``)."""
+    import pytorch_lightning as ptl
+    from pytorch_lightning.loggers import WandbLogger
 
     from tests.helpers.wandb_reader import read_offline_runs
 
     logger = WandbLogger(save_dir=tmp_path, offline=True)
-    cb = ContinualEvaluation(every_n_steps=1, subsample=50, plot=False)
-    pl.seed_everything(0)
-    trainer = quiet_trainer(
-        max_epochs=2,
-        reload_dataloaders_every_n_epochs=1,
-        limit_val_batches=0,
-        callbacks=[cb],
-        logger=logger,
-        log_every_n_steps=1,
-    )
-    trainer.fit(Classifier(), datamodule=stream())
+    cb = ContinualEvaluation(every_n_steps=1, subsample=50)
+    train = split_by_classes(digits("train", limit=300), 2)[:2]
+    val = [loader(v, 64, None) for v in split_by_classes(digits("val"), 2)[:2]]
+    ptl.seed_everything(0)
+    model = ptl_classifier()
+    for task in range(2):  # one fit per task; the fit's two validation loaders: one per task
+        trainer = ptl.Trainer(
+            accelerator="cpu",
+            max_epochs=1,
+            limit_val_batches=0,
+            callbacks=[cb],
+            logger=logger,
+            log_every_n_steps=1,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        trainer.fit(model, loader(train[task], 32, 0), val)
     logger.experiment.finish()
     (run,) = read_offline_runs(tmp_path)
-    assert len(run.series("cl/task0")) >= trainer.global_step - 1
+    steps = [r["step"] for r in cb.records]
+    assert steps == sorted(set(steps)) and cb.step_offset > 0  # the second fit continues
+    assert len(run.series("cl/task0")) >= len(cb.records)
     assert run.series("cl/min_acc") and run.series("cl/wc_acc")
-    assert "cl/acc" in run.summary and "cl/gap/task0/depth" in run.summary
-    assert run.media("*.table.json"), "the curves table was not written"
+    assert "cl/acc" in run.summary and "cl/gap/task0/at_task1/depth" in run.summary
+    assert "cl/stream_forgetting" in run.summary and "cl/chaudhry_forgetting" in run.summary
+    values_path = run.series("cl/curve_values/path")[-1]  # one per fit
+    plot_path = run.series("cl/curves_table/path")[-1]  # the line plot's own table
+    assert values_path != plot_path
+    values_table = json.loads((run.directory / "files" / values_path).read_text())
+    assert values_table["columns"] == ["step", "trained_task", "task0", "task1"]
+    assert len(values_table["data"]) == len(cb.records)
+    # Outputs went to the wandb run's own folder, with the picture.
+    folder = tmp_path / logger.name / logger.version / "continual"
+    assert (folder / "curves.csv").exists() and (folder / "curves.png").exists()
 
 
 def test_lightning_cli_builds_the_callback_from_yaml():
@@ -281,9 +337,9 @@ def ddp_fit(out_dir: str, world: int) -> None:
     shard = cb._shard
 
     def counting_shard(trainer, module, task):
-        x, y, total = shard(trainer, module, task)
-        sizes.append((task, x.shape[0], total))
-        return x, y, total
+        batches, total = shard(trainer, module, task)
+        sizes.append((task, sum(b[0].shape[0] for b in batches), total))
+        return batches, total
 
     cb._shard = counting_shard
     model = Classifier()
@@ -344,4 +400,183 @@ def test_perplexity_and_callable_metrics_agree_with_the_loss():
         for task, loss in a["values"].items():
             assert b["values"][task] == pytest.approx(math.exp(loss))
             assert c["values"][task] == pytest.approx(loss)
-    assert not ppl_cb.higher_is_better and ppl_cb.summary()["gap"][0]["depth"] >= 0
+    assert not ppl_cb.higher_is_better and ppl_cb.summary()["gap"][0][1]["depth"] >= 0
+
+
+# ------------------------------------------------------------------------ the user's batches
+
+
+class MarkovTokens(torch.utils.data.Dataset):
+    """Sequences from a first-order Markov chain over ``vocab`` tokens, as HF-style dicts whose
+    ``labels`` are the input ids (the model shifts them). Two seeds give two "domains"."""
+
+    def __init__(self, domain: int, n: int = 64, length: int = 12, vocab: int = 12) -> None:
+        g = torch.Generator().manual_seed(100 + domain)
+        # A near-deterministic successor per token, different in each domain.
+        successor = torch.randperm(vocab, generator=g)
+        noise = torch.rand(n, length, generator=g) < 0.1
+        tokens = torch.empty(n, length, dtype=torch.long)
+        tokens[:, 0] = torch.randint(vocab, (n,), generator=g)
+        for t in range(1, length):
+            random_token = torch.randint(vocab, (n,), generator=g)
+            tokens[:, t] = torch.where(noise[:, t], random_token, successor[tokens[:, t - 1]])
+        self.tokens = tokens
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> dict:
+        ids = self.tokens[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+class TinyCausalLM(pl.LightningModule):
+    """Hugging Face conventions: forward returns the loss when given labels, an object with
+    ``.logits`` otherwise; the labels are shifted inside."""
+
+    def __init__(self, vocab: int = 12, dim: int = 16) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        logits = self.head(torch.tanh(self.embed(input_ids)))
+        if labels is None:
+            return type("Output", (), {"logits": logits})()
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+        )
+
+    def training_step(self, batch, batch_idx):
+        return self(**batch)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.05)
+
+
+def test_causal_lm_dict_batches_loss_and_perplexity_lower_is_better():
+    """Dict batches (the old code: KeyError: 0), a forward that returns the loss when given
+    labels, perplexity where lower is better: the domain switch shows as a rise of domain 0's
+    loss, and every value equals the model's own loss on the same samples."""
+    from lightning_ext._batch import causal_lm_batch
+
+    domains = [MarkovTokens(0), MarkovTokens(1)]
+    val = [DataLoader(MarkovTokens(d, n=40), batch_size=8) for d in (0, 1)]
+    common = dict(every_n_steps=1, subsample=30, batch_size=16, unpack_batch=causal_lm_batch)
+    loss_cb = ContinualEvaluation(metric="loss", export=False, **common)
+    ppl_cb = ContinualEvaluation(metric="perplexity", export=False, **common)
+    assert not loss_cb.higher_is_better and not ppl_cb.higher_is_better
+    pl.seed_everything(0)
+    model = TinyCausalLM()
+    for domain in domains:  # the fit's two validation loaders are the two domains' sets
+        trainer = quiet_trainer(max_epochs=2, limit_val_batches=0, callbacks=[loss_cb, ppl_cb])
+        trainer.fit(model, DataLoader(domain, batch_size=8, shuffle=False), val)
+    for a, b in zip(loss_cb.records, ppl_cb.records):
+        assert b["values"] == pytest.approx({t: math.exp(v) for t, v in a["values"].items()})
+    model.eval()
+    with torch.no_grad():
+        for task, subset in loss_cb.subsets.items():
+            batch = torch.utils.data.default_collate([val[task].dataset[int(i)] for i in subset])
+            assert loss_cb.records[-1]["values"][task] == pytest.approx(float(model(**batch)))
+    gap = loss_cb.summary()["gap"][0][1]
+    assert gap["depth"] > 0.5 and gap["worst"] > gap["reference"]  # the loss went up
+    assert loss_cb.summary()["chaudhry_forgetting"] > 0
+
+
+class DictDigits(torch.utils.data.Dataset):
+    def __init__(self, base, key: str = "labels") -> None:
+        self.base, self.key = base, key
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        x, y = self.base[i]
+        return {"x": x, self.key: y}
+
+
+def test_dict_batches_for_a_classifier_and_a_clear_error_naming_unpack_batch():
+    sets = [DictDigits(s) for s in split_by_classes(digits("val"), 2)[:2]]
+    cb = ContinualEvaluation(sets, export=False)
+    plain = ContinualEvaluation(split_by_classes(digits("val"), 2)[:2], export=False)
+    for callback in (cb, plain):
+        pl.seed_everything(0)
+        trainer = quiet_trainer(max_epochs=1, callbacks=[callback])
+        trainer.fit(Classifier(), loader(split_by_classes(digits("train", limit=300), 2)[0]))
+    assert len(cb.records) > 2
+    assert [r["values"] for r in cb.records] == [r["values"] for r in plain.records]
+    unreadable = ContinualEvaluation([DictDigits(sets[0].base, key="answer")], export=False)
+    model = Classifier()
+    trainer = quiet_trainer(max_epochs=1, callbacks=[unreadable])
+    with pytest.raises(ValueError, match="unpack_batch") as err:
+        trainer.fit(model, loader(digits("train", limit=64)))
+    assert "ContinualEvaluation" in str(err.value)
+    assert trainer.global_step == 0  # refused before the first update
+
+
+def test_defaults_to_the_fits_validation_loader_one_task_per_fit():
+    """``ContinualEvaluation()`` with ``fit(model, train, val)``: each fit's validation loader
+    is the set of the task that fit trains (the old code refused: "no evaluation data")."""
+    cb = ContinualEvaluation(every_n_steps=2, export=False)
+    train = split_by_classes(digits("train", limit=300), 2)
+    val = split_by_classes(digits("val"), 2)
+    pl.seed_everything(0)
+    model = Classifier()
+    for task in range(2):
+        trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[cb])
+        trainer.fit(model, loader(train[task], 32, 0), loader(val[task], 64, None))
+    assert cb._sources[0][0] is val[0] and cb._sources[1][0] is val[1]
+    assert sorted({r["trained"] for r in cb.records}) == [-1, 0, 1]
+    assert set(cb.records[-1]["values"]) == {0, 1}
+
+
+# ----------------------------------------------------------------------------------- outputs
+
+
+def test_outputs_go_to_the_runs_own_folder_and_never_overwrite(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    folders = []
+    for _ in range(2):
+        pl.seed_everything(0)
+        cb = ContinualEvaluation(every_n_steps=4, subsample=30, plot=False)
+        logger = CSVLogger(tmp_path / "logs")
+        trainer = quiet_trainer(
+            max_epochs=2,
+            reload_dataloaders_every_n_epochs=1,
+            callbacks=[cb],
+            logger=logger,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(Classifier(), datamodule=stream())
+        folders.append(Path(logger.log_dir) / "continual")
+    assert folders[0] != folders[1]
+    assert all((f / "curves.csv").exists() and (f / "curves.json").exists() for f in folders)
+    assert not (tmp_path / "continual").exists()
+    # No logger: the next free lightning_logs/version_N under default_root_dir.
+    cb = ContinualEvaluation(every_n_steps=4, subsample=30, plot=False)
+    trainer = quiet_trainer(
+        max_epochs=1, reload_dataloaders_every_n_epochs=1, callbacks=[cb], default_root_dir=tmp_path
+    )
+    trainer.fit(Classifier(), datamodule=stream())
+    assert (tmp_path / "lightning_logs" / "version_0" / "continual" / "curves.csv").exists()
+    assert not (tmp_path / "continual").exists()
+
+
+def test_without_matplotlib_it_warns_once_and_writes_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    cb = ContinualEvaluation(
+        split_by_classes(digits("val"), 2)[:2],
+        every_n_steps=4,
+        subsample=30,
+        export_dir=str(tmp_path / "out"),
+    )
+    model = Classifier()
+    with pytest.warns(UserWarning, match="matplotlib is not installed") as record:
+        for task in range(2):
+            cb.start_task(task)
+            trainer = quiet_trainer(max_epochs=1, callbacks=[cb])
+            trainer.fit(model, loader(split_by_classes(digits("train", limit=200), 2)[task]))
+    assert sum("matplotlib" in str(w.message) for w in record) == 1
+    assert (tmp_path / "out" / "curves.csv").exists()
+    assert not (tmp_path / "out" / "curves.png").exists()

@@ -5,7 +5,8 @@ The callback decides *when* to evaluate and *on what*; the metrics are
 ``lightning_ext.functional.continual``. Evaluation never changes training: it runs under
 ``inference_mode`` with every module in eval mode (BatchNorm statistics untouched), restores each
 module's own train/eval flag and the RNG states afterwards, and uses the Trainer's precision
-context only around its own forward passes.
+context only around its own forward passes. Batches are read with the package's one convention
+(``lightning_ext._batch``): ``unpack_batch`` and ``forward_fn``.
 """
 
 from __future__ import annotations
@@ -14,30 +15,43 @@ import contextlib
 import csv
 import io
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 from torchmetrics import Metric
 
+from lightning_ext._batch import (
+    BatchFormatError,
+    ForwardFn,
+    UnpackBatch,
+    default_forward,
+    default_unpack_batch,
+    move_to_device,
+    per_sample_accuracy,
+    per_sample_cross_entropy,
+)
 from lightning_ext._io import atomic_write, atomic_write_json, atomic_write_text
+from lightning_ext._lightning import is_wandb_logger, run_dir
 from lightning_ext.functional.continual import (
     accuracy_matrix,
     average_accuracy,
     backward_transfer,
-    forgetting,
+    chaudhry_forgetting,
     forward_transfer,
     learning_curve_area,
+    mean_gap,
+    per_task_forgetting,
     stability_gap,
+    stream_forgetting,
+    task_curve_indices,
     task_ends,
     wc_acc,
     windowed_forgetting_step,
@@ -47,52 +61,115 @@ __all__ = ["ContinualEvaluation"]
 
 _BUILTIN = {"accuracy": True, "loss": False, "perplexity": False}
 PerSampleMetric = Callable[[Tensor, Tensor], Tensor]
+Collate = Callable[[list[Any]], Any]
+#: wandb keys: the values table must not take the name wandb gives the line plot's own table
+#: (``<plot key>_table``), or one overwrites the other in the run.
+WANDB_PLOT_KEY = "cl/curves"
+WANDB_TABLE_KEY = "cl/curve_values"
 
 
-def _per_sample(metric: str, outputs: Tensor, targets: Tensor) -> Tensor:
-    """Per-sample accuracy or cross-entropy; sequences ([N, L, V]) average over their tokens."""
+def _per_sample(metric: str, logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-sample accuracy or cross-entropy (sequences: mean over tokens not ignored)."""
     if metric == "accuracy":
-        hit = (outputs.argmax(-1) == targets).float()
-        return hit if hit.ndim == 1 else hit.flatten(1).mean(1)
-    loss = F.cross_entropy(outputs.float().flatten(0, -2), targets.flatten(), reduction="none")
-    return loss.view(targets.shape[0], -1).mean(1)
+        return per_sample_accuracy(logits, targets)
+    return per_sample_cross_entropy(logits, targets)
 
 
-def _materialise(dataset: Dataset, indices: Tensor) -> tuple[Tensor, Tensor]:
-    """The (inputs, targets) of ``indices`` as two stacked tensors (fast for TensorDatasets)."""
+def _source_parts(source: Dataset | DataLoader) -> tuple[Dataset, Collate]:
+    """The dataset and the collate function to batch it with (a DataLoader's own, if given)."""
+    if isinstance(source, DataLoader):
+        return source.dataset, source.collate_fn  # type: ignore[return-value]
+    return source, default_collate
+
+
+def _tensor_dataset_rows(dataset: Dataset, indices: Tensor) -> tuple[TensorDataset, Tensor] | None:
+    """(base TensorDataset, row indices) when ``dataset`` is one, possibly under Subsets."""
     base, idx = dataset, indices
     while isinstance(base, Subset):
         idx = torch.as_tensor(base.indices)[idx]
         base = base.dataset
-    if isinstance(base, TensorDataset):
-        return base.tensors[0][idx], base.tensors[1][idx]
-    items = default_collate([dataset[int(i)] for i in indices])
-    return items[0], items[1]
+    return (base, idx) if isinstance(base, TensorDataset) else None
+
+
+def _batches(dataset: Dataset, collate: Collate, indices: Tensor, batch_size: int) -> list[Any]:
+    """``indices`` of ``dataset`` as collated batches (by slicing for TensorDatasets)."""
+    rows = _tensor_dataset_rows(dataset, indices) if collate is default_collate else None
+    out = []
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        if rows is not None:
+            base, idx = rows
+            out.append(tuple(t[idx[start : start + batch_size]] for t in base.tensors))
+        else:
+            out.append(collate([dataset[int(i)] for i in chunk]))
+    return out
+
+
+def _fit_val_loaders(trainer: pl.Trainer) -> Any:
+    """What the fit validates on: ``fit(val_dataloaders=...)``, else the datamodule's or the
+    module's ``val_dataloader()``; None if none of them is defined.
+
+    Lightning keeps this source in a private attribute of the validation loop (the same in both
+    namespaces); this is the one place that reads it.
+    """
+    source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
+    if source is None or source.instance is None or not source.is_defined():
+        return None
+    return source.dataloader()
+
+
+def _has_fit_val_loaders(trainer: pl.Trainer) -> bool:
+    source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
+    return source is not None and source.instance is not None and source.is_defined()
+
+
+def _as_list(loaders: Any) -> list[Any]:
+    """One or several loaders as a list (dict values in their order)."""
+    if isinstance(loaders, Mapping):
+        return list(loaders.values())
+    if isinstance(loaders, list | tuple):
+        return list(loaders)
+    return [loaders]
 
 
 class ContinualEvaluation(Callback):
     """Evaluate on every task seen so far every ``every_n_steps`` optimizer steps.
 
     Args:
-        eval_sets: one evaluation Dataset (or DataLoader) per task. If None, read from the
-            datamodule: ``task_eval_datasets()`` if it has one (``TaskStream``), otherwise its
-            ``val_dataloader()`` is taken as the current task's set at the start of each task.
+        eval_sets: one evaluation Dataset or DataLoader per task (a DataLoader's ``collate_fn``
+            is used to batch it). If None: the datamodule's ``task_eval_datasets()`` if it has one
+            (``TaskStream``); otherwise the fit's validation loaders (``fit(model, train, val)``,
+            the datamodule's or the module's ``val_dataloader()``): several loaders are one per
+            task, in order; a single loader is the current task's set, read when the task starts.
         every_n_steps: rho, steps between evaluations; also once before the first update.
         subsample: samples per task, drawn once per task with a generator seeded by
-            ``(seed, task)`` and cached as tensors on the module's device.
+            ``(seed, task)`` and cached as batches on the module's device.
         batch_size: evaluation batch size.
-        metric: "accuracy", "loss" (cross-entropy), "perplexity", a callable
-            ``(outputs, targets) -> Tensor[N]`` of per-sample values (the task score is their
-            mean), or a torchmetrics Metric (run on all outputs of a task).
+        metric: "accuracy", "loss" (cross-entropy), "perplexity" (exp of the mean per-sample
+            loss), a callable ``(logits, targets) -> Tensor[N]`` of per-sample values (the task
+            score is their mean), or a torchmetrics Metric (run on all logits of a task).
+            Sequences ``(N, T, V)`` are scored per token, ignoring targets equal to -100.
         higher_is_better: direction of the metric; required for callables and for Metrics that
-            do not declare it.
-        window: w of WF^w and WP^w, in evaluations. lca_beta: beta of LCA.
+            do not declare it. Fixed for the built-in metrics (loss, perplexity: False).
+        unpack_batch: ``batch -> (inputs, targets)``; the default reads ``(x, y, ...)`` and dicts
+            with a ``labels``/``label``/``targets``/``target``/``y`` key. For a causal LM whose
+            labels are its input ids use ``lightning_ext._batch.causal_lm_batch``.
+        forward_fn: ``(module, inputs) -> logits``; the default calls ``module(**inputs)`` for
+            dicts (without the labels, so a forward that returns the loss when given labels
+            returns logits) and takes ``.logits`` from a non-tensor output.
+        window: w of WF^w and WP^w, in evaluations. lca_beta: beta of LCA (evaluations).
+        zero_shot: put each task's last evaluation before its first update at the head of its
+            curve (WF, WP, LCA). Off by default, as in the official code, where only the first
+            task's curve starts before an update (with the initial model).
+        gap_within: the stability gap's trough is searched in the first ``gap_within``
+            evaluations after each task switch (None: the whole next task).
         task_boundary: where the task id comes from when ``start_task`` was not called: "auto"
             (the datamodule's ``current_task`` if it has one, else each new ``fit`` that does not
             resume a checkpoint starts the next task), "stream" or "fit".
         export_dir: where curves (CSV, JSON) and the plot go at the end of each fit; default
-            ``<trainer.default_root_dir>/continual``. export: write them at all. plot: also
-            write ``curves.png``.
+            ``run_dir(trainer, "continual")``, the run's own versioned folder. export: write them
+            at all. plot: also write ``curves.png`` when matplotlib is installed (warns once
+            and skips the picture otherwise).
     """
 
     def __init__(
@@ -104,64 +181,50 @@ class ContinualEvaluation(Callback):
         batch_size: int = 1000,
         metric: str | PerSampleMetric | Metric = "accuracy",
         higher_is_better: bool | None = None,
+        unpack_batch: UnpackBatch | None = None,
+        forward_fn: ForwardFn | None = None,
         window: int = 10,
         lca_beta: int = 10,
+        zero_shot: bool = False,
+        gap_within: int | None = None,
         seed: int = 0,
         task_boundary: str = "auto",
         export_dir: str | None = None,
         export: bool = True,
         plot: bool = True,
     ) -> None:
-        for name, value in (("every_n_steps", every_n_steps), ("subsample", subsample)):
+        for name, value in (
+            ("every_n_steps", every_n_steps),
+            ("subsample", subsample),
+            ("batch_size", batch_size),
+            ("window", window),
+            ("lca_beta", lca_beta),
+            ("gap_within", 1 if gap_within is None else gap_within),
+        ):
             if value < 1:
                 raise ValueError(f"ContinualEvaluation: {name} must be >= 1, got {value}")
-        for name, value in (("batch_size", batch_size), ("window", window)):
-            if value < 1:
-                raise ValueError(f"ContinualEvaluation: {name} must be >= 1, got {value}")
-        if lca_beta < 0:
-            raise ValueError(f"ContinualEvaluation: lca_beta must be >= 0, got {lca_beta}")
         if task_boundary not in ("auto", "stream", "fit"):
             raise ValueError(
                 f"ContinualEvaluation: task_boundary must be 'auto', 'stream' or 'fit', "
                 f"got {task_boundary!r}"
             )
-        if isinstance(metric, str):
-            if metric not in _BUILTIN:
-                raise ValueError(
-                    f"ContinualEvaluation: unknown metric {metric!r}; use one of "
-                    f"{sorted(_BUILTIN)}, a callable or a torchmetrics Metric"
-                )
-            if higher_is_better is not None and higher_is_better != _BUILTIN[metric]:
-                raise ValueError(f"ContinualEvaluation: {metric} has a fixed direction")
-            higher_is_better = _BUILTIN[metric]
-        elif isinstance(metric, Metric) and higher_is_better is None:
-            higher_is_better = metric.higher_is_better
-        if higher_is_better is None:
-            raise ValueError(
-                "ContinualEvaluation: pass higher_is_better=True/False for a custom metric, so "
-                "that min-ACC and WC-ACC take the worst case in the right direction"
-            )
+        higher_is_better = self._direction(metric, higher_is_better)
         if eval_sets is not None:
-            eval_sets = [s.dataset if isinstance(s, DataLoader) else s for s in eval_sets]
-            self._check_sets(eval_sets)
-        if plot and export:
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError as err:
-                raise ImportError(
-                    "ContinualEvaluation(plot=True) needs matplotlib: "
-                    "pip install 'lightning-ext[plot]' or pass plot=False"
-                ) from err
-        self.eval_sets: list[Dataset] | None = eval_sets  # type: ignore[assignment]
+            self._check_sets([_source_parts(s)[0] for s in eval_sets])
+        self.eval_sets = list(eval_sets) if eval_sets is not None else None
         self.every_n_steps, self.subsample, self.batch_size = every_n_steps, subsample, batch_size
-        self.metric, self.higher_is_better = metric, bool(higher_is_better)
+        self.metric, self.higher_is_better = metric, higher_is_better
+        self.unpack_batch = unpack_batch or default_unpack_batch
+        self.forward_fn = forward_fn or default_forward
         self.window, self.lca_beta, self.seed = window, lca_beta, seed
+        self.zero_shot, self.gap_within = zero_shot, gap_within
         self.task_boundary, self.export_dir, self.plot = task_boundary, export_dir, plot
         self.export_files = export
         self.metric_name = metric if isinstance(metric, str) else "metric"
         # Run state (all of it in state_dict).
         self.task = -1
         self.explicit_task: int | None = None
+        self.step_offset = 0
         self.records: list[dict[str, Any]] = []
         self.subsets: dict[int, Tensor] = {}
         self.worst_after_end: dict[int, float] = {}
@@ -171,13 +234,42 @@ class ContinualEvaluation(Callback):
         self.recent: dict[int, list[float]] = {}
         self.head: dict[int, list[float]] = {}
         # Caches: rebuilt from data and ``subsets``; never saved.
-        self._datasets: dict[int, Dataset] = dict(enumerate(eval_sets or []))
-        self._cache: dict[int, tuple[Tensor, Tensor, int]] = {}
+        self._sources: dict[int, tuple[Dataset, Collate]] = dict(
+            enumerate(_source_parts(s) for s in self.eval_sets or [])
+        )
+        self._fixed_tasks = self.eval_sets is not None  # one set per task known up front
+        self._cache: dict[int, tuple[list[Any], int]] = {}
         self._fit_task: int | None = None
         self._streaming = False
+        self._folder: Path | None = None
+        self._plot_warned = False
         self._precision_context: Callable[[], Any] = contextlib.nullcontext
 
     # ----------------------------------------------------------------------------- configuration
+    @staticmethod
+    def _direction(metric: str | PerSampleMetric | Metric, higher_is_better: bool | None) -> bool:
+        """The metric's direction: fixed for the built-ins, declared or given otherwise."""
+        if isinstance(metric, str):
+            if metric not in _BUILTIN:
+                raise ValueError(
+                    f"ContinualEvaluation: unknown metric {metric!r}; use one of "
+                    f"{sorted(_BUILTIN)}, a callable or a torchmetrics Metric"
+                )
+            if higher_is_better is not None and higher_is_better != _BUILTIN[metric]:
+                raise ValueError(
+                    f"ContinualEvaluation: {metric} has a fixed direction "
+                    f"(higher_is_better={_BUILTIN[metric]})"
+                )
+            return _BUILTIN[metric]
+        if isinstance(metric, Metric) and higher_is_better is None:
+            higher_is_better = metric.higher_is_better
+        if higher_is_better is None:
+            raise ValueError(
+                "ContinualEvaluation: pass higher_is_better=True/False for a custom metric, so "
+                "that min-ACC and WC-ACC take the worst case in the right direction"
+            )
+        return bool(higher_is_better)
+
     @staticmethod
     def _check_sets(sets: Sequence[Dataset]) -> None:
         if len(sets) == 0:
@@ -185,6 +277,12 @@ class ContinualEvaluation(Callback):
         for task, dataset in enumerate(sets):
             if len(dataset) == 0:  # type: ignore[arg-type]
                 raise ValueError(f"ContinualEvaluation: the evaluation set of task {task} is empty")
+
+    def _set_fixed_sources(self, sources: Sequence[Dataset | DataLoader]) -> None:
+        parts = [_source_parts(s) for s in sources]
+        self._check_sets([p[0] for p in parts])
+        self._sources = dict(enumerate(parts))
+        self._fixed_tasks = True
 
     @property
     def state_key(self) -> str:
@@ -196,10 +294,10 @@ class ContinualEvaluation(Callback):
         """Declare the task trained from now on (takes precedence over the datamodule and fits)."""
         if task_id < 0:
             raise ValueError(f"ContinualEvaluation.start_task: task_id must be >= 0, got {task_id}")
-        if self.eval_sets is not None and task_id >= len(self.eval_sets):
+        if self._fixed_tasks and task_id >= len(self._sources):
             raise ValueError(
                 f"ContinualEvaluation.start_task({task_id}): no evaluation set for this task "
-                f"(eval_sets has {len(self.eval_sets)})"
+                f"(eval_sets has {len(self._sources)})"
             )
         self.explicit_task = task_id
 
@@ -208,10 +306,22 @@ class ContinualEvaluation(Callback):
             return
         dm = trainer.datamodule
         if self.eval_sets is None and dm is not None and hasattr(dm, "task_eval_datasets"):
-            sets = list(dm.task_eval_datasets())
-            self._check_sets(sets)
-            self.eval_sets = sets
-            self._datasets = dict(enumerate(sets))
+            self._set_fixed_sources(list(dm.task_eval_datasets()))
+        self._streaming = self._check_stream(trainer)
+        if not self._fixed_tasks and not _has_fit_val_loaders(trainer):
+            raise ValueError(
+                "ContinualEvaluation has no evaluation data: pass eval_sets=[...] (one per "
+                "task), validation loaders to fit(model, train_dataloaders, val_dataloaders), or "
+                "use a datamodule with task_eval_datasets() or val_dataloader()"
+            )
+        if self.export_files:  # every rank, at the same point: run_dir may broadcast
+            self._folder = (
+                Path(self.export_dir) if self.export_dir else run_dir(trainer, "continual")
+            )
+
+    def _check_stream(self, trainer: pl.Trainer) -> bool:
+        """Whether the task id comes from a task stream; its settings checked against the data."""
+        dm = trainer.datamodule
         streaming = self.task_boundary == "stream" or (
             self.task_boundary == "auto" and dm is not None and hasattr(dm, "current_task")
         )
@@ -220,39 +330,36 @@ class ContinualEvaluation(Callback):
                 "ContinualEvaluation(task_boundary='stream') needs a datamodule with a "
                 "current_task attribute, such as lightning_ext.data.TaskStream"
             )
-        if streaming:
-            per_task = getattr(dm, "epochs_per_task", None)
-            reload = trainer.reload_dataloaders_every_n_epochs
-            if per_task is not None and (reload < 1 or per_task % reload):
-                raise ValueError(
-                    f"ContinualEvaluation: the task stream switches task every {per_task} epochs "
-                    f"but Trainer(reload_dataloaders_every_n_epochs={reload}) never reloads at "
-                    f"those boundaries: pass reload_dataloaders_every_n_epochs={per_task}"
-                )
-            num_tasks = getattr(dm, "num_tasks", None)
-            known = len(self.eval_sets) if self.eval_sets is not None else None
-            if num_tasks is not None and known is not None and num_tasks > known:
-                raise ValueError(
-                    f"ContinualEvaluation: the stream has {num_tasks} tasks but only "
-                    f"{len(self.eval_sets)} evaluation sets: tasks {len(self.eval_sets)}.."
-                    f"{num_tasks - 1} were never given data"
-                )
-        no_val = dm is None or not is_overridden("val_dataloader", dm)
-        if self.eval_sets is None and no_val:
+        if not streaming:
+            return False
+        per_task = getattr(dm, "epochs_per_task", None)
+        reload = trainer.reload_dataloaders_every_n_epochs
+        if per_task is not None and (reload < 1 or per_task % reload):
             raise ValueError(
-                "ContinualEvaluation has no evaluation data: pass eval_sets=[...] (one per "
-                "task), or use a datamodule with task_eval_datasets() or val_dataloader()"
+                f"ContinualEvaluation: the task stream switches task every {per_task} epochs "
+                f"but Trainer(reload_dataloaders_every_n_epochs={reload}) never reloads at "
+                f"those boundaries: pass reload_dataloaders_every_n_epochs={per_task}"
             )
-        self._streaming = streaming
+        num_tasks = getattr(dm, "num_tasks", None)
+        known = len(self._sources) if self._fixed_tasks else None
+        if num_tasks is not None and known is not None and num_tasks > known:
+            raise ValueError(
+                f"ContinualEvaluation: the stream has {num_tasks} tasks but only {known} "
+                f"evaluation sets: tasks {known}..{num_tasks - 1} were never given data"
+            )
+        return True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         resuming = trainer.ckpt_path is not None
         self._fit_task = max(self.task, 0) if (resuming or not self.records) else self.task + 1
+        if not resuming and self.records:
+            # A new Trainer counts steps from 0 again: continue the curves where they stopped.
+            self.step_offset = max(self.step_offset, self.records[-1]["step"] - trainer.global_step)
         task = self._resolve_task(trainer)
-        if self.eval_sets is not None and task >= len(self.eval_sets):
+        if self._fixed_tasks and task >= len(self._sources):
             raise ValueError(
                 f"ContinualEvaluation: this fit trains task {task}, which was never given "
-                f"evaluation data ({len(self.eval_sets)} evaluation sets)"
+                f"evaluation data ({len(self._sources)} evaluation sets)"
             )
 
     def _resolve_task(self, trainer: pl.Trainer) -> int:
@@ -262,27 +369,39 @@ class ContinualEvaluation(Callback):
             return int(trainer.datamodule.current_task)
         return int(self._fit_task or 0)
 
-    def _dataset_for(self, trainer: pl.Trainer, task: int) -> Dataset:
-        if task not in self._datasets:
-            dm = trainer.datamodule
-            if self.eval_sets is not None or dm is None or not is_overridden("val_dataloader", dm):
-                known = len(self.eval_sets) if self.eval_sets is not None else 0
-                raise ValueError(
-                    f"ContinualEvaluation: task {task} was never given evaluation data "
-                    f"({known} evaluation sets known)"
-                )
-            loader = dm.val_dataloader()
-            loader = loader[0] if isinstance(loader, list | tuple) else loader
-            dataset = loader.dataset if isinstance(loader, DataLoader) else loader
-            self._check_sets([dataset])
-            self._datasets[task] = dataset
-        return self._datasets[task]
+    def _source_for(self, trainer: pl.Trainer, task: int) -> tuple[Dataset, Collate]:
+        """The task's evaluation data; with a single validation loader, the fit's current one."""
+        if task in self._sources:
+            return self._sources[task]
+        if self._fixed_tasks:
+            raise ValueError(
+                f"ContinualEvaluation: task {task} was never given evaluation data "
+                f"({len(self._sources)} evaluation sets known)"
+            )
+        loaders = _as_list(_fit_val_loaders(trainer))
+        if len(loaders) > 1 and not self._sources:
+            self._set_fixed_sources(loaders)  # several validation loaders: one per task
+            return self._source_for(trainer, task)
+        if len(loaders) != 1:
+            raise ValueError(
+                f"ContinualEvaluation: task {task} needs evaluation data but the fit has "
+                f"{len(loaders)} validation loaders: give one per task from the first fit on, "
+                "or pass eval_sets"
+            )
+        parts = _source_parts(loaders[0])
+        self._check_sets([parts[0]])
+        self._sources[task] = parts
+        return parts
+
+    def _known_tasks(self) -> list[int]:
+        return sorted(set(self._sources) | set(range(self.task + 1)))
 
     # ------------------------------------------------------------------------------ evaluation
     def _shard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> tuple:
-        """This rank's contiguous slice of the task's fixed subsample, cached on the device."""
+        """This rank's contiguous slice of the task's fixed subsample as device batches, and the
+        subsample's size; cached."""
         if task not in self._cache:
-            dataset = self._dataset_for(trainer, task)
+            dataset, collate = self._source_for(trainer, task)
             if task not in self.subsets:
                 n = min(self.subsample, len(dataset))  # type: ignore[arg-type]
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + task)
@@ -292,8 +411,11 @@ class ContinualEvaluation(Callback):
             world, rank = trainer.world_size, trainer.global_rank
             per_rank = math.ceil(len(indices) / world)
             mine = indices[rank * per_rank : (rank + 1) * per_rank]
-            x, y = _materialise(dataset, mine)
-            self._cache[task] = (x.to(pl_module.device), y.to(pl_module.device), len(indices))
+            batches = _batches(dataset, collate, mine, self.batch_size)
+            self._cache[task] = (
+                [move_to_device(b, pl_module.device) for b in batches],
+                len(indices),
+            )
         return self._cache[task]
 
     @contextlib.contextmanager
@@ -324,23 +446,32 @@ class ContinualEvaluation(Callback):
         gathered = trainer.strategy.all_gather(padded)
         return gathered.reshape(-1, *local.shape[1:])[:total]
 
+    def _logits(self, pl_module: pl.LightningModule, batch: Any) -> tuple[Tensor, Tensor]:
+        """(logits, targets) of one evaluation batch through ``unpack_batch`` and ``forward_fn``."""
+        try:
+            inputs, targets = self.unpack_batch(batch)
+            return self.forward_fn(pl_module, inputs), targets
+        except BatchFormatError as err:
+            raise BatchFormatError(f"ContinualEvaluation: {err}") from err
+
     def _evaluate_task(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> Any:
-        x, y, total = self._shard(trainer, pl_module, task)
-        outputs = []
-        for start in range(0, x.shape[0], self.batch_size):
-            out = pl_module(x[start : start + self.batch_size])
-            if isinstance(self.metric, str):
-                out = _per_sample(self.metric, out, y[start : start + self.batch_size])
-            elif not isinstance(self.metric, Metric):
-                out = self.metric(out, y[start : start + self.batch_size]).float()
-            outputs.append(out)
-        if len(outputs) == 1:
-            local = outputs[0]
-        else:
-            local = torch.cat(outputs) if outputs else x.new_zeros((0,))
+        batches, total = self._shard(trainer, pl_module, task)
+        outputs, all_targets = [], []
+        for batch in batches:
+            logits, targets = self._logits(pl_module, batch)
+            if isinstance(self.metric, Metric):
+                outputs.append(logits.float())
+                all_targets.append(targets)
+            elif isinstance(self.metric, str):
+                outputs.append(_per_sample(self.metric, logits, targets))
+            else:
+                outputs.append(self.metric(logits, targets).float())
+        if not outputs:  # this rank's slice is empty (fewer samples than ranks)
+            outputs.append(torch.zeros(0, device=pl_module.device))
+        local = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         if isinstance(self.metric, Metric):
-            full_out = self._gather(trainer, local.float(), total)
-            full_y = self._gather(trainer, y, total)
+            full_out = self._gather(trainer, local, total)
+            full_y = self._gather(trainer, torch.cat(all_targets), total)
             # forward() gives the value on exactly these samples, with no cross-rank sync: every
             # rank already holds all of them.
             self.metric.to(full_out.device)
@@ -351,22 +482,32 @@ class ContinualEvaluation(Callback):
         score = self._gather(trainer, local, total).double().mean()
         return score.exp() if self.metric == "perplexity" else score
 
+    def _step(self, trainer: pl.Trainer) -> int:
+        """The step of an evaluation, counted across successive fits."""
+        return self.step_offset + trainer.global_step
+
     def _evaluate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, tasks: Sequence[int]
-    ) -> None:
+    ) -> dict[str, Any]:
         """Evaluate ``tasks`` at the current step; extend this step's record if it exists."""
-        step = trainer.global_step
+        step = self._step(trainer)
         if self.records and self.records[-1]["step"] == step:
             record = self.records[-1]
             tasks = [t for t in tasks if t not in record["values"]]
-            if not tasks:
-                return
         else:
             record = {"step": step, "trained": self.task, "values": {}}
             self.records.append(record)
+        if not tasks:
+            return record
         for task, score in self.evaluate(trainer, pl_module, tasks).items():
             record["values"][task] = score
-            self._update_online(task, score, record)
+            if task <= record["trained"]:
+                self._add_to_curve(task, score, own=task == record["trained"])
+            if task < record["trained"]:
+                worst = self.worst_after_end.get(task)
+                pick = min if self.higher_is_better else max
+                self.worst_after_end[task] = score if worst is None else pick(worst, score)
+        return record
 
     def evaluate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, tasks: Sequence[int]
@@ -381,10 +522,9 @@ class ContinualEvaluation(Callback):
             scores = [self._evaluate_task(trainer, pl_module, t) for t in tasks]
         return dict(zip(tasks, torch.stack(scores).tolist())) if scores else {}
 
-    def _update_online(self, task: int, value: float, record: dict[str, Any]) -> None:
-        """Running minima, WF^w/WP^w and LCA, O(w) per new value (see ``task_curve``)."""
-        if record["trained"] < task - 1:
-            return  # before the task's zero-shot point: not part of its curve
+    def _add_to_curve(self, task: int, value: float, *, own: bool) -> None:
+        """Extend the task's curve (see ``functional.task_curve``): WF^w/WP^w in O(w), and the
+        LCA head while ``own`` (the task is the one being trained)."""
         recent = self.recent.setdefault(task, [])
         hib = self.higher_is_better
         tail = recent[-(self.window - 1) :] if self.window > 1 else []
@@ -397,14 +537,10 @@ class ContinualEvaluation(Callback):
         recent.append(value)
         del recent[: -self.window]
         head = self.head.setdefault(task, [])
-        if len(head) <= self.lca_beta:
+        if own and len(head) < self.lca_beta:
             head.append(value)
-            if len(head) == self.lca_beta + 1:
+            if len(head) == self.lca_beta:
                 self.lca[task] = learning_curve_area(torch.tensor(head), self.lca_beta)
-        if task < record["trained"]:
-            worst = self.worst_after_end.get(task)
-            pick = min if self.higher_is_better else max
-            self.worst_after_end[task] = value if worst is None else pick(worst, value)
 
     def _seen(self) -> list[int]:
         return list(range(self.task + 1))
@@ -423,9 +559,11 @@ class ContinualEvaluation(Callback):
             )
         # The end of the previous task (weights before the first update on the new one) and the
         # new task's zero-shot point: every task with data, so the accuracy matrix row is full.
-        self._dataset_for(trainer, task)
-        known = sorted(set(self._datasets) | set(range(task + 1)))
-        self._evaluate(trainer, pl_module, known)
+        self._source_for(trainer, task)
+        record = self._evaluate(trainer, pl_module, self._known_tasks())
+        if (self.zero_shot or task == 0) and task in record["values"]:
+            # The official code's one pre-update point is the first task's; zero_shot: all.
+            self._add_to_curve(task, record["values"][task], own=True)
         self.task = task
         self._log(trainer)
 
@@ -437,8 +575,8 @@ class ContinualEvaluation(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        step = trainer.global_step
-        if step % self.every_n_steps or (self.records and self.records[-1]["step"] == step):
+        step = self._step(trainer)
+        if trainer.global_step % self.every_n_steps or self.records[-1]["step"] == step:
             return
         self._evaluate(trainer, pl_module, self._seen())
         self._log(trainer)
@@ -446,22 +584,26 @@ class ContinualEvaluation(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.task < 0:
             return
-        self._evaluate(trainer, pl_module, sorted(set(self._datasets) | set(self._seen())))
+        self._evaluate(trainer, pl_module, self._known_tasks())
         summary = self.summary()
         flat = {
             f"cl/{k}": v for k, v in summary.items() if isinstance(v, float) and not math.isnan(v)
         }
-        for task, gap in summary["gap"].items():
-            for k, v in gap.items():
-                if not math.isnan(v):
-                    flat[f"cl/gap/task{task}/{k}"] = v
+        for task, per_switch in summary["gap"].items():
+            for switch, gap in per_switch.items():
+                for k, v in gap.items():
+                    if not math.isnan(v):
+                        flat[f"cl/gap/task{task}/at_task{switch}/{k}"] = v
+        for task, value in summary["forgetting_per_task"].items():
+            flat[f"cl/forgetting/task{task}"] = value
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(flat, step=trainer.global_step)
+                logger.log_metrics(flat, step=self._step(trainer))
             if self.export_files:
                 self.export(trainer)
             for logger in trainer.loggers:
-                self._wandb_log(logger)
+                if is_wandb_logger(logger):
+                    self._wandb_log(logger)
 
     # -------------------------------------------------------------------------------- logging
     def online_metrics(self) -> dict[str, float]:
@@ -478,8 +620,8 @@ class ContinualEvaluation(Callback):
             out["min_acc"] = min_acc
         if current >= 0:
             out["wc_acc"] = wc_acc(record["values"][current], min_acc, current + 1)
-        out[f"wf{self.window}"] = sum(self.wf[t] for t in seen) / len(seen)
-        out[f"wp{self.window}"] = sum(self.wp[t] for t in seen) / len(seen)
+        out[f"wf{self.window}"] = sum(self.wf.get(t, 0.0) for t in seen) / len(seen)
+        out[f"wp{self.window}"] = sum(self.wp.get(t, 0.0) for t in seen) / len(seen)
         if self.lca:
             out["lca"] = sum(self.lca.values()) / len(self.lca)
         return out
@@ -497,7 +639,7 @@ class ContinualEvaluation(Callback):
         metrics = {f"cl/{k}": v for k, v in self.online_metrics().items()}
         metrics["cl/current_task"] = float(self.task)
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(metrics, step=self._step(trainer))
 
     def tables(self) -> tuple[Tensor, Tensor, Tensor]:
         """(values [E, T] with NaN, trained [E], steps [E]) for the functional metrics."""
@@ -511,26 +653,32 @@ class ContinualEvaluation(Callback):
         return values, trained, steps
 
     def summary(self) -> dict[str, Any]:
-        """Matrix, ACC/BWT/FWT/forgetting, the stability gap per task, and the online figures."""
+        """Matrix, ACC/BWT/FWT, both forgettings, the stability gap per task and task switch
+        with its recovery, and the online figures."""
         values, trained, steps = self.tables()
         hib = self.higher_is_better
         matrix, initial = accuracy_matrix(values, trained)
+        gap = stability_gap(values, trained, steps, within=self.gap_within, higher_is_better=hib)
         out: dict[str, Any] = {k: float(v) for k, v in self.online_metrics().items()}
         out.update(
             acc=average_accuracy(matrix),
             bwt=backward_transfer(matrix, higher_is_better=hib),
             fwt=forward_transfer(matrix, initial, higher_is_better=hib),
-            forgetting=forgetting(matrix, higher_is_better=hib),
+            chaudhry_forgetting=chaudhry_forgetting(matrix, higher_is_better=hib),
+            stream_forgetting=stream_forgetting(matrix, higher_is_better=hib),
+            forgetting_per_task=per_task_forgetting(matrix, higher_is_better=hib),
+            gap_depth=mean_gap(gap, "depth"),
+            gap_recovery=mean_gap(gap, "recovery"),
             matrix=matrix.tolist(),
             initial=initial.tolist(),
-            gap=stability_gap(values, trained, steps, higher_is_better=hib),
+            gap=gap,
         )
         return out
 
     # -------------------------------------------------------------------------------- exports
     def export(self, trainer: pl.Trainer) -> Path:
         """Write curves.csv, curves.json and (with plot=True) curves.png; return the folder."""
-        folder = Path(self.export_dir or Path(trainer.default_root_dir) / "continual")
+        folder = self._folder or Path(self.export_dir or run_dir(trainer, "continual"))
         values, trained, steps = self.tables()
         buffer = io.StringIO()
         writer = csv.writer(buffer)
@@ -544,6 +692,7 @@ class ContinualEvaluation(Callback):
                 "metric": self.metric_name,
                 "higher_is_better": self.higher_is_better,
                 "every_n_steps": self.every_n_steps,
+                "zero_shot": self.zero_shot,
                 "records": [
                     {**r, "values": {str(t): v for t, v in r["values"].items()}}
                     for r in self.records
@@ -552,10 +701,34 @@ class ContinualEvaluation(Callback):
             },
             folder / "curves.json",
         )
-        if self.plot:
+        if self.plot and self._matplotlib_available():
             atomic_write(folder / "curves.png", lambda handle: handle.write(self._png()))
         rank_zero_info(f"ContinualEvaluation: curves written to {folder}")
         return folder
+
+    def _matplotlib_available(self) -> bool:
+        """matplotlib is optional: without it the picture is skipped, with one warning."""
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            if not self._plot_warned:
+                rank_zero_warn(
+                    "ContinualEvaluation: matplotlib is not installed, so curves.png is not "
+                    "written (the CSV and JSON are). pip install 'lightning-ext[plot]', or pass "
+                    "plot=False to silence this."
+                )
+                self._plot_warned = True
+            return False
+        return True
+
+    def curve_points(self) -> list[tuple[list[int], list[float]]]:
+        """(steps, values) of each task's curve, as the metrics read it (``task_curve``)."""
+        values, trained, steps = self.tables()
+        points = []
+        for t in range(values.shape[1]):
+            idx = task_curve_indices(values, trained, t, zero_shot=self.zero_shot)
+            points.append((steps[idx].tolist(), values[idx, t].tolist()))
+        return points
 
     def _figure(self) -> Any:
         import matplotlib
@@ -563,16 +736,17 @@ class ContinualEvaluation(Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        values, trained, steps = self.tables()
+        _, trained, steps = self.tables()
         fig, ax = plt.subplots(figsize=(8, 4))
-        for t in range(values.shape[1]):
-            mask = ~torch.isnan(values[:, t]) & (trained >= t - 1)  # from its zero-shot point
-            ax.plot(steps[mask].tolist(), values[mask, t].tolist(), label=f"task {t}", lw=1)
+        for t, (xs, ys) in enumerate(self.curve_points()):
+            ax.plot(xs, ys, label=f"task {t}", lw=1)
         for end in task_ends(trained).values():
             if end < len(steps) - 1:
                 ax.axvline(int(steps[end]), color="grey", ls="--", lw=0.8)
         ax.set_xlabel("training step")
         ax.set_ylabel(self.metric_name)
+        if self.metric_name == "perplexity":
+            ax.set_yscale("log")
         ax.legend(fontsize="small")
         fig.tight_layout()
         return fig
@@ -587,10 +761,7 @@ class ContinualEvaluation(Callback):
         return buffer.getvalue()
 
     def _wandb_log(self, logger: Any) -> None:
-        from lightning.pytorch.loggers import WandbLogger
-
-        if not isinstance(logger, WandbLogger):
-            return
+        """The raw evaluation table and a line plot of the curves (two distinct wandb keys)."""
         import wandb
 
         values, trained, steps = self.tables()
@@ -599,17 +770,13 @@ class ContinualEvaluation(Callback):
             [int(steps[e]), int(trained[e]), *[None if math.isnan(v) else v for v in values[e]]]
             for e in range(values.shape[0])
         ]
-        ys, xs = [], []
-        for t in range(values.shape[1]):
-            mask = ~torch.isnan(values[:, t]) & (trained >= t - 1)
-            xs.append(steps[mask].tolist())
-            ys.append(values[mask, t].tolist())
+        points = self.curve_points()
         logger.experiment.log(
             {
-                "cl/curves_table": wandb.Table(columns=columns, data=rows),
-                "cl/curves": wandb.plot.line_series(
-                    xs=xs,
-                    ys=ys,
+                WANDB_TABLE_KEY: wandb.Table(columns=columns, data=rows),
+                WANDB_PLOT_KEY: wandb.plot.line_series(
+                    xs=[p[0] for p in points],
+                    ys=[p[1] for p in points],
                     keys=[f"task{t}" for t in range(values.shape[1])],
                     title=f"continual evaluation ({self.metric_name})",
                     xname="step",
@@ -622,6 +789,7 @@ class ContinualEvaluation(Callback):
         return {
             "task": self.task,
             "explicit_task": self.explicit_task,
+            "step_offset": self.step_offset,
             "records": [{**r, "values": dict(sorted(r["values"].items()))} for r in self.records],
             "subsets": {t: s.clone() for t, s in self.subsets.items()},
             "worst_after_end": dict(self.worst_after_end),
@@ -635,6 +803,7 @@ class ContinualEvaluation(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.task = state_dict["task"]
         self.explicit_task = state_dict["explicit_task"]
+        self.step_offset = state_dict.get("step_offset", 0)
         self.records = [{**r, "values": dict(r["values"])} for r in state_dict["records"]]
         self.subsets = {int(t): s.clone() for t, s in state_dict["subsets"].items()}
         self.worst_after_end = dict(state_dict["worst_after_end"])

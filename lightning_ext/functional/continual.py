@@ -29,13 +29,18 @@ __all__ = [
     "accuracy_matrix",
     "average_accuracy",
     "backward_transfer",
+    "chaudhry_forgetting",
     "continual_metrics",
-    "forgetting",
     "forward_transfer",
     "learning_curve_area",
+    "mean_gap",
     "min_acc",
+    "own_training_curve",
+    "per_task_forgetting",
     "stability_gap",
+    "stream_forgetting",
     "task_curve",
+    "task_curve_indices",
     "task_ends",
     "wc_acc",
     "windowed_forgetting",
@@ -62,13 +67,52 @@ def task_ends(trained: Tensor) -> dict[int, int]:
     return ends
 
 
-def task_curve(values: Tensor, trained: Tensor, task: int) -> Tensor:
-    """The curve of ``task`` from its zero-shot evaluation on: the evaluations with
-    ``trained >= task - 1`` where the task was evaluated (earlier values, when evaluation sets are
-    known up front, only describe an untrained head and are left out of WF, WP and LCA)."""
-    column = values[:, task]
-    keep = (trained >= task - 1) & ~torch.isnan(column)
-    return column[keep]
+def _zero_shot_index(values: Tensor, trained: Tensor, task: int) -> int | None:
+    """The last evaluation of ``task`` made before training on it began, if any."""
+    before = ((trained < task) & ~torch.isnan(values[:, task])).nonzero().flatten()
+    return int(before[-1]) if before.numel() else None
+
+
+def task_curve_indices(
+    values: Tensor,
+    trained: Tensor,
+    task: int,
+    *,
+    zero_shot: bool = False,
+    own_training_only: bool = False,
+) -> Tensor:
+    """Evaluation indices on ``task``'s curve, in order (see ``task_curve``); only those made
+    while ``task`` itself was trained with ``own_training_only``."""
+    present = ~torch.isnan(values[:, task])
+    during = (trained == task) if own_training_only else (trained >= task)
+    keep = during & present
+    point = _zero_shot_index(values, trained, task) if (zero_shot or task == 0) else None
+    if point is not None:
+        keep[point] = True
+    return keep.nonzero().flatten()
+
+
+def task_curve(values: Tensor, trained: Tensor, task: int, *, zero_shot: bool = False) -> Tensor:
+    """The curve of ``task`` that WF^w and WP^w read: its evaluations once training on it began.
+
+    As in the official code (Mattdl/ContinualEvaluation), the only evaluation before an update
+    that enters a curve is the initial model's, on the first task (the official code evaluates
+    once before the first update, when the first task is already being trained). A later task's
+    zero-shot evaluation (made at the end of the previous task) stays off its curve: it would
+    put a chance-level starting point on every curve and inflate WP^w. ``zero_shot=True`` puts
+    the last evaluation before training on the task began at the head of every task's curve.
+    """
+    idx = task_curve_indices(values, trained, task, zero_shot=zero_shot)
+    return values[idx, task]
+
+
+def own_training_curve(
+    values: Tensor, trained: Tensor, task: int, *, zero_shot: bool = False
+) -> Tensor:
+    """``task``'s evaluations while it was the task being trained (what LCA^beta reads), with
+    the same starting point as ``task_curve``."""
+    idx = task_curve_indices(values, trained, task, zero_shot=zero_shot, own_training_only=True)
+    return values[idx, task]
 
 
 def min_acc(
@@ -145,13 +189,13 @@ def windowed_forgetting_step(
 
 
 def learning_curve_area(curve: Tensor, beta: int = 10) -> float:
-    """LCA^beta (Chaudhry et al. 2019): mean of the first ``beta + 1`` evaluations of a task,
-    the first being the zero-shot one before any update on it. NaN values are skipped; NaN if
-    fewer than ``beta + 1`` evaluations exist."""
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
+    """LCA^beta: mean of the first ``beta`` evaluations of a task's ``own_training_curve``, as
+    the official code computes it; NaN if the task had fewer than ``beta`` (never filled with
+    later tasks' evaluations). NaN values are skipped."""
+    if beta < 1:
+        raise ValueError(f"beta must be >= 1, got {beta}")
     curve = curve[~torch.isnan(curve)]
-    return float(curve[: beta + 1].double().mean()) if curve.numel() > beta else math.nan
+    return float(curve[:beta].double().mean()) if curve.numel() >= beta else math.nan
 
 
 def accuracy_matrix(values: Tensor, trained: Tensor) -> tuple[Tensor, Tensor]:
@@ -204,20 +248,43 @@ def forward_transfer(matrix: Tensor, initial: Tensor, *, higher_is_better: bool 
     return _sign(higher_is_better) * _nanmean(matrix[idx - 1, idx] - initial[idx].double())
 
 
-def forgetting(matrix: Tensor, *, higher_is_better: bool = True) -> float:
-    """Average forgetting (Chaudhry et al. 2018): mean over ``j < T`` of the best value of task
-    ``j`` at any earlier task end minus its final value (> 0 means forgotten)."""
+def per_task_forgetting(matrix: Tensor, *, higher_is_better: bool = True) -> dict[int, float]:
+    """Chaudhry et al. (2018) forgetting of each task ``j < T``: its best value at any task end
+    before the last (``R[l, j]``, ``j <= l < T``) minus its final value ``R[T, j]`` (> 0 means
+    forgotten)."""
     t = _finished(matrix)
-    if t < 2:
-        return math.nan
     s = _sign(higher_is_better)
-    drops = []
+    out: dict[int, float] = {}
     for j in range(t - 1):
         past = s * matrix[j : t - 1, j]
         past = past[~torch.isnan(past)]
         if past.numel() and not math.isnan(float(matrix[t - 1, j])):
-            drops.append(float(past.max()) - s * float(matrix[t - 1, j]))
-    return sum(drops) / len(drops) if drops else math.nan
+            out[j] = float(past.max()) - s * float(matrix[t - 1, j])
+    return out
+
+
+def chaudhry_forgetting(matrix: Tensor, *, higher_is_better: bool = True) -> float:
+    """Average forgetting of Chaudhry et al. (2018): the mean of ``per_task_forgetting`` (the
+    drop from each task's best end-of-task value). NaN before a second task finished."""
+    drops = per_task_forgetting(matrix, higher_is_better=higher_is_better)
+    return sum(drops.values()) / len(drops) if drops else math.nan
+
+
+def stream_forgetting(matrix: Tensor, *, higher_is_better: bool = True) -> float:
+    """Avalanche's stream forgetting: mean over ``j < T`` of ``R[j, j] - R[T, j]``, the drop
+    from the value right after training on ``j`` (not its best); equal to ``-BWT``."""
+    return -backward_transfer(matrix, higher_is_better=higher_is_better)
+
+
+def _task_windows(trained: Tensor) -> dict[int, tuple[int, Tensor]]:
+    """For each trained task ``k``: (the last evaluation before its training began or -1, the
+    evaluations made while training it)."""
+    out: dict[int, tuple[int, Tensor]] = {}
+    for k in sorted({int(t) for t in trained.tolist() if t >= 0}):
+        during = (trained == k).nonzero().flatten()
+        before = (trained[: int(during[0])] < k).nonzero().flatten()
+        out[k] = (int(before[-1]) if before.numel() else -1, during)
+    return out
 
 
 def stability_gap(
@@ -225,49 +292,86 @@ def stability_gap(
     trained: Tensor,
     steps: Tensor,
     *,
+    within: int | None = None,
     higher_is_better: bool = True,
     recovered_fraction: float = 0.5,
-) -> dict[int, dict[str, float]]:
-    """Per finished task ``i``, the transient drop while the *next* task trains.
+) -> dict[int, dict[int, dict[str, float]]]:
+    """The transient drop of every earlier task ``i`` at every later task switch ``k``, and its
+    recovery, apart from forgetting: ``gap[i][k]``.
 
-    ``reference``: value at the end of task ``i``; ``worst``: worst value during the next task;
-    ``depth``: ``reference - worst`` (oriented, >= 0); ``steps_to_worst``: steps from the end of
-    task ``i`` to the trough; ``steps_to_recover``: steps from the end until the curve first
+    ``reference``: value of ``i`` right before training on ``k`` began; ``worst``: its worst value
+    within the first ``within`` evaluations of task ``k`` (all of them if None); ``depth``:
+    ``reference - worst`` (oriented, >= 0); ``end``: its value at the end of task ``k`` (the
+    last evaluation so far if ``k`` is still running); ``recovery``: ``end - worst`` (oriented;
+    < 0 when it kept falling after the window); ``remaining``: ``reference - end``, the part of
+    the drop that the end-of-task view shows as forgetting. ``steps_to_worst``: steps from the
+    switch to the trough; ``steps_to_recover``: steps from the switch until the curve first
     regains ``recovered_fraction`` of the depth after the trough (NaN if it never does, or if
     there was no drop).
     """
     if not 0.0 < recovered_fraction <= 1.0:
         raise ValueError(f"recovered_fraction must lie in (0, 1], got {recovered_fraction}")
+    if within is not None and within < 1:
+        raise ValueError(f"within must be >= 1 evaluations or None, got {within}")
     s = _sign(higher_is_better)
-    ends = task_ends(trained)
-    out: dict[int, dict[str, float]] = {}
-    for task, end in ends.items():
-        nxt = (trained > task).nonzero().flatten()
-        following = [int(e) for e in nxt.tolist() if e > end]
-        if not following:
+    out: dict[int, dict[int, dict[str, float]]] = {}
+    for k, (switch, during) in _task_windows(trained).items():
+        if switch < 0:
             continue
-        next_task = int(trained[following[0]])
-        window = [e for e in following if int(trained[e]) == next_task]
-        reference = float(values[end, task])
-        curve = values[window, task].double()
-        trough = int((s * curve).argmin())
-        worst = float(curve[trough])
-        depth = max(0.0, s * (reference - worst))
-        recover = math.nan
-        if depth > 0:
-            target = s * worst + recovered_fraction * depth
-            for pos in range(trough + 1, len(window)):
-                if s * float(curve[pos]) >= target:
-                    recover = float(steps[window[pos]] - steps[end])
-                    break
-        out[task] = {
-            "reference": reference,
-            "worst": worst,
-            "depth": depth,
-            "steps_to_worst": float(steps[window[trough]] - steps[end]),
-            "steps_to_recover": recover,
-        }
+        for i in range(min(k, values.shape[1])):
+            reference = float(values[switch, i])
+            curve_idx = [int(e) for e in during if not math.isnan(float(values[e, i]))]
+            if math.isnan(reference) or not curve_idx:
+                continue
+            out.setdefault(i, {})[k] = _one_gap(
+                values[curve_idx, i].double(),
+                steps[curve_idx] - steps[switch],
+                reference,
+                within=within,
+                sign=s,
+                recovered_fraction=recovered_fraction,
+            )
     return out
+
+
+def _one_gap(
+    curve: Tensor,
+    steps_since: Tensor,
+    reference: float,
+    *,
+    within: int | None,
+    sign: float,
+    recovered_fraction: float,
+) -> dict[str, float]:
+    """Depth, trough and recovery of one task's curve during one later task."""
+    head = curve[:within] if within is not None else curve
+    trough = int((sign * head).argmin())
+    worst, end = float(curve[trough]), float(curve[-1])
+    depth = max(0.0, sign * (reference - worst))
+    recover = math.nan
+    if depth > 0:
+        target = sign * worst + recovered_fraction * depth
+        for pos in range(trough + 1, curve.numel()):
+            if sign * float(curve[pos]) >= target:
+                recover = float(steps_since[pos])
+                break
+    return {
+        "reference": reference,
+        "worst": worst,
+        "depth": depth,
+        "end": end,
+        "recovery": sign * (end - worst),
+        "remaining": sign * (reference - end),
+        "steps_to_worst": float(steps_since[trough]),
+        "steps_to_recover": recover,
+    }
+
+
+def mean_gap(gap: dict[int, dict[int, dict[str, float]]], key: str) -> float:
+    """Mean of ``key`` (e.g. ``depth``, ``recovery``) over all (task, switch) pairs of ``gap``."""
+    found = [entry[key] for per_task in gap.values() for entry in per_task.values()]
+    found = [v for v in found if not math.isnan(v)]
+    return sum(found) / len(found) if found else math.nan
 
 
 def continual_metrics(
@@ -277,14 +381,19 @@ def continual_metrics(
     *,
     window: int = 10,
     lca_beta: int = 10,
+    zero_shot: bool = False,
+    gap_within: int | None = None,
     higher_is_better: bool = True,
 ) -> dict[str, object]:
     """All continual metrics of a finished (or ongoing) run, from its evaluation table.
 
     Returns scalars ``avg`` (mean over tasks seen by the last evaluation), ``min_acc``,
     ``wc_acc``, ``wf``, ``wp`` (means over seen tasks), ``lca`` (mean over tasks with
-    ``lca_beta + 1`` evaluations), ``acc``, ``bwt``, ``fwt``, ``forgetting``; per-task dicts
-    ``wf_per_task``, ``wp_per_task``, ``lca_per_task``, ``gap``; and ``matrix``/``initial``.
+    ``lca_beta`` evaluations during their own training), ``acc``, ``bwt``, ``fwt``,
+    ``chaudhry_forgetting``, ``stream_forgetting`` (= -BWT), ``gap_depth`` and
+    ``gap_recovery`` (means over all task switches); per-task dicts ``wf_per_task``,
+    ``wp_per_task``, ``lca_per_task``, ``forgetting_per_task``, ``gap`` (see
+    ``stability_gap``); and ``matrix``/``initial``. ``zero_shot`` as in ``task_curve``.
     """
     if values.ndim != 2 or trained.shape != values.shape[:1]:
         raise ValueError("values must be [E, T] and trained [E]")
@@ -295,11 +404,17 @@ def continual_metrics(
     ma = min_acc(values, trained, higher_is_better=higher_is_better)
     current_value = float(last[k_current]) if k_current >= 0 else math.nan
     hib = higher_is_better
-    curves = {t: task_curve(values, trained, t) for t in seen}
+    curves = {t: task_curve(values, trained, t, zero_shot=zero_shot) for t in seen}
     wf = {t: windowed_forgetting(c, window, higher_is_better=hib) for t, c in curves.items()}
     wp = {t: windowed_plasticity(c, window, higher_is_better=hib) for t, c in curves.items()}
-    lca = {t: learning_curve_area(c, lca_beta) for t, c in curves.items()}
+    lca = {
+        t: learning_curve_area(
+            own_training_curve(values, trained, t, zero_shot=zero_shot), lca_beta
+        )
+        for t in seen
+    }
     matrix, initial = accuracy_matrix(values, trained)
+    gap = stability_gap(values, trained, steps, within=gap_within, higher_is_better=hib)
     return {
         "avg": _nanmean(last[seen]),
         "min_acc": ma,
@@ -313,8 +428,12 @@ def continual_metrics(
         "matrix": matrix,
         "initial": initial,
         "acc": average_accuracy(matrix),
-        "bwt": backward_transfer(matrix, higher_is_better=higher_is_better),
-        "fwt": forward_transfer(matrix, initial, higher_is_better=higher_is_better),
-        "forgetting": forgetting(matrix, higher_is_better=higher_is_better),
-        "gap": stability_gap(values, trained, steps, higher_is_better=higher_is_better),
+        "bwt": backward_transfer(matrix, higher_is_better=hib),
+        "fwt": forward_transfer(matrix, initial, higher_is_better=hib),
+        "chaudhry_forgetting": chaudhry_forgetting(matrix, higher_is_better=hib),
+        "stream_forgetting": stream_forgetting(matrix, higher_is_better=hib),
+        "forgetting_per_task": per_task_forgetting(matrix, higher_is_better=hib),
+        "gap": gap,
+        "gap_depth": mean_gap(gap, "depth"),
+        "gap_recovery": mean_gap(gap, "recovery"),
     }

@@ -127,7 +127,10 @@ def plot_score_histogram(
         return None
     values = scores.double().cpu()
     finite = torch.isfinite(values)
-    bins = torch.histogram_bin_edges(values[finite], bins=40).numpy() if finite.any() else 10
+    bins = 40 if finite.any() and float(values[finite].max()) > float(values[finite].min()) else 1
+    if finite.any():  # shared bin edges, so the per-class outlines compare
+        bins = torch.linspace(float(values[finite].min()), float(values[finite].max()), bins + 1)
+        bins = bins.numpy()
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.hist(values[finite].numpy(), bins=bins, color="0.8", label=f"all ({int(finite.sum())})")
     classes = labels.unique() if labels is not None else torch.zeros(0)
@@ -347,7 +350,6 @@ class DataPruningScores(Callback):
                 desc=f"DataPruningScores: {what} pass over {n} examples",
                 unit="batch",
                 disable=not trainer.is_global_zero,
-                leave=False,
                 dynamic_ncols=True,
             )
             for batch in progress:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lightning_ext._io import load_file
 from lightning_ext.data import IndexedDataset, RS2Sampler, find_indices, pruned_subset
 from lightning_ext.data.indexed import labels_of, load_scores
 from lightning_ext.data.sampling import InfoBatchSampler
@@ -394,3 +395,60 @@ def test_distillation_loss():
         .mean()
     )
     torch.testing.assert_close(distillation_loss(s, t, y, temperature=2.0, alpha=1.0), 4 * kl)
+
+
+def _cli(argv):
+    import argparse
+
+    from lightning_ext import pruning_cli
+
+    parser = argparse.ArgumentParser(prog="lightning-ext")
+    pruning_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_prune_select_cli_writes_the_subset_and_reports_class_coverage(tmp_path, capsys):
+    labels = torch.arange(40) % 4
+    scores = labels.double() + torch.linspace(0, 0.5, 40)  # class 3 hardest, class 0 easiest
+    fp = dataset_fingerprint(labels)
+    path = tmp_path / "s.pt"
+    torch.save({"fingerprint": fp, "scores": scores, "labels": labels, "score": "el2n"}, path)
+    out = tmp_path / "keep.pt"
+    assert _cli(["prune-select", str(path), "--keep", "0.25", "--out", str(out)]) == 0
+    kept = load_file(out)  # a plain tensor: loads weights-only
+    assert torch.equal(kept, select_indices(scores, 0.25))
+    report = capsys.readouterr().out
+    assert "kept 10 of 40" in report and "no example left: [0, 1, 2]" in report
+    out_json = tmp_path / "keep.json"
+    _cli(
+        [
+            "prune-select",
+            str(path),
+            "--keep",
+            "0.25",
+            "--strategy",
+            "class_balanced",
+            "--out",
+            str(out_json),
+        ]
+    )
+    import json
+
+    balanced = torch.tensor(json.loads(out_json.read_text()))
+    assert torch.bincount(labels[balanced]).tolist() == [2, 2, 2, 2]  # round(0.25 * 10) each
+    assert "no example left" not in capsys.readouterr().out
+    torch.save({**torch.load(path), "task": "sequence"}, path)
+    with pytest.raises(ValueError, match="sequence targets"):
+        _cli(
+            [
+                "prune-select",
+                str(path),
+                "--keep",
+                "0.5",
+                "--strategy",
+                "class_balanced",
+                "--out",
+                str(out),
+            ]
+        )

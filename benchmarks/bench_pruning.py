@@ -230,6 +230,14 @@ def generated_task(seed: int = 0) -> tuple[torch.Tensor, ...]:
     return x[:3000], y[:3000], x[3000:], y[3000:]
 
 
+def digits_task() -> tuple[torch.Tensor, ...]:
+    """The 8x8 digits (train and test splits of ``digits_splits``): small and nearly saturated."""
+    splits = digits_splits(seed=0)
+    x, y = splits["train"].tensors
+    x_test, y_test = splits["test"].tensors
+    return x, y, x_test, y_test
+
+
 def train_mlp(
     x: torch.Tensor, y: torch.Tensor, seed: int, steps: int, batch: int = 128
 ) -> nn.Module:
@@ -237,7 +245,7 @@ def train_mlp(
     same compute, so accuracy differences come from which examples were kept."""
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Linear(20, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+        nn.Linear(x.shape[1], 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(seed)
@@ -254,10 +262,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(-1) == y).float().mean()) * 100
 
 
-def el2n_of_runs(x: torch.Tensor, y: torch.Tensor, runs: int = 4, steps: int = 70) -> torch.Tensor:
-    """EL2N averaged over ``runs`` short trainings (about 3 epochs each), as data_diet does."""
+def el2n_of_runs(x: torch.Tensor, y: torch.Tensor, runs: int = 4) -> torch.Tensor:
+    """EL2N averaged over ``runs`` short trainings of about 3 epochs, as data_diet does."""
     from lightning_ext.functional import el2n_scores
 
+    steps = max(1, 3 * len(y) // 128)
     scores = []
     for r in range(runs):
         model = train_mlp(x, y, seed=1000 + r, steps=steps)
@@ -266,32 +275,62 @@ def el2n_of_runs(x: torch.Tensor, y: torch.Tensor, runs: int = 4, steps: int = 7
     return torch.stack(scores).mean(0)
 
 
-def coverage_main(seeds: int = 5, steps: int = 600) -> None:
+def selection_experiment(task: tuple[torch.Tensor, ...], seeds: int, steps: int) -> dict:
+    """Test accuracy of every strategy at every pruning rate (interleaved: all strategies at one
+    rate, seed by seed), and each subset's class coverage."""
     from lightning_ext.functional import select_indices
 
-    torch.set_num_threads(1)
-    x, y, x_test, y_test = generated_task()
+    x, y, x_test, y_test = task
     scores = el2n_of_runs(x, y)
     full = [accuracy(train_mlp(x, y, s, steps), x_test, y_test) for s in range(seeds)]
     results: dict[tuple[str, float], list[float]] = {}
     coverage: dict[tuple[str, float], tuple[int, float]] = {}
+    sizes = torch.bincount(y, minlength=10).double()
     for keep in COVERAGE_KEEPS:
-        for strategy in COVERAGE_STRATEGIES:  # interleaved: every strategy at each rate in turn
-            for s in range(seeds):
-                kept = select_indices(
-                    scores,
-                    keep,
-                    strategy,
-                    labels=y,
-                    seed=s,
-                    offset=CCS_OFFSET if strategy == "ccs" else 0.0,
-                )
+        for s in range(seeds):
+            for strategy in COVERAGE_STRATEGIES:
+                offset = CCS_OFFSET if strategy == "ccs" else 0.0
+                kept = select_indices(scores, keep, strategy, labels=y, seed=s, offset=offset)
                 model = train_mlp(x[kept], y[kept], s, steps)
                 results.setdefault((strategy, keep), []).append(accuracy(model, x_test, y_test))
-                counts = torch.bincount(y[kept], minlength=10).double()
-                share = counts / torch.bincount(y, minlength=10).double()
-                coverage[(strategy, keep)] = (int((counts == 0).sum()), float(share.min()) * 100)
-    _write_coverage(full, results, coverage, scores, y, seeds, steps)
+                if s == 0:
+                    share = torch.bincount(y[kept], minlength=10).double() / sizes
+                    coverage[(strategy, keep)] = (int((share == 0).sum()), float(share.min()))
+    per_class = [
+        [int(c), int((y == c).sum()), f"{float(scores[y == c].mean()):.3f}"] for c in y.unique()
+    ]
+    return {"full": full, "results": results, "coverage": coverage, "per_class": per_class}
+
+
+def coverage_main(seeds: int = 5, steps: int = 600) -> None:
+    torch.set_num_threads(1)
+    runs = {
+        "digits": selection_experiment(digits_task(), seeds, steps),
+        "generated": selection_experiment(generated_task(), seeds, steps),
+    }
+    sections = {
+        "digits": "Digits (`digits_splits(seed=0)`: 1259 train / 269 test, 64 pixel features).",
+        "generated": """Generated task (`sklearn.datasets.make_classification`: 10 classes x 2
+clusters, 20 features, 3% flipped labels, class sizes from 1x to 2x; 3000 train / 3000 test),
+which the MLP does not saturate.""",
+    }
+    body = f"""
+MLP in-128-128-10, SGD (lr 0.05, momentum 0.9), {steps} steps of 128 on every subset (equal
+compute, so differences come from which examples were kept). EL2N averaged over 4 scoring runs
+of about 3 epochs. CCS drops the hardest {CCS_OFFSET:.0%} first, then draws evenly over 50 score
+strata. Test accuracy (%), mean ± std over {seeds} seeds (training seed and, for random/CCS,
+the draw). The machine was shared with other jobs (load average above 10 on 2 cores): timings
+are not reported, only accuracies.
+"""
+    for name, run in runs.items():
+        body += f"\n## {name}\n\n{sections[name]}\n\n" + _coverage_tables(run)
+    write_result(
+        "pruning_coverage",
+        "Data pruning: coverage-aware selection at every pruning rate",
+        body,
+        "PYTHONPATH=. nice -n 10 python benchmarks/bench_pruning.py coverage",
+    )
+    _plot_coverage(runs)
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -299,8 +338,9 @@ def _mean_std(xs: list[float]) -> str:
     return f"{float(t.mean()):.1f} ± {float(t.std()):.1f}"
 
 
-def _write_coverage(full, results, coverage, scores, y, seeds, steps) -> None:
+def _coverage_tables(run: dict) -> str:
     header = ["kept", *COVERAGE_STRATEGIES]
+    results, coverage = run["results"], run["coverage"]
     rows = [
         [f"{round(keep * 100)}%", *(_mean_std(results[(st, keep)]) for st in COVERAGE_STRATEGIES)]
         for keep in COVERAGE_KEEPS
@@ -309,48 +349,28 @@ def _write_coverage(full, results, coverage, scores, y, seeds, steps) -> None:
         [
             f"{round(keep * 100)}%",
             *(
-                f"{coverage[(st, keep)][1]:.0f}% ({coverage[(st, keep)][0]} lost)"
+                f"{coverage[(st, keep)][1]:.0%} ({coverage[(st, keep)][0]} lost)"
                 for st in COVERAGE_STRATEGIES
             ),
         ]
         for keep in COVERAGE_KEEPS
     ]
-    per_class = [
-        [int(c), int((y == c).sum()), f"{float(scores[y == c].mean()):.3f}"] for c in y.unique()
-    ]
-    body = f"""
-Generated task (`sklearn.datasets.make_classification`: 10 classes x 2 clusters, 20 features,
-3% flipped labels, class sizes from 1x to 2x; 3000 train / 3000 test). MLP 20-128-128-10, SGD
-(lr 0.05, momentum 0.9), {steps} steps of 128 on every subset (equal compute). EL2N averaged over
-4 scoring runs of 70 steps (about 3 epochs). CCS drops the hardest {CCS_OFFSET:.0%} first, then
-draws evenly over 50 score strata. Test accuracy (%), mean ± std over {seeds} seeds (training
-seed and, for random/CCS, the draw). The machine was shared with other jobs (load average
-above 10 on 2 cores): timings are not reported, only accuracies.
-
-All data: {_mean_std(full)}.
+    return f"""All data: {_mean_std(run["full"])}.
 
 {markdown_table(header, rows)}
 
-Class coverage of each subset (seed 0): share of the thinnest class that is kept, and how many
-classes lost every example.
+Class coverage of each subset (seed 0): the share of its examples that the thinnest class keeps,
+and how many classes lost every example.
 
 {markdown_table(header, cover_rows)}
 
-Mean EL2N per class (why hardest-first drops classes: hardness is a property of the class as
-much as of the example):
+Mean EL2N per class:
 
-{markdown_table(["class", "examples", "mean EL2N"], per_class)}
+{markdown_table(["class", "examples", "mean EL2N"], run["per_class"])}
 """
-    write_result(
-        "pruning_coverage",
-        "Data pruning: coverage-aware selection at every pruning rate",
-        body,
-        "PYTHONPATH=. nice -n 10 python benchmarks/bench_pruning.py coverage",
-    )
-    _plot_coverage(full, results)
 
 
-def _plot_coverage(full, results) -> None:
+def _plot_coverage(runs: dict) -> None:
     try:
         import matplotlib
 
@@ -360,16 +380,19 @@ def _plot_coverage(full, results) -> None:
         return
     from benchmarks._common import RESULTS
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, len(runs), figsize=(11, 4))
     keeps = [k * 100 for k in COVERAGE_KEEPS]
-    for strategy in COVERAGE_STRATEGIES:
-        vals = torch.tensor([results[(strategy, k)] for k in COVERAGE_KEEPS])
-        ax.errorbar(keeps, vals.mean(1), yerr=vals.std(1), marker="o", capsize=3, label=strategy)
-    ax.axhline(sum(full) / len(full), color="k", ls="--", lw=1, label="all data")
-    ax.set_xlabel("examples kept (%)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("EL2N selection on a generated 10-class task")
-    ax.legend()
+    for ax, (name, run) in zip(axes, runs.items()):
+        for strategy in COVERAGE_STRATEGIES:
+            vals = torch.tensor([run["results"][(strategy, k)] for k in COVERAGE_KEEPS])
+            ax.errorbar(
+                keeps, vals.mean(1), yerr=vals.std(1), marker="o", capsize=3, label=strategy
+            )
+        ax.axhline(sum(run["full"]) / len(run["full"]), color="k", ls="--", lw=1, label="all data")
+        ax.set_xlabel("examples kept (%)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"EL2N selection: {name}")
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(RESULTS / "pruning_coverage.png", dpi=100)
     plt.close(fig)

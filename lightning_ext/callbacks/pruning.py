@@ -127,10 +127,10 @@ def plot_score_histogram(
         return None
     values = scores.double().cpu()
     finite = torch.isfinite(values)
-    bins = 40 if finite.any() and float(values[finite].max()) > float(values[finite].min()) else 1
+    bins: Any = 1
     if finite.any():  # shared bin edges, so the per-class outlines compare
-        bins = torch.linspace(float(values[finite].min()), float(values[finite].max()), bins + 1)
-        bins = bins.numpy()
+        low, high = float(values[finite].min()), float(values[finite].max())
+        bins = torch.linspace(low, high, 41 if high > low else 2).numpy()
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.hist(values[finite].numpy(), bins=bins, color="0.8", label=f"all ({int(finite.sum())})")
     classes = labels.unique() if labels is not None else torch.zeros(0)
@@ -238,7 +238,9 @@ class DataPruningScores(Callback):
         self.labels: Tensor | None = None  # per sample: class, or a target checksum (sequences)
         self.saved_path: Path | None = None
         self._sequence = False
-        self._last_correct = self._forgotten = self._learned = None
+        self._last_correct: Tensor | None = None
+        self._forgotten: Tensor | None = None
+        self._learned: Tensor | None = None
         self._presentations = 0  # completed correctness passes / online epochs (forgetting)
         self._online: Tensor | None = None  # online per-example values (NaN: never presented)
         self._buffer: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -336,7 +338,7 @@ class DataPruningScores(Callback):
 
     def _pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> tuple:
         """(values, labels) over the whole training set, in index order, on every rank."""
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
         dataset = _train_dataset(trainer)
         n = len(dataset)  # type: ignore[arg-type]
@@ -468,12 +470,15 @@ class DataPruningScores(Callback):
         self._init_forgetting(n)
         if labels is not None:
             self.labels = labels
+        assert self._last_correct is not None and self._forgotten is not None
+        assert self._learned is not None
         forgetting_update_(self._last_correct, self._forgotten, self._learned, idx, correct)
         self._presentations += 1
 
     def _finish_forgetting(self, trainer: pl.Trainer) -> None:
-        if self._learned is None:
+        if self._learned is None or self._last_correct is None or self._forgotten is None:
             raise RuntimeError("no epoch was completed: no forgetting events to score")
+        assert self.labels is not None
         self._check_all_seen(self._last_correct >= 0)
         scores = forgetting_scores(self._forgotten, self._learned, self._presentations)
         self._finish(trainer, scores, self.labels)
@@ -483,6 +488,7 @@ class DataPruningScores(Callback):
             return self._finish_forgetting(trainer)
         if self._online is None:
             raise RuntimeError("no epoch was completed: no online scores")
+        assert self.labels is not None
         self._check_all_seen(~torch.isnan(self._online))
         self._finish(trainer, self._online.clone(), self.labels)
 

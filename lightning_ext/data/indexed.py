@@ -93,7 +93,7 @@ def load_scores(
     computed on this dataset (same size and label hash) and raise a ``ValueError`` if not."""
     record = load_file(path, trusted=trusted)
     if labels is not None:
-        check_fingerprint(record["fingerprint"], dataset_fingerprint(labels), path)
+        check_fingerprint(record["fingerprint"], dataset_fingerprint(labels), str(path))
     return record
 
 
@@ -122,8 +122,9 @@ def pruned_subset(
     file path (checked against the dataset's fingerprint)."""
 
     labels = labels_of(dataset, unpack_batch)
-    if isinstance(scores, str | os.PathLike):
+    if not isinstance(scores, Tensor):  # a score file
         scores = load_scores(scores, labels, trusted=trusted)["scores"]
+    assert isinstance(scores, Tensor)
     if scores.numel() != len(labels):
         raise ValueError(
             f"score/dataset mismatch: {scores.numel()} scores for a dataset of {len(labels)}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import pytest
+import pytorch_lightning as ptl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -258,6 +259,35 @@ def test_infobatch_loss_rescales_kept_well_learned_examples():
 # --- DDP
 
 
+class PTLInfoBatchClassifier(ptl.LightningModule):
+    """The older ``pytorch_lightning`` namespace, with the InfoBatch hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y, index = batch
+        return InfoBatch.loss(self, F.cross_entropy(self(x), y, reduction="none"), index)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class PTLInfoBatchDigits(ptl.LightningDataModule):
+    """Builds its sampler in train_dataloader, i.e. after the process group exists under DDP."""
+
+    def __init__(self, limit=LIMIT, batch_size=64):
+        super().__init__()
+        self.limit, self.batch_size = limit, batch_size
+
+    def train_dataloader(self):
+        return InfoBatchDigits(limit=self.limit, batch_size=self.batch_size).train_dataloader()
+
+
 def ddp_scores(out_dir: str) -> None:
     pl.seed_everything(0)
     module = IndexedClassifier(lr=0.1)
@@ -272,19 +302,27 @@ def ddp_scores(out_dir: str) -> None:
         limit_val_batches=0,
         callbacks=[save, el2n, grand, forgetting],
         default_root_dir=out_dir,
+        precision="bf16-mixed",
+        accumulate_grad_batches=2,
     )
     # 199 examples: DistributedSampler pads one duplicate; every example must be scored once
     trainer.fit(module, datamodule=IndexedDigits(limit=LIMIT - 1, batch_size=32))
     infobatch, counter = InfoBatch(prune_prob=0.5, delta=0.75), _LossMeanUnweighted()
-    again = quiet_trainer(
+    again = ptl.Trainer(  # the older namespace, bf16 and accumulation under DDP
+        accelerator="cpu",
         devices=2,
         strategy="ddp",
         max_epochs=3,
-        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
         callbacks=[infobatch, counter],
         default_root_dir=out_dir,
+        precision="bf16-mixed",
+        accumulate_grad_batches=2,
     )
-    again.fit(InfoBatchClassifier(), datamodule=InfoBatchDigits(limit=LIMIT - 1, batch_size=32))
+    again.fit(PTLInfoBatchClassifier(), datamodule=PTLInfoBatchDigits(LIMIT - 1, batch_size=32))
     torch.save(
         {
             "el2n": el2n.scores,
@@ -490,24 +528,7 @@ def test_infobatch_without_the_loss_hook_fails_at_the_first_batch():
 
 
 def test_pytorch_lightning_namespace():
-    import pytorch_lightning as ptl
-
-    class PTLClassifier(ptl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Sequential(torch.nn.Linear(64, 10))
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            x, y, index = batch
-            return InfoBatch.loss(self, F.cross_entropy(self(x), y, reduction="none"), index)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    module = PTLClassifier()
+    module = PTLInfoBatchClassifier()
     scores, infobatch = DataPruningScores("el2n", at_epoch=2), InfoBatch(delta=0.5)
     trainer = ptl.Trainer(
         accelerator="cpu",
@@ -518,7 +539,7 @@ def test_pytorch_lightning_namespace():
         enable_model_summary=False,
         callbacks=[scores, infobatch],
     )
-    trainer.fit(module, InfoBatchDigits(limit=LIMIT).train_dataloader())
+    trainer.fit(module, datamodule=PTLInfoBatchDigits(limit=LIMIT))
     x, y = digits(limit=LIMIT).tensors
     with torch.no_grad():
         torch.testing.assert_close(scores.scores, el2n_scores(module(x), y).double())

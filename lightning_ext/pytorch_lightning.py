@@ -26,7 +26,6 @@ __all__ = [*_callbacks_all, "SoupStrategy", "WARPStrategy"]
 
 class SoupStrategy(SoupStrategyMixin, _pl.strategies.DDPStrategy):
     __doc__ = _SoupStrategy.__doc__
-    strategy_name = _SoupStrategy.strategy_name
 
 
 class WARPStrategy(WARPStrategyMixin, _pl.strategies.DDPStrategy):

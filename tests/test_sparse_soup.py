@@ -18,9 +18,9 @@ from lightning_ext.sparse_soup import (
     mask_mismatches,
     sparse_model_soup,
 )
-from tests.helpers.data import digits, loader
+from tests.helpers.data import DigitsDataModule, digits, loader
 from tests.helpers.models import Classifier
-from tests.helpers.resume import quiet_trainer
+from tests.helpers.resume import check_resume_exact, quiet_trainer
 
 TRAIN = loader(digits("train", limit=256), 32)
 VAL = loader(digits("val", limit=128), 128, None)
@@ -93,6 +93,21 @@ def test_fixed_mask_keeps_pruned_weights_and_their_optimizer_state_zero() -> Non
     assert not torch.equal(weight[mask], before[mask])  # the kept weights trained
     state = trainer.optimizers[0].state[module.net[0].weight]
     assert torch.equal(state["exp_avg"][~mask], torch.zeros(int((~mask).sum())))
+
+
+def test_fixed_mask_fit_resumes_bitwise(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    weights = {n: p.detach() for n, p in Classifier().named_parameters() if p.dim() >= 2}
+    masks = magnitude_masks(weights, 0.8)
+    result = check_resume_exact(
+        lambda: Classifier(optimizer="adamw", lr=0.01, weight_decay=0.1),
+        lambda: [FixedMask(masks)],
+        lambda: DigitsDataModule(batch_size=64, limit=128),
+        tmp_path,
+        max_epochs=3,
+        split_epoch=1,
+    )
+    assert set(mask_mismatches(result.resumed_module.state_dict(), masks).values()) == {0}
 
 
 def test_soup_keeps_the_shared_mask_and_its_sparsity(tmp_path: Path) -> None:

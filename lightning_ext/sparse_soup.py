@@ -20,6 +20,7 @@ same plan skips what is done, and a rerun with a different plan in the same fold
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -184,10 +185,27 @@ def _check_plan(sparsities: Sequence[float], configs: Sequence[Mapping[str, Any]
         raise ValueError("retrain_configs must hold at least one retrain (one dict each)")
 
 
+def _fingerprint(state_dict: StateDict) -> str:
+    """SHA-256 of every tensor's name and bytes: tells two sets of initial weights apart."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _plan_record(
-    sparsities: Sequence[float], configs: Sequence[Mapping[str, Any]], scope: str, method: str
+    initial: StateDict,
+    sparsities: Sequence[float],
+    configs: Sequence[Mapping[str, Any]],
+    scope: str,
+    method: str,
 ) -> dict[str, Any]:
+    """What a run's files depend on (beyond ``make_module``/``make_trainer``, which the user must
+    keep unchanged between a run and its rerun)."""
     return {
+        "initial_sha256": _fingerprint(initial),
         "sparsities": [float(s) for s in sparsities],
         "retrain_configs": json.loads(json.dumps(list(configs), default=repr)),
         "scope": scope,
@@ -300,8 +318,8 @@ def sparse_model_soup(
     _check_plan(sparsities, retrain_configs)
     check_mode(monitor, mode, "sparse_model_soup")
     folder = Path(output_dir)
-    _claim_folder(folder, _plan_record(sparsities, retrain_configs, scope, method))
     current = _state(initial) if isinstance(initial, nn.Module) else dict(initial)
+    _claim_folder(folder, _plan_record(current, sparsities, retrain_configs, scope, method))
     fit_kwargs = {"train_dataloaders": train_dataloaders, "datamodule": datamodule}
     fit_kwargs = {k: v for k, v in fit_kwargs.items() if v is not None}
     scorer_module = make_module(retrain_configs[0])

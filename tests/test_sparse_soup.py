@@ -157,6 +157,18 @@ def test_rerun_resumes_from_the_output_folder(tmp_path: Path) -> None:
         assert torch.equal(value, third.state_dict[key]), key
     with pytest.raises(ValueError, match="another plan"):
         _run(tmp_path, _Trainers(), sparsities=[0.5, 0.9])
+    other_start = {k: v + 1 if v.is_floating_point() else v for k, v in _dense().items()}
+    with pytest.raises(ValueError, match="another plan"):
+        sparse_model_soup(
+            _make_module,
+            _Trainers(),
+            other_start,
+            sparsities=[0.5, 0.8],
+            retrain_configs=[{"seed": 1, "lr": 0.05}, {"seed": 2, "lr": 0.1, "weight_decay": 1e-3}],
+            output_dir=tmp_path,
+            train_dataloaders=TRAIN,
+            val_dataloaders=VAL,
+        )
 
 
 def test_refuses_bad_plans_and_trainers_without_the_mask(tmp_path: Path) -> None:

@@ -238,3 +238,41 @@ def test_apply_refuses_missing_or_misshapen_weights() -> None:
     weights = {k: torch.tensor([0.5, 0.5, 0.0]) for k in ings[0]}
     with pytest.raises(ValueError, match="shape"):
         apply_soup_coefficients(ings, weights)
+
+
+class _DictModel(nn.Module):
+    """Written the way HF-style models are: keyword inputs, a dict output with logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 10)
+
+    def forward(self, features: Tensor) -> dict[str, Tensor]:
+        return {"logits": self.linear(features)}
+
+
+def test_dict_batches_and_dict_outputs() -> None:
+    model = _DictModel()
+    ings = [_perturbed(model, s) for s in (1, 2)]
+    batches = [{"features": x, "labels": y} for x, y in _batches()]
+    result = learn_soup_coefficients(model, ings, batches, steps=4, lr=0.1)
+    assert len(result.losses) == 4 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_forward_returning_a_loss_names_forward_fn() -> None:
+    class LossModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(6, 10)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.linear(x).logsumexp(-1).mean()
+
+    model = LossModel()
+    ings = [_perturbed(model, s) for s in (1, 2)]
+    with pytest.raises(ValueError, match="forward_fn"):
+        learn_soup_coefficients(model, ings, _batches(), steps=2)
+    result = learn_soup_coefficients(
+        model, ings, _batches(), steps=2, forward_fn=lambda m, x: m.linear(x)
+    )
+    assert len(result.losses) == 2

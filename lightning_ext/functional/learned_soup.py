@@ -129,9 +129,10 @@ def apply_soup_coefficients(
         if _is_learned(key, ref):
             if name not in weights:
                 raise KeyError(f"no mixing weights for '{key}'")
-            w = weights[name].detach().to(torch.float64)
-            if w.shape != (n,):
-                raise ValueError(f"weights for '{key}' have shape {tuple(w.shape)}, need ({n},)")
+            if weights[name].shape != (n,):
+                shape = tuple(weights[name].shape)
+                raise ValueError(f"weights for '{key}' have shape {shape}, need ({n},)")
+            w = weights[name].detach().double().tolist()
             acc = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
             for k, sd in enumerate(state_dicts):
                 theta = sd[key].detach().double()

@@ -182,3 +182,52 @@ def test_refuses_bad_plans_and_trainers_without_the_mask(tmp_path: Path) -> None
         quiet_trainer(
             max_steps=1, callbacks=[FixedMask({"nope": torch.ones(2, dtype=torch.bool)})]
         ).fit(Classifier(), train_dataloaders=TRAIN)
+
+
+def test_pytorch_lightning_namespace(tmp_path: Path) -> None:
+    """Module and Trainer from ``pytorch_lightning``: FixedMask and the soup work there too."""
+    import pytorch_lightning
+
+    class OldStyle(pytorch_lightning.LightningModule):
+        def __init__(self, lr: float = 0.05) -> None:
+            super().__init__()
+            self.lr, self.body = lr, Classifier().net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self(x), y)
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            self.log("val_loss", torch.nn.functional.cross_entropy(self(x), y))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+    def make_trainer(cycle: int, index: int, callbacks: list[Callback]) -> Any:
+        return pytorch_lightning.Trainer(
+            max_steps=3,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+        )
+
+    torch.manual_seed(0)
+    result = sparse_model_soup(
+        lambda config: OldStyle(lr=config["lr"]),
+        make_trainer,
+        OldStyle(),
+        sparsities=[0.7],
+        retrain_configs=[{"seed": 1, "lr": 0.05}, {"seed": 2, "lr": 0.1}],
+        output_dir=tmp_path,
+        train_dataloaders=TRAIN,
+        val_dataloaders=VAL,
+    )
+    assert set(mask_mismatches(result.state_dict, result.masks).values()) == {0}
+    assert result.cycles[0].measured_sparsity == pytest.approx(0.7, abs=1e-3)

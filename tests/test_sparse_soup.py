@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_ext._io import load_file
+from lightning_ext._modules import named_parameters
 from lightning_ext.functional.merging import uniform_soup
 from lightning_ext.sparse_soup import (
     FixedMask,
@@ -21,6 +22,7 @@ from lightning_ext.sparse_soup import (
 from tests.helpers.data import DigitsDataModule, digits, loader
 from tests.helpers.models import Classifier
 from tests.helpers.resume import check_resume_exact, quiet_trainer
+from tests.helpers.zoo import ZOO
 
 TRAIN = loader(digits("train", limit=256), 32)
 VAL = loader(digits("val", limit=128), 128, None)
@@ -93,6 +95,23 @@ def test_fixed_mask_keeps_pruned_weights_and_their_optimizer_state_zero() -> Non
     assert not torch.equal(weight[mask], before[mask])  # the kept weights trained
     state = trainer.optimizers[0].state[module.net[0].weight]
     assert torch.equal(state["exp_avg"][~mask], torch.zeros(int((~mask).sum())))
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["batchnorm_cnn", "causal_lm_dict", "manual_two_optimizers", "compiled_inner", "tied_weights"],
+)
+def test_fixed_mask_on_the_module_zoo(entry: str) -> None:
+    """BatchNorm, dict batches with a forward returning the loss, manual optimization with two
+    optimizers, a compiled inner network (``_orig_mod.`` names), tied weights: the pruned weights
+    stay exactly zero and the kept ones train."""
+    module, train, _ = ZOO[entry](seed=0)
+    weights = {n: p.detach().clone() for n, p in named_parameters(module).items() if p.dim() >= 2}
+    masks = magnitude_masks(weights, 0.6)
+    quiet_trainer(max_steps=3, callbacks=[FixedMask(masks)]).fit(module, train_dataloaders=train)
+    after = {n: p.detach() for n, p in named_parameters(module).items()}
+    assert set(mask_mismatches(after, masks).values()) == {0}
+    assert any(not torch.equal(after[n][m], weights[n][m]) for n, m in masks.items())
 
 
 def test_fixed_mask_fit_resumes_bitwise(tmp_path: Path) -> None:

@@ -276,3 +276,22 @@ def test_forward_returning_a_loss_names_forward_fn() -> None:
         model, ings, _batches(), steps=2, forward_fn=lambda m, x: m.linear(x)
     )
     assert len(result.losses) == 2
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["batchnorm_cnn", "causal_lm_dict", "compiled_inner", "tied_weights", "metrics_classifier"],
+)
+def test_learned_soup_on_the_module_zoo(entry: str) -> None:
+    """The users' modules (LightningModules of the zoo): the loss decreases from the uniform soup
+    on the batches it is learned on, and the merged state dict loads into the module."""
+    from lightning_ext._batch import causal_lm_batch, default_unpack_batch
+    from tests.helpers.zoo import ZOO
+
+    module, train, _ = ZOO[entry](seed=0)
+    ings = [_perturbed(module, s, 0.05) for s in (1, 2, 3)]
+    unpack = causal_lm_batch if entry == "causal_lm_dict" else default_unpack_batch
+    batches = [next(iter(train))]
+    result = learn_soup_coefficients(module, ings, batches, steps=15, lr=0.1, unpack_batch=unpack)
+    assert result.losses[-1] < result.losses[0]
+    module.load_state_dict(result.state_dict(ings))

@@ -20,6 +20,7 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -32,7 +33,15 @@ from examples.model_soups import RECIPES, Task, TaskNet, accuracy, trainer
 from lightning_ext.functional import greedy_soup, uniform_soup
 from lightning_ext.functional.learned_soup import learn_soup_coefficients
 
-METHODS = ["best single (val)", "uniform soup", "greedy soup", "learned soup", "aTLAS"]
+METHODS = [
+    "best single (val)",
+    "uniform soup",
+    "greedy soup",
+    "learned soup",
+    "learned soup, per model",
+    "aTLAS",
+    "aTLAS, from uniform",
+]
 
 
 def fine_tune(base: dict[str, Tensor], train: DataLoader, seed: int, epochs: int) -> list[dict]:
@@ -63,17 +72,21 @@ def run_seed(seed: int, pre_epochs: int, ft_epochs: int, steps: int) -> dict[str
     scores = [val_acc(s) for s in ings]
     greedy, chosen = greedy_soup(ings, val_acc, scores=scores)
     held_out = [val.tensors]  # one full batch of the 1000 held-out samples
-    model = TaskNet()
-    learned = learn_soup_coefficients(model, ings, held_out, steps=steps, lr=0.05)
-    atlas = learn_soup_coefficients(
-        model, ings, held_out, base=base, mode="task_vectors", steps=steps, lr=0.05
-    )
+    model, k = TaskNet(), len(ings)
+
+    def learn(**options: Any) -> dict:
+        soup = learn_soup_coefficients(model, ings, held_out, steps=steps, lr=0.05, **options)
+        return soup.state_dict(ings, options.get("base"))
+
+    tv = {"base": base, "mode": "task_vectors"}
     candidates = {
         "best single (val)": ings[max(range(len(ings)), key=scores.__getitem__)],
         "uniform soup": uniform_soup(ings),
         "greedy soup": greedy,
-        "learned soup": learned.state_dict(ings),
-        "aTLAS": atlas.state_dict(ings, base),
+        "learned soup": learn(),
+        "learned soup, per model": learn(granularity="model"),
+        "aTLAS": learn(**tv),
+        "aTLAS, from uniform": learn(**tv, init=1 / k),
     }
     out = {"greedy size": float(len(chosen))}
     for name, state in candidates.items():
@@ -126,7 +139,9 @@ def main() -> None:
         f"({args.pre_epochs} pre-training and {args.ft_epochs} fine-tuning epochs). Greedy soup, "
         "best single and both learned methods use the same 1000 held-out samples (the learned "
         f"ones: {args.steps} Adam steps, lr 0.05, one coefficient per ingredient and tensor, "
-        "6 tensors); test: 2000 samples; shifted: latent blobs moved by 1.5, widened 1.3x, "
+        "6 tensors, unless 'per model'; aTLAS starts at the base, or at 1/8 per task vector, "
+        "i.e. the uniform soup, 'from uniform'); test: 2000 samples; shifted: latent blobs "
+        "moved by 1.5, widened 1.3x, "
         f"noise 0.5. {len(runs)} seeds {args.seeds}; accuracy in %, mean ± std over seeds; gains "
         "over the best single ingredient are paired per seed. Greedy soup sizes: "
         f"{[int(r['greedy size']) for r in runs]}. The machine is shared with other jobs "

@@ -17,6 +17,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ RETRAINS = [
 ]
 
 
-def make_module(config: dict[str, Any]) -> TaskNet:
+def make_module(config: Mapping[str, Any]) -> TaskNet:
     return TaskNet(lr=config["lr"], noise=config["noise"])
 
 

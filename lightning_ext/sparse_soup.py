@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from lightning_ext._io import atomic_torch_save, atomic_write_json, load_file
 from lightning_ext._modules import named_parameters, normalise_name
 from lightning_ext.functional.sparsity import active_count, topk_mask
-from lightning_ext.soups import build_soup, check_mode
+from lightning_ext.soups import batchnorm_layers, build_soup, check_mode
 
 __all__ = [
     "CycleResult",
@@ -323,6 +323,7 @@ def sparse_model_soup(
     fit_kwargs = {"train_dataloaders": train_dataloaders, "datamodule": datamodule}
     fit_kwargs = {k: v for k, v in fit_kwargs.items() if v is not None}
     scorer_module = make_module(retrain_configs[0])
+    _warn_stale_statistics(scorer_module, recalibrate_on)
     masks: dict[str, Tensor] | None = None
     results = []
     for cycle, sparsity in enumerate(sparsities):
@@ -373,6 +374,18 @@ def sparse_model_soup(
         results.append(result)
     assert masks is not None
     return SparseSoupResult(current, masks, results)
+
+
+def _warn_stale_statistics(module: nn.Module, recalibrate_on: Any) -> None:
+    """Averaged BatchNorm statistics do not describe the averaged weights (the reference code
+    recalibrates them before every evaluation); say so when nothing will recompute them."""
+    layers = batchnorm_layers(module)
+    if layers and recalibrate_on is None:
+        rank_zero_warn(
+            f"sparse_model_soup: the module has {len(layers)} BatchNorm layer(s) and "
+            "recalibrate_on is None: every soup keeps the retrains' averaged running statistics, "
+            "which are stale for the averaged weights. Pass recalibrate_on=<train loader>."
+        )
 
 
 @torch.no_grad()

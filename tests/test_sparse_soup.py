@@ -250,3 +250,29 @@ def test_pytorch_lightning_namespace(tmp_path: Path) -> None:
     )
     assert set(mask_mismatches(result.state_dict, result.masks).values()) == {0}
     assert result.cycles[0].measured_sparsity == pytest.approx(0.7, abs=1e-3)
+
+
+def test_batchnorm_without_recalibration_warns_and_with_it_keeps_the_mask(tmp_path: Path) -> None:
+    def make_cnn(config: dict[str, Any]) -> Classifier:
+        return Classifier(net="cnn", lr=config.get("lr", 0.05))
+
+    torch.manual_seed(0)
+    start = make_cnn({}).state_dict()
+    options: dict[str, Any] = dict(
+        sparsities=[0.5],
+        retrain_configs=[{"seed": 1}, {"seed": 2}],
+        train_dataloaders=TRAIN,
+        val_dataloaders=VAL,
+    )
+    with pytest.warns(UserWarning, match="recalibrate_on"):
+        sparse_model_soup(make_cnn, _Trainers(), start, output_dir=tmp_path / "a", **options)
+    result = sparse_model_soup(
+        make_cnn, _Trainers(), start, output_dir=tmp_path / "b", recalibrate_on=TRAIN, **options
+    )
+    assert set(mask_mismatches(result.state_dict, result.masks).values()) == {0}
+    assert any(n.startswith("net.features.0") for n in result.masks)  # conv kernels are pruned
+    averaged = uniform_soup(
+        [load_file(tmp_path / "b" / "cycle0" / f"retrain{i}.pt") for i in (0, 1)]
+    )
+    key = "net.features.1.running_mean"
+    assert not torch.equal(result.state_dict[key], averaged[key])  # recomputed, not averaged

@@ -276,3 +276,33 @@ def test_batchnorm_without_recalibration_warns_and_with_it_keeps_the_mask(tmp_pa
     )
     key = "net.features.1.running_mean"
     assert not torch.equal(result.state_dict[key], averaged[key])  # recomputed, not averaged
+
+
+def ddp_fixed_mask_soup(out_dir: str) -> None:
+    """DDP target: one retrain per rank with SoupStrategy, the shared mask held by FixedMask."""
+    from lightning_ext.strategies import SoupStrategy
+
+    torch.manual_seed(0)
+    module = Classifier()
+    start = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    weights = {n: p.detach() for n, p in named_parameters(module).items() if p.dim() >= 2}
+    masks = magnitude_masks(weights, 0.7)
+    strategy = SoupStrategy(merge="uniform", hparams_per_rank=[{"lr": 0.02}, {"lr": 0.1}])
+    trainer = quiet_trainer(devices=2, strategy=strategy, max_steps=4, callbacks=[FixedMask(masks)])
+    trainer.fit(module, train_dataloaders=loader(digits("train", limit=256), 32))
+    after = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    torch.save(
+        {"start": start, "after": after, "masks": masks}, f"{out_dir}/rank{trainer.global_rank}.pt"
+    )
+
+
+@pytest.mark.ddp
+def test_one_retrain_per_rank_with_soup_strategy_keeps_the_mask(tmp_path: Path) -> None:
+    from tests.helpers.ddp import run_ddp
+
+    r0, r1 = run_ddp("tests.test_sparse_soup:ddp_fixed_mask_soup", tmp_path, timeout=120)
+    masks = r0["masks"]
+    assert set(mask_mismatches(r0["after"], masks).values()) == {0}
+    for key, value in r0["after"].items():
+        assert torch.equal(value, r1["after"][key]), key  # every rank holds the one soup
+    assert any(not torch.equal(r0["after"][n], r0["start"][n]) for n in masks)  # it trained

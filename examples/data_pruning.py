@@ -1,8 +1,10 @@
 """Data pruning on the digits: which examples can go, and what data-efficient training buys.
 
 1. Score the training set with ``DataPruningScores`` (EL2N and GraNd after 2 epochs, forgetting
-   events over a full run), once per seed; each score file keeps every run and their mean.
-2. Keep 90/70/50/30% of the examples by each score (hardest first) or at random, retrain from
+   events over a full run), once per seed; each score file keeps every run and their combination
+   (the mean; the sum for forgetting, as the reference code does).
+2. Keep 90/70/50/30% of the examples by each score (hardest first; for EL2N also with an offset,
+   class-balanced and CCS, coverage-aware) or at random, retrain from
    scratch with 5 seeds, and report test accuracy (mean ± std).
 3. Time-to-accuracy of full data versus RS2 (30% per epoch, without replacement) and InfoBatch.
 4. Optionally (``--kd``), distil from a teacher trained on all data when training on a random 30%.
@@ -172,7 +174,16 @@ def main() -> None:
         paths = score_files(splits, seeds, Path(tmp))
         rows = []
         full = [fit_and_test(splits["train"], splits, s)[0] for s in seeds]
-        for method in ("el2n", "el2n, offset 20%", "grand", "forgetting", "random"):
+        methods = (
+            "el2n",
+            "el2n, offset 20%",
+            "el2n, class_balanced",
+            "el2n, ccs",
+            "grand",
+            "forgetting",
+            "random",
+        )
+        for method in methods:
             row = [method]
             for fraction in FRACTIONS:
                 if method == "random":
@@ -183,6 +194,19 @@ def main() -> None:
                         splits["train"], paths["el2n"], fraction, "offset", offset=offset
                     )
                     subsets = [sub] * len(seeds)
+                elif method in ("el2n, class_balanced", "el2n, ccs"):
+                    mode = method.split(", ")[1]
+                    subsets = [
+                        pruned_subset(
+                            splits["train"],
+                            paths["el2n"],
+                            fraction,
+                            mode,
+                            seed=s,
+                            offset=0.1 if mode == "ccs" else 0.0,
+                        )
+                        for s in seeds
+                    ]
                 else:
                     subsets = [pruned_subset(splits["train"], paths[method], fraction)] * len(seeds)
                 accs = [fit_and_test(sub, splits, s)[0] for sub, s in zip(subsets, seeds)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import pytest
+import pytorch_lightning as ptl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -19,6 +20,12 @@ from tests.helpers.resume import check_resume_exact, quiet_trainer
 from tests.helpers.wandb_reader import read_offline_runs
 
 LIMIT = 200
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """Default output folders (``./lightning_logs/version_N/pruning``) land in a fresh folder."""
+    monkeypatch.chdir(tmp_path)
 
 
 class IndexedClassifier(Classifier):
@@ -118,7 +125,7 @@ def test_online_forgetting_matches_replay_and_resumes(tmp_path):
     learned = torch.zeros(LIMIT, dtype=torch.bool)
     for idx, correct in rec.rows:
         forgetting_update_(last, forgotten, learned, idx, correct)
-    expected = forgotten.double().masked_fill(~learned, float("inf"))
+    expected = forgotten.double().masked_fill(~learned, 3.0)  # never learned: 1 per epoch
     assert torch.equal(cb.scores, expected)
     assert forgotten.sum() > 0  # the check has teeth
 
@@ -191,6 +198,7 @@ def test_wandb_histogram_and_table(tmp_path):
     assert run.series("pruning/loss_mean")
     assert any(k.startswith("pruning/loss_hardest") for k in run.summary)
     assert run.media("*.table.json")
+    assert run.media("*.png")  # the histogram picture, as a wandb image
 
 
 def test_cli_builds_both_callbacks():
@@ -251,6 +259,35 @@ def test_infobatch_loss_rescales_kept_well_learned_examples():
 # --- DDP
 
 
+class PTLInfoBatchClassifier(ptl.LightningModule):
+    """The older ``pytorch_lightning`` namespace, with the InfoBatch hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y, index = batch
+        return InfoBatch.loss(self, F.cross_entropy(self(x), y, reduction="none"), index)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class PTLInfoBatchDigits(ptl.LightningDataModule):
+    """Builds its sampler in train_dataloader, i.e. after the process group exists under DDP."""
+
+    def __init__(self, limit=LIMIT, batch_size=64):
+        super().__init__()
+        self.limit, self.batch_size = limit, batch_size
+
+    def train_dataloader(self):
+        return InfoBatchDigits(limit=self.limit, batch_size=self.batch_size).train_dataloader()
+
+
 def ddp_scores(out_dir: str) -> None:
     pl.seed_everything(0)
     module = IndexedClassifier(lr=0.1)
@@ -264,14 +301,28 @@ def ddp_scores(out_dir: str) -> None:
         max_epochs=2,
         limit_val_batches=0,
         callbacks=[save, el2n, grand, forgetting],
+        default_root_dir=out_dir,
+        precision="bf16-mixed",
+        accumulate_grad_batches=2,
     )
     # 199 examples: DistributedSampler pads one duplicate; every example must be scored once
     trainer.fit(module, datamodule=IndexedDigits(limit=LIMIT - 1, batch_size=32))
     infobatch, counter = InfoBatch(prune_prob=0.5, delta=0.75), _LossMeanUnweighted()
-    again = quiet_trainer(
-        devices=2, strategy="ddp", max_epochs=3, limit_val_batches=0, callbacks=[infobatch, counter]
+    again = ptl.Trainer(  # the older namespace, bf16 and accumulation under DDP
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[infobatch, counter],
+        default_root_dir=out_dir,
+        precision="bf16-mixed",
+        accumulate_grad_batches=2,
     )
-    again.fit(InfoBatchClassifier(), datamodule=InfoBatchDigits(limit=LIMIT - 1, batch_size=32))
+    again.fit(PTLInfoBatchClassifier(), datamodule=PTLInfoBatchDigits(LIMIT - 1, batch_size=32))
     torch.save(
         {
             "el2n": el2n.scores,
@@ -326,3 +377,186 @@ def test_pruned_datamodule_trains_on_the_kept_examples(tmp_path):
     assert seen.seen == [50]
     with pytest.raises(ValueError, match="score/dataset mismatch"):
         pruned_datamodule(DigitsDataModule(limit=LIMIT), scores[:-1], 0.5).train_dataloader()
+
+
+# --- batches that are not (x, y), default outputs, progress, pictures
+
+
+class DictDigits(torch.utils.data.Dataset):
+    """Hugging Face style samples: a dict of inputs with a ``labels`` key."""
+
+    def __init__(self, limit=LIMIT):
+        self.x, self.y = digits(limit=limit).tensors
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+class _Output:
+    def __init__(self, logits, loss=None):
+        self.logits, self.loss = logits, loss
+
+
+class HFStyleClassifier(pl.LightningModule):
+    """forward(**inputs) returns an object with .logits (and .loss when labels are given)."""
+
+    def __init__(self, lr=0.05):
+        super().__init__()
+        self.net, self.lr = (
+            torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)),
+            lr,
+        )
+
+    def forward(self, pixel_values, labels=None):
+        logits = self.net(pixel_values)
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return _Output(logits, loss)
+
+    def training_step(self, batch, batch_idx):
+        batch = {k: v for k, v in batch.items() if k != "index"}
+        out = self(**batch)
+        return {"loss": out.loss, "logits": out.logits}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class LossOnlyForward(HFStyleClassifier):
+    def training_step(self, batch, batch_idx):
+        return self(**batch)
+
+    def forward(self, pixel_values, labels=None):
+        return F.cross_entropy(
+            self.net(pixel_values),
+            labels if labels is not None else torch.zeros(len(pixel_values), dtype=torch.long),
+        )
+
+
+class _CountSteps(Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_train_batch_end(self, *args):
+        self.steps += 1
+
+
+def _dict_fit(callbacks, module, dataset, **kw):
+    pl.seed_everything(0, verbose=False)
+    trainer = quiet_trainer(callbacks=callbacks, max_epochs=kw.pop("max_epochs", 1), **kw)
+    trainer.fit(module, DataLoader(dataset, batch_size=32, shuffle=False))
+    return trainer
+
+
+def test_dict_batches_hf_style_model_pass_and_online():
+    """Old behaviour: batch[0] on a dict batch raised a bare KeyError: 0."""
+    module = HFStyleClassifier(lr=0.0)  # weights stay: pass and online must agree
+    passed = DataPruningScores("el2n", at_epoch=1)
+    grand = DataPruningScores("grand", at_epoch=1)
+    online = DataPruningScores("el2n", mode="online", at_epoch=1, run_name="online")
+    _dict_fit([passed, grand, online], module, IndexedDataset(DictDigits()))
+    x, y = digits(limit=LIMIT).tensors
+    with torch.no_grad():
+        expected = el2n_scores(module.net(x), y).double()
+    torch.testing.assert_close(passed.scores, expected)
+    torch.testing.assert_close(online.scores, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(passed.labels, y) and torch.equal(online.labels, y)
+    from lightning_ext.functional import grand_scores
+
+    torch.testing.assert_close(
+        grand.scores, grand_scores(module.net, F.cross_entropy, x, y).double()
+    )
+
+
+def test_forward_returning_a_loss_fails_before_training_naming_forward_fn():
+    steps = _CountSteps()
+    with pytest.raises(ValueError, match="forward_fn"):
+        _dict_fit([DataPruningScores("el2n", at_epoch=1), steps], LossOnlyForward(), DictDigits())
+    assert steps.steps == 0
+    # the option named in the message makes it work
+    cb = DataPruningScores(
+        "el2n", at_epoch=1, forward_fn=lambda module, inputs: module.net(inputs["pixel_values"])
+    )
+    _dict_fit([cb], LossOnlyForward(), DictDigits())
+    assert cb.scores.shape == (LIMIT,) and torch.isfinite(cb.scores).all()
+
+
+def test_unreadable_batch_names_unpack_batch():
+    class Triple(torch.utils.data.Dataset):
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            return {"a": torch.zeros(64), "b": torch.tensor(1)}
+
+    with pytest.raises(ValueError, match="unpack_batch"):
+        _dict_fit([DataPruningScores("el2n", at_epoch=1)], HFStyleClassifier(), Triple())
+
+
+def test_default_output_goes_to_the_run_folder_with_progress_and_picture(tmp_path, capsys):
+    """Old behaviour: output_path=None wrote nothing and the pass printed one line."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    cb = DataPruningScores("el2n", at_epoch=1, batch_size=50)
+    _fit([cb], logger=CSVLogger(tmp_path / "logs", name="exp"))
+    folder = tmp_path / "logs" / "exp" / "version_0" / "pruning"
+    record = load_scores(folder / "el2n_scores.pt", digits(limit=LIMIT).tensors[1])
+    assert torch.equal(record["scores"], cb.scores) and cb.saved_path == folder / "el2n_scores.pt"
+    png = folder / "el2n_scores.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    err = capsys.readouterr().err
+    assert "DataPruningScores: el2n pass over 200 examples" in err and "4/4" in err
+    # a second run gets its own folder: nothing is overwritten
+    _fit([DataPruningScores("el2n", at_epoch=1)], logger=CSVLogger(tmp_path / "logs", name="exp"))
+    assert (tmp_path / "logs" / "exp" / "version_1" / "pruning" / "el2n_scores.pt").exists()
+    assert torch.equal(load_scores(folder / "el2n_scores.pt")["runs"], cb.scores[None])
+
+
+def test_infobatch_without_the_loss_hook_fails_at_the_first_batch():
+    """Old behaviour: every example trained every epoch, nothing pruned or rescaled, no word."""
+    steps = _CountSteps()
+    with pytest.raises(RuntimeError, match=r"return InfoBatch.loss\(self, losses, index\)"):
+        _fit(
+            [InfoBatch(), steps],
+            module=LossOnlyClassifier(),
+            dm=InfoBatchDigits(limit=LIMIT),
+            max_epochs=3,
+        )
+    assert steps.steps == 0  # raised at the end of the very first batch
+
+
+def test_pytorch_lightning_namespace():
+    module = PTLInfoBatchClassifier()
+    scores, infobatch = DataPruningScores("el2n", at_epoch=2), InfoBatch(delta=0.5)
+    trainer = ptl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[scores, infobatch],
+    )
+    trainer.fit(module, datamodule=PTLInfoBatchDigits(limit=LIMIT))
+    x, y = digits(limit=LIMIT).tensors
+    with torch.no_grad():
+        torch.testing.assert_close(scores.scores, el2n_scores(module(x), y).double())
+    assert not torch.isnan(infobatch.scores).any()
+    assert trainer.default_root_dir and scores.saved_path.exists()
+
+
+def test_infobatch_with_bf16_and_gradient_accumulation():
+    counter = _LossMeanUnweighted()
+    cb = InfoBatch(prune_prob=0.5, delta=0.6)
+    _fit(
+        [cb, counter],
+        module=InfoBatchClassifier(),
+        dm=InfoBatchDigits(limit=LIMIT),
+        max_epochs=3,
+        precision="bf16-mixed",
+        accumulate_grad_batches=2,
+    )
+    assert counter.seen[0] == LIMIT and counter.seen[1] < 0.9 * LIMIT and counter.seen[2] == LIMIT
+    assert torch.isfinite(cb.scores).all()

@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lightning_ext._io import load_file
 from lightning_ext.data import IndexedDataset, RS2Sampler, find_indices, pruned_subset
 from lightning_ext.data.indexed import labels_of, load_scores
 from lightning_ext.data.sampling import InfoBatchSampler
 from lightning_ext.functional import (
+    combine_runs,
     dataset_fingerprint,
     distillation_loss,
     el2n_scores,
@@ -139,10 +141,52 @@ def test_forgetting_follows_toneva():
         for column in history.T.tolist()
     ]
     assert forgotten.tolist() == brute == [2, 1, 0, 0]
-    scores = forgetting_scores(forgotten, learned)
-    assert scores[2] == math.inf  # never learned: hardest
+    scores = forgetting_scores(forgotten, learned, num_presentations=len(history))
+    assert scores.tolist() == [2, 1, 4, 0]  # never learned: one event per presentation, hardest
     assert select_indices(scores, 0.25).tolist() == [2]
     assert select_indices(scores, 0.5).tolist() == [0, 2]
+
+
+def _reference_forgetting_total(histories: list[list[list[int]]]) -> list[int]:
+    """Independent restatement of mtoneva/example_forgetting's ranking statistic: per run, count
+    1 -> 0 transitions of each example's correctness; an example never correct in a run counts
+    as many events as that run had presentations; runs are summed."""
+    totals = []
+    for example in zip(*[list(zip(*run)) for run in histories]):  # per example: its runs
+        total = 0
+        for presentations in example:
+            if not any(presentations):
+                total += len(presentations)
+            else:
+                total += sum(a == 1 and b == 0 for a, b in itertools.pairwise(presentations))
+        totals.append(total)
+    return totals
+
+
+def test_forgetting_over_runs_sums_like_the_reference_code():
+    """Old behaviour: runs averaged with +inf for never-learned, so one run that never learned
+    an example made it +inf (tied with examples never learned in any run)."""
+    g = torch.Generator().manual_seed(0)
+    n, runs = 40, []
+    histories = []
+    for run, epochs in enumerate((5, 7, 4)):
+        history = (torch.rand(epochs, n, generator=g) < 0.6).long()
+        history[:, 0] = 0  # never learned in any run
+        history[:, 1] = 0 if run == 0 else 1  # never learned in one run, then always right
+        histories.append(history.tolist())
+        last, forgotten, learned = (
+            torch.full((n,), -1, dtype=torch.int8),
+            torch.zeros(n, dtype=torch.long),
+            torch.zeros(n, dtype=torch.bool),
+        )
+        for row in history:
+            forgetting_update_(last, forgotten, learned, torch.arange(n), row)
+        runs.append(forgetting_scores(forgotten, learned, num_presentations=epochs))
+    total = combine_runs(torch.stack(runs), "forgetting")
+    assert total.tolist() == _reference_forgetting_total(histories)
+    assert torch.isfinite(total).all() and total[0] == 5 + 7 + 4
+    assert total[1] == 5 < total[0]  # old: mean with +inf, tied with example 0 at +inf
+    torch.testing.assert_close(combine_runs(torch.stack(runs), "el2n"), torch.stack(runs).mean(0))
 
 
 def test_selection_modes():
@@ -225,6 +269,100 @@ def test_rs2_is_without_replacement_across_epochs():
     )
 
 
+@pytest.mark.parametrize("n", [7, 23, 50, 103, 256])
+@pytest.mark.parametrize("fraction", [0.1, 0.3, 0.45, 0.7, 0.99])
+def test_rs2_never_repeats_inside_an_epoch(n, fraction):
+    """Old behaviour: an epoch straddling two permutations could draw an example from both
+    (8 repeats in 12 epochs at n=103, fraction 0.3)."""
+    epochs = [rs2_epoch_indices(n, fraction, e, seed=2) for e in range(40)]
+    m = round(n * fraction)
+    for e, idx in enumerate(epochs):
+        assert idx.numel() == m and idx.unique().numel() == m, f"epoch {e} repeats"
+    stream = torch.cat(epochs)
+    for k in range(stream.numel() // n):  # each pass still covers every example once
+        assert sorted(stream[k * n : (k + 1) * n].tolist()) == list(range(n))
+    # stateless: an epoch asked for alone (e.g. after a resume) is the same
+    torch.testing.assert_close(rs2_epoch_indices(n, fraction, 17, seed=2), epochs[17])
+
+
+def test_sequence_scores_average_over_scored_tokens():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(3, 5, 4), torch.randint(0, 4, (3, 5))
+    targets[0, 3:] = -100
+    targets[2, :] = -100  # nothing scored: 0
+    for fn in (el2n_scores, loss_scores, margin_scores):
+        per_token = fn(logits.reshape(15, 4), targets.clamp_min(0).reshape(15)).reshape(3, 5)
+        valid = targets != -100
+        expected = torch.stack(
+            [
+                per_token[i][valid[i]].mean() if valid[i].any() else torch.tensor(0.0)
+                for i in range(3)
+            ]
+        )
+        torch.testing.assert_close(fn(logits, targets), expected)
+    with pytest.raises(ValueError, match="expected logits"):
+        el2n_scores(logits, targets[:, :4])
+
+
+def test_ccs_keeps_every_score_stratum_and_drops_the_hardest():
+    g = torch.Generator().manual_seed(0)
+    # a long easy tail and few hard examples: hardest-first would keep only the hard end
+    scores = torch.cat([torch.rand(900, generator=g) * 0.1, 0.1 + torch.rand(100, generator=g)])
+    keep = select_indices(scores, 0.2, "ccs", offset=0.05, strata=10, seed=1)
+    assert keep.numel() == 200 and keep.unique().numel() == 200
+    hardest_50 = torch.sort(scores, descending=True).indices[:50]
+    assert not set(hardest_50.tolist()) & set(keep.tolist())  # the offset cut
+    # independently: bins over the remaining range, budget spread smallest bin first
+    rest = torch.sort(scores, descending=True).indices[50:]
+    low, high = scores[rest].min(), scores[rest].max()
+    bins = ((scores[rest] - low) / ((high - low) / 10)).floor().clamp(0, 9).long()
+    sizes = sorted(int((bins == b).sum()) for b in range(10) if (bins == b).any())
+    budget, expected = 200, []
+    for left, size in zip(range(len(sizes), 0, -1), sizes):
+        expected.append(min(size, budget // left))
+        budget -= expected[-1]
+    kept_bins = bins[torch.isin(rest, keep)]
+    assert sorted(int((kept_bins == b).sum()) for b in kept_bins.unique()) == sorted(expected)
+    assert torch.equal(keep, select_indices(scores, 0.2, "ccs", offset=0.05, strata=10, seed=1))
+
+
+def test_grand_with_forward_fn_on_dict_inputs():
+    """An HF-style model: forward(**inputs) returns an object with .logits; sequence targets."""
+    torch.manual_seed(0)
+
+    class TokenModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(11, 8), torch.nn.Linear(8, 11)
+
+        def forward(self, input_ids, attention_mask):
+            h = self.emb(input_ids) * attention_mask[..., None]
+            return {"logits": self.head(torch.tanh(h.cumsum(1)))}
+
+    model = TokenModel()
+    ids = torch.randint(0, 11, (6, 5))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    targets = ids.roll(-1, 1)
+    targets[:, -1] = -100
+
+    def forward_fn(module, batch):
+        return module(**batch)["logits"]
+
+    def loss_fn(logits, t):
+        from lightning_ext._batch import per_sample_cross_entropy
+
+        return per_sample_cross_entropy(logits, t).mean()
+
+    fast = grand_scores(model, loss_fn, inputs, targets, forward_fn=forward_fn)
+    slow = []
+    for i in range(6):
+        model.zero_grad()
+        one = {k: v[i : i + 1] for k, v in inputs.items()}
+        loss_fn(forward_fn(model, one), targets[i : i + 1]).backward()
+        slow.append(torch.sqrt(sum(p.grad.square().sum() for p in model.parameters())))
+    torch.testing.assert_close(fast, torch.stack(slow), rtol=1e-4, atol=1e-6)
+
+
 def test_infobatch_rule():
     g = torch.Generator().manual_seed(0)
     scores = torch.cat([torch.zeros(5000), torch.ones(5000)])  # mean 0.5
@@ -257,3 +395,60 @@ def test_distillation_loss():
         .mean()
     )
     torch.testing.assert_close(distillation_loss(s, t, y, temperature=2.0, alpha=1.0), 4 * kl)
+
+
+def _cli(argv):
+    import argparse
+
+    from lightning_ext import pruning_cli
+
+    parser = argparse.ArgumentParser(prog="lightning-ext")
+    pruning_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_prune_select_cli_writes_the_subset_and_reports_class_coverage(tmp_path, capsys):
+    labels = torch.arange(40) % 4
+    scores = labels.double() + torch.linspace(0, 0.5, 40)  # class 3 hardest, class 0 easiest
+    fp = dataset_fingerprint(labels)
+    path = tmp_path / "s.pt"
+    torch.save({"fingerprint": fp, "scores": scores, "labels": labels, "score": "el2n"}, path)
+    out = tmp_path / "keep.pt"
+    assert _cli(["prune-select", str(path), "--keep", "0.25", "--out", str(out)]) == 0
+    kept = load_file(out)  # a plain tensor: loads weights-only
+    assert torch.equal(kept, select_indices(scores, 0.25))
+    report = capsys.readouterr().out
+    assert "kept 10 of 40" in report and "no example left: [0, 1, 2]" in report
+    out_json = tmp_path / "keep.json"
+    _cli(
+        [
+            "prune-select",
+            str(path),
+            "--keep",
+            "0.25",
+            "--strategy",
+            "class_balanced",
+            "--out",
+            str(out_json),
+        ]
+    )
+    import json
+
+    balanced = torch.tensor(json.loads(out_json.read_text()))
+    assert torch.bincount(labels[balanced]).tolist() == [2, 2, 2, 2]  # round(0.25 * 10) each
+    assert "no example left" not in capsys.readouterr().out
+    torch.save({**torch.load(path), "task": "sequence"}, path)
+    with pytest.raises(ValueError, match="sequence targets"):
+        _cli(
+            [
+                "prune-select",
+                str(path),
+                "--keep",
+                "0.5",
+                "--strategy",
+                "class_balanced",
+                "--out",
+                str(out),
+            ]
+        )

@@ -3,27 +3,39 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_ext._io import atomic_torch_save
+from lightning_ext._batch import (
+    BatchFormatError,
+    ForwardFn,
+    UnpackBatch,
+    default_forward,
+    default_unpack_batch,
+    move_to_device,
+    per_sample_cross_entropy,
+)
+from lightning_ext._io import atomic_torch_save, atomic_write, load_file
+from lightning_ext._lightning import is_wandb_logger, run_dir
 from lightning_ext.data.indexed import (
-    IndexedDataset,
+    INDEX_KEY,
     check_fingerprint,
     find_indices,
     is_indexed,
 )
 from lightning_ext.data.sampling import InfoBatchSampler
 from lightning_ext.functional.pruning import (
+    combine_runs,
+    correct_scores,
     dataset_fingerprint,
     el2n_scores,
     forgetting_scores,
@@ -31,10 +43,17 @@ from lightning_ext.functional.pruning import (
     grand_scores,
     loss_scores,
     margin_scores,
+    sample_keys,
 )
 
 SCORES = ("el2n", "grand", "forgetting", "loss", "margin")
-_FROM_LOGITS = {"el2n": el2n_scores, "loss": loss_scores, "margin": margin_scores}
+_FROM_LOGITS = {
+    "el2n": el2n_scores,
+    "loss": loss_scores,
+    "margin": margin_scores,
+    "correct": correct_scores,
+}
+PLOT_MAX_CLASSES = 20
 
 
 def _train_dataset(trainer: pl.Trainer) -> Dataset:
@@ -80,23 +99,95 @@ def _gather_records(trainer: pl.Trainer, indices: Tensor, values: Tensor) -> tup
     return unique, values[first]
 
 
+def _mean_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Batch mean of the per-sample (per-sequence: mean over scored tokens) cross-entropy: the
+    loss whose per-sample gradients GraNd measures."""
+    return per_sample_cross_entropy(logits, targets).mean()
+
+
+def _strip_index(batch: Any) -> Any:
+    """A dict batch from ``IndexedDataset`` without its ``index`` key (not a model input)."""
+    if isinstance(batch, Mapping) and INDEX_KEY in batch:
+        return {k: v for k, v in batch.items() if k != INDEX_KEY}
+    return batch
+
+
+def plot_score_histogram(
+    scores: Tensor, labels: Tensor | None, path: Path, title: str
+) -> Path | None:
+    """Histogram of the scores (one outline per class when there are at most
+    ``PLOT_MAX_CLASSES``), saved as a PNG; None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _warn_no_matplotlib()
+        return None
+    values = scores.double().cpu()
+    finite = torch.isfinite(values)
+    bins: Any = 1
+    if finite.any():  # shared bin edges, so the per-class outlines compare
+        low, high = float(values[finite].min()), float(values[finite].max())
+        bins = torch.linspace(low, high, 41 if high > low else 2).numpy()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(values[finite].numpy(), bins=bins, color="0.8", label=f"all ({int(finite.sum())})")
+    classes = labels.unique() if labels is not None else torch.zeros(0)
+    if labels is not None and 1 < classes.numel() <= PLOT_MAX_CLASSES:
+        cmap = plt.get_cmap("tab20" if classes.numel() > 10 else "tab10")
+        for i, cls in enumerate(classes.tolist()):
+            member = finite & (labels.cpu() == cls)
+            ax.hist(
+                values[member].numpy(),
+                bins=bins,
+                histtype="step",
+                color=cmap(i),
+                label=f"class {cls}",
+            )
+        ax.legend(fontsize=7, ncol=2)
+    ax.set_xlabel("score (higher is harder)")
+    ax.set_ylabel("examples")
+    ax.set_title(title)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return path
+
+
+_MATPLOTLIB_WARNED = False
+
+
+def _warn_no_matplotlib() -> None:
+    global _MATPLOTLIB_WARNED
+    if not _MATPLOTLIB_WARNED:
+        _MATPLOTLIB_WARNED = True
+        rank_zero_warn("matplotlib is not installed: no score histogram PNG is written")
+
+
 class DataPruningScores(Callback):
     """Scores every training example for data pruning and saves them with a dataset fingerprint.
 
     ``mode="pass"`` (drop-in, any module): after ``at_epoch`` epochs (0: before training) or at
-    global step ``at_step``, run a scoring pass over the whole training set in eval mode, with
-    ``batch[input_index]`` as input and ``batch[target_index]`` as target. Under DDP each rank
-    scores a strided share and the shares are gathered: every example scored once, no padding.
-    For ``score="forgetting"`` a correctness pass runs after every epoch up to ``at_epoch``.
+    global step ``at_step``, run a scoring pass over the whole training set in eval mode, with a
+    progress bar on rank zero. Batches are read with ``unpack_batch(batch) -> (inputs, targets)``
+    and ``forward_fn(module, inputs) -> logits`` (defaults: ``lightning_ext._batch``: ``(x, y)``
+    tuples, dicts with a ``labels`` key, ``module(**inputs)``, ``.logits``). Sequence logits
+    ``(B, T, C)`` are scored per token and averaged over the tokens whose target is not -100.
+    Under DDP each rank scores a strided share and the shares are gathered: every example is
+    scored once, no padding. For ``score="forgetting"`` a correctness pass runs after every epoch
+    up to ``at_epoch``. The batch layout is checked on one batch before training starts.
 
     ``mode="online"`` reuses the training step's own outputs (no extra forward): the module's
     ``training_step`` returns ``{"loss": loss, "logits": logits}`` and the dataset is wrapped in
     ``lightning_ext.data.IndexedDataset``. EL2N/loss/margin take each example's value at its last
     presentation; forgetting counts 1 -> 0 transitions across presentations (Toneva et al.).
 
-    Scores are saved to ``output_path`` (atomically, rank zero). If the file exists and holds the
-    same score on the same dataset (size and label hash), this run is appended and ``scores`` is
-    the mean over runs (``runs`` keeps each); a different dataset raises a ``ValueError``.
+    Scores are saved by rank zero to ``output_path``, by default
+    ``<run folder>/pruning/<score>_scores.pt``, with a histogram PNG next to it. If the file exists
+    and holds the same score on the same dataset (size and label hash), this run is appended and
+    ``scores`` combines the runs (mean; sum for forgetting, as the reference code does); a
+    different dataset raises a ``ValueError``.
     """
 
     def __init__(
@@ -108,12 +199,13 @@ class DataPruningScores(Callback):
         output_path: str | None = None,
         run_name: str | None = None,
         batch_size: int = 256,
-        input_index: int | str = 0,
-        target_index: int | str = 1,
+        unpack_batch: UnpackBatch | None = None,
+        forward_fn: ForwardFn | None = None,
         last_layer: bool = False,
         factorise_linear: bool = True,
         chunk_size: int | None = None,
         log_top_k: int = 20,
+        plot: bool = True,
     ) -> None:
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
@@ -137,15 +229,23 @@ class DataPruningScores(Callback):
         self.score, self.mode = score, mode
         self.at_epoch, self.at_step = at_epoch, at_step
         self.output_path, self.run_name = output_path, run_name
-        self.batch_size, self.input_index, self.target_index = batch_size, input_index, target_index
+        self.batch_size = batch_size
+        self.unpack_batch = unpack_batch or default_unpack_batch
+        self.forward_fn = forward_fn or default_forward
         self.last_layer, self.chunk_size, self.log_top_k = last_layer, chunk_size, log_top_k
-        self.factorise_linear = factorise_linear
+        self.factorise_linear, self.plot = factorise_linear, plot
         self.scores: Tensor | None = None  # this run's final scores
-        self.labels: Tensor | None = None
-        self._last_correct = self._forgotten = self._learned = None
+        self.labels: Tensor | None = None  # per sample: class, or a target checksum (sequences)
+        self.saved_path: Path | None = None
+        self._sequence = False
+        self._last_correct: Tensor | None = None
+        self._forgotten: Tensor | None = None
+        self._learned: Tensor | None = None
+        self._presentations = 0  # completed correctness passes / online epochs (forgetting)
         self._online: Tensor | None = None  # online per-example values (NaN: never presented)
         self._buffer: list[tuple[Tensor, Tensor, Tensor]] = []
         self._last_is_index: bool | None = None
+        self._default_dir: Path | None = None
 
     # --- configuration
 
@@ -162,47 +262,103 @@ class DataPruningScores(Callback):
                 f"at_epoch={self.at_epoch} is after the last epoch (max_epochs={last}): "
                 "the scores would never be computed"
             )
+        if self.output_path is None:  # resolved on every rank at the same point: it broadcasts
+            self._default_dir = run_dir(trainer, "pruning")
+
+    @property
+    def _file_stem(self) -> str:
+        return f"{self.score}_scores" + (f"_{self.run_name}" if self.run_name else "")
+
+    def _target_path(self) -> Path:
+        if self.output_path is not None:
+            return Path(self.output_path)
+        assert self._default_dir is not None, "setup('fit') resolves the run folder"
+        return self._default_dir / f"{self._file_stem}.pt"
+
+    # --- reading batches
+
+    def _unpack(self, batch: Any) -> tuple[Any, Tensor]:
+        inputs, targets = self.unpack_batch(_strip_index(batch))
+        if not isinstance(targets, Tensor):
+            raise BatchFormatError(
+                f"unpack_batch returned targets of type {type(targets).__name__}, not a tensor: "
+                "pass unpack_batch=lambda batch: (inputs, targets) returning a target tensor"
+            )
+        return inputs, targets
+
+    def _batch_values(self, pl_module: pl.LightningModule, batch: Any, what: str) -> tuple:
+        """(values, targets) of one batch, on the module's device."""
+        inputs, targets = self._unpack(batch)
+        inputs, targets = move_to_device(inputs, pl_module.device), targets.to(pl_module.device)
+        if what == "grand":
+            values = grand_scores(
+                pl_module,
+                _mean_cross_entropy,
+                inputs,
+                targets,
+                last_layer=self.last_layer,
+                factorise_linear=self.factorise_linear,
+                chunk_size=self.chunk_size,
+                forward_fn=self.forward_fn,
+            )
+        else:
+            with torch.no_grad():
+                logits = self.forward_fn(pl_module, inputs).float()
+            values = _FROM_LOGITS[what](logits, targets)
+        return values.double(), targets
+
+    def _check_batch_format(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Score one small batch before training, so that a batch layout the defaults cannot
+        read (or a forward returning only a loss) fails now, naming the option to pass."""
+        loader = self._shard_loader(trainer, _train_dataset(trainer), batch_size=2)
+        batch = next(iter(loader), None)
+        if batch is None:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            self._batch_values(pl_module, batch, "loss")
+        finally:
+            pl_module.train(was_training)
 
     # --- scoring pass
 
-    def _shard_loader(self, trainer: pl.Trainer, dataset: Dataset) -> DataLoader:
-        if isinstance(dataset, IndexedDataset):
-            dataset = dataset.dataset
+    def _shard_loader(
+        self, trainer: pl.Trainer, dataset: Dataset, batch_size: int | None = None
+    ) -> DataLoader:
+        """This rank's strided share of the training set, in order, collated as in training."""
         share = list(range(trainer.global_rank, len(dataset), trainer.world_size))  # type: ignore[arg-type]
-        return DataLoader(Subset(dataset, share), batch_size=self.batch_size, shuffle=False)
+        collate = getattr(trainer.train_dataloader, "collate_fn", None)
+        return DataLoader(
+            Subset(dataset, share),
+            batch_size=batch_size or self.batch_size,
+            shuffle=False,
+            collate_fn=collate,
+        )
 
     def _pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> tuple:
         """(values, labels) over the whole training set, in index order, on every rank."""
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
         dataset = _train_dataset(trainer)
         n = len(dataset)  # type: ignore[arg-type]
-        rank_zero_info(f"DataPruningScores: {what} pass over {n} examples")
+        loader = self._shard_loader(trainer, dataset)
         values, labels = [], []
         was_training = pl_module.training
         pl_module.eval()
         try:
-            for batch in self._shard_loader(trainer, dataset):
-                x = batch[self.input_index].to(pl_module.device)
-                y = batch[self.target_index].to(pl_module.device)
-                if what == "grand":
-                    values.append(
-                        grand_scores(
-                            pl_module,
-                            F.cross_entropy,
-                            x,
-                            y,
-                            last_layer=self.last_layer,
-                            factorise_linear=self.factorise_linear,
-                            chunk_size=self.chunk_size,
-                        ).double()
-                    )
-                else:
-                    with torch.no_grad():
-                        logits = pl_module(x).float()
-                    if what == "correct":
-                        values.append((logits.argmax(-1) == y).double())
-                    else:
-                        values.append(_FROM_LOGITS[what](logits, y).double())
-                labels.append(y.long())
+            progress = tqdm(
+                loader,
+                desc=f"DataPruningScores: {what} pass over {n} examples",
+                unit="batch",
+                disable=not trainer.is_global_zero,
+                dynamic_ncols=True,
+            )
+            for batch in progress:
+                value, targets = self._batch_values(pl_module, batch, what)
+                values.append(value)
+                labels.append(sample_keys(targets))
+                self._sequence = targets.ndim > 1
         finally:
             pl_module.train(was_training)
         local_idx = torch.arange(trainer.global_rank, n, trainer.world_size)
@@ -223,9 +379,13 @@ class DataPruningScores(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_is_index = None
-        if self.mode == "pass" and self.at_epoch == 0 and self.scores is None:
-            values, labels = self._pass(trainer, pl_module, self.score)
-            self._finish(trainer, values, labels)
+        if self.scores is not None:
+            return
+        if self.mode == "pass":
+            self._check_batch_format(trainer, pl_module)
+            if self.at_epoch == 0:
+                values, labels = self._pass(trainer, pl_module, self.score)
+                self._finish(trainer, values, labels)
 
     def on_train_batch_end(
         self,
@@ -247,16 +407,15 @@ class DataPruningScores(Callback):
                 "DataPruningScores(mode='online') needs the training step's logits: return "
                 "{'loss': loss, 'logits': logits} from training_step, or use mode='pass'"
             )
-        logits = outputs["logits"].detach()
-        targets = batch[self.target_index]
+        logits = outputs["logits"].detach().float()
+        _, targets = self._unpack(batch)
         if self._last_is_index is None:  # looked up once: the hook runs every step
             self._last_is_index = is_indexed(_train_dataset(trainer))
         indices = find_indices(batch, last_is_index=self._last_is_index)
-        if self.score == "forgetting":
-            value = (logits.argmax(-1) == targets).double()
-        else:
-            value = _FROM_LOGITS[self.score](logits, targets).double()
-        self._buffer.append((indices.detach(), value, targets.detach().long()))
+        what = "correct" if self.score == "forgetting" else self.score
+        value = _FROM_LOGITS[what](logits, targets).double()
+        self._sequence = targets.ndim > 1
+        self._buffer.append((indices.detach(), value, sample_keys(targets.detach())))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.scores is not None:
@@ -288,7 +447,7 @@ class DataPruningScores(Callback):
     def _merge_epoch_buffer(self, trainer: pl.Trainer) -> None:
         n = len(_train_dataset(trainer))  # type: ignore[arg-type]
         if self._buffer:
-            idx, val, lab = (torch.cat(t) for t in zip(*self._buffer))
+            idx, val, lab = (torch.cat([t.cpu() for t in ts]) for ts in zip(*self._buffer))
         else:
             idx = torch.zeros(0, dtype=torch.long)
             val = lab = torch.zeros(0, dtype=torch.float64)
@@ -311,19 +470,25 @@ class DataPruningScores(Callback):
         self._init_forgetting(n)
         if labels is not None:
             self.labels = labels
+        assert self._last_correct is not None and self._forgotten is not None
+        assert self._learned is not None
         forgetting_update_(self._last_correct, self._forgotten, self._learned, idx, correct)
+        self._presentations += 1
 
     def _finish_forgetting(self, trainer: pl.Trainer) -> None:
-        if self._learned is None:
+        if self._learned is None or self._last_correct is None or self._forgotten is None:
             raise RuntimeError("no epoch was completed: no forgetting events to score")
+        assert self.labels is not None
         self._check_all_seen(self._last_correct >= 0)
-        self._finish(trainer, forgetting_scores(self._forgotten, self._learned), self.labels)
+        scores = forgetting_scores(self._forgotten, self._learned, self._presentations)
+        self._finish(trainer, scores, self.labels)
 
     def _finish_online(self, trainer: pl.Trainer) -> None:
         if self.score == "forgetting":
             return self._finish_forgetting(trainer)
         if self._online is None:
             raise RuntimeError("no epoch was completed: no online scores")
+        assert self.labels is not None
         self._check_all_seen(~torch.isnan(self._online))
         self._finish(trainer, self._online.clone(), self.labels)
 
@@ -341,20 +506,25 @@ class DataPruningScores(Callback):
 
     def _finish(self, trainer: pl.Trainer, scores: Tensor, labels: Tensor) -> None:
         self.scores, self.labels = scores.double().cpu(), labels.long().cpu()
-        if self.output_path is not None and trainer.is_global_zero:
-            self._save()
+        path = self._target_path()
+        if trainer.is_global_zero:
+            self.saved_path = self._save(path)
+            rank_zero_info(
+                f"DataPruningScores: wrote {self.score} scores of {self.scores.numel()} examples "
+                f"to {path}"
+            )
         trainer.strategy.barrier("DataPruningScores.save")
         self._log(trainer)
 
-    def _save(self) -> None:
+    def _save(self, path: Path) -> Path:
         fingerprint = dataset_fingerprint(self.labels)  # type: ignore[arg-type]
         runs, names = [], []
-        if self.output_path and os.path.exists(self.output_path):
-            previous = torch.load(self.output_path, map_location="cpu", weights_only=False)
-            check_fingerprint(previous["fingerprint"], fingerprint, self.output_path)
+        if path.exists():
+            previous = load_file(path)
+            check_fingerprint(previous["fingerprint"], fingerprint, str(path))
             if previous["score"] != self.score:
                 raise ValueError(
-                    f"{self.output_path} holds {previous['score']!r} scores, not {self.score!r}: "
+                    f"{path} holds {previous['score']!r} scores, not {self.score!r}: "
                     "choose another output_path"
                 )
             runs, names = list(previous["runs"]), list(previous["run_names"])
@@ -366,35 +536,54 @@ class DataPruningScores(Callback):
             "fingerprint": fingerprint,
             "runs": stacked,
             "run_names": names,
-            "scores": stacked.mean(0),
+            "scores": combine_runs(stacked, self.score),
             "labels": self.labels,
+            "task": "sequence" if self._sequence else "classification",
         }
-        atomic_torch_save(record, self.output_path)  # type: ignore[arg-type]
+        return atomic_torch_save(record, path)
 
     def _log(self, trainer: pl.Trainer) -> None:
-        scores = self.scores
-        assert scores is not None and self.labels is not None
-        finite = scores[torch.isfinite(scores)]
+        scores, labels = self.scores, self.labels
+        assert scores is not None and labels is not None
         metrics = {
-            f"pruning/{self.score}_mean": float(finite.mean()) if finite.numel() else float("nan"),
-            f"pruning/{self.score}_max": float(finite.max()) if finite.numel() else float("nan"),
-            f"pruning/{self.score}_never_learned": float((~torch.isfinite(scores)).sum()),
+            f"pruning/{self.score}_mean": float(scores.mean()),
+            f"pruning/{self.score}_max": float(scores.max()),
         }
+        if self._learned is not None:
+            metrics[f"pruning/{self.score}_never_learned"] = float((~self._learned).sum())
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-            if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
-                import wandb
+        if not trainer.is_global_zero:
+            return
+        class_labels = None if self._sequence else labels
+        png = None
+        if self.plot:
+            png = plot_score_histogram(
+                scores,
+                class_labels,
+                self._target_path().with_name(f"{self._file_stem}.png"),
+                f"{self.score} scores of {scores.numel()} examples",
+            )
+        for logger in trainer.loggers:
+            if is_wandb_logger(logger):
+                self._log_wandb(logger, png)
 
-                top = torch.sort(scores, descending=True, stable=True).indices[: self.log_top_k]
-                rows = [[int(i), int(self.labels[i]), float(scores[i])] for i in top]
-                logger.experiment.log(
-                    {
-                        f"pruning/{self.score}_hist": wandb.Histogram(finite.numpy()),
-                        f"pruning/{self.score}_hardest": wandb.Table(
-                            columns=["index", "label", "score"], data=rows
-                        ),
-                    }
-                )
+    def _log_wandb(self, logger: Any, png: Path | None) -> None:
+        import wandb
+
+        scores, labels = self.scores, self.labels
+        assert scores is not None and labels is not None
+        top = torch.sort(scores, descending=True, stable=True).indices[: self.log_top_k]
+        rows = [[int(i), int(labels[i]), float(scores[i])] for i in top]
+        media = {
+            f"pruning/{self.score}_hist": wandb.Histogram(scores.numpy()),
+            f"pruning/{self.score}_hardest": wandb.Table(
+                columns=["index", "label", "score"], data=rows
+            ),
+        }
+        if png is not None:
+            media[f"pruning/{self.score}_histogram"] = wandb.Image(str(png))
+        logger.experiment.log(media)
 
     # --- state
 
@@ -405,6 +594,7 @@ class DataPruningScores(Callback):
             "last_correct": self._last_correct,
             "forgotten": self._forgotten,
             "learned": self._learned,
+            "presentations": self._presentations,
             "online": self._online,
         }
 
@@ -412,6 +602,7 @@ class DataPruningScores(Callback):
         self.scores, self.labels = state_dict["scores"], state_dict["labels"]
         self._last_correct, self._forgotten = state_dict["last_correct"], state_dict["forgotten"]
         self._learned, self._online = state_dict["learned"], state_dict["online"]
+        self._presentations = state_dict.get("presentations", 0)
 
 
 class InfoBatch(Callback):
@@ -427,6 +618,10 @@ class InfoBatch(Callback):
         x, y, index = batch
         losses = F.cross_entropy(self(x), y, reduction="none")
         return InfoBatch.loss(self, losses, index)   # the rescaled mean; records the losses
+
+    The hook cannot be replaced by reading the batch: the rescaling must act on the loss that is
+    back-propagated. A training batch that ends without an ``InfoBatch.loss`` call raises a
+    ``RuntimeError`` naming that line (before that, nothing would be pruned or rescaled).
     """
 
     def __init__(self, prune_prob: float = 0.5, delta: float = 0.875) -> None:
@@ -439,6 +634,7 @@ class InfoBatch(Callback):
         self._sampler: InfoBatchSampler | None = None
         self._buffer: list[tuple[Tensor, Tensor]] = []
         self._weights: Tensor | None = None
+        self._hook_called = False
 
     @staticmethod
     def loss(pl_module: pl.LightningModule, per_sample_loss: Tensor, indices: Tensor) -> Tensor:
@@ -453,6 +649,7 @@ class InfoBatch(Callback):
         if per_sample_loss.ndim != 1 or per_sample_loss.shape != indices.shape:
             raise ValueError("InfoBatch.loss needs one loss per sample and one index per sample")
         self._buffer.append((indices.detach().long(), per_sample_loss.detach().float()))
+        self._hook_called = True
         if self._weights is None:
             raise RuntimeError("InfoBatch.loss was called before training started")
         weights = self._weights.to(per_sample_loss.device)[indices.long()]
@@ -479,6 +676,29 @@ class InfoBatch(Callback):
         self._weights = self._sampler.weights
         n = len(self._sampler.dataset)  # type: ignore[arg-type]
         pl_module.log("infobatch/kept_fraction", kept.numel() / n, on_epoch=True, on_step=False)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._hook_called = False
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not self._hook_called:
+            raise RuntimeError(
+                f"InfoBatch: training batch {batch_idx} of epoch {trainer.current_epoch} did not "
+                "hand over its per-sample losses, so nothing can be pruned or rescaled. In "
+                "training_step, compute the unreduced loss and return it through the callback:\n"
+                "    x, y, index = batch  # IndexedDataset appends the index\n"
+                "    losses = F.cross_entropy(self(x), y, reduction='none')\n"
+                "    return InfoBatch.loss(self, losses, index)"
+            )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.scores is not None

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from lightning_ext._batch import UnpackBatch, default_unpack_batch
+from lightning_ext._io import load_file
+from lightning_ext.functional.pruning import dataset_fingerprint, sample_keys, select_indices
 
 INDEX_KEY = "index"
 
@@ -64,25 +69,31 @@ def find_indices(batch: Any, last_is_index: bool = True) -> Tensor:
     )
 
 
-def labels_of(dataset: Dataset, target_index: int | str = 1) -> Tensor:
-    """All labels of a map-style dataset in index order (fast path for TensorDataset)."""
+def labels_of(dataset: Dataset, unpack_batch: UnpackBatch | None = None) -> Tensor:
+    """Every sample's key in index order, as ``DataPruningScores`` records it: the label for
+    classification, a checksum of the target tokens for sequences. Samples are read with
+    ``unpack_batch`` (default ``(x, y, ...)`` or a dict with a ``labels`` key); fast path for a
+    ``TensorDataset`` read the default way."""
     tensors = getattr(dataset, "tensors", None)
-    if tensors is not None and isinstance(target_index, int):
-        return tensors[target_index].long()
-    return torch.as_tensor([int(dataset[i][target_index]) for i in range(len(dataset))])  # type: ignore[arg-type]
+    if tensors is not None and unpack_batch is None and len(tensors) >= 2:
+        return sample_keys(tensors[1])
+    unpack = unpack_batch or default_unpack_batch
+    targets = [torch.as_tensor(unpack(dataset[i])[1]) for i in range(len(dataset))]  # type: ignore[arg-type]
+    return sample_keys(torch.stack(targets))
 
 
 # --- Using saved scores: files written by ``callbacks.DataPruningScores``.
 
 
-def load_scores(path: str, labels: Tensor | None = None) -> dict[str, Any]:
-    """Load a score file; with ``labels`` (the dataset's, in index order) check that the file was
+def load_scores(
+    path: str | os.PathLike, labels: Tensor | None = None, *, trusted: bool = False
+) -> dict[str, Any]:
+    """Load a score file (weights only unless ``trusted=True``: score files hold only tensors
+    and plain containers); with ``labels`` (the dataset's, in index order) check that the file was
     computed on this dataset (same size and label hash) and raise a ``ValueError`` if not."""
-    from lightning_ext.functional.pruning import dataset_fingerprint
-
-    record = torch.load(path, map_location="cpu", weights_only=False)
+    record = load_file(path, trusted=trusted)
     if labels is not None:
-        check_fingerprint(record["fingerprint"], dataset_fingerprint(labels), path)
+        check_fingerprint(record["fingerprint"], dataset_fingerprint(labels), str(path))
     return record
 
 
@@ -98,21 +109,22 @@ def check_fingerprint(saved: Mapping[str, Any], actual: Mapping[str, Any], sourc
 
 def pruned_subset(
     dataset: Dataset,
-    scores: str | Tensor,
+    scores: str | os.PathLike | Tensor,
     fraction: float,
     mode: str = "hardest",
     *,
     offset: float = 0.0,
     seed: int = 0,
-    target_index: int | str = 1,
+    unpack_batch: UnpackBatch | None = None,
+    trusted: bool = False,
 ) -> torch.utils.data.Subset:
     """The ``Subset`` of ``dataset`` kept by ``select_indices``; ``scores`` is a tensor or a score
     file path (checked against the dataset's fingerprint)."""
-    from lightning_ext.functional.pruning import select_indices
 
-    labels = labels_of(dataset, target_index)
-    if isinstance(scores, str):
-        scores = load_scores(scores, labels)["scores"]
+    labels = labels_of(dataset, unpack_batch)
+    if not isinstance(scores, Tensor):  # a score file
+        scores = load_scores(scores, labels, trusted=trusted)["scores"]
+    assert isinstance(scores, Tensor)
     if scores.numel() != len(labels):
         raise ValueError(
             f"score/dataset mismatch: {scores.numel()} scores for a dataset of {len(labels)}"
@@ -123,13 +135,14 @@ def pruned_subset(
 
 def pruned_datamodule(
     datamodule: Any,
-    scores: str | Tensor,
+    scores: str | os.PathLike | Tensor,
     fraction: float,
     mode: str = "hardest",
     *,
     offset: float = 0.0,
     seed: int = 0,
-    target_index: int | str = 1,
+    unpack_batch: UnpackBatch | None = None,
+    trusted: bool = False,
 ) -> Any:
     """Wrap a LightningDataModule so that its training loader serves only the kept examples.
 
@@ -152,7 +165,8 @@ def pruned_datamodule(
             mode,
             offset=offset,
             seed=seed,
-            target_index=target_index,
+            unpack_batch=unpack_batch,
+            trusted=trusted,
         )
         return DataLoader(
             subset,

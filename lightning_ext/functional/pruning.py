@@ -8,17 +8,26 @@ from Okanovic et al.; the InfoBatch pruning rule from Qin et al. (2024).
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map
+
+from lightning_ext._batch import (
+    IGNORE_INDEX,
+    _token_view,
+    per_sample_accuracy,
+    per_sample_cross_entropy,
+)
 
 __all__ = [
     "SELECTION_MODES",
     "check_fraction",
+    "combine_runs",
+    "correct_scores",
     "dataset_fingerprint",
     "distillation_loss",
     "el2n_scores",
@@ -29,55 +38,83 @@ __all__ = [
     "loss_scores",
     "margin_scores",
     "rs2_epoch_indices",
+    "sample_keys",
     "select_indices",
 ]
 
 GRAND_CHUNK_ELEMENTS = 2**21
-SELECTION_MODES = ("hardest", "easiest", "offset", "random", "class_balanced")
+SELECTION_MODES = ("hardest", "easiest", "offset", "random", "class_balanced", "ccs")
+CCS_STRATA = 50
 
 
-def el2n_scores(logits: Tensor, targets: Tensor) -> Tensor:
-    """EL2N: ``|| softmax(logits) - onehot(targets) ||_2`` per sample, in float32 or wider."""
-    _check_logits(logits, targets)
+def el2n_scores(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """EL2N: ``|| softmax(logits) - onehot(targets) ||_2`` per sample, in float32 or wider.
+
+    Sequence logits ``(B, T, C)`` with targets ``(B, T)``: the mean of the per-token EL2N over
+    the tokens whose target is not ``ignore_index`` (0 for a sample without scored tokens).
+    """
+    seq, tgt, valid = _per_token(logits, targets, ignore_index)
     # Subtract 1 at the target in place of building a one-hot matrix (which would also force a
     # host-device sync to validate the class count).
-    diff = logits.float().softmax(dim=-1)
-    diff.scatter_add_(-1, targets.long()[:, None], diff.new_full((diff.shape[0], 1), -1.0))
-    return torch.linalg.vector_norm(diff, dim=-1)
+    diff = seq.float().softmax(dim=-1)
+    diff.scatter_add_(-1, tgt[..., None], diff.new_full((*tgt.shape, 1), -1.0))
+    return _mean_over_tokens(torch.linalg.vector_norm(diff, dim=-1), valid)
 
 
-def loss_scores(logits: Tensor, targets: Tensor) -> Tensor:
-    """Per-sample cross-entropy."""
-    _check_logits(logits, targets)
-    return F.cross_entropy(logits.float(), targets.long(), reduction="none")
+def loss_scores(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Per-sample cross-entropy (for sequences, the mean over scored tokens)."""
+    _per_token(logits, targets, ignore_index)  # same shape check and message as the others
+    return per_sample_cross_entropy(logits, targets, ignore_index)
 
 
-def margin_scores(logits: Tensor, targets: Tensor) -> Tensor:
-    """Negative classification margin: ``max_{k != y} logit_k - logit_y`` (higher is harder)."""
-    _check_logits(logits, targets)
-    logits = logits.float()
-    true = logits.gather(-1, targets.long()[:, None])[:, 0]
-    others = logits.scatter(-1, targets.long()[:, None], float("-inf"))
-    return others.amax(dim=-1) - true
+def margin_scores(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Negative classification margin: ``max_{k != y} logit_k - logit_y`` (higher is harder);
+    for sequences, the mean over scored tokens."""
+    seq, tgt, valid = _per_token(logits, targets, ignore_index)
+    seq = seq.float()
+    true = seq.gather(-1, tgt[..., None])[..., 0]
+    others = seq.scatter(-1, tgt[..., None], float("-inf"))
+    return _mean_over_tokens(others.amax(dim=-1) - true, valid)
 
 
-def _check_logits(logits: Tensor, targets: Tensor) -> None:
-    if logits.ndim != 2 or targets.ndim != 1 or logits.shape[0] != targets.shape[0]:
+def correct_scores(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """1.0 where the prediction is right (for sequences: every scored token is right), else 0.0:
+    the per-presentation correctness that forgetting events count."""
+    _per_token(logits, targets, ignore_index)
+    return (per_sample_accuracy(logits, targets, ignore_index) == 1.0).float()
+
+
+def _per_token(logits: Tensor, targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits as (B, T, C), targets as (B, T) with ignored positions set to class 0, and the mask
+    of scored positions; (B, C) with (B,) is the case T = 1."""
+    try:
+        seq, tgt, _ = _token_view(logits, targets)
+        if seq.shape[:2] != tgt.shape:
+            raise ValueError
+    except ValueError:
         raise ValueError(
-            f"expected logits (N, C) and targets (N,), got {tuple(logits.shape)} and "
-            f"{tuple(targets.shape)}"
-        )
+            f"expected logits (N, C) and targets (N,), or (N, T, C) and (N, T); got "
+            f"{tuple(logits.shape)} and {tuple(targets.shape)}"
+        ) from None
+    tgt = tgt.long()
+    valid = tgt != ignore_index
+    return seq, tgt.masked_fill(~valid, 0), valid
+
+
+def _mean_over_tokens(values: Tensor, valid: Tensor) -> Tensor:
+    return (values * valid).sum(1) / valid.sum(1).clamp_min(1)
 
 
 def grand_scores(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Tensor,
+    inputs: Any,
     targets: Tensor,
     *,
     last_layer: bool = False,
     chunk_size: int | None = None,
     factorise_linear: bool = True,
+    forward_fn: Callable[[nn.Module, Any], Tensor] | None = None,
 ) -> Tensor:
     """GraNd: the L2 norm of each sample's loss gradient over all trainable parameters.
 
@@ -95,9 +132,15 @@ def grand_scores(
     ``GRAND_CHUNK_ELEMENTS`` numbers.
     ``last_layer=True`` restricts the gradient to the parameters of the last module that has
     trainable parameters (DeepCore's cheaper approximation), which is no longer the paper's score.
+    ``forward_fn(model, inputs) -> logits`` replaces ``model(inputs)``; ``inputs`` may then be
+    any nest of tensors (e.g. a dict of ``input_ids`` and ``attention_mask``) whose leading
+    dimension is the batch.
     """
-    if inputs.shape[0] != targets.shape[0]:
-        raise ValueError(f"{inputs.shape[0]} inputs but {targets.shape[0]} targets")
+    sizes = {leaf.shape[0] for leaf in tree_leaves(inputs) if isinstance(leaf, Tensor)}
+    if sizes != {targets.shape[0]}:
+        raise ValueError(f"inputs with batch sizes {sorted(sizes)} but {targets.shape[0]} targets")
+    if forward_fn is not None:
+        model = _ForwardFnModule(model, forward_fn)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ValueError("the model has no trainable parameters to take gradients of")
@@ -110,7 +153,7 @@ def grand_scores(
     was_training = model.training
     model.eval()
     try:
-        squared = torch.zeros(inputs.shape[0], device=inputs.device)
+        squared = torch.zeros(targets.shape[0], device=targets.device)
         remaining = set(wrt)
         if factorise_linear:
             linear_squared, covered = _linear_squared_norms(model, loss_fn, inputs, targets, wrt)
@@ -123,10 +166,22 @@ def grand_scores(
     return squared.sqrt()
 
 
+class _ForwardFnModule(nn.Module):
+    """``model`` whose forward is ``forward_fn(model, inputs)``: lets ``torch.func`` and the
+    factorised path call a user's forward that is not ``model(inputs)``."""
+
+    def __init__(self, model: nn.Module, forward_fn: Callable[[nn.Module, Any], Tensor]) -> None:
+        super().__init__()
+        self.model, self.forward_fn = model, forward_fn
+
+    def forward(self, inputs: Any) -> Tensor:
+        return self.forward_fn(self.model, inputs)
+
+
 def _linear_squared_norms(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Tensor,
+    inputs: Any,
     targets: Tensor,
     wrt: dict[str, Tensor],
 ) -> tuple[Tensor, set[str]]:
@@ -142,7 +197,7 @@ def _linear_squared_norms(
         weight = f"{prefix}weight"
         if _factorisable(module) and weight in wrt and holders[id(module.weight)] == 1:
             candidates[name] = (module, weight, f"{prefix}bias")
-    squared = torch.zeros(inputs.shape[0], device=inputs.device)
+    squared = torch.zeros(targets.shape[0], device=targets.device)
     if not candidates:
         return squared, set()
     seen: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in candidates}
@@ -164,10 +219,12 @@ def _linear_squared_norms(
         with torch.enable_grad():
             out = model(inputs)
             eligible = [n for n, calls in seen.items() if len(calls) == 1 and _ndim_ok(n, calls)]
+            if not eligible:
+                return squared, set()
             outputs = [seen[n][0][1] for n in eligible]
             # The mean loss times N is the sum of per-sample losses: its gradient at a layer's
             # output is each sample's own gradient there.
-            total = loss_fn(out, targets) * inputs.shape[0]
+            total = loss_fn(out, targets) * targets.shape[0]
             grads = torch.autograd.grad(total, outputs, allow_unused=True)
     finally:
         for handle in handles:
@@ -234,7 +291,7 @@ def _factorisable(module: nn.Module) -> bool:
 def _vmap_squared_norms(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
-    inputs: Tensor,
+    inputs: Any,
     targets: Tensor,
     names: set[str],
     chunk_size: int | None,
@@ -247,7 +304,8 @@ def _vmap_squared_norms(
     buffers = {n: b.detach() for n, b in model.named_buffers()}
 
     def sample_loss(wrt: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        out = functional_call(model, (wrt, frozen, buffers), (x.unsqueeze(0),))
+        one = tree_map(lambda leaf: leaf.unsqueeze(0) if isinstance(leaf, Tensor) else leaf, x)
+        out = functional_call(model, (wrt, frozen, buffers), (one,))
         return loss_fn(out, y.unsqueeze(0))
 
     def squared_grad_norm(wrt: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
@@ -265,7 +323,10 @@ def _vmap_squared_norms(
 
 # --- Forgetting events (Toneva et al. 2019). State per example: ``last_correct`` (-1 before the
 # first presentation, else 0/1), ``forgotten`` (count of 1 -> 0 transitions) and ``learned``
-# (correct at least once). Never-learned examples rank hardest: their score is +inf.
+# (correct at least once). As in the reference code (mtoneva/example_forgetting), an example never
+# learned in a run counts as forgotten once per presentation (``num_presentations``) in that run,
+# and several runs are combined by summing: never-learned examples rank hardest, and a single run
+# where an example was not learned adds a finite amount instead of making the total infinite.
 
 
 @torch.no_grad()
@@ -284,10 +345,20 @@ def forgetting_update_(
     last_correct[indices] = correct
 
 
-def forgetting_scores(forgotten: Tensor, learned: Tensor) -> Tensor:
-    """Forgetting counts as float scores, +inf for examples that were never learned."""
-    scores = forgotten.double()
-    return scores.masked_fill(~learned.bool(), math.inf)
+def forgetting_scores(forgotten: Tensor, learned: Tensor, num_presentations: int) -> Tensor:
+    """One run's forgetting score: its count of forgetting events, or ``num_presentations`` (the
+    number of times every example was presented, i.e. epochs) for an example never learned."""
+    if num_presentations < 1:
+        raise ValueError(f"num_presentations must be >= 1, got {num_presentations}")
+    return forgotten.double().masked_fill(~learned.bool(), float(num_presentations))
+
+
+def combine_runs(runs: Tensor, score: str) -> Tensor:
+    """The score over several runs (rows of ``runs``): the sum for forgetting, as the reference
+    code sums counts over seeds, and the mean for every other score, as data_diet averages."""
+    if runs.ndim != 2 or runs.shape[0] == 0:
+        raise ValueError(f"runs must be (runs, examples), got shape {tuple(runs.shape)}")
+    return runs.sum(0) if score == "forgetting" else runs.mean(0)
 
 
 # --- Selection
@@ -306,18 +377,23 @@ def _keep_count(n: int, fraction: float) -> int:
 def select_indices(
     scores: Tensor,
     fraction: float,
-    mode: Literal["hardest", "easiest", "offset", "random", "class_balanced"] = "hardest",
+    mode: Literal["hardest", "easiest", "offset", "random", "class_balanced", "ccs"] = "hardest",
     *,
     offset: float = 0.0,
     labels: Tensor | None = None,
     seed: int = 0,
+    strata: int = CCS_STRATA,
 ) -> Tensor:
     """Sorted indices of the ``round(fraction * N)`` examples to keep.
 
     ``hardest`` keeps the highest scores, ``easiest`` the lowest, ``offset`` drops the hardest
     ``offset`` fraction first and keeps the next ones (the paper's remedy at high pruning rates),
     ``random`` ignores scores (seeded), ``class_balanced`` keeps the hardest ``fraction`` of each
-    class (needs ``labels``). Ties break by index, so selection is deterministic.
+    class (needs ``labels``), ``ccs`` is coverage-centric selection (Zheng et al. 2023): drop the
+    hardest ``offset`` fraction (likely mislabelled), cut the rest into ``strata`` equal-width
+    score bins and spend the budget evenly over them, smallest bin first, drawing at random
+    (seeded) inside each, so easy, middle and hard examples all stay represented. Ties break by
+    index, so selection is deterministic.
     """
     check_fraction(fraction)
     if mode not in SELECTION_MODES:
@@ -337,10 +413,13 @@ def select_indices(
     elif mode == "easiest":
         chosen = torch.sort(scores.double().cpu(), stable=True).indices[:keep]
     elif mode == "offset":
-        if not 0.0 <= offset < 1.0:
-            raise ValueError(f"offset must lie in [0, 1), got {offset}")
+        _check_offset(offset)
         start = min(round(offset * n), n - keep)
         chosen = hardest_first[start : start + keep]
+    elif mode == "ccs":
+        _check_offset(offset)
+        kept_after_cut = hardest_first[min(round(offset * n), n - keep) :]
+        chosen = _stratified_sample(scores.double().cpu(), kept_after_cut, keep, strata, seed)
     else:
         if labels is None or labels.shape != scores.shape:
             raise ValueError("class_balanced selection needs one label per score")
@@ -354,7 +433,44 @@ def select_indices(
     return chosen.sort().values
 
 
+def _check_offset(offset: float) -> None:
+    if not 0.0 <= offset < 1.0:
+        raise ValueError(f"offset must lie in [0, 1), got {offset}")
+
+
+def _stratified_sample(
+    scores: Tensor, candidates: Tensor, budget: int, strata: int, seed: int
+) -> Tensor:
+    """CCS's stratified sampling: equal-width score bins over ``candidates``; visiting bins from
+    the smallest, each gets ``min(its size, remaining budget // bins left)`` random members."""
+    if strata < 1:
+        raise ValueError(f"strata must be >= 1, got {strata}")
+    values = scores[candidates]
+    low, high = float(values.min()), float(values.max())
+    width = (high - low) / strata or 1.0
+    bins = ((values - low) / width).floor().long().clamp_(0, strata - 1)
+    members = [candidates[bins == b] for b in range(strata)]
+    members = sorted((m for m in members if m.numel()), key=lambda m: m.numel())
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for left, group in zip(range(len(members), 0, -1), members):
+        take = min(group.numel(), budget // left)
+        chosen.append(group[torch.randperm(group.numel(), generator=generator)[:take]])
+        budget -= take
+    return torch.cat(chosen)
+
+
 # --- Dataset identity
+
+
+def sample_keys(targets: Tensor) -> Tensor:
+    """One integer per sample that ties scores to their dataset: the class for classification
+    targets ``(N,)``, a position-weighted checksum of the target tokens for sequences ``(N, T)``."""
+    if targets.ndim == 1:
+        return targets.long()
+    flat = targets.long().flatten(1)
+    weights = torch.arange(1, flat.shape[1] + 1, device=flat.device)
+    return (flat * weights).sum(1) % (2**31 - 1)
 
 
 def dataset_fingerprint(labels: Tensor | Sequence[int]) -> dict[str, object]:
@@ -370,9 +486,11 @@ def dataset_fingerprint(labels: Tensor | Sequence[int]) -> dict[str, object]:
 def rs2_epoch_indices(n: int, fraction: float, epoch: int, seed: int = 0) -> Tensor:
     """RS2 without replacement: the indices trained on in ``epoch``.
 
-    The stream is the concatenation of seeded permutations of ``range(n)`` (permutation k from
-    ``seed`` and k); epoch e takes stream positions ``[e*m, (e+1)*m)`` with
-    ``m = round(fraction * n)``. No example repeats until every example has been seen.
+    The stream is a sequence of passes, each a seeded permutation of ``range(n)``; epoch e takes
+    stream positions ``[e*m, (e+1)*m)`` with ``m = round(fraction * n)``. No example repeats until
+    every example has been seen, and none repeats inside an epoch: when an epoch straddles the end
+    of a pass, the next pass puts the examples of that straddling remainder last (see
+    ``_rs2_pass``), so the epoch's part from the next pass holds other examples.
     """
     check_fraction(fraction)
     if n <= 0 or epoch < 0:
@@ -381,10 +499,38 @@ def rs2_epoch_indices(n: int, fraction: float, epoch: int, seed: int = 0) -> Ten
     start, stop = epoch * m, (epoch + 1) * m
     parts = []
     for k in range(start // n, (stop - 1) // n + 1):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + k))
         lo, hi = max(start - k * n, 0), min(stop - k * n, n)
-        parts.append(perm[lo:hi])
+        parts.append(_rs2_pass(n, m, seed, k)[lo:hi])
     return torch.cat(parts)
+
+
+_RS2_LAST_PASS: dict[tuple[int, int, int], tuple[int, Tensor]] = {}
+
+
+def _rs2_pass(n: int, m: int, seed: int, k: int) -> Tensor:
+    """Pass ``k`` of the RS2 stream. Pass 0 is a seeded permutation. When the epoch that covers
+    the end of pass k-1 also covers the start of pass k (``k*n`` is not a multiple of ``m``), pass
+    k is a permutation of the other examples followed by a permutation of that remainder (the last
+    ``(k*n) mod m`` of pass k-1); otherwise a fresh permutation. Computed forward from the
+    nearest cached pass, so consecutive epochs cost one permutation per pass."""
+    key = (n, m, seed)
+    cached_k, perm = _RS2_LAST_PASS.get(key, (-1, torch.zeros(0, dtype=torch.long)))
+    if cached_k > k:
+        cached_k, perm = -1, torch.zeros(0, dtype=torch.long)
+    for j in range(cached_k + 1, k + 1):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + j)
+        remainder = perm[n - (j * n) % m :] if j > 0 and (j * n) % m else perm[:0]
+        others = torch.ones(n, dtype=torch.bool)
+        others[remainder] = False
+        others_idx = others.nonzero()[:, 0]
+        perm = torch.cat(
+            [
+                others_idx[torch.randperm(others_idx.numel(), generator=generator)],
+                remainder[torch.randperm(remainder.numel(), generator=generator)],
+            ]
+        )
+    _RS2_LAST_PASS[key] = (k, perm)
+    return perm
 
 
 def infobatch_prune(

@@ -1,0 +1,372 @@
+"""Learned soups: mixing coefficients of ingredients or task vectors learned by gradient descent on
+held-out data, with only the coefficients trainable.
+
+Two parametrisations of the merged weights, per parameter block ``b`` (one state-dict tensor with
+``granularity="tensor"``, the whole model with ``granularity="model"``):
+
+- ``mode="ingredients"``, the learned soup of Wortsman et al. (2022):
+  ``theta_b = sum_k softmax(alpha_b)_k theta_{k,b}``, a convex combination of the ingredients.
+- ``mode="task_vectors"``, aTLAS (Zhang et al. 2024, anisotropic scaling):
+  ``theta_b = base_b + sum_k alpha_{k,b} (theta_{k,b} - base_b)``, coefficients unconstrained.
+
+The network runs through ``torch.func.functional_call`` with the merged tensors, so the model's own
+parameters are never copied into a trainable module and never receive gradients: the optimizer
+holds only ``alpha`` (K x B numbers). Memory is the stacked ingredients (or task vectors), one
+merged copy and the activations of one batch.
+
+Tensors that are not directions in weight space follow the rule of every merge in
+``functional.merging``: floating statistics buffers (BatchNorm's running mean and variance) are
+averaged over the ingredients, never extrapolated; integer and boolean buffers come from the
+reference (the base for task vectors, the first ingredient otherwise).
+
+Pure torch: no Lightning import.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_ext._batch import (
+    ForwardFn,
+    UnpackBatch,
+    default_forward,
+    default_unpack_batch,
+    move_to_device,
+    per_sample_cross_entropy,
+)
+from lightning_ext._modules import normalise_name
+from lightning_ext.functional.merging import check_same_layout, is_statistic
+
+__all__ = [
+    "LearnedSoup",
+    "SoupParametrisation",
+    "apply_soup_coefficients",
+    "learn_soup_coefficients",
+    "mixing_weights",
+]
+
+StateDict = Mapping[str, Tensor]
+Mode = Literal["ingredients", "task_vectors"]
+Granularity = Literal["tensor", "model"]
+LossFn = Callable[[Tensor, Any], Tensor]
+MODES = ("ingredients", "task_vectors")
+GRANULARITIES = ("tensor", "model")
+
+
+def mixing_weights(alpha: Tensor, mode: Mode) -> Tensor:
+    """The weights each ingredient (row) gets in each block (column): ``softmax`` over the
+    ingredients for a learned soup (a convex combination), ``alpha`` itself for aTLAS."""
+    return torch.softmax(alpha, dim=0) if mode == "ingredients" else alpha
+
+
+def _is_learned(key: str, tensor: Tensor) -> bool:
+    """Blocks whose mixing is learned: floating tensors that are not statistics buffers."""
+    return tensor.is_floating_point() and not is_statistic(key, tensor)
+
+
+def _by_normalised_name(sd: StateDict, what: str) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for key, tensor in sd.items():
+        name = normalise_name(key)
+        if name in out:
+            raise ValueError(f"{what}: keys '{key}' and another collapse onto '{name}'")
+        out[name] = tensor
+    return out
+
+
+def _combine(weights: Tensor, stacked: Tensor, base: Tensor | None) -> Tensor:
+    """``sum_k w_k stacked_k`` (+ ``base``), differentiable in ``weights``."""
+    mixed = torch.tensordot(weights.to(stacked.dtype), stacked, dims=1)
+    return mixed if base is None else base + mixed
+
+
+def _check_mode(mode: str, granularity: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
+def _reference(state_dicts: Sequence[StateDict], base: StateDict | None, mode: str) -> StateDict:
+    """The state dict every ingredient is checked against and non-floating tensors come from."""
+    if not len(state_dicts):
+        raise ValueError("need at least one ingredient, got none")
+    if mode == "task_vectors" and base is None:
+        raise ValueError("mode='task_vectors' needs the `base` the task vectors are taken from")
+    reference = base if mode == "task_vectors" else state_dicts[0]
+    assert reference is not None
+    for i, sd in enumerate(state_dicts):
+        check_same_layout(reference, sd, name=f"ingredient {i}", ref_name="the reference")
+    return reference
+
+
+@torch.no_grad()
+def apply_soup_coefficients(
+    state_dicts: Sequence[StateDict],
+    weights: Mapping[str, Tensor],
+    *,
+    base: StateDict | None = None,
+    mode: Mode = "ingredients",
+) -> dict[str, Tensor]:
+    """Materialise a learned soup: every learned tensor ``key`` gets ``sum_k weights[key][k]
+    theta_k`` (``mode="ingredients"``) or ``base + sum_k weights[key][k] (theta_k - base)``
+    (``mode="task_vectors"``); statistics buffers are averaged, non-floating tensors copied from
+    the reference. ``weights`` maps (compile-normalised) keys to K mixing weights, as
+    ``LearnedSoup.weights_by_key()`` returns them. Keys and dtypes are the reference's."""
+    _check_mode(mode, "tensor")
+    reference = _reference(state_dicts, base, mode)
+    n = len(state_dicts)
+    out: dict[str, Tensor] = {}
+    for key, ref in reference.items():
+        name = normalise_name(key)
+        if _is_learned(key, ref):
+            if name not in weights:
+                raise KeyError(f"no mixing weights for '{key}'")
+            if weights[name].shape != (n,):
+                shape = tuple(weights[name].shape)
+                raise ValueError(f"weights for '{key}' have shape {shape}, need ({n},)")
+            w = weights[name].detach().double().tolist()
+            acc = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
+            for k, sd in enumerate(state_dicts):
+                theta = sd[key].detach().double()
+                acc.add_(theta - ref.double() if mode == "task_vectors" else theta, alpha=w[k])
+            out[key] = (acc + ref.double() if mode == "task_vectors" else acc).to(ref.dtype)
+        elif ref.is_floating_point():  # statistics: the plain mean over the ingredients
+            mean = torch.stack([sd[key].detach().double() for sd in state_dicts]).mean(0)
+            out[key] = mean.to(ref.dtype)
+        else:
+            out[key] = ref.detach().clone()
+    return out
+
+
+class _Forward(nn.Module):
+    """Runs ``forward_fn(module, inputs)`` so that ``functional_call`` reaches the user's model
+    under the name ``module`` whatever its forward signature."""
+
+    def __init__(self, module: nn.Module, forward_fn: ForwardFn) -> None:
+        super().__init__()
+        self.module, self.forward_fn = module, forward_fn
+
+    def forward(self, inputs: Any) -> Tensor:
+        return self.forward_fn(self.module, inputs)
+
+
+def _default_loss(logits: Tensor, targets: Any) -> Tensor:
+    return per_sample_cross_entropy(logits, targets).mean()
+
+
+class SoupParametrisation:
+    """The merged weights of ``model`` as a differentiable function of the coefficients ``alpha``
+    (shape ``(K, B)``): ingredients (or task vectors) are stacked once per block, detached.
+
+    ``blocks`` lists the learned tensors by the model's state-dict key (each tied parameter once:
+    ``functional_call`` ties its aliases). ``loss(alpha, batch)`` runs the model on one batch.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        state_dicts: Sequence[StateDict],
+        *,
+        base: StateDict | None = None,
+        mode: Mode = "ingredients",
+        granularity: Granularity = "tensor",
+        unpack_batch: UnpackBatch = default_unpack_batch,
+        forward_fn: ForwardFn | None = None,
+        loss_fn: LossFn | None = None,
+    ) -> None:
+        _check_mode(mode, granularity)
+        reference = _reference(state_dicts, base, mode)
+        self.model, self.mode, self.granularity = model, mode, granularity
+        self.num_ingredients = len(state_dicts)
+        self.unpack_batch, self.loss_fn = unpack_batch, loss_fn or _default_loss
+        self._wrapper = _Forward(model, forward_fn or default_forward)
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        named = [_by_normalised_name(sd, f"ingredient {i}") for i, sd in enumerate(state_dicts)]
+        ref = _by_normalised_name(reference, "base" if mode == "task_vectors" else "ingredient 0")
+        model_state = model.state_dict(keep_vars=True)
+        missing = [k for k in model_state if normalise_name(k) not in ref]
+        if missing:
+            raise ValueError(
+                f"the ingredients lack {len(missing)} tensor(s) of the model: {missing[:3]}"
+            )
+        self.blocks: list[str] = []
+        self.aliases: dict[str, list[str]] = {}  # block -> every normalised name it covers
+        self._stacked: list[Tensor] = []
+        self._base: list[Tensor | None] = []
+        self._dtypes: list[torch.dtype] = []
+        self._fixed: dict[str, Tensor] = {}
+        seen: dict[int, str] = {}
+        for key, tensor in model_state.items():
+            name = normalise_name(key)
+            if id(tensor) in seen:  # a tied weight: one block, several names
+                self.aliases[seen[id(tensor)]].append(name)
+                continue
+            r = ref[name]
+            if _is_learned(name, r):
+                seen[id(tensor)] = key
+                self.blocks.append(key)
+                self.aliases[key] = [name]
+                self._add_block(r, [sd[name] for sd in named], device)
+            elif r.is_floating_point():
+                self._fixed[key] = (
+                    torch.stack([sd[name].detach() for sd in named]).mean(0).to(device)
+                )
+            else:
+                self._fixed[key] = r.detach().clone().to(device)
+        if not self.blocks:
+            raise ValueError("the model has no floating-point weights to mix")
+        self.num_blocks = len(self.blocks) if granularity == "tensor" else 1
+
+    def _add_block(self, ref: Tensor, tensors: list[Tensor], device: torch.device) -> None:
+        acc_dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
+        stacked = torch.stack([t.detach().to(device, acc_dtype) for t in tensors])
+        base = None
+        if self.mode == "task_vectors":
+            base = ref.detach().to(device, acc_dtype)
+            stacked = stacked - base
+        self._stacked.append(stacked)
+        self._base.append(base)
+        self._dtypes.append(ref.dtype)
+
+    def initial_alpha(self, init: float | None = None) -> Tensor:
+        """Uniform mixing for a learned soup (equal logits, as the reference code starts);
+        ``init`` (default 0, the base model, as aTLAS starts) for every aTLAS coefficient."""
+        value = 0.0 if init is None else float(init)
+        if self.mode == "ingredients" and init is not None:
+            raise ValueError("init applies to mode='task_vectors'; a learned soup starts uniform")
+        device = self._stacked[0].device
+        return torch.full((self.num_ingredients, self.num_blocks), value, device=device)
+
+    def merged(self, alpha: Tensor) -> dict[str, Tensor]:
+        """Every tensor the model needs, keyed by the model's state-dict keys; the learned blocks
+        depend on ``alpha`` differentiably."""
+        weights = mixing_weights(alpha, self.mode)
+        out = dict(self._fixed)
+        for j, key in enumerate(self.blocks):
+            column = weights[:, j if self.granularity == "tensor" else 0]
+            out[key] = _combine(column, self._stacked[j], self._base[j]).to(self._dtypes[j])
+        return out
+
+    def forward(self, alpha: Tensor, inputs: Any) -> Tensor:
+        """The model's output on ``inputs`` with the merged weights."""
+        merged = self.merged(alpha)
+        if self.model.training:  # BatchNorm in train mode writes its statistics in place
+            merged.update({k: v.clone() for k, v in self._fixed.items()})
+        tensors = {f"module.{k}": v for k, v in merged.items()}
+        return functional_call(self._wrapper, tensors, (inputs,))
+
+    def loss(self, alpha: Tensor, batch: Any) -> Tensor:
+        device = self._stacked[0].device
+        inputs, targets = self.unpack_batch(move_to_device(batch, device))
+        return self.loss_fn(self.forward(alpha, inputs), targets)
+
+    def weights_by_key(self, alpha: Tensor) -> dict[str, Tensor]:
+        """Each learned tensor's K mixing weights, under every (normalised) name it has."""
+        weights = mixing_weights(alpha.detach(), self.mode)
+        out = {}
+        for j, key in enumerate(self.blocks):
+            for name in self.aliases[key]:
+                out[name] = weights[:, j if self.granularity == "tensor" else 0].clone()
+        return out
+
+
+@dataclass
+class LearnedSoup:
+    """Learned coefficients: ``alpha`` (K x B: softmax logits for a learned soup, the aTLAS
+    coefficients themselves), the block names (model state-dict keys), the mixing weights per key
+    and the loss at every step."""
+
+    alpha: Tensor
+    blocks: list[str]
+    mode: Mode
+    granularity: Granularity
+    weights: dict[str, Tensor]
+    losses: list[float] = field(default_factory=list)
+
+    def state_dict(
+        self, state_dicts: Sequence[StateDict], base: StateDict | None = None
+    ) -> dict[str, Tensor]:
+        """The merged weights (see ``apply_soup_coefficients``)."""
+        return apply_soup_coefficients(state_dicts, self.weights, base=base, mode=self.mode)
+
+
+def _cycle(batches: Iterable) -> Iterator[Any]:
+    """Batches forever, re-iterating ``batches`` (a DataLoader or list) at its end."""
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the held-out batches are empty")
+
+
+def learn_soup_coefficients(
+    model: nn.Module,
+    state_dicts: Sequence[StateDict],
+    batches: Iterable,
+    *,
+    base: StateDict | None = None,
+    mode: Mode = "ingredients",
+    granularity: Granularity = "tensor",
+    steps: int = 100,
+    lr: float = 0.05,
+    init: float | None = None,
+    loss_fn: LossFn | None = None,
+    unpack_batch: UnpackBatch = default_unpack_batch,
+    forward_fn: ForwardFn | None = None,
+    train_mode: bool = False,
+) -> LearnedSoup:
+    """Learn the mixing coefficients of ``state_dicts`` on held-out ``batches`` with Adam.
+
+    ``mode="ingredients"``: learned soup (convex combination, starts uniform);
+    ``mode="task_vectors"``: aTLAS, ``base + sum_k alpha_k (theta_k - base)`` per block (starts at
+    ``init``, default 0: the base). ``granularity``: one coefficient per ingredient and tensor, or
+    per ingredient for the whole model. ``loss_fn(logits, targets)`` defaults to the mean
+    cross-entropy; batches are read with ``unpack_batch`` and ``forward_fn`` (the project's batch
+    convention). The model runs in eval mode (dropout off, BatchNorm on the averaged statistics)
+    unless ``train_mode``; its own parameters and buffers are left untouched either way.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not lr > 0 or math.isinf(lr):
+        raise ValueError(f"lr must be a positive number, got {lr}")
+    soup = SoupParametrisation(
+        model,
+        state_dicts,
+        base=base,
+        mode=mode,
+        granularity=granularity,
+        unpack_batch=unpack_batch,
+        forward_fn=forward_fn,
+        loss_fn=loss_fn,
+    )
+    alpha = soup.initial_alpha(init).requires_grad_(True)
+    optimizer = torch.optim.Adam([alpha], lr=lr)
+    was_training = model.training
+    model.train(train_mode)
+    losses: list[float] = []
+    try:
+        for _, batch in zip(range(steps), _cycle(batches), strict=False):
+            optimizer.zero_grad(set_to_none=True)
+            loss = soup.loss(alpha, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"learned-soup loss became {loss.item()} at step {len(losses)}: lower lr "
+                    f"(now {lr})"
+                )
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        model.train(was_training)
+    alpha = alpha.detach()
+    return LearnedSoup(alpha, soup.blocks, mode, granularity, soup.weights_by_key(alpha), losses)

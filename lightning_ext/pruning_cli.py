@@ -1,0 +1,111 @@
+"""``lightning-ext prune-select``: the indices of a pruned subset, from a score file written by
+``DataPruningScores``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from torch import Tensor
+
+CLASS_STRATEGIES = ("class_balanced",)
+
+
+def class_coverage(labels: Tensor, kept: Tensor) -> dict[int, tuple[int, int]]:
+    """Per class: (examples kept, examples in the data)."""
+    chosen = labels[kept]
+    return {
+        int(cls): (int((chosen == cls).sum()), int((labels == cls).sum()))
+        for cls in labels.unique()
+    }
+
+
+def coverage_report(labels: Tensor, kept: Tensor) -> str:
+    """One line on how the subset covers the classes: the thinnest class and any class lost."""
+    coverage = class_coverage(labels, kept)
+    fractions = {cls: k / n for cls, (k, n) in coverage.items()}
+    thinnest = min(fractions, key=fractions.__getitem__)
+    richest = max(fractions, key=fractions.__getitem__)
+    lost = [cls for cls, (k, _) in coverage.items() if k == 0]
+    line = (
+        f"class coverage: class {thinnest} keeps {coverage[thinnest][0]}/{coverage[thinnest][1]}"
+        f", class {richest} keeps {coverage[richest][0]}/{coverage[richest][1]}"
+    )
+    if lost:
+        line += f"; classes with no example left: {lost} (try --strategy class_balanced)"
+    return line
+
+
+def _prune_select(args: argparse.Namespace) -> int:
+    from lightning_ext._io import atomic_torch_save, atomic_write_json
+    from lightning_ext.data.indexed import load_scores
+    from lightning_ext.functional.pruning import select_indices
+
+    record = load_scores(args.scores, trusted=args.trusted)
+    sequence = record.get("task") == "sequence"
+    if sequence and args.strategy in CLASS_STRATEGIES:
+        raise ValueError(
+            f"{args.scores} holds scores of sequence targets, which have no classes: "
+            f"--strategy {args.strategy} needs class labels; use hardest, ccs or random"
+        )
+    labels = record["labels"]
+    kept = select_indices(
+        record["scores"],
+        args.keep,
+        args.strategy,
+        offset=args.offset,
+        labels=labels,
+        seed=args.seed,
+        strata=args.strata,
+    )
+    out = Path(args.out)
+    if out.suffix == ".json":
+        atomic_write_json(kept.tolist(), out)
+    else:
+        atomic_torch_save(kept, out)
+    n = record["scores"].numel()
+    print(
+        f"kept {kept.numel()} of {n} examples ({args.strategy}, keep={args.keep}) "
+        f"from {args.scores}: {out}"
+    )
+    if not sequence:
+        print(coverage_report(labels, kept))
+    return 0
+
+
+def _register_prune_select(sub: argparse._SubParsersAction) -> None:
+    from lightning_ext.functional.pruning import CCS_STRATA, SELECTION_MODES
+
+    p = sub.add_parser(
+        "prune-select",
+        help="write the indices of a pruned subset chosen from a DataPruningScores file",
+    )
+    p.add_argument("scores", help="score file written by DataPruningScores")
+    p.add_argument("--keep", type=float, required=True, help="fraction of examples kept, (0, 1]")
+    p.add_argument(
+        "--strategy",
+        choices=SELECTION_MODES,
+        default="hardest",
+        help="which examples to keep (default: hardest; class_balanced and ccs keep coverage)",
+    )
+    p.add_argument(
+        "--offset",
+        type=float,
+        default=0.0,
+        help="offset and ccs: fraction of the hardest examples dropped first",
+    )
+    p.add_argument("--strata", type=int, default=CCS_STRATA, help="ccs: number of score bins")
+    p.add_argument("--seed", type=int, default=0, help="random and ccs draws")
+    p.add_argument(
+        "--out", required=True, help="output: a .pt tensor of sorted indices, or a .json list"
+    )
+    p.add_argument(
+        "--trusted",
+        action="store_true",
+        help="load a score file that holds more than tensors (only from a source you trust)",
+    )
+    p.set_defaults(func=_prune_select)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _register_prune_select(sub)

@@ -1,0 +1,434 @@
+"""Sparse Model Soups (Zimmer et al. 2023): prune, retrain several copies that share the pruned
+mask, average them, and start the next prune-retrain cycle from the soup.
+
+Models sharing one mask have zeros at the same places, so any average of them (uniform or greedy)
+keeps exactly that sparsity: the soup is as sparse as each retrain and, averaging out the
+retrains' noise, usually better than the best of them.
+
+Each cycle ``c`` (sparsity ``s_c``, increasing):
+
+1. prune the current model by magnitude (``scope="global"``: one threshold over all targets;
+   ``"layer"``: each target at ``s_c``) to a mask nested in the previous one;
+2. retrain one copy per entry of ``retrain_configs`` (hyperparameters: seed, learning rate...)
+   with the mask held fixed (``FixedMask``, added to each Trainer);
+3. soup them with ``lightning_ext.soups.build_soup`` (``"uniform"`` or ``"greedy"``, scored by the
+   module's own ``validation_step``) and check that the soup's zeros are exactly the mask's.
+
+Every retrain and every cycle's soup is written atomically under ``output_dir``; a rerun with the
+same plan skips what is done, and a rerun with a different plan in the same folder is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_ext._io import atomic_torch_save, atomic_write_json, load_file
+from lightning_ext._modules import named_parameters, normalise_name
+from lightning_ext.functional.sparsity import active_count, topk_mask
+from lightning_ext.soups import batchnorm_layers, build_soup, check_mode
+
+__all__ = [
+    "CycleResult",
+    "FixedMask",
+    "SparseSoupResult",
+    "magnitude_masks",
+    "mask_mismatches",
+    "sparse_model_soup",
+]
+
+Scope = Literal["global", "layer"]
+StateDict = Mapping[str, Tensor]
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def default_targets(name: str, tensor: Tensor) -> bool:
+    """Weights pruned by default: floating parameters with at least 2 dimensions (Linear and
+    convolution kernels, embeddings), as the paper prunes; biases and norms stay dense."""
+    return tensor.is_floating_point() and tensor.dim() >= 2
+
+
+def magnitude_masks(
+    weights: Mapping[str, Tensor],
+    sparsity: float,
+    *,
+    scope: Scope = "global",
+    previous: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Keep-masks (``True`` = kept) pruning ``sparsity`` of the weights by magnitude: one global
+    threshold over all tensors (``scope="global"``) or ``sparsity`` of each (``"layer"``).
+
+    Exactly ``round((1 - sparsity) * N)`` weights are kept (over all tensors, or per tensor).
+    Weights already pruned in ``previous`` rank below every kept one, so the new mask is nested in
+    it whenever it keeps fewer (the prune-retrain cycles of the paper only remove weights).
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    scores = {}
+    for name, w in weights.items():
+        score = w.detach().abs().float()
+        if previous is not None:
+            score = score.masked_fill(~previous[name].to(score.device), -1.0)
+        scores[name] = score
+    density = 1.0 - sparsity
+    if scope == "layer":
+        return {n: topk_mask(s, active_count(density, s.numel())) for n, s in scores.items()}
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    keep = topk_mask(flat, active_count(density, flat.numel()))
+    masks, offset = {}, 0
+    for name, s in scores.items():
+        masks[name] = keep[offset : offset + s.numel()].view(s.shape)
+        offset += s.numel()
+    return masks
+
+
+def mask_mismatches(state_dict: StateDict, masks: Mapping[str, Tensor]) -> dict[str, int]:
+    """Per masked tensor, how many entries disagree with the mask: non-zero where the mask prunes,
+    or exactly zero where it keeps. All zeros means the weights' support *is* the mask."""
+    by_name = {normalise_name(k): v for k, v in state_dict.items()}
+    return {
+        name: int(((by_name[name] != 0) != mask.to(by_name[name].device)).sum())
+        for name, mask in masks.items()
+    }
+
+
+class FixedMask(Callback):
+    """Holds given weights at a fixed sparsity mask during a fit: the pruned weights are zeroed at
+    fit start, their gradients are zeroed before every optimizer step (so momentum and Adam
+    moments stay zero there) and they are zeroed again after every training batch (undoing weight
+    decay). ``masks`` maps (compile-normalised) parameter names to boolean keep-masks."""
+
+    def __init__(self, masks: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.masks = {name: m.detach().bool().clone() for name, m in masks.items()}
+        self._pairs: list[tuple[nn.Parameter, Tensor]] = []
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        params = named_parameters(pl_module)
+        missing = [n for n in self.masks if n not in params]
+        if missing:
+            raise ValueError(f"FixedMask: the module has no parameter(s) {missing[:3]}")
+        for name, mask in self.masks.items():
+            if params[name].shape != mask.shape:
+                raise ValueError(
+                    f"FixedMask: mask for '{name}' has shape {tuple(mask.shape)}, the parameter "
+                    f"{tuple(params[name].shape)}"
+                )
+        self._pairs = [(params[n], m.to(params[n].device)) for n, m in self.masks.items()]
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for param, mask in self._pairs:
+            param.mul_(mask)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._pairs = [(p, m.to(p.device)) for p, m in self._pairs]
+        self.apply()
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        for param, mask in self._pairs:
+            if param.grad is not None:
+                param.grad.mul_(mask)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        self.apply()
+
+
+# --------------------------------------------------------------------------- workflow
+
+
+@dataclass
+class CycleResult:
+    """One prune-retrain-soup cycle: target sparsity, measured sparsity of the targets in the
+    soup, each retrain's held-out score, the soup's, the chosen retrains."""
+
+    cycle: int
+    sparsity: float
+    measured_sparsity: float
+    ingredient_scores: list[float]
+    soup_score: float
+    chosen: list[int]
+
+
+@dataclass
+class SparseSoupResult:
+    """The last soup's weights and every cycle's figures."""
+
+    state_dict: dict[str, Tensor]
+    masks: dict[str, Tensor]
+    cycles: list[CycleResult] = field(default_factory=list)
+
+
+def _check_plan(sparsities: Sequence[float], configs: Sequence[Mapping[str, Any]]) -> None:
+    if not sparsities:
+        raise ValueError("sparsities must name at least one cycle")
+    if any(not 0.0 < s < 1.0 for s in sparsities):
+        raise ValueError(f"every sparsity must lie in (0, 1), got {list(sparsities)}")
+    if any(b <= a for a, b in itertools.pairwise(sparsities)):
+        raise ValueError(f"sparsities must increase from cycle to cycle, got {list(sparsities)}")
+    if not configs:
+        raise ValueError("retrain_configs must hold at least one retrain (one dict each)")
+
+
+def _fingerprint(state_dict: StateDict) -> str:
+    """SHA-256 of every tensor's name and bytes: tells two sets of initial weights apart."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _plan_record(
+    initial: StateDict,
+    sparsities: Sequence[float],
+    configs: Sequence[Mapping[str, Any]],
+    scope: str,
+    method: str,
+) -> dict[str, Any]:
+    """What a run's files depend on (beyond ``make_module``/``make_trainer``, which the user must
+    keep unchanged between a run and its rerun)."""
+    return {
+        "initial_sha256": _fingerprint(initial),
+        "sparsities": [float(s) for s in sparsities],
+        "retrain_configs": json.loads(json.dumps(list(configs), default=repr)),
+        "scope": scope,
+        "method": method,
+    }
+
+
+def _claim_folder(folder: Path, plan: dict[str, Any]) -> None:
+    """Write the plan, or check that the folder's plan is this one (never mix two runs' files)."""
+    path = folder / "plan.json"
+    if path.exists():
+        existing = json.loads(path.read_text())
+        if existing != plan:
+            raise ValueError(
+                f"{folder} holds a sparse model soup with another plan ({existing}); pass a new "
+                "output_dir or delete that folder to start over"
+            )
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(plan, path)
+
+
+def _state(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _target_weights(module: nn.Module, targets: Callable[[str, Tensor], bool]) -> dict[str, Tensor]:
+    return {n: p for n, p in named_parameters(module).items() if targets(n, p)}
+
+
+def _measured_sparsity(state_dict: StateDict, masks: Mapping[str, Tensor]) -> float:
+    by_name = {normalise_name(k): v for k, v in state_dict.items()}
+    zeros = sum(int((by_name[n] == 0).sum()) for n in masks)
+    return zeros / sum(m.numel() for m in masks.values())
+
+
+def _seed(config: Mapping[str, Any], cycle: int, index: int) -> None:
+    """Seed a retrain: ``config["seed"]`` if given, else a seed from (cycle, index)."""
+    seed_everything(int(config.get("seed", 1000 * cycle + index)), verbose=False)
+
+
+def _retrain(
+    make_module: Callable[[Mapping[str, Any]], Any],
+    make_trainer: Callable[[int, int, list[Callback]], Any],
+    fit_kwargs: Mapping[str, Any],
+    start: StateDict,
+    masks: Mapping[str, Tensor],
+    cycle: int,
+    index: int,
+    config: Mapping[str, Any],
+) -> dict[str, Tensor]:
+    """One retrain: a fresh module from ``config`` holding ``start``, fitted with the mask fixed."""
+    _seed(config, cycle, index)
+    module = make_module(config)
+    module.load_state_dict(start)
+    mask = FixedMask(masks)
+    trainer = make_trainer(cycle, index, [mask])
+    if mask not in trainer.callbacks:
+        raise ValueError(
+            "make_trainer(cycle, index, callbacks) must pass `callbacks` to the Trainer: the "
+            "FixedMask callback among them keeps the shared mask during retraining"
+        )
+    trainer.fit(module, **fit_kwargs)
+    state = _state(module)
+    outside = _outside_mask(state, masks)
+    if outside:
+        raise RuntimeError(
+            f"retrain {index} of cycle {cycle} has pruned weights non-zero: {outside}"
+        )
+    return state
+
+
+def sparse_model_soup(
+    make_module: Callable[[Mapping[str, Any]], Any],
+    make_trainer: Callable[[int, int, list[Callback]], Any],
+    initial: StateDict | nn.Module,
+    *,
+    sparsities: Sequence[float],
+    retrain_configs: Sequence[Mapping[str, Any]],
+    output_dir: str | Path,
+    val_dataloaders: Any,
+    train_dataloaders: Any = None,
+    datamodule: Any = None,
+    method: Literal["uniform", "greedy"] = "uniform",
+    scope: Scope = "global",
+    targets: Callable[[str, Tensor], bool] = default_targets,
+    monitor: str = "val_loss",
+    mode: Literal["min", "max"] = "min",
+    recalibrate_on: Any = None,
+) -> SparseSoupResult:
+    """Run the prune-retrain-soup cycles of Sparse Model Soups and return the last soup.
+
+    Args:
+        make_module: ``make_module(config) -> LightningModule``: a fresh module for one retrain,
+            built with that retrain's hyperparameters (``config`` is one of ``retrain_configs``).
+        make_trainer: ``make_trainer(cycle, index, callbacks) -> Trainer``; must pass
+            ``callbacks`` (the ``FixedMask``) to the Trainer.
+        initial: the (usually dense, pretrained) weights the first cycle prunes.
+        sparsities: target sparsity of the pruned weights per cycle, increasing, in (0, 1).
+        retrain_configs: one dict per soup ingredient; ``"seed"`` (if present) seeds it, every
+            other entry is for ``make_module``. Vary seeds, learning rates, weight decay...
+        output_dir: where every retrain and soup is saved; a rerun resumes from it.
+        val_dataloaders: held-out data scoring the retrains and the soup (``monitor``, ``mode``).
+        train_dataloaders, datamodule: passed to ``trainer.fit``.
+        method: ``"uniform"`` (the paper's main recipe) or ``"greedy"`` soup.
+        scope: magnitude pruning with one global threshold or per layer.
+        targets: ``targets(name, parameter) -> bool`` selects the pruned weights.
+        recalibrate_on: a train loader to recompute BatchNorm statistics of the soups on.
+    """
+    _check_plan(sparsities, retrain_configs)
+    check_mode(monitor, mode, "sparse_model_soup")
+    folder = Path(output_dir)
+    current = _state(initial) if isinstance(initial, nn.Module) else dict(initial)
+    _claim_folder(folder, _plan_record(current, sparsities, retrain_configs, scope, method))
+    fit_kwargs = {"train_dataloaders": train_dataloaders, "datamodule": datamodule}
+    fit_kwargs = {k: v for k, v in fit_kwargs.items() if v is not None}
+    scorer_module = make_module(retrain_configs[0])
+    _warn_stale_statistics(scorer_module, recalibrate_on)
+    masks: dict[str, Tensor] | None = None
+    results = []
+    for cycle, sparsity in enumerate(sparsities):
+        cycle_dir = folder / f"cycle{cycle}"
+        done = cycle_dir / "result.json"
+        if done.exists():
+            saved = load_file(cycle_dir / "soup.pt")
+            current, masks = saved["state_dict"], saved["masks"]
+            results.append(CycleResult(**json.loads(done.read_text())))
+            rank_zero_info(f"sparse model soup: cycle {cycle} already done in {cycle_dir}")
+            continue
+        scorer_module.load_state_dict(current)
+        weights = _target_weights(scorer_module, targets)
+        masks = magnitude_masks(weights, sparsity, scope=scope, previous=masks)
+        pruned = _pruned(current, masks)
+        ingredients = []
+        for index, config in enumerate(retrain_configs):
+            path = cycle_dir / f"retrain{index}.pt"
+            if not path.exists():
+                state = _retrain(
+                    make_module, make_trainer, fit_kwargs, pruned, masks, cycle, index, config
+                )
+                atomic_torch_save(state, path)
+            ingredients.append(path)
+        soup = build_soup(
+            scorer_module,
+            ingredients,
+            method=method,
+            monitor=monitor,
+            mode=mode,
+            dataloaders=val_dataloaders,
+            recalibrate_on=recalibrate_on,
+            progress_bar=False,
+        )
+        current = soup.state_dict
+        _check_soup_mask(current, masks, cycle)
+        result = CycleResult(
+            cycle=cycle,
+            sparsity=float(sparsity),
+            measured_sparsity=_measured_sparsity(current, masks),
+            ingredient_scores=soup.scores,
+            soup_score=soup.soup_score,
+            chosen=soup.chosen,
+        )
+        _report(result, mode)
+        atomic_torch_save({"state_dict": current, "masks": masks}, cycle_dir / "soup.pt")
+        atomic_write_json(asdict(result), done)
+        results.append(result)
+    assert masks is not None
+    return SparseSoupResult(current, masks, results)
+
+
+def _warn_stale_statistics(module: nn.Module, recalibrate_on: Any) -> None:
+    """Averaged BatchNorm statistics do not describe the averaged weights (the reference code
+    recalibrates them before every evaluation); say so when nothing will recompute them."""
+    layers = batchnorm_layers(module)
+    if layers and recalibrate_on is None:
+        rank_zero_warn(
+            f"sparse_model_soup: the module has {len(layers)} BatchNorm layer(s) and "
+            "recalibrate_on is None: every soup keeps the retrains' averaged running statistics, "
+            "which are stale for the averaged weights. Pass recalibrate_on=<train loader>."
+        )
+
+
+@torch.no_grad()
+def _pruned(state_dict: StateDict, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        mask = masks.get(normalise_name(key))
+        out[key] = value * mask.to(value.device) if mask is not None else value.clone()
+    return out
+
+
+def _outside_mask(state_dict: StateDict, masks: Mapping[str, Tensor]) -> dict[str, int]:
+    """Per masked tensor with any, the count of non-zero weights where the mask prunes."""
+    by_name = {normalise_name(k): v for k, v in state_dict.items()}
+    counts = {
+        n: int(((by_name[n] != 0) & ~m.to(by_name[n].device)).sum()) for n, m in masks.items()
+    }
+    return {n: c for n, c in counts.items() if c}
+
+
+def _check_soup_mask(state_dict: StateDict, masks: Mapping[str, Tensor], cycle: int) -> None:
+    """The soup must be zero wherever the shared mask prunes (it is an average of models that
+    are); a kept weight that averaged to exactly zero is possible but improbable, so it is only
+    reported."""
+    outside = _outside_mask(state_dict, masks)
+    if outside:
+        raise RuntimeError(f"cycle {cycle}: the soup has weights outside the shared mask {outside}")
+    mismatches = sum(mask_mismatches(state_dict, masks).values())
+    if mismatches:
+        rank_zero_warn(f"cycle {cycle}: {mismatches} kept weight(s) of the soup are exactly zero")
+
+
+def _report(result: CycleResult, mode: str) -> None:
+    scores = result.ingredient_scores
+    best = max(scores) if mode == "max" else min(scores)
+    better = result.soup_score > best if mode == "max" else result.soup_score < best
+    rank_zero_info(
+        f"sparse model soup, cycle {result.cycle} (sparsity {result.measured_sparsity:.3f}): soup "
+        f"{result.soup_score:.4g}, best retrain {best:.4g}, mean {sum(scores) / len(scores):.4g}"
+    )
+    if not better:
+        rank_zero_warn(
+            f"cycle {result.cycle}: the soup ({result.soup_score:.4g}) does not beat the best "
+            f"retrain ({best:.4g}); the retrains may have drifted into different basins (fewer "
+            "retrain steps or a lower learning rate keep them averageable), or try method='greedy'"
+        )

@@ -9,6 +9,8 @@ from lightning_ext.functional.ema import *  # noqa: F403
 from lightning_ext.functional.ema import __all__ as _ema_all
 from lightning_ext.functional.interpolation import *  # noqa: F403
 from lightning_ext.functional.interpolation import __all__ as _interpolation_all
+from lightning_ext.functional.learned_soup import *  # noqa: F403
+from lightning_ext.functional.learned_soup import __all__ as _learned_soup_all
 from lightning_ext.functional.merging import *  # noqa: F403
 from lightning_ext.functional.merging import __all__ as _merging_all
 from lightning_ext.functional.pruning import *  # noqa: F403
@@ -22,6 +24,7 @@ __all__ = [
     *_continual_all,
     *_ema_all,
     *_interpolation_all,
+    *_learned_soup_all,
     *_merging_all,
     *_pruning_all,
     *_schedules_all,

@@ -452,3 +452,17 @@ def test_prune_select_cli_writes_the_subset_and_reports_class_coverage(tmp_path,
                 str(out),
             ]
         )
+
+
+def test_class_ccs_is_ccs_inside_each_class():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(300) % 3
+    scores = torch.rand(300, generator=g) + labels  # class 2 hardest as a whole
+    keep = select_indices(scores, 0.2, "class_ccs", labels=labels, offset=0.1, strata=5, seed=4)
+    assert torch.bincount(labels[keep]).tolist() == [20, 20, 20]  # hardest-first: all class 2
+    for cls in range(3):  # each class's part is CCS over that class alone, with its budget
+        members = (labels == cls).nonzero()[:, 0]
+        alone = select_indices(scores[members], 0.2, "ccs", offset=0.1, strata=5, seed=4 + cls)
+        assert torch.equal(keep[labels[keep] == cls], members[alone])
+    with pytest.raises(ValueError, match="class_ccs selection needs one label per score"):
+        select_indices(scores, 0.2, "class_ccs")

@@ -560,3 +560,15 @@ def test_infobatch_with_bf16_and_gradient_accumulation():
     )
     assert counter.seen[0] == LIMIT and counter.seen[1] < 0.9 * LIMIT and counter.seen[2] == LIMIT
     assert torch.isfinite(cb.scores).all()
+
+
+def test_class_coverage_warning_names_figures_and_strategy():
+    from lightning_ext.callbacks.pruning import class_coverage_warning
+
+    labels = torch.arange(300) % 3
+    class_ranked = labels.double() + torch.linspace(0, 0.5, 300)  # class 2 hardest as a whole
+    message = class_coverage_warning(class_ranked, labels, "el2n")
+    assert "0 of 100 examples of class 0" in message and "90 of 100 of class 2" in message
+    assert "class_ccs" in message
+    mixed = torch.linspace(0, 1, 300)  # hardness independent of the class
+    assert class_coverage_warning(mixed, labels, "el2n") is None

@@ -105,6 +105,35 @@ def _mean_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return per_sample_cross_entropy(logits, targets).mean()
 
 
+COVERAGE_CHECK_KEEP = 0.3  # the pruning rate at which a hardest-first cut is checked
+
+
+def class_coverage_warning(scores: Tensor, labels: Tensor, score: str) -> str | None:
+    """A message with figures when keeping the hardest ``COVERAGE_CHECK_KEEP`` by these scores
+    would leave some class with less than a third of its fair share (scores that rank whole
+    classes, as early EL2N does on easy data); None otherwise."""
+    from lightning_ext.functional.pruning import select_indices
+
+    if labels.unique().numel() < 2:
+        return None
+    kept = select_indices(scores, COVERAGE_CHECK_KEEP, "hardest")
+    sizes = torch.bincount(labels, minlength=int(labels.max()) + 1)
+    counts = torch.bincount(labels[kept], minlength=sizes.numel())
+    present = sizes > 0
+    share = torch.where(present, counts / sizes.clamp_min(1), torch.inf)
+    thin = int(share.argmin())
+    if float(share[thin]) >= COVERAGE_CHECK_KEEP / 3:
+        return None
+    rich = int(torch.where(present, share, -torch.inf).argmax())
+    return (
+        f"DataPruningScores: keeping the hardest {COVERAGE_CHECK_KEEP:.0%} by {score} would keep "
+        f"{int(counts[thin])} of {int(sizes[thin])} examples of class {thin} and "
+        f"{int(counts[rich])} of {int(sizes[rich])} of class {rich}: these scores rank whole "
+        "classes, so hardest-first selection drops classes. Select with strategy "
+        "'class_balanced' or 'class_ccs' (lightning-ext prune-select --strategy class_ccs)."
+    )
+
+
 def _strip_index(batch: Any) -> Any:
     """A dict batch from ``IndexedDataset`` without its ``index`` key (not a model input)."""
     if isinstance(batch, Mapping) and INDEX_KEY in batch:
@@ -556,6 +585,11 @@ class DataPruningScores(Callback):
         if not trainer.is_global_zero:
             return
         class_labels = None if self._sequence else labels
+        warning = (
+            None if class_labels is None else class_coverage_warning(scores, labels, self.score)
+        )
+        if warning:
+            rank_zero_warn(warning)
         png = None
         if self.plot:
             png = plot_score_histogram(

@@ -572,3 +572,20 @@ def test_class_coverage_warning_names_figures_and_strategy():
     assert "class_ccs" in message
     mixed = torch.linspace(0, 1, 300)  # hardness independent of the class
     assert class_coverage_warning(mixed, labels, "el2n") is None
+
+
+def test_without_matplotlib_no_picture_and_one_warning(monkeypatch, tmp_path):
+    import sys
+    import warnings
+
+    import lightning_ext.callbacks.pruning as pruning
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    monkeypatch.setattr(pruning, "_MATPLOTLIB_WARNED", False)
+    scores, labels = torch.rand(20), torch.arange(20) % 2
+    with pytest.warns(UserWarning, match="matplotlib is not installed"):
+        assert pruning.plot_score_histogram(scores, labels, tmp_path / "a.png", "t") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second time: silent
+        assert pruning.plot_score_histogram(scores, labels, tmp_path / "b.png", "t") is None
+    assert not list(tmp_path.glob("*.png"))

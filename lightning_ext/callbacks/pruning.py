@@ -114,7 +114,7 @@ def class_coverage_warning(scores: Tensor, labels: Tensor, score: str) -> str | 
     classes, as early EL2N does on easy data); None otherwise."""
     from lightning_ext.functional.pruning import select_indices
 
-    if labels.unique().numel() < 2:
+    if labels.unique().numel() < 2 or int(labels.min()) < 0:
         return None
     kept = select_indices(scores, COVERAGE_CHECK_KEEP, "hardest")
     sizes = torch.bincount(labels, minlength=int(labels.max()) + 1)
@@ -146,11 +146,9 @@ def plot_score_histogram(
 ) -> Path | None:
     """Histogram of the scores (one outline per class when there are at most
     ``PLOT_MAX_CLASSES``), saved as a PNG; None when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+    try:  # the Figure API needs no pyplot backend: the user's backend is left alone
+        from matplotlib import colormaps
+        from matplotlib.figure import Figure
     except ImportError:
         _warn_no_matplotlib()
         return None
@@ -160,11 +158,12 @@ def plot_score_histogram(
     if finite.any():  # shared bin edges, so the per-class outlines compare
         low, high = float(values[finite].min()), float(values[finite].max())
         bins = torch.linspace(low, high, 41 if high > low else 2).numpy()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.hist(values[finite].numpy(), bins=bins, color="0.8", label=f"all ({int(finite.sum())})")
     classes = labels.unique() if labels is not None else torch.zeros(0)
     if labels is not None and 1 < classes.numel() <= PLOT_MAX_CLASSES:
-        cmap = plt.get_cmap("tab20" if classes.numel() > 10 else "tab10")
+        cmap = colormaps["tab20" if classes.numel() > 10 else "tab10"]
         for i, cls in enumerate(classes.tolist()):
             member = finite & (labels.cpu() == cls)
             ax.hist(
@@ -180,7 +179,6 @@ def plot_score_histogram(
     ax.set_title(title)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
     return path
 
 

@@ -466,3 +466,21 @@ def test_class_ccs_is_ccs_inside_each_class():
         assert torch.equal(keep[labels[keep] == cls], members[alone])
     with pytest.raises(ValueError, match="class_ccs selection needs one label per score"):
         select_indices(scores, 0.2, "class_ccs")
+
+
+class _Pickled:
+    """An arbitrary object: a weights-only load must refuse it."""
+
+
+def test_score_files_load_weights_only_unless_trusted(tmp_path):
+    """Old behaviour: torch.load(weights_only=False) unpickled anything in a score file."""
+    labels = labels_of(digits(limit=10))
+    path = tmp_path / "s.pt"
+    record = {"fingerprint": dataset_fingerprint(labels), "scores": torch.rand(10)}
+    torch.save({**record, "extra": _Pickled()}, path)
+    with pytest.raises(ValueError, match="trusted=True"):
+        load_scores(path)
+    with pytest.raises(ValueError, match="trusted=True"):
+        pruned_subset(digits(limit=10), str(path), 0.5)
+    assert isinstance(load_scores(path, trusted=True)["extra"], _Pickled)
+    assert len(pruned_subset(digits(limit=10), str(path), 0.5, trusted=True)) == 5

@@ -589,3 +589,33 @@ def test_without_matplotlib_no_picture_and_one_warning(monkeypatch, tmp_path):
         warnings.simplefilter("error")  # the second time: silent
         assert pruning.plot_score_histogram(scores, labels, tmp_path / "b.png", "t") is None
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_lightning_demo_transformer_gets_a_clear_error_then_works_with_the_options():
+    """Old behaviour: Lightning's demo LightningTransformer (forward needs the target, returns
+    flattened log-probabilities) failed with a raw error."""
+    from lightning.pytorch.demos.transformer import LightningTransformer as Demo
+
+    class LightningTransformer(Demo):
+        def prepare_data(self):  # the demo downloads WikiText-2; these tests use no network
+            pass
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 16, (24, 9), generator=g)
+    data = torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:])
+    steps = _CountSteps()
+    with pytest.raises(ValueError, match="forward_fn") as err:
+        _dict_fit([DataPruningScores("el2n", at_epoch=1), steps], LightningTransformer(16), data)
+    assert "unpack_batch" in str(err.value) and steps.steps == 0
+    cb = DataPruningScores(
+        "el2n",
+        at_epoch=1,
+        unpack_batch=lambda batch: (batch, batch[1]),
+        forward_fn=lambda module, batch: module(*batch).view(*batch[1].shape, -1),
+    )
+    module = LightningTransformer(16)
+    _dict_fit([cb], module, data)
+    module.eval()
+    with torch.no_grad():
+        logits = module(*data.tensors).view(24, 8, -1)
+    torch.testing.assert_close(cb.scores, el2n_scores(logits, data.tensors[1]).double())

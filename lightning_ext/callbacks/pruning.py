@@ -345,6 +345,17 @@ class DataPruningScores(Callback):
         pl_module.eval()
         try:
             self._batch_values(pl_module, batch, "loss")
+        except BatchFormatError:
+            raise
+        except Exception as err:  # any failure here is a batch layout the defaults do not fit
+            raise BatchFormatError(
+                f"DataPruningScores could not score the first training batch "
+                f"({type(err).__name__}: {err}). It reads batches with "
+                "unpack_batch(batch) -> (inputs, targets) and forward_fn(module, inputs) -> "
+                "logits of shape (B, C) for targets (B,) or (B, T, C) for targets (B, T); pass "
+                "the ones that fit your module, e.g. unpack_batch=lambda batch: (batch, batch[1]) "
+                "and forward_fn=lambda module, batch: module(*batch).view(*batch[1].shape, -1)."
+            ) from err
         finally:
             pl_module.train(was_training)
 

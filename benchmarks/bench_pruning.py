@@ -204,7 +204,7 @@ def main() -> None:
 # --- selection quality: coverage-aware selection at every pruning rate
 
 COVERAGE_KEEPS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
-COVERAGE_STRATEGIES = ("random", "hardest", "class_balanced", "ccs")
+COVERAGE_STRATEGIES = ("random", "hardest", "class_balanced", "ccs", "class_ccs")
 CCS_OFFSET = 0.1  # CCS's hard cut: the hardest 10% are dropped first (likely mislabelled)
 
 
@@ -289,7 +289,7 @@ def selection_experiment(task: tuple[torch.Tensor, ...], seeds: int, steps: int)
     for keep in COVERAGE_KEEPS:
         for s in range(seeds):
             for strategy in COVERAGE_STRATEGIES:
-                offset = CCS_OFFSET if strategy == "ccs" else 0.0
+                offset = CCS_OFFSET if strategy.endswith("ccs") else 0.0
                 kept = select_indices(scores, keep, strategy, labels=y, seed=s, offset=offset)
                 model = train_mlp(x[kept], y[kept], s, steps)
                 results.setdefault((strategy, keep), []).append(accuracy(model, x_test, y_test))
@@ -318,7 +318,8 @@ which the MLP does not saturate.""",
 MLP in-128-128-10, SGD (lr 0.05, momentum 0.9), {steps} steps of 128 on every subset (equal
 compute, so differences come from which examples were kept). EL2N averaged over 4 scoring runs
 of about 3 epochs. CCS drops the hardest {CCS_OFFSET:.0%} first, then draws evenly over 50 score
-strata. Test accuracy (%), mean ± std over {seeds} seeds (training seed and, for random/CCS,
+strata; class_ccs does the same inside each class with the class's share of the budget.
+Test accuracy (%), mean ± std over {seeds} seeds (training seed and, for random/CCS,
 the draw). The machine was shared with other jobs (load average above 10 on 2 cores): timings
 are not reported, only accuracies.
 """

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-CLASS_STRATEGIES = ("class_balanced",)
+CLASS_STRATEGIES = ("class_balanced", "class_ccs")
 
 
 def class_coverage(labels: Tensor, kept: Tensor) -> dict[int, tuple[int, int]]:
@@ -86,15 +86,18 @@ def _register_prune_select(sub: argparse._SubParsersAction) -> None:
         "--strategy",
         choices=SELECTION_MODES,
         default="hardest",
-        help="which examples to keep (default: hardest; class_balanced and ccs keep coverage)",
+        help="which examples to keep (default: hardest; class_balanced, ccs and class_ccs keep "
+        "coverage of classes, of the score range, or both)",
     )
     p.add_argument(
         "--offset",
         type=float,
         default=0.0,
-        help="offset and ccs: fraction of the hardest examples dropped first",
+        help="offset, ccs, class_ccs: fraction of the hardest examples dropped first",
     )
-    p.add_argument("--strata", type=int, default=CCS_STRATA, help="ccs: number of score bins")
+    p.add_argument(
+        "--strata", type=int, default=CCS_STRATA, help="ccs, class_ccs: number of score bins"
+    )
     p.add_argument("--seed", type=int, default=0, help="random and ccs draws")
     p.add_argument(
         "--out", required=True, help="output: a .pt tensor of sorted indices, or a .json list"

@@ -560,3 +560,62 @@ def test_infobatch_with_bf16_and_gradient_accumulation():
     )
     assert counter.seen[0] == LIMIT and counter.seen[1] < 0.9 * LIMIT and counter.seen[2] == LIMIT
     assert torch.isfinite(cb.scores).all()
+
+
+def test_class_coverage_warning_names_figures_and_strategy():
+    from lightning_ext.callbacks.pruning import class_coverage_warning
+
+    labels = torch.arange(300) % 3
+    class_ranked = labels.double() + torch.linspace(0, 0.5, 300)  # class 2 hardest as a whole
+    message = class_coverage_warning(class_ranked, labels, "el2n")
+    assert "0 of 100 examples of class 0" in message and "90 of 100 of class 2" in message
+    assert "class_ccs" in message
+    mixed = torch.linspace(0, 1, 300)  # hardness independent of the class
+    assert class_coverage_warning(mixed, labels, "el2n") is None
+
+
+def test_without_matplotlib_no_picture_and_one_warning(monkeypatch, tmp_path):
+    import sys
+    import warnings
+
+    import lightning_ext.callbacks.pruning as pruning
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    monkeypatch.setattr(pruning, "_MATPLOTLIB_WARNED", False)
+    scores, labels = torch.rand(20), torch.arange(20) % 2
+    with pytest.warns(UserWarning, match="matplotlib is not installed"):
+        assert pruning.plot_score_histogram(scores, labels, tmp_path / "a.png", "t") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second time: silent
+        assert pruning.plot_score_histogram(scores, labels, tmp_path / "b.png", "t") is None
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_lightning_demo_transformer_gets_a_clear_error_then_works_with_the_options():
+    """Old behaviour: Lightning's demo LightningTransformer (forward needs the target, returns
+    flattened log-probabilities) failed with a raw error."""
+    from lightning.pytorch.demos.transformer import LightningTransformer as Demo
+
+    class LightningTransformer(Demo):
+        def prepare_data(self):  # the demo downloads WikiText-2; these tests use no network
+            pass
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 16, (24, 9), generator=g)
+    data = torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:])
+    steps = _CountSteps()
+    with pytest.raises(ValueError, match="forward_fn") as err:
+        _dict_fit([DataPruningScores("el2n", at_epoch=1), steps], LightningTransformer(16), data)
+    assert "unpack_batch" in str(err.value) and steps.steps == 0
+    cb = DataPruningScores(
+        "el2n",
+        at_epoch=1,
+        unpack_batch=lambda batch: (batch, batch[1]),
+        forward_fn=lambda module, batch: module(*batch).view(*batch[1].shape, -1),
+    )
+    module = LightningTransformer(16)
+    _dict_fit([cb], module, data)
+    module.eval()
+    with torch.no_grad():
+        logits = module(*data.tensors).view(24, 8, -1)
+    torch.testing.assert_close(cb.scores, el2n_scores(logits, data.tensors[1]).double())

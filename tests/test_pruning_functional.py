@@ -452,3 +452,35 @@ def test_prune_select_cli_writes_the_subset_and_reports_class_coverage(tmp_path,
                 str(out),
             ]
         )
+
+
+def test_class_ccs_is_ccs_inside_each_class():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(300) % 3
+    scores = torch.rand(300, generator=g) + labels  # class 2 hardest as a whole
+    keep = select_indices(scores, 0.2, "class_ccs", labels=labels, offset=0.1, strata=5, seed=4)
+    assert torch.bincount(labels[keep]).tolist() == [20, 20, 20]  # hardest-first: all class 2
+    for cls in range(3):  # each class's part is CCS over that class alone, with its budget
+        members = (labels == cls).nonzero()[:, 0]
+        alone = select_indices(scores[members], 0.2, "ccs", offset=0.1, strata=5, seed=4 + cls)
+        assert torch.equal(keep[labels[keep] == cls], members[alone])
+    with pytest.raises(ValueError, match="class_ccs selection needs one label per score"):
+        select_indices(scores, 0.2, "class_ccs")
+
+
+class _Pickled:
+    """An arbitrary object: a weights-only load must refuse it."""
+
+
+def test_score_files_load_weights_only_unless_trusted(tmp_path):
+    """Old behaviour: torch.load(weights_only=False) unpickled anything in a score file."""
+    labels = labels_of(digits(limit=10))
+    path = tmp_path / "s.pt"
+    record = {"fingerprint": dataset_fingerprint(labels), "scores": torch.rand(10)}
+    torch.save({**record, "extra": _Pickled()}, path)
+    with pytest.raises(ValueError, match="trusted=True"):
+        load_scores(path)
+    with pytest.raises(ValueError, match="trusted=True"):
+        pruned_subset(digits(limit=10), str(path), 0.5)
+    assert isinstance(load_scores(path, trusted=True)["extra"], _Pickled)
+    assert len(pruned_subset(digits(limit=10), str(path), 0.5, trusted=True)) == 5

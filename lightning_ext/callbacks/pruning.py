@@ -105,6 +105,35 @@ def _mean_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return per_sample_cross_entropy(logits, targets).mean()
 
 
+COVERAGE_CHECK_KEEP = 0.3  # the pruning rate at which a hardest-first cut is checked
+
+
+def class_coverage_warning(scores: Tensor, labels: Tensor, score: str) -> str | None:
+    """A message with figures when keeping the hardest ``COVERAGE_CHECK_KEEP`` by these scores
+    would leave some class with less than a third of its fair share (scores that rank whole
+    classes, as early EL2N does on easy data); None otherwise."""
+    from lightning_ext.functional.pruning import select_indices
+
+    if labels.unique().numel() < 2 or int(labels.min()) < 0:
+        return None
+    kept = select_indices(scores, COVERAGE_CHECK_KEEP, "hardest")
+    sizes = torch.bincount(labels, minlength=int(labels.max()) + 1)
+    counts = torch.bincount(labels[kept], minlength=sizes.numel())
+    present = sizes > 0
+    share = torch.where(present, counts / sizes.clamp_min(1), torch.inf)
+    thin = int(share.argmin())
+    if float(share[thin]) >= COVERAGE_CHECK_KEEP / 3:
+        return None
+    rich = int(torch.where(present, share, -torch.inf).argmax())
+    return (
+        f"DataPruningScores: keeping the hardest {COVERAGE_CHECK_KEEP:.0%} by {score} would keep "
+        f"{int(counts[thin])} of {int(sizes[thin])} examples of class {thin} and "
+        f"{int(counts[rich])} of {int(sizes[rich])} of class {rich}: these scores rank whole "
+        "classes, so hardest-first selection drops classes. Select with strategy "
+        "'class_balanced' or 'class_ccs' (lightning-ext prune-select --strategy class_ccs)."
+    )
+
+
 def _strip_index(batch: Any) -> Any:
     """A dict batch from ``IndexedDataset`` without its ``index`` key (not a model input)."""
     if isinstance(batch, Mapping) and INDEX_KEY in batch:
@@ -117,11 +146,9 @@ def plot_score_histogram(
 ) -> Path | None:
     """Histogram of the scores (one outline per class when there are at most
     ``PLOT_MAX_CLASSES``), saved as a PNG; None when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+    try:  # the Figure API needs no pyplot backend: the user's backend is left alone
+        from matplotlib import colormaps
+        from matplotlib.figure import Figure
     except ImportError:
         _warn_no_matplotlib()
         return None
@@ -131,11 +158,12 @@ def plot_score_histogram(
     if finite.any():  # shared bin edges, so the per-class outlines compare
         low, high = float(values[finite].min()), float(values[finite].max())
         bins = torch.linspace(low, high, 41 if high > low else 2).numpy()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.hist(values[finite].numpy(), bins=bins, color="0.8", label=f"all ({int(finite.sum())})")
     classes = labels.unique() if labels is not None else torch.zeros(0)
     if labels is not None and 1 < classes.numel() <= PLOT_MAX_CLASSES:
-        cmap = plt.get_cmap("tab20" if classes.numel() > 10 else "tab10")
+        cmap = colormaps["tab20" if classes.numel() > 10 else "tab10"]
         for i, cls in enumerate(classes.tolist()):
             member = finite & (labels.cpu() == cls)
             ax.hist(
@@ -151,7 +179,6 @@ def plot_score_histogram(
     ax.set_title(title)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
     return path
 
 
@@ -318,6 +345,17 @@ class DataPruningScores(Callback):
         pl_module.eval()
         try:
             self._batch_values(pl_module, batch, "loss")
+        except BatchFormatError:
+            raise
+        except Exception as err:  # any failure here is a batch layout the defaults do not fit
+            raise BatchFormatError(
+                f"DataPruningScores could not score the first training batch "
+                f"({type(err).__name__}: {err}). It reads batches with "
+                "unpack_batch(batch) -> (inputs, targets) and forward_fn(module, inputs) -> "
+                "logits of shape (B, C) for targets (B,) or (B, T, C) for targets (B, T); pass "
+                "the ones that fit your module, e.g. unpack_batch=lambda batch: (batch, batch[1]) "
+                "and forward_fn=lambda module, batch: module(*batch).view(*batch[1].shape, -1)."
+            ) from err
         finally:
             pl_module.train(was_training)
 
@@ -556,6 +594,11 @@ class DataPruningScores(Callback):
         if not trainer.is_global_zero:
             return
         class_labels = None if self._sequence else labels
+        warning = (
+            None if class_labels is None else class_coverage_warning(scores, labels, self.score)
+        )
+        if warning:
+            rank_zero_warn(warning)
         png = None
         if self.plot:
             png = plot_score_histogram(

@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 GRAND_CHUNK_ELEMENTS = 2**21
-SELECTION_MODES = ("hardest", "easiest", "offset", "random", "class_balanced", "ccs")
+SELECTION_MODES = ("hardest", "easiest", "offset", "random", "class_balanced", "ccs", "class_ccs")
 CCS_STRATA = 50
 
 
@@ -377,7 +377,9 @@ def _keep_count(n: int, fraction: float) -> int:
 def select_indices(
     scores: Tensor,
     fraction: float,
-    mode: Literal["hardest", "easiest", "offset", "random", "class_balanced", "ccs"] = "hardest",
+    mode: Literal[
+        "hardest", "easiest", "offset", "random", "class_balanced", "ccs", "class_ccs"
+    ] = "hardest",
     *,
     offset: float = 0.0,
     labels: Tensor | None = None,
@@ -392,8 +394,9 @@ def select_indices(
     class (needs ``labels``), ``ccs`` is coverage-centric selection (Zheng et al. 2023): drop the
     hardest ``offset`` fraction (likely mislabelled), cut the rest into ``strata`` equal-width
     score bins and spend the budget evenly over them, smallest bin first, drawing at random
-    (seeded) inside each, so easy, middle and hard examples all stay represented. Ties break by
-    index, so selection is deterministic.
+    (seeded) inside each, so easy, middle and hard examples all stay represented; ``class_ccs``
+    runs CCS inside each class with the class's share of the budget (coverage of classes and of
+    the score range at once). Ties break by index, so selection is deterministic.
     """
     check_fraction(fraction)
     if mode not in SELECTION_MODES:
@@ -418,19 +421,33 @@ def select_indices(
         chosen = hardest_first[start : start + keep]
     elif mode == "ccs":
         _check_offset(offset)
-        kept_after_cut = hardest_first[min(round(offset * n), n - keep) :]
-        chosen = _stratified_sample(scores.double().cpu(), kept_after_cut, keep, strata, seed)
+        chosen = _ccs(scores.double().cpu(), hardest_first, keep, offset, strata, seed)
     else:
         if labels is None or labels.shape != scores.shape:
-            raise ValueError("class_balanced selection needs one label per score")
-        labels = labels.cpu()
+            raise ValueError(f"{mode} selection needs one label per score")
+        _check_offset(offset)
+        labels, values = labels.cpu(), scores.double().cpu()
         parts = []
         for cls in labels.unique():
             members = (labels == cls).nonzero()[:, 0]
-            ranked = members[torch.sort(scores.double().cpu()[members], descending=True).indices]
-            parts.append(ranked[: _keep_count(members.numel(), fraction)])
+            ranked = members[torch.sort(values[members], descending=True, stable=True).indices]
+            budget = _keep_count(members.numel(), fraction)
+            if mode == "class_balanced":
+                parts.append(ranked[:budget])
+            else:
+                parts.append(_ccs(values, ranked, budget, offset, strata, seed + int(cls)))
         chosen = torch.cat(parts)
     return chosen.sort().values
+
+
+def _ccs(
+    scores: Tensor, hardest_first: Tensor, budget: int, offset: float, strata: int, seed: int
+) -> Tensor:
+    """CCS over the examples ``hardest_first`` (ranked): cut the hardest ``offset`` fraction (at
+    most as many as leaves ``budget``), then stratified sampling over the rest."""
+    n = hardest_first.numel()
+    remaining = hardest_first[min(round(offset * n), n - budget) :]
+    return _stratified_sample(scores, remaining, budget, strata, seed)
 
 
 def _check_offset(offset: float) -> None:

@@ -7,12 +7,12 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
 
-from lightning_ext import ema_cli, schedule_cli, soup_cli, sparse_cli
+from lightning_ext import ema_cli, pruning_cli, schedule_cli, soup_cli, sparse_cli
 
 DESCRIPTION = """\
 Offline tools for the files lightning-ext's callbacks write: export averaged weights, merge
 checkpoints into a soup, refine a learning-rate schedule from a recorded run, export a sparse
-model. Run
+model, select a pruned subset from a score file. Run
 `lightning-ext COMMAND --help` for a command's options.
 """
 
@@ -24,6 +24,7 @@ REGISTRARS: list[Registrar] = [
     soup_cli.register,
     schedule_cli.register,
     sparse_cli.register,
+    pruning_cli.register,
 ]
 
 

@@ -14,7 +14,14 @@ def test_help_is_written_for_users(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "REGISTRARS" not in text  # no developer notes in the user's help
-    for command in ("export-ema", "posthoc-ema", "soup", "refine-schedule", "sparse-export"):
+    for command in (
+        "export-ema",
+        "posthoc-ema",
+        "soup",
+        "refine-schedule",
+        "sparse-export",
+        "prune-select",
+    ):
         assert command in text
 
 

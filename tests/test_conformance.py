@@ -111,70 +111,10 @@ def _soup_monitor(entry: ZooEntry) -> str:
     return entry.monitor or "val_loss"
 
 
-# Why cells fail on main today. "known": a bug another branch is fixing (issue 11's list);
-# "new": found by this matrix, reported with the matrix.
-SOUP_MODE_DEFAULT = "known: ModelSoup mode defaults to 'max'; Lightning's convention is 'min'"
-SOUP_MONITOR_LATE = (
-    "new: ModelSoup reports a monitor that validation never logs only at fit end, after the "
-    "whole training (KeyError), instead of at the first validation"
-)
-DICT_BATCHES = "known: dict batches raise KeyError: 0 in ContinualEvaluation/DataPruningScores"
-NO_UNPACK_OPTION = "known: unpack_batch/forward_fn options not accepted yet (_batch convention)"
-NO_TARGETS = (
-    "known (_batch convention not adopted): batches without targets are not refused naming "
-    "unpack_batch; ContinualEvaluation silently scores rows 0 and 1 of the input tensor, "
-    "DataPruningScores fails after training with an unrelated shape/dtype error"
-)
-FORWARD_TWO_INPUTS = (
-    "known (_batch convention not adopted): forward(inputs, target) fails with a bare TypeError "
-    "instead of a refusal naming forward_fn"
-)
-PRUNING_SEQUENCES = (
-    "new: DataPruningScores rejects sequence logits (B, T, V) with targets (B, T) (EL2N: "
-    "'expected logits (N, C)'; GraNd: target size error), although _batch scores them per sample"
-)
-INFOBATCH_NO_HOOK = (
-    "known: InfoBatch does not check that training_step calls InfoBatch.loss (silent no-op); "
-    "the IndexedDataset's extra index then breaks the user's own batch unpacking"
-)
-OUTPUTS_OUTSIDE_RUN_DIR = (
-    "convention not adopted yet: without an explicit path the files go to "
-    "<default_root_dir>/<method>/, not run_dir(trainer, ...), so the next run overwrites them"
-)
-SPARSE_COMPILED_NAMES = (
-    "known: DynamicSparseTraining seeds masks by parameter name, so a compiled inner network "
-    "('_orig_mod.' names) gets other masks than the same network uncompiled"
-)
-SPARSE_TIED = (
-    "new: DynamicSparseTraining leaves a tied weight dense: select_targets names it by module "
-    "('net.out.weight'), named_parameters only by its first owner ('net.embed.weight')"
-)
-
-
-def _known_failures() -> dict[tuple[str, str, Config], str]:
-    known: dict[tuple[str, str, Config], str] = {}
-
-    def mark(callback: str, zoo: str, configs: tuple[Config, ...], reason: str) -> None:
-        """Record why the cells fail; a cell with several bugs lists them all."""
-        for config in configs:
-            key = (callback, zoo, config)
-            known[key] = (
-                f"{known[key]}; and {reason}" if key in known else reason
-            )  # the table splits
-
-    both: tuple[Config, ...] = CONFIGS
-    mark("DataPruningScores", "causal_lm_dict", ("defaults",), DICT_BATCHES)
-    mark("DataPruningScores", "causal_lm_dict", ("typical",), NO_UNPACK_OPTION)
-    mark("DataPruningScores", "boring_model", both, NO_TARGETS)
-    mark("DataPruningScores", "lightning_transformer", both, FORWARD_TWO_INPUTS)
-    mark("DataPruningScores", "tied_weights", both, PRUNING_SEQUENCES)
-    for zoo in ZOO:
-        mark("InfoBatch", zoo, ("typical",), INFOBATCH_NO_HOOK)
-    return known
-
-
-# Strict xfails: each must start passing when its fix merges, and its mark is then removed.
-KNOWN_FAILURES: dict[tuple[str, str, Config], str] = _known_failures()
+# Cells that fail today because of a known bug, with the bug: each becomes a strict xfail, so it
+# turns into a failure the day the fix lands and its entry must then be removed. Every bug the
+# matrix found in its first run (issue 11) is fixed, so none is listed.
+KNOWN_FAILURES: dict[tuple[str, str, Config], str] = {}
 
 
 # ------------------------------------------------------------------------------- fit harness

@@ -63,16 +63,11 @@ GREEDY_TORCHMETRICS_DEADLOCK = (
     "known: SoupStrategy(merge='greedy') deadlocks when validation computes torchmetrics "
     "(rank 0 scores alone while the metric syncs across ranks)"
 )
-GREEDY_NO_VALIDATION_MESSAGE = (
-    "new: SoupStrategy(merge='greedy') without validation data refuses at setup, but the "
-    "message does not name the option to use (merge='uniform')"
-)
 
 KNOWN_FAILURES: dict[tuple[str, str, Config], str] = {}
 # Cells that hang (rather than fail) are run in a job of their own.
 HANGS: set[tuple[str, str, Config]] = set()
 KNOWN_FAILURES |= dict.fromkeys(HANGS, GREEDY_TORCHMETRICS_DEADLOCK)
-KNOWN_FAILURES[("SoupStrategy", "lightning_transformer", "typical")] = GREEDY_NO_VALIDATION_MESSAGE
 
 
 # ------------------------------------------------------------------------------- inside DDP

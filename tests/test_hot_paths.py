@@ -191,18 +191,7 @@ def test_plain_training_makes_no_host_sync_per_step() -> None:
     assert steps == [{}] * STEPS
 
 
-EMA_LOGS_A_FLOAT = pytest.mark.xfail(
-    strict=True,
-    reason="EMA(log_decay=True), the default, logs a Python float every step, which Lightning's "
-    "self.log turns into torch.tensor(value, device=module.device): a blocking host-to-device "
-    "copy per step on a GPU. Remove this mark when EMA logs a device tensor filled in place "
-    "(or logs less often).",
-)
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=EMA_LOGS_A_FLOAT) if n == "EMA" else n for n in PER_STEP]
-)
+@pytest.mark.parametrize("name", PER_STEP)
 def test_no_host_sync_per_step(name: str) -> None:
     make, infobatch = PER_STEP[name]
     steps = fit([make()], count_syncs=True, infobatch=infobatch).syncs_per_step()
@@ -221,11 +210,6 @@ def test_per_step_buffers_stay_put(name: str) -> None:
     assert not moved, f"{name} reallocated its buffers at steps {[WARMUP + i for i in moved]}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="main keeps DST masks in the parameter dtype (4 bytes per weight); boolean masks "
-    "come with the DST optimisation branch: remove this mark when merging it",
-)
 def test_dst_masks_cost_at_most_two_bytes_per_targeted_weight() -> None:
     """A boolean mask (1 byte) and the boolean ever-active record (1 byte) per targeted weight:
     issue 19 measured 1.24x the model's bytes with masks in the weights' float dtype."""

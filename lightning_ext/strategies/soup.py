@@ -130,7 +130,10 @@ class SoupStrategyMixin(_StrategyBase):
                 )
             val_source = trainer.fit_loop.epoch_loop.val_loop._data_source
             if self.merge == "greedy" and not val_source.is_defined():
-                raise ValueError("SoupStrategy(merge='greedy') needs validation data in the fit")
+                raise ValueError(
+                    "SoupStrategy(merge='greedy') scores candidates on validation data, and this "
+                    "fit has none: pass val_dataloaders to fit, or use merge='uniform'"
+                )
             torch.manual_seed(self.seed + self.global_rank)
             module = self.lightning_module
             if self.hparams_per_rank is not None:

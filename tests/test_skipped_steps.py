@@ -84,3 +84,33 @@ def test_posthoc_ema_and_warp_anchor_count_only_real_steps(tmp_path):
     real = STEPS - len(OVERFLOW_BATCHES)
     assert posthoc.num_updates == real
     assert warp.state_dict()["updates"] == real
+
+
+def test_sparse_training_never_grows_from_overflowed_gradients():
+    """A mask update on a skipped step would rank inf gradients: masks must keep exact counts and
+    the weights stay finite and zero outside the masks."""
+    from lightning_ext.callbacks import DynamicSparseTraining
+
+    sparse = DynamicSparseTraining(density=0.3, method="rigl", delta_t=1, end_fraction=1.0)
+    module, _, _ = _fit(sparse)
+    params = dict(module.named_parameters())
+    for (name, mask), count in zip(sparse.masks.items(), sparse.counts):
+        assert int(mask.sum()) == count
+        weight = params[name].detach()
+        assert torch.isfinite(weight).all()
+        assert not weight.masked_select(~mask.bool()).any()
+
+
+def test_schedule_refinement_ignores_overflowed_steps(tmp_path):
+    """Skipped steps have no gradient norm worth refining from: they are recorded as NaN at their
+    own step and dropped before refining, so the refined schedule stays finite."""
+    from lightning_ext._io import load_file
+    from lightning_ext.callbacks import ScheduleRefinement
+
+    schedule = ScheduleRefinement(output_dir=str(tmp_path), plot=False, smoothing=0.0)
+    _fit(schedule)
+    (record,) = schedule.grad_norms()
+    assert record.numel() == STEPS
+    assert torch.isnan(record).nonzero().flatten().tolist() == sorted(OVERFLOW_BATCHES)
+    refined = load_file(tmp_path / "refined_schedule.pt")["schedule"]
+    assert torch.isfinite(refined).all() and refined.numel() > 0

@@ -113,8 +113,16 @@ def _soup_monitor(entry: ZooEntry) -> str:
 
 # Cells that fail today because of a known bug, with the bug: each becomes a strict xfail, so it
 # turns into a failure the day the fix lands and its entry must then be removed. Every bug the
-# matrix found in its first run (issue 11) is fixed, so none is listed.
-KNOWN_FAILURES: dict[tuple[str, str, Config], str] = {}
+# matrix found in its first run (issue 11) is fixed but one, listed here.
+INFOBATCH_INDEX_UNPACKING = (
+    "open: InfoBatch needs training_step to unpack the sample index that IndexedDataset appends "
+    "and to return InfoBatch.loss(...); a module that does neither fails in its own `x, y = batch` "
+    "on the first batch, before InfoBatch's end-of-first-batch check can name InfoBatch.loss"
+)
+KNOWN_FAILURES: dict[tuple[str, str, Config], str] = dict.fromkeys(
+    (("InfoBatch", zoo, "typical") for zoo in ZOO if zoo != "boring_model"),
+    INFOBATCH_INDEX_UNPACKING,
+)
 
 
 # ------------------------------------------------------------------------------- fit harness

@@ -14,7 +14,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_ext.callbacks import EMA
+from lightning_ext.callbacks import EMA, DynamicSparseTraining
 from lightning_ext.callbacks.ema import ema_state_dict_from_checkpoint
 from tests.helpers import sharded
 from tests.helpers.ddp import run_ddp
@@ -38,6 +38,21 @@ class EMAInModuleDuringValidation(Callback):
         self.checks.append(all(torch.equal(module[k], average[k]) for k in average))
 
 
+class SaveAtEpochEnd(Callback):
+    """Saves ``epoch1.ckpt`` (a distributed checkpoint folder) at the end of the first epoch of
+    the uninterrupted run, from every rank, and the EMA at that point when given one."""
+
+    def __init__(self, ema: EMA | None = None) -> None:
+        self.ema = ema
+        self.ema_at_save: dict[str, torch.Tensor] = {}
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.current_epoch == 0:
+            trainer.save_checkpoint(Path(trainer.default_root_dir).parent / "epoch1.ckpt")
+            if self.ema is not None:
+                self.ema_at_save = self.ema.ema_state_dict()
+
+
 def _ema(**kwargs: Any) -> EMA:
     return EMA(decay=0.8, **kwargs)
 
@@ -47,17 +62,17 @@ def ema_target(out_dir: str) -> None:
     ema = _ema()
     probe = EMAInModuleDuringValidation(ema)
     fit_kwargs = {"limit_val_batches": 1}
-    trainer, module = sharded.fit(True, [ema, probe], out / "full", max_epochs=EPOCHS, **fit_kwargs)
+    saver = SaveAtEpochEnd(ema)
+    trainer, module = sharded.fit(
+        True, [ema, probe, saver], out / "full", max_epochs=EPOCHS, **fit_kwargs
+    )
     result = {
         "ema": ema.ema_state_dict(),
         "module": sharded.full_state(module),
         "val_checks": probe.checks,
         "updates": ema.num_updates,
+        "ema_at_save": saver.ema_at_save,
     }
-    first = _ema(apply_on_fit_end=False)
-    trainer, _ = sharded.fit(True, [first], out / "a", max_epochs=1, **fit_kwargs)
-    trainer.save_checkpoint(out / "epoch1.ckpt")
-    result["ema_at_save"] = first.ema_state_dict()
     second = _ema()
     trainer, module = sharded.fit(
         True, [second], out / "b", max_epochs=EPOCHS, ckpt_path=str(out / "epoch1.ckpt"),
@@ -106,3 +121,75 @@ def test_ema_refuses_ema_weights_in_sharded_checkpoints():
     assert default.checkpoint_weights == "ema"
     default._keep_live_weights_in_sharded_checkpoints("ModelParallelStrategy")
     assert default.checkpoint_weights == "live"
+
+
+def _sparse(method: str) -> DynamicSparseTraining:
+    return DynamicSparseTraining(
+        density=0.4, method=method, delta_t=2, end_fraction=1.0, drop_fraction=0.5, plot=False
+    )  # type: ignore[arg-type]
+
+
+def _sparse_result(cb: DynamicSparseTraining, module: Any) -> dict[str, Any]:
+    state = cb.state_dict()  # gathered: full masks
+    return {
+        "masks": dict(zip(state["names"], state["masks"])),
+        "ever": dict(zip(state["names"], state["ever_active"])),
+        "counts": list(cb.counts),
+        "updates": cb.updates,
+        "metrics": cb.metrics(),
+        "module": sharded.full_state(module),
+        "local_shapes": [tuple(m.shape) for m in cb.masks.values()],
+    }
+
+
+def sparse_target(out_dir: str, method: str) -> None:
+    out = Path(out_dir)
+    cb = _sparse(method)
+    trainer, module = sharded.fit(
+        True, [cb, SaveAtEpochEnd()], out / "full", max_epochs=EPOCHS, limit_val_batches=0
+    )
+    result = {"full": _sparse_result(cb, module)}
+    second = _sparse(method)
+    trainer, module = sharded.fit(
+        True, [second], out / "b", max_epochs=EPOCHS, limit_val_batches=0,
+        ckpt_path=str(out / "epoch1.ckpt"),
+    )  # fmt: skip
+    result["resumed"] = _sparse_result(second, module)
+    torch.save(result, out / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_sparse_masks_under_fsdp2_equal_the_unsharded_run(tmp_path, method):
+    r0, r1 = run_ddp(
+        "tests.test_sharded:sparse_target", tmp_path / "job", timeout=120, method=method
+    )
+    full = r0["full"]
+    assert full["updates"] == 3  # steps 2, 4, 6 of 8
+    assert full["local_shapes"] != [tuple(m.shape) for m in full["masks"].values()]  # shards
+    assert_bitwise_equal(full["masks"], r1["full"]["masks"])
+
+    reference = _sparse(method)
+    _, module = sharded.fit(False, [reference], tmp_path / "ref", max_epochs=EPOCHS,
+                            limit_val_batches=0)  # fmt: skip
+    expected = _sparse_result(reference, module)
+    # the global top-k across shards picks exactly the unsharded run's weights
+    assert_bitwise_equal(full["masks"], expected["masks"])
+    assert_bitwise_equal(full["ever"], expected["ever"])
+    assert full["counts"] == expected["counts"]
+    for (name, mask), count in zip(full["masks"].items(), full["counts"]):
+        assert int(mask.sum()) == count, name  # density exact per layer, over all shards
+    assert full["metrics"] == pytest.approx(expected["metrics"])
+    for name, value in expected["module"].items():
+        torch.testing.assert_close(full["module"][name], value, rtol=0, atol=1e-6, msg=name)
+    # exact resume from the distributed checkpoint folder
+    assert_bitwise_equal(r0["resumed"]["masks"], full["masks"])
+    assert_bitwise_equal(r0["resumed"]["ever"], full["ever"])
+    assert_bitwise_equal(r0["resumed"]["module"], full["module"])
+
+
+def test_sparse_refuses_methods_not_split_across_shards():
+    cb = DynamicSparseTraining(method="snfs")
+    cb._likes = [torch.zeros(1)]  # what on_fit_start finds for a DTensor parameter
+    with pytest.raises(ValueError, match="method='rigl', 'set' or 'static'"):
+        cb._refuse_unsharded_methods()

@@ -193,3 +193,14 @@ def test_sparse_refuses_methods_not_split_across_shards():
     cb._likes = [torch.zeros(1)]  # what on_fit_start finds for a DTensor parameter
     with pytest.raises(ValueError, match="method='rigl', 'set' or 'static'"):
         cb._refuse_unsharded_methods()
+
+
+def test_posthoc_ema_refuses_sharded_parameters():
+    from lightning_ext.callbacks._shadow import TrackedTensors
+    from lightning_ext.callbacks.posthoc_ema import _refuse_sharded
+
+    plain = TrackedTensors.from_module(torch.nn.Linear(2, 2))
+    _refuse_sharded(plain)  # unsharded: accepted
+    sharded_like = TrackedTensors(["w"], [torch.zeros(1)], [], [], sharded={"w": torch.zeros(2)})
+    with pytest.raises(ValueError, match="Use EMA"):
+        _refuse_sharded(sharded_like)

@@ -166,6 +166,7 @@ class DynamicSparseTraining(Callback):
         self._optimizers: list[torch.optim.Optimizer] = []
         self._own_momentum_index: list[int] = []
         self._pending_update: int | None = None
+        self._stepping = False  # optimizer steps are training steps (set at on_train_start)
         self._last_update_step = -1
         self._out_dir: Path | None = None
         self.history: list[dict[str, Any]] = []  # per update: step, density and change per layer
@@ -367,13 +368,14 @@ class DynamicSparseTraining(Callback):
         if self._loaded is None and not continuing:  # a second fit() keeps the trained masks
             self._init_masks()
         self._materialise()
+        self._register_step_hooks(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Hooked only now: ModelParallelStrategy restores a checkpoint after on_fit_start, and
-        # its optimizer loading runs a zero-gradient optimizer.step() (torch.distributed.
-        # checkpoint initialises the state so); re-masking then, with the masks not restored
-        # yet, would zero restored weights.
-        self._register_step_hooks(trainer)
+        # Steps count from here only: ModelParallelStrategy restores a checkpoint after
+        # on_fit_start, and its optimizer loading runs a zero-gradient optimizer.step()
+        # (torch.distributed.checkpoint initialises the state so); re-masking then, with the
+        # masks not restored yet, would zero restored weights.
+        self._stepping = True
 
     @property
     def _sharded(self) -> bool:
@@ -478,6 +480,7 @@ class DynamicSparseTraining(Callback):
         self._optimizers = list(trainer.optimizers)
 
     def _remove_step_hooks(self) -> None:
+        self._stepping = False
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
@@ -533,6 +536,8 @@ class DynamicSparseTraining(Callback):
             torch._foreach_mul_(grads, multipliers)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._stepping:
+            return
         with torch.no_grad():
             if self.method == "srste":
                 self._srste_after_step()

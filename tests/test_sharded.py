@@ -204,3 +204,29 @@ def test_posthoc_ema_refuses_sharded_parameters():
     sharded_like = TrackedTensors(["w"], [torch.zeros(1)], [], [], sharded={"w": torch.zeros(2)})
     with pytest.raises(ValueError, match="Use EMA"):
         _refuse_sharded(sharded_like)
+
+
+def ema_with_sparse_target(out_dir: str) -> None:
+    out = Path(out_dir)
+    ema, sparse = _ema(), _sparse("rigl")
+    trainer, _ = sharded.fit(
+        True, [sparse, ema], out / "run", max_epochs=EPOCHS, limit_val_batches=1
+    )
+    state = ema.state_dict()  # gathered: full shadow and full masks
+    result = {"ema": ema.ema_state_dict(), "masks": state["masks"], "shadow": state["shadow"]}
+    torch.save(result, out / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.ddp
+def test_ema_with_sparse_masks_under_fsdp2_matches_unsharded(tmp_path):
+    r0, r1 = run_ddp("tests.test_sharded:ema_with_sparse_target", tmp_path / "job", timeout=120)
+    assert_bitwise_equal(r0["ema"], r1["ema"])
+    ema, sparse = _ema(), _sparse("rigl")
+    sharded.fit(False, [sparse, ema], tmp_path / "ref", max_epochs=EPOCHS, limit_val_batches=1)
+    expected = ema.ema_state_dict()
+    for name, value in expected.items():
+        torch.testing.assert_close(r0["ema"][name], value, rtol=0, atol=1e-6, msg=name)
+    assert_bitwise_equal(r0["masks"], ema.state_dict()["masks"])  # full masks, gathered
+    for name, mask in r0["masks"].items():
+        assert torch.all(r0["ema"][name][~mask] == 0), name  # the exported EMA is masked
+        assert r0["shadow"][name].shape == mask.shape

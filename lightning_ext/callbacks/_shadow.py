@@ -32,23 +32,34 @@ class TrackedTensors:
     copied_names: list[str]
     copied: list[Tensor]
     aliases: dict[str, str] = field(default_factory=dict)
+    sharded: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_module(cls, module: nn.Module, *, average_buffers: bool = True) -> TrackedTensors:
+        """DTensor parameters (FSDP2) are tracked by their local shard, kept in ``sharded``."""
         avg_names, avg, copy_names, copy = [], [], [], []
+        sharded: dict[str, Tensor] = {}
         for name, param in module.named_parameters():
             if not param.is_floating_point():
                 raise TypeError(f"parameter {name!r} is {param.dtype}; only float is supported")
             avg_names.append(name)
-            avg.append(param)
+            avg.append(_local_view(name, param, sharded))
         for name, buf in module.named_buffers():
             if buf.is_floating_point() and average_buffers:
                 avg_names.append(name)
-                avg.append(buf)
+                avg.append(_local_view(name, buf, sharded))
             else:
                 copy_names.append(name)
-                copy.append(buf)
-        return cls(avg_names, avg, copy_names, copy, _aliases(module))
+                copy.append(_local_view(name, buf, sharded))
+        return cls(avg_names, avg, copy_names, copy, _aliases(module), sharded)
+
+    def gather(self, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Full tensors from local shards of the tracked tensors (a collective when sharded:
+        every rank must call it at the same point)."""
+        return {
+            name: gather_full(value, self.sharded[name]) if name in self.sharded else value
+            for name, value in values.items()
+        }
 
     @property
     def names(self) -> list[str]:
@@ -158,8 +169,13 @@ class ShadowWeights:
         self.averaged[:], self.copied[:] = shadow[:n], shadow[n:]
 
     def state_dict(self) -> dict[str, Tensor]:
+        """The shadow by tracked name: local shards when the module is sharded."""
         self.wait()
         return dict(zip(self.tracked.names, self.tensors))
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The shadow with sharded tensors gathered whole (a collective when sharded)."""
+        return self.tracked.gather(self.state_dict())
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Tensor], what: str = "EMA state") -> None:
@@ -175,6 +191,9 @@ class ShadowWeights:
             )
         for name, shadow in zip(names, self.tensors):
             value = state[name]
+            like = self.tracked.sharded.get(name)
+            if like is not None and value.shape == like.shape:  # full tensor: keep our shard
+                value = local_part(value, like)
             if value.shape != shadow.shape:
                 raise ValueError(
                     f"{what}: tensor {name!r} has shape {tuple(value.shape)} in the checkpoint but "
@@ -187,6 +206,48 @@ class ShadowWeights:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+
+
+def _local_view(name: str, tensor: Tensor, sharded: dict[str, Tensor]) -> Tensor:
+    """The rank's local shard of a DTensor (a view sharing its storage), else the tensor."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return tensor
+    sharded[name] = tensor
+    with torch.no_grad():
+        return tensor.to_local().detach()
+
+
+def gather_full(local: Tensor, like: Tensor) -> Tensor:
+    """The full tensor whose shard on this rank is ``local``, sharded as the DTensor ``like``
+    (an all-gather: every rank must call it). Booleans travel as bytes (gloo has no bool)."""
+    from torch.distributed.tensor import DTensor
+
+    as_bool = local.dtype == torch.bool
+    dtensor = DTensor.from_local(
+        local.to(torch.uint8) if as_bool else local.detach(),
+        like.device_mesh,  # type: ignore[attr-defined]
+        like.placements,  # type: ignore[attr-defined]
+        shape=like.shape,
+        stride=like.stride(),
+        run_check=False,
+    )
+    full = dtensor.full_tensor()
+    return full.bool() if as_bool else full
+
+
+def local_part(full: Tensor, like: Tensor) -> Tensor:
+    """This rank's shard of ``full``, split as the DTensor ``like`` is (no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    dtensor = distribute_tensor(
+        full.to(like.device),
+        like.device_mesh,  # type: ignore[attr-defined]
+        like.placements,  # type: ignore[attr-defined]
+        src_data_rank=None,
+    )
+    return dtensor.to_local()
 
 
 def _clone_to(tensor: Tensor, device: torch.device | None) -> Tensor:

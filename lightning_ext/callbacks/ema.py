@@ -25,10 +25,12 @@ __all__ = ["EMA", "ema_state_dict_from_checkpoint", "export_ema"]
 WeightsChoice = Literal["ema", "live"]
 _UNSUPPORTED_STRATEGIES = ("DeepSpeedStrategy",)
 _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
+_FSDP1 = "FSDPStrategy"
 # Set in the callback state when the checkpoint's ``state_dict`` holds the EMA and the live
 # weights moved to ``current_model_state`` (the layout of Lightning 2.6's WeightAveraging).
 _EMA_IN_STATE_DICT = "ema_in_state_dict"
 _LIVE_KEY = "current_model_state"
+_DISTRIBUTED_METADATA = "meta.pt"  # Lightning's _METADATA_FILENAME in distributed checkpoints
 
 
 class EMA(AfterOptimizerStep):
@@ -58,7 +60,9 @@ class EMA(AfterOptimizerStep):
             gives). ``"ema"`` puts the EMA there and the live weights under
             ``current_model_state`` (Lightning's WeightAveraging layout); ``"live"`` keeps the
             live weights there. Default: the weights validation judges (``"live"`` only with
-            ``validate_on="live"``). Resuming is exact either way.
+            ``validate_on="live"``), and ``"live"`` under sharded strategies (FSDP,
+            ModelParallelStrategy), whose checkpoints hold sharded weights: the full EMA is then
+            in the callback state. Resuming is exact either way.
         apply_on_fit_end: copy the EMA into the module when fit ends.
         log_decay: log ``ema/decay`` when it changes (every logging interval during warm-up,
             once otherwise).
@@ -115,6 +119,7 @@ class EMA(AfterOptimizerStep):
         self.validate_on = validate_on
         self.test_on = test_on
         self.predict_on = predict_on
+        self._checkpoint_weights_given = checkpoint_weights
         self.checkpoint_weights: WeightsChoice = checkpoint_weights or (
             "live" if validate_on == "live" else "ema"
         )
@@ -134,6 +139,7 @@ class EMA(AfterOptimizerStep):
         self._sharded = False
         self._logged_decay: float | None = None
         self._mask_source: Any = None
+        self._fsdp2_modules: list[Any] = []
         self._masked_out: list[tuple[Tensor, Tensor, Tensor]] = []
 
     @property
@@ -146,9 +152,11 @@ class EMA(AfterOptimizerStep):
         if name in _UNSUPPORTED_STRATEGIES:
             raise RuntimeError(
                 f"EMA does not support {name}: its parameters are partitioned outside the module. "
-                "Use DDP or FSDP instead."
+                "Use DDP, or ModelParallelStrategy with fully_shard (FSDP2) instead."
             )
         self._sharded = name in _SHARDED_STRATEGIES
+        if self._sharded:
+            self._keep_live_weights_in_sharded_checkpoints(name)
         _refuse_two_emas_in_state_dict(trainer.callbacks)
         self._mask_source = _find_mask_source(trainer.callbacks)
 
@@ -160,8 +168,10 @@ class EMA(AfterOptimizerStep):
             self._shadow = ShadowWeights(tracked, self.device)
             self._state_keys = list(pl_module.state_dict().keys())
             # Pointer swaps exchange storage without copying; sharded parameters are views into
-            # flat shards and other devices or dtypes need a real copy, so those use copies.
-            self._pointer_swap = not self._sharded and not self._shadow.background
+            # flat shards (FSDP1) or DTensor shards (FSDP2), and other devices or dtypes need a
+            # real copy, so those use copies.
+            self._pointer_swap = not (self._sharded or self._shadow.background or tracked.sharded)
+            self._fsdp2_modules = _fsdp2_modules(pl_module) if tracked.sharded else []
         if self._loaded is not None:
             state, self._loaded = self._loaded, None
             names = self._shadow.tracked.names
@@ -172,16 +182,19 @@ class EMA(AfterOptimizerStep):
     def state_dict(self) -> dict[str, Any]:
         if self._shadow is None:
             return dict(self._loaded) if self._loaded is not None else {}
+        # Under FSDP2 every rank holds shards: the state holds the gathered, full EMA (all ranks
+        # call state_dict when a checkpoint is saved), so that rank 0's copy restores every rank.
+        gather = self._shadow.tracked.gather
         state = {
             "num_updates": self.num_updates,
             "started": self.started,
             "decay": self.decay,
-            "shadow": self._ema_values(),
+            "shadow": gather(self._ema_values()),
             "aliases": dict(self._shadow.tracked.aliases),
         }
         masks = self._current_masks()
         if masks:  # for exports: the raw shadow is kept, the masks say what to zero
-            state["masks"] = {name: mask.cpu() for name, mask in masks.items()}
+            state["masks"] = {name: mask.cpu() for name, mask in gather(masks).items()}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -205,6 +218,11 @@ class EMA(AfterOptimizerStep):
         if self._shadow is None or "state_dict" not in checkpoint:
             return
         model_state = checkpoint["state_dict"]
+        if self._swapped and self._shadow.tracked.sharded:
+            raise RuntimeError(
+                "EMA: a checkpoint was saved while the EMA was swapped in for evaluation under a "
+                "sharded strategy; save checkpoints outside validation (ModelCheckpoint does)"
+            )
         if self._swapped:  # saved mid-validation: the module holds the EMA, not the live weights
             self._fill_module_state(model_state, self._live_values(), clone=True)
         own = checkpoint.get("callbacks", {}).get(self.state_key)
@@ -235,10 +253,12 @@ class EMA(AfterOptimizerStep):
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._sharded and self._loaded is not None and trainer.world_size > 1:
+        fsdp1 = type(trainer.strategy).__name__ == _FSDP1
+        if fsdp1 and self._loaded is not None and trainer.world_size > 1:
             raise RuntimeError(
-                "Resuming EMA under a sharded strategy is not supported yet: Lightning stores "
-                "callback state from rank 0 only, but each rank holds its own EMA shard."
+                "Resuming EMA under FSDPStrategy (FSDP1) is not supported: its flat parameter "
+                "shards cannot be matched to the saved EMA. Use ModelParallelStrategy with "
+                "fully_shard (FSDP2), where EMA resumes exactly."
             )
         self._ensure_shadow(pl_module)
         self._applied = False
@@ -269,6 +289,7 @@ class EMA(AfterOptimizerStep):
             self._restore_live()
             self._shadow.copy_to_live_()
             self._mask_module_tensors(keep_masked_out=False)
+            _reshard(self._fsdp2_modules)
             self._applied = True
 
     def on_exception(
@@ -309,15 +330,29 @@ class EMA(AfterOptimizerStep):
     # ------------------------------------------------------------------ public helpers
     def ema_state_dict(self) -> dict[str, Tensor]:
         """The EMA weights as a state dict of the module (detached copies; masked when a sparse
-        training callback is present)."""
+        training callback is present). Full tensors under FSDP2: there it gathers the shards,
+        so every rank must call it."""
         if self._shadow is None:
             raise RuntimeError("the EMA has not been created yet: call it after trainer.fit starts")
-        ema = _masked(self._ema_values(), self._current_masks())
+        ema = self._shadow.tracked.gather(_masked(self._ema_values(), self._current_masks()))
         state: dict[str, Tensor] = {}
         self._fill_module_state(state, ema, clone=True, keys=self._state_keys)
         return state
 
     # ------------------------------------------------------------------ internals
+    def _keep_live_weights_in_sharded_checkpoints(self, strategy: str) -> None:
+        """Sharded checkpoints hold the model as shards and the rest (callback state) from
+        rank 0 only: the EMA cannot replace the sharded weights there, it travels gathered in
+        the callback state instead."""
+        if self._checkpoint_weights_given == "ema":
+            raise ValueError(
+                f"EMA(checkpoint_weights='ema') is not supported under {strategy}: its "
+                "checkpoints hold sharded weights. Use checkpoint_weights='live' (the default "
+                "there): the full EMA is saved in the callback state, and "
+                "ema_state_dict_from_checkpoint reads it."
+            )
+        self.checkpoint_weights = "live"
+
     def _has_average(self) -> bool:
         """Before the first update the EMA equals the live weights: evaluate those instead."""
         return (
@@ -340,6 +375,7 @@ class EMA(AfterOptimizerStep):
                     self._backup = [torch.empty_like(t) for t in live]
                 torch._foreach_copy_(self._backup, live)
             shadow.copy_to_live_()
+        _reshard(self._fsdp2_modules)
         self._swapped = True
         # With pointer swaps the module's tensors *are* the shadow: keep what the mask hides.
         self._mask_module_tensors(keep_masked_out=self._pointer_swap)
@@ -357,6 +393,7 @@ class EMA(AfterOptimizerStep):
             assert self._backup is not None
             with torch.no_grad():
                 torch._foreach_copy_(self._shadow.tracked.tensors, self._backup)
+        _reshard(self._fsdp2_modules)
         self._swapped = False
 
     def _live_values(self) -> dict[str, Tensor]:
@@ -508,6 +545,22 @@ def _find_mask_source(callbacks: list[Any]) -> Any:
     return sources[0] if sources else None
 
 
+def _fsdp2_modules(module: torch.nn.Module) -> list[Any]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+def _reshard(fsdp2_modules: list[Any]) -> None:
+    """Free FSDP2's unsharded parameters, so that the next forward gathers the shards again.
+
+    The root module keeps its gathered parameters after a forward (its backward would follow);
+    after an evaluation on swapped weights they would be stale, and training would read them.
+    """
+    for module in fsdp2_modules:
+        module.reshard()
+
+
 def _masked(values: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
     out = dict(values)
     for name, mask in masks.items():
@@ -649,6 +702,11 @@ def _load_checkpoint(
     checkpoint: str | Path | Mapping[str, Any], trusted: bool
 ) -> Mapping[str, Any]:
     if isinstance(checkpoint, str | Path):
+        path = Path(checkpoint)
+        if path.is_dir() and (path / _DISTRIBUTED_METADATA).is_file():
+            # a distributed checkpoint folder (ModelParallelStrategy): the weights are shards,
+            # the callback state (with the full EMA) is in its metadata file
+            return load_file(path / _DISTRIBUTED_METADATA, trusted=trusted)
         return load_file(checkpoint, trusted=trusted)
     return checkpoint
 
@@ -662,11 +720,13 @@ def ema_state_dict_from_checkpoint(
     """The module's state dict with every averaged tensor replaced by its EMA, for inference.
 
     Works on checkpoints written by ``trainer.save_checkpoint`` or ``ModelCheckpoint`` with an
-    ``EMA`` callback, in either layout (``checkpoint_weights="ema"`` or ``"live"``). With several
+    ``EMA`` callback, in either layout (``checkpoint_weights="ema"`` or ``"live"``), and on the
+    distributed checkpoint folders of ModelParallelStrategy (the averaged tensors only: their
+    weights are shards, the full EMA is in the callback state). With several
     EMA callbacks, pick one by ``state_key``. Files are read weights-only unless ``trusted=True``.
     """
     ckpt = _load_checkpoint(checkpoint, trusted)
-    if "state_dict" not in ckpt:
+    if "state_dict" not in ckpt and "callbacks" not in ckpt:
         raise ValueError(f"{checkpoint}: not a Lightning checkpoint (no 'state_dict' entry)")
     candidates = {k: v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("EMA") and v}
     if state_key is not None:
@@ -685,6 +745,8 @@ def ema_state_dict_from_checkpoint(
             f"{sorted(candidates)}"
         )
     state = next(iter(candidates.values()))
+    if "state_dict" not in ckpt:  # distributed folder: every tracked tensor, under every name
+        return _with_aliases(_masked(state["shadow"], state.get("masks", {})), state)
     model_state = ckpt["state_dict"]
     if state.get(_EMA_IN_STATE_DICT):
         return dict(model_state)  # already the (masked) EMA
@@ -696,6 +758,13 @@ def ema_state_dict_from_checkpoint(
             "was the checkpoint edited or written for another model?"
         )
     return {name: shadow.get(aliases.get(name, name), value) for name, value in model_state.items()}
+
+
+def _with_aliases(shadow: Mapping[str, Tensor], state: Mapping[str, Any]) -> dict[str, Tensor]:
+    out = dict(shadow)
+    for alias, name in state.get("aliases", {}).items():
+        out[alias] = shadow[name]
+    return out
 
 
 def export_ema(

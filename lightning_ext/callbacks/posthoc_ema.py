@@ -115,6 +115,7 @@ class PostHocEMA(AfterOptimizerStep):
             tracked = TrackedTensors.from_module(
                 pl_module, average_buffers=self.buffers == "average"
             )
+            _refuse_sharded(tracked)
             self._shadows = [ShadowWeights(tracked, self.device) for _ in self.gammas]
         if self._loaded is not None:
             for shadow, state in zip(self._shadows, self._loaded):
@@ -328,3 +329,15 @@ def write_posthoc_ema(
     """Reconstruct (see ``posthoc_ema_state_dict``) and save the state dict atomically."""
     state = posthoc_ema_state_dict(snapshot_dir, sigma_rel, step=step, progress=progress)
     return atomic_torch_save(state, out)
+
+
+def _refuse_sharded(tracked: TrackedTensors) -> None:
+    """Snapshots are written by rank 0 alone: with FSDP2 (DTensor) parameters they would hold
+    rank 0's shards only."""
+    if tracked.sharded:
+        raise ValueError(
+            "PostHocEMA does not support sharded (FSDP2 / ModelParallelStrategy) parameters: its "
+            f"snapshots are written by rank 0, which holds only its shards of e.g. "
+            f"{next(iter(tracked.sharded))!r}. Use EMA (sharded support, exact resume) or a DDP "
+            "strategy."
+        )

@@ -18,6 +18,7 @@ from lightning_ext._io import atomic_torch_save, atomic_write, load_file
 from lightning_ext._lightning import is_wandb_logger, run_dir
 from lightning_ext._modules import named_parameters, normalise_name, normalised_keys
 from lightning_ext._modules import parameter_aliases as module_parameter_aliases
+from lightning_ext.callbacks._shadow import gather_full, local_part
 from lightning_ext.functional.sparsity import (
     active_count,
     adam_normalised_momentum,
@@ -150,6 +151,11 @@ class DynamicSparseTraining(Callback):
         self.counts: list[int] = []  # active weights per layer (always equal to the mask's sum)
         self.aliases: dict[str, list[str]] = {}  # every name of each target (tied weights)
         self._params: list[Tensor] = []
+        # Under FSDP2 the parameters are DTensors: masks, multipliers and every element-wise op
+        # work on the rank's local shard (``_locals``); ``_likes[i]`` is the DTensor (None when
+        # the parameter is not sharded), used to gather full tensors for the global top-k.
+        self._locals: list[Tensor] = []
+        self._likes: list[Tensor | None] = []
         self._masks: list[Tensor] = []  # bool
         self._multipliers: list[Tensor] = []  # uint8 views of _masks, for multiplication
         self._ever: list[Tensor] = []  # pack_bits of every position ever active
@@ -160,6 +166,7 @@ class DynamicSparseTraining(Callback):
         self._optimizers: list[torch.optim.Optimizer] = []
         self._own_momentum_index: list[int] = []
         self._pending_update: int | None = None
+        self._stepping = False  # optimizer steps are training steps (set at on_train_start)
         self._last_update_step = -1
         self._out_dir: Path | None = None
         self.history: list[dict[str, Any]] = []  # per update: step, density and change per layer
@@ -178,6 +185,8 @@ class DynamicSparseTraining(Callback):
         """The current boolean masks keyed by every name the module gives the targeted parameters,
         with ``_orig_mod.`` segments removed: a tied weight appears under each of its names with
         one and the same mask. The tensors are the live masks: read them, do not modify them.
+        Under FSDP2 they are the rank's local shards (the shape of ``param.to_local()``), like
+        the weights other callbacks keep there; ``state_dict()["masks"]`` holds the full ones.
 
         Meant for callbacks that keep other copies of the weights (EMA, soups), so that they can
         re-apply the sparsity: ``averaged[name].mul_(mask)``.
@@ -340,6 +349,9 @@ class DynamicSparseTraining(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         named = named_parameters(pl_module)
         self._params = [named[n] for n in self.names]
+        self._likes = [p if _is_dtensor(p) else None for p in self._params]
+        self._locals = [_local(p) for p in self._params]
+        self._refuse_unsharded_methods()
         self._check_optimizers(trainer, pl_module)
         total = trainer.estimated_stepping_batches
         if self._update_methods and not 0 < total < float("inf"):
@@ -350,13 +362,42 @@ class DynamicSparseTraining(Callback):
         self.end_step = int(self.end_fraction * total) if total < float("inf") else 0
         self._announce_schedule(total)
         self._own_momentum_index = self._needs_own_momentum(trainer)
-        continuing = len(self._masks) == len(self._params) and all(
-            m.shape == p.shape for m, p in zip(self._masks, self._params)
+        continuing = len(self._masks) == len(self._locals) and all(
+            m.shape == p.shape for m, p in zip(self._masks, self._locals)
         )
         if self._loaded is None and not continuing:  # a second fit() keeps the trained masks
             self._init_masks()
         self._materialise()
         self._register_step_hooks(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Steps count from here only: ModelParallelStrategy restores a checkpoint after
+        # on_fit_start, and its optimizer loading runs a zero-gradient optimizer.step()
+        # (torch.distributed.checkpoint initialises the state so); re-masking then, with the
+        # masks not restored yet, would zero restored weights.
+        self._stepping = True
+
+    @property
+    def _sharded(self) -> bool:
+        return any(like is not None for like in self._likes)
+
+    def _refuse_unsharded_methods(self) -> None:
+        if self._sharded and self.method in ("snfs", "srste"):
+            raise ValueError(
+                f"DynamicSparseTraining(method={self.method!r}) does not support sharded (FSDP2 "
+                "DTensor) parameters yet: its growth signal or N:M groups are not split across "
+                "shards. Use method='rigl', 'set' or 'static', or a DDP strategy."
+            )
+
+    def _full(self, i: int, local: Tensor) -> Tensor:
+        """Target i's full tensor from its local shard (an all-gather when sharded)."""
+        like = self._likes[i]
+        return local if like is None else gather_full(local, like)
+
+    def _shard(self, i: int, full: Tensor) -> Tensor:
+        """This rank's shard of a full tensor of target i (no communication)."""
+        like = self._likes[i]
+        return full if like is None else local_part(full, like)
 
     def _needs_own_momentum(self, trainer: pl.Trainer) -> list[int]:
         """snfs: targets whose optimizer keeps no momentum (not Adam-like, SGD without momentum)."""
@@ -373,12 +414,14 @@ class DynamicSparseTraining(Callback):
     @torch.no_grad()
     def _init_masks(self) -> None:
         self._masks = []
-        for name, p, k in zip(self.names, self._params, self.counts):
+        for i, (name, p, k) in enumerate(zip(self.names, self._params, self.counts)):
             if self.method == "srste":
                 mask = nm_mask(p, self.n, self.m)
-            else:
-                mask = random_mask(p.shape, k, seeded_generator(self.seed, -1, name))
-            self._masks.append(mask.to(p.device))
+            else:  # drawn over the full shape on every rank: each keeps its shard
+                mask = self._shard(
+                    i, random_mask(p.shape, k, seeded_generator(self.seed, -1, name))
+                )
+            self._masks.append(mask.to(self._locals[i].device))
         self._ever = [pack_bits(mask) for mask in self._masks]
         self._dense = [p.detach().clone() for p in self._params] if self.method == "srste" else []
         self.history = [self._history_entry(0, [0.0] * len(self._masks))]
@@ -404,7 +447,7 @@ class DynamicSparseTraining(Callback):
             )
             for i in self._own_momentum_index
         }
-        torch._foreach_mul_(self._params, self._multipliers)
+        torch._foreach_mul_(self._locals, self._multipliers)
 
     def _restore(self, state: dict[str, Any]) -> None:
         names = [normalise_name(n) for n in state["names"]]
@@ -414,8 +457,14 @@ class DynamicSparseTraining(Callback):
                 "model and targeting options needed"
             )
         self.counts = list(state["counts"])
-        self._masks = [m.to(p.device).bool() for m, p in zip(state["masks"], self._params)]
-        self._ever = [pack_bits(e.to(p.device)) for e, p in zip(state["ever_active"], self._params)]
+        self._masks = [
+            self._shard(i, m.bool()).to(p.device)
+            for i, (m, p) in enumerate(zip(state["masks"], self._locals))
+        ]
+        self._ever = [
+            pack_bits(self._shard(i, e.bool()).to(p.device))
+            for i, (e, p) in enumerate(zip(state["ever_active"], self._locals))
+        ]
         self._dense = [t.to(p.device) for t, p in zip(state["dense"], self._params)]
         self.history = list(state.get("history", []))
         self._log_due = True
@@ -431,6 +480,7 @@ class DynamicSparseTraining(Callback):
         self._optimizers = list(trainer.optimizers)
 
     def _remove_step_hooks(self) -> None:
+        self._stepping = False
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
@@ -456,7 +506,7 @@ class DynamicSparseTraining(Callback):
 
     def _grads(self) -> tuple[list[Tensor], list[Tensor]]:
         """The targets' gradients and the matching mask multipliers (all of them, usually)."""
-        grads = [p.grad for p in self._params]
+        grads = [None if p.grad is None else _local(p.grad) for p in self._params]
         if all(g is not None for g in grads):
             return grads, self._multipliers  # type: ignore[return-value]
         pairs = [(g, m) for g, m in zip(grads, self._multipliers) if g is not None]
@@ -486,10 +536,12 @@ class DynamicSparseTraining(Callback):
             torch._foreach_mul_(grads, multipliers)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._stepping:
+            return
         with torch.no_grad():
             if self.method == "srste":
                 self._srste_after_step()
-            torch._foreach_mul_(self._params, self._multipliers)
+            torch._foreach_mul_(self._locals, self._multipliers)
             if self._pending_update is not None:
                 step, self._pending_update = self._pending_update, None
                 self._update_masks(step)
@@ -532,8 +584,10 @@ class DynamicSparseTraining(Callback):
 
     def _grow_scores(self, i: int, step: int) -> Tensor:
         p = self._params[i]
-        if self.method == "rigl":
-            return p.grad.abs() if p.grad is not None else torch.zeros_like(p)
+        if self.method == "rigl":  # full gradients under FSDP2: the top-k is global
+            if p.grad is None:
+                return torch.zeros(p.shape, dtype=p.dtype, device=self._locals[i].device)
+            return self._full(i, _local(p.grad)).abs()
         if self.method == "snfs":
             return self._momentum(i).abs()
         gen = seeded_generator(self.seed, step, self.names[i])
@@ -545,8 +599,13 @@ class DynamicSparseTraining(Callback):
         if self.method == "snfs":
             signals = [self._momentum(i) for i in range(len(self._params))]
         else:
-            signals = [p.grad for p in self._params if p.grad is not None]
-        return not signals or bool(torch.stack([torch.isfinite(s).all() for s in signals]).all())
+            signals = [_local(p.grad) for p in self._params if p.grad is not None]
+        finite = torch.stack([torch.isfinite(s).all() for s in signals]).all() if signals else None
+        if self._sharded:  # every rank must take the same decision: the update gathers
+            flag = torch.tensor(1 if finite is None else int(finite), device=self._locals[0].device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            return bool(flag)
+        return finite is None or bool(finite)
 
     def _growth_counts(self, n_drop: list[int]) -> list[int]:
         """Weights grown per layer: as many as dropped, or for snfs the total redistributed by
@@ -570,16 +629,25 @@ class DynamicSparseTraining(Callback):
         n_grow = self._growth_counts(n_drop)
         state = self._optimizer_state() if self.method != "snfs" else [[]] * len(self._params)
         changes = []
-        for i, (p, mask) in enumerate(zip(self._params, self._masks)):
-            new = drop_and_grow(
-                p, mask, self._grow_scores(i, step), n_drop[i], n_grow[i], active=self.counts[i]
+        for i, (p, mask) in enumerate(zip(self._locals, self._masks)):
+            # Under FSDP2 the drop and grow choose among the full tensors (gathered), exactly as
+            # an unsharded run; each rank then keeps its shard of the new mask.
+            full_mask = self._full(i, mask)
+            full_new = drop_and_grow(
+                self._full(i, p),
+                full_mask,
+                self._grow_scores(i, step),
+                n_drop[i],
+                n_grow[i],
+                active=self.counts[i],
             )
+            new = self._shard(i, full_new)
             kept = mask & new  # grown weights restart at zero, dropped ones are zeroed
             p.masked_fill_(~kept, 0)
             for tensor in state[i]:  # snfs: the momentum is the method's signal, kept as is
                 tensor.masked_fill_(~kept, 0)
             self.counts[i] += n_grow[i] - n_drop[i]
-            changes.append(int((new & ~mask).count_nonzero()) / max(self.counts[i], 1))
+            changes.append(int((full_new & ~full_mask).count_nonzero()) / max(self.counts[i], 1))
             mask.copy_(new)
             self._ever[i] |= pack_bits(new)
         self.updates += 1
@@ -603,7 +671,7 @@ class DynamicSparseTraining(Callback):
                             f"optimizer state {key!r} of {name} has shape {tuple(value.shape)}, "
                             f"not the parameter's {tuple(p.shape)}: cannot restart grown weights"
                         )
-                    tensors.append(value)
+                    tensors.append(_local(value))
             out.append(tensors)
         return out
 
@@ -633,10 +701,15 @@ class DynamicSparseTraining(Callback):
         """Total sparsity, mask change and in-time over-parameterisation (fraction of weights ever
         active), and per layer the density and the mask change of the last update."""
         total = sum(p.numel() for p in self._params)
+        ever_active = sum(popcount_bits(e) for e in self._ever)
+        if self._sharded:  # each rank counts its shards (all ranks log: a collective)
+            count = torch.tensor(ever_active, device=self._locals[0].device)
+            torch.distributed.all_reduce(count)
+            ever_active = int(count)
         out = {
             "sparse/sparsity": 1.0 - sum(self.counts) / total,
             "sparse/mask_change": self.last_change,
-            "sparse/itop_rate": sum(popcount_bits(e) for e in self._ever) / total,
+            "sparse/itop_rate": ever_active / total,
             "sparse/updates": float(self.updates),
         }
         if self.log_per_layer and self.history:
@@ -666,14 +739,17 @@ class DynamicSparseTraining(Callback):
     # ----- checkpoints and export ------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        """Full masks under FSDP2 too (gathered: every rank calls this when a checkpoint is
+        saved), so that rank 0's copy in the checkpoint restores every rank."""
         if self._loaded is not None:
             return dict(self._loaded)
         return {
             "names": list(self.names),
             "counts": list(self.counts),
-            "masks": [m.detach().cpu().clone() for m in self._masks],
+            "masks": [self._full(i, m).detach().cpu().clone() for i, m in enumerate(self._masks)],
             "ever_active": [
-                unpack_bits(e, p.shape).cpu() for e, p in zip(self._ever, self._params)
+                self._full(i, unpack_bits(e, p.shape)).cpu()
+                for i, (e, p) in enumerate(zip(self._ever, self._locals))
             ],
             "momentum": {
                 self.names[i]: t.detach().cpu().clone() for i, t in self._own_momentum.items()
@@ -702,7 +778,8 @@ class DynamicSparseTraining(Callback):
             raise RuntimeError("no masks yet: call make_permanent after trainer.fit")
         named = named_parameters(module)
         for name, mask in zip(self.names, self._masks):
-            named[name].masked_fill_(~mask.to(named[name].device), 0)
+            weight = _local(named[name])  # under FSDP2: the rank's shard, as the mask
+            weight.masked_fill_(~mask.to(weight.device), 0)
         return {n: m.clone() for n, m in zip(self.names, self._masks)}
 
     def sparse_state_dict(self, module: nn.Module, layout: Layout = "csr") -> dict[str, Tensor]:
@@ -712,6 +789,12 @@ class DynamicSparseTraining(Callback):
         (out, in * k...)); ``semi_structured``: 2:4 tensors for NVIDIA sparse tensor cores (CUDA,
         fp16/bf16, a 2:4 mask: ``method='srste'``), raising with the reason where impossible.
         """
+        if self._sharded:
+            raise RuntimeError(
+                "sparse_state_dict needs the full weights, but this module is sharded (FSDP2): "
+                "save a full checkpoint (ModelParallelStrategy(save_distributed_checkpoint=False)) "
+                "and convert it with export_sparse_checkpoint"
+            )
         convert = _converter(layout)
         masks = self.make_permanent(module)
         out = dict(module.state_dict())
@@ -719,6 +802,20 @@ class DynamicSparseTraining(Callback):
         for name in masks:
             out[keys[name]] = convert(out[keys[name]], None)
         return out
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """The rank's local shard of a DTensor (a view of its storage), else the tensor itself."""
+    if not _is_dtensor(tensor):
+        return tensor
+    with torch.no_grad():
+        return tensor.to_local().detach()  # type: ignore[attr-defined]
 
 
 def plot_sparsity_history(

@@ -47,7 +47,8 @@ class EMA(AfterOptimizerStep):
         update_every_n_steps: average every n optimizer steps.
         start_step: first optimizer step that updates the EMA; the EMA is re-copied from the live
             weights there, so it never remembers weights from before it.
-        warmup_gamma, warmup_power: decay warm-up (off when ``warmup_gamma`` is None).
+        warmup_gamma: decay warm-up scale (warm-up is off when None).
+        warmup_power: decay warm-up exponent.
         buffers: ``"average"`` float buffers (e.g. BatchNorm statistics) like parameters, or
             ``"copy"`` them from the live model. Non-float buffers are always copied.
         device: where the EMA lives (``None``: beside each weight). ``"cpu"`` offloads a GPU
@@ -55,7 +56,8 @@ class EMA(AfterOptimizerStep):
         validate_on: weights used by validation; ``"both"`` validates the EMA under the module's
             own metric names, then runs a second, complete validation epoch on the live weights
             whose metrics get ``live_suffix``.
-        test_on, predict_on: weights used by ``trainer.test`` and ``trainer.predict``.
+        test_on: weights used by ``trainer.test``.
+        predict_on: weights used by ``trainer.predict``.
         checkpoint_weights: weights in a checkpoint's ``state_dict`` (what ``load_from_checkpoint``
             gives). ``"ema"`` puts the EMA there and the live weights under
             ``current_model_state`` (Lightning's WeightAveraging layout); ``"live"`` keeps the

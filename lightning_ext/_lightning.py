@@ -103,6 +103,8 @@ def _resolve_run_root(trainer: Any) -> Path:
             log_dir = getattr(logger, "log_dir", None)
             if log_dir:
                 return Path(log_dir)
+        if is_wandb_logger(logger):
+            _ = logger.experiment  # the run id (its version) exists only once the run is started
         save_dir = getattr(logger, "save_dir", None) or trainer.default_root_dir
         name = logger.name or "lightning_logs"
         version = logger.version

@@ -1,0 +1,109 @@
+"""The package-wide rules: files written atomically with the umask's permissions, one loading
+rule, the run's own versioned folder, and type checks that accept both Lightning namespaces."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import lightning.pytorch as lp
+import pytest
+import pytorch_lightning as ptl
+import torch
+
+from lightning_ext._io import atomic_torch_save, atomic_write_json, load_file
+from lightning_ext._lightning import (
+    is_lightning_module,
+    is_trainer,
+    is_wandb_logger,
+    namespace_of,
+    run_dir,
+)
+
+
+class _Pickled:
+    """An arbitrary object: loading it needs unpickling, which weights-only loading refuses."""
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_files_get_the_permissions_the_umask_gives(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        saved = atomic_torch_save({"w": torch.ones(2)}, tmp_path / "a.pt")
+        written = atomic_write_json({"a": 1}, tmp_path / "a.json")
+        with open(tmp_path / "plain", "w") as handle:  # what torch.save / Lightning give
+            handle.write("x")
+    finally:
+        os.umask(old)
+    expected = _mode(tmp_path / "plain")
+    assert expected == 0o666 & ~umask
+    assert _mode(saved) == expected and _mode(written) == expected
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = atomic_torch_save({"w": torch.zeros(1)}, tmp_path / "x.pt")
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        atomic_torch_save({"bad": Unsaveable()}, path)
+    assert torch.equal(load_file(path)["w"], torch.zeros(1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]
+
+
+def test_load_file_reads_weights_only_unless_trusted(tmp_path):
+    path = tmp_path / "obj.pt"
+    torch.save({"w": torch.ones(1), "obj": _Pickled()}, path)
+    with pytest.raises(ValueError, match="trusted=True"):
+        load_file(path)
+    assert isinstance(load_file(path, trusted=True)["obj"], _Pickled)
+    with pytest.raises(FileNotFoundError):
+        load_file(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("ns", [lp, ptl], ids=["lightning.pytorch", "pytorch_lightning"])
+def test_type_checks_accept_both_namespaces(ns, tmp_path):
+    class Module(ns.LightningModule):
+        pass
+
+    module, trainer = Module(), ns.Trainer(default_root_dir=tmp_path, logger=False)
+    assert is_lightning_module(module) and is_trainer(trainer)
+    assert namespace_of(module) is ns and namespace_of(trainer) is ns
+    assert is_wandb_logger(ns.loggers.WandbLogger(save_dir=str(tmp_path), offline=True))
+    assert not is_wandb_logger(ns.loggers.CSVLogger(tmp_path))
+    assert not is_lightning_module(torch.nn.Linear(1, 1))
+
+
+def _trainer(tmp_path: Path, **kwargs) -> lp.Trainer:
+    return lp.Trainer(default_root_dir=tmp_path, enable_progress_bar=False, **kwargs)
+
+
+def test_run_dir_without_a_logger_takes_the_next_free_version(tmp_path):
+    first = run_dir(_trainer(tmp_path, logger=False), "ema")
+    again = run_dir(_trainer(tmp_path, logger=False), "ema")
+    assert first == tmp_path / "lightning_logs" / "version_0" / "ema" and first.is_dir()
+    assert again == tmp_path / "lightning_logs" / "version_1" / "ema"
+
+
+def test_run_dir_is_resolved_once_per_trainer_and_shared_by_callbacks(tmp_path):
+    trainer = _trainer(tmp_path, logger=False)
+    assert run_dir(trainer, "a").parent == run_dir(trainer, "b").parent
+
+
+def test_run_dir_follows_the_loggers_versioned_folder(tmp_path):
+    csv = lp.loggers.CSVLogger(tmp_path, name="csv")
+    assert run_dir(_trainer(tmp_path, logger=csv), "x") == Path(csv.log_dir) / "x"
+    wandb = lp.loggers.WandbLogger(save_dir=str(tmp_path), project="proj", offline=True)
+    got = run_dir(_trainer(tmp_path, logger=wandb), "x")  # before the run is started
+    assert wandb.version and got == tmp_path / "proj" / wandb.version / "x"  # as ModelCheckpoint
+    wandb.experiment.finish()  # wandb reuses a run still active in the process
+    other = lp.loggers.WandbLogger(save_dir=str(tmp_path), project="proj", offline=True)
+    assert run_dir(_trainer(tmp_path, logger=other), "x") != got
+    other.experiment.finish()

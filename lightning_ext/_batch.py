@@ -132,7 +132,8 @@ def _check_callable_on(module: nn.Module, inputs: Any) -> None:
     except TypeError as err:
         raise BatchFormatError(
             f"{type(module).__name__}.forward cannot be called on the batch's inputs alone "
-            f"({err}). Pass forward_fn=lambda module, inputs: <logits> to say how to get logits."
+            f"({err}). Pass forward_fn=lambda module, inputs: <logits> to say how to get logits "
+            "(or unpack_batch=lambda batch: (inputs, targets) if these are not the inputs)."
         ) from err
 
 

@@ -619,3 +619,27 @@ def test_lightning_demo_transformer_gets_a_clear_error_then_works_with_the_optio
     with torch.no_grad():
         logits = module(*data.tensors).view(24, 8, -1)
     torch.testing.assert_close(cb.scores, el2n_scores(logits, data.tensors[1]).double())
+
+
+def test_scoring_leaves_the_training_run_unchanged():
+    """A callback that only scores data must not change training: its scoring loaders must not
+    draw from the global RNG that shuffles the user's own DataLoader."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from tests.helpers.data import digits
+    from tests.helpers.models import Classifier
+    from tests.helpers.resume import quiet_trainer
+
+    def final_weights(*callbacks):
+        pl.seed_everything(0, verbose=False)
+        model = Classifier()
+        train = DataLoader(digits("train", limit=192), batch_size=32, shuffle=True)
+        quiet_trainer(max_epochs=3, callbacks=list(callbacks), limit_val_batches=0).fit(
+            model, train
+        )
+        return [p.detach().clone() for p in model.parameters()]
+
+    plain = final_weights()
+    scored = final_weights(DataPruningScores("el2n", at_epoch=1))
+    assert all(torch.equal(a, b) for a, b in zip(plain, scored))

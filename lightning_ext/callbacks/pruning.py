@@ -364,7 +364,12 @@ class DataPruningScores(Callback):
     def _shard_loader(
         self, trainer: pl.Trainer, dataset: Dataset, batch_size: int | None = None
     ) -> DataLoader:
-        """This rank's strided share of the training set, in order, collated as in training."""
+        """This rank's strided share of the training set, in order, collated as in training.
+
+        The loader has a generator of its own: a DataLoader iterator draws its base seed from
+        the global RNG otherwise, and every later shuffle of the user's training data would
+        change just because scores were computed.
+        """
         share = list(range(trainer.global_rank, len(dataset), trainer.world_size))  # type: ignore[arg-type]
         collate = getattr(trainer.train_dataloader, "collate_fn", None)
         return DataLoader(
@@ -372,6 +377,7 @@ class DataPruningScores(Callback):
             batch_size=batch_size or self.batch_size,
             shuffle=False,
             collate_fn=collate,
+            generator=torch.Generator().manual_seed(0),
         )
 
     def _pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> tuple:

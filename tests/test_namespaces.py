@@ -148,3 +148,40 @@ def test_strategies_under_pytorch_lightning(tmp_path: Path) -> None:
         for key, value in s0.items():
             assert torch.equal(value, s1[key]), f"{name}: ranks differ in {key} after the merge"
             assert not value.is_floating_point() or torch.isfinite(value).all(), key
+
+
+def test_every_callback_is_also_a_pytorch_lightning_callback() -> None:
+    """LightningCLI under pytorch_lightning accepts only subclasses of its own Callback."""
+    import pytorch_lightning
+
+    import lightning_ext.callbacks as callbacks
+    import lightning_ext.pytorch_lightning as for_pl
+
+    for name in callbacks.__all__:
+        klass = getattr(for_pl, name)
+        assert issubclass(klass, pytorch_lightning.Callback), name
+        assert issubclass(klass, getattr(callbacks, name)), name  # the same behaviour
+        assert klass().state_key == getattr(callbacks, name)().state_key  # checkpoints move
+
+
+def test_lightning_cli_yaml_under_pytorch_lightning(tmp_path: Path) -> None:
+    import pytorch_lightning
+    from pytorch_lightning.cli import LightningCLI
+
+    from tests.helpers.zoo import ZOO
+
+    module_class = type(ZOO["metrics_classifier"](0, "pytorch_lightning")[0])
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n  accelerator: cpu\n  max_epochs: 1\n  logger: false\n  callbacks:\n"
+        "    - class_path: lightning_ext.pytorch_lightning.EMA\n"
+        "      init_args: {decay: 0.95, validate_on: both}\n"
+        "    - class_path: lightning_ext.pytorch_lightning.DynamicSparseTraining\n"
+        "      init_args: {density: 0.3}\n"
+    )
+    cli = LightningCLI(module_class, run=False, args=["--config", str(config)])
+    assert isinstance(cli.trainer, pytorch_lightning.Trainer)
+    names = sorted(
+        type(c).__name__ for c in cli.trainer.callbacks if "lightning_ext" in str(type(c))
+    )
+    assert names == ["DynamicSparseTraining", "EMA"]

@@ -39,7 +39,11 @@ def _also_pytorch_lightning(callback: _C) -> _C:
     return type(  # type: ignore[return-value]
         callback.__name__,
         (callback, _pl.Callback),
-        {"__doc__": callback.__doc__, "__module__": __name__, "__qualname__": callback.__qualname__},
+        {
+            "__doc__": callback.__doc__,
+            "__module__": __name__,
+            "__qualname__": callback.__qualname__,
+        },
     )
 
 

@@ -798,3 +798,13 @@ def test_masking_steps_make_no_host_sync(monkeypatch, method):
     assert syncs == []
     cb.metrics()  # the instrument works: reading the ITOP count is a sync (update steps only)
     assert "item" in syncs
+
+
+def test_sparse_export_of_a_checkpoint_without_sparse_training_says_so(tmp_path):
+    from lightning_ext.cli import main as cli_main
+
+    ckpt = tmp_path / "dense.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "callbacks": {}}, ckpt)
+    with pytest.raises(ValueError, match="no DynamicSparseTraining state.*trained with"):
+        export_sparse_checkpoint(ckpt, tmp_path / "out.pt")
+    assert cli_main(["sparse-export", str(ckpt), str(tmp_path / "out.pt")]) == 2

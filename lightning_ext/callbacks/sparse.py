@@ -880,10 +880,16 @@ def export_sparse_checkpoint(
     }
     if state_key is not None:
         states = {k: v for k, v in states.items() if k == state_key}
-    if len(states) != 1:
+    if not states:
         raise ValueError(
-            f"{checkpoint}: expected one DynamicSparseTraining state, found {sorted(states)}"
-            + ("" if state_key else "; name one with state_key")
+            f"{checkpoint} holds no DynamicSparseTraining state"
+            + (f" with state_key {state_key!r}" if state_key is not None else "")
+            + " (was the model trained with the DynamicSparseTraining callback?)"
+        )
+    if len(states) > 1:
+        raise ValueError(
+            f"{checkpoint} holds several DynamicSparseTraining states {sorted(states)}: "
+            "name one with state_key"
         )
     (state,) = states.values()
     weights = dict(ckpt["state_dict"])

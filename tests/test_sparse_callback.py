@@ -805,6 +805,6 @@ def test_sparse_export_of_a_checkpoint_without_sparse_training_says_so(tmp_path)
 
     ckpt = tmp_path / "dense.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}, "callbacks": {}}, ckpt)
-    with pytest.raises(ValueError, match="no DynamicSparseTraining state.*trained with"):
+    with pytest.raises(ValueError, match=r"no DynamicSparseTraining state.*trained with"):
         export_sparse_checkpoint(ckpt, tmp_path / "out.pt")
     assert cli_main(["sparse-export", str(ckpt), str(tmp_path / "out.pt")]) == 2

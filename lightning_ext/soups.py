@@ -95,15 +95,28 @@ def check_mode(monitor: str, mode: str, owner: str) -> None:
         )
 
 
-def check_monitor_logged(monitor: str, trainer: Any, owner: str) -> None:
-    """Raise, naming the logged metrics, when ``monitor`` is not among them."""
+def check_monitor_logged(monitor: str, trainer: Any, owner: str) -> bool:
+    """Raise, naming the logged metrics, when ``monitor`` is not among them.
+
+    During the sanity check (before any training) a missing monitor only warns, since some
+    modules skip logging there; returns whether the check is settled.
+    """
     logged = sorted(trainer.callback_metrics)
+    if trainer.sanity_checking:
+        if monitor not in logged:
+            rank_zero_warn(
+                f"{owner}(monitor={monitor!r}) was not logged by the sanity-check validation "
+                f"(logged: {logged}). If the first validation does not log it either, the fit "
+                "stops there: check the name now to save an epoch."
+            )
+        return monitor in logged
     if monitor not in logged:
         raise KeyError(
             f"{owner}(monitor={monitor!r}): no such metric was logged at the first validation. "
             f"Logged metrics: {logged}. Pass one of them as monitor, or log {monitor!r} with "
             "self.log in validation_step."
         )
+    return True
 
 
 def fit_val_loader(trainer: Any) -> Any:

@@ -408,6 +408,26 @@ def test_a_misspelled_monitor_fails_at_the_first_validation_naming_the_logged_me
     assert trainer.current_epoch == 0 and trainer.global_step == 2  # not after all the training
 
 
+def test_a_misspelled_monitor_is_flagged_by_the_sanity_check_before_training():
+    class Steps(pl.Callback):
+        first_batch_warnings: int | None = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.first_batch_warnings is None:
+                self.first_batch_warnings = len(caught)
+
+    steps = Steps()
+    trainer = quiet_trainer(
+        max_epochs=1, limit_train_batches=2, callbacks=[ModelSoup(monitor="val_los"), steps]
+    )
+    with (
+        pytest.warns(UserWarning, match="sanity-check validation") as caught,
+        pytest.raises(KeyError, match="val_los"),
+    ):
+        trainer.fit(Classifier(), datamodule=dm())
+    assert steps.first_batch_warnings  # the warning came before the first training batch
+
+
 class PrecisionRecorder(Classifier):
     """Records, for every validation batch, which kind of run it was and the autocast state."""
 

@@ -107,10 +107,8 @@ class ModelSoup(Callback):
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         """Check ``monitor`` at the first validation, not after all the training."""
-        if self._monitor_checked or trainer.sanity_checking:
-            return
-        self._monitor_checked = True
-        check_monitor_logged(self.monitor, trainer, "ModelSoup")
+        if not self._monitor_checked:
+            self._monitor_checked = check_monitor_logged(self.monitor, trainer, "ModelSoup")
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         epoch = trainer.current_epoch

@@ -200,10 +200,8 @@ class SoupStrategyMixin(_StrategyBase):
         """Check ``monitor`` at the first validation, not after all the training."""
         super().on_validation_end()
         trainer = self.lightning_module.trainer
-        if self.merge != "greedy" or self._monitor_checked or trainer.sanity_checking:
-            return
-        self._monitor_checked = True
-        check_monitor_logged(self.monitor, trainer, "SoupStrategy")
+        if self.merge == "greedy" and not self._monitor_checked:
+            self._monitor_checked = check_monitor_logged(self.monitor, trainer, "SoupStrategy")
 
     def on_train_end(self) -> None:
         super().on_train_end()

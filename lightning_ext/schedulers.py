@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TypedDict
 
 import torch
 from torch import Tensor
@@ -52,13 +53,25 @@ def load_schedule(path: str | os.PathLike) -> Tensor:
     return torch.as_tensor(obj, dtype=torch.float64)
 
 
+class _InfiniteOptions(TypedDict):
+    """The keyword options of ``infinite_schedule`` (a plain dict at run time, so the scheduler's
+    ``state_dict`` stays loadable with ``weights_only``)."""
+
+    warmup_steps: int
+    cooldown_steps: int
+    constant_level: float
+    anneal_start: int | None
+    anneal_steps: int
+    min_level: float
+
+
 class _MultiplierLR(LRScheduler):
     """lr = base_lr * multiplier(step) for every param group."""
 
     def multiplier(self, step: int) -> float:
         raise NotImplementedError
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | Tensor]:
         scale = self.multiplier(self.last_epoch)
         return [base * scale for base in self.base_lrs]
 
@@ -139,7 +152,7 @@ class InfiniteScheduleLR(_MultiplierLR):
         min_level: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
-        self.options = dict(
+        self.options = _InfiniteOptions(
             warmup_steps=warmup_steps,
             cooldown_steps=cooldown_steps,
             constant_level=constant_level,

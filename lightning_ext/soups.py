@@ -38,6 +38,7 @@ from lightning_ext._batch import (
     move_to_device,
 )
 from lightning_ext._lightning import namespace_of
+from lightning_ext._sized import dataset_size
 from lightning_ext.functional.merging import greedy_soup, is_statistic, uniform_soup
 from lightning_ext.soup_io import Ingredients, IngredientSource
 
@@ -55,10 +56,10 @@ Mode = Literal["min", "max"]
 
 
 def _device_of(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
+    for param in module.parameters():
+        return param.device
+    for buffer in module.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
@@ -320,14 +321,16 @@ def _shard(loader: Any, rank: int, world: int) -> tuple[Any, int]:
         or world == 1
     ):
         return loader, 1
-    indices = list(range(rank, len(dataset), world))  # type: ignore[arg-type]
+    dataset = loader.dataset
+    size = dataset_size(dataset)
+    indices = list(range(rank, size, world))
     if not indices:
         raise ValueError(
-            f"the held-out data has {len(dataset)} samples, fewer than the {world} ranks that "  # type: ignore[arg-type]
+            f"the held-out data has {size} samples, fewer than the {world} ranks that "
             "score soups together: give every rank at least one sample"
         )
     shard: DataLoader = DataLoader(
-        dataset,  # type: ignore[arg-type]
+        dataset,
         batch_size=loader.batch_size,
         sampler=indices,
         num_workers=loader.num_workers,

@@ -309,7 +309,8 @@ def sparse_model_soup(
             other entry is for ``make_module``. Vary seeds, learning rates, weight decay...
         output_dir: where every retrain and soup is saved; a rerun resumes from it.
         val_dataloaders: held-out data scoring the retrains and the soup (``monitor``, ``mode``).
-        train_dataloaders, datamodule: passed to ``trainer.fit``.
+        train_dataloaders: passed to ``trainer.fit``.
+        datamodule: passed to ``trainer.fit``.
         method: ``"uniform"`` (the paper's main recipe) or ``"greedy"`` soup.
         scope: magnitude pruning with one global threshold or per layer.
         targets: ``targets(name, parameter) -> bool`` selects the pruned weights.

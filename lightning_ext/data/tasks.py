@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
+from lightning_ext._sized import dataset_size
+
 __all__ = ["ReplayMemory", "TaskStream", "WithReplay", "dataset_targets", "split_by_classes"]
 
 
@@ -23,7 +25,7 @@ def dataset_targets(dataset: Dataset) -> Tensor:
         return dataset.tensors[1]
     if isinstance(dataset, Subset):
         return dataset_targets(dataset.dataset)[torch.as_tensor(dataset.indices)]
-    return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]
+    return torch.as_tensor([int(dataset[i][1]) for i in range(dataset_size(dataset))])
 
 
 def split_by_classes(
@@ -65,7 +67,7 @@ class ReplayMemory(Dataset):
 
     def add_task(self, dataset: Dataset) -> None:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + len(self._per_task))
-        self._per_task.append((dataset, torch.randperm(len(dataset), generator=g)))  # type: ignore[arg-type]
+        self._per_task.append((dataset, torch.randperm(dataset_size(dataset), generator=g)))
         quota = self.capacity // len(self._per_task)
         self._flat = [
             (t, int(i)) for t, (_, order) in enumerate(self._per_task) for i in order[:quota]
@@ -95,10 +97,10 @@ class WithReplay(Dataset):
             raise ValueError("the replay memory is empty: add a task to it first")
         self.dataset, self.memory = dataset, memory
         g = torch.Generator().manual_seed(seed)
-        self.pairing = torch.randint(len(memory), (len(dataset),), generator=g)  # type: ignore[arg-type]
+        self.pairing = torch.randint(len(memory), (dataset_size(dataset),), generator=g)
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return dataset_size(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[Tensor, ...]:
         x, y = self.dataset[index]
@@ -172,7 +174,7 @@ class TaskStream(pl.LightningDataModule):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         # A seeded DistributedSampler (one replica when single-process) makes the order depend on
         # (seed, epoch) only: resumable bitwise, and Lightning keeps it as it is under DDP.
-        sampler = DistributedSampler(
+        sampler: DistributedSampler[int] = DistributedSampler(
             dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
         )
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)

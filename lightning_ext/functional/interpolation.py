@@ -125,6 +125,14 @@ def slerp(
     ``base + sin((1-t) W) / sin W * (a - base) + sin(t W) / sin W * (b - base)``, W the angle
     between the task vectors. Task vectors of equal norm keep that norm, where a linear average
     would shrink it.
+
+    Examples:
+        >>> import torch
+        >>> a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+        >>> slerp(a, b, 0.5)
+        tensor([0.7071, 0.7071])
+        >>> round(slerp({'w': a}, {'w': b}, 0.5)['w'].norm().item(), 4)
+        1.0
     """
     _check_t(t)
     if isinstance(a, Tensor):
@@ -220,6 +228,12 @@ def multi_slerp(
     ``weights`` (default uniform) are normalised to sum to 1. For M = 2 the result equals
     ``slerp(sd0, sd1, t=w1, base=base)``; for any M it is invariant to the order of the inputs,
     and equal inputs give that input back. Memory per tensor: the M task vectors of that tensor.
+
+    Examples:
+        >>> import torch
+        >>> base = torch.zeros(2)
+        >>> multi_slerp(base, [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])])
+        tensor([0.7071, 0.7071])
     """
     if len(state_dicts) == 0:
         raise ValueError("multi_slerp needs at least one state dict")
@@ -254,6 +268,11 @@ def liti(base: StateDictOrTensor, merged: StateDictOrTensor, eta: float) -> Stat
     WARP's stage 3: eta = 0 is the initialisation, eta = 1 the merged model, and sweeping eta
     traces a reward/KL front; eta > 1 extrapolates along the same line (statistics buffers stop
     at the merged model's: variances are never extrapolated).
+
+    Examples:
+        >>> import torch
+        >>> liti(torch.zeros(2), torch.tensor([1.0, 2.0]), eta=0.5)
+        tensor([0.5000, 1.0000])
     """
     if not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be finite and >= 0, got {eta}")

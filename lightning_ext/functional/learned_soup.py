@@ -62,7 +62,13 @@ GRANULARITIES = ("tensor", "model")
 
 def mixing_weights(alpha: Tensor, mode: Mode) -> Tensor:
     """The weights each ingredient (row) gets in each block (column): ``softmax`` over the
-    ingredients for a learned soup (a convex combination), ``alpha`` itself for aTLAS."""
+    ingredients for a learned soup (a convex combination), ``alpha`` itself for aTLAS.
+
+    Examples:
+        >>> import torch
+        >>> mixing_weights(torch.zeros(2), 'ingredients')
+        tensor([0.5000, 0.5000])
+    """
     return torch.softmax(alpha, dim=0) if mode == "ingredients" else alpha
 
 
@@ -119,7 +125,17 @@ def apply_soup_coefficients(
     theta_k`` (``mode="ingredients"``) or ``base + sum_k weights[key][k] (theta_k - base)``
     (``mode="task_vectors"``); statistics buffers are averaged, non-floating tensors copied from
     the reference. ``weights`` maps (compile-normalised) keys to K mixing weights, as
-    ``LearnedSoup.weights_by_key()`` returns them. Keys and dtypes are the reference's."""
+    ``LearnedSoup.weights_by_key()`` returns them. Keys and dtypes are the reference's.
+
+    Examples:
+        >>> import torch
+        >>> a = {'weight': torch.tensor([[1.0]]), 'bias': torch.tensor([0.0])}
+        >>> b = {'weight': torch.tensor([[3.0]]), 'bias': torch.tensor([2.0])}
+        >>> weights = {'weight': torch.tensor([0.25, 0.75]), 'bias': torch.tensor([0.5, 0.5])}
+        >>> soup = apply_soup_coefficients([a, b], weights)
+        >>> soup['weight'], soup['bias']
+        (tensor([[2.5000]]), tensor([1.]))
+    """
     _check_mode(mode, "tensor")
     reference = _reference(state_dicts, base, mode)
     n = len(state_dicts)
@@ -334,6 +350,20 @@ def learn_soup_coefficients(
     cross-entropy; batches are read with ``unpack_batch`` and ``forward_fn`` (the project's batch
     convention). The model runs in eval mode (dropout off, BatchNorm on the averaged statistics)
     unless ``train_mode``; its own parameters and buffers are left untouched either way.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> a = {'weight': torch.tensor([[1.0]]), 'bias': torch.tensor([0.0])}
+        >>> b = {'weight': torch.tensor([[3.0]]), 'bias': torch.tensor([2.0])}
+        >>> model = nn.Linear(1, 1)
+        >>> batches = [(torch.tensor([[1.0]]), torch.tensor([[4.5]]))]
+        >>> mse = lambda out, y: (out - y).pow(2).mean()
+        >>> learned = learn_soup_coefficients(model, [a, b], batches, steps=20, lr=0.1, loss_fn=mse)
+        >>> learned.alpha.shape
+        torch.Size([2, 2])
+        >>> learned.losses[-1] < learned.losses[0]
+        True
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")

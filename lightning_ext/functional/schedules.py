@@ -73,6 +73,11 @@ def resample_schedule(values: Tensor | Sequence[float], steps: int) -> Tensor:
     """Linear interpolation of ``values`` onto ``steps`` points; first and last points are kept.
 
     Both grids span the same run, so a schedule stored for 100 steps stretches to 1000 steps.
+
+    Examples:
+        >>> import torch
+        >>> resample_schedule(torch.tensor([1.0, 0.0]), 5)
+        tensor([1.0000, 0.7500, 0.5000, 0.2500, 0.0000], dtype=torch.float64)
     """
     tensor = _as_1d_float64(values, "schedule")
     if tensor.numel() < 2:
@@ -104,6 +109,11 @@ def median_filter(values: Tensor, window: int) -> Tensor:
     the start is padded by repeating the first value, the end by reflection (numpy ``reflect``).
 
     Computed in row blocks, so that a record of a million steps never materialises all windows.
+
+    Examples:
+        >>> import torch
+        >>> median_filter(torch.tensor([1.0, 9.0, 1.0, 1.0, 1.0]), 3)
+        tensor([1., 1., 1., 1., 1.])
     """
     if window < 1 or window % 2 == 0:
         raise ValueError(f"the median window must be an odd number >= 1, got {window}")
@@ -128,6 +138,11 @@ def smooth_grad_norms(
     record's own resolution; records shorter than 10,000 steps are first interpolated up to 10,000
     points (so the window spans 10% of the run) and the smoothed curve is read back at each step.
     A float: a window of that fraction of the run, at the record's resolution (0: none).
+
+    Examples:
+        >>> import torch
+        >>> smooth_grad_norms(torch.tensor([1.0, 9.0, 1.0, 1.0, 1.0]), 'reference', window=3)
+        tensor([1.0000, 8.9976, 1.0008, 1.0000, 1.0000], dtype=torch.float64)
     """
     g = _as_1d_float64(grad_norms, "grad_norms")
     if smoothing == "reference":
@@ -147,7 +162,13 @@ def smooth_grad_norms(
 
 
 def closed_form_schedule(weights: Tensor) -> Tensor:
-    """eta_t = w_t * sum_{p>t} w_p, normalised to peak 1 (so the last step is 0)."""
+    """eta_t = w_t * sum_{p>t} w_p, normalised to peak 1 (so the last step is 0).
+
+    Examples:
+        >>> import torch
+        >>> closed_form_schedule(torch.ones(4))
+        tensor([1.0000, 0.6667, 0.3333, 0.0000])
+    """
     tail = weights.flip(0).cumsum(0).flip(0) - weights
     eta = weights * tail
     return eta / eta.max()
@@ -198,6 +219,14 @@ def refine_schedule(
     - ``floor``: eta_t >= floor * (1 - t / (T - 1)): never below that fraction of linear decay.
 
     The result is resampled to ``steps`` points (default: T). Returns float64.
+
+    Examples:
+        >>> import torch
+        >>> schedule = refine_schedule(torch.ones(6), smoothing=0.0)
+        >>> schedule.shape
+        torch.Size([6])
+        >>> float(schedule[0]) >= float(schedule[-1])
+        True
     """
     if norm not in ("l1", "l2"):
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
@@ -288,7 +317,14 @@ class ScheduleDiagnostics:
 def schedule_diagnostics(
     schedule: Tensor | Sequence[float], grad_norms: Tensor | Sequence[float] | None = None
 ) -> ScheduleDiagnostics:
-    """Shape figures of ``schedule`` (and of the norms it came from), see ScheduleDiagnostics."""
+    """Shape figures of ``schedule`` (and of the norms it came from), see ScheduleDiagnostics.
+
+    Examples:
+        >>> import torch
+        >>> diagnostics = schedule_diagnostics(torch.tensor([1.0, 0.5, 0.0]))
+        >>> round(diagnostics.mean_multiplier, 4)
+        0.5
+    """
     s = _as_1d_float64(schedule, "schedule")
     edge = max(1, round(EDGE_FRACTION * s.numel()))
     linear = _linear(s.numel())
@@ -310,7 +346,12 @@ def schedule_diagnostics(
 
 
 def linear_decay(t: float, total: float) -> float:
-    """``1 - t / total``, clamped to [0, 1]: step 0 has the peak and step ``total`` has 0."""
+    """``1 - t / total``, clamped to [0, 1]: step 0 has the peak and step ``total`` has 0.
+
+    Examples:
+        >>> linear_decay(25, 100)
+        0.75
+    """
     if total <= 0:
         raise ValueError(f"total must be > 0, got {total}")
     return min(1.0, max(0.0, 1.0 - t / total))
@@ -325,7 +366,12 @@ def warmup_stable_decay(
     final: float = 0.0,
 ) -> float:
     """Linear warm-up from 0 to 1 over the first ``warmup_fraction`` of ``total`` steps, 1 until
-    the last ``decay_fraction``, then a linear decay to ``final`` at step ``total``."""
+    the last ``decay_fraction``, then a linear decay to ``final`` at step ``total``.
+
+    Examples:
+        >>> [round(warmup_stable_decay(t, 10, warmup_fraction=0.2), 2) for t in (0, 1, 5, 9)]
+        [0.0, 0.5, 1.0, 0.5]
+    """
     if total <= 0:
         raise ValueError(f"total must be > 0, got {total}")
     if min(warmup_fraction, decay_fraction) < 0 or warmup_fraction + decay_fraction > 1:
@@ -356,7 +402,13 @@ def infinite_schedule(
 ) -> float:
     """The infinite schedule: linear warm-up to 1, cosine cool-down to ``constant_level``, constant
     for as long as training continues, and, from step ``anneal_start`` (None: never), an exponential
-    anneal to ``min_level`` over ``anneal_steps``. Continuing runs skip the re-warm."""
+    anneal to ``min_level`` over ``anneal_steps``. Continuing runs skip the re-warm.
+
+    Examples:
+        >>> options = dict(warmup_steps=2, cooldown_steps=2, constant_level=0.5)
+        >>> [round(infinite_schedule(t, **options), 3) for t in range(6)]
+        [0.0, 0.5, 1.0, 0.75, 0.5, 0.5]
+    """
     if warmup_steps < 0 or cooldown_steps < 0 or anneal_steps < 0:
         raise ValueError("warmup_steps, cooldown_steps and anneal_steps must be >= 0")
     if not 0.0 < constant_level <= 1.0:
@@ -383,7 +435,15 @@ def infinite_schedule(
 
 def gradient_norm(grads: Sequence[Tensor], norm: Norm = "l2") -> Tensor:
     """The l2 or l1 norm of all ``grads`` together, as a float32 0-dim tensor on the first one's
-    device. Multi-tensor kernels per (device, dtype) group and no ``.item()``: no host sync."""
+    device. Multi-tensor kernels per (device, dtype) group and no ``.item()``: no host sync.
+
+    Examples:
+        >>> import torch
+        >>> gradient_norm([torch.tensor([3.0]), torch.tensor([4.0])])
+        tensor(5.)
+        >>> gradient_norm([torch.tensor([3.0]), torch.tensor([-4.0])], norm='l1')
+        tensor(7.)
+    """
     if norm not in ("l1", "l2"):
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
     if not grads:
@@ -411,5 +471,11 @@ def gradient_norm(grads: Sequence[Tensor], norm: Norm = "l2") -> Tensor:
 
 def combine_norm_parts(parts: Tensor, norm: Norm = "l2") -> Tensor:
     """The norm of several tensors together from their own norms (along the last dimension):
-    the l2 norm of the l2 norms, or the sum of the l1 norms."""
+    the l2 norm of the l2 norms, or the sum of the l1 norms.
+
+    Examples:
+        >>> import torch
+        >>> combine_norm_parts(torch.tensor([3.0, 4.0]))
+        tensor(5.)
+    """
     return parts.norm(2, dim=-1) if norm == "l2" else parts.sum(dim=-1)

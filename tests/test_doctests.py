@@ -13,13 +13,16 @@ FUNCTIONAL_MODULES = [
     "lightning_ext.functional.merging",
     "lightning_ext.functional.schedules",
 ]
-# Modules whose class examples only build a callback and a Trainer (no fit): cheap to run.
+# Modules whose class examples only build an object (no fit): cheap to run.
 OTHER_MODULES = [
     "lightning_ext._sized",
     "lightning_ext.callbacks.continual",
     "lightning_ext.callbacks.schedule",
     "lightning_ext.callbacks.soup",
     "lightning_ext.callbacks.warp",
+    "lightning_ext.schedulers",
+    "lightning_ext.strategies.soup",
+    "lightning_ext.strategies.warp",
 ]
 
 

@@ -79,6 +79,35 @@ class SoupStrategyMixin(_StrategyBase):
     Validation metrics logged with ``sync_dist=True`` during training are means over the ranks'
     ingredients. The merge result is in ``strategy.soup_result``. Checkpoints hold every rank's
     ingredient (rank r > 0 in ``<file>.rank<r>``), so a resumed job continues each of them.
+
+    Args:
+        merge: ``"uniform"`` (average every rank's weights) or ``"greedy"`` (greedy soup).
+        monitor: the logged validation metric the greedy soup ranks by.
+        mode: ``"min"`` (lower is better, Lightning's default) or ``"max"``.
+        seed: rank ``r`` is seeded with ``seed + r``.
+        shard_data: give each rank a disjoint shard of the training data (Lightning's usual)
+            instead of the whole set in its own order.
+        hparams_per_rank: one dict per rank, written into ``module.hparams``.
+        merge_every_n_steps: also average uniformly every this many optimizer steps.
+        strict: the greedy soup needs a strict improvement to keep an ingredient.
+        passes: passes of the greedy soup over the ranks.
+        unpack_batch: ``batch -> (inputs, targets)`` for reading the validation data.
+        forward_fn: ``(module, inputs) -> logits`` for reading the validation data.
+        **ddp_kwargs: passed to ``DDPStrategy``.
+
+    Raises:
+        ValueError: an unknown ``merge`` or ``mode``, ``merge_every_n_steps`` or ``passes``
+            below 1; at setup, ``hparams_per_rank`` of the wrong length or ``merge="greedy"``
+            without validation data.
+
+    Examples:
+        >>> from lightning_ext.strategies import SoupStrategy
+        >>> strategy = SoupStrategy(merge="greedy", monitor="val_acc", mode="max")
+        >>> strategy.merge, strategy.soup_result
+        ('greedy', None)
+
+        Then ``pl.Trainer(accelerator="cpu", devices=4, strategy=strategy)``: four ingredients
+        trained side by side, merged at fit end.
     """
 
     def __init__(

@@ -172,9 +172,19 @@ class WARPStrategy(WARPStrategyMixin, DDPStrategy):
     merge (before LITI); the module holds the LITI result. For a ``pytorch_lightning`` Trainer use
     ``lightning_ext.pytorch_lightning.WARPStrategy``.
 
-    Example::
+    Raises:
+        ValueError: ``eta`` below 0, a DDP-wrapper option in ``ddp_kwargs`` (WARP never wraps
+            the model), or, at setup, a number of ``weights`` other than the number of ranks.
+        FileNotFoundError: resuming from a checkpoint this strategy did not write (no per-rank
+            file); a checkpoint from another number of ranks raises ValueError.
 
-        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=WARPStrategy(eta=0.5))
+    Examples:
+        >>> from lightning_ext.strategies import WARPStrategy
+        >>> strategy = WARPStrategy(eta=0.5)
+        >>> strategy.merged_state is None
+        True
+
+        Then ``pl.Trainer(accelerator="cpu", devices=2, strategy=strategy)``.
     """
 
     strategy_name = "warp"

@@ -76,6 +76,27 @@ class Ingredients(Sequence):
     ``strip_prefix`` removes a key prefix (e.g. ``"model."`` when checkpoints wrap the network),
     ``map_location`` places loaded tensors and ``trusted=True`` allows checkpoints that pickle
     arbitrary objects (e.g. custom classes in ``hyper_parameters``).
+
+    Args:
+        sources: state dicts, modules, or paths of files holding them (checkpoints or bare
+            state dicts).
+        key: the entry of a loaded checkpoint dict that holds the weights (None: the file is the
+            state dict itself; a file without ``key`` is taken as the state dict too).
+        strip_prefix: a key prefix to remove from every tensor name.
+        map_location: where loaded tensors go.
+        mmap: memory-map the files (no tensor data read until used).
+        trusted: allow checkpoints that pickle arbitrary objects (see ``load_file``).
+
+    Raises:
+        ValueError: no sources; on access, an ingredient whose layout differs from the first.
+        FileNotFoundError: on access, a path that does not exist.
+        IndexError: an index out of range.
+
+    Examples:
+        >>> import torch
+        >>> ingredients = Ingredients([{"w": torch.zeros(2)}, {"w": torch.ones(2)}]).validate()
+        >>> len(ingredients), ingredients[1]["w"]
+        (2, tensor([1., 1.]))
     """
 
     def __init__(

@@ -366,6 +366,28 @@ class ValidationScorer:
     must call it with the same weights: each validates its share of the data and the score is
     reduced over the ranks (see ``_reduce_score``). ``recalibrate_on`` (a train loader)
     recomputes BatchNorm statistics before each evaluation (rank 0's are used on every rank).
+
+    Args:
+        module: the LightningModule (either namespace) whose ``validation_step`` scores.
+        dataloaders: the held-out data.
+        datamodule: a datamodule whose ``val_dataloader`` gives the held-out data, when
+            ``dataloaders`` is None.
+        monitor: the metric ``validation_step`` logs that is the score.
+        trainer: a Trainer whose validation data to use when neither is given elsewhere.
+        precision: the precision to score under (pass the fit's).
+        recalibrate_on: a train loader to recompute BatchNorm statistics on before each score.
+        unpack_batch: ``batch -> (inputs, targets)``, for ``recalibrate_on``.
+        forward_fn: ``(module, inputs) -> logits``, for ``recalibrate_on``.
+
+    Raises:
+        ValueError: neither ``dataloaders`` nor ``datamodule``.
+        KeyError: when scoring, a ``monitor`` that ``validation_step`` did not log.
+
+    Examples:
+        Score two ingredients and keep the better one (``module`` logs ``val_loss``):
+
+            scorer = ValidationScorer(module, dataloaders=val_loader, monitor="val_loss")
+            best = min(ingredients, key=scorer)
     """
 
     def __init__(
@@ -470,7 +492,23 @@ class ValidationScorer:
 class SoupResult:
     """What a soup run made: the weights, the chosen ingredients (indices in order of addition;
     every index for a uniform soup), each ingredient's own score and the soup's, the ingredient
-    names and every greedy candidate as (index, score, kept)."""
+    names and every greedy candidate as (index, score, kept).
+
+    Attributes:
+        state_dict: the soup's weights.
+        chosen: the ingredients in the soup, in order of addition.
+        scores: each ingredient's own score.
+        soup_score: the soup's score.
+        names: the ingredients' names (file names, or ``"rank r"``).
+        candidates: every greedy candidate as ``(index, score, kept)``.
+
+    Examples:
+        >>> import torch
+        >>> weights = {"w": torch.ones(1)}
+        >>> result = SoupResult(weights, chosen=[1, 0], scores=[0.3, 0.2], soup_score=0.1)
+        >>> result.chosen
+        [1, 0]
+    """
 
     state_dict: dict[str, Tensor]
     chosen: list[int]

@@ -20,7 +20,10 @@ OTHER_MODULES = [
     "lightning_ext.callbacks.schedule",
     "lightning_ext.callbacks.soup",
     "lightning_ext.callbacks.warp",
+    "lightning_ext.data.tasks",
     "lightning_ext.schedulers",
+    "lightning_ext.soup_io",
+    "lightning_ext.soups",
     "lightning_ext.strategies.soup",
     "lightning_ext.strategies.warp",
 ]

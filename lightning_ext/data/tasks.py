@@ -56,6 +56,22 @@ class ReplayMemory(Dataset):
 
     ``add_task`` draws the new task's share with a generator seeded by ``(seed, task)`` and shrinks
     the older shares to keep the total at ``capacity`` (as in class-balanced experience replay).
+
+    Args:
+        capacity: the number of samples kept over all tasks.
+        seed: seeds the draw of each task's share.
+
+    Raises:
+        ValueError: ``capacity`` below 1.
+
+    Examples:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> memory = ReplayMemory(capacity=4)
+        >>> memory.add_task(TensorDataset(torch.arange(10.0), torch.zeros(10)))
+        >>> memory.add_task(TensorDataset(torch.arange(10.0), torch.ones(10)))
+        >>> len(memory), sorted(int(memory[i][1]) for i in range(len(memory)))
+        (4, [0, 0, 1, 1])
     """
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
@@ -90,6 +106,23 @@ class WithReplay(Dataset):
 
     The pairing is drawn once from ``seed``; a batch of these is a new batch plus an equally large
     replay batch, which is how the stability-gap paper runs ER.
+
+    Args:
+        dataset: the new task's training data, items ``(x, y)``.
+        memory: the replay memory of the earlier tasks.
+        seed: seeds the pairing.
+
+    Raises:
+        ValueError: an empty ``memory``.
+
+    Examples:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> memory = ReplayMemory(capacity=2)
+        >>> memory.add_task(TensorDataset(torch.zeros(5, 3), torch.zeros(5)))
+        >>> paired = WithReplay(TensorDataset(torch.ones(6, 3), torch.ones(6)), memory)
+        >>> len(paired), len(paired[0])
+        (6, 4)
     """
 
     def __init__(self, dataset: Dataset, memory: ReplayMemory, seed: int = 0) -> None:
@@ -119,6 +152,28 @@ class TaskStream(pl.LightningDataModule):
 
     It is a ``lightning.pytorch`` datamodule: a ``pytorch_lightning`` Trainer refuses it (its
     hook checks compare against its own class); there, give loaders to one fit per task.
+
+    Args:
+        train_tasks: one training dataset per task, items ``(x, y)``.
+        eval_tasks: one evaluation dataset per task (None: ContinualEvaluation needs its own).
+        epochs_per_task: training epochs of each task.
+        batch_size: the training batch size.
+        replay_capacity: samples kept in the replay memory (0: no replay).
+        seed: seeds the sampling order and the replay memory.
+
+    Raises:
+        ValueError: no train tasks, a number of eval tasks that differs, or ``epochs_per_task``
+            below 1.
+
+    Examples:
+        >>> import torch
+        >>> import lightning.pytorch as pl
+        >>> from torch.utils.data import TensorDataset
+        >>> tasks = [TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(3)]
+        >>> stream = TaskStream(tasks, tasks, epochs_per_task=2, batch_size=4)
+        >>> stream.num_tasks
+        3
+        >>> trainer = pl.Trainer(max_epochs=6, reload_dataloaders_every_n_epochs=2, logger=False)
     """
 
     def __init__(

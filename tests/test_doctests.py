@@ -24,8 +24,10 @@ OTHER_MODULES = [
     "lightning_ext.schedulers",
     "lightning_ext.soup_io",
     "lightning_ext.soups",
+    "lightning_ext.sparse_soup",
     "lightning_ext.strategies.soup",
     "lightning_ext.strategies.warp",
+    "lightning_ext.warp",
 ]
 
 

@@ -184,6 +184,29 @@ class SoupParametrisation:
 
     ``blocks`` lists the learned tensors by the model's state-dict key (each tied parameter once:
     ``functional_call`` ties its aliases). ``loss(alpha, batch)`` runs the model on one batch.
+
+    Args:
+        model: the network the ingredients are weights of; its own weights are left untouched.
+        state_dicts: the K ingredients.
+        base: the pre-trained weights, for ``mode="task_vectors"``.
+        mode: ``"ingredients"`` (a convex combination) or ``"task_vectors"`` (aTLAS).
+        granularity: ``"tensor"`` (one coefficient per ingredient and tensor) or ``"model"``.
+        unpack_batch: ``batch -> (inputs, targets)``.
+        forward_fn: ``(module, inputs) -> logits`` (None: ``default_forward``).
+        loss_fn: ``(logits, targets) -> loss`` (None: mean cross-entropy).
+
+    Raises:
+        ValueError: no ingredients, ``mode="task_vectors"`` without ``base``, or ingredients
+            that lack tensors of the model or do not match each other.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> a = {"weight": torch.tensor([[1.0]]), "bias": torch.tensor([0.0])}
+        >>> b = {"weight": torch.tensor([[3.0]]), "bias": torch.tensor([2.0])}
+        >>> soup = SoupParametrisation(nn.Linear(1, 1), [a, b], granularity="model")
+        >>> soup.blocks
+        ['weight', 'bias']
     """
 
     def __init__(
@@ -298,7 +321,22 @@ class SoupParametrisation:
 class LearnedSoup:
     """Learned coefficients: ``alpha`` (K x B: softmax logits for a learned soup, the aTLAS
     coefficients themselves), the block names (model state-dict keys), the mixing weights per key
-    and the loss at every step."""
+    and the loss at every step.
+
+    Attributes:
+        alpha: the learned coefficients, shape ``(K, B)``.
+        blocks: the model state-dict keys of the learned tensors.
+        mode: ``"ingredients"`` or ``"task_vectors"``.
+        granularity: ``"tensor"`` or ``"model"``.
+        weights: the mixing weights per state-dict key, shape ``(K,)`` each.
+        losses: the loss at every optimisation step.
+
+    Examples:
+        >>> import torch
+        >>> learned = LearnedSoup(torch.zeros(2, 1), ["w"], "ingredients", "model", {})
+        >>> learned.losses
+        []
+    """
 
     alpha: Tensor
     blocks: list[str]

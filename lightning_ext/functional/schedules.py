@@ -272,7 +272,23 @@ class ScheduleDiagnostics:
     ``norm_early_rise``: their median over the run over their median in its first 5% (above 1:
     the norms start low), ``norm_late_collapse``: the run's median over the last 5%'s (above 1:
     they fall at the end), ``norm_range``: largest over smallest median of the run's twenty 5%
-    segments."""
+    segments.
+
+    Attributes:
+        mean_multiplier: the schedule's mean multiplier.
+        peak_at: where the peak lies, as a fraction of the run.
+        early_budget: the share of the summed multipliers in the first 5% of the run.
+        linear_early_budget: linear decay's share over the same steps.
+        norm_early_rise: the norms' median over the run over their first 5%'s (None: no norms).
+        norm_late_collapse: the norms' median over the run over their last 5%'s.
+        norm_range: the largest over the smallest median of the norms' twenty 5% segments.
+
+    Examples:
+        >>> import torch
+        >>> diagnostics = schedule_diagnostics(torch.linspace(1, 0, 100), torch.ones(100))
+        >>> round(diagnostics.peak_at, 2), diagnostics.norm_range
+        (0.0, 1.0)
+    """
 
     mean_multiplier: float
     peak_at: float

@@ -61,6 +61,12 @@ def _nanmean(x: Tensor) -> float:
 def task_ends(trained: Tensor) -> dict[int, int]:
     """Evaluation index of the end of each task that has at least one evaluation.
 
+    Args:
+        trained: ``Tensor[E]``, the task whose training produced each evaluated model (-1: initial).
+
+    Returns:
+        The task's index to the index of its last evaluation.
+
     Examples:
         >>> import torch
         >>> trained = torch.tensor([-1, 0, 0, 1, 1])
@@ -91,6 +97,16 @@ def task_curve_indices(
     """Evaluation indices on ``task``'s curve, in order (see ``task_curve``); only those made
     while ``task`` itself was trained with ``own_training_only``.
 
+    Args:
+        values: ``Tensor[E, T]``, the metric of each task at each evaluation (NaN: not evaluated).
+        trained: ``Tensor[E]``, the task whose training produced each evaluated model (-1: initial).
+        task: the task's index.
+        zero_shot: also count the evaluations before the task was first trained.
+        own_training_only: keep only the evaluations while the task itself was trained.
+
+    Returns:
+        The evaluation indices of the task's curve.
+
     Examples:
         >>> import torch
         >>> nan = float("nan")
@@ -118,6 +134,15 @@ def task_curve(values: Tensor, trained: Tensor, task: int, *, zero_shot: bool = 
     put a chance-level starting point on every curve and inflate WP^w. ``zero_shot=True`` puts
     the last evaluation before training on the task began at the head of every task's curve.
 
+    Args:
+        values: ``Tensor[E, T]``, the metric of each task at each evaluation (NaN: not evaluated).
+        trained: ``Tensor[E]``, the task whose training produced each evaluated model (-1: initial).
+        task: the task's index.
+        zero_shot: also count the evaluations before the task was first trained.
+
+    Returns:
+        The task's metric at every evaluation from its first training on.
+
     Examples:
         >>> import torch
         >>> nan = float("nan")
@@ -135,6 +160,15 @@ def own_training_curve(
 ) -> Tensor:
     """``task``'s evaluations while it was the task being trained (what LCA^beta reads), with
     the same starting point as ``task_curve``.
+
+    Args:
+        values: ``Tensor[E, T]``, the metric of each task at each evaluation (NaN: not evaluated).
+        trained: ``Tensor[E]``, the task whose training produced each evaluated model (-1: initial).
+        task: the task's index.
+        zero_shot: also count the evaluations before the task was first trained.
+
+    Returns:
+        The task's metric while it was trained.
 
     Examples:
         >>> import torch
@@ -155,6 +189,15 @@ def min_acc(
     worst value of task ``i`` over the evaluations strictly after its end, up to ``at``.
 
     NaN while no task has finished (the first task has no min-ACC).
+
+    Args:
+        values: ``Tensor[E, T]``, the metric of each task at each evaluation (NaN: not evaluated).
+        trained: ``Tensor[E]``, the task whose training produced each evaluated model (-1: initial).
+        at: the evaluation index to compute it at (None: the last one).
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+
+    Returns:
+        min-ACC, NaN while no task has finished.
 
     Examples:
         >>> import torch
@@ -182,6 +225,17 @@ def wc_acc(current_value: float, min_acc_value: float, num_tasks_seen: int) -> f
     """Worst-case accuracy: ``(1/k) A(E_k, f_t) + (1 - 1/k) min-ACC`` with ``k`` tasks seen.
 
     For the first task (no min-ACC yet) it is the current task's value.
+
+    Args:
+        current_value: the metric of the current task.
+        min_acc_value: ``min_acc`` of the earlier tasks.
+        num_tasks_seen: the number of tasks trained so far, the current one included.
+
+    Returns:
+        The worst-case accuracy, ``(1/k) * current + (1 - 1/k) * min_acc``.
+
+    Raises:
+        ValueError: ``num_tasks_seen`` below 1.
 
     Examples:
         >>> round(wc_acc(0.9, 0.6, num_tasks_seen=2), 4)
@@ -211,6 +265,14 @@ def windowed_forgetting(curve: Tensor, window: int = 10, *, higher_is_better: bo
     """WF^w of one task's curve: the largest drop within any ``window`` consecutive evaluations,
     ``max_{a<b, b-a<w} (A_a - A_b)`` (an increase for lower-is-better metrics), 0 if none.
 
+    Args:
+        curve: one task's metric at consecutive evaluations.
+        window: the number of consecutive evaluations considered.
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+
+    Returns:
+        The largest loss within ``window`` consecutive evaluations (0: none).
+
     Examples:
         >>> import torch
         >>> round(windowed_forgetting(torch.tensor([0.9, 0.6, 0.7]), window=2), 4)
@@ -221,6 +283,14 @@ def windowed_forgetting(curve: Tensor, window: int = 10, *, higher_is_better: bo
 
 def windowed_plasticity(curve: Tensor, window: int = 10, *, higher_is_better: bool = True) -> float:
     """WP^w of one task's curve: the largest gain within any ``window`` consecutive evaluations.
+
+    Args:
+        curve: one task's metric at consecutive evaluations.
+        window: the number of consecutive evaluations considered.
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+
+    Returns:
+        The largest gain within ``window`` consecutive evaluations (0: none).
 
     Examples:
         >>> import torch
@@ -239,6 +309,15 @@ def windowed_forgetting_step(
     ``max(recent) - new`` at most: O(w) per evaluation instead of O(E w). For WP^w call it with
     ``higher_is_better`` negated.
 
+    Args:
+        previous: the windowed forgetting so far.
+        recent: the last ``window - 1`` values.
+        new: the newest value.
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+
+    Returns:
+        The updated windowed forgetting.
+
     Examples:
         >>> round(windowed_forgetting_step(0.0, [0.9], 0.6), 4)
         0.3
@@ -254,6 +333,16 @@ def learning_curve_area(curve: Tensor, beta: int = 10) -> float:
     the official code computes it; NaN if the task had fewer than ``beta`` (never filled with
     later tasks' evaluations). NaN values are skipped.
 
+    Args:
+        curve: one task's metric at consecutive evaluations.
+        beta: the number of evaluations averaged.
+
+    Returns:
+        The mean of the first ``beta`` values, NaN if there are fewer.
+
+    Raises:
+        ValueError: ``beta`` below 1.
+
     Examples:
         >>> import torch
         >>> round(learning_curve_area(torch.tensor([0.2, 0.5, 0.9]), beta=2), 4)
@@ -268,6 +357,13 @@ def learning_curve_area(curve: Tensor, beta: int = 10) -> float:
 def accuracy_matrix(values: Tensor, trained: Tensor) -> tuple[Tensor, Tensor]:
     """``R[i, j]``: metric of task ``j`` at the end of task ``i``, and ``b[j]``: of the initial
     model (the evaluation with ``trained == -1``); NaN where not evaluated.
+
+    Args:
+        values: ``Tensor[E, T]``, the metric of each task at each evaluation (NaN: not evaluated).
+        trained: ``Tensor[E]``, the task whose training produced each evaluated model (-1: initial).
+
+    Returns:
+        ``R`` (tasks x tasks, NaN where not evaluated) and the initial model's metric per task.
 
     Examples:
         >>> import torch
@@ -307,6 +403,13 @@ def _finished(matrix: Tensor) -> int:
 def average_accuracy(matrix: Tensor) -> float:
     """ACC: mean over tasks ``j <= T`` of ``R[T, j]``, ``T`` the last finished task.
 
+    Args:
+        matrix: ``R[i, j]``, task ``j``'s metric at the end of task ``i`` (from
+            ``accuracy_matrix``).
+
+    Returns:
+        ACC, NaN without a finished task.
+
     Examples:
         >>> import torch
         >>> nan = float("nan")
@@ -322,6 +425,14 @@ def average_accuracy(matrix: Tensor) -> float:
 
 def backward_transfer(matrix: Tensor, *, higher_is_better: bool = True) -> float:
     """BWT: mean over ``j < T`` of ``R[T, j] - R[j, j]`` (> 0: old tasks improved).
+
+    Args:
+        matrix: ``R[i, j]``, task ``j``'s metric at the end of task ``i`` (from
+            ``accuracy_matrix``).
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+
+    Returns:
+        BWT (> 0: old tasks improved), NaN with fewer than 2 tasks.
 
     Examples:
         >>> import torch
@@ -341,6 +452,15 @@ def backward_transfer(matrix: Tensor, *, higher_is_better: bool = True) -> float
 
 def forward_transfer(matrix: Tensor, initial: Tensor, *, higher_is_better: bool = True) -> float:
     """FWT: mean over ``j >= 2`` of ``R[j-1, j] - b[j]`` (oriented: > 0 means a head start).
+
+    Args:
+        matrix: ``R[i, j]``, task ``j``'s metric at the end of task ``i`` (from
+            ``accuracy_matrix``).
+        initial: each task's metric under the initial model.
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+
+    Returns:
+        FWT (> 0: a head start), NaN with fewer than 2 tasks.
 
     Examples:
         >>> import torch
@@ -362,6 +482,14 @@ def per_task_forgetting(matrix: Tensor, *, higher_is_better: bool = True) -> dic
     """Chaudhry et al. (2018) forgetting of each task ``j < T``: its best value at any task end
     before the last (``R[l, j]``, ``j <= l < T``) minus its final value ``R[T, j]`` (> 0 means
     forgotten).
+
+    Args:
+        matrix: ``R[i, j]``, task ``j``'s metric at the end of task ``i`` (from
+            ``accuracy_matrix``).
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+
+    Returns:
+        Each earlier task's forgetting at the end of the last task.
 
     Examples:
         >>> import torch
@@ -387,6 +515,14 @@ def chaudhry_forgetting(matrix: Tensor, *, higher_is_better: bool = True) -> flo
     """Average forgetting of Chaudhry et al. (2018): the mean of ``per_task_forgetting`` (the
     drop from each task's best end-of-task value). NaN before a second task finished.
 
+    Args:
+        matrix: ``R[i, j]``, task ``j``'s metric at the end of task ``i`` (from
+            ``accuracy_matrix``).
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+
+    Returns:
+        The mean of ``per_task_forgetting`` (NaN: none).
+
     Examples:
         >>> import torch
         >>> nan = float("nan")
@@ -403,6 +539,14 @@ def chaudhry_forgetting(matrix: Tensor, *, higher_is_better: bool = True) -> flo
 def stream_forgetting(matrix: Tensor, *, higher_is_better: bool = True) -> float:
     """Avalanche's stream forgetting: mean over ``j < T`` of ``R[j, j] - R[T, j]``, the drop
     from the value right after training on ``j`` (not its best); equal to ``-BWT``.
+
+    Args:
+        matrix: ``R[i, j]``, task ``j``'s metric at the end of task ``i`` (from
+            ``accuracy_matrix``).
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+
+    Returns:
+        ``-BWT``: the mean drop of the earlier tasks since their own end (> 0: forgetting).
 
     Examples:
         >>> import torch
@@ -448,6 +592,21 @@ def stability_gap(
     switch to the trough; ``steps_to_recover``: steps from the switch until the curve first
     regains ``recovered_fraction`` of the depth after the trough (NaN if it never does, or if
     there was no drop).
+
+    Args:
+        values: ``Tensor[E, T]``, the metric of each task at each evaluation (NaN: not evaluated).
+        trained: ``Tensor[E]``, the task whose training produced each evaluated model (-1: initial).
+        steps: ``Tensor[E]``, the optimizer step of each evaluation.
+        within: the evaluations after a switch searched for the drop (None: to the next switch).
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+        recovered_fraction: the share of the drop to regain for a recovery.
+
+    Returns:
+        ``gap[i][k]``: the depth, the worst point, the recovery and its steps of task ``i`` at
+            switch ``k``.
+
+    Raises:
+        ValueError: ``recovered_fraction`` outside (0, 1] or ``within`` below 1.
 
     Examples:
         >>> import torch
@@ -523,6 +682,13 @@ def _one_gap(
 def mean_gap(gap: dict[int, dict[int, dict[str, float]]], key: str) -> float:
     """Mean of ``key`` (e.g. ``depth``, ``recovery``) over all (task, switch) pairs of ``gap``.
 
+    Args:
+        gap: the result of ``stability_gap``.
+        key: the figure to average, e.g. ``"depth"``.
+
+    Returns:
+        The mean of that figure over every (task, switch) pair (NaN: none).
+
     Examples:
         >>> import torch
         >>> nan = float("nan")
@@ -557,6 +723,22 @@ def continual_metrics(
     ``gap_recovery`` (means over all task switches); per-task dicts ``wf_per_task``,
     ``wp_per_task``, ``lca_per_task``, ``forgetting_per_task``, ``gap`` (see
     ``stability_gap``); and ``matrix``/``initial``. ``zero_shot`` as in ``task_curve``.
+
+    Args:
+        values: ``Tensor[E, T]``, the metric of each task at each evaluation (NaN: not evaluated).
+        trained: ``Tensor[E]``, the task whose training produced each evaluated model (-1: initial).
+        steps: ``Tensor[E]``, the optimizer step of each evaluation (None: the index).
+        window: the window of WF and WP.
+        lca_beta: the evaluations of the learning-curve area.
+        zero_shot: also count the evaluations before the task was first trained.
+        gap_within: ``stability_gap``'s ``within``.
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+
+    Returns:
+        Every metric of the module by name.
+
+    Raises:
+        ValueError: ``values`` not ``[E, T]`` or ``trained`` not ``[E]``.
 
     Examples:
         >>> import torch

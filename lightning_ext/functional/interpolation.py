@@ -126,6 +126,19 @@ def slerp(
     between the task vectors. Task vectors of equal norm keep that norm, where a linear average
     would shrink it.
 
+    Args:
+        a: the first model (a tensor or a state dict).
+        b: the second model, same layout.
+        t: the position between ``a`` (0) and ``b`` (1).
+        base: if given, interpolate the task vectors ``a - base`` and ``b - base``.
+        eps: below this norm a vector counts as zero (linear interpolation instead).
+
+    Returns:
+        The interpolated weights, of the inputs' kind.
+
+    Raises:
+        ValueError: inputs whose keys or shapes differ.
+
     Examples:
         >>> import torch
         >>> a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
@@ -229,6 +242,18 @@ def multi_slerp(
     ``slerp(sd0, sd1, t=w1, base=base)``; for any M it is invariant to the order of the inputs,
     and equal inputs give that input back. Memory per tensor: the M task vectors of that tensor.
 
+    Args:
+        base: the model the task vectors are taken from.
+        state_dicts: the M fine-tunings of ``base``.
+        weights: one weight per fine-tuning (None: uniform), normalised to sum to 1.
+        eps: below this norm a vector counts as zero (linear interpolation instead).
+
+    Returns:
+        The merged weights, of the inputs' kind.
+
+    Raises:
+        ValueError: no fine-tunings, or inputs whose keys or shapes differ.
+
     Examples:
         >>> import torch
         >>> base = torch.zeros(2)
@@ -268,6 +293,17 @@ def liti(base: StateDictOrTensor, merged: StateDictOrTensor, eta: float) -> Stat
     WARP's stage 3: eta = 0 is the initialisation, eta = 1 the merged model, and sweeping eta
     traces a reward/KL front; eta > 1 extrapolates along the same line (statistics buffers stop
     at the merged model's: variances are never extrapolated).
+
+    Args:
+        base: the initialisation.
+        merged: the merged weights.
+        eta: the interpolation coefficient, 0 keeps ``base`` and 1 ``merged``.
+
+    Returns:
+        ``(1 - eta) * base + eta * merged``; statistics buffers are never extrapolated.
+
+    Raises:
+        ValueError: ``eta`` negative or not finite, or inputs whose keys or shapes differ.
 
     Examples:
         >>> import torch

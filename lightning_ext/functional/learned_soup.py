@@ -64,6 +64,13 @@ def mixing_weights(alpha: Tensor, mode: Mode) -> Tensor:
     """The weights each ingredient (row) gets in each block (column): ``softmax`` over the
     ingredients for a learned soup (a convex combination), ``alpha`` itself for aTLAS.
 
+    Args:
+        alpha: the coefficients, shape ``(K, ...)``.
+        mode: the mixing mode: ``"ingredients"`` (convex combination) or ``"task_vectors"``.
+
+    Returns:
+        ``softmax(alpha)`` over the ingredients for a learned soup, ``alpha`` itself for aTLAS.
+
     Examples:
         >>> import torch
         >>> mixing_weights(torch.zeros(2), 'ingredients')
@@ -126,6 +133,19 @@ def apply_soup_coefficients(
     (``mode="task_vectors"``); statistics buffers are averaged, non-floating tensors copied from
     the reference. ``weights`` maps (compile-normalised) keys to K mixing weights, as
     ``LearnedSoup.weights_by_key()`` returns them. Keys and dtypes are the reference's.
+
+    Args:
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+        weights: the mixing weights per state-dict key, shape ``(K,)`` each.
+        base: the pre-trained weights, for ``mode="task_vectors"``.
+        mode: the mixing mode: ``"ingredients"`` (convex combination) or ``"task_vectors"``.
+
+    Returns:
+        The merged state dict.
+
+    Raises:
+        KeyError: a floating-point key without weights.
+        ValueError: weights of the wrong shape.
 
     Examples:
         >>> import torch
@@ -388,6 +408,28 @@ def learn_soup_coefficients(
     cross-entropy; batches are read with ``unpack_batch`` and ``forward_fn`` (the project's batch
     convention). The model runs in eval mode (dropout off, BatchNorm on the averaged statistics)
     unless ``train_mode``; its own parameters and buffers are left untouched either way.
+
+    Args:
+        model: the network the ingredients are weights of (left untouched).
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+        batches: held-out batches, read with ``unpack_batch`` and ``forward_fn``.
+        base: the pre-trained weights, for ``mode="task_vectors"``.
+        mode: the mixing mode: ``"ingredients"`` (convex combination) or ``"task_vectors"``.
+        granularity: ``"tensor"`` or ``"model"``: coefficients per tensor or per ingredient.
+        steps: Adam steps.
+        lr: Adam's learning rate.
+        init: the initial aTLAS coefficient (None: 0).
+        loss_fn: ``(logits, targets) -> loss`` (None: mean cross-entropy).
+        unpack_batch: ``batch -> (inputs, targets)``.
+        forward_fn: ``(module, inputs) -> logits``.
+        train_mode: run the model in train mode (dropout, batch statistics).
+
+    Returns:
+        The learned coefficients and the loss at every step.
+
+    Raises:
+        ValueError: ``steps`` below 1 or ``lr`` not a positive number.
+        FloatingPointError: the loss becomes NaN or infinite.
 
     Examples:
         >>> import torch

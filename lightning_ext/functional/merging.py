@@ -57,6 +57,13 @@ def is_statistic(key: str, tensor: Tensor) -> bool:
     variance, ``num_batches_tracked``, any integer or boolean tensor): merges average or copy them,
     never extrapolate them along task vectors. The one rule every merge uses.
 
+    Args:
+        key: the state-dict key.
+        tensor: the tensor stored under it.
+
+    Returns:
+        True for BatchNorm running statistics and counters.
+
     Examples:
         >>> import torch
         >>> is_statistic('bn.running_mean', torch.zeros(3))
@@ -75,6 +82,18 @@ def check_same_layout(
 ) -> None:
     """Raise ``ValueError`` unless ``other`` has exactly the keys, shapes and dtypes of
     ``reference``; the message names ``name`` and the first offending tensor.
+
+    Args:
+        reference: the state dict to compare against.
+        other: the state dict to check.
+        name: how the error message names ``other``.
+        ref_name: how it names ``reference``.
+
+    Returns:
+        None.
+
+    Raises:
+        ValueError: another set of keys, a non-tensor entry, or a shape or dtype that differs.
 
     Examples:
         >>> import torch
@@ -185,6 +204,16 @@ def weighted_average(state_dicts: Sequence[StateDict], weights: Sequence[float])
 
     Weights must be non-negative with a positive sum; they are normalised, so only ratios matter.
 
+    Args:
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+        weights: one non-negative weight per ingredient, normalised to sum to 1.
+
+    Returns:
+        The weighted mean of the ingredients.
+
+    Raises:
+        ValueError: a number of weights other than of ingredients, or negative or all-zero weights.
+
     Examples:
         >>> import torch
         >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
@@ -217,6 +246,15 @@ def weighted_average(state_dicts: Sequence[StateDict], weights: Sequence[float])
 
 def uniform_soup(state_dicts: Sequence[StateDict]) -> dict:
     """The uniform soup: the plain mean of the ingredients (Wortsman et al. 2022).
+
+    Args:
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+
+    Returns:
+        The mean of the ingredients.
+
+    Raises:
+        ValueError: ingredients whose layouts differ.
 
     Examples:
         >>> import torch
@@ -259,6 +297,22 @@ def greedy_soup(
 
     Returns the soup and the chosen ingredient indices in order of addition. Peak memory: the soup,
     one candidate, one ingredient and whatever ``evaluate`` holds.
+
+    Args:
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+        evaluate: scores a state dict (a held-out metric).
+        mode: ``"max"`` (higher is better) or ``"min"``.
+        strict: keep an ingredient only on a strict improvement.
+        passes: passes over the ranked ingredients.
+        scores: the ingredients' own scores, if already known.
+        on_candidate: called with ``(index, score, kept)`` after each candidate.
+
+    Returns:
+        The soup and the chosen ingredients' indices in order of addition.
+
+    Raises:
+        ValueError: an unknown ``mode``, ``passes`` below 1, or a number of ``scores`` other than of
+            ingredients.
 
     Examples:
         >>> import torch
@@ -366,6 +420,17 @@ def _apply(
 def task_arithmetic(base: StateDict, state_dicts: Sequence[StateDict], scale: float = 1.0) -> dict:
     """``base + scale * sum_i (theta_i - base)`` (Ilharco et al. 2023).
 
+    Args:
+        base: the pre-trained weights the ingredients were fine-tuned from.
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+        scale: the factor of the merged task vector.
+
+    Returns:
+        ``base + scale * sum_i (theta_i - base)``.
+
+    Raises:
+        ValueError: ingredients whose layouts differ from ``base``.
+
     Examples:
         >>> import torch
         >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
@@ -420,6 +485,18 @@ def ties_merge(
 
     Two passes over the ingredients (elect, then average) keep memory at a few accumulators.
 
+    Args:
+        base: the pre-trained weights the ingredients were fine-tuned from.
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+        density: the fraction of each task vector's entries kept, in (0, 1].
+        scale: the factor of the merged task vector.
+
+    Returns:
+        The TIES merge: trimmed, sign-elected, disjoint mean of the task vectors, added to ``base``.
+
+    Raises:
+        ValueError: ingredients whose layouts differ from ``base``.
+
     Examples:
         >>> import torch
         >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
@@ -460,6 +537,19 @@ def dare_merge(
     rescale the survivors by ``1 / density`` (unbiased), then add the task vectors to the base.
 
     Masks are drawn on the CPU from ``generator`` (same seed, same masks on any device).
+
+    Args:
+        base: the pre-trained weights the ingredients were fine-tuned from.
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+        density: the fraction of each task vector's entries kept, in (0, 1].
+        scale: the factor of the merged task vector.
+        generator: the random generator of the drop masks.
+
+    Returns:
+        The DARE merge: randomly dropped and rescaled task vectors, summed onto ``base``.
+
+    Raises:
+        ValueError: ingredients whose layouts differ from ``base``.
 
     Examples:
         >>> import torch
@@ -509,6 +599,19 @@ def breadcrumbs_merge(
     ``gamma = 0`` keeps the top ``density`` fraction (mergekit instead zeroes the whole task
     vector whenever ``int(gamma * numel) == 0``).
 
+    Args:
+        base: the pre-trained weights the ingredients were fine-tuned from.
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+        density: the fraction of each task vector's entries kept, in (0, 1].
+        gamma: the fraction of the largest entries dropped as outliers.
+        scale: the factor of the merged task vector.
+
+    Returns:
+        The Model Breadcrumbs merge.
+
+    Raises:
+        ValueError: ``density + gamma`` above 1.
+
     Examples:
         >>> import torch
         >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
@@ -535,6 +638,16 @@ def model_stock(base: StateDict, state_dicts: Sequence[StateDict]) -> dict:
     The mean pairwise cosine is streamed exactly: with unit vectors ``u_i``,
     ``sum_{i<j} <u_i, u_j> = (|sum_i u_i|^2 - sum_i |u_i|^2) / 2``. A zero task vector has cosine
     0 with everything, so ingredients identical to the base give ``t = 0`` and return the base.
+
+    Args:
+        base: the pre-trained weights the ingredients were fine-tuned from.
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+
+    Returns:
+        The Model Stock merge: the ingredients' mean pulled towards ``base`` by their angle.
+
+    Raises:
+        ValueError: ingredients whose layouts differ from ``base``.
 
     Examples:
         >>> import torch
@@ -605,6 +718,20 @@ def fisher_merge(
 
     Floating tensors without a Fisher entry (e.g. BatchNorm running statistics) get the plain
     weighted average.
+
+    Args:
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+        fishers: one diagonal Fisher per ingredient, keyed like the state dicts.
+        weights: one positive weight per ingredient (None: uniform).
+        normalize_fishers: divide each ingredient's weight by its Fisher's L2 norm first.
+        fisher_floor: the floor of the target's (ingredient 0's) Fisher entries.
+
+    Returns:
+        The Fisher-weighted mean of the ingredients.
+
+    Raises:
+        ValueError: a number of Fishers or weights other than of ingredients, or a non-positive
+            weight.
 
     Examples:
         >>> import torch

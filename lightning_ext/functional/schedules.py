@@ -74,6 +74,16 @@ def resample_schedule(values: Tensor | Sequence[float], steps: int) -> Tensor:
 
     Both grids span the same run, so a schedule stored for 100 steps stretches to 1000 steps.
 
+    Args:
+        values: the schedule's multipliers, at least 2.
+        steps: the number of steps wanted, at least 2.
+
+    Returns:
+        The schedule linearly interpolated onto ``steps`` points (float64).
+
+    Raises:
+        ValueError: fewer than 2 values or steps.
+
     Examples:
         >>> import torch
         >>> resample_schedule(torch.tensor([1.0, 0.0]), 5)
@@ -110,6 +120,16 @@ def median_filter(values: Tensor, window: int) -> Tensor:
 
     Computed in row blocks, so that a record of a million steps never materialises all windows.
 
+    Args:
+        values: a 1-D tensor.
+        window: an odd window length.
+
+    Returns:
+        The running median, the window shrinking at the ends.
+
+    Raises:
+        ValueError: ``window`` not an odd number >= 1.
+
     Examples:
         >>> import torch
         >>> median_filter(torch.tensor([1.0, 9.0, 1.0, 1.0, 1.0]), 3)
@@ -139,6 +159,18 @@ def smooth_grad_norms(
     points (so the window spans 10% of the run) and the smoothed curve is read back at each step.
     A float: a window of that fraction of the run, at the record's resolution (0: none).
 
+    Args:
+        grad_norms: the per-step gradient norms.
+        smoothing: ``"reference"`` (the paper's median filter of ``window`` steps) or a fraction of
+            the run.
+        window: the reference median window, odd.
+
+    Returns:
+        The smoothed norms (float64).
+
+    Raises:
+        ValueError: an unknown ``smoothing`` or an even ``window``.
+
     Examples:
         >>> import torch
         >>> smooth_grad_norms(torch.tensor([1.0, 9.0, 1.0, 1.0, 1.0]), 'reference', window=3)
@@ -163,6 +195,12 @@ def smooth_grad_norms(
 
 def closed_form_schedule(weights: Tensor) -> Tensor:
     """eta_t = w_t * sum_{p>t} w_p, normalised to peak 1 (so the last step is 0).
+
+    Args:
+        weights: the per-step weights ``w_t``.
+
+    Returns:
+        The schedule, peak 1, last step 0.
 
     Examples:
         >>> import torch
@@ -219,6 +257,24 @@ def refine_schedule(
     - ``floor``: eta_t >= floor * (1 - t / (T - 1)): never below that fraction of linear decay.
 
     The result is resampled to ``steps`` points (default: T). Returns float64.
+
+    Args:
+        grad_norms: the per-step gradient norms of a previous run.
+        norm: ``"l2"`` or ``"l1"``.
+        smoothing: see ``smooth_grad_norms``.
+        window: see ``smooth_grad_norms``.
+        power: the exponent ``p`` of the weights ``G^-p`` (None: 2 for l2, 1 for l1).
+        exclude_initial: the fraction of initial steps left out of the smoothing.
+        floor: the multiplier never falls below this fraction of linear decay.
+        blend: the fraction of linear decay mixed in.
+        steps: the length of the refined schedule (None: that of the norms).
+
+    Returns:
+        The refined schedule, peak 1.
+
+    Raises:
+        ValueError: an unknown ``norm``, fewer than 2 norms, negative or zero norms, or options
+            outside their ranges.
 
     Examples:
         >>> import torch
@@ -335,6 +391,13 @@ def schedule_diagnostics(
 ) -> ScheduleDiagnostics:
     """Shape figures of ``schedule`` (and of the norms it came from), see ScheduleDiagnostics.
 
+    Args:
+        schedule: the multipliers.
+        grad_norms: the norms it was refined from, if known.
+
+    Returns:
+        The figures, see ``ScheduleDiagnostics``.
+
     Examples:
         >>> import torch
         >>> diagnostics = schedule_diagnostics(torch.tensor([1.0, 0.5, 0.0]))
@@ -364,6 +427,16 @@ def schedule_diagnostics(
 def linear_decay(t: float, total: float) -> float:
     """``1 - t / total``, clamped to [0, 1]: step 0 has the peak and step ``total`` has 0.
 
+    Args:
+        t: the step.
+        total: the step at which the schedule ends.
+
+    Returns:
+        ``1 - t / total``, clamped to [0, 1].
+
+    Raises:
+        ValueError: ``total`` not positive.
+
     Examples:
         >>> linear_decay(25, 100)
         0.75
@@ -383,6 +456,20 @@ def warmup_stable_decay(
 ) -> float:
     """Linear warm-up from 0 to 1 over the first ``warmup_fraction`` of ``total`` steps, 1 until
     the last ``decay_fraction``, then a linear decay to ``final`` at step ``total``.
+
+    Args:
+        t: the step.
+        total: the step at which the schedule ends.
+        warmup_fraction: fraction of the run warming up from 0.
+        decay_fraction: fraction of the run, at its end, decaying.
+        final: the multiplier at ``total``.
+
+    Returns:
+        The multiplier at step ``t``.
+
+    Raises:
+        ValueError: ``total`` not positive, fractions below 0 or summing above 1, or ``final``
+            outside [0, 1].
 
     Examples:
         >>> [round(warmup_stable_decay(t, 10, warmup_fraction=0.2), 2) for t in (0, 1, 5, 9)]
@@ -420,6 +507,21 @@ def infinite_schedule(
     for as long as training continues, and, from step ``anneal_start`` (None: never), an exponential
     anneal to ``min_level`` over ``anneal_steps``. Continuing runs skip the re-warm.
 
+    Args:
+        t: the step.
+        warmup_steps: steps of linear warm-up.
+        cooldown_steps: steps of cosine cool-down to ``constant_level``.
+        constant_level: the multiplier held afterwards.
+        anneal_start: the step the anneal starts (None: never).
+        anneal_steps: steps of the exponential anneal.
+        min_level: the multiplier the anneal ends at.
+
+    Returns:
+        The multiplier at step ``t``.
+
+    Raises:
+        ValueError: negative step counts, levels outside their ranges, or an early ``anneal_start``.
+
     Examples:
         >>> options = dict(warmup_steps=2, cooldown_steps=2, constant_level=0.5)
         >>> [round(infinite_schedule(t, **options), 3) for t in range(6)]
@@ -452,6 +554,16 @@ def infinite_schedule(
 def gradient_norm(grads: Sequence[Tensor], norm: Norm = "l2") -> Tensor:
     """The l2 or l1 norm of all ``grads`` together, as a float32 0-dim tensor on the first one's
     device. Multi-tensor kernels per (device, dtype) group and no ``.item()``: no host sync.
+
+    Args:
+        grads: the gradient tensors.
+        norm: ``"l2"`` or ``"l1"``.
+
+    Returns:
+        The total norm as a 0-d tensor on the gradients' device.
+
+    Raises:
+        ValueError: an unknown ``norm`` or no gradients.
 
     Examples:
         >>> import torch
@@ -488,6 +600,13 @@ def gradient_norm(grads: Sequence[Tensor], norm: Norm = "l2") -> Tensor:
 def combine_norm_parts(parts: Tensor, norm: Norm = "l2") -> Tensor:
     """The norm of several tensors together from their own norms (along the last dimension):
     the l2 norm of the l2 norms, or the sum of the l1 norms.
+
+    Args:
+        parts: the norms of disjoint groups of gradients.
+        norm: ``"l2"`` or ``"l1"``.
+
+    Returns:
+        The norm of all of them together.
 
     Examples:
         >>> import torch

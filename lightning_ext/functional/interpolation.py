@@ -264,13 +264,14 @@ def multi_slerp(
         raise ValueError("multi_slerp needs at least one state dict")
     w = _normalised_weights(weights, len(state_dicts))
     if isinstance(base, Tensor):
-        _check_shapes("tensor", [base, *state_dicts])
-        return _multi_slerp_tensor(base, list(state_dicts), w, eps)
+        inputs: list[Tensor] = list(state_dicts)
+        _check_shapes("tensor", [base, *inputs])
+        return _multi_slerp_tensor(base, inputs, w, eps)
     named = [("base", base)] + [(f"state_dicts[{i}]", sd) for i, sd in enumerate(state_dicts)]
     keys = _check_same_keys(named)
     out = {}
     for key in keys:
-        tensors = [sd[key] for sd in state_dicts]
+        tensors: list[Tensor] = [sd[key] for sd in state_dicts]
         _check_shapes(key, [base[key], *tensors])
         if is_statistic(key, base[key]) and base[key].is_floating_point():
             out[key] = _lerp_statistic(tensors[0], tensors[1:], w)

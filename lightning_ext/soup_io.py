@@ -187,5 +187,6 @@ class IngredientSubset(Sequence):
     def __len__(self) -> int:
         return len(self.indices)
 
+    # Sequence also takes slices; the soup code indexes ingredients one at a time.
     def __getitem__(self, index: int) -> Any:  # type: ignore[override]
         return self.parent[self.indices[index]]

@@ -156,6 +156,26 @@ def recalibrate_batchnorm(
     ``unpack_batch(batch) -> (inputs, targets)`` reads the batches (a bare tensor batch is taken
     as the inputs); ``forward_fn(model, inputs)`` runs the model (default: ``model(inputs)``, or
     ``model(**inputs)`` for dicts; its output is ignored).
+
+    Args:
+        model: the network whose BatchNorm statistics to recompute.
+        dataloader: the training batches.
+        unpack_batch: ``batch -> (inputs, targets)``.
+        forward_fn: ``(model, inputs) -> output``.
+        max_batches: stop after this many batches (None: all).
+
+    Returns:
+        True if the model has BatchNorm layers (their statistics were recomputed).
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> batches = [(torch.ones(4, 2), torch.zeros(4))]
+        >>> recalibrate_batchnorm(model, batches)
+        True
+        >>> int(model[1].num_batches_tracked)
+        1
     """
     norms = batchnorm_layers(model)
     if not norms:
@@ -239,6 +259,30 @@ def estimate_fisher(
     model (unbiased), ``"expected"`` sums over all classes weighted by p(y|x) (exact, one gradient
     per class), ``"empirical"`` uses the dataset's targets (the cheap, biased variant). The model
     is evaluated in eval mode (BatchNorm uses its running statistics).
+
+    Args:
+        model: the classifier.
+        dataloader: the batches to average over.
+        labels: ``"sample"``, ``"expected"`` or ``"empirical"``.
+        max_batches: stop after this many batches (None: all).
+        unpack_batch: ``batch -> (inputs, targets)``.
+        forward_fn: ``(model, inputs) -> logits``.
+        generator: the random generator of the sampled labels.
+
+    Returns:
+        The Fisher of every trainable parameter, by parameter name.
+
+    Raises:
+        ValueError: an unknown ``labels``, or a dataloader that yields no samples.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(3, 2)
+        >>> batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,)))]
+        >>> fisher = estimate_fisher(model, batches, labels="expected")
+        >>> sorted(fisher), fisher["weight"].shape
+        (['bias', 'weight'], torch.Size([2, 3]))
     """
     from torch.func import functional_call, grad, vmap
 
@@ -550,7 +594,33 @@ def run_soup(
     """Score every ingredient, build the soup (greedy with ``functional.greedy_soup``, the one
     implementation; uniform; or ``method(ingredients)``) and score it; the scorer ends holding the
     soup. The one procedure behind ``build_soup``, ``ModelSoup`` and ``SoupStrategy``; with a
-    collective scorer, every rank runs it in lockstep and gets the same result."""
+    collective scorer, every rank runs it in lockstep and gets the same result.
+
+    Args:
+        scorer: scores a state dict (e.g. a ``ValidationScorer``).
+        ingredients: the state dicts.
+        method: ``"greedy"``, ``"uniform"`` or a callable ``ingredients -> soup``.
+        monitor: the score's name, for messages.
+        mode: ``"min"`` (lower is better) or ``"max"``.
+        strict: the greedy soup needs a strict improvement to keep an ingredient.
+        passes: passes of the greedy soup over the ingredients.
+        names: the ingredients' names, for messages (None: ``"ingredient i"``).
+        progress_bar: show a tqdm bar.
+
+    Returns:
+        The soup, its score and every ingredient's.
+
+    Raises:
+        ValueError: an unknown ``method``.
+
+    Examples:
+        >>> import torch
+        >>> ingredients = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([3.0])}]
+        >>> distance_to_2 = lambda sd: float((sd["w"] - 2).abs())
+        >>> result = run_soup(distance_to_2, ingredients, mode="min", progress_bar=False)
+        >>> result.chosen, result.soup_score
+        ([0, 1], 0.0)
+    """
     n = len(ingredients)
     names = list(names) if names is not None else [f"ingredient {i}" for i in range(n)]
     bar = _progress(n, progress_bar)

@@ -74,6 +74,23 @@ def magnitude_masks(
     Exactly ``round((1 - sparsity) * N)`` weights are kept (over all tensors, or per tensor).
     Weights already pruned in ``previous`` rank below every kept one, so the new mask is nested in
     it whenever it keeps fewer (the prune-retrain cycles of the paper only remove weights).
+
+    Args:
+        weights: the tensors to prune, by name.
+        sparsity: the fraction pruned, in [0, 1).
+        scope: ``"global"`` (one threshold) or ``"layer"`` (``sparsity`` of each tensor).
+        previous: the masks of the previous cycle, if any.
+
+    Returns:
+        A boolean keep-mask per tensor.
+
+    Raises:
+        ValueError: ``sparsity`` outside [0, 1) or an unknown ``scope``.
+
+    Examples:
+        >>> import torch
+        >>> magnitude_masks({"w": torch.tensor([0.1, -3.0, 0.5, 2.0])}, 0.5)
+        {'w': tensor([False,  True, False,  True])}
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")

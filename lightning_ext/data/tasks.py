@@ -31,7 +31,27 @@ def dataset_targets(dataset: Dataset) -> Tensor:
 def split_by_classes(
     dataset: Dataset, classes_per_task: int = 2, class_order: Sequence[int] | None = None
 ) -> list[Subset]:
-    """Class-incremental split: task ``t`` holds the classes ``order[t*c:(t+1)*c]``."""
+    """Class-incremental split: task ``t`` holds the classes ``order[t*c:(t+1)*c]``.
+
+    Args:
+        dataset: a dataset of ``(x, y)`` items with integer labels.
+        classes_per_task: the classes of each task (``c``).
+        class_order: the classes in task order (None: ascending).
+
+    Returns:
+        One ``Subset`` per task.
+
+    Raises:
+        ValueError: ``classes_per_task`` below 1, or a number of classes that is not a multiple
+            of it.
+
+    Examples:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> data = TensorDataset(torch.zeros(6, 2), torch.tensor([0, 1, 2, 3, 0, 1]))
+        >>> [len(task) for task in split_by_classes(data, classes_per_task=2)]
+        [4, 2]
+    """
     if classes_per_task < 1:
         raise ValueError(f"classes_per_task must be >= 1, got {classes_per_task}")
     targets = dataset_targets(dataset)

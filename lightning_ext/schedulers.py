@@ -35,7 +35,26 @@ __all__ = [
 def load_schedule(path: str | os.PathLike) -> Tensor:
     """A schedule file written by ``ScheduleRefinement`` or ``lightning-ext refine-schedule`` (a
     dict with key ``"schedule"``), a bare 1-D tensor saved with torch.save, or a text file with
-    one value per line."""
+    one value per line.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The schedule's multipliers, float64.
+
+    Raises:
+        FileNotFoundError: no such file.
+        KeyError: a dict without a ``"schedule"`` entry.
+
+    Examples:
+        >>> import os, tempfile
+        >>> import torch
+        >>> path = os.path.join(tempfile.mkdtemp(), "refined_schedule.pt")
+        >>> torch.save({"schedule": torch.tensor([1.0, 0.5, 0.0])}, path)
+        >>> load_schedule(path)
+        tensor([1.0000, 0.5000, 0.0000], dtype=torch.float64)
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"schedule file {path!r} does not exist")

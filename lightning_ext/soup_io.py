@@ -38,6 +38,25 @@ def load_state_dict(
     A checkpoint file may hold a Lightning checkpoint (weights under ``key``) or a bare state
     dict. Files are memory-mapped by default, so validating layouts reads no tensor data, and
     loaded with ``weights_only=True`` (no code from the file is executed) unless ``trusted``.
+
+    Args:
+        source: a state dict, a module, or the path of a checkpoint or state-dict file.
+        key: the entry of a checkpoint dict that holds the weights.
+        map_location: where loaded tensors go.
+        mmap: memory-map the file.
+        trusted: allow files that pickle arbitrary objects.
+
+    Returns:
+        The state dict (a new dict; tensors of a given state dict are not copied).
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: a file that holds neither a checkpoint with ``key`` nor a state dict.
+
+    Examples:
+        >>> import torch
+        >>> sorted(load_state_dict(torch.nn.Linear(2, 1)))
+        ['bias', 'weight']
     """
     if isinstance(source, nn.Module):
         return dict(source.state_dict())

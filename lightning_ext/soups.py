@@ -697,6 +697,40 @@ def build_soup(
     (train) loader, read with ``unpack_batch``/``forward_fn``, for every candidate and the result.
     ``precision`` is the scoring Trainer's (use the fit's). ``plot`` writes the picture of the
     scores there (PNG, when matplotlib is installed). Call it on every rank under DDP.
+
+    Args:
+        module: the LightningModule (either namespace) whose ``validation_step`` scores.
+        ingredients: checkpoint paths, state dicts or modules.
+        method: ``"greedy"``, ``"uniform"`` or a callable ``ingredients -> state_dict``.
+        monitor: the logged validation metric that is the score.
+        mode: ``"min"`` (lower is better) or ``"max"``.
+        dataloaders: the held-out data.
+        datamodule: a datamodule giving the held-out data, when ``dataloaders`` is None.
+        strict: the greedy soup needs a strict improvement to keep an ingredient.
+        passes: passes of the greedy soup over the ingredients.
+        recalibrate_on: a train loader to recompute BatchNorm statistics on.
+        unpack_batch: ``batch -> (inputs, targets)``, for ``recalibrate_on``.
+        forward_fn: ``(module, inputs) -> logits``, for ``recalibrate_on``.
+        precision: the scoring Trainer's precision (use the fit's).
+        trainer: a Trainer whose validation data to use when neither is given.
+        progress_bar: show a tqdm bar.
+        plot: where to write the picture of the scores (None: nowhere).
+        apply: load the soup into ``module``.
+
+    Returns:
+        The soup, the chosen ingredients and every score.
+
+    Raises:
+        ValueError: an unknown ``method`` or ``mode``, no held-out data, or ingredients whose
+            layouts differ.
+        KeyError: a ``monitor`` that ``validation_step`` did not log.
+
+    Examples:
+        With a module that logs ``val_acc`` and three checkpoints of one fine-tuning:
+
+            result = build_soup(module, ["a.ckpt", "b.ckpt", "c.ckpt"], monitor="val_acc",
+                                mode="max", dataloaders=val_loader)
+            result.chosen, result.soup_score
     """
     ings = ingredients if isinstance(ingredients, Ingredients) else Ingredients(ingredients)
     ings.validate()

@@ -20,6 +20,7 @@ OTHER_MODULES = [
     "lightning_ext.callbacks.schedule",
     "lightning_ext.callbacks.soup",
     "lightning_ext.callbacks.warp",
+    "lightning_ext.data.digits",
     "lightning_ext.data.tasks",
     "lightning_ext.schedulers",
     "lightning_ext.soup_io",

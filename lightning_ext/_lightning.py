@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning.pytorch as _lightning_pytorch
 
+_pytorch_lightning: ModuleType | None
 try:  # the older namespace is optional
     import pytorch_lightning as _pytorch_lightning
 except ImportError:  # pragma: no cover - exercised only where it is not installed

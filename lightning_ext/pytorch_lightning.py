@@ -58,10 +58,12 @@ DynamicSparseTraining = _also_pytorch_lightning(_callbacks.DynamicSparseTraining
 ScheduleRefinement = _also_pytorch_lightning(_callbacks.ScheduleRefinement)
 
 
-class SoupStrategy(SoupStrategyMixin, _pl.strategies.DDPStrategy):
+# The mixins are type-checked against lightning.pytorch's DDPStrategy; pytorch_lightning's is the
+# same code under another package name, which a type checker sees as a conflicting second base.
+class SoupStrategy(SoupStrategyMixin, _pl.strategies.DDPStrategy):  # type: ignore[misc]
     __doc__ = _SoupStrategy.__doc__
 
 
-class WARPStrategy(WARPStrategyMixin, _pl.strategies.DDPStrategy):
+class WARPStrategy(WARPStrategyMixin, _pl.strategies.DDPStrategy):  # type: ignore[misc]
     __doc__ = _WARPStrategy.__doc__
     strategy_name = _WARPStrategy.strategy_name

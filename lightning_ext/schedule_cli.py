@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 
 def _smoothing(text: str) -> float | str:
@@ -58,9 +58,11 @@ def _refine_schedule_command(args: Any) -> int:
         load_grad_norms,
         write_refined_schedule,
     )
+    from lightning_ext.functional.schedules import Norm
 
     records, kinds = load_grad_norms(args.grad_norms)
-    norms = [args.norm or kind or "l2" for kind in kinds]
+    # A recorded kind is "l1" or "l2" as the callback wrote it; refine_schedule rejects any other.
+    norms = cast(list[Norm], [args.norm or kind or "l2" for kind in kinds])
     out = args.output or os.path.join(os.path.dirname(args.grad_norms) or ".", SCHEDULE_FILE)
     options = {k: getattr(args, k) for k in ("power", "exclude_initial", "floor", "blend")}
     payload = write_refined_schedule(

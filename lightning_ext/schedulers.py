@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TypedDict
 
 import torch
 from torch import Tensor
@@ -34,7 +35,26 @@ __all__ = [
 def load_schedule(path: str | os.PathLike) -> Tensor:
     """A schedule file written by ``ScheduleRefinement`` or ``lightning-ext refine-schedule`` (a
     dict with key ``"schedule"``), a bare 1-D tensor saved with torch.save, or a text file with
-    one value per line."""
+    one value per line.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The schedule's multipliers, float64.
+
+    Raises:
+        FileNotFoundError: no such file.
+        KeyError: a dict without a ``"schedule"`` entry.
+
+    Examples:
+        >>> import os, tempfile
+        >>> import torch
+        >>> path = os.path.join(tempfile.mkdtemp(), "refined_schedule.pt")
+        >>> torch.save({"schedule": torch.tensor([1.0, 0.5, 0.0])}, path)
+        >>> load_schedule(path)
+        tensor([1.0000, 0.5000, 0.0000], dtype=torch.float64)
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"schedule file {path!r} does not exist")
@@ -52,13 +72,25 @@ def load_schedule(path: str | os.PathLike) -> Tensor:
     return torch.as_tensor(obj, dtype=torch.float64)
 
 
+class _InfiniteOptions(TypedDict):
+    """The keyword options of ``infinite_schedule`` (a plain dict at run time, so the scheduler's
+    ``state_dict`` stays loadable with ``weights_only``)."""
+
+    warmup_steps: int
+    cooldown_steps: int
+    constant_level: float
+    anneal_start: int | None
+    anneal_steps: int
+    min_level: float
+
+
 class _MultiplierLR(LRScheduler):
     """lr = base_lr * multiplier(step) for every param group."""
 
     def multiplier(self, step: int) -> float:
         raise NotImplementedError
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | Tensor]:
         scale = self.multiplier(self.last_epoch)
         return [base * scale for base in self.base_lrs]
 
@@ -67,7 +99,25 @@ class _MultiplierLR(LRScheduler):
 
 class StoredScheduleLR(_MultiplierLR):
     """Follows a stored schedule (a tensor, a list or a schedule file), resampled to
-    ``total_steps`` optimizer steps; after the last step it stays at the last value."""
+    ``total_steps`` optimizer steps; after the last step it stays at the last value.
+
+    Args:
+        optimizer: the wrapped optimizer; each param group's initial ``lr`` is its base.
+        schedule: the multipliers, or the path of a schedule file (``ScheduleRefinement``'s).
+        total_steps: the optimizer steps the schedule is stretched over.
+        last_epoch: the index of the last step taken (-1: a fresh start), as in torch.
+
+    Raises:
+        ValueError: a schedule of fewer than 2 values, or ``total_steps`` below 2.
+
+    Examples:
+        >>> import torch
+        >>> optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        >>> scheduler = StoredScheduleLR(optimizer, [1.0, 0.5, 0.0], total_steps=3)
+        >>> optimizer.step(); scheduler.step()
+        >>> optimizer.param_groups[0]["lr"]
+        0.05
+    """
 
     def __init__(
         self,
@@ -85,7 +135,24 @@ class StoredScheduleLR(_MultiplierLR):
 
 
 class LinearDecayLR(_MultiplierLR):
-    """``1 - step / total_steps``: the schedule that matches or beats cosine (Defazio et al.)."""
+    """``1 - step / total_steps``: the schedule that matches or beats cosine (Defazio et al.).
+
+    Args:
+        optimizer: the wrapped optimizer; each param group's initial ``lr`` is its base.
+        total_steps: the step at which the multiplier reaches 0.
+        last_epoch: the index of the last step taken (-1: a fresh start), as in torch.
+
+    Raises:
+        ValueError: ``total_steps`` below 1.
+
+    Examples:
+        >>> import torch
+        >>> optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        >>> scheduler = LinearDecayLR(optimizer, total_steps=4)
+        >>> optimizer.step(); scheduler.step()
+        >>> optimizer.param_groups[0]["lr"]
+        0.75
+    """
 
     def __init__(self, optimizer: Optimizer, total_steps: int, last_epoch: int = -1) -> None:
         if total_steps < 1:
@@ -98,7 +165,27 @@ class LinearDecayLR(_MultiplierLR):
 
 
 class WarmupStableDecayLR(_MultiplierLR):
-    """Warm-up, constant, then linear decay over the last ``decay_fraction`` of the run."""
+    """Warm-up, constant, then linear decay over the last ``decay_fraction`` of the run.
+
+    Args:
+        optimizer: the wrapped optimizer; each param group's initial ``lr`` is its base.
+        total_steps: the run's length in optimizer steps.
+        warmup_fraction: fraction of the run spent warming up linearly from 0.
+        decay_fraction: fraction of the run, at its end, spent decaying linearly to ``final``.
+        final: the multiplier at the last step.
+        last_epoch: the index of the last step taken (-1: a fresh start), as in torch.
+
+    Raises:
+        ValueError: ``total_steps`` not positive, fractions below 0 or summing above 1, or
+            ``final`` outside [0, 1].
+
+    Examples:
+        >>> import torch
+        >>> optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        >>> scheduler = WarmupStableDecayLR(optimizer, total_steps=10, decay_fraction=0.5)
+        >>> optimizer.param_groups[0]["lr"]
+        1.0
+    """
 
     def __init__(
         self,
@@ -126,7 +213,30 @@ class WarmupStableDecayLR(_MultiplierLR):
 
 
 class InfiniteScheduleLR(_MultiplierLR):
-    """The infinite schedule: warm-up, cosine cool-down, constant, optional exponential anneal."""
+    """The infinite schedule: warm-up, cosine cool-down, constant, optional exponential anneal.
+
+    Args:
+        optimizer: the wrapped optimizer; each param group's initial ``lr`` is its base.
+        warmup_steps: steps of linear warm-up from 0 to 1.
+        cooldown_steps: steps of cosine cool-down from 1 to ``constant_level``.
+        constant_level: the multiplier held after the cool-down, in (0, 1].
+        anneal_start: the step the final anneal starts at (None: never).
+        anneal_steps: steps of the exponential anneal to ``min_level``.
+        min_level: the multiplier the anneal ends at, in [0, ``constant_level``].
+        last_epoch: the index of the last step taken (-1: a fresh start), as in torch.
+
+    Raises:
+        ValueError: negative step counts, levels outside their ranges, or an ``anneal_start``
+            before the end of the cool-down.
+
+    Examples:
+        >>> import torch
+        >>> optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        >>> scheduler = InfiniteScheduleLR(optimizer, warmup_steps=2, cooldown_steps=2)
+        >>> optimizer.step(); scheduler.step()
+        >>> optimizer.param_groups[0]["lr"]
+        0.5
+    """
 
     def __init__(
         self,
@@ -139,7 +249,7 @@ class InfiniteScheduleLR(_MultiplierLR):
         min_level: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
-        self.options = dict(
+        self.options = _InfiniteOptions(
             warmup_steps=warmup_steps,
             cooldown_steps=cooldown_steps,
             constant_level=constant_level,

@@ -98,10 +98,10 @@ def _slerp(
     from lightning_ext.functional.interpolation import multi_slerp, slerp
 
     if len(args.checkpoints) == 2 and args.weights is None:
-        return slerp(ings[0], ings[1], args.t, base=base)
+        return dict(slerp(ings[0], ings[1], args.t, base=base))
     if base is None:
         raise ValueError("--method slerp with --weights needs --base (multi-SLERP of task vectors)")
-    return multi_slerp(base, [ings[i] for i in range(len(args.checkpoints))], args.weights)
+    return dict(multi_slerp(base, [ings[i] for i in range(len(args.checkpoints))], args.weights))
 
 
 def merge(args: argparse.Namespace) -> dict[str, torch.Tensor]:
@@ -130,6 +130,7 @@ def merge(args: argparse.Namespace) -> dict[str, torch.Tensor]:
         return merging.uniform_soup(ings)
     if method == "weighted":
         return merging.weighted_average(ings, args.weights)
+    assert base is not None, f"--method {method} is in NEEDS_BASE, checked above"
     if method == "task-arithmetic":
         return merging.task_arithmetic(base, ings, scale=args.scale)
     if method == "ties":

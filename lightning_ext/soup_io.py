@@ -38,6 +38,25 @@ def load_state_dict(
     A checkpoint file may hold a Lightning checkpoint (weights under ``key``) or a bare state
     dict. Files are memory-mapped by default, so validating layouts reads no tensor data, and
     loaded with ``weights_only=True`` (no code from the file is executed) unless ``trusted``.
+
+    Args:
+        source: a state dict, a module, or the path of a checkpoint or state-dict file.
+        key: the entry of a checkpoint dict that holds the weights.
+        map_location: where loaded tensors go.
+        mmap: memory-map the file.
+        trusted: allow files that pickle arbitrary objects.
+
+    Returns:
+        The state dict (a new dict; tensors of a given state dict are not copied).
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: a file that holds neither a checkpoint with ``key`` nor a state dict.
+
+    Examples:
+        >>> import torch
+        >>> sorted(load_state_dict(torch.nn.Linear(2, 1)))
+        ['bias', 'weight']
     """
     if isinstance(source, nn.Module):
         return dict(source.state_dict())
@@ -76,6 +95,27 @@ class Ingredients(Sequence):
     ``strip_prefix`` removes a key prefix (e.g. ``"model."`` when checkpoints wrap the network),
     ``map_location`` places loaded tensors and ``trusted=True`` allows checkpoints that pickle
     arbitrary objects (e.g. custom classes in ``hyper_parameters``).
+
+    Args:
+        sources: state dicts, modules, or paths of files holding them (checkpoints or bare
+            state dicts).
+        key: the entry of a loaded checkpoint dict that holds the weights (None: the file is the
+            state dict itself; a file without ``key`` is taken as the state dict too).
+        strip_prefix: a key prefix to remove from every tensor name.
+        map_location: where loaded tensors go.
+        mmap: memory-map the files (no tensor data read until used).
+        trusted: allow checkpoints that pickle arbitrary objects (see ``load_file``).
+
+    Raises:
+        ValueError: no sources; on access, an ingredient whose layout differs from the first.
+        FileNotFoundError: on access, a path that does not exist.
+        IndexError: an index out of range.
+
+    Examples:
+        >>> import torch
+        >>> ingredients = Ingredients([{"w": torch.zeros(2)}, {"w": torch.ones(2)}]).validate()
+        >>> len(ingredients), ingredients[1]["w"]
+        (2, tensor([1., 1.]))
     """
 
     def __init__(
@@ -166,5 +206,6 @@ class IngredientSubset(Sequence):
     def __len__(self) -> int:
         return len(self.indices)
 
+    # Sequence also takes slices; the soup code indexes ingredients one at a time.
     def __getitem__(self, index: int) -> Any:  # type: ignore[override]
         return self.parent[self.indices[index]]

@@ -38,6 +38,7 @@ from lightning_ext._batch import (
     move_to_device,
 )
 from lightning_ext._lightning import namespace_of
+from lightning_ext._sized import dataset_size
 from lightning_ext.functional.merging import greedy_soup, is_statistic, uniform_soup
 from lightning_ext.soup_io import Ingredients, IngredientSource
 
@@ -55,10 +56,10 @@ Mode = Literal["min", "max"]
 
 
 def _device_of(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
+    for param in module.parameters():
+        return param.device
+    for buffer in module.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
@@ -168,6 +169,26 @@ def recalibrate_batchnorm(
     ``unpack_batch(batch) -> (inputs, targets)`` reads the batches (a bare tensor batch is taken
     as the inputs); ``forward_fn(model, inputs)`` runs the model (default: ``model(inputs)``, or
     ``model(**inputs)`` for dicts; its output is ignored).
+
+    Args:
+        model: the network whose BatchNorm statistics to recompute.
+        dataloader: the training batches.
+        unpack_batch: ``batch -> (inputs, targets)``.
+        forward_fn: ``(model, inputs) -> output``.
+        max_batches: stop after this many batches (None: all).
+
+    Returns:
+        True if the model has BatchNorm layers (their statistics were recomputed).
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> batches = [(torch.ones(4, 2), torch.zeros(4))]
+        >>> recalibrate_batchnorm(model, batches)
+        True
+        >>> int(model[1].num_batches_tracked)
+        1
     """
     norms = batchnorm_layers(model)
     if not norms:
@@ -251,6 +272,30 @@ def estimate_fisher(
     model (unbiased), ``"expected"`` sums over all classes weighted by p(y|x) (exact, one gradient
     per class), ``"empirical"`` uses the dataset's targets (the cheap, biased variant). The model
     is evaluated in eval mode (BatchNorm uses its running statistics).
+
+    Args:
+        model: the classifier.
+        dataloader: the batches to average over.
+        labels: ``"sample"``, ``"expected"`` or ``"empirical"``.
+        max_batches: stop after this many batches (None: all).
+        unpack_batch: ``batch -> (inputs, targets)``.
+        forward_fn: ``(model, inputs) -> logits``.
+        generator: the random generator of the sampled labels.
+
+    Returns:
+        The Fisher of every trainable parameter, by parameter name.
+
+    Raises:
+        ValueError: an unknown ``labels``, or a dataloader that yields no samples.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(3, 2)
+        >>> batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,)))]
+        >>> fisher = estimate_fisher(model, batches, labels="expected")
+        >>> sorted(fisher), fisher["weight"].shape
+        (['bias', 'weight'], torch.Size([2, 3]))
     """
     from torch.func import functional_call, grad, vmap
 
@@ -333,14 +378,16 @@ def _shard(loader: Any, rank: int, world: int) -> tuple[Any, int]:
         or world == 1
     ):
         return loader, 1
-    indices = list(range(rank, len(dataset), world))  # type: ignore[arg-type]
+    dataset = loader.dataset
+    size = dataset_size(dataset)
+    indices = list(range(rank, size, world))
     if not indices:
         raise ValueError(
-            f"the held-out data has {len(dataset)} samples, fewer than the {world} ranks that "  # type: ignore[arg-type]
+            f"the held-out data has {size} samples, fewer than the {world} ranks that "
             "score soups together: give every rank at least one sample"
         )
     shard: DataLoader = DataLoader(
-        dataset,  # type: ignore[arg-type]
+        dataset,
         batch_size=loader.batch_size,
         sampler=indices,
         num_workers=loader.num_workers,
@@ -376,6 +423,28 @@ class ValidationScorer:
     must call it with the same weights: each validates its share of the data and the score is
     reduced over the ranks (see ``_reduce_score``). ``recalibrate_on`` (a train loader)
     recomputes BatchNorm statistics before each evaluation (rank 0's are used on every rank).
+
+    Args:
+        module: the LightningModule (either namespace) whose ``validation_step`` scores.
+        dataloaders: the held-out data.
+        datamodule: a datamodule whose ``val_dataloader`` gives the held-out data, when
+            ``dataloaders`` is None.
+        monitor: the metric ``validation_step`` logs that is the score.
+        trainer: a Trainer whose validation data to use when neither is given elsewhere.
+        precision: the precision to score under (pass the fit's).
+        recalibrate_on: a train loader to recompute BatchNorm statistics on before each score.
+        unpack_batch: ``batch -> (inputs, targets)``, for ``recalibrate_on``.
+        forward_fn: ``(module, inputs) -> logits``, for ``recalibrate_on``.
+
+    Raises:
+        ValueError: neither ``dataloaders`` nor ``datamodule``.
+        KeyError: when scoring, a ``monitor`` that ``validation_step`` did not log.
+
+    Examples:
+        Score two ingredients and keep the better one (``module`` logs ``val_loss``):
+
+            scorer = ValidationScorer(module, dataloaders=val_loader, monitor="val_loss")
+            best = min(ingredients, key=scorer)
     """
 
     def __init__(
@@ -480,7 +549,23 @@ class ValidationScorer:
 class SoupResult:
     """What a soup run made: the weights, the chosen ingredients (indices in order of addition;
     every index for a uniform soup), each ingredient's own score and the soup's, the ingredient
-    names and every greedy candidate as (index, score, kept)."""
+    names and every greedy candidate as (index, score, kept).
+
+    Attributes:
+        state_dict: the soup's weights.
+        chosen: the ingredients in the soup, in order of addition.
+        scores: each ingredient's own score.
+        soup_score: the soup's score.
+        names: the ingredients' names (file names, or ``"rank r"``).
+        candidates: every greedy candidate as ``(index, score, kept)``.
+
+    Examples:
+        >>> import torch
+        >>> weights = {"w": torch.ones(1)}
+        >>> result = SoupResult(weights, chosen=[1, 0], scores=[0.3, 0.2], soup_score=0.1)
+        >>> result.chosen
+        [1, 0]
+    """
 
     state_dict: dict[str, Tensor]
     chosen: list[int]
@@ -522,7 +607,33 @@ def run_soup(
     """Score every ingredient, build the soup (greedy with ``functional.greedy_soup``, the one
     implementation; uniform; or ``method(ingredients)``) and score it; the scorer ends holding the
     soup. The one procedure behind ``build_soup``, ``ModelSoup`` and ``SoupStrategy``; with a
-    collective scorer, every rank runs it in lockstep and gets the same result."""
+    collective scorer, every rank runs it in lockstep and gets the same result.
+
+    Args:
+        scorer: scores a state dict (e.g. a ``ValidationScorer``).
+        ingredients: the state dicts.
+        method: ``"greedy"``, ``"uniform"`` or a callable ``ingredients -> soup``.
+        monitor: the score's name, for messages.
+        mode: ``"min"`` (lower is better) or ``"max"``.
+        strict: the greedy soup needs a strict improvement to keep an ingredient.
+        passes: passes of the greedy soup over the ingredients.
+        names: the ingredients' names, for messages (None: ``"ingredient i"``).
+        progress_bar: show a tqdm bar.
+
+    Returns:
+        The soup, its score and every ingredient's.
+
+    Raises:
+        ValueError: an unknown ``method``.
+
+    Examples:
+        >>> import torch
+        >>> ingredients = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([3.0])}]
+        >>> distance_to_2 = lambda sd: float((sd["w"] - 2).abs())
+        >>> result = run_soup(distance_to_2, ingredients, mode="min", progress_bar=False)
+        >>> result.chosen, result.soup_score
+        ([0, 1], 0.0)
+    """
     n = len(ingredients)
     names = list(names) if names is not None else [f"ingredient {i}" for i in range(n)]
     bar = _progress(n, progress_bar)
@@ -599,6 +710,40 @@ def build_soup(
     (train) loader, read with ``unpack_batch``/``forward_fn``, for every candidate and the result.
     ``precision`` is the scoring Trainer's (use the fit's). ``plot`` writes the picture of the
     scores there (PNG, when matplotlib is installed). Call it on every rank under DDP.
+
+    Args:
+        module: the LightningModule (either namespace) whose ``validation_step`` scores.
+        ingredients: checkpoint paths, state dicts or modules.
+        method: ``"greedy"``, ``"uniform"`` or a callable ``ingredients -> state_dict``.
+        monitor: the logged validation metric that is the score.
+        mode: ``"min"`` (lower is better) or ``"max"``.
+        dataloaders: the held-out data.
+        datamodule: a datamodule giving the held-out data, when ``dataloaders`` is None.
+        strict: the greedy soup needs a strict improvement to keep an ingredient.
+        passes: passes of the greedy soup over the ingredients.
+        recalibrate_on: a train loader to recompute BatchNorm statistics on.
+        unpack_batch: ``batch -> (inputs, targets)``, for ``recalibrate_on``.
+        forward_fn: ``(module, inputs) -> logits``, for ``recalibrate_on``.
+        precision: the scoring Trainer's precision (use the fit's).
+        trainer: a Trainer whose validation data to use when neither is given.
+        progress_bar: show a tqdm bar.
+        plot: where to write the picture of the scores (None: nowhere).
+        apply: load the soup into ``module``.
+
+    Returns:
+        The soup, the chosen ingredients and every score.
+
+    Raises:
+        ValueError: an unknown ``method`` or ``mode``, no held-out data, or ingredients whose
+            layouts differ.
+        KeyError: a ``monitor`` that ``validation_step`` did not log.
+
+    Examples:
+        With a module that logs ``val_acc`` and three checkpoints of one fine-tuning:
+
+            result = build_soup(module, ["a.ckpt", "b.ckpt", "c.ckpt"], monitor="val_acc",
+                                mode="max", dataloaders=val_loader)
+            result.chosen, result.soup_score
     """
     ings = ingredients if isinstance(ingredients, Ingredients) else Ingredients(ingredients)
     ings.validate()

@@ -74,6 +74,23 @@ def magnitude_masks(
     Exactly ``round((1 - sparsity) * N)`` weights are kept (over all tensors, or per tensor).
     Weights already pruned in ``previous`` rank below every kept one, so the new mask is nested in
     it whenever it keeps fewer (the prune-retrain cycles of the paper only remove weights).
+
+    Args:
+        weights: the tensors to prune, by name.
+        sparsity: the fraction pruned, in [0, 1).
+        scope: ``"global"`` (one threshold) or ``"layer"`` (``sparsity`` of each tensor).
+        previous: the masks of the previous cycle, if any.
+
+    Returns:
+        A boolean keep-mask per tensor.
+
+    Raises:
+        ValueError: ``sparsity`` outside [0, 1) or an unknown ``scope``.
+
+    Examples:
+        >>> import torch
+        >>> magnitude_masks({"w": torch.tensor([0.1, -3.0, 0.5, 2.0])}, 0.5)
+        {'w': tensor([False,  True, False,  True])}
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
@@ -111,7 +128,20 @@ class FixedMask(Callback):
     """Holds given weights at a fixed sparsity mask during a fit: the pruned weights are zeroed at
     fit start, their gradients are zeroed before every optimizer step (so momentum and Adam
     moments stay zero there) and they are zeroed again after every training batch (undoing weight
-    decay). ``masks`` maps (compile-normalised) parameter names to boolean keep-masks."""
+    decay). ``masks`` maps (compile-normalised) parameter names to boolean keep-masks.
+
+    Args:
+        masks: parameter name (without a ``_orig_mod.`` prefix) to its boolean keep-mask.
+
+    Raises:
+        ValueError: at setup, a mask for a parameter the module lacks, or of another shape.
+
+    Examples:
+        >>> import torch
+        >>> import lightning.pytorch as pl
+        >>> fixed = FixedMask({"layer.weight": torch.tensor([[True, False], [False, True]])})
+        >>> trainer = pl.Trainer(max_epochs=1, callbacks=[fixed], logger=False)
+    """
 
     def __init__(self, masks: Mapping[str, Tensor]) -> None:
         super().__init__()
@@ -155,7 +185,21 @@ class FixedMask(Callback):
 @dataclass
 class CycleResult:
     """One prune-retrain-soup cycle: target sparsity, measured sparsity of the targets in the
-    soup, each retrain's held-out score, the soup's, the chosen retrains."""
+    soup, each retrain's held-out score, the soup's, the chosen retrains.
+
+    Attributes:
+        cycle: the cycle's index, from 0.
+        sparsity: the target sparsity of the pruned weights.
+        measured_sparsity: the sparsity of those weights in the soup.
+        ingredient_scores: each retrain's held-out score.
+        soup_score: the soup's held-out score.
+        chosen: the retrains in the soup.
+
+    Examples:
+        >>> result = CycleResult(0, 0.5, 0.5, [0.3, 0.4], 0.25, chosen=[0, 1])
+        >>> result.soup_score < min(result.ingredient_scores)
+        True
+    """
 
     cycle: int
     sparsity: float
@@ -167,7 +211,19 @@ class CycleResult:
 
 @dataclass
 class SparseSoupResult:
-    """The last soup's weights and every cycle's figures."""
+    """The last soup's weights and every cycle's figures.
+
+    Attributes:
+        state_dict: the last cycle's soup.
+        masks: the keep-masks of the last cycle.
+        cycles: every cycle's figures, in order.
+
+    Examples:
+        >>> import torch
+        >>> result = SparseSoupResult({"w": torch.zeros(2)}, {"w": torch.tensor([True, False])})
+        >>> result.cycles
+        []
+    """
 
     state_dict: dict[str, Tensor]
     masks: dict[str, Tensor]

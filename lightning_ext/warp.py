@@ -43,7 +43,20 @@ Evaluate = Callable[[pl.LightningModule, int], Mapping[str, float]]
 
 @dataclass
 class WARPRun:
-    """What ``make_trainer`` is told about the fine-tuning it builds a Trainer for."""
+    """What ``make_trainer`` is told about the fine-tuning it builds a Trainer for.
+
+    Attributes:
+        iteration: the WARP iteration, from 0.
+        policy: the policy's index in the iteration; with a WARPStrategy 0, the one fit training
+            every policy, one per rank.
+        root_dir: the folder for this fine-tuning's logs and checkpoints.
+
+    Examples:
+        >>> from pathlib import Path
+        >>> run = WARPRun(iteration=0, policy=1, root_dir=Path("runs/warp/iter0/policy1"))
+        >>> run.policy
+        1
+    """
 
     iteration: int
     policy: int  # with a WARPStrategy: 0, and that one fit trains every policy, one per rank
@@ -52,6 +65,19 @@ class WARPRun:
 
 @dataclass
 class WARPResult:
+    """What a WARP run made.
+
+    Attributes:
+        final_state: the weights after the last iteration's merge and LITI.
+        metrics: per iteration, per LITI ``eta``, the evaluation metrics by name.
+        out_dir: where the iterations' weights were saved (None: nowhere).
+
+    Examples:
+        >>> import torch
+        >>> WARPResult({"w": torch.zeros(1)}).metrics
+        []
+    """
+
     final_state: StateDict
     metrics: list[dict[str, dict[str, float]]] = field(default_factory=list)  # [iter][eta][name]
     out_dir: Path | None = None

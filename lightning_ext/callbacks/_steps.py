@@ -24,6 +24,15 @@ class AfterOptimizerStep(Callback):
     Lightning still advances ``global_step``. Such batches call ``on_optimizer_step_skipped``
     instead: the weights did not change, so averaging them again would count a step that never
     happened (and advance warm-up schedules).
+
+    Examples:
+        A callback that counts the optimizer steps really taken:
+
+            class CountSteps(AfterOptimizerStep):
+                count = 0
+
+                def on_optimizer_step_done(self, trainer, pl_module):
+                    self.count += 1
     """
 
     _step_at_batch_start: int | None = None

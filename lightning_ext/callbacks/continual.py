@@ -40,6 +40,7 @@ from lightning_ext._batch import (
 )
 from lightning_ext._io import atomic_write, atomic_write_json, atomic_write_text
 from lightning_ext._lightning import is_wandb_logger, run_dir
+from lightning_ext._sized import dataset_size
 from lightning_ext.functional.continual import (
     accuracy_matrix,
     average_accuracy,
@@ -79,7 +80,7 @@ def _per_sample(metric: str, logits: Tensor, targets: Tensor) -> Tensor:
 def _source_parts(source: Dataset | DataLoader) -> tuple[Dataset, Collate]:
     """The dataset and the collate function to batch it with (a DataLoader's own, if given)."""
     if isinstance(source, DataLoader):
-        return source.dataset, source.collate_fn  # type: ignore[return-value]
+        return source.dataset, source.collate_fn
     return source, default_collate
 
 
@@ -168,9 +169,23 @@ class ContinualEvaluation(Callback):
             (the datamodule's ``current_task`` if it has one, else each new ``fit`` that does not
             resume a checkpoint starts the next task), "stream" or "fit".
         export_dir: where curves (CSV, JSON) and the plot go at the end of each fit; default
-            ``run_dir(trainer, "continual")``, the run's own versioned folder. export: write them
-            at all. plot: also write ``curves.png`` when matplotlib is installed (warns once
-            and skips the picture otherwise).
+            ``run_dir(trainer, "continual")``, the run's own versioned folder.
+        export: write the curves at all.
+        plot: also write ``curves.png`` when matplotlib is installed (warns once and skips the
+            picture otherwise).
+
+    Raises:
+        ValueError: a count option below 1, an unknown ``task_boundary`` or an unknown
+            built-in ``metric`` name.
+
+    Examples:
+        >>> import torch
+        >>> import lightning.pytorch as pl
+        >>> from torch.utils.data import TensorDataset
+        >>> from lightning_ext.callbacks import ContinualEvaluation
+        >>> tasks = [TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(2)]
+        >>> continual = ContinualEvaluation(tasks, every_n_steps=10, subsample=8)
+        >>> trainer = pl.Trainer(max_steps=100, callbacks=[continual], logger=False)
     """
 
     def __init__(
@@ -277,7 +292,7 @@ class ContinualEvaluation(Callback):
         if len(sets) == 0:
             raise ValueError("ContinualEvaluation: eval_sets is empty; give one dataset per task")
         for task, dataset in enumerate(sets):
-            if len(dataset) == 0:  # type: ignore[arg-type]
+            if dataset_size(dataset) == 0:
                 raise ValueError(f"ContinualEvaluation: the evaluation set of task {task} is empty")
 
     def _set_fixed_sources(self, sources: Sequence[Dataset | DataLoader]) -> None:
@@ -306,7 +321,8 @@ class ContinualEvaluation(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        dm = trainer.datamodule
+        # Lightning's connectors set this Trainer attribute at run time.
+        dm = trainer.datamodule  # type: ignore[attr-defined]
         if self.eval_sets is None and dm is not None and hasattr(dm, "task_eval_datasets"):
             self._set_fixed_sources(list(dm.task_eval_datasets()))
         self._streaming = self._check_stream(trainer)
@@ -323,7 +339,8 @@ class ContinualEvaluation(Callback):
 
     def _check_stream(self, trainer: pl.Trainer) -> bool:
         """Whether the task id comes from a task stream; its settings checked against the data."""
-        dm = trainer.datamodule
+        # Lightning's connectors set this Trainer attribute at run time.
+        dm = trainer.datamodule  # type: ignore[attr-defined]
         streaming = self.task_boundary == "stream" or (
             self.task_boundary == "auto" and dm is not None and hasattr(dm, "current_task")
         )
@@ -335,7 +352,8 @@ class ContinualEvaluation(Callback):
         if not streaming:
             return False
         per_task = getattr(dm, "epochs_per_task", None)
-        reload = trainer.reload_dataloaders_every_n_epochs
+        # Lightning's connectors set this Trainer attribute at run time.
+        reload = trainer.reload_dataloaders_every_n_epochs  # type: ignore[attr-defined]
         if per_task is not None and (reload < 1 or per_task % reload):
             raise ValueError(
                 f"ContinualEvaluation: the task stream switches task every {per_task} epochs "
@@ -368,7 +386,8 @@ class ContinualEvaluation(Callback):
         if self.explicit_task is not None:
             return self.explicit_task
         if self._streaming:
-            return int(trainer.datamodule.current_task)
+            # Lightning's connectors set this Trainer attribute at run time.
+            return int(trainer.datamodule.current_task)  # type: ignore[attr-defined]
         return int(self._fit_task or 0)
 
     def _source_for(self, trainer: pl.Trainer, task: int) -> tuple[Dataset, Collate]:
@@ -411,9 +430,9 @@ class ContinualEvaluation(Callback):
         if task not in self._cache:
             dataset, collate = self._source_for(trainer, task)
             if task not in self.subsets:
-                n = min(self.subsample, len(dataset))  # type: ignore[arg-type]
+                n = min(self.subsample, dataset_size(dataset))
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + task)
-                order = torch.randperm(len(dataset), generator=g)  # type: ignore[arg-type]
+                order = torch.randperm(dataset_size(dataset), generator=g)
                 self.subsets[task] = order[:n].sort().values
             indices = self.subsets[task]
             world, rank = trainer.world_size, trainer.global_rank
@@ -792,7 +811,11 @@ class ContinualEvaluation(Callback):
         import wandb
 
         values, trained, steps = self.tables()
-        columns = ["step", "trained_task", *[f"task{t}" for t in range(values.shape[1])]]
+        columns: list[str | int] = [
+            "step",
+            "trained_task",
+            *[f"task{t}" for t in range(values.shape[1])],
+        ]
         rows = [
             [int(steps[e]), int(trained[e]), *[None if math.isnan(v) else v for v in values[e]]]
             for e in range(values.shape[0])

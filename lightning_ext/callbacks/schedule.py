@@ -291,6 +291,19 @@ class ScheduleRefinement(Callback):
     Logs ``schedule/grad_norm`` and (drop-in) ``schedule/lr_scale`` per optimizer step to the
     Trainer's loggers every ``log_every_n_steps`` steps, and the diagnostics plus the plot at fit
     end. Warns with figures when the refined or the applied schedule is degenerate.
+
+    Raises:
+        ValueError: an unknown ``norm``, ``total_steps`` below 2, or ``record=False`` without a
+            ``schedule_path`` (the callback would do nothing).
+
+    Examples:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_ext.callbacks import ScheduleRefinement
+        >>> refine = ScheduleRefinement()  # record the norms, write the refined schedule
+        >>> trainer = pl.Trainer(max_steps=100, callbacks=[refine], logger=False)
+
+        A second run then follows the refined schedule:
+        ``ScheduleRefinement(record=False, schedule_path=".../refined_schedule.pt")``.
     """
 
     def __init__(
@@ -451,7 +464,9 @@ class ScheduleRefinement(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self._steps and self._steps[0] - self._logged_steps >= trainer.log_every_n_steps:
+        # Lightning's connectors set this Trainer attribute at run time.
+        every_n = trainer.log_every_n_steps  # type: ignore[attr-defined]
+        if self._steps and self._steps[0] - self._logged_steps >= every_n:
             self._flush(trainer)
 
     def _flush(self, trainer: pl.Trainer) -> None:

@@ -47,6 +47,31 @@ class ModelSoup(Callback):
     fit end): ``soup/score``, ``soup/best_ingredient_score``, ``soup/ingredient_score/epoch_E``,
     ``soup/num_ingredients``, ``soup/num_chosen``; with a WandbLogger also the table
     ``soup/ingredients`` (epoch, file, score, chosen) and the image ``soup/scores``.
+
+    Args:
+        method: ``"greedy"`` (keep an ingredient only if ``monitor`` improves) or ``"uniform"``.
+        monitor: the logged validation metric the greedy soup ranks by.
+        mode: ``"min"`` (lower is better, Lightning's default) or ``"max"``.
+        every_n_epochs: snapshot every this many training epochs.
+        start_epoch: the first epoch whose weights may become an ingredient.
+        keep_last: keep only the last this many snapshots (None: all).
+        dirpath: where the snapshots and the soup go (None: ``run_dir(trainer, "soup")``).
+        strict: the greedy soup needs a strict improvement to keep an ingredient.
+        passes: passes of the greedy soup over the ingredients.
+        recalibrate_bn: recompute BatchNorm statistics of every candidate on the training data.
+        save_soup: save the soup to ``dirpath/soup.pt``.
+        unpack_batch: ``batch -> (inputs, targets)``, for ``recalibrate_bn``.
+        forward_fn: ``(module, inputs) -> logits``, for ``recalibrate_bn``.
+
+    Raises:
+        ValueError: an unknown ``method`` or ``mode``, ``every_n_epochs`` or ``passes`` below 1,
+            ``start_epoch`` below 0, or ``keep_last`` below 1.
+
+    Examples:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_ext.callbacks import ModelSoup
+        >>> soup = ModelSoup(method="greedy", monitor="val_acc", mode="max", start_epoch=2)
+        >>> trainer = pl.Trainer(max_epochs=6, callbacks=[soup], logger=False)
     """
 
     def __init__(

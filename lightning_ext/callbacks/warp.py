@@ -44,6 +44,19 @@ class WARP(AfterOptimizerStep):
     Logged (every ``log_every_n_steps``): ``warp/anchor_distance``, the L2 distance between the
     policy's and the anchor's weights, and ``warp/anchor_updates``. The KL itself depends on the
     task, so the module computes and logs it from ``WARP.anchor(self)(...)``.
+
+    Raises:
+        ValueError: an unknown ``anchor``, ``mu`` or ``alpha`` outside (0, 1], or ``tau`` not a
+            positive integer.
+
+    Examples:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_ext.callbacks import WARP
+        >>> warp = WARP(anchor="ema", mu=0.01)
+        >>> trainer = pl.Trainer(max_steps=100, callbacks=[warp], logger=False)
+
+        In the module's ``training_step``: ``reference = WARP.anchor(self)(batch)``, then a KL
+        between the policy's and the reference's outputs.
     """
 
     def __init__(
@@ -74,7 +87,9 @@ class WARP(AfterOptimizerStep):
     def anchor(pl_module: pl.LightningModule) -> nn.Module:
         """The frozen anchor of ``pl_module``'s current fit: call it like the module itself."""
         trainer = pl_module._trainer
-        found = [cb for cb in (trainer.callbacks if trainer else []) if isinstance(cb, WARP)]
+        # Lightning's connectors set this Trainer attribute at run time.
+        callbacks = trainer.callbacks if trainer else []  # type: ignore[attr-defined]
+        found = [cb for cb in callbacks if isinstance(cb, WARP)]
         if len(found) != 1:
             raise RuntimeError(
                 f"WARP.anchor needs exactly one lightning_ext.callbacks.WARP among the Trainer's "
@@ -135,7 +150,8 @@ class WARP(AfterOptimizerStep):
             self._move_towards_policy(self.mu)
         elif self.kind == "sync" and step % self.tau == 0:
             self._move_towards_policy(self.alpha)
-        if step % trainer.log_every_n_steps == 0:
+        # Lightning's connectors set this Trainer attribute at run time.
+        if step % trainer.log_every_n_steps == 0:  # type: ignore[attr-defined]
             pl_module.log("warp/anchor_distance", self._distance(), on_step=True, on_epoch=False)
             pl_module.log("warp/anchor_updates", float(self.updates), on_step=True, on_epoch=False)
 

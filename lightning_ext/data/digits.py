@@ -24,7 +24,21 @@ def digits_tensors() -> tuple[Tensor, Tensor]:
 def digits_splits(
     seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15
 ) -> dict[str, TensorDataset]:
-    """A seeded train/val/test split of the digits as TensorDatasets of (x[64], y)."""
+    """A seeded train/val/test split of the digits as TensorDatasets of (x[64], y).
+
+    Args:
+        seed: seeds the split.
+        val_fraction: the share of the validation set.
+        test_fraction: the share of the test set.
+
+    Returns:
+        ``{"train": ..., "val": ..., "test": ...}``.
+
+    Examples:
+        >>> splits = digits_splits(seed=0)
+        >>> sorted(splits), splits["train"][0][0].shape
+        (['test', 'train', 'val'], torch.Size([64]))
+    """
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError("val_fraction and test_fraction must be in (0, 1) and sum below 1")
     x, y = digits_tensors()

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
+from lightning_ext._sized import dataset_size
+
 __all__ = ["ReplayMemory", "TaskStream", "WithReplay", "dataset_targets", "split_by_classes"]
 
 
@@ -23,13 +25,33 @@ def dataset_targets(dataset: Dataset) -> Tensor:
         return dataset.tensors[1]
     if isinstance(dataset, Subset):
         return dataset_targets(dataset.dataset)[torch.as_tensor(dataset.indices)]
-    return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]
+    return torch.as_tensor([int(dataset[i][1]) for i in range(dataset_size(dataset))])
 
 
 def split_by_classes(
     dataset: Dataset, classes_per_task: int = 2, class_order: Sequence[int] | None = None
 ) -> list[Subset]:
-    """Class-incremental split: task ``t`` holds the classes ``order[t*c:(t+1)*c]``."""
+    """Class-incremental split: task ``t`` holds the classes ``order[t*c:(t+1)*c]``.
+
+    Args:
+        dataset: a dataset of ``(x, y)`` items with integer labels.
+        classes_per_task: the classes of each task (``c``).
+        class_order: the classes in task order (None: ascending).
+
+    Returns:
+        One ``Subset`` per task.
+
+    Raises:
+        ValueError: ``classes_per_task`` below 1, or a number of classes that is not a multiple
+            of it.
+
+    Examples:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> data = TensorDataset(torch.zeros(6, 2), torch.tensor([0, 1, 2, 3, 0, 1]))
+        >>> [len(task) for task in split_by_classes(data, classes_per_task=2)]
+        [4, 2]
+    """
     if classes_per_task < 1:
         raise ValueError(f"classes_per_task must be >= 1, got {classes_per_task}")
     targets = dataset_targets(dataset)
@@ -54,6 +76,22 @@ class ReplayMemory(Dataset):
 
     ``add_task`` draws the new task's share with a generator seeded by ``(seed, task)`` and shrinks
     the older shares to keep the total at ``capacity`` (as in class-balanced experience replay).
+
+    Args:
+        capacity: the number of samples kept over all tasks.
+        seed: seeds the draw of each task's share.
+
+    Raises:
+        ValueError: ``capacity`` below 1.
+
+    Examples:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> memory = ReplayMemory(capacity=4)
+        >>> memory.add_task(TensorDataset(torch.arange(10.0), torch.zeros(10)))
+        >>> memory.add_task(TensorDataset(torch.arange(10.0), torch.ones(10)))
+        >>> len(memory), sorted(int(memory[i][1]) for i in range(len(memory)))
+        (4, [0, 0, 1, 1])
     """
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
@@ -65,7 +103,7 @@ class ReplayMemory(Dataset):
 
     def add_task(self, dataset: Dataset) -> None:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + len(self._per_task))
-        self._per_task.append((dataset, torch.randperm(len(dataset), generator=g)))  # type: ignore[arg-type]
+        self._per_task.append((dataset, torch.randperm(dataset_size(dataset), generator=g)))
         quota = self.capacity // len(self._per_task)
         self._flat = [
             (t, int(i)) for t, (_, order) in enumerate(self._per_task) for i in order[:quota]
@@ -88,6 +126,23 @@ class WithReplay(Dataset):
 
     The pairing is drawn once from ``seed``; a batch of these is a new batch plus an equally large
     replay batch, which is how the stability-gap paper runs ER.
+
+    Args:
+        dataset: the new task's training data, items ``(x, y)``.
+        memory: the replay memory of the earlier tasks.
+        seed: seeds the pairing.
+
+    Raises:
+        ValueError: an empty ``memory``.
+
+    Examples:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> memory = ReplayMemory(capacity=2)
+        >>> memory.add_task(TensorDataset(torch.zeros(5, 3), torch.zeros(5)))
+        >>> paired = WithReplay(TensorDataset(torch.ones(6, 3), torch.ones(6)), memory)
+        >>> len(paired), len(paired[0])
+        (6, 4)
     """
 
     def __init__(self, dataset: Dataset, memory: ReplayMemory, seed: int = 0) -> None:
@@ -95,10 +150,10 @@ class WithReplay(Dataset):
             raise ValueError("the replay memory is empty: add a task to it first")
         self.dataset, self.memory = dataset, memory
         g = torch.Generator().manual_seed(seed)
-        self.pairing = torch.randint(len(memory), (len(dataset),), generator=g)  # type: ignore[arg-type]
+        self.pairing = torch.randint(len(memory), (dataset_size(dataset),), generator=g)
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return dataset_size(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[Tensor, ...]:
         x, y = self.dataset[index]
@@ -117,6 +172,28 @@ class TaskStream(pl.LightningDataModule):
 
     It is a ``lightning.pytorch`` datamodule: a ``pytorch_lightning`` Trainer refuses it (its
     hook checks compare against its own class); there, give loaders to one fit per task.
+
+    Args:
+        train_tasks: one training dataset per task, items ``(x, y)``.
+        eval_tasks: one evaluation dataset per task (None: ContinualEvaluation needs its own).
+        epochs_per_task: training epochs of each task.
+        batch_size: the training batch size.
+        replay_capacity: samples kept in the replay memory (0: no replay).
+        seed: seeds the sampling order and the replay memory.
+
+    Raises:
+        ValueError: no train tasks, a number of eval tasks that differs, or ``epochs_per_task``
+            below 1.
+
+    Examples:
+        >>> import torch
+        >>> import lightning.pytorch as pl
+        >>> from torch.utils.data import TensorDataset
+        >>> tasks = [TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(3)]
+        >>> stream = TaskStream(tasks, tasks, epochs_per_task=2, batch_size=4)
+        >>> stream.num_tasks
+        3
+        >>> trainer = pl.Trainer(max_epochs=6, reload_dataloaders_every_n_epochs=2, logger=False)
     """
 
     def __init__(
@@ -172,7 +249,7 @@ class TaskStream(pl.LightningDataModule):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         # A seeded DistributedSampler (one replica when single-process) makes the order depend on
         # (seed, epoch) only: resumable bitwise, and Lightning keeps it as it is under DDP.
-        sampler = DistributedSampler(
+        sampler: DistributedSampler[int] = DistributedSampler(
             dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
         )
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)

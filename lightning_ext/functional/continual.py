@@ -59,7 +59,20 @@ def _nanmean(x: Tensor) -> float:
 
 
 def task_ends(trained: Tensor) -> dict[int, int]:
-    """Evaluation index of the end of each task that has at least one evaluation."""
+    """Evaluation index of the end of each task that has at least one evaluation.
+
+    Args:
+        trained: ``Tensor[E]``, the task whose training produced each evaluated model (-1: initial).
+
+    Returns:
+        The task's index to the index of its last evaluation.
+
+    Examples:
+        >>> import torch
+        >>> trained = torch.tensor([-1, 0, 0, 1, 1])
+        >>> task_ends(trained)
+        {0: 2, 1: 4}
+    """
     ends: dict[int, int] = {}
     for e, task in enumerate(trained.tolist()):
         if task >= 0:
@@ -82,7 +95,26 @@ def task_curve_indices(
     own_training_only: bool = False,
 ) -> Tensor:
     """Evaluation indices on ``task``'s curve, in order (see ``task_curve``); only those made
-    while ``task`` itself was trained with ``own_training_only``."""
+    while ``task`` itself was trained with ``own_training_only``.
+
+    Args:
+        values: ``Tensor[E, T]``, the metric of each task at each evaluation (NaN: not evaluated).
+        trained: ``Tensor[E]``, the task whose training produced each evaluated model (-1: initial).
+        task: the task's index.
+        zero_shot: also count the evaluations before the task was first trained.
+        own_training_only: keep only the evaluations while the task itself was trained.
+
+    Returns:
+        The evaluation indices of the task's curve.
+
+    Examples:
+        >>> import torch
+        >>> nan = float("nan")
+        >>> values = torch.tensor([[0.1, nan], [0.8, nan], [0.9, 0.2], [0.6, 0.7], [0.7, 0.9]])
+        >>> trained = torch.tensor([-1, 0, 0, 1, 1])
+        >>> task_curve_indices(values, trained, 0)
+        tensor([0, 1, 2, 3, 4])
+    """
     present = ~torch.isnan(values[:, task])
     during = (trained == task) if own_training_only else (trained >= task)
     keep = during & present
@@ -101,6 +133,23 @@ def task_curve(values: Tensor, trained: Tensor, task: int, *, zero_shot: bool = 
     zero-shot evaluation (made at the end of the previous task) stays off its curve: it would
     put a chance-level starting point on every curve and inflate WP^w. ``zero_shot=True`` puts
     the last evaluation before training on the task began at the head of every task's curve.
+
+    Args:
+        values: ``Tensor[E, T]``, the metric of each task at each evaluation (NaN: not evaluated).
+        trained: ``Tensor[E]``, the task whose training produced each evaluated model (-1: initial).
+        task: the task's index.
+        zero_shot: also count the evaluations before the task was first trained.
+
+    Returns:
+        The task's metric at every evaluation from its first training on.
+
+    Examples:
+        >>> import torch
+        >>> nan = float("nan")
+        >>> values = torch.tensor([[0.1, nan], [0.8, nan], [0.9, 0.2], [0.6, 0.7], [0.7, 0.9]])
+        >>> trained = torch.tensor([-1, 0, 0, 1, 1])
+        >>> task_curve(values, trained, 0)
+        tensor([0.1000, 0.8000, 0.9000, 0.6000, 0.7000])
     """
     idx = task_curve_indices(values, trained, task, zero_shot=zero_shot)
     return values[idx, task]
@@ -110,7 +159,25 @@ def own_training_curve(
     values: Tensor, trained: Tensor, task: int, *, zero_shot: bool = False
 ) -> Tensor:
     """``task``'s evaluations while it was the task being trained (what LCA^beta reads), with
-    the same starting point as ``task_curve``."""
+    the same starting point as ``task_curve``.
+
+    Args:
+        values: ``Tensor[E, T]``, the metric of each task at each evaluation (NaN: not evaluated).
+        trained: ``Tensor[E]``, the task whose training produced each evaluated model (-1: initial).
+        task: the task's index.
+        zero_shot: also count the evaluations before the task was first trained.
+
+    Returns:
+        The task's metric while it was trained.
+
+    Examples:
+        >>> import torch
+        >>> nan = float("nan")
+        >>> values = torch.tensor([[0.1, nan], [0.8, nan], [0.9, 0.2], [0.6, 0.7], [0.7, 0.9]])
+        >>> trained = torch.tensor([-1, 0, 0, 1, 1])
+        >>> own_training_curve(values, trained, 1)
+        tensor([0.7000, 0.9000])
+    """
     idx = task_curve_indices(values, trained, task, zero_shot=zero_shot, own_training_only=True)
     return values[idx, task]
 
@@ -122,6 +189,23 @@ def min_acc(
     worst value of task ``i`` over the evaluations strictly after its end, up to ``at``.
 
     NaN while no task has finished (the first task has no min-ACC).
+
+    Args:
+        values: ``Tensor[E, T]``, the metric of each task at each evaluation (NaN: not evaluated).
+        trained: ``Tensor[E]``, the task whose training produced each evaluated model (-1: initial).
+        at: the evaluation index to compute it at (None: the last one).
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+
+    Returns:
+        min-ACC, NaN while no task has finished.
+
+    Examples:
+        >>> import torch
+        >>> nan = float("nan")
+        >>> values = torch.tensor([[0.1, nan], [0.8, nan], [0.9, 0.2], [0.6, 0.7], [0.7, 0.9]])
+        >>> trained = torch.tensor([-1, 0, 0, 1, 1])
+        >>> round(min_acc(values, trained), 4)
+        0.6
     """
     at = values.shape[0] - 1 if at is None else at
     current = int(trained[at])
@@ -141,6 +225,21 @@ def wc_acc(current_value: float, min_acc_value: float, num_tasks_seen: int) -> f
     """Worst-case accuracy: ``(1/k) A(E_k, f_t) + (1 - 1/k) min-ACC`` with ``k`` tasks seen.
 
     For the first task (no min-ACC yet) it is the current task's value.
+
+    Args:
+        current_value: the metric of the current task.
+        min_acc_value: ``min_acc`` of the earlier tasks.
+        num_tasks_seen: the number of tasks trained so far, the current one included.
+
+    Returns:
+        The worst-case accuracy, ``(1/k) * current + (1 - 1/k) * min_acc``.
+
+    Raises:
+        ValueError: ``num_tasks_seen`` below 1.
+
+    Examples:
+        >>> round(wc_acc(0.9, 0.6, num_tasks_seen=2), 4)
+        0.75
     """
     if num_tasks_seen < 1:
         raise ValueError(f"num_tasks_seen must be >= 1, got {num_tasks_seen}")
@@ -164,12 +263,40 @@ def _windowed_max_change(curve: Tensor, window: int, sign: float) -> float:
 
 def windowed_forgetting(curve: Tensor, window: int = 10, *, higher_is_better: bool = True) -> float:
     """WF^w of one task's curve: the largest drop within any ``window`` consecutive evaluations,
-    ``max_{a<b, b-a<w} (A_a - A_b)`` (an increase for lower-is-better metrics), 0 if none."""
+    ``max_{a<b, b-a<w} (A_a - A_b)`` (an increase for lower-is-better metrics), 0 if none.
+
+    Args:
+        curve: one task's metric at consecutive evaluations.
+        window: the number of consecutive evaluations considered.
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+
+    Returns:
+        The largest loss within ``window`` consecutive evaluations (0: none).
+
+    Examples:
+        >>> import torch
+        >>> round(windowed_forgetting(torch.tensor([0.9, 0.6, 0.7]), window=2), 4)
+        0.3
+    """
     return _windowed_max_change(curve, window, _sign(higher_is_better))
 
 
 def windowed_plasticity(curve: Tensor, window: int = 10, *, higher_is_better: bool = True) -> float:
-    """WP^w of one task's curve: the largest gain within any ``window`` consecutive evaluations."""
+    """WP^w of one task's curve: the largest gain within any ``window`` consecutive evaluations.
+
+    Args:
+        curve: one task's metric at consecutive evaluations.
+        window: the number of consecutive evaluations considered.
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+
+    Returns:
+        The largest gain within ``window`` consecutive evaluations (0: none).
+
+    Examples:
+        >>> import torch
+        >>> round(windowed_plasticity(torch.tensor([0.2, 0.7, 0.9]), window=2), 4)
+        0.5
+    """
     return _windowed_max_change(curve, window, -_sign(higher_is_better))
 
 
@@ -181,6 +308,19 @@ def windowed_forgetting_step(
     Each new evaluation only adds pairs that end at it, so the running maximum grows by
     ``max(recent) - new`` at most: O(w) per evaluation instead of O(E w). For WP^w call it with
     ``higher_is_better`` negated.
+
+    Args:
+        previous: the windowed forgetting so far.
+        recent: the last ``window - 1`` values.
+        new: the newest value.
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+
+    Returns:
+        The updated windowed forgetting.
+
+    Examples:
+        >>> round(windowed_forgetting_step(0.0, [0.9], 0.6), 4)
+        0.3
     """
     if not recent:
         return previous
@@ -191,7 +331,23 @@ def windowed_forgetting_step(
 def learning_curve_area(curve: Tensor, beta: int = 10) -> float:
     """LCA^beta: mean of the first ``beta`` evaluations of a task's ``own_training_curve``, as
     the official code computes it; NaN if the task had fewer than ``beta`` (never filled with
-    later tasks' evaluations). NaN values are skipped."""
+    later tasks' evaluations). NaN values are skipped.
+
+    Args:
+        curve: one task's metric at consecutive evaluations.
+        beta: the number of evaluations averaged.
+
+    Returns:
+        The mean of the first ``beta`` values, NaN if there are fewer.
+
+    Raises:
+        ValueError: ``beta`` below 1.
+
+    Examples:
+        >>> import torch
+        >>> round(learning_curve_area(torch.tensor([0.2, 0.5, 0.9]), beta=2), 4)
+        0.35
+    """
     if beta < 1:
         raise ValueError(f"beta must be >= 1, got {beta}")
     curve = curve[~torch.isnan(curve)]
@@ -200,7 +356,27 @@ def learning_curve_area(curve: Tensor, beta: int = 10) -> float:
 
 def accuracy_matrix(values: Tensor, trained: Tensor) -> tuple[Tensor, Tensor]:
     """``R[i, j]``: metric of task ``j`` at the end of task ``i``, and ``b[j]``: of the initial
-    model (the evaluation with ``trained == -1``); NaN where not evaluated."""
+    model (the evaluation with ``trained == -1``); NaN where not evaluated.
+
+    Args:
+        values: ``Tensor[E, T]``, the metric of each task at each evaluation (NaN: not evaluated).
+        trained: ``Tensor[E]``, the task whose training produced each evaluated model (-1: initial).
+
+    Returns:
+        ``R`` (tasks x tasks, NaN where not evaluated) and the initial model's metric per task.
+
+    Examples:
+        >>> import torch
+        >>> nan = float("nan")
+        >>> values = torch.tensor([[0.1, nan], [0.8, nan], [0.9, 0.2], [0.6, 0.7], [0.7, 0.9]])
+        >>> trained = torch.tensor([-1, 0, 0, 1, 1])
+        >>> matrix, initial = accuracy_matrix(values, trained)
+        >>> matrix
+        tensor([[0.9000, 0.2000],
+                [0.7000, 0.9000]], dtype=torch.float64)
+        >>> initial
+        tensor([0.1000,    nan], dtype=torch.float64)
+    """
     num_tasks = values.shape[1]
     ends = task_ends(trained)
     matrix = torch.full((num_tasks, num_tasks), math.nan, dtype=torch.float64)
@@ -225,13 +401,48 @@ def _finished(matrix: Tensor) -> int:
 
 
 def average_accuracy(matrix: Tensor) -> float:
-    """ACC: mean over tasks ``j <= T`` of ``R[T, j]``, ``T`` the last finished task."""
+    """ACC: mean over tasks ``j <= T`` of ``R[T, j]``, ``T`` the last finished task.
+
+    Args:
+        matrix: ``R[i, j]``, task ``j``'s metric at the end of task ``i`` (from
+            ``accuracy_matrix``).
+
+    Returns:
+        ACC, NaN without a finished task.
+
+    Examples:
+        >>> import torch
+        >>> nan = float("nan")
+        >>> values = torch.tensor([[0.1, nan], [0.8, nan], [0.9, 0.2], [0.6, 0.7], [0.7, 0.9]])
+        >>> trained = torch.tensor([-1, 0, 0, 1, 1])
+        >>> matrix, _ = accuracy_matrix(values, trained)
+        >>> round(average_accuracy(matrix), 4)
+        0.8
+    """
     t = _finished(matrix)
     return _nanmean(matrix[t - 1, :t]) if t else math.nan
 
 
 def backward_transfer(matrix: Tensor, *, higher_is_better: bool = True) -> float:
-    """BWT: mean over ``j < T`` of ``R[T, j] - R[j, j]`` (> 0: old tasks improved)."""
+    """BWT: mean over ``j < T`` of ``R[T, j] - R[j, j]`` (> 0: old tasks improved).
+
+    Args:
+        matrix: ``R[i, j]``, task ``j``'s metric at the end of task ``i`` (from
+            ``accuracy_matrix``).
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+
+    Returns:
+        BWT (> 0: old tasks improved), NaN with fewer than 2 tasks.
+
+    Examples:
+        >>> import torch
+        >>> nan = float("nan")
+        >>> values = torch.tensor([[0.1, nan], [0.8, nan], [0.9, 0.2], [0.6, 0.7], [0.7, 0.9]])
+        >>> trained = torch.tensor([-1, 0, 0, 1, 1])
+        >>> matrix, _ = accuracy_matrix(values, trained)
+        >>> round(backward_transfer(matrix), 4)
+        -0.2
+    """
     t = _finished(matrix)
     if t < 2:
         return math.nan
@@ -240,7 +451,26 @@ def backward_transfer(matrix: Tensor, *, higher_is_better: bool = True) -> float
 
 
 def forward_transfer(matrix: Tensor, initial: Tensor, *, higher_is_better: bool = True) -> float:
-    """FWT: mean over ``j >= 2`` of ``R[j-1, j] - b[j]`` (oriented: > 0 means a head start)."""
+    """FWT: mean over ``j >= 2`` of ``R[j-1, j] - b[j]`` (oriented: > 0 means a head start).
+
+    Args:
+        matrix: ``R[i, j]``, task ``j``'s metric at the end of task ``i`` (from
+            ``accuracy_matrix``).
+        initial: each task's metric under the initial model.
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+
+    Returns:
+        FWT (> 0: a head start), NaN with fewer than 2 tasks.
+
+    Examples:
+        >>> import torch
+        >>> nan = float("nan")
+        >>> values = torch.tensor([[0.1, nan], [0.8, nan], [0.9, 0.2], [0.6, 0.7], [0.7, 0.9]])
+        >>> trained = torch.tensor([-1, 0, 0, 1, 1])
+        >>> matrix, initial = accuracy_matrix(values, trained)
+        >>> round(forward_transfer(matrix, initial), 4)
+        nan
+    """
     t = _finished(matrix)
     if t < 2:
         return math.nan
@@ -251,7 +481,25 @@ def forward_transfer(matrix: Tensor, initial: Tensor, *, higher_is_better: bool 
 def per_task_forgetting(matrix: Tensor, *, higher_is_better: bool = True) -> dict[int, float]:
     """Chaudhry et al. (2018) forgetting of each task ``j < T``: its best value at any task end
     before the last (``R[l, j]``, ``j <= l < T``) minus its final value ``R[T, j]`` (> 0 means
-    forgotten)."""
+    forgotten).
+
+    Args:
+        matrix: ``R[i, j]``, task ``j``'s metric at the end of task ``i`` (from
+            ``accuracy_matrix``).
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+
+    Returns:
+        Each earlier task's forgetting at the end of the last task.
+
+    Examples:
+        >>> import torch
+        >>> nan = float("nan")
+        >>> values = torch.tensor([[0.1, nan], [0.8, nan], [0.9, 0.2], [0.6, 0.7], [0.7, 0.9]])
+        >>> trained = torch.tensor([-1, 0, 0, 1, 1])
+        >>> matrix, _ = accuracy_matrix(values, trained)
+        >>> {k: round(v, 4) for k, v in per_task_forgetting(matrix).items()}
+        {0: 0.2}
+    """
     t = _finished(matrix)
     s = _sign(higher_is_better)
     out: dict[int, float] = {}
@@ -265,14 +513,50 @@ def per_task_forgetting(matrix: Tensor, *, higher_is_better: bool = True) -> dic
 
 def chaudhry_forgetting(matrix: Tensor, *, higher_is_better: bool = True) -> float:
     """Average forgetting of Chaudhry et al. (2018): the mean of ``per_task_forgetting`` (the
-    drop from each task's best end-of-task value). NaN before a second task finished."""
+    drop from each task's best end-of-task value). NaN before a second task finished.
+
+    Args:
+        matrix: ``R[i, j]``, task ``j``'s metric at the end of task ``i`` (from
+            ``accuracy_matrix``).
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+
+    Returns:
+        The mean of ``per_task_forgetting`` (NaN: none).
+
+    Examples:
+        >>> import torch
+        >>> nan = float("nan")
+        >>> values = torch.tensor([[0.1, nan], [0.8, nan], [0.9, 0.2], [0.6, 0.7], [0.7, 0.9]])
+        >>> trained = torch.tensor([-1, 0, 0, 1, 1])
+        >>> matrix, _ = accuracy_matrix(values, trained)
+        >>> round(chaudhry_forgetting(matrix), 4)
+        0.2
+    """
     drops = per_task_forgetting(matrix, higher_is_better=higher_is_better)
     return sum(drops.values()) / len(drops) if drops else math.nan
 
 
 def stream_forgetting(matrix: Tensor, *, higher_is_better: bool = True) -> float:
     """Avalanche's stream forgetting: mean over ``j < T`` of ``R[j, j] - R[T, j]``, the drop
-    from the value right after training on ``j`` (not its best); equal to ``-BWT``."""
+    from the value right after training on ``j`` (not its best); equal to ``-BWT``.
+
+    Args:
+        matrix: ``R[i, j]``, task ``j``'s metric at the end of task ``i`` (from
+            ``accuracy_matrix``).
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+
+    Returns:
+        ``-BWT``: the mean drop of the earlier tasks since their own end (> 0: forgetting).
+
+    Examples:
+        >>> import torch
+        >>> nan = float("nan")
+        >>> values = torch.tensor([[0.1, nan], [0.8, nan], [0.9, 0.2], [0.6, 0.7], [0.7, 0.9]])
+        >>> trained = torch.tensor([-1, 0, 0, 1, 1])
+        >>> matrix, _ = accuracy_matrix(values, trained)
+        >>> round(stream_forgetting(matrix), 4)
+        0.2
+    """
     return -backward_transfer(matrix, higher_is_better=higher_is_better)
 
 
@@ -308,6 +592,34 @@ def stability_gap(
     switch to the trough; ``steps_to_recover``: steps from the switch until the curve first
     regains ``recovered_fraction`` of the depth after the trough (NaN if it never does, or if
     there was no drop).
+
+    Args:
+        values: ``Tensor[E, T]``, the metric of each task at each evaluation (NaN: not evaluated).
+        trained: ``Tensor[E]``, the task whose training produced each evaluated model (-1: initial).
+        steps: ``Tensor[E]``, the optimizer step of each evaluation.
+        within: the evaluations after a switch searched for the drop (None: to the next switch).
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+        recovered_fraction: the share of the drop to regain for a recovery.
+
+    Returns:
+        ``gap[i][k]``: the depth, the worst point, the recovery and its steps of task ``i`` at
+            switch ``k``.
+
+    Raises:
+        ValueError: ``recovered_fraction`` outside (0, 1] or ``within`` below 1.
+
+    Examples:
+        >>> import torch
+        >>> nan = float("nan")
+        >>> values = torch.tensor([[0.1, nan], [0.8, nan], [0.9, 0.2], [0.6, 0.7], [0.7, 0.9]])
+        >>> trained = torch.tensor([-1, 0, 0, 1, 1])
+        >>> steps = torch.tensor([0, 10, 20, 30, 40])
+        >>> gap = stability_gap(values, trained, steps)
+        >>> sorted(gap[0][1])
+        ['depth', 'end', 'recovery', 'reference', 'remaining', 'steps_to_recover',
+         'steps_to_worst', 'worst']
+        >>> round(gap[0][1]['depth'], 4)
+        0.3
     """
     if not 0.0 < recovered_fraction <= 1.0:
         raise ValueError(f"recovered_fraction must lie in (0, 1], got {recovered_fraction}")
@@ -368,7 +680,24 @@ def _one_gap(
 
 
 def mean_gap(gap: dict[int, dict[int, dict[str, float]]], key: str) -> float:
-    """Mean of ``key`` (e.g. ``depth``, ``recovery``) over all (task, switch) pairs of ``gap``."""
+    """Mean of ``key`` (e.g. ``depth``, ``recovery``) over all (task, switch) pairs of ``gap``.
+
+    Args:
+        gap: the result of ``stability_gap``.
+        key: the figure to average, e.g. ``"depth"``.
+
+    Returns:
+        The mean of that figure over every (task, switch) pair (NaN: none).
+
+    Examples:
+        >>> import torch
+        >>> nan = float("nan")
+        >>> values = torch.tensor([[0.1, nan], [0.8, nan], [0.9, 0.2], [0.6, 0.7], [0.7, 0.9]])
+        >>> trained = torch.tensor([-1, 0, 0, 1, 1])
+        >>> steps = torch.tensor([0, 10, 20, 30, 40])
+        >>> round(mean_gap(stability_gap(values, trained, steps), 'depth'), 4)
+        0.3
+    """
     found = [entry[key] for per_task in gap.values() for entry in per_task.values()]
     found = [v for v in found if not math.isnan(v)]
     return sum(found) / len(found) if found else math.nan
@@ -394,6 +723,32 @@ def continual_metrics(
     ``gap_recovery`` (means over all task switches); per-task dicts ``wf_per_task``,
     ``wp_per_task``, ``lca_per_task``, ``forgetting_per_task``, ``gap`` (see
     ``stability_gap``); and ``matrix``/``initial``. ``zero_shot`` as in ``task_curve``.
+
+    Args:
+        values: ``Tensor[E, T]``, the metric of each task at each evaluation (NaN: not evaluated).
+        trained: ``Tensor[E]``, the task whose training produced each evaluated model (-1: initial).
+        steps: ``Tensor[E]``, the optimizer step of each evaluation (None: the index).
+        window: the window of WF and WP.
+        lca_beta: the evaluations of the learning-curve area.
+        zero_shot: also count the evaluations before the task was first trained.
+        gap_within: ``stability_gap``'s ``within``.
+        higher_is_better: the metric's direction (False for a loss or a perplexity).
+
+    Returns:
+        Every metric of the module by name.
+
+    Raises:
+        ValueError: ``values`` not ``[E, T]`` or ``trained`` not ``[E]``.
+
+    Examples:
+        >>> import torch
+        >>> nan = float("nan")
+        >>> values = torch.tensor([[0.1, nan], [0.8, nan], [0.9, 0.2], [0.6, 0.7], [0.7, 0.9]])
+        >>> trained = torch.tensor([-1, 0, 0, 1, 1])
+        >>> steps = torch.tensor([0, 10, 20, 30, 40])
+        >>> metrics = continual_metrics(values, trained, steps, window=2)
+        >>> round(metrics['min_acc'], 4)
+        0.6
     """
     if values.ndim != 2 or trained.shape != values.shape[:1]:
         raise ValueError("values must be [E, T] and trained [E]")

@@ -125,6 +125,27 @@ def slerp(
     ``base + sin((1-t) W) / sin W * (a - base) + sin(t W) / sin W * (b - base)``, W the angle
     between the task vectors. Task vectors of equal norm keep that norm, where a linear average
     would shrink it.
+
+    Args:
+        a: the first model (a tensor or a state dict).
+        b: the second model, same layout.
+        t: the position between ``a`` (0) and ``b`` (1).
+        base: if given, interpolate the task vectors ``a - base`` and ``b - base``.
+        eps: below this norm a vector counts as zero (linear interpolation instead).
+
+    Returns:
+        The interpolated weights, of the inputs' kind.
+
+    Raises:
+        ValueError: inputs whose keys or shapes differ.
+
+    Examples:
+        >>> import torch
+        >>> a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+        >>> slerp(a, b, 0.5)
+        tensor([0.7071, 0.7071])
+        >>> round(slerp({'w': a}, {'w': b}, 0.5)['w'].norm().item(), 4)
+        1.0
     """
     _check_t(t)
     if isinstance(a, Tensor):
@@ -220,18 +241,37 @@ def multi_slerp(
     ``weights`` (default uniform) are normalised to sum to 1. For M = 2 the result equals
     ``slerp(sd0, sd1, t=w1, base=base)``; for any M it is invariant to the order of the inputs,
     and equal inputs give that input back. Memory per tensor: the M task vectors of that tensor.
+
+    Args:
+        base: the model the task vectors are taken from.
+        state_dicts: the M fine-tunings of ``base``.
+        weights: one weight per fine-tuning (None: uniform), normalised to sum to 1.
+        eps: below this norm a vector counts as zero (linear interpolation instead).
+
+    Returns:
+        The merged weights, of the inputs' kind.
+
+    Raises:
+        ValueError: no fine-tunings, or inputs whose keys or shapes differ.
+
+    Examples:
+        >>> import torch
+        >>> base = torch.zeros(2)
+        >>> multi_slerp(base, [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])])
+        tensor([0.7071, 0.7071])
     """
     if len(state_dicts) == 0:
         raise ValueError("multi_slerp needs at least one state dict")
     w = _normalised_weights(weights, len(state_dicts))
     if isinstance(base, Tensor):
-        _check_shapes("tensor", [base, *state_dicts])
-        return _multi_slerp_tensor(base, list(state_dicts), w, eps)
+        inputs: list[Tensor] = list(state_dicts)
+        _check_shapes("tensor", [base, *inputs])
+        return _multi_slerp_tensor(base, inputs, w, eps)
     named = [("base", base)] + [(f"state_dicts[{i}]", sd) for i, sd in enumerate(state_dicts)]
     keys = _check_same_keys(named)
     out = {}
     for key in keys:
-        tensors = [sd[key] for sd in state_dicts]
+        tensors: list[Tensor] = [sd[key] for sd in state_dicts]
         _check_shapes(key, [base[key], *tensors])
         if is_statistic(key, base[key]) and base[key].is_floating_point():
             out[key] = _lerp_statistic(tensors[0], tensors[1:], w)
@@ -254,6 +294,22 @@ def liti(base: StateDictOrTensor, merged: StateDictOrTensor, eta: float) -> Stat
     WARP's stage 3: eta = 0 is the initialisation, eta = 1 the merged model, and sweeping eta
     traces a reward/KL front; eta > 1 extrapolates along the same line (statistics buffers stop
     at the merged model's: variances are never extrapolated).
+
+    Args:
+        base: the initialisation.
+        merged: the merged weights.
+        eta: the interpolation coefficient, 0 keeps ``base`` and 1 ``merged``.
+
+    Returns:
+        ``(1 - eta) * base + eta * merged``; statistics buffers are never extrapolated.
+
+    Raises:
+        ValueError: ``eta`` negative or not finite, or inputs whose keys or shapes differ.
+
+    Examples:
+        >>> import torch
+        >>> liti(torch.zeros(2), torch.tensor([1.0, 2.0]), eta=0.5)
+        tensor([0.5000, 1.0000])
     """
     if not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be finite and >= 0, got {eta}")

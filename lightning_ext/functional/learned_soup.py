@@ -62,7 +62,20 @@ GRANULARITIES = ("tensor", "model")
 
 def mixing_weights(alpha: Tensor, mode: Mode) -> Tensor:
     """The weights each ingredient (row) gets in each block (column): ``softmax`` over the
-    ingredients for a learned soup (a convex combination), ``alpha`` itself for aTLAS."""
+    ingredients for a learned soup (a convex combination), ``alpha`` itself for aTLAS.
+
+    Args:
+        alpha: the coefficients, shape ``(K, ...)``.
+        mode: the mixing mode: ``"ingredients"`` (convex combination) or ``"task_vectors"``.
+
+    Returns:
+        ``softmax(alpha)`` over the ingredients for a learned soup, ``alpha`` itself for aTLAS.
+
+    Examples:
+        >>> import torch
+        >>> mixing_weights(torch.zeros(2), 'ingredients')
+        tensor([0.5000, 0.5000])
+    """
     return torch.softmax(alpha, dim=0) if mode == "ingredients" else alpha
 
 
@@ -119,7 +132,30 @@ def apply_soup_coefficients(
     theta_k`` (``mode="ingredients"``) or ``base + sum_k weights[key][k] (theta_k - base)``
     (``mode="task_vectors"``); statistics buffers are averaged, non-floating tensors copied from
     the reference. ``weights`` maps (compile-normalised) keys to K mixing weights, as
-    ``LearnedSoup.weights_by_key()`` returns them. Keys and dtypes are the reference's."""
+    ``LearnedSoup.weights_by_key()`` returns them. Keys and dtypes are the reference's.
+
+    Args:
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+        weights: the mixing weights per state-dict key, shape ``(K,)`` each.
+        base: the pre-trained weights, for ``mode="task_vectors"``.
+        mode: the mixing mode: ``"ingredients"`` (convex combination) or ``"task_vectors"``.
+
+    Returns:
+        The merged state dict.
+
+    Raises:
+        KeyError: a floating-point key without weights.
+        ValueError: weights of the wrong shape.
+
+    Examples:
+        >>> import torch
+        >>> a = {'weight': torch.tensor([[1.0]]), 'bias': torch.tensor([0.0])}
+        >>> b = {'weight': torch.tensor([[3.0]]), 'bias': torch.tensor([2.0])}
+        >>> weights = {'weight': torch.tensor([0.25, 0.75]), 'bias': torch.tensor([0.5, 0.5])}
+        >>> soup = apply_soup_coefficients([a, b], weights)
+        >>> soup['weight'], soup['bias']
+        (tensor([[2.5000]]), tensor([1.]))
+    """
     _check_mode(mode, "tensor")
     reference = _reference(state_dicts, base, mode)
     n = len(state_dicts)
@@ -168,6 +204,29 @@ class SoupParametrisation:
 
     ``blocks`` lists the learned tensors by the model's state-dict key (each tied parameter once:
     ``functional_call`` ties its aliases). ``loss(alpha, batch)`` runs the model on one batch.
+
+    Args:
+        model: the network the ingredients are weights of; its own weights are left untouched.
+        state_dicts: the K ingredients.
+        base: the pre-trained weights, for ``mode="task_vectors"``.
+        mode: ``"ingredients"`` (a convex combination) or ``"task_vectors"`` (aTLAS).
+        granularity: ``"tensor"`` (one coefficient per ingredient and tensor) or ``"model"``.
+        unpack_batch: ``batch -> (inputs, targets)``.
+        forward_fn: ``(module, inputs) -> logits`` (None: ``default_forward``).
+        loss_fn: ``(logits, targets) -> loss`` (None: mean cross-entropy).
+
+    Raises:
+        ValueError: no ingredients, ``mode="task_vectors"`` without ``base``, or ingredients
+            that lack tensors of the model or do not match each other.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> a = {"weight": torch.tensor([[1.0]]), "bias": torch.tensor([0.0])}
+        >>> b = {"weight": torch.tensor([[3.0]]), "bias": torch.tensor([2.0])}
+        >>> soup = SoupParametrisation(nn.Linear(1, 1), [a, b], granularity="model")
+        >>> soup.blocks
+        ['weight', 'bias']
     """
 
     def __init__(
@@ -282,7 +341,22 @@ class SoupParametrisation:
 class LearnedSoup:
     """Learned coefficients: ``alpha`` (K x B: softmax logits for a learned soup, the aTLAS
     coefficients themselves), the block names (model state-dict keys), the mixing weights per key
-    and the loss at every step."""
+    and the loss at every step.
+
+    Attributes:
+        alpha: the learned coefficients, shape ``(K, B)``.
+        blocks: the model state-dict keys of the learned tensors.
+        mode: ``"ingredients"`` or ``"task_vectors"``.
+        granularity: ``"tensor"`` or ``"model"``.
+        weights: the mixing weights per state-dict key, shape ``(K,)`` each.
+        losses: the loss at every optimisation step.
+
+    Examples:
+        >>> import torch
+        >>> learned = LearnedSoup(torch.zeros(2, 1), ["w"], "ingredients", "model", {})
+        >>> learned.losses
+        []
+    """
 
     alpha: Tensor
     blocks: list[str]
@@ -334,6 +408,42 @@ def learn_soup_coefficients(
     cross-entropy; batches are read with ``unpack_batch`` and ``forward_fn`` (the project's batch
     convention). The model runs in eval mode (dropout off, BatchNorm on the averaged statistics)
     unless ``train_mode``; its own parameters and buffers are left untouched either way.
+
+    Args:
+        model: the network the ingredients are weights of (left untouched).
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+        batches: held-out batches, read with ``unpack_batch`` and ``forward_fn``.
+        base: the pre-trained weights, for ``mode="task_vectors"``.
+        mode: the mixing mode: ``"ingredients"`` (convex combination) or ``"task_vectors"``.
+        granularity: ``"tensor"`` or ``"model"``: coefficients per tensor or per ingredient.
+        steps: Adam steps.
+        lr: Adam's learning rate.
+        init: the initial aTLAS coefficient (None: 0).
+        loss_fn: ``(logits, targets) -> loss`` (None: mean cross-entropy).
+        unpack_batch: ``batch -> (inputs, targets)``.
+        forward_fn: ``(module, inputs) -> logits``.
+        train_mode: run the model in train mode (dropout, batch statistics).
+
+    Returns:
+        The learned coefficients and the loss at every step.
+
+    Raises:
+        ValueError: ``steps`` below 1 or ``lr`` not a positive number.
+        FloatingPointError: the loss becomes NaN or infinite.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> a = {'weight': torch.tensor([[1.0]]), 'bias': torch.tensor([0.0])}
+        >>> b = {'weight': torch.tensor([[3.0]]), 'bias': torch.tensor([2.0])}
+        >>> model = nn.Linear(1, 1)
+        >>> batches = [(torch.tensor([[1.0]]), torch.tensor([[4.5]]))]
+        >>> mse = lambda out, y: (out - y).pow(2).mean()
+        >>> learned = learn_soup_coefficients(model, [a, b], batches, steps=20, lr=0.1, loss_fn=mse)
+        >>> learned.alpha.shape
+        torch.Size([2, 2])
+        >>> learned.losses[-1] < learned.losses[0]
+        True
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")

@@ -55,7 +55,22 @@ STATISTIC_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 def is_statistic(key: str, tensor: Tensor) -> bool:
     """True for buffers that hold statistics of the data or counters (BatchNorm's running mean and
     variance, ``num_batches_tracked``, any integer or boolean tensor): merges average or copy them,
-    never extrapolate them along task vectors. The one rule every merge uses."""
+    never extrapolate them along task vectors. The one rule every merge uses.
+
+    Args:
+        key: the state-dict key.
+        tensor: the tensor stored under it.
+
+    Returns:
+        True for BatchNorm running statistics and counters.
+
+    Examples:
+        >>> import torch
+        >>> is_statistic('bn.running_mean', torch.zeros(3))
+        True
+        >>> is_statistic('fc.weight', torch.zeros(3))
+        False
+    """
     return not tensor.is_floating_point() or key.rsplit(".", 1)[-1] in STATISTIC_NAMES
 
 
@@ -66,7 +81,30 @@ def check_same_layout(
     reference: StateDict, other: StateDict, *, name: str = "ingredient", ref_name: str = "first"
 ) -> None:
     """Raise ``ValueError`` unless ``other`` has exactly the keys, shapes and dtypes of
-    ``reference``; the message names ``name`` and the first offending tensor."""
+    ``reference``; the message names ``name`` and the first offending tensor.
+
+    Args:
+        reference: the state dict to compare against.
+        other: the state dict to check.
+        name: how the error message names ``other``.
+        ref_name: how it names ``reference``.
+
+    Returns:
+        None.
+
+    Raises:
+        ValueError: another set of keys, a non-tensor entry, or a shape or dtype that differs.
+
+    Examples:
+        >>> import torch
+        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
+        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
+        >>> check_same_layout(a, b)
+        >>> check_same_layout(a, {'v': torch.zeros(3)})
+        Traceback (most recent call last):
+            ...
+        ValueError: ingredient does not match first: missing 1 tensor(s), e.g. ['w']; ...
+    """
     missing = [k for k in reference if k not in other]
     extra = [k for k in other if k not in reference]
     if missing or extra:
@@ -165,6 +203,23 @@ def weighted_average(state_dicts: Sequence[StateDict], weights: Sequence[float])
     """``sum_i w_i theta_i / sum_i w_i`` over the floating-point tensors.
 
     Weights must be non-negative with a positive sum; they are normalised, so only ratios matter.
+
+    Args:
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+        weights: one non-negative weight per ingredient, normalised to sum to 1.
+
+    Returns:
+        The weighted mean of the ingredients.
+
+    Raises:
+        ValueError: a number of weights other than of ingredients, or negative or all-zero weights.
+
+    Examples:
+        >>> import torch
+        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
+        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
+        >>> weighted_average([a, b], [0.75, 0.25])['w']
+        tensor([ 1.5000, -1.0000,  2.0000])
     """
     n = _ingredients(state_dicts)
     weights = [float(w) for w in weights]
@@ -190,7 +245,24 @@ def weighted_average(state_dicts: Sequence[StateDict], weights: Sequence[float])
 
 
 def uniform_soup(state_dicts: Sequence[StateDict]) -> dict:
-    """The uniform soup: the plain mean of the ingredients (Wortsman et al. 2022)."""
+    """The uniform soup: the plain mean of the ingredients (Wortsman et al. 2022).
+
+    Args:
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+
+    Returns:
+        The mean of the ingredients.
+
+    Raises:
+        ValueError: ingredients whose layouts differ.
+
+    Examples:
+        >>> import torch
+        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
+        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
+        >>> uniform_soup([a, b])['w']
+        tensor([2., 0., 1.])
+    """
     return weighted_average(state_dicts, [1.0] * _ingredients(state_dicts))
 
 
@@ -225,6 +297,33 @@ def greedy_soup(
 
     Returns the soup and the chosen ingredient indices in order of addition. Peak memory: the soup,
     one candidate, one ingredient and whatever ``evaluate`` holds.
+
+    Args:
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+        evaluate: scores a state dict (a held-out metric).
+        mode: ``"max"`` (higher is better) or ``"min"``.
+        strict: keep an ingredient only on a strict improvement.
+        passes: passes over the ranked ingredients.
+        scores: the ingredients' own scores, if already known.
+        on_candidate: called with ``(index, score, kept)`` after each candidate.
+
+    Returns:
+        The soup and the chosen ingredients' indices in order of addition.
+
+    Raises:
+        ValueError: an unknown ``mode``, ``passes`` below 1, or a number of ``scores`` other than of
+            ingredients.
+
+    Examples:
+        >>> import torch
+        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
+        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
+        >>> evaluate = lambda sd: -float(sd['w'].sub(2).abs().sum())
+        >>> soup, chosen = greedy_soup([a, b], evaluate)
+        >>> chosen
+        [1, 0]
+        >>> soup['w']
+        tensor([2., 0., 1.])
     """
     n = _ingredients(state_dicts)
     if mode not in ("max", "min"):
@@ -319,7 +418,27 @@ def _apply(
 
 @torch.no_grad()
 def task_arithmetic(base: StateDict, state_dicts: Sequence[StateDict], scale: float = 1.0) -> dict:
-    """``base + scale * sum_i (theta_i - base)`` (Ilharco et al. 2023)."""
+    """``base + scale * sum_i (theta_i - base)`` (Ilharco et al. 2023).
+
+    Args:
+        base: the pre-trained weights the ingredients were fine-tuned from.
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+        scale: the factor of the merged task vector.
+
+    Returns:
+        ``base + scale * sum_i (theta_i - base)``.
+
+    Raises:
+        ValueError: ingredients whose layouts differ from ``base``.
+
+    Examples:
+        >>> import torch
+        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
+        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
+        >>> base = {'w': torch.zeros(3)}
+        >>> task_arithmetic(base, [a, b], scale=0.5)['w']
+        tensor([2., 0., 1.])
+    """
     _ingredients(state_dicts)
     tv = _TaskVectors(base, state_dicts, lambda d, i: d)
     return _apply(base, tv.delta, scale, tv.statistics)
@@ -365,6 +484,26 @@ def ties_merge(
     values, and average only the trimmed entries that agree with it (disjoint mean).
 
     Two passes over the ingredients (elect, then average) keep memory at a few accumulators.
+
+    Args:
+        base: the pre-trained weights the ingredients were fine-tuned from.
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+        density: the fraction of each task vector's entries kept, in (0, 1].
+        scale: the factor of the merged task vector.
+
+    Returns:
+        The TIES merge: trimmed, sign-elected, disjoint mean of the task vectors, added to ``base``.
+
+    Raises:
+        ValueError: ingredients whose layouts differ from ``base``.
+
+    Examples:
+        >>> import torch
+        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
+        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
+        >>> base = {'w': torch.zeros(3)}
+        >>> ties_merge(base, [a, b], density=1.0)['w']
+        tensor([2., 2., 3.])
     """
     _ingredients(state_dicts)
     _check_fraction("density", density)
@@ -398,6 +537,27 @@ def dare_merge(
     rescale the survivors by ``1 / density`` (unbiased), then add the task vectors to the base.
 
     Masks are drawn on the CPU from ``generator`` (same seed, same masks on any device).
+
+    Args:
+        base: the pre-trained weights the ingredients were fine-tuned from.
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+        density: the fraction of each task vector's entries kept, in (0, 1].
+        scale: the factor of the merged task vector.
+        generator: the random generator of the drop masks.
+
+    Returns:
+        The DARE merge: randomly dropped and rescaled task vectors, summed onto ``base``.
+
+    Raises:
+        ValueError: ingredients whose layouts differ from ``base``.
+
+    Examples:
+        >>> import torch
+        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
+        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
+        >>> base = {'w': torch.zeros(3)}
+        >>> dare_merge(base, [a, b], density=1.0)['w']
+        tensor([4., 0., 2.])
     """
     _ingredients(state_dicts)
     _check_fraction("density", density)
@@ -438,6 +598,27 @@ def breadcrumbs_merge(
 
     ``gamma = 0`` keeps the top ``density`` fraction (mergekit instead zeroes the whole task
     vector whenever ``int(gamma * numel) == 0``).
+
+    Args:
+        base: the pre-trained weights the ingredients were fine-tuned from.
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+        density: the fraction of each task vector's entries kept, in (0, 1].
+        gamma: the fraction of the largest entries dropped as outliers.
+        scale: the factor of the merged task vector.
+
+    Returns:
+        The Model Breadcrumbs merge.
+
+    Raises:
+        ValueError: ``density + gamma`` above 1.
+
+    Examples:
+        >>> import torch
+        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
+        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
+        >>> base = {'w': torch.zeros(3)}
+        >>> breadcrumbs_merge(base, [a, b], density=1.0, gamma=0.0)['w']
+        tensor([4., 0., 2.])
     """
     _ingredients(state_dicts)
     _check_fraction("density", density)
@@ -457,6 +638,24 @@ def model_stock(base: StateDict, state_dicts: Sequence[StateDict]) -> dict:
     The mean pairwise cosine is streamed exactly: with unit vectors ``u_i``,
     ``sum_{i<j} <u_i, u_j> = (|sum_i u_i|^2 - sum_i |u_i|^2) / 2``. A zero task vector has cosine
     0 with everything, so ingredients identical to the base give ``t = 0`` and return the base.
+
+    Args:
+        base: the pre-trained weights the ingredients were fine-tuned from.
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+
+    Returns:
+        The Model Stock merge: the ingredients' mean pulled towards ``base`` by their angle.
+
+    Raises:
+        ValueError: ingredients whose layouts differ from ``base``.
+
+    Examples:
+        >>> import torch
+        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
+        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
+        >>> base = {'w': torch.zeros(3)}
+        >>> model_stock(base, [a, b])['w']
+        tensor([0., 0., 0.])
     """
     n = _ingredients(state_dicts, minimum=2)
     mean = {k: _float_copy(t) for k, t in base.items() if _is_mergeable(t)}
@@ -519,6 +718,28 @@ def fisher_merge(
 
     Floating tensors without a Fisher entry (e.g. BatchNorm running statistics) get the plain
     weighted average.
+
+    Args:
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+        fishers: one diagonal Fisher per ingredient, keyed like the state dicts.
+        weights: one positive weight per ingredient (None: uniform).
+        normalize_fishers: divide each ingredient's weight by its Fisher's L2 norm first.
+        fisher_floor: the floor of the target's (ingredient 0's) Fisher entries.
+
+    Returns:
+        The Fisher-weighted mean of the ingredients.
+
+    Raises:
+        ValueError: a number of Fishers or weights other than of ingredients, or a non-positive
+            weight.
+
+    Examples:
+        >>> import torch
+        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
+        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
+        >>> fishers = [{'w': torch.tensor([1.0, 1.0, 3.0])}, {'w': torch.tensor([1.0, 3.0, 1.0])}]
+        >>> fisher_merge([a, b], fishers)['w']
+        tensor([2., 1., 2.])
     """
     n = _ingredients(state_dicts)
     if len(fishers) != n:

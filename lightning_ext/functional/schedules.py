@@ -73,6 +73,21 @@ def resample_schedule(values: Tensor | Sequence[float], steps: int) -> Tensor:
     """Linear interpolation of ``values`` onto ``steps`` points; first and last points are kept.
 
     Both grids span the same run, so a schedule stored for 100 steps stretches to 1000 steps.
+
+    Args:
+        values: the schedule's multipliers, at least 2.
+        steps: the number of steps wanted, at least 2.
+
+    Returns:
+        The schedule linearly interpolated onto ``steps`` points (float64).
+
+    Raises:
+        ValueError: fewer than 2 values or steps.
+
+    Examples:
+        >>> import torch
+        >>> resample_schedule(torch.tensor([1.0, 0.0]), 5)
+        tensor([1.0000, 0.7500, 0.5000, 0.2500, 0.0000], dtype=torch.float64)
     """
     tensor = _as_1d_float64(values, "schedule")
     if tensor.numel() < 2:
@@ -104,6 +119,21 @@ def median_filter(values: Tensor, window: int) -> Tensor:
     the start is padded by repeating the first value, the end by reflection (numpy ``reflect``).
 
     Computed in row blocks, so that a record of a million steps never materialises all windows.
+
+    Args:
+        values: a 1-D tensor.
+        window: an odd window length.
+
+    Returns:
+        The running median, the window shrinking at the ends.
+
+    Raises:
+        ValueError: ``window`` not an odd number >= 1.
+
+    Examples:
+        >>> import torch
+        >>> median_filter(torch.tensor([1.0, 9.0, 1.0, 1.0, 1.0]), 3)
+        tensor([1., 1., 1., 1., 1.])
     """
     if window < 1 or window % 2 == 0:
         raise ValueError(f"the median window must be an odd number >= 1, got {window}")
@@ -128,6 +158,23 @@ def smooth_grad_norms(
     record's own resolution; records shorter than 10,000 steps are first interpolated up to 10,000
     points (so the window spans 10% of the run) and the smoothed curve is read back at each step.
     A float: a window of that fraction of the run, at the record's resolution (0: none).
+
+    Args:
+        grad_norms: the per-step gradient norms.
+        smoothing: ``"reference"`` (the paper's median filter of ``window`` steps) or a fraction of
+            the run.
+        window: the reference median window, odd.
+
+    Returns:
+        The smoothed norms (float64).
+
+    Raises:
+        ValueError: an unknown ``smoothing`` or an even ``window``.
+
+    Examples:
+        >>> import torch
+        >>> smooth_grad_norms(torch.tensor([1.0, 9.0, 1.0, 1.0, 1.0]), 'reference', window=3)
+        tensor([1.0000, 8.9976, 1.0008, 1.0000, 1.0000], dtype=torch.float64)
     """
     g = _as_1d_float64(grad_norms, "grad_norms")
     if smoothing == "reference":
@@ -147,7 +194,19 @@ def smooth_grad_norms(
 
 
 def closed_form_schedule(weights: Tensor) -> Tensor:
-    """eta_t = w_t * sum_{p>t} w_p, normalised to peak 1 (so the last step is 0)."""
+    """eta_t = w_t * sum_{p>t} w_p, normalised to peak 1 (so the last step is 0).
+
+    Args:
+        weights: the per-step weights ``w_t``.
+
+    Returns:
+        The schedule, peak 1, last step 0.
+
+    Examples:
+        >>> import torch
+        >>> closed_form_schedule(torch.ones(4))
+        tensor([1.0000, 0.6667, 0.3333, 0.0000])
+    """
     tail = weights.flip(0).cumsum(0).flip(0) - weights
     eta = weights * tail
     return eta / eta.max()
@@ -198,6 +257,32 @@ def refine_schedule(
     - ``floor``: eta_t >= floor * (1 - t / (T - 1)): never below that fraction of linear decay.
 
     The result is resampled to ``steps`` points (default: T). Returns float64.
+
+    Args:
+        grad_norms: the per-step gradient norms of a previous run.
+        norm: ``"l2"`` or ``"l1"``.
+        smoothing: see ``smooth_grad_norms``.
+        window: see ``smooth_grad_norms``.
+        power: the exponent ``p`` of the weights ``G^-p`` (None: 2 for l2, 1 for l1).
+        exclude_initial: the fraction of initial steps left out of the smoothing.
+        floor: the multiplier never falls below this fraction of linear decay.
+        blend: the fraction of linear decay mixed in.
+        steps: the length of the refined schedule (None: that of the norms).
+
+    Returns:
+        The refined schedule, peak 1.
+
+    Raises:
+        ValueError: an unknown ``norm``, fewer than 2 norms, negative or zero norms, or options
+            outside their ranges.
+
+    Examples:
+        >>> import torch
+        >>> schedule = refine_schedule(torch.ones(6), smoothing=0.0)
+        >>> schedule.shape
+        torch.Size([6])
+        >>> float(schedule[0]) >= float(schedule[-1])
+        True
     """
     if norm not in ("l1", "l2"):
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
@@ -243,7 +328,23 @@ class ScheduleDiagnostics:
     ``norm_early_rise``: their median over the run over their median in its first 5% (above 1:
     the norms start low), ``norm_late_collapse``: the run's median over the last 5%'s (above 1:
     they fall at the end), ``norm_range``: largest over smallest median of the run's twenty 5%
-    segments."""
+    segments.
+
+    Attributes:
+        mean_multiplier: the schedule's mean multiplier.
+        peak_at: where the peak lies, as a fraction of the run.
+        early_budget: the share of the summed multipliers in the first 5% of the run.
+        linear_early_budget: linear decay's share over the same steps.
+        norm_early_rise: the norms' median over the run over their first 5%'s (None: no norms).
+        norm_late_collapse: the norms' median over the run over their last 5%'s.
+        norm_range: the largest over the smallest median of the norms' twenty 5% segments.
+
+    Examples:
+        >>> import torch
+        >>> diagnostics = schedule_diagnostics(torch.linspace(1, 0, 100), torch.ones(100))
+        >>> round(diagnostics.peak_at, 2), diagnostics.norm_range
+        (0.0, 1.0)
+    """
 
     mean_multiplier: float
     peak_at: float
@@ -288,7 +389,21 @@ class ScheduleDiagnostics:
 def schedule_diagnostics(
     schedule: Tensor | Sequence[float], grad_norms: Tensor | Sequence[float] | None = None
 ) -> ScheduleDiagnostics:
-    """Shape figures of ``schedule`` (and of the norms it came from), see ScheduleDiagnostics."""
+    """Shape figures of ``schedule`` (and of the norms it came from), see ScheduleDiagnostics.
+
+    Args:
+        schedule: the multipliers.
+        grad_norms: the norms it was refined from, if known.
+
+    Returns:
+        The figures, see ``ScheduleDiagnostics``.
+
+    Examples:
+        >>> import torch
+        >>> diagnostics = schedule_diagnostics(torch.tensor([1.0, 0.5, 0.0]))
+        >>> round(diagnostics.mean_multiplier, 4)
+        0.5
+    """
     s = _as_1d_float64(schedule, "schedule")
     edge = max(1, round(EDGE_FRACTION * s.numel()))
     linear = _linear(s.numel())
@@ -310,7 +425,22 @@ def schedule_diagnostics(
 
 
 def linear_decay(t: float, total: float) -> float:
-    """``1 - t / total``, clamped to [0, 1]: step 0 has the peak and step ``total`` has 0."""
+    """``1 - t / total``, clamped to [0, 1]: step 0 has the peak and step ``total`` has 0.
+
+    Args:
+        t: the step.
+        total: the step at which the schedule ends.
+
+    Returns:
+        ``1 - t / total``, clamped to [0, 1].
+
+    Raises:
+        ValueError: ``total`` not positive.
+
+    Examples:
+        >>> linear_decay(25, 100)
+        0.75
+    """
     if total <= 0:
         raise ValueError(f"total must be > 0, got {total}")
     return min(1.0, max(0.0, 1.0 - t / total))
@@ -325,7 +455,26 @@ def warmup_stable_decay(
     final: float = 0.0,
 ) -> float:
     """Linear warm-up from 0 to 1 over the first ``warmup_fraction`` of ``total`` steps, 1 until
-    the last ``decay_fraction``, then a linear decay to ``final`` at step ``total``."""
+    the last ``decay_fraction``, then a linear decay to ``final`` at step ``total``.
+
+    Args:
+        t: the step.
+        total: the step at which the schedule ends.
+        warmup_fraction: fraction of the run warming up from 0.
+        decay_fraction: fraction of the run, at its end, decaying.
+        final: the multiplier at ``total``.
+
+    Returns:
+        The multiplier at step ``t``.
+
+    Raises:
+        ValueError: ``total`` not positive, fractions below 0 or summing above 1, or ``final``
+            outside [0, 1].
+
+    Examples:
+        >>> [round(warmup_stable_decay(t, 10, warmup_fraction=0.2), 2) for t in (0, 1, 5, 9)]
+        [0.0, 0.5, 1.0, 0.5]
+    """
     if total <= 0:
         raise ValueError(f"total must be > 0, got {total}")
     if min(warmup_fraction, decay_fraction) < 0 or warmup_fraction + decay_fraction > 1:
@@ -356,7 +505,28 @@ def infinite_schedule(
 ) -> float:
     """The infinite schedule: linear warm-up to 1, cosine cool-down to ``constant_level``, constant
     for as long as training continues, and, from step ``anneal_start`` (None: never), an exponential
-    anneal to ``min_level`` over ``anneal_steps``. Continuing runs skip the re-warm."""
+    anneal to ``min_level`` over ``anneal_steps``. Continuing runs skip the re-warm.
+
+    Args:
+        t: the step.
+        warmup_steps: steps of linear warm-up.
+        cooldown_steps: steps of cosine cool-down to ``constant_level``.
+        constant_level: the multiplier held afterwards.
+        anneal_start: the step the anneal starts (None: never).
+        anneal_steps: steps of the exponential anneal.
+        min_level: the multiplier the anneal ends at.
+
+    Returns:
+        The multiplier at step ``t``.
+
+    Raises:
+        ValueError: negative step counts, levels outside their ranges, or an early ``anneal_start``.
+
+    Examples:
+        >>> options = dict(warmup_steps=2, cooldown_steps=2, constant_level=0.5)
+        >>> [round(infinite_schedule(t, **options), 3) for t in range(6)]
+        [0.0, 0.5, 1.0, 0.75, 0.5, 0.5]
+    """
     if warmup_steps < 0 or cooldown_steps < 0 or anneal_steps < 0:
         raise ValueError("warmup_steps, cooldown_steps and anneal_steps must be >= 0")
     if not 0.0 < constant_level <= 1.0:
@@ -383,7 +553,25 @@ def infinite_schedule(
 
 def gradient_norm(grads: Sequence[Tensor], norm: Norm = "l2") -> Tensor:
     """The l2 or l1 norm of all ``grads`` together, as a float32 0-dim tensor on the first one's
-    device. Multi-tensor kernels per (device, dtype) group and no ``.item()``: no host sync."""
+    device. Multi-tensor kernels per (device, dtype) group and no ``.item()``: no host sync.
+
+    Args:
+        grads: the gradient tensors.
+        norm: ``"l2"`` or ``"l1"``.
+
+    Returns:
+        The total norm as a 0-d tensor on the gradients' device.
+
+    Raises:
+        ValueError: an unknown ``norm`` or no gradients.
+
+    Examples:
+        >>> import torch
+        >>> gradient_norm([torch.tensor([3.0]), torch.tensor([4.0])])
+        tensor(5.)
+        >>> gradient_norm([torch.tensor([3.0]), torch.tensor([-4.0])], norm='l1')
+        tensor(7.)
+    """
     if norm not in ("l1", "l2"):
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
     if not grads:
@@ -411,5 +599,18 @@ def gradient_norm(grads: Sequence[Tensor], norm: Norm = "l2") -> Tensor:
 
 def combine_norm_parts(parts: Tensor, norm: Norm = "l2") -> Tensor:
     """The norm of several tensors together from their own norms (along the last dimension):
-    the l2 norm of the l2 norms, or the sum of the l1 norms."""
+    the l2 norm of the l2 norms, or the sum of the l1 norms.
+
+    Args:
+        parts: the norms of disjoint groups of gradients.
+        norm: ``"l2"`` or ``"l1"``.
+
+    Returns:
+        The norm of all of them together.
+
+    Examples:
+        >>> import torch
+        >>> combine_norm_parts(torch.tensor([3.0, 4.0]))
+        tensor(5.)
+    """
     return parts.norm(2, dim=-1) if norm == "l2" else parts.sum(dim=-1)

@@ -42,6 +42,8 @@ def rank_checkpoint_path(filepath: Any, rank: int) -> str:
 
 
 if TYPE_CHECKING:  # the mixin's methods use the DDPStrategy API of whichever namespace
+    from lightning.pytorch import LightningModule
+
     _StrategyBase = DDPStrategy
 else:
     _StrategyBase = object
@@ -77,6 +79,35 @@ class SoupStrategyMixin(_StrategyBase):
     Validation metrics logged with ``sync_dist=True`` during training are means over the ranks'
     ingredients. The merge result is in ``strategy.soup_result``. Checkpoints hold every rank's
     ingredient (rank r > 0 in ``<file>.rank<r>``), so a resumed job continues each of them.
+
+    Args:
+        merge: ``"uniform"`` (average every rank's weights) or ``"greedy"`` (greedy soup).
+        monitor: the logged validation metric the greedy soup ranks by.
+        mode: ``"min"`` (lower is better, Lightning's default) or ``"max"``.
+        seed: rank ``r`` is seeded with ``seed + r``.
+        shard_data: give each rank a disjoint shard of the training data (Lightning's usual)
+            instead of the whole set in its own order.
+        hparams_per_rank: one dict per rank, written into ``module.hparams``.
+        merge_every_n_steps: also average uniformly every this many optimizer steps.
+        strict: the greedy soup needs a strict improvement to keep an ingredient.
+        passes: passes of the greedy soup over the ranks.
+        unpack_batch: ``batch -> (inputs, targets)`` for reading the validation data.
+        forward_fn: ``(module, inputs) -> logits`` for reading the validation data.
+        **ddp_kwargs: passed to ``DDPStrategy``.
+
+    Raises:
+        ValueError: an unknown ``merge`` or ``mode``, ``merge_every_n_steps`` or ``passes``
+            below 1; at setup, ``hparams_per_rank`` of the wrong length or ``merge="greedy"``
+            without validation data.
+
+    Examples:
+        >>> from lightning_ext.strategies import SoupStrategy
+        >>> strategy = SoupStrategy(merge="greedy", monitor="val_acc", mode="max")
+        >>> strategy.merge, strategy.soup_result
+        ('greedy', None)
+
+        Then ``pl.Trainer(accelerator="cpu", devices=4, strategy=strategy)``: four ingredients
+        trained side by side, merged at fit end.
     """
 
     def __init__(
@@ -135,7 +166,7 @@ class SoupStrategyMixin(_StrategyBase):
                     "fit has none: pass val_dataloaders to fit, or use merge='uniform'"
                 )
             torch.manual_seed(self.seed + self.global_rank)
-            module = self.lightning_module
+            module = self._attached_module
             if self.hparams_per_rank is not None:
                 for key, value in self.hparams_per_rank[self.global_rank].items():
                     module.hparams[key] = value
@@ -144,14 +175,22 @@ class SoupStrategyMixin(_StrategyBase):
                 hook(self.global_rank, world)
         super().setup(trainer)
 
+    @property
+    def _attached_module(self) -> LightningModule:
+        """The fit's LightningModule: every hook that uses it runs after the Trainer attached it."""
+        module = self.lightning_module
+        if module is None:
+            raise RuntimeError("SoupStrategy: no LightningModule attached yet")
+        return module
+
     @torch.no_grad()
     def configure_ddp(self) -> None:
         """No DistributedDataParallel wrapper, so gradients stay on their rank; like DDP, every
         rank starts from rank 0's weights (soups need ingredients fine-tuned from one model),
         except when resuming, where every rank has restored its own ingredient."""
-        if self.lightning_module.trainer.ckpt_path is not None:
+        if self._attached_module.trainer.ckpt_path is not None:
             return
-        for tensor in self.lightning_module.state_dict().values():
+        for tensor in self._attached_module.state_dict().values():
             dist.broadcast(tensor, src=0)
 
     # ----------------------------------------------------------------------- checkpoints
@@ -191,7 +230,7 @@ class SoupStrategyMixin(_StrategyBase):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> Any:
         out = super().optimizer_step(*args, **kwargs)
         n = self.merge_every_n_steps
-        trainer = self.lightning_module.trainer
+        trainer = self._attached_module.trainer
         if n is not None and (trainer.global_step + 1) % n == 0:
             self._uniform_merge_()
         return out
@@ -199,7 +238,7 @@ class SoupStrategyMixin(_StrategyBase):
     def on_validation_end(self) -> None:
         """Check ``monitor`` at the first validation, not after all the training."""
         super().on_validation_end()
-        trainer = self.lightning_module.trainer
+        trainer = self._attached_module.trainer
         if self.merge == "greedy" and not self._monitor_checked:
             self._monitor_checked = check_monitor_logged(self.monitor, trainer, "SoupStrategy")
 
@@ -215,7 +254,7 @@ class SoupStrategyMixin(_StrategyBase):
     @torch.no_grad()
     def _uniform_merge_(self) -> None:
         world = self.world_size
-        for tensor in self.lightning_module.state_dict().values():
+        for tensor in self._attached_module.state_dict().values():
             if tensor.is_floating_point():
                 dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
                 tensor.div_(world)
@@ -225,7 +264,7 @@ class SoupStrategyMixin(_StrategyBase):
     @torch.no_grad()
     def _greedy_merge_(self) -> dict[str, Any]:
         """``functional.greedy_soup`` over the ranks' weights, every rank in lockstep."""
-        module = self.lightning_module
+        module = self._attached_module
         trainer = module.trainer
         own = {k: v.detach().clone() for k, v in module.state_dict().items()}
         scorer = ValidationScorer(
@@ -269,7 +308,7 @@ class SoupStrategyMixin(_StrategyBase):
         return out
 
 
-class _RankWeights(Sequence):
+class _RankWeights(Sequence[dict[str, Tensor]]):
     """The ranks' weights as a lazy sequence of state dicts: item ``r`` is rank ``r``'s, received
     by broadcast on access. A collective: every rank must access the same items in order, which
     ``run_soup`` does since every rank computes the same scores."""
@@ -278,8 +317,9 @@ class _RankWeights(Sequence):
         self.strategy, self.own = strategy, own
 
     def __len__(self) -> int:
-        return self.strategy.world_size  # type: ignore[attr-defined]
+        return self.strategy.world_size
 
+    # Sequence also takes slices; run_soup asks for single ranks only, each one a collective.
     def __getitem__(self, rank: int) -> dict[str, Tensor]:  # type: ignore[override]
         return self.strategy._receive(self.own, rank)
 

@@ -38,7 +38,10 @@ def _broadcast_module_states(module: torch.nn.Module) -> None:
 
 
 # The mixin runs on top of a DDPStrategy of either namespace; type checkers see it as one.
-_MixinBase = DDPStrategy if TYPE_CHECKING else object
+if TYPE_CHECKING:
+    _MixinBase = DDPStrategy
+else:
+    _MixinBase = object
 
 
 class WARPStrategyMixin(_MixinBase):
@@ -76,8 +79,10 @@ class WARPStrategyMixin(_MixinBase):
                 "per rank (devices * num_nodes), or None for uniform"
             )
         if not self._resumed:  # a resumed fit restored each rank's own policy and the init
-            _broadcast_module_states(self.model)  # one shared initialisation: rank 0's weights
-            self.init_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            model = self.model
+            assert model is not None, "Lightning attaches the model before configure_ddp"
+            _broadcast_module_states(model)  # one shared initialisation: rank 0's weights
+            self.init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self._resumed = False
         base = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed() % 2**31))
         seed_everything(base + self.global_rank, workers=True, verbose=False)
@@ -167,9 +172,19 @@ class WARPStrategy(WARPStrategyMixin, DDPStrategy):
     merge (before LITI); the module holds the LITI result. For a ``pytorch_lightning`` Trainer use
     ``lightning_ext.pytorch_lightning.WARPStrategy``.
 
-    Example::
+    Raises:
+        ValueError: ``eta`` below 0, a DDP-wrapper option in ``ddp_kwargs`` (WARP never wraps
+            the model), or, at setup, a number of ``weights`` other than the number of ranks.
+        FileNotFoundError: resuming from a checkpoint this strategy did not write (no per-rank
+            file); a checkpoint from another number of ranks raises ValueError.
 
-        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=WARPStrategy(eta=0.5))
+    Examples:
+        >>> from lightning_ext.strategies import WARPStrategy
+        >>> strategy = WARPStrategy(eta=0.5)
+        >>> strategy.merged_state is None
+        True
+
+        Then ``pl.Trainer(accelerator="cpu", devices=2, strategy=strategy)``.
     """
 
     strategy_name = "warp"

@@ -1,0 +1,53 @@
+"""The Example sections of the functional modules run as doctests, so the documented outputs stay
+true as the code changes."""
+
+import doctest
+import importlib
+
+import pytest
+
+FUNCTIONAL_MODULES = [
+    "lightning_ext.functional.continual",
+    "lightning_ext.functional.interpolation",
+    "lightning_ext.functional.learned_soup",
+    "lightning_ext.functional.merging",
+    "lightning_ext.functional.schedules",
+]
+# Modules whose class examples only build an object (no fit): cheap to run.
+OTHER_MODULES = [
+    "lightning_ext._sized",
+    "lightning_ext.callbacks.continual",
+    "lightning_ext.callbacks.schedule",
+    "lightning_ext.callbacks.soup",
+    "lightning_ext.callbacks.warp",
+    "lightning_ext.data.digits",
+    "lightning_ext.data.tasks",
+    "lightning_ext.schedulers",
+    "lightning_ext.soup_io",
+    "lightning_ext.soups",
+    "lightning_ext.sparse_soup",
+    "lightning_ext.strategies.soup",
+    "lightning_ext.strategies.warp",
+    "lightning_ext.warp",
+]
+
+
+@pytest.mark.parametrize("name", FUNCTIONAL_MODULES + OTHER_MODULES)
+def test_examples_run(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0, f"{name} has no doctest examples"
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
+
+
+@pytest.mark.parametrize("name", FUNCTIONAL_MODULES)
+def test_every_public_function_has_an_example(name):
+    module = importlib.import_module(name)
+    finder = doctest.DocTestFinder()
+    with_examples = {t.name.rsplit(".", 1)[-1] for t in finder.find(module) if t.examples}
+    public = {
+        n
+        for n in module.__all__
+        if callable(getattr(module, n)) and not isinstance(getattr(module, n), type)
+    }
+    assert public - with_examples == set()

@@ -21,6 +21,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
@@ -40,6 +41,7 @@ test-gpu:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format .
@@ -49,4 +51,4 @@ bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do PYTHONPATH=. $(BIN)/python $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) lightning_logs wandb site .pytest_cache .ruff_cache
+	rm -rf $(VENV) lightning_logs wandb site .pytest_cache .ruff_cache .mypy_cache

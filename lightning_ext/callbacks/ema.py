@@ -159,8 +159,9 @@ class EMA(AfterOptimizerStep):
         self._sharded = name in _SHARDED_STRATEGIES
         if self._sharded:
             self._keep_live_weights_in_sharded_checkpoints(name)
-        _refuse_two_emas_in_state_dict(trainer.callbacks)
-        self._mask_source = _find_mask_source(trainer.callbacks)
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's connector
+        _refuse_two_emas_in_state_dict(callbacks)
+        self._mask_source = _find_mask_source(callbacks)
 
     def _ensure_shadow(self, pl_module: pl.LightningModule) -> ShadowWeights:
         if self._shadow is None:
@@ -447,7 +448,7 @@ class EMA(AfterOptimizerStep):
         due = (
             self._logged_decay is None
             or decay == self.decay
-            or trainer.global_step % max(trainer.log_every_n_steps, 1) == 0
+            or trainer.global_step % max(trainer.log_every_n_steps, 1) == 0  # type: ignore[attr-defined]
         )
         if not due:
             return

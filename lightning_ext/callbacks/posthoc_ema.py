@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from tqdm.auto import tqdm  # type: ignore[import-untyped]
+from tqdm.auto import tqdm
 
 from lightning_ext._io import atomic_torch_save, atomic_write, atomic_write_json, load_file
 from lightning_ext._lightning import is_wandb_logger, run_dir

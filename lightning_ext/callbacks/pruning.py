@@ -382,7 +382,7 @@ class DataPruningScores(Callback):
 
     def _pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> tuple:
         """(values, labels) over the whole training set, in index order, on every rank."""
-        from tqdm.auto import tqdm  # type: ignore[import-untyped]
+        from tqdm.auto import tqdm
 
         dataset = _train_dataset(trainer)
         n = len(dataset)  # type: ignore[arg-type]
@@ -625,7 +625,7 @@ class DataPruningScores(Callback):
         top = torch.sort(scores, descending=True, stable=True).indices[: self.log_top_k]
         rows = [[int(i), int(labels[i]), float(scores[i])] for i in top]
         media = {
-            f"pruning/{self.score}_hist": wandb.Histogram(scores.numpy()),
+            f"pruning/{self.score}_hist": wandb.Histogram(scores.tolist()),
             f"pruning/{self.score}_hardest": wandb.Table(
                 columns=["index", "label", "score"], data=rows
             ),
@@ -689,7 +689,8 @@ class InfoBatch(Callback):
     def loss(pl_module: pl.LightningModule, per_sample_loss: Tensor, indices: Tensor) -> Tensor:
         """The mean of ``per_sample_loss`` with InfoBatch's weights; plain mean without it."""
         trainer = pl_module._trainer
-        callbacks = [c for c in (trainer.callbacks if trainer else []) if isinstance(c, InfoBatch)]
+        found = trainer.callbacks if trainer else []  # type: ignore[attr-defined]  # set by Lightning
+        callbacks = [c for c in found if isinstance(c, InfoBatch)]
         if not callbacks or not pl_module.training:
             return per_sample_loss.mean()
         return callbacks[0]._weighted_mean(per_sample_loss, indices)
@@ -705,6 +706,8 @@ class InfoBatch(Callback):
         return (per_sample_loss * weights.to(per_sample_loss.dtype)).mean()
 
     def _pruning_at(self, trainer: pl.Trainer, epoch: int) -> bool:
+        if trainer.max_epochs is None or trainer.max_epochs < 0:
+            raise ValueError("InfoBatch anneals over the run's epochs: set Trainer(max_epochs=...)")
         return epoch < self.delta * trainer.max_epochs
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
+from lightning_ext._sized import dataset_size
 from lightning_ext.functional.pruning import check_fraction, infobatch_prune, rs2_epoch_indices
 
 
@@ -80,7 +81,7 @@ class RS2Sampler(_EpochIndexSampler):
         super().__init__(dataset, seed=seed, num_replicas=num_replicas, rank=rank)
 
     def epoch_indices(self) -> Tensor:
-        return rs2_epoch_indices(len(self.dataset), self.fraction, self.epoch, self.seed)
+        return rs2_epoch_indices(dataset_size(self.dataset), self.fraction, self.epoch, self.seed)
 
 
 class InfoBatchSampler(_EpochIndexSampler):

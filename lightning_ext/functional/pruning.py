@@ -8,7 +8,7 @@ from Okanovic et al.; the InfoBatch pruning rule from Qin et al. (2024).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -183,7 +183,7 @@ def _linear_squared_norms(
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     inputs: Any,
     targets: Tensor,
-    wrt: dict[str, Tensor],
+    wrt: Mapping[str, Tensor],
 ) -> tuple[Tensor, set[str]]:
     """Per-sample squared gradient norms of the weights (and biases) of eligible linear layers,
     and the names of the parameters they cover."""
@@ -279,7 +279,7 @@ def _factorisable(module: nn.Module) -> bool:
     if type(module) is nn.Linear:
         return True
     if type(module) in _NORMS:
-        return module.affine and module.track_running_stats
+        return bool(module.affine and module.track_running_stats)
     return (
         type(module) is nn.Conv2d
         and module.groups == 1

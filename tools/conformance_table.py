@@ -221,8 +221,8 @@ def render(outcomes: dict[str, Outcome], seconds: float | None = None) -> str:
         "## Maintaining the matrix",
         "",
         "- A fix merged: its cells now pass, so their strict xfails fail (`XPASS(strict)`). "
-        "Delete the matching lines of `_known_failures()` (or `KNOWN_FAILURES` in the DDP "
-        "file) and regenerate this page.",
+        "Delete the matching entries of `KNOWN_FAILURES` (in `tests/test_conformance.py` or "
+        "the DDP file) and regenerate this page.",
         "- A new callback: add it to `CALLBACKS`, write its `check_*` (a property that fails "
         "when the callback does nothing) and its refusals in `expected_refusal`.",
         "- A new kind of user module: add a `ZooEntry` in `tests/helpers/zoo.py` (tiny, both "

@@ -38,6 +38,7 @@ __all__ = [
     "move_to_device",
     "per_sample_accuracy",
     "per_sample_cross_entropy",
+    "token_view",
 ]
 
 IGNORE_INDEX = -100
@@ -155,8 +156,12 @@ def move_to_device(x: Any, device: torch.device | str) -> Any:
     return x
 
 
-def _token_view(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, bool]:
-    """Logits as (B, T, C) and targets as (B, T); ``True`` when the input was a sequence."""
+def token_view(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """Logits as (B, T, C) and targets as (B, T); ``True`` when the input was a sequence.
+
+    Every per-sample score of a classifier or a sequence model is computed on this view, so
+    plain classification is the one-token case of the sequence rule.
+    """
     if logits.ndim == targets.ndim + 1 and logits.ndim >= 3:
         return logits.flatten(1, -2), targets.flatten(1), True
     if logits.ndim == 2 and targets.ndim == 1:
@@ -171,7 +176,7 @@ def per_sample_cross_entropy(
     logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX
 ) -> Tensor:
     """Cross-entropy per sample (float32); for sequences, the mean over scored tokens."""
-    seq, tgt, _ = _token_view(logits, targets)
+    seq, tgt, _ = token_view(logits, targets)
     valid = tgt != ignore_index
     losses = F.cross_entropy(
         seq.float().transpose(1, 2), tgt.masked_fill(~valid, 0), reduction="none"
@@ -184,7 +189,7 @@ def per_sample_accuracy(
     logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX
 ) -> Tensor:
     """Accuracy per sample (float32); for sequences, the fraction of scored tokens predicted."""
-    seq, tgt, _ = _token_view(logits, targets)
+    seq, tgt, _ = token_view(logits, targets)
     valid = tgt != ignore_index
     correct = (seq.argmax(-1) == tgt) & valid
     return correct.sum(1).float() / valid.sum(1).clamp_min(1)

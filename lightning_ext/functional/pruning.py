@@ -18,9 +18,9 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from lightning_ext._batch import (
     IGNORE_INDEX,
-    _token_view,
     per_sample_accuracy,
     per_sample_cross_entropy,
+    token_view,
 )
 
 __all__ = [
@@ -88,7 +88,7 @@ def _per_token(logits: Tensor, targets: Tensor, ignore_index: int) -> tuple[Tens
     """Logits as (B, T, C), targets as (B, T) with ignored positions set to class 0, and the mask
     of scored positions; (B, C) with (B,) is the case T = 1."""
     try:
-        seq, tgt, _ = _token_view(logits, targets)
+        seq, tgt, _ = token_view(logits, targets)
         if seq.shape[:2] != tgt.shape:
             raise ValueError
     except ValueError:

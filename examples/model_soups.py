@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import markdown_table, write_result
+from benchmarks._common import RESULTS, markdown_table, write_result
 from lightning_ext.functional import model_stock, uniform_soup
 from lightning_ext.soup_io import Ingredients, load_state_dict
 from lightning_ext.soups import build_soup
@@ -237,7 +237,33 @@ def main() -> None:
     if args.no_write:
         print(body)
     else:
+        plot_gains(runs, names[2:], RESULTS / "model_soups.png")
+        body += "\n\n![gain over the best single model per seed](model_soups.png)\n"
         write_result("model_soups", "Model soups on a generated task", body, command)
+
+
+def plot_gains(runs: list[dict], names: list[str], path: Path) -> None:
+    """Each soup's gain over the best single ingredient, per seed, on both test sets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+    for ax, split, title in zip(axes, ("test", "shifted"), ("test", "shifted test")):
+        for i, name in enumerate(names):
+            gains = [100 * (r[f"{name}|{split}"] - r[f"best single (val)|{split}"]) for r in runs]
+            ax.scatter([i] * len(gains), gains, alpha=0.6)
+            ax.errorbar(i + 0.15, statistics.mean(gains), fmt="k_", markersize=14)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_title(title)
+    axes[0].set_ylabel("accuracy gain over best single (points)")
+    fig.suptitle(f"Model soups vs the best single fine-tune ({len(runs)} seeds; bar: mean)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

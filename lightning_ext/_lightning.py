@@ -8,12 +8,18 @@ asks the helpers below, which accept both namespaces.
 
 from __future__ import annotations
 
+import importlib
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as _lightning_pytorch
+import torch
+from torch import Tensor
+from torchmetrics import Metric
 
 _pytorch_lightning: ModuleType | None
 try:  # the older namespace is optional
@@ -23,11 +29,16 @@ except ImportError:  # pragma: no cover - exercised only where it is not install
 
 __all__ = [
     "NAMESPACES",
+    "EpochMetric",
+    "fit_val_loaders",
+    "grad_scaler_found_inf",
+    "has_fit_val_loaders",
     "is_lightning_module",
     "is_trainer",
     "is_wandb_logger",
     "namespace_of",
     "run_dir",
+    "run_validation_epoch_apart",
 ]
 
 NAMESPACES: tuple[ModuleType, ...] = tuple(
@@ -148,3 +159,139 @@ def grad_scaler_found_inf(trainer: Any, optimizer: Any) -> list[Any]:
         return []
     state = scaler._per_optimizer_states.get(id(optimizer), {})
     return list(state.get("found_inf_per_device", {}).values())
+
+
+# --------------------------------------------------------------------------- Lightning internals
+# Everything below reads or drives Lightning's private machinery (loops, logger connector, hook
+# callers, data sources). It is the same in both namespaces as of Lightning 2.6; when a release
+# changes it, this section is what to update.
+
+
+def _fit_val_source(trainer: Any) -> Any:
+    source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
+    return source if source is not None and source.instance is not None else None
+
+
+def has_fit_val_loaders(trainer: Any) -> bool:
+    """Whether the fit validates on anything (``fit(val_dataloaders=...)``, a datamodule's or
+    the module's ``val_dataloader()``)."""
+    source = _fit_val_source(trainer)
+    return source is not None and source.is_defined()
+
+
+def fit_val_loaders(trainer: Any) -> Any:
+    """What the fit validates on, as returned by its source; None if nothing is defined.
+
+    Lightning keeps the source in a private attribute of the validation loop.
+    """
+    return _fit_val_source(trainer).dataloader() if has_fit_val_loaders(trainer) else None
+
+
+def _internal(trainer: Any, module: str) -> Any:
+    """A Lightning-internal module of the namespace the Trainer comes from."""
+    return importlib.import_module(f"{namespace_of(trainer).__name__}.{module}")
+
+
+@contextmanager
+def _fresh_results(trainer: Any) -> Iterator[Any]:
+    """Route ``self.log`` of the running validation loop into a fresh result collection.
+
+    Lightning private API (loop ``_results``, logger connector state), restored on exit.
+    """
+    result_module = _internal(trainer, "trainer.connectors.logger_connector.result")
+    loop = trainer._active_loop
+    connector = trainer._logger_connector
+    saved = (loop._results, connector._first_loop_iter, connector._current_fx)
+    results = result_module._ResultCollection(training=False)
+    loop._results = results
+    connector._first_loop_iter = None
+    try:
+        yield results
+    finally:
+        results.reset()  # also resets any torchmetrics Metric logged as an object
+        loop._results, connector._first_loop_iter, connector._current_fx = saved
+
+
+@contextmanager
+def _metric_states_restored(module: torch.nn.Module) -> Iterator[None]:
+    """Leave every torchmetrics ``Metric`` of ``module`` in the state it had on entry."""
+    metrics = [m for m in module.modules() if isinstance(m, Metric)]
+    saved = [(m, _copy_state(m.metric_state), m._update_count, m._computed) for m in metrics]
+    try:
+        yield
+    finally:
+        for metric, state, count, computed in saved:
+            for attr, value in state.items():
+                setattr(metric, attr, value)
+            metric._update_count, metric._computed = count, computed
+
+
+def _copy_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: [t.clone() for t in v] if isinstance(v, list) else v.clone() for k, v in state.items()
+    }
+
+
+class EpochMetric(NamedTuple):
+    value: Tensor
+    to_logger: bool
+    to_progress_bar: bool
+    synced: bool
+
+
+def _collect_epoch_metrics(results: Any, into: dict[str, EpochMetric]) -> None:
+    """Epoch-level values of ``results`` for its current dataloader index, as Lightning reads them
+    at the end of each dataloader and of the epoch, with where each goes and whether it was
+    synced across ranks."""
+    metrics = results.metrics(on_step=False)
+    synced = set()
+    for _, result_metric in results.valid_items():
+        if result_metric.meta.sync.should:
+            synced.update(results._forked_name(result_metric, False))
+    for name, value in metrics["callback"].items():
+        into[name] = EpochMetric(
+            value.detach().clone(), name in metrics["log"], name in metrics["pbar"], name in synced
+        )
+
+
+def run_validation_epoch_apart(trainer: Any, pl_module: Any) -> dict[str, EpochMetric]:
+    """Run one whole validation epoch of the module (its epoch-start hook, batch hooks,
+    ``validation_step`` and epoch-end hook) with its own logged results and metric states.
+
+    The global RNG is left as it was, so the regular pass and training see the same randomness.
+    """
+    call = _internal(trainer, "trainer.call")
+    connector = trainer._logger_connector
+    loaders = trainer.val_dataloaders
+    loaders = list(loaders) if isinstance(loaders, list | tuple) else [loaders]
+    limits = trainer.num_val_batches
+    several = len(loaders) > 1
+    collected: dict[str, EpochMetric] = {}
+    with (
+        torch.random.fork_rng(devices=[]),
+        _metric_states_restored(pl_module),
+        _fresh_results(trainer) as results,
+    ):
+        call._call_lightning_module_hook(trainer, "on_validation_epoch_start")
+        for dl_idx, loader in enumerate(loaders):
+            for batch_idx, batch in enumerate(loader):
+                if batch_idx >= limits[dl_idx]:
+                    break
+                batch = trainer.precision_plugin.convert_input(batch)
+                batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=dl_idx)
+                batch = call._call_strategy_hook(
+                    trainer, "batch_to_device", batch, dataloader_idx=dl_idx
+                )
+                connector.on_batch_start(batch, dl_idx if several else None)
+                args = (batch, batch_idx, dl_idx) if several else (batch, batch_idx)
+                call._call_lightning_module_hook(trainer, "on_validation_batch_start", *args)
+                output = call._call_strategy_hook(trainer, "validation_step", *args)
+                call._call_lightning_module_hook(trainer, "on_validation_batch_end", output, *args)
+            if several:  # this loader's metrics, as Lightning stores them between loaders
+                connector.epoch_end_reached()
+                _collect_epoch_metrics(results, collected)
+        connector.epoch_end_reached()
+        results.dataloader_idx = None
+        call._call_lightning_module_hook(trainer, "on_validation_epoch_end")
+        _collect_epoch_metrics(results, collected)
+    return collected

@@ -39,7 +39,7 @@ from lightning_ext._batch import (
     per_sample_cross_entropy,
 )
 from lightning_ext._io import atomic_write, atomic_write_json, atomic_write_text
-from lightning_ext._lightning import is_wandb_logger, run_dir
+from lightning_ext._lightning import fit_val_loaders, has_fit_val_loaders, is_wandb_logger, run_dir
 from lightning_ext._sized import dataset_size
 from lightning_ext.functional.continual import (
     accuracy_matrix,
@@ -105,24 +105,6 @@ def _batches(dataset: Dataset, collate: Collate, indices: Tensor, batch_size: in
         else:
             out.append(collate([dataset[int(i)] for i in chunk]))
     return out
-
-
-def _fit_val_loaders(trainer: pl.Trainer) -> Any:
-    """What the fit validates on: ``fit(val_dataloaders=...)``, else the datamodule's or the
-    module's ``val_dataloader()``; None if none of them is defined.
-
-    Lightning keeps this source in a private attribute of the validation loop (the same in both
-    namespaces); this is the one place that reads it.
-    """
-    source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
-    if source is None or source.instance is None or not source.is_defined():
-        return None
-    return source.dataloader()
-
-
-def _has_fit_val_loaders(trainer: pl.Trainer) -> bool:
-    source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
-    return source is not None and source.instance is not None and source.is_defined()
 
 
 def _as_list(loaders: Any) -> list[Any]:
@@ -326,7 +308,7 @@ class ContinualEvaluation(Callback):
         if self.eval_sets is None and dm is not None and hasattr(dm, "task_eval_datasets"):
             self._set_fixed_sources(list(dm.task_eval_datasets()))
         self._streaming = self._check_stream(trainer)
-        if not self._fixed_tasks and not _has_fit_val_loaders(trainer):
+        if not self._fixed_tasks and not has_fit_val_loaders(trainer):
             raise ValueError(
                 "ContinualEvaluation has no evaluation data: pass eval_sets=[...] (one per "
                 "task), validation loaders to fit(model, train_dataloaders, val_dataloaders), or "
@@ -405,7 +387,7 @@ class ContinualEvaluation(Callback):
                 "earlier fit's validation loader, which this callback (restored from a checkpoint) "
                 "cannot read back: pass eval_sets=[...] (one per task) to resume such a run"
             )
-        loaders = _as_list(_fit_val_loaders(trainer))
+        loaders = _as_list(fit_val_loaders(trainer))
         if len(loaders) > 1 and not self._sources:
             self._set_fixed_sources(loaders)  # several validation loaders: one per task
             return self._source_for(trainer, task)

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torchmetrics import Metric
 
 from lightning_ext._io import atomic_torch_save, load_file
-from lightning_ext._lightning import namespace_of
+from lightning_ext._lightning import run_validation_epoch_apart
 from lightning_ext.callbacks._shadow import ShadowWeights, TrackedTensors
 from lightning_ext.callbacks._steps import AfterOptimizerStep
 from lightning_ext.functional.ema import ema_decay_at
@@ -498,7 +495,7 @@ class EMA(AfterOptimizerStep):
         The regular loop then validates the EMA under the original names, starting from the
         metric states the module had before this pass.
         """
-        for name, metric in _run_separate_validation_epoch(trainer, pl_module).items():
+        for name, metric in run_validation_epoch_apart(trainer, pl_module).items():
             # One already reduced value per epoch: its mean is itself. A value the module synced
             # is the same on every rank, and syncing it again (mean) keeps it bit for bit.
             pl_module.log(
@@ -586,118 +583,6 @@ def _suffixed(name: str, suffix: str) -> str:
     """``val_loss`` -> ``val_loss_live``; ``val_loss/dataloader_idx_1`` -> ``val_loss_live/...``."""
     base, sep, rest = name.partition("/dataloader_idx_")
     return f"{base}{suffix}{sep}{rest}"
-
-
-def _private(trainer: Any, module: str) -> Any:
-    """A Lightning-internal module of the namespace the Trainer comes from."""
-    return importlib.import_module(f"{namespace_of(trainer).__name__}.{module}")
-
-
-@contextmanager
-def _private_results(trainer: Any) -> Iterator[Any]:
-    """Route ``self.log`` of the running validation loop into a fresh result collection.
-
-    Lightning private API (loop ``_results``, logger connector state), restored on exit.
-    """
-    result_module = _private(trainer, "trainer.connectors.logger_connector.result")
-    loop = trainer._active_loop
-    connector = trainer._logger_connector
-    saved = (loop._results, connector._first_loop_iter, connector._current_fx)
-    results = result_module._ResultCollection(training=False)
-    loop._results = results
-    connector._first_loop_iter = None
-    try:
-        yield results
-    finally:
-        results.reset()  # also resets any torchmetrics Metric logged as an object
-        loop._results, connector._first_loop_iter, connector._current_fx = saved
-
-
-@contextmanager
-def _metric_states_restored(module: torch.nn.Module) -> Iterator[None]:
-    """Leave every torchmetrics ``Metric`` of ``module`` in the state it had on entry."""
-    metrics = [m for m in module.modules() if isinstance(m, Metric)]
-    saved = [(m, _copy_state(m.metric_state), m._update_count, m._computed) for m in metrics]
-    try:
-        yield
-    finally:
-        for metric, state, count, computed in saved:
-            for attr, value in state.items():
-                setattr(metric, attr, value)
-            metric._update_count, metric._computed = count, computed
-
-
-def _copy_state(state: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        k: [t.clone() for t in v] if isinstance(v, list) else v.clone() for k, v in state.items()
-    }
-
-
-class _EpochMetric(NamedTuple):
-    value: Tensor
-    to_logger: bool
-    to_progress_bar: bool
-    synced: bool
-
-
-def _collect_epoch_metrics(results: Any, into: dict[str, _EpochMetric]) -> None:
-    """Epoch-level values of ``results`` for its current dataloader index, as Lightning reads them
-    at the end of each dataloader and of the epoch, with where each goes and whether it was
-    synced across ranks."""
-    metrics = results.metrics(on_step=False)
-    synced = set()
-    for _, result_metric in results.valid_items():
-        if result_metric.meta.sync.should:
-            synced.update(results._forked_name(result_metric, False))
-    for name, value in metrics["callback"].items():
-        into[name] = _EpochMetric(
-            value.detach().clone(), name in metrics["log"], name in metrics["pbar"], name in synced
-        )
-
-
-def _run_separate_validation_epoch(
-    trainer: pl.Trainer, pl_module: pl.LightningModule
-) -> dict[str, _EpochMetric]:
-    """Run one whole validation epoch of the module (its epoch-start hook, batch hooks,
-    ``validation_step`` and epoch-end hook) with its own logged results and metric states.
-
-    The global RNG is left as it was, so the regular pass and training see the same randomness.
-    """
-    call = _private(trainer, "trainer.call")
-    connector = trainer._logger_connector
-    loaders = trainer.val_dataloaders
-    loaders = list(loaders) if isinstance(loaders, list | tuple) else [loaders]
-    limits = trainer.num_val_batches
-    several = len(loaders) > 1
-    collected: dict[str, _EpochMetric] = {}
-    with (
-        torch.random.fork_rng(devices=[]),
-        _metric_states_restored(pl_module),
-        _private_results(trainer) as results,
-    ):
-        call._call_lightning_module_hook(trainer, "on_validation_epoch_start")
-        for dl_idx, loader in enumerate(loaders):
-            for batch_idx, batch in enumerate(loader):
-                if batch_idx >= limits[dl_idx]:
-                    break
-                batch = trainer.precision_plugin.convert_input(batch)
-                batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=dl_idx)
-                batch = call._call_strategy_hook(
-                    trainer, "batch_to_device", batch, dataloader_idx=dl_idx
-                )
-                connector.on_batch_start(batch, dl_idx if several else None)
-                args = (batch, batch_idx, dl_idx) if several else (batch, batch_idx)
-                call._call_lightning_module_hook(trainer, "on_validation_batch_start", *args)
-                output = call._call_strategy_hook(trainer, "validation_step", *args)
-                call._call_lightning_module_hook(trainer, "on_validation_batch_end", output, *args)
-            if several:  # this loader's metrics, as Lightning stores them between loaders
-                connector.epoch_end_reached()
-                _collect_epoch_metrics(results, collected)
-        connector.epoch_end_reached()
-        results.dataloader_idx = None
-        call._call_lightning_module_hook(trainer, "on_validation_epoch_end")
-        _collect_epoch_metrics(results, collected)
-    return collected
 
 
 # ---------------------------------------------------------------------- checkpoints

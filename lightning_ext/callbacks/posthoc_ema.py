@@ -206,7 +206,8 @@ class PostHocEMA(AfterOptimizerStep):
 
     def _current_masks(self, trainer: pl.Trainer) -> dict[str, Tensor]:
         """The sparse-training masks of the tracked tensors (empty when not trained sparse)."""
-        masks = sparse_masks_for(trainer.callbacks, self._shadows[0].tracked.averaged_names)
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning
+        masks = sparse_masks_for(callbacks, self._shadows[0].tracked.averaged_names)
         if masks and not self._masks_announced:
             self._masks_announced = True
             rank_zero_info(

@@ -275,8 +275,10 @@ class SoupStrategyMixin(_StrategyBase):
         denser than the target: refuse that rather than end with a model that is not sparse.
         """
         module = self._attached_module
-        masks = sparse_masks_for(module.trainer.callbacks, module.state_dict())
-        digest = torch.tensor([mask_digest(masks), -mask_digest(masks)], dtype=torch.int64)
+        callbacks = module.trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning
+        masks = sparse_masks_for(callbacks, module.state_dict())
+        value = mask_digest(masks)
+        digest = torch.tensor([value, -value], dtype=torch.int64, device=self.root_device)
         dist.all_reduce(digest, op=dist.ReduceOp.MAX)
         if int(digest[0]) != -int(digest[1]):
             raise ValueError(

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -29,6 +29,7 @@ from lightning_ext.functional.ema import (
     power_profile,
     sigma_rel_to_gamma,
 )
+from lightning_ext.soups import apply_masks_, sparse_masks_for
 
 __all__ = ["PostHocEMA", "posthoc_ema_state_dict", "write_posthoc_ema"]
 
@@ -81,6 +82,7 @@ class PostHocEMA(AfterOptimizerStep):
         self.num_updates = 0
         self.snapshots: list[dict[str, Any]] = []
         self.run_id = uuid.uuid4().hex
+        self._masks_announced = False
         self._shadows: list[ShadowWeights] = []
         self._loaded: list[dict[str, Tensor]] | None = None
         self._loaded_dir: str | None = None
@@ -177,12 +179,19 @@ class PostHocEMA(AfterOptimizerStep):
             "sigma_rels": self.sigma_rels,
             "global_step": trainer.global_step,
         }
+        masks = self._current_masks(trainer)
+        if masks:  # the file holds the masks applied; the index says that there are some
+            entry["masked"] = True
         if trainer.is_global_zero:  # ranks hold identical EMAs under DDP: write once
             assert self._dir is not None
             weights = [
-                {k: v.detach().cpu() for k, v in s.state_dict().items()} for s in self._shadows
+                {k: v.detach().cpu().clone() for k, v in s.state_dict().items()}
+                for s in self._shadows
             ]
-            atomic_torch_save({**entry, "weights": weights}, self._dir / name)
+            for profile in weights:  # the running averages stay raw: only what is written
+                apply_masks_(profile, masks)
+            extra = {"masks": {k: m.detach().cpu().bool() for k, m in masks.items()}}
+            atomic_torch_save({**entry, "weights": weights, **extra}, self._dir / name)
             index = {"run_id": self.run_id, "snapshots": [*self.snapshots, entry]}
             atomic_write_json(index, self._dir / INDEX_FILE)
         self.snapshots.append(entry)
@@ -194,6 +203,19 @@ class PostHocEMA(AfterOptimizerStep):
                 },
                 step=trainer.global_step,
             )
+
+    def _current_masks(self, trainer: pl.Trainer) -> dict[str, Tensor]:
+        """The sparse-training masks of the tracked tensors (empty when not trained sparse)."""
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning
+        masks = sparse_masks_for(callbacks, self._shadows[0].tracked.averaged_names)
+        if masks and not self._masks_announced:
+            self._masks_announced = True
+            rank_zero_info(
+                f"PostHocEMA: the model is trained sparse: each snapshot is written with the "
+                f"current masks applied to {len(masks)} tensors (stored in the snapshot under "
+                "'masks'); reconstructions re-apply the masks of the last snapshot they use."
+            )
+        return masks
 
     def state_dict(self) -> dict[str, Any]:
         shadows = [s.state_dict() for s in self._shadows] if self._shadows else self._loaded
@@ -256,8 +278,10 @@ def posthoc_ema_state_dict(
     result: dict[str, Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     position = 0
+    last_masks: dict[str, Tensor] = {}
     for entry in tqdm(usable, desc="loading snapshots", unit="file", disable=not progress):
         snapshot = load_file(Path(snapshot_dir) / entry["file"])
+        last_masks = snapshot.get("masks", {})
         for weights in snapshot["weights"]:
             x = coefficients[position].item()
             position += 1
@@ -268,6 +292,8 @@ def posthoc_ema_state_dict(
                 dtypes[name] = value.dtype
                 contribution = value.double() * x
                 result[name] = result[name] + contribution if name in result else contribution
+    # The snapshots' masks change as sparse training goes: the EMA at ``step`` keeps the last one.
+    apply_masks_(result, last_masks)
     return {name: v.to(dtypes[name]) if name in dtypes else v for name, v in result.items()}
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_ext._batch import ForwardFn, UnpackBatch, default_unpack_batch
 from lightning_ext._io import atomic_torch_save
@@ -17,6 +17,7 @@ from lightning_ext.soup_io import Ingredients
 from lightning_ext.soups import (
     SoupResult,
     ValidationScorer,
+    apply_masks_,
     batchnorm_layers,
     check_mode,
     check_monitor_logged,
@@ -24,6 +25,7 @@ from lightning_ext.soups import (
     recalibrate_batchnorm,
     run_soup,
     save_soup_plot,
+    sparse_masks_for,
 )
 
 
@@ -107,6 +109,7 @@ class ModelSoup(Callback):
         self.ingredients: list[dict[str, Any]] = []  # {"epoch", "path"}, oldest first
         self.result: dict[str, Any] | None = None
         self._monitor_checked = False
+        self._masks_announced = False
 
     @property
     def state_key(self) -> str:
@@ -142,7 +145,8 @@ class ModelSoup(Callback):
         assert self.dirpath is not None
         path = str(Path(self.dirpath) / f"ingredient-epoch={epoch}.pt")
         if trainer.is_global_zero:
-            state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+            state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+            apply_masks_(state, self._current_masks(trainer, state))
             atomic_torch_save(state, path)
         self.ingredients.append({"epoch": epoch, "path": path})
         if self.keep_last is not None and len(self.ingredients) > self.keep_last:
@@ -185,6 +189,7 @@ class ModelSoup(Callback):
                 "soup_score": result.soup_score,
                 "candidates": result.candidates,
             }
+        apply_masks_(pl_module.state_dict(), self._current_masks(trainer, pl_module.state_dict()))
         self.result = decision
         if self.save_soup and trainer.is_global_zero:
             state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
@@ -197,6 +202,17 @@ class ModelSoup(Callback):
         self._log(trainer, decision, picture)
 
     # ----------------------------------------------------------------------- internals
+
+    def _current_masks(self, trainer: Any, state: dict[str, Any]) -> dict[str, Any]:
+        """The sparse-training masks of ``state``'s tensors (empty when not trained sparse)."""
+        masks = sparse_masks_for(trainer.callbacks, state)
+        if masks and not self._masks_announced:
+            self._masks_announced = True
+            rank_zero_info(
+                f"ModelSoup: the model is trained sparse: the current masks of {len(masks)} "
+                "tensors are applied to each ingredient as it is written and to the final soup."
+            )
+        return masks
 
     def _soup(self, trainer: Any, pl_module: Any, ings: Ingredients, val: Any) -> SoupResult:
         """Score and choose, on every rank together; the module ends holding the soup."""

@@ -25,11 +25,14 @@ from lightning_ext._lightning import run_dir
 from lightning_ext.functional.merging import check_same_layout
 from lightning_ext.soups import (
     ValidationScorer,
+    apply_masks_,
     check_mode,
     check_monitor_logged,
     fit_val_loader,
+    mask_digest,
     run_soup,
     save_soup_plot,
+    sparse_masks_for,
 )
 
 INGREDIENT_HOOK = "configure_soup_ingredient"
@@ -142,6 +145,7 @@ class SoupStrategyMixin(_StrategyBase):
         self.unpack_batch, self.forward_fn = unpack_batch, forward_fn
         self.soup_result: dict[str, Any] | None = None
         self._monitor_checked = False
+        self._masks_announced = False
 
     # ----------------------------------------------------------------------- per-rank set-up
 
@@ -254,18 +258,50 @@ class SoupStrategyMixin(_StrategyBase):
     @torch.no_grad()
     def _uniform_merge_(self) -> None:
         world = self.world_size
-        for tensor in self._attached_module.state_dict().values():
+        masks = self._shared_masks()
+        state = self._attached_module.state_dict()
+        for tensor in state.values():
             if tensor.is_floating_point():
                 dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
                 tensor.div_(world)
             else:
                 dist.broadcast(tensor, src=0)
+        apply_masks_(state, masks)
+
+    def _shared_masks(self) -> dict[str, Tensor]:
+        """The sparse-training masks, which every rank must share (a collective).
+
+        The soup of weights under different masks is zero only outside their union, which is
+        denser than the target: refuse that rather than end with a model that is not sparse.
+        """
+        module = self._attached_module
+        callbacks = module.trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning
+        masks = sparse_masks_for(callbacks, module.state_dict())
+        value = mask_digest(masks)
+        digest = torch.tensor([value, -value], dtype=torch.int64, device=self.root_device)
+        dist.all_reduce(digest, op=dist.ReduceOp.MAX)
+        if int(digest[0]) != -int(digest[1]):
+            raise ValueError(
+                "SoupStrategy: the ranks were trained sparse with different masks, and their soup "
+                "would be dense where any mask keeps a weight (not sparse at the target density). "
+                "Give every rank the same masks: e.g. DynamicSparseTraining(method='static', "
+                "seed=...) with one seed on all ranks, or merge the ranks with "
+                "lightning_ext.sparse_soup, which retrains under one shared mask."
+            )
+        if masks and not self._masks_announced:
+            self._masks_announced = True
+            rank_zero_info(
+                f"SoupStrategy: the ranks share one sparse-training mask ({len(masks)} tensors): "
+                "it is re-applied to every merged soup."
+            )
+        return masks
 
     @torch.no_grad()
     def _greedy_merge_(self) -> dict[str, Any]:
         """``functional.greedy_soup`` over the ranks' weights, every rank in lockstep."""
         module = self._attached_module
         trainer = module.trainer
+        masks = self._shared_masks()
         own = {k: v.detach().clone() for k, v in module.state_dict().items()}
         scorer = ValidationScorer(
             module,
@@ -287,6 +323,7 @@ class SoupStrategyMixin(_StrategyBase):
             progress_bar=trainer.progress_bar_callback is not None,
         )
         module.load_state_dict(result.state_dict)
+        apply_masks_(module.state_dict(), masks)
         folder = run_dir(trainer, "soup")
         if self.global_rank == 0:
             save_soup_plot(result, folder / "soup.png", monitor=self.monitor)

@@ -839,38 +839,3 @@ def _zoom(axis: Any, values: Sequence[float]) -> None:
 
 
 # ------------------------------------------------------------------ sparse-training masks
-def sparse_masks_for(callbacks: Iterable[Any], names: Iterable[str]) -> dict[str, Tensor]:
-    """The current sparse-training masks (of the first callback with ``masks_by_name``, such as
-    DynamicSparseTraining) for the state-dict ``names`` they cover, ``_orig_mod.`` ignored.
-
-    Averages of masked weights (soups, EMA snapshots) are not sparse: callers re-apply these.
-    Same duck typing as ``callbacks.ema._find_mask_source``.
-    """
-    sources = [cb for cb in callbacks if callable(getattr(cb, "masks_by_name", None))]
-    if not sources:
-        return {}
-    masks = sources[0].masks_by_name()
-    found = {}
-    for name in names:
-        mask = masks.get(name.replace("_orig_mod.", ""))
-        if mask is not None:
-            found[name] = mask
-    return found
-
-
-@torch.no_grad()
-def apply_masks_(state: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
-    """Zero, in place, the entries of ``state`` outside ``masks`` (same names and shapes)."""
-    for name, mask in masks.items():
-        tensor = state[name]
-        tensor.masked_fill_(mask.to(device=tensor.device, dtype=torch.bool).logical_not(), 0)
-
-
-def mask_digest(masks: Mapping[str, Tensor]) -> int:
-    """A cheap, order-independent checksum of boolean masks (to compare them across ranks)."""
-    digest = 0
-    for index, name in enumerate(sorted(masks)):
-        flat = masks[name].detach().reshape(-1).to(device="cpu", dtype=torch.int64)
-        weights = torch.arange(1, flat.numel() + 1, dtype=torch.int64) * (index + 7)
-        digest = (digest * 1_000_003 + int((flat * weights).sum()) + flat.numel()) % (2**61 - 1)
-    return digest

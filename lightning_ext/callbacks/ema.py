@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lightning_ext._io import atomic_torch_save, load_file
 from lightning_ext._lightning import run_validation_epoch_apart
+from lightning_ext._masks import find_mask_source, masks_for
 from lightning_ext.callbacks._shadow import ShadowWeights, TrackedTensors
 from lightning_ext.callbacks._steps import AfterOptimizerStep
 from lightning_ext.functional.ema import ema_decay_at
@@ -158,7 +159,7 @@ class EMA(AfterOptimizerStep):
             self._keep_live_weights_in_sharded_checkpoints(name)
         callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's connector
         _refuse_two_emas_in_state_dict(callbacks)
-        self._mask_source = _find_mask_source(callbacks)
+        self._mask_source = find_mask_source(callbacks)
 
     def _ensure_shadow(self, pl_module: pl.LightningModule) -> ShadowWeights:
         if self._shadow is None:
@@ -458,12 +459,7 @@ class EMA(AfterOptimizerStep):
         """The sparse-training masks by tracked name (empty without such a callback)."""
         if self._mask_source is None or self._shadow is None:
             return {}
-        masks = self._mask_source.masks_by_name()
-        found = {}
-        for name in self._shadow.tracked.averaged_names:
-            mask = masks.get(name.replace("_orig_mod.", ""))
-            if mask is not None:
-                found[name] = mask
+        found = masks_for(self._mask_source, self._shadow.tracked.averaged_names)
         if found and not getattr(self, "_masks_announced", False):
             self._masks_announced = True
             rank_zero_info(
@@ -537,12 +533,6 @@ def _refuse_two_emas_in_state_dict(callbacks: list[Any]) -> None:
             f"{len(owners)} EMA callbacks would each put their average in the checkpoint's "
             "state_dict: pass checkpoint_weights='live' to all but one of them"
         )
-
-
-def _find_mask_source(callbacks: list[Any]) -> Any:
-    """A sparse-training callback (duck-typed by ``masks_by_name``), if the Trainer has one."""
-    sources = [cb for cb in callbacks if callable(getattr(cb, "masks_by_name", None))]
-    return sources[0] if sources else None
 
 
 def _fsdp2_modules(module: torch.nn.Module) -> list[Any]:

@@ -12,12 +12,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_ext._batch import ForwardFn, UnpackBatch, default_unpack_batch
 from lightning_ext._io import atomic_torch_save
 from lightning_ext._lightning import is_wandb_logger, namespace_of, run_dir
+from lightning_ext._masks import apply_masks_, sparse_masks_for
 from lightning_ext.functional.merging import uniform_soup
 from lightning_ext.soup_io import Ingredients
 from lightning_ext.soups import (
     SoupResult,
     ValidationScorer,
-    apply_masks_,
     batchnorm_layers,
     check_mode,
     check_monitor_logged,
@@ -25,7 +25,6 @@ from lightning_ext.soups import (
     recalibrate_batchnorm,
     run_soup,
     save_soup_plot,
-    sparse_masks_for,
 )
 
 

@@ -22,17 +22,15 @@ from torch import Tensor
 from lightning_ext._batch import ForwardFn, UnpackBatch, default_unpack_batch
 from lightning_ext._io import atomic_torch_save, load_file
 from lightning_ext._lightning import run_dir
+from lightning_ext._masks import apply_masks_, mask_digest, sparse_masks_for
 from lightning_ext.functional.merging import check_same_layout
 from lightning_ext.soups import (
     ValidationScorer,
-    apply_masks_,
     check_mode,
     check_monitor_logged,
     fit_val_loader,
-    mask_digest,
     run_soup,
     save_soup_plot,
-    sparse_masks_for,
 )
 
 INGREDIENT_HOOK = "configure_soup_ingredient"

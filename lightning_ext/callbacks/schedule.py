@@ -123,6 +123,9 @@ class _NormRecorder:
     per-kernel overhead dominates. Past about a million elements the copy costs more than it
     saves (a 3.4M-parameter transformer: 7.1 ms against 5.1 ms per step in the hook, and a full
     gradient-sized buffer held), so larger groups take the per-tensor path.
+
+    Sharded (FSDP2): the columns are the norms of each rank's local shards, and reading them is a
+    collective (``global_norms_from_shards``: one all_reduce per chunk of steps).
     """
 
     CHUNK = 256

@@ -123,3 +123,18 @@ def test_model_parallel_is_not_refused_at_setup(tmp_path):
     strategy = type("ModelParallelStrategy", (), {})()
     trainer = SimpleNamespace(strategy=strategy)
     ScheduleRefinement(output_dir=str(tmp_path)).setup(trainer, None, "fit")
+
+
+def test_sharded_recorder_defers_the_reduction_to_reads_and_skips_it_on_errors():
+    layer = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    recorder = _NormRecorder(opt, "l2", None, sharded=True)  # one process: no all_reduce
+    expected = []
+    for _ in range(2):
+        layer(torch.randn(5, 4)).square().sum().backward()
+        expected.append(torch.cat([p.grad.reshape(-1) for p in layer.parameters()]).norm())
+        recorder.record()
+        layer.zero_grad()
+    assert recorder.reduced_values().numel() == 0  # nothing reduced (no collective) yet
+    torch.testing.assert_close(recorder.values(), torch.stack(expected))
+    torch.testing.assert_close(recorder.reduced_values(), torch.stack(expected))

@@ -72,10 +72,11 @@ def local_shard(tensor: Tensor) -> Tensor:
 def replica_count(param: Tensor) -> int:
     """On how many ranks the same local values of a DTensor live (its Replicate mesh dims, as in
     HSDP): their partial norms are counted once by weighting each rank's by 1 / this."""
-    placements = getattr(param, "placements", ())
     mesh = getattr(param, "device_mesh", None)
+    if mesh is None:  # a plain tensor: this rank's values only
+        return 1
     count = 1
-    for dim, placement in enumerate(placements):
+    for dim, placement in enumerate(param.placements):  # type: ignore[attr-defined]
         if placement.is_replicate():
             count *= mesh.size(dim)
     return count
@@ -91,8 +92,9 @@ def sharding_problem(params: list[Tensor], world_size: int) -> str | None:
             return f"parameter {i} {tuple(p.shape)} is not a DTensor (not fully_shard-ed)"
         if mesh.size() != world_size:
             return f"parameter {i} lives on a {mesh.size()}-rank mesh of a {world_size}-rank job"
-        if any(not (pm.is_shard() or pm.is_replicate()) for pm in p.placements):
-            return f"parameter {i} has placements {p.placements} (only Shard/Replicate)"
+        placements = getattr(p, "placements", ())
+        if any(not (pm.is_shard() or pm.is_replicate()) for pm in placements):
+            return f"parameter {i} has placements {placements} (only Shard/Replicate)"
     return None
 
 

@@ -41,7 +41,9 @@ SCHEDULE_FILE = "refined_schedule.pt"
 DIAGNOSTICS_FILE = "refined_schedule.json"
 PLOT_FILE = "refined_schedule.png"
 _ADAM_LIKE = ("adam", "adagrad", "adadelta", "rmsprop", "adafactor", "lamb", "lion")
-_SHARDED = ("FSDP", "DeepSpeed", "ModelParallel")
+#: Strategies whose gradients are shards the callback cannot sum across ranks (FSDP1's flat
+#: parameters, DeepSpeed's partitions). ModelParallelStrategy (FSDP2's DTensors) is supported.
+_REFUSED_SHARDED = ("FSDP", "DeepSpeed")
 
 #: Refinement options the callback and ``lightning-ext refine-schedule`` use unless told:
 #: half linear decay, the one choice that never lost clearly to linear decay on the four
@@ -61,6 +63,54 @@ def norm_for_optimizer(optimizer: Optimizer) -> Literal["l1", "l2"]:
     return "l1" if any(key in name for key in _ADAM_LIKE) else "l2"
 
 
+def local_shard(tensor: Tensor) -> Tensor:
+    """This rank's part of a DTensor (FSDP2's parameters and gradients); a plain tensor as is."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def replica_count(param: Tensor) -> int:
+    """On how many ranks the same local values of a DTensor live (its Replicate mesh dims, as in
+    HSDP): their partial norms are counted once by weighting each rank's by 1 / this."""
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None:  # a plain tensor: this rank's values only
+        return 1
+    count = 1
+    for dim, placement in enumerate(param.placements):  # type: ignore[attr-defined]
+        if placement.is_replicate():
+            count *= mesh.size(dim)
+    return count
+
+
+def sharding_problem(params: list[Tensor], world_size: int) -> str | None:
+    """Why the global gradient norm cannot be summed from these parameters' local shards over
+    all ranks, or None when it can (every parameter a DTensor over a mesh spanning the world,
+    sharded or replicated on each mesh dim)."""
+    for i, p in enumerate(params):
+        mesh = getattr(p, "device_mesh", None)
+        if mesh is None:
+            return f"parameter {i} {tuple(p.shape)} is not a DTensor (not fully_shard-ed)"
+        if mesh.size() != world_size:
+            return f"parameter {i} lives on a {mesh.size()}-rank mesh of a {world_size}-rank job"
+        placements = getattr(p, "placements", ())
+        if any(not (pm.is_shard() or pm.is_replicate()) for pm in placements):
+            return f"parameter {i} has placements {placements} (only Shard/Replicate)"
+    return None
+
+
+def global_norms_from_shards(parts: Tensor, shares: Tensor, norm: Literal["l1", "l2"]) -> Tensor:
+    """Global step norms from each rank's per-tensor norms of its shards (rows: steps, columns:
+    tensors): the local sums of squares (l2) or of l1 norms, summed over ranks in ONE all_reduce
+    for all rows, then the square root for l2. A non-finite part stays non-finite."""
+    import torch.distributed as dist
+
+    power = parts.square() if norm == "l2" else parts
+    sums = (power * shares).sum(dim=-1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    return sums.sqrt() if norm == "l2" else sums
+
+
 class _NormRecorder:
     """The gradient norm of one optimizer's parameters at every step, with no host sync and no
     allocation per step beyond the norm kernels' outputs.
@@ -75,14 +125,26 @@ class _NormRecorder:
     per-kernel overhead dominates. Past about a million elements the copy costs more than it
     saves (a 3.4M-parameter transformer: 7.1 ms against 5.1 ms per step in the hook, and a full
     gradient-sized buffer held), so larger groups take the per-tensor path.
+
+    Sharded (FSDP2): the columns are the norms of each rank's local shards, and reading them is a
+    collective (``global_norms_from_shards``: one all_reduce per chunk of steps).
     """
 
     CHUNK = 256
     FLAT_LIMIT = 1 << 20
 
-    def __init__(self, optimizer: Optimizer, norm: Literal["l1", "l2"], history: Tensor | None):
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        norm: Literal["l1", "l2"],
+        history: Tensor | None,
+        sharded: bool = False,
+    ):
         self.norm, self.order = norm, (2 if norm == "l2" else 1)
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.sharded = sharded
+        #: per column, the share of its partial sum that is this rank's (1 / replica count)
+        self._shares: Tensor | None = None
         groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
         for p in params:
             groups[(p.device, p.dtype)].append(p)
@@ -92,7 +154,8 @@ class _NormRecorder:
         for (device, dtype), members in groups.items():
             zero = torch.zeros((), dtype=dtype, device=device)  # stands in for a missing grad
             size = sum(p.numel() for p in members)
-            if device.type == "cpu" and dtype == torch.float32 and size <= self.FLAT_LIMIT:
+            flat_ok = not sharded and device.type == "cpu" and dtype == torch.float32
+            if flat_ok and size <= self.FLAT_LIMIT:
                 flat = torch.empty(size, dtype=dtype, device=device)
                 self._flat_groups.append((members, start, flat))
                 start += 1
@@ -103,6 +166,10 @@ class _NormRecorder:
             start += len(members)
         device = params[0].device if params else torch.device("cpu")
         self._rows = torch.empty(self.CHUNK, max(start, 1), dtype=torch.float32, device=device)
+        if sharded:  # no flat groups: one column per parameter, in group order
+            ordered = [p for members, _, _, _ in self._groups for p in members]
+            shares = [1.0 / replica_count(p) for p in ordered] or [0.0]
+            self._shares = torch.tensor(shares, dtype=torch.float32, device=device)
         self._filled = 0
         self._host: list[Tensor] = [] if history is None else [history.detach().float().cpu()]
 
@@ -118,7 +185,7 @@ class _NormRecorder:
             torch.cat(views, out=flat)
             torch.linalg.vector_norm(flat, self.order, out=row[col])
         for params, cols, zero, dtype in self._groups:
-            grads = [zero if p.grad is None else p.grad for p in params]
+            grads = [zero if p.grad is None else local_shard(p.grad) for p in params]
             parts = torch._foreach_norm(grads, self.order, dtype=dtype)
             if parts[0].device == row.device:
                 torch.stack(parts, out=row[cols])
@@ -127,9 +194,23 @@ class _NormRecorder:
         self._filled += 1
 
     def _move_to_host(self) -> None:
+        """Reduce the pending rows to step norms on the host. Sharded: a collective (one
+        all_reduce for the whole chunk), so every rank must call it at the same step."""
         if self._filled:
-            self._host.append(combine_norm_parts(self._rows[: self._filled], self.norm).cpu())
+            rows = self._rows[: self._filled]
+            if self._shares is None:
+                norms = combine_norm_parts(rows, self.norm)
+            else:
+                norms = global_norms_from_shards(rows, self._shares, self.norm)
+            self._host.append(norms.cpu())
             self._filled = 0
+
+    def reduced_values(self) -> Tensor:
+        """The norms already reduced to the host, without a collective (for error paths, where
+        the other ranks may not be there to join one)."""
+        if not self._host:
+            return torch.empty(0, dtype=torch.float32)
+        return torch.cat(self._host).clone()
 
     @property
     def count(self) -> int:
@@ -346,6 +427,8 @@ class ScheduleRefinement(Callback):
         self._values: list[float] = []
         self._norms: list[Literal["l1", "l2"]] = []
         self._records: list[_NormRecorder] = []
+        self._optimizers: list[Optimizer] = []
+        self._sharded = False
         self._steps: list[int] = []
         self._index: dict[int, int] = {}
         self._logged_norms: list[int] = []
@@ -362,12 +445,14 @@ class ScheduleRefinement(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._records = []  # a new fit: a checkpoint loaded from here on waits for on_fit_start
         strategy = type(trainer.strategy).__name__
-        if self.record and any(key in strategy for key in _SHARDED):
+        if self.record and any(key in strategy for key in _REFUSED_SHARDED):
             raise ValueError(
                 f"ScheduleRefinement records the gradient norm from each rank's local gradients, "
-                f"which under {strategy} are shards: use DDP, or record=False to only apply a "
-                "stored schedule"
+                f"which under {strategy} are shards: use DDP, or ModelParallelStrategy with "
+                "fully_shard (FSDP2, whose shard norms it sums across ranks), or record=False to "
+                "only apply a stored schedule"
             )
         if self.schedule_path is not None:
             stored = load_schedule(self.schedule_path)
@@ -386,7 +471,18 @@ class ScheduleRefinement(Callback):
         if not optimizers:
             raise ValueError("ScheduleRefinement needs an optimizer from configure_optimizers")
         self._index = {id(opt): i for i, opt in enumerate(optimizers)}
+        self._optimizers = list(optimizers)
+        self._sharded = self.record and self._check_sharded(trainer, optimizers)
         restored, self._restored = self._restored or {}, None
+        self._start_records(restored)
+        if self.record:
+            rank_zero_info(f"ScheduleRefinement records {', '.join(self._norms)} gradient norms")
+        if self._stored is not None:
+            self._take_over_learning_rates(trainer, optimizers, self._stored)
+
+    def _start_records(self, restored: dict[str, Any]) -> None:
+        """The recorders and step counts, continuing a checkpoint's record when given one."""
+        optimizers = self._optimizers
         self._norms = restored.get("norms") or [
             norm_for_optimizer(opt) if self.norm == "auto" else self.norm for opt in optimizers
         ]
@@ -397,15 +493,27 @@ class ScheduleRefinement(Callback):
             )
         history = restored.get("grad_norms") or [None] * len(optimizers)
         self._records = [
-            _NormRecorder(opt, n, h) for opt, n, h in zip(optimizers, self._norms, history)
+            _NormRecorder(opt, n, h, self._sharded)
+            for opt, n, h in zip(optimizers, self._norms, history)
         ]
         self._steps = list(restored.get("steps") or [0] * len(optimizers))
         self._logged_norms = [r.count for r in self._records]  # resumed steps were logged before
         self._logged_steps = self._steps[0]
-        if self.record:
-            rank_zero_info(f"ScheduleRefinement records {', '.join(self._norms)} gradient norms")
-        if self._stored is not None:
-            self._take_over_learning_rates(trainer, optimizers, self._stored)
+
+    def _check_sharded(self, trainer: pl.Trainer, optimizers: list[Optimizer]) -> bool:
+        """Whether the gradients are FSDP2 shards (ModelParallelStrategy), whose norms are then
+        summed across ranks when read; refuses parameters that cannot be summed that way."""
+        if "ModelParallel" not in type(trainer.strategy).__name__:
+            return False
+        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+        problem = sharding_problem(params, trainer.world_size)
+        if problem is not None:
+            raise ValueError(
+                f"ScheduleRefinement under {type(trainer.strategy).__name__} sums each rank's "
+                f"gradient-shard norms over all ranks, but {problem}: fully_shard every module "
+                "with parameters in configure_model, or record=False to only apply a schedule"
+            )
+        return True
 
     def _take_over_learning_rates(
         self, trainer: pl.Trainer, optimizers: list[Optimizer], stored: Tensor
@@ -511,7 +619,12 @@ class ScheduleRefinement(Callback):
     def _write(self, trainer: pl.Trainer, *, refine: bool) -> None:
         if not self.record or self._out is None:
             return
-        records = self.grad_norms()
+        if not refine and any(r.sharded for r in self._records):
+            # An exception may have struck one rank only: no collective here. The steps not yet
+            # reduced across ranks (at most one chunk) are left out of grad_norms.pt.
+            records = [r.reduced_values() for r in self._records]
+        else:
+            records = self.grad_norms()
         if not trainer.is_global_zero:
             return
         atomic_torch_save({"grad_norms": records, "norm": self._norms}, self._out / GRAD_NORMS_FILE)
@@ -547,4 +660,9 @@ class ScheduleRefinement(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = dict(state_dict)
+        if self._records:
+            # Strategies that restore after setup (ModelParallel, FSDP, DeepSpeed) load the
+            # callback state after on_fit_start, when the recorders already exist.
+            self._start_records(dict(state_dict))
+        else:
+            self._restored = dict(state_dict)

@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - exercised only where it is not install
 __all__ = [
     "NAMESPACES",
     "EpochMetric",
+    "fit_train_loaders",
     "fit_val_loaders",
     "grad_scaler_found_inf",
     "has_fit_val_loaders",
@@ -165,6 +166,12 @@ def grad_scaler_found_inf(trainer: Any, optimizer: Any) -> list[Any]:
 # Everything below reads or drives Lightning's private machinery (loops, logger connector, hook
 # callers, data sources). It is the same in both namespaces as of Lightning 2.6; when a release
 # changes it, this section is what to update.
+
+
+def fit_train_loaders(trainer: Any) -> Any:
+    """What the fit trains on, as returned by its source (the datamodule's, the module's or
+    ``fit(train_dataloaders=...)``); read from the fit loop's private data source."""
+    return trainer.fit_loop._data_source.dataloader()
 
 
 def _fit_val_source(trainer: Any) -> Any:

@@ -37,7 +37,7 @@ from lightning_ext._batch import (
     default_unpack_batch,
     move_to_device,
 )
-from lightning_ext._lightning import namespace_of
+from lightning_ext._lightning import fit_val_loaders, namespace_of
 from lightning_ext._sized import dataset_size
 from lightning_ext.functional.merging import greedy_soup, is_statistic, uniform_soup
 from lightning_ext.soup_io import Ingredients, IngredientSource
@@ -127,8 +127,7 @@ def fit_val_loader(trainer: Any) -> Any:
             return trainer.datamodule.val_dataloader()
         except NotImplementedError:
             pass
-    source = trainer.fit_loop.epoch_loop.val_loop._data_source
-    return source.dataloader() if source.is_defined() else None
+    return fit_val_loaders(trainer)
 
 
 # --------------------------------------------------------------------------- BatchNorm

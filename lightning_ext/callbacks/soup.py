@@ -11,7 +11,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_ext._batch import ForwardFn, UnpackBatch, default_unpack_batch
 from lightning_ext._io import atomic_torch_save
-from lightning_ext._lightning import is_wandb_logger, namespace_of, run_dir
+from lightning_ext._lightning import (
+    fit_train_loaders,
+    has_fit_val_loaders,
+    is_wandb_logger,
+    namespace_of,
+    run_dir,
+)
 from lightning_ext._masks import apply_masks_, sparse_masks_for
 from lightning_ext.functional.merging import uniform_soup
 from lightning_ext.soup_io import Ingredients
@@ -273,12 +279,12 @@ class ModelSoup(Callback):
 
 
 def _has_val_data(trainer: Any, pl_module: Any) -> bool:
-    source = trainer.fit_loop.epoch_loop.val_loop._data_source
     base = namespace_of(pl_module).LightningModule
-    return source.is_defined() and base.validation_step is not type(pl_module).validation_step
+    overridden = base.validation_step is not type(pl_module).validation_step
+    return has_fit_val_loaders(trainer) and overridden
 
 
 def _train_loader(trainer: Any) -> Any:
     if trainer.datamodule is not None:
         return trainer.datamodule.train_dataloader()
-    return trainer.fit_loop._data_source.dataloader()
+    return fit_train_loaders(trainer)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lightning_ext._batch import ForwardFn, UnpackBatch, default_unpack_batch
 from lightning_ext._io import atomic_torch_save, load_file
-from lightning_ext._lightning import run_dir
+from lightning_ext._lightning import has_fit_val_loaders, run_dir
 from lightning_ext._masks import apply_masks_, mask_digest, sparse_masks_for
 from lightning_ext.functional.merging import check_same_layout
 from lightning_ext.soups import (
@@ -161,8 +161,7 @@ class SoupStrategyMixin(_StrategyBase):
                     f"SoupStrategy got {len(self.hparams_per_rank)} hparams_per_rank entries for "
                     f"{world} ranks: give exactly one dict per rank"
                 )
-            val_source = trainer.fit_loop.epoch_loop.val_loop._data_source
-            if self.merge == "greedy" and not val_source.is_defined():
+            if self.merge == "greedy" and not has_fit_val_loaders(trainer):
                 raise ValueError(
                     "SoupStrategy(merge='greedy') scores candidates on validation data, and this "
                     "fit has none: pass val_dataloaders to fit, or use merge='uniform'"

@@ -134,7 +134,7 @@ def accuracy(state: dict, x: Tensor, y: Tensor) -> float:
         return (model(x).argmax(-1) == y).float().mean().item()
 
 
-def trainer(epochs: int) -> pl.Trainer:
+def trainer(epochs: int, callbacks: list | None = None) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
@@ -142,6 +142,7 @@ def trainer(epochs: int) -> pl.Trainer:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=callbacks,
     )
 
 

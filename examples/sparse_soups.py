@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import markdown_table, write_result
-from examples.model_soups import Task, TaskNet, accuracy
+from examples.model_soups import Task, TaskNet, accuracy, trainer
 from lightning_ext._io import load_file
 from lightning_ext.sparse_soup import mask_mismatches, sparse_model_soup
 
@@ -44,29 +44,17 @@ def make_module(config: Mapping[str, Any]) -> TaskNet:
     return TaskNet(lr=config["lr"], noise=config["noise"])
 
 
-def quiet_trainer(epochs: int, callbacks: list | None = None) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
-
-
 def run_seed(seed: int, folder: Path, dense_epochs: int, retrain_epochs: int) -> dict[str, float]:
     task, g = Task.draw(seed), torch.Generator().manual_seed(10_000 + seed)
     train, val, test = task.sample(2000, g), task.sample(1000, g), task.sample(2000, g)
     pl.seed_everything(seed, verbose=False)
     dense = TaskNet(lr=0.05)
     train_loader = DataLoader(train, batch_size=32, shuffle=True)
-    quiet_trainer(dense_epochs).fit(dense, train_loader)
+    trainer(dense_epochs).fit(dense, train_loader)
     retrains = [dict(c, seed=100 * seed + c["seed"]) for c in RETRAINS]
     result = sparse_model_soup(
         make_module,
-        lambda cycle, index, callbacks: quiet_trainer(retrain_epochs, callbacks),
+        lambda cycle, index, callbacks: trainer(retrain_epochs, callbacks),
         dense,
         sparsities=SPARSITIES,
         retrain_configs=retrains,

@@ -1,4 +1,4 @@
-"""Sparse Model Soups (``lightning_ext.sparse_soup``) on the generated task of
+"""Sparse Model Soups (``lightning_ext.workflows.sparse_soup``) on the generated task of
 ``examples/model_soups.py``, CPU, a few minutes.
 
 Per seed: train a dense MLP, then run prune-retrain-soup cycles to 50%, 75% and 90% sparsity
@@ -8,14 +8,13 @@ checks that the soup's zeros are exactly the shared mask, and starts the next cy
 Reported per cycle, on the test set: the soup, the best retrain (chosen on the held-out set) and
 the mean retrain, all at the same sparsity.
 
-    python examples/sparse_soups.py      # 5 seeds; writes benchmarks/results/sparse_soups.md
+    python -m examples.sparse_soups      # 5 seeds; writes benchmarks/results/sparse_soups.md
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,11 +24,10 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import markdown_table, write_result
 from examples.model_soups import Task, TaskNet, accuracy, trainer
 from lightning_ext._io import load_file
-from lightning_ext.sparse_soup import mask_mismatches, sparse_model_soup
+from lightning_ext.workflows.sparse_soup import mask_mismatches, sparse_model_soup
 
 SPARSITIES = [0.5, 0.75, 0.9]
 RETRAINS = [
@@ -142,7 +140,7 @@ def main() -> None:
             rows,
         )
     )
-    command = "nice -n 10 python examples/sparse_soups.py --seeds " + " ".join(map(str, args.seeds))
+    command = "nice -n 10 python -m examples.sparse_soups --seeds " + " ".join(map(str, args.seeds))
     if args.no_write:
         print(body)
     else:

@@ -311,7 +311,7 @@ def ddp_soups_with_torchmetrics(out_dir: str) -> None:
 
 
 def _single_process_soup(module, ingredients) -> object:
-    from lightning_ext.soups import build_soup
+    from lightning_ext.workflows.soup import build_soup
 
     return build_soup(
         module,

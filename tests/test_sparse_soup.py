@@ -1,4 +1,4 @@
-"""Sparse Model Soups (lightning_ext.sparse_soup): masks, the fixed-mask retrain, the shared mask of
+"""Sparse Model Soups (workflows.sparse_soup): masks, the fixed-mask retrain, the shared mask of
 the soup, resuming from the output folder."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_ext._io import load_file
 from lightning_ext._modules import named_parameters
 from lightning_ext.functional.merging import uniform_soup
-from lightning_ext.sparse_soup import (
+from lightning_ext.workflows.sparse_soup import (
     FixedMask,
     magnitude_masks,
     mask_mismatches,

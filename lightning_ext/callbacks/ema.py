@@ -14,7 +14,7 @@ from torch import Tensor
 from lightning_ext._io import atomic_torch_save, load_file
 from lightning_ext._lightning import run_validation_epoch_apart
 from lightning_ext._masks import find_mask_source, masks_for
-from lightning_ext.callbacks._shadow import ShadowWeights, TrackedTensors
+from lightning_ext.averaging import ShadowWeights, TrackedTensors
 from lightning_ext.callbacks._steps import AfterOptimizerStep
 from lightning_ext.functional.ema import ema_decay_at
 

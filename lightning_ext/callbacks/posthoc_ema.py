@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from lightning_ext._io import atomic_torch_save, atomic_write, atomic_write_json, load_file
 from lightning_ext._lightning import is_wandb_logger, run_dir
 from lightning_ext._masks import apply_masks_, sparse_masks_for
-from lightning_ext.callbacks._shadow import ShadowWeights, TrackedTensors
+from lightning_ext.averaging import ShadowWeights, TrackedTensors
 from lightning_ext.callbacks._steps import AfterOptimizerStep
 from lightning_ext.functional.ema import (
     posthoc_ema_coefficients,

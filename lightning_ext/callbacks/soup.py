@@ -20,8 +20,8 @@ from lightning_ext._lightning import (
 )
 from lightning_ext._masks import apply_masks_, sparse_masks_for
 from lightning_ext.functional.merging import uniform_soup
-from lightning_ext.soup_io import Ingredients
-from lightning_ext.soups import (
+from lightning_ext.io.ingredients import Ingredients
+from lightning_ext.workflows.soup import (
     SoupResult,
     ValidationScorer,
     batchnorm_layers,

@@ -1,5 +1,5 @@
 """DynamicSparseTraining: train sparse from scratch (RigL, SET, sparse momentum, static, N:M SR-STE)
-on any LightningModule. The math lives in ``lightning_ext.functional.sparsity``."""
+on any LightningModule. The math lives in ``lightning_ext.functional.sparse``."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from lightning_ext._io import atomic_torch_save, atomic_write, load_file
 from lightning_ext._lightning import is_wandb_logger, run_dir
 from lightning_ext._modules import named_parameters, normalise_name, normalised_keys
 from lightning_ext._modules import parameter_aliases as module_parameter_aliases
-from lightning_ext.callbacks._shadow import gather_full, local_part
-from lightning_ext.functional.sparsity import (
+from lightning_ext.averaging import gather_full, local_part
+from lightning_ext.functional.sparse import (
     active_count,
     adam_normalised_momentum,
     allocate_counts,

@@ -24,7 +24,7 @@ from lightning_ext._io import atomic_torch_save, load_file
 from lightning_ext._lightning import has_fit_val_loaders, run_dir
 from lightning_ext._masks import apply_masks_, mask_digest, sparse_masks_for
 from lightning_ext.functional.merging import check_same_layout
-from lightning_ext.soups import (
+from lightning_ext.workflows.soup import (
     ValidationScorer,
     check_mode,
     check_monitor_logged,
@@ -283,7 +283,7 @@ class SoupStrategyMixin(_StrategyBase):
                 "would be dense where any mask keeps a weight (not sparse at the target density). "
                 "Give every rank the same masks: e.g. DynamicSparseTraining(method='static', "
                 "seed=...) with one seed on all ranks, or merge the ranks with "
-                "lightning_ext.sparse_soup, which retrains under one shared mask."
+                "lightning_ext.workflows.sparse_soup, which retrains under one shared mask."
             )
         if masks and not self._masks_announced:
             self._masks_announced = True

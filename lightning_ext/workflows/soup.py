@@ -3,7 +3,7 @@
 one call, estimate diagonal Fishers, and recalibrate BatchNorm statistics after merging.
 
 The math lives in ``lightning_ext.functional.merging``; ingredients stream through
-``lightning_ext.soup_io.Ingredients`` (one loaded at a time, validated before any work).
+``lightning_ext.io.ingredients.Ingredients`` (one loaded at a time, validated before any work).
 
 Under ``torch.distributed`` (a DDP fit) scoring is collective: every rank validates its share of
 the held-out data and the ranks reduce the score, so every rank must score the same weights in the
@@ -40,7 +40,7 @@ from lightning_ext._batch import (
 from lightning_ext._lightning import fit_val_loaders, namespace_of
 from lightning_ext._sized import dataset_size
 from lightning_ext.functional.merging import greedy_soup, is_statistic, uniform_soup
-from lightning_ext.soup_io import Ingredients, IngredientSource
+from lightning_ext.io.ingredients import Ingredients, IngredientSource
 
 __all__ = [
     "SoupResult",

@@ -11,7 +11,7 @@ Each cycle ``c`` (sparsity ``s_c``, increasing):
    ``"layer"``: each target at ``s_c``) to a mask nested in the previous one;
 2. retrain one copy per entry of ``retrain_configs`` (hyperparameters: seed, learning rate...)
    with the mask held fixed (``FixedMask``, added to each Trainer);
-3. soup them with ``lightning_ext.soups.build_soup`` (``"uniform"`` or ``"greedy"``, scored by the
+3. soup them with ``lightning_ext.build_soup`` (``"uniform"`` or ``"greedy"``, scored by the
    module's own ``validation_step``) and check that the soup's zeros are exactly the mask's.
 
 Every retrain and every cycle's soup is written atomically under ``output_dir``; a rerun with the
@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from lightning_ext._io import atomic_torch_save, atomic_write_json, load_file
 from lightning_ext._modules import named_parameters, normalise_name
-from lightning_ext.functional.sparsity import active_count, topk_mask
-from lightning_ext.soups import batchnorm_layers, build_soup, check_mode
+from lightning_ext.functional.sparse import active_count, topk_mask
+from lightning_ext.workflows.soup import batchnorm_layers, build_soup, check_mode
 
 __all__ = [
     "CycleResult",

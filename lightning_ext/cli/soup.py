@@ -34,7 +34,7 @@ import torch
 
 from lightning_ext._io import atomic_torch_save, load_file
 from lightning_ext.functional import merging
-from lightning_ext.soup_io import Ingredients, load_state_dict
+from lightning_ext.io.ingredients import Ingredients, load_state_dict
 
 METHODS = (
     "uniform",
@@ -187,7 +187,7 @@ def recalibrate(
 ) -> dict[str, torch.Tensor]:
     """Load the merge into the model and recompute its BatchNorm statistics on the data; without
     ``--recalibrate-bn``, warn when statistics were only averaged."""
-    from lightning_ext.soups import recalibrate_batchnorm
+    from lightning_ext.workflows.soup import recalibrate_batchnorm
 
     if bn is None:
         averaged = statistics_keys(soup)

@@ -207,7 +207,10 @@ def main() -> None:
     body = "\n".join(fn() for fn in chosen.values())
     suffix = "" if args.part == "all" else f"_{args.part}"
     write_result(
-        f"ema{suffix}", "EMA benchmarks", body, f"python -m benchmarks.bench_ema --part {args.part}"
+        f"bench_ema{suffix}_cpu",
+        "EMA benchmarks",
+        body,
+        f"python -m benchmarks.bench_ema --part {args.part}",
     )
 
 

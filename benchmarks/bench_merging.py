@@ -8,7 +8,7 @@ reads its peak RSS (Linux's VmHWM, reset just before merging; ``resource.getrusa
 elsewhere); the table reports it above the process's RSS
 before merging, in units of one ingredient.
 
-    python -m benchmarks.bench_merging          # writes benchmarks/results/bench_merging.md
+    python -m benchmarks.bench_merging          # writes benchmarks/results/bench_merging_cpu.md
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def main() -> None:
         )
     )
     write_result(
-        "bench_merging",
+        "bench_merging_cpu",
         "Merging: memory and time vs ingredient count",
         body,
         "python -m benchmarks.bench_merging" + " --default-malloc" * args.default_malloc,

@@ -195,7 +195,7 @@ def main() -> None:
         "callback's own hooks over the runs with it, divided by their fit time."
     )
     write_result(
-        "bench_pruning",
+        "bench_pruning_cpu",
         "Data-pruning scores: speed",
         body,
         "python -m benchmarks.bench_pruning",

@@ -244,7 +244,10 @@ def main() -> None:
         print(body)
         return
     write_result(
-        "sparse", "DynamicSparseTraining cost (CPU)", body, "python -m benchmarks.bench_sparse"
+        "bench_sparse_cpu",
+        "DynamicSparseTraining cost (CPU)",
+        body,
+        "python -m benchmarks.bench_sparse",
     )
 
 

@@ -86,7 +86,10 @@ def main() -> None:
         + markdown_table(["candidate", "median time", "ratio"], rows)
     )
     write_result(
-        "warp_bench", "WARP: anchor-update and merge costs", body, "python -m benchmarks.bench_warp"
+        "bench_warp_cpu",
+        "WARP: anchor-update and merge costs",
+        body,
+        "python -m benchmarks.bench_warp",
     )
 
 

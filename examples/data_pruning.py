@@ -288,8 +288,7 @@ def main() -> None:
         "data_pruning_digits",
         "Data pruning on the digits: EL2N, GraNd, forgetting, random; RS2 and InfoBatch",
         body,
-        f"python -m examples.data_pruning --seeds {args.seeds}"
-        + (" --kd" if args.kd else ""),
+        f"python -m examples.data_pruning --seeds {args.seeds}" + (" --kd" if args.kd else ""),
     )
 
 

@@ -41,6 +41,7 @@ from lightning_ext._batch import (
 from lightning_ext._io import atomic_write, atomic_write_json, atomic_write_text
 from lightning_ext._lightning import fit_val_loaders, has_fit_val_loaders, is_wandb_logger, run_dir
 from lightning_ext._sized import dataset_size
+from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.functional.continual import (
     accuracy_matrix,
     average_accuracy,
@@ -116,7 +117,7 @@ def _as_list(loaders: Any) -> list[Any]:
     return [loaders]
 
 
-class ContinualEvaluation(Callback):
+class ContinualEvaluation(DeclaredState, Callback):
     """Evaluate on every task seen so far every ``every_n_steps`` optimizer steps.
 
     Args:
@@ -508,8 +509,10 @@ class ContinualEvaluation(Callback):
             self.records.append(record)
         if not tasks:
             return record
-        for task, score in self.evaluate(trainer, pl_module, tasks).items():
-            record["values"][task] = score
+        scores = self.evaluate(trainer, pl_module, tasks)
+        # in task order whatever order the tasks were evaluated in, so that checkpoints compare
+        record["values"] = dict(sorted({**record["values"], **scores}.items()))
+        for task, score in scores.items():
             if task <= record["trained"]:
                 self._add_to_curve(task, score, own=task == record["trained"])
             if task < record["trained"]:
@@ -819,32 +822,22 @@ class ContinualEvaluation(Callback):
         logger.experiment.log(entries)
 
     # ---------------------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "task": self.task,
-            "explicit_task": self.explicit_task,
-            "step_offset": self.step_offset,
-            "records": [{**r, "values": dict(sorted(r["values"].items()))} for r in self.records],
-            "subsets": {t: s.clone() for t, s in self.subsets.items()},
-            "worst_after_end": dict(self.worst_after_end),
-            "wf": dict(self.wf),
-            "wp": dict(self.wp),
-            "lca": dict(self.lca),
-            "recent": {t: list(v) for t, v in self.recent.items()},
-            "head": {t: list(v) for t, v in self.head.items()},
-        }
+    STATE = (
+        "task",
+        "explicit_task",
+        "step_offset",
+        "records",
+        "subsets",
+        "worst_after_end",
+        "wf",
+        "wp",
+        "lca",
+        "recent",
+        "head",
+    )
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.task = state_dict["task"]
-        self.explicit_task = state_dict["explicit_task"]
-        self.step_offset = state_dict.get("step_offset", 0)
-        self.records = [{**r, "values": dict(r["values"])} for r in state_dict["records"]]
-        self.subsets = {int(t): s.clone() for t, s in state_dict["subsets"].items()}
-        self.worst_after_end = dict(state_dict["worst_after_end"])
-        self.wf, self.wp = dict(state_dict["wf"]), dict(state_dict["wp"])
-        self.lca = dict(state_dict["lca"])
-        self.recent = {t: list(v) for t, v in state_dict["recent"].items()}
-        self.head = {t: list(v) for t, v in state_dict["head"].items()}
+    def _after_load_state(self) -> None:
+        self.subsets = {int(t): s for t, s in self.subsets.items()}
         self._cache.clear()
 
 

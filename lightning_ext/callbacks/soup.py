@@ -19,6 +19,7 @@ from lightning_ext._lightning import (
     run_dir,
 )
 from lightning_ext._masks import apply_masks_, sparse_masks_for
+from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.functional.merging import uniform_soup
 from lightning_ext.io.ingredients import Ingredients
 from lightning_ext.workflows.soup import (
@@ -34,7 +35,7 @@ from lightning_ext.workflows.soup import (
 )
 
 
-class ModelSoup(Callback):
+class ModelSoup(DeclaredState, Callback):
     """Snapshot the weights every ``every_n_epochs`` training epochs (from ``start_epoch`` on,
     keeping the last ``keep_last`` when set) into ``dirpath`` (default: the run's folder,
     ``run_dir(trainer, "soup")``), and at fit end replace the module's weights by their soup.
@@ -270,12 +271,7 @@ class ModelSoup(Callback):
             if picture is not None:
                 logger.log_image(key="soup/scores", images=[str(picture)])
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"ingredients": [dict(e) for e in self.ingredients], "dirpath": self.dirpath}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.ingredients = [dict(e) for e in state_dict["ingredients"]]
-        self.dirpath = state_dict.get("dirpath", self.dirpath)
+    STATE = ("ingredients", "dirpath")
 
 
 def _has_val_data(trainer: Any, pl_module: Any) -> bool:

@@ -127,6 +127,13 @@ def test_warp_anchor_under_fsdp2_matches_unsharded_and_resumes_exactly(tmp_path)
     assert_bitwise_equal(r0["resumed"]["anchor"], full["anchor"])
     assert_bitwise_equal(r0["resumed"]["module"], full["module"])
     assert r0["resumed"]["updates"] == full["updates"]
+    # the folder's metadata (written by rank 0 alone) holds the full anchor, not rank 0's rows
+    meta = torch.load(tmp_path / "job" / "epoch1.ckpt" / "meta.pt", weights_only=False)
+    (saved,) = [v for k, v in meta["callbacks"].items() if k.startswith("WARP")]
+    assert saved["updates"] == 4
+    assert {k: v.shape for k, v in saved["anchor"].items()} == {
+        k: v.shape for k, v in full["anchor"].items()
+    }
 
     # trained sparse: the shard-local anchor is zero outside the (gathered) masks
     sparse = r0["sparse"]

@@ -22,7 +22,7 @@ from torch import Tensor
 from lightning_ext._batch import ForwardFn, UnpackBatch, default_unpack_batch
 from lightning_ext._io import atomic_torch_save, load_file
 from lightning_ext._lightning import has_fit_val_loaders, run_dir
-from lightning_ext._masks import apply_masks_, mask_digest, sparse_masks_for
+from lightning_ext._masks import apply_masks_, ranks_share_masks, sparse_masks_for
 from lightning_ext.functional.merging import check_same_layout
 from lightning_ext.workflows.soup import (
     ValidationScorer,
@@ -274,10 +274,7 @@ class SoupStrategyMixin(_StrategyBase):
         module = self._attached_module
         callbacks = module.trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning
         masks = sparse_masks_for(callbacks, module.state_dict())
-        value = mask_digest(masks)
-        digest = torch.tensor([value, -value], dtype=torch.int64, device=self.root_device)
-        dist.all_reduce(digest, op=dist.ReduceOp.MAX)
-        if int(digest[0]) != -int(digest[1]):
+        if not ranks_share_masks(masks, self.root_device):
             raise ValueError(
                 "SoupStrategy: the ranks were trained sparse with different masks, and their soup "
                 "would be dense where any mask keeps a weight (not sparse at the target density). "

@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_ext._masks import apply_masks_, count_outside_masks, find_mask_source, masks_for
-from lightning_ext.callbacks._shadow import ShadowWeights, TrackedTensors
+from lightning_ext.averaging import ShadowWeights, TrackedTensors
 from lightning_ext.callbacks._steps import AfterOptimizerStep
 
 AnchorKind = Literal["ema", "init", "sync"]

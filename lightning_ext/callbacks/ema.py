@@ -15,6 +15,8 @@ from lightning_ext._io import atomic_torch_save, load_file
 from lightning_ext._lightning import run_validation_epoch_apart
 from lightning_ext._masks import find_mask_source, masks_for
 from lightning_ext.averaging import ShadowWeights, TrackedTensors
+from lightning_ext.averaging import fsdp2_modules as _fsdp2_modules
+from lightning_ext.averaging import reshard as _reshard
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.callbacks._steps import AfterOptimizerStep
 from lightning_ext.functional.ema import ema_decay_at
@@ -534,22 +536,6 @@ def _refuse_two_emas_in_state_dict(callbacks: list[Any]) -> None:
             f"{len(owners)} EMA callbacks would each put their average in the checkpoint's "
             "state_dict: pass checkpoint_weights='live' to all but one of them"
         )
-
-
-def _fsdp2_modules(module: torch.nn.Module) -> list[Any]:
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in module.modules() if isinstance(m, FSDPModule)]
-
-
-def _reshard(fsdp2_modules: list[Any]) -> None:
-    """Free FSDP2's unsharded parameters, so that the next forward gathers the shards again.
-
-    The root module keeps its gathered parameters after a forward (its backward would follow);
-    after an evaluation on swapped weights they would be stale, and training would read them.
-    """
-    for module in fsdp2_modules:
-        module.reshard()
 
 
 def _masked(values: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -22,3 +22,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_report_header() -> str:
+    """The versions this run tested, first in every CI log (CI installs the newest releases)."""
+    from importlib import metadata
+
+    names = ("torch", "lightning", "pytorch-lightning", "torchmetrics")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} missing")
+    return "lightning-ext tested against: " + ", ".join(found)

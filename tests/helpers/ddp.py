@@ -83,7 +83,16 @@ def _main() -> None:
 
     target, out_dir, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     module_name, function_name = target.split(":")
-    getattr(importlib.import_module(module_name), function_name)(out_dir=out_dir, **kwargs)
+    try:
+        getattr(importlib.import_module(module_name), function_name)(out_dir=out_dir, **kwargs)
+    finally:
+        # Tear the process group down before the interpreter exits: left to exit-time
+        # destructors, gloo's threads occasionally aborted a rank ("terminate called without an
+        # active exception", exit -6) after its work had finished.
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

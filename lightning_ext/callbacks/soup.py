@@ -27,6 +27,7 @@ from lightning_ext.soups import (
     batchnorm_layers,
     check_mode,
     check_monitor_logged,
+    check_soup_method,
     fit_val_loader,
     recalibrate_batchnorm,
     run_soup,
@@ -43,7 +44,10 @@ class ModelSoup(Callback):
     ``validation_step`` on the fit's validation data, under the fit's precision, and keeps an
     ingredient only if ``monitor`` improves (strictly, unless ``strict=False``); ``mode="min"``
     (Lightning's default) means lower is better: pass ``mode="max"`` for an accuracy. ``monitor``
-    is checked at the first validation. ``"uniform"`` averages all snapshots. Snapshots live on
+    is checked at the first validation. ``"uniform"`` averages all snapshots. ``"learned"`` learns
+    the snapshots' mixing coefficients (Wortsman et al.'s learned soup) on the fit's validation
+    data, with ``options`` (``LEARNED_SOUP_OPTIONS``: ``granularity``, ``steps``, ``lr``,
+    ``seed``, ...), in single-process fits. Snapshots live on
     disk (rank 0 writes them), never all in memory. Under DDP every rank scores its share of the
     validation data and the ranks reduce the score (several nodes need ``dirpath`` on a shared
     filesystem), so every rank builds the same soup.
@@ -52,11 +56,13 @@ class ModelSoup(Callback):
     read with ``unpack_batch``/``forward_fn``. The soup is saved to ``dirpath/soup.pt`` and the
     picture of the scores to ``dirpath/soup.png`` (with matplotlib). Logged (to every logger, at
     fit end): ``soup/score``, ``soup/best_ingredient_score``, ``soup/ingredient_score/epoch_E``,
-    ``soup/num_ingredients``, ``soup/num_chosen``; with a WandbLogger also the table
+    ``soup/num_ingredients``, ``soup/num_chosen`` (learned: ``soup/coefficient/epoch_E``, each
+    snapshot's mean mixing weight, and ``soup/learned_loss``); with a WandbLogger also the table
     ``soup/ingredients`` (epoch, file, score, chosen) and the image ``soup/scores``.
 
     Args:
-        method: ``"greedy"`` (keep an ingredient only if ``monitor`` improves) or ``"uniform"``.
+        method: ``"greedy"`` (keep an ingredient only if ``monitor`` improves), ``"uniform"`` or
+            ``"learned"`` (mixing coefficients learned on the validation data).
         monitor: the logged validation metric the greedy soup ranks by.
         mode: ``"min"`` (lower is better, Lightning's default) or ``"max"``.
         every_n_epochs: snapshot every this many training epochs.
@@ -68,11 +74,13 @@ class ModelSoup(Callback):
         recalibrate_bn: recompute BatchNorm statistics of every candidate on the training data.
         save_soup: save the soup to ``dirpath/soup.pt``.
         unpack_batch: ``batch -> (inputs, targets)``, for ``recalibrate_bn``.
-        forward_fn: ``(module, inputs) -> logits``, for ``recalibrate_bn``.
+        forward_fn: ``(module, inputs) -> logits``, for ``recalibrate_bn`` and ``"learned"``.
+        options: ``method="learned"``'s options (``LEARNED_SOUP_OPTIONS``; ``mode`` stays
+            ``"ingredients"``: aTLAS needs a base, use ``build_soup``).
 
     Raises:
-        ValueError: an unknown ``method`` or ``mode``, ``every_n_epochs`` or ``passes`` below 1,
-            ``start_epoch`` below 0, or ``keep_last`` below 1.
+        ValueError: an unknown ``method``, ``options`` or ``mode``, ``every_n_epochs`` or
+            ``passes`` below 1, ``start_epoch`` below 0, or ``keep_last`` below 1.
 
     Examples:
         >>> import lightning.pytorch as pl
@@ -83,7 +91,7 @@ class ModelSoup(Callback):
 
     def __init__(
         self,
-        method: Literal["greedy", "uniform"] = "greedy",
+        method: Literal["greedy", "uniform", "learned"] = "greedy",
         monitor: str = "val_loss",
         mode: Literal["min", "max"] = "min",
         every_n_epochs: int = 1,
@@ -96,9 +104,20 @@ class ModelSoup(Callback):
         save_soup: bool = True,
         unpack_batch: UnpackBatch = default_unpack_batch,
         forward_fn: ForwardFn | None = None,
+        options: dict[str, Any] | None = None,
     ) -> None:
-        if method not in ("greedy", "uniform"):
-            raise ValueError(f"ModelSoup(method=...) must be 'greedy' or 'uniform', got {method!r}")
+        if method not in ("greedy", "uniform", "learned"):
+            raise ValueError(
+                f"ModelSoup(method=...) must be 'greedy', 'uniform' or 'learned', got {method!r}"
+            )
+        if method == "learned" and (options or {}).get("mode") == "task_vectors":
+            raise ValueError(
+                "ModelSoup(method='learned') mixes its snapshots (mode='ingredients'); aTLAS "
+                "(mode='task_vectors') needs the pre-trained base: after the fit, call "
+                "build_soup(module, snapshots, method='learned', base=..., "
+                "options={'mode': 'task_vectors'})"
+            )
+        self.options = check_soup_method(method, options, owner="ModelSoup")
         check_mode(monitor, mode, "ModelSoup")
         if every_n_epochs < 1 or start_epoch < 0 or passes < 1:
             raise ValueError("every_n_epochs and passes must be >= 1 and start_epoch >= 0")
@@ -129,9 +148,16 @@ class ModelSoup(Callback):
             return
         if self.dirpath is None:
             self.dirpath = str(run_dir(trainer, "soup"))
-        if self.method == "greedy" and not _has_val_data(trainer, pl_module):
+        if self.method == "learned" and trainer.world_size > 1:
             raise ValueError(
-                "ModelSoup(method='greedy') scores candidates on validation data, but the fit has "
+                f"ModelSoup(method='learned') runs in one process, this fit has "
+                f"{trainer.world_size}: learning the coefficients is not collective yet. Use "
+                "method='greedy' (collective), or build_soup(..., method='learned') on the "
+                "snapshots after the fit in one process."
+            )
+        if self.method != "uniform" and not _has_val_data(trainer, pl_module):
+            raise ValueError(
+                f"ModelSoup(method={self.method!r}) needs validation data, but the fit has "
                 "none: pass val_dataloaders or a datamodule with val_dataloader(), or use "
                 "method='uniform'."
             )
@@ -194,6 +220,9 @@ class ModelSoup(Callback):
                 "soup_score": result.soup_score,
                 "candidates": result.candidates,
             }
+            if result.learned is not None:
+                decision["coefficients"] = result.learned.mean_weights()
+                decision["learned"] = result.learned
         apply_masks_(pl_module.state_dict(), self._current_masks(trainer, pl_module.state_dict()))
         self.result = decision
         if self.save_soup and trainer.is_global_zero:
@@ -240,6 +269,7 @@ class ModelSoup(Callback):
             passes=self.passes,
             names=[f"epoch {e['epoch']}" for e in self.ingredients],
             progress_bar=trainer.progress_bar_callback is not None,
+            options=self.options,
         )
 
     def _log(self, trainer: Any, decision: dict[str, Any], picture: Path | None) -> None:
@@ -254,6 +284,10 @@ class ModelSoup(Callback):
             metrics["soup/best_ingredient_score"] = float(best)
             for entry, score in zip(self.ingredients, scores):
                 metrics[f"soup/ingredient_score/epoch_{entry['epoch']}"] = float(score)
+        if "learned" in decision:
+            metrics["soup/learned_loss"] = decision["learned"].losses[-1]
+            for entry, weight in zip(self.ingredients, decision["coefficients"]):
+                metrics[f"soup/coefficient/epoch_{entry['epoch']}"] = float(weight)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             if not is_wandb_logger(logger) or not scores:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Integral, Real
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -85,6 +86,8 @@ class Parameter:
         low_open: ``low`` itself is excluded.
         high_open: ``high`` itself is excluded.
         choices: the valid values of a ``"choice"``.
+        nullable: None may be given explicitly, meaning "off" (e.g. no seeding); parameters
+            whose default is None accept it anyway.
 
     Examples:
         >>> density = Parameter("density", "kept fraction", default=0.2, low=0, high=1,
@@ -103,6 +106,7 @@ class Parameter:
     low_open: bool = False
     high_open: bool = False
     choices: tuple[str, ...] = ()
+    nullable: bool = False
 
     def range_text(self) -> str:
         """The valid values in a few characters: ``(0, 1]``, ``>= 1``, ``one of a, b``."""
@@ -157,18 +161,18 @@ class Parameter:
 
     def _number(self, value: Any, name: str) -> float | int:
         integral = self.kind == "int"
-        if isinstance(value, bool) or not isinstance(value, int if integral else int | float):
+        if isinstance(value, bool) or not isinstance(value, Integral if integral else Real):
             raise ValueError(
                 f"{name} must be {'an integer' if integral else 'a number'}, got {value!r}"
             )
-        number = int(value) if integral else float(value)
+        number: float | int = int(value) if integral else float(value)  # type: ignore[call-overload]
         too_low = self.low is not None and (
             number <= self.low if self.low_open else number < self.low
         )
         too_high = self.high is not None and (
             number >= self.high if self.high_open else number > self.high
         )
-        if math.isnan(number) or too_low or too_high:
+        if not math.isfinite(number) or too_low or too_high:
             if self.low is not None and self.high is not None:
                 raise ValueError(f"{name} must lie in {self.range_text()}, got {value}")
             raise ValueError(f"{name} must be {self.range_text()}, got {value}")
@@ -216,14 +220,22 @@ def resolve_options(
         )
     resolved: dict[str, Any] = {}
     for p in parameters:
-        if options.get(p.name) is None:
-            if p.required:
-                raise ValueError(
-                    f"{owner} needs {spelling.option(p.name)} ({p.help}, {p.range_text()})"
-                )
+        value = options.get(p.name)
+        if value is None and p.required:
+            raise ValueError(
+                f"{owner} needs {spelling.option(p.name)} ({p.help}, {p.range_text()})"
+            )
+        if p.name not in options:
             resolved[p.name] = p.default
+        elif value is None:
+            if not (p.nullable or p.default is None):
+                raise ValueError(
+                    f"{spelling.option(p.name)} must be {p.range_text()} (default {p.default}), "
+                    "not None"
+                )
+            resolved[p.name] = None
         else:
-            resolved[p.name] = p.check(options[p.name], spelling)
+            resolved[p.name] = p.check(value, spelling)
     return resolved
 
 
@@ -315,8 +327,8 @@ class MergeMethod:
                         f"{spelling.option(p.name)}: got {len(value)} values for "
                         f"{num_ingredients} ingredients (give one per ingredient)"
                     )
-            if self.constraint is not None:
-                self.constraint(resolved, num_ingredients, bool(has_base), spelling)
+            if self.constraint is not None and has_base is not None:
+                self.constraint(resolved, num_ingredients, has_base, spelling)
         return resolved
 
     def merge(
@@ -452,7 +464,7 @@ _TABLE = (
         parameters=(
             Parameter("density", required=True, **_DENSITY),
             _SCALE,
-            Parameter("seed", "seed of the drop masks", kind="int", default=0, low=0),
+            Parameter("seed", "seed of the drop masks", kind="int", default=0),
         ),
         call=_dare_call,
     ),

@@ -701,8 +701,9 @@ def _learn_soup(
         **options,
     )
     rank_zero_info(
-        f"learned soup ({learned.mode}, per {learned.granularity}): held-out loss "
-        f"{learned.losses[0]:.4g} -> {learned.losses[-1]:.4g} in {len(learned.losses)} steps; "
+        f"learned soup ({learned.mode}, per {learned.granularity}): held-out batch loss "
+        f"{learned.losses[0]:.4g} at step 1, {learned.losses[-1]:.4g} at step "
+        f"{len(learned.losses)}; "
         f"mean weight per ingredient {[round(w, 3) for w in learned.mean_weights()]}"
     )
     return learned

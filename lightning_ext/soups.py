@@ -630,8 +630,7 @@ def check_soup_method(
 
     Raises:
         ValueError: an unknown method (the message lists the valid ones), an unknown or
-            out-of-range option, a missing or unused base, or ``"learned"`` under
-            ``torch.distributed``.
+            out-of-range option, or a missing or unused base.
 
     Examples:
         >>> check_soup_method("ties", {"density": 0.5}, has_base=True)
@@ -650,16 +649,7 @@ def check_soup_method(
             )
         return {}
     if method == "learned":
-        resolved = check_learned_options(options, has_base=has_base, owner=label)
-        if _distributed():
-            raise ValueError(
-                f"{label} is not supported under torch.distributed: learning the coefficients "
-                "is not collective yet (every rank would learn on its own share of the held-out "
-                "data, and the ranks' soups would differ). Build the learned soup in one "
-                "process after the fit (build_soup(..., method='learned')), or use "
-                "method='greedy' or 'uniform'."
-            )
-        return resolved
+        return check_learned_options(options, has_base=has_base, owner=label)
     if isinstance(method, str) and method in MERGE_METHODS:
         return MERGE_METHODS[method].resolve(
             options, num_ingredients=num_ingredients, has_base=has_base
@@ -689,7 +679,10 @@ def _learn_soup(
     options: dict[str, Any],
 ) -> LearnedSoup:
     """Learn the coefficients on the held-out data the scorer scores on, with the scorer's
-    module, ``unpack_batch`` and ``forward_fn``."""
+    module, ``unpack_batch`` and ``forward_fn``. Under ``torch.distributed`` it is collective:
+    every rank learns on its share of the held-out data (the scorer's shard) and the gradient of
+    the coefficients is averaged over the ranks at every step, so every rank takes the same steps
+    and ends with the same coefficients."""
     assert isinstance(scorer, ValidationScorer), "run_soup checks this before any work"
     learned = learn_soup_coefficients(
         scorer.module,
@@ -698,6 +691,7 @@ def _learn_soup(
         base=base,
         unpack_batch=scorer.unpack_batch,
         forward_fn=scorer.forward_fn,
+        reduce_grad=_mean_over_ranks if _distributed() else None,
         **options,
     )
     rank_zero_info(
@@ -707,6 +701,12 @@ def _learn_soup(
         f"mean weight per ingredient {[round(w, 3) for w in learned.mean_weights()]}"
     )
     return learned
+
+
+def _mean_over_ranks(grad: Tensor) -> None:
+    """Average a gradient over the ranks, in place."""
+    dist.all_reduce(grad)
+    grad.div_(dist.get_world_size())
 
 
 def run_soup(
@@ -727,8 +727,9 @@ def run_soup(
 
     ``method``: ``"greedy"`` (``functional.greedy_soup``, the one implementation); ``"learned"``
     (``functional.learn_soup_coefficients`` on the held-out data the scorer scores on, which needs
-    a ``ValidationScorer``; single process only); any name of ``MERGE_METHODS`` (``"uniform"``,
-    ``"ties"``, ...; task-vector methods need ``base``); or a callable
+    a ``ValidationScorer``; collective under ``torch.distributed``); any name of
+    ``MERGE_METHODS`` (``"uniform"``, ``"ties"``, ...; task-vector methods need ``base``); or a
+    callable
     ``ingredients -> state_dict``. The method and ``options`` are checked before any scoring
     (``check_soup_method``). The one procedure behind ``build_soup``, ``ModelSoup`` and
     ``SoupStrategy``; with a collective scorer, every rank runs it in lockstep and gets the same
@@ -847,7 +848,7 @@ def build_soup(
     ``method="greedy"`` follows Wortsman et al. (see ``functional.greedy_soup``); ``"learned"``
     learns the mixing coefficients on the held-out data by gradient descent (learned soup, or
     aTLAS with ``options={"mode": "task_vectors"}`` and ``base``; options:
-    ``LEARNED_SOUP_OPTIONS``), in one process only; any name of ``MERGE_METHODS`` (``"uniform"``,
+    ``LEARNED_SOUP_OPTIONS``; collective under DDP); any name of ``MERGE_METHODS`` (``"uniform"``,
     ``"ties"``, ``"model-stock"``, ...) merges with that method and ``options`` (its
     parameters), task-vector methods relative to ``base``; a callable
     ``method(ingredients) -> state_dict`` builds any other merge. The soup is then scored. The

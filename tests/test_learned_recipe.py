@@ -20,8 +20,9 @@ from lightning_ext.functional import (
     uniform_soup,
 )
 from lightning_ext.soup_io import load_state_dict
-from lightning_ext.soups import build_soup, check_soup_method
+from lightning_ext.soups import build_soup
 from tests.helpers.data import DigitsDataModule, digits
+from tests.helpers.ddp import run_ddp
 from tests.helpers.models import Classifier
 from tests.helpers.resume import assert_bitwise_equal, quiet_trainer
 
@@ -193,7 +194,7 @@ def test_model_soup_learned_in_a_fit_logs_and_applies_the_coefficients(tmp_path)
     assert logger.metrics["soup/score"] == pytest.approx(heldout_loss(expected), rel=1e-5)
 
 
-def test_bad_learned_options_are_refused_before_any_work(tmp_path, monkeypatch):
+def test_bad_learned_options_are_refused_before_any_work(tmp_path):
     missing = [tmp_path / "missing.ckpt"]  # never read: every refusal comes first
     cases: list[tuple[dict[str, Any], str]] = [
         ({"steps": 0}, r"steps must be >= 1, got 0"),
@@ -216,11 +217,69 @@ def test_bad_learned_options_are_refused_before_any_work(tmp_path, monkeypatch):
         ModelSoup(method="learned", options={"mode": "task_vectors"})
     with pytest.raises(ValueError, match=r"ModelSoup\(method='greedy'\) takes no options"):
         ModelSoup(method="greedy", options={"steps": 3})
-    # several processes: refused at setup, before any training step
-    soup = ModelSoup(method="learned", dirpath=str(tmp_path))
-    ddp = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
-    with pytest.raises(ValueError, match="runs in one process, this fit has 2"):
-        soup.setup(ddp, Classifier(), "fit")
-    monkeypatch.setattr("lightning_ext.soups._distributed", lambda: True)
-    with pytest.raises(ValueError, match=r"not supported under torch\.distributed"):
-        check_soup_method("learned")
+
+
+DDP_STEPS = 4
+
+
+def ddp_learned_soup(out_dir: str) -> None:
+    pl.seed_everything(0)
+    module = Classifier()
+    soup = ModelSoup(method="learned", dirpath=f"{out_dir}/soup", options={"steps": DDP_STEPS})
+    trainer = quiet_trainer(devices=2, strategy="ddp", max_epochs=3, callbacks=[soup])
+    trainer.fit(module, datamodule=_dm())
+    assert soup.result is not None
+    learned = soup.result["learned"]
+    torch.save(
+        {
+            "state": module.state_dict(),
+            "alpha": learned.alpha,
+            "weights": learned.weights,
+            "losses": learned.losses,
+            "paths": [e["path"] for e in soup.ingredients],
+        },
+        f"{out_dir}/rank{trainer.global_rank}.pt",
+    )
+
+
+class _PairedShards:
+    """What the two ranks see at each step, as one batch: rank r's share is every 2nd held-out
+    sample from r, in batches of the held-out loader's size; the targets carry rank 0's count."""
+
+    def __init__(self) -> None:
+        data, batch_size = digits("val", 0), _dm().val_dataloader().batch_size
+        self.shards = [
+            DataLoader(data, batch_size=batch_size, sampler=list(range(r, len(data), 2)))
+            for r in range(2)
+        ]
+
+    def __iter__(self) -> Any:
+        for (x0, y0), (x1, y1) in zip(*self.shards):
+            yield torch.cat([x0, x1]), (torch.cat([y0, y1]), len(y0))
+
+
+def _mean_of_the_ranks_losses(logits: torch.Tensor, targets: Any) -> torch.Tensor:
+    y, n0 = targets
+    return (F.cross_entropy(logits[:n0], y[:n0]) + F.cross_entropy(logits[n0:], y[n0:])) / 2
+
+
+@pytest.mark.ddp
+def test_model_soup_learned_under_ddp_learns_one_soup_collectively(tmp_path):
+    r0, r1 = run_ddp("tests.test_learned_recipe:ddp_learned_soup", tmp_path)
+    assert_bitwise_equal(r0["state"], r1["state"])
+    assert torch.equal(r0["alpha"], r1["alpha"])
+    assert r0["losses"] != r1["losses"]  # each rank learned on its own share of the data
+    snapshots = [load_state_dict(p) for p in r0["paths"]]
+    assert_bitwise_equal(r0["state"], apply_soup_coefficients(snapshots, r0["weights"]))
+    # the ranks' averaged gradient is the gradient of the mean of their losses: one process
+    # learning on that mean, batch pair by batch pair, takes the same steps
+    single = learn_soup_coefficients(
+        Classifier(),
+        snapshots,
+        _PairedShards(),
+        steps=DDP_STEPS,
+        loss_fn=_mean_of_the_ranks_losses,
+        seed=0,
+    )
+    torch.testing.assert_close(r0["alpha"], single.alpha, rtol=1e-5, atol=1e-6)
+    assert max(abs(float(a)) for a in single.alpha.flatten()) > 1e-3  # it did move

@@ -47,10 +47,10 @@ class ModelSoup(Callback):
     is checked at the first validation. ``"uniform"`` averages all snapshots. ``"learned"`` learns
     the snapshots' mixing coefficients (Wortsman et al.'s learned soup) on the fit's validation
     data, with ``options`` (``LEARNED_SOUP_OPTIONS``: ``granularity``, ``steps``, ``lr``,
-    ``seed``, ...), in single-process fits. Snapshots live on
-    disk (rank 0 writes them), never all in memory. Under DDP every rank scores its share of the
-    validation data and the ranks reduce the score (several nodes need ``dirpath`` on a shared
-    filesystem), so every rank builds the same soup.
+    ``seed``, ...); under DDP every rank learns on its share of the data, the gradients
+    averaged. Snapshots live on disk (rank 0 writes them), never all in memory. Under DDP every
+    rank scores its share of the validation data and the ranks reduce the score (several nodes
+    need ``dirpath`` on a shared filesystem), so every rank builds the same soup.
 
     ``recalibrate_bn`` recomputes BatchNorm statistics of every candidate on the training data,
     read with ``unpack_batch``/``forward_fn``. The soup is saved to ``dirpath/soup.pt`` and the
@@ -148,13 +148,6 @@ class ModelSoup(Callback):
             return
         if self.dirpath is None:
             self.dirpath = str(run_dir(trainer, "soup"))
-        if self.method == "learned" and trainer.world_size > 1:
-            raise ValueError(
-                f"ModelSoup(method='learned') runs in one process, this fit has "
-                f"{trainer.world_size}: learning the coefficients is not collective yet. Use "
-                "method='greedy' (collective), or build_soup(..., method='learned') on the "
-                "snapshots after the fit in one process."
-            )
         if self.method != "uniform" and not _has_val_data(trainer, pl_module):
             raise ValueError(
                 f"ModelSoup(method={self.method!r}) needs validation data, but the fit has "

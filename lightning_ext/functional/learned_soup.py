@@ -497,6 +497,7 @@ def learn_soup_coefficients(
     forward_fn: ForwardFn | None = None,
     train_mode: bool = False,
     seed: int | None = None,
+    reduce_grad: Callable[[Tensor], None] | None = None,
 ) -> LearnedSoup:
     """Learn the mixing coefficients of ``state_dicts`` on held-out ``batches`` with Adam.
 
@@ -525,6 +526,10 @@ def learn_soup_coefficients(
         seed: seed the random state while learning (a shuffling loader's order, dropout), so
             that the result is deterministic; the caller's random state is restored after.
             None: use the global random state as it is.
+        reduce_grad: called on the coefficients' gradient after every backward, before the
+            step, to change it in place: e.g. averaging it over processes that each learn on
+            their share of the held-out data, so that all of them take the same steps (the
+            losses recorded stay each process's own).
 
     Returns:
         The learned coefficients and the loss at every step.
@@ -567,7 +572,7 @@ def learn_soup_coefficients(
     losses: list[float] = []
     with _seeded(seed, alpha.device):
         try:
-            _learn(soup, alpha, optimizer, batches, steps, losses)
+            _learn(soup, alpha, optimizer, batches, steps, losses, reduce_grad)
         finally:
             model.train(was_training)
     alpha = alpha.detach()
@@ -593,6 +598,7 @@ def _learn(
     batches: Iterable,
     steps: int,
     losses: list[float],
+    reduce_grad: Callable[[Tensor], None] | None,
 ) -> None:
     """Adam on ``alpha`` for ``steps`` batches, appending each step's loss to ``losses``."""
     lr = optimizer.param_groups[0]["lr"]
@@ -604,5 +610,8 @@ def _learn(
                 f"learned-soup loss became {loss.item()} at step {len(losses)}: lower lr (now {lr})"
             )
         loss.backward()
+        if reduce_grad is not None:
+            assert alpha.grad is not None
+            reduce_grad(alpha.grad)
         optimizer.step()
         losses.append(float(loss.detach()))

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	WANDB_MODE=offline $(BIN)/python examples/quickstart.py
+	WANDB_MODE=offline $(BIN)/python -m examples.quickstart
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -36,7 +36,7 @@ GPU_PYTHON ?= python3
 test-gpu:
 	$(GPU_PYTHON) -c "import torch; assert torch.cuda.is_available(), 'test-gpu needs a CUDA GPU'"
 	PYTHONPATH=. $(GPU_PYTHON) -m pytest -q -p no:cacheprovider -m cuda tests
-	PYTHONPATH=. $(GPU_PYTHON) benchmarks/bench_suite.py --device cuda --quick
+	PYTHONPATH=. $(GPU_PYTHON) -m benchmarks.bench_suite --device cuda --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -48,7 +48,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 bench: $(STAMP)
-	for f in benchmarks/bench_*.py; do PYTHONPATH=. $(BIN)/python $$f || exit 1; done
+	for f in benchmarks/bench_*.py; do $(BIN)/python -m benchmarks.$$(basename $$f .py) || exit 1; done
 
 clean:
 	rm -rf $(VENV) lightning_logs wandb site .pytest_cache .ruff_cache .mypy_cache

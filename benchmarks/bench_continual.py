@@ -3,7 +3,7 @@ paper's Split-MNIST protocol, examples/stability_gap.py), the overhead of evalua
 rho = 1, 10, 100 steps against training alone, and evaluation throughput against a bare
 inference_mode loop over the same cached batches.
 
-    PYTHONPATH=. nice -n 10 python benchmarks/bench_continual.py [--seeds 5] [--repeats 3]
+    PYTHONPATH=. nice -n 10 python -m benchmarks.bench_continual [--seeds 5] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import argparse
 import gc
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,18 +19,16 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from benchmarks._common import RESULTS, interleaved_timings, markdown_table, median, write_result
 from examples.stability_gap import LM_RECIPES, end_of_task_view, lm_report, run, run_lm
 from lightning_ext.callbacks import ContinualEvaluation
 
-COMMAND = "PYTHONPATH=. nice -n 10 python benchmarks/bench_continual.py --seeds 5 --repeats 3"
+COMMAND = "PYTHONPATH=. nice -n 10 python -m benchmarks.bench_continual --seeds 5 --repeats 3"
 LOAD_NOTE = (
     "The machine is shared with other engineers' jobs (2 cores for about 9 people): absolute "
     "times are noisy and inflated; the ratios come from candidates timed interleaved in one run."
 )
-COMMAND_LM = "PYTHONPATH=. nice -n 10 python benchmarks/bench_continual.py --lm"
+COMMAND_LM = "PYTHONPATH=. nice -n 10 python -m benchmarks.bench_continual --lm"
 
 
 def mean_std(xs: list[float]) -> str:

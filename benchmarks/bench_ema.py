@@ -1,7 +1,7 @@
 """EMA benchmarks: update cost, training-step overhead, and quality on digits.
 
-    python benchmarks/bench_ema.py            # all three parts (a few minutes on one CPU core)
-    python benchmarks/bench_ema.py --part update|overhead|quality
+    python -m benchmarks.bench_ema            # all three parts (a few minutes on one CPU core)
+    python -m benchmarks.bench_ema --part update|overhead|quality
 
 Update cost: one EMA update of a 17-layer transformer encoder (206 parameter tensors) with
 Lightning 2.6's EMAWeightAveraging path (torch.optim.swa_utils.AveragedModel.update_parameters
@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import interleaved_timings, markdown_table, median, write_result
 
@@ -35,7 +31,7 @@ def encoder(layers: int = 17, dim: int = 128) -> torch.nn.Module:
 def part_update() -> str:
     from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
 
-    from lightning_ext.callbacks._shadow import ShadowWeights, TrackedTensors
+    from lightning_ext.averaging import ShadowWeights, TrackedTensors
 
     model = encoder()
     params = list(model.parameters())
@@ -158,10 +154,8 @@ def part_overhead(steps: int = 120, tokens: int = 16) -> str:
 def part_quality(seeds: int = 5, epochs: int = 12) -> str:
     import lightning.pytorch as pl
 
+    from examples._digits import digits_splits
     from lightning_ext.callbacks import EMA
-    from lightning_ext.data import digits_splits
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tests.helpers.models import Classifier
 
     live_acc, ema_acc = [], []
@@ -213,7 +207,10 @@ def main() -> None:
     body = "\n".join(fn() for fn in chosen.values())
     suffix = "" if args.part == "all" else f"_{args.part}"
     write_result(
-        f"ema{suffix}", "EMA benchmarks", body, f"python benchmarks/bench_ema.py --part {args.part}"
+        f"bench_ema{suffix}_cpu",
+        "EMA benchmarks",
+        body,
+        f"python -m benchmarks.bench_ema --part {args.part}",
     )
 
 

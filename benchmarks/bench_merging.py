@@ -8,7 +8,7 @@ reads its peak RSS (Linux's VmHWM, reset just before merging; ``resource.getrusa
 elsewhere); the table reports it above the process's RSS
 before merging, in units of one ingredient.
 
-    python benchmarks/bench_merging.py          # writes benchmarks/results/bench_merging.md
+    python -m benchmarks.bench_merging          # writes benchmarks/results/bench_merging_cpu.md
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ from pathlib import Path
 
 import torch
 
-from lightning_ext._io import load_file
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import markdown_table, write_result
+from lightning_ext._io import load_file
 
 WIDTH, LAYERS = 2048, 5
 
@@ -72,7 +70,7 @@ def reset_peak_rss() -> bool:
 def measure(method: str, paths: list[str], base: str) -> dict:
     """Runs in a child process: merge, report peak RSS above the starting RSS, and time."""
     from lightning_ext.functional import greedy_soup, model_stock, ties_merge, uniform_soup
-    from lightning_ext.soup_io import Ingredients, load_state_dict
+    from lightning_ext.io.ingredients import Ingredients, load_state_dict
 
     torch.set_num_threads(1)
     start_rss = status_mb("VmRSS")
@@ -186,10 +184,10 @@ def main() -> None:
         )
     )
     write_result(
-        "bench_merging",
+        "bench_merging_cpu",
         "Merging: memory and time vs ingredient count",
         body,
-        "python benchmarks/bench_merging.py" + " --default-malloc" * args.default_malloc,
+        "python -m benchmarks.bench_merging" + " --default-malloc" * args.default_malloc,
     )
 
 

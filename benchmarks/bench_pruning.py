@@ -10,8 +10,8 @@
    small MLP does not saturate: hardest-by-EL2N against random, class-balanced and CCS
    (coverage-centric) selection, several seeds, with each subset's class coverage.
 
-Run: ``PYTHONPATH=. python benchmarks/bench_pruning.py`` (speed) or
-``PYTHONPATH=. nice -n 10 python benchmarks/bench_pruning.py coverage`` (selection quality).
+Run: ``python -m benchmarks.bench_pruning`` (speed) or
+``PYTHONPATH=. nice -n 10 python -m benchmarks.bench_pruning coverage`` (selection quality).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from benchmarks._common import interleaved_timings, markdown_table, median, write_result
+from examples._digits import digits_splits
 from lightning_ext.callbacks import DataPruningScores
-from lightning_ext.data import IndexedDataset, digits_splits
+from lightning_ext.data import IndexedDataset
 from lightning_ext.functional import grand_scores
 
 
@@ -194,10 +195,10 @@ def main() -> None:
         "callback's own hooks over the runs with it, divided by their fit time."
     )
     write_result(
-        "bench_pruning",
+        "bench_pruning_cpu",
         "Data-pruning scores: speed",
         body,
-        "PYTHONPATH=. python benchmarks/bench_pruning.py",
+        "python -m benchmarks.bench_pruning",
     )
 
 
@@ -329,7 +330,7 @@ are not reported, only accuracies.
         "pruning_coverage",
         "Data pruning: coverage-aware selection at every pruning rate",
         body,
-        "PYTHONPATH=. nice -n 10 python benchmarks/bench_pruning.py coverage",
+        "PYTHONPATH=. nice -n 10 python -m benchmarks.bench_pruning coverage",
     )
     _plot_coverage(runs)
 

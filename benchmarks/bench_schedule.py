@@ -6,24 +6,20 @@ Two levels, each timed interleaved in one run:
   the previous recording (one allocating ``gradient_norm`` and a buffer write per step);
 - Lightning ``Trainer.fit`` over a fixed number of steps without vs with ``ScheduleRefinement``.
 
-    PYTHONPATH=. python benchmarks/bench_schedule.py
+    python -m benchmarks.bench_schedule
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import tempfile
 import warnings
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import interleaved_timings, markdown_table, median, write_result
 from lightning_ext.callbacks import ScheduleRefinement
@@ -196,7 +192,7 @@ def main() -> None:
         + markdown_table(["model", "what", "plain (ms)", "with recording (ms)", "overhead"], rows)
     )
     write_result(f"bench_schedule_{device}", f"ScheduleRefinement recording overhead ({device})",
-                 body, "PYTHONPATH=. python benchmarks/bench_schedule.py")  # fmt: skip
+                 body, "python -m benchmarks.bench_schedule")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,22 +6,18 @@ ratio is against the cheapest possible dense step. All candidates are timed inte
 robin, several repeats) in one process on one thread; the machine is shared, so read the ratios,
 not the absolute times.
 
-    python benchmarks/bench_sparse.py            # about 3 minutes on one core
-    python benchmarks/bench_sparse.py --quick    # smoke run
+    python -m benchmarks.bench_sparse            # about 3 minutes on one core
+    python -m benchmarks.bench_sparse --quick    # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import interleaved_timings, markdown_table, median, write_result
 from lightning_ext.callbacks import DynamicSparseTraining
@@ -248,7 +244,10 @@ def main() -> None:
         print(body)
         return
     write_result(
-        "sparse", "DynamicSparseTraining cost (CPU)", body, "python benchmarks/bench_sparse.py"
+        "bench_sparse_cpu",
+        "DynamicSparseTraining cost (CPU)",
+        body,
+        "python -m benchmarks.bench_sparse",
     )
 
 

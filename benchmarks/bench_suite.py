@@ -1,8 +1,8 @@
 """Overhead and memory of every lightning-ext callback, alone and composed (issue 19).
 
-    python benchmarks/bench_suite.py --quick                # ~3 min on one free CPU core
-    python benchmarks/bench_suite.py                        # full: more steps and rounds
-    python benchmarks/bench_suite.py --device cuda          # the same on a GPU (suite_gpu.md)
+    python -m benchmarks.bench_suite --quick                # ~3 min on one free CPU core
+    python -m benchmarks.bench_suite                        # full: more steps and rounds
+    python -m benchmarks.bench_suite --device cuda          # the same on a GPU (bench_suite_gpu.md)
 
 For each model (an MLP, a BatchNorm CNN, the 17-layer 3.4M-parameter transformer encoder of
 issue 19) and each configuration (plain training, each callback alone with its defaults, the
@@ -42,8 +42,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import markdown_table, median, write_result
 from benchmarks._suite_models import (
@@ -490,7 +488,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed steps per fit: 20 (quick) or 50")
     parser.add_argument("--warmup", type=int, help="untimed steps per fit: 3 (quick) or 5")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
-    parser.add_argument("--out", help="result name (default suite_cpu / suite_gpu)")
+    parser.add_argument("--out", help="result name (default bench_suite_cpu / bench_suite_gpu)")
     args = parser.parse_args()
     args.device = torch.device(args.device)
     args.rounds = args.rounds or (3 if args.quick else 5)
@@ -533,8 +531,8 @@ def main() -> None:
         f"{elapsed:.0f} s wall, {cpu:.0f} s CPU in all. Load average (1, 5, 15 min) at the "
         f"end: {_load()}.\n\n" + "\n".join(sections)
     )
-    out = args.out or ("suite_gpu" if args.device.type == "cuda" else "suite_cpu")
-    command = "python benchmarks/bench_suite.py " + " ".join(sys.argv[1:])
+    out = args.out or ("bench_suite_gpu" if args.device.type == "cuda" else "bench_suite_cpu")
+    command = "python -m benchmarks.bench_suite " + " ".join(sys.argv[1:])
     write_result(out, "Overhead and memory of the callbacks (issue 19)", body, command.strip())
 
 

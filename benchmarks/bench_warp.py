@@ -5,18 +5,13 @@
 2. the merge: ``multi_slerp`` of M fine-tunings against a plain weighted average of the same
    state dicts, and ``liti`` alone, on a ~4M-parameter state dict.
 
-Run:  python benchmarks/bench_warp.py
+Run:  python -m benchmarks.bench_warp
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import interleaved_timings, markdown_table, median, write_result
 from lightning_ext.callbacks import WARP
@@ -91,7 +86,10 @@ def main() -> None:
         + markdown_table(["candidate", "median time", "ratio"], rows)
     )
     write_result(
-        "warp_bench", "WARP: anchor-update and merge costs", body, "python benchmarks/bench_warp.py"
+        "bench_warp_cpu",
+        "WARP: anchor-update and merge costs",
+        body,
+        "python -m benchmarks.bench_warp",
     )
 
 

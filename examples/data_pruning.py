@@ -9,7 +9,7 @@
 3. Time-to-accuracy of full data versus RS2 (30% per epoch, without replacement) and InfoBatch.
 4. Optionally (``--kd``), distil from a teacher trained on all data when training on a random 30%.
 
-Run: ``PYTHONPATH=. python examples/data_pruning.py`` (a few CPU minutes; ``--seeds 2`` is faster).
+Run: ``python -m examples.data_pruning`` (a few CPU minutes; ``--seeds 2`` is faster).
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from examples._digits import digits_splits
 from lightning_ext.callbacks import DataPruningScores, InfoBatch
 from lightning_ext.data import (
     IndexedDataset,
     InfoBatchSampler,
     RS2Sampler,
-    digits_splits,
     pruned_subset,
 )
 from lightning_ext.functional import distillation_loss
@@ -288,8 +288,7 @@ def main() -> None:
         "data_pruning_digits",
         "Data pruning on the digits: EL2N, GraNd, forgetting, random; RS2 and InfoBatch",
         body,
-        f"PYTHONPATH=. python examples/data_pruning.py --seeds {args.seeds}"
-        + (" --kd" if args.kd else ""),
+        f"python -m examples.data_pruning --seeds {args.seeds}" + (" --kd" if args.kd else ""),
     )
 
 

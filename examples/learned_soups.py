@@ -11,15 +11,13 @@ compare on the test set and the shifted test set:
   aTLAS (``mode="task_vectors"``: per-tensor coefficients of the task vectors from the pre-trained
   model), both learned by Adam on the same held-out set with only the coefficients trainable.
 
-    python examples/learned_soups.py     # 5 seeds; writes benchmarks/results/learned_soups.md
+    python -m examples.learned_soups     # 5 seeds; writes benchmarks/results/learned_soups.md
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -27,7 +25,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import markdown_table, write_result
 from examples.model_soups import RECIPES, Task, TaskNet, accuracy, trainer
 from lightning_ext.functional import greedy_soup, uniform_soup
@@ -151,7 +148,7 @@ def main() -> None:
             rows,
         )
     )
-    command = "nice -n 10 python examples/learned_soups.py --seeds " + " ".join(
+    command = "nice -n 10 python -m examples.learned_soups --seeds " + " ".join(
         map(str, args.seeds)
     )
     if args.no_write:

@@ -11,18 +11,17 @@ augmentation (input noise), weight decays and seeds, save their Lightning checkp
 on the test set and the shifted test set:
 
 - the best single ingredient (chosen on the held-out validation set),
-- the uniform soup, the greedy soup (``lightning_ext.soups.build_soup``, scored on the held-out
+- the uniform soup, the greedy soup (``lightning_ext.build_soup``, scored on the held-out
   set by the module's own ``validation_step``), and Model Stock (``functional.model_stock``, base
   = the pre-trained model).
 
-    python examples/model_soups.py        # 5 seeds; writes benchmarks/results/model_soups.md
+    python -m examples.model_soups        # 5 seeds; writes benchmarks/results/model_soups.md
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import RESULTS, markdown_table, write_result
 from lightning_ext.functional import model_stock, uniform_soup
-from lightning_ext.soup_io import Ingredients, load_state_dict
-from lightning_ext.soups import build_soup
+from lightning_ext.io.ingredients import Ingredients, load_state_dict
+from lightning_ext.workflows.soup import build_soup
 
 # (learning rate, weight decay, augmentation noise std, seed offset)
 RECIPES = [
@@ -234,7 +232,7 @@ def main() -> None:
             ["model", "test acc", "vs best single", "shifted test acc", "vs best single"], rows
         )
     )
-    command = "python examples/model_soups.py --seeds " + " ".join(map(str, args.seeds))
+    command = "python -m examples.model_soups --seeds " + " ".join(map(str, args.seeds))
     if args.no_write:
         print(body)
     else:

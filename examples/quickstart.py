@@ -5,7 +5,7 @@ with linear LR decay: with EMA, post-hoc EMA, gradient-norm recording and EL2N s
 schedule refined from that linear run's gradient norms instead of linear decay (the comparison
 Defazio et al. make); sparse with RigL; and on the EL2N-hardest half of the data. The first run
 logs to CSV and to wandb in offline mode. Prints a results table. Run with ``make demo`` or
-``WANDB_MODE=offline python examples/quickstart.py``.
+``WANDB_MODE=offline python -m examples.quickstart``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from examples._digits import digits_splits
 from lightning_ext._io import load_file
 from lightning_ext.callbacks import (
     EMA,
@@ -31,8 +32,8 @@ from lightning_ext.callbacks import (
     ScheduleRefinement,
 )
 from lightning_ext.callbacks.posthoc_ema import posthoc_ema_state_dict
-from lightning_ext.data import digits_splits, pruned_subset
-from lightning_ext.schedulers import LinearDecayLR
+from lightning_ext.data import pruned_subset
+from lightning_ext.lr_scheduler import LinearDecayLR
 
 
 class DigitsCNN(pl.LightningModule):

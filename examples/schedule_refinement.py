@@ -17,7 +17,7 @@ The loop is plain torch (SGD with momentum, one LR multiplier per step) for spee
 the same norm ``ScheduleRefinement`` records (``functional.gradient_norm`` of the raw gradient
 before the step) and refines with the same ``functional.refine_schedule``.
 
-    PYTHONPATH=. nice -n 10 python examples/schedule_refinement.py     # 5 seeds
+    PYTHONPATH=. nice -n 10 python -m examples.schedule_refinement     # 5 seeds
 """
 
 from __future__ import annotations
@@ -35,10 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from benchmarks._common import RESULTS, markdown_table, write_result
-from lightning_ext.data import digits_splits
+from examples._digits import digits_splits
 from lightning_ext.functional import gradient_norm, refine_schedule, schedule_diagnostics
 
 #: The refined variants: the paper's formula and each robust option alone.
@@ -291,7 +289,7 @@ def main() -> None:
         )
         + f"\n\nFigure: `{out.with_suffix('.png').name}` (seed 0: norms and schedules).\n"
     )
-    command = "PYTHONPATH=. nice -n 10 python examples/schedule_refinement.py " + " ".join(
+    command = "PYTHONPATH=. nice -n 10 python -m examples.schedule_refinement " + " ".join(
         sys.argv[1:]
     )
     write_result(out.name, "Schedule refinement: refined vs linear decay", body, command.strip())

@@ -1,4 +1,4 @@
-"""Sparse Model Soups (``lightning_ext.sparse_soup``) on the generated task of
+"""Sparse Model Soups (``lightning_ext.workflows.sparse_soup``) on the generated task of
 ``examples/model_soups.py``, CPU, a few minutes.
 
 Per seed: train a dense MLP, then run prune-retrain-soup cycles to 50%, 75% and 90% sparsity
@@ -8,14 +8,19 @@ checks that the soup's zeros are exactly the shared mask, and starts the next cy
 Reported per cycle, on the test set: the soup, the best retrain (chosen on the held-out set) and
 the mean retrain, all at the same sparsity.
 
-    python examples/sparse_soups.py      # 5 seeds; writes benchmarks/results/sparse_soups.md
+    python -m examples.sparse_soups      # 5 seeds; writes benchmarks/results/sparse_soups.md
+    python -m examples.sparse_soups --devices 2 --output-dir runs/sms --no-write
+
+``--devices 2`` retrains two copies at a time, one per process (``sparse_model_soup(devices=2)``
+under ``SoupStrategy``): Lightning's launcher starts the second process at the first retrain, and
+it reruns this script up to there. Every rank keeps its own (unsharded) sampler, seeded by its
+retrain's seed, so the figures equal the one-process run's. The folder must be one for both.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,13 +28,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import markdown_table, write_result
 from examples.model_soups import Task, TaskNet, accuracy, trainer
 from lightning_ext._io import load_file
-from lightning_ext.sparse_soup import mask_mismatches, sparse_model_soup
+from lightning_ext.workflows.sparse_soup import mask_mismatches, sparse_model_soup
 
 SPARSITIES = [0.5, 0.75, 0.9]
 RETRAINS = [
@@ -44,7 +49,33 @@ def make_module(config: Mapping[str, Any]) -> TaskNet:
     return TaskNet(lr=config["lr"], noise=config["noise"])
 
 
-def run_seed(seed: int, folder: Path, dense_epochs: int, retrain_epochs: int) -> dict[str, float]:
+def make_trainer(epochs: int, devices: int) -> Any:
+    """``make_trainer`` for ``sparse_model_soup``: the examples' quiet Trainer, or with
+    ``devices > 1`` the same settings on ``devices`` ranks under the given SoupStrategy, keeping
+    the shuffling loader's own sampler (the one-process run's data order, from the seed)."""
+
+    def make(cycle: int, index: int, callbacks: list, strategy: Any = None) -> pl.Trainer:
+        if strategy is None:
+            return trainer(epochs, callbacks)
+        return pl.Trainer(  # model_soups.trainer's settings, on `devices` ranks
+            max_epochs=epochs,
+            accelerator="cpu",
+            devices=devices,
+            strategy=strategy,
+            use_distributed_sampler=False,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+        )
+
+    return make
+
+
+def run_seed(
+    seed: int, folder: Path, dense_epochs: int, retrain_epochs: int, devices: int = 1
+) -> dict[str, float]:
     task, g = Task.draw(seed), torch.Generator().manual_seed(10_000 + seed)
     train, val, test = task.sample(2000, g), task.sample(1000, g), task.sample(2000, g)
     pl.seed_everything(seed, verbose=False)
@@ -54,7 +85,7 @@ def run_seed(seed: int, folder: Path, dense_epochs: int, retrain_epochs: int) ->
     retrains = [dict(c, seed=100 * seed + c["seed"]) for c in RETRAINS]
     result = sparse_model_soup(
         make_module,
-        lambda cycle, index, callbacks: trainer(retrain_epochs, callbacks),
+        make_trainer(retrain_epochs, devices),
         dense,
         sparsities=SPARSITIES,
         retrain_configs=retrains,
@@ -63,6 +94,7 @@ def run_seed(seed: int, folder: Path, dense_epochs: int, retrain_epochs: int) ->
         val_dataloaders=DataLoader(val, batch_size=1000),
         monitor="val_acc",
         mode="max",
+        devices=devices,
     )
     out = {"dense": accuracy(dense.state_dict(), *test.tensors)}
     for cycle in result.cycles:
@@ -98,14 +130,23 @@ def main() -> None:
     parser.add_argument("--retrain-epochs", type=int, default=3)
     parser.add_argument("--output-dir", type=Path, default=None, help="keep the runs (resumable)")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--devices", type=int, default=1, help="retrains at a time, one per process (CPU)"
+    )
     args = parser.parse_args()
+    if args.devices > 1 and args.output_dir is None:
+        parser.error("--devices > 1 needs --output-dir: one folder that every process shares")
     torch.set_num_threads(1)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.output_dir or Path(tmp)
         for seed in args.seeds:
-            runs.append(run_seed(seed, folder, args.dense_epochs, args.retrain_epochs))
+            runs.append(
+                run_seed(seed, folder, args.dense_epochs, args.retrain_epochs, args.devices)
+            )
             print(f"seed {seed}: {runs[-1]}", flush=True)
+    if rank_zero_only.rank != 0:
+        return  # the other processes computed the same figures; rank 0 reports them
     rows = [["dense (0%)", _stat([100 * r["dense"] for r in runs]), "", "", "", "", ""]]
     for s in SPARSITIES:
         rows.append(
@@ -142,7 +183,9 @@ def main() -> None:
             rows,
         )
     )
-    command = "nice -n 10 python examples/sparse_soups.py --seeds " + " ".join(map(str, args.seeds))
+    command = "nice -n 10 python -m examples.sparse_soups --seeds " + " ".join(map(str, args.seeds))
+    if args.devices > 1:
+        command += f" --devices {args.devices} --output-dir {args.output_dir}"
     if args.no_write:
         print(body)
     else:

@@ -4,8 +4,8 @@ Reproduces the shape of Evci et al.'s comparison at toy scale on CPU: an MLP (64
 small BatchNorm CNN at 80, 90 and 95% sparsity, several seeds, test accuracy as mean ± std. The
 module is a plain LightningModule; sparsity comes only from the callback.
 
-    python examples/sparse_training.py            # 5 seeds, a few CPU minutes
-    python examples/sparse_training.py --seeds 1 --epochs 5   # smoke run
+    python -m examples.sparse_training            # 5 seeds, a few CPU minutes
+    python -m examples.sparse_training --seeds 1 --epochs 5   # smoke run
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -22,10 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
-
+from examples._digits import digits_splits
 from lightning_ext.callbacks import DynamicSparseTraining
-from lightning_ext.data import digits_splits
 
 
 def make_net(kind: str) -> nn.Module:
@@ -132,7 +129,6 @@ def main() -> None:
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
     minutes = (time.perf_counter() - start) / 60
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from _common import markdown_table, write_result
 
     body = (
@@ -143,7 +139,7 @@ def main() -> None:
         f"Wall time {minutes:.1f} min on a machine shared with other jobs.\n\n"
         + markdown_table(["net", "sparsity", "method", "test acc (%)", "ITOP rate"], rows)
     )
-    command = "python examples/sparse_training.py " + " ".join(sys.argv[1:])
+    command = "python -m examples.sparse_training " + " ".join(sys.argv[1:])
     if args.no_write:
         print(body)
     else:

@@ -14,8 +14,8 @@ plus a replay batch of 256 from a class-balanced memory; loss 0.3 CE(new) + 0.7 
 epochs per task; evaluation every step. The paper's 2,000-sample memory for MNIST's 60,000
 training images is scaled to the same fraction of our training set.
 
-    python examples/stability_gap.py --seed 0 --out runs/stability_gap
-    python examples/stability_gap.py --lm plain --out runs/stability_gap_lm   # or replay, subset
+    python -m examples.stability_gap --seed 0 --out runs/stability_gap
+    python -m examples.stability_gap --lm plain --out runs/stability_gap_lm   # or replay, subset
 
 prints the accuracy matrix, min-ACC and WC-ACC next to what end-of-task evaluation reports, and
 per task the transient drop at each later task switch, its recovery and the final forgetting;
@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 
+from examples._digits import digits_tensors
 from lightning_ext.callbacks import ContinualEvaluation
-from lightning_ext.data import TaskStream, digits_tensors, split_by_classes
+from lightning_ext.data import TaskStream, split_by_classes
 
 MNIST_TRAIN, PAPER_MEMORY = 60_000, 2_000
 

@@ -21,7 +21,7 @@ training optimises a hackable PROXY reward, against the exact optimal front of t
    recursion; importance sampling from it gives the tilt of the GRU SFT model itself. Each point
    reports its true-reward gap to that front at its own KL.
 
-Run:  python examples/warp.py [--seeds 5] [--steps 150] [--name warp]
+Run:  python -m examples.warp [--seeds 5] [--steps 150] [--name warp]
 Writes benchmarks/results/<name>.md, <name>.json and <name>.png.
 """
 
@@ -31,7 +31,6 @@ import argparse
 import itertools
 import math
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -44,11 +43,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from lightning_ext._io import atomic_write_json, load_file  # noqa: E402
 from lightning_ext.callbacks import WARP  # noqa: E402
-from lightning_ext.warp import run_warp  # noqa: E402
+from lightning_ext.workflows.warp import run_warp  # noqa: E402
 
 VOCAB, LENGTH, BOS = 12, 12, 12
 ETAS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.85, 1.0)
@@ -710,7 +708,7 @@ def main() -> None:
     )
     from benchmarks._common import write_result
 
-    command = f"python examples/warp.py --seeds {args.seeds} --steps {args.steps}"
+    command = f"python -m examples.warp --seeds {args.seeds} --steps {args.steps}"
     if args.name != "warp":
         command += f" --name {args.name}"
     write_result(

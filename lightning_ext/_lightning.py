@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - exercised only where it is not install
 __all__ = [
     "NAMESPACES",
     "EpochMetric",
+    "configure_model_skipped",
     "fit_train_loaders",
     "fit_val_loaders",
     "grad_scaler_found_inf",
@@ -142,6 +143,24 @@ def run_dir(trainer: Any, name: str) -> Path:
     if trainer.is_global_zero:
         os.makedirs(path, exist_ok=True)
     return path
+
+
+@contextmanager
+def configure_model_skipped(module: Any) -> Iterator[None]:
+    """Run another Trainer on a module that is already configured (sharded) without calling its
+    ``configure_model`` again.
+
+    Every ``fit``/``validate`` calls the hook. Lightning asks for it to be idempotent, but the
+    usual FSDP2 hook (``fully_shard`` on each layer) is not: a second ``fully_shard`` of a module
+    raises. The base class's no-op hook shadows the module's for the duration (an instance
+    attribute, removed on exit), so Lightning sees the hook as not overridden.
+    """
+    base = namespace_of(module).LightningModule.configure_model
+    module.configure_model = base.__get__(module)
+    try:
+        yield
+    finally:
+        del module.configure_model
 
 
 # --------------------------------------------------------------------------- mixed precision

@@ -13,7 +13,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["apply_masks_", "find_mask_source", "mask_digest", "masks_for", "sparse_masks_for"]
+__all__ = [
+    "apply_masks_",
+    "count_outside_masks",
+    "find_mask_source",
+    "mask_digest",
+    "masks_for",
+    "ranks_share_masks",
+    "rezero_outside_masks_",
+    "sparse_masks_for",
+]
 
 
 def find_mask_source(callbacks: Iterable[Any]) -> Any:
@@ -49,6 +58,29 @@ def apply_masks_(state: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> No
         tensor.masked_fill_(mask.to(device=tensor.device, dtype=torch.bool).logical_not(), 0)
 
 
+@torch.no_grad()
+def count_outside_masks(state: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> Tensor:
+    """How many entries of ``state`` are non-zero outside ``masks``: what ``apply_masks_`` would
+    re-zero. A 0-dim int64 tensor on the first tensor's device (no host sync: read it when
+    logging)."""
+    total = torch.zeros((), dtype=torch.int64)
+    for name, mask in masks.items():
+        tensor = state[name]
+        dropped = mask.to(device=tensor.device, dtype=torch.bool).logical_not()
+        total = total.to(tensor.device) + tensor.ne(0).logical_and(dropped).sum()
+    return total
+
+
+def rezero_outside_masks_(state: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> int:
+    """``apply_masks_`` that says how many weights it zeroed (non-zero before): for the log
+    lines that tell a user the masks were re-applied. Reads the count: a host sync."""
+    if not masks:
+        return 0
+    count = int(count_outside_masks(state, masks))
+    apply_masks_(state, masks)
+    return count
+
+
 def mask_digest(masks: Mapping[str, Tensor]) -> int:
     """A cheap, order-independent checksum of boolean masks (to compare them across ranks)."""
     digest = 0
@@ -57,3 +89,15 @@ def mask_digest(masks: Mapping[str, Tensor]) -> int:
         weights = torch.arange(1, flat.numel() + 1, dtype=torch.int64) * (index + 7)
         digest = (digest * 1_000_003 + int((flat * weights).sum()) + flat.numel()) % (2**61 - 1)
     return digest
+
+
+def ranks_share_masks(masks: Mapping[str, Tensor], device: torch.device) -> bool:
+    """Whether every rank holds the same ``masks`` (empty counts as a mask too): one all-reduce
+    of their digests, so every rank gets the same answer at the same point and can refuse
+    together instead of leaving the others waiting in a later collective."""
+    import torch.distributed as dist
+
+    value = mask_digest(masks)
+    digest = torch.tensor([value, -value], dtype=torch.int64, device=device)
+    dist.all_reduce(digest, op=dist.ReduceOp.MAX)
+    return int(digest[0]) == -int(digest[1])

@@ -12,7 +12,7 @@ FUNCTIONAL_MODULES = [
     "lightning_ext.functional.learned_soup",
     "lightning_ext.functional.merge_methods",
     "lightning_ext.functional.merging",
-    "lightning_ext.functional.schedules",
+    "lightning_ext.functional.schedule",
 ]
 # Modules whose class examples only build an object (no fit): cheap to run.
 OTHER_MODULES = [
@@ -21,15 +21,15 @@ OTHER_MODULES = [
     "lightning_ext.callbacks.schedule",
     "lightning_ext.callbacks.soup",
     "lightning_ext.callbacks.warp",
-    "lightning_ext.data.digits",
+    "examples._digits",
     "lightning_ext.data.tasks",
-    "lightning_ext.schedulers",
-    "lightning_ext.soup_io",
-    "lightning_ext.soups",
-    "lightning_ext.sparse_soup",
+    "lightning_ext.lr_scheduler",
+    "lightning_ext.io.ingredients",
+    "lightning_ext.workflows.soup",
+    "lightning_ext.workflows.sparse_soup",
     "lightning_ext.strategies.soup",
     "lightning_ext.strategies.warp",
-    "lightning_ext.warp",
+    "lightning_ext.workflows.warp",
 ]
 
 

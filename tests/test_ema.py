@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
+from lightning_ext.averaging import ShadowWeights, TrackedTensors
 from lightning_ext.callbacks import EMA, PostHocEMA
-from lightning_ext.callbacks._shadow import ShadowWeights, TrackedTensors
 from lightning_ext.callbacks.ema import ema_state_dict_from_checkpoint, export_ema
 from lightning_ext.cli import main as cli_main
 from lightning_ext.functional import ema_decay_at

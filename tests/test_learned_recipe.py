@@ -19,8 +19,8 @@ from lightning_ext.functional import (
     learn_soup_coefficients,
     uniform_soup,
 )
-from lightning_ext.soup_io import load_state_dict
-from lightning_ext.soups import build_soup
+from lightning_ext.io.ingredients import load_state_dict
+from lightning_ext.workflows.soup import build_soup
 from tests.helpers.data import DigitsDataModule, digits
 from tests.helpers.ddp import run_ddp
 from tests.helpers.models import Classifier

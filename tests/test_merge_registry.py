@@ -27,7 +27,7 @@ from lightning_ext.functional import (
     weighted_average,
 )
 from lightning_ext.functional.merge_methods import MERGE_METHODS, get_merge_method
-from lightning_ext.soups import build_soup, run_soup
+from lightning_ext.workflows.soup import build_soup, run_soup
 from tests.helpers.data import DigitsDataModule
 from tests.helpers.models import Classifier
 from tests.helpers.resume import assert_bitwise_equal, quiet_trainer
@@ -304,8 +304,8 @@ def test_cli_refuses_bad_options_before_reading_and_warns_about_unused_ones(tmp_
 @pytest.mark.parametrize("table", sorted(merge_tables.TABLES))
 def test_docs_tables_are_generated_from_the_registry(table):
     """Fails when the docs and the table of methods disagree: regenerate with
-    ``PYTHONPATH=. python tools/merge_tables.py``."""
+    ``python -m tools.merge_tables``."""
     page, render = merge_tables.TABLES[table]
     assert merge_tables.current(page, table) == render(), (
-        f"{page}: the {table} table differs from the registry; run tools/merge_tables.py"
+        f"{page}: the {table} table differs from the registry; run python -m tools.merge_tables"
     )

@@ -400,7 +400,7 @@ def test_distillation_loss():
 def _cli(argv):
     import argparse
 
-    from lightning_ext import pruning_cli
+    from lightning_ext.cli import pruning as pruning_cli
 
     parser = argparse.ArgumentParser(prog="lightning-ext")
     pruning_cli.register(parser.add_subparsers(dest="command", required=True))

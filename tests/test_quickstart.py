@@ -14,7 +14,8 @@ def test_quickstart_runs_and_prints_its_table(tmp_path):
     result = subprocess.run(
         [
             sys.executable,
-            str(REPO / "examples" / "quickstart.py"),
+            "-m",
+            "examples.quickstart",
             "--epochs",
             "1",
             "--out",

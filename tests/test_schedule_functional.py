@@ -22,7 +22,7 @@ from lightning_ext.functional import (
     smooth_grad_norms,
     warmup_stable_decay,
 )
-from lightning_ext.schedulers import (
+from lightning_ext.lr_scheduler import (
     InfiniteScheduleLR,
     LinearDecayLR,
     StoredScheduleLR,

@@ -196,7 +196,7 @@ def test_sparse_refuses_methods_not_split_across_shards():
 
 
 def test_posthoc_ema_refuses_sharded_parameters():
-    from lightning_ext.callbacks._shadow import TrackedTensors
+    from lightning_ext.averaging import TrackedTensors
     from lightning_ext.callbacks.posthoc_ema import _refuse_sharded
 
     plain = TrackedTensors.from_module(torch.nn.Linear(2, 2))

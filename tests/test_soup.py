@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_ext.callbacks import ModelSoup
 from lightning_ext.cli import main as cli_main
 from lightning_ext.functional import fisher_merge, task_arithmetic, ties_merge, uniform_soup
-from lightning_ext.soup_io import Ingredients, load_state_dict
-from lightning_ext.soups import build_soup, estimate_fisher, recalibrate_batchnorm
+from lightning_ext.io.ingredients import Ingredients, load_state_dict
+from lightning_ext.workflows.soup import build_soup, estimate_fisher, recalibrate_batchnorm
 from tests.helpers.data import DigitsDataModule, digits, loader
 from tests.helpers.ddp import run_ddp
 from tests.helpers.models import Classifier
@@ -511,7 +511,7 @@ def test_model_soup_works_with_the_pytorch_lightning_namespace(tmp_path):
 
 
 def test_ingredients_are_loaded_by_the_one_loading_function(ingredients, monkeypatch):
-    import lightning_ext.soup_io as soup_io
+    import lightning_ext.io.ingredients as soup_io
 
     calls = []
     original = soup_io.load_file

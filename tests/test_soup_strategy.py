@@ -168,6 +168,16 @@ def test_soup_strategy_validates_its_configuration():
     try:
         with pytest.raises(ValueError, match="2 hparams_per_rank entries for 1 ranks"):
             trainer.fit(Classifier(), datamodule=DigitsDataModule(limit=64))
+        # one seed per rank (sparse_model_soup(devices=N) seeds each rank as its retrain)
+        trainer = quiet_trainer(devices=1, strategy=SoupStrategy(seed=[3, 4]), max_epochs=1)
+        with pytest.raises(ValueError, match="2 seeds for 1 ranks"):
+            trainer.fit(Classifier(), datamodule=DigitsDataModule(limit=64))
+        strategy = SoupStrategy(merge=None, seed=[7])
+        trainer = quiet_trainer(devices=1, strategy=strategy, max_steps=1)
+        module = Classifier()
+        trainer.fit(module, datamodule=DigitsDataModule(limit=64))
+        assert strategy.rank_seed == 7 and strategy.soup_result is None  # nothing merged
+        assert strategy.distributed_sampler_kwargs["seed"] == 7
         # a misspelled monitor fails at the first validation, not after all the training
         strategy = SoupStrategy(merge="greedy", monitor="val_los")
         trainer = quiet_trainer(devices=1, strategy=strategy, max_epochs=3, limit_train_batches=1)
@@ -311,7 +321,7 @@ def ddp_soups_with_torchmetrics(out_dir: str) -> None:
 
 
 def _single_process_soup(module, ingredients) -> object:
-    from lightning_ext.soups import build_soup
+    from lightning_ext.workflows.soup import build_soup
 
     return build_soup(
         module,

@@ -702,8 +702,8 @@ def test_without_matplotlib_one_warning(tmp_path, monkeypatch):
 
 
 def test_sparse_export_cli(tmp_path):
-    from lightning_ext import sparse_cli
     from lightning_ext.cli import build_parser
+    from lightning_ext.cli import sparse as sparse_cli
 
     cb = DynamicSparseTraining(density=0.2, delta_t=4)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)

@@ -1,4 +1,4 @@
-"""Sparse Model Soups (lightning_ext.sparse_soup): masks, the fixed-mask retrain, the shared mask of
+"""Sparse Model Soups (workflows.sparse_soup): masks, the fixed-mask retrain, the shared mask of
 the soup, resuming from the output folder."""
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
 
 from lightning_ext._io import load_file
 from lightning_ext._modules import named_parameters
 from lightning_ext.functional.merging import uniform_soup
-from lightning_ext.sparse_soup import (
+from lightning_ext.workflows.sparse_soup import (
     FixedMask,
     magnitude_masks,
     mask_mismatches,
@@ -26,6 +27,8 @@ from tests.helpers.zoo import ZOO
 
 TRAIN = loader(digits("train", limit=256), 32)
 VAL = loader(digits("val", limit=128), 128, None)
+# shuffled by the global RNG, so the data order tests how each retrain is seeded
+SHUFFLED = DataLoader(digits("train", limit=256), batch_size=32, shuffle=True)
 
 
 def _make_module(config: dict[str, Any]) -> Classifier:
@@ -33,15 +36,29 @@ def _make_module(config: dict[str, Any]) -> Classifier:
 
 
 class _Trainers:
-    """make_trainer that counts the Trainers it builds."""
+    """make_trainer that counts the Trainers it builds; with ``devices > 1`` it takes the
+    strategy (unless told to drop it) and keeps the user's sampler, as the docs advise."""
 
-    def __init__(self, pass_callbacks: bool = True) -> None:
+    def __init__(
+        self, pass_callbacks: bool = True, pass_strategy: bool = True, devices: int = 2
+    ) -> None:
         self.calls: list[tuple[int, int]] = []
-        self.pass_callbacks = pass_callbacks
+        self.pass_callbacks, self.pass_strategy, self.devices = (
+            pass_callbacks,
+            pass_strategy,
+            devices,
+        )
 
-    def __call__(self, cycle: int, index: int, callbacks: list[Callback]) -> Any:
+    def __call__(
+        self, cycle: int, index: int, callbacks: list[Callback], strategy: Any = None
+    ) -> Any:
         self.calls.append((cycle, index))
-        return quiet_trainer(max_steps=4, callbacks=callbacks if self.pass_callbacks else [])
+        kwargs: dict[str, Any] = {}
+        if strategy is not None and self.pass_strategy:
+            kwargs = dict(devices=self.devices, strategy=strategy, use_distributed_sampler=False)
+        return quiet_trainer(
+            max_steps=4, callbacks=callbacks if self.pass_callbacks else [], **kwargs
+        )
 
 
 def _dense() -> dict[str, torch.Tensor]:
@@ -306,3 +323,134 @@ def test_one_retrain_per_rank_with_soup_strategy_keeps_the_mask(tmp_path: Path) 
     for key, value in r0["after"].items():
         assert torch.equal(value, r1["after"][key]), key  # every rank holds the one soup
     assert any(not torch.equal(r0["after"][n], r0["start"][n]) for n in masks)  # it trained
+
+
+# ----------------------------------------------------------------------------- one retrain per rank
+
+PER_RANK_RUNS: dict[str, dict[str, Any]] = {
+    # 4 retrains on 2 ranks: two rounds per cycle; the third has no seed (seeded by cycle, index)
+    "greedy": dict(
+        sparsities=[0.5, 0.8],
+        retrain_configs=[
+            {"seed": 11, "lr": 0.05},
+            {"seed": 12, "lr": 0.1},
+            {"lr": 0.05, "weight_decay": 1e-3},
+            {"seed": 14, "lr": 0.08},
+        ],
+        method="greedy",
+        monitor="val_loss",
+    ),
+    "uniform": dict(sparsities=[0.6], retrain_configs=[{"seed": 3}, {"seed": 4, "lr": 0.1}]),
+}
+
+
+def _run_per_rank(folder: Path, trainers: _Trainers, name: str, devices: int) -> Any:
+    return sparse_model_soup(
+        _make_module,
+        trainers,
+        _dense(),
+        output_dir=folder,
+        train_dataloaders=SHUFFLED,
+        val_dataloaders=VAL,
+        devices=devices,
+        **PER_RANK_RUNS[name],
+    )
+
+
+def ddp_sparse_soup_per_rank(out_dir: str) -> None:
+    """DDP target: both plans with devices=2, then a rerun of the greedy one after losing the
+    last round of its last cycle."""
+    out: dict[str, Any] = {}
+    for name in PER_RANK_RUNS:
+        trainers = _Trainers()
+        result = _run_per_rank(Path(out_dir) / name, trainers, name, devices=2)
+        out[name] = dict(calls=trainers.calls, result=result)
+    rank = torch.distributed.get_rank()
+    cycle1 = Path(out_dir) / "greedy" / "cycle1"
+    if rank == 0:
+        (cycle1 / "result.json").unlink()
+        (cycle1 / "retrain3.pt").unlink()  # written by rank 1
+    torch.distributed.barrier()
+    again = _Trainers()
+    out["rerun"] = dict(
+        calls=again.calls, result=_run_per_rank(Path(out_dir) / "greedy", again, "greedy", 2)
+    )
+    torch.save(out, f"{out_dir}/rank{rank}.pt")
+
+
+def _assert_close_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        torch.testing.assert_close(value, b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.ddp
+def test_one_retrain_per_rank_equals_the_sequential_run(tmp_path: Path) -> None:
+    """devices=2 in a 2-process job: the retrains run one per rank (two rounds per cycle when
+    there are 4), each seeded as the sequential run seeds it, so every retrain, soup, chosen list
+    and mask equals the sequential run's; the soups keep the shared mask; a rerun retrains only
+    the round that was lost."""
+    from tests.helpers.ddp import run_ddp
+
+    r0, r1 = run_ddp(
+        "tests.test_sparse_soup:ddp_sparse_soup_per_rank", tmp_path / "ddp", timeout=300
+    )
+    assert r0["greedy"]["calls"] == [(0, 0), (0, 2), (1, 0), (1, 2)]
+    assert r1["greedy"]["calls"] == [(0, 1), (0, 3), (1, 1), (1, 3)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank, so that float sums agree closely
+    try:
+        sequential = {
+            name: _run_per_rank(tmp_path / "seq" / name, _Trainers(), name, devices=1)
+            for name in PER_RANK_RUNS
+        }
+    finally:
+        torch.set_num_threads(threads)
+    for name, expected in sequential.items():
+        got, other = r0[name]["result"], r1[name]["result"]
+        assert len(got.cycles) == len(expected.cycles)
+        for mine, theirs, seq in zip(got.cycles, other.cycles, expected.cycles):
+            assert mine == theirs  # every rank made the same soup
+            assert mine.chosen == seq.chosen
+            assert mine.ingredient_scores == pytest.approx(seq.ingredient_scores, rel=1e-5)
+            assert mine.soup_score == pytest.approx(seq.soup_score, rel=1e-5)
+        for cycle in range(len(expected.cycles)):
+            ddp_dir, seq_dir = (
+                tmp_path / "ddp" / name / f"cycle{cycle}",
+                tmp_path / "seq" / name / f"cycle{cycle}",
+            )
+            soup, seq_soup = load_file(ddp_dir / "soup.pt"), load_file(seq_dir / "soup.pt")
+            for key, mask in soup["masks"].items():
+                assert torch.equal(mask, seq_soup["masks"][key]), key
+            assert set(mask_mismatches(soup["state_dict"], soup["masks"]).values()) == {0}
+            _assert_close_states(soup["state_dict"], seq_soup["state_dict"])
+            configs = PER_RANK_RUNS[name]["retrain_configs"]
+            for i in range(len(configs)):
+                _assert_close_states(
+                    load_file(ddp_dir / f"retrain{i}.pt"), load_file(seq_dir / f"retrain{i}.pt")
+                )
+        _assert_close_states(got.state_dict, expected.state_dict)
+    # the retrains of one cycle differ (seeds and hyperparameters per rank took effect)
+    first, second = (
+        load_file(tmp_path / "ddp" / "greedy" / "cycle0" / f"retrain{i}.pt") for i in (0, 1)
+    )
+    assert not torch.equal(first["net.0.weight"], second["net.0.weight"])
+    # the rerun retrained only the lost round (retrains 2 and 3 of cycle 1) and got the same soup
+    assert (r0["rerun"]["calls"], r1["rerun"]["calls"]) == ([(1, 2)], [(1, 3)])
+    assert r0["rerun"]["result"].cycles == r0["greedy"]["result"].cycles
+    _assert_close_states(r0["rerun"]["result"].state_dict, r0["greedy"]["result"].state_dict)
+
+
+def test_one_retrain_per_rank_refuses_bad_combinations_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="multiple of 2"):
+        _run(tmp_path / "a", _Trainers(), retrain_configs=[{"seed": 1}] * 3, devices=2)
+    with pytest.raises(ValueError, match="devices must be >= 1"):
+        _run(tmp_path / "b", _Trainers(), devices=0)
+    dropped = _Trainers(pass_strategy=False)
+    with pytest.raises(ValueError, match="strategy=strategy"):
+        _run(tmp_path / "c", dropped, devices=2)
+    alone = _Trainers(devices=1)  # a Trainer of one device, in a process not launched as a job
+    with pytest.raises(ValueError, match=r"rank 0 of 1.*2-process job"):
+        _run(tmp_path / "d", alone, devices=2)
+    assert dropped.calls == alone.calls == [(0, 0)]  # refused at the first Trainer
+    assert not list((tmp_path / "d").glob("cycle*/retrain*.pt"))  # nothing trained

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from examples import warp as warp_example
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("warp_example", REPO / "examples" / "warp.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["warp_example"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return warp_example
 
 
 def test_tilted_chain_normaliser_matches_monte_carlo_and_tilts_towards_the_reward():

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_ext.callbacks import WARP
 from lightning_ext.functional import liti, multi_slerp
 from lightning_ext.strategies import WARPStrategy
-from lightning_ext.warp import WARPRun, run_warp
+from lightning_ext.workflows.warp import WARPRun, run_warp
 from tests.helpers.data import DigitsDataModule, digits, loader
 from tests.helpers.ddp import run_ddp
 from tests.helpers.resume import assert_bitwise_equal, quiet_trainer

@@ -1,7 +1,7 @@
 """Write docs/conformance.md from the conformance matrix's declarations and a run's outcomes.
 
-    PYTHONPATH=. python tools/conformance_table.py            # runs the matrix (~3 min on CPU)
-    PYTHONPATH=. python tools/conformance_table.py --junit run.xml   # reads a pytest JUnit file
+    python -m tools.conformance_table            # runs the matrix (~3 min on CPU)
+    python -m tools.conformance_table --junit run.xml   # reads a pytest JUnit file
 
 What a cell must do (work, or refuse naming an option) comes from ``expected_refusal`` in the
 test files, why a cell fails from their ``KNOWN_FAILURES``, and whether it did from pytest's JUnit
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from tests import test_conformance as matrix  # noqa: E402
 from tests import test_conformance_ddp as ddp_matrix  # noqa: E402
@@ -227,7 +226,7 @@ def render(outcomes: dict[str, Outcome], seconds: float | None = None) -> str:
         "when the callback does nothing) and its refusals in `expected_refusal`.",
         "- A new kind of user module: add a `ZooEntry` in `tests/helpers/zoo.py` (tiny, both "
         "namespaces through `module_class`) with the metrics it logs and its batch layout.",
-        "- Regenerate: `PYTHONPATH=. python tools/conformance_table.py` (or `--junit FILE` "
+        "- Regenerate: `python -m tools.conformance_table` (or `--junit FILE` "
         "to read a JUnit report of the two test files written by `pytest --junitxml=FILE`).",
         "",
         "## This run",
@@ -244,7 +243,7 @@ def render(outcomes: dict[str, Outcome], seconds: float | None = None) -> str:
         f"- Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; machine: "
         f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}, "
         f"lightning {lightning.__version__}.",
-        "- Command: `PYTHONPATH=. python tools/conformance_table.py` (runs "
+        "- Command: `python -m tools.conformance_table` (runs "
         + " and ".join(f"`{f}`" for f in TEST_FILES)
         + " with `--junitxml`).",
         "- Both Lightning namespaces: `tests/test_namespaces.py` runs every callback under "

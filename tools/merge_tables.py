@@ -3,8 +3,8 @@ registries the code runs (``functional.merge_methods.MERGE_METHODS``,
 ``functional.learned_soup.LEARNED_SOUP_OPTIONS``), so that documented defaults and ranges are the
 ones that run.
 
-    PYTHONPATH=. python tools/merge_tables.py          # rewrite the marked blocks in docs/
-    PYTHONPATH=. python tools/merge_tables.py --check  # exit 1 when a page is out of date
+    python -m tools.merge_tables          # rewrite the marked blocks in docs/
+    python -m tools.merge_tables --check  # exit 1 when a page is out of date
 
 Each table sits between ``<!-- generated: NAME -->`` and ``<!-- end generated: NAME -->`` in its
 page; ``tests/test_merge_registry.py`` fails when a page and the registry disagree.
@@ -18,12 +18,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from lightning_ext.functional.learned_soup import LEARNED_SOUP_OPTIONS
+from lightning_ext.functional.merge_methods import MERGE_METHODS, Parameter
 
-from lightning_ext.functional.learned_soup import LEARNED_SOUP_OPTIONS  # noqa: E402
-from lightning_ext.functional.merge_methods import MERGE_METHODS, Parameter  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 BASE = {"required": "required", "optional": "optional", "unused": "-"}
 

@@ -41,6 +41,8 @@ from lightning_ext._batch import (
 from lightning_ext._io import atomic_write, atomic_write_json, atomic_write_text
 from lightning_ext._lightning import fit_val_loaders, has_fit_val_loaders, is_wandb_logger, run_dir
 from lightning_ext._sized import dataset_size
+from lightning_ext.averaging import fsdp2_modules, reshard
+from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.functional.continual import (
     accuracy_matrix,
     average_accuracy,
@@ -116,7 +118,7 @@ def _as_list(loaders: Any) -> list[Any]:
     return [loaders]
 
 
-class ContinualEvaluation(Callback):
+class ContinualEvaluation(DeclaredState, Callback):
     """Evaluate on every task seen so far every ``every_n_steps`` optimizer steps.
 
     Args:
@@ -408,7 +410,15 @@ class ContinualEvaluation(Callback):
     # ------------------------------------------------------------------------------ evaluation
     def _shard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> tuple:
         """This rank's contiguous slice of the task's fixed subsample as device batches, and the
-        subsample's size; cached."""
+        subsample's size; cached.
+
+        Every slice has ``ceil(size / world)`` samples: a short one (the last ranks') is padded
+        by repeating its last sample (the subsample's last one when the slice is empty). Every
+        rank then runs the same number of forwards, which an FSDP2 module needs (each forward
+        all-gathers the shards: a rank with one batch fewer would leave the others waiting, or
+        pair its next forward with their last). ``_gather`` drops the padded values, so no
+        sample counts twice.
+        """
         if task not in self._cache:
             dataset, collate = self._source_for(trainer, task)
             if task not in self.subsets:
@@ -420,6 +430,9 @@ class ContinualEvaluation(Callback):
             world, rank = trainer.world_size, trainer.global_rank
             per_rank = math.ceil(len(indices) / world)
             mine = indices[rank * per_rank : (rank + 1) * per_rank]
+            if len(mine) < per_rank:
+                last = mine[-1:] if len(mine) else indices[-1:]
+                mine = torch.cat([mine, last.expand(per_rank - len(mine))])
             batches = _batches(dataset, collate, mine, self.batch_size)
             self._cache[task] = (
                 [move_to_device(b, pl_module.device) for b in batches],
@@ -428,15 +441,22 @@ class ContinualEvaluation(Callback):
         return self._cache[task]
 
     @contextlib.contextmanager
-    def _isolated(self, pl_module: pl.LightningModule) -> Iterator[None]:
-        """Eval mode, inference mode and saved RNG states; everything restored on exit."""
+    def _isolated(self, pl_module: pl.LightningModule, sharded: bool) -> Iterator[None]:
+        """Eval mode, inference mode and saved RNG states; everything restored on exit.
+
+        ``sharded`` (FSDP2 modules inside): ``no_grad`` instead of inference mode. FSDP2
+        allocates its all-gather buffers at the first forward and reuses them; allocated in
+        inference mode (the evaluation before the first update comes first) they are inference
+        tensors, and the first training forward fails writing into them.
+        """
         modes = [(m, m.training) for m in pl_module.modules()]
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
         for module, _ in modes:
             module.training = False
         try:
-            with torch.inference_mode(), self._precision_context():
+            grad_off = torch.no_grad() if sharded else torch.inference_mode()
+            with grad_off, self._precision_context():
                 yield
         finally:
             for module, training in modes:
@@ -446,13 +466,11 @@ class ContinualEvaluation(Callback):
                 torch.cuda.set_rng_state_all(cuda_rng)
 
     def _gather(self, trainer: pl.Trainer, local: Tensor, total: int) -> Tensor:
-        """Concatenate the ranks' equally padded slices in rank order, and drop the padding."""
+        """Concatenate the ranks' padded slices (``_shard``: equal lengths, the short ones at the
+        end) in rank order, and drop the padding."""
         if trainer.world_size == 1:
             return local
-        per_rank = math.ceil(total / trainer.world_size)
-        padded = local.new_zeros((per_rank, *local.shape[1:]))
-        padded[: local.shape[0]] = local
-        gathered = trainer.strategy.all_gather(padded)
+        gathered = trainer.strategy.all_gather(local)
         return gathered.reshape(-1, *local.shape[1:])[:total]
 
     def _logits(self, pl_module: pl.LightningModule, batch: Any) -> tuple[Tensor, Tensor]:
@@ -475,8 +493,6 @@ class ContinualEvaluation(Callback):
                 outputs.append(_per_sample(self.metric, logits, targets))
             else:
                 outputs.append(self.metric(logits, targets).float())
-        if not outputs:  # this rank's slice is empty (fewer samples than ranks)
-            outputs.append(torch.zeros(0, device=pl_module.device))
         local = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         if isinstance(self.metric, Metric):
             full_out = self._gather(trainer, local, total)
@@ -508,8 +524,10 @@ class ContinualEvaluation(Callback):
             self.records.append(record)
         if not tasks:
             return record
-        for task, score in self.evaluate(trainer, pl_module, tasks).items():
-            record["values"][task] = score
+        scores = self.evaluate(trainer, pl_module, tasks)
+        # in task order whatever order the tasks were evaluated in, so that checkpoints compare
+        record["values"] = dict(sorted({**record["values"], **scores}.items()))
+        for task, score in scores.items():
             if task <= record["trained"]:
                 self._add_to_curve(task, score, own=task == record["trained"])
             if task < record["trained"]:
@@ -523,12 +541,17 @@ class ContinualEvaluation(Callback):
     ) -> dict[int, float]:
         """The metric on each task's cached subsample for the current weights, recording nothing.
 
-        Every rank must call it (under DDP each evaluates its slice and the results are
-        gathered); one host synchronisation for all tasks together.
+        Every rank must call it (under DDP and FSDP2 each evaluates its slice, all with the
+        same number of batches, and the results are gathered); one host synchronisation for all
+        tasks together.
         """
         self._precision_context = trainer.precision_plugin.forward_context
-        with self._isolated(pl_module):
+        sharded = fsdp2_modules(pl_module)
+        with self._isolated(pl_module, bool(sharded)):
             scores = [self._evaluate_task(trainer, pl_module, t) for t in tasks]
+        # The FSDP2 root keeps the parameters it gathered for these forwards (without autograd)
+        # where the next training forward would take them: free them.
+        reshard(sharded)
         return dict(zip(tasks, torch.stack(scores).tolist())) if scores else {}
 
     def _add_to_curve(self, task: int, value: float, *, own: bool) -> None:
@@ -819,32 +842,22 @@ class ContinualEvaluation(Callback):
         logger.experiment.log(entries)
 
     # ---------------------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "task": self.task,
-            "explicit_task": self.explicit_task,
-            "step_offset": self.step_offset,
-            "records": [{**r, "values": dict(sorted(r["values"].items()))} for r in self.records],
-            "subsets": {t: s.clone() for t, s in self.subsets.items()},
-            "worst_after_end": dict(self.worst_after_end),
-            "wf": dict(self.wf),
-            "wp": dict(self.wp),
-            "lca": dict(self.lca),
-            "recent": {t: list(v) for t, v in self.recent.items()},
-            "head": {t: list(v) for t, v in self.head.items()},
-        }
+    STATE = (
+        "task",
+        "explicit_task",
+        "step_offset",
+        "records",
+        "subsets",
+        "worst_after_end",
+        "wf",
+        "wp",
+        "lca",
+        "recent",
+        "head",
+    )
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.task = state_dict["task"]
-        self.explicit_task = state_dict["explicit_task"]
-        self.step_offset = state_dict.get("step_offset", 0)
-        self.records = [{**r, "values": dict(r["values"])} for r in state_dict["records"]]
-        self.subsets = {int(t): s.clone() for t, s in state_dict["subsets"].items()}
-        self.worst_after_end = dict(state_dict["worst_after_end"])
-        self.wf, self.wp = dict(state_dict["wf"]), dict(state_dict["wp"])
-        self.lca = dict(state_dict["lca"])
-        self.recent = {t: list(v) for t, v in state_dict["recent"].items()}
-        self.head = {t: list(v) for t, v in state_dict["head"].items()}
+    def _after_load_state(self) -> None:
+        self.subsets = {int(t): s for t, s in self.subsets.items()}
         self._cache.clear()
 
 

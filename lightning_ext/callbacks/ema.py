@@ -14,7 +14,10 @@ from torch import Tensor
 from lightning_ext._io import atomic_torch_save, load_file
 from lightning_ext._lightning import run_validation_epoch_apart
 from lightning_ext._masks import find_mask_source, masks_for
-from lightning_ext.callbacks._shadow import ShadowWeights, TrackedTensors
+from lightning_ext.averaging import ShadowWeights, TrackedTensors
+from lightning_ext.averaging import fsdp2_modules as _fsdp2_modules
+from lightning_ext.averaging import reshard as _reshard
+from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.callbacks._steps import AfterOptimizerStep
 from lightning_ext.functional.ema import ema_decay_at
 
@@ -31,7 +34,7 @@ _LIVE_KEY = "current_model_state"
 _DISTRIBUTED_METADATA = "meta.pt"  # Lightning's _METADATA_FILENAME in distributed checkpoints
 
 
-class EMA(AfterOptimizerStep):
+class EMA(DeclaredState, AfterOptimizerStep):
     """Keep an exponential moving average of the weights and evaluate on it.
 
     After every ``update_every_n_steps``-th optimizer step (from ``start_step``):
@@ -180,6 +183,8 @@ class EMA(AfterOptimizerStep):
             self._shadow.load_state_dict(shadow, "EMA state in the checkpoint")
         return self._shadow
 
+    STATE = ("num_updates", "started")
+
     def state_dict(self) -> dict[str, Any]:
         if self._shadow is None:
             return dict(self._loaded) if self._loaded is not None else {}
@@ -187,8 +192,7 @@ class EMA(AfterOptimizerStep):
         # call state_dict when a checkpoint is saved), so that rank 0's copy restores every rank.
         gather = self._shadow.tracked.gather
         state = {
-            "num_updates": self.num_updates,
-            "started": self.started,
+            **super().state_dict(),
             "decay": self.decay,
             "shadow": gather(self._ema_values()),
             "aliases": dict(self._shadow.tracked.aliases),
@@ -201,8 +205,7 @@ class EMA(AfterOptimizerStep):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
-        self.num_updates = int(state_dict["num_updates"])
-        self.started = bool(state_dict["started"])
+        super().load_state_dict(state_dict)
         pending = self._loaded.get("shadow", {}) if self._loaded else {}
         # The EMA read from the checkpoint's state_dict by on_load_checkpoint, then the rest.
         self._loaded = {**state_dict, "shadow": {**pending, **state_dict["shadow"]}}
@@ -533,22 +536,6 @@ def _refuse_two_emas_in_state_dict(callbacks: list[Any]) -> None:
             f"{len(owners)} EMA callbacks would each put their average in the checkpoint's "
             "state_dict: pass checkpoint_weights='live' to all but one of them"
         )
-
-
-def _fsdp2_modules(module: torch.nn.Module) -> list[Any]:
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in module.modules() if isinstance(m, FSDPModule)]
-
-
-def _reshard(fsdp2_modules: list[Any]) -> None:
-    """Free FSDP2's unsharded parameters, so that the next forward gathers the shards again.
-
-    The root module keeps its gathered parameters after a forward (its backward would follow);
-    after an evaluation on swapped weights they would be stale, and training would read them.
-    """
-    for module in fsdp2_modules:
-        module.reshard()
 
 
 def _masked(values: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from lightning_ext._io import atomic_torch_save, atomic_write, atomic_write_json, load_file
 from lightning_ext._lightning import is_wandb_logger, run_dir
 from lightning_ext._masks import apply_masks_, sparse_masks_for
-from lightning_ext.callbacks._shadow import ShadowWeights, TrackedTensors
+from lightning_ext.averaging import ShadowWeights, TrackedTensors
+from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.callbacks._steps import AfterOptimizerStep
 from lightning_ext.functional.ema import (
     posthoc_ema_coefficients,
@@ -38,7 +39,7 @@ PLOT_FILE = "profiles.png"
 PLOT_SIGMA_RELS = (0.03, 0.07, 0.15, 0.25)
 
 
-class PostHocEMA(AfterOptimizerStep):
+class PostHocEMA(DeclaredState, AfterOptimizerStep):
     """Track power-function EMAs with relative widths ``sigma_rels`` and snapshot them to disk.
 
     Args:
@@ -217,14 +218,14 @@ class PostHocEMA(AfterOptimizerStep):
             )
         return masks
 
+    STATE = ("num_updates", "snapshots", "run_id")
+
     def state_dict(self) -> dict[str, Any]:
         shadows = [s.state_dict() for s in self._shadows] if self._shadows else self._loaded
         return {
-            "num_updates": self.num_updates,
-            "snapshots": list(self.snapshots),
+            **super().state_dict(),
             "gammas": self.gammas,
             "shadows": shadows,
-            "run_id": self.run_id,
             "dir": str(self._dir) if self._dir is not None else self._loaded_dir,
         }
 
@@ -234,10 +235,8 @@ class PostHocEMA(AfterOptimizerStep):
                 f"checkpoint PostHocEMA profiles (gammas {state_dict['gammas']}) differ from this "
                 f"callback's {self.gammas}: construct it with the same sigma_rels to resume"
             )
-        self.num_updates = int(state_dict["num_updates"])
-        self.snapshots = list(state_dict["snapshots"])
+        super().load_state_dict(state_dict)
         self._loaded = state_dict["shadows"]
-        self.run_id = state_dict.get("run_id", self.run_id)
         self._loaded_dir = state_dict.get("dir")
 
 

@@ -26,6 +26,7 @@ from lightning_ext._batch import (
 )
 from lightning_ext._io import atomic_torch_save, atomic_write, load_file
 from lightning_ext._lightning import is_wandb_logger, run_dir
+from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.data.indexed import (
     INDEX_KEY,
     check_fingerprint,
@@ -192,7 +193,7 @@ def _warn_no_matplotlib() -> None:
         rank_zero_warn("matplotlib is not installed: no score histogram PNG is written")
 
 
-class DataPruningScores(Callback):
+class DataPruningScores(DeclaredState, Callback):
     """Scores every training example for data pruning and saves them with a dataset fingerprint.
 
     ``mode="pass"`` (drop-in, any module): after ``at_epoch`` epochs (0: before training) or at
@@ -636,25 +637,18 @@ class DataPruningScores(Callback):
 
     # --- state
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "scores": self.scores,
-            "labels": self.labels,
-            "last_correct": self._last_correct,
-            "forgotten": self._forgotten,
-            "learned": self._learned,
-            "presentations": self._presentations,
-            "online": self._online,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.scores, self.labels = state_dict["scores"], state_dict["labels"]
-        self._last_correct, self._forgotten = state_dict["last_correct"], state_dict["forgotten"]
-        self._learned, self._online = state_dict["learned"], state_dict["online"]
-        self._presentations = state_dict.get("presentations", 0)
+    STATE = (
+        "scores",
+        "labels",
+        ("last_correct", "_last_correct"),
+        ("forgotten", "_forgotten"),
+        ("learned", "_learned"),
+        ("presentations", "_presentations"),
+        ("online", "_online"),
+    )
 
 
-class InfoBatch(Callback):
+class InfoBatch(DeclaredState, Callback):
     """InfoBatch (Qin et al. 2024): each epoch, examples whose last loss is below the mean are
     skipped with probability ``prune_prob``; the kept ones among them have their loss scaled by
     ``1 / (1 - prune_prob)`` so the expected gradient is unchanged. Pruning stops for the last
@@ -763,8 +757,4 @@ class InfoBatch(Callback):
         self.scores[idx] = val.float()
         self._configure(trainer, trainer.current_epoch + 1)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"scores": self.scores}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.scores = state_dict["scores"]
+    STATE = ("scores",)

@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 
 from lightning_ext._io import atomic_torch_save, atomic_write, atomic_write_json, load_file
 from lightning_ext._lightning import run_dir
-from lightning_ext.functional.schedules import (
+from lightning_ext.functional.schedule import (
     REFERENCE_WINDOW,
     Smoothing,
     combine_norm_parts,
@@ -32,7 +32,7 @@ from lightning_ext.functional.schedules import (
     resample_schedule,
     schedule_diagnostics,
 )
-from lightning_ext.schedulers import load_schedule
+from lightning_ext.lr_scheduler import load_schedule
 
 __all__ = ["ScheduleRefinement", "load_grad_norms", "write_refined_schedule"]
 

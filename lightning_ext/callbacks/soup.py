@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -19,9 +20,11 @@ from lightning_ext._lightning import (
     run_dir,
 )
 from lightning_ext._masks import apply_masks_, sparse_masks_for
+from lightning_ext.averaging import fsdp2_modules, full_tensors, local_tensors, reshard
+from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.functional.merging import uniform_soup
-from lightning_ext.soup_io import Ingredients
-from lightning_ext.soups import (
+from lightning_ext.io.ingredients import Ingredients
+from lightning_ext.workflows.soup import (
     SoupResult,
     ValidationScorer,
     batchnorm_layers,
@@ -34,8 +37,13 @@ from lightning_ext.soups import (
     save_soup_plot,
 )
 
+#: Methods that merge shard by shard under FSDP2: element-wise averages of the local shards,
+#: scored collectively. Any other (a global top-k, norms over whole tensors, learned weights)
+#: is refused at fit start.
+SHARD_WISE_METHODS = ("greedy", "uniform")
 
-class ModelSoup(Callback):
+
+class ModelSoup(DeclaredState, Callback):
     """Snapshot the weights every ``every_n_epochs`` training epochs (from ``start_epoch`` on,
     keeping the last ``keep_last`` when set) into ``dirpath`` (default: the run's folder,
     ``run_dir(trainer, "soup")``), and at fit end replace the module's weights by their soup.
@@ -50,7 +58,12 @@ class ModelSoup(Callback):
     ``seed``, ...); under DDP every rank learns on its share of the data, the gradients
     averaged. Snapshots live on disk (rank 0 writes them), never all in memory. Under DDP every
     rank scores its share of the validation data and the ranks reduce the score (several nodes
-    need ``dirpath`` on a shared filesystem), so every rank builds the same soup.
+    need ``dirpath`` on a shared filesystem), so every rank builds the same soup. Under FSDP2
+    (``fully_shard`` parameters) every rank writes its own shards
+    (``ingredient-epoch=E.rank{r}.pt``) and merges them shard by shard; greedy candidates are
+    scored by all ranks together, each validating the same number of batches; ``soup.pt`` holds
+    the gathered full tensors. ``recalibrate_bn`` and methods other than ``"greedy"`` and
+    ``"uniform"`` (``"learned"`` too) are refused there at fit start.
 
     ``recalibrate_bn`` recomputes BatchNorm statistics of every candidate on the training data,
     read with ``unpack_batch``/``forward_fn``. The soup is saved to ``dirpath/soup.pt`` and the
@@ -134,6 +147,7 @@ class ModelSoup(Callback):
         self.result: dict[str, Any] | None = None
         self._monitor_checked = False
         self._masks_announced = False
+        self._fsdp2: list[Any] = []  # the FSDP2 modules of a sharded fit, found at fit start
 
     @property
     def state_key(self) -> str:
@@ -157,6 +171,25 @@ class ModelSoup(Callback):
         if self.recalibrate_bn and not batchnorm_layers(pl_module):
             raise ValueError("ModelSoup(recalibrate_bn=True) but the module has no BatchNorm")
 
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        # configure_model (where fully_shard runs) comes after setup: look for shards here.
+        self._fsdp2 = fsdp2_modules(pl_module)
+        if not self._fsdp2:
+            return
+        if self.method not in SHARD_WISE_METHODS:
+            raise ValueError(
+                f"ModelSoup(method={self.method!r}) does not merge shard by shard, and this fit "
+                f"is sharded (FSDP2): use one of {SHARD_WISE_METHODS}, or save full "
+                "checkpoints (ModelParallelStrategy(save_distributed_checkpoint=False)) and "
+                "merge them in one process with lightning_ext.workflows.soup.build_soup"
+            )
+        if self.recalibrate_bn:
+            raise ValueError(
+                "ModelSoup(recalibrate_bn=True) is not supported on a sharded (FSDP2) fit: "
+                "recalibrate the exported soup.pt in one process (build_soup(..., "
+                "recalibrate_on=train_loader)), or use DDPStrategy"
+            )
+
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         """Check ``monitor`` at the first validation, not after all the training."""
         if not self._monitor_checked:
@@ -168,17 +201,21 @@ class ModelSoup(Callback):
             return
         assert self.dirpath is not None
         path = str(Path(self.dirpath) / f"ingredient-epoch={epoch}.pt")
-        if trainer.is_global_zero:
-            state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        entry: dict[str, Any] = {"epoch": epoch, "path": path}
+        if self._fsdp2:  # every rank its own shards (masks are local shards too)
+            entry["shards"] = trainer.world_size
+        if self._fsdp2 or trainer.is_global_zero:
+            local = local_tensors(pl_module.state_dict())
+            state = {k: v.detach().cpu().clone() for k, v in local.items()}
             apply_masks_(state, self._current_masks(trainer, state))
-            atomic_torch_save(state, path)
-        self.ingredients.append({"epoch": epoch, "path": path})
+            atomic_torch_save(state, self._file(entry, trainer))
+        self.ingredients.append(entry)
         if self.keep_last is not None and len(self.ingredients) > self.keep_last:
             dropped = self.ingredients[: -self.keep_last]
             self.ingredients = self.ingredients[-self.keep_last :]
-            if trainer.is_global_zero:
-                for entry in dropped:
-                    Path(entry["path"]).unlink(missing_ok=True)
+            if self._fsdp2 or trainer.is_global_zero:
+                for old in dropped:
+                    Path(self._file(old, trainer)).unlink(missing_ok=True)
         trainer.strategy.barrier("ModelSoup.on_train_epoch_end")
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
@@ -187,10 +224,10 @@ class ModelSoup(Callback):
                 "ModelSoup collected no ingredients (too few epochs?); weights unchanged"
             )
             return
-        ings = Ingredients([e["path"] for e in self.ingredients]).validate()
+        ings = Ingredients([self._file(e, trainer) for e in self.ingredients]).validate()
         val = fit_val_loader(trainer)
         if val is None:  # uniform without validation data: nothing to score
-            pl_module.load_state_dict(uniform_soup(ings))
+            self._load(pl_module, uniform_soup(ings))
             if self.recalibrate_bn:
                 recalibrate_batchnorm(
                     pl_module,
@@ -216,10 +253,14 @@ class ModelSoup(Callback):
             if result.learned is not None:
                 decision["coefficients"] = result.learned.mean_weights()
                 decision["learned"] = result.learned
-        apply_masks_(pl_module.state_dict(), self._current_masks(trainer, pl_module.state_dict()))
+        local = local_tensors(pl_module.state_dict())
+        apply_masks_(local, self._current_masks(trainer, local))
+        reshard(self._fsdp2)
         self.result = decision
+        # Sharded: the full tensors, gathered on every rank (a collective) and written by rank 0.
+        full = full_tensors(pl_module.state_dict()) if self.save_soup else {}
         if self.save_soup and trainer.is_global_zero:
-            state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+            state = {k: v.detach().cpu() for k, v in full.items()}
             atomic_torch_save(state, Path(self.dirpath or ".") / "soup.pt")
         picture = None
         if result is not None and trainer.is_global_zero:
@@ -241,6 +282,41 @@ class ModelSoup(Callback):
             )
         return masks
 
+    def _file(self, entry: dict[str, Any], trainer: Any) -> str:
+        """The file of an ingredient on this rank: its path, or this rank's shard file.
+
+        Raises:
+            ValueError: an ingredient written under another sharding than this fit's (a resume
+                with another strategy or number of ranks).
+        """
+        shards = entry.get("shards")
+        now = trainer.world_size if self._fsdp2 else None
+        if shards != now:
+            written = f"as {shards} FSDP2 shards" if shards else "whole (unsharded)"
+            running = f"on {now} FSDP2 ranks" if now else "unsharded"
+            raise ValueError(
+                f"ModelSoup: the ingredient of epoch {entry['epoch']} was written {written} but "
+                f"this fit runs {running}: resume with the strategy and number of ranks that "
+                "wrote it"
+            )
+        if not shards:
+            return str(entry["path"])
+        path = Path(entry["path"])
+        return str(path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}"))
+
+    def _load(self, pl_module: Any, state: dict[str, Any]) -> None:
+        """Put ``state`` in the module: a full state dict, or this rank's shards when sharded
+        (copied into the local shards, then FSDP2's gathered parameters freed so that the next
+        forward reads them)."""
+        if not self._fsdp2:
+            pl_module.load_state_dict(state)
+            return
+        local = local_tensors(pl_module.state_dict())
+        with torch.no_grad():
+            for name, tensor in local.items():
+                tensor.copy_(state[name])
+        reshard(self._fsdp2)
+
     def _soup(self, trainer: Any, pl_module: Any, ings: Ingredients, val: Any) -> SoupResult:
         """Score and choose, on every rank together; the module ends holding the soup."""
         scorer = ValidationScorer(
@@ -251,9 +327,15 @@ class ModelSoup(Callback):
             recalibrate_on=_train_loader(trainer) if self.recalibrate_bn else None,
             unpack_batch=self.unpack_batch,
             forward_fn=self.forward_fn,
+            sharded=bool(self._fsdp2),
         )
+
+        def score_shards(state: Any) -> float:
+            self._load(pl_module, state)
+            return scorer.score_loaded()
+
         return run_soup(
-            scorer,
+            score_shards if self._fsdp2 else scorer,
             ings,
             method=self.method,
             monitor=self.monitor,
@@ -297,12 +379,7 @@ class ModelSoup(Callback):
             if picture is not None:
                 logger.log_image(key="soup/scores", images=[str(picture)])
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"ingredients": [dict(e) for e in self.ingredients], "dirpath": self.dirpath}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.ingredients = [dict(e) for e in state_dict["ingredients"]]
-        self.dirpath = state_dict.get("dirpath", self.dirpath)
+    STATE = ("ingredients", "dirpath")
 
 
 def _has_val_data(trainer: Any, pl_module: Any) -> bool:

@@ -1,5 +1,5 @@
 """DynamicSparseTraining: train sparse from scratch (RigL, SET, sparse momentum, static, N:M SR-STE)
-on any LightningModule. The math lives in ``lightning_ext.functional.sparsity``."""
+on any LightningModule. The math lives in ``lightning_ext.functional.sparse``."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from lightning_ext._io import atomic_torch_save, atomic_write, load_file
 from lightning_ext._lightning import is_wandb_logger, run_dir
 from lightning_ext._modules import named_parameters, normalise_name, normalised_keys
 from lightning_ext._modules import parameter_aliases as module_parameter_aliases
-from lightning_ext.callbacks._shadow import gather_full, local_part
-from lightning_ext.functional.sparsity import (
+from lightning_ext.averaging import gather_full, local_part
+from lightning_ext.callbacks._state import DeclaredState
+from lightning_ext.functional.sparse import (
     active_count,
     adam_normalised_momentum,
     allocate_counts,
@@ -54,7 +55,7 @@ ADAM_MOMENT_OPTIMIZERS = frozenset({"Adam", "AdamW", "NAdam", "RAdam"})
 LAYOUTS = ("dense", "csr", "semi_structured")
 
 
-class DynamicSparseTraining(Callback):
+class DynamicSparseTraining(DeclaredState, Callback):
     """Keep the chosen weights sparse at a fixed budget and periodically rewire them.
 
     Args:
@@ -738,6 +739,8 @@ class DynamicSparseTraining(Callback):
 
     # ----- checkpoints and export ------------------------------------------------------------
 
+    STATE = ("updates", "skipped", "last_change", "history")
+
     def state_dict(self) -> dict[str, Any]:
         """Full masks under FSDP2 too (gathered: every rank calls this when a checkpoint is
         saved), so that rank 0's copy in the checkpoint restores every rank."""
@@ -755,15 +758,11 @@ class DynamicSparseTraining(Callback):
                 self.names[i]: t.detach().cpu().clone() for i, t in self._own_momentum.items()
             },
             "dense": [t.detach().cpu().clone() for t in self._dense],
-            "updates": self.updates,
-            "skipped": self.skipped,
-            "last_change": self.last_change,
-            "history": [dict(h) for h in self.history],
+            **super().state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.updates, self.skipped = state_dict["updates"], state_dict["skipped"]
-        self.last_change = state_dict["last_change"]
+        super().load_state_dict(state_dict)
         self._loaded = dict(state_dict)
         if self._params:  # restored after on_fit_start (strategies that restore late)
             self._materialise()

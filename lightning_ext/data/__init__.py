@@ -1,6 +1,5 @@
-"""Datasets and data utilities: sample identity, task streams, and small real datasets."""
+"""Datasets and data utilities: sample identity, task streams, samplers."""
 
-from lightning_ext.data.digits import digits_splits, digits_tensors
 from lightning_ext.data.indexed import (
     IndexedDataset,
     find_indices,
@@ -18,8 +17,6 @@ __all__ = [
     "ReplayMemory",
     "TaskStream",
     "WithReplay",
-    "digits_splits",
-    "digits_tensors",
     "find_indices",
     "load_scores",
     "pruned_datamodule",

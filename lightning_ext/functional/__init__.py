@@ -17,10 +17,10 @@ from lightning_ext.functional.merging import *  # noqa: F403
 from lightning_ext.functional.merging import __all__ as _merging_all
 from lightning_ext.functional.pruning import *  # noqa: F403
 from lightning_ext.functional.pruning import __all__ as _pruning_all
-from lightning_ext.functional.schedules import *  # noqa: F403
-from lightning_ext.functional.schedules import __all__ as _schedules_all
-from lightning_ext.functional.sparsity import *  # noqa: F403
-from lightning_ext.functional.sparsity import __all__ as _sparsity_all
+from lightning_ext.functional.schedule import *  # noqa: F403
+from lightning_ext.functional.schedule import __all__ as _schedule_all
+from lightning_ext.functional.sparse import *  # noqa: F403
+from lightning_ext.functional.sparse import __all__ as _sparse_all
 
 __all__ = [
     *_continual_all,
@@ -30,6 +30,6 @@ __all__ = [
     *_merge_methods_all,
     *_merging_all,
     *_pruning_all,
-    *_schedules_all,
-    *_sparsity_all,
+    *_schedule_all,
+    *_sparse_all,
 ]

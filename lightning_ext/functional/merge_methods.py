@@ -9,7 +9,7 @@ Errors are worded in the caller's vocabulary (``--density`` on the command line,
 Python) through a ``Spelling``.
 
 Merges that need more than state dicts are not entries: the greedy and learned soups need a model
-and held-out data (``lightning_ext.soups.run_soup``), Fisher merging needs one Fisher per
+and held-out data (``lightning_ext.workflows.soup.run_soup``), Fisher merging needs one Fisher per
 ingredient (``functional.fisher_merge``).
 
 Pure torch: no Lightning import.

@@ -3,7 +3,7 @@ greedy), task-vector methods (task arithmetic, TIES, DARE, breadcrumbs), Model S
 merging.
 
 Every function takes its ingredients as a ``Sequence`` of state dicts and touches them one at a
-time, in order, so that a lazy sequence (``lightning_ext.soup_io.Ingredients``) that loads each
+time, in order, so that a lazy sequence (``lightning_ext.io.Ingredients``) that loads each
 ingredient from disk on access keeps peak memory at the merged result, a constant number of
 accumulators and one ingredient, whatever the number of ingredients.
 
@@ -18,7 +18,7 @@ Conventions shared by all methods:
   direction in weight space. Task-vector methods never extrapolate them (``base + 3 * delta`` of
   variances goes negative and the model outputs NaN): every merge averages them over the
   ingredients. They are still stale for the merged weights: recompute them with
-  ``lightning_ext.soups.recalibrate_batchnorm`` when the model has BatchNorm.
+  ``lightning_ext.workflows.soup.recalibrate_batchnorm`` when the model has BatchNorm.
 - Averages are accumulated as running means with ``lerp`` (``mean += w_k / W_k * (x - mean)``), so
   merging identical models returns them bit for bit, and task vectors of models identical to the
   base are exactly zero.
@@ -168,7 +168,7 @@ def _finish(acc: Mapping[str, Tensor], reference: StateDict) -> dict[str, Tensor
 def _ingredients(state_dicts: Sequence[StateDict], minimum: int = 1) -> int:
     """Count the ingredients; when they are all in memory (a list or tuple), check every layout
     against the first before any work. Lazy sequences are checked as they load (and
-    ``soup_io.Ingredients.validate()`` checks them all up front, without reading tensor data)."""
+    ``io.Ingredients.validate()`` checks them all up front, without reading tensor data)."""
     n = len(state_dicts)
     if n < minimum:
         raise ValueError(f"need at least {minimum} ingredient(s), got {n}")

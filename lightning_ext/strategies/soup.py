@@ -22,9 +22,9 @@ from torch import Tensor
 from lightning_ext._batch import ForwardFn, UnpackBatch, default_unpack_batch
 from lightning_ext._io import atomic_torch_save, load_file
 from lightning_ext._lightning import has_fit_val_loaders, run_dir
-from lightning_ext._masks import apply_masks_, mask_digest, sparse_masks_for
+from lightning_ext._masks import apply_masks_, ranks_share_masks, sparse_masks_for
 from lightning_ext.functional.merging import check_same_layout
-from lightning_ext.soups import (
+from lightning_ext.workflows.soup import (
     ValidationScorer,
     check_mode,
     check_monitor_logged,
@@ -58,10 +58,11 @@ class SoupStrategyMixin(_StrategyBase):
 
     Per-rank differences:
 
-    - seeds: rank ``r`` is seeded with ``seed + r`` before optimizers are configured (dropout,
-      augmentation, sampled noise differ), and with ``shard_data=False`` (default) every rank
-      sees the whole training set in its own order (sampler seed ``seed + r``);
-      ``shard_data=True`` keeps Lightning's usual disjoint shards.
+    - seeds: rank ``r`` is seeded with ``seed + r`` (or ``seed[r]`` when ``seed`` is a list,
+      so that a workflow can give each rank the seed of the run it stands for) before optimizers
+      are configured (dropout, augmentation, sampled noise differ), and with ``shard_data=False``
+      (default) every rank sees the whole training set in its own order (sampler seed, the
+      same); ``shard_data=True`` keeps Lightning's usual disjoint shards.
     - hyperparameters: ``hparams_per_rank[r]`` (a dict) is written into ``module.hparams`` before
       ``configure_optimizers`` runs, and a module method
       ``configure_soup_ingredient(self, rank: int, world_size: int) -> None``, if defined, is
@@ -74,7 +75,9 @@ class SoupStrategyMixin(_StrategyBase):
     scored by all ranks together, each on its share of the fit's validation data, with the
     module's ``validation_step``, ``monitor`` and ``mode`` (``"min"``, as in Lightning), under the
     fit's precision; ``monitor`` is checked at the first validation. The picture of the scores
-    goes to ``run_dir(trainer, "soup")/soup.png``. ``merge_every_n_steps`` also averages
+    goes to ``run_dir(trainer, "soup")/soup.png``. ``merge=None`` merges nothing: every rank
+    ends with its own ingredient, for a caller that soups more ingredients than one fit's ranks
+    hold (``sparse_model_soup(devices=N)``). ``merge_every_n_steps`` also averages
     (uniformly) every n optimizer steps, optimizer states staying per rank.
 
     Validation metrics logged with ``sync_dist=True`` during training are means over the ranks'
@@ -82,10 +85,11 @@ class SoupStrategyMixin(_StrategyBase):
     ingredient (rank r > 0 in ``<file>.rank<r>``), so a resumed job continues each of them.
 
     Args:
-        merge: ``"uniform"`` (average every rank's weights) or ``"greedy"`` (greedy soup).
+        merge: ``"uniform"`` (average every rank's weights), ``"greedy"`` (greedy soup) or
+            ``None`` (no merge: every rank keeps its ingredient).
         monitor: the logged validation metric the greedy soup ranks by.
         mode: ``"min"`` (lower is better, Lightning's default) or ``"max"``.
-        seed: rank ``r`` is seeded with ``seed + r``.
+        seed: rank ``r`` is seeded with ``seed + r``, or with ``seed[r]`` (one seed per rank).
         shard_data: give each rank a disjoint shard of the training data (Lightning's usual)
             instead of the whole set in its own order.
         hparams_per_rank: one dict per rank, written into ``module.hparams``.
@@ -98,8 +102,8 @@ class SoupStrategyMixin(_StrategyBase):
 
     Raises:
         ValueError: an unknown ``merge`` or ``mode``, ``merge_every_n_steps`` or ``passes``
-            below 1; at setup, ``hparams_per_rank`` of the wrong length or ``merge="greedy"``
-            without validation data.
+            below 1; at setup, ``hparams_per_rank`` or a ``seed`` list of the wrong length, or
+            ``merge="greedy"`` without validation data.
 
     Examples:
         >>> from lightning_ext.strategies import SoupStrategy
@@ -113,10 +117,10 @@ class SoupStrategyMixin(_StrategyBase):
 
     def __init__(
         self,
-        merge: Literal["uniform", "greedy"] = "uniform",
+        merge: Literal["uniform", "greedy"] | None = "uniform",
         monitor: str = "val_loss",
         mode: Literal["min", "max"] = "min",
-        seed: int = 0,
+        seed: int | list[int] = 0,
         shard_data: bool = False,
         hparams_per_rank: list[dict[str, Any]] | None = None,
         merge_every_n_steps: int | None = None,
@@ -127,9 +131,9 @@ class SoupStrategyMixin(_StrategyBase):
         **ddp_kwargs: Any,
     ) -> None:
         super().__init__(**ddp_kwargs)
-        if merge not in ("uniform", "greedy"):
+        if merge not in ("uniform", "greedy", None):
             raise ValueError(
-                f"SoupStrategy(merge=...) must be 'uniform' or 'greedy', got {merge!r}"
+                f"SoupStrategy(merge=...) must be 'uniform', 'greedy' or None, got {merge!r}"
             )
         check_mode(monitor, mode, "SoupStrategy")
         if merge_every_n_steps is not None and merge_every_n_steps < 1:
@@ -151,7 +155,14 @@ class SoupStrategyMixin(_StrategyBase):
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         if self.shard_data:
             return super().distributed_sampler_kwargs
-        return {"num_replicas": 1, "rank": 0, "seed": self.seed + self.global_rank}
+        return {"num_replicas": 1, "rank": 0, "seed": self.rank_seed}
+
+    @property
+    def rank_seed(self) -> int:
+        """This rank's seed: ``seed + rank``, or ``seed[rank]`` when one seed per rank is given."""
+        if isinstance(self.seed, int):
+            return self.seed + self.global_rank
+        return int(self.seed[self.global_rank])
 
     def setup(self, trainer: Any) -> None:
         if trainer.state.fn == "fit":
@@ -161,12 +172,17 @@ class SoupStrategyMixin(_StrategyBase):
                     f"SoupStrategy got {len(self.hparams_per_rank)} hparams_per_rank entries for "
                     f"{world} ranks: give exactly one dict per rank"
                 )
+            if not isinstance(self.seed, int) and len(self.seed) != world:
+                raise ValueError(
+                    f"SoupStrategy got {len(self.seed)} seeds for {world} ranks: give one seed "
+                    "per rank, or one int (rank r is then seeded with seed + r)"
+                )
             if self.merge == "greedy" and not has_fit_val_loaders(trainer):
                 raise ValueError(
                     "SoupStrategy(merge='greedy') scores candidates on validation data, and this "
                     "fit has none: pass val_dataloaders to fit, or use merge='uniform'"
                 )
-            torch.manual_seed(self.seed + self.global_rank)
+            torch.manual_seed(self.rank_seed)
             module = self._attached_module
             if self.hparams_per_rank is not None:
                 for key, value in self.hparams_per_rank[self.global_rank].items():
@@ -245,6 +261,8 @@ class SoupStrategyMixin(_StrategyBase):
 
     def on_train_end(self) -> None:
         super().on_train_end()
+        if self.merge is None:
+            return
         if self.merge == "uniform":
             self._uniform_merge_()
             self.soup_result = {"chosen": list(range(self.world_size))}
@@ -274,16 +292,13 @@ class SoupStrategyMixin(_StrategyBase):
         module = self._attached_module
         callbacks = module.trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning
         masks = sparse_masks_for(callbacks, module.state_dict())
-        value = mask_digest(masks)
-        digest = torch.tensor([value, -value], dtype=torch.int64, device=self.root_device)
-        dist.all_reduce(digest, op=dist.ReduceOp.MAX)
-        if int(digest[0]) != -int(digest[1]):
+        if not ranks_share_masks(masks, self.root_device):
             raise ValueError(
                 "SoupStrategy: the ranks were trained sparse with different masks, and their soup "
                 "would be dense where any mask keeps a weight (not sparse at the target density). "
                 "Give every rank the same masks: e.g. DynamicSparseTraining(method='static', "
                 "seed=...) with one seed on all ranks, or merge the ranks with "
-                "lightning_ext.sparse_soup, which retrains under one shared mask."
+                "lightning_ext.workflows.sparse_soup, which retrains under one shared mask."
             )
         if masks and not self._masks_announced:
             self._masks_announced = True

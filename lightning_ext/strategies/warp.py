@@ -12,6 +12,11 @@ with three differences:
 - when training ends, the M = world-size policies are merged tensor by tensor by SLERP of their
   task vectors (``functional.multi_slerp``) and moved towards the initialisation by LITI
   (``functional.liti`` with ``eta``); every rank ends with the same weights.
+
+Trained sparse (a callback with ``masks_by_name()``, e.g. DynamicSparseTraining), the ranks must
+share one mask: the merge and the LITI result are then re-zeroed outside it (SLERP of task
+vectors from a dense init is dense). Ranks with different masks are refused, all at once.
+Sharded modules (FSDP2 DTensors) are refused: the merge gathers whole tensors per rank.
 """
 
 from __future__ import annotations
@@ -25,10 +30,29 @@ import torch.distributed as dist
 from lightning.fabric.utilities.seed import seed_everything
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_ext._io import atomic_torch_save
+from lightning_ext._masks import ranks_share_masks, rezero_outside_masks_, sparse_masks_for
 from lightning_ext.functional.interpolation import liti, multi_slerp
+
+MASKS_SUFFIX = "_masks.pt"  # policy_<r>_masks.pt beside policy_<r>.pt: the mask it trained under
+
+
+def _refuse_sharded_parameters(module: torch.nn.Module) -> None:
+    """WARPStrategy broadcasts, gathers and merges whole tensors: FSDP2 shards are not."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = [n for n, p in module.named_parameters() if isinstance(p, DTensor)]
+    if sharded:
+        raise ValueError(
+            f"WARPStrategy does not support sharded modules: {len(sharded)} parameters (e.g. "
+            f"{sharded[0]!r}) are FSDP2 DTensors (fully_shard in configure_model?). Each rank "
+            "trains a whole policy and the merge gathers whole tensors. Remove fully_shard under "
+            "WARPStrategy, or train one policy sharded with ModelParallelStrategy and the WARP "
+            "callback."
+        )
 
 
 def _broadcast_module_states(module: torch.nn.Module) -> None:
@@ -78,9 +102,10 @@ class WARPStrategyMixin(_MixinBase):
                 f"got {len(self.weights)} merge weights for {self.world_size} ranks: give one "
                 "per rank (devices * num_nodes), or None for uniform"
             )
+        model = self.model
+        assert model is not None, "Lightning attaches the model before configure_ddp"
+        _refuse_sharded_parameters(model)
         if not self._resumed:  # a resumed fit restored each rank's own policy and the init
-            model = self.model
-            assert model is not None, "Lightning attaches the model before configure_ddp"
             _broadcast_module_states(model)  # one shared initialisation: rank 0's weights
             self.init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self._resumed = False
@@ -140,19 +165,53 @@ class WARPStrategyMixin(_MixinBase):
         module = self.lightning_module
         assert module is not None and self.init_state is not None
         policy = module.state_dict()
+        masks = self._shared_masks(policy)  # before anything is written: all ranks refuse here
         if self.save_dir is not None:
-            atomic_torch_save(policy, Path(self.save_dir) / f"policy_{self.global_rank}.pt")
+            folder = Path(self.save_dir)
+            if masks:  # first: a policy file on disk implies its masks are there too
+                atomic_torch_save(
+                    {k: m.cpu() for k, m in masks.items()},
+                    folder / f"policy_{self.global_rank}{MASKS_SUFFIX}",
+                )
+            atomic_torch_save(policy, folder / f"policy_{self.global_rank}.pt")
         merged = {}
         for key, tensor in policy.items():
             gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
             dist.all_gather(gathered, tensor.contiguous())
             merged[key] = multi_slerp(self.init_state[key], gathered, self.weights)
+        zeroed = rezero_outside_masks_(merged, masks)
         self.merged_state = merged
         if self.save_dir is not None and self.global_rank == 0:
             atomic_torch_save(self.init_state, Path(self.save_dir) / "init.pt")
             atomic_torch_save(merged, Path(self.save_dir) / "merged.pt")
-        module.load_state_dict(liti(self.init_state, merged, self.eta))
+        final = liti(self.init_state, merged, self.eta)
+        zeroed_final = rezero_outside_masks_(final, masks)
+        module.load_state_dict(final)
+        if masks:
+            rank_zero_info(
+                f"WARPStrategy: the {self.world_size} policies share one sparse-training mask "
+                f"({len(masks)} tensors): re-zeroed {zeroed} weights of the SLERP merge and "
+                f"{zeroed_final} of the LITI result outside it."
+            )
         self.barrier("WARPStrategy.on_train_end")
+
+    def _shared_masks(self, policy: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The sparse-training masks of the policies, which every rank must share (a
+        collective): under different masks the merge is dense wherever any mask keeps a
+        weight, not sparse at the target density."""
+        module = self.lightning_module
+        assert module is not None
+        callbacks = module.trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning
+        masks = sparse_masks_for(callbacks, policy)
+        if not ranks_share_masks(masks, self.root_device):
+            raise ValueError(
+                "WARPStrategy: the ranks' policies were trained sparse with different masks, and "
+                "their SLERP merge would be dense wherever any mask keeps a weight. Give every "
+                "rank the same mask: e.g. DynamicSparseTraining(method='static', seed=...) with "
+                "one seed on all ranks (WARPStrategy re-seeds each rank, so draw the mask from "
+                "the callback's own seed), or train dense."
+            )
+        return masks
 
 
 class WARPStrategy(WARPStrategyMixin, DDPStrategy):
@@ -162,9 +221,12 @@ class WARPStrategy(WARPStrategyMixin, DDPStrategy):
         eta: LITI coefficient applied after the merge: ``(1 - eta) * init + eta * merged``
             (1 keeps the merged policy).
         weights: one merge weight per rank (default uniform).
+            Trained sparse (e.g. with DynamicSparseTraining), all ranks must share one mask; the
+            merge and the LITI result are re-zeroed outside it.
         shard_data: give each rank a disjoint shard of the data (DDP's default) instead of the
             whole data set in its own order.
-        save_dir: if set, each rank writes ``policy_<rank>.pt`` there, and rank 0 writes
+        save_dir: if set, each rank writes ``policy_<rank>.pt`` there (trained sparse, with
+            ``policy_<rank>_masks.pt``: the masks it trained under), and rank 0 writes
             ``init.pt`` and ``merged.pt``, atomically, before the merged weights are loaded.
         **ddp_kwargs: passed to DDPStrategy (``process_group_backend``, ``timeout``, ...).
 
@@ -174,7 +236,9 @@ class WARPStrategy(WARPStrategyMixin, DDPStrategy):
 
     Raises:
         ValueError: ``eta`` below 0, a DDP-wrapper option in ``ddp_kwargs`` (WARP never wraps
-            the model), or, at setup, a number of ``weights`` other than the number of ranks.
+            the model), or, at setup, a number of ``weights`` other than the number of ranks or
+            a sharded (FSDP2) module; at the end of training, ranks with different
+            sparse-training masks (raised on every rank).
         FileNotFoundError: resuming from a checkpoint this strategy did not write (no per-rank
             file); a checkpoint from another number of ranks raises ValueError.
 

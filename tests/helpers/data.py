@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-from lightning_ext.data import digits_splits
+from examples._digits import digits_splits
 
 
 @cache

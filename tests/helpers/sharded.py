@@ -109,11 +109,12 @@ def fit(
     seed: int = 0,
     ckpt_path: str | None = None,
     optimizer: str = "sgd",
+    module_class: type[ShardedMLP] = ShardedMLP,
     **kwargs: Any,
 ) -> tuple[pl.Trainer, ShardedMLP]:
     """Fit the same initial module (seeded) with the same global batch, sharded or not."""
     torch.manual_seed(seed)
-    module = ShardedMLP(optimizer=optimizer)
+    module = module_class(optimizer=optimizer)
     t = trainer(sharded, callbacks, root, **kwargs)
     rank = t.global_rank if sharded else None
     batch = GLOBAL_BATCH // 2 if sharded else GLOBAL_BATCH

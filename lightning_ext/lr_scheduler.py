@@ -1,4 +1,4 @@
-"""Standard torch LR schedulers over the multipliers in ``lightning_ext.functional.schedules``.
+"""Standard torch LR schedulers over the multipliers in ``lightning_ext.functional.schedule``.
 
 Each one scales every param group's base learning rate by a multiplier of the step count; step
 them once per optimizer step (Lightning: ``"interval": "step"``).
@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_ext._io import load_file
-from lightning_ext.functional.schedules import (
+from lightning_ext.functional.schedule import (
     infinite_schedule,
     linear_decay,
     resample_schedule,

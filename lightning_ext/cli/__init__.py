@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
 
-from lightning_ext import ema_cli, pruning_cli, schedule_cli, soup_cli, sparse_cli
+from lightning_ext.cli import ema, pruning, schedule, soup, sparse
 
 DESCRIPTION = """\
 Offline tools for the files lightning-ext's callbacks write: export averaged weights, merge
@@ -16,15 +16,15 @@ model, select a pruned subset from a score file. Run
 `lightning-ext COMMAND --help` for a command's options.
 """
 
-# Each method's ``<method>_cli`` module contributes ``register(subparsers)``, which adds its
+# Each ``lightning_ext.cli.<method>`` module contributes ``register(subparsers)``, which adds its
 # subcommands with a ``func`` default (the handler, returning an exit code).
 Registrar = Callable[[argparse._SubParsersAction], None]
 REGISTRARS: list[Registrar] = [
-    ema_cli.register,
-    soup_cli.register,
-    schedule_cli.register,
-    sparse_cli.register,
-    pruning_cli.register,
+    ema.register,
+    soup.register,
+    schedule.register,
+    sparse.register,
+    pruning.register,
 ]
 
 

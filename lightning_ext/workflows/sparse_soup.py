@@ -11,11 +11,16 @@ Each cycle ``c`` (sparsity ``s_c``, increasing):
    ``"layer"``: each target at ``s_c``) to a mask nested in the previous one;
 2. retrain one copy per entry of ``retrain_configs`` (hyperparameters: seed, learning rate...)
    with the mask held fixed (``FixedMask``, added to each Trainer);
-3. soup them with ``lightning_ext.soups.build_soup`` (``"uniform"`` or ``"greedy"``, scored by the
+3. soup them with ``lightning_ext.build_soup`` (``"uniform"`` or ``"greedy"``, scored by the
    module's own ``validation_step``) and check that the soup's zeros are exactly the mask's.
 
 Every retrain and every cycle's soup is written atomically under ``output_dir``; a rerun with the
 same plan skips what is done, and a rerun with a different plan in the same folder is refused.
+
+With ``devices=N`` the function runs on every rank of an N-process job, and each cycle's retrains
+run N at a time, one per rank, in fits under ``SoupStrategy(merge=None)`` (no gradient
+synchronisation; each rank seeded with its retrain's seed); every rank then builds the same soup
+from the saved retrains, a greedy soup scoring each candidate on all ranks together.
 """
 
 from __future__ import annotations
@@ -29,15 +34,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_ext._io import atomic_torch_save, atomic_write_json, load_file
+from lightning_ext._lightning import namespace_of
 from lightning_ext._modules import named_parameters, normalise_name
-from lightning_ext.functional.sparsity import active_count, topk_mask
-from lightning_ext.soups import batchnorm_layers, build_soup, check_mode
+from lightning_ext.functional.sparse import active_count, topk_mask
+from lightning_ext.workflows.soup import batchnorm_layers, build_soup, check_mode
 
 __all__ = [
     "CycleResult",
@@ -230,7 +237,9 @@ class SparseSoupResult:
     cycles: list[CycleResult] = field(default_factory=list)
 
 
-def _check_plan(sparsities: Sequence[float], configs: Sequence[Mapping[str, Any]]) -> None:
+def _check_plan(
+    sparsities: Sequence[float], configs: Sequence[Mapping[str, Any]], devices: int
+) -> None:
     if not sparsities:
         raise ValueError("sparsities must name at least one cycle")
     if any(not 0.0 < s < 1.0 for s in sparsities):
@@ -239,6 +248,14 @@ def _check_plan(sparsities: Sequence[float], configs: Sequence[Mapping[str, Any]
         raise ValueError(f"sparsities must increase from cycle to cycle, got {list(sparsities)}")
     if not configs:
         raise ValueError("retrain_configs must hold at least one retrain (one dict each)")
+    if devices < 1:
+        raise ValueError(f"devices must be >= 1, got {devices}")
+    if len(configs) % devices:
+        raise ValueError(
+            f"devices={devices} retrains {devices} copies at a time, one per rank, and "
+            f"retrain_configs has {len(configs)}: give a multiple of {devices} configs (every "
+            "rank must take part in every fit), or change devices"
+        )
 
 
 def _fingerprint(state_dict: StateDict) -> str:
@@ -269,8 +286,9 @@ def _plan_record(
     }
 
 
-def _claim_folder(folder: Path, plan: dict[str, Any]) -> None:
-    """Write the plan, or check that the folder's plan is this one (never mix two runs' files)."""
+def _claim_folder(folder: Path, plan: dict[str, Any], writer: bool) -> None:
+    """Write the plan (``writer``: the one process that writes shared files), or check that the
+    folder's plan is this one (never mix two runs' files)."""
     path = folder / "plan.json"
     if path.exists():
         existing = json.loads(path.read_text())
@@ -281,7 +299,8 @@ def _claim_folder(folder: Path, plan: dict[str, Any]) -> None:
             )
         return
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(plan, path)
+    if writer:
+        atomic_write_json(plan, path)
 
 
 def _state(module: nn.Module) -> dict[str, Tensor]:
@@ -298,45 +317,126 @@ def _measured_sparsity(state_dict: StateDict, masks: Mapping[str, Tensor]) -> fl
     return zeros / sum(m.numel() for m in masks.values())
 
 
-def _seed(config: Mapping[str, Any], cycle: int, index: int) -> None:
-    """Seed a retrain: ``config["seed"]`` if given, else a seed from (cycle, index)."""
-    seed_everything(int(config.get("seed", 1000 * cycle + index)), verbose=False)
+def _seed_of(config: Mapping[str, Any], cycle: int, index: int) -> int:
+    """A retrain's seed: ``config["seed"]`` if given, else a seed from (cycle, index)."""
+    return int(config.get("seed", 1000 * cycle + index))
 
 
-def _retrain(
-    make_module: Callable[[Mapping[str, Any]], Any],
-    make_trainer: Callable[[int, int, list[Callback]], Any],
-    fit_kwargs: Mapping[str, Any],
-    start: StateDict,
-    masks: Mapping[str, Tensor],
-    cycle: int,
-    index: int,
-    config: Mapping[str, Any],
-) -> dict[str, Tensor]:
-    """One retrain: a fresh module from ``config`` holding ``start``, fitted with the mask fixed."""
-    _seed(config, cycle, index)
-    module = make_module(config)
-    module.load_state_dict(start)
-    mask = FixedMask(masks)
-    trainer = make_trainer(cycle, index, [mask])
+@dataclass
+class _Plan:
+    """What every retrain of one run shares."""
+
+    make_module: Callable[[Mapping[str, Any]], Any]
+    make_trainer: Callable[..., Any]
+    configs: Sequence[Mapping[str, Any]]
+    fit_kwargs: Mapping[str, Any]
+    devices: int
+    rank: int
+
+
+def _launch_rank() -> int:
+    """This process's global rank as Lightning reads it from the launcher's environment (0 when
+    not launched as a job), known before any Trainer or process group exists."""
+    return int(getattr(rank_zero_only, "rank", 0))
+
+
+def _barrier() -> None:
+    """Wait for every rank (once a fit has started the process group): files one rank wrote are
+    then there for all."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _soup_strategy(module: Any, seeds: list[int]) -> Any:
+    """A ``SoupStrategy`` of the module's Lightning namespace that merges nothing (the workflow
+    soups all of a cycle's retrains itself, more than one fit's ranks hold) and seeds rank ``r``
+    with ``seeds[r]``, the seed of the retrain it runs, as the sequential run seeds it."""
+    if namespace_of(module).__name__ == "pytorch_lightning":
+        from lightning_ext.pytorch_lightning import SoupStrategy
+    else:
+        from lightning_ext.strategies.soup import SoupStrategy  # type: ignore[assignment]
+    return SoupStrategy(merge=None, seed=seeds)
+
+
+def _check_trainer(trainer: Any, mask: FixedMask, strategy: Any, plan: _Plan) -> None:
+    """Refuse, before any training, a Trainer that would not hold the mask or not run the
+    retrains one per rank (every rank refuses alike, so none is left waiting)."""
     if mask not in trainer.callbacks:
         raise ValueError(
             "make_trainer(cycle, index, callbacks) must pass `callbacks` to the Trainer: the "
             "FixedMask callback among them keeps the shared mask during retraining"
         )
-    trainer.fit(module, **fit_kwargs)
+    if strategy is None:
+        return
+    if trainer.strategy is not strategy:
+        raise ValueError(
+            f"with devices={plan.devices}, make_trainer(cycle, index, callbacks, strategy) must "
+            "build the Trainer with strategy=strategy (the SoupStrategy that runs one retrain per "
+            "rank) and devices=devices"
+        )
+    if trainer.world_size != plan.devices or trainer.global_rank != plan.rank:
+        raise ValueError(
+            f"devices={plan.devices}: the Trainer runs rank {trainer.global_rank} of "
+            f"{trainer.world_size}, this process was launched as rank {plan.rank}: call "
+            f"sparse_model_soup on every rank of a {plan.devices}-process job (torchrun, or "
+            f"Lightning's own launcher) with a Trainer of devices={plan.devices}"
+        )
+
+
+def _retrain(
+    plan: _Plan, start: StateDict, masks: Mapping[str, Tensor], cycle: int, first: int
+) -> tuple[int, dict[str, Tensor]]:
+    """This rank's retrain of the round of retrains ``first, ..., first + devices - 1``: a fresh
+    module from its config holding ``start``, fitted with the mask fixed.
+
+    The retrain is seeded before its module is built and again just before the fit, so that the
+    fit's random stream (data order, dropout) does not depend on what building the module drew:
+    under ``SoupStrategy`` the rank is re-seeded at the same point, and both runs agree.
+    """
+    index = first + plan.rank
+    config = plan.configs[index]
+    seed = _seed_of(config, cycle, index)
+    seed_everything(seed, verbose=False)
+    module = plan.make_module(config)
+    module.load_state_dict(start)
+    mask = FixedMask(masks)
+    if plan.devices == 1:
+        strategy = None
+        trainer = plan.make_trainer(cycle, index, [mask])
+    else:
+        round_ = range(first, first + plan.devices)
+        strategy = _soup_strategy(module, [_seed_of(plan.configs[i], cycle, i) for i in round_])
+        trainer = plan.make_trainer(cycle, index, [mask], strategy)
+    _check_trainer(trainer, mask, strategy, plan)
+    seed_everything(seed, verbose=False)
+    trainer.fit(module, **plan.fit_kwargs)
     state = _state(module)
     outside = _outside_mask(state, masks)
     if outside:
         raise RuntimeError(
             f"retrain {index} of cycle {cycle} has pruned weights non-zero: {outside}"
         )
-    return state
+    return index, state
+
+
+def _retrain_cycle(
+    plan: _Plan, start: StateDict, masks: Mapping[str, Tensor], cycle: int, folder: Path
+) -> list[Path]:
+    """Every retrain of a cycle, ``devices`` at a time; a round whose files all exist is skipped
+    (on every rank alike, so that every rank joins the same fits)."""
+    paths = [folder / f"retrain{i}.pt" for i in range(len(plan.configs))]
+    for first in range(0, len(paths), plan.devices):
+        if all(p.exists() for p in paths[first : first + plan.devices]):
+            continue
+        index, state = _retrain(plan, start, masks, cycle, first)
+        atomic_torch_save(state, paths[index])
+    _barrier()
+    return paths
 
 
 def sparse_model_soup(
     make_module: Callable[[Mapping[str, Any]], Any],
-    make_trainer: Callable[[int, int, list[Callback]], Any],
+    make_trainer: Callable[..., Any],
     initial: StateDict | nn.Module,
     *,
     sparsities: Sequence[float],
@@ -351,6 +451,7 @@ def sparse_model_soup(
     monitor: str = "val_loss",
     mode: Literal["min", "max"] = "min",
     recalibrate_on: Any = None,
+    devices: int = 1,
 ) -> SparseSoupResult:
     """Run the prune-retrain-soup cycles of Sparse Model Soups and return the last soup.
 
@@ -358,7 +459,9 @@ def sparse_model_soup(
         make_module: ``make_module(config) -> LightningModule``: a fresh module for one retrain,
             built with that retrain's hyperparameters (``config`` is one of ``retrain_configs``).
         make_trainer: ``make_trainer(cycle, index, callbacks) -> Trainer``; must pass
-            ``callbacks`` (the ``FixedMask``) to the Trainer.
+            ``callbacks`` (the ``FixedMask``) to the Trainer. With ``devices > 1``:
+            ``make_trainer(cycle, index, callbacks, strategy)``, and the Trainer must also take
+            ``strategy=strategy, devices=devices`` (``index``: the retrain of this rank).
         initial: the (usually dense, pretrained) weights the first cycle prunes.
         sparsities: target sparsity of the pruned weights per cycle, increasing, in (0, 1).
         retrain_configs: one dict per soup ingredient; ``"seed"`` (if present) seeds it, every
@@ -371,14 +474,29 @@ def sparse_model_soup(
         scope: magnitude pruning with one global threshold or per layer.
         targets: ``targets(name, parameter) -> bool`` selects the pruned weights.
         recalibrate_on: a train loader to recompute BatchNorm statistics of the soups on.
+        devices: run each cycle's retrains this many at a time, one per rank of a job of this
+            many processes, which must all call this function alike (see the module docstring);
+            ``len(retrain_configs)`` must be a multiple of it. Rank 0 writes the shared files,
+            each rank its own retrains; ``output_dir`` must be one folder for all ranks.
+
+    Raises:
+        ValueError: before any training: a bad plan (sparsities, no retrain, a number of retrains
+            that is not a multiple of ``devices``), a folder holding another plan, or a Trainer
+            without the ``FixedMask`` (or, with ``devices > 1``, without the strategy, or not
+            running ``devices`` ranks).
     """
-    _check_plan(sparsities, retrain_configs)
+    _check_plan(sparsities, retrain_configs, devices)
     check_mode(monitor, mode, "sparse_model_soup")
     folder = Path(output_dir)
     current = _state(initial) if isinstance(initial, nn.Module) else dict(initial)
-    _claim_folder(folder, _plan_record(current, sparsities, retrain_configs, scope, method))
+    rank = _launch_rank() if devices > 1 else 0
+    # rank 0 writes the shared files; with devices=1 that is every process (its fits may be DDP)
+    writer = rank == 0
+    record = _plan_record(current, sparsities, retrain_configs, scope, method)
+    _claim_folder(folder, record, writer)
     fit_kwargs = {"train_dataloaders": train_dataloaders, "datamodule": datamodule}
     fit_kwargs = {k: v for k, v in fit_kwargs.items() if v is not None}
+    plan = _Plan(make_module, make_trainer, retrain_configs, fit_kwargs, devices, rank)
     scorer_module = make_module(retrain_configs[0])
     _warn_stale_statistics(scorer_module, recalibrate_on)
     masks: dict[str, Tensor] | None = None
@@ -395,16 +513,7 @@ def sparse_model_soup(
         scorer_module.load_state_dict(current)
         weights = _target_weights(scorer_module, targets)
         masks = magnitude_masks(weights, sparsity, scope=scope, previous=masks)
-        pruned = _pruned(current, masks)
-        ingredients = []
-        for index, config in enumerate(retrain_configs):
-            path = cycle_dir / f"retrain{index}.pt"
-            if not path.exists():
-                state = _retrain(
-                    make_module, make_trainer, fit_kwargs, pruned, masks, cycle, index, config
-                )
-                atomic_torch_save(state, path)
-            ingredients.append(path)
+        ingredients = _retrain_cycle(plan, _pruned(current, masks), masks, cycle, cycle_dir)
         soup = build_soup(
             scorer_module,
             ingredients,
@@ -426,8 +535,9 @@ def sparse_model_soup(
             chosen=soup.chosen,
         )
         _report(result, mode)
-        atomic_torch_save({"state_dict": current, "masks": masks}, cycle_dir / "soup.pt")
-        atomic_write_json(asdict(result), done)
+        if writer:
+            atomic_torch_save({"state_dict": current, "masks": masks}, cycle_dir / "soup.pt")
+            atomic_write_json(asdict(result), done)
         results.append(result)
     assert masks is not None
     return SparseSoupResult(current, masks, results)

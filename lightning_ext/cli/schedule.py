@@ -58,7 +58,7 @@ def _refine_schedule_command(args: Any) -> int:
         load_grad_norms,
         write_refined_schedule,
     )
-    from lightning_ext.functional.schedules import Norm
+    from lightning_ext.functional.schedule import Norm
 
     records, kinds = load_grad_norms(args.grad_norms)
     # A recorded kind is "l1" or "l2" as the callback wrote it; refine_schedule rejects any other.

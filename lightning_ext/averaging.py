@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -235,6 +236,47 @@ def gather_full(local: Tensor, like: Tensor) -> Tensor:
     )
     full = dtensor.full_tensor()
     return full.bool() if as_bool else full
+
+
+def local_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with every DTensor replaced by this rank's local shard (a view of its storage,
+    so writing into it writes the module), other tensors as they are. No communication."""
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        return {
+            name: value.to_local().detach() if isinstance(value, DTensor) else value
+            for name, value in state.items()
+        }
+
+
+def full_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with every DTensor gathered whole (an all-gather per DTensor: every rank must
+    call it at the same point); other tensors as they are (this rank's values)."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        name: gather_full(value.to_local(), value) if isinstance(value, DTensor) else value
+        for name, value in state.items()
+    }
+
+
+def fsdp2_modules(module: nn.Module) -> list[Any]:
+    """The FSDP2 (``fully_shard``-ed) modules in ``module``, root included; empty when none."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard(modules: list[Any]) -> None:
+    """Free FSDP2's unsharded parameters, so that the next forward gathers the shards again.
+
+    The root module keeps its gathered parameters after a forward (its backward would follow).
+    After its shards were written (weights swapped, a soup loaded) or after a forward outside
+    training, they would be stale or unexpected, and the next forward would read them.
+    """
+    for module in modules:
+        module.reshard()
 
 
 def local_part(full: Tensor, like: Tensor) -> Tensor:

@@ -3,7 +3,7 @@
 one call, estimate diagonal Fishers, and recalibrate BatchNorm statistics after merging.
 
 The math lives in ``lightning_ext.functional.merging``; ingredients stream through
-``lightning_ext.soup_io.Ingredients`` (one loaded at a time, validated before any work).
+``lightning_ext.io.ingredients.Ingredients`` (one loaded at a time, validated before any work).
 
 Under ``torch.distributed`` (a DDP fit) scoring is collective: every rank validates its share of
 the held-out data and the ranks reduce the score, so every rank must score the same weights in the
@@ -37,7 +37,7 @@ from lightning_ext._batch import (
     default_unpack_batch,
     move_to_device,
 )
-from lightning_ext._lightning import fit_val_loaders, namespace_of
+from lightning_ext._lightning import configure_model_skipped, fit_val_loaders, namespace_of
 from lightning_ext._sized import dataset_size
 from lightning_ext.functional.learned_soup import (
     LearnedSoup,
@@ -46,7 +46,7 @@ from lightning_ext.functional.learned_soup import (
 )
 from lightning_ext.functional.merge_methods import MERGE_METHODS
 from lightning_ext.functional.merging import check_same_layout, greedy_soup, is_statistic
-from lightning_ext.soup_io import Ingredients, IngredientSource
+from lightning_ext.io.ingredients import Ingredients, IngredientSource
 
 __all__ = [
     "SoupResult",
@@ -373,10 +373,15 @@ def _quiet_lightning() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _shard(loader: Any, rank: int, world: int) -> tuple[Any, int]:
+def _shard(loader: Any, rank: int, world: int, *, equal_batches: bool = False) -> tuple[Any, int]:
     """This rank's share of a held-out loader (every ``world``-th sample, no padding, so no sample
     counts twice) and its number of samples. Loaders that cannot be split (iterable datasets,
-    custom batch samplers) are scored whole on every rank, each rank then counting 1."""
+    custom batch samplers) are scored whole on every rank, each rank then counting 1.
+
+    ``equal_batches`` (an FSDP2 module, whose every forward is a collective): every rank gets the
+    number of batches of the largest share, its samples split evenly over them (batches of at
+    most ``batch_size``), so the ranks' forwards pair up without padding any sample.
+    """
     dataset = getattr(loader, "dataset", None)
     if (
         not isinstance(loader, DataLoader)
@@ -393,10 +398,21 @@ def _shard(loader: Any, rank: int, world: int) -> tuple[Any, int]:
             f"the held-out data has {size} samples, fewer than the {world} ranks that "
             "score soups together: give every rank at least one sample"
         )
+    batching: dict[str, Any] = {"batch_size": loader.batch_size, "sampler": indices}
+    if equal_batches:
+        count = math.ceil(math.ceil(size / world) / loader.batch_size)
+        if len(indices) < count:
+            raise ValueError(
+                f"the held-out data ({size} samples in batches of {loader.batch_size}) gives the "
+                f"{world} sharded ranks different numbers of batches, and every forward of a "
+                "sharded module is a collective: use a batch size above 1 or a number of samples "
+                f"divisible by {world}"
+            )
+        batches = torch.tensor(indices).tensor_split(count)
+        batching = {"batch_sampler": [b.tolist() for b in batches]}
     shard: DataLoader = DataLoader(
         dataset,
-        batch_size=loader.batch_size,
-        sampler=indices,
+        **batching,
         num_workers=loader.num_workers,
         collate_fn=loader.collate_fn,
         pin_memory=loader.pin_memory,
@@ -442,6 +458,10 @@ class ValidationScorer:
         recalibrate_on: a train loader to recompute BatchNorm statistics on before each score.
         unpack_batch: ``batch -> (inputs, targets)``, for ``recalibrate_on``.
         forward_fn: ``(module, inputs) -> logits``, for ``recalibrate_on``.
+        sharded: the module is FSDP2-sharded (``fully_shard``): every rank validates the same
+            number of batches (each forward all-gathers the shards) and without inference mode
+            (FSDP2's all-gather buffers, reused by later forwards, must stay normal tensors). The
+            caller loads the weights (``score_loaded``): a sharded module takes no full state dict.
 
     Raises:
         ValueError: neither ``dataloaders`` nor ``datamodule``.
@@ -466,6 +486,7 @@ class ValidationScorer:
         recalibrate_on: Iterable | None = None,
         unpack_batch: UnpackBatch = default_unpack_batch,
         forward_fn: ForwardFn | None = None,
+        sharded: bool = False,
     ) -> None:
         if dataloaders is None and datamodule is None:
             raise ValueError("ValidationScorer needs held-out `dataloaders` or a `datamodule`")
@@ -477,20 +498,23 @@ class ValidationScorer:
         self.recalibrate_on = recalibrate_on
         self.unpack_batch, self.forward_fn = unpack_batch, forward_fn
         self._trainer = trainer
+        self.sharded = sharded
         self.evaluations = 0
         rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
         if isinstance(dataloaders, list | tuple):
-            shards = [_shard(loader, rank, world) for loader in dataloaders]
+            shards = [_shard(loader, rank, world, equal_batches=sharded) for loader in dataloaders]
             self.dataloaders: Any = [s for s, _ in shards]
             self.count = sum(n for _, n in shards)
         else:
-            self.dataloaders, self.count = _shard(dataloaders, rank, world)
+            self.dataloaders, self.count = _shard(dataloaders, rank, world, equal_batches=sharded)
 
     def _scoring_trainer(self) -> Any:
         if self._trainer is None:
             ns = namespace_of(self.module)
             device = _device_of(self.module)
-            kwargs = {} if self.precision is None else {"precision": self.precision}
+            kwargs: dict[str, Any] = {} if self.precision is None else {"precision": self.precision}
+            if self.sharded:
+                kwargs["inference_mode"] = False
             with _quiet_lightning():
                 self._trainer = ns.Trainer(
                     accelerator="gpu" if device.type == "cuda" else device.type,
@@ -532,7 +556,10 @@ class ValidationScorer:
         module = self.module
         previous_trainer, device = module._trainer, _device_of(module)
         try:
-            with _quiet_lightning():
+            configured = (
+                configure_model_skipped(module) if self.sharded else contextlib.nullcontext()
+            )
+            with _quiet_lightning(), configured:
                 results = self._scoring_trainer().validate(
                     module, dataloaders=self.dataloaders, verbose=False
                 )

@@ -11,12 +11,20 @@ under ``out_dir``, and a rerun with the same arguments skips what is already the
                                            fine-tuning resumes from its last.ckpt (with a
                                            WARPStrategy, policy_0/ holds every rank's checkpoints)
     out_dir/iteration_<i>/policy_<m>.pt    its final weights
+    out_dir/iteration_<i>/policy_<m>_masks.pt  trained sparse: the masks it ended with
     out_dir/iteration_<i>/merged.pt        SLERP of the M policies' task vectors
     out_dir/iteration_<i>/metrics.json     evaluate() at each eta of the sweep
     out_dir/iteration_<i>/liti.pt          (1 - eta) * init + eta * merged: the next init
 
 With a ``WARPStrategy`` Trainer the M fine-tunings of an iteration run in parallel, one per rank,
 in one ``fit``; otherwise they run one after another on the Trainer's device.
+
+Trained sparse (a callback with ``masks_by_name()``, e.g. DynamicSparseTraining), the M policies
+must end with one shared mask, which is re-applied to the merge and to every LITI (the task
+vectors' SLERP from a dense init is dense). Policies with different masks are refused: their
+union would be denser than the target and their intersection sparser (about density**M of
+the weights for independent random masks), and either would silently change the sparsity
+the user asked for.
 """
 
 from __future__ import annotations
@@ -34,8 +42,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_ext._io import atomic_torch_save, atomic_write_json, load_file
+from lightning_ext._masks import rezero_outside_masks_, sparse_masks_for
 from lightning_ext.functional.interpolation import liti, multi_slerp
-from lightning_ext.strategies.warp import WARPStrategyMixin
+from lightning_ext.strategies.warp import MASKS_SUFFIX, WARPStrategyMixin
 
 StateDict = dict[str, Tensor]
 Evaluate = Callable[[pl.LightningModule, int], Mapping[str, float]]
@@ -173,11 +182,12 @@ def run_warp(
             merged, module = _iteration(
                 i, it_dir, init, make_module, make_trainer, fit_kwargs, num_policies, weights, seed
             )
+            masks = _shared_policy_masks(it_dir, num_policies)
             metrics = {}
             if evaluate is not None and module is not None:
                 module.eval()
                 for e in sorted({*eta_sweep, eta}):
-                    module.load_state_dict(liti(init, merged, e))
+                    module.load_state_dict(_masked_liti(init, merged, e, masks))
                     metrics[f"{e:g}"] = {k: float(v) for k, v in evaluate(module, i).items()}
                 for logger in loggers:
                     flat = {
@@ -187,7 +197,7 @@ def run_warp(
             result.metrics.append(metrics)
             if _is_writer():
                 atomic_write_json(metrics, it_dir / "metrics.json")
-                atomic_torch_save(liti(init, merged, eta), liti_path)
+                atomic_torch_save(_masked_liti(init, merged, eta, masks), liti_path)
             _barrier()
         if i + 1 < iterations:
             next_init = out_dir / f"iteration_{i + 1}" / "init.pt"
@@ -229,9 +239,21 @@ def _iteration(
             )
             if isinstance(trainer.strategy, WARPStrategyMixin):
                 break  # one fit trained every policy, one per rank, and wrote policy_<rank>.pt
-            atomic_torch_save(module.state_dict(), path)
+            state = module.state_dict()
+            masks = sparse_masks_for(trainer.callbacks, state)  # type: ignore[attr-defined]
+            if masks:  # first: a policy file on disk implies its masks are there too
+                atomic_torch_save({k: v.cpu() for k, v in masks.items()}, _masks_path(path))
+            atomic_torch_save(state, path)
         rank_zero_info(f"WARP iteration {i}: merging {num_policies} policies by SLERP")
+        masks = _shared_policy_masks(it_dir, num_policies)
         merged = multi_slerp(init, [_load(p) for p in policy_paths], weights)
+        if masks:
+            zeroed = rezero_outside_masks_(merged, masks)
+            rank_zero_info(
+                f"WARP iteration {i}: the policies share one sparse-training mask ({len(masks)} "
+                f"tensors): re-zeroed {zeroed} weights of the merge outside it; every LITI "
+                "is masked too."
+            )
         if _is_writer():
             atomic_torch_save(merged, merged_path)
         _barrier()
@@ -239,6 +261,44 @@ def _iteration(
     if module is None:
         module = make_module()
     return merged, module
+
+
+def _masks_path(policy_path: Path) -> Path:
+    return policy_path.with_name(policy_path.stem + MASKS_SUFFIX)
+
+
+def _shared_policy_masks(it_dir: Path, num_policies: int) -> StateDict:
+    """The mask every policy of the iteration ended with (empty when trained dense).
+
+    Raises:
+        ValueError: some policies were trained sparse and others not, or their masks differ.
+    """
+    found = []
+    for m in range(num_policies):
+        path = _masks_path(it_dir / f"policy_{m}.pt")
+        found.append(_load(path) if path.exists() else {})
+    first = found[0]
+    for m, masks in enumerate(found[1:], start=1):
+        differ = sorted(set(first) ^ set(masks)) or [
+            k for k in first if not torch.equal(first[k].bool(), masks[k].bool())
+        ]
+        if differ:
+            raise ValueError(
+                f"run_warp: policies 0 and {m} of {it_dir.name} ended with different "
+                f"sparse-training masks (e.g. {differ[0]!r}). Their SLERP merge would be dense "
+                "wherever any mask keeps a weight; the union of the masks would be denser and "
+                "their intersection sparser than the target. Train every policy under one "
+                "mask: DynamicSparseTraining(method='static', seed=...) with the same seed for "
+                "every fine-tuning, or train dense."
+            )
+    return first
+
+
+def _masked_liti(init: StateDict, merged: StateDict, eta: float, masks: StateDict) -> StateDict:
+    """LITI, re-zeroed outside the shared sparse-training masks (the init may be dense)."""
+    moved = dict(liti(init, merged, eta))
+    rezero_outside_masks_(moved, masks)
+    return moved
 
 
 def _is_writer() -> bool:

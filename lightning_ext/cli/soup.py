@@ -40,7 +40,7 @@ from lightning_ext.functional.merge_methods import (
     Parameter,
     get_merge_method,
 )
-from lightning_ext.soup_io import Ingredients, load_state_dict
+from lightning_ext.io.ingredients import Ingredients, load_state_dict
 
 TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
 
@@ -196,7 +196,7 @@ def recalibrate(
 ) -> dict[str, torch.Tensor]:
     """Load the merge into the model and recompute its BatchNorm statistics on the data; without
     ``--recalibrate-bn``, warn when statistics were only averaged."""
-    from lightning_ext.soups import recalibrate_batchnorm
+    from lightning_ext.workflows.soup import recalibrate_batchnorm
 
     if bn is None:
         averaged = statistics_keys(soup)

@@ -1,0 +1,57 @@
+"""The layers stay layers: the pure-torch parts never import Lightning, and the repository's
+scripts import each other as packages instead of editing ``sys.path``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PURE_TORCH = [
+    "lightning_ext.functional",
+    "lightning_ext.averaging",
+    "lightning_ext.lr_scheduler",
+    "lightning_ext.io",
+]
+
+
+@pytest.mark.parametrize("module", PURE_TORCH)
+def test_pure_torch_layer_does_not_import_lightning(module):
+    code = (
+        f"import sys, {module}\n"
+        "roots = ('lightning', 'pytorch_lightning')\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in roots)\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "", f"{module} imports {out.stdout.strip()[:200]}"
+
+
+def test_lazy_top_level_exports_resolve():
+    import lightning_ext
+
+    for name in lightning_ext.__all__:
+        assert getattr(lightning_ext, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute"):
+        lightning_ext.no_such_name  # noqa: B018
+
+
+def test_scripts_do_not_edit_sys_path():
+    offenders = [
+        str(path.relative_to(REPO))
+        for folder in ("examples", "benchmarks", "tools", "tests", "lightning_ext")
+        for path in (REPO / folder).rglob("*.py")
+        if "sys.path." + "insert" in path.read_text()
+    ]
+    # the soup CLI imports a user's module factory from the working directory, as `python -m` does
+    assert offenders == ["lightning_ext/cli/soup.py"]
+
+
+def test_no_example_dataset_ships_in_the_package():
+    assert not list((REPO / "lightning_ext").rglob("digits*.py"))

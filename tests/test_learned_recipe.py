@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -283,3 +284,14 @@ def test_model_soup_learned_under_ddp_learns_one_soup_collectively(tmp_path):
     )
     torch.testing.assert_close(r0["alpha"], single.alpha, rtol=1e-5, atol=1e-6)
     assert max(abs(float(a)) for a in single.alpha.flatten()) > 1e-3  # it did move
+
+
+def test_model_soup_learned_is_refused_at_fit_start_under_fsdp2(monkeypatch):
+    """Learning mixes whole tensors: a sharded (FSDP2) fit refuses it before training, naming the
+    methods that merge shard by shard."""
+    import lightning_ext.callbacks.soup as soup_module
+
+    monkeypatch.setattr(soup_module, "fsdp2_modules", lambda module: [module])
+    trainer = SimpleNamespace(world_size=2, global_rank=0)
+    with pytest.raises(ValueError, match=r"method='learned'\) does not merge shard by shard"):
+        ModelSoup(method="learned").on_fit_start(trainer, object())

@@ -10,6 +10,7 @@ FUNCTIONAL_MODULES = [
     "lightning_ext.functional.continual",
     "lightning_ext.functional.interpolation",
     "lightning_ext.functional.learned_soup",
+    "lightning_ext.functional.merge_methods",
     "lightning_ext.functional.merging",
     "lightning_ext.functional.schedule",
 ]

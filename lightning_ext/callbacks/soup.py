@@ -30,6 +30,7 @@ from lightning_ext.workflows.soup import (
     batchnorm_layers,
     check_mode,
     check_monitor_logged,
+    check_soup_method,
     fit_val_loader,
     recalibrate_batchnorm,
     run_soup,
@@ -51,24 +52,30 @@ class ModelSoup(DeclaredState, Callback):
     ``validation_step`` on the fit's validation data, under the fit's precision, and keeps an
     ingredient only if ``monitor`` improves (strictly, unless ``strict=False``); ``mode="min"``
     (Lightning's default) means lower is better: pass ``mode="max"`` for an accuracy. ``monitor``
-    is checked at the first validation. ``"uniform"`` averages all snapshots. Snapshots live on
-    disk (rank 0 writes them), never all in memory. Under DDP every rank scores its share of the
-    validation data and the ranks reduce the score (several nodes need ``dirpath`` on a shared
-    filesystem), so every rank builds the same soup. Under FSDP2 (``fully_shard`` parameters)
-    every rank writes its own shards (``ingredient-epoch=E.rank{r}.pt``) and merges them shard by
-    shard; greedy candidates are scored by all ranks together, each validating the same number of
-    batches; ``soup.pt`` holds the gathered full tensors. ``recalibrate_bn`` and methods other
-    than ``"greedy"`` and ``"uniform"`` are refused there at fit start.
+    is checked at the first validation. ``"uniform"`` averages all snapshots. ``"learned"`` learns
+    the snapshots' mixing coefficients (Wortsman et al.'s learned soup) on the fit's validation
+    data, with ``options`` (``LEARNED_SOUP_OPTIONS``: ``granularity``, ``steps``, ``lr``,
+    ``seed``, ...); under DDP every rank learns on its share of the data, the gradients
+    averaged. Snapshots live on disk (rank 0 writes them), never all in memory. Under DDP every
+    rank scores its share of the validation data and the ranks reduce the score (several nodes
+    need ``dirpath`` on a shared filesystem), so every rank builds the same soup. Under FSDP2
+    (``fully_shard`` parameters) every rank writes its own shards
+    (``ingredient-epoch=E.rank{r}.pt``) and merges them shard by shard; greedy candidates are
+    scored by all ranks together, each validating the same number of batches; ``soup.pt`` holds
+    the gathered full tensors. ``recalibrate_bn`` and methods other than ``"greedy"`` and
+    ``"uniform"`` (``"learned"`` too) are refused there at fit start.
 
     ``recalibrate_bn`` recomputes BatchNorm statistics of every candidate on the training data,
     read with ``unpack_batch``/``forward_fn``. The soup is saved to ``dirpath/soup.pt`` and the
     picture of the scores to ``dirpath/soup.png`` (with matplotlib). Logged (to every logger, at
     fit end): ``soup/score``, ``soup/best_ingredient_score``, ``soup/ingredient_score/epoch_E``,
-    ``soup/num_ingredients``, ``soup/num_chosen``; with a WandbLogger also the table
+    ``soup/num_ingredients``, ``soup/num_chosen`` (learned: ``soup/coefficient/epoch_E``, each
+    snapshot's mean mixing weight, and ``soup/learned_loss``); with a WandbLogger also the table
     ``soup/ingredients`` (epoch, file, score, chosen) and the image ``soup/scores``.
 
     Args:
-        method: ``"greedy"`` (keep an ingredient only if ``monitor`` improves) or ``"uniform"``.
+        method: ``"greedy"`` (keep an ingredient only if ``monitor`` improves), ``"uniform"`` or
+            ``"learned"`` (mixing coefficients learned on the validation data).
         monitor: the logged validation metric the greedy soup ranks by.
         mode: ``"min"`` (lower is better, Lightning's default) or ``"max"``.
         every_n_epochs: snapshot every this many training epochs.
@@ -80,11 +87,13 @@ class ModelSoup(DeclaredState, Callback):
         recalibrate_bn: recompute BatchNorm statistics of every candidate on the training data.
         save_soup: save the soup to ``dirpath/soup.pt``.
         unpack_batch: ``batch -> (inputs, targets)``, for ``recalibrate_bn``.
-        forward_fn: ``(module, inputs) -> logits``, for ``recalibrate_bn``.
+        forward_fn: ``(module, inputs) -> logits``, for ``recalibrate_bn`` and ``"learned"``.
+        options: ``method="learned"``'s options (``LEARNED_SOUP_OPTIONS``; ``mode`` stays
+            ``"ingredients"``: aTLAS needs a base, use ``build_soup``).
 
     Raises:
-        ValueError: an unknown ``method`` or ``mode``, ``every_n_epochs`` or ``passes`` below 1,
-            ``start_epoch`` below 0, or ``keep_last`` below 1.
+        ValueError: an unknown ``method``, ``options`` or ``mode``, ``every_n_epochs`` or
+            ``passes`` below 1, ``start_epoch`` below 0, or ``keep_last`` below 1.
 
     Examples:
         >>> import lightning.pytorch as pl
@@ -95,7 +104,7 @@ class ModelSoup(DeclaredState, Callback):
 
     def __init__(
         self,
-        method: Literal["greedy", "uniform"] = "greedy",
+        method: Literal["greedy", "uniform", "learned"] = "greedy",
         monitor: str = "val_loss",
         mode: Literal["min", "max"] = "min",
         every_n_epochs: int = 1,
@@ -108,9 +117,20 @@ class ModelSoup(DeclaredState, Callback):
         save_soup: bool = True,
         unpack_batch: UnpackBatch = default_unpack_batch,
         forward_fn: ForwardFn | None = None,
+        options: dict[str, Any] | None = None,
     ) -> None:
-        if method not in ("greedy", "uniform"):
-            raise ValueError(f"ModelSoup(method=...) must be 'greedy' or 'uniform', got {method!r}")
+        if method not in ("greedy", "uniform", "learned"):
+            raise ValueError(
+                f"ModelSoup(method=...) must be 'greedy', 'uniform' or 'learned', got {method!r}"
+            )
+        if method == "learned" and (options or {}).get("mode") == "task_vectors":
+            raise ValueError(
+                "ModelSoup(method='learned') mixes its snapshots (mode='ingredients'); aTLAS "
+                "(mode='task_vectors') needs the pre-trained base: after the fit, call "
+                "build_soup(module, snapshots, method='learned', base=..., "
+                "options={'mode': 'task_vectors'})"
+            )
+        self.options = check_soup_method(method, options, owner="ModelSoup")
         check_mode(monitor, mode, "ModelSoup")
         if every_n_epochs < 1 or start_epoch < 0 or passes < 1:
             raise ValueError("every_n_epochs and passes must be >= 1 and start_epoch >= 0")
@@ -142,9 +162,9 @@ class ModelSoup(DeclaredState, Callback):
             return
         if self.dirpath is None:
             self.dirpath = str(run_dir(trainer, "soup"))
-        if self.method == "greedy" and not _has_val_data(trainer, pl_module):
+        if self.method != "uniform" and not _has_val_data(trainer, pl_module):
             raise ValueError(
-                "ModelSoup(method='greedy') scores candidates on validation data, but the fit has "
+                f"ModelSoup(method={self.method!r}) needs validation data, but the fit has "
                 "none: pass val_dataloaders or a datamodule with val_dataloader(), or use "
                 "method='uniform'."
             )
@@ -230,6 +250,9 @@ class ModelSoup(DeclaredState, Callback):
                 "soup_score": result.soup_score,
                 "candidates": result.candidates,
             }
+            if result.learned is not None:
+                decision["coefficients"] = result.learned.mean_weights()
+                decision["learned"] = result.learned
         local = local_tensors(pl_module.state_dict())
         apply_masks_(local, self._current_masks(trainer, local))
         reshard(self._fsdp2)
@@ -321,6 +344,7 @@ class ModelSoup(DeclaredState, Callback):
             passes=self.passes,
             names=[f"epoch {e['epoch']}" for e in self.ingredients],
             progress_bar=trainer.progress_bar_callback is not None,
+            options=self.options,
         )
 
     def _log(self, trainer: Any, decision: dict[str, Any], picture: Path | None) -> None:
@@ -335,6 +359,10 @@ class ModelSoup(DeclaredState, Callback):
             metrics["soup/best_ingredient_score"] = float(best)
             for entry, score in zip(self.ingredients, scores):
                 metrics[f"soup/ingredient_score/epoch_{entry['epoch']}"] = float(score)
+        if "learned" in decision:
+            metrics["soup/learned_loss"] = decision["learned"].losses[-1]
+            for entry, weight in zip(self.ingredients, decision["coefficients"]):
+                metrics[f"soup/coefficient/epoch_{entry['epoch']}"] = float(weight)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             if not is_wandb_logger(logger) or not scores:

@@ -34,20 +34,14 @@ import torch
 
 from lightning_ext._io import atomic_torch_save, load_file
 from lightning_ext.functional import merging
+from lightning_ext.functional.merge_methods import (
+    CLI_SPELLING,
+    MERGE_METHODS,
+    Parameter,
+    get_merge_method,
+)
 from lightning_ext.io.ingredients import Ingredients, load_state_dict
 
-METHODS = (
-    "uniform",
-    "weighted",
-    "task-arithmetic",
-    "ties",
-    "dare",
-    "breadcrumbs",
-    "model-stock",
-    "slerp",
-)
-NEEDS_BASE = {"task-arithmetic", "ties", "dare", "breadcrumbs", "model-stock"}
-BASE_OPTIONAL = {"slerp"}  # SLERP of the models, or of their task vectors when --base is given
 TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
 
 
@@ -56,18 +50,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         "soup",
         help="merge checkpoints (model soups, task arithmetic, TIES, DARE, ...)",
         description=__doc__,
+        epilog=_methods_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoints", nargs="+", help="ingredient checkpoints or state-dict files")
     p.add_argument("-o", "--output", required=True, help="file to write (atomically)")
-    p.add_argument("--method", choices=METHODS, default="uniform")
-    p.add_argument("--base", help="base (pre-trained) checkpoint for task-vector methods")
-    p.add_argument("--weights", type=float, nargs="+", help="one weight per checkpoint")
-    p.add_argument("--scale", type=float, default=1.0, help="task-vector scale (default 1)")
-    p.add_argument("--density", type=float, default=None, help="kept fraction (ties 0.2)")
-    p.add_argument("--gamma", type=float, default=0.01, help="breadcrumbs outlier fraction")
-    p.add_argument("--seed", type=int, default=0, help="DARE mask seed")
-    p.add_argument("--t", type=float, default=0.5, help="SLERP position between 2 checkpoints")
+    p.add_argument(
+        "--method",
+        choices=list(MERGE_METHODS),
+        default="uniform",
+        metavar="METHOD",
+        help="one of: " + ", ".join(MERGE_METHODS) + " (default uniform; see 'merge methods')",
+    )
+    users = sorted(m.name for m in MERGE_METHODS.values() if m.base != "unused")
+    p.add_argument("--base", help=f"base (pre-trained) checkpoint, for {', '.join(users)}")
+    for name, parameter in _options().items():
+        p.add_argument(
+            f"--{name}",
+            type=int if parameter.kind == "int" else float,
+            nargs="+" if parameter.kind == "floats" else None,
+            default=None,
+            help=_option_help(name, parameter),
+        )
     p.add_argument(
         "--trusted", action="store_true", help="allow checkpoints holding arbitrary pickled objects"
     )
@@ -91,58 +95,63 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _slerp(
-    args: argparse.Namespace, ings: Ingredients, base: dict[str, torch.Tensor] | None
-) -> dict[str, torch.Tensor]:
-    """Two checkpoints: SLERP at ``--t`` (of task vectors with ``--base``); more: multi-SLERP."""
-    from lightning_ext.functional.interpolation import multi_slerp, slerp
+def _options() -> dict[str, Parameter]:
+    """Every option of any merge method, by name (the first method's declaration gives the help
+    text; defaults and ranges are per method, in ``_option_help``)."""
+    options: dict[str, Parameter] = {}
+    for method in MERGE_METHODS.values():
+        for parameter in method.parameters:
+            options.setdefault(parameter.name, parameter)
+    return options
 
-    if len(args.checkpoints) == 2 and args.weights is None:
-        return dict(slerp(ings[0], ings[1], args.t, base=base))
-    if base is None:
-        raise ValueError("--method slerp with --weights needs --base (multi-SLERP of task vectors)")
-    return dict(multi_slerp(base, [ings[i] for i in range(len(args.checkpoints))], args.weights))
+
+def _option_help(name: str, parameter: Parameter) -> str:
+    """``--name``'s help: what it means, then per method its default (or "required") and range."""
+    uses = []
+    for method in MERGE_METHODS.values():
+        for p in method.parameters:
+            if p.name == name:
+                default = "required" if p.required else f"default {p.default}"
+                if p.default is None and not p.required:
+                    default = "optional"
+                uses.append(f"{method.name}: {default}, {p.range_text()}")
+    return f"{parameter.help} ({'; '.join(uses)})".replace("%", "%%")
+
+
+def _methods_epilog() -> str:
+    """The table of merge methods, for ``--help``."""
+    lines = ["merge methods (--method):"]
+    for m in MERGE_METHODS.values():
+        base = {"required": "needs --base", "optional": "--base optional", "unused": "no --base"}
+        options = ", ".join(f"--{p.name}" for p in m.parameters) or "no options"
+        lines.append(f"  {m.name}: {m.summary}. {base[m.base]}; {options}. [{m.reference}]")
+    return "\n".join(lines)
 
 
 def merge(args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    ings = Ingredients(args.checkpoints, trusted=args.trusted).validate()
-    method = args.method
-    if method in NEEDS_BASE and not args.base:
-        raise ValueError(f"--method {method} needs --base (the model the ingredients share)")
-    if method not in NEEDS_BASE | BASE_OPTIONAL and args.base:
-        raise ValueError(
-            f"--base is only used by {sorted(NEEDS_BASE | BASE_OPTIONAL)}, not {method}"
+    """The merge ``args`` ask for; options, the base and the number of checkpoints are checked
+    against the method's entry in ``MERGE_METHODS`` before any checkpoint is read."""
+    method = get_merge_method(args.method, CLI_SPELLING)
+    given = {name: getattr(args, name) for name in _options() if getattr(args, name) is not None}
+    taken = {p.name for p in method.parameters}
+    unused = [f"--{name}" for name in given if name not in taken]
+    if unused:  # ignored, as this command always has: scripts pass one set of options to all
+        print(
+            f"warning: --method {method.name} does not use {', '.join(unused)} (ignored)",
+            file=sys.stderr,
         )
-    if method == "weighted" and args.weights is None:
-        raise ValueError("--method weighted needs --weights (one weight per checkpoint)")
-    if args.weights is not None and method not in ("weighted", "slerp"):
-        raise ValueError("--weights goes with --method weighted or slerp (one per checkpoint)")
-    if method == "slerp" and len(args.checkpoints) > 2 and not args.base:
-        raise ValueError("--method slerp of more than 2 checkpoints needs --base (multi-SLERP)")
+    options = method.resolve(
+        {name: value for name, value in given.items() if name in taken},
+        num_ingredients=len(args.checkpoints),
+        has_base=bool(args.base),
+        spelling=CLI_SPELLING,
+    )
+    ings = Ingredients(args.checkpoints, trusted=args.trusted).validate()
     base = None
     if args.base:
         base = load_state_dict(args.base, trusted=args.trusted)
         merging.check_same_layout(base, ings[0], name=ings.name(0), ref_name=f"base {args.base}")
-    density = args.density
-    if method == "slerp":
-        return _slerp(args, ings, base)
-    if method == "uniform":
-        return merging.uniform_soup(ings)
-    if method == "weighted":
-        return merging.weighted_average(ings, args.weights)
-    assert base is not None, f"--method {method} is in NEEDS_BASE, checked above"
-    if method == "task-arithmetic":
-        return merging.task_arithmetic(base, ings, scale=args.scale)
-    if method == "ties":
-        return merging.ties_merge(base, ings, density=density or 0.2, scale=args.scale)
-    if method == "model-stock":
-        return merging.model_stock(base, ings)
-    if density is None:
-        raise ValueError(f"--method {method} needs --density (the kept fraction, in (0, 1])")
-    if method == "dare":
-        gen = torch.Generator().manual_seed(args.seed)
-        return merging.dare_merge(base, ings, density, scale=args.scale, generator=gen)
-    return merging.breadcrumbs_merge(base, ings, density, args.gamma, scale=args.scale)
+    return method.call(ings, base, options)
 
 
 def import_callable(spec: str, option: str) -> Callable[..., Any]:

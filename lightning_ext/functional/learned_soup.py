@@ -24,7 +24,7 @@ Pure torch: no Lightning import.
 
 from __future__ import annotations
 
-import math
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -42,12 +42,20 @@ from lightning_ext._batch import (
     per_sample_cross_entropy,
 )
 from lightning_ext._modules import normalise_name
+from lightning_ext.functional.merge_methods import (
+    PYTHON_SPELLING,
+    Parameter,
+    Spelling,
+    resolve_options,
+)
 from lightning_ext.functional.merging import check_same_layout, is_statistic
 
 __all__ = [
+    "LEARNED_SOUP_OPTIONS",
     "LearnedSoup",
     "SoupParametrisation",
     "apply_soup_coefficients",
+    "check_learned_options",
     "learn_soup_coefficients",
     "mixing_weights",
 ]
@@ -58,6 +66,92 @@ Granularity = Literal["tensor", "model"]
 LossFn = Callable[[Tensor, Any], Tensor]
 MODES = ("ingredients", "task_vectors")
 GRANULARITIES = ("tensor", "model")
+
+LEARNED_SOUP_OPTIONS: tuple[Parameter, ...] = (
+    Parameter(
+        "mode",
+        "ingredients: a convex combination (learned soup); task_vectors: base + scaled task "
+        "vectors (aTLAS, needs the base)",
+        kind="choice",
+        choices=MODES,
+        default="ingredients",
+    ),
+    Parameter(
+        "granularity",
+        "tensor: one coefficient per ingredient and tensor (the papers); model: one per ingredient",
+        kind="choice",
+        choices=GRANULARITIES,
+        default="tensor",
+    ),
+    Parameter(
+        "steps", "Adam steps over the held-out batches, cycled", kind="int", default=100, low=1
+    ),
+    Parameter("lr", "Adam's learning rate", default=0.05, low=0.0, low_open=True),
+    Parameter("init", "aTLAS's starting coefficient (None: 0, the base)", default=None),
+    Parameter(
+        "seed",
+        "seeds the held-out loader's shuffling and any dropout during learning (None: the "
+        "global random state)",
+        kind="int",
+        default=0,
+        nullable=True,
+    ),
+    Parameter(
+        "train_mode",
+        "learn with the model in train mode (dropout, batch statistics)",
+        kind="bool",
+        default=False,
+    ),
+    Parameter("loss_fn", "(logits, targets) -> loss (None: mean cross-entropy)", kind="callable"),
+)
+"""The options of a learned soup (``build_soup(..., method="learned", options=...)``,
+``ModelSoup(method="learned", options=...)``) with their defaults and valid ranges; the docs'
+table of them is generated from this."""
+_BY_NAME = {p.name: p for p in LEARNED_SOUP_OPTIONS}
+
+
+def check_learned_options(
+    options: Mapping[str, Any] | None,
+    *,
+    has_base: bool,
+    owner: str = "method='learned'",
+    spelling: Spelling = PYTHON_SPELLING,
+) -> dict[str, Any]:
+    """Check a learned soup's options before any work (every option against
+    ``LEARNED_SOUP_OPTIONS``, and that a base is given exactly for aTLAS); return them all,
+    defaults filled in.
+
+    Args:
+        options: the options given (None: all defaults).
+        has_base: whether the pre-trained base is given.
+        owner: how messages name the caller.
+        spelling: how messages name the options.
+
+    Returns:
+        Every option of ``LEARNED_SOUP_OPTIONS`` with its value.
+
+    Raises:
+        ValueError: an unknown or out-of-range option, aTLAS without a base, a base or ``init``
+            with ``mode="ingredients"``.
+
+    Examples:
+        >>> check_learned_options({"steps": 20}, has_base=False)["lr"]
+        0.05
+    """
+    resolved = resolve_options(owner, LEARNED_SOUP_OPTIONS, options, spelling)
+    base, mode = spelling.option("base"), resolved["mode"]
+    if mode == "task_vectors" and not has_base:
+        raise ValueError(
+            f"{owner} with mode='task_vectors' (aTLAS) needs {base}, the pre-trained weights the "
+            "task vectors are taken from"
+        )
+    if mode == "ingredients" and has_base:
+        raise ValueError(f"{owner}: {base} is only used with mode='task_vectors' (aTLAS)")
+    if mode == "ingredients" and resolved["init"] is not None:
+        raise ValueError(
+            f"{owner}: init applies to mode='task_vectors'; a learned soup starts uniform"
+        )
+    return resolved
 
 
 def mixing_weights(alpha: Tensor, mode: Mode) -> Tensor:
@@ -101,10 +195,8 @@ def _combine(weights: Tensor, stacked: Tensor, base: Tensor | None) -> Tensor:
 
 
 def _check_mode(mode: str, granularity: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    _BY_NAME["mode"].check(mode)
+    _BY_NAME["granularity"].check(granularity)
 
 
 def _reference(state_dicts: Sequence[StateDict], base: StateDict | None, mode: str) -> StateDict:
@@ -371,6 +463,12 @@ class LearnedSoup:
         """The merged weights (see ``apply_soup_coefficients``)."""
         return apply_soup_coefficients(state_dicts, self.weights, base=base, mode=self.mode)
 
+    def mean_weights(self) -> list[float]:
+        """Each ingredient's mixing weight averaged over the blocks: one number per ingredient to
+        log and plot (exactly its weight with ``granularity="model"``; for a learned soup they
+        sum to 1)."""
+        return mixing_weights(self.alpha, self.mode).mean(dim=1).tolist()
+
 
 def _cycle(batches: Iterable) -> Iterator[Any]:
     """Batches forever, re-iterating ``batches`` (a DataLoader or list) at its end."""
@@ -398,6 +496,8 @@ def learn_soup_coefficients(
     unpack_batch: UnpackBatch = default_unpack_batch,
     forward_fn: ForwardFn | None = None,
     train_mode: bool = False,
+    seed: int | None = None,
+    reduce_grad: Callable[[Tensor], None] | None = None,
 ) -> LearnedSoup:
     """Learn the mixing coefficients of ``state_dicts`` on held-out ``batches`` with Adam.
 
@@ -423,12 +523,19 @@ def learn_soup_coefficients(
         unpack_batch: ``batch -> (inputs, targets)``.
         forward_fn: ``(module, inputs) -> logits``.
         train_mode: run the model in train mode (dropout, batch statistics).
+        seed: seed the random state while learning (a shuffling loader's order, dropout), so
+            that the result is deterministic; the caller's random state is restored after.
+            None: use the global random state as it is.
+        reduce_grad: called on the coefficients' gradient after every backward, before the
+            step, to change it in place: e.g. averaging it over processes that each learn on
+            their share of the held-out data, so that all of them take the same steps (the
+            losses recorded stay each process's own).
 
     Returns:
         The learned coefficients and the loss at every step.
 
     Raises:
-        ValueError: ``steps`` below 1 or ``lr`` not a positive number.
+        ValueError: an option outside ``LEARNED_SOUP_OPTIONS``'s ranges.
         FloatingPointError: the loss becomes NaN or infinite.
 
     Examples:
@@ -445,10 +552,9 @@ def learn_soup_coefficients(
         >>> learned.losses[-1] < learned.losses[0]
         True
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not lr > 0 or math.isinf(lr):
-        raise ValueError(f"lr must be a positive number, got {lr}")
+    for name, value in (("steps", steps), ("lr", lr), ("seed", seed)):
+        if value is not None:
+            _BY_NAME[name].check(value)
     soup = SoupParametrisation(
         model,
         state_dicts,
@@ -464,19 +570,48 @@ def learn_soup_coefficients(
     was_training = model.training
     model.train(train_mode)
     losses: list[float] = []
-    try:
-        for _, batch in zip(range(steps), _cycle(batches), strict=False):
-            optimizer.zero_grad(set_to_none=True)
-            loss = soup.loss(alpha, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"learned-soup loss became {loss.item()} at step {len(losses)}: lower lr "
-                    f"(now {lr})"
-                )
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-    finally:
-        model.train(was_training)
+    with _seeded(seed, alpha.device):
+        try:
+            _learn(soup, alpha, optimizer, batches, steps, losses, reduce_grad)
+        finally:
+            model.train(was_training)
     alpha = alpha.detach()
     return LearnedSoup(alpha, soup.blocks, mode, granularity, soup.weights_by_key(alpha), losses)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seed the CPU (and the model's GPU) random state inside, restore the caller's after."""
+    if seed is None:
+        yield
+        return
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _learn(
+    soup: SoupParametrisation,
+    alpha: Tensor,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable,
+    steps: int,
+    losses: list[float],
+    reduce_grad: Callable[[Tensor], None] | None,
+) -> None:
+    """Adam on ``alpha`` for ``steps`` batches, appending each step's loss to ``losses``."""
+    lr = optimizer.param_groups[0]["lr"]
+    for _, batch in zip(range(steps), _cycle(batches), strict=False):
+        optimizer.zero_grad(set_to_none=True)
+        loss = soup.loss(alpha, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"learned-soup loss became {loss.item()} at step {len(losses)}: lower lr (now {lr})"
+            )
+        loss.backward()
+        if reduce_grad is not None:
+            assert alpha.grad is not None
+            reduce_grad(alpha.grad)
+        optimizer.step()
+        losses.append(float(loss.detach()))

@@ -39,13 +39,20 @@ from lightning_ext._batch import (
 )
 from lightning_ext._lightning import configure_model_skipped, fit_val_loaders, namespace_of
 from lightning_ext._sized import dataset_size
-from lightning_ext.functional.merging import greedy_soup, is_statistic, uniform_soup
+from lightning_ext.functional.learned_soup import (
+    LearnedSoup,
+    check_learned_options,
+    learn_soup_coefficients,
+)
+from lightning_ext.functional.merge_methods import MERGE_METHODS
+from lightning_ext.functional.merging import check_same_layout, greedy_soup, is_statistic
 from lightning_ext.io.ingredients import Ingredients, IngredientSource
 
 __all__ = [
     "SoupResult",
     "ValidationScorer",
     "build_soup",
+    "check_soup_method",
     "estimate_fisher",
     "recalibrate_batchnorm",
     "run_soup",
@@ -53,6 +60,7 @@ __all__ = [
 ]
 
 Mode = Literal["min", "max"]
+SoupMethod = str | Callable[[Any], dict]
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -584,6 +592,8 @@ class SoupResult:
         soup_score: the soup's score.
         names: the ingredients' names (file names, or ``"rank r"``).
         candidates: every greedy candidate as ``(index, score, kept)``.
+        learned: for ``method="learned"``, the learned coefficients (``alpha``), the mixing
+            weights per tensor (``weights``) and the held-out loss at every step (``losses``).
 
     Examples:
         >>> import torch
@@ -599,6 +609,7 @@ class SoupResult:
     soup_score: float
     names: list[str] = field(default_factory=list)
     candidates: list[tuple[int, float, bool]] = field(default_factory=list)
+    learned: LearnedSoup | None = None
 
 
 class _NoBar:
@@ -618,39 +629,159 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, desc="scoring ingredients", leave=False)
 
 
+def check_soup_method(
+    method: SoupMethod,
+    options: Mapping[str, Any] | None = None,
+    *,
+    num_ingredients: int | None = None,
+    has_base: bool = False,
+    owner: str = "build_soup",
+) -> dict[str, Any]:
+    """Check a soup's method, its options and whether a base is given, before any ingredient is
+    read or scored; return the options with their defaults.
+
+    ``method`` is ``"greedy"`` (its keywords are ``strict`` and ``passes``, not options),
+    ``"learned"`` (options: ``functional.learned_soup.LEARNED_SOUP_OPTIONS``), a name of
+    ``functional.merge_methods.MERGE_METHODS`` (options: that entry's parameters) or a callable
+    ``ingredients -> state_dict`` (it takes its own arguments: no options, no base).
+
+    Args:
+        method: the soup's method.
+        options: the method's options (None: its defaults).
+        num_ingredients: the number of ingredients, when known.
+        has_base: whether the pre-trained base is given.
+        owner: how messages name the caller.
+
+    Returns:
+        The method's options, defaults filled in (empty for greedy and callables).
+
+    Raises:
+        ValueError: an unknown method (the message lists the valid ones), an unknown or
+            out-of-range option, or a missing or unused base.
+
+    Examples:
+        >>> check_soup_method("ties", {"density": 0.5}, has_base=True)
+        {'density': 0.5, 'scale': 1.0}
+    """
+    label = f"{owner}(method={method!r})"
+    if callable(method) or method == "greedy":
+        label = f"{owner}(method={'a callable' if callable(method) else repr(method)})"
+        if options:
+            raise ValueError(f"{label} takes no options: {sorted(options)}")
+        if has_base:
+            raise ValueError(
+                f"{label} does not use base; base goes with task-vector merge methods "
+                f"{sorted(m.name for m in MERGE_METHODS.values() if m.base != 'unused')} and "
+                "method='learned' with mode='task_vectors'"
+            )
+        return {}
+    if method == "learned":
+        return check_learned_options(options, has_base=has_base, owner=label)
+    if isinstance(method, str) and method in MERGE_METHODS:
+        return MERGE_METHODS[method].resolve(
+            options, num_ingredients=num_ingredients, has_base=has_base
+        )
+    raise ValueError(
+        f"{owner}(method={method!r}) is not a soup method; valid: 'greedy', 'learned', a merge "
+        f"method ({', '.join(repr(m) for m in MERGE_METHODS)}) or a callable "
+        "ingredients -> state_dict"
+    )
+
+
+class _HeldOut:
+    """The scorer's held-out loaders as one re-iterable sequence of batches."""
+
+    def __init__(self, loaders: Any) -> None:
+        self.loaders = list(loaders) if isinstance(loaders, list | tuple) else [loaders]
+
+    def __iter__(self) -> Iterator[Any]:
+        for loader in self.loaders:
+            yield from loader
+
+
+def _learn_soup(
+    scorer: Callable[[Mapping[str, Tensor]], float],
+    states: list[Mapping[str, Tensor]],
+    base: Mapping[str, Tensor] | None,
+    options: dict[str, Any],
+) -> LearnedSoup:
+    """Learn the coefficients on the held-out data the scorer scores on, with the scorer's
+    module, ``unpack_batch`` and ``forward_fn``. Under ``torch.distributed`` it is collective:
+    every rank learns on its share of the held-out data (the scorer's shard) and the gradient of
+    the coefficients is averaged over the ranks at every step, so every rank takes the same steps
+    and ends with the same coefficients."""
+    assert isinstance(scorer, ValidationScorer), "run_soup checks this before any work"
+    learned = learn_soup_coefficients(
+        scorer.module,
+        states,
+        _HeldOut(scorer.dataloaders),
+        base=base,
+        unpack_batch=scorer.unpack_batch,
+        forward_fn=scorer.forward_fn,
+        reduce_grad=_mean_over_ranks if _distributed() else None,
+        **options,
+    )
+    rank_zero_info(
+        f"learned soup ({learned.mode}, per {learned.granularity}): held-out batch loss "
+        f"{learned.losses[0]:.4g} at step 1, {learned.losses[-1]:.4g} at step "
+        f"{len(learned.losses)}; "
+        f"mean weight per ingredient {[round(w, 3) for w in learned.mean_weights()]}"
+    )
+    return learned
+
+
+def _mean_over_ranks(grad: Tensor) -> None:
+    """Average a gradient over the ranks, in place."""
+    dist.all_reduce(grad)
+    grad.div_(dist.get_world_size())
+
+
 def run_soup(
     scorer: Callable[[Mapping[str, Tensor]], float],
     ingredients: Sequence[Mapping[str, Tensor]],
     *,
-    method: Literal["greedy", "uniform"] | Callable[[Any], dict] = "greedy",
+    method: SoupMethod = "greedy",
     monitor: str = "val_loss",
     mode: Mode = "min",
     strict: bool = True,
     passes: int = 1,
     names: Sequence[str] | None = None,
     progress_bar: bool = True,
+    base: Mapping[str, Tensor] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> SoupResult:
-    """Score every ingredient, build the soup (greedy with ``functional.greedy_soup``, the one
-    implementation; uniform; or ``method(ingredients)``) and score it; the scorer ends holding the
-    soup. The one procedure behind ``build_soup``, ``ModelSoup`` and ``SoupStrategy``; with a
-    collective scorer, every rank runs it in lockstep and gets the same result.
+    """Score every ingredient, build the soup and score it; the scorer ends holding the soup.
+
+    ``method``: ``"greedy"`` (``functional.greedy_soup``, the one implementation); ``"learned"``
+    (``functional.learn_soup_coefficients`` on the held-out data the scorer scores on, which needs
+    a ``ValidationScorer``; collective under ``torch.distributed``); any name of
+    ``MERGE_METHODS`` (``"uniform"``, ``"ties"``, ...; task-vector methods need ``base``); or a
+    callable
+    ``ingredients -> state_dict``. The method and ``options`` are checked before any scoring
+    (``check_soup_method``). The one procedure behind ``build_soup``, ``ModelSoup`` and
+    ``SoupStrategy``; with a collective scorer, every rank runs it in lockstep and gets the same
+    result.
 
     Args:
         scorer: scores a state dict (e.g. a ``ValidationScorer``).
         ingredients: the state dicts.
-        method: ``"greedy"``, ``"uniform"`` or a callable ``ingredients -> soup``.
+        method: ``"greedy"``, ``"learned"``, a name of ``MERGE_METHODS`` or a callable
+            ``ingredients -> soup``.
         monitor: the score's name, for messages.
         mode: ``"min"`` (lower is better) or ``"max"``.
         strict: the greedy soup needs a strict improvement to keep an ingredient.
         passes: passes of the greedy soup over the ingredients.
         names: the ingredients' names, for messages (None: ``"ingredient i"``).
         progress_bar: show a tqdm bar.
+        base: the pre-trained weights, for task-vector methods and aTLAS.
+        options: the method's options (``MergeMethod.parameters``, ``LEARNED_SOUP_OPTIONS``).
 
     Returns:
-        The soup, its score and every ingredient's.
+        The soup, its score and every ingredient's (and the learned coefficients).
 
     Raises:
-        ValueError: an unknown ``method``.
+        ValueError: an unknown ``method`` or bad options (see ``check_soup_method``), or
+            ``"learned"`` with a scorer that is not a ``ValidationScorer``.
 
     Examples:
         >>> import torch
@@ -661,6 +792,14 @@ def run_soup(
         ([0, 1], 0.0)
     """
     n = len(ingredients)
+    resolved = check_soup_method(
+        method, options, num_ingredients=n, has_base=base is not None, owner="run_soup"
+    )
+    if method == "learned" and not isinstance(scorer, ValidationScorer):
+        raise ValueError(
+            "run_soup(method='learned') learns on the scorer's module and held-out data: pass a "
+            f"ValidationScorer, not {type(scorer).__name__}"
+        )
     names = list(names) if names is not None else [f"ingredient {i}" for i in range(n)]
     bar = _progress(n, progress_bar)
     scores: list[float] = []
@@ -669,6 +808,7 @@ def run_soup(
         bar.update(1)
         bar.set_postfix_str(f"{names[i]}: {monitor}={scores[-1]:.4g}")
     candidates: list[tuple[int, float, bool]] = []
+    learned: LearnedSoup | None = None
     if method == "greedy":
         bar.reset(total=max(n - 1, 0))
         bar.set_description("greedy soup")
@@ -689,26 +829,28 @@ def run_soup(
             scores=scores,
             on_candidate=observe,
         )
-    elif method == "uniform":
-        soup, chosen = uniform_soup(ingredients), list(range(n))
+    elif method == "learned":
+        states = [ingredients[i] for i in range(n)]  # learning stacks them all anyway
+        learned = _learn_soup(scorer, states, base, resolved)
+        soup, chosen = learned.state_dict(states, base), list(range(n))
     elif callable(method):
         soup, chosen = method(ingredients), list(range(n))
     else:
-        raise ValueError(f"method must be 'greedy', 'uniform' or a callable, got {method!r}")
+        soup, chosen = MERGE_METHODS[method].call(ingredients, base, resolved), list(range(n))
     bar.close()
     soup_score = float(scorer(soup))
     rank_zero_info(
         f"soup of {len(chosen)} ingredient(s) {chosen}: {monitor}={soup_score:.4g} "
         f"(best single {_best(scores, mode):.4g})"
     )
-    return SoupResult(soup, chosen, scores, soup_score, names, candidates)
+    return SoupResult(soup, chosen, scores, soup_score, names, candidates, learned)
 
 
 def build_soup(
     module: Any,
     ingredients: Sequence[IngredientSource] | Ingredients,
     *,
-    method: Literal["greedy", "uniform"] | Callable[[Any], dict] = "greedy",
+    method: SoupMethod = "greedy",
     monitor: str = "val_loss",
     mode: Mode = "min",
     dataloaders: Any = None,
@@ -723,15 +865,22 @@ def build_soup(
     progress_bar: bool = True,
     plot: str | Path | None = None,
     apply: bool = True,
+    base: IngredientSource | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> SoupResult:
     """Build a soup for ``module`` from checkpoint paths (or state dicts, or modules), scoring
     every ingredient and candidate with the module's ``validation_step`` and ``monitor``
     (``mode="min"``, Lightning's default: lower is better; pass ``mode="max"`` for accuracies).
 
-    ``method="greedy"`` follows Wortsman et al. (see ``functional.greedy_soup``); ``"uniform"``
-    averages all; a callable ``method(ingredients) -> state_dict`` builds any other merge (e.g.
-    ``lambda ings: ties_merge(base, ings, density=0.2)``), which is then scored. Every ingredient
-    is validated (keys, shapes, dtypes) before any averaging or evaluation. With ``apply`` the
+    ``method="greedy"`` follows Wortsman et al. (see ``functional.greedy_soup``); ``"learned"``
+    learns the mixing coefficients on the held-out data by gradient descent (learned soup, or
+    aTLAS with ``options={"mode": "task_vectors"}`` and ``base``; options:
+    ``LEARNED_SOUP_OPTIONS``; collective under DDP); any name of ``MERGE_METHODS`` (``"uniform"``,
+    ``"ties"``, ``"model-stock"``, ...) merges with that method and ``options`` (its
+    parameters), task-vector methods relative to ``base``; a callable
+    ``method(ingredients) -> state_dict`` builds any other merge. The soup is then scored. The
+    method and its options are checked first, then every ingredient (keys, shapes, dtypes), all
+    before any averaging or evaluation. With ``apply`` the
     module ends holding the soup. ``recalibrate_on`` recomputes BatchNorm statistics on that
     (train) loader, read with ``unpack_batch``/``forward_fn``, for every candidate and the result.
     ``precision`` is the scoring Trainer's (use the fit's). ``plot`` writes the picture of the
@@ -755,13 +904,18 @@ def build_soup(
         progress_bar: show a tqdm bar.
         plot: where to write the picture of the scores (None: nowhere).
         apply: load the soup into ``module``.
+        base: the pre-trained weights (a path, state dict or module), for task-vector merge
+            methods and aTLAS.
+        options: the method's options: the parameters of its ``MERGE_METHODS`` entry, or
+            ``LEARNED_SOUP_OPTIONS`` for ``"learned"``.
 
     Returns:
-        The soup, the chosen ingredients and every score.
+        The soup, the chosen ingredients, every score (and, learned, the coefficients).
 
     Raises:
-        ValueError: an unknown ``method`` or ``mode``, no held-out data, or ingredients whose
-            layouts differ.
+        ValueError: an unknown ``method`` (the message lists the valid ones), bad ``options``,
+            a missing or unused ``base``, an unknown ``mode``, no held-out data, or ingredients
+            whose layouts differ.
         KeyError: a ``monitor`` that ``validation_step`` did not log.
 
     Examples:
@@ -772,8 +926,13 @@ def build_soup(
             result.chosen, result.soup_score
     """
     ings = ingredients if isinstance(ingredients, Ingredients) else Ingredients(ingredients)
-    ings.validate()
+    check_soup_method(method, options, num_ingredients=len(ings), has_base=base is not None)
     check_mode(monitor, mode, "build_soup")
+    ings.validate()
+    base_state = None
+    if base is not None:
+        base_state = Ingredients([base])[0]
+        check_same_layout(base_state, ings[0], name=ings.name(0), ref_name="base")
     scorer = ValidationScorer(
         module,
         dataloaders=dataloaders,
@@ -796,6 +955,8 @@ def build_soup(
         passes=passes,
         names=[ings.name(i) for i in range(len(ings))],
         progress_bar=progress_bar,
+        base=base_state,
+        options=options,
     )
     if recalibrate_on is not None:
         result.state_dict = {k: v.detach().clone() for k, v in module.state_dict().items()}

@@ -238,16 +238,26 @@ def gather_full(local: Tensor, like: Tensor) -> Tensor:
     return full.bool() if as_bool else full
 
 
+def is_dtensor(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (FSDP2's parameters and gradients)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local_shard(tensor: Tensor) -> Tensor:
+    """This rank's local shard of a DTensor, detached (a view of its storage, so writing into it
+    writes the parameter); any other tensor as it is. No communication."""
+    if not is_dtensor(tensor):
+        return tensor
+    with torch.no_grad():
+        return tensor.to_local().detach()  # type: ignore[attr-defined]
+
+
 def local_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``state`` with every DTensor replaced by this rank's local shard (a view of its storage,
     so writing into it writes the module), other tensors as they are. No communication."""
-    from torch.distributed.tensor import DTensor
-
-    with torch.no_grad():
-        return {
-            name: value.to_local().detach() if isinstance(value, DTensor) else value
-            for name, value in state.items()
-        }
+    return {name: local_shard(value) for name, value in state.items()}
 
 
 def full_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

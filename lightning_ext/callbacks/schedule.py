@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 
 from lightning_ext._io import atomic_torch_save, atomic_write, atomic_write_json, load_file
 from lightning_ext._lightning import run_dir
+from lightning_ext.averaging import local_shard
 from lightning_ext.functional.schedule import (
     REFERENCE_WINDOW,
     Smoothing,
@@ -61,12 +62,6 @@ def norm_for_optimizer(optimizer: Optimizer) -> Literal["l1", "l2"]:
     """l1 for Adam-type (coordinate-wise adaptive) optimizers, l2 for SGD-like ones (the paper)."""
     name = type(optimizer).__name__.lower()
     return "l1" if any(key in name for key in _ADAM_LIKE) else "l2"
-
-
-def local_shard(tensor: Tensor) -> Tensor:
-    """This rank's part of a DTensor (FSDP2's parameters and gradients); a plain tensor as is."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if callable(to_local) else tensor
 
 
 def replica_count(param: Tensor) -> int:

@@ -18,7 +18,7 @@ from lightning_ext._io import atomic_torch_save, atomic_write, load_file
 from lightning_ext._lightning import is_wandb_logger, run_dir
 from lightning_ext._modules import named_parameters, normalise_name, normalised_keys
 from lightning_ext._modules import parameter_aliases as module_parameter_aliases
-from lightning_ext.averaging import gather_full, local_part
+from lightning_ext.averaging import gather_full, is_dtensor, local_part, local_shard
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.functional.sparse import (
     active_count,
@@ -350,8 +350,8 @@ class DynamicSparseTraining(DeclaredState, Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         named = named_parameters(pl_module)
         self._params = [named[n] for n in self.names]
-        self._likes = [p if _is_dtensor(p) else None for p in self._params]
-        self._locals = [_local(p) for p in self._params]
+        self._likes = [p if is_dtensor(p) else None for p in self._params]
+        self._locals = [local_shard(p) for p in self._params]
         self._refuse_unsharded_methods()
         self._check_optimizers(trainer, pl_module)
         total = trainer.estimated_stepping_batches
@@ -507,7 +507,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
 
     def _grads(self) -> tuple[list[Tensor], list[Tensor]]:
         """The targets' gradients and the matching mask multipliers (all of them, usually)."""
-        grads = [None if p.grad is None else _local(p.grad) for p in self._params]
+        grads = [None if p.grad is None else local_shard(p.grad) for p in self._params]
         if all(g is not None for g in grads):
             return grads, self._multipliers  # type: ignore[return-value]
         pairs = [(g, m) for g, m in zip(grads, self._multipliers) if g is not None]
@@ -588,7 +588,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
         if self.method == "rigl":  # full gradients under FSDP2: the top-k is global
             if p.grad is None:
                 return torch.zeros(p.shape, dtype=p.dtype, device=self._locals[i].device)
-            return self._full(i, _local(p.grad)).abs()
+            return self._full(i, local_shard(p.grad)).abs()
         if self.method == "snfs":
             return self._momentum(i).abs()
         gen = seeded_generator(self.seed, step, self.names[i])
@@ -600,7 +600,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
         if self.method == "snfs":
             signals = [self._momentum(i) for i in range(len(self._params))]
         else:
-            signals = [_local(p.grad) for p in self._params if p.grad is not None]
+            signals = [local_shard(p.grad) for p in self._params if p.grad is not None]
         finite = torch.stack([torch.isfinite(s).all() for s in signals]).all() if signals else None
         if self._sharded:  # every rank must take the same decision: the update gathers
             flag = torch.tensor(1 if finite is None else int(finite), device=self._locals[0].device)
@@ -672,7 +672,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
                             f"optimizer state {key!r} of {name} has shape {tuple(value.shape)}, "
                             f"not the parameter's {tuple(p.shape)}: cannot restart grown weights"
                         )
-                    tensors.append(_local(value))
+                    tensors.append(local_shard(value))
             out.append(tensors)
         return out
 
@@ -777,7 +777,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
             raise RuntimeError("no masks yet: call make_permanent after trainer.fit")
         named = named_parameters(module)
         for name, mask in zip(self.names, self._masks):
-            weight = _local(named[name])  # under FSDP2: the rank's shard, as the mask
+            weight = local_shard(named[name])  # under FSDP2: the rank's shard, as the mask
             weight.masked_fill_(~mask.to(weight.device), 0)
         return {n: m.clone() for n, m in zip(self.names, self._masks)}
 
@@ -801,20 +801,6 @@ class DynamicSparseTraining(DeclaredState, Callback):
         for name in masks:
             out[keys[name]] = convert(out[keys[name]], None)
         return out
-
-
-def _is_dtensor(tensor: Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
-def _local(tensor: Tensor) -> Tensor:
-    """The rank's local shard of a DTensor (a view of its storage), else the tensor itself."""
-    if not _is_dtensor(tensor):
-        return tensor
-    with torch.no_grad():
-        return tensor.to_local().detach()  # type: ignore[attr-defined]
 
 
 def plot_sparsity_history(

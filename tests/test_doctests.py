@@ -8,11 +8,14 @@ import pytest
 
 FUNCTIONAL_MODULES = [
     "lightning_ext.functional.continual",
+    "lightning_ext.functional.ema",
     "lightning_ext.functional.interpolation",
     "lightning_ext.functional.learned_soup",
     "lightning_ext.functional.merge_methods",
     "lightning_ext.functional.merging",
+    "lightning_ext.functional.pruning",
     "lightning_ext.functional.schedule",
+    "lightning_ext.functional.sparse",
 ]
 # Modules whose class examples only build an object (no fit): cheap to run.
 OTHER_MODULES = [

@@ -1,0 +1,262 @@
+"""Every public function and class of ``lightning_ext`` documents its inputs, outputs and errors in
+Google style, the style mkdocstrings renders in the API reference.
+
+Public means: a module whose dotted path has no underscore-prefixed part, and a name that is in the
+module's ``__all__`` or defined there without a leading underscore. A name re-exported by another
+module is checked where it is defined. The rules:
+
+- a function with parameters has an ``Args:`` section naming each of them;
+- a function whose return annotation is not ``None`` has ``Returns:`` (``Yields:`` for a
+  generator);
+- a function whose own body has a ``raise X`` statement has ``Raises:`` (a bare ``raise`` that
+  re-raises, and raises in nested functions, do not count);
+- a class whose constructor takes parameters has ``Args:``, naming each of them, in its class or
+  ``__init__`` docstring; a dataclass may name its fields under ``Attributes:`` instead (the house
+  style for result records, which readers get rather than build).
+
+Methods are not checked: the classes' docstrings carry what a reader needs first.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import pkgutil
+import re
+import textwrap
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+import lightning_ext
+
+# Another engineer is changing these modules; their names are left to that change.
+EXCLUDED_MODULES = {
+    "lightning_ext.cli.soup",
+    "lightning_ext.workflows.soup",
+    "lightning_ext.functional.merging",
+    "lightning_ext.callbacks.soup",
+}
+
+# Not yet documented: each commit that documents some removes them from here.
+NOT_YET_DOCUMENTED = {
+    "lightning_ext.averaging.ShadowWeights",
+    "lightning_ext.averaging.TrackedTensors",
+    "lightning_ext.averaging.fsdp2_modules",
+    "lightning_ext.averaging.full_tensors",
+    "lightning_ext.averaging.gather_full",
+    "lightning_ext.averaging.local_part",
+    "lightning_ext.averaging.local_tensors",
+    "lightning_ext.averaging.reshard",
+    "lightning_ext.callbacks.continual.ContinualEvaluation",
+    "lightning_ext.callbacks.ema.EMA",
+    "lightning_ext.callbacks.ema.ema_state_dict_from_checkpoint",
+    "lightning_ext.callbacks.ema.export_ema",
+    "lightning_ext.callbacks.posthoc_ema.plot_profiles",
+    "lightning_ext.callbacks.posthoc_ema.posthoc_ema_state_dict",
+    "lightning_ext.callbacks.posthoc_ema.write_posthoc_ema",
+    "lightning_ext.callbacks.pruning.DataPruningScores",
+    "lightning_ext.callbacks.pruning.InfoBatch",
+    "lightning_ext.callbacks.pruning.class_coverage_warning",
+    "lightning_ext.callbacks.pruning.plot_score_histogram",
+    "lightning_ext.callbacks.schedule.degenerate_warning",
+    "lightning_ext.callbacks.schedule.global_norms_from_shards",
+    "lightning_ext.callbacks.schedule.load_grad_norms",
+    "lightning_ext.callbacks.schedule.local_shard",
+    "lightning_ext.callbacks.schedule.norm_for_optimizer",
+    "lightning_ext.callbacks.schedule.plot_schedules",
+    "lightning_ext.callbacks.schedule.replica_count",
+    "lightning_ext.callbacks.schedule.sharding_problem",
+    "lightning_ext.callbacks.schedule.write_refined_schedule",
+    "lightning_ext.callbacks.sparse.export_sparse_checkpoint",
+    "lightning_ext.callbacks.sparse.plot_sparsity_history",
+    "lightning_ext.cli.build_parser",
+    "lightning_ext.cli.ema.register",
+    "lightning_ext.cli.main",
+    "lightning_ext.cli.pruning.class_coverage",
+    "lightning_ext.cli.pruning.coverage_report",
+    "lightning_ext.cli.pruning.register",
+    "lightning_ext.cli.schedule.register",
+    "lightning_ext.cli.sparse.register",
+    "lightning_ext.data.indexed.IndexedDataset",
+    "lightning_ext.data.indexed.check_fingerprint",
+    "lightning_ext.data.indexed.find_indices",
+    "lightning_ext.data.indexed.is_indexed",
+    "lightning_ext.data.indexed.labels_of",
+    "lightning_ext.data.indexed.load_scores",
+    "lightning_ext.data.indexed.pruned_datamodule",
+    "lightning_ext.data.indexed.pruned_subset",
+    "lightning_ext.data.sampling.InfoBatchSampler",
+    "lightning_ext.data.sampling.RS2Sampler",
+    "lightning_ext.data.tasks.dataset_targets",
+    "lightning_ext.io.ingredients.IngredientSubset",
+    "lightning_ext.pytorch_lightning.ContinualEvaluation",
+    "lightning_ext.pytorch_lightning.DataPruningScores",
+    "lightning_ext.pytorch_lightning.EMA",
+    "lightning_ext.pytorch_lightning.InfoBatch",
+    "lightning_ext.strategies.soup.rank_checkpoint_path",
+    "lightning_ext.strategies.warp.WARPStrategyMixin",
+    "lightning_ext.workflows.sparse_soup.default_targets",
+    "lightning_ext.workflows.sparse_soup.mask_mismatches",
+    "lightning_ext.workflows.sparse_soup.sparse_model_soup",
+    "lightning_ext.workflows.warp.run_warp",
+}
+
+SECTION = re.compile(r"^\s*([A-Z][A-Za-z ]*):\s*$")
+ARG_LINE = re.compile(r"^\s*(\*{0,2}\w+)(?:\s*\([^)]*\))?\s*:")
+
+
+def public_modules() -> Iterator[ModuleType]:
+    yield lightning_ext
+    for info in pkgutil.walk_packages(lightning_ext.__path__, prefix="lightning_ext."):
+        if any(part.startswith("_") for part in info.name.split(".")):
+            continue
+        yield importlib.import_module(info.name)
+
+
+def public_names(module: ModuleType) -> list[str]:
+    exported = set(getattr(module, "__all__", ()))
+    names = []
+    for name, obj in vars(module).items():
+        if not (inspect.isfunction(obj) or inspect.isclass(obj)):
+            continue
+        if getattr(obj, "__module__", None) != module.__name__:
+            continue  # imported: checked where it is defined
+        if name in exported or not name.startswith("_"):
+            names.append(name)
+    return sorted(names)
+
+
+def sections(doc: str | None) -> dict[str, list[str]]:
+    """Section title -> its indented lines, for a Google-style docstring."""
+    found: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in inspect.cleandoc(doc or "").splitlines():
+        match = SECTION.match(line)
+        if match and not line.startswith(" "):
+            current = found.setdefault(match.group(1), [])
+        elif current is not None and (line.startswith(" ") or not line.strip()):
+            current.append(line)
+        else:
+            current = None
+    return found
+
+
+def documented_args(lines: list[str]) -> set[str]:
+    """Names of an ``Args:`` section: its least-indented entries."""
+    entries = [line for line in lines if line.strip()]
+    if not entries:
+        return set()
+    indent = min(len(line) - len(line.lstrip()) for line in entries)
+    names = set()
+    for line in entries:
+        if len(line) - len(line.lstrip()) == indent:
+            match = ARG_LINE.match(line)
+            if match:
+                names.add(match.group(1).lstrip("*"))
+    return names
+
+
+def parameters(signature: inspect.Signature) -> list[str]:
+    return [p for p in signature.parameters if p not in ("self", "cls")]
+
+
+def raises(func: Any) -> bool:
+    """Whether the function's own body has a ``raise X`` statement."""
+    try:
+        source = textwrap.dedent(inspect.getsource(func))
+    except (OSError, TypeError):
+        return False
+    tree = ast.parse(source).body[0]
+
+    def walk(node: ast.AST) -> Iterator[ast.AST]:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(
+                child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda | ast.ClassDef
+            ):
+                continue
+            yield child
+            yield from walk(child)
+
+    return any(isinstance(n, ast.Raise) and n.exc is not None for n in walk(tree))
+
+
+def check_function(func: Any) -> list[str]:
+    func = inspect.unwrap(func)
+    doc = sections(inspect.getdoc(func))
+    signature = inspect.signature(func)
+    problems = []
+    params = parameters(signature)
+    if params:
+        if "Args" not in doc:
+            problems.append("no Args:")
+        else:
+            missing = set(params) - documented_args(doc["Args"])
+            if missing:
+                problems.append(f"Args: does not name {sorted(missing)}")
+    annotation = signature.return_annotation
+    if annotation not in (inspect.Signature.empty, None, "None"):
+        generator = inspect.isgeneratorfunction(func)
+        if not ("Returns" in doc or (generator and "Yields" in doc)):
+            problems.append("no Yields:" if generator else "no Returns:")
+    if raises(func) and "Raises" not in doc:
+        problems.append("no Raises:")
+    return problems
+
+
+def constructor_signature(cls: type) -> inspect.Signature | None:
+    """The signature of the constructor the class itself (or a lightning_ext base) defines."""
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("lightning_ext") and (
+            "__init__" in vars(klass) or "__dataclass_fields__" in vars(klass)
+        ):
+            return inspect.signature(cls)
+    return None
+
+
+def check_class(cls: type) -> list[str]:
+    signature = constructor_signature(cls)
+    if signature is None or not parameters(signature):
+        return []
+    doc = sections(inspect.getdoc(cls))
+    init_doc = sections(vars(cls)["__init__"].__doc__ if "__init__" in vars(cls) else None)
+    args = doc.get("Args", []) + init_doc.get("Args", [])
+    if "__dataclass_fields__" in vars(cls):
+        args += doc.get("Attributes", [])
+    if not args:
+        return ["no Args: in the class or __init__ docstring"]
+    missing = set(parameters(signature)) - documented_args(args)
+    return [f"Args: does not name {sorted(missing)}"] if missing else []
+
+
+def public_objects() -> list[tuple[str, object]]:
+    found = []
+    for module in public_modules():
+        if module.__name__ in EXCLUDED_MODULES:
+            continue
+        for name in public_names(module):
+            found.append((f"{module.__name__}.{name}", getattr(module, name)))
+    return found
+
+
+OBJECTS = public_objects()
+
+
+def test_walk_finds_the_public_api():
+    names = {name for name, _ in OBJECTS}
+    assert "lightning_ext.functional.ema.ema_update_" in names
+    assert "lightning_ext.callbacks.ema.EMA" in names
+    assert not any(name.startswith("lightning_ext.functional.merging.") for name in names)
+    assert names >= NOT_YET_DOCUMENTED, "NOT_YET_DOCUMENTED names something that is gone"
+
+
+@pytest.mark.parametrize("name, obj", OBJECTS, ids=[name for name, _ in OBJECTS])
+def test_docstring_sections(name, obj):
+    problems = check_class(obj) if inspect.isclass(obj) else check_function(obj)
+    if name in NOT_YET_DOCUMENTED:
+        assert problems, f"{name} is documented now: remove it from NOT_YET_DOCUMENTED"
+        pytest.skip("not yet documented: " + "; ".join(problems))
+    assert not problems, f"{name}: " + "; ".join(problems)

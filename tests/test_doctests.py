@@ -25,6 +25,8 @@ OTHER_MODULES = [
     "lightning_ext.callbacks.soup",
     "lightning_ext.callbacks.warp",
     "examples._digits",
+    "lightning_ext.data.indexed",
+    "lightning_ext.data.sampling",
     "lightning_ext.data.tasks",
     "lightning_ext.lr_scheduler",
     "lightning_ext.io.ingredients",

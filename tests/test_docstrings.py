@@ -43,14 +43,6 @@ EXCLUDED_MODULES = {
 
 # Not yet documented: each commit that documents some removes them from here.
 NOT_YET_DOCUMENTED = {
-    "lightning_ext.averaging.ShadowWeights",
-    "lightning_ext.averaging.TrackedTensors",
-    "lightning_ext.averaging.fsdp2_modules",
-    "lightning_ext.averaging.full_tensors",
-    "lightning_ext.averaging.gather_full",
-    "lightning_ext.averaging.local_part",
-    "lightning_ext.averaging.local_tensors",
-    "lightning_ext.averaging.reshard",
     "lightning_ext.callbacks.continual.ContinualEvaluation",
     "lightning_ext.callbacks.ema.EMA",
     "lightning_ext.callbacks.ema.ema_state_dict_from_checkpoint",
@@ -81,7 +73,6 @@ NOT_YET_DOCUMENTED = {
     "lightning_ext.cli.pruning.register",
     "lightning_ext.cli.schedule.register",
     "lightning_ext.cli.sparse.register",
-    "lightning_ext.io.ingredients.IngredientSubset",
     "lightning_ext.pytorch_lightning.ContinualEvaluation",
     "lightning_ext.pytorch_lightning.DataPruningScores",
     "lightning_ext.pytorch_lightning.EMA",

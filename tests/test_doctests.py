@@ -22,6 +22,7 @@ OTHER_MODULES = [
     "lightning_ext._sized",
     "lightning_ext.averaging",
     "lightning_ext.callbacks.continual",
+    "lightning_ext.callbacks.pruning",
     "lightning_ext.callbacks.schedule",
     "lightning_ext.callbacks.soup",
     "lightning_ext.callbacks.warp",

@@ -140,12 +140,16 @@ class ContinualEvaluation(DeclaredState, Callback):
         forward_fn: ``(module, inputs) -> logits``; the default calls ``module(**inputs)`` for
             dicts (without the labels, so a forward that returns the loss when given labels
             returns logits) and takes ``.logits`` from a non-tensor output.
-        window: w of WF^w and WP^w, in evaluations. lca_beta: beta of LCA (evaluations).
+        window: w of WF^w and WP^w, in evaluations.
+        lca_beta: beta of LCA, in evaluations: how many evaluations after a task starts its
+            learning curve is averaged over.
         zero_shot: put each task's last evaluation before its first update at the head of its
             curve (WF, WP, LCA). Off by default, as in the official code, where only the first
             task's curve starts before an update (with the initial model).
         gap_within: the stability gap's trough is searched in the first ``gap_within``
             evaluations after each task switch (None: the whole next task).
+        seed: seeds each task's subsample (with the task's index), so every evaluation reads the
+            same examples, and reruns read the same ones.
         task_boundary: where the task id comes from when ``start_task`` was not called: "auto"
             (the datamodule's ``current_task`` if it has one, else each new ``fit`` that does not
             resume a checkpoint starts the next task), "stream" or "fit".

@@ -26,6 +26,8 @@ OTHER_MODULES = [
     "lightning_ext.callbacks.schedule",
     "lightning_ext.callbacks.soup",
     "lightning_ext.callbacks.warp",
+    "lightning_ext.cli",
+    "lightning_ext.cli.pruning",
     "examples._digits",
     "lightning_ext.data.indexed",
     "lightning_ext.data.sampling",

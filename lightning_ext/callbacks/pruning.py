@@ -242,7 +242,7 @@ class DataPruningScores(DeclaredState, Callback):
             ``loss`` or ``margin``; higher is harder for every one.
         mode: ``pass`` (a scoring pass of its own) or ``online`` (from the training steps).
         at_epoch: score after this many epochs (0: before training); for ``forgetting``, the
-            epochs whose correctness is counted. The papers score early: EL2N after a few epochs.
+            epochs whose correctness is counted. EL2N is meant to be taken early in training.
         at_step: score at this global step instead (``mode="pass"``, not ``forgetting``).
         output_path: the score file; None: ``<run folder>/pruning/<score>_scores.pt``.
         run_name: a name for this run's scores, in the file name and the state key, so that
@@ -719,7 +719,8 @@ class InfoBatch(DeclaredState, Callback):
         prune_prob: the chance of skipping a below-mean example in an epoch, in ``[0, 1)``; the
             paper uses 0.5.
         delta: the share of ``max_epochs`` during which pruning runs, in ``[0, 1]``; the last
-            epochs train on everything, which the paper finds recovers the accuracy.
+            epochs train on all the data (the paper's annealing), removing the bias that the
+            rescaling leaves.
 
     Raises:
         ValueError: ``prune_prob`` or ``delta`` out of range.

@@ -87,7 +87,7 @@ def ema_update_(
     Raises:
         ValueError: ``decay`` outside ``[0, 1]``, or mismatched lists (see
             ``group_by_device_and_dtype``).
-        TypeError: the EMA tensors are not floating point (an average of integers truncates).
+        TypeError: the EMA tensors are not floating point.
 
     Examples:
         >>> import torch

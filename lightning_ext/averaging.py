@@ -280,7 +280,19 @@ def gather_full(local: Tensor, like: Tensor) -> Tensor:
 
 
 def is_dtensor(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is a DTensor (FSDP2's parameters and gradients)."""
+    """Whether ``tensor`` is a DTensor (FSDP2's parameters and gradients).
+
+    Args:
+        tensor: any tensor.
+
+    Returns:
+        True for a DTensor.
+
+    Examples:
+        >>> import torch
+        >>> is_dtensor(torch.zeros(2))
+        False
+    """
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
@@ -288,7 +300,14 @@ def is_dtensor(tensor: Tensor) -> bool:
 
 def local_shard(tensor: Tensor) -> Tensor:
     """This rank's local shard of a DTensor, detached (a view of its storage, so writing into it
-    writes the parameter); any other tensor as it is. No communication."""
+    writes the parameter); any other tensor as it is. No communication.
+
+    Args:
+        tensor: a DTensor or a plain tensor.
+
+    Returns:
+        The local shard, or ``tensor`` itself.
+    """
     if not is_dtensor(tensor):
         return tensor
     with torch.no_grad():

@@ -104,7 +104,11 @@ def jsonable(obj: Any) -> Any:
 
 
 def matplotlib_available() -> bool:
-    """Whether matplotlib can be imported (it is optional: the ``plot`` extra)."""
+    """Whether matplotlib can be imported (it is optional: the ``plot`` extra).
+
+    Returns:
+        True when the curves can be drawn.
+    """
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -46,6 +46,11 @@ TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``soup`` subcommand, its options read from ``MERGE_METHODS``.
+
+    Args:
+        sub: the ``lightning-ext`` parser's subparsers.
+    """
     p = sub.add_parser(
         "soup",
         help="merge checkpoints (model soups, task arithmetic, TIES, DARE, ...)",
@@ -130,7 +135,14 @@ def _methods_epilog() -> str:
 
 def merge(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     """The merge ``args`` ask for; options, the base and the number of checkpoints are checked
-    against the method's entry in ``MERGE_METHODS`` before any checkpoint is read."""
+    against the method's entry in ``MERGE_METHODS`` before any checkpoint is read.
+
+    Args:
+        args: the parsed ``lightning-ext soup`` options.
+
+    Returns:
+        The merged state dict.
+    """
     method = get_merge_method(args.method, CLI_SPELLING)
     given = {name: getattr(args, name) for name in _options() if getattr(args, name) is not None}
     taken = {p.name for p in method.parameters}
@@ -155,7 +167,19 @@ def merge(args: argparse.Namespace) -> dict[str, torch.Tensor]:
 
 
 def import_callable(spec: str, option: str) -> Callable[..., Any]:
-    """``package.module:function`` -> the function; the working directory is importable."""
+    """``package.module:function`` -> the function; the working directory is importable, as
+    under ``python -m``, so that a user's own module factory can be named.
+
+    Args:
+        spec: ``MODULE:FUNCTION``.
+        option: the command-line option named in the errors.
+
+    Returns:
+        The callable.
+
+    Raises:
+        ValueError: ``spec`` is not ``MODULE:FUNCTION`` or names something not callable.
+    """
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(
@@ -170,7 +194,14 @@ def import_callable(spec: str, option: str) -> Callable[..., Any]:
 
 
 def statistics_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
-    """The floating statistics buffers (BatchNorm running mean/variance) of a state dict."""
+    """The floating statistics buffers (BatchNorm running mean/variance) of a state dict.
+
+    Args:
+        state: a merged state dict.
+
+    Returns:
+        Their keys, in the state dict's order.
+    """
     return [k for k, v in state.items() if v.is_floating_point() and merging.is_statistic(k, v)]
 
 
@@ -178,7 +209,17 @@ BNRecalibration = tuple[Callable[..., Any], Callable[..., Any]]
 
 
 def bn_recalibration(args: argparse.Namespace) -> BNRecalibration | None:
-    """The (model, data) functions of ``--model``/``--recalibrate-bn``, checked before merging."""
+    """The (model, data) functions of ``--model``/``--recalibrate-bn``, checked before merging.
+
+    Args:
+        args: the parsed ``lightning-ext soup`` options.
+
+    Returns:
+        ``(model factory, data factory)``, or None when neither option is given.
+
+    Raises:
+        ValueError: only one of the two options is given.
+    """
     if args.recalibrate_bn is None and args.model is None:
         return None
     if args.recalibrate_bn is None:
@@ -195,7 +236,19 @@ def recalibrate(
     args: argparse.Namespace, soup: dict[str, torch.Tensor], bn: BNRecalibration | None
 ) -> dict[str, torch.Tensor]:
     """Load the merge into the model and recompute its BatchNorm statistics on the data; without
-    ``--recalibrate-bn``, warn when statistics were only averaged."""
+    ``--recalibrate-bn``, warn when statistics were only averaged.
+
+    Args:
+        args: the parsed ``lightning-ext soup`` options.
+        soup: the merged state dict.
+        bn: what ``bn_recalibration(args)`` returned.
+
+    Returns:
+        The state dict to write (``soup`` itself when nothing was recalibrated).
+
+    Raises:
+        ValueError: the model has no BatchNorm layer to recalibrate.
+    """
     from lightning_ext.workflows.soup import recalibrate_batchnorm
 
     if bn is None:
@@ -217,6 +270,15 @@ def recalibrate(
 
 
 def run(args: argparse.Namespace) -> int:
+    """Merge, recalibrate if asked, and write the result atomically; a Lightning checkpoint
+    stays one (its weights replaced, its training state dropped, the recipe recorded).
+
+    Args:
+        args: the parsed ``lightning-ext soup`` options.
+
+    Returns:
+        The exit code, 0.
+    """
     bn = bn_recalibration(args)
     soup = recalibrate(args, merge(args), bn)
     first: Any = load_file(args.checkpoints[0], trusted=args.trusted, mmap=True)

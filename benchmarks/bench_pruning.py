@@ -401,6 +401,12 @@ def _plot_coverage(runs: dict) -> None:
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    coverage_main() if sys.argv[1:] == ["coverage"] else main()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "part", nargs="?", choices=["coverage"], help="omit: speed; coverage: selection quality"
+    )
+    coverage_main() if parser.parse_args().part == "coverage" else main()

@@ -5,7 +5,7 @@ Examples::
     lightning-ext soup run*/last.ckpt -o soup.ckpt                      # uniform soup
     lightning-ext soup a.ckpt b.ckpt --method weighted --weights 1 3 -o soup.pt
     lightning-ext soup ft*.ckpt --base pre.ckpt --method ties --density 0.2 -o merged.ckpt
-    lightning-ext soup ft*.ckpt -o soup.ckpt --model mypkg.models:make_model \
+    lightning-ext soup ft*.ckpt -o soup.ckpt --model mypkg.models:make_model \\
         --recalibrate-bn mypkg.data:train_loader              # recompute BatchNorm statistics
 
 The output keeps the first input's format: a Lightning checkpoint (the first input's, with its

@@ -852,6 +852,18 @@ def _converter(layout: str) -> Any:
     return to_csr if layout == "csr" else to_semi_structured
 
 
+def _export_device(layout: Layout) -> torch.device:
+    """Where the converted weights are made: the CPU, except 2:4 tensors (CUDA only)."""
+    if layout != "semi_structured":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "a 2:4 semi-structured export needs a CUDA GPU of compute capability >= 8.0, and "
+            "this machine has none: export 'csr' or 'dense' here, or run the export on the GPU"
+        )
+    return torch.device("cuda")
+
+
 def export_sparse_checkpoint(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike | None = None,
@@ -882,8 +894,10 @@ def export_sparse_checkpoint(
     Raises:
         ValueError: an unknown layout, or no (or several, without ``state_key``)
             DynamicSparseTraining states in the checkpoint.
+        RuntimeError: ``"semi_structured"`` on a machine without a CUDA GPU.
     """
     convert = _converter(layout)
+    _export_device(layout)  # before reading the file: a machine without a GPU cannot do 2:4
     ckpt = load_file(checkpoint, trusted=trusted)
     states = {
         k: v
@@ -906,9 +920,11 @@ def export_sparse_checkpoint(
     (state,) = states.values()
     weights = dict(ckpt["state_dict"])
     keys = normalised_keys(weights)
+    # Files load on the CPU; 2:4 tensors exist only on a CUDA device, so the weights go there.
+    device = _export_device(layout)
     for name, mask in zip(state["names"], state["masks"]):
         key = keys[normalise_name(name)]
-        weights[key] = convert(weights[key], mask)
+        weights[key] = convert(weights[key].to(device), mask.to(device))
     if out is not None:
         atomic_torch_save(weights, out)
     return weights

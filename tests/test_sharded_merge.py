@@ -210,3 +210,24 @@ def test_metadata_that_pickles_code_is_refused_unless_trusted(tmp_path):
     assert Payload.ran
     metadata.write_bytes(original)
     assert sorted(load_state_dict(folder, trusted=True)) == ["bias", "weight"]
+
+
+def _text(value: str) -> bytes:
+    return b"\x8c" + bytes([len(value)]) + value.encode()  # pickle's SHORT_BINUNICODE
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("torch.distributed.checkpoint.metadata", "os.getpid"),  # the module imports os
+        ("torch.distributed.checkpoint.metadata", "os"),
+        ("torch", "Size.__class__"),
+        ("os", "getpid"),
+    ],
+)
+def test_metadata_unpickler_resolves_no_other_global(tmp_path, module, name):
+    folder = _save_folder(tmp_path / "a", {"w": torch.zeros(2)})
+    # protocol 4: push module and name, STACK_GLOBAL, call it with no arguments, STOP
+    (folder / ".metadata").write_bytes(b"\x80\x04" + _text(module) + _text(name) + b"\x93)R.")
+    with pytest.raises(ValueError, match=f"'{module}.{name}' is not checkpoint metadata"):
+        load_state_dict(folder)

@@ -60,12 +60,23 @@ class _MetadataUnpickler(pickle.Unpickler):
     """Resolves only the globals a DCP ``.metadata`` file is made of: no other code can run."""
 
     def find_class(self, module: str, name: str) -> Any:
-        allowed = (module, name) in _ALLOWED_GLOBALS or module == _METADATA_MODULE
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            allowed = True
+        # A dotted name would reach attributes of attributes (the metadata module imports os).
+        allowed = "." not in name and (
+            (module, name) in _ALLOWED_GLOBALS
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+            or (module == _METADATA_MODULE and _is_metadata_class(name))
+        )
         if not allowed:
             raise pickle.UnpicklingError(f"global '{module}.{name}' is not checkpoint metadata")
         return super().find_class(module, name)
+
+
+def _is_metadata_class(name: str) -> bool:
+    """A class defined in torch's metadata module (its dataclasses and enum), nothing imported."""
+    import torch.distributed.checkpoint.metadata as metadata
+
+    value = getattr(metadata, name, None)
+    return isinstance(value, type) and value.__module__ == _METADATA_MODULE
 
 
 def is_distributed_checkpoint(path: str | os.PathLike) -> bool:

@@ -16,6 +16,7 @@ Run: ``python -m benchmarks.bench_pruning`` (speed) or
 
 from __future__ import annotations
 
+import tempfile
 import time
 
 import lightning.pytorch as pl
@@ -98,16 +99,19 @@ class TimedScores(DataPruningScores):
 def fit(train: IndexedDataset, with_scores: bool, hidden: int, epochs: int = 3) -> None:
     pl.seed_everything(0, verbose=False)
     callbacks = [TimedScores("el2n", mode="online", at_epoch=epochs)] if with_scores else []
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=callbacks,
-    )
-    trainer.fit(OnlineModule(hidden), DataLoader(train, batch_size=32, shuffle=True))
+    # the score files go to a temporary folder, not to lightning_logs/ of the working directory
+    with tempfile.TemporaryDirectory() as root:
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_epochs=epochs,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            callbacks=callbacks,
+            default_root_dir=root,
+        )
+        trainer.fit(OnlineModule(hidden), DataLoader(train, batch_size=32, shuffle=True))
 
 
 def main() -> None:
@@ -401,6 +405,12 @@ def _plot_coverage(runs: dict) -> None:
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    coverage_main() if sys.argv[1:] == ["coverage"] else main()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "part", nargs="?", choices=["coverage"], help="omit: speed; coverage: selection quality"
+    )
+    coverage_main() if parser.parse_args().part == "coverage" else main()

@@ -26,6 +26,16 @@ class TrackedTensors:
 
     A tensor shared by several submodules (tied weights) is tracked once, under its first name;
     ``aliases`` maps every other name of it to that one, so state dicts can be filled in for all.
+    Build one with ``TrackedTensors.from_module``.
+
+    Attributes:
+        averaged_names: the names of the averaged tensors (parameters, float buffers).
+        averaged: the averaged tensors, by position in ``averaged_names``.
+        copied_names: the names of the copied tensors (integer and boolean buffers, and float
+            buffers when buffers are not averaged).
+        copied: the copied tensors, by position in ``copied_names``.
+        aliases: every other name of a tied tensor, mapped to the name it is tracked under.
+        sharded: the DTensors (FSDP2) whose local shards are tracked, by name.
     """
 
     averaged_names: list[str]
@@ -76,7 +86,30 @@ class TrackedTensors:
 
 
 class ShadowWeights:
-    """An averaged copy of ``tracked`` stored on ``device`` (default: beside each tensor)."""
+    """An averaged copy of ``tracked`` stored on ``device`` (default: beside each tensor).
+
+    Call ``wait()`` before reading the shadow's tensors directly when updates run in the
+    background; the methods that read it wait by themselves, and ``close()`` ends the thread.
+
+    Args:
+        tracked: the module tensors to follow (``TrackedTensors.from_module``).
+        device: where the shadow lives; None: on each tensor's own device. A CPU shadow of a GPU
+            model saves GPU memory.
+        background: run the averaging in a worker thread from pinned staging buffers, so the
+            training step does not wait for it; None: exactly when the shadow is on another
+            device than the module.
+
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> shadow = ShadowWeights(TrackedTensors.from_module(model))
+        >>> before = shadow.state_dict()["bias"].clone()
+        >>> with torch.no_grad():
+        ...     _ = model.bias.add_(1.0)
+        >>> shadow.update_(0.75)  # a quarter of the way to the live weights
+        >>> shadow.state_dict()["bias"] - before
+        tensor([0.2500])
+    """
 
     def __init__(
         self,
@@ -222,7 +255,15 @@ def _local_view(name: str, tensor: Tensor, sharded: dict[str, Tensor]) -> Tensor
 
 def gather_full(local: Tensor, like: Tensor) -> Tensor:
     """The full tensor whose shard on this rank is ``local``, sharded as the DTensor ``like``
-    (an all-gather: every rank must call it). Booleans travel as bytes (gloo has no bool)."""
+    (an all-gather: every rank must call it). Booleans travel as bytes (gloo has no bool).
+
+    Args:
+        local: this rank's shard.
+        like: the DTensor whose mesh, placements, shape and stride describe the sharding.
+
+    Returns:
+        The whole tensor, on every rank.
+    """
     from torch.distributed.tensor import DTensor
 
     as_bool = local.dtype == torch.bool
@@ -239,7 +280,19 @@ def gather_full(local: Tensor, like: Tensor) -> Tensor:
 
 
 def is_dtensor(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is a DTensor (FSDP2's parameters and gradients)."""
+    """Whether ``tensor`` is a DTensor (FSDP2's parameters and gradients).
+
+    Args:
+        tensor: any tensor.
+
+    Returns:
+        True for a DTensor.
+
+    Examples:
+        >>> import torch
+        >>> is_dtensor(torch.zeros(2))
+        False
+    """
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
@@ -247,7 +300,14 @@ def is_dtensor(tensor: Tensor) -> bool:
 
 def local_shard(tensor: Tensor) -> Tensor:
     """This rank's local shard of a DTensor, detached (a view of its storage, so writing into it
-    writes the parameter); any other tensor as it is. No communication."""
+    writes the parameter); any other tensor as it is. No communication.
+
+    Args:
+        tensor: a DTensor or a plain tensor.
+
+    Returns:
+        The local shard, or ``tensor`` itself.
+    """
     if not is_dtensor(tensor):
         return tensor
     with torch.no_grad():
@@ -256,13 +316,27 @@ def local_shard(tensor: Tensor) -> Tensor:
 
 def local_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``state`` with every DTensor replaced by this rank's local shard (a view of its storage,
-    so writing into it writes the module), other tensors as they are. No communication."""
+    so writing into it writes the module), other tensors as they are. No communication.
+
+    Args:
+        state: a state dict, possibly of DTensors.
+
+    Returns:
+        A new dict of plain tensors.
+    """
     return {name: local_shard(value) for name, value in state.items()}
 
 
 def full_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``state`` with every DTensor gathered whole (an all-gather per DTensor: every rank must
-    call it at the same point); other tensors as they are (this rank's values)."""
+    call it at the same point); other tensors as they are (this rank's values).
+
+    Args:
+        state: a state dict, possibly of DTensors.
+
+    Returns:
+        A new dict of whole tensors.
+    """
     from torch.distributed.tensor import DTensor
 
     return {
@@ -272,7 +346,14 @@ def full_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def fsdp2_modules(module: nn.Module) -> list[Any]:
-    """The FSDP2 (``fully_shard``-ed) modules in ``module``, root included; empty when none."""
+    """The FSDP2 (``fully_shard``-ed) modules in ``module``, root included; empty when none.
+
+    Args:
+        module: the model.
+
+    Returns:
+        The ``FSDPModule`` instances, in ``module.modules()`` order: what ``reshard`` takes.
+    """
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in module.modules() if isinstance(m, FSDPModule)]
@@ -284,13 +365,24 @@ def reshard(modules: list[Any]) -> None:
     The root module keeps its gathered parameters after a forward (its backward would follow).
     After its shards were written (weights swapped, a soup loaded) or after a forward outside
     training, they would be stale or unexpected, and the next forward would read them.
+
+    Args:
+        modules: the FSDP2 modules (``fsdp2_modules``).
     """
     for module in modules:
         module.reshard()
 
 
 def local_part(full: Tensor, like: Tensor) -> Tensor:
-    """This rank's shard of ``full``, split as the DTensor ``like`` is (no communication)."""
+    """This rank's shard of ``full``, split as the DTensor ``like`` is (no communication).
+
+    Args:
+        full: the whole tensor, the same on every rank.
+        like: the DTensor whose mesh and placements describe the sharding.
+
+    Returns:
+        This rank's shard, on ``like``'s device.
+    """
     from torch.distributed.tensor import distribute_tensor
 
     dtensor = distribute_tensor(

@@ -8,20 +8,29 @@ import pytest
 
 FUNCTIONAL_MODULES = [
     "lightning_ext.functional.continual",
+    "lightning_ext.functional.ema",
     "lightning_ext.functional.interpolation",
     "lightning_ext.functional.learned_soup",
     "lightning_ext.functional.merge_methods",
     "lightning_ext.functional.merging",
+    "lightning_ext.functional.pruning",
     "lightning_ext.functional.schedule",
+    "lightning_ext.functional.sparse",
 ]
 # Modules whose class examples only build an object (no fit): cheap to run.
 OTHER_MODULES = [
     "lightning_ext._sized",
+    "lightning_ext.averaging",
     "lightning_ext.callbacks.continual",
+    "lightning_ext.callbacks.pruning",
     "lightning_ext.callbacks.schedule",
     "lightning_ext.callbacks.soup",
     "lightning_ext.callbacks.warp",
+    "lightning_ext.cli",
+    "lightning_ext.cli.pruning",
     "examples._digits",
+    "lightning_ext.data.indexed",
+    "lightning_ext.data.sampling",
     "lightning_ext.data.tasks",
     "lightning_ext.lr_scheduler",
     "lightning_ext.io.ingredients",

@@ -15,6 +15,7 @@ PURE_TORCH = [
     "lightning_ext.averaging",
     "lightning_ext.lr_scheduler",
     "lightning_ext.io",
+    "lightning_ext.io.continual",
 ]
 
 

@@ -12,8 +12,6 @@ context only around its own forward passes. Batches are read with the package's 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -38,7 +36,6 @@ from lightning_ext._batch import (
     per_sample_accuracy,
     per_sample_cross_entropy,
 )
-from lightning_ext._io import atomic_write, atomic_write_json, atomic_write_text
 from lightning_ext._lightning import fit_val_loaders, has_fit_val_loaders, is_wandb_logger, run_dir
 from lightning_ext._sized import dataset_size
 from lightning_ext.averaging import fsdp2_modules, reshard
@@ -54,10 +51,15 @@ from lightning_ext.functional.continual import (
     per_task_forgetting,
     stability_gap,
     stream_forgetting,
-    task_curve_indices,
-    task_ends,
     wc_acc,
     windowed_forgetting_step,
+)
+from lightning_ext.io.continual import (
+    curve_points,
+    curves_png,
+    matplotlib_available,
+    wandb_entries,
+    write_curves,
 )
 
 __all__ = ["ContinualEvaluation"]
@@ -65,11 +67,6 @@ __all__ = ["ContinualEvaluation"]
 _BUILTIN = {"accuracy": True, "loss": False, "perplexity": False}
 PerSampleMetric = Callable[[Tensor, Tensor], Tensor]
 Collate = Callable[[list[Any]], Any]
-#: wandb keys: the values table must not take the name wandb gives the line plot's own table
-#: (``<plot key>_table``), or one overwrites the other in the run.
-WANDB_PLOT_KEY = "cl/curves"
-WANDB_TABLE_KEY = "cl/curve_values"
-WANDB_IMAGE_KEY = "cl/curves_png"
 
 
 def _per_sample(metric: str, logits: Tensor, targets: Tensor) -> Tensor:
@@ -143,12 +140,16 @@ class ContinualEvaluation(DeclaredState, Callback):
         forward_fn: ``(module, inputs) -> logits``; the default calls ``module(**inputs)`` for
             dicts (without the labels, so a forward that returns the loss when given labels
             returns logits) and takes ``.logits`` from a non-tensor output.
-        window: w of WF^w and WP^w, in evaluations. lca_beta: beta of LCA (evaluations).
+        window: w of WF^w and WP^w, in evaluations.
+        lca_beta: beta of LCA, in evaluations: how many evaluations after a task starts its
+            learning curve is averaged over.
         zero_shot: put each task's last evaluation before its first update at the head of its
             curve (WF, WP, LCA). Off by default, as in the official code, where only the first
             task's curve starts before an update (with the initial model).
         gap_within: the stability gap's trough is searched in the first ``gap_within``
             evaluations after each task switch (None: the whole next task).
+        seed: seeds each task's subsample (with the task's index), so every evaluation reads the
+            same examples, and reruns read the same ones.
         task_boundary: where the task id comes from when ``start_task`` was not called: "auto"
             (the datamodule's ``current_task`` if it has one, else each new ``fit`` that does not
             resume a checkpoint starts the next task), "stream" or "fit".
@@ -726,120 +727,63 @@ class ContinualEvaluation(DeclaredState, Callback):
         return out
 
     # -------------------------------------------------------------------------------- exports
+    def curve_points(self) -> list[tuple[list[int], list[float]]]:
+        """(steps, values) of each task's curve, as the metrics read it (``task_curve``)."""
+        values, trained, steps = self.tables()
+        return curve_points(values, trained, steps, zero_shot=self.zero_shot)
+
     def export(self, trainer: pl.Trainer) -> Path:
         """Write curves.csv, curves.json and (with plot=True) curves.png; return the folder."""
         folder = self._folder or Path(self.export_dir or run_dir(trainer, "continual"))
         values, trained, steps = self.tables()
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["step", "trained_task", *[f"task{t}" for t in range(values.shape[1])]])
-        for e in range(values.shape[0]):
-            row = ["" if math.isnan(v) else repr(v) for v in values[e].tolist()]
-            writer.writerow([int(steps[e]), int(trained[e]), *row])
-        atomic_write_text(buffer.getvalue(), folder / "curves.csv")
-        atomic_write_json(
-            {
-                "metric": self.metric_name,
-                "higher_is_better": self.higher_is_better,
-                "every_n_steps": self.every_n_steps,
-                "zero_shot": self.zero_shot,
-                "records": [
-                    {**r, "values": {str(t): v for t, v in r["values"].items()}}
-                    for r in self.records
-                ],
-                "summary": _jsonable(self.summary()),
-            },
-            folder / "curves.json",
-        )
+        png = None
         if self.plot and self._matplotlib_available():
-            atomic_write(folder / "curves.png", lambda handle: handle.write(self._png()))
+            png = curves_png(self.curve_points(), trained, steps, metric_name=self.metric_name)
+        header = {
+            "metric": self.metric_name,
+            "higher_is_better": self.higher_is_better,
+            "every_n_steps": self.every_n_steps,
+            "zero_shot": self.zero_shot,
+        }
+        write_curves(
+            folder,
+            values,
+            trained,
+            steps,
+            header=header,
+            records=self.records,
+            summary=self.summary(),
+            png=png,
+        )
         rank_zero_info(f"ContinualEvaluation: curves written to {folder}")
         return folder
 
     def _matplotlib_available(self) -> bool:
         """matplotlib is optional: without it the picture is skipped, with one warning."""
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            if not self._plot_warned:
-                rank_zero_warn(
-                    "ContinualEvaluation: matplotlib is not installed, so curves.png is not "
-                    "written (the CSV and JSON are). pip install 'lightning-ext[plot]', or pass "
-                    "plot=False to silence this."
-                )
-                self._plot_warned = True
-            return False
-        return True
-
-    def curve_points(self) -> list[tuple[list[int], list[float]]]:
-        """(steps, values) of each task's curve, as the metrics read it (``task_curve``)."""
-        values, trained, steps = self.tables()
-        points = []
-        for t in range(values.shape[1]):
-            idx = task_curve_indices(values, trained, t, zero_shot=self.zero_shot)
-            points.append((steps[idx].tolist(), values[idx, t].tolist()))
-        return points
-
-    def _figure(self) -> Any:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        _, trained, steps = self.tables()
-        fig, ax = plt.subplots(figsize=(8, 4))
-        for t, (xs, ys) in enumerate(self.curve_points()):
-            ax.plot(xs, ys, label=f"task {t}", lw=1)
-        for end in task_ends(trained).values():
-            if end < len(steps) - 1:
-                ax.axvline(int(steps[end]), color="grey", ls="--", lw=0.8)
-        ax.set_xlabel("training step")
-        ax.set_ylabel(self.metric_name)
-        if self.metric_name == "perplexity":
-            ax.set_yscale("log")
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        return fig
-
-    def _png(self) -> bytes:
-        import matplotlib.pyplot as plt
-
-        fig = self._figure()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=120)
-        plt.close(fig)
-        return buffer.getvalue()
+        if matplotlib_available():
+            return True
+        if not self._plot_warned:
+            rank_zero_warn(
+                "ContinualEvaluation: matplotlib is not installed, so curves.png is not "
+                "written (the CSV and JSON are). pip install 'lightning-ext[plot]', or pass "
+                "plot=False to silence this."
+            )
+            self._plot_warned = True
+        return False
 
     def _wandb_log(self, logger: Any) -> None:
-        """The raw evaluation table, a line plot of the curves (two distinct wandb keys) and the
-        picture written by ``export``, if any."""
-        import wandb
-
         values, trained, steps = self.tables()
-        columns: list[str | int] = [
-            "step",
-            "trained_task",
-            *[f"task{t}" for t in range(values.shape[1])],
-        ]
-        rows = [
-            [int(steps[e]), int(trained[e]), *[None if math.isnan(v) else v for v in values[e]]]
-            for e in range(values.shape[0])
-        ]
-        points = self.curve_points()
-        entries = {
-            WANDB_TABLE_KEY: wandb.Table(columns=columns, data=rows),
-            WANDB_PLOT_KEY: wandb.plot.line_series(
-                xs=[p[0] for p in points],
-                ys=[p[1] for p in points],
-                keys=[f"task{t}" for t in range(values.shape[1])],
-                title=f"continual evaluation ({self.metric_name})",
-                xname="step",
-            ),
-        }
         picture = self._folder / "curves.png" if self._folder is not None else None
-        if picture is not None and picture.exists():
-            entries[WANDB_IMAGE_KEY] = wandb.Image(str(picture))
-        logger.experiment.log(entries)
+        logger.experiment.log(
+            wandb_entries(
+                values,
+                trained,
+                steps,
+                self.curve_points(),
+                metric_name=self.metric_name,
+                picture=picture,
+            )
+        )
 
     # ---------------------------------------------------------------------------------- state
     STATE = (
@@ -859,13 +803,3 @@ class ContinualEvaluation(DeclaredState, Callback):
     def _after_load_state(self) -> None:
         self.subsets = {int(t): s for t, s in self.subsets.items()}
         self._cache.clear()
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    return obj

@@ -57,6 +57,9 @@ class EMA(DeclaredState, AfterOptimizerStep):
         validate_on: weights used by validation; ``"both"`` validates the EMA under the module's
             own metric names, then runs a second, complete validation epoch on the live weights
             whose metrics get ``live_suffix``.
+        live_suffix: appended to the live validation's metric names with ``validate_on="both"``
+            (``val_loss`` becomes ``val_loss_live``), so checkpointing and early stopping can
+            monitor either.
         test_on: weights used by ``trainer.test``.
         predict_on: weights used by ``trainer.predict``.
         checkpoint_weights: weights in a checkpoint's ``state_dict`` (what ``load_from_checkpoint``
@@ -589,6 +592,20 @@ def ema_state_dict_from_checkpoint(
     distributed checkpoint folders of ModelParallelStrategy (the averaged tensors only: their
     weights are shards, the full EMA is in the callback state). With several
     EMA callbacks, pick one by ``state_key``. Files are read weights-only unless ``trusted=True``.
+
+    Args:
+        checkpoint: a checkpoint path, a distributed checkpoint folder, or a loaded checkpoint.
+        state_key: the EMA callback's ``state_key`` (``EMA{'decay': 0.999, 'start_step': 0}``
+            for the defaults), needed when the checkpoint holds several; None: the only one.
+        trusted: unpickle arbitrary objects; only for checkpoints you made yourself.
+
+    Returns:
+        The state dict, ready for ``model.load_state_dict``.
+
+    Raises:
+        ValueError: not a Lightning checkpoint, no EMA state or several without ``state_key``,
+            or an EMA state that names none of the model's tensors.
+        KeyError: no EMA state under ``state_key``.
     """
     ckpt = _load_checkpoint(checkpoint, trusted)
     if "state_dict" not in ckpt and "callbacks" not in ckpt:
@@ -639,6 +656,19 @@ def export_ema(
     state_key: str | None = None,
     trusted: bool = False,
 ) -> Path:
-    """Write the EMA-only state dict of ``checkpoint`` to ``out`` (atomically)."""
+    """Write the EMA-only state dict of ``checkpoint`` to ``out`` (atomically).
+
+    What ``lightning-ext export-ema`` runs: the file holds plain tensors, loadable with
+    ``torch.load(out, weights_only=True)`` and ``model.load_state_dict`` without Lightning.
+
+    Args:
+        checkpoint: the checkpoint path or distributed checkpoint folder.
+        out: where to write the state dict.
+        state_key: the EMA callback's state key, when the checkpoint holds several.
+        trusted: unpickle arbitrary objects; only for checkpoints you made yourself.
+
+    Returns:
+        The path written.
+    """
     state = ema_state_dict_from_checkpoint(checkpoint, state_key=state_key, trusted=trusted)
     return atomic_torch_save(state, out)

@@ -267,7 +267,24 @@ def posthoc_ema_state_dict(
 ) -> dict[str, Tensor]:
     """Reconstruct the EMA with relative width ``sigma_rel`` at EMA update ``step`` (default: the
     last snapshot) from the snapshots in ``snapshot_dir``. Streams one snapshot file at a time,
-    with a tqdm progress bar when ``progress`` is set."""
+    with a tqdm progress bar when ``progress`` is set.
+
+    Only snapshots taken at or before ``step`` are used, so any earlier moment of the run can be
+    rebuilt too, as long as snapshots precede it.
+
+    Args:
+        snapshot_dir: the folder ``PostHocEMA`` wrote (its ``index.json`` and snapshot files).
+        sigma_rel: the relative width of the EMA to rebuild, in ``(0, 0.28)``; it need not be
+            one of the tracked widths.
+        step: the EMA update at which to rebuild it; None: the last snapshot's.
+        progress: show a progress bar over the snapshot files.
+
+    Returns:
+        The model's state dict with the rebuilt EMA, in the tensors' own dtypes.
+
+    Raises:
+        ValueError: ``step`` outside ``[1, last snapshot's step]``.
+    """
     entries = _read_index(Path(snapshot_dir))
     last = entries[-1]["step"]
     step = last if step is None else step
@@ -303,7 +320,16 @@ def plot_profiles(
 ) -> Path | None:
     """One picture of what the snapshots can give: for a few ``sigma_rels``, the EMA profile
     (weight of each training step) wanted at the last snapshot, dashed, and the one the
-    reconstruction achieves, solid. None (with one warning) when matplotlib is missing."""
+    reconstruction achieves, solid. None (with one warning) when matplotlib is missing.
+
+    Args:
+        entries: the snapshots of ``index.json``, in step order.
+        path: where to write the PNG.
+        sigma_rels: the widths to draw.
+
+    Returns:
+        The path written, or None without matplotlib.
+    """
     try:
         import matplotlib
 
@@ -351,7 +377,20 @@ def write_posthoc_ema(
     step: int | None = None,
     progress: bool = False,
 ) -> Path:
-    """Reconstruct (see ``posthoc_ema_state_dict``) and save the state dict atomically."""
+    """Reconstruct (see ``posthoc_ema_state_dict``) and save the state dict atomically.
+
+    What ``lightning-ext posthoc-ema`` runs.
+
+    Args:
+        snapshot_dir: the folder ``PostHocEMA`` wrote.
+        sigma_rel: the relative width of the EMA to rebuild, in ``(0, 0.28)``.
+        out: where to write the state dict.
+        step: the EMA update at which to rebuild it; None: the last snapshot's.
+        progress: show a progress bar over the snapshot files.
+
+    Returns:
+        The path written.
+    """
     state = posthoc_ema_state_dict(snapshot_dir, sigma_rel, step=step, progress=progress)
     return atomic_torch_save(state, out)
 

@@ -112,7 +112,17 @@ COVERAGE_CHECK_KEEP = 0.3  # the pruning rate at which a hardest-first cut is ch
 def class_coverage_warning(scores: Tensor, labels: Tensor, score: str) -> str | None:
     """A message with figures when keeping the hardest ``COVERAGE_CHECK_KEEP`` by these scores
     would leave some class with less than a third of its fair share (scores that rank whole
-    classes, as early EL2N does on easy data); None otherwise."""
+    classes, as early EL2N does on easy data); None otherwise.
+
+    Args:
+        scores: one score per example.
+        labels: one class per example; fewer than two classes or negative labels (sequence
+            checksums are not classes) skip the check.
+        score: the score's name, for the message.
+
+    Returns:
+        The warning's text, or None.
+    """
     from lightning_ext.functional.pruning import select_indices
 
     if labels.unique().numel() < 2 or int(labels.min()) < 0:
@@ -146,7 +156,17 @@ def plot_score_histogram(
     scores: Tensor, labels: Tensor | None, path: Path, title: str
 ) -> Path | None:
     """Histogram of the scores (one outline per class when there are at most
-    ``PLOT_MAX_CLASSES``), saved as a PNG; None when matplotlib is not installed."""
+    ``PLOT_MAX_CLASSES``), saved as a PNG; None when matplotlib is not installed.
+
+    Args:
+        scores: one score per example; non-finite ones are left out.
+        labels: one class per example, for the per-class outlines; None: the total only.
+        path: where to write the PNG.
+        title: the plot's title.
+
+    Returns:
+        ``path``, or None without matplotlib (warned once).
+    """
     try:  # the Figure API needs no pyplot backend: the user's backend is left alone
         from matplotlib import colormaps
         from matplotlib.figure import Figure
@@ -216,6 +236,35 @@ class DataPruningScores(DeclaredState, Callback):
     and holds the same score on the same dataset (size and label hash), this run is appended and
     ``scores`` combines the runs (mean; sum for forgetting, as the reference code does); a
     different dataset raises a ``ValueError``.
+
+    Args:
+        score: ``el2n``, ``grand`` (gradient norms, ``mode="pass"`` only), ``forgetting``,
+            ``loss`` or ``margin``; higher is harder for every one.
+        mode: ``pass`` (a scoring pass of its own) or ``online`` (from the training steps).
+        at_epoch: score after this many epochs (0: before training); for ``forgetting``, the
+            epochs whose correctness is counted. EL2N is meant to be taken early in training.
+        at_step: score at this global step instead (``mode="pass"``, not ``forgetting``).
+        output_path: the score file; None: ``<run folder>/pruning/<score>_scores.pt``.
+        run_name: a name for this run's scores, in the file name and the state key, so that
+            several instances (several scores) can run in one fit.
+        batch_size: the scoring pass's batch size.
+        unpack_batch: ``batch -> (inputs, targets)``; None: the default unpacking.
+        forward_fn: ``(module, inputs) -> logits``; None: the default forward.
+        last_layer: GraNd over the last layer's parameters only (cheaper, an approximation).
+        factorise_linear: GraNd's closed forms for Linear, Conv2d and BatchNorm layers.
+        chunk_size: GraNd's ``vmap`` chunk size; None: sized automatically.
+        log_top_k: log the indices of the hardest k examples (0: none).
+        plot: write the histogram PNG (needs matplotlib).
+
+    Raises:
+        ValueError: an unknown score or mode, ``grand`` online, no scoring moment, or a moment
+            or size out of range.
+
+    Examples:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_ext.callbacks import DataPruningScores
+        >>> scores = DataPruningScores("el2n", at_epoch=2)
+        >>> trainer = pl.Trainer(max_epochs=10, callbacks=[scores], logger=False)
     """
 
     def __init__(
@@ -665,6 +714,21 @@ class InfoBatch(DeclaredState, Callback):
     The hook cannot be replaced by reading the batch: the rescaling must act on the loss that is
     back-propagated. A training batch that ends without an ``InfoBatch.loss`` call raises a
     ``RuntimeError`` naming that line (before that, nothing would be pruned or rescaled).
+
+    Args:
+        prune_prob: the chance of skipping a below-mean example in an epoch, in ``[0, 1)``; the
+            paper uses 0.5.
+        delta: the share of ``max_epochs`` during which pruning runs, in ``[0, 1]``; the last
+            epochs train on all the data (the paper's annealing), removing the bias that the
+            rescaling leaves.
+
+    Raises:
+        ValueError: ``prune_prob`` or ``delta`` out of range.
+
+    Examples:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_ext.callbacks import InfoBatch
+        >>> trainer = pl.Trainer(max_epochs=8, callbacks=[InfoBatch(0.5)], logger=False)
     """
 
     def __init__(self, prune_prob: float = 0.5, delta: float = 0.875) -> None:

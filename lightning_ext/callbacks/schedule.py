@@ -59,14 +59,34 @@ PAPER_OPTIONS: dict[str, Any] = {"power": None, "exclude_initial": 0.0, "floor":
 
 
 def norm_for_optimizer(optimizer: Optimizer) -> Literal["l1", "l2"]:
-    """l1 for Adam-type (coordinate-wise adaptive) optimizers, l2 for SGD-like ones (the paper)."""
+    """l1 for Adam-type (coordinate-wise adaptive) optimizers, l2 for SGD-like ones (the paper).
+
+    Args:
+        optimizer: the optimizer; judged by its class name (Adam, AdamW, ... are Adam-type).
+
+    Returns:
+        ``"l1"`` or ``"l2"``: the gradient norm whose schedule the refinement derives.
+
+    Examples:
+        >>> import torch
+        >>> params = [torch.nn.Parameter(torch.zeros(1))]
+        >>> [norm_for_optimizer(opt(params)) for opt in (torch.optim.AdamW, torch.optim.SGD)]
+        ['l1', 'l2']
+    """
     name = type(optimizer).__name__.lower()
     return "l1" if any(key in name for key in _ADAM_LIKE) else "l2"
 
 
 def replica_count(param: Tensor) -> int:
     """On how many ranks the same local values of a DTensor live (its Replicate mesh dims, as in
-    HSDP): their partial norms are counted once by weighting each rank's by 1 / this."""
+    HSDP): their partial norms are counted once by weighting each rank's by 1 / this.
+
+    Args:
+        param: a DTensor or a plain tensor.
+
+    Returns:
+        The product of the sizes of its replicated mesh dimensions; 1 for a plain tensor.
+    """
     mesh = getattr(param, "device_mesh", None)
     if mesh is None:  # a plain tensor: this rank's values only
         return 1
@@ -80,7 +100,15 @@ def replica_count(param: Tensor) -> int:
 def sharding_problem(params: list[Tensor], world_size: int) -> str | None:
     """Why the global gradient norm cannot be summed from these parameters' local shards over
     all ranks, or None when it can (every parameter a DTensor over a mesh spanning the world,
-    sharded or replicated on each mesh dim)."""
+    sharded or replicated on each mesh dim).
+
+    Args:
+        params: the optimizer's parameters.
+        world_size: the number of ranks in the job.
+
+    Returns:
+        The first problem found, naming the parameter, or None.
+    """
     for i, p in enumerate(params):
         mesh = getattr(p, "device_mesh", None)
         if mesh is None:
@@ -96,7 +124,17 @@ def sharding_problem(params: list[Tensor], world_size: int) -> str | None:
 def global_norms_from_shards(parts: Tensor, shares: Tensor, norm: Literal["l1", "l2"]) -> Tensor:
     """Global step norms from each rank's per-tensor norms of its shards (rows: steps, columns:
     tensors): the local sums of squares (l2) or of l1 norms, summed over ranks in ONE all_reduce
-    for all rows, then the square root for l2. A non-finite part stays non-finite."""
+    for all rows, then the square root for l2. A non-finite part stays non-finite.
+
+    Args:
+        parts: ``(steps, tensors)``, this rank's norm of each tensor's local shard.
+        shares: ``(tensors,)``, each tensor's weight, ``1 / replica_count``.
+        norm: ``"l1"`` or ``"l2"``.
+
+    Returns:
+        ``(steps,)``, the global norms, the same on every rank. Outside a process group: this
+        rank's.
+    """
     import torch.distributed as dist
 
     power = parts.square() if norm == "l2" else parts
@@ -221,7 +259,26 @@ class _NormRecorder:
 
 def load_grad_norms(path: str | os.PathLike) -> tuple[list[Tensor], list[str | None]]:
     """Gradient-norm records and their norm kinds from a ``grad_norms.pt`` written by the callback,
-    a bare 1-D tensor, or a text file with one value per line (kind unknown: None)."""
+    a bare 1-D tensor, or a text file with one value per line (kind unknown: None).
+
+    Args:
+        path: the file.
+
+    Returns:
+        One norm record per optimizer, and for each its kind (``"l1"``, ``"l2"`` or None).
+
+    Raises:
+        FileNotFoundError: no such file.
+        KeyError: neither a tensor nor a dict with a ``"grad_norms"`` entry.
+
+    Examples:
+        >>> import os, tempfile
+        >>> import torch
+        >>> path = os.path.join(tempfile.mkdtemp(), "grad_norms.pt")
+        >>> torch.save({"grad_norms": [torch.ones(3)], "norm": ["l1"]}, path)
+        >>> load_grad_norms(path)
+        ([tensor([1., 1., 1.])], ['l1'])
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"gradient-norm file {path!r} does not exist")
@@ -246,7 +303,16 @@ def _finite(values: Tensor, where: str, drop: bool) -> Tensor:
 
 
 def degenerate_warning(what: str, diagnostics: dict[str, float], problems: list[str]) -> str:
-    """The one warning for a degenerate schedule: what is wrong, with figures, and what to do."""
+    """The one warning for a degenerate schedule: what is wrong, with figures, and what to do.
+
+    Args:
+        what: how the message names the schedule (its file).
+        diagnostics: the figures (``ScheduleDiagnostics.as_dict()``).
+        problems: what is wrong (``ScheduleDiagnostics.problems()``).
+
+    Returns:
+        The message.
+    """
     return (
         f"{what} is degenerate: {'; '.join(problems)}. Training with it can end far worse than "
         "the linear decay it was refined from (an unseen 1-D CNN task went to chance accuracy). "
@@ -274,7 +340,23 @@ def write_refined_schedule(
     ``exclude_initial``, ``floor``, ``blend``. Returns what was saved.
 
     ``drop_nonfinite`` drops inf/nan norms (steps an fp16 grad scaler skipped) with a warning;
-    otherwise they are an error. The schedule spans the whole record, dropped steps included."""
+    otherwise they are an error. The schedule spans the whole record, dropped steps included.
+
+    Args:
+        grad_norms: one gradient-norm record per optimizer.
+        norms: each record's norm kind, ``"l1"`` or ``"l2"``.
+        out_path: where to save the schedules (the JSON summary goes beside it).
+        smoothing: how the norms are smoothed before refining (``refine_schedule``).
+        window: the smoothing window, in steps.
+        steps: the schedule's length; None: each record's.
+        plot_path: where to draw the norms and schedules; None: no plot.
+        drop_nonfinite: drop inf/nan norms with a warning instead of failing.
+        **options: ``refine_schedule``'s ``power``, ``exclude_initial``, ``floor``, ``blend``;
+            unset ones take the paper's values.
+
+    Returns:
+        The saved payload: ``schedule``, ``schedules``, ``norm``, ``diagnostics`` and the settings.
+    """
     options = {**PAPER_OPTIONS, **options}
     schedules, diagnostics = [], []
     for g, n in zip(grad_norms, norms):
@@ -313,7 +395,16 @@ def plot_schedules(
     grad_norms: list[Tensor], schedules: list[Tensor], path: str | os.PathLike
 ) -> Path | None:
     """Gradient norms (top) and refined schedules against linear decay (bottom) as a PNG; None
-    without matplotlib."""
+    without matplotlib.
+
+    Args:
+        grad_norms: one gradient-norm record per optimizer.
+        schedules: the refined schedule of each.
+        path: where to write the PNG.
+
+    Returns:
+        The path written, or None without matplotlib.
+    """
     try:
         import matplotlib
 

@@ -807,7 +807,17 @@ def plot_sparsity_history(
     history: list[dict[str, Any]], names: list[str], path: str | os.PathLike
 ) -> Path:
     """Two heat maps over (update, layer): density and mask change (newly active weights as a
-    fraction of the layer's active ones). Written atomically to ``path``; needs matplotlib."""
+    fraction of the layer's active ones). Written atomically to ``path``; needs matplotlib.
+
+    Args:
+        history: one record per mask update: its ``step`` and per layer its ``density`` and
+            ``change``.
+        names: the layers' names, in the records' order.
+        path: where to write the PNG.
+
+    Returns:
+        The path written.
+    """
     import numpy as np
     from matplotlib.figure import Figure
 
@@ -855,6 +865,23 @@ def export_sparse_checkpoint(
 
     Needs no model class or Trainer: the masks travel in the checkpoint's callback state. Loads
     with ``load_file``: tensors and plain containers only unless ``trusted=True``.
+
+    Args:
+        checkpoint: the checkpoint path.
+        out: where to write the state dict; None: only return it.
+        layout: ``"dense"`` (masked, zeros stored), ``"csr"`` (``torch.sparse_csr``: every kept
+            weight also stores its column index, so it is smaller only at high sparsity) or
+            ``"semi_structured"`` (2:4 for sparse tensor cores; needs ``nm="2:4"`` training and a
+            GPU of compute capability 8.0 or higher).
+        trusted: unpickle arbitrary objects; only for checkpoints you made yourself.
+        state_key: the callback's state key, when the checkpoint holds several.
+
+    Returns:
+        The state dict, the targeted weights converted.
+
+    Raises:
+        ValueError: an unknown layout, or no (or several, without ``state_key``)
+            DynamicSparseTraining states in the checkpoint.
     """
     convert = _converter(layout)
     ckpt = load_file(checkpoint, trusted=trusted)

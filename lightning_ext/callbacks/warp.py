@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from lightning_ext._masks import apply_masks_, count_outside_masks, find_mask_source, masks_for
 from lightning_ext.averaging import ShadowWeights, TrackedTensors
+from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.callbacks._steps import AfterOptimizerStep
 
 AnchorKind = Literal["ema", "init", "sync"]
@@ -47,7 +48,7 @@ _REFUSED_STRATEGIES = {
 }
 
 
-class WARP(AfterOptimizerStep):
+class WARP(DeclaredState, AfterOptimizerStep):
     """Keep the KL anchor of a fine-tuning: an EMA of the policy, its initialisation, or a
     periodically synchronised copy.
 
@@ -276,6 +277,8 @@ class WARP(AfterOptimizerStep):
         return total.sqrt()
 
     # -- state -----------------------------------------------------------------------------
+    STATE = ("updates",)
+
     def state_dict(self) -> dict[str, Any]:
         if self._anchor is None or self._shadow is None:
             anchor = None
@@ -284,11 +287,11 @@ class WARP(AfterOptimizerStep):
         else:
             anchor = self._anchor.state_dict()
         return {
+            **super().state_dict(),
             "anchor_kind": self.kind,
             "mu": self.mu,
             "alpha": self.alpha,
             "tau": self.tau,
-            "updates": self.updates,
             "anchor": anchor,
         }
 
@@ -299,6 +302,7 @@ class WARP(AfterOptimizerStep):
                 f"callback keeps {self.kind!r}: resume with WARP(anchor="
                 f"{state_dict['anchor_kind']!r})"
             )
+        super().load_state_dict(state_dict)
         if self._anchor is None:
             self._pending_state = state_dict
         else:
@@ -315,7 +319,6 @@ class WARP(AfterOptimizerStep):
                 )
             else:
                 self._anchor.load_state_dict(saved)
-        self.updates = int(state["updates"])
 
 
 class _ShardedAnchor(nn.Module):

@@ -36,6 +36,11 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``lightning-ext`` parser, with every registered subcommand.
+
+    Returns:
+        The parser; each subcommand sets ``func``, the handler that returns an exit code.
+    """
     parser = argparse.ArgumentParser(prog="lightning-ext", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"lightning-ext {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -45,6 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``lightning-ext`` command.
+
+    Expected failures (a bad value, a missing file or entry) are reported as one line on stderr,
+    without a traceback, and exit with status 2, as argparse's own errors do.
+
+    Args:
+        argv: the arguments after the program name; None: ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 on success.
+
+    Examples:
+        A missing score file, reported on stderr:
+
+        >>> main(["prune-select", "no_such_scores.pt", "--keep", "0.5", "--out", "kept.pt"])
+        2
+    """
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -52,5 +52,10 @@ def _register_posthoc_ema(sub: argparse._SubParsersAction) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``export-ema`` and ``posthoc-ema`` subcommands to the ``lightning-ext`` parser.
+
+    Args:
+        sub: the parser's subcommand group (``add_subparsers()``).
+    """
     _register_export_ema(sub)
     _register_posthoc_ema(sub)

@@ -12,7 +12,20 @@ CLASS_STRATEGIES = ("class_balanced", "class_ccs")
 
 
 def class_coverage(labels: Tensor, kept: Tensor) -> dict[int, tuple[int, int]]:
-    """Per class: (examples kept, examples in the data)."""
+    """Per class: (examples kept, examples in the data).
+
+    Args:
+        labels: one class per example.
+        kept: the indices of the kept examples.
+
+    Returns:
+        ``{class: (kept, total)}`` for every class in ``labels``.
+
+    Examples:
+        >>> import torch
+        >>> class_coverage(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 2]))
+        {0: (2, 2), 1: (1, 2)}
+    """
     chosen = labels[kept]
     return {
         int(cls): (int((chosen == cls).sum()), int((labels == cls).sum()))
@@ -21,7 +34,20 @@ def class_coverage(labels: Tensor, kept: Tensor) -> dict[int, tuple[int, int]]:
 
 
 def coverage_report(labels: Tensor, kept: Tensor) -> str:
-    """One line on how the subset covers the classes: the thinnest class and any class lost."""
+    """One line on how the subset covers the classes: the thinnest class and any class lost.
+
+    Args:
+        labels: one class per example.
+        kept: the indices of the kept examples.
+
+    Returns:
+        The line ``prune-select`` prints.
+
+    Examples:
+        >>> import torch
+        >>> print(coverage_report(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1])))
+        class coverage: class 1 keeps 0/2, class 0 keeps 2/2; classes with no example left: [1] ...
+    """
     coverage = class_coverage(labels, kept)
     fractions = {cls: k / n for cls, (k, n) in coverage.items()}
     thinnest = min(fractions, key=fractions.__getitem__)
@@ -111,4 +137,9 @@ def _register_prune_select(sub: argparse._SubParsersAction) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``prune-select`` subcommand to the ``lightning-ext`` parser.
+
+    Args:
+        sub: the parser's subcommand group (``add_subparsers()``).
+    """
     _register_prune_select(sub)

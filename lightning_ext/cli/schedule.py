@@ -11,7 +11,11 @@ def _smoothing(text: str) -> float | str:
 
 
 def register(sub: Any) -> None:
-    """Add the ``refine-schedule`` subcommand to the ``lightning-ext`` parser."""
+    """Add the ``refine-schedule`` subcommand to the ``lightning-ext`` parser.
+
+    Args:
+        sub: the parser's subcommand group (``add_subparsers()``).
+    """
     from lightning_ext.callbacks.schedule import DEFAULT_OPTIONS
 
     parser = sub.add_parser(

@@ -5,7 +5,7 @@ Examples::
     lightning-ext soup run*/last.ckpt -o soup.ckpt                      # uniform soup
     lightning-ext soup a.ckpt b.ckpt --method weighted --weights 1 3 -o soup.pt
     lightning-ext soup ft*.ckpt --base pre.ckpt --method ties --density 0.2 -o merged.ckpt
-    lightning-ext soup ft*.ckpt -o soup.ckpt --model mypkg.models:make_model \
+    lightning-ext soup ft*.ckpt -o soup.ckpt --model mypkg.models:make_model \\
         --recalibrate-bn mypkg.data:train_loader              # recompute BatchNorm statistics
     lightning-ext soup sharded/epoch=*.ckpt/ -o soup.ckpt     # distributed checkpoint folders
 
@@ -54,6 +54,11 @@ LIGHTNING_META_FILE = "meta.pt"  # the rest of a distributed checkpoint, written
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``soup`` subcommand, its options read from ``MERGE_METHODS``.
+
+    Args:
+        sub: the ``lightning-ext`` parser's subparsers.
+    """
     p = sub.add_parser(
         "soup",
         help="merge checkpoints (model soups, task arithmetic, TIES, DARE, ...)",
@@ -202,7 +207,19 @@ def merge(args: argparse.Namespace, request: MergeRequest) -> dict[str, torch.Te
 
 
 def import_callable(spec: str, option: str) -> Callable[..., Any]:
-    """``package.module:function`` -> the function; the working directory is importable."""
+    """``package.module:function`` -> the function; the working directory is importable, as
+    under ``python -m``, so that a user's own module factory can be named.
+
+    Args:
+        spec: ``MODULE:FUNCTION``.
+        option: the command-line option named in the errors.
+
+    Returns:
+        The callable.
+
+    Raises:
+        ValueError: ``spec`` is not ``MODULE:FUNCTION`` or names something not callable.
+    """
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(
@@ -217,7 +234,14 @@ def import_callable(spec: str, option: str) -> Callable[..., Any]:
 
 
 def statistics_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
-    """The floating statistics buffers (BatchNorm running mean/variance) of a state dict."""
+    """The floating statistics buffers (BatchNorm running mean/variance) of a state dict.
+
+    Args:
+        state: a merged state dict.
+
+    Returns:
+        Their keys, in the state dict's order.
+    """
     return [k for k, v in state.items() if v.is_floating_point() and merging.is_statistic(k, v)]
 
 
@@ -225,7 +249,17 @@ BNRecalibration = tuple[Callable[..., Any], Callable[..., Any]]
 
 
 def bn_recalibration(args: argparse.Namespace) -> BNRecalibration | None:
-    """The (model, data) functions of ``--model``/``--recalibrate-bn``, checked before merging."""
+    """The (model, data) functions of ``--model``/``--recalibrate-bn``, checked before merging.
+
+    Args:
+        args: the parsed ``lightning-ext soup`` options.
+
+    Returns:
+        ``(model factory, data factory)``, or None when neither option is given.
+
+    Raises:
+        ValueError: only one of the two options is given.
+    """
     if args.recalibrate_bn is None and args.model is None:
         return None
     if args.recalibrate_bn is None:
@@ -242,7 +276,19 @@ def recalibrate(
     args: argparse.Namespace, soup: dict[str, torch.Tensor], bn: BNRecalibration | None
 ) -> dict[str, torch.Tensor]:
     """Load the merge into the model and recompute its BatchNorm statistics on the data; without
-    ``--recalibrate-bn``, warn when statistics were only averaged."""
+    ``--recalibrate-bn``, warn when statistics were only averaged.
+
+    Args:
+        args: the parsed ``lightning-ext soup`` options.
+        soup: the merged state dict.
+        bn: what ``bn_recalibration(args)`` returned.
+
+    Returns:
+        The state dict to write (``soup`` itself when nothing was recalibrated).
+
+    Raises:
+        ValueError: the model has no BatchNorm layer to recalibrate.
+    """
     from lightning_ext.workflows.soup import recalibrate_batchnorm
 
     if bn is None:
@@ -289,6 +335,16 @@ def output_template(path: str, *, trusted: bool) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Merge, recalibrate if asked, and write the result atomically; a Lightning checkpoint
+    stays one (its weights replaced, its training state dropped, the recipe recorded), and a
+    distributed checkpoint folder with a ``meta.pt`` gives one as a single file.
+
+    Args:
+        args: the parsed ``lightning-ext soup`` options.
+
+    Returns:
+        The exit code, 0.
+    """
     bn = bn_recalibration(args)
     request = resolve(args)
     first = output_template(args.checkpoints[0], trusted=args.trusted)  # refused before merging

@@ -27,6 +27,11 @@ def _sparse_export(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``sparse-export`` subcommand to the ``lightning-ext`` parser.
+
+    Args:
+        sub: the parser's subcommand group (``add_subparsers()``).
+    """
     p = sub.add_parser(
         "sparse-export",
         help="write the masked weights of a DynamicSparseTraining checkpoint (dense, CSR or 2:4)",

@@ -23,6 +23,17 @@ class IndexedDataset(Dataset):
     Tuples and lists gain a last element (``(x, y)`` becomes ``(x, y, index)``), mappings gain the
     key ``"index"``, anything else becomes ``(sample, index)``. A module that unpacks
     ``x, y, *_ = batch`` (or reads dict keys) needs no other change.
+
+    Args:
+        dataset: any map-style dataset. Reading a mapping sample that already has the key
+            ``"index"`` raises ``KeyError`` rather than overwrite it.
+
+    Examples:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> data = IndexedDataset(TensorDataset(torch.zeros(3, 2), torch.tensor([0, 1, 0])))
+        >>> data[2]
+        (tensor([0., 0.]), tensor(0), 2)
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -43,7 +54,14 @@ class IndexedDataset(Dataset):
 
 
 def is_indexed(dataset: Dataset) -> bool:
-    """Whether ``dataset`` is an ``IndexedDataset``, possibly inside ``Subset``s."""
+    """Whether ``dataset`` is an ``IndexedDataset``, possibly inside ``Subset``s.
+
+    Args:
+        dataset: the dataset to look into.
+
+    Returns:
+        True when its batches will carry sample indices.
+    """
     while isinstance(dataset, torch.utils.data.Subset):
         dataset = dataset.dataset
     return isinstance(dataset, IndexedDataset)
@@ -55,6 +73,16 @@ def find_indices(batch: Any, last_is_index: bool = True) -> Tensor:
     Looks for the key ``"index"`` in a mapping batch, or (when ``last_is_index``, i.e. the data
     comes from an ``IndexedDataset``) an integer 1-D tensor as the last element of a tuple/list
     batch. Raises a ``ValueError`` that says how to provide them otherwise.
+
+    Args:
+        batch: a collated training batch.
+        last_is_index: read a tuple/list batch's last element as the indices.
+
+    Returns:
+        The indices, int64, one per sample.
+
+    Raises:
+        ValueError: no integer 1-D tensor where the indices should be.
     """
     found = None
     if isinstance(batch, Mapping):
@@ -73,7 +101,16 @@ def labels_of(dataset: Dataset, unpack_batch: UnpackBatch | None = None) -> Tens
     """Every sample's key in index order, as ``DataPruningScores`` records it: the label for
     classification, a checksum of the target tokens for sequences. Samples are read with
     ``unpack_batch`` (default ``(x, y, ...)`` or a dict with a ``labels`` key); fast path for a
-    ``TensorDataset`` read the default way."""
+    ``TensorDataset`` read the default way.
+
+    Args:
+        dataset: the dataset the scores are, or were, computed on.
+        unpack_batch: ``unpack_batch(sample) -> (inputs, targets)``, as given to
+            ``DataPruningScores``; None: the default unpacking.
+
+    Returns:
+        One key per sample (``functional.pruning.sample_keys``), in index order.
+    """
     tensors = getattr(dataset, "tensors", None)
     if tensors is not None and unpack_batch is None and len(tensors) >= 2:
         return sample_keys(tensors[1])
@@ -90,7 +127,19 @@ def load_scores(
 ) -> dict[str, Any]:
     """Load a score file (weights only unless ``trusted=True``: score files hold only tensors
     and plain containers); with ``labels`` (the dataset's, in index order) check that the file was
-    computed on this dataset (same size and label hash) and raise a ``ValueError`` if not."""
+    computed on this dataset (same size and label hash) and raise a ``ValueError`` if not.
+
+    Args:
+        path: the score file ``DataPruningScores`` wrote.
+        labels: the dataset's keys (``labels_of``), to check the file against; None: no check.
+        trusted: unpickle arbitrary objects; only for files you made yourself.
+
+    Returns:
+        The file's record: ``scores``, ``fingerprint`` and whatever else the callback saved.
+
+    Raises:
+        ValueError: the file was computed on another dataset.
+    """
     record = load_file(path, trusted=trusted)
     if labels is not None:
         check_fingerprint(record["fingerprint"], dataset_fingerprint(labels), str(path))
@@ -98,6 +147,16 @@ def load_scores(
 
 
 def check_fingerprint(saved: Mapping[str, Any], actual: Mapping[str, Any], source: str) -> None:
+    """Refuse scores computed on another dataset, with both fingerprints in the message.
+
+    Args:
+        saved: the fingerprint stored with the scores (``functional.pruning.dataset_fingerprint``).
+        actual: the fingerprint of the dataset at hand.
+        source: how the message names the scores' origin (a path).
+
+    Raises:
+        ValueError: the fingerprints differ.
+    """
     if dict(saved) != dict(actual):
         raise ValueError(
             f"score/dataset mismatch: {source} was computed on a dataset of {saved['size']} "
@@ -119,7 +178,32 @@ def pruned_subset(
     trusted: bool = False,
 ) -> torch.utils.data.Subset:
     """The ``Subset`` of ``dataset`` kept by ``select_indices``; ``scores`` is a tensor or a score
-    file path (checked against the dataset's fingerprint)."""
+    file path (checked against the dataset's fingerprint).
+
+    Args:
+        dataset: the full training dataset, in the index order the scores use.
+        scores: one score per example, or the path of a score file.
+        fraction: the share to keep, in ``(0, 1]``.
+        mode: a ``functional.pruning.SELECTION_MODES`` entry.
+        offset: the hardest share to drop first (``offset`` and the CCS modes).
+        seed: seeds the random choices of ``random`` and the CCS modes.
+        unpack_batch: how to read a sample's target, as for ``labels_of``.
+        trusted: unpickle arbitrary objects when reading a score file.
+
+    Returns:
+        The kept examples, in index order.
+
+    Raises:
+        ValueError: the scores do not match the dataset (count, or a score file's fingerprint),
+            or the selection's arguments are invalid.
+
+    Examples:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> data = TensorDataset(torch.zeros(4, 2), torch.tensor([0, 1, 0, 1]))
+        >>> pruned_subset(data, torch.tensor([0.1, 0.9, 0.5, 0.3]), 0.5).indices
+        [1, 2]
+    """
 
     labels = labels_of(dataset, unpack_batch)
     if not isinstance(scores, Tensor):  # a score file
@@ -149,6 +233,22 @@ def pruned_datamodule(
     Everything else (validation, test, hooks) is the wrapped datamodule's. The training loader is
     rebuilt over the ``pruned_subset`` with the original batch size, workers, collate function and
     ``drop_last``, shuffled (a custom sampler of the original cannot carry over to a subset).
+    Its ``train_dataloader()`` raises ``TypeError`` when the original returns anything other than
+    one ``DataLoader``.
+
+    Args:
+        datamodule: the LightningDataModule (or any object with ``train_dataloader()``);
+            modified in place.
+        scores: one score per training example, or the path of a score file.
+        fraction: the share to keep, in ``(0, 1]``.
+        mode: a ``functional.pruning.SELECTION_MODES`` entry.
+        offset: the hardest share to drop first (``offset`` and the CCS modes).
+        seed: seeds the selection's random choices and the new loader's shuffling.
+        unpack_batch: how to read a sample's target, as for ``labels_of``.
+        trusted: unpickle arbitrary objects when reading a score file.
+
+    Returns:
+        ``datamodule`` itself, its ``train_dataloader`` replaced.
     """
     from torch.utils.data import DataLoader
 

@@ -66,6 +66,20 @@ class RS2Sampler(_EpochIndexSampler):
     seeded stream of permutations, so no example repeats before all have been seen.
 
     Stateless given the epoch that Lightning passes to ``set_epoch``: resumes exactly.
+
+    Args:
+        dataset: the training dataset (only its size is used).
+        fraction: the share of examples per epoch, in ``(0, 1]``.
+        seed: seeds the stream; the same on every rank.
+        num_replicas: the number of ranks; None: the process group's size, or 1 without one.
+        rank: this process's rank; None: the process group's, or 0 without one.
+
+    Examples:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> sampler = RS2Sampler(TensorDataset(torch.zeros(10)), 0.3, num_replicas=1, rank=0)
+        >>> len(sampler)
+        3
     """
 
     def __init__(
@@ -87,7 +101,16 @@ class RS2Sampler(_EpochIndexSampler):
 class InfoBatchSampler(_EpochIndexSampler):
     """The sampler half of InfoBatch: each epoch, drop below-mean-loss examples with probability
     ``prune_prob`` (until ``delta`` of ``num_epochs``), shuffled. Fed by the ``InfoBatch``
-    callback, which also owns the scores (so they live in its checkpoint state)."""
+    callback, which also owns the scores (so they live in its checkpoint state).
+
+    It prunes nothing until ``configure`` hands it scores: the callback does that each epoch.
+
+    Args:
+        dataset: the training dataset (only its size is used).
+        seed: seeds each epoch's draw and shuffle; the same on every rank.
+        num_replicas: the number of ranks; None: the process group's size, or 1 without one.
+        rank: this process's rank; None: the process group's, or 0 without one.
+    """
 
     def __init__(
         self,

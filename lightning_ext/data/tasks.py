@@ -20,7 +20,21 @@ __all__ = ["ReplayMemory", "TaskStream", "WithReplay", "dataset_targets", "split
 
 
 def dataset_targets(dataset: Dataset) -> Tensor:
-    """Integer labels of a dataset of ``(x, y)`` items (fast for TensorDataset and Subset)."""
+    """Integer labels of a dataset of ``(x, y)`` items (fast for TensorDataset and Subset).
+
+    Args:
+        dataset: a dataset of ``(x, y)`` items; other datasets are read item by item.
+
+    Returns:
+        The labels in index order.
+
+    Examples:
+        >>> import torch
+        >>> from torch.utils.data import Subset, TensorDataset
+        >>> data = TensorDataset(torch.zeros(3, 2), torch.tensor([2, 0, 1]))
+        >>> dataset_targets(Subset(data, [2, 0]))
+        tensor([1, 2])
+    """
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[1]
     if isinstance(dataset, Subset):

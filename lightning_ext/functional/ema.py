@@ -30,6 +30,24 @@ def group_by_device_and_dtype(
 
     ``torch._foreach_*`` kernels take their fast path only when every tensor of a call shares a
     device and dtype; grouping once up front keeps the hot path free of per-tensor Python work.
+
+    Args:
+        ema: the averaged tensors.
+        params: the live tensors, paired with ``ema`` by position.
+
+    Returns:
+        One ``(ema_group, params_group)`` pair of lists per (device, dtype) combination, in order
+        of first appearance; pairs keep their relative order.
+
+    Raises:
+        ValueError: the lists differ in length, or a pair differs in shape.
+
+    Examples:
+        >>> import torch
+        >>> ema = [torch.zeros(2), torch.zeros(3, dtype=torch.float64)]
+        >>> params = [torch.ones(2), torch.ones(3, dtype=torch.float64)]
+        >>> [len(e) for e, _ in group_by_device_and_dtype(ema, params)]
+        [1, 1]
     """
     if len(ema) != len(params):
         raise ValueError(f"ema has {len(ema)} tensors but params has {len(params)}")
@@ -58,6 +76,25 @@ def ema_update_(
     and ``decay`` is a Python float, so no host-device synchronisation. Floating-point only.
     ``homogeneous=True`` promises that all tensors share one device and dtype (as the groups of
     ``group_by_device_and_dtype`` do) and skips the per-call grouping, for hot loops.
+
+    Args:
+        ema: the averaged tensors, updated in place.
+        params: the live tensors, paired with ``ema`` by position; cast to each EMA tensor's
+            device and dtype when they differ.
+        decay: the weight kept on the old average, in ``[0, 1]``; 1 freezes it, 0 copies.
+        homogeneous: skip the grouping; only true when every tensor shares one device and dtype.
+
+    Raises:
+        ValueError: ``decay`` outside ``[0, 1]``, or mismatched lists (see
+            ``group_by_device_and_dtype``).
+        TypeError: the EMA tensors are not floating point.
+
+    Examples:
+        >>> import torch
+        >>> ema, params = [torch.zeros(2)], [torch.ones(2)]
+        >>> ema_update_(ema, params, decay=0.75)
+        >>> ema[0]
+        tensor([0.2500, 0.2500])
     """
     _check_decay(decay)
     weight = 1.0 - decay
@@ -89,6 +126,28 @@ def ema_decay_at(
     Without warm-up this is ``decay``. With warm-up it is timm's
     ``min(decay, 1 - (1 + t / gamma) ** -power)``, which makes early EMAs follow the weights closely
     instead of remembering the random initialisation.
+
+    Args:
+        num_updates: how many updates came before this one.
+        decay: the decay once warm, in ``[0, 1]``.
+        warmup_gamma: timm's inverse multiplicative factor: the larger, the longer the warm-up.
+            None: no warm-up.
+        warmup_power: the warm-up's exponent; timm suggests 2/3 for long runs, 3/4 for short ones.
+
+    Returns:
+        The decay for this update, at most ``decay``.
+
+    Raises:
+        ValueError: ``decay`` outside ``[0, 1]``, a negative ``num_updates``, or a non-positive
+            warm-up parameter.
+
+    Examples:
+        >>> ema_decay_at(10, 0.999)
+        0.999
+        >>> ema_decay_at(0, 0.999, warmup_gamma=1.0)
+        0.0
+        >>> round(ema_decay_at(7, 0.999, warmup_gamma=1.0), 4)
+        0.75
     """
     _check_decay(decay)
     if num_updates < 0:
@@ -112,6 +171,22 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """Exponent gamma of the power-function EMA whose relative width is ``sigma_rel``.
 
     Solves ``sigma_rel**2 = (g + 1) / ((g + 2)**2 (g + 3))`` for its largest real root.
+
+    Args:
+        sigma_rel: the EMA's width relative to the training time so far, in ``(0, 0.28)``; Karras
+            et al. store snapshots at 0.05 and 0.10.
+
+    Returns:
+        The exponent gamma; larger for a narrower (shorter) average.
+
+    Raises:
+        ValueError: ``sigma_rel`` outside ``(0, 0.28)``, where no power profile has that width.
+
+    Examples:
+        >>> round(sigma_rel_to_gamma(0.05), 2)
+        16.97
+        >>> round(sigma_rel_to_gamma(0.10), 2)
+        6.94
     """
     if not 0.0 < sigma_rel < 0.28:
         raise ValueError(f"sigma_rel must lie in (0, 0.28), got {sigma_rel}")
@@ -125,6 +200,22 @@ def power_ema_beta(t: int, gamma: float) -> float:
     """Decay of the power-function EMA at update ``t`` (1-based): ``(1 - 1/t) ** (gamma + 1)``.
 
     At t = 1 it is 0, so the EMA starts as an exact copy of the first iterate.
+
+    Args:
+        t: the update's number, from 1.
+        gamma: the profile's exponent (``sigma_rel_to_gamma``).
+
+    Returns:
+        The decay for update ``t``, in ``[0, 1)``.
+
+    Raises:
+        ValueError: ``t`` below 1.
+
+    Examples:
+        >>> power_ema_beta(1, 7.0)
+        0.0
+        >>> power_ema_beta(2, 0.0)
+        0.5
     """
     if t < 1:
         raise ValueError(f"t must be >= 1, got {t}")
@@ -135,6 +226,21 @@ def power_profile_inner(gamma_a: Tensor, t_a: Tensor, gamma_b: Tensor, t_b: Tens
     """Inner products <p_a, p_b> of normalised power profiles p(tau) = (g+1) tau^g / t^(g+1).
 
     Broadcasts over its arguments; evaluated in log space so that large gammas do not overflow.
+
+    Args:
+        gamma_a: the exponents of the first profiles.
+        t_a: the steps at which the first profiles end.
+        gamma_b: the exponents of the second profiles.
+        t_b: the steps at which the second profiles end.
+
+    Returns:
+        The inner products, broadcast to the arguments' common shape.
+
+    Examples:
+        >>> import torch
+        >>> one = torch.tensor(1.0)
+        >>> power_profile_inner(torch.tensor(0.0), one, torch.tensor(0.0), one)
+        tensor(1.)
     """
     g = gamma_a + gamma_b + 1.0
     t_min = torch.minimum(t_a, t_b)
@@ -151,7 +257,21 @@ def power_profile_inner(gamma_a: Tensor, t_a: Tensor, gamma_b: Tensor, t_b: Tens
 
 def power_profile(gamma: Tensor, t: Tensor, tau: Tensor) -> Tensor:
     """Normalised power profile ``(g + 1) tau^g / t^(g + 1)`` on ``[0, t]``, zero after ``t``:
-    the weight a power EMA of exponent ``gamma`` taken at ``t`` gives the iterate at ``tau``."""
+    the weight a power EMA of exponent ``gamma`` taken at ``t`` gives the iterate at ``tau``.
+
+    Args:
+        gamma: the profile's exponent.
+        t: the step at which the EMA is taken.
+        tau: the steps at which to evaluate the weight; broadcast with the others.
+
+    Returns:
+        The weights, broadcast to the arguments' common shape.
+
+    Examples:
+        >>> import torch
+        >>> power_profile(torch.tensor(1.0), torch.tensor(2.0), torch.tensor([0.0, 1.0, 2.0, 3.0]))
+        tensor([0.0000, 0.5000, 1.0000, 0.0000])
+    """
     inside = (tau >= 0) & (tau <= t)
     safe = torch.where(inside, tau, torch.zeros_like(tau))
     value = (gamma + 1.0) * torch.exp(gamma * torch.log(safe) - (gamma + 1.0) * torch.log(t))
@@ -171,6 +291,27 @@ def posthoc_ema_coefficients(
     least-squares weights sum to slightly less (0.968 for sigma_rel 0.25 from 12 snapshots of two
     profiles), which would scale every reconstructed weight; normalised, a constant trajectory is
     reconstructed exactly.
+
+    Args:
+        snapshot_gammas: the exponent of each stored snapshot's EMA.
+        snapshot_steps: the step at which each snapshot was taken, all positive.
+        target_gamma: the exponent of the EMA to reconstruct.
+        target_step: the step at which to reconstruct it, positive.
+
+    Returns:
+        The coefficients, float64, one per snapshot, summing to 1.
+
+    Raises:
+        ValueError: gammas and steps differ in number, there are no snapshots, or a step is not
+            positive.
+
+    Examples:
+        A sigma_rel of 0.07 at step 100 from the 0.10 and 0.05 EMAs stored at that step:
+
+        >>> target = sigma_rel_to_gamma(0.07)
+        >>> c = posthoc_ema_coefficients([6.94, 16.97], [100.0, 100.0], target, 100.0)
+        >>> [round(x, 3) for x in c.tolist()]
+        [0.562, 0.438]
     """
     if len(snapshot_gammas) != len(snapshot_steps) or not snapshot_gammas:
         raise ValueError("need one gamma per snapshot step, and at least one snapshot")

@@ -52,6 +52,20 @@ def el2n_scores(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDE
 
     Sequence logits ``(B, T, C)`` with targets ``(B, T)``: the mean of the per-token EL2N over
     the tokens whose target is not ``ignore_index`` (0 for a sample without scored tokens).
+
+    Args:
+        logits: ``(N, C)``, or ``(N, T, C)`` for sequences.
+        targets: class indices, ``(N,)`` or ``(N, T)``.
+        ignore_index: the target of tokens that are not scored (padding).
+
+    Returns:
+        One score per sample, ``(N,)``: 0 for a confident right answer, up to ``sqrt(2)``.
+
+    Examples:
+        >>> import torch
+        >>> logits = torch.tensor([[10.0, -10.0], [0.0, 0.0]])
+        >>> el2n_scores(logits, torch.tensor([0, 0])).round(decimals=4)
+        tensor([0.0000, 0.7071])
     """
     seq, tgt, valid = _per_token(logits, targets, ignore_index)
     # Subtract 1 at the target in place of building a one-hot matrix (which would also force a
@@ -62,14 +76,42 @@ def el2n_scores(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDE
 
 
 def loss_scores(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Per-sample cross-entropy (for sequences, the mean over scored tokens)."""
+    """Per-sample cross-entropy (for sequences, the mean over scored tokens).
+
+    Args:
+        logits: ``(N, C)``, or ``(N, T, C)`` for sequences.
+        targets: class indices, ``(N,)`` or ``(N, T)``.
+        ignore_index: the target of tokens that are not scored (padding).
+
+    Returns:
+        One loss per sample, ``(N,)``.
+
+    Examples:
+        >>> import torch
+        >>> loss_scores(torch.zeros(2, 4), torch.tensor([0, 3]))
+        tensor([1.3863, 1.3863])
+    """
     _per_token(logits, targets, ignore_index)  # same shape check and message as the others
     return per_sample_cross_entropy(logits, targets, ignore_index)
 
 
 def margin_scores(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Negative classification margin: ``max_{k != y} logit_k - logit_y`` (higher is harder);
-    for sequences, the mean over scored tokens."""
+    for sequences, the mean over scored tokens.
+
+    Args:
+        logits: ``(N, C)``, or ``(N, T, C)`` for sequences.
+        targets: class indices, ``(N,)`` or ``(N, T)``.
+        ignore_index: the target of tokens that are not scored (padding).
+
+    Returns:
+        One score per sample, ``(N,)``; positive when the prediction is wrong.
+
+    Examples:
+        >>> import torch
+        >>> margin_scores(torch.tensor([[3.0, 1.0], [0.0, 2.0]]), torch.tensor([0, 0]))
+        tensor([-2.,  2.])
+    """
     seq, tgt, valid = _per_token(logits, targets, ignore_index)
     seq = seq.float()
     true = seq.gather(-1, tgt[..., None])[..., 0]
@@ -79,7 +121,21 @@ def margin_scores(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_IN
 
 def correct_scores(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """1.0 where the prediction is right (for sequences: every scored token is right), else 0.0:
-    the per-presentation correctness that forgetting events count."""
+    the per-presentation correctness that forgetting events count.
+
+    Args:
+        logits: ``(N, C)``, or ``(N, T, C)`` for sequences.
+        targets: class indices, ``(N,)`` or ``(N, T)``.
+        ignore_index: the target of tokens that are not scored (padding).
+
+    Returns:
+        ``(N,)`` float tensor of 0.0 and 1.0.
+
+    Examples:
+        >>> import torch
+        >>> correct_scores(torch.tensor([[3.0, 1.0], [0.0, 2.0]]), torch.tensor([0, 0]))
+        tensor([1., 0.])
+    """
     _per_token(logits, targets, ignore_index)
     return (per_sample_accuracy(logits, targets, ignore_index) == 1.0).float()
 
@@ -135,6 +191,35 @@ def grand_scores(
     ``forward_fn(model, inputs) -> logits`` replaces ``model(inputs)``; ``inputs`` may then be
     any nest of tensors (e.g. a dict of ``input_ids`` and ``attention_mask``) whose leading
     dimension is the batch.
+
+    Args:
+        model: the network; left in the train/eval mode it had.
+        loss_fn: ``loss_fn(logits, targets)``, the batch mean of a per-sample loss.
+        inputs: the batch's inputs: a tensor, or any nest of tensors with ``forward_fn``.
+        targets: the batch's targets, ``(N, ...)``.
+        last_layer: take the gradient of the last trainable module's parameters only: cheaper,
+            but DeepCore's approximation rather than the paper's score.
+        chunk_size: samples per ``vmap`` chunk for the parameters without a closed form; None
+            sizes chunks to ``GRAND_CHUNK_ELEMENTS``. Lower it when memory runs out.
+        factorise_linear: use the closed forms for Linear, Conv2d and BatchNorm layers; False
+            sends every parameter through ``vmap`` (slower, for checking).
+        forward_fn: ``forward_fn(model, inputs) -> logits`` when the model is not called as
+            ``model(inputs)``.
+
+    Returns:
+        One gradient norm per sample, ``(N,)``.
+
+    Raises:
+        ValueError: the inputs' batch size differs from the targets', or the model has no
+            trainable parameters.
+
+    Examples:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> model = torch.nn.Linear(3, 2)
+        >>> x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+        >>> grand_scores(model, F.cross_entropy, x, y).shape
+        torch.Size([4])
     """
     sizes = {leaf.shape[0] for leaf in tree_leaves(inputs) if isinstance(leaf, Tensor)}
     if sizes != {targets.shape[0]}:
@@ -336,6 +421,23 @@ def forgetting_update_(
     """In place: record one presentation of ``indices`` with correctness ``correct``.
 
     ``indices`` must be unique within one call (one presentation per example).
+
+    Args:
+        last_correct: per example, the last correctness (-1 before the first presentation).
+        forgotten: per example, the count of right-to-wrong transitions so far.
+        learned: per example (bool), whether it was ever right.
+        indices: the dataset indices of the presented examples.
+        correct: their correctness now, 1 or 0 (``correct_scores``).
+
+    Examples:
+        >>> import torch
+        >>> last, forgotten = torch.full((2,), -1), torch.zeros(2, dtype=torch.long)
+        >>> learned = torch.zeros(2, dtype=torch.bool)
+        >>> seen = torch.tensor([0, 1])
+        >>> for correct in ([1, 1], [0, 1]):  # example 0 goes from right to wrong
+        ...     forgetting_update_(last, forgotten, learned, seen, torch.tensor(correct))
+        >>> forgotten
+        tensor([1, 0])
     """
     indices = indices.long()
     correct = correct.to(last_correct.dtype)
@@ -347,7 +449,24 @@ def forgetting_update_(
 
 def forgetting_scores(forgotten: Tensor, learned: Tensor, num_presentations: int) -> Tensor:
     """One run's forgetting score: its count of forgetting events, or ``num_presentations`` (the
-    number of times every example was presented, i.e. epochs) for an example never learned."""
+    number of times every example was presented, i.e. epochs) for an example never learned.
+
+    Args:
+        forgotten: per example, the count of forgetting events.
+        learned: per example, whether it was ever right.
+        num_presentations: how many times each example was presented in the run.
+
+    Returns:
+        The scores, float64, ``(N,)``.
+
+    Raises:
+        ValueError: ``num_presentations`` below 1.
+
+    Examples:
+        >>> import torch
+        >>> forgetting_scores(torch.tensor([1, 0, 0]), torch.tensor([True, True, False]), 5)
+        tensor([1., 0., 5.], dtype=torch.float64)
+    """
     if num_presentations < 1:
         raise ValueError(f"num_presentations must be >= 1, got {num_presentations}")
     return forgotten.double().masked_fill(~learned.bool(), float(num_presentations))
@@ -355,7 +474,24 @@ def forgetting_scores(forgotten: Tensor, learned: Tensor, num_presentations: int
 
 def combine_runs(runs: Tensor, score: str) -> Tensor:
     """The score over several runs (rows of ``runs``): the sum for forgetting, as the reference
-    code sums counts over seeds, and the mean for every other score, as data_diet averages."""
+    code sums counts over seeds, and the mean for every other score, as data_diet averages.
+
+    Args:
+        runs: ``(runs, examples)``, one row per run.
+        score: the score's name; ``"forgetting"`` sums, anything else averages.
+
+    Returns:
+        One score per example.
+
+    Raises:
+        ValueError: ``runs`` is not a non-empty 2-D tensor.
+
+    Examples:
+        >>> import torch
+        >>> runs = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+        >>> combine_runs(runs, "forgetting"), combine_runs(runs, "el2n")
+        (tensor([4., 2.]), tensor([2., 1.]))
+    """
     if runs.ndim != 2 or runs.shape[0] == 0:
         raise ValueError(f"runs must be (runs, examples), got shape {tuple(runs.shape)}")
     return runs.sum(0) if score == "forgetting" else runs.mean(0)
@@ -365,6 +501,26 @@ def combine_runs(runs: Tensor, score: str) -> Tensor:
 
 
 def check_fraction(fraction: float, name: str = "fraction") -> float:
+    """Validate a kept fraction: one message for every caller.
+
+    Args:
+        fraction: the share of examples to keep, in ``(0, 1]``.
+        name: how the error message names it.
+
+    Returns:
+        ``fraction`` as a float.
+
+    Raises:
+        ValueError: ``fraction`` is not a number in ``(0, 1]``.
+
+    Examples:
+        >>> check_fraction(1)
+        1.0
+        >>> check_fraction(0.0, "keep")
+        Traceback (most recent call last):
+            ...
+        ValueError: keep must lie in (0, 1], got 0.0
+    """
     if not isinstance(fraction, int | float) or not 0.0 < fraction <= 1.0:
         raise ValueError(f"{name} must lie in (0, 1], got {fraction!r}")
     return float(fraction)
@@ -397,6 +553,33 @@ def select_indices(
     (seeded) inside each, so easy, middle and hard examples all stay represented; ``class_ccs``
     runs CCS inside each class with the class's share of the budget (coverage of classes and of
     the score range at once). Ties break by index, so selection is deterministic.
+
+    Args:
+        scores: one score per example, higher is harder; no NaN.
+        fraction: the share of examples to keep, in ``(0, 1]``; at least one is kept.
+        mode: one of ``SELECTION_MODES``, described above.
+        offset: the hardest share to drop first, in ``[0, 1)``, for ``offset``, ``ccs`` and
+            ``class_ccs``.
+        labels: one class per example, for ``class_balanced`` and ``class_ccs``.
+        seed: seeds ``random`` and the draws inside CCS strata.
+        strata: the number of CCS score bins.
+
+    Returns:
+        The kept indices, sorted ascending.
+
+    Raises:
+        ValueError: an unknown mode, a fraction or offset out of range, empty or NaN scores,
+            missing labels for a per-class mode, or fewer than one stratum.
+
+    Examples:
+        >>> import torch
+        >>> scores = torch.tensor([0.1, 0.9, 0.5, 0.3])
+        >>> select_indices(scores, 0.5)
+        tensor([1, 2])
+        >>> select_indices(scores, 0.5, "easiest")
+        tensor([0, 3])
+        >>> select_indices(scores, 0.5, "offset", offset=0.25)
+        tensor([2, 3])
     """
     check_fraction(fraction)
     if mode not in SELECTION_MODES:
@@ -482,7 +665,19 @@ def _stratified_sample(
 
 def sample_keys(targets: Tensor) -> Tensor:
     """One integer per sample that ties scores to their dataset: the class for classification
-    targets ``(N,)``, a position-weighted checksum of the target tokens for sequences ``(N, T)``."""
+    targets ``(N,)``, a position-weighted checksum of the target tokens for sequences ``(N, T)``.
+
+    Args:
+        targets: the batch's targets, ``(N,)`` or ``(N, T, ...)``.
+
+    Returns:
+        ``(N,)`` int64 keys; sequences whose tokens differ in order get different keys.
+
+    Examples:
+        >>> import torch
+        >>> sample_keys(torch.tensor([[1, 2], [2, 1]]))
+        tensor([5, 4])
+    """
     if targets.ndim == 1:
         return targets.long()
     flat = targets.long().flatten(1)
@@ -491,7 +686,19 @@ def sample_keys(targets: Tensor) -> Tensor:
 
 
 def dataset_fingerprint(labels: Tensor | Sequence[int]) -> dict[str, object]:
-    """Size and SHA-256 of the int64 labels in index order: ties a score file to its dataset."""
+    """Size and SHA-256 of the int64 labels in index order: ties a score file to its dataset.
+
+    Args:
+        labels: one label (or ``sample_keys`` key) per example, in index order.
+
+    Returns:
+        ``{"size": N, "labels_sha256": hex digest}``.
+
+    Examples:
+        >>> fp = dataset_fingerprint([0, 1, 1])
+        >>> fp["size"], fp["labels_sha256"][:12]
+        (3, 'ccb1ac866b7d')
+    """
     labels = torch.as_tensor(labels).long().cpu().contiguous()
     digest = hashlib.sha256(labels.numpy().tobytes()).hexdigest()
     return {"size": int(labels.numel()), "labels_sha256": digest}
@@ -508,6 +715,24 @@ def rs2_epoch_indices(n: int, fraction: float, epoch: int, seed: int = 0) -> Ten
     every example has been seen, and none repeats inside an epoch: when an epoch straddles the end
     of a pass, the next pass puts the examples of that straddling remainder last (see
     ``_rs2_pass``), so the epoch's part from the next pass holds other examples.
+
+    Args:
+        n: the dataset's size.
+        fraction: the share of examples per epoch, in ``(0, 1]``.
+        epoch: the epoch, from 0.
+        seed: seeds every pass's permutation.
+
+    Returns:
+        The epoch's ``round(fraction * n)`` indices, in training order.
+
+    Raises:
+        ValueError: ``n`` not positive, a negative epoch, or ``fraction`` out of range.
+
+    Examples:
+        >>> import torch
+        >>> epochs = [rs2_epoch_indices(10, 0.5, e) for e in range(2)]
+        >>> sorted(torch.cat(epochs).tolist())  # two epochs of half: every example once
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
     """
     check_fraction(fraction)
     if n <= 0 or epoch < 0:
@@ -558,6 +783,25 @@ def infobatch_prune(
 
     Examples never scored (NaN) are always kept with weight 1. Returns the kept indices (sorted)
     and a weight for every example (1 for those not pruned-eligible).
+
+    Args:
+        scores: per example, its last loss; NaN for an example not yet scored.
+        prune_prob: the chance of dropping a below-mean example, in ``[0, 1)``.
+        generator: the random generator of the draws (CPU), so runs repeat.
+
+    Returns:
+        The kept indices, sorted, and the ``(N,)`` float32 loss weights that keep the expected
+        gradient unbiased.
+
+    Raises:
+        ValueError: ``prune_prob`` outside ``[0, 1)``.
+
+    Examples:
+        >>> import torch
+        >>> scores = torch.tensor([0.1, 0.2, 2.0, float("nan")])
+        >>> kept, weights = infobatch_prune(scores, 0.5, torch.Generator().manual_seed(0))
+        >>> kept.tolist(), weights.tolist()  # example 0 was dropped, example 1 kept at weight 2
+        ([1, 2, 3], [1.0, 2.0, 1.0, 1.0])
     """
     if not 0.0 <= prune_prob < 1.0:
         raise ValueError(f"prune_prob must lie in [0, 1), got {prune_prob}")
@@ -580,7 +824,29 @@ def distillation_loss(
     temperature: float = 4.0,
     alpha: float = 0.9,
 ) -> Tensor:
-    """Hinton distillation: ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``."""
+    """Hinton distillation: ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``.
+
+    The ``T^2`` keeps the soft term's gradient on the scale of the hard one as ``T`` changes.
+
+    Args:
+        student_logits: ``(N, C)``.
+        teacher_logits: ``(N, C)``.
+        targets: the true classes, ``(N,)``.
+        temperature: ``T``, > 0; higher softens both distributions.
+        alpha: the soft term's weight, in ``[0, 1]``.
+
+    Returns:
+        The batch-mean loss, a scalar float32 tensor.
+
+    Raises:
+        ValueError: ``temperature`` not positive or ``alpha`` outside ``[0, 1]``.
+
+    Examples:
+        >>> import torch
+        >>> logits = torch.zeros(2, 3)
+        >>> distillation_loss(logits, logits, torch.tensor([0, 1]), alpha=1.0)
+        tensor(0.)
+    """
     if temperature <= 0 or not 0.0 <= alpha <= 1.0:
         raise ValueError("temperature must be > 0 and alpha in [0, 1]")
     t = temperature

@@ -50,6 +50,17 @@ def active_count(density: float, numel: int) -> int:
     """Ones in a mask of ``numel`` entries at ``density``: ``round(density * numel)``, at least 1.
 
     Rounds half up (not Python's half-to-even) so that the count does not depend on parity.
+
+    Args:
+        density: the share of ones, in ``(0, 1]``.
+        numel: the mask's number of entries.
+
+    Returns:
+        The number of ones, in ``[1, numel]``.
+
+    Examples:
+        >>> active_count(0.25, 10), active_count(0.35, 10), active_count(0.01, 10)
+        (3, 4, 1)
     """
     _check_density(density)
     return max(1, min(numel, math.floor(density * numel + 0.5)))
@@ -70,6 +81,26 @@ def layer_densities(
     ``uniform_first_dense``: uniform with layer 0 dense. density_l = eps * raw_l with eps fixed by
     the budget; any layer that would exceed 1 becomes dense and eps is recomputed. Layers listed in
     ``dense`` are dense from the start.
+
+    Args:
+        shapes: the weights' shapes, in layer order.
+        density: the share of all weights to keep, in ``(0, 1]``.
+        distribution: one of ``erk``, ``er``, ``uniform``, ``uniform_first_dense``.
+        power: the exponent on the ERK/ER ratio; below 1 evens the layers out.
+        dense: indices of layers kept dense (often the first and last).
+
+    Returns:
+        One density per shape, each in ``(0, 1]``.
+
+    Raises:
+        ValueError: an unknown distribution, no shapes, an empty shape, a ``dense`` index out of
+            range, or a density too low to pay for the dense layers.
+
+    Examples:
+        >>> layer_densities([(100, 10), (10, 10)], 0.5, distribution="uniform")
+        [0.5, 0.5]
+        >>> [round(d, 3) for d in layer_densities([(100, 10), (10, 10)], 0.5)]  # ERK
+        [0.465, 0.846]
     """
     _check_density(density)
     if distribution not in DISTRIBUTIONS:
@@ -116,19 +147,66 @@ def erk_densities(
     power: float = 1.0,
     dense: Sequence[int] = (),
 ) -> list[float]:
-    """Erdős-Rényi-Kernel densities: ``layer_densities(..., distribution="erk")``."""
+    """Erdős-Rényi-Kernel densities: ``layer_densities(..., distribution="erk")``.
+
+    Args:
+        shapes: the weights' shapes, in layer order.
+        density: the share of all weights to keep, in ``(0, 1]``.
+        power: the exponent on the ERK ratio.
+        dense: indices of layers kept dense.
+
+    Returns:
+        One density per shape.
+
+    Examples:
+        >>> [round(d, 3) for d in erk_densities([(64, 3, 3, 3), (10, 64)], 0.2)]
+        [0.136, 0.373]
+    """
     return layer_densities(shapes, density, distribution="erk", power=power, dense=dense)
 
 
 def seeded_generator(seed: int, step: int, name: str) -> torch.Generator:
     """A CPU generator determined by (seed, step, parameter name) alone, so every rank draws the
-    same numbers without communication. Uses crc32, not Python's salted ``hash``."""
+    same numbers without communication. Uses crc32, not Python's salted ``hash``.
+
+    Args:
+        seed: the run's seed.
+        step: the update's step.
+        name: the parameter's name.
+
+    Returns:
+        A seeded CPU generator.
+
+    Examples:
+        >>> import torch
+        >>> a = torch.rand(2, generator=seeded_generator(0, 100, "fc.weight"))
+        >>> b = torch.rand(2, generator=seeded_generator(0, 100, "fc.weight"))
+        >>> torch.equal(a, b)
+        True
+    """
     key = zlib.crc32(f"{seed}:{step}:{name}".encode())
     return torch.Generator().manual_seed(key)
 
 
 def topk_mask(scores: Tensor, k: int) -> Tensor:
-    """A boolean mask of ``scores``' shape, true at the ``k`` largest scores, exactly."""
+    """A boolean mask of ``scores``' shape, true at the ``k`` largest scores, exactly.
+
+    Args:
+        scores: any shape.
+        k: the number of ones, in ``[0, scores.numel()]``.
+
+    Returns:
+        The mask, ``scores``' shape; ties are broken by ``torch.topk``.
+
+    Raises:
+        ValueError: ``k`` out of range.
+
+    Examples:
+        >>> import torch
+        >>> topk_mask(torch.tensor([[0.1, 0.9], [0.5, 0.3]]), 2)
+        tensor([[False,  True],
+                [ True, False]])
+    """
     flat = scores.reshape(-1)
     if not 0 <= k <= flat.numel():
         raise ValueError(f"k must lie in [0, {flat.numel()}], got {k}")
@@ -141,14 +219,42 @@ def topk_mask(scores: Tensor, k: int) -> Tensor:
 def mask_as_multiplier(mask: Tensor) -> Tensor:
     """The ``uint8`` view of a boolean mask (no copy): ``weight.mul_(mask_as_multiplier(mask))``
     zeroes the inactive entries at memory speed. Multiplying by the ``bool`` tensor itself makes
-    PyTorch's CPU kernels cast it to a float temporary first (2-3x slower, one allocation)."""
+    PyTorch's CPU kernels cast it to a float temporary first (2-3x slower, one allocation).
+
+    Args:
+        mask: a boolean tensor.
+
+    Returns:
+        A ``uint8`` view sharing ``mask``'s memory.
+
+    Raises:
+        ValueError: ``mask`` is not boolean.
+
+    Examples:
+        >>> import torch
+        >>> w = torch.ones(3)
+        >>> w.mul_(mask_as_multiplier(torch.tensor([True, False, True])))
+        tensor([1., 0., 1.])
+    """
     if mask.dtype != torch.bool:
         raise ValueError(f"expected a boolean mask, got {mask.dtype}")
     return mask.view(torch.uint8)
 
 
 def pack_bits(mask: Tensor) -> Tensor:
-    """A boolean tensor packed 8 entries per byte (flattened, zero-padded): 1/32 of fp32 bytes."""
+    """A boolean tensor packed 8 entries per byte (flattened, zero-padded): 1/32 of fp32 bytes.
+
+    Args:
+        mask: a boolean (or 0/1) tensor of any shape.
+
+    Returns:
+        ``ceil(numel / 8)`` bytes, ``uint8``; entry i is bit ``i % 8`` of byte ``i // 8``.
+
+    Examples:
+        >>> import torch
+        >>> pack_bits(torch.tensor([True, False, True]))
+        tensor([5], dtype=torch.uint8)
+    """
     flat = mask.reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % 8
     if pad:
@@ -158,14 +264,39 @@ def pack_bits(mask: Tensor) -> Tensor:
 
 
 def unpack_bits(packed: Tensor, shape: Sequence[int]) -> Tensor:
-    """Inverse of ``pack_bits``: the boolean tensor of ``shape``."""
+    """Inverse of ``pack_bits``: the boolean tensor of ``shape``.
+
+    Args:
+        packed: the output of ``pack_bits``.
+        shape: the mask's shape (the padding is cut off).
+
+    Returns:
+        The boolean mask.
+
+    Examples:
+        >>> import torch
+        >>> unpack_bits(torch.tensor([5], dtype=torch.uint8), (3,))
+        tensor([ True, False,  True])
+    """
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     bits = (packed.view(-1, 1) >> shifts) & 1
     return bits.reshape(-1)[: math.prod(shape)].view(tuple(shape)).bool()
 
 
 def popcount_bits(packed: Tensor) -> int:
-    """Number of set bits in a ``pack_bits`` tensor."""
+    """Number of set bits in a ``pack_bits`` tensor: the mask's active count, without unpacking.
+
+    Args:
+        packed: the output of ``pack_bits``.
+
+    Returns:
+        The number of ones.
+
+    Examples:
+        >>> import torch
+        >>> popcount_bits(pack_bits(torch.tensor([True, False, True])))
+        2
+    """
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     return int(((packed.view(-1, 1) >> shifts) & 1).sum().item())
 
@@ -178,19 +309,65 @@ def random_mask(
     dtype: torch.dtype = torch.bool,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Exactly ``k`` ones (``True`` by default) at positions drawn uniformly without replacement."""
+    """Exactly ``k`` ones (``True`` by default) at positions drawn uniformly without replacement.
+
+    Args:
+        shape: the mask's shape.
+        k: the number of ones.
+        generator: the CPU generator of the draw (``seeded_generator`` for one mask on every
+            rank).
+        dtype: the mask's dtype.
+        device: where to put the mask; None: the CPU.
+
+    Returns:
+        The mask.
+
+    Examples:
+        >>> import torch
+        >>> mask = random_mask((4, 5), 7, torch.Generator().manual_seed(0))
+        >>> int(mask.sum()), mask.dtype
+        (7, torch.bool)
+    """
     scores = torch.rand(tuple(shape), generator=generator)
     return topk_mask(scores, k).to(device=device, dtype=dtype)
 
 
 def drop_count(drop_fraction: float, active: int) -> int:
     """Weights dropped at an update: ``int(drop_fraction * active)``, truncated as RigL does
-    (``tf.cast(n_ones * drop_fraction, tf.int32)`` in google-research/rigl)."""
+    (``tf.cast(n_ones * drop_fraction, tf.int32)`` in google-research/rigl).
+
+    Args:
+        drop_fraction: the share of active weights to drop.
+        active: the number of active weights.
+
+    Returns:
+        The number to drop.
+
+    Examples:
+        >>> drop_count(0.3, 10), drop_count(0.3, 3)
+        (3, 0)
+    """
     return int(drop_fraction * active)
 
 
 def cosine_drop_fraction(step: int, end_step: int, alpha: float = 0.3) -> float:
-    """RigL's drop fraction ``alpha / 2 * (1 + cos(pi * step / end_step))``; 0 from end_step on."""
+    """RigL's drop fraction ``alpha / 2 * (1 + cos(pi * step / end_step))``; 0 from end_step on.
+
+    Args:
+        step: the current step.
+        end_step: the step at which mask updates stop; not positive: no updates.
+        alpha: the drop fraction at step 0, in ``[0, 1]``.
+
+    Returns:
+        The share of active weights to drop at ``step``.
+
+    Raises:
+        ValueError: ``alpha`` outside ``[0, 1]``.
+
+    Examples:
+        >>> [round(cosine_drop_fraction(step, 100), 3) for step in (0, 50, 100)]
+        [0.3, 0.15, 0.0]
+    """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"drop fraction alpha must lie in [0, 1], got {alpha}")
     if end_step <= 0 or step >= end_step:
@@ -216,6 +393,28 @@ def drop_and_grow(
     so it keeps its value and optimizer state (only positions inactive before the update start from
     zero). ``active``, the number of ones in ``mask`` when the caller knows it, saves a host sync.
     The result holds exactly ``active - n_drop + n_grow`` ones.
+
+    Args:
+        weight: the dense weight; magnitudes decide what is dropped.
+        mask: the current mask, ``weight``'s shape.
+        grow_scores: what decides the growth, ``weight``'s shape: the gradient's magnitude for
+            RigL, random for SET, momentum for sparse momentum.
+        n_drop: the active weights to drop.
+        n_grow: the positions to grow; None: ``n_drop``, keeping the count.
+        active: the number of ones in ``mask``, when known.
+
+    Returns:
+        The new mask, ``mask``'s dtype.
+
+    Raises:
+        ValueError: more to drop than is active, or more to grow than there is room for.
+
+    Examples:
+        >>> import torch
+        >>> weight = torch.tensor([0.5, -0.1, 0.0, 0.0])
+        >>> mask = torch.tensor([True, True, False, False])
+        >>> drop_and_grow(weight, mask, torch.tensor([0.0, 0.0, 0.2, 0.9]), n_drop=1)
+        tensor([ True, False, False,  True])
     """
     n_grow = n_drop if n_grow is None else n_grow
     active = int(mask.count_nonzero().item()) if active is None else active
@@ -235,13 +434,45 @@ def drop_and_grow(
 
 def adam_normalised_momentum(exp_avg: Tensor, exp_avg_sq: Tensor, eps: float = 1e-8) -> Tensor:
     """Sparse momentum's growth signal under Adam: ``exp_avg / (sqrt(exp_avg_sq) + eps)``, the
-    Adam update direction, as TimDettmers/sparse_learning's ``get_momentum_for_weight`` uses it."""
+    Adam update direction, as TimDettmers/sparse_learning's ``get_momentum_for_weight`` uses it.
+
+    Args:
+        exp_avg: Adam's first moment.
+        exp_avg_sq: Adam's second moment.
+        eps: Adam's epsilon.
+
+    Returns:
+        The normalised momentum, ``exp_avg``'s shape.
+
+    Examples:
+        >>> import torch
+        >>> adam_normalised_momentum(torch.tensor([0.2, -0.2]), torch.tensor([0.04, 0.01]))
+        tensor([ 1.0000, -2.0000])
+    """
     return exp_avg / (exp_avg_sq.sqrt() + eps)
 
 
 def allocate_counts(total: int, weights: Sequence[float], capacity: Sequence[int]) -> list[int]:
     """Split ``total`` into integers proportional to ``weights``, each at most its ``capacity``,
-    summing exactly to ``total`` (largest remainders; capped layers hand their excess on)."""
+    summing exactly to ``total`` (largest remainders; capped layers hand their excess on).
+
+    Args:
+        total: what to split, at most ``sum(capacity)``.
+        weights: one weight per slot; negative ones count as 0, and all zero splits evenly.
+        capacity: one upper bound per slot.
+
+    Returns:
+        One count per slot, summing to ``total``.
+
+    Raises:
+        ValueError: ``total`` negative or larger than the capacities.
+
+    Examples:
+        >>> allocate_counts(10, [1.0, 1.0, 2.0], [10, 10, 10])
+        [3, 2, 5]
+        >>> allocate_counts(10, [1.0, 1.0, 2.0], [10, 10, 3])
+        [4, 3, 3]
+    """
     if total < 0 or total > sum(capacity):
         raise ValueError(f"cannot place {total} into capacities summing to {sum(capacity)}")
     counts = [0] * len(weights)
@@ -277,7 +508,23 @@ def _input_channels_last(weight: Tensor) -> Tensor:
 
 def nm_groups(weight: Tensor, m: int) -> Tensor:
     """``weight`` viewed as (C_out, groups, m): groups of ``m`` consecutive input channels at each
-    kernel position (a copy for convolutions)."""
+    kernel position (a copy for convolutions).
+
+    Args:
+        weight: a Linear ``(C_out, C_in)`` or convolution ``(C_out, C_in, *kernel)`` weight.
+        m: the group size; must divide ``C_in``.
+
+    Returns:
+        The weight as ``(C_out, groups, m)``.
+
+    Raises:
+        ValueError: a weight of fewer than 2 dims, or ``C_in`` not a multiple of ``m``.
+
+    Examples:
+        >>> import torch
+        >>> nm_groups(torch.zeros(3, 8), 4).shape
+        torch.Size([3, 2, 4])
+    """
     if weight.ndim < 2:
         raise ValueError(f"N:M needs a weight of at least 2 dims, got shape {tuple(weight.shape)}")
     if weight.shape[1] % m:
@@ -301,6 +548,22 @@ def nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
 
     This is the grouping of SR-STE's reference (``Sparse_NHWC``: permute to (C_out, kh, kw, C_in))
     and of NVIDIA ASP, so the mask can feed channel-wise 2:4 kernels.
+
+    Args:
+        weight: a Linear or convolution weight whose input channels ``m`` divides.
+        n: the weights kept per group, in ``(0, m]``.
+        m: the group size.
+
+    Returns:
+        The boolean mask, ``weight``'s shape.
+
+    Raises:
+        ValueError: ``n`` outside ``(0, m]``, or a weight that cannot be grouped by ``m``.
+
+    Examples:
+        >>> import torch
+        >>> nm_mask(torch.tensor([[0.1, -0.9, 0.5, 0.2]]), 2, 4)
+        tensor([[False,  True,  True, False]])
     """
     if not 0 < n <= m:
         raise ValueError(f"N:M needs 0 < n <= m, got {n}:{m}")
@@ -316,6 +579,21 @@ def srste_decay_(grad: Tensor, weight: Tensor, mask: Tensor, decay: float = 2e-4
 
     The gradient of the sparse forward is passed straight through to the dense weights; the added
     term pulls pruned weights towards zero so that the N:M mask stops flipping.
+
+    Args:
+        grad: the dense weight's gradient, updated in place.
+        weight: the dense weight.
+        mask: the N:M mask.
+        decay: the pull's strength (SR-STE's lambda_W).
+
+    Returns:
+        ``grad``.
+
+    Examples:
+        >>> import torch
+        >>> grad = torch.zeros(2)
+        >>> srste_decay_(grad, torch.tensor([1.0, 1.0]), torch.tensor([True, False]), decay=0.5)
+        tensor([0.0000, 0.5000])
     """
     return grad.add_(weight.masked_fill(mask.bool(), 0), alpha=decay)
 
@@ -327,7 +605,22 @@ def _masked(weight: Tensor, mask: Tensor | None) -> Tensor:
 
 def to_csr(weight: Tensor, mask: Tensor | None = None) -> Tensor:
     """The (masked) weight as a CSR matrix; conv kernels are flattened to (out, in * k...), the
-    layout of ``weight.view(out, -1)`` that unfold-based convolutions multiply by."""
+    layout of ``weight.view(out, -1)`` that unfold-based convolutions multiply by.
+
+    Args:
+        weight: a Linear or convolution weight.
+        mask: the mask to apply first; None: ``weight`` as it is.
+
+    Returns:
+        A 2-D ``torch.sparse_csr`` tensor.
+
+    Examples:
+        >>> import torch
+        >>> mask = torch.tensor([[True, False, False], [False, False, True]])
+        >>> csr = to_csr(torch.ones(2, 3), mask)
+        >>> csr.col_indices()
+        tensor([0, 2])
+    """
     w = _masked(weight, mask)
     return w.reshape(w.shape[0], -1).to_sparse_csr()
 
@@ -338,6 +631,24 @@ def to_semi_structured(weight: Tensor, mask: Tensor | None = None) -> Tensor:
     Convolution kernels are laid out as (C_out, kh * kw * C_in), input channels innermost (NHWC
     implicit GEMM), so the 2:4 groups are exactly those of ``nm_mask``. Raises with the reason
     when this machine or tensor cannot hold one, rather than returning a dense tensor in disguise.
+
+    Args:
+        weight: a 2:4 sparse (after ``mask``) float16 or bfloat16 weight on a CUDA device.
+        mask: the mask to apply first; None: ``weight`` as it is.
+
+    Returns:
+        The ``torch.sparse`` semi-structured tensor, ``(C_out, C_in * prod(kernel))``.
+
+    Raises:
+        RuntimeError: the weight is not on a GPU of compute capability 8.0 or higher.
+        ValueError: the weight is not 2:4 sparse, or not float16/bfloat16.
+
+    Examples:
+        >>> import torch
+        >>> to_semi_structured(torch.zeros(8, 8))
+        Traceback (most recent call last):
+            ...
+        RuntimeError: 2:4 semi-structured sparsity needs a CUDA tensor ...
     """
     w = _masked(weight, mask)
     if not w.is_cuda:

@@ -219,7 +219,19 @@ class Ingredients(Sequence):
 
 
 class IngredientSubset(Sequence):
-    """``parent[indices[i]]`` on access; see ``Ingredients.subset``."""
+    """``parent[indices[i]]`` on access; see ``Ingredients.subset``.
+
+    A view, not a copy: a lazy parent still loads each ingredient only when it is read.
+
+    Args:
+        parent: the ingredients to choose from (an ``Ingredients`` or any sequence).
+        indices: the chosen positions in ``parent``, in the order the subset yields them.
+
+    Examples:
+        >>> subset = IngredientSubset(["a", "b", "c"], [2, 0])
+        >>> len(subset), subset[0]
+        (2, 'c')
+    """
 
     def __init__(self, parent: Sequence, indices: Sequence[int]) -> None:
         self.parent, self.indices = parent, list(indices)

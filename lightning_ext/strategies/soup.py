@@ -38,7 +38,22 @@ RANK_STATE = ("state_dict", "optimizer_states", "lr_schedulers")
 
 
 def rank_checkpoint_path(filepath: Any, rank: int) -> str:
-    """Where rank ``rank`` (> 0) keeps its ingredient beside checkpoint ``filepath``."""
+    """Where rank ``rank`` (> 0) keeps its ingredient beside checkpoint ``filepath``.
+
+    Each rank trains its own ingredient, so a checkpoint is one file per rank: rank 0's is the
+    checkpoint itself, the others sit beside it under this name.
+
+    Args:
+        filepath: the checkpoint's path.
+        rank: the rank, from 1.
+
+    Returns:
+        The rank's file path.
+
+    Examples:
+        >>> rank_checkpoint_path("ckpts/last.ckpt", 2)
+        'ckpts/last.ckpt.rank2'
+    """
     return f"{os.fspath(filepath)}.rank{rank}"
 
 

@@ -73,6 +73,17 @@ class WARPStrategyMixin(_MixinBase):
 
     Kept free of Lightning classes so the same logic serves ``lightning.pytorch`` (``WARPStrategy``
     here) and ``pytorch_lightning`` (``lightning_ext.pytorch_lightning.WARPStrategy``).
+
+    Args:
+        eta: the LITI coefficient applied after the merge, >= 0 (1 keeps the merged policy).
+        weights: one merge weight per rank; None: uniform.
+        shard_data: give each rank a disjoint shard of the data instead of all of it.
+        save_dir: where the ranks write their policies, the initialisation and the merge; None:
+            nowhere.
+        **ddp_kwargs: passed on to the ``DDPStrategy`` it is mixed into.
+
+    Raises:
+        ValueError: ``eta`` below 0, or a DDP-wrapper option in ``ddp_kwargs``.
     """
 
     def __init__(

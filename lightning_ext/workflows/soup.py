@@ -88,7 +88,16 @@ _LOWER_IS_BETTER = re.compile(r"loss|err|perplexity|ppl|mse|mae|rmse|nll")
 
 def check_mode(monitor: str, mode: str, owner: str) -> None:
     """Refuse an unknown ``mode``; warn when the monitor's name says the opposite direction
-    (``mode="min"`` on an accuracy keeps the worst ingredients)."""
+    (``mode="min"`` on an accuracy keeps the worst ingredients).
+
+    Args:
+        monitor: the metric's name, read for words such as "acc" or "loss".
+        mode: ``"min"`` or ``"max"``.
+        owner: the class or function named in the messages.
+
+    Raises:
+        ValueError: ``mode`` is neither ``"min"`` nor ``"max"``.
+    """
     if mode not in ("min", "max"):
         raise ValueError(f"{owner}(mode=...) must be 'min' or 'max', got {mode!r}")
     name = monitor.lower()
@@ -108,7 +117,18 @@ def check_monitor_logged(monitor: str, trainer: Any, owner: str) -> bool:
     """Raise, naming the logged metrics, when ``monitor`` is not among them.
 
     During the sanity check (before any training) a missing monitor only warns, since some
-    modules skip logging there; returns whether the check is settled.
+    modules skip logging there.
+
+    Args:
+        monitor: the metric the soup is judged by.
+        trainer: the Trainer whose ``callback_metrics`` hold what was logged.
+        owner: the class or function named in the messages.
+
+    Returns:
+        Whether the check is settled (False: look again at the next validation).
+
+    Raises:
+        KeyError: after the sanity check, ``monitor`` was not logged.
     """
     logged = sorted(trainer.callback_metrics)
     if trainer.sanity_checking:
@@ -129,7 +149,14 @@ def check_monitor_logged(monitor: str, trainer: Any, owner: str) -> bool:
 
 
 def fit_val_loader(trainer: Any) -> Any:
-    """The fit's validation data, un-sharded (the scorer shares it out across ranks)."""
+    """The fit's validation data, un-sharded (the scorer shares it out across ranks).
+
+    Args:
+        trainer: the Trainer of the fit.
+
+    Returns:
+        The datamodule's ``val_dataloader()`` if it has one, else the loaders given to ``fit``.
+    """
     if trainer.datamodule is not None and hasattr(trainer.datamodule, "val_dataloader"):
         try:
             return trainer.datamodule.val_dataloader()
@@ -157,6 +184,14 @@ def _inputs_of(batch: Any, unpack_batch: UnpackBatch) -> Any:
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of ``model``, whose running statistics a merge makes stale.
+
+    Args:
+        model: any module.
+
+    Returns:
+        Every ``BatchNorm1d/2d/3d`` (and SyncBatchNorm) submodule, in module order.
+    """
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
@@ -981,8 +1016,16 @@ def _best(scores: Sequence[float], mode: str) -> float:
 
 def save_soup_plot(result: SoupResult, path: str | Path, *, monitor: str) -> Path | None:
     """One picture of a soup: each ingredient's own score (bars), then every greedy candidate in
-    order (kept in green, rejected in grey) and the soup's score (a line). Returns None when
-    matplotlib is not installed."""
+    order (kept in green, rejected in grey) and the soup's score (a line).
+
+    Args:
+        result: what ``build_soup``/``run_soup`` returned.
+        path: the PNG to write (atomically).
+        monitor: the y-axis label.
+
+    Returns:
+        ``path``, or None when matplotlib is not installed.
+    """
     try:
         import matplotlib
 

@@ -64,7 +64,22 @@ StateDict = Mapping[str, Tensor]
 
 def default_targets(name: str, tensor: Tensor) -> bool:
     """Weights pruned by default: floating parameters with at least 2 dimensions (Linear and
-    convolution kernels, embeddings), as the paper prunes; biases and norms stay dense."""
+    convolution kernels, embeddings), as the paper prunes; biases and norms stay dense.
+
+    Args:
+        name: the parameter's name (unused here; a custom ``targets`` may select by name).
+        tensor: the parameter.
+
+    Returns:
+        Whether to prune it.
+
+    Examples:
+        >>> import torch
+        >>> default_targets("fc.weight", torch.zeros(3, 2))
+        True
+        >>> default_targets("fc.bias", torch.zeros(3))
+        False
+    """
     return tensor.is_floating_point() and tensor.dim() >= 2
 
 
@@ -123,7 +138,21 @@ def magnitude_masks(
 
 def mask_mismatches(state_dict: StateDict, masks: Mapping[str, Tensor]) -> dict[str, int]:
     """Per masked tensor, how many entries disagree with the mask: non-zero where the mask prunes,
-    or exactly zero where it keeps. All zeros means the weights' support *is* the mask."""
+    or exactly zero where it keeps. All zeros means the weights' support *is* the mask.
+
+    Args:
+        state_dict: the weights; keys are matched after compile-normalisation.
+        masks: boolean keep-masks by (normalised) name.
+
+    Returns:
+        The count of disagreeing entries per masked tensor.
+
+    Examples:
+        >>> import torch
+        >>> weights = {"w": torch.tensor([0.0, 1.0, 0.0])}
+        >>> mask_mismatches(weights, {"w": torch.tensor([False, True, True])})
+        {'w': 1}
+    """
     by_name = {normalise_name(k): v for k, v in state_dict.items()}
     return {
         name: int(((by_name[name] != 0) != mask.to(by_name[name].device)).sum())
@@ -473,11 +502,17 @@ def sparse_model_soup(
         method: ``"uniform"`` (the paper's main recipe) or ``"greedy"`` soup.
         scope: magnitude pruning with one global threshold or per layer.
         targets: ``targets(name, parameter) -> bool`` selects the pruned weights.
+        monitor: the metric, logged by the module's validation, that scores the retrains and
+            the soup on ``val_dataloaders``.
+        mode: ``"min"`` when lower ``monitor`` is better, ``"max"`` when higher is.
         recalibrate_on: a train loader to recompute BatchNorm statistics of the soups on.
         devices: run each cycle's retrains this many at a time, one per rank of a job of this
             many processes, which must all call this function alike (see the module docstring);
             ``len(retrain_configs)`` must be a multiple of it. Rank 0 writes the shared files,
             each rank its own retrains; ``output_dir`` must be one folder for all ranks.
+
+    Returns:
+        The last cycle's soup and masks, and every cycle's figures.
 
     Raises:
         ValueError: before any training: a bad plan (sparsities, no retrain, a number of retrains

@@ -146,11 +146,30 @@ def run_warp(
         make_trainer: builds a fresh Trainer for one fine-tuning (``run.root_dir`` is its own
             directory); give it a ``WARP`` callback for the EMA anchor. A Trainer with a
             ``WARPStrategy`` on ``num_policies`` ranks trains all policies of an iteration at once.
+        out_dir: where each iteration's folder (``iteration_<i>``: its init, policies, merge,
+            LITI weights and metrics) goes; a rerun skips the iterations whose LITI weights are
+            there, so an interrupted run resumes.
+        iterations: the number of WARP iterations; each starts from the previous one's LITI.
+        num_policies: the policies fine-tuned and merged per iteration.
+        eta: the LITI coefficient, ``(1 - eta) * init + eta * merged``; the next iteration
+            starts from it. 0 stays at the init, 1 keeps the merge.
+        weights: one SLERP merge weight per policy; None: uniform.
         fit_kwargs: returns the extra ``trainer.fit`` arguments for a run (``datamodule=...``).
         evaluate: maps (module, iteration) to metrics (reward, KL to the init, ...); called on the
             LITI model (in eval mode) at every eta of ``eta_sweep`` and at ``eta``; results go to
             ``metrics.json`` and logged to ``loggers`` as ``warp/<name>@eta=<eta>`` at step i.
+        eta_sweep: further LITI coefficients to evaluate (not to continue from): the
+            reward-KL front of each iteration.
+        loggers: where the evaluation metrics are logged too.
         seed: fine-tuning m of iteration i is seeded with ``seed + 1000 * i + m``.
+
+    Returns:
+        The last iteration's LITI weights and every iteration's metrics.
+
+    Raises:
+        ValueError: ``iterations`` or ``num_policies`` below 1, a negative eta, a number of
+            ``weights`` other than ``num_policies``, or a WARPStrategy Trainer whose rank count
+            differs from ``num_policies``.
     """
     if iterations < 1 or num_policies < 1:
         raise ValueError(

@@ -1,4 +1,4 @@
-"""``lightning-ext soup``: merge checkpoint files on the command line, streaming them one at a time.
+"""``lightning-ext soup``: merge checkpoints on the command line, streaming them one at a time.
 
 Examples::
 
@@ -7,10 +7,16 @@ Examples::
     lightning-ext soup ft*.ckpt --base pre.ckpt --method ties --density 0.2 -o merged.ckpt
     lightning-ext soup ft*.ckpt -o soup.ckpt --model mypkg.models:make_model \\
         --recalibrate-bn mypkg.data:train_loader              # recompute BatchNorm statistics
+    lightning-ext soup sharded/epoch=*.ckpt/ -o soup.ckpt     # distributed checkpoint folders
 
 The output keeps the first input's format: a Lightning checkpoint (the first input's, with its
 ``state_dict`` replaced and optimizer/loop state dropped, so ``Module.load_from_checkpoint``
 works) or a bare state dict. Greedy soups need a model to evaluate: use ``build_soup`` in Python.
+
+A checkpoint may be a distributed checkpoint folder (``ModelParallelStrategy``/FSDP2): its
+weights are read whole in this one process. The output is then one file: a Lightning checkpoint
+built from the folder's ``meta.pt`` (read weights-only unless ``--trusted``, like every input),
+or a bare state dict when the folder has no ``meta.pt``.
 
 BatchNorm statistics (running mean and variance) are averaged over the ingredients by every
 method, never extrapolated; they are still those of the ingredients, not of the merged weights.
@@ -37,12 +43,14 @@ from lightning_ext.functional import merging
 from lightning_ext.functional.merge_methods import (
     CLI_SPELLING,
     MERGE_METHODS,
+    MergeMethod,
     Parameter,
     get_merge_method,
 )
 from lightning_ext.io.ingredients import Ingredients, load_state_dict
 
 TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
+LIGHTNING_META_FILE = "meta.pt"  # the rest of a distributed checkpoint, written by Lightning
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -58,7 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=_methods_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoints", nargs="+", help="ingredient checkpoints or state-dict files")
+    p.add_argument(
+        "checkpoints",
+        nargs="+",
+        help="ingredient checkpoints or state-dict files, or distributed checkpoint folders",
+    )
     p.add_argument("-o", "--output", required=True, help="file to write (atomically)")
     p.add_argument(
         "--method",
@@ -133,15 +145,24 @@ def _methods_epilog() -> str:
     return "\n".join(lines)
 
 
-def merge(args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    """The merge ``args`` ask for; options, the base and the number of checkpoints are checked
-    against the method's entry in ``MERGE_METHODS`` before any checkpoint is read.
+MergeRequest = tuple[MergeMethod, dict[str, Any]]
+
+
+def resolve(args: argparse.Namespace) -> MergeRequest:
+    """The merge method and its options that ``args`` ask for, checked against the method's
+    entry in ``MERGE_METHODS``.
+
+    Reads no checkpoint, so that a mistyped option fails at once, not after a long read.
 
     Args:
-        args: the parsed ``lightning-ext soup`` options.
+        args: the parsed command line.
 
     Returns:
-        The merged state dict.
+        The method and its resolved options.
+
+    Raises:
+        ValueError: an option out of range or missing, a missing or unused ``--base``, or too
+            few checkpoints for the method.
     """
     method = get_merge_method(args.method, CLI_SPELLING)
     given = {name: getattr(args, name) for name in _options() if getattr(args, name) is not None}
@@ -158,6 +179,25 @@ def merge(args: argparse.Namespace) -> dict[str, torch.Tensor]:
         has_base=bool(args.base),
         spelling=CLI_SPELLING,
     )
+    return method, options
+
+
+def merge(args: argparse.Namespace, request: MergeRequest) -> dict[str, torch.Tensor]:
+    """The merge of ``request`` (see ``resolve``), streaming the checkpoints one at a time.
+
+    Args:
+        args: the parsed command line (checkpoints, ``--base``, ``--trusted``).
+        request: what ``resolve`` returned.
+
+    Returns:
+        The merged state dict.
+
+    Raises:
+        ValueError: a checkpoint (or the base) whose layout differs from the first's, checked
+            for all before any merging; a file or folder that holds no state dict.
+        FileNotFoundError: a checkpoint that does not exist.
+    """
+    method, options = request
     ings = Ingredients(args.checkpoints, trusted=args.trusted).validate()
     base = None
     if args.base:
@@ -269,9 +309,35 @@ def recalibrate(
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
+def output_template(path: str, *, trusted: bool) -> Any:
+    """What the first input holds besides its weights, for the output to keep its format: the
+    loaded file, or a distributed checkpoint folder's ``meta.pt`` (Lightning's checkpoint without
+    ``state_dict``, which sits in the shards) given an empty ``state_dict``; None for a folder
+    without ``meta.pt`` (the output is then a bare state dict).
+
+    Args:
+        path: the first input.
+        trusted: allow files that pickle arbitrary objects (the one loading rule).
+
+    Returns:
+        The template to fill, or None.
+
+    Raises:
+        ValueError: a file (or ``meta.pt``) holding arbitrary objects without ``trusted``.
+    """
+    if not Path(path).is_dir():
+        return load_file(path, trusted=trusted, mmap=True)
+    meta = Path(path) / LIGHTNING_META_FILE
+    if not meta.is_file():
+        return None
+    template = load_file(meta, trusted=trusted, mmap=True)
+    return {**template, "state_dict": {}} if isinstance(template, Mapping) else None
+
+
 def run(args: argparse.Namespace) -> int:
     """Merge, recalibrate if asked, and write the result atomically; a Lightning checkpoint
-    stays one (its weights replaced, its training state dropped, the recipe recorded).
+    stays one (its weights replaced, its training state dropped, the recipe recorded), and a
+    distributed checkpoint folder with a ``meta.pt`` gives one as a single file.
 
     Args:
         args: the parsed ``lightning-ext soup`` options.
@@ -280,8 +346,9 @@ def run(args: argparse.Namespace) -> int:
         The exit code, 0.
     """
     bn = bn_recalibration(args)
-    soup = recalibrate(args, merge(args), bn)
-    first: Any = load_file(args.checkpoints[0], trusted=args.trusted, mmap=True)
+    request = resolve(args)
+    first = output_template(args.checkpoints[0], trusted=args.trusted)  # refused before merging
+    soup = recalibrate(args, merge(args, request), bn)
     if isinstance(first, Mapping) and "state_dict" in first:
         out = {k: v for k, v in first.items() if k not in TRAINING_STATE}
         out["state_dict"] = soup

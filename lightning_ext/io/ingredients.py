@@ -1,10 +1,12 @@
-"""Streaming ingredients for model soups and merges: state dicts, modules or checkpoint files,
-loaded one at a time and validated against the first.
+"""Streaming ingredients for model soups and merges: state dicts, modules, checkpoint files or
+distributed checkpoint folders, loaded one at a time and validated against the first.
 
 ``Ingredients`` is a lazy ``Sequence`` of state dicts that the functions of
 ``lightning_ext.functional.merging`` consume one element at a time, so a soup of 50 checkpoints
 needs the memory of the soup and one checkpoint, not 50. Pure torch: no Lightning import (a
-Lightning checkpoint is a ``torch.save``'d dict whose weights sit under ``"state_dict"``).
+Lightning checkpoint is a ``torch.save``'d dict whose weights sit under ``"state_dict"``; a
+sharded one, e.g. ``ModelParallelStrategy``'s, is a ``torch.distributed.checkpoint`` folder with
+the weights under the same key, read whole by ``lightning_ext.io.distributed_checkpoint``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 
 from lightning_ext._io import load_file
 from lightning_ext.functional.merging import check_same_layout
+from lightning_ext.io import distributed_checkpoint
 
 __all__ = ["IngredientSource", "IngredientSubset", "Ingredients", "load_state_dict"]
 
@@ -38,20 +41,25 @@ def load_state_dict(
     A checkpoint file may hold a Lightning checkpoint (weights under ``key``) or a bare state
     dict. Files are memory-mapped by default, so validating layouts reads no tensor data, and
     loaded with ``weights_only=True`` (no code from the file is executed) unless ``trusted``.
+    A folder must be a distributed checkpoint (``torch.distributed.checkpoint``, as
+    ``ModelParallelStrategy`` writes): its weights under ``key`` are gathered into full tensors
+    in this process, without a process group (see ``load_distributed_checkpoint``).
 
     Args:
-        source: a state dict, a module, or the path of a checkpoint or state-dict file.
-        key: the entry of a checkpoint dict that holds the weights.
+        source: a state dict, a module, the path of a checkpoint or state-dict file, or of a
+            distributed checkpoint folder.
+        key: the entry of a checkpoint that holds the weights.
         map_location: where loaded tensors go.
-        mmap: memory-map the file.
-        trusted: allow files that pickle arbitrary objects.
+        mmap: memory-map the file (a folder's shards are read, not mapped).
+        trusted: allow files (a folder's ``.metadata``) that pickle arbitrary objects.
 
     Returns:
         The state dict (a new dict; tensors of a given state dict are not copied).
 
     Raises:
         FileNotFoundError: a path that does not exist.
-        ValueError: a file that holds neither a checkpoint with ``key`` nor a state dict.
+        ValueError: a file that holds neither a checkpoint with ``key`` nor a state dict, or a
+            folder that is not a distributed checkpoint of tensors (the message names it).
 
     Examples:
         >>> import torch
@@ -63,6 +71,10 @@ def load_state_dict(
     if isinstance(source, Mapping):
         return dict(source)
     path = Path(source)
+    if path.is_dir():
+        return distributed_checkpoint.load_distributed_checkpoint(
+            path, key=key, map_location=map_location, trusted=trusted
+        )
     if not path.is_file():
         raise FileNotFoundError(f"ingredient checkpoint not found: {path}")
     obj = load_file(path, trusted=trusted, map_location=map_location, mmap=mmap)
@@ -89,8 +101,9 @@ class Ingredients(Sequence):
 
     ``ingredients[i]`` loads ingredient ``i`` (from disk, for paths) and checks its keys, shapes
     and dtypes against ingredient 0, raising ``ValueError`` that names the file and the tensor.
-    ``validate()`` checks them all up front (memory-mapped: no tensor data is read), which the
-    soup APIs do before any averaging or evaluation.
+    ``validate()`` checks them all up front (files memory-mapped, distributed checkpoint folders
+    from their ``.metadata``: no tensor data is read), which the soup APIs do before any
+    averaging or evaluation.
 
     ``strip_prefix`` removes a key prefix (e.g. ``"model."`` when checkpoints wrap the network),
     ``map_location`` places loaded tensors and ``trusted=True`` allows checkpoints that pickle
@@ -98,7 +111,7 @@ class Ingredients(Sequence):
 
     Args:
         sources: state dicts, modules, or paths of files holding them (checkpoints or bare
-            state dicts).
+            state dicts) or of distributed checkpoint folders (e.g. ``ModelParallelStrategy``'s).
         key: the entry of a loaded checkpoint dict that holds the weights (None: the file is the
             state dict itself; a file without ``key`` is taken as the state dict too).
         strip_prefix: a key prefix to remove from every tensor name.
@@ -107,7 +120,8 @@ class Ingredients(Sequence):
         trusted: allow checkpoints that pickle arbitrary objects (see ``load_file``).
 
     Raises:
-        ValueError: no sources; on access, an ingredient whose layout differs from the first.
+        ValueError: no sources; on access, an ingredient whose layout differs from the first,
+            or a folder that is not a distributed checkpoint.
         FileNotFoundError: on access, a path that does not exist.
         IndexError: an index out of range.
 
@@ -141,14 +155,20 @@ class Ingredients(Sequence):
     def name(self, index: int) -> str:
         return _describe(self.sources[index], index)
 
-    def _load(self, index: int) -> dict[str, Tensor]:
-        sd = load_state_dict(
-            self.sources[index],
-            key=self.key,
-            map_location=self.map_location,
-            mmap=self.mmap,
-            trusted=self.trusted,
-        )
+    def _load(self, index: int, *, data: bool = True) -> dict[str, Tensor]:
+        """Ingredient ``index`` with the key normalisation; ``data=False`` may give meta tensors
+        (a distributed checkpoint folder's layout, read from its metadata)."""
+        source = self.sources[index]
+        if not data and isinstance(source, str | os.PathLike) and Path(source).is_dir():
+            sd = distributed_checkpoint.read_layout(source, key=self.key, trusted=self.trusted)
+        else:
+            sd = load_state_dict(
+                source,
+                key=self.key,
+                map_location=self.map_location,
+                mmap=self.mmap,
+                trusted=self.trusted,
+            )
         if self.strip_prefix:
             p = self.strip_prefix
             sd = {k[len(p) :] if k.startswith(p) else k: v for k, v in sd.items()}
@@ -166,13 +186,13 @@ class Ingredients(Sequence):
         if not 0 <= index < len(self):
             raise IndexError(f"ingredient index {index} out of range for {len(self)}")
         sd = self._load(index)
-        if self._layout is None:
-            if index != 0:
-                self._check(self._load(0), 0)
-            else:
-                self._check(sd, 0)
-        self._check(sd, index)
+        self._check_against_first(sd, index)
         return sd
+
+    def _check_against_first(self, sd: Mapping[str, Tensor], index: int) -> None:
+        if self._layout is None:
+            self._check(sd if index == 0 else self._load(0, data=False), 0)
+        self._check(sd, index)
 
     def _check(self, sd: Mapping[str, Tensor], index: int) -> None:
         if self._layout is None:
@@ -191,9 +211,10 @@ class Ingredients(Sequence):
         return IngredientSubset(self, indices)
 
     def validate(self) -> Ingredients:
-        """Load every ingredient once (memory-mapped where possible) and check its layout."""
+        """Check every ingredient's layout against the first, reading no tensor data where the
+        source allows (files are memory-mapped, folders described by their metadata)."""
         for i in range(len(self)):
-            self[i]
+            self._check_against_first(self._load(i, data=False), i)
         return self
 
 

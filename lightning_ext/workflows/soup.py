@@ -923,7 +923,9 @@ def build_soup(
 
     Args:
         module: the LightningModule (either namespace) whose ``validation_step`` scores.
-        ingredients: checkpoint paths, state dicts or modules.
+        ingredients: checkpoint paths (files, or distributed checkpoint folders as
+            ModelParallelStrategy saves them, read whole in this process), state dicts or
+            modules.
         method: ``"greedy"``, ``"uniform"`` or a callable ``ingredients -> state_dict``.
         monitor: the logged validation metric that is the score.
         mode: ``"min"`` (lower is better) or ``"max"``.
@@ -939,8 +941,8 @@ def build_soup(
         progress_bar: show a tqdm bar.
         plot: where to write the picture of the scores (None: nowhere).
         apply: load the soup into ``module``.
-        base: the pre-trained weights (a path, state dict or module), for task-vector merge
-            methods and aTLAS.
+        base: the pre-trained weights (a path or folder, state dict or module), for
+            task-vector merge methods and aTLAS.
         options: the method's options: the parameters of its ``MERGE_METHODS`` entry, or
             ``LEARNED_SOUP_OPTIONS`` for ``"learned"``.
 
@@ -949,8 +951,9 @@ def build_soup(
 
     Raises:
         ValueError: an unknown ``method`` (the message lists the valid ones), bad ``options``,
-            a missing or unused ``base``, an unknown ``mode``, no held-out data, or ingredients
-            whose layouts differ.
+            a missing or unused ``base``, an unknown ``mode``, no held-out data, ingredients
+            whose layouts differ, or a folder that is not a distributed checkpoint (all checked
+            before any merging or scoring).
         KeyError: a ``monitor`` that ``validation_step`` did not log.
 
     Examples:

@@ -16,6 +16,7 @@ FUNCTIONAL_MODULES = [
     "lightning_ext.functional.pruning",
     "lightning_ext.functional.schedule",
     "lightning_ext.functional.sparse",
+    "lightning_ext.functional.sparse_methods",
 ]
 # Modules whose class examples only build an object (no fit): cheap to run.
 OTHER_MODULES = [

@@ -1,7 +1,8 @@
-"""Write the tables of merge methods and of learned-soup options into the docs, from the
-registries the code runs (``functional.merge_methods.MERGE_METHODS``,
-``functional.learned_soup.LEARNED_SOUP_OPTIONS``), so that documented defaults and ranges are the
-ones that run.
+"""Write the tables of merge methods, of learned-soup options and of dynamic sparse training
+methods into the docs, from the registries the code runs
+(``functional.merge_methods.MERGE_METHODS``, ``functional.learned_soup.LEARNED_SOUP_OPTIONS``,
+``functional.sparse_methods.SPARSE_METHODS``), so that documented defaults, ranges and method
+properties are the ones that run.
 
     python -m tools.merge_tables          # rewrite the marked blocks in docs/
     python -m tools.merge_tables --check  # exit 1 when a page is out of date
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from lightning_ext.functional.learned_soup import LEARNED_SOUP_OPTIONS
 from lightning_ext.functional.merge_methods import MERGE_METHODS, Parameter
+from lightning_ext.functional.sparse_methods import SPARSE_METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,9 +63,46 @@ def learned_options() -> str:
     return "\n".join(rows)
 
 
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "-"
+
+
+def sparse_methods() -> str:
+    """The markdown table of ``SPARSE_METHODS``."""
+    rows = [
+        "| method | does | grows by | mask updates | optimizer sees | rewired weights' optimizer "
+        "state | targets outside every optimizer | FSDP2 | gradient accumulation | paper |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in SPARSE_METHODS.values():
+        growth = {"none": "-", "momentum": "momentum (optimizer's, else own EMA)"}.get(
+            m.growth, m.growth
+        )
+        if m.redistributes:
+            growth += ", redistributed across layers"
+        if m.structured:
+            updates = "N:M, every step"
+        elif m.scheduled_updates:
+            updates = "every `delta_t`, " + ("after" if m.update_after_step else "before")
+            updates += " the step"
+        else:
+            updates = "never"
+        sees = "masked gradient" if m.masks_gradients else "dense gradient"
+        if m.structured:
+            sees += ", dense weights"
+        state = "-" if not m.scheduled_updates else "zeroed" if m.resets_optimizer_state else "kept"
+        frozen = "refused" if m.requires_optimizer else "allowed"
+        rows.append(
+            f"| `{m.name}` | {m.summary} | {growth} | {updates} | {sees} | {state} | {frozen} | "
+            f"{_yes(m.supports_fsdp2)} | {_yes(m.supports_accumulation)} | {m.reference} |"
+        )
+    return "\n".join(rows)
+
+
 TABLES: dict[str, tuple[Path, Callable[[], str]]] = {
     "merge-methods": (REPO / "docs" / "soups.md", merge_methods),
     "learned-options": (REPO / "docs" / "soups.md", learned_options),
+    "sparse-methods": (REPO / "docs" / "sparse_training.md", sparse_methods),
 }
 
 

@@ -23,7 +23,6 @@ from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.functional.sparse import (
     active_count,
     adam_normalised_momentum,
-    allocate_counts,
     cosine_drop_fraction,
     drop_and_grow,
     drop_count,
@@ -33,14 +32,22 @@ from lightning_ext.functional.sparse import (
     pack_bits,
     popcount_bits,
     random_mask,
+    random_scores,
+    redistributed_growth,
     seeded_generator,
     srste_decay_,
     to_csr,
     to_semi_structured,
     unpack_bits,
 )
+from lightning_ext.functional.sparse_methods import (
+    SPARSE_METHODS,
+    SparseMethod,
+    get_sparse_method,
+    spoken_choice,
+)
 
-Method = Literal["rigl", "set", "snfs", "static", "srste"]
+Method = Literal["rigl", "set", "snfs", "static", "srste"]  # SPARSE_METHODS' names (tested)
 Distribution = Literal["erk", "er", "uniform", "uniform_first_dense"]
 Layout = Literal["dense", "csr", "semi_structured"]
 
@@ -60,12 +67,13 @@ class DynamicSparseTraining(DeclaredState, Callback):
 
     Args:
         density: global fraction of the targeted weights kept active, in (0, 1].
-        method: ``rigl`` (grow by dense-gradient magnitude), ``set`` (grow at random),
-            ``snfs`` (sparse momentum: grow by momentum magnitude, growth redistributed across
-            layers by their mean momentum; the momentum is the optimizer's own, Adam's normalised
-            by its second moment, as in sparse_learning), ``static`` (fixed random mask: the
-            baseline), ``srste`` (N:M structured masks recomputed every step with SR-STE;
-            ``density`` and ``distribution`` are then given by ``nm``).
+        method: a name of ``functional.SPARSE_METHODS``: ``rigl`` (grow by dense-gradient
+            magnitude), ``set`` (grow at random), ``snfs`` (sparse momentum: grow by momentum
+            magnitude, growth redistributed across layers by their mean momentum; the momentum is
+            the optimizer's own, Adam's normalised by its second moment, as in sparse_learning),
+            ``static`` (fixed random mask: the baseline), ``srste`` (N:M structured masks
+            recomputed every step with SR-STE; ``density`` and ``distribution`` are then given by
+            ``nm``).
         distribution: layer densities: ``erk``, ``er``, ``uniform``, ``uniform_first_dense``.
         erk_power: exponent of the ERK/ER raw densities.
         layer_density: explicit per-layer densities, ``{regex over parameter names: density}``;
@@ -119,8 +127,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
         super().__init__()
         if not 0.0 < density <= 1.0:
             raise ValueError(f"density must lie in (0, 1], got {density}")
-        if method not in ("rigl", "set", "snfs", "static", "srste"):
-            raise ValueError(f"method must be rigl, set, snfs, static or srste, got {method!r}")
+        self.spec: SparseMethod = get_sparse_method(method)  # what the hooks do differently
         if distribution not in ("erk", "er", "uniform", "uniform_first_dense"):
             raise ValueError(f"unknown distribution {distribution!r}")
         for pattern, value in (layer_density or {}).items():
@@ -202,10 +209,6 @@ class DynamicSparseTraining(DeclaredState, Callback):
     def state_key(self) -> str:
         return self._generate_state_key(method=self.method, density=self.density)
 
-    @property
-    def _update_methods(self) -> bool:
-        return self.method in ("rigl", "set", "snfs")
-
     # ----- setup: choose targets and their budgets -------------------------------------------
 
     def select_targets(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -247,7 +250,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
         return targets
 
     def _densities(self, targets: list[tuple[str, nn.Parameter]]) -> list[float]:
-        if self.method == "srste":
+        if self.spec.structured:
             return [self.n / self.m] * len(targets)
         fixed: dict[int, float] = {}
         for pattern, value in self.layer_density.items():
@@ -283,7 +286,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
         all_aliases = module_parameter_aliases(pl_module)
         self.aliases = {n: all_aliases[n] for n in self.names}
         self.counts = [active_count(d, p.numel()) for d, (_, p) in zip(densities, targets)]
-        if self.method == "srste":
+        if self.spec.structured:
             for name, p in targets:
                 if p.shape[1] % self.m:
                     raise ValueError(
@@ -310,10 +313,12 @@ class DynamicSparseTraining(DeclaredState, Callback):
             for group in opt.param_groups:
                 owned.update(id(p) for p in group["params"])
         missing = [n for n, p in zip(self.names, self._params) if id(p) not in owned]
-        if missing and self.method != "static":
+        if missing and self.spec.requires_optimizer:
             raise ValueError(f"targeted parameters not in any optimizer: {missing}; exclude them")
-        if self.method == "srste" and trainer.accumulate_grad_batches > 1:
-            raise ValueError("method='srste' does not support accumulate_grad_batches > 1 yet")
+        if not self.spec.supports_accumulation and trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                f"method={self.method!r} does not support accumulate_grad_batches > 1 yet"
+            )
         if not pl_module.automatic_optimization and len(trainer.optimizers) > 1:
             raise ValueError(
                 "DynamicSparseTraining with manual optimization supports one optimizer: the "
@@ -324,12 +329,12 @@ class DynamicSparseTraining(DeclaredState, Callback):
 
     def planned_updates(self) -> int:
         """Mask updates this run will make: steps k * delta_t (k >= 1) before ``end_step``."""
-        if not self._update_methods or self.end_step <= 0:
+        if not self.spec.scheduled_updates or self.end_step <= 0:
             return 0
         return (self.end_step - 1) // self.delta_t
 
     def _announce_schedule(self, total: float) -> None:
-        if not self._update_methods:
+        if not self.spec.scheduled_updates:
             return
         planned = self.planned_updates()
         rank_zero_info(
@@ -355,7 +360,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
         self._refuse_unsharded_methods()
         self._check_optimizers(trainer, pl_module)
         total = trainer.estimated_stepping_batches
-        if self._update_methods and not 0 < total < float("inf"):
+        if self.spec.scheduled_updates and not 0 < total < float("inf"):
             raise ValueError(
                 "DynamicSparseTraining needs a finite run length to place its updates: "
                 "set max_steps or max_epochs on the Trainer"
@@ -383,11 +388,12 @@ class DynamicSparseTraining(DeclaredState, Callback):
         return any(like is not None for like in self._likes)
 
     def _refuse_unsharded_methods(self) -> None:
-        if self._sharded and self.method in ("snfs", "srste"):
+        if self._sharded and not self.spec.supports_fsdp2:
+            supported = [m.name for m in SPARSE_METHODS.values() if m.supports_fsdp2]
             raise ValueError(
                 f"DynamicSparseTraining(method={self.method!r}) does not support sharded (FSDP2 "
                 "DTensor) parameters yet: its growth signal or N:M groups are not split across "
-                "shards. Use method='rigl', 'set' or 'static', or a DDP strategy."
+                f"shards. Use method={spoken_choice(supported, quote=True)}, or a DDP strategy."
             )
 
     def _full(self, i: int, local: Tensor) -> Tensor:
@@ -401,8 +407,9 @@ class DynamicSparseTraining(DeclaredState, Callback):
         return full if like is None else local_part(full, like)
 
     def _needs_own_momentum(self, trainer: pl.Trainer) -> list[int]:
-        """snfs: targets whose optimizer keeps no momentum (not Adam-like, SGD without momentum)."""
-        if self.method != "snfs":
+        """Momentum growth: targets whose optimizer keeps no momentum (not Adam-like, SGD without
+        momentum)."""
+        if self.spec.growth != "momentum":
             return []
         has_momentum: set[int] = set()
         for opt in trainer.optimizers:
@@ -416,7 +423,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
     def _init_masks(self) -> None:
         self._masks = []
         for i, (name, p, k) in enumerate(zip(self.names, self._params, self.counts)):
-            if self.method == "srste":
+            if self.spec.structured:
                 mask = nm_mask(p, self.n, self.m)
             else:  # drawn over the full shape on every rank: each keeps its shard
                 mask = self._shard(
@@ -424,7 +431,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
                 )
             self._masks.append(mask.to(self._locals[i].device))
         self._ever = [pack_bits(mask) for mask in self._masks]
-        self._dense = [p.detach().clone() for p in self._params] if self.method == "srste" else []
+        self._dense = [p.detach().clone() for p in self._params] if self.spec.structured else []
         self.history = [self._history_entry(0, [0.0] * len(self._masks))]
         self._log_due = True
 
@@ -498,7 +505,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
 
     def _update_due(self, step: int) -> bool:
         return (
-            self._update_methods
+            self.spec.scheduled_updates
             and step > 0
             and step % self.delta_t == 0
             and step < self.end_step
@@ -517,30 +524,30 @@ class DynamicSparseTraining(DeclaredState, Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self.method == "srste":
+        """SR-STE steps its dense weights; a due update runs now or after the step; the
+        optimizer gets the masked gradient unless the method wants the dense one."""
+        spec = self.spec
+        if spec.structured:
             self._srste_before_step()
-            return
         step = trainer.global_step
         due = self._update_due(step)
         if due:
             self._last_update_step = step
-        if self.method == "snfs":
-            # sparse momentum reads the momentum of the dense gradient: the optimizer gets it
-            # whole (weights are re-masked after the step), and the update follows the step.
-            self._accumulate_own_momentum()
-            self._pending_update = step if due else None
-            return
-        if due:
+        self._accumulate_own_momentum()
+        # An update after the step reads the momentum that includes the step's gradient.
+        self._pending_update = step if due and spec.update_after_step else None
+        if due and not spec.update_after_step:
             self._update_masks(step)
-        grads, multipliers = self._grads()
-        if grads:
-            torch._foreach_mul_(grads, multipliers)
+        if spec.masks_gradients:
+            grads, multipliers = self._grads()
+            if grads:
+                torch._foreach_mul_(grads, multipliers)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._stepping:
             return
         with torch.no_grad():
-            if self.method == "srste":
+            if self.spec.structured:
                 self._srste_after_step()
             torch._foreach_mul_(self._locals, self._multipliers)
             if self._pending_update is not None:
@@ -548,6 +555,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
                 self._update_masks(step)
 
     def _accumulate_own_momentum(self) -> None:
+        """Momentum growth without optimizer momentum: fold the gradient into the own EMA."""
         if not self._own_momentum:
             return
         params = [self._params[i] for i in self._own_momentum]
@@ -555,12 +563,14 @@ class DynamicSparseTraining(DeclaredState, Callback):
         torch._foreach_lerp_(list(self._own_momentum.values()), grads, 1.0 - self.momentum_beta)
 
     def _srste_before_step(self) -> None:
+        """The optimizer steps the dense weights, with SR-STE's pull on the pruned ones."""
         torch._foreach_copy_(self._params, self._dense)
         for p, mask in zip(self._params, self._masks):
             if p.grad is not None:
                 srste_decay_(p.grad, p, mask, self.srste_decay)
 
     def _srste_after_step(self) -> None:
+        """Keep the stepped dense weights; the new masks are their N:M top."""
         torch._foreach_copy_(self._dense, self._params)
         for i, p in enumerate(self._params):
             self._masks[i].copy_(nm_mask(p, self.n, self.m))
@@ -569,7 +579,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
     # ----- mask updates ----------------------------------------------------------------------
 
     def _momentum(self, i: int) -> Tensor:
-        """snfs growth signal of target i: Adam's m / (sqrt(v) + eps), SGD's momentum buffer, or
+        """Momentum growth signal of target i: Adam's m / (sqrt(v) + eps), SGD's momentum buffer, or
         the callback's own gradient EMA (as sparse_learning's ``get_momentum_for_weight``)."""
         if i in self._own_momentum:
             return self._own_momentum[i]
@@ -584,20 +594,20 @@ class DynamicSparseTraining(DeclaredState, Callback):
         return torch.zeros_like(p)  # no step taken yet
 
     def _grow_scores(self, i: int, step: int) -> Tensor:
-        p = self._params[i]
-        if self.method == "rigl":  # full gradients under FSDP2: the top-k is global
+        """The scores target i's inactive weights are grown by, over its full shape."""
+        p, growth = self._params[i], self.spec.growth
+        if growth == "gradient":  # full gradients under FSDP2: the top-k is global
             if p.grad is None:
                 return torch.zeros(p.shape, dtype=p.dtype, device=self._locals[i].device)
             return self._full(i, local_shard(p.grad)).abs()
-        if self.method == "snfs":
+        if growth == "momentum":
             return self._momentum(i).abs()
-        gen = seeded_generator(self.seed, step, self.names[i])
-        return torch.rand(p.shape, generator=gen).to(p.device)
+        return random_scores(p.shape, self.seed, step, self.names[i]).to(p.device)
 
     def _signals_finite(self) -> bool:
         """False when a mixed-precision overflow left non-finite gradients (or momentum): the
         scaler skips this step, and the update is skipped with it."""
-        if self.method == "snfs":
+        if self.spec.growth == "momentum":
             signals = [self._momentum(i) for i in range(len(self._params))]
         else:
             signals = [local_shard(p.grad) for p in self._params if p.grad is not None]
@@ -609,16 +619,11 @@ class DynamicSparseTraining(DeclaredState, Callback):
         return finite is None or bool(finite)
 
     def _growth_counts(self, n_drop: list[int]) -> list[int]:
-        """Weights grown per layer: as many as dropped, or for snfs the total redistributed by
-        each layer's mean momentum magnitude over its active weights."""
-        if self.method != "snfs":
+        """Weights grown per layer: as many as dropped, or redistributed across layers."""
+        if not self.spec.redistributes:
             return n_drop
-        strength = [
-            float(self._momentum(i).abs().masked_fill(~m, 0).sum()) / max(c, 1)
-            for i, (m, c) in enumerate(zip(self._masks, self.counts))
-        ]
-        room = [p.numel() - (c - d) for p, c, d in zip(self._params, self.counts, n_drop)]
-        return allocate_counts(sum(n_drop), strength, room)
+        signals = [self._momentum(i) for i in range(len(self._params))]
+        return redistributed_growth(n_drop, signals, self._masks, self.counts)
 
     @torch.no_grad()
     def _update_masks(self, step: int) -> None:
@@ -628,7 +633,8 @@ class DynamicSparseTraining(DeclaredState, Callback):
         fraction = cosine_drop_fraction(step, self.end_step, self.drop_fraction)
         n_drop = [drop_count(fraction, c) for c in self.counts]
         n_grow = self._growth_counts(n_drop)
-        state = self._optimizer_state() if self.method != "snfs" else [[]] * len(self._params)
+        reset = self.spec.resets_optimizer_state  # else the state is the growth signal: kept
+        state = self._optimizer_state() if reset else [[]] * len(self._params)
         changes = []
         for i, (p, mask) in enumerate(zip(self._locals, self._masks)):
             # Under FSDP2 the drop and grow choose among the full tensors (gathered), exactly as
@@ -645,7 +651,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
             new = self._shard(i, full_new)
             kept = mask & new  # grown weights restart at zero, dropped ones are zeroed
             p.masked_fill_(~kept, 0)
-            for tensor in state[i]:  # snfs: the momentum is the method's signal, kept as is
+            for tensor in state[i]:
                 tensor.masked_fill_(~kept, 0)
             self.counts[i] += n_grow[i] - n_drop[i]
             changes.append(int((full_new & ~full_mask).count_nonzero()) / max(self.counts[i], 1))

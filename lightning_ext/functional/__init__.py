@@ -21,6 +21,8 @@ from lightning_ext.functional.schedule import *  # noqa: F403
 from lightning_ext.functional.schedule import __all__ as _schedule_all
 from lightning_ext.functional.sparse import *  # noqa: F403
 from lightning_ext.functional.sparse import __all__ as _sparse_all
+from lightning_ext.functional.sparse_methods import *  # noqa: F403
+from lightning_ext.functional.sparse_methods import __all__ as _sparse_methods_all
 
 __all__ = [
     *_continual_all,
@@ -32,4 +34,5 @@ __all__ = [
     *_pruning_all,
     *_schedule_all,
     *_sparse_all,
+    *_sparse_methods_all,
 ]

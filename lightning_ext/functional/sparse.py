@@ -30,6 +30,8 @@ __all__ = [
     "pack_bits",
     "popcount_bits",
     "random_mask",
+    "random_scores",
+    "redistributed_growth",
     "seeded_generator",
     "srste_decay_",
     "to_csr",
@@ -497,6 +499,57 @@ def allocate_counts(total: int, weights: Sequence[float], capacity: Sequence[int
         left = spare
         open_ = [i for i in open_ if counts[i] < capacity[i]]
     return counts
+
+
+def random_scores(shape: Sequence[int], seed: int, step: int, name: str) -> Tensor:
+    """SET's growth scores: uniform draws determined by (seed, step, parameter name), so every
+    rank grows the same weights without communication.
+
+    Args:
+        shape: the weight's shape.
+        seed: the run's seed.
+        step: the update's step.
+        name: the parameter's name.
+
+    Returns:
+        Scores in [0, 1) on the CPU.
+
+    Examples:
+        >>> import torch
+        >>> torch.equal(random_scores((2, 3), 0, 100, "fc"), random_scores((2, 3), 0, 100, "fc"))
+        True
+    """
+    return torch.rand(tuple(shape), generator=seeded_generator(seed, step, name))
+
+
+def redistributed_growth(
+    n_drop: Sequence[int], signals: Sequence[Tensor], masks: Sequence[Tensor], counts: Sequence[int]
+) -> list[int]:
+    """Sparse momentum's growth per layer: the total dropped, split by each layer's mean signal
+    magnitude over its active weights and capped by its free room after the drop.
+
+    Args:
+        n_drop: weights dropped per layer.
+        signals: per layer, the growth signal (the momentum), its mask's shape.
+        masks: per layer, the boolean mask before the update.
+        counts: per layer, the active weights before the update (each mask's sum).
+
+    Returns:
+        Weights grown per layer, summing to ``sum(n_drop)``.
+
+    Examples:
+        >>> import torch
+        >>> masks = [torch.tensor([True, True, False, False])] * 2
+        >>> signals = [torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.tensor([3.0, 3.0, 0.0, 0.0])]
+        >>> redistributed_growth([2, 2], signals, masks, [2, 2])
+        [1, 3]
+    """
+    strength = [
+        float(s.abs().masked_fill(~m, 0).sum()) / max(c, 1)
+        for s, m, c in zip(signals, masks, counts)
+    ]
+    room = [m.numel() - (c - d) for m, c, d in zip(masks, counts, n_drop)]
+    return allocate_counts(sum(n_drop), strength, room)
 
 
 def _input_channels_last(weight: Tensor) -> Tensor:

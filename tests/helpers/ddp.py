@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# A gloo rank occasionally dies with SIGABRT ("terminate called without an active exception")
+# on a heavily loaded machine (seen twice in about ten full runs, in FSDP2 resume jobs; never when
+# the job reran). Its cause was not found; such a job is rerun once, from scratch, with a warning,
+# and its results are checked as any others. Any other failure, or a second abort, fails the test.
+_GLOO_ABORT = "terminate called without an active exception"
+
+
 def run_ddp(
     target: str, out_dir: Path, *, nprocs: int = 2, timeout: float = 240, **kwargs: Any
 ) -> list[Any]:
@@ -34,6 +42,23 @@ def run_ddp(
     The function is called as ``function(out_dir=str, **kwargs)`` (kwargs must be JSON-able) and
     should build a Trainer with ``accelerator="cpu", devices=nprocs, strategy="ddp"``.
     """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    before = set(out_dir.rglob("*"))  # the test's own inputs, kept for a rerun
+    try:
+        return _run_once(target, out_dir, nprocs, timeout, kwargs)
+    except AssertionError as err:
+        if "exited with -6" not in str(err) or _GLOO_ABORT not in str(err):
+            raise
+        warnings.warn(f"a rank aborted, rerunning the job once: {str(err)[-300:]}", stacklevel=2)
+        for path in sorted(set(out_dir.rglob("*")) - before, reverse=True):  # files before dirs
+            path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+        return _run_once(target, out_dir, nprocs, timeout, kwargs)
+
+
+def _run_once(
+    target: str, out_dir: Path, nprocs: int, timeout: float, kwargs: dict[str, Any]
+) -> list[Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port()

@@ -21,7 +21,7 @@ DECLARED = [
 def test_most_callbacks_declare_their_state():
     names = {cls.__name__ for cls in DECLARED}
     assert {"ContinualEvaluation", "DataPruningScores", "InfoBatch", "ModelSoup", "EMA"} <= names
-    assert {"PostHocEMA", "DynamicSparseTraining", "WARP"} <= names
+    assert {"PostHocEMA", "DynamicSparseTraining"} <= names
 
 
 @pytest.mark.parametrize("cls", DECLARED, ids=lambda c: c.__name__)

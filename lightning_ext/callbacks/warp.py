@@ -36,7 +36,6 @@ from torch import Tensor, nn
 
 from lightning_ext._masks import apply_masks_, count_outside_masks, find_mask_source, masks_for
 from lightning_ext.averaging import ShadowWeights, TrackedTensors
-from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.callbacks._steps import AfterOptimizerStep
 
 AnchorKind = Literal["ema", "init", "sync"]
@@ -48,7 +47,7 @@ _REFUSED_STRATEGIES = {
 }
 
 
-class WARP(DeclaredState, AfterOptimizerStep):
+class WARP(AfterOptimizerStep):
     """Keep the KL anchor of a fine-tuning: an EMA of the policy, its initialisation, or a
     periodically synchronised copy.
 
@@ -277,8 +276,6 @@ class WARP(DeclaredState, AfterOptimizerStep):
         return total.sqrt()
 
     # -- state -----------------------------------------------------------------------------
-    STATE = ("updates",)
-
     def state_dict(self) -> dict[str, Any]:
         if self._anchor is None or self._shadow is None:
             anchor = None
@@ -287,11 +284,11 @@ class WARP(DeclaredState, AfterOptimizerStep):
         else:
             anchor = self._anchor.state_dict()
         return {
-            **super().state_dict(),
             "anchor_kind": self.kind,
             "mu": self.mu,
             "alpha": self.alpha,
             "tau": self.tau,
+            "updates": self.updates,
             "anchor": anchor,
         }
 
@@ -302,7 +299,6 @@ class WARP(DeclaredState, AfterOptimizerStep):
                 f"callback keeps {self.kind!r}: resume with WARP(anchor="
                 f"{state_dict['anchor_kind']!r})"
             )
-        super().load_state_dict(state_dict)
         if self._anchor is None:
             self._pending_state = state_dict
         else:
@@ -319,6 +315,7 @@ class WARP(DeclaredState, AfterOptimizerStep):
                 )
             else:
                 self._anchor.load_state_dict(saved)
+        self.updates = int(state["updates"])
 
 
 class _ShardedAnchor(nn.Module):

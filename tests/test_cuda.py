@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from lightning_ext.callbacks import EMA
+from tests.callbacks.test_composition import make_callbacks
 from tests.helpers.data import DigitsDataModule, digits, loader
 from tests.helpers.models import Classifier
 from tests.helpers.resume import quiet_trainer
-from tests.test_composition import make_callbacks
 
 pytestmark = pytest.mark.cuda
 

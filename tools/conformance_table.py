@@ -20,17 +20,17 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.conformance import test_matrix as matrix
+from tests.conformance import test_matrix_ddp as ddp_matrix
+from tests.conformance import test_namespaces as namespaces
+from tests.helpers.zoo import ZOO
+
 REPO = Path(__file__).resolve().parents[1]
 
-from tests import test_conformance as matrix  # noqa: E402
-from tests import test_conformance_ddp as ddp_matrix  # noqa: E402
-from tests import test_namespaces as namespaces  # noqa: E402
-from tests.helpers.zoo import ZOO  # noqa: E402
-
 TEST_FILES = (
-    "tests/test_conformance.py",
-    "tests/test_conformance_ddp.py",
-    "tests/test_namespaces.py",
+    "tests/conformance/test_matrix.py",
+    "tests/conformance/test_matrix_ddp.py",
+    "tests/conformance/test_namespaces.py",
 )
 ZOO_DESCRIPTIONS = {
     "metrics_classifier": "torchmetrics computed at epoch end, LR scheduler",
@@ -147,7 +147,7 @@ def table(
 
 
 def namespace_rows(outcomes: dict[str, Outcome], notes: Footnotes) -> list[str]:
-    """One row per callback (and one for both strategies) of tests/test_namespaces.py."""
+    """One row per callback (and one for both strategies) of the namespace tests."""
     tests = {name: name for name in namespaces.CELLS}
     tests["InfoBatch"] = "test_infobatch_under_pytorch_lightning"
     tests["SoupStrategy, WARPStrategy"] = "test_strategies_under_pytorch_lightning"
@@ -186,7 +186,7 @@ def render(outcomes: dict[str, Outcome], seconds: float | None = None) -> str:
         "on CPU) of one zoo module (`tests/helpers/zoo.py`) with the callback or strategy, "
         "first with its defaults, then with a typical option set (`defaults / typical`). "
         "**works**: a property that can fail was checked (see the `check_*` functions in "
-        "`tests/test_conformance.py` and `tests/test_conformance_ddp.py`). **refuses "
+        "`tests/conformance/test_matrix.py` and `tests/conformance/test_matrix_ddp.py`). **refuses "
         "(`option`)**: it raised before the first training step (for a monitor that is never "
         "logged: at the first validation) with a message naming that option. **bug [n]**: the "
         "cell fails today for the reason in note n; it is a strict xfail, so it turns into a "
@@ -204,7 +204,7 @@ def render(outcomes: dict[str, Outcome], seconds: float | None = None) -> str:
         "",
         *strategies,
         "",
-        "## Under `import pytorch_lightning as pl` (tests/test_namespaces.py)",
+        "## Under `import pytorch_lightning as pl` (tests/conformance/test_namespaces.py)",
         "",
         "Module, Trainer and logger from `pytorch_lightning`; the same checks as above on one "
         "zoo module per callback (InfoBatch: with its `InfoBatch.loss` hook, pruning checked).",
@@ -220,7 +220,7 @@ def render(outcomes: dict[str, Outcome], seconds: float | None = None) -> str:
         "## Maintaining the matrix",
         "",
         "- A fix merged: its cells now pass, so their strict xfails fail (`XPASS(strict)`). "
-        "Delete the matching entries of `KNOWN_FAILURES` (in `tests/test_conformance.py` or "
+        "Delete the matching entries of `KNOWN_FAILURES` (in `tests/conformance/test_matrix.py` or "
         "the DDP file) and regenerate this page.",
         "- A new callback: add it to `CALLBACKS`, write its `check_*` (a property that fails "
         "when the callback does nothing) and its refusals in `expected_refusal`.",
@@ -246,8 +246,8 @@ def render(outcomes: dict[str, Outcome], seconds: float | None = None) -> str:
         "- Command: `python -m tools.conformance_table` (runs "
         + " and ".join(f"`{f}`" for f in TEST_FILES)
         + " with `--junitxml`).",
-        "- Both Lightning namespaces: `tests/test_namespaces.py` runs every callback under "
-        "`import pytorch_lightning as pl`.",
+        "- Both Lightning namespaces: `tests/conformance/test_namespaces.py` runs every callback "
+        "under `import pytorch_lightning as pl`.",
         "",
     ]
     return "\n".join(lines)

@@ -3,7 +3,7 @@
 
 ``DynamicSparseTraining`` reads its behaviour from here instead of testing method names, its
 ``method`` validation lists these names, and the methods table of ``docs/sparse_training.md`` is
-generated from here (``python -m tools.merge_tables``; a test fails when they disagree).
+generated from here (``python -m tools.registry_tables``; a test fails when they disagree).
 
 Pure Python: no torch or Lightning import.
 """

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -11,7 +10,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_ext._io import atomic_torch_save, load_file
 from lightning_ext._lightning import run_validation_epoch_apart
 from lightning_ext._masks import find_mask_source, masks_for
 from lightning_ext.averaging import ShadowWeights, TrackedTensors
@@ -20,6 +18,13 @@ from lightning_ext.averaging import reshard as _reshard
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.callbacks._steps import AfterOptimizerStep
 from lightning_ext.functional.ema import ema_decay_at
+from lightning_ext.io.ema import (
+    EMA_IN_STATE_DICT,
+    LIVE_STATE_KEY,
+    ema_state_dict_from_checkpoint,
+    export_ema,
+    masked_state,
+)
 
 __all__ = ["EMA", "ema_state_dict_from_checkpoint", "export_ema"]
 
@@ -27,11 +32,6 @@ WeightsChoice = Literal["ema", "live"]
 _UNSUPPORTED_STRATEGIES = ("DeepSpeedStrategy",)
 _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
 _FSDP1 = "FSDPStrategy"
-# Set in the callback state when the checkpoint's ``state_dict`` holds the EMA and the live
-# weights moved to ``current_model_state`` (the layout of Lightning 2.6's WeightAveraging).
-_EMA_IN_STATE_DICT = "ema_in_state_dict"
-_LIVE_KEY = "current_model_state"
-_DISTRIBUTED_METADATA = "meta.pt"  # Lightning's _METADATA_FILENAME in distributed checkpoints
 
 
 class EMA(DeclaredState, AfterOptimizerStep):
@@ -236,12 +236,12 @@ class EMA(DeclaredState, AfterOptimizerStep):
         if self.checkpoint_weights != "ema" or not self._has_average() or own is None:
             return
         masks = self._current_masks()
-        ema = _masked(self._ema_values(), masks)
+        ema = masked_state(self._ema_values(), masks)
         ema_state = dict(model_state)
         self._fill_module_state(ema_state, ema, clone=bool(masks))
-        checkpoint[_LIVE_KEY] = model_state
+        checkpoint[LIVE_STATE_KEY] = model_state
         checkpoint["state_dict"] = ema_state
-        own[_EMA_IN_STATE_DICT] = True
+        own[EMA_IN_STATE_DICT] = True
         if not masks:  # only what the state_dict lacks (non-persistent buffers), never twice;
             # with masks the state_dict holds the masked EMA and resuming needs the raw one
             own["shadow"] = {k: v for k, v in own["shadow"].items() if k not in ema_state}
@@ -250,12 +250,12 @@ class EMA(DeclaredState, AfterOptimizerStep):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         own = checkpoint.get("callbacks", {}).get(self.state_key) or {}
-        if not own.get(_EMA_IN_STATE_DICT) or _LIVE_KEY not in checkpoint:
+        if not own.get(EMA_IN_STATE_DICT) or LIVE_STATE_KEY not in checkpoint:
             return
         # The Trainer has just loaded the EMA into the module: put the live weights back and
         # keep the EMA for the shadow (load_state_dict, which runs next, completes it).
         ema = dict(checkpoint["state_dict"])
-        pl_module.load_state_dict(checkpoint[_LIVE_KEY], strict=pl_module.strict_loading)
+        pl_module.load_state_dict(checkpoint[LIVE_STATE_KEY], strict=pl_module.strict_loading)
         self._loaded = {"shadow": {**ema, **own.get("shadow", {})}}
 
     # ------------------------------------------------------------------ training
@@ -341,7 +341,7 @@ class EMA(DeclaredState, AfterOptimizerStep):
         so every rank must call it."""
         if self._shadow is None:
             raise RuntimeError("the EMA has not been created yet: call it after trainer.fit starts")
-        ema = self._shadow.tracked.gather(_masked(self._ema_values(), self._current_masks()))
+        ema = self._shadow.tracked.gather(masked_state(self._ema_values(), self._current_masks()))
         state: dict[str, Tensor] = {}
         self._fill_module_state(state, ema, clone=True, keys=self._state_keys)
         return state
@@ -541,13 +541,6 @@ def _refuse_two_emas_in_state_dict(callbacks: list[Any]) -> None:
         )
 
 
-def _masked(values: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    out = dict(values)
-    for name, mask in masks.items():
-        out[name] = values[name] * mask.to(device=values[name].device, dtype=torch.bool)
-    return out
-
-
 def _refuse_persistent_workers(loaders: Any) -> None:
     loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
     for loader in loaders:
@@ -563,112 +556,3 @@ def _suffixed(name: str, suffix: str) -> str:
     """``val_loss`` -> ``val_loss_live``; ``val_loss/dataloader_idx_1`` -> ``val_loss_live/...``."""
     base, sep, rest = name.partition("/dataloader_idx_")
     return f"{base}{suffix}{sep}{rest}"
-
-
-# ---------------------------------------------------------------------- checkpoints
-def _load_checkpoint(
-    checkpoint: str | Path | Mapping[str, Any], trusted: bool
-) -> Mapping[str, Any]:
-    if isinstance(checkpoint, str | Path):
-        path = Path(checkpoint)
-        if path.is_dir() and (path / _DISTRIBUTED_METADATA).is_file():
-            # a distributed checkpoint folder (ModelParallelStrategy): the weights are shards,
-            # the callback state (with the full EMA) is in its metadata file
-            return load_file(path / _DISTRIBUTED_METADATA, trusted=trusted)
-        return load_file(checkpoint, trusted=trusted)
-    return checkpoint
-
-
-def ema_state_dict_from_checkpoint(
-    checkpoint: str | Path | Mapping[str, Any],
-    *,
-    state_key: str | None = None,
-    trusted: bool = False,
-) -> dict[str, Tensor]:
-    """The module's state dict with every averaged tensor replaced by its EMA, for inference.
-
-    Works on checkpoints written by ``trainer.save_checkpoint`` or ``ModelCheckpoint`` with an
-    ``EMA`` callback, in either layout (``checkpoint_weights="ema"`` or ``"live"``), and on the
-    distributed checkpoint folders of ModelParallelStrategy (the averaged tensors only: their
-    weights are shards, the full EMA is in the callback state). With several
-    EMA callbacks, pick one by ``state_key``. Files are read weights-only unless ``trusted=True``.
-
-    Args:
-        checkpoint: a checkpoint path, a distributed checkpoint folder, or a loaded checkpoint.
-        state_key: the EMA callback's ``state_key`` (``EMA{'decay': 0.999, 'start_step': 0}``
-            for the defaults), needed when the checkpoint holds several; None: the only one.
-        trusted: unpickle arbitrary objects; only for checkpoints you made yourself.
-
-    Returns:
-        The state dict, ready for ``model.load_state_dict``.
-
-    Raises:
-        ValueError: not a Lightning checkpoint, no EMA state or several without ``state_key``,
-            or an EMA state that names none of the model's tensors.
-        KeyError: no EMA state under ``state_key``.
-    """
-    ckpt = _load_checkpoint(checkpoint, trusted)
-    if "state_dict" not in ckpt and "callbacks" not in ckpt:
-        raise ValueError(f"{checkpoint}: not a Lightning checkpoint (no 'state_dict' entry)")
-    candidates = {k: v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("EMA") and v}
-    if state_key is not None:
-        if state_key not in candidates:
-            raise KeyError(
-                f"no EMA state {state_key!r} in the checkpoint; found {sorted(candidates)}"
-            )
-        candidates = {state_key: candidates[state_key]}
-    if not candidates:
-        raise ValueError(
-            f"{checkpoint}: the checkpoint holds no EMA state (was the EMA callback used?)"
-        )
-    if len(candidates) > 1:
-        raise ValueError(
-            "the checkpoint holds several EMA states; choose one with state_key from "
-            f"{sorted(candidates)}"
-        )
-    state = next(iter(candidates.values()))
-    if "state_dict" not in ckpt:  # distributed folder: every tracked tensor, under every name
-        return _with_aliases(_masked(state["shadow"], state.get("masks", {})), state)
-    model_state = ckpt["state_dict"]
-    if state.get(_EMA_IN_STATE_DICT):
-        return dict(model_state)  # already the (masked) EMA
-    shadow = _masked(state["shadow"], state.get("masks", {}))
-    aliases = state.get("aliases", {})
-    if shadow and not any(k in model_state for k in shadow):
-        raise ValueError(
-            f"the EMA state names none of the model's tensors (e.g. {next(iter(shadow))!r}): "
-            "was the checkpoint edited or written for another model?"
-        )
-    return {name: shadow.get(aliases.get(name, name), value) for name, value in model_state.items()}
-
-
-def _with_aliases(shadow: Mapping[str, Tensor], state: Mapping[str, Any]) -> dict[str, Tensor]:
-    out = dict(shadow)
-    for alias, name in state.get("aliases", {}).items():
-        out[alias] = shadow[name]
-    return out
-
-
-def export_ema(
-    checkpoint: str | Path,
-    out: str | Path,
-    *,
-    state_key: str | None = None,
-    trusted: bool = False,
-) -> Path:
-    """Write the EMA-only state dict of ``checkpoint`` to ``out`` (atomically).
-
-    What ``lightning-ext export-ema`` runs: the file holds plain tensors, loadable with
-    ``torch.load(out, weights_only=True)`` and ``model.load_state_dict`` without Lightning.
-
-    Args:
-        checkpoint: the checkpoint path or distributed checkpoint folder.
-        out: where to write the state dict.
-        state_key: the EMA callback's state key, when the checkpoint holds several.
-        trusted: unpickle arbitrary objects; only for checkpoints you made yourself.
-
-    Returns:
-        The path written.
-    """
-    state = ema_state_dict_from_checkpoint(checkpoint, state_key=state_key, trusted=trusted)
-    return atomic_torch_save(state, out)

@@ -17,24 +17,24 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from lightning_ext._io import atomic_torch_save, atomic_write, atomic_write_json, load_file
+from lightning_ext._io import atomic_write
 from lightning_ext._lightning import is_wandb_logger, run_dir
 from lightning_ext._masks import apply_masks_, sparse_masks_for
 from lightning_ext.averaging import ShadowWeights, TrackedTensors
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.callbacks._steps import AfterOptimizerStep
-from lightning_ext.functional.ema import (
-    posthoc_ema_coefficients,
-    power_ema_beta,
-    power_profile,
-    sigma_rel_to_gamma,
+from lightning_ext.functional.ema import power_ema_beta, power_profile, sigma_rel_to_gamma
+from lightning_ext.io.ema import (
+    INDEX_FILE,
+    posthoc_ema_state_dict,
+    snapshot_coefficients,
+    write_posthoc_ema,
+    write_snapshot,
 )
 
 __all__ = ["PostHocEMA", "posthoc_ema_state_dict", "write_posthoc_ema"]
 
-INDEX_FILE = "posthoc_ema_index.json"
 PLOT_FILE = "profiles.png"
 PLOT_SIGMA_RELS = (0.03, 0.07, 0.15, 0.25)
 
@@ -191,10 +191,9 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
             ]
             for profile in weights:  # the running averages stay raw: only what is written
                 apply_masks_(profile, masks)
-            extra = {"masks": {k: m.detach().cpu().bool() for k, m in masks.items()}}
-            atomic_torch_save({**entry, "weights": weights, **extra}, self._dir / name)
-            index = {"run_id": self.run_id, "snapshots": [*self.snapshots, entry]}
-            atomic_write_json(index, self._dir / INDEX_FILE)
+            write_snapshot(
+                self._dir, entry, weights, masks, run_id=self.run_id, earlier=self.snapshots
+            )
         self.snapshots.append(entry)
         for logger in trainer.loggers:
             logger.log_metrics(
@@ -240,79 +239,6 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
         self._loaded_dir = state_dict.get("dir")
 
 
-def _read_index(snapshot_dir: Path) -> list[dict[str, Any]]:
-    index = Path(snapshot_dir) / INDEX_FILE
-    if not index.exists():
-        raise FileNotFoundError(f"{index} not found: is {snapshot_dir} a PostHocEMA snapshot_dir?")
-    return json.loads(index.read_text())["snapshots"]
-
-
-def _coefficients(
-    entries: list[dict[str, Any]], sigma_rel: float, step: int
-) -> tuple[list[dict[str, Any]], Tensor]:
-    """The snapshots usable for the EMA at ``step`` and one coefficient per stored profile."""
-    usable = [e for e in entries if e["step"] <= step]
-    gammas = [g for e in usable for g in e["gammas"]]
-    steps = [e["step"] for e in usable for _ in e["gammas"]]
-    return usable, posthoc_ema_coefficients(gammas, steps, sigma_rel_to_gamma(sigma_rel), step)
-
-
-@torch.no_grad()
-def posthoc_ema_state_dict(
-    snapshot_dir: str | Path,
-    sigma_rel: float,
-    *,
-    step: int | None = None,
-    progress: bool = False,
-) -> dict[str, Tensor]:
-    """Reconstruct the EMA with relative width ``sigma_rel`` at EMA update ``step`` (default: the
-    last snapshot) from the snapshots in ``snapshot_dir``. Streams one snapshot file at a time,
-    with a tqdm progress bar when ``progress`` is set.
-
-    Only snapshots taken at or before ``step`` are used, so any earlier moment of the run can be
-    rebuilt too, as long as snapshots precede it.
-
-    Args:
-        snapshot_dir: the folder ``PostHocEMA`` wrote (its ``index.json`` and snapshot files).
-        sigma_rel: the relative width of the EMA to rebuild, in ``(0, 0.28)``; it need not be
-            one of the tracked widths.
-        step: the EMA update at which to rebuild it; None: the last snapshot's.
-        progress: show a progress bar over the snapshot files.
-
-    Returns:
-        The model's state dict with the rebuilt EMA, in the tensors' own dtypes.
-
-    Raises:
-        ValueError: ``step`` outside ``[1, last snapshot's step]``.
-    """
-    entries = _read_index(Path(snapshot_dir))
-    last = entries[-1]["step"]
-    step = last if step is None else step
-    if not 0 < step <= last:
-        raise ValueError(f"step must lie in [1, {last}] (the last snapshot), got {step}")
-    usable, coefficients = _coefficients(entries, sigma_rel, step)
-    result: dict[str, Tensor] = {}
-    dtypes: dict[str, torch.dtype] = {}
-    position = 0
-    last_masks: dict[str, Tensor] = {}
-    for entry in tqdm(usable, desc="loading snapshots", unit="file", disable=not progress):
-        snapshot = load_file(Path(snapshot_dir) / entry["file"])
-        last_masks = snapshot.get("masks", {})
-        for weights in snapshot["weights"]:
-            x = coefficients[position].item()
-            position += 1
-            for name, value in weights.items():
-                if not value.is_floating_point():
-                    result[name] = value.clone()  # counters: the latest value
-                    continue
-                dtypes[name] = value.dtype
-                contribution = value.double() * x
-                result[name] = result[name] + contribution if name in result else contribution
-    # The snapshots' masks change as sparse training goes: the EMA at ``step`` keeps the last one.
-    apply_masks_(result, last_masks)
-    return {name: v.to(dtypes[name]) if name in dtypes else v for name, v in result.items()}
-
-
 def plot_profiles(
     entries: list[dict[str, Any]],
     path: str | Path,
@@ -342,7 +268,7 @@ def plot_profiles(
     tau = torch.linspace(0, last, 400, dtype=torch.float64)[1:]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for sigma_rel in sigma_rels:
-        usable, x = _coefficients(entries, sigma_rel, last)
+        usable, x = snapshot_coefficients(entries, sigma_rel, last)
         gammas = [g for e in usable for g in e["gammas"]]
         steps = [float(e["step"]) for e in usable for _ in e["gammas"]]
         rebuilt = sum(
@@ -367,32 +293,6 @@ def plot_profiles(
     out = atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
     plt.close(fig)
     return out
-
-
-def write_posthoc_ema(
-    snapshot_dir: str | Path,
-    sigma_rel: float,
-    out: str | Path,
-    *,
-    step: int | None = None,
-    progress: bool = False,
-) -> Path:
-    """Reconstruct (see ``posthoc_ema_state_dict``) and save the state dict atomically.
-
-    What ``lightning-ext posthoc-ema`` runs.
-
-    Args:
-        snapshot_dir: the folder ``PostHocEMA`` wrote.
-        sigma_rel: the relative width of the EMA to rebuild, in ``(0, 0.28)``.
-        out: where to write the state dict.
-        step: the EMA update at which to rebuild it; None: the last snapshot's.
-        progress: show a progress bar over the snapshot files.
-
-    Returns:
-        The path written.
-    """
-    state = posthoc_ema_state_dict(snapshot_dir, sigma_rel, step=step, progress=progress)
-    return atomic_torch_save(state, out)
 
 
 def _refuse_sharded(tracked: TrackedTensors) -> None:

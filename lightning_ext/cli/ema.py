@@ -6,7 +6,7 @@ import argparse
 
 
 def _export_ema(args: argparse.Namespace) -> int:
-    from lightning_ext.callbacks.ema import export_ema
+    from lightning_ext.io.ema import export_ema
 
     path = export_ema(args.checkpoint, args.out, state_key=args.state_key, trusted=args.trusted)
     print(f"wrote the EMA weights of {args.checkpoint} to {path}")
@@ -27,7 +27,7 @@ def _register_export_ema(sub: argparse._SubParsersAction) -> None:
 
 
 def _posthoc_ema(args: argparse.Namespace) -> int:
-    from lightning_ext.callbacks.posthoc_ema import write_posthoc_ema
+    from lightning_ext.io.ema import write_posthoc_ema
 
     path = write_posthoc_ema(
         args.snapshot_dir, args.sigma_rel, args.out, step=args.step, progress=True

@@ -7,13 +7,13 @@ import argparse
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lightning_ext.callbacks.sparse import Layout
+    from lightning_ext.io.sparse import Layout
 
 FORMATS: dict[str, Layout] = {"dense": "dense", "csr": "csr", "2:4": "semi_structured"}
 
 
 def _sparse_export(args: argparse.Namespace) -> int:
-    from lightning_ext.callbacks.sparse import export_sparse_checkpoint
+    from lightning_ext.io.sparse import export_sparse_checkpoint
 
     try:
         state = export_sparse_checkpoint(

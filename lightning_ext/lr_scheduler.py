@@ -6,22 +6,20 @@ them once per optimizer step (Lightning: ``"interval": "step"``).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import TypedDict
 
-import torch
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from lightning_ext._io import load_file
 from lightning_ext.functional.schedule import (
     infinite_schedule,
     linear_decay,
     resample_schedule,
     warmup_stable_decay,
 )
+from lightning_ext.io.schedule import load_schedule
 
 __all__ = [
     "InfiniteScheduleLR",
@@ -30,46 +28,6 @@ __all__ = [
     "WarmupStableDecayLR",
     "load_schedule",
 ]
-
-
-def load_schedule(path: str | os.PathLike) -> Tensor:
-    """A schedule file written by ``ScheduleRefinement`` or ``lightning-ext refine-schedule`` (a
-    dict with key ``"schedule"``), a bare 1-D tensor saved with torch.save, or a text file with
-    one value per line.
-
-    Args:
-        path: the file.
-
-    Returns:
-        The schedule's multipliers, float64.
-
-    Raises:
-        FileNotFoundError: no such file.
-        KeyError: a dict without a ``"schedule"`` entry.
-
-    Examples:
-        >>> import os, tempfile
-        >>> import torch
-        >>> path = os.path.join(tempfile.mkdtemp(), "refined_schedule.pt")
-        >>> torch.save({"schedule": torch.tensor([1.0, 0.5, 0.0])}, path)
-        >>> load_schedule(path)
-        tensor([1.0000, 0.5000, 0.0000], dtype=torch.float64)
-    """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"schedule file {path!r} does not exist")
-    if path.endswith((".txt", ".csv")):
-        with open(path) as handle:
-            values = [float(line.split(",")[-1]) for line in handle if line.strip()]
-        return torch.tensor(values, dtype=torch.float64)
-    obj = load_file(path)
-    if isinstance(obj, dict):
-        if "schedule" not in obj:
-            raise KeyError(f"{path!r} holds a dict without a 'schedule' entry: {sorted(obj)}")
-        obj = obj["schedule"]
-    if isinstance(obj, list | tuple) and obj and isinstance(obj[0], Tensor):
-        obj = obj[0]  # one schedule per optimizer: the first
-    return torch.as_tensor(obj, dtype=torch.float64)
 
 
 class _InfiniteOptions(TypedDict):

@@ -16,7 +16,7 @@ def register(sub: Any) -> None:
     Args:
         sub: the parser's subcommand group (``add_subparsers()``).
     """
-    from lightning_ext.callbacks.schedule import DEFAULT_OPTIONS
+    from lightning_ext.io.schedule import DEFAULT_OPTIONS
 
     parser = sub.add_parser(
         "refine-schedule",
@@ -56,13 +56,13 @@ def register(sub: Any) -> None:
 def _refine_schedule_command(args: Any) -> int:
     import torch
 
-    from lightning_ext.callbacks.schedule import (
+    from lightning_ext.functional.schedule import Norm
+    from lightning_ext.io.schedule import (
         PAPER_OPTIONS,
         SCHEDULE_FILE,
         load_grad_norms,
         write_refined_schedule,
     )
-    from lightning_ext.functional.schedule import Norm
 
     records, kinds = load_grad_norms(args.grad_norms)
     # A recorded kind is "l1" or "l2" as the callback wrote it; refine_schedule rejects any other.

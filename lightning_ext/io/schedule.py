@@ -1,0 +1,297 @@
+"""The files of learning-rate schedule refinement: the recorded gradient norms
+(``grad_norms.pt``), the refined schedule (``refined_schedule.pt``, its diagnostics in
+``refined_schedule.json``, its picture ``refined_schedule.png``) and the schedule files that
+``StoredScheduleLR`` and ``ScheduleRefinement``'s drop-in mode read.
+
+Pure torch: ``ScheduleRefinement`` decides when to record and write; ``lightning-ext
+refine-schedule`` and the schedulers use these functions without Lightning. Warnings are given by
+the process of rank 0 only (every process when ``torch.distributed`` is not initialised).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_ext._io import atomic_torch_save, atomic_write, atomic_write_json, load_file
+from lightning_ext.functional.schedule import (
+    REFERENCE_WINDOW,
+    Smoothing,
+    refine_schedule,
+    schedule_diagnostics,
+)
+
+__all__ = [
+    "DEFAULT_OPTIONS",
+    "DIAGNOSTICS_FILE",
+    "GRAD_NORMS_FILE",
+    "PAPER_OPTIONS",
+    "PLOT_FILE",
+    "SCHEDULE_FILE",
+    "degenerate_warning",
+    "load_grad_norms",
+    "load_schedule",
+    "plot_schedules",
+    "write_grad_norms",
+    "write_refined_schedule",
+]
+
+GRAD_NORMS_FILE = "grad_norms.pt"
+SCHEDULE_FILE = "refined_schedule.pt"
+DIAGNOSTICS_FILE = "refined_schedule.json"
+PLOT_FILE = "refined_schedule.png"
+
+#: Refinement options the callback and ``lightning-ext refine-schedule`` use unless told:
+#: half linear decay, the one choice that never lost clearly to linear decay on the four
+#: reproductions (docs/schedule_refinement.md). ``PAPER_OPTIONS``: the paper's exact formula.
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "power": None,
+    "exclude_initial": 0.0,
+    "floor": 0.0,
+    "blend": 0.5,
+}
+PAPER_OPTIONS: dict[str, Any] = {"power": None, "exclude_initial": 0.0, "floor": 0.0, "blend": 0.0}
+
+
+def _warn(message: str) -> None:
+    """A UserWarning from the process of rank 0 only, as Lightning's ``rank_zero_warn``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        warnings.warn(message, stacklevel=3)
+
+
+def load_schedule(path: str | os.PathLike) -> Tensor:
+    """A schedule file written by ``ScheduleRefinement`` or ``lightning-ext refine-schedule`` (a
+    dict with key ``"schedule"``), a bare 1-D tensor saved with torch.save, or a text file with
+    one value per line.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The schedule's multipliers, float64.
+
+    Raises:
+        FileNotFoundError: no such file.
+        KeyError: a dict without a ``"schedule"`` entry.
+
+    Examples:
+        >>> import os, tempfile
+        >>> import torch
+        >>> path = os.path.join(tempfile.mkdtemp(), "refined_schedule.pt")
+        >>> torch.save({"schedule": torch.tensor([1.0, 0.5, 0.0])}, path)
+        >>> load_schedule(path)
+        tensor([1.0000, 0.5000, 0.0000], dtype=torch.float64)
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"schedule file {path!r} does not exist")
+    if path.endswith((".txt", ".csv")):
+        with open(path) as handle:
+            values = [float(line.split(",")[-1]) for line in handle if line.strip()]
+        return torch.tensor(values, dtype=torch.float64)
+    obj = load_file(path)
+    if isinstance(obj, dict):
+        if "schedule" not in obj:
+            raise KeyError(f"{path!r} holds a dict without a 'schedule' entry: {sorted(obj)}")
+        obj = obj["schedule"]
+    if isinstance(obj, list | tuple) and obj and isinstance(obj[0], Tensor):
+        obj = obj[0]  # one schedule per optimizer: the first
+    return torch.as_tensor(obj, dtype=torch.float64)
+
+
+def load_grad_norms(path: str | os.PathLike) -> tuple[list[Tensor], list[str | None]]:
+    """Gradient-norm records and their norm kinds from a ``grad_norms.pt`` written by the callback,
+    a bare 1-D tensor, or a text file with one value per line (kind unknown: None).
+
+    Args:
+        path: the file.
+
+    Returns:
+        One norm record per optimizer, and for each its kind (``"l1"``, ``"l2"`` or None).
+
+    Raises:
+        FileNotFoundError: no such file.
+        KeyError: neither a tensor nor a dict with a ``"grad_norms"`` entry.
+
+    Examples:
+        >>> import os, tempfile
+        >>> import torch
+        >>> path = os.path.join(tempfile.mkdtemp(), "grad_norms.pt")
+        >>> torch.save({"grad_norms": [torch.ones(3)], "norm": ["l1"]}, path)
+        >>> load_grad_norms(path)
+        ([tensor([1., 1., 1.])], ['l1'])
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"gradient-norm file {path!r} does not exist")
+    if path.endswith((".txt", ".csv")):
+        return [load_schedule(path)], [None]
+    obj = load_file(path)
+    if isinstance(obj, Tensor):
+        return [obj], [None]
+    if not isinstance(obj, dict) or "grad_norms" not in obj:
+        raise KeyError(f"{path!r} is neither a tensor nor a dict with a 'grad_norms' entry")
+    return list(obj["grad_norms"]), list(obj.get("norm", [None] * len(obj["grad_norms"])))
+
+
+def write_grad_norms(
+    grad_norms: list[Tensor], norms: list[Literal["l1", "l2"]], path: str | os.PathLike
+) -> Path:
+    """Save gradient-norm records and their norm kinds atomically, as ``load_grad_norms`` reads
+    them (``{"grad_norms": [...], "norm": [...]}``).
+
+    Args:
+        grad_norms: one gradient-norm record per optimizer.
+        norms: each record's norm kind, ``"l1"`` or ``"l2"``.
+        path: where to write (``grad_norms.pt`` in the callback's folder).
+
+    Returns:
+        The path written.
+    """
+    return atomic_torch_save({"grad_norms": grad_norms, "norm": norms}, path)
+
+
+def _finite(values: Tensor, where: str, drop: bool) -> Tensor:
+    keep = torch.isfinite(values)
+    if drop and not keep.all():
+        _warn(
+            f"{where}: dropping {int((~keep).sum())} non-finite gradient norm(s) of steps the "
+            "optimizer skipped (fp16 overflow) before refining"
+        )
+    return values[keep] if drop else values
+
+
+def degenerate_warning(what: str, diagnostics: dict[str, float], problems: list[str]) -> str:
+    """The one warning for a degenerate schedule: what is wrong, with figures, and what to do.
+
+    Args:
+        what: how the message names the schedule (its file).
+        diagnostics: the figures (``ScheduleDiagnostics.as_dict()``).
+        problems: what is wrong (``ScheduleDiagnostics.problems()``).
+
+    Returns:
+        The message.
+    """
+    return (
+        f"{what} is degenerate: {'; '.join(problems)}. Training with it can end far worse than "
+        "the linear decay it was refined from (an unseen 1-D CNN task went to chance accuracy). "
+        "Compare it against linear decay before using it, or refine again with exclude_initial= "
+        "(an initial transient), power=1 (milder weights), floor= or blend= (keep part of linear "
+        f"decay). Figures: {', '.join(f'{k}={v:.3g}' for k, v in diagnostics.items())}."
+    )
+
+
+def write_refined_schedule(
+    grad_norms: list[Tensor],
+    norms: list[Literal["l1", "l2"]],
+    out_path: str | os.PathLike,
+    *,
+    smoothing: Smoothing = "reference",
+    window: int = REFERENCE_WINDOW,
+    steps: int | None = None,
+    plot_path: str | os.PathLike | None = None,
+    drop_nonfinite: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """Refine one schedule per record, save them atomically (``"schedule"``: the first one) with
+    their diagnostics (also as JSON beside ``out_path``), optionally plot them, and warn with
+    figures about degenerate ones. ``options``: ``refine_schedule``'s ``power``,
+    ``exclude_initial``, ``floor``, ``blend``. Returns what was saved.
+
+    ``drop_nonfinite`` drops inf/nan norms (steps an fp16 grad scaler skipped) with a warning;
+    otherwise they are an error. The schedule spans the whole record, dropped steps included.
+
+    Args:
+        grad_norms: one gradient-norm record per optimizer.
+        norms: each record's norm kind, ``"l1"`` or ``"l2"``.
+        out_path: where to save the schedules (the JSON summary goes beside it).
+        smoothing: how the norms are smoothed before refining (``refine_schedule``).
+        window: the smoothing window, in steps.
+        steps: the schedule's length; None: each record's.
+        plot_path: where to draw the norms and schedules; None: no plot.
+        drop_nonfinite: drop inf/nan norms with a warning instead of failing.
+        **options: ``refine_schedule``'s ``power``, ``exclude_initial``, ``floor``, ``blend``;
+            unset ones take the paper's values.
+
+    Returns:
+        The saved payload: ``schedule``, ``schedules``, ``norm``, ``diagnostics`` and the settings.
+    """
+    options = {**PAPER_OPTIONS, **options}
+    schedules, diagnostics = [], []
+    for g, n in zip(grad_norms, norms):
+        kept = _finite(g, str(out_path), drop_nonfinite)
+        schedule = refine_schedule(
+            kept,
+            norm=n,
+            smoothing=smoothing,
+            window=window,
+            steps=g.numel() if steps is None else steps,
+            **options,
+        )
+        schedules.append(schedule)
+        diagnostics.append(schedule_diagnostics(schedule, kept))
+    settings = {"smoothing": smoothing, "window": window, **options}
+    payload = {
+        "schedule": schedules[0],
+        "schedules": schedules,
+        "norm": list(norms),
+        "diagnostics": [d.as_dict() for d in diagnostics],
+        **settings,
+    }
+    atomic_torch_save(payload, out_path)
+    summary = {"norm": list(norms), "diagnostics": payload["diagnostics"], **settings}
+    atomic_write_json(summary, Path(out_path).with_suffix(".json"))
+    for i, d in enumerate(diagnostics):
+        if d.problems():
+            name = f"The refined schedule {out_path}" + (f" [{i}]" if len(diagnostics) > 1 else "")
+            _warn(degenerate_warning(name, d.as_dict(), d.problems()))
+    if plot_path is not None:
+        plot_schedules(grad_norms, schedules, plot_path)
+    return payload
+
+
+def plot_schedules(
+    grad_norms: list[Tensor], schedules: list[Tensor], path: str | os.PathLike
+) -> Path | None:
+    """Gradient norms (top) and refined schedules against linear decay (bottom) as a PNG; None
+    without matplotlib.
+
+    Args:
+        grad_norms: one gradient-norm record per optimizer.
+        schedules: the refined schedule of each.
+        path: where to write the PNG.
+
+    Returns:
+        The path written, or None without matplotlib.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _warn("matplotlib is not installed: no schedule plot (pip install matplotlib)")
+        return None
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=False)
+    for i, (g, s) in enumerate(zip(grad_norms, schedules)):
+        top.plot(g.numpy(), lw=0.8, label=f"optimizer {i}")
+        bottom.plot(s.numpy(), label=f"refined, optimizer {i}")
+    steps = schedules[0].numel()
+    bottom.plot([0, steps - 1], [1, 0], "k--", lw=0.8, label="linear decay")
+    top.set(ylabel="gradient norm", yscale="log", title="recorded")
+    bottom.set(xlabel="optimizer step", ylabel="LR multiplier", title="refined schedule")
+    bottom.legend()
+    fig.tight_layout()
+
+    def write(handle: Any) -> None:
+        fig.savefig(handle, format="png", dpi=100)
+
+    out = atomic_write(path, write)
+    plt.close(fig)
+    return out

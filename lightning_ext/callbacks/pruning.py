@@ -24,20 +24,17 @@ from lightning_ext._batch import (
     move_to_device,
     per_sample_cross_entropy,
 )
-from lightning_ext._io import atomic_torch_save, atomic_write, load_file
+from lightning_ext._io import atomic_write
 from lightning_ext._lightning import is_wandb_logger, run_dir
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.data.indexed import (
     INDEX_KEY,
-    check_fingerprint,
     find_indices,
     is_indexed,
 )
 from lightning_ext.data.sampling import InfoBatchSampler
 from lightning_ext.functional.pruning import (
-    combine_runs,
     correct_scores,
-    dataset_fingerprint,
     el2n_scores,
     forgetting_scores,
     forgetting_update_,
@@ -46,6 +43,7 @@ from lightning_ext.functional.pruning import (
     margin_scores,
     sample_keys,
 )
+from lightning_ext.io.scores import write_scores
 
 SCORES = ("el2n", "grand", "forgetting", "loss", "margin")
 _FROM_LOGITS = {
@@ -611,30 +609,15 @@ class DataPruningScores(DeclaredState, Callback):
         self._log(trainer)
 
     def _save(self, path: Path) -> Path:
-        fingerprint = dataset_fingerprint(self.labels)  # type: ignore[arg-type]
-        runs, names = [], []
-        if path.exists():
-            previous = load_file(path)
-            check_fingerprint(previous["fingerprint"], fingerprint, str(path))
-            if previous["score"] != self.score:
-                raise ValueError(
-                    f"{path} holds {previous['score']!r} scores, not {self.score!r}: "
-                    "choose another output_path"
-                )
-            runs, names = list(previous["runs"]), list(previous["run_names"])
-        runs.append(self.scores)
-        names.append(self.run_name or f"run{len(names)}")
-        stacked = torch.stack(runs)
-        record = {
-            "score": self.score,
-            "fingerprint": fingerprint,
-            "runs": stacked,
-            "run_names": names,
-            "scores": combine_runs(stacked, self.score),
-            "labels": self.labels,
-            "task": "sequence" if self._sequence else "classification",
-        }
-        return atomic_torch_save(record, path)
+        task = "sequence" if self._sequence else "classification"
+        return write_scores(
+            path,
+            self.scores,  # type: ignore[arg-type]
+            self.labels,  # type: ignore[arg-type]
+            score=self.score,
+            run_name=self.run_name,
+            task=task,
+        )
 
     def _log(self, trainer: pl.Trainer) -> None:
         scores, labels = self.scores, self.labels

@@ -64,8 +64,8 @@ def coverage_report(labels: Tensor, kept: Tensor) -> str:
 
 def _prune_select(args: argparse.Namespace) -> int:
     from lightning_ext._io import atomic_torch_save, atomic_write_json
-    from lightning_ext.data.indexed import load_scores
     from lightning_ext.functional.pruning import select_indices
+    from lightning_ext.io.scores import load_scores
 
     record = load_scores(args.scores, trusted=args.trusted)
     sequence = record.get("task") == "sequence"

@@ -11,8 +11,20 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_ext._batch import UnpackBatch, default_unpack_batch
-from lightning_ext._io import load_file
-from lightning_ext.functional.pruning import dataset_fingerprint, sample_keys, select_indices
+from lightning_ext.functional.pruning import sample_keys, select_indices
+from lightning_ext.io.scores import check_fingerprint, load_scores
+
+__all__ = [
+    "INDEX_KEY",
+    "IndexedDataset",
+    "check_fingerprint",
+    "find_indices",
+    "is_indexed",
+    "labels_of",
+    "load_scores",
+    "pruned_datamodule",
+    "pruned_subset",
+]
 
 INDEX_KEY = "index"
 
@@ -120,50 +132,6 @@ def labels_of(dataset: Dataset, unpack_batch: UnpackBatch | None = None) -> Tens
 
 
 # --- Using saved scores: files written by ``callbacks.DataPruningScores``.
-
-
-def load_scores(
-    path: str | os.PathLike, labels: Tensor | None = None, *, trusted: bool = False
-) -> dict[str, Any]:
-    """Load a score file (weights only unless ``trusted=True``: score files hold only tensors
-    and plain containers); with ``labels`` (the dataset's, in index order) check that the file was
-    computed on this dataset (same size and label hash) and raise a ``ValueError`` if not.
-
-    Args:
-        path: the score file ``DataPruningScores`` wrote.
-        labels: the dataset's keys (``labels_of``), to check the file against; None: no check.
-        trusted: unpickle arbitrary objects; only for files you made yourself.
-
-    Returns:
-        The file's record: ``scores``, ``fingerprint`` and whatever else the callback saved.
-
-    Raises:
-        ValueError: the file was computed on another dataset.
-    """
-    record = load_file(path, trusted=trusted)
-    if labels is not None:
-        check_fingerprint(record["fingerprint"], dataset_fingerprint(labels), str(path))
-    return record
-
-
-def check_fingerprint(saved: Mapping[str, Any], actual: Mapping[str, Any], source: str) -> None:
-    """Refuse scores computed on another dataset, with both fingerprints in the message.
-
-    Args:
-        saved: the fingerprint stored with the scores (``functional.pruning.dataset_fingerprint``).
-        actual: the fingerprint of the dataset at hand.
-        source: how the message names the scores' origin (a path).
-
-    Raises:
-        ValueError: the fingerprints differ.
-    """
-    if dict(saved) != dict(actual):
-        raise ValueError(
-            f"score/dataset mismatch: {source} was computed on a dataset of {saved['size']} "
-            f"examples (labels sha256 {saved['labels_sha256'][:12]}), but this dataset has "
-            f"{actual['size']} (labels sha256 {actual['labels_sha256'][:12]}); recompute the "
-            "scores on this dataset or pass the dataset they were computed on"
-        )
 
 
 def pruned_subset(

@@ -1,0 +1,117 @@
+"""The score files of data pruning: what ``DataPruningScores`` writes (the scores of every
+training example, one row per run, with the fingerprint of the dataset they were computed on) and
+what ``pruned_subset`` and ``lightning-ext prune`` read.
+
+Pure torch: the callback decides when to score; these functions read and write the files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_ext._io import atomic_torch_save, load_file
+from lightning_ext.functional.pruning import combine_runs, dataset_fingerprint
+
+__all__ = ["check_fingerprint", "load_scores", "write_scores"]
+
+
+def load_scores(
+    path: str | os.PathLike, labels: Tensor | None = None, *, trusted: bool = False
+) -> dict[str, Any]:
+    """Load a score file (weights only unless ``trusted=True``: score files hold only tensors
+    and plain containers); with ``labels`` (the dataset's, in index order) check that the file was
+    computed on this dataset (same size and label hash) and raise a ``ValueError`` if not.
+
+    Args:
+        path: the score file ``DataPruningScores`` wrote.
+        labels: the dataset's keys (``labels_of``), to check the file against; None: no check.
+        trusted: unpickle arbitrary objects; only for files you made yourself.
+
+    Returns:
+        The file's record: ``scores``, ``fingerprint`` and whatever else the callback saved.
+
+    Raises:
+        ValueError: the file was computed on another dataset.
+    """
+    record = load_file(path, trusted=trusted)
+    if labels is not None:
+        check_fingerprint(record["fingerprint"], dataset_fingerprint(labels), str(path))
+    return record
+
+
+def check_fingerprint(saved: Mapping[str, Any], actual: Mapping[str, Any], source: str) -> None:
+    """Refuse scores computed on another dataset, with both fingerprints in the message.
+
+    Args:
+        saved: the fingerprint stored with the scores (``functional.pruning.dataset_fingerprint``).
+        actual: the fingerprint of the dataset at hand.
+        source: how the message names the scores' origin (a path).
+
+    Raises:
+        ValueError: the fingerprints differ.
+    """
+    if dict(saved) != dict(actual):
+        raise ValueError(
+            f"score/dataset mismatch: {source} was computed on a dataset of {saved['size']} "
+            f"examples (labels sha256 {saved['labels_sha256'][:12]}), but this dataset has "
+            f"{actual['size']} (labels sha256 {actual['labels_sha256'][:12]}); recompute the "
+            "scores on this dataset or pass the dataset they were computed on"
+        )
+
+
+def write_scores(
+    path: Path,
+    scores: Tensor,
+    labels: Tensor,
+    *,
+    score: str,
+    run_name: str | None,
+    task: str,
+) -> Path:
+    """Add one run's scores to the score file at ``path`` (atomically): the file keeps every
+    run's scores (``runs``, ``run_names``) and their combination (``scores``).
+
+    Args:
+        path: the score file; created when missing.
+        scores: one score per example, in index order.
+        labels: the dataset's keys in index order (``labels_of``), fingerprinted with the scores.
+        score: the score's name (``"el2n"``, ``"forgetting"``, ...).
+        run_name: this run's name in the file; None: ``run<k>``.
+        task: ``"classification"`` or ``"sequence"``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: the file holds scores of another dataset or another score.
+    """
+    fingerprint = dataset_fingerprint(labels)
+    runs, names = [], []
+    if path.exists():
+        previous = load_file(path)
+        check_fingerprint(previous["fingerprint"], fingerprint, str(path))
+        if previous["score"] != score:
+            raise ValueError(
+                f"{path} holds {previous['score']!r} scores, not {score!r}: "
+                "choose another output_path"
+            )
+        runs, names = list(previous["runs"]), list(previous["run_names"])
+    runs.append(scores)
+    names.append(run_name or f"run{len(names)}")
+    stacked = torch.stack(runs)
+    record = {
+        "score": score,
+        "fingerprint": fingerprint,
+        "runs": stacked,
+        "run_names": names,
+        "scores": combine_runs(stacked, score),
+        "labels": labels,
+        "task": task,
+    }
+    return atomic_torch_save(record, path)

@@ -16,6 +16,10 @@ PURE_TORCH = [
     "lightning_ext.lr_scheduler",
     "lightning_ext.io",
     "lightning_ext.io.continual",
+    "lightning_ext.io.ema",
+    "lightning_ext.io.schedule",
+    "lightning_ext.io.scores",
+    "lightning_ext.io.sparse",
 ]
 
 

@@ -24,15 +24,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def pytest_report_header() -> str:
-    """The versions this run tested, first in every CI log (CI installs the newest releases)."""
+def tested_versions() -> str:
+    """The versions this run tested (CI installs the newest releases the bounds allow)."""
     from importlib import metadata
 
-    names = ("torch", "lightning", "pytorch-lightning", "torchmetrics")
     found = []
-    for name in names:
+    for name in ("torch", "lightning", "pytorch-lightning", "torchmetrics"):
         try:
             found.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:
             found.append(f"{name} missing")
     return "lightning-ext tested against: " + ", ".join(found)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Printed last, also under ``-q`` (which hides the report header), so every CI log says it."""
+    terminalreporter.write_line(tested_versions())

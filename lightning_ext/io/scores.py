@@ -1,6 +1,6 @@
 """The score files of data pruning: what ``DataPruningScores`` writes (the scores of every
 training example, one row per run, with the fingerprint of the dataset they were computed on) and
-what ``pruned_subset`` and ``lightning-ext prune`` read.
+what ``pruned_subset`` and ``lightning-ext prune-select`` read.
 
 Pure torch: the callback decides when to score; these functions read and write the files.
 """

@@ -53,6 +53,18 @@ def register(sub: Any) -> None:
     parser.set_defaults(func=_refine_schedule_command)
 
 
+def _unused_path(path: str) -> str:
+    """``path``, or ``stem-v1.pt``, ``stem-v2.pt``... (as Lightning versions checkpoints) when a
+    file of that name, or its ``.json`` companion, exists: without ``-o`` the command never
+    replaces the files a run wrote."""
+    stem, suffix = os.path.splitext(path)
+    candidate, version = path, 0
+    while os.path.exists(candidate) or os.path.exists(os.path.splitext(candidate)[0] + ".json"):
+        version += 1
+        candidate = f"{stem}-v{version}{suffix}"
+    return candidate
+
+
 def _refine_schedule_command(args: Any) -> int:
     import torch
 
@@ -67,7 +79,9 @@ def _refine_schedule_command(args: Any) -> int:
     records, kinds = load_grad_norms(args.grad_norms)
     # A recorded kind is "l1" or "l2" as the callback wrote it; refine_schedule rejects any other.
     norms = cast(list[Norm], [args.norm or kind or "l2" for kind in kinds])
-    out = args.output or os.path.join(os.path.dirname(args.grad_norms) or ".", SCHEDULE_FILE)
+    out = args.output or _unused_path(
+        os.path.join(os.path.dirname(args.grad_norms) or ".", SCHEDULE_FILE)
+    )
     options = {k: getattr(args, k) for k in ("power", "exclude_initial", "floor", "blend")}
     payload = write_refined_schedule(
         [torch.as_tensor(r, dtype=torch.float64) for r in records],

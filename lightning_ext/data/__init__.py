@@ -12,6 +12,7 @@ from lightning_ext._batch import (
 from lightning_ext.data.indexed import (
     IndexedDataset,
     find_indices,
+    labels_of,
     load_scores,
     pruned_datamodule,
     pruned_subset,
@@ -33,6 +34,7 @@ __all__ = [
     "default_forward",
     "default_unpack_batch",
     "find_indices",
+    "labels_of",
     "load_scores",
     "pruned_datamodule",
     "pruned_subset",

@@ -91,6 +91,20 @@ def test_records_the_norm_the_optimizer_uses_and_writes_the_refined_schedule(
     assert cli_main([*args, "--plot", str(plot)]) == 0
     assert torch.equal(torch.load(again)["schedule"], expected) and plot.stat().st_size > 1000
 
+    # Without -o, the run's own files stay as the callback wrote them: a versioned name instead.
+    run_files = {f: (tmp_path / "out" / f).read_bytes() for f in ("refined_schedule.pt",
+                 "refined_schedule.json")}  # fmt: skip
+    assert (
+        cli_main(["refine-schedule", str(tmp_path / "out" / "grad_norms.pt"), "--blend", "0"]) == 0
+    )
+    assert cli_main(["refine-schedule", str(tmp_path / "out" / "grad_norms.pt")]) == 0
+    assert {f: (tmp_path / "out" / f).read_bytes() for f in run_files} == run_files
+    first, second = (
+        tmp_path / "out" / "refined_schedule-v1.pt",
+        tmp_path / "out" / "refined_schedule-v2.pt",
+    )
+    assert first.exists() and second.exists() and second.with_suffix(".json").exists()
+
 
 def test_bf16_mixed_records_finite_norms_of_the_float32_gradients(tmp_path):
     cb, ref = ScheduleRefinement(output_dir=str(tmp_path)), ReferenceNorms()

@@ -62,6 +62,7 @@ from lightning_ext.callbacks import (
     PostHocEMA,
     ScheduleRefinement,
 )
+from lightning_ext.functional.sparse_methods import SPARSE_METHODS
 
 MB = 2**20
 
@@ -175,8 +176,8 @@ def bytes_per_step(callback: Callback, module: nn.Module) -> int | None:
         for name, mask in callback.masks.items():
             p = module.get_parameter(name)
             moved += 2 * (2 * p.nbytes + mask.nbytes)  # grads and weights: read, mask, write
-            if callback.method == "snfs":
-                moved += 3 * p.nbytes  # momentum lerp: read momentum, read grad, write
+            if SPARSE_METHODS[callback.method].growth == "momentum":
+                moved += 3 * p.nbytes  # own momentum lerp: read momentum, read grad, write
         return moved
     if isinstance(callback, ScheduleRefinement):
         return sum(p.nbytes for p in module.parameters() if p.requires_grad)  # read each grad

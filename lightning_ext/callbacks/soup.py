@@ -262,6 +262,8 @@ class ModelSoup(DeclaredState, Callback):
         if self.save_soup and trainer.is_global_zero:
             state = {k: v.detach().cpu() for k, v in full.items()}
             atomic_torch_save(state, Path(self.dirpath or ".") / "soup.pt")
+        if self.save_soup:  # no rank reads soup.pt before rank 0 has written it
+            trainer.strategy.barrier("ModelSoup.soup_saved")
         picture = None
         if result is not None and trainer.is_global_zero:
             picture = save_soup_plot(

@@ -152,6 +152,25 @@ class Ingredients(Sequence):
     def __len__(self) -> int:
         return len(self.sources)
 
+    def like(self, sources: Iterable[IngredientSource]) -> Ingredients:
+        """Other sources read the way these are (same ``key``, ``strip_prefix``, location and
+        trust): a merge's base must be normalised as its ingredients are, or their names differ.
+
+        Args:
+            sources: the files, folders, modules or state dicts to read.
+
+        Returns:
+            A new ``Ingredients`` with these settings.
+        """
+        return Ingredients(
+            sources,
+            key=self.key,
+            strip_prefix=self.strip_prefix,
+            map_location=self.map_location,
+            mmap=self.mmap,
+            trusted=self.trusted,
+        )
+
     def name(self, index: int) -> str:
         return _describe(self.sources[index], index)
 

@@ -969,7 +969,7 @@ def build_soup(
     ings.validate()
     base_state = None
     if base is not None:
-        base_state = Ingredients([base])[0]
+        base_state = ings.like([base])[0]
         check_same_layout(base_state, ings[0], name=ings.name(0), ref_name="base")
     scorer = ValidationScorer(
         module,

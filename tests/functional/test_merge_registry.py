@@ -27,6 +27,7 @@ from lightning_ext.functional import (
     weighted_average,
 )
 from lightning_ext.functional.merge_methods import MERGE_METHODS, get_merge_method
+from lightning_ext.io import Ingredients
 from lightning_ext.workflows.soup import build_soup, run_soup
 from tests.helpers.data import DigitsDataModule
 from tests.helpers.models import Classifier
@@ -207,6 +208,29 @@ def finetuned(tmp_path_factory) -> tuple[Path, list[Path]]:
 
 def _dm() -> DigitsDataModule:
     return DigitsDataModule(batch_size=64, limit=256)
+
+
+def test_build_soup_reads_the_base_as_it_reads_the_ingredients(finetuned, tmp_path):
+    """Ingredients wrapped under "model." with strip_prefix: the base file is wrapped the same way
+    and must be unwrapped too (it was read with the defaults, and its names did not match)."""
+    base, paths = finetuned
+    wrapped = []
+    for path in [base, *paths]:
+        state = torch.load(path, weights_only=True)["state_dict"]
+        wrapped.append(tmp_path / path.name)
+        torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}}, wrapped[-1])
+    module = Classifier()
+    build_soup(
+        module,
+        Ingredients(wrapped[1:], strip_prefix="model."),
+        method="task-arithmetic",
+        base=wrapped[0],
+        datamodule=_dm(),
+        progress_bar=False,
+    )
+    states = [torch.load(p, weights_only=True)["state_dict"] for p in paths]
+    expected = task_arithmetic(torch.load(base, weights_only=True)["state_dict"], states, 1.0)
+    assert_bitwise_equal(module.state_dict(), expected)
 
 
 def test_build_soup_with_a_table_method_and_a_base_file(finetuned, tmp_path):

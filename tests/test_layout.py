@@ -60,3 +60,24 @@ def test_scripts_do_not_edit_sys_path():
 
 def test_no_example_dataset_ships_in_the_package():
     assert not list((REPO / "lightning_ext").rglob("digits*.py"))
+
+
+def test_pictures_leave_the_users_matplotlib_backend_alone(tmp_path):
+    """Plots are drawn with the Figure API: a notebook's backend is not switched to Agg."""
+    import matplotlib
+    import torch
+
+    from lightning_ext.io.continual import curves_png
+    from lightning_ext.io.schedule import plot_schedules
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        steps, trained = torch.tensor([0, 5, 10]), torch.tensor([0, 0, 1])
+        png = curves_png([([0, 5, 10], [0.1, 0.5, 0.4])], trained, steps, metric_name="accuracy")
+        assert png.startswith(b"\x89PNG")
+        norms, schedule = torch.rand(10), torch.linspace(1, 0, 10)
+        assert plot_schedules([norms], [schedule], tmp_path / "s.png").stat().st_size > 1000
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)

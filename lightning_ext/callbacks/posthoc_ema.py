@@ -18,9 +18,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_ext._io import atomic_write
 from lightning_ext._lightning import is_wandb_logger, run_dir
 from lightning_ext._masks import apply_masks_, sparse_masks_for
+from lightning_ext._plot import new_figure, write_png
 from lightning_ext.averaging import ShadowWeights, TrackedTensors
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.callbacks._steps import AfterOptimizerStep
@@ -256,17 +256,13 @@ def plot_profiles(
     Returns:
         The path written, or None without matplotlib.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    fig = new_figure(figsize=(6, 3.5))
+    if fig is None:
         rank_zero_warn("matplotlib is not installed: no PostHocEMA profile plot (pip install it)")
         return None
     last = entries[-1]["step"]
     tau = torch.linspace(0, last, 400, dtype=torch.float64)[1:]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax = fig.subplots()
     for sigma_rel in sigma_rels:
         usable, x = snapshot_coefficients(entries, sigma_rel, last)
         gammas = [g for e in usable for g in e["gammas"]]
@@ -290,9 +286,7 @@ def plot_profiles(
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
-    plt.close(fig)
-    return out
+    return write_png(fig, path)
 
 
 def _refuse_sharded(tracked: TrackedTensors) -> None:

@@ -24,8 +24,8 @@ from lightning_ext._batch import (
     move_to_device,
     per_sample_cross_entropy,
 )
-from lightning_ext._io import atomic_write
 from lightning_ext._lightning import is_wandb_logger, run_dir
+from lightning_ext._plot import new_figure, write_png
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.data.indexed import (
     INDEX_KEY,
@@ -165,19 +165,18 @@ def plot_score_histogram(
     Returns:
         ``path``, or None without matplotlib (warned once).
     """
-    try:  # the Figure API needs no pyplot backend: the user's backend is left alone
-        from matplotlib import colormaps
-        from matplotlib.figure import Figure
-    except ImportError:
+    fig = new_figure(figsize=(7, 4))
+    if fig is None:
         _warn_no_matplotlib()
         return None
+    from matplotlib import colormaps
+
     values = scores.double().cpu()
     finite = torch.isfinite(values)
     bins: Any = 1
     if finite.any():  # shared bin edges, so the per-class outlines compare
         low, high = float(values[finite].min()), float(values[finite].max())
         bins = torch.linspace(low, high, 41 if high > low else 2).numpy()
-    fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     ax.hist(values[finite].numpy(), bins=bins, color="0.8", label=f"all ({int(finite.sum())})")
     classes = labels.unique() if labels is not None else torch.zeros(0)
@@ -197,8 +196,7 @@ def plot_score_histogram(
     ax.set_ylabel("examples")
     ax.set_title(title)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    return path
+    return write_png(fig, path)
 
 
 _MATPLOTLIB_WARNED = False

@@ -14,10 +14,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_ext._io import atomic_write
 from lightning_ext._lightning import is_wandb_logger, run_dir
 from lightning_ext._modules import named_parameters, normalise_name, normalised_keys
 from lightning_ext._modules import parameter_aliases as module_parameter_aliases
+from lightning_ext._plot import matplotlib_available, new_figure, write_png
 from lightning_ext.averaging import gather_full, is_dtensor, local_part, local_shard
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.functional.sparse import (
@@ -736,9 +736,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
         """One picture of the run on rank 0: per-layer density and mask change per update."""
         if not trainer.is_global_zero or self._out_dir is None or not self.history:
             return
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
+        if not matplotlib_available():
             rank_zero_warn(
                 "DynamicSparseTraining(plot=True) draws its picture with matplotlib, which is not "
                 "installed: `pip install matplotlib`, or pass plot=False."
@@ -829,9 +827,11 @@ def plot_sparsity_history(
 
     Returns:
         The path written.
+
+    Raises:
+        ImportError: matplotlib is not installed.
     """
     import numpy as np
-    from matplotlib.figure import Figure
 
     steps = [h["step"] for h in history]
     panels = [
@@ -839,7 +839,9 @@ def plot_sparsity_history(
         ("change", "mask change (grown / active)"),
     ]
     height = 1.5 + 0.22 * len(names)
-    fig = Figure(figsize=(12, height))
+    fig = new_figure(figsize=(12, height))
+    if fig is None:
+        raise ImportError("plot_sparsity_history draws with matplotlib: pip install matplotlib")
     axes = fig.subplots(1, 2, sharey=True, squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         values = np.array([h[key] for h in history], dtype=float).T  # layers x updates
@@ -851,6 +853,4 @@ def plot_sparsity_history(
         fig.colorbar(image, ax=ax)
     axes[0][0].set_yticks(range(len(names)), names, fontsize=7)
     fig.tight_layout()
-    out = Path(path)
-    atomic_write(out, lambda handle: fig.savefig(handle, format="png", dpi=100))
-    return out
+    return write_png(fig, path)

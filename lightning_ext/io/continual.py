@@ -18,6 +18,7 @@ from typing import Any
 from torch import Tensor
 
 from lightning_ext._io import atomic_write, atomic_write_json, atomic_write_text
+from lightning_ext._plot import matplotlib_available, new_figure, png_bytes
 from lightning_ext.functional.continual import task_curve_indices, task_ends
 
 __all__ = [
@@ -103,19 +104,6 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def matplotlib_available() -> bool:
-    """Whether matplotlib can be imported (it is optional: the ``plot`` extra).
-
-    Returns:
-        True when the curves can be drawn.
-    """
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def curves_png(
     points: Sequence[tuple[list[int], list[float]]],
     trained: Tensor,
@@ -133,13 +121,14 @@ def curves_png(
 
     Returns:
         The PNG bytes.
+
+    Raises:
+        ImportError: matplotlib is not installed (check ``matplotlib_available()`` first).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig = new_figure(figsize=(8, 4))
+    if fig is None:
+        raise ImportError("curves_png draws with matplotlib: pip install 'lightning-ext[plot]'")
+    ax = fig.subplots()
     for t, (xs, ys) in enumerate(points):
         ax.plot(xs, ys, label=f"task {t}", lw=1)
     for end in task_ends(trained).values():
@@ -151,10 +140,7 @@ def curves_png(
         ax.set_yscale("log")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig, dpi=120)
 
 
 def write_curves(

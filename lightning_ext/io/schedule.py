@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_ext._io import atomic_torch_save, atomic_write, atomic_write_json, load_file
+from lightning_ext._io import atomic_torch_save, atomic_write_json, load_file
+from lightning_ext._plot import new_figure, write_png
 from lightning_ext.functional.schedule import (
     REFERENCE_WINDOW,
     Smoothing,
@@ -270,15 +271,11 @@ def plot_schedules(
     Returns:
         The path written, or None without matplotlib.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    fig = new_figure(figsize=(6, 5))
+    if fig is None:
         _warn("matplotlib is not installed: no schedule plot (pip install matplotlib)")
         return None
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=False)
+    top, bottom = fig.subplots(2, 1, sharex=False)
     for i, (g, s) in enumerate(zip(grad_norms, schedules)):
         top.plot(g.numpy(), lw=0.8, label=f"optimizer {i}")
         bottom.plot(s.numpy(), label=f"refined, optimizer {i}")
@@ -288,10 +285,4 @@ def plot_schedules(
     bottom.set(xlabel="optimizer step", ylabel="LR multiplier", title="refined schedule")
     bottom.legend()
     fig.tight_layout()
-
-    def write(handle: Any) -> None:
-        fig.savefig(handle, format="png", dpi=100)
-
-    out = atomic_write(path, write)
-    plt.close(fig)
-    return out
+    return write_png(fig, path)

@@ -38,6 +38,7 @@ from lightning_ext._batch import (
     move_to_device,
 )
 from lightning_ext._lightning import configure_model_skipped, fit_val_loaders, namespace_of
+from lightning_ext._plot import new_figure, write_png
 from lightning_ext._sized import dataset_size
 from lightning_ext.functional.learned_soup import (
     LearnedSoup,
@@ -1026,14 +1027,10 @@ def save_soup_plot(result: SoupResult, path: str | Path, *, monitor: str) -> Pat
     Returns:
         ``path``, or None when matplotlib is not installed.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError:
+    fig = new_figure(figsize=(11, 4), layout="constrained")
+    if fig is None:
         return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    left, right = fig.subplots(1, 2)
     positions = range(len(result.scores))
     chosen = set(result.chosen)
     colours = ["tab:green" if i in chosen else "tab:gray" for i in positions]
@@ -1056,11 +1053,7 @@ def save_soup_plot(result: SoupResult, path: str | Path, *, monitor: str) -> Pat
     right.set_ylabel(monitor)
     right.set_title(f"soup of {len(result.chosen)}: {monitor}={result.soup_score:.4g}")
     right.legend(loc="best")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return write_png(fig, path)
 
 
 def _zoom(axis: Any, values: Sequence[float]) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lightning_ext.cli._options import add_trusted_option
+
 
 def _export_ema(args: argparse.Namespace) -> int:
     from lightning_ext.io.ema import export_ema
@@ -18,11 +20,7 @@ def _register_export_ema(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="Lightning checkpoint written with the EMA callback")
     p.add_argument("out", help="output file (torch.save of a state dict)")
     p.add_argument("--state-key", default=None, help="which EMA, when the run had several")
-    p.add_argument(
-        "--trusted",
-        action="store_true",
-        help="the checkpoint comes from a trusted source: allow Python objects beyond tensors",
-    )
+    add_trusted_option(p, "a checkpoint")
     p.set_defaults(func=_export_ema)
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from torch import Tensor
 
+from lightning_ext.cli._options import add_trusted_option
+
 CLASS_STRATEGIES = ("class_balanced", "class_ccs")
 
 
@@ -128,11 +130,7 @@ def _register_prune_select(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", required=True, help="output: a .pt tensor of sorted indices, or a .json list"
     )
-    p.add_argument(
-        "--trusted",
-        action="store_true",
-        help="load a score file that holds more than tensors (only from a source you trust)",
-    )
+    add_trusted_option(p, "a score file")
     p.set_defaults(func=_prune_select)
 
 

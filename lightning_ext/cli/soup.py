@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from lightning_ext._io import atomic_torch_save, load_file
+from lightning_ext.cli._options import add_trusted_option
 from lightning_ext.functional import merging
 from lightning_ext.functional.merge_methods import (
     CLI_SPELLING,
@@ -89,9 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             default=None,
             help=_option_help(name, parameter),
         )
-    p.add_argument(
-        "--trusted", action="store_true", help="allow checkpoints holding arbitrary pickled objects"
-    )
+    add_trusted_option(p, "checkpoints")
     p.add_argument(
         "--recalibrate-bn",
         metavar="MODULE:FUNCTION",

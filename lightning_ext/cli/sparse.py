@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from lightning_ext.cli._options import add_trusted_option
+
 if TYPE_CHECKING:
     from lightning_ext.io.sparse import Layout
 
@@ -52,10 +54,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--state-key", default=None, help="which DynamicSparseTraining, when the run had several"
     )
-    p.add_argument(
-        "--trusted",
-        action="store_true",
-        help="load checkpoints holding arbitrary Python objects (runs their code: trusted files "
-        "only); by default only tensors and plain containers are read",
-    )
+    add_trusted_option(p, "a checkpoint")
     p.set_defaults(func=_sparse_export)

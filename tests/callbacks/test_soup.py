@@ -21,6 +21,7 @@ from tests.helpers.data import DigitsDataModule, digits, loader
 from tests.helpers.ddp import run_ddp
 from tests.helpers.models import Classifier
 from tests.helpers.resume import assert_bitwise_equal, check_resume_exact, quiet_trainer
+from tests.helpers.soups import fine_tunes
 from tests.helpers.wandb_reader import read_offline_runs
 
 
@@ -32,21 +33,7 @@ def dm() -> DigitsDataModule:
 def ingredients(tmp_path_factory) -> tuple[Path, list[Path]]:
     """A pre-trained MLP and four fine-tuned checkpoints (different learning rates and seeds)."""
     root = tmp_path_factory.mktemp("ingredients")
-    pl.seed_everything(0)
-    pre = Classifier(lr=0.1)
-    quiet_trainer(max_epochs=2, limit_val_batches=0).fit(pre, datamodule=dm())
-    base = root / "base.ckpt"
-    torch.save({"state_dict": pre.state_dict()}, base)
-    paths = []
-    for i, lr in enumerate([0.02, 0.05, 0.1, 0.3]):
-        pl.seed_everything(i)
-        model = Classifier(lr=lr)
-        model.load_state_dict(pre.state_dict())
-        trainer = quiet_trainer(max_epochs=1, limit_val_batches=0)
-        trainer.fit(model, datamodule=DigitsDataModule(batch_size=64, limit=256, seed=0))
-        paths.append(root / f"ft{i}.ckpt")
-        trainer.save_checkpoint(paths[-1])
-    return base, paths
+    return fine_tunes(root, [0.02, 0.05, 0.1, 0.3], pretrain_epochs=2, lightning_checkpoints=True)
 
 
 # ----------------------------------------------------------------------------- ingredients

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch import Tensor
@@ -32,6 +31,7 @@ from lightning_ext.workflows.soup import build_soup, run_soup
 from tests.helpers.data import DigitsDataModule
 from tests.helpers.models import Classifier
 from tests.helpers.resume import assert_bitwise_equal, quiet_trainer
+from tests.helpers.soups import fine_tunes
 from tools import registry_tables
 
 StateDict = dict[str, Tensor]
@@ -190,20 +190,7 @@ def test_run_soup_merges_with_a_table_method_and_scores_it():
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory) -> tuple[Path, list[Path]]:
-    root = tmp_path_factory.mktemp("registry")
-    pl.seed_everything(0)
-    pre = Classifier(lr=0.1)
-    quiet_trainer(max_epochs=1, limit_val_batches=0).fit(pre, datamodule=_dm())
-    torch.save({"state_dict": pre.state_dict()}, root / "base.ckpt")
-    paths = []
-    for i, lr in enumerate([0.05, 0.2]):
-        pl.seed_everything(i)
-        model = Classifier(lr=lr)
-        model.load_state_dict(pre.state_dict())
-        quiet_trainer(max_epochs=1, limit_val_batches=0).fit(model, datamodule=_dm())
-        paths.append(root / f"ft{i}.ckpt")
-        torch.save({"state_dict": model.state_dict()}, paths[-1])
-    return root / "base.ckpt", paths
+    return fine_tunes(tmp_path_factory.mktemp("registry"), [0.05, 0.2])
 
 
 def _dm() -> DigitsDataModule:

@@ -26,6 +26,7 @@ from tests.helpers.data import DigitsDataModule, digits
 from tests.helpers.ddp import run_ddp
 from tests.helpers.models import Classifier
 from tests.helpers.resume import assert_bitwise_equal, quiet_trainer
+from tests.helpers.soups import fine_tunes
 
 STEPS = 40
 
@@ -50,20 +51,7 @@ def heldout_loss(state: dict, loader: Any = None) -> float:
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory) -> tuple[Path, list[Path]]:
     """A pre-trained MLP and three fine-tunes of it with different learning rates and seeds."""
-    root = tmp_path_factory.mktemp("learned")
-    pl.seed_everything(0)
-    pre = Classifier(lr=0.1)
-    quiet_trainer(max_epochs=1, limit_val_batches=0).fit(pre, datamodule=_dm())
-    torch.save({"state_dict": pre.state_dict()}, root / "base.ckpt")
-    paths = []
-    for i, lr in enumerate([0.02, 0.1, 0.4]):
-        pl.seed_everything(i)
-        model = Classifier(lr=lr)
-        model.load_state_dict(pre.state_dict())
-        quiet_trainer(max_epochs=1, limit_val_batches=0).fit(model, datamodule=_dm())
-        paths.append(root / f"ft{i}.ckpt")
-        torch.save({"state_dict": model.state_dict()}, paths[-1])
-    return root / "base.ckpt", paths
+    return fine_tunes(tmp_path_factory.mktemp("learned"), [0.02, 0.1, 0.4])
 
 
 def test_build_soup_learned_is_no_worse_than_uniform_on_its_heldout_loss(finetuned):

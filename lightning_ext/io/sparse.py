@@ -88,7 +88,9 @@ def export_sparse_checkpoint(
         RuntimeError: ``"semi_structured"`` on a machine without a CUDA GPU.
     """
     convert = layout_converter(layout)
-    _export_device(layout)  # before reading the file: a machine without a GPU cannot do 2:4
+    # Files load on the CPU; 2:4 tensors exist only on a CUDA device, so the weights go there.
+    # Asked before the file is read: a machine without a GPU cannot do 2:4 at all.
+    device = _export_device(layout)
     ckpt = load_file(checkpoint, trusted=trusted)
     states = {
         k: v
@@ -111,8 +113,6 @@ def export_sparse_checkpoint(
     (state,) = states.values()
     weights = dict(ckpt["state_dict"])
     keys = normalised_keys(weights)
-    # Files load on the CPU; 2:4 tensors exist only on a CUDA device, so the weights go there.
-    device = _export_device(layout)
     for name, mask in zip(state["names"], state["masks"]):
         key = keys[normalise_name(name)]
         weights[key] = convert(weights[key].to(device), mask.to(device))

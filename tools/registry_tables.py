@@ -37,7 +37,8 @@ def _default(p: Parameter) -> str:
 
 
 def _options(parameters: Sequence[Parameter]) -> str:
-    return "<br>".join(f"`{p.name}`: {_default(p)}, {p.range_text()}" for p in parameters) or "-"
+    cells = (f"`{p.name}`: {_default(p)}, {p.range_text()}" for p in parameters)
+    return "<br>".join(cell.replace("|", "\\|") for cell in cells) or "-"
 
 
 def merge_methods() -> str:

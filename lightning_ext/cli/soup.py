@@ -4,6 +4,8 @@ Examples::
 
     lightning-ext soup run*/last.ckpt -o soup.ckpt                      # uniform soup
     lightning-ext soup a.ckpt b.ckpt --method weighted --weights 1 3 -o soup.pt
+    lightning-ext soup a.ckpt b.ckpt --method weighted --weights 0,1 1,0 -o soup.pt  # by depth
+    lightning-ext soup ft*.ckpt --base pre.ckpt --method della --density 0.5 -o merged.ckpt
     lightning-ext soup ft*.ckpt --base pre.ckpt --method ties --density 0.2 -o merged.ckpt
     lightning-ext soup ft*.ckpt -o soup.ckpt --model mypkg.models:make_model \\
         --recalibrate-bn mypkg.data:train_loader              # recompute BatchNorm statistics
@@ -85,8 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, parameter in _options().items():
         p.add_argument(
             f"--{name}",
-            type=int if parameter.kind == "int" else float,
-            nargs="+" if parameter.kind == "floats" else None,
+            type=_ARG_TYPES.get(parameter.kind, float),
+            nargs="+" if parameter.kind in ("floats", "gradients") else None,
             default=None,
             help=_option_help(name, parameter),
         )
@@ -109,6 +111,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="at most this many batches for --recalibrate-bn",
     )
     p.set_defaults(func=run)
+
+
+def _gradient(text: str) -> float | list[float]:
+    """``0.5`` -> 0.5; ``0,0.5,1`` -> anchors interpolated over depth."""
+    if "," in text:
+        return [float(v) for v in text.split(",")]
+    return float(text)
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value in ("true", "1", "yes")
+
+
+_ARG_TYPES: dict[str, Callable[[str], Any]] = {
+    "int": int,
+    "gradients": _gradient,
+    "choice": str,
+    "bool": _bool,
+}
 
 
 def _options() -> dict[str, Parameter]:

@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 StateDict = Mapping[str, Tensor]
-Kind = Literal["float", "int", "bool", "floats", "choice", "callable"]
+Kind = Literal["float", "int", "bool", "floats", "gradients", "choice", "callable"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,9 @@ class Parameter:
         name: the keyword (and, with ``--``, the command-line option).
         help: what it means, in a few words.
         kind: ``"float"``, ``"int"``, ``"bool"``, ``"floats"`` (one per ingredient),
-            ``"choice"`` (one of ``choices``) or ``"callable"``.
+            ``"gradients"`` (one per ingredient, each a number or a list of anchors over depth,
+            see ``merging.gradient_value``), ``"choice"`` (one of ``choices``) or
+            ``"callable"``.
         default: the value used when the option is not given (None: not used).
         required: the method cannot run without it.
         low: the lower bound of a number (of every entry for ``"floats"``), None: none.
@@ -116,7 +118,7 @@ class Parameter:
             return "true | false"
         if self.kind == "callable":
             return "a callable"
-        prefix = "each " if self.kind == "floats" else ""
+        prefix = "each " if self.kind in ("floats", "gradients") else ""
         if self.low is not None and self.high is not None:
             left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
             return f"{prefix}{left}{_num(self.low)}, {_num(self.high)}{right}"
@@ -135,7 +137,8 @@ class Parameter:
             spelling: how the message names the option.
 
         Returns:
-            The value as a float, int, bool, list of floats, choice or callable.
+            The value as a float, int, bool, list of floats (or of anchor lists), choice or
+            callable.
 
         Raises:
             ValueError: a value of another kind or outside the valid range.
@@ -157,7 +160,20 @@ class Parameter:
             if isinstance(value, str | bytes) or not isinstance(value, Iterable):
                 raise ValueError(f"{name} must be a list of numbers, got {value!r}")
             return [self._number(v, name) for v in value]
+        if self.kind == "gradients":
+            if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+                raise ValueError(f"{name} must be a list (one entry per ingredient), got {value!r}")
+            return [self._gradient(v, name) for v in value]
         return self._number(value, name)
+
+    def _gradient(self, value: Any, name: str) -> float | list[float]:
+        """A number, or a non-empty list of numbers (anchors interpolated over depth)."""
+        if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+            return self._number(value, name)
+        anchors = [self._number(v, name) for v in value]
+        if not anchors:
+            raise ValueError(f"{name}: an entry is an empty list of anchors")
+        return [float(a) for a in anchors]
 
     def _number(self, value: Any, name: str) -> float | int:
         integral = self.kind == "int"
@@ -322,7 +338,8 @@ class MergeMethod:
                 )
             for p in self.parameters:
                 value = resolved[p.name]
-                if p.kind == "floats" and value is not None and len(value) != num_ingredients:
+                per_ingredient = p.kind in ("floats", "gradients")
+                if per_ingredient and value is not None and len(value) != num_ingredients:
                     raise ValueError(
                         f"{spelling.option(p.name)}: got {len(value)} values for "
                         f"{num_ingredients} ingredients (give one per ingredient)"
@@ -372,7 +389,7 @@ def _needs_base(base: StateDict | None) -> StateDict:
 
 def _positive_weights(options: dict[str, Any], n: int, has_base: bool, spelling: Spelling) -> None:
     weights = options.get("weights")
-    if weights is not None and sum(weights) <= 0:
+    if weights is not None and sum(max(w) if isinstance(w, list) else w for w in weights) <= 0:
         raise ValueError(f"{spelling.option('weights')} must not all be 0, got {weights}")
 
 
@@ -403,6 +420,65 @@ def _dare_call(sds: Sequence[StateDict], base: StateDict | None, o: dict[str, An
     )
 
 
+_TV_WEIGHTS = Parameter(
+    "weights",
+    "one weight per ingredient's task vector, a number or anchors over depth",
+    kind="gradients",
+    low=0,
+)
+_RESCALE = Parameter(
+    "rescale",
+    "how survivors are rescaled: inverse = 1/keep probability (the papers), l1 = to the former "
+    "L1 norm (mergekit)",
+    kind="choice",
+    default="inverse",
+    choices=("inverse", "l1", "none"),
+)
+_NORMALIZE = Parameter(
+    "normalize",
+    "divide by the agreeing ingredients' total weight (disjoint mean); false sums them",
+    kind="bool",
+    default=True,
+)
+
+
+def _dare_ties_call(sds: Sequence[StateDict], base: StateDict | None, o: dict[str, Any]) -> dict:
+    return merging.dare_ties_merge(
+        _needs_base(base),
+        sds,
+        o["density"],
+        scale=o["scale"],
+        generator=torch.Generator().manual_seed(o["seed"]),
+        weights=o["weights"],
+        rescale=o["rescale"],
+        normalize=o["normalize"],
+    )
+
+
+def _della_call(sds: Sequence[StateDict], base: StateDict | None, o: dict[str, Any]) -> dict:
+    return merging.della_merge(
+        _needs_base(base),
+        sds,
+        o["density"],
+        epsilon=o["epsilon"],
+        scale=o["scale"],
+        generator=torch.Generator().manual_seed(o["seed"]),
+        weights=o["weights"],
+        rescale=o["rescale"],
+        normalize=o["normalize"],
+    )
+
+
+def _della_constraint(options: dict[str, Any], n: int, has_base: bool, spelling: Spelling) -> None:
+    _positive_weights(options, n, has_base, spelling)
+    density, epsilon = options["density"], options["epsilon"]
+    if density < 1.0 and not (density - epsilon > 0 and density + epsilon <= 1):
+        raise ValueError(
+            f"{spelling.option('density')} +/- {spelling.option('epsilon')} must lie in (0, 1], "
+            f"got {density} +/- {epsilon}"
+        )
+
+
 def _breadcrumbs_constraint(
     options: dict[str, Any], n: int, has_base: bool, spelling: Spelling
 ) -> None:
@@ -430,7 +506,13 @@ _TABLE = (
         reference="Wortsman et al. 2022, Model soups",
         base="unused",
         parameters=(
-            Parameter("weights", "one weight per ingredient", kind="floats", required=True, low=0),
+            Parameter(
+                "weights",
+                "one weight per ingredient, a number or anchors over depth (0,1 rises with depth)",
+                kind="gradients",
+                required=True,
+                low=0,
+            ),
         ),
         call=lambda sds, base, o: merging.weighted_average(sds, o["weights"]),
         constraint=_positive_weights,
@@ -467,6 +549,47 @@ _TABLE = (
             Parameter("seed", "seed of the drop masks", kind="int", default=0),
         ),
         call=_dare_call,
+    ),
+    MergeMethod(
+        name="dare-ties",
+        function=merging.dare_ties_merge,
+        summary="DARE's random drop and rescale, then TIES's sign election and disjoint merge",
+        reference="Yu et al. 2024 (DARE) with Yadav et al. 2023 (TIES)",
+        base="required",
+        parameters=(
+            Parameter("density", required=True, **_DENSITY),
+            _SCALE,
+            Parameter("seed", "seed of the drop masks", kind="int", default=0),
+            _TV_WEIGHTS,
+            _RESCALE,
+            _NORMALIZE,
+        ),
+        call=_dare_ties_call,
+        constraint=_positive_weights,
+    ),
+    MergeMethod(
+        name="della",
+        function=merging.della_merge,
+        summary="drop at random with probabilities ranked by magnitude, rescale, elect signs, "
+        "disjoint merge",
+        reference="Deep et al. 2024, DELLA-Merging",
+        base="required",
+        parameters=(
+            Parameter("density", required=True, **_DENSITY),
+            Parameter(
+                "epsilon",
+                "half the spread of DELLA's keep probabilities around density",
+                default=0.15,
+                low=0,
+            ),
+            _SCALE,
+            Parameter("seed", "seed of the drop masks", kind="int", default=0),
+            _TV_WEIGHTS,
+            _RESCALE,
+            _NORMALIZE,
+        ),
+        call=_della_call,
+        constraint=_della_constraint,
     ),
     MergeMethod(
         name="breadcrumbs",

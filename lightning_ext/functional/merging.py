@@ -1,6 +1,6 @@
 """Weight-space merging of models that share an architecture: model soups (uniform, weighted,
-greedy), task-vector methods (task arithmetic, TIES, DARE, breadcrumbs), Model Stock and Fisher
-merging.
+greedy), task-vector methods (task arithmetic, TIES, DARE, DARE-TIES, DELLA, breadcrumbs), Model
+Stock and Fisher merging, with per-layer weights (a weight that varies with depth).
 
 Every function takes its ingredients as a ``Sequence`` of state dicts and touches them one at a
 time, in order, so that a lazy sequence (``lightning_ext.io.Ingredients``) that loads each
@@ -27,7 +27,7 @@ Conventions shared by all methods:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -37,9 +37,14 @@ __all__ = [
     "breadcrumbs_merge",
     "check_same_layout",
     "dare_merge",
+    "dare_ties_merge",
+    "della_merge",
+    "della_probabilities",
     "fisher_merge",
+    "gradient_value",
     "greedy_soup",
     "is_statistic",
+    "layer_positions",
     "model_stock",
     "task_arithmetic",
     "ties_merge",
@@ -48,7 +53,11 @@ __all__ = [
 ]
 
 StateDict = Mapping[str, Tensor]
+Weight = float | Sequence[float]
+"""An ingredient's weight: a constant, or anchors interpolated over the layers (a gradient)."""
+Rescale = Literal["inverse", "l1", "none"]
 FISHER_FLOOR = 1e-6
+RESCALE_EPS = 1e-7  # below this L1 norm a dropped task vector is not rescaled (as mergekit)
 STATISTIC_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -195,18 +204,125 @@ def _check_fraction(name: str, value: float, *, low_open: bool = True) -> None:
         raise ValueError(f"{name} must lie in {interval}, got {value}")
 
 
+# --------------------------------------------------------------------------- per-layer weights
+
+
+def _layer_index(key: str) -> int | None:
+    """The first integer component of a dotted name (``blocks.3.attn.weight`` -> 3), if any."""
+    for part in key.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def layer_positions(keys: Iterable[str]) -> dict[str, float]:
+    """Each tensor's depth in [0, 1], from its layer index (the first integer in its dotted name),
+    as mergekit places its gradient parameters: layer ``i`` of ``n`` sits at ``i / (n - 1)`` (at
+    1 when there is one layer); tensors outside the numbered layers (embeddings, heads) sit at 0,
+    where mergekit evaluates them too.
+
+    Args:
+        keys: state-dict keys.
+
+    Returns:
+        Each key's position.
+
+    Examples:
+        >>> layer_positions(['embed.weight', 'layers.0.w', 'layers.1.w', 'layers.2.w'])
+        {'embed.weight': 0.0, 'layers.0.w': 0.0, 'layers.1.w': 0.5, 'layers.2.w': 1.0}
+    """
+    keys = list(keys)
+    indices = {k: _layer_index(k) for k in keys}
+    found = [i for i in indices.values() if i is not None]
+    last = max(found, default=0)
+    return {k: 0.0 if i is None else (i / last if last > 0 else 1.0) for k, i in indices.items()}
+
+
+def gradient_value(anchors: Sequence[float], t: float) -> float:
+    """The value at depth ``t`` in [0, 1] of anchors spread evenly over [0, 1] and joined by
+    straight lines (mergekit's gradient parameters): ``[0, 1]`` rises linearly with depth,
+    ``[1, 0.5, 1]`` dips in the middle layers.
+
+    Args:
+        anchors: one or more values.
+        t: the position, 0 for the first layer, 1 for the last.
+
+    Returns:
+        The interpolated value.
+
+    Raises:
+        ValueError: no anchors, or ``t`` outside [0, 1].
+
+    Examples:
+        >>> gradient_value([0.0, 1.0], 0.25), gradient_value([1.0, 0.5, 1.0], 0.5)
+        (0.25, 0.5)
+    """
+    if len(anchors) == 0:
+        raise ValueError("a gradient needs at least one anchor value")
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"a layer position must lie in [0, 1], got {t}")
+    scaled = t * (len(anchors) - 1)
+    i0 = int(scaled)
+    i1 = min(len(anchors) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1.0 - frac) * float(anchors[i0]) + frac * float(anchors[i1])
+
+
+def _anchors(weight: Weight, index: int) -> list[float]:
+    """An ingredient's weight as a list of finite, non-negative anchors."""
+    values = [weight] if isinstance(weight, int | float) else list(weight)
+    if not values:
+        raise ValueError(f"weight of ingredient {index} is an empty list of anchors")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+            raise ValueError(
+                f"weight of ingredient {index} must be a number >= 0 or a list of them, "
+                f"got {weight!r}"
+            )
+        out.append(float(v))
+    return out
+
+
+def _tensor_weights(weights: Sequence[Weight], keys: Sequence[str]) -> list[dict[str, float]]:
+    """Each ingredient's weight of each tensor: constants as they are, gradients evaluated at the
+    tensor's layer position."""
+    positions = layer_positions(keys)
+    out = []
+    for i, weight in enumerate(weights):
+        anchors = _anchors(weight, i)
+        if len(anchors) == 1:
+            out.append(dict.fromkeys(keys, anchors[0]))
+        else:
+            out.append({k: gradient_value(anchors, positions[k]) for k in keys})
+    return out
+
+
+def _check_weight_sums(per_tensor: list[dict[str, float]], weights: Sequence[Weight]) -> None:
+    """Refuse a tensor whose weights are all 0 (its mean is undefined), naming it."""
+    for key in per_tensor[0] if per_tensor else ():
+        if sum(w[key] for w in per_tensor) <= 0:
+            raise ValueError(
+                f"weights must be >= 0 with a positive sum for every tensor; they sum to 0 for "
+                f"'{key}' (weights {list(weights)})"
+            )
+
+
 # --------------------------------------------------------------------------- averages
 
 
 @torch.no_grad()
-def weighted_average(state_dicts: Sequence[StateDict], weights: Sequence[float]) -> dict:
+def weighted_average(state_dicts: Sequence[StateDict], weights: Sequence[Weight]) -> dict:
     """``sum_i w_i theta_i / sum_i w_i`` over the floating-point tensors.
 
     Weights must be non-negative with a positive sum; they are normalised, so only ratios matter.
+    A weight may vary with depth: a list of anchors (``[0.0, 1.0]``) is interpolated over the
+    layer index of each tensor (``gradient_value`` at ``layer_positions``), as mergekit's gradient
+    parameters, and the weights are normalised per tensor.
 
     Args:
         state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
-        weights: one non-negative weight per ingredient, normalised to sum to 1.
+        weights: one weight per ingredient, a number >= 0 or a list of anchors over depth.
 
     Returns:
         The weighted mean of the ingredients.
@@ -222,25 +338,27 @@ def weighted_average(state_dicts: Sequence[StateDict], weights: Sequence[float])
         tensor([ 1.5000, -1.0000,  2.0000])
     """
     n = _ingredients(state_dicts)
-    weights = [float(w) for w in weights]
     if len(weights) != n:
         raise ValueError(f"got {len(weights)} weights for {n} ingredients")
-    if any(w < 0 or math.isnan(w) for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"weights must be >= 0 with a positive sum, got {weights}")
+    if all(isinstance(w, int | float) for w in weights):
+        constants = [float(w) for w in weights]  # type: ignore[arg-type]
+        if any(w < 0 or math.isnan(w) for w in constants) or sum(constants) <= 0:
+            raise ValueError(f"weights must be >= 0 with a positive sum, got {constants}")
     first = state_dicts[0]
     acc = {k: _float_copy(t) for k, t in first.items() if _is_mergeable(t)}
+    per_tensor = _tensor_weights(weights, list(acc))
+    _check_weight_sums(per_tensor, weights)
     first = _skeleton(first)
-    total = weights[0]
+    total = dict(per_tensor[0])
     for i in range(1, n):
         sd = None  # drop the previous ingredient before loading the next
         sd = state_dicts[i]
         check_same_layout(first, sd, name=f"ingredient {i}", ref_name="ingredient 0")
-        total += weights[i]
-        if weights[i] == 0:
-            continue
-        frac = weights[i] / total
         for key, a in acc.items():
-            a.lerp_(_as_acc(sd[key], a), frac)
+            w = per_tensor[i][key]
+            total[key] += w
+            if w != 0:
+                a.lerp_(_as_acc(sd[key], a), w / total[key])
     return _finish(acc, first)
 
 
@@ -388,7 +506,7 @@ class _TaskVectors:
         self,
         base: StateDict,
         state_dicts: Sequence[StateDict],
-        transform: Callable[[Tensor, int], Tensor],
+        transform: Callable[[Tensor, int, str], Tensor],
     ) -> None:
         self.delta = {
             k: torch.zeros_like(_float_copy(t)) for k, t in base.items() if _is_direction(k, t)
@@ -398,7 +516,7 @@ class _TaskVectors:
         }
         for i, sd in enumerate(_iter_checked(state_dicts, base)):
             for key, a in self.delta.items():
-                a.add_(transform(_as_acc(sd[key], a) - _as_acc(base[key], a), i))
+                a.add_(transform(_as_acc(sd[key], a) - _as_acc(base[key], a), i, key))
             for key, m in self.statistics.items():
                 m.lerp_(_as_acc(sd[key], m), 1.0 / (i + 1))  # i = 0 replaces the base's
             del sd
@@ -440,7 +558,7 @@ def task_arithmetic(base: StateDict, state_dicts: Sequence[StateDict], scale: fl
         tensor([2., 0., 1.])
     """
     _ingredients(state_dicts)
-    tv = _TaskVectors(base, state_dicts, lambda d, i: d)
+    tv = _TaskVectors(base, state_dicts, lambda d, i, k: d)
     return _apply(base, tv.delta, scale, tv.statistics)
 
 
@@ -507,21 +625,57 @@ def ties_merge(
     """
     _ingredients(state_dicts)
     _check_fraction("density", density)
-    tv = _TaskVectors(base, state_dicts, lambda d, i: _trim(d, density))
+    return _consensus_merge(base, state_dicts, lambda: lambda d, i: _trim(d, density), None, scale)
+
+
+Sparsifier = Callable[[Tensor, int], Tensor]
+
+
+def _consensus_merge(
+    base: StateDict,
+    state_dicts: Sequence[StateDict],
+    sparsifier: Callable[[], Sparsifier],
+    weights: Sequence[Weight] | None,
+    scale: float,
+    *,
+    normalize: bool = True,
+) -> dict:
+    """TIES's sign election and disjoint merge of sparsified, weighted task vectors, shared by
+    TIES, DARE-TIES and DELLA: elect each entry's sign from ``sum_i w_i s(delta_i)``, then take
+    ``sum_i w_i s(delta_i) [agrees]``, divided by ``sum_i w_i [agrees]`` when ``normalize``.
+
+    Two passes over the ingredients keep memory at a few accumulators; ``sparsifier()`` is
+    called once per pass and must return a function that draws the same masks both times.
+    """
+    keys = [k for k, t in base.items() if _is_direction(k, t)]
+    per_tensor = None if weights is None else _tensor_weights(weights, keys)
+
+    def weigh(s: Sparsifier) -> Callable[[Tensor, int, str], Tensor]:
+        if per_tensor is None:
+            return lambda d, i, k: s(d, i)
+        return lambda d, i, k: s(d, i).mul_(per_tensor[i][k])
+
+    tv = _TaskVectors(base, state_dicts, weigh(sparsifier()))
     signs = _elect_signs(tv.delta)
     total = {k: torch.zeros_like(_float_copy(base[k])) for k in signs}
-    count = {k: torch.zeros_like(t) for k, t in total.items()}
-    for sd in _iter_checked(state_dicts, base):
+    mass = {k: torch.zeros_like(t) for k, t in total.items()}
+    sparsify = sparsifier()
+    for i, sd in enumerate(_iter_checked(state_dicts, base)):
         for key, sign in signs.items():
             t = total[key]
-            delta = _trim(_as_acc(sd[key], t) - _as_acc(base[key], t), density)
+            delta = sparsify(_as_acc(sd[key], t) - _as_acc(base[key], t), i)
             # A sign of 0 (only when the whole model's majority is 0) selects the negative
             # entries, as the official disjoint merge does.
             agree = torch.where(sign > 0, delta > 0, delta < 0)
-            total[key].add_(torch.where(agree, delta, 0.0))
-            count[key].add_(agree.to(count[key].dtype))
+            w = 1.0 if per_tensor is None else per_tensor[i][key]
+            total[key].add_(torch.where(agree, delta, 0.0), alpha=w)
+            mass[key].add_(agree.to(mass[key].dtype), alpha=w)
         del sd
-    merged = {k: total.pop(k).div_(count.pop(k).clamp_(min=1.0)) for k in list(total)}
+    merged = total
+    if normalize:
+        for key in keys:
+            m = mass.pop(key)
+            merged[key] = total.pop(key).div_(m.masked_fill_(m == 0, 1.0))
     return _apply(base, merged, scale, tv.statistics)
 
 
@@ -561,15 +715,240 @@ def dare_merge(
     """
     _ingredients(state_dicts)
     _check_fraction("density", density)
-
-    def drop(delta: Tensor, i: int) -> Tensor:
-        if density >= 1.0:
-            return delta
-        keep = torch.rand(delta.shape, generator=generator) < density
-        return delta * keep.to(delta.device) / density
-
-    tv = _TaskVectors(base, state_dicts, drop)
+    drop = _dare_sparsifier(density, "inverse", generator)()
+    tv = _TaskVectors(base, state_dicts, lambda d, i, k: drop(d, i))
     return _apply(base, tv.delta, scale, tv.statistics)
+
+
+def _rescaled(delta: Tensor, keep: Tensor, rescale: Rescale, probability: Tensor | float) -> Tensor:
+    """The kept entries of ``delta``, rescaled: by ``1 / probability`` (``"inverse"``, unbiased,
+    as the DARE and DELLA papers), to the L1 norm ``delta`` had (``"l1"``, mergekit's ``rescale``;
+    not when either norm is below ``RESCALE_EPS``), or not at all (``"none"``)."""
+    if rescale == "inverse":
+        return torch.where(keep, delta / probability, 0.0)
+    masked = delta * keep
+    if rescale == "l1":
+        before, after = delta.abs().sum(), masked.abs().sum()
+        if before >= RESCALE_EPS and after >= RESCALE_EPS:
+            masked = masked * (before / after)
+    return masked
+
+
+def _fresh_generator(generator: torch.Generator | None) -> torch.Generator:
+    """``generator``, or one seeded from torch's global generator (so that ``torch.manual_seed``
+    makes the masks reproducible)."""
+    if generator is not None:
+        return generator
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    return torch.Generator().manual_seed(seed)
+
+
+def _replay(
+    generator: torch.Generator | None, make: Callable[[torch.Generator], Sparsifier]
+) -> Callable[[], Sparsifier]:
+    """A sparsifier factory whose every call draws the same masks: the generator's state is
+    taken once and restored at each call."""
+    g = _fresh_generator(generator)
+    state = g.get_state()
+
+    def factory() -> Sparsifier:
+        g.set_state(state)
+        return make(g)
+
+    return factory
+
+
+def _dare_sparsifier(
+    density: float, rescale: Rescale, generator: torch.Generator | None
+) -> Callable[[], Sparsifier]:
+    """DARE's drop: keep each entry with probability ``density`` (masks drawn on the CPU)."""
+
+    def make(g: torch.Generator) -> Sparsifier:
+        def drop(delta: Tensor, i: int) -> Tensor:
+            if density >= 1.0:
+                return delta
+            keep = (torch.rand(delta.shape, generator=g) < density).to(delta.device)
+            if rescale == "inverse":
+                return delta * keep / density  # the historical form, bit for bit
+            return _rescaled(delta, keep, rescale, density)
+
+        return drop
+
+    return _replay(generator, make)
+
+
+def _check_weights(weights: Sequence[Weight] | None, n: int) -> None:
+    if weights is not None and len(weights) != n:
+        raise ValueError(f"got {len(weights)} weights for {n} ingredients")
+
+
+def _check_rescale(rescale: str) -> None:
+    if rescale not in ("inverse", "l1", "none"):
+        raise ValueError(f"rescale must be one of ['inverse', 'l1', 'none'], got {rescale!r}")
+
+
+@torch.no_grad()
+def dare_ties_merge(
+    base: StateDict,
+    state_dicts: Sequence[StateDict],
+    density: float,
+    scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    *,
+    weights: Sequence[Weight] | None = None,
+    rescale: Rescale = "inverse",
+    normalize: bool = True,
+) -> dict:
+    """DARE-TIES (Yu et al. 2024 with Yadav et al. 2023): DARE's random drop of each task-vector
+    entry (kept with probability ``density``, survivors rescaled), then TIES's sign election on
+    the weighted sum and the disjoint merge of the entries that agree with it.
+
+    ``weights`` (one per ingredient, a number or a list of anchors over depth) weigh the task
+    vectors as mergekit's ``weight``; ``normalize=False`` sums the agreeing entries instead of
+    averaging them (mergekit's ``dare_ties`` default), and ``rescale="l1"`` rescales each dropped
+    task vector to its former L1 norm (mergekit's ``rescale: true``) instead of by
+    ``1 / density``. Masks are drawn on the CPU from ``generator``.
+
+    Args:
+        base: the pre-trained weights the ingredients were fine-tuned from.
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+        density: the probability of keeping each task-vector entry, in (0, 1].
+        scale: the factor of the merged task vector.
+        generator: the random generator of the drop masks (None: seeded from torch's).
+        weights: one weight per ingredient (None: all 1).
+        rescale: ``"inverse"`` (1 / density), ``"l1"`` or ``"none"``.
+        normalize: divide by the agreeing ingredients' total weight (the disjoint mean).
+
+    Returns:
+        The DARE-TIES merge, added to ``base``.
+
+    Raises:
+        ValueError: a density out of range, a wrong number of weights, an unknown rescale, or
+            ingredients whose layouts differ from ``base``.
+
+    Examples:
+        >>> import torch
+        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
+        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
+        >>> base = {'w': torch.zeros(3)}
+        >>> dare_ties_merge(base, [a, b], density=1.0)['w']
+        tensor([2., 2., 3.])
+    """
+    n = _ingredients(state_dicts)
+    _check_fraction("density", density)
+    _check_weights(weights, n)
+    _check_rescale(rescale)
+    sparsifier = _dare_sparsifier(density, rescale, generator)
+    return _consensus_merge(base, state_dicts, sparsifier, weights, scale, normalize=normalize)
+
+
+def della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA's keep probabilities (MAGPRUNE): within each row (the tensor viewed as
+    ``(shape[0], -1)``; a vector is one row), entries ranked by magnitude get probabilities
+    spread linearly from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest).
+
+    Args:
+        delta: a task-vector tensor.
+        density: the mean keep probability.
+        epsilon: half the spread of the probabilities.
+
+    Returns:
+        The keep probability of each entry, shaped as ``delta``.
+
+    Examples:
+        >>> import torch
+        >>> della_probabilities(torch.tensor([0.1, -3.0, 2.0]), 0.5, 0.2)
+        tensor([0.3000, 0.7000, 0.5000])
+    """
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    n = rows.shape[1]
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    ranks = torch.argsort(order, dim=1).to(_acc_dtype(delta.dtype))
+    position = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
+    return ((density - epsilon) + 2.0 * epsilon * position).reshape(delta.shape)
+
+
+def _della_sparsifier(
+    density: float, epsilon: float, rescale: Rescale, generator: torch.Generator | None
+) -> Callable[[], Sparsifier]:
+    def make(g: torch.Generator) -> Sparsifier:
+        def drop(delta: Tensor, i: int) -> Tensor:
+            if density >= 1.0:
+                return delta
+            p = della_probabilities(delta, density, epsilon)
+            keep = torch.rand(delta.shape, generator=g).to(delta.device) < p
+            return _rescaled(delta, keep, rescale, p)
+
+        return drop
+
+    return _replay(generator, make)
+
+
+@torch.no_grad()
+def della_merge(
+    base: StateDict,
+    state_dicts: Sequence[StateDict],
+    density: float,
+    epsilon: float = 0.15,
+    scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    *,
+    weights: Sequence[Weight] | None = None,
+    rescale: Rescale = "inverse",
+    normalize: bool = True,
+) -> dict:
+    """DELLA (Deep et al. 2024): drop task-vector entries at random with probabilities ranked by
+    magnitude (``della_probabilities``: larger entries are kept more often), rescale the
+    survivors by ``1 / p`` (``"l1"``: to the former L1 norm, as mergekit), then elect signs and
+    merge the agreeing entries as TIES does, weighted by ``weights``.
+
+    ``density = 1`` keeps everything (DELLA reduces to TIES without trimming); ``epsilon = 0``
+    is DARE-TIES.
+
+    Args:
+        base: the pre-trained weights the ingredients were fine-tuned from.
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+        density: the mean keep probability, in (0, 1].
+        epsilon: half the spread of the keep probabilities; ``density - epsilon > 0`` and
+            ``density + epsilon <= 1``.
+        scale: the factor of the merged task vector (mergekit's ``lambda``).
+        generator: the random generator of the drop masks (None: seeded from torch's).
+        weights: one weight per ingredient, a number or a list of anchors over depth (None: 1).
+        rescale: ``"inverse"`` (1 / p), ``"l1"`` or ``"none"``.
+        normalize: divide by the agreeing ingredients' total weight (the disjoint mean).
+
+    Returns:
+        The DELLA merge, added to ``base``.
+
+    Raises:
+        ValueError: a density or epsilon out of range, a wrong number of weights, an unknown
+            rescale, or ingredients whose layouts differ from ``base``.
+
+    Examples:
+        >>> import torch
+        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
+        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
+        >>> base = {'w': torch.zeros(3)}
+        >>> della_merge(base, [a, b], density=1.0)['w']
+        tensor([2., 2., 3.])
+    """
+    n = _ingredients(state_dicts)
+    _check_fraction("density", density)
+    _check_della_epsilon(density, epsilon)
+    _check_weights(weights, n)
+    _check_rescale(rescale)
+    sparsifier = _della_sparsifier(density, epsilon, rescale, generator)
+    return _consensus_merge(base, state_dicts, sparsifier, weights, scale, normalize=normalize)
+
+
+def _check_della_epsilon(density: float, epsilon: float) -> None:
+    if math.isnan(epsilon) or epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    if density < 1.0 and not (density - epsilon > 0 and density + epsilon <= 1):
+        raise ValueError(
+            f"epsilon must keep the keep probabilities density +/- epsilon in (0, 1]: "
+            f"got density {density}, epsilon {epsilon}"
+        )
 
 
 def _band_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
@@ -625,7 +1004,7 @@ def breadcrumbs_merge(
     _check_fraction("gamma", gamma, low_open=False)
     if density + gamma > 1.0:
         raise ValueError(f"density + gamma must be <= 1, got {density} + {gamma}")
-    tv = _TaskVectors(base, state_dicts, lambda d, i: d * _band_mask(d, density, gamma))
+    tv = _TaskVectors(base, state_dicts, lambda d, i, k: d * _band_mask(d, density, gamma))
     return _apply(base, tv.delta, scale, tv.statistics)
 
 

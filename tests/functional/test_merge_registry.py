@@ -17,6 +17,8 @@ from lightning_ext.cli import main as cli_main
 from lightning_ext.functional import (
     breadcrumbs_merge,
     dare_merge,
+    dare_ties_merge,
+    della_merge,
     model_stock,
     multi_slerp,
     slerp,
@@ -66,6 +68,23 @@ CASES: dict[str, tuple[dict[str, Any], Callable[[StateDict, list[StateDict]], di
     "dare": (
         {"density": 0.5, "seed": 4},
         lambda b, s: dare_merge(b, s, 0.5, generator=torch.Generator().manual_seed(4)),
+    ),
+    "dare-ties": (
+        {"density": 0.5, "seed": 3, "weights": [1.0, [0.5, 2.0], 1.0], "normalize": False},
+        lambda b, s: dare_ties_merge(
+            b,
+            s,
+            0.5,
+            generator=torch.Generator().manual_seed(3),
+            weights=[1.0, [0.5, 2.0], 1.0],
+            normalize=False,
+        ),
+    ),
+    "della": (
+        {"density": 0.5, "epsilon": 0.2, "scale": 0.8, "rescale": "l1"},
+        lambda b, s: della_merge(
+            b, s, 0.5, 0.2, 0.8, generator=torch.Generator().manual_seed(0), rescale="l1"
+        ),
     ),
     "breadcrumbs": (
         {"density": 0.5, "gamma": 0.1},
@@ -120,7 +139,8 @@ def test_declared_ranges_agree_with_the_functions_own_guards(name):
         if (name, p.name) == ("slerp", "t"):  # t is SLERP's of 2 models, without weights
             options, ingredients = {}, models[:2]
         for value in _outside(p.low, p.high):
-            bad = [value] * len(ingredients) if p.kind == "floats" else value
+            per_ingredient = p.kind in ("floats", "gradients")
+            bad = [value] * len(ingredients) if per_ingredient else value
             resolved = method.resolve(
                 options, num_ingredients=len(ingredients), has_base=method.base != "unused"
             )
@@ -270,6 +290,11 @@ def test_cli_help_lists_every_method_its_options_and_paper(capsys):
     assert "dare: required, (0, 1]" in text and "ties: default 0.2, (0, 1]" in text
 
 
+def _cli_text(value: Any) -> str:
+    """A value as typed on the command line: anchors over depth as ``0.5,2.0``."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_cli_runs_every_method_as_the_table_does(name, tmp_path):
     base, paths = _files(tmp_path)
@@ -279,7 +304,7 @@ def test_cli_runs_every_method_as_the_table_does(name, tmp_path):
     if method.base != "unused":
         args += ["--base", str(base)]
     for key, value in options.items():
-        args += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
+        args += [f"--{key}", *map(_cli_text, value if isinstance(value, list) else [value])]
     assert cli_main(args) == 0
     states = [torch.load(p, weights_only=True) for p in paths]
     given_base = torch.load(base, weights_only=True) if method.base != "unused" else None

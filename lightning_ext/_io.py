@@ -68,6 +68,16 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
 
 
+def atomic_save_weights(state: Any, path: str | os.PathLike) -> Path:
+    """Write a state dict where users asked: safetensors for a ``.safetensors`` (or
+    ``.safetensors.index.json``) name, ``torch.save`` otherwise; atomically either way."""
+    from lightning_ext.io import safetensors
+
+    if safetensors.is_safetensors_path(path):
+        return safetensors.save_safetensors(state, path)
+    return atomic_torch_save(state, path)
+
+
 def load_file(
     path: str | os.PathLike,
     *,
@@ -75,7 +85,9 @@ def load_file(
     map_location: Any = "cpu",
     mmap: bool = False,
 ) -> Any:
-    """Load a file written by ``torch.save``: weights only unless ``trusted=True``.
+    """Load a file written by ``torch.save``: weights only unless ``trusted=True``. A
+    ``.safetensors`` file or ``.safetensors.index.json`` index is read as the state dict it holds
+    (``lightning_ext.io.safetensors``; tensors only, so ``trusted`` does not matter).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -85,6 +97,10 @@ def load_file(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
+    from lightning_ext.io import safetensors
+
+    if safetensors.is_safetensors_path(path):  # tensors only by construction: no trust needed
+        return safetensors.load_safetensors(path, map_location=map_location)
     try:
         return torch.load(path, map_location=map_location, mmap=mmap, weights_only=not trusted)
     except RuntimeError as err:

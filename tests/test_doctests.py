@@ -35,6 +35,7 @@ OTHER_MODULES = [
     "lightning_ext.data.tasks",
     "lightning_ext.lr_scheduler",
     "lightning_ext.io.ingredients",
+    "lightning_ext.io.safetensors",
     "lightning_ext.workflows.soup",
     "lightning_ext.workflows.sparse_soup",
     "lightning_ext.strategies.soup",

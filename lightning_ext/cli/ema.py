@@ -18,7 +18,9 @@ def _export_ema(args: argparse.Namespace) -> int:
 def _register_export_ema(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-ema", help="write the EMA-only state dict of a checkpoint")
     p.add_argument("checkpoint", help="Lightning checkpoint written with the EMA callback")
-    p.add_argument("out", help="output file (torch.save of a state dict)")
+    p.add_argument(
+        "out", help="output file: a state dict (torch.save; safetensors for a .safetensors name)"
+    )
     p.add_argument("--state-key", default=None, help="which EMA, when the run had several")
     add_trusted_option(p, "a checkpoint")
     p.set_defaults(func=_export_ema)
@@ -41,7 +43,9 @@ def _register_posthoc_ema(sub: argparse._SubParsersAction) -> None:
         "posthoc-ema", help="reconstruct an EMA of any length from PostHocEMA snapshots"
     )
     p.add_argument("snapshot_dir", help="the PostHocEMA snapshot_dir")
-    p.add_argument("out", help="output file (torch.save of a state dict)")
+    p.add_argument(
+        "out", help="output file: a state dict (torch.save; safetensors for a .safetensors name)"
+    )
     p.add_argument("--sigma-rel", type=float, required=True, help="relative EMA width, e.g. 0.08")
     p.add_argument(
         "--step", type=int, default=None, help="EMA update to reconstruct (default: last)"

@@ -10,10 +10,14 @@ Examples::
     lightning-ext soup ft*.ckpt -o soup.ckpt --model mypkg.models:make_model \\
         --recalibrate-bn mypkg.data:train_loader              # recompute BatchNorm statistics
     lightning-ext soup sharded/epoch=*.ckpt/ -o soup.ckpt     # distributed checkpoint folders
+    lightning-ext soup hf-a/ hf-b/ -o soup.safetensors        # Hugging Face folders, safetensors
 
 The output keeps the first input's format: a Lightning checkpoint (the first input's, with its
 ``state_dict`` replaced and optimizer/loop state dropped, so ``Module.load_from_checkpoint``
-works) or a bare state dict. Greedy soups need a model to evaluate: use ``build_soup`` in Python.
+works) or a bare state dict; a ``.safetensors`` (or ``.safetensors.index.json``, sharded)
+output holds the merged state dict only. Inputs may be ``.safetensors`` files, sharded indexes or
+Hugging Face-style folders (``model.safetensors`` or its index inside). Greedy soups need a model
+to evaluate: use ``build_soup`` in Python.
 
 A checkpoint may be a distributed checkpoint folder (``ModelParallelStrategy``/FSDP2): its
 weights are read whole in this one process. The output is then one file: a Lightning checkpoint
@@ -40,7 +44,7 @@ from typing import Any
 
 import torch
 
-from lightning_ext._io import atomic_torch_save, load_file
+from lightning_ext._io import atomic_save_weights, load_file
 from lightning_ext.cli._options import add_trusted_option
 from lightning_ext.functional import merging
 from lightning_ext.functional.merge_methods import (
@@ -51,6 +55,7 @@ from lightning_ext.functional.merge_methods import (
     get_merge_method,
 )
 from lightning_ext.io.ingredients import Ingredients, load_state_dict
+from lightning_ext.io.safetensors import is_safetensors_path
 
 TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
 LIGHTNING_META_FILE = "meta.pt"  # the rest of a distributed checkpoint, written by Lightning
@@ -348,6 +353,8 @@ def output_template(path: str, *, trusted: bool) -> Any:
     Raises:
         ValueError: a file (or ``meta.pt``) holding arbitrary objects without ``trusted``.
     """
+    if is_safetensors_path(path):
+        return None  # a bare state dict: nothing else to keep
     if not Path(path).is_dir():
         return load_file(path, trusted=trusted, mmap=True)
     meta = Path(path) / LIGHTNING_META_FILE
@@ -372,12 +379,13 @@ def run(args: argparse.Namespace) -> int:
     request = resolve(args)
     first = output_template(args.checkpoints[0], trusted=args.trusted)  # refused before merging
     soup = recalibrate(args, merge(args, request), bn)
-    if isinstance(first, Mapping) and "state_dict" in first:
+    out: dict[str, Any] = dict(soup)
+    if is_safetensors_path(args.output):  # tensors only: the merged weights
+        pass
+    elif isinstance(first, Mapping) and "state_dict" in first:
         out = {k: v for k, v in first.items() if k not in TRAINING_STATE}
         out["state_dict"] = soup
         out["soup"] = {"method": args.method, "ingredients": list(args.checkpoints)}
-    else:
-        out = soup
-    atomic_torch_save(out, Path(args.output))
+    atomic_save_weights(out, Path(args.output))
     print(f"wrote {args.method} merge of {len(args.checkpoints)} checkpoint(s) to {args.output}")
     return 0

@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("checkpoint", help="Lightning checkpoint written with DynamicSparseTraining")
-    p.add_argument("out", help="output file (torch.save of a state dict)")
+    p.add_argument("out", help="output file (torch.save of a state dict; .safetensors: dense only)")
     p.add_argument("--format", choices=list(FORMATS), default="csr", help="default: csr")
     p.add_argument(
         "--state-key", default=None, help="which DynamicSparseTraining, when the run had several"

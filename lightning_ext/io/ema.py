@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_ext._io import atomic_torch_save, atomic_write_json, load_file
+from lightning_ext._io import atomic_save_weights, atomic_torch_save, atomic_write_json, load_file
 from lightning_ext._masks import apply_masks_
 from lightning_ext.functional.ema import posthoc_ema_coefficients, sigma_rel_to_gamma
 
@@ -166,7 +166,7 @@ def export_ema(
         The path written.
     """
     state = ema_state_dict_from_checkpoint(checkpoint, state_key=state_key, trusted=trusted)
-    return atomic_torch_save(state, out)
+    return atomic_save_weights(state, out)
 
 
 # ------------------------------------------------------------------ post-hoc EMA
@@ -311,4 +311,4 @@ def write_posthoc_ema(
         The path written.
     """
     state = posthoc_ema_state_dict(snapshot_dir, sigma_rel, step=step, progress=progress)
-    return atomic_torch_save(state, out)
+    return atomic_save_weights(state, out)

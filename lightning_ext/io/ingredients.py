@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lightning_ext._io import load_file
 from lightning_ext.functional.merging import check_same_layout
-from lightning_ext.io import distributed_checkpoint
+from lightning_ext.io import distributed_checkpoint, safetensors
 
 __all__ = ["IngredientSource", "IngredientSubset", "Ingredients", "load_state_dict"]
 
@@ -41,13 +41,16 @@ def load_state_dict(
     A checkpoint file may hold a Lightning checkpoint (weights under ``key``) or a bare state
     dict. Files are memory-mapped by default, so validating layouts reads no tensor data, and
     loaded with ``weights_only=True`` (no code from the file is executed) unless ``trusted``.
-    A folder must be a distributed checkpoint (``torch.distributed.checkpoint``, as
-    ``ModelParallelStrategy`` writes): its weights under ``key`` are gathered into full tensors
-    in this process, without a process group (see ``load_distributed_checkpoint``).
+    A ``.safetensors`` file or ``.safetensors.index.json`` index is the state dict itself (no
+    code can be in it, so ``trusted`` does not matter). A folder is either a Hugging Face-style
+    model folder (``model.safetensors`` or its sharded index inside) or a distributed checkpoint
+    (``torch.distributed.checkpoint``, as ``ModelParallelStrategy`` writes): its weights under
+    ``key`` are gathered into full tensors in this process, without a process group (see
+    ``load_distributed_checkpoint``).
 
     Args:
-        source: a state dict, a module, the path of a checkpoint or state-dict file, or of a
-            distributed checkpoint folder.
+        source: a state dict, a module, the path of a checkpoint, state-dict or safetensors
+            file, or of a Hugging Face-style or distributed checkpoint folder.
         key: the entry of a checkpoint that holds the weights.
         map_location: where loaded tensors go.
         mmap: memory-map the file (a folder's shards are read, not mapped).
@@ -71,6 +74,8 @@ def load_state_dict(
     if isinstance(source, Mapping):
         return dict(source)
     path = Path(source)
+    if path.is_dir() and safetensors.hf_weights_file(path) is not None:
+        return safetensors.load_safetensors(path, map_location=map_location)
     if path.is_dir():
         return distributed_checkpoint.load_distributed_checkpoint(
             path, key=key, map_location=map_location, trusted=trusted
@@ -86,6 +91,12 @@ def load_state_dict(
             "tensors"
         )
     return dict(obj)
+
+
+def _is_safetensors(path: Path) -> bool:
+    if path.is_dir():
+        return safetensors.hf_weights_file(path) is not None
+    return safetensors.is_safetensors_path(path) and path.is_file()
 
 
 def _describe(source: IngredientSource, index: int) -> str:
@@ -178,8 +189,11 @@ class Ingredients(Sequence):
         """Ingredient ``index`` with the key normalisation; ``data=False`` may give meta tensors
         (a distributed checkpoint folder's layout, read from its metadata)."""
         source = self.sources[index]
-        if not data and isinstance(source, str | os.PathLike) and Path(source).is_dir():
-            sd = distributed_checkpoint.read_layout(source, key=self.key, trusted=self.trusted)
+        path = Path(source) if isinstance(source, str | os.PathLike) else None
+        if not data and path is not None and _is_safetensors(path):
+            sd = safetensors.read_safetensors_layout(path)
+        elif not data and path is not None and path.is_dir():
+            sd = distributed_checkpoint.read_layout(path, key=self.key, trusted=self.trusted)
         else:
             sd = load_state_dict(
                 source,

@@ -13,9 +13,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_ext._io import atomic_torch_save, load_file
+from lightning_ext._io import atomic_save_weights, load_file
 from lightning_ext._modules import normalise_name, normalised_keys
 from lightning_ext.functional.sparse import to_csr, to_semi_structured
+from lightning_ext.io.safetensors import is_safetensors_path
 
 __all__ = ["LAYOUTS", "Layout", "export_sparse_checkpoint", "layout_converter"]
 
@@ -88,6 +89,11 @@ def export_sparse_checkpoint(
         RuntimeError: ``"semi_structured"`` on a machine without a CUDA GPU.
     """
     convert = layout_converter(layout)
+    if out is not None and layout != "dense" and is_safetensors_path(out):
+        raise ValueError(
+            f"{out}: safetensors holds dense tensors only; export layout 'dense' to it, or the "
+            f"{layout} layout to a .pt file"
+        )
     # Files load on the CPU; 2:4 tensors exist only on a CUDA device, so the weights go there.
     # Asked before the file is read: a machine without a GPU cannot do 2:4 at all.
     device = _export_device(layout)
@@ -117,5 +123,5 @@ def export_sparse_checkpoint(
         key = keys[normalise_name(name)]
         weights[key] = convert(weights[key].to(device), mask.to(device))
     if out is not None:
-        atomic_torch_save(weights, out)
+        atomic_save_weights(weights, out)
     return weights

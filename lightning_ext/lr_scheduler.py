@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_ext.functional.schedule import (
+    Cooldown,
     infinite_schedule,
     linear_decay,
     resample_schedule,
@@ -123,19 +124,25 @@ class LinearDecayLR(_MultiplierLR):
 
 
 class WarmupStableDecayLR(_MultiplierLR):
-    """Warm-up, constant, then linear decay over the last ``decay_fraction`` of the run.
+    """Warm-up, constant, then a cool-down over the last ``decay_fraction`` of the run (WSD).
+
+    The cool-down shapes in use: ``"linear"``, ``"cosine"`` and ``"1-sqrt"`` (Hägele et al. 2024;
+    see ``functional.warmup_stable_decay``). From LightningCLI YAML, as a module's
+    ``LRSchedulerCallable`` argument: ``class_path: lightning_ext.lr_scheduler.WarmupStableDecayLR``
+    with ``init_args: {total_steps: ..., cooldown: 1-sqrt}``; step it per optimizer step.
 
     Args:
         optimizer: the wrapped optimizer; each param group's initial ``lr`` is its base.
         total_steps: the run's length in optimizer steps.
         warmup_fraction: fraction of the run spent warming up linearly from 0.
-        decay_fraction: fraction of the run, at its end, spent decaying linearly to ``final``.
+        decay_fraction: fraction of the run, at its end, spent cooling down to ``final``.
         final: the multiplier at the last step.
+        cooldown: the cool-down's shape: ``"linear"``, ``"cosine"`` or ``"1-sqrt"``.
         last_epoch: the index of the last step taken (-1: a fresh start), as in torch.
 
     Raises:
-        ValueError: ``total_steps`` not positive, fractions below 0 or summing above 1, or
-            ``final`` outside [0, 1].
+        ValueError: ``total_steps`` not positive, fractions below 0 or summing above 1,
+            ``final`` outside [0, 1], or an unknown ``cooldown``.
 
     Examples:
         >>> import torch
@@ -152,12 +159,12 @@ class WarmupStableDecayLR(_MultiplierLR):
         warmup_fraction: float = 0.0,
         decay_fraction: float = 0.2,
         final: float = 0.0,
+        cooldown: Cooldown = "linear",
         last_epoch: int = -1,
     ) -> None:
-        self.total_steps, self.final = total_steps, final
+        self.total_steps, self.final, self.cooldown = total_steps, final, cooldown
         self.warmup_fraction, self.decay_fraction = warmup_fraction, decay_fraction
-        warmup_stable_decay(0, total_steps, warmup_fraction=warmup_fraction,
-                            decay_fraction=decay_fraction, final=final)  # fmt: skip
+        self.multiplier(0)  # validates the options before any step
         super().__init__(optimizer, last_epoch)
 
     def multiplier(self, step: int) -> float:
@@ -167,6 +174,7 @@ class WarmupStableDecayLR(_MultiplierLR):
             warmup_fraction=self.warmup_fraction,
             decay_fraction=self.decay_fraction,
             final=self.final,
+            cooldown=self.cooldown,
         )
 
 

@@ -25,6 +25,7 @@ OTHER_MODULES = [
     "lightning_ext.callbacks.continual",
     "lightning_ext.callbacks.pruning",
     "lightning_ext.callbacks.schedule",
+    "lightning_ext.callbacks.schedule_free",
     "lightning_ext.callbacks.soup",
     "lightning_ext.callbacks.warp",
     "lightning_ext.cli",

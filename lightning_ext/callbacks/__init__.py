@@ -5,6 +5,7 @@ from lightning_ext.callbacks.ema import EMA
 from lightning_ext.callbacks.posthoc_ema import PostHocEMA
 from lightning_ext.callbacks.pruning import DataPruningScores, InfoBatch
 from lightning_ext.callbacks.schedule import ScheduleRefinement
+from lightning_ext.callbacks.schedule_free import ScheduleFree
 from lightning_ext.callbacks.soup import ModelSoup
 from lightning_ext.callbacks.sparse import DynamicSparseTraining
 from lightning_ext.callbacks.warp import WARP
@@ -18,5 +19,6 @@ __all__ = [
     "InfoBatch",
     "ModelSoup",
     "PostHocEMA",
+    "ScheduleFree",
     "ScheduleRefinement",
 ]

@@ -446,6 +446,22 @@ def linear_decay(t: float, total: float) -> float:
     return min(1.0, max(0.0, 1.0 - t / total))
 
 
+#: The cool-down shapes of ``warmup_stable_decay`` (at cool-down progress ``p`` in [0, 1], the
+#: multiplier above ``final`` is ``1 - p``, ``(1 + cos(pi p)) / 2`` or ``1 - sqrt(p)``; 1-sqrt,
+#: Hägele et al. 2024, drops fastest at the start of the cool-down and lies below linear).
+Cooldown = Literal["linear", "cosine", "1-sqrt"]
+COOLDOWNS: tuple[Cooldown, ...] = ("linear", "cosine", "1-sqrt")
+
+
+def _cooldown_covered(progress: float, cooldown: Cooldown) -> float:
+    """How much of the way from 1 down to the final level a cool-down has gone at ``progress``."""
+    if cooldown == "linear":
+        return progress
+    if cooldown == "cosine":
+        return 0.5 * (1.0 - math.cos(math.pi * progress))
+    return math.sqrt(progress)
+
+
 def warmup_stable_decay(
     t: float,
     total: float,
@@ -453,27 +469,35 @@ def warmup_stable_decay(
     warmup_fraction: float = 0.0,
     decay_fraction: float = 0.2,
     final: float = 0.0,
+    cooldown: Cooldown = "linear",
 ) -> float:
     """Linear warm-up from 0 to 1 over the first ``warmup_fraction`` of ``total`` steps, 1 until
-    the last ``decay_fraction``, then a linear decay to ``final`` at step ``total``.
+    the last ``decay_fraction``, then a cool-down to ``final`` at step ``total``.
+
+    The cool-down shapes in use for WSD, at cool-down progress ``p`` in [0, 1], are the multiplier
+    ``final + (1 - final) * s(p)`` with ``s(p)`` = ``1 - p`` (``"linear"``),
+    ``(1 + cos(pi p)) / 2`` (``"cosine"``) or ``1 - sqrt(p)`` (``"1-sqrt"``, Hägele et al. 2024).
 
     Args:
         t: the step.
         total: the step at which the schedule ends.
         warmup_fraction: fraction of the run warming up from 0.
-        decay_fraction: fraction of the run, at its end, decaying.
+        decay_fraction: fraction of the run, at its end, cooling down.
         final: the multiplier at ``total``.
+        cooldown: the cool-down's shape, ``"linear"``, ``"cosine"`` or ``"1-sqrt"``.
 
     Returns:
         The multiplier at step ``t``.
 
     Raises:
-        ValueError: ``total`` not positive, fractions below 0 or summing above 1, or ``final``
-            outside [0, 1].
+        ValueError: ``total`` not positive, fractions below 0 or summing above 1, ``final``
+            outside [0, 1], or an unknown ``cooldown``.
 
     Examples:
         >>> [round(warmup_stable_decay(t, 10, warmup_fraction=0.2), 2) for t in (0, 1, 5, 9)]
         [0.0, 0.5, 1.0, 0.5]
+        >>> round(warmup_stable_decay(9, 10, cooldown="1-sqrt"), 4)
+        0.2929
     """
     if total <= 0:
         raise ValueError(f"total must be > 0, got {total}")
@@ -484,13 +508,15 @@ def warmup_stable_decay(
         )
     if not 0.0 <= final <= 1.0:
         raise ValueError(f"final is a fraction of the peak in [0, 1], got {final}")
+    if cooldown not in COOLDOWNS:
+        raise ValueError(f"cooldown must be one of {', '.join(COOLDOWNS)}, got {cooldown!r}")
     warmup, decay_start = warmup_fraction * total, (1.0 - decay_fraction) * total
     if t < warmup:
         return t / warmup
     if t < decay_start or decay_fraction == 0:
         return 1.0
     progress = min(1.0, (t - decay_start) / (decay_fraction * total))
-    return 1.0 + (final - 1.0) * progress
+    return 1.0 + (final - 1.0) * _cooldown_covered(progress, cooldown)
 
 
 def infinite_schedule(

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LRSchedulerCallable
 
 from lightning_ext.callbacks import ScheduleRefinement
 from lightning_ext.callbacks.schedule import DEFAULT_OPTIONS, _NormRecorder
@@ -460,3 +461,43 @@ def test_pytorch_lightning_namespace_records_into_its_run_folder(tmp_path):
     trainer.fit(OldModule(), train_dataloaders=data.train_dataloader())
     assert cb.grad_norms()[0].numel() == STEPS_PER_EPOCH
     assert (tmp_path / "lightning_logs" / "version_0" / "schedule" / "refined_schedule.pt").exists()
+
+
+class ScheduledClassifier(Classifier):
+    """A module whose LR scheduler is injected, as LightningCLI users write it."""
+
+    def __init__(self, scheduler: LRSchedulerCallable, lr: float = 0.05) -> None:
+        super().__init__(lr=lr)
+        self.scheduler = scheduler
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler(opt),
+                                                   "interval": "step"}}  # fmt: skip
+
+
+def test_lightning_cli_builds_a_wsd_scheduler_from_yaml_and_steps_it(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_ext.functional import warmup_stable_decay
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model:\n"
+        "  lr: 0.1\n"
+        "  scheduler:\n"
+        "    class_path: lightning_ext.lr_scheduler.WarmupStableDecayLR\n"
+        "    init_args:\n"
+        "      total_steps: 8\n"
+        "      decay_fraction: 0.5\n"
+        "      cooldown: 1-sqrt\n"
+    )
+    cli = LightningCLI(ScheduledClassifier, DigitsDataModule, run=False, save_config_callback=None,
+                       args=["--config", str(config)])  # fmt: skip
+    ref = ReferenceNorms()
+    trainer = quiet_trainer(max_steps=8, callbacks=[ref], limit_val_batches=0)
+    trainer.fit(cli.model, datamodule=DigitsDataModule(limit=512))
+    expected = [0.1 * warmup_stable_decay(t, 8, decay_fraction=0.5, cooldown="1-sqrt")
+                for t in range(8)]  # fmt: skip
+    assert [lrs[0] for lrs in ref.lrs] == pytest.approx(expected, abs=1e-12)
+    assert expected[5] < 0.1 * (1 - 1 / 4)  # 1-sqrt lies below a linear cool-down

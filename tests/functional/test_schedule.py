@@ -367,3 +367,40 @@ def test_stored_schedule_scheduler_resumes_from_its_state_dict():
     assert _flat(head + tail[1:]) == pytest.approx(_flat(full[:5] + full[6:]))
     with pytest.raises(ValueError, match="at least 2 steps"):
         StoredScheduleLR(opt, [1.0], total_steps=10)
+
+
+@pytest.mark.parametrize(
+    "cooldown,shape",
+    [
+        ("linear", lambda p: 1 - p),
+        ("cosine", lambda p: 0.5 * (1 + np.cos(np.pi * p))),
+        ("1-sqrt", lambda p: 1 - np.sqrt(p)),
+    ],
+)
+def test_warmup_stable_decay_cooldown_shapes_against_numpy(cooldown, shape):
+    total, warmup, decay, final = 200, 0.1, 0.3, 0.05
+    t = np.arange(total + 1, dtype=np.float64)
+    progress = np.clip((t - (1 - decay) * total) / (decay * total), 0, 1)
+    expected = np.where(
+        t < warmup * total, t / (warmup * total), final + (1 - final) * shape(progress)
+    )
+    got = [
+        warmup_stable_decay(
+            s, total, warmup_fraction=warmup, decay_fraction=decay, final=final, cooldown=cooldown
+        )
+        for s in range(total + 1)
+    ]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    lrs, _ = _lrs(
+        lambda o: WarmupStableDecayLR(
+            o, total, warmup_fraction=warmup, decay_fraction=decay, final=final, cooldown=cooldown
+        ),
+        total + 1,
+    )
+    np.testing.assert_allclose(np.array(lrs), np.outer(expected, [0.1, 0.02]), atol=1e-12)
+
+
+def test_warmup_stable_decay_refuses_an_unknown_cooldown():
+    with pytest.raises(ValueError, match="cooldown must be one of linear, cosine, 1-sqrt"):
+        WarmupStableDecayLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)]), 10,
+                            cooldown="sqrt")  # fmt: skip

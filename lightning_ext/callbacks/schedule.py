@@ -158,6 +158,13 @@ class _NormRecorder:
     saves (a 3.4M-parameter transformer: 7.1 ms against 5.1 ms per step in the hook, and a full
     gradient-sized buffer held), so larger groups take the per-tensor path.
 
+    l1 norms on the CPU avoid torch's l1 norm kernel, which is not vectorised (``_foreach_norm``
+    and ``vector_norm`` with ``ord=1`` ran at 2.9x the bandwidth bound, 2.2x the l2 kernel):
+    a flat group is ``abs_`` then summed in its own buffer; a larger group packs its small
+    tensors into one buffer (``_AbsSums``) and writes each large one's ``abs`` through a scratch
+    buffer small enough to stay in the cache, summed with torch's vectorised ``sum``. Same value
+    (closer to a float64 sum than the l1 kernel's sequential accumulation), a third of the time.
+
     Sharded (FSDP2): the columns are the norms of each rank's local shards, and reading them is a
     collective (``global_norms_from_shards``: one all_reduce per chunk of steps).
     """
@@ -182,6 +189,7 @@ class _NormRecorder:
             groups[(p.device, p.dtype)].append(p)
         self._groups: list[tuple[list[Tensor], slice, Tensor, torch.dtype | None]] = []
         self._flat_groups: list[tuple[list[Tensor], int, Tensor]] = []
+        self._abs_groups: list[_AbsSums] = []
         start = 0
         for (device, dtype), members in groups.items():
             zero = torch.zeros((), dtype=dtype, device=device)  # stands in for a missing grad
@@ -191,6 +199,10 @@ class _NormRecorder:
                 flat = torch.empty(size, dtype=dtype, device=device)
                 self._flat_groups.append((members, start, flat))
                 start += 1
+                continue
+            if flat_ok and norm == "l1":
+                self._abs_groups.append(_AbsSums(members, start))
+                start = self._abs_groups[-1].stop
                 continue
             low = dtype in (torch.float16, torch.bfloat16)  # norms of half grads in float32
             cols = slice(start, start + len(members))
@@ -215,7 +227,12 @@ class _NormRecorder:
                 views = [torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1)
                          for p in params]  # fmt: skip
             torch.cat(views, out=flat)
-            torch.linalg.vector_norm(flat, self.order, out=row[col])
+            if self.order == 1:  # the flat buffer is ours: abs in place, vectorised sum
+                torch.sum(flat.abs_(), 0, out=row[col])
+            else:
+                torch.linalg.vector_norm(flat, 2, out=row[col])
+        for group in self._abs_groups:
+            group.write(row)
         for params, cols, zero, dtype in self._groups:
             grads = [zero if p.grad is None else local_shard(p.grad) for p in params]
             parts = torch._foreach_norm(grads, self.order, dtype=dtype)
@@ -254,6 +271,53 @@ class _NormRecorder:
         if len(self._host) > 1:
             self._host = [torch.cat(self._host)]
         return self._host[0].clone() if self._host else torch.empty(0, dtype=torch.float32)
+
+
+class _AbsSums:
+    """Partial l1 norms of float32 CPU gradients into consecutive columns of a row: the small
+    tensors packed into one buffer (one column), each large one's ``abs`` written through a
+    scratch buffer of at most ``PIECE`` elements (one column per piece), each summed by torch's
+    vectorised ``sum``: two kernel calls per piece, no allocation per step."""
+
+    SMALL = 4096
+    PIECE = 1 << 16  # 256 KB of float32: stays in a core's L2 cache between abs and sum
+
+    def __init__(self, params: list[Tensor], start: int) -> None:
+        self.small = [p for p in params if p.numel() < self.SMALL]
+        self.packed = torch.empty(sum(p.numel() for p in self.small), dtype=torch.float32)
+        col = start + 1
+        self.large: list[tuple[Tensor, list[tuple[int, int, int]]]] = []
+        for p in params:
+            if p.numel() >= self.SMALL:
+                n = p.numel()
+                starts = range(0, n, self.PIECE)
+                pieces = [(a, min(a + self.PIECE, n), col + j) for j, a in enumerate(starts)]
+                self.large.append((p, pieces))
+                col += len(pieces)
+        self.start, self.stop = start, col
+        biggest = max((p.numel() for p, _ in self.large), default=0)
+        self.scratch = torch.empty(min(biggest, self.PIECE), dtype=torch.float32)
+
+    def write(self, row: Tensor) -> None:
+        """Write this group's partial l1 norms into ``row[start:stop]`` (sum them for the norm).
+        A missing gradient counts as zeros."""
+        if self.small:
+            views = [torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1)
+                     for p in self.small]  # fmt: skip
+            torch.cat(views, out=self.packed)
+            torch.sum(self.packed.abs_(), 0, out=row[self.start])
+        else:
+            row[self.start].zero_()
+        for p, pieces in self.large:
+            if p.grad is None:
+                row[pieces[0][2] : pieces[-1][2] + 1].zero_()
+                continue
+            flat = p.grad.reshape(-1)
+            whole = len(pieces) == 1
+            for a, b, col in pieces:
+                part = self.scratch[: b - a]
+                torch.abs(flat if whole else flat[a:b], out=part)
+                torch.sum(part, 0, out=row[col])
 
 
 class ScheduleRefinement(Callback):

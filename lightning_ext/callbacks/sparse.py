@@ -24,8 +24,11 @@ from lightning_ext.functional.sparse import (
     active_count,
     adam_normalised_momentum,
     cosine_drop_fraction,
+    denominator_keys,
     drop_and_grow,
     drop_count,
+    hold_inactive_,
+    hold_period,
     layer_densities,
     mask_as_multiplier,
     nm_mask,
@@ -105,6 +108,12 @@ class DynamicSparseTraining(DeclaredState, Callback):
             mask update.
         plot: draw per-layer density and mask change over the run into
             ``<run folder>/sparse/sparsity.png`` at fit end (and to wandb when logging there).
+        hold_denominators: hold the inactive weights' square-root denominators in the optimizer
+            state (Adam's ``exp_avg_sq``, RMSprop's ``square_avg``, Adagrad's ``sum``) at 1
+            instead of 0 (``rigl``, ``set``, ``static``): their gradient and first moment are
+            exactly zero, so their update stays exactly zero and the active weights' trajectory
+            is bitwise the same, while torch's CPU ``sqrt`` no longer runs on exact zeros, which
+            made the optimizer step about twice as slow (docs/overhead.md).
     """
 
     def __init__(
@@ -129,6 +138,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
         trust_optimizer_state: bool = False,
         log_per_layer: bool = True,
         plot: bool = True,
+        hold_denominators: bool = True,
     ) -> None:
         super().__init__()
         if not 0.0 < density <= 1.0:
@@ -159,7 +169,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
         self.momentum_beta, self.srste_decay, self.seed = momentum_beta, srste_decay, seed
         self.n, self.m = int(match[1]), int(match[2])
         self.trust_optimizer_state, self.log_per_layer = trust_optimizer_state, log_per_layer
-        self.plot = plot
+        self.plot, self.hold_denominators = plot, hold_denominators
 
         self.names: list[str] = []  # normalised, first name of each targeted parameter
         self.counts: list[int] = []  # active weights per layer (always equal to the mask's sum)
@@ -189,6 +199,9 @@ class DynamicSparseTraining(DeclaredState, Callback):
         self.end_step = 0
         self.last_change = 0.0
         self._log_due = False
+        # Held denominators: refilled every _hold_every optimizer steps (0: not held).
+        self._hold_every = 0
+        self._hold_due = False
 
     @property
     def masks(self) -> dict[str, Tensor]:
@@ -374,6 +387,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
         self.end_step = int(self.end_fraction * total) if total < float("inf") else 0
         self._announce_schedule(total)
         self._own_momentum_index = self._needs_own_momentum(trainer)
+        self._hold_every = self._denominator_period(trainer)
         continuing = len(self._masks) == len(self._locals) and all(
             m.shape == p.shape for m, p in zip(self._masks, self._locals)
         )
@@ -411,6 +425,21 @@ class DynamicSparseTraining(DeclaredState, Callback):
         """This rank's shard of a full tensor of target i (no communication)."""
         like = self._likes[i]
         return full if like is None else local_part(full, like)
+
+    def _denominator_period(self, trainer: pl.Trainer) -> int:
+        """Steps between refills of the held denominators (0: none held): the shortest over the
+        param groups holding targets, so that no held value decays below a normal float."""
+        spec = self.spec
+        if not (self.hold_denominators and spec.masks_gradients and spec.resets_optimizer_state):
+            return 0  # snfs grows by the moments themselves; srste steps dense weights
+        targets = {id(p) for p in self._params}
+        periods = [
+            hold_period(type(opt).__name__, group)
+            for opt in trainer.optimizers
+            for group in opt.param_groups
+            if any(id(p) in targets for p in group["params"])
+        ]
+        return min((p for p in periods if p is not None), default=0)
 
     def _needs_own_momentum(self, trainer: pl.Trainer) -> list[int]:
         """Momentum growth: targets whose optimizer keeps no momentum (not Adam-like, SGD without
@@ -539,6 +568,8 @@ class DynamicSparseTraining(DeclaredState, Callback):
         due = self._update_due(step)
         if due:
             self._last_update_step = step
+        # From the global step, so that a resumed run refills exactly when the whole one does.
+        self._hold_due = self._hold_every > 0 and step % self._hold_every == 0
         self._accumulate_own_momentum()
         # An update after the step reads the momentum that includes the step's gradient.
         self._pending_update = step if due and spec.update_after_step else None
@@ -556,6 +587,10 @@ class DynamicSparseTraining(DeclaredState, Callback):
             if self.spec.structured:
                 self._srste_after_step()
             torch._foreach_mul_(self._locals, self._multipliers)
+            if self._hold_due:  # after the step: the state exists from the first one on
+                self._hold_due = False
+                for held, mask in zip(self._denominators(), self._masks):
+                    hold_inactive_(held, mask)
             if self._pending_update is not None:
                 step, self._pending_update = self._pending_update, None
                 self._update_masks(step)
@@ -641,6 +676,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
         n_grow = self._growth_counts(n_drop)
         reset = self.spec.resets_optimizer_state  # else the state is the growth signal: kept
         state = self._optimizer_state() if reset else [[]] * len(self._params)
+        held = self._denominators() if self._hold_every else [[]] * len(self._params)
         changes = []
         for i, (p, mask) in enumerate(zip(self._locals, self._masks)):
             # Under FSDP2 the drop and grow choose among the full tensors (gathered), exactly as
@@ -659,6 +695,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
             p.masked_fill_(~kept, 0)
             for tensor in state[i]:
                 tensor.masked_fill_(~kept, 0)
+            hold_inactive_(held[i], new)  # grown weights keep the zeros just written
             self.counts[i] += n_grow[i] - n_drop[i]
             changes.append(int((full_new & ~full_mask).count_nonzero()) / max(self.counts[i], 1))
             mask.copy_(new)
@@ -685,6 +722,20 @@ class DynamicSparseTraining(DeclaredState, Callback):
                             f"not the parameter's {tuple(p.shape)}: cannot restart grown weights"
                         )
                     tensors.append(local_shard(value))
+            out.append(tensors)
+        return out
+
+    def _denominators(self) -> list[list[Tensor]]:
+        """Per target, its square-root denominators in the optimizers' state (local shards)."""
+        out: list[list[Tensor]] = []
+        for p in self._params:
+            tensors = []
+            for opt in self._optimizers:
+                state = opt.state.get(p, {})
+                for key in denominator_keys(type(opt).__name__):
+                    value = state.get(key)
+                    if isinstance(value, Tensor) and value.shape == p.shape:
+                        tensors.append(local_shard(value))
             out.append(tensors)
         return out
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,9 +21,12 @@ __all__ = [
     "adam_normalised_momentum",
     "allocate_counts",
     "cosine_drop_fraction",
+    "denominator_keys",
     "drop_and_grow",
     "drop_count",
     "erk_densities",
+    "hold_inactive_",
+    "hold_period",
     "layer_densities",
     "mask_as_multiplier",
     "nm_groups",
@@ -41,6 +45,20 @@ __all__ = [
 ]
 
 DISTRIBUTIONS = ("erk", "er", "uniform", "uniform_first_dense")
+
+# Optimizer state that an update divides by through a square root, by optimizer class name, and
+# the hyperparameter that decays it while the gradient is zero (None: it never decays).
+SQRT_DENOMINATORS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "Adam": (("exp_avg_sq", "max_exp_avg_sq"), "betas"),
+    "AdamW": (("exp_avg_sq", "max_exp_avg_sq"), "betas"),
+    "NAdam": (("exp_avg_sq",), "betas"),
+    "RAdam": (("exp_avg_sq",), "betas"),
+    "RMSprop": (("square_avg",), "alpha"),
+    "Adagrad": (("sum",), None),
+}
+#: The value inactive weights' denominators are held at: any positive normal float works, since
+#: it only ever divides an exact zero; 1.0 leaves the most room to decay before a refill.
+HELD_DENOMINATOR = 1.0
 
 
 def _check_density(density: float, what: str = "density") -> None:
@@ -452,6 +470,85 @@ def adam_normalised_momentum(exp_avg: Tensor, exp_avg_sq: Tensor, eps: float = 1
         tensor([ 1.0000, -2.0000])
     """
     return exp_avg / (exp_avg_sq.sqrt() + eps)
+
+
+def denominator_keys(optimizer: str) -> tuple[str, ...]:
+    """Names of the state entries an optimizer's update divides by through a square root.
+
+    An inactive weight of sparse training has a zero gradient, so these entries are exactly zero
+    for it, and torch's CPU ``sqrt`` runs several times slower on exact zeros (and ~45x slower on
+    subnormals) than on other values: holding them at ``HELD_DENOMINATOR`` keeps the step at
+    dense speed while the update, a zero numerator over them, stays exactly zero.
+
+    Args:
+        optimizer: the optimizer's class name (``type(opt).__name__``).
+
+    Returns:
+        The state keys (empty for optimizers without such state: SGD, Adamax, ASGD, unknown).
+
+    Examples:
+        >>> denominator_keys("AdamW"), denominator_keys("SGD")
+        (('exp_avg_sq', 'max_exp_avg_sq'), ())
+    """
+    return SQRT_DENOMINATORS.get(optimizer, ((), None))[0]
+
+
+def hold_period(
+    optimizer: str, group: Mapping[str, Any], *, floor: float = 1e-30, longest: int = 1000
+) -> int | None:
+    """Optimizer steps a held denominator may go unrefreshed in a param group: with a zero
+    gradient it decays by a factor per step (Adam's ``beta2``, RMSprop's ``alpha``) and must not
+    fall below ``floor``, far above the subnormals that make ``sqrt`` slower still.
+
+    Args:
+        optimizer: the optimizer's class name.
+        group: the param group (its hyperparameters).
+        floor: the smallest value a held denominator may decay to.
+        longest: the period when the value never decays (Adagrad) or decays slowly.
+
+    Returns:
+        Steps between refills (at least 1), or None when holding is pointless: no such state, or
+        a decay of 0 (the value would vanish after every step).
+
+    Examples:
+        >>> hold_period("AdamW", {"betas": (0.9, 0.999)}), hold_period("RMSprop", {"alpha": 0.9})
+        (1000, 655)
+    """
+    keys, hyper = SQRT_DENOMINATORS.get(optimizer, ((), None))
+    if not keys:
+        return None
+    if hyper is None:
+        return longest
+    value = group[hyper]
+    decay = float(value[1] if isinstance(value, tuple | list) else value)
+    if not decay > 0.0:
+        return None
+    if decay >= 1.0:
+        return longest
+    steps = math.log(floor / HELD_DENOMINATOR) / math.log(decay)
+    return max(1, min(longest, int(steps)))
+
+
+def hold_inactive_(state: Sequence[Tensor], mask: Tensor, value: float = HELD_DENOMINATOR) -> None:
+    """Set the inactive entries (``mask`` False) of each denominator state tensor to ``value``.
+
+    Args:
+        state: the weight's denominator state tensors (``denominator_keys``), its shape.
+        mask: the weight's boolean mask (True: active).
+        value: the positive value to hold them at.
+
+    Examples:
+        >>> import torch
+        >>> exp_avg_sq = torch.tensor([0.5, 0.0, 0.0])
+        >>> hold_inactive_([exp_avg_sq], torch.tensor([True, False, False]))
+        >>> exp_avg_sq
+        tensor([0.5000, 1.0000, 1.0000])
+    """
+    if not state:
+        return
+    inactive = ~mask
+    for tensor in state:
+        tensor.masked_fill_(inactive, value)
 
 
 def allocate_counts(total: int, weights: Sequence[float], capacity: Sequence[int]) -> list[int]:

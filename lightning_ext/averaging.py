@@ -1,7 +1,10 @@
 """Shadow copies of a module's weights, shared by the weight-averaging callbacks (EMA, PostHocEMA).
 
-A ``ShadowWeights`` follows one module: floating-point tensors are averaged with the foreach EMA
-update, the rest (integer buffers such as BatchNorm's ``num_batches_tracked``) are copied. The
+A ``ShadowWeights`` follows one module: parameters and floating statistics buffers (BatchNorm's
+running mean and variance) are averaged with the foreach EMA update; every other buffer is copied
+(``averages_buffer`` is the one rule): counters such as ``num_batches_tracked``, buffers that are
+not statistics of the data, and any float buffer holding a non-finite value (an additive ``-inf``
+causal mask, where ``lerp(-inf, -inf)`` would be NaN). The
 shadow may live on another device than the module (e.g. CPU offload of a GPU model); then each
 update stages the weights into pinned host buffers with non-blocking copies and the averaging runs
 in a background thread, so the training step never waits for the host-side arithmetic.
@@ -18,6 +21,96 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ext.functional.ema import ema_update_, group_by_device_and_dtype
+from lightning_ext.functional.merging import is_statistic
+
+
+def averages_buffer(name: str, buffer: Tensor) -> bool:
+    """Whether a weight average (EMA, post-hoc EMA, WARP's anchor and merge) averages a buffer.
+
+    Only floating statistics of the data (``functional.merging.is_statistic``: BatchNorm's running
+    mean and variance), and only while every value is finite: the one merge rule, linear. Every
+    other buffer is copied, never averaged: counters, constants (an additive ``-inf`` causal mask,
+    where ``lerp(-inf, -inf)`` is NaN; a rotary cache) and whatever else is not a statistic.
+
+    Args:
+        name: the buffer's name in the module's state dict.
+        buffer: its tensor.
+
+    Returns:
+        True when the buffer is averaged, False when it is copied.
+
+    Examples:
+        >>> import torch
+        >>> averages_buffer("bn.running_mean", torch.zeros(3))
+        True
+        >>> averages_buffer("attn.mask", torch.full((2, 2), float("-inf")).triu(1))
+        False
+    """
+    if not buffer.is_floating_point() or not is_statistic(name, buffer):
+        return False
+    return bool(torch.isfinite(local_shard(buffer)).all())
+
+
+def nonfinite_names(named: Mapping[str, Tensor]) -> list[str]:
+    """The names of the tensors holding a NaN or an infinity (one host sync for all of them).
+
+    Args:
+        named: tensors by name (any devices, local shards for DTensors).
+
+    Returns:
+        The names, in ``named``'s order; empty when every value is finite.
+
+    Examples:
+        >>> import torch
+        >>> nonfinite_names({"a": torch.ones(2), "b": torch.tensor([0.0, float("nan")])})
+        ['b']
+    """
+    names = [n for n, t in named.items() if t.is_floating_point() and t.numel()]
+    if not names:
+        return []
+    flags = torch.stack([torch.isfinite(local_shard(named[n])).all().cpu() for n in names]).tolist()
+    return [n for n, ok in zip(names, flags) if not ok]
+
+
+def refuse_nonfinite_parameters(module: nn.Module, who: str) -> None:
+    """Refuse to start averaging a model whose parameters are already NaN or infinite: the average
+    would be NaN from the first update, silently (a diverged run, or a bad checkpoint).
+
+    Args:
+        module: the model about to be averaged.
+        who: the callback or strategy, named in the message.
+
+    Raises:
+        ValueError: naming the first non-finite parameters.
+    """
+    bad = nonfinite_names(dict(module.named_parameters()))
+    if bad:
+        raise ValueError(
+            f"{who}: {len(bad)} parameters hold NaN or infinite values before averaging starts "
+            f"(e.g. {bad[:5]}): the average would be NaN. Resume from an earlier checkpoint or "
+            "lower the learning rate; only buffers (e.g. an additive -inf mask) may be non-finite."
+        )
+
+
+def nonfinite_message(named: Mapping[str, Tensor], what: str) -> str | None:
+    """The warning to give when ``named`` holds NaN or infinite values, naming the tensors (an
+    average of a diverged run is NaN: saying so beats a silent NaN model), or None.
+
+    Args:
+        named: the averaged tensors by name.
+        what: what they are, for the message (e.g. "EMA: the average applied at fit end").
+
+    Returns:
+        The message, or None when every value is finite.
+    """
+    bad = nonfinite_names(named)
+    if not bad:
+        return None
+    return (
+        f"{what}: {len(bad)} averaged tensors hold NaN or infinite values (e.g. {bad[:5]}): the "
+        "live weights diverged during training (non-finite losses or gradients), and an average "
+        "of non-finite weights is not usable"
+    )
 
 
 @dataclass(frozen=True)
@@ -29,10 +122,10 @@ class TrackedTensors:
     Build one with ``TrackedTensors.from_module``.
 
     Attributes:
-        averaged_names: the names of the averaged tensors (parameters, float buffers).
+        averaged_names: the names of the averaged tensors (parameters, statistics buffers).
         averaged: the averaged tensors, by position in ``averaged_names``.
-        copied_names: the names of the copied tensors (integer and boolean buffers, and float
-            buffers when buffers are not averaged).
+        copied_names: the names of the copied tensors (every buffer ``averages_buffer`` does not
+            average, and every buffer when buffers are not averaged).
         copied: the copied tensors, by position in ``copied_names``.
         aliases: every other name of a tied tensor, mapped to the name it is tracked under.
         sharded: the DTensors (FSDP2) whose local shards are tracked, by name.
@@ -47,7 +140,8 @@ class TrackedTensors:
 
     @classmethod
     def from_module(cls, module: nn.Module, *, average_buffers: bool = True) -> TrackedTensors:
-        """DTensor parameters (FSDP2) are tracked by their local shard, kept in ``sharded``."""
+        """DTensor parameters (FSDP2) are tracked by their local shard, kept in ``sharded``;
+        buffers are averaged by ``averages_buffer`` when ``average_buffers``, else copied."""
         avg_names, avg, copy_names, copy = [], [], [], []
         sharded: dict[str, Tensor] = {}
         for name, param in module.named_parameters():
@@ -56,7 +150,7 @@ class TrackedTensors:
             avg_names.append(name)
             avg.append(_local_view(name, param, sharded))
         for name, buf in module.named_buffers():
-            if buf.is_floating_point() and average_buffers:
+            if average_buffers and averages_buffer(name, buf):
                 avg_names.append(name)
                 avg.append(_local_view(name, buf, sharded))
             else:
@@ -201,6 +295,11 @@ class ShadowWeights:
             tensor.data, shadow[i] = shadow[i], tensor.data
         n = len(self.averaged)
         self.averaged[:], self.copied[:] = shadow[:n], shadow[n:]
+
+    def averaged_state(self) -> dict[str, Tensor]:
+        """The averaged shadow tensors (not the copied ones) by tracked name."""
+        self.wait()
+        return dict(zip(self.tracked.averaged_names, self.averaged))
 
     def state_dict(self) -> dict[str, Tensor]:
         """The shadow by tracked name: local shards when the module is sharded."""

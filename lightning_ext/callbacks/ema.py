@@ -7,12 +7,17 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_ext._lightning import run_validation_epoch_apart
 from lightning_ext._masks import find_mask_source, masks_for
-from lightning_ext.averaging import ShadowWeights, TrackedTensors
+from lightning_ext.averaging import (
+    ShadowWeights,
+    TrackedTensors,
+    nonfinite_message,
+    refuse_nonfinite_parameters,
+)
 from lightning_ext.averaging import fsdp2_modules as _fsdp2_modules
 from lightning_ext.averaging import reshard as _reshard
 from lightning_ext.callbacks._state import DeclaredState
@@ -50,8 +55,10 @@ class EMA(DeclaredState, AfterOptimizerStep):
             weights there, so it never remembers weights from before it.
         warmup_gamma: decay warm-up scale (warm-up is off when None).
         warmup_power: decay warm-up exponent.
-        buffers: ``"average"`` float buffers (e.g. BatchNorm statistics) like parameters, or
-            ``"copy"`` them from the live model. Non-float buffers are always copied.
+        buffers: ``"average"`` the statistics buffers (BatchNorm's running mean and variance)
+            like parameters, or ``"copy"`` them from the live model. Every other buffer is always
+            copied (counters, constants, any buffer holding a non-finite value such as an
+            additive ``-inf`` mask): ``lightning_ext.averaging.averages_buffer``.
         device: where the EMA lives (``None``: beside each weight). ``"cpu"`` offloads a GPU
             model's EMA; the host-side averaging then runs in a background thread.
         validate_on: weights used by validation; ``"both"`` validates the EMA under the module's
@@ -169,6 +176,7 @@ class EMA(DeclaredState, AfterOptimizerStep):
 
     def _ensure_shadow(self, pl_module: pl.LightningModule) -> ShadowWeights:
         if self._shadow is None:
+            refuse_nonfinite_parameters(pl_module, "EMA")
             tracked = TrackedTensors.from_module(
                 pl_module, average_buffers=self.buffers == "average"
             )
@@ -294,6 +302,11 @@ class EMA(DeclaredState, AfterOptimizerStep):
         if self.apply_on_fit_end and self._has_average():
             assert self._shadow is not None
             self._restore_live()
+            message = nonfinite_message(
+                self._shadow.averaged_state(), "EMA: the average applied to the module at fit end"
+            )
+            if message:
+                rank_zero_warn(message)
             self._shadow.copy_to_live_()
             self._mask_module_tensors(keep_masked_out=False)
             _reshard(self._fsdp2_modules)

@@ -21,7 +21,12 @@ from torch import Tensor
 from lightning_ext._lightning import is_wandb_logger, run_dir
 from lightning_ext._masks import apply_masks_, sparse_masks_for
 from lightning_ext._plot import new_figure, write_png
-from lightning_ext.averaging import ShadowWeights, TrackedTensors
+from lightning_ext.averaging import (
+    ShadowWeights,
+    TrackedTensors,
+    nonfinite_message,
+    refuse_nonfinite_parameters,
+)
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.callbacks._steps import AfterOptimizerStep
 from lightning_ext.functional.ema import power_ema_beta, power_profile, sigma_rel_to_gamma
@@ -50,7 +55,10 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
             own versioned folder). An explicit folder holding another run's index is refused.
         update_every_n_steps: update the EMAs every n optimizer steps.
         device: where the EMAs live (``None``: beside each weight; ``"cpu"`` to offload).
-        buffers: average float buffers or copy them; non-float buffers are always copied.
+        buffers: ``"average"`` the statistics buffers (BatchNorm's running mean and variance) or
+            ``"copy"`` them; every other buffer (counters, constants, any buffer holding a
+            non-finite value such as an additive ``-inf`` mask) is always copied, and the
+            reconstruction takes its value from the last snapshot it uses.
         plot: write ``profiles.png`` (target vs reconstructed EMA profiles) at the end of fit.
     """
 
@@ -84,6 +92,7 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
         self.snapshots: list[dict[str, Any]] = []
         self.run_id = uuid.uuid4().hex
         self._masks_announced = False
+        self._nonfinite_warned = False
         self._shadows: list[ShadowWeights] = []
         self._loaded: list[dict[str, Tensor]] | None = None
         self._loaded_dir: str | None = None
@@ -115,6 +124,7 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
             raise ValueError(problem)
         self._relocate_loaded_snapshots()
         if not self._shadows:
+            refuse_nonfinite_parameters(pl_module, "PostHocEMA")
             tracked = TrackedTensors.from_module(
                 pl_module, average_buffers=self.buffers == "average"
             )
@@ -191,8 +201,15 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
             ]
             for profile in weights:  # the running averages stay raw: only what is written
                 apply_masks_(profile, masks)
+            self._warn_nonfinite(weights)
             write_snapshot(
-                self._dir, entry, weights, masks, run_id=self.run_id, earlier=self.snapshots
+                self._dir,
+                entry,
+                weights,
+                masks,
+                run_id=self.run_id,
+                earlier=self.snapshots,
+                copied=self._shadows[0].tracked.copied_names,
             )
         self.snapshots.append(entry)
         for logger in trainer.loggers:
@@ -203,6 +220,21 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
                 },
                 step=trainer.global_step,
             )
+
+    def _warn_nonfinite(self, weights: list[dict[str, Tensor]]) -> None:
+        """Once per fit: a snapshot of a diverged run is NaN; name the tensors."""
+        if self._nonfinite_warned:
+            return
+        averaged = self._shadows[0].tracked.averaged_names
+        for profile in weights:
+            message = nonfinite_message(
+                {n: profile[n] for n in averaged},
+                f"PostHocEMA: snapshot {self.num_updates} (written all the same)",
+            )
+            if message:
+                self._nonfinite_warned = True
+                rank_zero_warn(message)
+                return
 
     def _current_masks(self, trainer: pl.Trainer) -> dict[str, Tensor]:
         """The sparse-training masks of the tracked tensors (empty when not trained sparse)."""

@@ -31,11 +31,16 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_ext._masks import apply_masks_, count_outside_masks, find_mask_source, masks_for
-from lightning_ext.averaging import ShadowWeights, TrackedTensors
+from lightning_ext.averaging import (
+    ShadowWeights,
+    TrackedTensors,
+    nonfinite_message,
+    refuse_nonfinite_parameters,
+)
 from lightning_ext.callbacks._steps import AfterOptimizerStep
 
 AnchorKind = Literal["ema", "init", "sync"]
@@ -185,6 +190,10 @@ class WARP(AfterOptimizerStep):
             )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._shadow is not None and self.kind != "init":
+            message = nonfinite_message(self._shadow.averaged_state(), "WARP: the anchor")
+            if message:
+                rank_zero_warn(message)
         if self._rezeroed_now is not None:
             zeroed = self._take_rezeroed(trainer)
             rank_zero_info(
@@ -197,7 +206,8 @@ class WARP(AfterOptimizerStep):
             self._anchor.release()  # the swap buffers; the shadow stays for inspection
 
     def _build_anchor(self, pl_module: pl.LightningModule) -> None:
-        tracked = TrackedTensors.from_module(pl_module)
+        refuse_nonfinite_parameters(pl_module, "WARP")
+        tracked = TrackedTensors.from_module(pl_module)  # buffers: averages_buffer decides
         shadow = ShadowWeights(tracked, background=False)
         if tracked.sharded:  # FSDP2 forbids deepcopy: swap the shards in for each anchor call
             self._anchor = _ShardedAnchor(pl_module, shadow)

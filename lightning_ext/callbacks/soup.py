@@ -426,7 +426,9 @@ def _averages_applied_at_fit_end(callbacks: list[Any]) -> list[str]:
     found = []
     for cb in callbacks:
         names = {klass.__name__ for klass in type(cb).__mro__}
-        if "WeightAveraging" in names or ("EMA" in names and getattr(cb, "apply_on_fit_end", 0)):
+        if "WeightAveraging" in names or (
+            "EMA" in names and getattr(cb, "apply_on_fit_end", False)
+        ):
             found.append(type(cb).__name__)
     return found
 

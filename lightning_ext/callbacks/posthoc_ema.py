@@ -22,9 +22,11 @@ from lightning_ext._lightning import is_wandb_logger, run_dir
 from lightning_ext._masks import apply_masks_, sparse_masks_for
 from lightning_ext._plot import new_figure, write_png
 from lightning_ext.averaging import (
+    Selection,
     ShadowWeights,
     TrackedTensors,
     nonfinite_message,
+    parse_dtype,
     refuse_nonfinite_parameters,
 )
 from lightning_ext.callbacks._state import DeclaredState
@@ -60,6 +62,13 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
             non-finite value such as an additive ``-inf`` mask) is always copied, and the
             reconstruction takes its value from the last snapshot it uses.
         plot: write ``profiles.png`` (target vs reconstructed EMA profiles) at the end of fit.
+        dtype: the dtype of the tracked averages and snapshots (``"float32"`` for bf16 or fp16
+            weights); None: each weight's own.
+        include: track only the tensors whose names match one of these shell-style patterns.
+        exclude: leave out the tensors whose names match one of these patterns.
+        trainable_only: leave out frozen parameters (``requires_grad=False``). Tensors left out
+            are neither tracked nor written: a reconstruction holds the tracked tensors only, to
+            load over the model with ``load_state_dict(..., strict=False)``.
     """
 
     def __init__(
@@ -72,6 +81,10 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
         device: str | None = None,
         buffers: Literal["average", "copy"] = "average",
         plot: bool = True,
+        dtype: str | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        trainable_only: bool = False,
     ) -> None:
         super().__init__()
         if not sigma_rels:
@@ -88,6 +101,8 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
         self.device = torch.device(device) if device is not None else None
         self.buffers = buffers
         self.plot = plot
+        self.dtype = parse_dtype(dtype, "PostHocEMA")
+        self.selection = Selection.of(include, exclude, trainable_only)
         self.num_updates = 0
         self.snapshots: list[dict[str, Any]] = []
         self.run_id = uuid.uuid4().hex
@@ -126,10 +141,15 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
         if not self._shadows:
             refuse_nonfinite_parameters(pl_module, "PostHocEMA")
             tracked = TrackedTensors.from_module(
-                pl_module, average_buffers=self.buffers == "average"
+                pl_module,
+                average_buffers=self.buffers == "average",
+                selection=self.selection,
+                who="PostHocEMA",
             )
             _refuse_sharded(tracked)
-            self._shadows = [ShadowWeights(tracked, self.device) for _ in self.gammas]
+            self._shadows = [
+                ShadowWeights(tracked, self.device, dtype=self.dtype) for _ in self.gammas
+            ]
         if self._loaded is not None:
             for shadow, state in zip(self._shadows, self._loaded):
                 shadow.load_state_dict(state, "PostHocEMA state in the checkpoint")

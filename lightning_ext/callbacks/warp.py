@@ -36,8 +36,10 @@ from torch import Tensor, nn
 
 from lightning_ext._masks import apply_masks_, count_outside_masks, find_mask_source, masks_for
 from lightning_ext.averaging import (
+    Selection,
     ShadowWeights,
     TrackedTensors,
+    full_tensors,
     nonfinite_message,
     refuse_nonfinite_parameters,
 )
@@ -62,6 +64,13 @@ class WARP(AfterOptimizerStep):
         mu: EMA rate of the ``"ema"`` anchor: weight of the current policy in each update.
         alpha: weight of the policy in each ``"sync"`` update (1 copies the policy: a hard sync).
         tau: optimizer steps between ``"sync"`` updates.
+        include: keep an anchor copy only of the tensors whose names match one of these
+            shell-style patterns (None: all).
+        exclude: keep no anchor copy of the tensors whose names match one of these patterns.
+        trainable_only: keep no anchor copy of frozen parameters (``requires_grad=False``): a
+            LoRA or partially frozen policy shares its frozen base with the anchor instead of
+            holding it twice. Tensors left out are the policy's own in the anchor (shared
+            storage), which for frozen ones is exact.
 
     Logged (every ``log_every_n_steps``): ``warp/anchor_distance``, the L2 distance between the
     policy's and the anchor's weights, and ``warp/anchor_updates``. The KL itself depends on the
@@ -86,7 +95,15 @@ class WARP(AfterOptimizerStep):
     """
 
     def __init__(
-        self, anchor: AnchorKind = "ema", mu: float = 0.01, alpha: float = 0.6, tau: int = 512
+        self,
+        anchor: AnchorKind = "ema",
+        mu: float = 0.01,
+        alpha: float = 0.6,
+        tau: int = 512,
+        *,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        trainable_only: bool = False,
     ) -> None:
         if anchor not in ("ema", "init", "sync"):
             raise ValueError(f"anchor must be 'ema', 'init' or 'sync', got {anchor!r}")
@@ -96,6 +113,7 @@ class WARP(AfterOptimizerStep):
             raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
         if int(tau) != tau or tau < 1:
             raise ValueError(f"tau must be a positive number of optimizer steps, got {tau}")
+        self.selection = Selection.of(include, exclude, trainable_only)
         self.kind: AnchorKind = anchor
         self.mu, self.alpha, self.tau = float(mu), float(alpha), int(tau)
         self.updates = 0
@@ -149,7 +167,9 @@ class WARP(AfterOptimizerStep):
         """
         if self._shadow is None:
             raise RuntimeError("the WARP anchor exists from on_fit_start on: call it after fit")
-        return {k: v.detach().clone() for k, v in self._shadow.full_state_dict().items()}
+        left_out = full_tensors(self._shadow.tracked.untracked)  # the policy's own tensors
+        full = {**left_out, **self._shadow.full_state_dict()}
+        return {k: v.detach().clone() for k, v in full.items()}
 
     # -- lifecycle -------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -207,7 +227,8 @@ class WARP(AfterOptimizerStep):
 
     def _build_anchor(self, pl_module: pl.LightningModule) -> None:
         refuse_nonfinite_parameters(pl_module, "WARP")
-        tracked = TrackedTensors.from_module(pl_module)  # buffers: averages_buffer decides
+        # buffers: averages_buffer decides; tensors the selection leaves out are not copied
+        tracked = TrackedTensors.from_module(pl_module, selection=self.selection, who="WARP")
         shadow = ShadowWeights(tracked, background=False)
         if tracked.sharded:  # FSDP2 forbids deepcopy: swap the shards in for each anchor call
             self._anchor = _ShardedAnchor(pl_module, shadow)
@@ -221,6 +242,9 @@ class WARP(AfterOptimizerStep):
                 # shadow (which also frees the deep copy's own storage)
                 mine[name].data = tensor
                 mine[name].grad = None  # a module fitted before may carry gradients
+            for name, live in tracked.untracked.items():  # left out: the policy's own storage
+                mine[name].data = live.data
+                mine[name].grad = None
             self._anchor = anchor
         self._shadow = shadow
 
@@ -289,7 +313,9 @@ class WARP(AfterOptimizerStep):
     def state_dict(self) -> dict[str, Any]:
         if self._anchor is None or self._shadow is None:
             anchor = None
-        elif self.sharded:  # full tensors: rank 0 writes the callback state for every rank
+        elif self.sharded or self._shadow.tracked.untracked:
+            # full tensors (rank 0 writes the callback state for every rank), and only the
+            # tracked ones: what a selection leaves out is the policy's, saved with the model
             anchor = self._shadow.full_state_dict()
         else:
             anchor = self._anchor.state_dict()
@@ -318,7 +344,8 @@ class WARP(AfterOptimizerStep):
         assert self._anchor is not None and self._shadow is not None
         saved = state["anchor"]
         if saved is not None:
-            if self.sharded:  # full tensors (or another run's shards): each rank keeps its own
+            if self.sharded or self._shadow.tracked.untracked:
+                # full tensors (or another run's shards): each rank keeps its own
                 names = self._shadow.tracked.names
                 self._shadow.load_state_dict(
                     {n: saved[n] for n in names if n in saved}, "WARP anchor in the checkpoint"

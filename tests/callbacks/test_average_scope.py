@@ -126,3 +126,36 @@ def test_an_fp32_average_of_bf16_weights_keeps_the_updates_bf16_rounds_away(tmp_
         limit_val_batches=1,
         precision="bf16-true",
     )
+
+
+def test_sparse_masks_still_apply_to_what_remains_averaged_in_each_mode(tmp_path):
+    from lightning_ext.callbacks import DynamicSparseTraining
+    from tests.callbacks.test_sparse_averaging import final_masks, nonzero_outside, sparse_fit
+
+    ema = EMA(decay=0.9, dtype="float64", exclude=["net.4.*"], apply_on_fit_end=False)
+    phema = PostHocEMA(
+        dtype="float64",
+        include=["net.0.*", "net.2.*"],
+        snapshot_every_n_steps=4,
+        snapshot_dir=str(tmp_path / "phema"),
+        plot=False,
+    )
+    _, dst = sparse_fit([ema, phema], epochs=2)
+    masks = final_masks(dst)
+    assert {"net.0.weight", "net.2.weight", "net.4.weight"} <= set(masks)
+    assert ema._shadow.averaged[0].dtype == torch.float64
+    assert nonzero_outside(ema.ema_state_dict(), masks) == 0  # averaged ones masked, net.4 live
+    rebuilt = posthoc_ema_state_dict(tmp_path / "phema", 0.08)
+    assert nonzero_outside(rebuilt, {k: masks[k] for k in ("net.0.weight", "net.2.weight")}) == 0
+    check_resume_exact(
+        lambda: Classifier(net="mlp", optimizer="adam", lr=1e-2),
+        lambda: [
+            DynamicSparseTraining(density=0.3, method="rigl", delta_t=2, plot=False),
+            EMA(decay=0.9, dtype="float64", trainable_only=True, exclude=["net.4.*"]),
+        ],
+        dm,
+        tmp_path,
+        max_epochs=2,
+        split_epoch=1,
+        limit_val_batches=1,
+    )

@@ -52,11 +52,14 @@ def averages_buffer(name: str, buffer: Tensor) -> bool:
     return bool(torch.isfinite(local_shard(buffer)).all())
 
 
-def nonfinite_names(named: Mapping[str, Tensor]) -> list[str]:
+def nonfinite_names(named: Mapping[str, Tensor], *, across_ranks: bool | None = None) -> list[str]:
     """The names of the tensors holding a NaN or an infinity (one host sync for all of them).
 
     Args:
-        named: tensors by name (any devices, local shards for DTensors).
+        named: tensors by name (any devices; DTensors are read by their local shards).
+        across_ranks: combine the ranks' answers (one all-reduce: every rank must call it), as
+            sharded tensors need so that every rank names the same tensors and none is left
+            waiting in a later collective; None: exactly when ``named`` holds DTensors.
 
     Returns:
         The names, in ``named``'s order; empty when every value is finite.
@@ -66,11 +69,19 @@ def nonfinite_names(named: Mapping[str, Tensor]) -> list[str]:
         >>> nonfinite_names({"a": torch.ones(2), "b": torch.tensor([0.0, float("nan")])})
         ['b']
     """
-    names = [n for n, t in named.items() if t.is_floating_point() and t.numel()]
+    names = [n for n, t in named.items() if t.is_floating_point()]
+    if across_ranks is None:
+        across_ranks = any(is_dtensor(named[n]) for n in names)
     if not names:
         return []
-    flags = torch.stack([torch.isfinite(local_shard(named[n])).all().cpu() for n in names]).tolist()
-    return [n for n, ok in zip(names, flags) if not ok]
+    local = [local_shard(named[n]) for n in names]
+    flags = torch.stack([torch.isfinite(t).all() for t in local]).int()
+    if across_ranks:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return [n for n, ok in zip(names, flags.tolist()) if not ok]
 
 
 def refuse_nonfinite_parameters(module: nn.Module, who: str) -> None:
@@ -93,18 +104,22 @@ def refuse_nonfinite_parameters(module: nn.Module, who: str) -> None:
         )
 
 
-def nonfinite_message(named: Mapping[str, Tensor], what: str) -> str | None:
+def nonfinite_message(
+    named: Mapping[str, Tensor], what: str, *, across_ranks: bool = False
+) -> str | None:
     """The warning to give when ``named`` holds NaN or infinite values, naming the tensors (an
     average of a diverged run is NaN: saying so beats a silent NaN model), or None.
 
     Args:
         named: the averaged tensors by name.
         what: what they are, for the message (e.g. "EMA: the average applied at fit end").
+        across_ranks: the tensors are local shards (FSDP2): combine the ranks' answers (a
+            collective, see ``nonfinite_names``).
 
     Returns:
         The message, or None when every value is finite.
     """
-    bad = nonfinite_names(named)
+    bad = nonfinite_names(named, across_ranks=across_ranks)
     if not bad:
         return None
     return (

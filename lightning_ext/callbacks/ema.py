@@ -329,7 +329,9 @@ class EMA(DeclaredState, AfterOptimizerStep):
             assert self._shadow is not None
             self._restore_live()
             message = nonfinite_message(
-                self._shadow.averaged_state(), "EMA: the average applied to the module at fit end"
+                self._shadow.averaged_state(),
+                "EMA: the average applied to the module at fit end",
+                across_ranks=bool(self._shadow.tracked.sharded),
             )
             if message:
                 rank_zero_warn(message)

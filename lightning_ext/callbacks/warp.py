@@ -211,7 +211,9 @@ class WARP(AfterOptimizerStep):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._shadow is not None and self.kind != "init":
-            message = nonfinite_message(self._shadow.averaged_state(), "WARP: the anchor")
+            message = nonfinite_message(
+                self._shadow.averaged_state(), "WARP: the anchor", across_ranks=self.sharded
+            )
             if message:
                 rank_zero_warn(message)
         if self._rezeroed_now is not None:

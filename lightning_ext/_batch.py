@@ -97,6 +97,26 @@ def causal_lm_batch(batch: Mapping[str, Any]) -> tuple[dict[str, Any], Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}, shifted
 
 
+def unshifted_lm_targets(batch: Any, logits: Tensor, targets: Tensor) -> bool:
+    """Whether a causal LM's batch was read as if position ``t`` predicted token ``t``: the logits
+    are per position ``(B, T, V)`` and the targets ``(B, T)`` are the batch's own ``input_ids``
+    (Hugging Face ``labels``, which the model shifts itself). Scored that way, a causal LM is
+    judged on copying its input, and its loss rises as it learns; ``causal_lm_batch`` shifts them.
+
+    Args:
+        batch: the batch as the loader gave it.
+        logits: the forward's logits for it.
+        targets: the targets ``unpack_batch`` read from it.
+
+    Returns:
+        True when the targets are the unshifted input ids of a per-position output.
+    """
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    if not isinstance(ids, Tensor) or logits.ndim != 3 or targets.shape != logits.shape[:2]:
+        return False
+    return ids.shape == targets.shape and torch.equal(ids.to(targets.device), targets)
+
+
 def logits_from_output(output: Any) -> Tensor:
     """The logits inside a forward's output (a tensor, a dict or an object with ``.logits``)."""
     if isinstance(output, Tensor):

@@ -1,7 +1,10 @@
 """Shadow copies of a module's weights, shared by the weight-averaging callbacks (EMA, PostHocEMA).
 
-A ``ShadowWeights`` follows one module: floating-point tensors are averaged with the foreach EMA
-update, the rest (integer buffers such as BatchNorm's ``num_batches_tracked``) are copied. The
+A ``ShadowWeights`` follows one module: parameters and floating statistics buffers (BatchNorm's
+running mean and variance) are averaged with the foreach EMA update; every other buffer is copied
+(``averages_buffer`` is the one rule): counters such as ``num_batches_tracked``, buffers that are
+not statistics of the data, and any float buffer holding a non-finite value (an additive ``-inf``
+causal mask, where ``lerp(-inf, -inf)`` would be NaN). The
 shadow may live on another device than the module (e.g. CPU offload of a GPU model); then each
 update stages the weights into pinned host buffers with non-blocking copies and the averaging runs
 in a background thread, so the training step never waits for the host-side arithmetic.
@@ -9,7 +12,8 @@ in a background thread, so the training step never waits for the host-side arith
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import fnmatch
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +22,229 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ext.functional.ema import ema_update_, group_by_device_and_dtype
+from lightning_ext.functional.merging import is_statistic
+
+
+def averages_buffer(name: str, buffer: Tensor) -> bool:
+    """Whether a weight average (EMA, post-hoc EMA, WARP's anchor and merge) averages a buffer.
+
+    Only floating statistics of the data (``functional.merging.is_statistic``: BatchNorm's running
+    mean and variance), and only while every value is finite: the one merge rule, linear. Every
+    other buffer is copied, never averaged: counters, constants (an additive ``-inf`` causal mask,
+    where ``lerp(-inf, -inf)`` is NaN; a rotary cache) and whatever else is not a statistic.
+
+    Args:
+        name: the buffer's name in the module's state dict.
+        buffer: its tensor.
+
+    Returns:
+        True when the buffer is averaged, False when it is copied.
+
+    Examples:
+        >>> import torch
+        >>> averages_buffer("bn.running_mean", torch.zeros(3))
+        True
+        >>> averages_buffer("attn.mask", torch.full((2, 2), float("-inf")).triu(1))
+        False
+    """
+    if not buffer.is_floating_point() or not is_statistic(name, buffer):
+        return False
+    return bool(torch.isfinite(local_shard(buffer)).all())
+
+
+def nonfinite_names(named: Mapping[str, Tensor], *, across_ranks: bool | None = None) -> list[str]:
+    """The names of the tensors holding a NaN or an infinity (one host sync for all of them).
+
+    Args:
+        named: tensors by name (any devices; DTensors are read by their local shards).
+        across_ranks: combine the ranks' answers (one all-reduce: every rank must call it), as
+            sharded tensors need so that every rank names the same tensors and none is left
+            waiting in a later collective; None: exactly when ``named`` holds DTensors.
+
+    Returns:
+        The names, in ``named``'s order; empty when every value is finite.
+
+    Examples:
+        >>> import torch
+        >>> nonfinite_names({"a": torch.ones(2), "b": torch.tensor([0.0, float("nan")])})
+        ['b']
+    """
+    names = [n for n, t in named.items() if t.is_floating_point()]
+    if across_ranks is None:
+        across_ranks = any(is_dtensor(named[n]) for n in names)
+    if not names:
+        return []
+    local = [local_shard(named[n]) for n in names]
+    flags = torch.stack([torch.isfinite(t).all() for t in local]).int()
+    if across_ranks:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return [n for n, ok in zip(names, flags.tolist()) if not ok]
+
+
+def refuse_nonfinite_parameters(module: nn.Module, who: str) -> None:
+    """Refuse to start averaging a model whose parameters are already NaN or infinite: the average
+    would be NaN from the first update, silently (a diverged run, or a bad checkpoint).
+
+    Args:
+        module: the model about to be averaged.
+        who: the callback or strategy, named in the message.
+
+    Raises:
+        ValueError: naming the first non-finite parameters.
+    """
+    bad = nonfinite_names(dict(module.named_parameters()))
+    if bad:
+        raise ValueError(
+            f"{who}: {len(bad)} parameters hold NaN or infinite values before averaging starts "
+            f"(e.g. {bad[:5]}): the average would be NaN. Resume from an earlier checkpoint or "
+            "lower the learning rate; only buffers (e.g. an additive -inf mask) may be non-finite."
+        )
+
+
+def nonfinite_message(
+    named: Mapping[str, Tensor], what: str, *, across_ranks: bool = False
+) -> str | None:
+    """The warning to give when ``named`` holds NaN or infinite values, naming the tensors (an
+    average of a diverged run is NaN: saying so beats a silent NaN model), or None.
+
+    Args:
+        named: the averaged tensors by name.
+        what: what they are, for the message (e.g. "EMA: the average applied at fit end").
+        across_ranks: the tensors are local shards (FSDP2): combine the ranks' answers (a
+            collective, see ``nonfinite_names``).
+
+    Returns:
+        The message, or None when every value is finite.
+    """
+    bad = nonfinite_names(named, across_ranks=across_ranks)
+    if not bad:
+        return None
+    return (
+        f"{what}: {len(bad)} averaged tensors hold NaN or infinite values (e.g. {bad[:5]}): the "
+        "live weights diverged during training (non-finite losses or gradients), and an average "
+        "of non-finite weights is not usable"
+    )
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which of a module's tensors a weight average follows: by name pattern and trainability.
+
+    Tensors left out are not copied at all: the average uses the live tensor for them (a frozen
+    base is the same in both), which is what saves the memory of a LoRA or partially frozen
+    model. Patterns are shell-style (``fnmatch``: ``"model.backbone.*"``), matched against the
+    names of ``module.named_parameters()`` and ``named_buffers()``.
+
+    Attributes:
+        include: keep only tensors matching one of these patterns (None: all).
+        exclude: then leave out tensors matching one of these patterns.
+        trainable_only: leave out parameters with ``requires_grad=False`` (buffers stay).
+    """
+
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    trainable_only: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        trainable_only: bool = False,
+    ) -> Selection:
+        """A selection from the options of a callback (lists, as LightningCLI gives them).
+
+        Args:
+            include: patterns of the tensors to keep (None: all).
+            exclude: patterns of the tensors to leave out.
+            trainable_only: leave out frozen parameters.
+
+        Returns:
+            The selection.
+
+        Raises:
+            ValueError: a pattern given as one string instead of a list, or an empty pattern.
+        """
+        for option, patterns in (("include", include), ("exclude", exclude)):
+            if isinstance(patterns, str):
+                raise ValueError(f"{option} takes a list of patterns, got the string {patterns!r}")
+            if patterns is not None and not all(patterns):
+                raise ValueError(f"{option} holds an empty pattern: {list(patterns)}")
+        return cls(
+            None if include is None else tuple(include), tuple(exclude or ()), trainable_only
+        )
+
+    @property
+    def everything(self) -> bool:
+        """Whether every tensor is kept (the default)."""
+        return self.include is None and not self.exclude and not self.trainable_only
+
+    def keeps(self, name: str, tensor: Tensor, is_parameter: bool) -> bool:
+        """Whether the tensor named ``name`` is followed.
+
+        Args:
+            name: its name in the module.
+            tensor: the tensor.
+            is_parameter: a parameter (``trainable_only`` applies), not a buffer.
+
+        Returns:
+            True when it is followed.
+        """
+        if self.include is not None and not _matches(name, self.include):
+            return False
+        if _matches(name, self.exclude):
+            return False
+        return not (self.trainable_only and is_parameter and not tensor.requires_grad)
+
+    def check(self, names: Sequence[str], who: str) -> None:
+        """Refuse patterns that match none of ``names`` (a typo would silently change nothing).
+
+        Args:
+            names: the module's parameter and buffer names.
+            who: the callback, named in the message.
+
+        Raises:
+            ValueError: naming the pattern and a few of the names.
+        """
+        for option, patterns in (("include", self.include or ()), ("exclude", self.exclude)):
+            for pattern in patterns:
+                if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                    raise ValueError(
+                        f"{who}({option}=[{pattern!r}, ...]): the pattern matches none of the "
+                        f"module's {len(names)} tensors (e.g. {list(names)[:4]}); patterns are "
+                        "shell-style, matched against full names such as 'model.layer.weight'"
+                    )
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def parse_dtype(name: str | None, who: str) -> torch.dtype | None:
+    """The floating dtype named by a callback's ``dtype`` option (``"float32"``, ``"bfloat16"``).
+
+    Args:
+        name: the dtype's name (``torch.<name>``), or None.
+        who: the callback, named in the message.
+
+    Returns:
+        The dtype, or None.
+
+    Raises:
+        ValueError: an unknown or non-floating dtype.
+    """
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"{who}(dtype={name!r}): not a floating torch dtype; use e.g. 'float32' (an fp32 "
+            "average of bf16 or fp16 weights) or 'float64'"
+        )
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -29,13 +256,15 @@ class TrackedTensors:
     Build one with ``TrackedTensors.from_module``.
 
     Attributes:
-        averaged_names: the names of the averaged tensors (parameters, float buffers).
+        averaged_names: the names of the averaged tensors (parameters, statistics buffers).
         averaged: the averaged tensors, by position in ``averaged_names``.
-        copied_names: the names of the copied tensors (integer and boolean buffers, and float
-            buffers when buffers are not averaged).
+        copied_names: the names of the copied tensors (every buffer ``averages_buffer`` does not
+            average, and every buffer when buffers are not averaged).
         copied: the copied tensors, by position in ``copied_names``.
         aliases: every other name of a tied tensor, mapped to the name it is tracked under.
         sharded: the DTensors (FSDP2) whose local shards are tracked, by name.
+        untracked: the module tensors a ``Selection`` left out, by name (the live ones: an
+            average uses them as they are).
     """
 
     averaged_names: list[str]
@@ -44,25 +273,50 @@ class TrackedTensors:
     copied: list[Tensor]
     aliases: dict[str, str] = field(default_factory=dict)
     sharded: dict[str, Tensor] = field(default_factory=dict)
+    untracked: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
-    def from_module(cls, module: nn.Module, *, average_buffers: bool = True) -> TrackedTensors:
-        """DTensor parameters (FSDP2) are tracked by their local shard, kept in ``sharded``."""
+    def from_module(
+        cls,
+        module: nn.Module,
+        *,
+        average_buffers: bool = True,
+        selection: Selection | None = None,
+        who: str = "the average",
+    ) -> TrackedTensors:
+        """DTensor parameters (FSDP2) are tracked by their local shard, kept in ``sharded``;
+        buffers are averaged by ``averages_buffer`` when ``average_buffers``, else copied;
+        ``selection`` (checked against the module's names, naming ``who``) leaves tensors out."""
+        selection = selection or Selection()
+        if not selection.everything:
+            names = [n for n, _ in module.named_parameters()]
+            selection.check(names + [n for n, _ in module.named_buffers()], who)
         avg_names, avg, copy_names, copy = [], [], [], []
         sharded: dict[str, Tensor] = {}
+        untracked: dict[str, Tensor] = {}
         for name, param in module.named_parameters():
+            if not selection.keeps(name, param, is_parameter=True):
+                untracked[name] = param
+                continue
             if not param.is_floating_point():
                 raise TypeError(f"parameter {name!r} is {param.dtype}; only float is supported")
             avg_names.append(name)
             avg.append(_local_view(name, param, sharded))
         for name, buf in module.named_buffers():
-            if buf.is_floating_point() and average_buffers:
+            if not selection.keeps(name, buf, is_parameter=False):
+                untracked[name] = buf
+            elif average_buffers and averages_buffer(name, buf):
                 avg_names.append(name)
                 avg.append(_local_view(name, buf, sharded))
             else:
                 copy_names.append(name)
                 copy.append(_local_view(name, buf, sharded))
-        return cls(avg_names, avg, copy_names, copy, _aliases(module), sharded)
+        if not avg_names:
+            raise ValueError(
+                f"{who}: nothing left to average ({len(untracked)} tensors left out by "
+                f"{selection}); widen include, exclude or trainable_only"
+            )
+        return cls(avg_names, avg, copy_names, copy, _aliases(module), sharded, untracked)
 
     def gather(self, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Full tensors from local shards of the tracked tensors (a collective when sharded:
@@ -98,6 +352,8 @@ class ShadowWeights:
         background: run the averaging in a worker thread from pinned staging buffers, so the
             training step does not wait for it; None: exactly when the shadow is on another
             device than the module.
+        dtype: the dtype of the averaged tensors (e.g. float32 for an average of bf16 weights,
+            whose small updates bf16 would round away); None: each tensor's own.
 
     Examples:
         >>> import torch
@@ -117,10 +373,11 @@ class ShadowWeights:
         device: torch.device | None = None,
         *,
         background: bool | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.tracked = tracked
         with torch.no_grad():
-            self.averaged = [_clone_to(t, device) for t in tracked.averaged]
+            self.averaged = [_clone_to(t, device, dtype) for t in tracked.averaged]
             self.copied = [_clone_to(t, device) for t in tracked.copied]
         crosses_devices = any(s.device != t.device for s, t in zip(self.tensors, tracked.tensors))
         self.background = crosses_devices if background is None else background
@@ -201,6 +458,11 @@ class ShadowWeights:
             tensor.data, shadow[i] = shadow[i], tensor.data
         n = len(self.averaged)
         self.averaged[:], self.copied[:] = shadow[:n], shadow[n:]
+
+    def averaged_state(self) -> dict[str, Tensor]:
+        """The averaged shadow tensors (not the copied ones) by tracked name."""
+        self.wait()
+        return dict(zip(self.tracked.averaged_names, self.averaged))
 
     def state_dict(self) -> dict[str, Tensor]:
         """The shadow by tracked name: local shards when the module is sharded."""
@@ -394,9 +656,11 @@ def local_part(full: Tensor, like: Tensor) -> Tensor:
     return dtensor.to_local()
 
 
-def _clone_to(tensor: Tensor, device: torch.device | None) -> Tensor:
+def _clone_to(
+    tensor: Tensor, device: torch.device | None, dtype: torch.dtype | None = None
+) -> Tensor:
     target = tensor.device if device is None else device
-    out = torch.empty(tensor.shape, dtype=tensor.dtype, device=target)
+    out = torch.empty(tensor.shape, dtype=dtype or tensor.dtype, device=target)
     return out.copy_(tensor.detach())
 
 

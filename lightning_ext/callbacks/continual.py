@@ -35,6 +35,7 @@ from lightning_ext._batch import (
     move_to_device,
     per_sample_accuracy,
     per_sample_cross_entropy,
+    unshifted_lm_targets,
 )
 from lightning_ext._lightning import fit_val_loaders, has_fit_val_loaders, is_wandb_logger, run_dir
 from lightning_ext._sized import dataset_size
@@ -136,7 +137,9 @@ class ContinualEvaluation(DeclaredState, Callback):
             do not declare it. Fixed for the built-in metrics (loss, perplexity: False).
         unpack_batch: ``batch -> (inputs, targets)``; the default reads ``(x, y, ...)`` and dicts
             with a ``labels``/``label``/``targets``/``target``/``y`` key. For a causal LM whose
-            labels are its input ids use ``lightning_ext._batch.causal_lm_batch``.
+            labels are its input ids use ``lightning_ext.data.causal_lm_batch``: left unset, the
+            first evaluation refuses targets equal to the batch's unshifted ``input_ids`` scored
+            against per-position logits ``(B, T, V)``.
         forward_fn: ``(module, inputs) -> logits``; the default calls ``module(**inputs)`` for
             dicts (without the labels, so a forward that returns the loss when given labels
             returns logits) and takes ``.logits`` from a non-tensor output.
@@ -216,6 +219,7 @@ class ContinualEvaluation(DeclaredState, Callback):
         self.every_n_steps, self.subsample, self.batch_size = every_n_steps, subsample, batch_size
         self.metric, self.higher_is_better = metric, higher_is_better
         self.unpack_batch = unpack_batch or default_unpack_batch
+        self._check_lm_targets = unpack_batch is None  # until the first batch is read
         self.forward_fn = forward_fn or default_forward
         self.window, self.lca_beta, self.seed = window, lca_beta, seed
         self.zero_shot, self.gap_within = zero_shot, gap_within
@@ -478,9 +482,22 @@ class ContinualEvaluation(DeclaredState, Callback):
         """(logits, targets) of one evaluation batch through ``unpack_batch`` and ``forward_fn``."""
         try:
             inputs, targets = self.unpack_batch(batch)
-            return self.forward_fn(pl_module, inputs), targets
+            logits = self.forward_fn(pl_module, inputs)
         except BatchFormatError as err:
             raise BatchFormatError(f"ContinualEvaluation: {err}") from err
+        if self._check_lm_targets:
+            self._check_lm_targets = False
+            if unshifted_lm_targets(batch, logits, targets):
+                raise BatchFormatError(
+                    "ContinualEvaluation: the targets are the batch's input_ids, unshifted, and "
+                    f"the logits are per position {tuple(logits.shape)}: a causal LM would be "
+                    "scored on predicting each token from itself, and its reported loss and "
+                    "perplexity would rise as it learns. Pass "
+                    "unpack_batch=lightning_ext.data.causal_lm_batch (shifts the labels by one), "
+                    "or unpack_batch=lightning_ext.data.default_unpack_batch if position t "
+                    "really predicts token t."
+                )
+        return logits, targets
 
     def _evaluate_task(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> Any:
         batches, total = self._shard(trainer, pl_module, task)

@@ -7,12 +7,19 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_ext._lightning import run_validation_epoch_apart
 from lightning_ext._masks import find_mask_source, masks_for
-from lightning_ext.averaging import ShadowWeights, TrackedTensors
+from lightning_ext.averaging import (
+    Selection,
+    ShadowWeights,
+    TrackedTensors,
+    nonfinite_message,
+    parse_dtype,
+    refuse_nonfinite_parameters,
+)
 from lightning_ext.averaging import fsdp2_modules as _fsdp2_modules
 from lightning_ext.averaging import reshard as _reshard
 from lightning_ext.callbacks._state import DeclaredState
@@ -50,8 +57,10 @@ class EMA(DeclaredState, AfterOptimizerStep):
             weights there, so it never remembers weights from before it.
         warmup_gamma: decay warm-up scale (warm-up is off when None).
         warmup_power: decay warm-up exponent.
-        buffers: ``"average"`` float buffers (e.g. BatchNorm statistics) like parameters, or
-            ``"copy"`` them from the live model. Non-float buffers are always copied.
+        buffers: ``"average"`` the statistics buffers (BatchNorm's running mean and variance)
+            like parameters, or ``"copy"`` them from the live model. Every other buffer is always
+            copied (counters, constants, any buffer holding a non-finite value such as an
+            additive ``-inf`` mask): ``lightning_ext.averaging.averages_buffer``.
         device: where the EMA lives (``None``: beside each weight). ``"cpu"`` offloads a GPU
             model's EMA; the host-side averaging then runs in a background thread.
         validate_on: weights used by validation; ``"both"`` validates the EMA under the module's
@@ -72,6 +81,16 @@ class EMA(DeclaredState, AfterOptimizerStep):
         apply_on_fit_end: copy the EMA into the module when fit ends.
         log_decay: log ``ema/decay`` when it changes (every logging interval during warm-up,
             once otherwise).
+        dtype: the dtype of the average (``"float32"``: an fp32 average of bf16 or fp16 weights,
+            as timm's ModelEmaV3; None: each weight's own). The EMA is cast to the module's
+            dtypes when swapped in or applied; ``ema_state_dict`` and checkpoints keep it in
+            ``dtype``.
+        include: average only the tensors whose names match one of these shell-style patterns
+            (``"model.head.*"``); None: all.
+        exclude: leave out the tensors whose names match one of these patterns.
+        trainable_only: leave out frozen parameters (``requires_grad=False``): a LoRA or
+            partially frozen model keeps no copy of its frozen base. Tensors left out are not
+            copied; the EMA uses the live ones (``ema_state_dict`` holds them too).
     """
 
     def __init__(
@@ -91,6 +110,10 @@ class EMA(DeclaredState, AfterOptimizerStep):
         live_suffix: str = "_live",
         apply_on_fit_end: bool = True,
         log_decay: bool = True,
+        dtype: str | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        trainable_only: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < decay < 1.0:
@@ -116,6 +139,8 @@ class EMA(DeclaredState, AfterOptimizerStep):
                 "validate_on='both' needs a non-empty live_suffix to tell metrics apart"
             )
         self.device = _parse_device(device)
+        self.dtype = parse_dtype(dtype, "EMA")
+        self.selection = Selection.of(include, exclude, trainable_only)
         self.decay = decay
         self.update_every_n_steps = update_every_n_steps
         self.start_step = start_step
@@ -169,15 +194,24 @@ class EMA(DeclaredState, AfterOptimizerStep):
 
     def _ensure_shadow(self, pl_module: pl.LightningModule) -> ShadowWeights:
         if self._shadow is None:
+            refuse_nonfinite_parameters(pl_module, "EMA")
             tracked = TrackedTensors.from_module(
-                pl_module, average_buffers=self.buffers == "average"
+                pl_module,
+                average_buffers=self.buffers == "average",
+                selection=self.selection,
+                who="EMA",
             )
-            self._shadow = ShadowWeights(tracked, self.device)
+            self._shadow = ShadowWeights(tracked, self.device, dtype=self.dtype)
             self._state_keys = list(pl_module.state_dict().keys())
             # Pointer swaps exchange storage without copying; sharded parameters are views into
             # flat shards (FSDP1) or DTensor shards (FSDP2), and other devices or dtypes need a
             # real copy, so those use copies.
-            self._pointer_swap = not (self._sharded or self._shadow.background or tracked.sharded)
+            same_dtypes = all(
+                s.dtype == t.dtype for s, t in zip(self._shadow.tensors, tracked.tensors)
+            )
+            self._pointer_swap = not (
+                self._sharded or self._shadow.background or tracked.sharded or not same_dtypes
+            )
             self._fsdp2_modules = _fsdp2_modules(pl_module) if tracked.sharded else []
         if self._loaded is not None:
             state, self._loaded = self._loaded, None
@@ -294,6 +328,13 @@ class EMA(DeclaredState, AfterOptimizerStep):
         if self.apply_on_fit_end and self._has_average():
             assert self._shadow is not None
             self._restore_live()
+            message = nonfinite_message(
+                self._shadow.averaged_state(),
+                "EMA: the average applied to the module at fit end",
+                across_ranks=bool(self._shadow.tracked.sharded),
+            )
+            if message:
+                rank_zero_warn(message)
             self._shadow.copy_to_live_()
             self._mask_module_tensors(keep_masked_out=False)
             _reshard(self._fsdp2_modules)
@@ -342,8 +383,9 @@ class EMA(DeclaredState, AfterOptimizerStep):
         if self._shadow is None:
             raise RuntimeError("the EMA has not been created yet: call it after trainer.fit starts")
         ema = self._shadow.tracked.gather(masked_state(self._ema_values(), self._current_masks()))
+        left_out = self._shadow.tracked.untracked  # live: left out of the average by selection
         state: dict[str, Tensor] = {}
-        self._fill_module_state(state, ema, clone=True, keys=self._state_keys)
+        self._fill_module_state(state, {**left_out, **ema}, clone=True, keys=self._state_keys)
         return state
 
     # ------------------------------------------------------------------ internals

@@ -21,7 +21,14 @@ from torch import Tensor
 from lightning_ext._lightning import is_wandb_logger, run_dir
 from lightning_ext._masks import apply_masks_, sparse_masks_for
 from lightning_ext._plot import new_figure, write_png
-from lightning_ext.averaging import ShadowWeights, TrackedTensors
+from lightning_ext.averaging import (
+    Selection,
+    ShadowWeights,
+    TrackedTensors,
+    nonfinite_message,
+    parse_dtype,
+    refuse_nonfinite_parameters,
+)
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.callbacks._steps import AfterOptimizerStep
 from lightning_ext.functional.ema import power_ema_beta, power_profile, sigma_rel_to_gamma
@@ -50,8 +57,18 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
             own versioned folder). An explicit folder holding another run's index is refused.
         update_every_n_steps: update the EMAs every n optimizer steps.
         device: where the EMAs live (``None``: beside each weight; ``"cpu"`` to offload).
-        buffers: average float buffers or copy them; non-float buffers are always copied.
+        buffers: ``"average"`` the statistics buffers (BatchNorm's running mean and variance) or
+            ``"copy"`` them; every other buffer (counters, constants, any buffer holding a
+            non-finite value such as an additive ``-inf`` mask) is always copied, and the
+            reconstruction takes its value from the last snapshot it uses.
         plot: write ``profiles.png`` (target vs reconstructed EMA profiles) at the end of fit.
+        dtype: the dtype of the tracked averages and snapshots (``"float32"`` for bf16 or fp16
+            weights); None: each weight's own.
+        include: track only the tensors whose names match one of these shell-style patterns.
+        exclude: leave out the tensors whose names match one of these patterns.
+        trainable_only: leave out frozen parameters (``requires_grad=False``). Tensors left out
+            are neither tracked nor written: a reconstruction holds the tracked tensors only, to
+            load over the model with ``load_state_dict(..., strict=False)``.
     """
 
     def __init__(
@@ -64,6 +81,10 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
         device: str | None = None,
         buffers: Literal["average", "copy"] = "average",
         plot: bool = True,
+        dtype: str | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        trainable_only: bool = False,
     ) -> None:
         super().__init__()
         if not sigma_rels:
@@ -80,10 +101,13 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
         self.device = torch.device(device) if device is not None else None
         self.buffers = buffers
         self.plot = plot
+        self.dtype = parse_dtype(dtype, "PostHocEMA")
+        self.selection = Selection.of(include, exclude, trainable_only)
         self.num_updates = 0
         self.snapshots: list[dict[str, Any]] = []
         self.run_id = uuid.uuid4().hex
         self._masks_announced = False
+        self._nonfinite_warned = False
         self._shadows: list[ShadowWeights] = []
         self._loaded: list[dict[str, Tensor]] | None = None
         self._loaded_dir: str | None = None
@@ -115,11 +139,17 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
             raise ValueError(problem)
         self._relocate_loaded_snapshots()
         if not self._shadows:
+            refuse_nonfinite_parameters(pl_module, "PostHocEMA")
             tracked = TrackedTensors.from_module(
-                pl_module, average_buffers=self.buffers == "average"
+                pl_module,
+                average_buffers=self.buffers == "average",
+                selection=self.selection,
+                who="PostHocEMA",
             )
             _refuse_sharded(tracked)
-            self._shadows = [ShadowWeights(tracked, self.device) for _ in self.gammas]
+            self._shadows = [
+                ShadowWeights(tracked, self.device, dtype=self.dtype) for _ in self.gammas
+            ]
         if self._loaded is not None:
             for shadow, state in zip(self._shadows, self._loaded):
                 shadow.load_state_dict(state, "PostHocEMA state in the checkpoint")
@@ -191,8 +221,15 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
             ]
             for profile in weights:  # the running averages stay raw: only what is written
                 apply_masks_(profile, masks)
+            self._warn_nonfinite(weights)
             write_snapshot(
-                self._dir, entry, weights, masks, run_id=self.run_id, earlier=self.snapshots
+                self._dir,
+                entry,
+                weights,
+                masks,
+                run_id=self.run_id,
+                earlier=self.snapshots,
+                copied=self._shadows[0].tracked.copied_names,
             )
         self.snapshots.append(entry)
         for logger in trainer.loggers:
@@ -203,6 +240,21 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
                 },
                 step=trainer.global_step,
             )
+
+    def _warn_nonfinite(self, weights: list[dict[str, Tensor]]) -> None:
+        """Once per fit: a snapshot of a diverged run is NaN; name the tensors."""
+        if self._nonfinite_warned:
+            return
+        averaged = self._shadows[0].tracked.averaged_names
+        for profile in weights:
+            message = nonfinite_message(
+                {n: profile[n] for n in averaged},
+                f"PostHocEMA: snapshot {self.num_updates} (written all the same)",
+            )
+            if message:
+                self._nonfinite_warned = True
+                rank_zero_warn(message)
+                return
 
     def _current_masks(self, trainer: pl.Trainer) -> dict[str, Tensor]:
         """The sparse-training masks of the tracked tensors (empty when not trained sparse)."""

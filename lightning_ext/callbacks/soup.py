@@ -200,7 +200,7 @@ class ModelSoup(DeclaredState, Callback):
         if epoch < self.start_epoch or (epoch - self.start_epoch + 1) % self.every_n_epochs:
             return
         assert self.dirpath is not None
-        path = str(Path(self.dirpath) / f"ingredient-epoch={epoch}.pt")
+        path = str(Path(self.dirpath).absolute() / f"ingredient-epoch={epoch}.pt")
         entry: dict[str, Any] = {"epoch": epoch, "path": path}
         if self._fsdp2:  # every rank its own shards (masks are local shards too)
             entry["shards"] = trainer.world_size
@@ -222,8 +222,23 @@ class ModelSoup(DeclaredState, Callback):
         if not self.ingredients:
             rank_zero_warn(
                 "ModelSoup collected no ingredients (too few epochs?); weights unchanged"
+                + _stream_hint(trainer)
             )
             return
+        if len(self.ingredients) == 1:
+            rank_zero_warn(
+                f"ModelSoup collected one ingredient (epoch {self.ingredients[0]['epoch']}) in "
+                f"{trainer.current_epoch + 1} epochs: the soup is that snapshot alone"
+                + _stream_hint(trainer)
+            )
+        replaced = _averages_applied_at_fit_end(trainer.callbacks)
+        if replaced:
+            rank_zero_info(
+                f"ModelSoup: the module ends holding the soup of {len(self.ingredients)} "
+                f"snapshots of the live weights; the average {', '.join(replaced)} applied at "
+                "train end is replaced (the soup wins; read the average from the callback or "
+                "its checkpoints)."
+            )
         ings = Ingredients([self._file(e, trainer) for e in self.ingredients]).validate()
         val = fit_val_loader(trainer)
         if val is None:  # uniform without validation data: nothing to score
@@ -381,13 +396,41 @@ class ModelSoup(DeclaredState, Callback):
             if picture is not None:
                 logger.log_image(key="soup/scores", images=[str(picture)])
 
-    STATE = ("ingredients", "dirpath")
+    # ``dirpath`` is not restored: a resumed fit writes into its own run folder, as every other
+    # callback does, while ``ingredients`` still name the files written before (absolute paths).
+    STATE = ("ingredients",)
 
 
 def _has_val_data(trainer: Any, pl_module: Any) -> bool:
     base = namespace_of(pl_module).LightningModule
     overridden = base.validation_step is not type(pl_module).validation_step
     return has_fit_val_loaders(trainer) and overridden
+
+
+def _stream_hint(trainer: Any) -> str:
+    """Why a fit may have too few epochs for a soup: a stream without a length has one epoch,
+    ended by ``max_steps`` when the stream is infinite."""
+    if trainer.num_training_batches != float("inf"):
+        return ""
+    return (
+        ". The training data is a stream without a length (an IterableDataset), so an infinite "
+        "one has a single epoch, ended by max_steps, and ModelSoup snapshots at epoch ends: set "
+        "limit_train_batches=N to make every N batches an epoch (one ingredient each), or "
+        "average one run with EMA or PostHocEMA"
+    )
+
+
+def _averages_applied_at_fit_end(callbacks: list[Any]) -> list[str]:
+    """The callbacks that put an average into the module when training ends (this package's
+    ``EMA`` with ``apply_on_fit_end``, Lightning's ``WeightAveraging``): the soup replaces it."""
+    found = []
+    for cb in callbacks:
+        names = {klass.__name__ for klass in type(cb).__mro__}
+        if "WeightAveraging" in names or (
+            "EMA" in names and getattr(cb, "apply_on_fit_end", False)
+        ):
+            found.append(type(cb).__name__)
+    return found
 
 
 def _train_loader(trainer: Any) -> Any:

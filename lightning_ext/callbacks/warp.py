@@ -31,11 +31,18 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_ext._masks import apply_masks_, count_outside_masks, find_mask_source, masks_for
-from lightning_ext.averaging import ShadowWeights, TrackedTensors
+from lightning_ext.averaging import (
+    Selection,
+    ShadowWeights,
+    TrackedTensors,
+    full_tensors,
+    nonfinite_message,
+    refuse_nonfinite_parameters,
+)
 from lightning_ext.callbacks._steps import AfterOptimizerStep
 
 AnchorKind = Literal["ema", "init", "sync"]
@@ -57,6 +64,13 @@ class WARP(AfterOptimizerStep):
         mu: EMA rate of the ``"ema"`` anchor: weight of the current policy in each update.
         alpha: weight of the policy in each ``"sync"`` update (1 copies the policy: a hard sync).
         tau: optimizer steps between ``"sync"`` updates.
+        include: keep an anchor copy only of the tensors whose names match one of these
+            shell-style patterns (None: all).
+        exclude: keep no anchor copy of the tensors whose names match one of these patterns.
+        trainable_only: keep no anchor copy of frozen parameters (``requires_grad=False``): a
+            LoRA or partially frozen policy shares its frozen base with the anchor instead of
+            holding it twice. Tensors left out are the policy's own in the anchor (shared
+            storage), which for frozen ones is exact.
 
     Logged (every ``log_every_n_steps``): ``warp/anchor_distance``, the L2 distance between the
     policy's and the anchor's weights, and ``warp/anchor_updates``. The KL itself depends on the
@@ -81,7 +95,15 @@ class WARP(AfterOptimizerStep):
     """
 
     def __init__(
-        self, anchor: AnchorKind = "ema", mu: float = 0.01, alpha: float = 0.6, tau: int = 512
+        self,
+        anchor: AnchorKind = "ema",
+        mu: float = 0.01,
+        alpha: float = 0.6,
+        tau: int = 512,
+        *,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        trainable_only: bool = False,
     ) -> None:
         if anchor not in ("ema", "init", "sync"):
             raise ValueError(f"anchor must be 'ema', 'init' or 'sync', got {anchor!r}")
@@ -91,6 +113,7 @@ class WARP(AfterOptimizerStep):
             raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
         if int(tau) != tau or tau < 1:
             raise ValueError(f"tau must be a positive number of optimizer steps, got {tau}")
+        self.selection = Selection.of(include, exclude, trainable_only)
         self.kind: AnchorKind = anchor
         self.mu, self.alpha, self.tau = float(mu), float(alpha), int(tau)
         self.updates = 0
@@ -144,7 +167,9 @@ class WARP(AfterOptimizerStep):
         """
         if self._shadow is None:
             raise RuntimeError("the WARP anchor exists from on_fit_start on: call it after fit")
-        return {k: v.detach().clone() for k, v in self._shadow.full_state_dict().items()}
+        left_out = full_tensors(self._shadow.tracked.untracked)  # the policy's own tensors
+        full = {**left_out, **self._shadow.full_state_dict()}
+        return {k: v.detach().clone() for k, v in full.items()}
 
     # -- lifecycle -------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -185,6 +210,12 @@ class WARP(AfterOptimizerStep):
             )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._shadow is not None and self.kind != "init":
+            message = nonfinite_message(
+                self._shadow.averaged_state(), "WARP: the anchor", across_ranks=self.sharded
+            )
+            if message:
+                rank_zero_warn(message)
         if self._rezeroed_now is not None:
             zeroed = self._take_rezeroed(trainer)
             rank_zero_info(
@@ -197,7 +228,9 @@ class WARP(AfterOptimizerStep):
             self._anchor.release()  # the swap buffers; the shadow stays for inspection
 
     def _build_anchor(self, pl_module: pl.LightningModule) -> None:
-        tracked = TrackedTensors.from_module(pl_module)
+        refuse_nonfinite_parameters(pl_module, "WARP")
+        # buffers: averages_buffer decides; tensors the selection leaves out are not copied
+        tracked = TrackedTensors.from_module(pl_module, selection=self.selection, who="WARP")
         shadow = ShadowWeights(tracked, background=False)
         if tracked.sharded:  # FSDP2 forbids deepcopy: swap the shards in for each anchor call
             self._anchor = _ShardedAnchor(pl_module, shadow)
@@ -211,6 +244,9 @@ class WARP(AfterOptimizerStep):
                 # shadow (which also frees the deep copy's own storage)
                 mine[name].data = tensor
                 mine[name].grad = None  # a module fitted before may carry gradients
+            for name, live in tracked.untracked.items():  # left out: the policy's own storage
+                mine[name].data = live.data
+                mine[name].grad = None
             self._anchor = anchor
         self._shadow = shadow
 
@@ -279,7 +315,9 @@ class WARP(AfterOptimizerStep):
     def state_dict(self) -> dict[str, Any]:
         if self._anchor is None or self._shadow is None:
             anchor = None
-        elif self.sharded:  # full tensors: rank 0 writes the callback state for every rank
+        elif self.sharded or self._shadow.tracked.untracked:
+            # full tensors (rank 0 writes the callback state for every rank), and only the
+            # tracked ones: what a selection leaves out is the policy's, saved with the model
             anchor = self._shadow.full_state_dict()
         else:
             anchor = self._anchor.state_dict()
@@ -308,7 +346,8 @@ class WARP(AfterOptimizerStep):
         assert self._anchor is not None and self._shadow is not None
         saved = state["anchor"]
         if saved is not None:
-            if self.sharded:  # full tensors (or another run's shards): each rank keeps its own
+            if self.sharded or self._shadow.tracked.untracked:
+                # full tensors (or another run's shards): each rank keeps its own
                 names = self._shadow.tracked.names
                 self._shadow.load_state_dict(
                     {n: saved[n] for n in names if n in saved}, "WARP anchor in the checkpoint"

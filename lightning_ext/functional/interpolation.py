@@ -14,6 +14,9 @@ Floating statistics buffers (``running_mean``, ``running_var``; ``merging.is_sta
 rule of every merge) are interpolated linearly between the inputs, never along task vectors from
 a base nor beyond them, so variances stay positive.
 Arithmetic runs in at least float32 and results are cast back to each input's dtype.
+A tensor equal in every input is returned as it is, so constant buffers that hold non-finite
+values (an additive ``-inf`` causal mask, where ``lerp(-inf, -inf)`` is NaN) survive every merge;
+non-finite values that differ between inputs (a diverged run) are refused, naming the tensor.
 """
 
 from __future__ import annotations
@@ -59,6 +62,21 @@ def _check_shapes(key: str, tensors: Sequence[Tensor]) -> None:
         raise ValueError(f"tensor {key!r} has different shapes across inputs: {sorted(shapes)}")
 
 
+def _refuse_nonfinite(key: str, tensors: Sequence[Tensor]) -> None:
+    """Inputs that differ and hold NaN or infinity have no interpolation: say which tensor."""
+    for i, tensor in enumerate(tensors):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"tensor {key!r} holds NaN or infinite values in input {i} and differs between "
+                "the inputs, so any interpolation of it is NaN: was one of the models trained "
+                "until it diverged?"
+            )
+
+
+def _all_equal(tensors: Sequence[Tensor]) -> bool:
+    return all(torch.equal(tensors[0], t.to(tensors[0].device)) for t in tensors[1:])
+
+
 def _slerp_coefficients(
     dot: float, norm_a: float, norm_b: float, t: float, eps: float
 ) -> tuple[float, float]:
@@ -73,13 +91,18 @@ def _slerp_coefficients(
     return math.sin((1.0 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega
 
 
-def _slerp_tensor(a: Tensor, b: Tensor, t: float, base: Tensor | None, eps: float) -> Tensor:
+def _slerp_tensor(
+    a: Tensor, b: Tensor, t: float, base: Tensor | None, eps: float, key: str = "tensor"
+) -> Tensor:
     if not a.is_floating_point():
         return (a if t <= 0.5 else b).clone()
     if t == 0.0:
         return a.clone()
     if t == 1.0:
         return b.clone()
+    if _all_equal([a, b]):  # also a constant -inf mask, whatever the base
+        return a.clone()
+    _refuse_nonfinite(key, [a, b] if base is None else [a, b, base])
     dtype = _compute_dtype(a)
     va, vb = a.to(dtype), b.to(device=a.device, dtype=dtype)
     if base is not None:
@@ -137,7 +160,8 @@ def slerp(
         The interpolated weights, of the inputs' kind.
 
     Raises:
-        ValueError: inputs whose keys or shapes differ.
+        ValueError: inputs whose keys or shapes differ, or a tensor with NaN or infinite
+            values that differs between the inputs.
 
     Examples:
         >>> import torch
@@ -160,7 +184,9 @@ def slerp(
         if is_statistic(key, a[key]) and a[key].is_floating_point():
             out[key] = _lerp_statistic(a[key], [b[key]], torch.tensor([1.0 - t, t]))
             continue
-        out[key] = _slerp_tensor(a[key], b[key], t, base[key] if base is not None else None, eps)
+        out[key] = _slerp_tensor(
+            a[key], b[key], t, base[key] if base is not None else None, eps, key
+        )
     return out
 
 
@@ -202,12 +228,13 @@ def _spherical_mean_coefficients(gram: Tensor, weights: Tensor, eps: float) -> T
 
 
 def _multi_slerp_tensor(
-    base: Tensor, tensors: Sequence[Tensor], weights: Tensor, eps: float
+    base: Tensor, tensors: Sequence[Tensor], weights: Tensor, eps: float, key: str = "tensor"
 ) -> Tensor:
     if not base.is_floating_point():
         return tensors[int(torch.argmax(weights))].clone()
-    if all(torch.equal(tensors[0], t) for t in tensors[1:]):
+    if _all_equal(tensors):  # also a constant -inf mask, whatever the base
         return tensors[0].clone()
+    _refuse_nonfinite(key, [base, *tensors])
     dtype = _compute_dtype(base)
     vbase = base.to(dtype)
     stacked = torch.stack([t.to(device=base.device, dtype=dtype).flatten() for t in tensors])
@@ -252,7 +279,8 @@ def multi_slerp(
         The merged weights, of the inputs' kind.
 
     Raises:
-        ValueError: no fine-tunings, or inputs whose keys or shapes differ.
+        ValueError: no fine-tunings, inputs whose keys or shapes differ, or a tensor with NaN
+            or infinite values that differs between the inputs.
 
     Examples:
         >>> import torch
@@ -276,13 +304,16 @@ def multi_slerp(
         if is_statistic(key, base[key]) and base[key].is_floating_point():
             out[key] = _lerp_statistic(tensors[0], tensors[1:], w)
             continue
-        out[key] = _multi_slerp_tensor(base[key], tensors, w, eps)
+        out[key] = _multi_slerp_tensor(base[key], tensors, w, eps, key)
     return out
 
 
-def _liti_tensor(base: Tensor, merged: Tensor, eta: float) -> Tensor:
+def _liti_tensor(base: Tensor, merged: Tensor, eta: float, key: str = "tensor") -> Tensor:
     if not base.is_floating_point():
         return (merged if eta >= 0.5 else base).clone()
+    if _all_equal([base, merged]):  # also a constant -inf mask
+        return base.clone()
+    _refuse_nonfinite(key, [base, merged])
     dtype = _compute_dtype(base)
     out = torch.lerp(base.to(dtype), merged.to(device=base.device, dtype=dtype), eta)
     return out.to(base.dtype)
@@ -304,7 +335,8 @@ def liti(base: StateDictOrTensor, merged: StateDictOrTensor, eta: float) -> Stat
         ``(1 - eta) * base + eta * merged``; statistics buffers are never extrapolated.
 
     Raises:
-        ValueError: ``eta`` negative or not finite, or inputs whose keys or shapes differ.
+        ValueError: ``eta`` negative or not finite, inputs whose keys or shapes differ, or a
+            tensor with NaN or infinite values that differs between the inputs.
 
     Examples:
         >>> import torch
@@ -321,5 +353,5 @@ def liti(base: StateDictOrTensor, merged: StateDictOrTensor, eta: float) -> Stat
     for key in keys:
         _check_shapes(key, [base[key], merged[key]])
         statistic = is_statistic(key, base[key]) and base[key].is_floating_point()
-        out[key] = _liti_tensor(base[key], merged[key], min(eta, 1.0) if statistic else eta)
+        out[key] = _liti_tensor(base[key], merged[key], min(eta, 1.0) if statistic else eta, key)
     return out

@@ -14,6 +14,8 @@ Conventions shared by all methods:
 - Non-floating tensors (BatchNorm's ``num_batches_tracked``, integer or boolean buffers) cannot be
   averaged meaningfully: they are copied from the reference, i.e. the base model for task-vector
   methods, the first ingredient for averages, the starting (best) ingredient for greedy soups.
+  So are floating tensors holding a non-finite value in the reference (an additive ``-inf``
+  causal mask, where ``lerp(-inf, -inf)`` is NaN), as the weight-averaging callbacks do.
 - Statistics buffers (``running_mean``, ``running_var``: see ``is_statistic``) describe data, not a
   direction in weight space. Task-vector methods never extrapolate them (``base + 3 * delta`` of
   variances goes negative and the model outputs NaN): every merge averages them over the
@@ -143,7 +145,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _is_mergeable(t: Tensor) -> bool:
-    return t.is_floating_point()
+    """Floating tensors holding finite values. A skeleton's meta tensors were mergeable when it
+    was made (it keeps the others as real copies)."""
+    return t.is_floating_point() and (t.is_meta or bool(torch.isfinite(t).all()))
 
 
 def _float_copy(t: Tensor) -> Tensor:

@@ -215,6 +215,7 @@ def write_snapshot(
     *,
     run_id: str,
     earlier: Sequence[Mapping[str, Any]],
+    copied: Sequence[str] = (),
 ) -> None:
     """Write one snapshot file (``entry["file"]``) and the index listing it after ``earlier``.
 
@@ -225,8 +226,13 @@ def write_snapshot(
         masks: the sparse-training masks applied to them (stored as booleans; may be empty).
         run_id: the id of the run that owns the folder.
         earlier: the index entries of the snapshots written before.
+        copied: the names of the tensors the callback copies rather than averages (buffers:
+            ``averaging.averages_buffer``); a reconstruction takes them from the last snapshot.
     """
-    extra = {"masks": {k: m.detach().cpu().bool() for k, m in masks.items()}}
+    extra = {
+        "masks": {k: m.detach().cpu().bool() for k, m in masks.items()},
+        "copied": list(copied),
+    }
     atomic_torch_save({**entry, "weights": list(weights), **extra}, folder / entry["file"])
     index = {"run_id": run_id, "snapshots": [*earlier, entry]}
     atomic_write_json(index, folder / INDEX_FILE)
@@ -245,7 +251,9 @@ def posthoc_ema_state_dict(
     with a tqdm progress bar when ``progress`` is set.
 
     Only snapshots taken at or before ``step`` are used, so any earlier moment of the run can be
-    rebuilt too, as long as snapshots precede it.
+    rebuilt too, as long as snapshots precede it. The tensors the callback copied rather than
+    averaged (counters, constant buffers such as an additive ``-inf`` mask) are taken from the
+    last snapshot used.
 
     Args:
         snapshot_dir: the folder ``PostHocEMA`` wrote (its ``index.json`` and snapshot files).
@@ -273,12 +281,14 @@ def posthoc_ema_state_dict(
     for entry in tqdm(usable, desc="loading snapshots", unit="file", disable=not progress):
         snapshot = load_file(Path(snapshot_dir) / entry["file"])
         last_masks = snapshot.get("masks", {})
+        copied = set(snapshot.get("copied", ()))
         for weights in snapshot["weights"]:
             x = coefficients[position].item()
             position += 1
             for name, value in weights.items():
-                if not value.is_floating_point():
-                    result[name] = value.clone()  # counters: the latest value
+                if name in copied or not value.is_floating_point() or _nonfinite(value):
+                    result[name] = value.clone()  # copied (counters, masks): the latest value
+                    dtypes.pop(name, None)
                     continue
                 dtypes[name] = value.dtype
                 contribution = value.double() * x
@@ -286,6 +296,12 @@ def posthoc_ema_state_dict(
     # The snapshots' masks change as sparse training goes: the EMA at ``step`` keeps the last one.
     apply_masks_(result, last_masks)
     return {name: v.to(dtypes[name]) if name in dtypes else v for name, v in result.items()}
+
+
+def _nonfinite(value: Tensor) -> bool:
+    """Snapshots written before copied names were recorded: a constant ``-inf`` mask buffer is
+    recognised by its values (a combination of it with any negative coefficient is NaN)."""
+    return not bool(torch.isfinite(value).all())
 
 
 def write_posthoc_ema(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy  # only for SoupStrategy, at the end
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_ext._batch import ForwardFn, UnpackBatch, default_unpack_batch
@@ -24,6 +24,7 @@ from lightning_ext._io import atomic_torch_save, load_file
 from lightning_ext._lightning import has_fit_val_loaders, run_dir
 from lightning_ext._masks import apply_masks_, ranks_share_masks, sparse_masks_for
 from lightning_ext.functional.merging import check_same_layout
+from lightning_ext.strategies._ranks import identical_ranks_message
 from lightning_ext.workflows.soup import (
     ValidationScorer,
     check_mode,
@@ -278,6 +279,10 @@ class SoupStrategyMixin(_StrategyBase):
         super().on_train_end()
         if self.merge is None:
             return
+        module = self._attached_module
+        identical = identical_ranks_message(module.state_dict(), self.root_device, "SoupStrategy")
+        if identical:
+            rank_zero_warn(identical)
         if self.merge == "uniform":
             self._uniform_merge_()
             self.soup_result = {"chosen": list(range(self.world_size))}

@@ -11,7 +11,11 @@ with three differences:
   each holds the shared initialisation, so an interrupted fit resumes exactly;
 - when training ends, the M = world-size policies are merged tensor by tensor by SLERP of their
   task vectors (``functional.multi_slerp``) and moved towards the initialisation by LITI
-  (``functional.liti`` with ``eta``); every rank ends with the same weights.
+  (``functional.liti`` with ``eta``); every rank ends with the same weights. Statistics buffers
+  (BatchNorm's running mean and variance) follow the one merge rule of ``multi_slerp``: averaged
+  linearly, never along a sphere; a buffer equal on every rank (an additive ``-inf`` mask) is
+  kept as it is. Ranks whose weights are identical (every rank read the same stream) are
+  reported with a warning before the merge.
 
 Trained sparse (a callback with ``masks_by_name()``, e.g. DynamicSparseTraining), the ranks must
 share one mask: the merge and the LITI result are then re-zeroed outside it (SLERP of task
@@ -30,12 +34,13 @@ import torch.distributed as dist
 from lightning.fabric.utilities.seed import seed_everything
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_ext._io import atomic_torch_save
 from lightning_ext._masks import ranks_share_masks, rezero_outside_masks_, sparse_masks_for
 from lightning_ext.functional.interpolation import liti, multi_slerp
+from lightning_ext.strategies._ranks import identical_ranks_message
 
 MASKS_SUFFIX = "_masks.pt"  # policy_<r>_masks.pt beside policy_<r>.pt: the mask it trained under
 
@@ -177,6 +182,9 @@ class WARPStrategyMixin(_MixinBase):
         assert module is not None and self.init_state is not None
         policy = module.state_dict()
         masks = self._shared_masks(policy)  # before anything is written: all ranks refuse here
+        identical = identical_ranks_message(policy, self.root_device, "WARPStrategy")
+        if identical:
+            rank_zero_warn(identical)
         if self.save_dir is not None:
             folder = Path(self.save_dir)
             if masks:  # first: a policy file on disk implies its masks are there too
@@ -189,7 +197,11 @@ class WARPStrategyMixin(_MixinBase):
         for key, tensor in policy.items():
             gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
             dist.all_gather(gathered, tensor.contiguous())
-            merged[key] = multi_slerp(self.init_state[key], gathered, self.weights)
+            # the state-dict form, key by key: its one rule averages statistics linearly
+            one = multi_slerp(
+                {key: self.init_state[key]}, [{key: g} for g in gathered], self.weights
+            )
+            merged[key] = one[key]
         zeroed = rezero_outside_masks_(merged, masks)
         self.merged_state = merged
         if self.save_dir is not None and self.global_rank == 0:

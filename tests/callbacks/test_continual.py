@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_ext._batch import BatchFormatError
 from lightning_ext.callbacks import ContinualEvaluation
 from lightning_ext.data import TaskStream, split_by_classes
 from lightning_ext.functional import continual_metrics
@@ -485,6 +486,25 @@ def test_causal_lm_dict_batches_loss_and_perplexity_lower_is_better():
     gap = loss_cb.summary()["gap"][0][1]
     assert gap["depth"] > 0.5 and gap["worst"] > gap["reference"]  # the loss went up
     assert loss_cb.summary()["chaudhry_forgetting"] > 0
+
+
+def test_a_causal_lm_read_without_causal_lm_batch_is_refused_at_the_first_evaluation():
+    """Labels equal to input_ids scored against per-position logits judge the model on copying
+    its input (the reported perplexity rose 14 -> 70 while the true one fell 20 -> 3.3)."""
+    from lightning_ext.data import default_unpack_batch
+
+    val = [DataLoader(MarkovTokens(0, n=16), batch_size=8)]
+    train = DataLoader(MarkovTokens(0, n=16), batch_size=8)
+    unset = ContinualEvaluation(val, metric="perplexity", subsample=8, export=False)
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[unset])
+    with pytest.raises(BatchFormatError, match=r"input_ids, unshifted.*causal_lm_batch"):
+        trainer.fit(TinyCausalLM(), train)
+    assert not unset.records[-1]["values"]  # refused before any score was recorded
+    chosen = ContinualEvaluation(
+        val, metric="perplexity", subsample=8, export=False, unpack_batch=default_unpack_batch
+    )  # said on purpose: position t scored against token t
+    quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[chosen]).fit(TinyCausalLM(), train)
+    assert chosen.records
 
 
 class DictDigits(torch.utils.data.Dataset):

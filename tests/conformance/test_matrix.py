@@ -90,6 +90,12 @@ def _data_refusal(entry: ZooEntry) -> Refusal | None:
 
 def expected_refusal(callback: str, entry: ZooEntry, config: Config) -> Refusal | None:
     """None when the cell must work; otherwise the refusal it must give."""
+    if (
+        callback == "ContinualEvaluation"
+        and config == "defaults"
+        and entry.name == "causal_lm_dict"
+    ):
+        return Refusal("causal_lm_batch", "labels are the unshifted input_ids of a causal LM")
     if callback in ("ContinualEvaluation", "DataPruningScores"):
         return _data_refusal(entry)
     if callback == "InfoBatch":

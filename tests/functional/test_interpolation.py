@@ -180,3 +180,19 @@ def test_repeated_pairwise_slerp_is_order_dependent_where_multi_slerp_is_not():
     torch.testing.assert_close(repeated, want)
     merged = multi_slerp(torch.zeros(3, dtype=torch.float64), [e1, e2, e3])
     torch.testing.assert_close(merged, torch.full((3,), 1 / math.sqrt(3), dtype=torch.float64))
+
+
+def test_a_constant_minus_inf_mask_survives_every_interpolation_and_diverged_inputs_are_named():
+    mask = torch.full((3, 3), float("-inf")).triu(1)
+    base = {"w": torch.zeros(3), "attn.mask": mask.clone()}
+    a = {"w": torch.tensor([1.0, 0.0, 0.0]), "attn.mask": mask.clone()}
+    b = {"w": torch.tensor([0.0, 1.0, 0.0]), "attn.mask": mask.clone()}
+    merged = multi_slerp(base, [a, b])
+    for result in (merged, slerp(a, b, 0.3, base=base), slerp(a, b, 0.3), liti(base, merged, 0.7)):
+        assert torch.equal(result["attn.mask"], mask)  # lerp(-inf, -inf) would be NaN
+        assert bool(torch.isfinite(result["w"]).all())
+    diverged = {**b, "w": torch.tensor([0.0, float("nan"), 0.0])}
+    with pytest.raises(ValueError, match="'w' holds NaN or infinite values in input 2"):
+        multi_slerp(base, [a, diverged])
+    with pytest.raises(ValueError, match="'w' holds NaN"):
+        liti(base, diverged, 0.5)

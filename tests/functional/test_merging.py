@@ -423,3 +423,22 @@ def test_task_vector_merges_average_statistics_and_take_counters_from_the_base()
             torch.testing.assert_close(v, torch.stack([s[k] for s in ingredients]).mean(0))
         elif k.endswith("num_batches_tracked"):
             assert v == base[k]
+
+
+def test_a_minus_inf_mask_buffer_is_copied_by_every_merge_not_averaged():
+    mask = torch.full((3, 3), float("-inf")).triu(1)
+    base = {"w": torch.zeros(4), "attn.mask": mask.clone()}
+    ings = [
+        {"w": torch.randn(4, generator=torch.Generator().manual_seed(i)), "attn.mask": mask}
+        for i in range(3)
+    ]
+    merges = {
+        "uniform": uniform_soup(ings),
+        "weighted": weighted_average(ings, [1.0, 2.0, 3.0]),
+        "greedy": greedy_soup(ings, lambda sd: float(sd["w"].sum()), mode="max")[0],
+        "task_arithmetic": task_arithmetic(base, ings, scale=0.5),
+        "ties": ties_merge(base, ings, density=0.5),
+    }
+    for name, merged in merges.items():  # lerp(-inf, -inf) made the mask NaN
+        assert torch.equal(merged["attn.mask"], mask), name
+        assert bool(torch.isfinite(merged["w"]).all()), name

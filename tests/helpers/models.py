@@ -58,7 +58,21 @@ class TinyTransformer(nn.Module):
         return self.head(self.norm(self.encoder(tokens).mean(dim=1)))
 
 
-NETS = {"mlp": MLP, "cnn": CNN, "transformer": TinyTransformer}
+class MaskedTransformer(TinyTransformer):
+    """TinyTransformer reading the rows causally through an additive ``-inf`` mask registered as
+    a float buffer, as many GPT implementations do (``lerp(-inf, -inf)`` is NaN)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, out_dim: int = 10) -> None:
+        super().__init__(dim, heads, out_dim)
+        self.register_buffer("causal_mask", nn.Transformer.generate_square_subsequent_mask(8))
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.embed(x.view(-1, 8, 8)) + self.pos.weight
+        hidden = self.encoder(tokens, mask=self.causal_mask, is_causal=True)
+        return self.head(self.norm(hidden.mean(dim=1)))
+
+
+NETS = {"mlp": MLP, "cnn": CNN, "transformer": TinyTransformer, "masked": MaskedTransformer}
 
 
 class Classifier(pl.LightningModule):
@@ -66,7 +80,7 @@ class Classifier(pl.LightningModule):
 
     def __init__(
         self,
-        net: Literal["mlp", "cnn", "transformer"] = "mlp",
+        net: Literal["mlp", "cnn", "transformer", "masked"] = "mlp",
         lr: float = 0.05,
         optimizer: Literal["sgd", "adam", "adamw"] = "sgd",
         momentum: float = 0.9,

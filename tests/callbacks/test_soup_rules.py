@@ -1,0 +1,87 @@
+"""ModelSoup's rules at the edges: a stream without epochs, EMA on the same Trainer (who wins),
+and where a resumed fit writes."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_ext.callbacks import EMA, ModelSoup
+from tests.helpers.data import DigitsDataModule, digits
+from tests.helpers.models import Classifier
+from tests.helpers.resume import _SaveAtEpochEnd, quiet_trainer
+
+
+class EndlessDigits(IterableDataset):
+    """An infinite stream, as LM pre-training reads one."""
+
+    def __iter__(self):
+        x, y = digits("train", 0, 64).tensors
+        while True:
+            yield from zip(x, y)
+
+
+def _stream_fit(soup: ModelSoup, **kwargs) -> None:
+    trainer = quiet_trainer(callbacks=[soup], **kwargs)
+    trainer.fit(Classifier(), DataLoader(EndlessDigits(), batch_size=16))
+
+
+def test_an_infinite_stream_is_named_instead_of_a_silent_one_ingredient_soup(tmp_path):
+    soup = ModelSoup(method="uniform", dirpath=str(tmp_path / "a"))
+    with pytest.warns(UserWarning, match=r"one ingredient.*stream without a length.*limit_train"):
+        _stream_fit(soup, max_steps=4)
+    assert len(soup.ingredients) == 1
+    soup = ModelSoup(method="uniform", dirpath=str(tmp_path / "b"))
+    _stream_fit(soup, max_steps=6, limit_train_batches=2)  # the fix the warning names
+    assert [e["epoch"] for e in soup.ingredients] == [0, 1, 2]
+
+
+def test_with_ema_on_the_same_trainer_the_soup_wins_and_says_so(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    pl.seed_everything(0)
+    module = Classifier()
+    ema, soup = EMA(decay=0.9), ModelSoup(method="uniform", dirpath=str(tmp_path))
+    trainer = quiet_trainer(max_epochs=2, callbacks=[ema, soup], limit_val_batches=0)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=64, limit=256))
+    assert "the average EMA applied at train end is replaced (the soup wins" in caplog.text
+    saved = torch.load(tmp_path / "soup.pt")
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    assert not torch.equal(
+        module.state_dict()["net.0.weight"], ema.ema_state_dict()["net.0.weight"]
+    )
+
+
+def test_a_resumed_fit_writes_into_its_own_run_folder_and_keeps_the_earlier_ingredients(tmp_path):
+    ckpt = tmp_path / "epoch0.ckpt"
+
+    def fit(ckpt_path=None, extra=()):
+        pl.seed_everything(0)
+        soup = ModelSoup(method="uniform")
+        logger = CSVLogger(save_dir=str(tmp_path / "logs"), name="exp")
+        trainer = quiet_trainer(
+            max_epochs=2, logger=logger, callbacks=[soup, *extra], limit_val_batches=0
+        )
+        trainer.fit(Classifier(), datamodule=DigitsDataModule(64, limit=128), ckpt_path=ckpt_path)
+        return soup
+
+    fit(extra=[_SaveAtEpochEnd(1, ckpt)])  # after epoch 0
+    soup = fit(ckpt_path=str(ckpt))
+    runs = tmp_path / "logs" / "exp"
+    assert soup.dirpath == str(runs / "version_1" / "soup")  # the first run's folder before
+    assert [e["path"] for e in soup.ingredients] == [
+        str(runs / "version_0" / "soup" / "ingredient-epoch=0.pt"),
+        str(runs / "version_1" / "soup" / "ingredient-epoch=1.pt"),
+    ]
+    assert (runs / "version_1" / "soup" / "soup.pt").exists()
+    assert sorted(p.name for p in (runs / "version_0" / "soup").iterdir()) == [
+        "ingredient-epoch=0.pt",
+        "ingredient-epoch=1.pt",
+        "soup.png",
+        "soup.pt",
+    ]  # the first run's own files, untouched by the resumed one

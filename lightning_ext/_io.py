@@ -160,7 +160,7 @@ def remove_stale_temps(path: Path) -> list[Path]:
     Returns:
         The files removed.
     """
-    removed = []
+    removed: list[Path] = []
     prefix = f".{path.name}."
     try:
         names = os.listdir(path.parent)
@@ -291,6 +291,39 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def claim_version_dir(root: str | os.PathLike) -> Path:
+    """Create and return ``root/version_N`` for the smallest free N above the existing ones,
+    with ``os.mkdir`` (which fails when the folder exists), so that runs started at the same
+    instant each get their own folder.
+
+    Args:
+        root: the folder holding the versions (``<default_root_dir>/lightning_logs``).
+
+    Returns:
+        The folder created.
+
+    Raises:
+        OSError: ``root`` cannot be made or written (the message names it).
+    """
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        numbers = [
+            int(p.name.split("_", 1)[1])
+            for p in root.glob("version_*")
+            if p.is_dir() and p.name.split("_", 1)[1].isdigit()
+        ]
+        version = max(numbers, default=-1) + 1
+        while True:
+            try:
+                os.mkdir(root / f"version_{version}")
+                return root / f"version_{version}"
+            except FileExistsError:  # another run took it first: the next one
+                version += 1
+    except OSError as err:
+        raise _write_error(root, err) from err
 
 
 def claim_file(path: str | os.PathLike, owner: str) -> str:

@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from lightning_ext._io import atomic_torch_save, load_file
-from lightning_ext.cli._options import add_trusted_option
+from lightning_ext._io import atomic_torch_save, check_output, load_file
+from lightning_ext.cli._options import add_overwrite_option, add_trusted_option
 from lightning_ext.functional import merging
 from lightning_ext.functional.merge_methods import (
     CLI_SPELLING,
@@ -91,6 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             help=_option_help(name, parameter),
         )
     add_trusted_option(p, "checkpoints")
+    add_overwrite_option(p)
     p.add_argument(
         "--recalibrate-bn",
         metavar="MODULE:FUNCTION",
@@ -344,6 +345,8 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         The exit code, 0.
     """
+    inputs = [*args.checkpoints, *([args.base] if args.base else [])]
+    check_output(args.output, inputs=inputs, overwrite=args.overwrite)  # before any merging
     bn = bn_recalibration(args)
     request = resolve(args)
     first = output_template(args.checkpoints[0], trusted=args.trusted)  # refused before merging

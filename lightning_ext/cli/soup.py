@@ -345,10 +345,10 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         The exit code, 0.
     """
-    inputs = [*args.checkpoints, *([args.base] if args.base else [])]
-    check_output(args.output, inputs=inputs, overwrite=args.overwrite)  # before any merging
     bn = bn_recalibration(args)
-    request = resolve(args)
+    request = resolve(args)  # the options, checked without reading a checkpoint
+    inputs = [*args.checkpoints, *([args.base] if args.base else [])]
+    check_output(args.output, inputs=inputs, overwrite=args.overwrite)  # before any reading
     first = output_template(args.checkpoints[0], trusted=args.trusted)  # refused before merging
     soup = recalibrate(args, merge(args, request), bn)
     if isinstance(first, Mapping) and "state_dict" in first:

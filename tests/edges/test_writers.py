@@ -22,7 +22,11 @@ Faults:
 - ``sigkill-mid-write``: a writer killed mid-write leaves ``.<name>.<pid>.<rand>.tmp``; the next
   write to that target removes it (a live writer's temporary file is kept). ``atomic_torch_save``:
   a real SIGKILL of a child process; the commands: a temporary file of a process that is gone.
-- ``concurrent-writers``: 8 processes at the same instant (forked, released by one barrier).
+- ``concurrent-writers``: 8 processes at the same instant (forked, released by one barrier):
+  ``write_scores`` keeps all 8 rows; ``run_dir`` gives 8 distinct folders (each process's listing
+  of the versions made slow, so that all list before any creates); 8 fits sharing one
+  ``PostHocEMA(snapshot_dir=...)`` reach fit start together: 1 owner, 7 refusals naming the
+  folder and ``snapshot_dir``, and the owner resumed is accepted.
 """
 
 from __future__ import annotations
@@ -238,6 +242,8 @@ WRITERS: dict[str, Writer] = {
     "run_dir": Writer(lambda tmp: [], lambda i, o, w: None),
     "PostHocEMA": Writer(lambda tmp: [], lambda i, o, w: None),
 }
+
+TARGETS = tuple(WRITERS)  # the rows of docs/edges.md
 
 #: Cells that do not apply, with the reason printed in docs/edges.md.
 NOT_APPLICABLE: dict[tuple[str, str], str] = {
@@ -587,3 +593,55 @@ def test_every_writer_and_fault_is_declared() -> None:
         for fault in FAULTS:
             assert ((writer, fault) in CELLS) != ((writer, fault) in NOT_APPLICABLE)
     assert all("-" not in writer for writer in WRITERS)  # the table splits ids at the first '-'
+
+
+def test_edges_page_reports_each_outcome_in_words(tmp_path: Path) -> None:
+    """tools/edges_table.py: one table per file in tests/edges, a cell per (target, fault) in
+    words; a failing cell is not hidden and a loader file without declarations gets its rows and
+    columns from the ids."""
+    from tools import edges_table
+
+    junit = tmp_path / "run.xml"
+    case = '<testcase classname="tests.edges.test_{}" name="test_{}_edge[{}]">{}</testcase>'
+    junit.write_text(
+        '<testsuites><testsuite name="pytest">'
+        + case.format("writers", "writer", "soup-output-is-input", "")
+        + case.format("writers", "writer", "soup-disk-full", '<failure message="boom"/>')
+        + case.format(
+            "writers",
+            "writer",
+            "export_ema-read-only-dir",
+            '<skipped type="pytest.xfail" message="a reason this test invents"/>',
+        )
+        + case.format("loaders", "loader", "load_file-empty-file", "")
+        + "</testsuite></testsuites>"
+    )
+    page = edges_table.render(edges_table.read_junit(junit))
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in page.splitlines()
+            if line.startswith("| **")}  # fmt: skip
+    column = {fault: i for i, fault in enumerate(FAULTS)}
+    assert rows["**soup**"][column["output-is-input"]].strip() == "holds"
+    assert rows["**soup**"][column["disk-full"]].strip() == "**FAILED**"
+    assert rows["**soup**"][column["concurrent-writers"]].strip().startswith("n/a [")
+    assert rows["**export_ema**"][column["read-only-dir"]].strip().startswith("bug [")
+    assert rows["**atomic_torch_save**"][column["sigkill-mid-write"]].strip() == "not run"
+    assert rows["**load_file**"] == [" holds "]
+    assert "a reason this test invents" in page and "## `tests/edges/test_loaders.py`" in page
+
+
+def test_docs_edges_page_agrees_with_the_matrix() -> None:
+    """docs/edges.md shows this file's rows and columns and every cell holding: regenerate it
+    (python -m tools.edges_table) when a writer, a fault or an outcome changes."""
+    page = (REPO / "docs" / "edges.md").read_text()
+    section = page.split("## `tests/edges/test_writers.py`")[1].split("\n## ")[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    assert [c.strip(" `") for c in lines[0].split("|")[2:-1]] == list(FAULTS)
+    rows = {line.split("|")[1].strip(" *"): line.split("|")[2:-1] for line in lines[2:]}
+    assert list(rows) == list(TARGETS)
+    for writer in TARGETS:
+        for fault in FAULTS:
+            cell = rows[writer][FAULTS.index(fault)].strip()
+            if (writer, fault) in CELLS:
+                assert cell == "holds", (writer, fault, cell)
+            else:
+                assert cell.startswith("n/a"), (writer, fault, cell)

@@ -136,7 +136,10 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
         problem = self._foreign_index_problem()
         if problem:
             return problem
-        owner = claim_file(self._dir / CLAIM_FILE, self.run_id)
+        try:
+            owner = claim_file(self._dir / CLAIM_FILE, self.run_id)
+        except OSError as err:  # returned, not raised: the other ranks wait for the answer
+            return f"PostHocEMA cannot claim snapshot_dir {self._dir}: {err}"
         if owner == self.run_id:
             return None
         return (

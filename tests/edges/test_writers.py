@@ -261,7 +261,7 @@ NOT_APPLICABLE: dict[tuple[str, str], str] = {
         (w, f): "a folder claim, not a file writer"
         for w in ("run_dir", "PostHocEMA")
         for f in FAULTS
-        if f != "concurrent-writers"
+        if f not in ("concurrent-writers", "read-only-dir")
     },
 }
 
@@ -309,7 +309,7 @@ def _read_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         finally:
             folder.chmod(0o755)
         return
-    real_open, real_replace = os.open, os.replace
+    real_open, real_replace, real_mkdir = os.open, os.replace, os.mkdir
 
     def inside(path: Any) -> bool:
         return Path(path).resolve().parent == folder.resolve()
@@ -324,9 +324,15 @@ def _read_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
             raise PermissionError(errno.EACCES, "Permission denied", str(dst))
         real_replace(src, dst, **kwargs)
 
+    def guarded_mkdir(path: Any, *args: Any, **kwargs: Any) -> None:
+        if inside(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        real_mkdir(path, *args, **kwargs)
+
     with monkeypatch.context() as patch:
         patch.setattr(os, "open", guarded_open)
         patch.setattr(os, "replace", guarded_replace)
+        patch.setattr(os, "mkdir", guarded_mkdir)
         yield
 
 
@@ -427,6 +433,43 @@ def _read_only_dir(w: Writer, tmp: Path, mp: pytest.MonkeyPatch) -> None:
     assert list(folder.iterdir()) == []
 
 
+def _bare_trainer(root: Path) -> SimpleNamespace:
+    """What ``run_dir`` reads of a Trainer without a logger, on one process."""
+    return SimpleNamespace(
+        loggers=[],
+        default_root_dir=str(root),
+        is_global_zero=True,
+        strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj),
+    )
+
+
+def _run_dir_read_only(tmp: Path, mp: pytest.MonkeyPatch) -> None:
+    from lightning_ext._lightning import run_dir
+
+    folder = tmp / "ro"
+    folder.mkdir()
+    with _read_only(folder, mp), pytest.raises(OSError) as refused:
+        run_dir(_bare_trainer(folder), "files")
+    _one_line(str(refused.value), folder / "lightning_logs")
+
+
+def _posthoc_ema_read_only(tmp: Path, mp: pytest.MonkeyPatch) -> None:
+    """A snapshot_dir that takes no file is refused at fit start, not at the first snapshot."""
+    from lightning_ext.callbacks import PostHocEMA
+    from tests.helpers.models import Classifier
+    from tests.helpers.resume import quiet_trainer
+
+    folder = tmp / "ro"
+    folder.mkdir()
+    trainer, module = quiet_trainer(max_epochs=1), Classifier()
+    cb = PostHocEMA(snapshot_dir=str(folder))
+    cb.setup(trainer, module, "fit")
+    with _read_only(folder, mp), pytest.raises((ValueError, OSError)) as refused:
+        cb.on_fit_start(trainer, module)
+    _one_line(str(refused.value), folder)
+    assert "snapshot_dir" in str(refused.value) and list(folder.iterdir()) == []
+
+
 def _output_is_directory(w: Writer, tmp: Path, mp: pytest.MonkeyPatch) -> None:
     inputs = w.inputs(tmp)
     out = tmp / "out_dir"
@@ -523,13 +566,7 @@ def _concurrent(name: str, tmp: Path) -> None:
 
         def claim(i: int) -> str:
             Path.glob = slow_glob  # type: ignore[method-assign]  # in this child process only
-            trainer = SimpleNamespace(
-                loggers=[],
-                default_root_dir=str(tmp),
-                is_global_zero=True,
-                strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj),
-            )
-            return str(run_dir(trainer, "files").parent)
+            return str(run_dir(_bare_trainer(tmp), "files").parent)
 
         folders = _forked(claim)
         assert len(set(folders)) == 8, folders
@@ -569,7 +606,11 @@ def _posthoc_ema_claims(tmp: Path) -> None:
 @pytest.mark.parametrize(("writer", "fault"), CELLS, ids=["-".join(c) for c in CELLS])
 def test_writer_edge(writer: str, fault: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     w = WRITERS[writer]
-    if fault == "output-is-input":
+    if writer == "PostHocEMA" and fault == "read-only-dir":
+        _posthoc_ema_read_only(tmp_path, monkeypatch)
+    elif writer == "run_dir" and fault == "read-only-dir":
+        _run_dir_read_only(tmp_path, monkeypatch)
+    elif fault == "output-is-input":
         _output_is_input(w, tmp_path, monkeypatch)
     elif fault == "existing-output":
         _existing_output(writer, w, tmp_path, monkeypatch)

@@ -17,11 +17,11 @@ Faults:
   EACCES by patching ``os.open``/``os.replace``; otherwise the folder is really made read-only.
 - ``output-is-directory``: one line naming the output, before any work, the folder untouched.
 - ``disk-full``: ``atomic_torch_save`` under a real ``ulimit -f`` (``RLIMIT_FSIZE``, SIGXFSZ
-  ignored) in a child process; the commands under an ``ENOSPC`` from ``fsync`` in-process: one line
-  naming the output, the old file intact, no temporary file left.
+  ignored) in a forked child process; the commands under an ``ENOSPC`` from ``fsync``
+  in-process: one line naming the output, the old file intact, no temporary file left.
 - ``sigkill-mid-write``: a writer killed mid-write leaves ``.<name>.<pid>.<rand>.tmp``; the next
   write to that target removes it (a live writer's temporary file is kept). ``atomic_torch_save``:
-  a real SIGKILL of a child process; the commands: a temporary file of a process that is gone.
+  a real SIGKILL of a forked child; the commands: a temporary file of a process that is gone.
 - ``concurrent-writers``: 8 processes at the same instant (forked, released by one barrier):
   ``write_scores`` keeps all 8 rows; ``run_dir`` gives 8 distinct folders (each process's listing
   of the versions made slow, so that all list before any creates); 8 fits sharing one
@@ -36,10 +36,9 @@ import errno
 import io
 import multiprocessing
 import os
+import resource
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_ext._io import atomic_torch_save, load_file, temp_name
+from lightning_ext._io import atomic_torch_save, atomic_write, load_file, temp_name
 from lightning_ext.cli import main as cli_main
 from lightning_ext.functional.ema import sigma_rel_to_gamma
 from lightning_ext.io.ema import write_snapshot
@@ -365,17 +364,23 @@ def _forked(target: Callable[[int], Any], n: int = 8, timeout: float = 60) -> li
     return [out[i] for i in range(n)]
 
 
-def _run_child(code: str, **kwargs: Any) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
-        **kwargs,
-    )
+def _in_child(target: Callable[[], Any], timeout: float = 60) -> tuple[int | None, Any]:
+    """Run ``target`` in one forked process (no new interpreter to start): its exit code and what
+    it returned (or the text of its exception)."""
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+
+    def run() -> None:
+        try:
+            results.put(target())
+        except Exception as error:
+            results.put(f"{type(error).__name__}: {error}")
+
+    proc = ctx.Process(target=run)
+    proc.start()
+    proc.join(timeout)
+    assert proc.exitcode is not None, "the child process hung"
+    return proc.exitcode, results.get(timeout=1) if proc.exitcode == 0 else None
 
 
 # --------------------------------------------------------------------------- the cells
@@ -487,19 +492,17 @@ def _disk_full(name: str, w: Writer, tmp: Path, mp: pytest.MonkeyPatch) -> None:
     if name == "atomic_torch_save":  # the real thing: a file size limit in a child process
         out = tmp / "big.pt"
         out.write_bytes(b"the old file")
-        child = _run_child(
-            f"""
-            import resource, signal, torch
-            from lightning_ext._io import atomic_torch_save
+
+        def limited() -> str:  # ulimit -f 64 KiB, the write 256 KiB
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
-            try:
-                atomic_torch_save(torch.zeros(1 << 16), {str(out)!r})
-            except OSError as error:
-                print(error)
-            """
-        )
-        _one_line(child.stdout + child.stderr, out)
+            atomic_torch_save(torch.zeros(1 << 16), out)
+            return "written"
+
+        code, message = _in_child(limited)
+        assert code == 0
+        _one_line(message, out)
+        assert message.startswith("OSError: ") and "too large" in message
         assert out.read_bytes() == b"the old file" and _temps(tmp) == []
         return
     inputs = w.inputs(tmp)
@@ -524,18 +527,17 @@ def _sigkill(name: str, w: Writer, tmp: Path) -> None:
     inputs = w.inputs(tmp)
     out = tmp / f"out{w.suffix}"
     if name == "atomic_torch_save":  # a real SIGKILL in the middle of the write
-        child = _run_child(
-            f"""
-            import os, signal
-            from lightning_ext._io import atomic_write
-            def write(handle):
+
+        def killed_mid_write() -> None:
+            def write(handle: Any) -> None:
                 handle.write(b"x" * 100_000)
                 handle.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
-            atomic_write({str(out)!r}, write)
-            """
-        )
-        assert child.returncode == -signal.SIGKILL
+
+            atomic_write(out, write)
+
+        code, _ = _in_child(killed_mid_write)
+        assert code == -signal.SIGKILL
         stale = _temps(tmp)
         assert len(stale) == 1 and stale[0].startswith(f".{out.name}.")
     else:

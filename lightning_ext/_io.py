@@ -19,6 +19,8 @@ import fcntl
 import io
 import json
 import os
+import re
+import socket
 import stat
 import threading
 import time
@@ -31,6 +33,7 @@ import torch
 
 _UMASK_LOCK = threading.Lock()
 _TEMP_SUFFIX = ".tmp"
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())  # no dots: they separate the fields
 
 
 def _current_umask() -> int:
@@ -116,7 +119,7 @@ def _probe_folder(path: Path) -> None:
     is found now, not after the work whose result would go there."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".{path.name}.{os.getpid()}.probe{_TEMP_SUFFIX}"
+        probe = temp_name(path)
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.unlink(probe)
     except OSError as err:
@@ -134,10 +137,19 @@ def _write_error(path: Path, err: OSError) -> OSError:
 
 
 def temp_name(path: Path, pid: int | None = None) -> Path:
-    """The temporary file beside ``path`` that a writer process ``pid`` writes before renaming:
-    ``.<name>.<pid>.<random>.tmp``, so that a later write can tell whether its writer is gone."""
-    token = os.urandom(4).hex()
-    return path.parent / f".{path.name}.{os.getpid() if pid is None else pid}.{token}{_TEMP_SUFFIX}"
+    """The temporary file beside ``path`` that a writer process writes before renaming:
+    ``.<name>.<pid>@<host>.<random>.tmp``, so that a later write on the same host can tell
+    whether its writer is gone (a writer on another host sharing the folder is never judged).
+
+    Args:
+        path: the target file.
+        pid: the writer's process id; None: this process.
+
+    Returns:
+        The temporary file's path (not created).
+    """
+    writer = f"{os.getpid() if pid is None else pid}@{_HOST}"
+    return path.parent / f".{path.name}.{writer}.{os.urandom(4).hex()}{_TEMP_SUFFIX}"
 
 
 def _alive(pid: int) -> bool:
@@ -169,8 +181,10 @@ def remove_stale_temps(path: Path) -> list[Path]:
     for name in names:
         if not (name.startswith(prefix) and name.endswith(_TEMP_SUFFIX)):
             continue
-        pid = name[len(prefix) :].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        pid, _, host = name[len(prefix) :].split(".", 1)[0].partition("@")
+        if host != _HOST or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        if not _alive(int(pid)):
             try:
                 os.unlink(path.parent / name)
                 removed.append(path.parent / name)

@@ -175,9 +175,9 @@ INTRO = (
     "file created in it, and a folder as output is refused, before any checkpoint is read, soup "
     "merged or scored. Write failures (read-only folder, full disk) are one line naming the "
     "output, never the hidden temporary file.",
-    "- **Nothing is left half-written**: files are written to `.<name>.<pid>.<random>.tmp` "
-    "beside the target, fsynced and renamed; the temporary files of a writer that was killed "
-    "(its process is gone) are removed by the next write to that target.",
+    "- **Nothing is left half-written**: files are written to `.<name>.<pid>@<host>.<random>.tmp` "
+    "beside the target, fsynced and renamed; the temporary files of a writer on this host that "
+    "was killed (its process is gone) are removed by the next write to that target.",
     "- **Shared files and folders**: rows appended to one score file by several processes are "
     "serialised by a file lock (`.<name>.lock`); run folders (`version_N`) are claimed with "
     "`os.mkdir`; a `PostHocEMA(snapshot_dir=...)` folder is claimed at fit start by an exclusive "

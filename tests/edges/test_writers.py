@@ -19,9 +19,10 @@ Faults:
 - ``disk-full``: ``atomic_torch_save`` under a real ``ulimit -f`` (``RLIMIT_FSIZE``, SIGXFSZ
   ignored) in a forked child process; the commands under an ``ENOSPC`` from ``fsync``
   in-process: one line naming the output, the old file intact, no temporary file left.
-- ``sigkill-mid-write``: a writer killed mid-write leaves ``.<name>.<pid>.<rand>.tmp``; the next
-  write to that target removes it (a live writer's temporary file is kept). ``atomic_torch_save``:
-  a real SIGKILL of a forked child; the commands: a temporary file of a process that is gone.
+- ``sigkill-mid-write``: a writer killed mid-write leaves ``.<name>.<pid>@<host>.<rand>.tmp``;
+  the next write to that target removes it (the files of a live writer, or of a writer on another
+  host, are kept). ``atomic_torch_save``: a real SIGKILL of a forked child; the commands: a
+  temporary file of a process that is gone.
 - ``concurrent-writers``: 8 processes at the same instant (forked, released by one barrier):
   ``write_scores`` keeps all 8 rows; ``run_dir`` gives 8 distinct folders (each process's listing
   of the versions made slow, so that all list before any creates); 8 fits sharing one
@@ -544,8 +545,10 @@ def _sigkill(name: str, w: Writer, tmp: Path) -> None:
         temp_name(out, _dead_pid()).write_bytes(b"x" * 1000)
     live = temp_name(out, os.getppid())  # a writer still running: its file stays
     live.write_bytes(b"still being written")
+    remote = tmp / f".{out.name}.{_dead_pid()}@another-host.0000.tmp"  # not judged from here
+    remote.write_bytes(b"written from another host")
     w.write(inputs, out, False)
-    assert _temps(tmp) == [live.name]
+    assert _temps(tmp) == sorted([live.name, remote.name])
     assert out.exists()
 
 

@@ -82,6 +82,21 @@ def _is_rank_zero() -> bool:
     return not _distributed() or dist.get_rank() == 0
 
 
+def _check_plot_output(plot: str | os.PathLike, inputs: list[Any], overwrite: bool) -> None:
+    """``check_output`` for the picture that rank zero writes; under DDP every rank gets rank
+    zero's answer, so that a refusal stops all ranks before the scoring (none waits alone)."""
+    problem: list[BaseException | None] = [None]
+    if _is_rank_zero():
+        try:
+            check_output(plot, inputs=inputs, overwrite=overwrite)
+        except (ValueError, OSError) as err:
+            problem[0] = err
+    if _distributed():
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise problem[0]
+
+
 # --------------------------------------------------------------------------- mode
 
 
@@ -973,9 +988,9 @@ def build_soup(
     ings = ingredients if isinstance(ingredients, Ingredients) else Ingredients(ingredients)
     check_soup_method(method, options, num_ingredients=len(ings), has_base=base is not None)
     check_mode(monitor, mode, "build_soup")
-    if plot is not None and _is_rank_zero():  # the picture is not lost after the scoring
+    if plot is not None:  # the picture is not lost after the scoring
         paths = [s for s in [*ings.sources, base] if isinstance(s, str | os.PathLike)]
-        check_output(plot, inputs=paths, overwrite=overwrite)
+        _check_plot_output(plot, paths, overwrite)
     ings.validate()
     base_state = None
     if base is not None:

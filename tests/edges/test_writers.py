@@ -691,3 +691,29 @@ def test_docs_edges_page_agrees_with_the_matrix() -> None:
                 assert cell == "holds", (writer, fault, cell)
             else:
                 assert cell.startswith("n/a"), (writer, fault, cell)
+
+
+def test_build_soup_plot_refusal_reaches_every_rank(tmp_path: Path) -> None:
+    """Under DDP rank zero alone writes the picture, so it alone checks it: its refusal must stop
+    rank one too, or rank one would wait alone in the scoring's collectives."""
+    import torch.distributed as dist
+
+    from lightning_ext.workflows.soup import _check_plot_output
+
+    plot = tmp_path / "soup.png"
+    plot.write_bytes(b"an earlier picture")
+
+    def rank(i: int) -> str:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=i, world_size=2
+        )
+        try:
+            _check_plot_output(plot, [], overwrite=False)
+            return "went on"
+        except ValueError as error:
+            return f"refused: {error}"
+        finally:
+            dist.destroy_process_group()
+
+    results = _forked(rank, n=2)
+    assert all(r.startswith("refused") and "--overwrite" in r for r in results), results

@@ -130,8 +130,16 @@ def run_dir(trainer: Any, name: str) -> Path:
     """
     root = getattr(trainer, _RUN_ROOT_ATTR, None)
     if root is None:
-        root = str(_resolve_run_root(trainer)) if trainer.is_global_zero else None
-        root = trainer.strategy.broadcast(root, src=0)
+        found: str | OSError | None = None
+        if trainer.is_global_zero:
+            try:
+                found = str(_resolve_run_root(trainer))
+            except OSError as err:  # sent, not raised alone: the other ranks wait for the answer
+                found = err
+        found = trainer.strategy.broadcast(found, src=0)
+        if isinstance(found, OSError):
+            raise found
+        root = found
         setattr(trainer, _RUN_ROOT_ATTR, root)
     path = Path(root) / name
     if trainer.is_global_zero:

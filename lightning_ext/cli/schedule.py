@@ -71,11 +71,11 @@ def _unused_path(path: str) -> str:
 def _refine_schedule_command(args: Any) -> int:
     import torch
 
-    from lightning_ext._io import check_output
     from lightning_ext.functional.schedule import Norm
     from lightning_ext.io.schedule import (
         PAPER_OPTIONS,
         SCHEDULE_FILE,
+        check_refined_outputs,
         load_grad_norms,
         write_refined_schedule,
     )
@@ -83,9 +83,8 @@ def _refine_schedule_command(args: Any) -> int:
     out = args.output or _unused_path(
         os.path.join(os.path.dirname(args.grad_norms) or ".", SCHEDULE_FILE)
     )
-    outputs = [out, os.path.splitext(out)[0] + ".json", *([args.plot] if args.plot else [])]
-    for output in outputs:  # before the norms are read
-        check_output(output, inputs=[args.grad_norms], overwrite=args.overwrite)
+    # before the norms are read
+    check_refined_outputs(out, args.plot, inputs=[args.grad_norms], overwrite=args.overwrite)
     records, kinds = load_grad_norms(args.grad_norms)
     # A recorded kind is "l1" or "l2" as the callback wrote it; refine_schedule rejects any other.
     norms = cast(list[Norm], [args.norm or kind or "l2" for kind in kinds])

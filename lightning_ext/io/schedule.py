@@ -36,6 +36,7 @@ __all__ = [
     "PAPER_OPTIONS",
     "PLOT_FILE",
     "SCHEDULE_FILE",
+    "check_refined_outputs",
     "degenerate_warning",
     "load_grad_norms",
     "load_schedule",
@@ -189,6 +190,31 @@ def degenerate_warning(what: str, diagnostics: dict[str, float], problems: list[
     )
 
 
+def check_refined_outputs(
+    out_path: str | os.PathLike,
+    plot_path: str | os.PathLike | None,
+    *,
+    inputs: Sequence[str | os.PathLike] = (),
+    overwrite: bool = False,
+) -> None:
+    """``_io.check_output`` for every file ``write_refined_schedule`` writes: the schedule, its
+    ``.json`` beside it and the plot.
+
+    Args:
+        out_path: the schedule file.
+        plot_path: the plot; None: no plot.
+        inputs: the files the norms are read from.
+        overwrite: existing outputs may be replaced.
+
+    Raises:
+        ValueError: an output that is an input, exists without ``overwrite``, or is a folder.
+        OSError: an output folder that is not writable.
+    """
+    outputs = [out_path, Path(out_path).with_suffix(".json"), *([plot_path] if plot_path else [])]
+    for output in outputs:
+        check_output(output, inputs=inputs, overwrite=overwrite)
+
+
 def write_refined_schedule(
     grad_norms: list[Tensor],
     norms: list[Literal["l1", "l2"]],
@@ -232,9 +258,7 @@ def write_refined_schedule(
         ValueError: an output that is an input, exists without ``overwrite``, or is a folder.
         OSError: an output folder that is not writable.
     """
-    outputs = [out_path, Path(out_path).with_suffix(".json"), *([plot_path] if plot_path else [])]
-    for output in outputs:
-        check_output(output, inputs=inputs, overwrite=overwrite)
+    check_refined_outputs(out_path, plot_path, inputs=inputs, overwrite=overwrite)
     options = {**PAPER_OPTIONS, **options}
     schedules, diagnostics = [], []
     for g, n in zip(grad_norms, norms):

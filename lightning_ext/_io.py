@@ -15,7 +15,6 @@ the same keyword everywhere in this package.
 from __future__ import annotations
 
 import errno
-import fcntl
 import io
 import json
 import os
@@ -153,6 +152,8 @@ def temp_name(path: Path, pid: int | None = None) -> Path:
 
 
 def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C there: never judge, keep the file
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -301,10 +302,22 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
     except OSError as err:
         raise _write_error(path, err) from err
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        _lock(fd)
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _lock(fd: int) -> None:
+    """Block until this process holds the exclusive lock of the open file ``fd``."""
+    if os.name == "nt":  # pragma: no cover - Windows: a lock on the first byte of the file
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # type: ignore[attr-defined]
+        return
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_EX)
 
 
 def claim_version_dir(root: str | os.PathLike) -> Path:

@@ -673,6 +673,7 @@ def test_edges_page_reports_each_outcome_in_words(tmp_path: Path) -> None:
     assert rows["**atomic_torch_save**"][column["sigkill-mid-write"]].strip() == "not run"
     assert rows["**load_file**"] == [" holds "]
     assert "a reason this test invents" in page and "## `tests/edges/test_loaders.py`" in page
+    assert "Every bad file gets one line" in page  # the reading rules, with the loaders' table
 
 
 def test_docs_edges_page_agrees_with_the_matrix() -> None:

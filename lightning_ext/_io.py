@@ -2,7 +2,10 @@
 
 Writing: atomic (temporary file beside the target, fsync, rename), so nothing is ever left
 half-written, and with the permissions the user's umask gives (like ``torch.save`` and Lightning's
-checkpoints), not the 0600 of ``mkstemp``.
+checkpoints), not the 0600 of ``mkstemp``; a replaced file keeps its mode. ``check_output`` is the
+one set of rules every writer applies before its work (no input replaced, no existing output
+replaced without ``overwrite``, the folder writable); ``locked`` and ``claim_file`` serve writers
+that share a file or a folder with other processes.
 
 Loading: one function, one rule. ``load_file`` reads tensors, containers and primitive values
 only (``torch.load(weights_only=True)``); a pickle with arbitrary objects needs ``trusted=True``,
@@ -11,17 +14,25 @@ the same keyword everywhere in this package.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
-import tempfile
+import re
+import socket
+import stat
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
 _UMASK_LOCK = threading.Lock()
+_TEMP_SUFFIX = ".tmp"
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())  # no dots: they separate the fields
 
 
 def _current_umask() -> int:
@@ -32,31 +43,234 @@ def _current_umask() -> int:
     return mask
 
 
+# --------------------------------------------------------------------------- checks before work
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """One file under two names: equal resolved paths, or one inode (a hard link)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        sa, sb = a.stat(), b.stat()
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return folder.resolve() in path.resolve().parents
+
+
+def check_output(
+    out: str | os.PathLike,
+    *,
+    inputs: Iterable[str | os.PathLike] = (),
+    overwrite: bool = False,
+    append: bool = False,
+) -> Path:
+    """Refuse, before any heavy work, an output that would lose data or could not be written.
+
+    The rules of every writer of this package (DESIGN.md principle 11): the output is none of the
+    writer's ``inputs`` (same resolved path or same inode; nor inside an input folder); an existing
+    output is replaced only with ``overwrite`` (``--overwrite`` on the command line), unless the
+    writer appends to it (``append``); the output is not a folder, and its folder exists (or is made
+    now) and takes a new file (a probe file is created and removed).
+
+    Args:
+        out: the file about to be written.
+        inputs: the files and folders the writer reads.
+        overwrite: an existing ``out`` may be replaced.
+        append: the writer adds to an existing ``out`` (a score file): no ``overwrite`` needed.
+
+    Returns:
+        ``out`` as a Path.
+
+    Raises:
+        ValueError: ``out`` is an input, lies inside an input folder, exists without
+            ``overwrite``, or is a folder.
+        OSError: ``out``'s folder cannot be made or written (the message names ``out``).
+    """
+    path = Path(out)
+    for source in map(Path, inputs):
+        if source.is_dir() and (_inside(path, source) or _same_file(path, source)):
+            raise ValueError(
+                f"refusing to write {path} inside the input folder {source}: choose an output "
+                "outside it"
+            )
+        if _same_file(path, source):
+            raise ValueError(
+                f"refusing to write {path}: it is the input {source}, which would be lost; "
+                "choose another output"
+            )
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a folder; name a file inside it")
+    if path.exists() and not (overwrite or append):
+        raise ValueError(
+            f"{path} already exists: pass --overwrite (overwrite=True in Python) to replace it, "
+            "or choose another output"
+        )
+    _probe_folder(path)
+    return path
+
+
+def _probe_folder(path: Path) -> None:
+    """Make ``path``'s folder and create (then remove) a file there: a read-only or full folder
+    is found now, not after the work whose result would go there."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = temp_name(path)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as err:
+        raise _write_error(path, err) from err
+
+
+def _write_error(path: Path, err: OSError) -> OSError:
+    """One line naming the file the user asked for (not the hidden temporary one)."""
+    error = OSError(f"cannot write {path}: {err.strerror or err}")
+    error.errno = err.errno
+    return error
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def temp_name(path: Path, pid: int | None = None) -> Path:
+    """The temporary file beside ``path`` that a writer process writes before renaming:
+    ``.<name>.<pid>@<host>.<random>.tmp``, so that a later write on the same host can tell
+    whether its writer is gone (a writer on another host sharing the folder is never judged).
+
+    Args:
+        path: the target file.
+        pid: the writer's process id; None: this process.
+
+    Returns:
+        The temporary file's path (not created).
+    """
+    writer = f"{os.getpid() if pid is None else pid}@{_HOST}"
+    return path.parent / f".{path.name}.{writer}.{os.urandom(4).hex()}{_TEMP_SUFFIX}"
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C there: never judge, keep the file
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temporary files of interrupted writes to ``path`` (their writer process is gone,
+    e.g. killed with SIGKILL); a live writer's temporary file is left alone.
+
+    Args:
+        path: the target file.
+
+    Returns:
+        The files removed.
+    """
+    removed: list[Path] = []
+    prefix = f".{path.name}."
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(_TEMP_SUFFIX)):
+            continue
+        pid, _, host = name[len(prefix) :].split(".", 1)[0].partition("@")
+        if host != _HOST or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        if not _alive(int(pid)):
+            try:
+                os.unlink(path.parent / name)
+                removed.append(path.parent / name)
+            except FileNotFoundError:  # another writer cleaned it first
+                pass
+    return removed
+
+
+class _RecordingFile(io.FileIO):
+    """A file that remembers the OSError of a failed write: torch.save and savefig turn it into
+    their own messages ("unexpected pos ..."), the full disk or size limit behind it is reported."""
+
+    error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return super().write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+
+def _new_mode(path: Path) -> int:
+    """A replaced file keeps its mode (600 stays 600); a new one gets ``0o666 & ~umask``."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_current_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> Path:
     """Call ``write`` on a temporary file beside ``path``, fsync it, then rename it into place.
 
     A crash or exception at any point leaves either the old file or no file, never a partial one.
-    The file gets mode ``0o666 & ~umask`` (0644 under the usual umask), as a plain ``open`` would.
+    A new file gets mode ``0o666 & ~umask`` (0644 under the usual umask), as a plain ``open``
+    would; a replaced file keeps its mode. The temporary files that interrupted writes to ``path``
+    left behind are removed first. Write failures (read-only or full disk) raise one ``OSError``
+    naming ``path``.
+
+    Args:
+        path: the file to write.
+        write: writes the content to the open binary file it is given.
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        OSError: ``path`` cannot be written; the message names it and the reason.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise _write_error(path, IsADirectoryError(errno.EISDIR, "it is a folder"))
+    tmp = temp_name(path)
+    raw: _RecordingFile | None = None
     try:
-        with os.fdopen(fd, "wb") as handle:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        mode = _new_mode(path)
+        raw = _RecordingFile(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+        with io.BufferedWriter(raw) as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = raw.error if raw is not None and raw.error is not None else err
+        if isinstance(cause, OSError):
+            raise _write_error(path, cause) from err
         raise
     return path
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` that never leaves a truncated file behind."""
+    """``torch.save`` that never leaves a truncated file behind (see ``atomic_write``).
+
+    Args:
+        obj: what to save.
+        path: the file to write.
+
+    Returns:
+        ``path`` as a Path.
+    """
     return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
@@ -76,6 +290,112 @@ def atomic_save_weights(state: Any, path: str | os.PathLike) -> Path:
     if safetensors.is_safetensors_path(path):
         return safetensors.save_safetensors(state, path)
     return atomic_torch_save(state, path)
+
+
+@contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (through the sidecar ``.<name>.lock``) for a
+    read-modify-write: concurrent writers (processes appending rows to one score file) wait
+    their turn instead of losing each other's rows.
+
+    Args:
+        path: the file read and rewritten under the lock.
+
+    Yields:
+        Nothing; the lock is released on exit.
+    """
+    path = Path(path)
+    lock = path.parent / f".{path.name}.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_current_umask())
+    except OSError as err:
+        raise _write_error(path, err) from err
+    try:
+        _lock(fd)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _lock(fd: int) -> None:
+    """Block until this process holds the exclusive lock of the open file ``fd``."""
+    if os.name == "nt":  # pragma: no cover - Windows: a lock on the first byte of the file
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # type: ignore[attr-defined]
+        return
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def claim_version_dir(root: str | os.PathLike) -> Path:
+    """Create and return ``root/version_N`` for the smallest free N above the existing ones,
+    with ``os.mkdir`` (which fails when the folder exists), so that runs started at the same
+    instant each get their own folder.
+
+    Args:
+        root: the folder holding the versions (``<default_root_dir>/lightning_logs``).
+
+    Returns:
+        The folder created.
+
+    Raises:
+        OSError: ``root`` cannot be made or written (the message names it).
+    """
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        numbers = [
+            int(p.name.split("_", 1)[1])
+            for p in root.glob("version_*")
+            if p.is_dir() and p.name.split("_", 1)[1].isdigit()
+        ]
+        version = max(numbers, default=-1) + 1
+        while True:
+            try:
+                os.mkdir(root / f"version_{version}")
+                return root / f"version_{version}"
+            except FileExistsError:  # another run took it first: the next one
+                version += 1
+    except OSError as err:
+        raise _write_error(root, err) from err
+
+
+def claim_file(path: str | os.PathLike, owner: str) -> str:
+    """Claim a folder for one run by creating ``path`` exclusively with ``owner`` inside: the
+    first claimant wins even when runs start at the same instant.
+
+    Args:
+        path: the claim file (inside the folder claimed).
+        owner: this run's id.
+
+    Returns:
+        The folder's owner: ``owner`` when this call (or an earlier one of the same run) claimed
+        it, another run's id otherwise.
+
+    Raises:
+        OSError: the claim file cannot be created (the message names it).
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~_current_umask())
+    except FileExistsError:
+        for _ in range(50):  # the winner may not have written its id yet
+            text = path.read_text().strip()
+            if text:
+                return text
+            time.sleep(0.01)
+        return "unknown"
+    except OSError as err:
+        raise _write_error(path, err) from err
+    with os.fdopen(fd, "w") as handle:
+        handle.write(owner + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return owner
 
 
 def load_file(

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_ext._io import claim_version_dir
+
 _pytorch_lightning: ModuleType | None
 try:  # the older namespace is optional
     import pytorch_lightning as _pytorch_lightning
@@ -92,23 +94,15 @@ def is_wandb_logger(logger: Any) -> bool:
 _RUN_ROOT_ATTR = "_lightning_ext_run_root"
 
 
-def _next_version(root: Path) -> Path:
-    existing = [
-        int(p.name.split("_", 1)[1])
-        for p in root.glob("version_*")
-        if p.is_dir() and p.name.split("_", 1)[1].isdigit()
-    ]
-    return root / f"version_{max(existing, default=-1) + 1}"
-
-
 def _resolve_run_root(trainer: Any) -> Path:
     """The run's own folder, following Lightning's conventions.
 
     - CSV/TensorBoard loggers: ``logger.log_dir`` (already versioned, ``version_N``).
     - Loggers without a versioned ``log_dir`` (WandbLogger): ``<save_dir>/<name>/<version>``, as
       Lightning's ModelCheckpoint resolves its folder for them (project / run id for wandb).
-    - No logger: ``<default_root_dir>/lightning_logs/version_N`` with the next free N, so a rerun
-      never writes into an earlier run's files.
+    - No logger: ``<default_root_dir>/lightning_logs/version_N`` with the next free N, created
+      at once with ``os.mkdir`` (``_io.claim_version_dir``), so a rerun never writes into an
+      earlier run's files and runs started together get distinct folders.
     """
     loggers = list(getattr(trainer, "loggers", []) or [])
     if loggers:
@@ -124,7 +118,7 @@ def _resolve_run_root(trainer: Any) -> Path:
         version = logger.version
         version = version if isinstance(version, str) else f"version_{version}"
         return Path(save_dir) / str(name) / version
-    return _next_version(Path(trainer.default_root_dir) / "lightning_logs")
+    return claim_version_dir(Path(trainer.default_root_dir) / "lightning_logs")
 
 
 def run_dir(trainer: Any, name: str) -> Path:
@@ -136,8 +130,16 @@ def run_dir(trainer: Any, name: str) -> Path:
     """
     root = getattr(trainer, _RUN_ROOT_ATTR, None)
     if root is None:
-        root = str(_resolve_run_root(trainer)) if trainer.is_global_zero else None
-        root = trainer.strategy.broadcast(root, src=0)
+        found: str | OSError | None = None
+        if trainer.is_global_zero:
+            try:
+                found = str(_resolve_run_root(trainer))
+            except OSError as err:  # sent, not raised alone: the other ranks wait for the answer
+                found = err
+        found = trainer.strategy.broadcast(found, src=0)
+        if isinstance(found, OSError):
+            raise found
+        root = found
         setattr(trainer, _RUN_ROOT_ATTR, root)
     path = Path(root) / name
     if trainer.is_global_zero:

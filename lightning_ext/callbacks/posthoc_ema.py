@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_ext._io import claim_file
 from lightning_ext._lightning import is_wandb_logger, run_dir
 from lightning_ext._masks import apply_masks_, sparse_masks_for
 from lightning_ext._plot import new_figure, write_png
@@ -33,7 +34,9 @@ from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.callbacks._steps import AfterOptimizerStep
 from lightning_ext.functional.ema import power_ema_beta, power_profile, sigma_rel_to_gamma
 from lightning_ext.io.ema import (
+    CLAIM_FILE,
     INDEX_FILE,
+    adopt_snapshots,
     posthoc_ema_state_dict,
     snapshot_coefficients,
     write_posthoc_ema,
@@ -54,7 +57,9 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
         snapshot_every_n_steps: write a snapshot of every profile every n EMA updates (and one at
             the end of training). More snapshots give a more accurate reconstruction.
         snapshot_dir: where snapshots go (default: ``run_dir(trainer, "posthoc_ema")``, the run's
-            own versioned folder). An explicit folder holding another run's index is refused.
+            own versioned folder). The folder is claimed at fit start (a claim file created
+            exclusively, holding the run's id): a folder of another run, even one started at the
+            same instant, is refused; the same run resumed is accepted.
         update_every_n_steps: update the EMAs every n optimizer steps.
         device: where the EMAs live (``None``: beside each weight; ``"cpu"`` to offload).
         buffers: ``"average"`` the statistics buffers (BatchNorm's running mean and variance) or
@@ -133,11 +138,11 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After the checkpoint (if any) was restored: a resumed run carries its own run_id.
-        problem = self._foreign_index_problem() if trainer.is_global_zero else None
+        problem = self._claim_problem() if trainer.is_global_zero else None
         problem = trainer.strategy.broadcast(problem, src=0)
         if problem:
             raise ValueError(problem)
-        self._relocate_loaded_snapshots()
+        self._relocate_loaded_snapshots(trainer)
         if not self._shadows:
             refuse_nonfinite_parameters(pl_module, "PostHocEMA")
             tracked = TrackedTensors.from_module(
@@ -155,6 +160,25 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
                 shadow.load_state_dict(state, "PostHocEMA state in the checkpoint")
             self._loaded = None
 
+    def _claim_problem(self) -> str | None:
+        """Claim the folder for this run (exclusive create of the claim file), or say why not."""
+        assert self._dir is not None
+        problem = self._foreign_index_problem()
+        if problem:
+            return problem
+        try:
+            owner = claim_file(self._dir / CLAIM_FILE, self.run_id)
+        except OSError as err:  # returned, not raised: the other ranks wait for the answer
+            return f"PostHocEMA cannot claim snapshot_dir {self._dir}: {err}"
+        if owner == self.run_id:
+            return None
+        return (
+            f"{self._dir} belongs to another PostHocEMA run ({owner}, claimed in "
+            f"{self._dir / CLAIM_FILE}): two runs writing there would overwrite each other's "
+            "snapshots. Give each run its own snapshot_dir (or leave snapshot_dir unset for the "
+            "run's own folder), or resume that run from its checkpoint (ckpt_path=...)."
+        )
+
     def _foreign_index_problem(self) -> str | None:
         """Why writing into the folder would clobber another run's snapshots, or None."""
         assert self._dir is not None
@@ -171,13 +195,23 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
             "checkpoint (ckpt_path=...)."
         )
 
-    def _relocate_loaded_snapshots(self) -> None:
-        """A run resumed into a new folder still lists the snapshots written before, by path."""
+    def _relocate_loaded_snapshots(self, trainer: pl.Trainer) -> None:
+        """A run resumed into a new folder brings the snapshots written before into it, so that
+        its index names files of its own folder (readable from any working directory)."""
         assert self._dir is not None
         old, self._loaded_dir = self._loaded_dir, None
         if old is None or Path(old).resolve() == self._dir.resolve():
             return
-        self.snapshots = [{**e, "file": str(Path(old) / e["file"])} for e in self.snapshots]
+        problem = None
+        if trainer.is_global_zero:
+            try:
+                adopt_snapshots(old, self._dir, self.snapshots)
+            except FileNotFoundError as err:
+                problem = str(err)
+        problem = trainer.strategy.broadcast(problem, src=0)
+        if problem:
+            raise FileNotFoundError(problem)
+        self.snapshots = [{**e, "file": Path(e["file"]).name} for e in self.snapshots]
 
     def on_optimizer_step_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step % self.update_every_n_steps:
@@ -277,7 +311,8 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
             **super().state_dict(),
             "gammas": self.gammas,
             "shadows": shadows,
-            "dir": str(self._dir) if self._dir is not None else self._loaded_dir,
+            # absolute: a resume from another working directory finds the folder again
+            "dir": str(self._dir.resolve()) if self._dir is not None else self._loaded_dir,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

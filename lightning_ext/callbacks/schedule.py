@@ -614,6 +614,7 @@ class ScheduleRefinement(Callback):
             self._out / SCHEDULE_FILE,
             plot_path=plot,
             drop_nonfinite=True,
+            overwrite=True,  # the run's own folder: a resumed run refines again
             **self.refine_options,
         )
         summary = {"schedule/recorded_steps": float(records[0].numel())}

@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, OSError, KeyError) as err:  # OSError: a write failure, one line
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"lightning-ext {args.command}: error: {message}", file=sys.stderr)
         return 2

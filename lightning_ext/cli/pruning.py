@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from torch import Tensor
 
-from lightning_ext.cli._options import add_trusted_option
+from lightning_ext.cli._options import add_overwrite_option, add_trusted_option
 
 CLASS_STRATEGIES = ("class_balanced", "class_ccs")
 
@@ -65,10 +64,11 @@ def coverage_report(labels: Tensor, kept: Tensor) -> str:
 
 
 def _prune_select(args: argparse.Namespace) -> int:
-    from lightning_ext._io import atomic_torch_save, atomic_write_json
+    from lightning_ext._io import atomic_torch_save, atomic_write_json, check_output
     from lightning_ext.functional.pruning import select_indices
     from lightning_ext.io.scores import load_scores
 
+    out = check_output(args.out, inputs=[args.scores], overwrite=args.overwrite)
     record = load_scores(args.scores, trusted=args.trusted)
     sequence = record.get("task") == "sequence"
     if sequence and args.strategy in CLASS_STRATEGIES:
@@ -86,7 +86,6 @@ def _prune_select(args: argparse.Namespace) -> int:
         seed=args.seed,
         strata=args.strata,
     )
-    out = Path(args.out)
     if out.suffix == ".json":
         atomic_write_json(kept.tolist(), out)
     else:
@@ -131,6 +130,7 @@ def _register_prune_select(sub: argparse._SubParsersAction) -> None:
         "--out", required=True, help="output: a .pt tensor of sorted indices, or a .json list"
     )
     add_trusted_option(p, "a score file")
+    add_overwrite_option(p)
     p.set_defaults(func=_prune_select)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any, cast
 
+from lightning_ext.cli._options import add_overwrite_option
+
 
 def _smoothing(text: str) -> float | str:
     return text if text == "reference" else float(text)
@@ -50,6 +52,7 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "--drop-nonfinite", action="store_true", help="drop inf/nan norms (fp16-skipped steps)"
     )
+    add_overwrite_option(parser)
     parser.set_defaults(func=_refine_schedule_command)
 
 
@@ -72,16 +75,19 @@ def _refine_schedule_command(args: Any) -> int:
     from lightning_ext.io.schedule import (
         PAPER_OPTIONS,
         SCHEDULE_FILE,
+        check_refined_outputs,
         load_grad_norms,
         write_refined_schedule,
     )
 
-    records, kinds = load_grad_norms(args.grad_norms)
-    # A recorded kind is "l1" or "l2" as the callback wrote it; refine_schedule rejects any other.
-    norms = cast(list[Norm], [args.norm or kind or "l2" for kind in kinds])
     out = args.output or _unused_path(
         os.path.join(os.path.dirname(args.grad_norms) or ".", SCHEDULE_FILE)
     )
+    # before the norms are read
+    check_refined_outputs(out, args.plot, inputs=[args.grad_norms], overwrite=args.overwrite)
+    records, kinds = load_grad_norms(args.grad_norms)
+    # A recorded kind is "l1" or "l2" as the callback wrote it; refine_schedule rejects any other.
+    norms = cast(list[Norm], [args.norm or kind or "l2" for kind in kinds])
     options = {k: getattr(args, k) for k in ("power", "exclude_initial", "floor", "blend")}
     payload = write_refined_schedule(
         [torch.as_tensor(r, dtype=torch.float64) for r in records],
@@ -92,6 +98,8 @@ def _refine_schedule_command(args: Any) -> int:
         steps=args.steps,
         plot_path=args.plot,
         drop_nonfinite=args.drop_nonfinite,
+        inputs=[args.grad_norms],
+        overwrite=args.overwrite,
         **(PAPER_OPTIONS if args.paper else options),
     )
     schedule, found = payload["schedule"], payload["diagnostics"][0]

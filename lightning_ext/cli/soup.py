@@ -44,8 +44,8 @@ from typing import Any
 
 import torch
 
-from lightning_ext._io import atomic_save_weights, load_file
-from lightning_ext.cli._options import add_trusted_option
+from lightning_ext._io import atomic_save_weights, check_output, load_file
+from lightning_ext.cli._options import add_overwrite_option, add_trusted_option
 from lightning_ext.functional import merging
 from lightning_ext.functional.merge_methods import (
     CLI_SPELLING,
@@ -98,6 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             help=_option_help(name, parameter),
         )
     add_trusted_option(p, "checkpoints")
+    add_overwrite_option(p)
     p.add_argument(
         "--recalibrate-bn",
         metavar="MODULE:FUNCTION",
@@ -376,13 +377,18 @@ def run(args: argparse.Namespace) -> int:
         The exit code, 0.
     """
     bn = bn_recalibration(args)
-    request = resolve(args)
+    request = resolve(args)  # the options, checked without reading a checkpoint
+    inputs = [*args.checkpoints, *([args.base] if args.base else [])]
+    check_output(args.output, inputs=inputs, overwrite=args.overwrite)  # before any reading
     first = output_template(args.checkpoints[0], trusted=args.trusted)  # refused before merging
     soup = recalibrate(args, merge(args, request), bn)
     out: dict[str, Any] = dict(soup)
-    if is_safetensors_path(args.output):  # tensors only: the merged weights
-        pass
-    elif isinstance(first, Mapping) and "state_dict" in first:
+    # safetensors holds tensors only: the merged weights; a Lightning checkpoint in gives one out
+    if (
+        not is_safetensors_path(args.output)
+        and isinstance(first, Mapping)
+        and "state_dict" in first
+    ):
         out = {k: v for k, v in first.items() if k not in TRAINING_STATE}
         out["state_dict"] = soup
         out["soup"] = {"method": args.method, "ingredients": list(args.checkpoints)}

@@ -9,6 +9,8 @@ write; these functions read and write the files, with or without Lightning.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,20 +19,30 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_ext._io import atomic_save_weights, atomic_torch_save, atomic_write_json, load_file
+from lightning_ext._io import (
+    atomic_save_weights,
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_json,
+    check_output,
+    load_file,
+)
 from lightning_ext._masks import apply_masks_
 from lightning_ext.functional.ema import posthoc_ema_coefficients, sigma_rel_to_gamma
 
 __all__ = [
+    "CLAIM_FILE",
     "EMA_IN_STATE_DICT",
     "INDEX_FILE",
     "LIVE_STATE_KEY",
+    "adopt_snapshots",
     "ema_state_dict_from_checkpoint",
     "export_ema",
     "masked_state",
     "posthoc_ema_state_dict",
     "read_index",
     "snapshot_coefficients",
+    "snapshot_path",
     "write_posthoc_ema",
     "write_snapshot",
 ]
@@ -42,6 +54,8 @@ LIVE_STATE_KEY = "current_model_state"
 _DISTRIBUTED_METADATA = "meta.pt"  # Lightning's _METADATA_FILENAME in distributed checkpoints
 #: The index of a PostHocEMA snapshot folder: the run's id and one entry per snapshot file.
 INDEX_FILE = "posthoc_ema_index.json"
+#: Created exclusively at fit start with the run's id: the folder belongs to that run.
+CLAIM_FILE = ".posthoc_ema_claim"
 
 
 # ------------------------------------------------------------------------- EMA export
@@ -150,6 +164,7 @@ def export_ema(
     *,
     state_key: str | None = None,
     trusted: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write the EMA-only state dict of ``checkpoint`` to ``out`` (atomically).
 
@@ -161,10 +176,17 @@ def export_ema(
         out: where to write the state dict.
         state_key: the EMA callback's state key, when the checkpoint holds several.
         trusted: unpickle arbitrary objects; only for checkpoints you made yourself.
+        overwrite: replace an existing ``out`` (refused by default; ``out`` may never be
+            ``checkpoint``).
 
     Returns:
         The path written.
+
+    Raises:
+        ValueError: ``out`` is ``checkpoint``, exists without ``overwrite``, or is a folder.
+        OSError: ``out``'s folder is not writable (checked before the checkpoint is read).
     """
+    check_output(out, inputs=[checkpoint], overwrite=overwrite)
     state = ema_state_dict_from_checkpoint(checkpoint, state_key=state_key, trusted=trusted)
     return atomic_save_weights(state, out)
 
@@ -186,6 +208,71 @@ def read_index(snapshot_dir: Path) -> list[dict[str, Any]]:
     if not index.exists():
         raise FileNotFoundError(f"{index} not found: is {snapshot_dir} a PostHocEMA snapshot_dir?")
     return json.loads(index.read_text())["snapshots"]
+
+
+def snapshot_path(snapshot_dir: str | Path, entry: Mapping[str, Any]) -> Path:
+    """Where the snapshot of an index entry lies: its ``file``, relative to the index's folder
+    (so the folder can be read from any working directory, or moved).
+
+    Args:
+        snapshot_dir: the folder of the index.
+        entry: one entry of ``read_index``.
+
+    Returns:
+        The snapshot file's path.
+
+    Raises:
+        ValueError: the entry names a file outside the folder (an absolute path or ``..``).
+    """
+    folder = Path(snapshot_dir)
+    path = folder / entry["file"]
+    if folder.resolve() not in path.resolve().parents:
+        raise ValueError(
+            f"{folder / INDEX_FILE} lists the snapshot {entry['file']!r}, which lies outside "
+            f"{folder}: an index may only name files in its own folder"
+        )
+    return path
+
+
+def adopt_snapshots(
+    old_dir: str | Path, new_dir: str | Path, entries: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Bring the snapshots a run wrote into ``old_dir`` into ``new_dir`` (hard links, or copies
+    across file systems), for a run resumed into a new folder: its index then names files of its
+    own folder only, found again from any working directory.
+
+    Args:
+        old_dir: the folder the run wrote before it was resumed.
+        new_dir: the folder it writes now.
+        entries: the index entries of the snapshots written before.
+
+    Returns:
+        The entries, each ``file`` a name in ``new_dir``.
+
+    Raises:
+        FileNotFoundError: a snapshot of the run is missing from ``old_dir``.
+    """
+    adopted = []
+    for entry in entries:
+        source = Path(old_dir) / entry["file"]
+        target = Path(new_dir) / source.name
+        if not target.exists():
+            if not source.is_file():
+                raise FileNotFoundError(
+                    f"the resumed PostHocEMA run's snapshot {source} is missing: its earlier "
+                    "snapshots cannot be carried into the new folder"
+                )
+            try:
+                os.link(source, target)
+            except OSError:  # another file system, or links not supported: copy
+                _copy(source, target)
+        adopted.append({**entry, "file": source.name})
+    return adopted
+
+
+def _copy(source: Path, target: Path) -> None:
+    with open(source, "rb") as handle:
+        atomic_write(target, lambda out: shutil.copyfileobj(handle, out))
 
 
 def snapshot_coefficients(
@@ -279,7 +366,7 @@ def posthoc_ema_state_dict(
     position = 0
     last_masks: dict[str, Tensor] = {}
     for entry in tqdm(usable, desc="loading snapshots", unit="file", disable=not progress):
-        snapshot = load_file(Path(snapshot_dir) / entry["file"])
+        snapshot = load_file(snapshot_path(snapshot_dir, entry))
         last_masks = snapshot.get("masks", {})
         copied = set(snapshot.get("copied", ()))
         for weights in snapshot["weights"]:
@@ -311,6 +398,7 @@ def write_posthoc_ema(
     *,
     step: int | None = None,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Reconstruct (see ``posthoc_ema_state_dict``) and save the state dict atomically.
 
@@ -322,9 +410,17 @@ def write_posthoc_ema(
         out: where to write the state dict.
         step: the EMA update at which to rebuild it; None: the last snapshot's.
         progress: show a progress bar over the snapshot files.
+        overwrite: replace an existing ``out`` (refused by default; never inside
+            ``snapshot_dir``).
 
     Returns:
         The path written.
+
+    Raises:
+        ValueError: ``out`` lies inside ``snapshot_dir``, exists without ``overwrite``, or is a
+            folder.
+        OSError: ``out``'s folder is not writable (checked before any snapshot is read).
     """
+    check_output(out, inputs=[snapshot_dir], overwrite=overwrite)
     state = posthoc_ema_state_dict(snapshot_dir, sigma_rel, step=step, progress=progress)
     return atomic_save_weights(state, out)

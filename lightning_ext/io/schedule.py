@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_ext._io import atomic_torch_save, atomic_write_json, load_file
+from lightning_ext._io import atomic_torch_save, atomic_write_json, check_output, load_file
 from lightning_ext._plot import new_figure, write_png
 from lightning_ext.functional.schedule import (
     REFERENCE_WINDOW,
@@ -35,6 +36,7 @@ __all__ = [
     "PAPER_OPTIONS",
     "PLOT_FILE",
     "SCHEDULE_FILE",
+    "check_refined_outputs",
     "degenerate_warning",
     "load_grad_norms",
     "load_schedule",
@@ -188,6 +190,31 @@ def degenerate_warning(what: str, diagnostics: dict[str, float], problems: list[
     )
 
 
+def check_refined_outputs(
+    out_path: str | os.PathLike,
+    plot_path: str | os.PathLike | None,
+    *,
+    inputs: Sequence[str | os.PathLike] = (),
+    overwrite: bool = False,
+) -> None:
+    """``_io.check_output`` for every file ``write_refined_schedule`` writes: the schedule, its
+    ``.json`` beside it and the plot.
+
+    Args:
+        out_path: the schedule file.
+        plot_path: the plot; None: no plot.
+        inputs: the files the norms are read from.
+        overwrite: existing outputs may be replaced.
+
+    Raises:
+        ValueError: an output that is an input, exists without ``overwrite``, or is a folder.
+        OSError: an output folder that is not writable.
+    """
+    outputs = [out_path, Path(out_path).with_suffix(".json"), *([plot_path] if plot_path else [])]
+    for output in outputs:
+        check_output(output, inputs=inputs, overwrite=overwrite)
+
+
 def write_refined_schedule(
     grad_norms: list[Tensor],
     norms: list[Literal["l1", "l2"]],
@@ -198,6 +225,8 @@ def write_refined_schedule(
     steps: int | None = None,
     plot_path: str | os.PathLike | None = None,
     drop_nonfinite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
+    overwrite: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Refine one schedule per record, save them atomically (``"schedule"``: the first one) with
@@ -217,12 +246,19 @@ def write_refined_schedule(
         steps: the schedule's length; None: each record's.
         plot_path: where to draw the norms and schedules; None: no plot.
         drop_nonfinite: drop inf/nan norms with a warning instead of failing.
+        inputs: the files the norms were read from: no output may replace one.
+        overwrite: replace existing outputs (refused by default, before any refinement).
         **options: ``refine_schedule``'s ``power``, ``exclude_initial``, ``floor``, ``blend``;
             unset ones take the paper's values.
 
     Returns:
         The saved payload: ``schedule``, ``schedules``, ``norm``, ``diagnostics`` and the settings.
+
+    Raises:
+        ValueError: an output that is an input, exists without ``overwrite``, or is a folder.
+        OSError: an output folder that is not writable.
     """
+    check_refined_outputs(out_path, plot_path, inputs=inputs, overwrite=overwrite)
     options = {**PAPER_OPTIONS, **options}
     schedules, diagnostics = [], []
     for g, n in zip(grad_norms, norms):

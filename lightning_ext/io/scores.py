@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_ext._io import atomic_torch_save, load_file
+from lightning_ext._io import atomic_torch_save, check_output, load_file, locked
 from lightning_ext.functional.pruning import combine_runs, dataset_fingerprint
 
 __all__ = ["check_fingerprint", "load_scores", "write_scores"]
@@ -77,6 +77,9 @@ def write_scores(
     """Add one run's scores to the score file at ``path`` (atomically): the file keeps every
     run's scores (``runs``, ``run_names``) and their combination (``scores``).
 
+    Several processes may add to one file at once (runs sharing an ``output_path``): the
+    read-modify-write holds a lock (``.<name>.lock`` beside the file), so no run's row is lost.
+
     Args:
         path: the score file; created when missing.
         scores: one score per example, in index order.
@@ -89,12 +92,31 @@ def write_scores(
         The path written.
 
     Raises:
-        ValueError: the file holds scores of another dataset or another score.
+        ValueError: the file holds scores of another dataset or another score, or is not a score
+            file (it is never replaced), or ``path`` is a folder.
+        OSError: ``path``'s folder is not writable.
     """
+    path = check_output(path, append=True)
+    with locked(path):
+        return _add_run(path, scores, labels, score=score, run_name=run_name, task=task)
+
+
+def _add_run(
+    path: Path, scores: Tensor, labels: Tensor, *, score: str, run_name: str | None, task: str
+) -> Path:
+    """``write_scores``'s read-modify-write, run under the file's lock."""
     fingerprint = dataset_fingerprint(labels)
     runs, names = [], []
     if path.exists():
         previous = load_file(path)
+        missing = {"fingerprint", "score", "runs", "run_names"} - set(
+            previous if isinstance(previous, Mapping) else ()
+        )
+        if missing:
+            raise ValueError(
+                f"{path} exists and is not a score file (no {sorted(missing)}): it is left as "
+                "it is; choose another output_path"
+            )
         check_fingerprint(previous["fingerprint"], fingerprint, str(path))
         if previous["score"] != score:
             raise ValueError(

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_ext._io import atomic_save_weights, load_file
+from lightning_ext._io import atomic_save_weights, check_output, load_file
 from lightning_ext._modules import normalise_name, normalised_keys
 from lightning_ext.functional.sparse import to_csr, to_semi_structured
 from lightning_ext.io.safetensors import is_safetensors_path
@@ -63,6 +63,7 @@ def export_sparse_checkpoint(
     *,
     trusted: bool = False,
     state_key: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Tensor]:
     """The model state dict of a Lightning checkpoint with its DynamicSparseTraining masks applied
     and the targeted weights in ``layout``; written atomically to ``out`` when given.
@@ -79,14 +80,18 @@ def export_sparse_checkpoint(
             GPU of compute capability 8.0 or higher).
         trusted: unpickle arbitrary objects; only for checkpoints you made yourself.
         state_key: the callback's state key, when the checkpoint holds several.
+        overwrite: replace an existing ``out`` (refused by default; ``out`` may never be
+            ``checkpoint``).
 
     Returns:
         The state dict, the targeted weights converted.
 
     Raises:
         ValueError: an unknown layout, or no (or several, without ``state_key``)
-            DynamicSparseTraining states in the checkpoint.
+            DynamicSparseTraining states in the checkpoint; an ``out`` that is the checkpoint,
+            exists without ``overwrite`` or is a folder.
         RuntimeError: ``"semi_structured"`` on a machine without a CUDA GPU.
+        OSError: ``out``'s folder is not writable (checked before the checkpoint is read).
     """
     convert = layout_converter(layout)
     if out is not None and layout != "dense" and is_safetensors_path(out):
@@ -94,6 +99,8 @@ def export_sparse_checkpoint(
             f"{out}: safetensors holds dense tensors only; export layout 'dense' to it, or the "
             f"{layout} layout to a .pt file"
         )
+    if out is not None:
+        check_output(out, inputs=[checkpoint], overwrite=overwrite)
     # Files load on the CPU; 2:4 tensors exist only on a CUDA device, so the weights go there.
     # Asked before the file is read: a machine without a GPU cannot do 2:4 at all.
     device = _export_device(layout)

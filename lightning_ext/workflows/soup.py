@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -37,6 +38,7 @@ from lightning_ext._batch import (
     default_unpack_batch,
     move_to_device,
 )
+from lightning_ext._io import check_output
 from lightning_ext._lightning import configure_model_skipped, fit_val_loaders, namespace_of
 from lightning_ext._plot import new_figure, write_png
 from lightning_ext._sized import dataset_size
@@ -78,6 +80,21 @@ def _distributed() -> bool:
 
 def _is_rank_zero() -> bool:
     return not _distributed() or dist.get_rank() == 0
+
+
+def _check_plot_output(plot: str | os.PathLike, inputs: list[Any], overwrite: bool) -> None:
+    """``check_output`` for the picture that rank zero writes; under DDP every rank gets rank
+    zero's answer, so that a refusal stops all ranks before the scoring (none waits alone)."""
+    problem: list[BaseException | None] = [None]
+    if _is_rank_zero():
+        try:
+            check_output(plot, inputs=inputs, overwrite=overwrite)
+        except (ValueError, OSError) as err:
+            problem[0] = err
+    if _distributed():
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise problem[0]
 
 
 # --------------------------------------------------------------------------- mode
@@ -903,6 +920,7 @@ def build_soup(
     apply: bool = True,
     base: IngredientSource | None = None,
     options: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> SoupResult:
     """Build a soup for ``module`` from checkpoint paths (or state dicts, or modules), scoring
     every ingredient and candidate with the module's ``validation_step`` and ``monitor``
@@ -946,6 +964,7 @@ def build_soup(
             task-vector merge methods and aTLAS.
         options: the method's options: the parameters of its ``MERGE_METHODS`` entry, or
             ``LEARNED_SOUP_OPTIONS`` for ``"learned"``.
+        overwrite: replace an existing ``plot`` file (refused by default, before any scoring).
 
     Returns:
         The soup, the chosen ingredients, every score (and, learned, the coefficients).
@@ -954,7 +973,9 @@ def build_soup(
         ValueError: an unknown ``method`` (the message lists the valid ones), bad ``options``,
             a missing or unused ``base``, an unknown ``mode``, no held-out data, ingredients
             whose layouts differ, or a folder that is not a distributed checkpoint (all checked
-            before any merging or scoring).
+            before any merging or scoring); a ``plot`` that is an ingredient, exists without
+            ``overwrite`` or is a folder.
+        OSError: ``plot``'s folder is not writable (checked before any scoring).
         KeyError: a ``monitor`` that ``validation_step`` did not log.
 
     Examples:
@@ -967,6 +988,9 @@ def build_soup(
     ings = ingredients if isinstance(ingredients, Ingredients) else Ingredients(ingredients)
     check_soup_method(method, options, num_ingredients=len(ings), has_base=base is not None)
     check_mode(monitor, mode, "build_soup")
+    if plot is not None:  # the picture is not lost after the scoring
+        paths = [s for s in [*ings.sources, base] if isinstance(s, str | os.PathLike)]
+        _check_plot_output(plot, paths, overwrite)
     ings.validate()
     base_state = None
     if base is not None:

@@ -204,6 +204,55 @@ def test_a_run_resumed_into_a_new_folder_still_reconstructs_from_all_snapshots(t
     posthoc_ema_state_dict(resumed.folder, 0.08)
 
 
+def test_a_run_resumed_under_a_relative_root_from_another_directory_reconstructs(
+    tmp_path, monkeypatch
+):
+    """Issue 24 item 5: under a relative default_root_dir the resumed run's index listed the
+    first run's snapshots by a path that was joined again under the new folder."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    ckpt = ModelCheckpoint(dirpath="ckpt", save_last=True)
+    first = PostHocEMA(snapshot_every_n_steps=2)
+    quick_fit([first, ckpt], "runs", enable_checkpointing=True)
+    monkeypatch.chdir(tmp_path)  # resumed from elsewhere, the root still relative
+    resumed = PostHocEMA(snapshot_every_n_steps=2)
+    pl.seed_everything(0)
+    trainer = quiet_trainer(
+        max_epochs=2, callbacks=[resumed], limit_val_batches=0, default_root_dir="runs"
+    )
+    trainer.fit(
+        Classifier(),
+        datamodule=DigitsDataModule(batch_size=32, limit=128),
+        ckpt_path="a/ckpt/last.ckpt",
+    )
+    folder = resumed.folder
+    assert folder is not None and not folder.is_absolute()
+    entries = json.loads((folder / "posthoc_ema_index.json").read_text())["snapshots"]
+    assert [e["step"] for e in entries] == [2, 4, 6, 8]
+    assert all("/" not in e["file"] for e in entries)  # names in the index's own folder
+    monkeypatch.chdir(tmp_path / "a")  # and read from a third place
+    absolute = tmp_path / folder
+    rebuilt = posthoc_ema_state_dict(absolute, 0.08)
+    out = tmp_path / "w.pt"
+    assert cli_main(["posthoc-ema", str(absolute), str(out), "--sigma-rel", "0.08"]) == 0
+    assert_bitwise_equal(torch.load(out), rebuilt)
+
+
+def test_an_index_naming_a_file_outside_its_folder_is_refused(tmp_path):
+    quick_fit([PostHocEMA(snapshot_every_n_steps=2, snapshot_dir=str(tmp_path / "snap"))], tmp_path)
+    index_file = tmp_path / "snap" / "posthoc_ema_index.json"
+    index = json.loads(index_file.read_text())
+    (tmp_path / "elsewhere.pt").write_bytes(
+        (tmp_path / "snap" / index["snapshots"][0]["file"]).read_bytes()
+    )
+    index["snapshots"][0]["file"] = "../elsewhere.pt"
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="outside"):
+        posthoc_ema_state_dict(tmp_path / "snap", 0.08)
+
+
 def test_state_is_logged_and_the_profile_picture_is_written(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 

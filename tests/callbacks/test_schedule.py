@@ -243,9 +243,10 @@ def test_refine_schedule_cli(tmp_path, capsys):
 
     bad = tmp_path / "bad.txt"
     bad.write_text("1.0\nnan\n2.0\n")
-    assert cli_main(["refine-schedule", str(bad), "-o", str(out)]) == 2
+    assert cli_main(["refine-schedule", str(bad), "-o", str(out), "--overwrite"]) == 2
     assert "non-finite" in capsys.readouterr().err
-    assert cli_main(["refine-schedule", str(bad), "-o", str(out), "--drop-nonfinite"]) == 0
+    rerun = ["refine-schedule", str(bad), "-o", str(out), "--drop-nonfinite", "--overwrite"]
+    assert cli_main(rerun) == 0
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     assert cli_main(["refine-schedule", str(empty)]) == 2

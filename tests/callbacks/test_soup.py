@@ -369,7 +369,7 @@ def test_cli_soup_slerp_matches_the_functional_slerp(ingredients, tmp_path, caps
     expected = slerp(load_state_dict(paths[0]), load_state_dict(paths[1]), 0.3)
     assert_bitwise_equal(torch.load(out, weights_only=True)["state_dict"], expected)
     args = ["soup", *map(str, paths[:3]), "--method", "slerp", "--base", str(base), "-o", str(out)]
-    assert cli_main(args) == 0
+    assert cli_main([*args, "--overwrite"]) == 0
     expected = multi_slerp(load_state_dict(base), [load_state_dict(p) for p in paths[:3]])
     assert_bitwise_equal(torch.load(out, weights_only=True)["state_dict"], expected)
     assert cli_main(["soup", *map(str, paths[:3]), "--method", "slerp", "-o", str(out)]) == 2

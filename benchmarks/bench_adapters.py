@@ -68,6 +68,7 @@ def main() -> None:
             mine = lora_delta(ours[key + LORA_A], ours[key + LORA_B], 1.0)
             diff = max(diff, float((mine - theirs).abs().max()))
             scale = max(scale, float(theirs.abs().max()))
+
         def run_peft(combination: str = combination) -> None:
             model.add_weighted_adapter(
                 names, WEIGHTS, f"t{next(counter)}", combination_type=combination, svd_rank=8

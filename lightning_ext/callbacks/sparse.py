@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_ext._flops import LayerFlops
 from lightning_ext._lightning import is_wandb_logger, run_dir
 from lightning_ext._modules import named_parameters, normalise_name, normalised_keys
 from lightning_ext._modules import parameter_aliases as module_parameter_aliases
@@ -395,6 +396,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
             self._init_masks()
         self._materialise()
         self._register_step_hooks(trainer)
+        self._layer_flops: LayerFlops | None = LayerFlops(pl_module, self._params)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Steps count from here only: ModelParallelStrategy restores a checkpoint after
@@ -530,6 +532,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_step_hooks()
+        self._report_flops(trainer)
         if self.plot:
             self._draw(trainer)
 
@@ -782,6 +785,25 @@ class DynamicSparseTraining(DeclaredState, Callback):
                 out[f"sparse/density/{name}"] = density
                 out[f"sparse/mask_change/{name}"] = change
         return out
+
+    def _report_flops(self, trainer: pl.Trainer) -> None:
+        """Training and inference FLOPs against dense (RigL's convention), logged and said."""
+        recorder, self._layer_flops = getattr(self, "_layer_flops", None), None
+        if recorder is None:
+            return
+        recorder.remove()
+        densities = [c / p.numel() for c, p in zip(self.counts, self._params)]
+        flops = recorder.summary(densities, self.spec, trainer.global_step, self.updates)
+        if flops is None:
+            return
+        metrics = {f"sparse/flops/{k}": v for k, v in flops.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        rank_zero_info(
+            f"DynamicSparseTraining ({self.method}): inference FLOPs {flops['inference_ratio']:.3f}"
+            f" of dense, training FLOPs {flops['train_ratio']:.3f} of dense (sparse layers "
+            "only, RigL's convention)"
+        )
 
     def _draw(self, trainer: pl.Trainer) -> None:
         """One picture of the run on rank 0: per-layer density and mask change per update."""

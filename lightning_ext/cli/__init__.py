@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
 
-from lightning_ext.cli import ema, pruning, schedule, soup, sparse
+from lightning_ext.cli import adapters, ema, pruning, schedule, soup, sparse
 
 DESCRIPTION = """\
 Offline tools for the files lightning-ext's callbacks write: export averaged weights, merge
@@ -22,6 +22,7 @@ Registrar = Callable[[argparse._SubParsersAction], None]
 REGISTRARS: list[Registrar] = [
     ema.register,
     soup.register,
+    adapters.register,
     schedule.register,
     sparse.register,
     pruning.register,

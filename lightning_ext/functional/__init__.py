@@ -11,6 +11,8 @@ from lightning_ext.functional.interpolation import *  # noqa: F403
 from lightning_ext.functional.interpolation import __all__ as _interpolation_all
 from lightning_ext.functional.learned_soup import *  # noqa: F403
 from lightning_ext.functional.learned_soup import __all__ as _learned_soup_all
+from lightning_ext.functional.lora import *  # noqa: F403
+from lightning_ext.functional.lora import __all__ as _lora_all
 from lightning_ext.functional.merge_methods import *  # noqa: F403
 from lightning_ext.functional.merge_methods import __all__ as _merge_methods_all
 from lightning_ext.functional.merging import *  # noqa: F403
@@ -29,6 +31,7 @@ __all__ = [
     *_ema_all,
     *_interpolation_all,
     *_learned_soup_all,
+    *_lora_all,
     *_merge_methods_all,
     *_merging_all,
     *_pruning_all,

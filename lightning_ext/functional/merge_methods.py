@@ -166,14 +166,26 @@ class Parameter:
             return [self._gradient(v, name) for v in value]
         return self._number(value, name)
 
-    def _gradient(self, value: Any, name: str) -> float | list[float]:
-        """A number, or a non-empty list of numbers (anchors interpolated over depth)."""
+    def _gradient(self, value: Any, name: str) -> Any:
+        """A number, a non-empty list of numbers (anchors interpolated over depth), or a mapping
+        from tensor-name filters to either."""
+        if isinstance(value, Mapping):
+            if not value or not all(isinstance(k, str) for k in value):
+                raise ValueError(
+                    f"{name}: a per-tensor entry maps name filters (strings) to weights"
+                )
+            return {k: self._gradient(v, name) for k, v in value.items() if self._flat(v, name)}
         if isinstance(value, str | bytes) or not isinstance(value, Iterable):
             return self._number(value, name)
         anchors = [self._number(v, name) for v in value]
         if not anchors:
             raise ValueError(f"{name}: an entry is an empty list of anchors")
         return [float(a) for a in anchors]
+
+    def _flat(self, value: Any, name: str) -> bool:
+        if isinstance(value, Mapping):
+            raise ValueError(f"{name}: per-tensor filters cannot nest")
+        return True
 
     def _number(self, value: Any, name: str) -> float | int:
         integral = self.kind == "int"
@@ -387,9 +399,16 @@ def _needs_base(base: StateDict | None) -> StateDict:
     return base
 
 
+def _largest(weight: Any) -> float:
+    """The largest value a weight takes anywhere (a number, anchors, or per-tensor filters)."""
+    if isinstance(weight, Mapping):
+        return max(_largest(w) for w in weight.values())
+    return max(weight) if isinstance(weight, list) else weight
+
+
 def _positive_weights(options: dict[str, Any], n: int, has_base: bool, spelling: Spelling) -> None:
     weights = options.get("weights")
-    if weights is not None and sum(max(w) if isinstance(w, list) else w for w in weights) <= 0:
+    if weights is not None and sum(_largest(w) for w in weights) <= 0:
         raise ValueError(f"{spelling.option('weights')} must not all be 0, got {weights}")
 
 

@@ -55,8 +55,10 @@ __all__ = [
 ]
 
 StateDict = Mapping[str, Tensor]
-Weight = float | Sequence[float]
-"""An ingredient's weight: a constant, or anchors interpolated over the layers (a gradient)."""
+Weight = float | Sequence[float] | Mapping[str, "float | Sequence[float]"]
+"""An ingredient's weight: a constant, anchors interpolated over the layers (a gradient), or per
+tensor, a mapping from name filters to either (the first filter the tensor's name contains wins;
+``"*"`` matches every tensor), as mergekit's conditional parameters."""
 Rescale = Literal["inverse", "l1", "none"]
 FISHER_FLOOR = 1e-6
 RESCALE_EPS = 1e-7  # below this L1 norm a dropped task vector is not rescaled (as mergekit)
@@ -290,16 +292,32 @@ def _anchors(weight: Weight, index: int) -> list[float]:
 
 def _tensor_weights(weights: Sequence[Weight], keys: Sequence[str]) -> list[dict[str, float]]:
     """Each ingredient's weight of each tensor: constants as they are, gradients evaluated at the
-    tensor's layer position."""
+    tensor's layer position, filters matched against the tensor's name."""
     positions = layer_positions(keys)
     out = []
     for i, weight in enumerate(weights):
-        anchors = _anchors(weight, i)
-        if len(anchors) == 1:
-            out.append(dict.fromkeys(keys, anchors[0]))
+        if isinstance(weight, Mapping):
+            rules = [(f, _anchors(w, i)) for f, w in weight.items()]
+            out.append({k: _value(_match(rules, k, i), positions[k]) for k in keys})
         else:
-            out.append({k: gradient_value(anchors, positions[k]) for k in keys})
+            anchors = _anchors(weight, i)
+            out.append({k: _value(anchors, positions[k]) for k in keys})
     return out
+
+
+def _value(anchors: list[float], position: float) -> float:
+    return anchors[0] if len(anchors) == 1 else gradient_value(anchors, position)
+
+
+def _match(rules: list[tuple[str, list[float]]], key: str, index: int) -> list[float]:
+    """The anchors of the first filter ``key`` contains (``"*"``: any key)."""
+    for pattern, anchors in rules:
+        if pattern == "*" or pattern in key:
+            return anchors
+    raise ValueError(
+        f"weight of ingredient {index}: no filter of {[p for p, _ in rules]} matches tensor "
+        f"'{key}'; add '*' for the rest"
+    )
 
 
 def _check_weight_sums(per_tensor: list[dict[str, float]], weights: Sequence[Weight]) -> None:
@@ -326,7 +344,8 @@ def weighted_average(state_dicts: Sequence[StateDict], weights: Sequence[Weight]
 
     Args:
         state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
-        weights: one weight per ingredient, a number >= 0 or a list of anchors over depth.
+        weights: one weight per ingredient: a number >= 0, a list of anchors over depth, or a
+            mapping from name filters to either.
 
     Returns:
         The weighted mean of the ingredients.

@@ -37,6 +37,7 @@ __all__ = [
     "random_scores",
     "redistributed_growth",
     "seeded_generator",
+    "sparse_flops",
     "srste_decay_",
     "to_csr",
     "to_semi_structured",
@@ -820,3 +821,63 @@ def to_semi_structured(weight: Tensor, mask: Tensor | None = None) -> Tensor:
     from torch.sparse import to_sparse_semi_structured
 
     return to_sparse_semi_structured(groups.reshape(groups.shape[0], -1).contiguous())
+
+
+def sparse_flops(
+    layer_flops: Sequence[float],
+    densities: Sequence[float],
+    *,
+    steps: int,
+    dense_gradient_steps: int,
+    other_flops: float = 0.0,
+) -> dict[str, float]:
+    """FLOPs of a sparse model against its dense twin, by the RigL paper's convention (Evci et al.
+    2020, appendix H): per sample, a forward pass costs ``f`` (``f_D`` dense, ``f_S`` with each
+    layer's FLOPs times its density), a training step ``3 f`` (forward, gradients of the
+    activations and of the weights), and a step that needs the dense gradient (RigL's mask
+    updates, SNFS's momentum, a dense-gradient optimizer) ``2 f_S + f_D``.
+
+    Args:
+        layer_flops: each sparse layer's dense forward FLOPs per sample (multiply-adds).
+        densities: each layer's fraction of active weights.
+        steps: optimizer steps trained.
+        dense_gradient_steps: how many of them computed the dense gradient.
+        other_flops: forward FLOPs per sample of everything kept dense.
+
+    Returns:
+        ``inference`` and ``inference_dense`` (``f_S``, ``f_D``), ``train`` and ``train_dense``
+        (per sample, summed over the steps), and the ratios ``inference_ratio`` and
+        ``train_ratio`` (sparse over dense).
+
+    Raises:
+        ValueError: lengths that differ, a density outside [0, 1], negative FLOPs or steps, or
+            more dense-gradient steps than steps.
+
+    Examples:
+        >>> out = sparse_flops([100.0], [0.1], steps=10, dense_gradient_steps=1)
+        >>> out["inference_ratio"], round(out["train_ratio"], 3)
+        (0.1, 0.13)
+    """
+    if len(layer_flops) != len(densities):
+        raise ValueError(f"got {len(layer_flops)} layer FLOPs for {len(densities)} densities")
+    if any(not 0.0 <= d <= 1.0 for d in densities):
+        raise ValueError(f"densities must lie in [0, 1], got {list(densities)}")
+    if any(f < 0 for f in layer_flops) or other_flops < 0 or steps < 0:
+        raise ValueError("FLOPs and steps must be >= 0")
+    if not 0 <= dense_gradient_steps <= steps:
+        raise ValueError(
+            f"dense_gradient_steps must lie in [0, {steps}], got {dense_gradient_steps}"
+        )
+    f_dense = float(sum(layer_flops)) + other_flops
+    f_sparse = float(sum(f * d for f, d in zip(layer_flops, densities))) + other_flops
+    train = (steps - dense_gradient_steps) * 3 * f_sparse
+    train += dense_gradient_steps * (2 * f_sparse + f_dense)
+    train_dense = steps * 3 * f_dense
+    return {
+        "inference": f_sparse,
+        "inference_dense": f_dense,
+        "inference_ratio": f_sparse / f_dense if f_dense else 1.0,
+        "train": train,
+        "train_dense": train_dense,
+        "train_ratio": train / train_dense if train_dense else 1.0,
+    }

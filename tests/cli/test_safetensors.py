@@ -194,3 +194,19 @@ def test_build_soup_takes_hf_folders_and_safetensors_files(tmp_path):
         progress_bar=False,
     )
     assert_bitwise_equal(module.state_dict(), uniform_soup(states))
+
+
+def test_export_ema_writes_safetensors_by_extension(tmp_path):
+    import lightning.pytorch as pl
+
+    from lightning_ext.callbacks import EMA
+    from tests.helpers.resume import quiet_trainer
+
+    pl.seed_everything(0)
+    ema = EMA(decay=0.8, apply_on_fit_end=False)
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[ema])
+    trainer.fit(Classifier(), datamodule=DigitsDataModule(batch_size=32, limit=64))
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    out = tmp_path / "ema.safetensors"
+    assert cli_main(["export-ema", str(tmp_path / "run.ckpt"), str(out)]) == 0
+    assert_bitwise_equal(load_safetensors(out), ema.ema_state_dict())

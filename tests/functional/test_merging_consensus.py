@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from lightning_ext.functional import (
+    MERGE_METHODS,
     dare_ties_merge,
     della_merge,
     della_probabilities,
@@ -255,3 +256,34 @@ def test_bad_options_are_refused_before_merging():
         dare_ties_merge(base, models, density=0.5, weights=[1.0, 1.0])
     with pytest.raises(ValueError, match="rescale must be one of"):
         della_merge(base, models, density=0.5, rescale="l2")  # type: ignore[arg-type]
+
+
+def test_per_tensor_weights_by_name_filter_first_match_wins():
+    _, models = _models(2)
+    weights = [{"embed": 0.0, "layers": [1.0, 0.0], "*": 1.0}, {"layers.1": 3.0, "*": 1.0}]
+    merged = weighted_average(models, weights)
+    torch.testing.assert_close(merged["embed.weight"], models[1]["embed.weight"])
+    layer0 = (models[0]["layers.0.w"] + models[1]["layers.0.w"]) / 2  # 1 : 1 at depth 0
+    torch.testing.assert_close(merged["layers.0.w"], layer0)
+    torch.testing.assert_close(merged["layers.2.w"], models[1]["layers.2.w"])  # 0 : 1 at depth 1
+    expected = (0.5 * models[0]["layers.1.w"] + 3.0 * models[1]["layers.1.w"]) / 3.5
+    torch.testing.assert_close(merged["layers.1.w"], expected)
+    torch.testing.assert_close(
+        merged["head.bias"], (models[0]["head.bias"] + models[1]["head.bias"]) / 2
+    )
+    with pytest.raises(
+        ValueError, match=r"no filter of \['layers'\] matches tensor 'embed.weight'"
+    ):
+        weighted_average(models, [{"layers": 1.0}, 1.0])
+    base, three = _models()
+    registry = MERGE_METHODS["dare-ties"].merge(
+        three, base=base, options={"density": 0.5, "weights": [{"head": 0.0, "*": 1.0}, 1.0, 1.0]}
+    )
+    direct = dare_ties_merge(
+        base,
+        three,
+        0.5,
+        generator=torch.Generator().manual_seed(0),
+        weights=[{"head": 0.0, "*": 1.0}, 1.0, 1.0],
+    )
+    assert all(torch.equal(registry[k], direct[k]) for k in direct)

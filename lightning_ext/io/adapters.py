@@ -1,0 +1,199 @@
+"""PEFT adapter folders: ``adapter_model.safetensors`` (or ``adapter_model.bin``) beside
+``adapter_config.json``, read and written without PEFT installed (what
+``lightning-ext merge-adapters`` runs). Pure torch: no Lightning import.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from lightning_ext._io import atomic_write_json, load_file
+from lightning_ext.functional.lora import LORA_A, lora_modules, merge_lora_adapters
+from lightning_ext.io.safetensors import save_safetensors
+
+__all__ = ["load_peft_adapter", "merge_peft_adapters", "peft_scaling", "save_peft_adapter"]
+
+CONFIG = "adapter_config.json"
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def peft_scaling(config: Mapping[str, Any], rank: int, *, name: str = "adapter") -> float:
+    """PEFT's LoRA scaling: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``.
+
+    Args:
+        config: the adapter's ``adapter_config.json``.
+        rank: the rank of its factors.
+        name: how errors name the adapter.
+
+    Returns:
+        The scaling.
+
+    Raises:
+        ValueError: not a LoRA config, a per-module ``rank_pattern``/``alpha_pattern`` (not
+            supported), or a rank that differs from the config's ``r``.
+
+    Examples:
+        >>> peft_scaling({"peft_type": "LORA", "r": 4, "lora_alpha": 8}, 4)
+        2.0
+    """
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise ValueError(f"{name}: peft_type {config.get('peft_type')!r}, only LORA is merged")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError(
+            f"{name}: per-module rank_pattern/alpha_pattern are not supported (one r and "
+            "lora_alpha for every module)"
+        )
+    if config.get("use_dora"):
+        raise ValueError(f"{name}: DoRA adapters (use_dora) are not supported")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(r, int) or isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        raise ValueError(f"{name}: {CONFIG} needs an integer 'r' and a number 'lora_alpha'")
+    if r != rank:
+        raise ValueError(f"{name}: {CONFIG} says r={r} but its lora_A has rank {rank}")
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def load_peft_adapter(folder: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A PEFT adapter folder's weights (weights-only: safetensors, or ``adapter_model.bin``
+    through the package's loading rule) and its config.
+
+    Args:
+        folder: the folder ``save_pretrained`` wrote.
+
+    Returns:
+        ``(state_dict, config)``.
+
+    Raises:
+        FileNotFoundError: no folder, no ``adapter_config.json`` or no adapter weights.
+        ValueError: a config that is not JSON, or weights that are not a state dict.
+    """
+    folder = Path(folder)
+    config_path = folder / CONFIG
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder}: no {CONFIG} (not a PEFT adapter folder)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{config_path}: not a readable JSON config ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object")
+    weights = next((folder / w for w in WEIGHTS if (folder / w).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{folder}: no {' or '.join(WEIGHTS)}")
+    state = load_file(weights)
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{weights}: expected a state dict of tensors")
+    return dict(state), config
+
+
+def save_peft_adapter(
+    folder: str | os.PathLike, state: Mapping[str, Tensor], config: Mapping[str, Any]
+) -> Path:
+    """Write an adapter folder PEFT loads (``PeftModel.from_pretrained``): the weights as
+    ``adapter_model.safetensors`` and ``adapter_config.json``, each atomically (config last).
+
+    Args:
+        folder: the folder to write (created).
+        state: the adapter's state dict.
+        config: its config.
+
+    Returns:
+        The folder.
+    """
+    folder = Path(folder)
+    save_safetensors(state, folder / WEIGHTS[0])
+    atomic_write_json(dict(config), folder / CONFIG)
+    return folder
+
+
+class _Adapters(Sequence):
+    """The adapters' state dicts, loaded on access (one held at a time by the merges)."""
+
+    def __init__(self, folders: Sequence[str | os.PathLike]) -> None:
+        self.folders = list(folders)
+
+    def __len__(self) -> int:
+        return len(self.folders)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:  # type: ignore[override]
+        return load_peft_adapter(self.folders[i])[0]
+
+
+def merge_peft_adapters(
+    folders: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    method: str = "task-arithmetic",
+    options: Mapping[str, Any] | None = None,
+    adapter_weights: Sequence[float] | None = None,
+    combination: str = "svd",
+    rank: int | None = None,
+) -> Path:
+    """Merge PEFT adapter folders (``functional.lora.merge_lora_adapters``) into a new adapter
+    folder: the first adapter's config with ``r = lora_alpha =`` the merged rank (scaling 1) and
+    every target module of the inputs.
+
+    Args:
+        folders: the adapters' folders.
+        out: the folder to write.
+        method: a name of ``MERGE_METHODS``, applied to the updates.
+        options: the method's options.
+        adapter_weights: a factor per adapter (PEFT's ``weights``).
+        combination: ``"svd"`` or ``"cat"``.
+        rank: the merged rank for ``"svd"`` (None: the largest input rank).
+
+    Returns:
+        The folder written.
+
+    Raises:
+        ValueError: adapters of other base models or modules, configs not supported (see
+            ``peft_scaling``), or the merge's own refusals.
+        FileNotFoundError: a folder that is not an adapter.
+    """
+    if not folders:
+        raise ValueError("no adapters given")
+    configs, scalings = [], []
+    for i, folder in enumerate(folders):  # configs and ranks first: refuse before merging
+        state, config = load_peft_adapter(folder)
+        name = f"adapter {i} ({os.fspath(folder)})"
+        modules = lora_modules(state, name=name)
+        scalings.append(peft_scaling(config, state[modules[0] + LORA_A].shape[0], name=name))
+        configs.append(config)
+        del state
+    bases = {c.get("base_model_name_or_path") for c in configs}
+    if len(bases) > 1:
+        raise ValueError(
+            f"the adapters were trained on different base models: {sorted(map(str, bases))}"
+        )
+    merged, rank = merge_lora_adapters(
+        _Adapters(folders),
+        scalings,
+        method=method,
+        options=options,
+        adapter_weights=adapter_weights,
+        combination=combination,  # type: ignore[arg-type]
+        rank=rank,
+    )
+    config = dict(configs[0])
+    config.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={})
+    config["target_modules"] = _union_of_targets([c.get("target_modules") for c in configs])
+    return save_peft_adapter(out, merged, config)
+
+
+def _union_of_targets(targets: list[Any]) -> Any:
+    """Every module any input adapts, as PEFT unites them: lists as one sorted list, regular
+    expressions joined with ``|``."""
+    if all(t == targets[0] for t in targets):
+        return targets[0]
+    if all(isinstance(t, str) for t in targets):
+        return "|".join(f"({t})" for t in targets)
+    if any(isinstance(t, str) for t in targets):
+        raise ValueError("the adapters mix target_modules given as a list and as a pattern")
+    return sorted({m for t in targets for m in (t or [])})

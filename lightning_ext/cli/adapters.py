@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from lightning_ext.cli._options import add_overwrite_option
 from lightning_ext.cli.soup import _ARG_TYPES, _option_help, _options
 from lightning_ext.functional.merge_methods import CLI_SPELLING, MERGE_METHODS, get_merge_method
 
@@ -66,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             default=None,
             help=_option_help(name, parameter),
         )
+    add_overwrite_option(p)
     p.set_defaults(func=run)
 
 
@@ -110,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         adapter_weights=args.adapter_weights,
         combination=args.combination,
         rank=args.rank,
+        overwrite=args.overwrite,
     )
     print(f"wrote the {args.method} merge of {len(args.adapters)} adapter(s) to {out}")
     return 0

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_ext._io import atomic_write_json, load_file
+from lightning_ext._io import atomic_write_json, check_output, load_file
 from lightning_ext.functional.lora import LORA_A, lora_modules, merge_lora_adapters
 from lightning_ext.io.safetensors import save_safetensors
 
@@ -135,6 +135,7 @@ def merge_peft_adapters(
     adapter_weights: Sequence[float] | None = None,
     combination: str = "svd",
     rank: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Merge PEFT adapter folders (``functional.lora.merge_lora_adapters``) into a new adapter
     folder: the first adapter's config with ``r = lora_alpha =`` the merged rank (scaling 1) and
@@ -148,17 +149,21 @@ def merge_peft_adapters(
         adapter_weights: a factor per adapter (PEFT's ``weights``).
         combination: ``"svd"`` or ``"cat"``.
         rank: the merged rank for ``"svd"`` (None: the largest input rank).
+        overwrite: replace the files of an adapter already in ``out``.
 
     Returns:
         The folder written.
 
     Raises:
         ValueError: adapters of other base models or modules, configs not supported (see
-            ``peft_scaling``), or the merge's own refusals.
+            ``peft_scaling``), the merge's own refusals, or an ``out`` that is (inside) an input
+            folder or already holds an adapter without ``overwrite`` (checked before merging).
         FileNotFoundError: a folder that is not an adapter.
     """
     if not folders:
         raise ValueError("no adapters given")
+    for name in (WEIGHTS[0], CONFIG):  # the files written: refused before any merging
+        check_output(Path(out) / name, inputs=folders, overwrite=overwrite)
     configs, scalings = [], []
     for i, folder in enumerate(folders):  # configs and ranks first: refuse before merging
         state, config = load_peft_adapter(folder)

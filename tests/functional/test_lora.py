@@ -191,6 +191,29 @@ def test_bad_adapters_are_refused_naming_what_is_wrong(tmp_path, capsys):
     out = str(tmp_path / "o")
     assert cli_main(["merge-adapters", str(folder), str(folder), "-o", out]) == 2
     assert "alpha_pattern are not supported" in capsys.readouterr().err
-    assert cli_main(["merge-adapters", str(tmp_path), str(folder), "-o", out]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main(["merge-adapters", str(empty), str(folder), "-o", out]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
     assert not Path(out).exists()
+
+
+def test_merge_adapters_never_replaces_an_input_or_an_existing_adapter(tmp_path, capsys):
+    model = _peft_model(SPECS[:2])
+    folders = []
+    for name in ("x", "y"):
+        model.save_pretrained(tmp_path / name, selected_adapters=[name])
+        (config,) = (tmp_path / name).glob("**/adapter_config.json")
+        folders.append(config.parent)
+    before = {p: p.read_bytes() for f in folders for p in f.iterdir()}
+    args = ["merge-adapters", *map(str, folders)]
+    assert cli_main([*args, "-o", str(folders[0])]) == 2  # the output is an input folder
+    assert "inside the input folder" in capsys.readouterr().err
+    assert {p: p.read_bytes() for f in folders for p in f.iterdir()} == before
+    out = tmp_path / "merged"
+    assert cli_main([*args, "-o", str(out)]) == 0
+    written = (out / "adapter_config.json").read_bytes()
+    assert cli_main([*args, "-o", str(out), "--adapter-weights", "1", "0.5"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "adapter_config.json").read_bytes() == written
+    assert cli_main([*args, "-o", str(out), "--adapter-weights", "1", "0.5", "--overwrite"]) == 0

@@ -501,3 +501,74 @@ def test_lightning_cli_builds_a_wsd_scheduler_from_yaml_and_steps_it(tmp_path):
                 for t in range(8)]  # fmt: skip
     assert [lrs[0] for lrs in ref.lrs] == pytest.approx(expected, abs=1e-12)
     assert expected[5] < 0.1 * (1 - 1 / 4)  # 1-sqrt lies below a linear cool-down
+
+
+class ValLossAtValidation(Callback):
+    """Independent reference: the logged val_loss and the optimizer steps done, per validation."""
+
+    def __init__(self) -> None:
+        self.points = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.points.append((trainer.global_step, float(trainer.callback_metrics["val_loss"])))
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """A recording run (constant LR 0.2, 4 epochs of 4 steps, validation every epoch): its
+    folder and the val_loss logged at each validation."""
+    tmp_path = tmp_path_factory.mktemp("recorded")
+    return tmp_path, _record_run(tmp_path)
+
+
+def _record_run(tmp_path):
+    import lightning.pytorch as pl
+
+    pl.seed_everything(0)
+    cb = ScheduleRefinement(output_dir=str(tmp_path / "rec"), plot=False)
+    probe = ValLossAtValidation()
+    trainer = quiet_trainer(max_epochs=4, callbacks=[cb, probe], limit_val_batches=2)
+    trainer.fit(Classifier(lr=0.2), datamodule=DigitsDataModule(limit=256))
+    return probe.points
+
+
+def _drop_in_run(tmp_path, multipliers):
+    """A drop-in run from a schedule file written beside the record's grad_norms.pt."""
+    import lightning.pytorch as pl
+
+    path = stored_schedule(tmp_path / "rec" / "constant.pt", multipliers)
+    pl.seed_everything(0)
+    cb, probe = ScheduleRefinement(record=False, schedule_path=path), ValLossAtValidation()
+    trainer = quiet_trainer(max_epochs=4, callbacks=[cb, probe], limit_val_batches=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Classifier(lr=0.2), datamodule=DigitsDataModule(limit=256))
+    return [str(w.message) for w in caught if "falling behind" in str(w.message)], probe.points
+
+
+def test_the_record_keeps_the_validation_curve_and_a_drop_in_run_that_keeps_up_is_quiet(recorded):
+    tmp_path, points = recorded
+    total = 4 * STEPS_PER_EPOCH
+    for name in ("grad_norms.pt", "refined_schedule.pt"):
+        curve = torch.load(tmp_path / "rec" / name)["curve"]
+        assert curve["monitor"] == "val_loss" and curve["mode"] == "min"
+        assert curve["progress"] == [step / total for step, _ in points] == [0.25, 0.5, 0.75, 1]
+        assert curve["values"] == pytest.approx([v for _, v in points], rel=1e-6)
+    assert _drop_in_run(tmp_path, (1.0, 1.0))[0] == []  # the recorded (constant) schedule itself
+
+
+def test_a_drop_in_run_that_falls_behind_warns_with_the_figures(recorded):
+    from lightning_ext.callbacks.schedule import BEHIND_MARGIN, WATCH_FROM
+
+    tmp_path, points = recorded
+    (message,), own = _drop_in_run(tmp_path, (0.01, 0.01))  # 1% of the LR: it barely learns
+    first = next(i for i, ((step, ref), (_, value)) in enumerate(zip(points, own))
+                 if step / 16 >= WATCH_FROM and value > ref * (1 + BEHIND_MARGIN))  # fmt: skip
+    step, ref = points[first]
+    behind = own[first][1] / ref - 1
+    assert (
+        f"at {100 * step / 16:.0f}% of the run, val_loss is {own[first][1]:.4g} against "
+        f"{ref:.4g} for the recorded run at the same progress ({100 * behind:.1f}% behind"
+    ) in message
+    assert "blend=" in message and "recorded schedule itself" in message

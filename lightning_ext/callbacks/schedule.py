@@ -56,10 +56,11 @@ __all__ = [
 ]
 
 #: The drop-in run warns when its monitored value falls behind the recorded run's at matched
-#: progress by more than this fraction, from ``WATCH_FROM`` of the run on (chosen on the tuning
-#: half of benchmarks/bench_schedule_battery.py; docs/schedule_refinement.md).
-BEHIND_MARGIN = 0.05
-WATCH_FROM = 0.3
+#: progress by more than this fraction, from ``WATCH_FROM`` of the run on: chosen for val_loss
+#: on the tuning half of benchmarks/bench_schedule_battery.py (val accuracy: 0.02 from 0.7;
+#: docs/schedule_refinement.md). Earlier in a run, schedules differ by design.
+BEHIND_MARGIN = 0.1
+WATCH_FROM = 0.9
 
 _ADAM_LIKE = ("adam", "adagrad", "adadelta", "rmsprop", "adafactor", "lamb", "lion")
 #: Strategies whose gradients are shards the callback cannot sum across ranks (FSDP1's flat

@@ -51,14 +51,15 @@ SCHEDULE_FILE = "refined_schedule.pt"
 DIAGNOSTICS_FILE = "refined_schedule.json"
 PLOT_FILE = "refined_schedule.png"
 
-#: Refinement options the callback and ``lightning-ext refine-schedule`` use unless told:
-#: half linear decay, the one choice that never lost clearly to linear decay on the four
-#: reproductions (docs/schedule_refinement.md). ``PAPER_OPTIONS``: the paper's exact formula.
+#: Refinement options the callback and ``lightning-ext refine-schedule`` use unless told: three
+#: quarters linear decay, chosen on the tuning half of benchmarks/bench_schedule_battery.py (the
+#: fewest losses to the recorded linear run among the options; docs/schedule_refinement.md).
+#: ``PAPER_OPTIONS``: the paper's exact formula.
 DEFAULT_OPTIONS: dict[str, Any] = {
     "power": None,
     "exclude_initial": 0.0,
     "floor": 0.0,
-    "blend": 0.5,
+    "blend": 0.75,
 }
 PAPER_OPTIONS: dict[str, Any] = {"power": None, "exclude_initial": 0.0, "floor": 0.0, "blend": 0.0}
 
@@ -251,8 +252,8 @@ def behind_warning(
         f"progress ({100 * shortfall:.1f}% behind; margin {100 * margin:.0f}%). Refined schedules "
         "can lose to the schedule they came from on tasks unlike those they were measured on "
         "(docs/schedule_refinement.md). Try: refine again closer to the recorded schedule (a "
-        "larger blend=, e.g. 0.75), or lr_budget=True (the recorded schedule's mean LR), or train "
-        "with the recorded schedule itself."
+        "larger blend=, e.g. 0.9), or refine from a short pilot run (a quarter of the steps, "
+        "linear decay), or train with the recorded schedule itself."
     )
 
 

@@ -334,7 +334,7 @@ def test_early_rising_norms_warn_with_figures_and_the_fixes_remove_the_warning(t
     found = torch.load(tmp_path / "paper" / "refined_schedule.pt")["diagnostics"][0]
     assert found["early_budget"] > 0.5 and found["norm_early_rise"] > 3
 
-    # The default (half linear decay) and excluding the transient each give a usable schedule.
+    # The default (blended with linear decay) and excluding the transient each give a usable one.
     for name, options in (("default", {}), ("exclude", {"blend": 0.0, "exclude_initial": 0.25})):
         cb = ScheduleRefinement(output_dir=str(tmp_path / name), plot=False, **options)
         trainer = quiet_trainer(max_epochs=4, callbacks=[cb], limit_val_batches=0)

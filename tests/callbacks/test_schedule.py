@@ -153,19 +153,25 @@ def test_bad_configuration_is_a_clear_error(tmp_path):
 
 
 def test_resume_is_bitwise_exact_while_recording_and_driving_the_lr(tmp_path):
-    path = stored_schedule(tmp_path / "s.pt", (0.2, 1.0, 0.7, 0.1, 0.0))
-    result = check_resume_exact(
-        lambda: Classifier(optimizer="adam", lr=1e-2),
-        lambda: [ScheduleRefinement(schedule_path=path, output_dir=str(tmp_path / "o"))],
-        lambda: DigitsDataModule(limit=256),
-        tmp_path,
-        max_epochs=3,
-        split_epoch=1,
-        limit_val_batches=0,
-    )
+    # A record whose curve this run cannot keep up with: it warns, and that is state too.
+    path = str(tmp_path / "s.pt")
+    curve = {"monitor": "val_loss", "mode": "min", "progress": [0.0, 1.0], "values": [1e-3, 1e-3]}
+    torch.save({"schedule": torch.tensor([0.2, 1.0, 0.7, 0.1, 0.0]), "curve": curve}, path)
+    with pytest.warns(UserWarning, match="falling behind"):
+        result = check_resume_exact(
+            lambda: Classifier(optimizer="adam", lr=1e-2),
+            lambda: [ScheduleRefinement(schedule_path=path, output_dir=str(tmp_path / "o"))],
+            lambda: DigitsDataModule(limit=256),
+            tmp_path,
+            max_epochs=3,
+            split_epoch=1,
+            limit_val_batches=1,
+        )
     state = result.resumed_callbacks[0].state_dict()
     assert state["steps"] == [3 * STEPS_PER_EPOCH] and state["norms"] == ["l1"]
     assert state["grad_norms"][0].numel() == 3 * STEPS_PER_EPOCH
+    assert state["curve"]["progress"] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert state["warned_behind"] is True
 
 
 def test_composes_with_checkpointing_and_lr_monitor_and_logs_to_wandb(tmp_path):
@@ -572,3 +578,41 @@ def test_a_drop_in_run_that_falls_behind_warns_with_the_figures(recorded):
         f"{ref:.4g} for the recorded run at the same progress ({100 * behind:.1f}% behind"
     ) in message
     assert "blend=" in message and "recorded schedule itself" in message
+
+
+def test_bad_curve_options_and_a_missing_monitor_are_said(tmp_path):
+    from types import SimpleNamespace
+
+    bad = tmp_path / "bad.pt"
+    curve = {"monitor": "val_loss", "mode": "min", "progress": [0.5, 0.2], "values": [1.0, 2.0]}
+    torch.save({"schedule": torch.tensor([1.0, 0.0]), "curve": curve}, bad)
+    trainer = SimpleNamespace(strategy=object(), log_dir=None, default_root_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"bad\.pt'?: its 'curve' progress points are not incr"):
+        ScheduleRefinement(record=False, schedule_path=str(bad)).setup(trainer, None, "fit")
+    with pytest.raises(ValueError, match="mode must be 'min' or 'max'"):
+        ScheduleRefinement(mode="maximum")
+    with pytest.raises(ValueError, match=r"watch_from is a fraction of the run in \[0, 1\]"):
+        ScheduleRefinement(watch_from=2.0)
+
+    cb = ScheduleRefinement(output_dir=str(tmp_path / "o"), plot=False, monitor="val_f1")
+    trainer = quiet_trainer(max_epochs=1, callbacks=[cb], limit_val_batches=1)
+    with pytest.warns(UserWarning, match=r"monitor='val_f1' was never logged at validation "
+                      r"\(logged: \[.*'val_acc', 'val_loss'\]\)"):  # fmt: skip
+        trainer.fit(Classifier(), datamodule=DigitsDataModule(limit=128))
+    assert "curve" not in torch.load(tmp_path / "o" / "grad_norms.pt")
+
+
+def test_reference_path_watches_a_run_driven_by_stored_schedule_lr(recorded):
+    import lightning.pytorch as pl
+
+    from lightning_ext.lr_scheduler import StoredScheduleLR
+
+    tmp_path, _ = recorded
+    pl.seed_everything(0)
+    module = ScheduledClassifier(lambda opt: StoredScheduleLR(opt, [0.01, 0.01], total_steps=16),
+                                 lr=0.2)  # fmt: skip
+    cb = ScheduleRefinement(record=False, reference_path=str(tmp_path / "rec" / "grad_norms.pt"))
+    trainer = quiet_trainer(max_epochs=4, callbacks=[cb], limit_val_batches=2)
+    with pytest.warns(UserWarning, match=r"grad_norms\.pt'\) is falling behind the run"):
+        trainer.fit(module, datamodule=DigitsDataModule(limit=256))
+    assert trainer.lr_scheduler_configs  # the module's own scheduler is left in place

@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -280,13 +279,26 @@ def train(
     *,
     schedule_free: bool = False,
     steps: int | None = None,
+    per_layer: bool = False,
 ) -> dict[str, Any]:
     """One run: step t uses ``lr * multipliers[t]`` (schedule-free: constant ``lr``); the
-    gradient norm the callback would record; the validation curve at 10 points; test at the end."""
+    gradient norm the callback would record; the validation curve at 10 points; test at the end.
+    ``per_layer``: one param group per top-level submodule (or parameter), each group's norm
+    recorded (``group_norms``), and ``multipliers`` may hold one row per group."""
     torch.manual_seed(seed)
     net = problem.make_net()
     norm = "l2" if problem.optimizer == "sgd" else "l1"
-    if schedule_free:
+    layers: dict[str, list[nn.Parameter]] = {}
+    for name, param in net.named_parameters():
+        layers.setdefault(name.split(".")[0], []).append(param)
+    groups: Any = (
+        [{"params": ps} for ps in layers.values()] if per_layer else list(net.parameters())
+    )
+    if per_layer and problem.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    elif per_layer:
+        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
+    elif schedule_free:
         import schedulefree
 
         opt: torch.optim.Optimizer = (
@@ -305,6 +317,7 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     params = list(net.parameters())
     norms, curve, step = torch.empty(total), [], 0
+    group_norms = torch.empty(len(opt.param_groups), total)
 
     def val_point() -> None:
         if schedule_free:
@@ -322,9 +335,14 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             norms[step] = gradient_norm([p.grad for p in params if p.grad is not None], norm)
+            if per_layer:
+                for i, group in enumerate(opt.param_groups):
+                    grads = [p.grad for p in group["params"] if p.grad is not None]
+                    group_norms[i, step] = gradient_norm(grads, norm) if grads else 0.0
             if multipliers is not None:
-                for group in opt.param_groups:
-                    group["lr"] = lr * float(multipliers[step])
+                for i, group in enumerate(opt.param_groups):
+                    row = multipliers[i] if multipliers.dim() == 2 else multipliers
+                    group["lr"] = lr * float(row[step])
             opt.step()
             step += 1
             if step in at:
@@ -338,6 +356,7 @@ def train(
         "test_acc": test_acc,
         "norms": norms,
         "norm": norm,
+        "group_norms": group_norms,
     }
 
 
@@ -400,7 +419,33 @@ def tune_linear(problem: Problem, data: Data) -> tuple[float, dict[float, float]
 
 
 def summary(run: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in run.items() if k not in ("norms", "norm")}
+    return {k: v for k, v in run.items() if k not in ("norms", "norm", "group_norms")}
+
+
+PER_LAYER = "refined per layer (one schedule per param group), blend=0.75"
+
+
+def run_per_layer(result: dict[str, Any]) -> dict[str, Any]:
+    """The per-parameter-group option, added to a finished problem: each seed's linear run is
+    rerun with one param group per layer (checked to reproduce the stored run), each group's
+    norms are refined on their own (blend=0.75), and the run is repeated with those schedules."""
+    problem, start = PROBLEMS[result["key"]], time.perf_counter()
+    added = []
+    for seed, stored in enumerate(result["seeds"]):
+        data = problem.data(seed)
+        steps = steps_of(problem, data)
+        rec = train(problem, data, seed, result["lr"], linear(steps), per_layer=True)
+        same = abs(rec["test_loss"] - stored["linear decay"]["test_loss"]) < 1e-4
+        schedules = torch.stack(
+            [
+                refine_schedule(g.clamp_min(1e-12), norm=rec["norm"], blend=0.75)
+                for g in rec["group_norms"]
+            ]
+        )
+        run = summary(train(problem, data, seed, result["lr"], schedules, per_layer=True))
+        run["reproduces_linear"] = same
+        added.append(run)
+    return {"key": result["key"], "runs": added, "seconds": time.perf_counter() - start}
 
 
 def run_problem(key: str) -> dict[str, Any]:
@@ -761,6 +806,11 @@ def main() -> None:
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="add the per-param-group option to the stored results (after a full run), then report",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="re-analyse benchmarks/results/schedule_battery.json",
@@ -768,10 +818,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    if args.report_only:
+    if args.report_only or args.per_layer:
         raw = json.loads(RAW.read_text())
         results, seconds = raw["results"], raw["seconds"]
-    else:
+    if args.per_layer:
+        with ProcessPoolExecutor(args.workers) as pool:
+            for done in pool.map(run_per_layer, results):
+                result = next(r for r in results if r["key"] == done["key"])
+                for seed, run in zip(result["seeds"], done["runs"]):
+                    seed[PER_LAYER] = run
+                result["seconds"] += done["seconds"]
+                print(f"{done['key']} per layer: {done['seconds']:.0f}s", flush=True)
+        raw["per_layer_seconds"] = time.perf_counter() - start
+        RAW.write_text(json.dumps({**raw, "results": results}))
+    elif not args.report_only:
         results = []
         with ProcessPoolExecutor(args.workers) as pool:
             for result in pool.map(run_problem, args.problems):
@@ -781,14 +841,19 @@ def main() -> None:
         RAW.write_text(json.dumps({"results": results, "seconds": seconds}))
     report, chosen = analyse(results)
     print(f"chosen: {chosen}")
+    raw_now = json.loads(RAW.read_text())
+    extra = raw_now.get("per_layer_seconds")
     body = (
         f"{len(results)} problems x {SEEDS} seeds, batch {BATCH}, plain torch loop, torch threads "
-        f"1, {args.workers} worker processes; total {seconds:.0f}s on a 2-core machine shared with "
-        "other jobs. Raw curves: `schedule_battery.json`.\n\n" + report
+        f"1, {args.workers} worker processes; {seconds:.0f}s"
+        + (f" plus {extra:.0f}s for the per-layer option (`--per-layer`)" if extra else "")
+        + " on a 2-core machine shared with other jobs. Raw curves: `schedule_battery.json`.\n\n"
+        + report
     )
-    run_args = [a for a in sys.argv[1:] if a != "--report-only"]  # the command that measured
-    command = "PYTHONPATH=. nice -n 10 python -m benchmarks.bench_schedule_battery " + " ".join(
-        run_args
+    command = "PYTHONPATH=. nice -n 10 python -m benchmarks.bench_schedule_battery" + (
+        " && PYTHONPATH=. nice -n 10 python -m benchmarks.bench_schedule_battery --per-layer"
+        if extra
+        else ""
     )
     write_result(
         "schedule_battery", "Schedule battery: does the drop-in lose?", body, command.strip()

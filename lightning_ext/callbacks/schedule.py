@@ -356,7 +356,9 @@ class ScheduleRefinement(Callback):
         if total_steps is not None and total_steps < 2:
             raise ValueError(f"total_steps must be >= 2, got {total_steps}")
         if not record and schedule_path is None and reference_path is None:
-            raise ValueError("record=False and no schedule_path: the callback would do nothing")
+            raise ValueError(
+                "record=False and no schedule_path or reference_path: the callback would do nothing"
+            )
         self.refine_options: dict[str, Any] = {
             "smoothing": smoothing,
             "window": window,
@@ -376,6 +378,7 @@ class ScheduleRefinement(Callback):
         self._curve: dict[str, list[float]] = {"progress": [], "values": []}
         self._reference: dict[str, Any] | None = None
         self._warned_behind = False
+        self._warned_missing = False
         self._monitor_missing = False
         self._total: int | None = None
         self._stored: Tensor | None = None
@@ -590,6 +593,14 @@ class ScheduleRefinement(Callback):
         assert ref is not None
         value = trainer.callback_metrics.get(ref["monitor"])
         if value is None:
+            if not self._warned_missing:
+                rank_zero_warn(
+                    f"ScheduleRefinement: the record's monitor {ref['monitor']!r} is not logged "
+                    f"at validation by this run (logged: {sorted(trainer.callback_metrics)}), so "
+                    "it cannot compare itself against the run it was refined from: log it, or "
+                    "record again with monitor= set to a metric this module logs"
+                )
+                self._warned_missing = True
             return
         recorded = curve_value_at(ref["progress"], ref["values"], progress)
         if recorded is None:  # before the recorded run's first validation, or after its last

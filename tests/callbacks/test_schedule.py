@@ -601,6 +601,14 @@ def test_bad_curve_options_and_a_missing_monitor_are_said(tmp_path):
         trainer.fit(Classifier(), datamodule=DigitsDataModule(limit=128))
     assert "curve" not in torch.load(tmp_path / "o" / "grad_norms.pt")
 
+    other = tmp_path / "other.pt"  # a record of a metric this module does not log
+    curve = {"monitor": "val_f1", "mode": "max", "progress": [0.5, 1.0], "values": [0.5, 0.9]}
+    torch.save({"schedule": torch.tensor([1.0, 0.0]), "curve": curve}, other)
+    cb = ScheduleRefinement(record=False, schedule_path=str(other))
+    trainer = quiet_trainer(max_epochs=1, callbacks=[cb], limit_val_batches=1)
+    with pytest.warns(UserWarning, match="the record's monitor 'val_f1' is not logged"):
+        trainer.fit(Classifier(), datamodule=DigitsDataModule(limit=128))
+
 
 def test_reference_path_watches_a_run_driven_by_stored_schedule_lr(recorded):
     import lightning.pytorch as pl

@@ -72,6 +72,7 @@ def _refine_schedule_command(args: Any) -> int:
     from lightning_ext.io.schedule import (
         PAPER_OPTIONS,
         SCHEDULE_FILE,
+        load_curve,
         load_grad_norms,
         write_refined_schedule,
     )
@@ -92,6 +93,7 @@ def _refine_schedule_command(args: Any) -> int:
         steps=args.steps,
         plot_path=args.plot,
         drop_nonfinite=args.drop_nonfinite,
+        curve=load_curve(args.grad_norms),  # a drop-in run compares itself against it
         **(PAPER_OPTIONS if args.paper else options),
     )
     schedule, found = payload["schedule"], payload["diagnostics"][0]

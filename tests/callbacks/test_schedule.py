@@ -562,6 +562,11 @@ def test_the_record_keeps_the_validation_curve_and_a_drop_in_run_that_keeps_up_i
         assert curve["progress"] == [step / total for step, _ in points] == [0.25, 0.5, 0.75, 1]
         assert curve["values"] == pytest.approx([v for _, v in points], rel=1e-6)
     assert _drop_in_run(tmp_path, (1.0, 1.0))[0] == []  # the recorded (constant) schedule itself
+    elsewhere = tmp_path / "elsewhere" / "refined.pt"
+    elsewhere.parent.mkdir()
+    assert cli_main(["refine-schedule", str(tmp_path / "rec" / "grad_norms.pt"),
+                     "-o", str(elsewhere)]) == 0  # fmt: skip
+    assert torch.load(elsewhere)["curve"] == curve  # the CLI carries the curve along
 
 
 def test_a_drop_in_run_that_falls_behind_warns_with_the_figures(recorded):

@@ -15,7 +15,9 @@ validation loss, widened while the best LR sits on its edge). Then per seed, at 
   multiplier), and refinement from a short pilot run (linear decay over the first quarter);
 - warmup-stable-decay with a linear, cosine and 1-sqrt cool-down over the last 20%
   (``warmup_stable_decay``);
-- schedule-free (``schedulefree.SGDScheduleFree`` / ``AdamWScheduleFree``, same peak LR).
+- schedule-free (``schedulefree.SGDScheduleFree`` / ``AdamWScheduleFree``, same peak LR);
+- with ``--per-layer`` afterwards: one refined schedule per parameter group (per layer), each
+  from its own group's norms.
 
 The loop is plain torch for speed; it records the norm ``ScheduleRefinement`` records
 (``functional.gradient_norm``: l2 for SGD, l1 for AdamW) and evaluates 10 times per run, so the
@@ -24,6 +26,7 @@ can be replayed offline. Raw results go to ``benchmarks/results/schedule_battery
 report to ``benchmarks/results/schedule_battery.md``.
 
     PYTHONPATH=. nice -n 10 python -m benchmarks.bench_schedule_battery            # run + report
+    PYTHONPATH=. nice -n 10 python -m benchmarks.bench_schedule_battery --per-layer  # then this
     PYTHONPATH=. python -m benchmarks.bench_schedule_battery --report-only         # re-analyse
 """
 

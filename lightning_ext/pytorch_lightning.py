@@ -56,6 +56,7 @@ DataPruningScores = _also_pytorch_lightning(_callbacks.DataPruningScores)
 InfoBatch = _also_pytorch_lightning(_callbacks.InfoBatch)
 DynamicSparseTraining = _also_pytorch_lightning(_callbacks.DynamicSparseTraining)
 ScheduleRefinement = _also_pytorch_lightning(_callbacks.ScheduleRefinement)
+ScheduleFree = _also_pytorch_lightning(_callbacks.ScheduleFree)
 
 
 # The mixins are type-checked against lightning.pytorch's DDPStrategy; pytorch_lightning's is the

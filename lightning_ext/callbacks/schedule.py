@@ -26,6 +26,8 @@ from lightning_ext.averaging import local_shard
 from lightning_ext.functional.schedule import (
     REFERENCE_WINDOW,
     combine_norm_parts,
+    curve_shortfall,
+    curve_value_at,
     refine_schedule,
     resample_schedule,
     schedule_diagnostics,
@@ -36,7 +38,9 @@ from lightning_ext.io.schedule import (
     PAPER_OPTIONS,
     PLOT_FILE,
     SCHEDULE_FILE,
+    behind_warning,
     degenerate_warning,
+    load_curve,
     load_grad_norms,
     load_schedule,
     write_grad_norms,
@@ -50,6 +54,13 @@ __all__ = [
     "load_grad_norms",
     "write_refined_schedule",
 ]
+
+#: The drop-in run warns when its monitored value falls behind the recorded run's at matched
+#: progress by more than this fraction, from ``WATCH_FROM`` of the run on: chosen for val_loss
+#: on the tuning half of benchmarks/bench_schedule_battery.py (val accuracy: 0.1 from 0.3;
+#: docs/schedule_refinement.md). Earlier in a run, schedules differ by design.
+BEHIND_MARGIN = 0.05
+WATCH_FROM = 0.9
 
 _ADAM_LIKE = ("adam", "adagrad", "adadelta", "rmsprop", "adafactor", "lamb", "lion")
 #: Strategies whose gradients are shards the callback cannot sum across ranks (FSDP1's flat
@@ -345,14 +356,28 @@ class ScheduleRefinement(Callback):
         total_steps: the optimizer steps the stored schedule spans (default: the Trainer's
             ``estimated_stepping_batches``).
         plot: write ``refined_schedule.png`` (needs matplotlib).
+        monitor: the validation metric whose curve a recording run keeps in its files (at each
+            validation, against progress = optimizer steps done / ``total_steps``), so that a
+            drop-in run can compare itself against it.
+        mode: ``"min"`` (``monitor`` is a loss) or ``"max"``.
+        behind_margin: a run given a recorded curve (drop-in, or ``reference_path``) warns, once,
+            when its ``monitor`` falls behind the recorded one at matched progress by more than
+            this fraction of the recorded value.
+        watch_from: ... from this fraction of the run on (earlier, schedules differ by design).
+        reference_path: the record (a schedule file or ``grad_norms.pt``) whose validation curve
+            this run is compared against; default ``schedule_path``. Set it to watch a run whose
+            LR comes from ``StoredScheduleLR``.
 
     Logs ``schedule/grad_norm`` and (drop-in) ``schedule/lr_scale`` per optimizer step to the
     Trainer's loggers every ``log_every_n_steps`` steps, and the diagnostics plus the plot at fit
-    end. Warns with figures when the refined or the applied schedule is degenerate.
+    end. Warns with figures when the refined or the applied schedule is degenerate. Given a
+    recorded curve, logs ``schedule/recorded_<monitor>`` and ``schedule/behind`` at each
+    validation and warns with figures when the run falls behind.
 
     Raises:
-        ValueError: an unknown ``norm``, ``total_steps`` below 2, or ``record=False`` without a
-            ``schedule_path`` (the callback would do nothing).
+        ValueError: an unknown ``norm`` or ``mode``, ``total_steps`` below 2, ``behind_margin``
+            or ``watch_from`` out of range, or ``record=False`` without a ``schedule_path`` or
+            ``reference_path`` (the callback would do nothing).
 
     Examples:
         >>> import lightning.pytorch as pl
@@ -378,13 +403,26 @@ class ScheduleRefinement(Callback):
         schedule_path: str | None = None,
         total_steps: int | None = None,
         plot: bool = True,
+        monitor: str = "val_loss",
+        mode: Literal["min", "max"] = "min",
+        behind_margin: float = BEHIND_MARGIN,
+        watch_from: float = WATCH_FROM,
+        reference_path: str | None = None,
     ) -> None:
         if norm not in ("auto", "l1", "l2"):
             raise ValueError(f"norm must be 'auto', 'l1' or 'l2', got {norm!r}")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if not 0.0 <= behind_margin < float("inf"):
+            raise ValueError(f"behind_margin is a fraction >= 0, got {behind_margin}")
+        if not 0.0 <= watch_from <= 1.0:
+            raise ValueError(f"watch_from is a fraction of the run in [0, 1], got {watch_from}")
         if total_steps is not None and total_steps < 2:
             raise ValueError(f"total_steps must be >= 2, got {total_steps}")
-        if not record and schedule_path is None:
-            raise ValueError("record=False and no schedule_path: the callback would do nothing")
+        if not record and schedule_path is None and reference_path is None:
+            raise ValueError(
+                "record=False and no schedule_path or reference_path: the callback would do nothing"
+            )
         self.refine_options: dict[str, Any] = {
             "smoothing": smoothing,
             "window": window,
@@ -397,6 +435,16 @@ class ScheduleRefinement(Callback):
         self.norm, self.smoothing, self.record = norm, smoothing, record
         self.output_dir, self.schedule_path = output_dir, schedule_path
         self.total_steps, self.plot = total_steps, plot
+        self.monitor, self.mode = monitor, mode
+        self.behind_margin, self.watch_from = behind_margin, watch_from
+        self.reference_path = reference_path
+        #: this run's validation curve: progress (fraction of the run) and ``monitor`` values
+        self._curve: dict[str, list[float]] = {"progress": [], "values": []}
+        self._reference: dict[str, Any] | None = None
+        self._warned_behind = False
+        self._warned_missing = False
+        self._monitor_missing = False
+        self._total: int | None = None
         self._stored: Tensor | None = None
         self._values: list[float] = []
         self._norms: list[Literal["l1", "l2"]] = []
@@ -436,6 +484,14 @@ class ScheduleRefinement(Callback):
                     f"{stored.numel()}: pass a schedule written by refine-schedule"
                 )
             self._stored = stored
+        reference = self.reference_path or self.schedule_path
+        self._reference = None if reference is None else load_curve(reference)
+        if reference is not None and self._reference is None:
+            rank_zero_info(
+                f"ScheduleRefinement: {reference!r} holds no validation curve of the recording "
+                "run (recorded without validation, or by an older version), so this run cannot "
+                "compare itself against it"
+            )
         if self.record:
             # run_dir may broadcast: every rank calls it here, at the same point.
             self._out = Path(self.output_dir) if self.output_dir else run_dir(trainer, "schedule")
@@ -449,6 +505,8 @@ class ScheduleRefinement(Callback):
         self._sharded = self.record and self._check_sharded(trainer, optimizers)
         restored, self._restored = self._restored or {}, None
         self._start_records(restored)
+        total = self.total_steps or trainer.estimated_stepping_batches
+        self._total = int(total) if total != float("inf") and total >= 1 else None
         if self.record:
             rank_zero_info(f"ScheduleRefinement records {', '.join(self._norms)} gradient norms")
         if self._stored is not None:
@@ -471,6 +529,9 @@ class ScheduleRefinement(Callback):
             for opt, n, h in zip(optimizers, self._norms, history)
         ]
         self._steps = list(restored.get("steps") or [0] * len(optimizers))
+        curve = restored.get("curve") or {"progress": [], "values": []}
+        self._curve = {"progress": list(curve["progress"]), "values": list(curve["values"])}
+        self._warned_behind = bool(restored.get("warned_behind", False))
         self._logged_norms = [r.count for r in self._records]  # resumed steps were logged before
         self._logged_steps = self._steps[0]
 
@@ -574,6 +635,58 @@ class ScheduleRefinement(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(rows[step], step=step)
 
+    # --- validation curve ---------------------------------------------------------------------
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self._steps or self._total is None:
+            return
+        progress = self._steps[0] / self._total
+        if self.record:
+            value = trainer.callback_metrics.get(self.monitor)
+            if value is None:
+                self._monitor_missing = True
+            else:
+                self._curve["progress"].append(progress)
+                self._curve["values"].append(float(value))
+        if self._reference is not None:
+            self._compare(trainer, progress)
+
+    def _compare(self, trainer: pl.Trainer, progress: float) -> None:
+        """Log the recorded curve beside this run's and warn, once, when this run is behind."""
+        ref = self._reference
+        assert ref is not None
+        value = trainer.callback_metrics.get(ref["monitor"])
+        if value is None:
+            if not self._warned_missing:
+                rank_zero_warn(
+                    f"ScheduleRefinement: the record's monitor {ref['monitor']!r} is not logged "
+                    f"at validation by this run (logged: {sorted(trainer.callback_metrics)}), so "
+                    "it cannot compare itself against the run it was refined from: log it, or "
+                    "record again with monitor= set to a metric this module logs"
+                )
+                self._warned_missing = True
+            return
+        recorded = curve_value_at(ref["progress"], ref["values"], progress)
+        if recorded is None:  # before the recorded run's first validation, or after its last
+            return
+        behind = curve_shortfall(ref["progress"], ref["values"], progress, float(value),
+                                 ref["mode"])  # fmt: skip
+        assert behind is not None
+        metrics = {f"schedule/recorded_{ref['monitor']}": recorded, "schedule/behind": behind}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if progress + 1e-9 >= self.watch_from and behind > self.behind_margin:
+            if not self._warned_behind:
+                what = f"ScheduleRefinement({self.reference_path or self.schedule_path!r})"
+                rank_zero_warn(behind_warning(what, ref["monitor"], progress, float(value),
+                                              recorded, behind, self.behind_margin))  # fmt: skip
+            self._warned_behind = True
+
+    def curve(self) -> dict[str, Any]:
+        """This run's validation curve: ``{"monitor", "mode", "progress", "values"}``."""
+        return {"monitor": self.monitor, "mode": self.mode, **{k: list(v) for k, v in
+                                                               self._curve.items()}}  # fmt: skip
+
     # --- outputs ------------------------------------------------------------------------------
 
     def grad_norms(self) -> list[Tensor]:
@@ -601,7 +714,15 @@ class ScheduleRefinement(Callback):
             records = self.grad_norms()
         if not trainer.is_global_zero:
             return
-        write_grad_norms(records, self._norms, self._out / GRAD_NORMS_FILE)
+        curve = self.curve() if self._curve["values"] else None
+        if refine and curve is None and self._monitor_missing:
+            rank_zero_warn(
+                f"ScheduleRefinement: monitor={self.monitor!r} was never logged at validation "
+                f"(logged: {sorted(trainer.callback_metrics)}), so the record holds no validation "
+                "curve and a drop-in run cannot compare itself against this one: set monitor= to "
+                "a metric the module logs in validation"
+            )
+        write_grad_norms(records, self._norms, self._out / GRAD_NORMS_FILE, curve=curve)
         if not refine:
             return
         if min(int(torch.isfinite(r).sum()) for r in records) < 2:
@@ -615,6 +736,7 @@ class ScheduleRefinement(Callback):
             plot_path=plot,
             drop_nonfinite=True,
             overwrite=True,  # the run's own folder: a resumed run refines again
+            curve=curve,
             **self.refine_options,
         )
         summary = {"schedule/recorded_steps": float(records[0].numel())}
@@ -632,6 +754,8 @@ class ScheduleRefinement(Callback):
             "norms": list(self._norms),
             "grad_norms": self.grad_norms(),
             "steps": list(self._steps),
+            "curve": {k: list(v) for k, v in self._curve.items()},
+            "warned_behind": self._warned_behind,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

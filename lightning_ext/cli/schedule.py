@@ -76,6 +76,7 @@ def _refine_schedule_command(args: Any) -> int:
         PAPER_OPTIONS,
         SCHEDULE_FILE,
         check_refined_outputs,
+        load_curve,
         load_grad_norms,
         write_refined_schedule,
     )
@@ -100,6 +101,7 @@ def _refine_schedule_command(args: Any) -> int:
         drop_nonfinite=args.drop_nonfinite,
         inputs=[args.grad_norms],
         overwrite=args.overwrite,
+        curve=load_curve(args.grad_norms),  # a drop-in run compares itself against it
         **(PAPER_OPTIONS if args.paper else options),
     )
     schedule, found = payload["schedule"], payload["diagnostics"][0]

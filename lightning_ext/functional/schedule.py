@@ -21,6 +21,8 @@ __all__ = [
     "ScheduleDiagnostics",
     "closed_form_schedule",
     "combine_norm_parts",
+    "curve_shortfall",
+    "curve_value_at",
     "gradient_norm",
     "infinite_schedule",
     "linear_decay",
@@ -422,6 +424,84 @@ def schedule_diagnostics(
         figures["norm_late_collapse"] = middle / max(float(segments[-1]), tiny)
         figures["norm_range"] = float(max(segments)) / max(float(min(segments)), tiny)
     return ScheduleDiagnostics(**figures)
+
+
+def curve_value_at(progress: Sequence[float], values: Sequence[float], at: float) -> float | None:
+    """A recorded curve (``values`` at increasing ``progress``, fractions of the run) read at
+    ``at`` by linear interpolation; None outside the recorded range.
+
+    Args:
+        progress: where each value was taken, increasing (fraction of the run's optimizer steps).
+        values: the curve's values.
+        at: where to read it.
+
+    Returns:
+        The interpolated value, or None before the first or after the last recorded point.
+
+    Raises:
+        ValueError: ``progress`` and ``values`` of different lengths.
+
+    Examples:
+        >>> curve_value_at([0.25, 0.5], [2.0, 1.0], 0.375)
+        1.5
+        >>> curve_value_at([0.25, 0.5], [2.0, 1.0], 0.1) is None
+        True
+    """
+    if len(progress) != len(values):
+        raise ValueError(
+            f"a curve needs one value per progress point, got {len(values)} values at "
+            f"{len(progress)} points"
+        )
+    if not progress or at < progress[0] - 1e-9 or at > progress[-1] + 1e-9:
+        return None
+    for i in range(1, len(progress)):
+        if at <= progress[i]:
+            left, right = progress[i - 1], progress[i]
+            if right <= left:
+                return float(values[i])
+            frac = (at - left) / (right - left)
+            return float(values[i - 1] + frac * (values[i] - values[i - 1]))
+    return float(values[-1])
+
+
+def curve_shortfall(
+    progress: Sequence[float],
+    values: Sequence[float],
+    at: float,
+    value: float,
+    mode: Literal["min", "max"] = "min",
+) -> float | None:
+    """How far ``value``, taken at progress ``at``, falls behind a recorded curve at the same
+    progress, as a fraction of the recorded value: positive when behind (a higher loss with
+    ``mode="min"``, a lower accuracy with ``"max"``), negative when ahead. A non-finite ``value``
+    is infinitely behind. None where the recorded curve does not reach.
+
+    Args:
+        progress: the recorded curve's progress points (fractions of its run), increasing.
+        values: the recorded curve's values.
+        at: this run's progress.
+        value: this run's value there.
+        mode: ``"min"`` (lower is better, a loss) or ``"max"``.
+
+    Returns:
+        The relative shortfall, or None outside the recorded range.
+
+    Raises:
+        ValueError: an unknown ``mode``.
+
+    Examples:
+        >>> curve_shortfall([0.5, 1.0], [0.40, 0.20], 0.75, 0.33)
+        0.1
+    """
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    recorded = curve_value_at(progress, values, at)
+    if recorded is None:
+        return None
+    if not math.isfinite(value):
+        return math.inf
+    gap = value - recorded if mode == "min" else recorded - value
+    return round(gap / max(abs(recorded), 1e-12), 12)
 
 
 def linear_decay(t: float, total: float) -> float:

@@ -10,6 +10,7 @@ the process of rank 0 only (every process when ``torch.distributed`` is not init
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from collections.abc import Sequence
@@ -36,8 +37,10 @@ __all__ = [
     "PAPER_OPTIONS",
     "PLOT_FILE",
     "SCHEDULE_FILE",
+    "behind_warning",
     "check_refined_outputs",
     "degenerate_warning",
+    "load_curve",
     "load_grad_norms",
     "load_schedule",
     "plot_schedules",
@@ -50,14 +53,15 @@ SCHEDULE_FILE = "refined_schedule.pt"
 DIAGNOSTICS_FILE = "refined_schedule.json"
 PLOT_FILE = "refined_schedule.png"
 
-#: Refinement options the callback and ``lightning-ext refine-schedule`` use unless told:
-#: half linear decay, the one choice that never lost clearly to linear decay on the four
-#: reproductions (docs/schedule_refinement.md). ``PAPER_OPTIONS``: the paper's exact formula.
+#: Refinement options the callback and ``lightning-ext refine-schedule`` use unless told: three
+#: quarters linear decay, chosen on the tuning half of benchmarks/bench_schedule_battery.py (the
+#: fewest losses to the recorded linear run among the options; docs/schedule_refinement.md).
+#: ``PAPER_OPTIONS``: the paper's exact formula.
 DEFAULT_OPTIONS: dict[str, Any] = {
     "power": None,
     "exclude_initial": 0.0,
     "floor": 0.0,
-    "blend": 0.5,
+    "blend": 0.75,
 }
 PAPER_OPTIONS: dict[str, Any] = {"power": None, "exclude_initial": 0.0, "floor": 0.0, "blend": 0.0}
 
@@ -144,20 +148,115 @@ def load_grad_norms(path: str | os.PathLike) -> tuple[list[Tensor], list[str | N
 
 
 def write_grad_norms(
-    grad_norms: list[Tensor], norms: list[Literal["l1", "l2"]], path: str | os.PathLike
+    grad_norms: list[Tensor],
+    norms: list[Literal["l1", "l2"]],
+    path: str | os.PathLike,
+    *,
+    curve: dict[str, Any] | None = None,
 ) -> Path:
     """Save gradient-norm records and their norm kinds atomically, as ``load_grad_norms`` reads
-    them (``{"grad_norms": [...], "norm": [...]}``).
+    them (``{"grad_norms": [...], "norm": [...]}``), with the run's validation curve if given.
 
     Args:
         grad_norms: one gradient-norm record per optimizer.
         norms: each record's norm kind, ``"l1"`` or ``"l2"``.
         path: where to write (``grad_norms.pt`` in the callback's folder).
+        curve: the recording run's validation curve (see ``load_curve``), or None.
 
     Returns:
         The path written.
     """
-    return atomic_torch_save({"grad_norms": grad_norms, "norm": norms}, path)
+    payload: dict[str, Any] = {"grad_norms": grad_norms, "norm": norms}
+    if curve is not None:
+        payload["curve"] = curve
+    return atomic_torch_save(payload, path)
+
+
+def _checked_curve(curve: Any, path: str) -> dict[str, Any]:
+    """The curve entry of a record, checked: one line naming the file when it is malformed."""
+    keys = ("monitor", "mode", "progress", "values")
+    if not isinstance(curve, dict) or any(k not in curve for k in keys):
+        raise ValueError(f"{path!r}: its 'curve' entry must be a dict with keys {', '.join(keys)}")
+    progress, values = list(curve["progress"]), list(curve["values"])
+    if len(progress) != len(values) or curve["mode"] not in ("min", "max"):
+        raise ValueError(
+            f"{path!r}: its 'curve' has {len(values)} values at {len(progress)} progress points "
+            f"and mode {curve['mode']!r} (want equal lengths and 'min' or 'max')"
+        )
+    if any(b < a for a, b in itertools.pairwise(progress)):
+        raise ValueError(f"{path!r}: its 'curve' progress points are not increasing")
+    return {
+        "monitor": str(curve["monitor"]),
+        "mode": curve["mode"],
+        "progress": [float(p) for p in progress],
+        "values": [float(v) for v in values],
+    }
+
+
+def load_curve(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The recording run's validation curve from a schedule file or a ``grad_norms.pt`` (for a
+    schedule file without one, from the ``grad_norms.pt`` beside it): ``{"monitor", "mode",
+    "progress", "values"}``, progress as fractions of the run's optimizer steps. None when the
+    record has no curve (a bare tensor, a text file, a run without validation).
+
+    Args:
+        path: a schedule file or a gradient-norm file.
+
+    Returns:
+        The curve, or None.
+
+    Raises:
+        ValueError: a malformed curve entry.
+
+    Examples:
+        >>> import os, tempfile
+        >>> import torch
+        >>> path = os.path.join(tempfile.mkdtemp(), "grad_norms.pt")
+        >>> curve = {"monitor": "val_loss", "mode": "min", "progress": [0.5, 1.0],
+        ...          "values": [0.4, 0.2]}
+        >>> _ = write_grad_norms([torch.ones(3)], ["l2"], path, curve=curve)
+        >>> load_curve(path)["values"]
+        [0.4, 0.2]
+    """
+    path = os.fspath(path)
+    if path.endswith((".txt", ".csv")) or not os.path.exists(path):
+        return None
+    obj = load_file(path)
+    if isinstance(obj, dict) and "curve" in obj:
+        return _checked_curve(obj["curve"], path)
+    beside = Path(path).with_name(GRAD_NORMS_FILE)
+    if isinstance(obj, dict) and "grad_norms" not in obj and beside.exists():
+        return load_curve(beside)
+    return None
+
+
+def behind_warning(
+    what: str, monitor: str, progress: float, value: float, recorded: float, shortfall: float,
+    margin: float,
+) -> str:  # fmt: skip
+    """The one warning for a drop-in run that falls behind the run it was refined from.
+
+    Args:
+        what: how the message names the schedule (its file).
+        monitor: the metric compared.
+        progress: where, as a fraction of the run.
+        value: this run's value there.
+        recorded: the recorded run's value at the same progress.
+        shortfall: how far behind, as a fraction of ``recorded``.
+        margin: the margin it exceeded.
+
+    Returns:
+        The message.
+    """
+    return (
+        f"{what} is falling behind the run it was refined from: at {100 * progress:.0f}% of the "
+        f"run, {monitor} is {value:.4g} against {recorded:.4g} for the recorded run at the same "
+        f"progress ({100 * shortfall:.1f}% behind; margin {100 * margin:.0f}%). Refined schedules "
+        "can lose to the schedule they came from on tasks unlike those they were measured on "
+        "(docs/schedule_refinement.md). Try: refine again closer to the recorded schedule (a "
+        "larger blend=, e.g. 0.9), or refine from a short pilot run (a quarter of the steps, "
+        "linear decay), or train with the recorded schedule itself."
+    )
 
 
 def _finite(values: Tensor, where: str, drop: bool) -> Tensor:
@@ -227,6 +326,7 @@ def write_refined_schedule(
     drop_nonfinite: bool = False,
     inputs: Sequence[str | os.PathLike] = (),
     overwrite: bool = False,
+    curve: dict[str, Any] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Refine one schedule per record, save them atomically (``"schedule"``: the first one) with
@@ -248,6 +348,8 @@ def write_refined_schedule(
         drop_nonfinite: drop inf/nan norms with a warning instead of failing.
         inputs: the files the norms were read from: no output may replace one.
         overwrite: replace existing outputs (refused by default, before any refinement).
+        curve: the recording run's validation curve (see ``load_curve``), kept in the file so
+            that a drop-in run can compare itself against it; None: none.
         **options: ``refine_schedule``'s ``power``, ``exclude_initial``, ``floor``, ``blend``;
             unset ones take the paper's values.
 
@@ -281,6 +383,8 @@ def write_refined_schedule(
         "diagnostics": [d.as_dict() for d in diagnostics],
         **settings,
     }
+    if curve is not None:
+        payload["curve"] = curve
     atomic_torch_save(payload, out_path)
     summary = {"norm": list(norms), "diagnostics": payload["diagnostics"], **settings}
     atomic_write_json(summary, Path(out_path).with_suffix(".json"))

@@ -153,19 +153,25 @@ def test_bad_configuration_is_a_clear_error(tmp_path):
 
 
 def test_resume_is_bitwise_exact_while_recording_and_driving_the_lr(tmp_path):
-    path = stored_schedule(tmp_path / "s.pt", (0.2, 1.0, 0.7, 0.1, 0.0))
-    result = check_resume_exact(
-        lambda: Classifier(optimizer="adam", lr=1e-2),
-        lambda: [ScheduleRefinement(schedule_path=path, output_dir=str(tmp_path / "o"))],
-        lambda: DigitsDataModule(limit=256),
-        tmp_path,
-        max_epochs=3,
-        split_epoch=1,
-        limit_val_batches=0,
-    )
+    # A record whose curve this run cannot keep up with: it warns, and that is state too.
+    path = str(tmp_path / "s.pt")
+    curve = {"monitor": "val_loss", "mode": "min", "progress": [0.0, 1.0], "values": [1e-3, 1e-3]}
+    torch.save({"schedule": torch.tensor([0.2, 1.0, 0.7, 0.1, 0.0]), "curve": curve}, path)
+    with pytest.warns(UserWarning, match="falling behind"):
+        result = check_resume_exact(
+            lambda: Classifier(optimizer="adam", lr=1e-2),
+            lambda: [ScheduleRefinement(schedule_path=path, output_dir=str(tmp_path / "o"))],
+            lambda: DigitsDataModule(limit=256),
+            tmp_path,
+            max_epochs=3,
+            split_epoch=1,
+            limit_val_batches=1,
+        )
     state = result.resumed_callbacks[0].state_dict()
     assert state["steps"] == [3 * STEPS_PER_EPOCH] and state["norms"] == ["l1"]
     assert state["grad_norms"][0].numel() == 3 * STEPS_PER_EPOCH
+    assert state["curve"]["progress"] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert state["warned_behind"] is True
 
 
 def test_composes_with_checkpointing_and_lr_monitor_and_logs_to_wandb(tmp_path):
@@ -335,7 +341,7 @@ def test_early_rising_norms_warn_with_figures_and_the_fixes_remove_the_warning(t
     found = torch.load(tmp_path / "paper" / "refined_schedule.pt")["diagnostics"][0]
     assert found["early_budget"] > 0.5 and found["norm_early_rise"] > 3
 
-    # The default (half linear decay) and excluding the transient each give a usable schedule.
+    # The default (blended with linear decay) and excluding the transient each give a usable one.
     for name, options in (("default", {}), ("exclude", {"blend": 0.0, "exclude_initial": 0.25})):
         cb = ScheduleRefinement(output_dir=str(tmp_path / name), plot=False, **options)
         trainer = quiet_trainer(max_epochs=4, callbacks=[cb], limit_val_batches=0)
@@ -502,3 +508,125 @@ def test_lightning_cli_builds_a_wsd_scheduler_from_yaml_and_steps_it(tmp_path):
                 for t in range(8)]  # fmt: skip
     assert [lrs[0] for lrs in ref.lrs] == pytest.approx(expected, abs=1e-12)
     assert expected[5] < 0.1 * (1 - 1 / 4)  # 1-sqrt lies below a linear cool-down
+
+
+class ValLossAtValidation(Callback):
+    """Independent reference: the logged val_loss and the optimizer steps done, per validation."""
+
+    def __init__(self) -> None:
+        self.points = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.points.append((trainer.global_step, float(trainer.callback_metrics["val_loss"])))
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """A recording run (constant LR 0.2, 4 epochs of 4 steps, validation every epoch): its
+    folder and the val_loss logged at each validation."""
+    tmp_path = tmp_path_factory.mktemp("recorded")
+    return tmp_path, _record_run(tmp_path)
+
+
+def _record_run(tmp_path):
+    import lightning.pytorch as pl
+
+    pl.seed_everything(0)
+    cb = ScheduleRefinement(output_dir=str(tmp_path / "rec"), plot=False)
+    probe = ValLossAtValidation()
+    trainer = quiet_trainer(max_epochs=4, callbacks=[cb, probe], limit_val_batches=2)
+    trainer.fit(Classifier(lr=0.2), datamodule=DigitsDataModule(limit=256))
+    return probe.points
+
+
+def _drop_in_run(tmp_path, multipliers):
+    """A drop-in run from a schedule file written beside the record's grad_norms.pt."""
+    import lightning.pytorch as pl
+
+    path = stored_schedule(tmp_path / "rec" / "constant.pt", multipliers)
+    pl.seed_everything(0)
+    cb, probe = ScheduleRefinement(record=False, schedule_path=path), ValLossAtValidation()
+    trainer = quiet_trainer(max_epochs=4, callbacks=[cb, probe], limit_val_batches=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Classifier(lr=0.2), datamodule=DigitsDataModule(limit=256))
+    return [str(w.message) for w in caught if "falling behind" in str(w.message)], probe.points
+
+
+def test_the_record_keeps_the_validation_curve_and_a_drop_in_run_that_keeps_up_is_quiet(recorded):
+    tmp_path, points = recorded
+    total = 4 * STEPS_PER_EPOCH
+    for name in ("grad_norms.pt", "refined_schedule.pt"):
+        curve = torch.load(tmp_path / "rec" / name)["curve"]
+        assert curve["monitor"] == "val_loss" and curve["mode"] == "min"
+        assert curve["progress"] == [step / total for step, _ in points] == [0.25, 0.5, 0.75, 1]
+        assert curve["values"] == pytest.approx([v for _, v in points], rel=1e-6)
+    assert _drop_in_run(tmp_path, (1.0, 1.0))[0] == []  # the recorded (constant) schedule itself
+    elsewhere = tmp_path / "elsewhere" / "refined.pt"
+    elsewhere.parent.mkdir()
+    assert cli_main(["refine-schedule", str(tmp_path / "rec" / "grad_norms.pt"),
+                     "-o", str(elsewhere)]) == 0  # fmt: skip
+    assert torch.load(elsewhere)["curve"] == curve  # the CLI carries the curve along
+
+
+def test_a_drop_in_run_that_falls_behind_warns_with_the_figures(recorded):
+    from lightning_ext.callbacks.schedule import BEHIND_MARGIN, WATCH_FROM
+
+    tmp_path, points = recorded
+    (message,), own = _drop_in_run(tmp_path, (0.01, 0.01))  # 1% of the LR: it barely learns
+    first = next(i for i, ((step, ref), (_, value)) in enumerate(zip(points, own))
+                 if step / 16 >= WATCH_FROM and value > ref * (1 + BEHIND_MARGIN))  # fmt: skip
+    step, ref = points[first]
+    behind = own[first][1] / ref - 1
+    assert (
+        f"at {100 * step / 16:.0f}% of the run, val_loss is {own[first][1]:.4g} against "
+        f"{ref:.4g} for the recorded run at the same progress ({100 * behind:.1f}% behind"
+    ) in message
+    assert "blend=" in message and "recorded schedule itself" in message
+
+
+def test_bad_curve_options_and_a_missing_monitor_are_said(tmp_path):
+    from types import SimpleNamespace
+
+    bad = tmp_path / "bad.pt"
+    curve = {"monitor": "val_loss", "mode": "min", "progress": [0.5, 0.2], "values": [1.0, 2.0]}
+    torch.save({"schedule": torch.tensor([1.0, 0.0]), "curve": curve}, bad)
+    trainer = SimpleNamespace(strategy=object(), log_dir=None, default_root_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"bad\.pt'?: its 'curve' progress points are not incr"):
+        ScheduleRefinement(record=False, schedule_path=str(bad)).setup(trainer, None, "fit")
+    with pytest.raises(ValueError, match="mode must be 'min' or 'max'"):
+        ScheduleRefinement(mode="maximum")
+    with pytest.raises(ValueError, match=r"watch_from is a fraction of the run in \[0, 1\]"):
+        ScheduleRefinement(watch_from=2.0)
+
+    cb = ScheduleRefinement(output_dir=str(tmp_path / "o"), plot=False, monitor="val_f1")
+    trainer = quiet_trainer(max_epochs=1, callbacks=[cb], limit_val_batches=1)
+    with pytest.warns(UserWarning, match=r"monitor='val_f1' was never logged at validation "
+                      r"\(logged: \[.*'val_acc', 'val_loss'\]\)"):  # fmt: skip
+        trainer.fit(Classifier(), datamodule=DigitsDataModule(limit=128))
+    assert "curve" not in torch.load(tmp_path / "o" / "grad_norms.pt")
+
+    other = tmp_path / "other.pt"  # a record of a metric this module does not log
+    curve = {"monitor": "val_f1", "mode": "max", "progress": [0.5, 1.0], "values": [0.5, 0.9]}
+    torch.save({"schedule": torch.tensor([1.0, 0.0]), "curve": curve}, other)
+    cb = ScheduleRefinement(record=False, schedule_path=str(other))
+    trainer = quiet_trainer(max_epochs=1, callbacks=[cb], limit_val_batches=1)
+    with pytest.warns(UserWarning, match="the record's monitor 'val_f1' is not logged"):
+        trainer.fit(Classifier(), datamodule=DigitsDataModule(limit=128))
+
+
+def test_reference_path_watches_a_run_driven_by_stored_schedule_lr(recorded):
+    import lightning.pytorch as pl
+
+    from lightning_ext.lr_scheduler import StoredScheduleLR
+
+    tmp_path, _ = recorded
+    pl.seed_everything(0)
+    module = ScheduledClassifier(lambda opt: StoredScheduleLR(opt, [0.01, 0.01], total_steps=16),
+                                 lr=0.2)  # fmt: skip
+    cb = ScheduleRefinement(record=False, reference_path=str(tmp_path / "rec" / "grad_norms.pt"))
+    trainer = quiet_trainer(max_epochs=4, callbacks=[cb], limit_val_batches=2)
+    with pytest.warns(UserWarning, match=r"grad_norms\.pt'\) is falling behind the run"):
+        trainer.fit(module, datamodule=DigitsDataModule(limit=256))
+    assert trainer.lr_scheduler_configs  # the module's own scheduler is left in place

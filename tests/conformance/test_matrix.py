@@ -35,6 +35,7 @@ from lightning_ext.callbacks import (
     InfoBatch,
     ModelSoup,
     PostHocEMA,
+    ScheduleFree,
     ScheduleRefinement,
 )
 from lightning_ext.callbacks.posthoc_ema import posthoc_ema_state_dict
@@ -60,6 +61,7 @@ CALLBACKS = (
     "InfoBatch",
     "DynamicSparseTraining",
     "ScheduleRefinement",
+    "ScheduleFree",
 )
 CONFIGS: tuple[Config, ...] = ("defaults", "typical")
 MAX_EPOCHS, BATCHES_PER_EPOCH = 2, 2
@@ -102,6 +104,8 @@ def expected_refusal(callback: str, entry: ZooEntry, config: Config) -> Refusal 
         if config == "defaults":
             return Refusal("InfoBatchSampler", "the train DataLoader has no InfoBatchSampler")
         return Refusal("InfoBatch.loss", "training_step never hands over per-sample losses")
+    if callback == "ScheduleFree" and config == "defaults":
+        return Refusal("schedulefree", "the module's own optimizers are not schedule-free ones")
     if callback == "DynamicSparseTraining" and entry.name == "manual_two_optimizers":
         return Refusal("automatic optimization", "mask updates follow one optimizer's steps")
     if callback == "ModelSoup":
@@ -505,6 +509,59 @@ def check_schedule(
     assert_finite_weights(run.module)
 
 
+def _with_schedule_free_optimizers(entry: ZooEntry) -> ZooEntry:
+    """The entry with each optimizer its module returns replaced by schedulefree's AdamW over the
+    same parameters at the same LR (its LR schedulers dropped: schedule-free needs none)."""
+    import dataclasses
+
+    import schedulefree
+
+    def swap(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        params = [p for group in opt.param_groups for p in group["params"]]
+        return schedulefree.AdamWScheduleFree(params, lr=opt.param_groups[0]["lr"])
+
+    def build(seed: int, namespace: Namespace) -> Any:
+        module, *loaders = entry.build(seed, namespace)
+        original = module.configure_optimizers
+
+        def configure_optimizers() -> Any:
+            out = original()
+            out = out["optimizer"] if isinstance(out, dict) else out
+            if isinstance(out, list | tuple) and isinstance(out[0], list | tuple):
+                out = out[0]  # ([optimizers], [schedulers])
+            return [swap(o) for o in out] if isinstance(out, list | tuple) else swap(out)
+
+        module.configure_optimizers = configure_optimizers
+        return (module, *loaders)
+
+    return dataclasses.replace(entry, build=build)
+
+
+def check_schedule_free(
+    entry: ZooEntry, config: Config, tmp_path: Path, namespace: Namespace = "lightning"
+) -> None:
+    """With the module's own optimizers: refused before any step, naming schedulefree. With
+    schedule-free ones: every step trains, and the module ends with the eval-mode weights."""
+    refusal = expected_refusal("ScheduleFree", entry, config)
+    if refusal is not None:
+        assert_refuses(
+            refusal, lambda: fit(entry, lambda *_: ScheduleFree(), tmp_path, namespace=namespace)
+        )
+        return
+    run = fit(
+        _with_schedule_free_optimizers(entry),
+        lambda *_: ScheduleFree(),
+        tmp_path,
+        namespace=namespace,
+    )
+    assert run.steps.batches > 0 and run.trainer.global_step > 0
+    assert all(not opt.param_groups[0]["train_mode"] for opt in run.trainer.optimizers)
+    final = _float_state(run.module)
+    assert _differs(run.steps.live_at_train_end, final), "fit end kept the train-mode weights"
+    assert _differs(run.initial, final), "the weights never moved"
+    assert_finite_weights(run.module)
+
+
 CHECKS: dict[str, Callable[[ZooEntry, Config, Path], None]] = {
     "EMA": check_ema,
     "PostHocEMA": check_posthoc_ema,
@@ -515,6 +572,7 @@ CHECKS: dict[str, Callable[[ZooEntry, Config, Path], None]] = {
     "InfoBatch": check_infobatch,
     "DynamicSparseTraining": check_sparse,
     "ScheduleRefinement": check_schedule,
+    "ScheduleFree": check_schedule_free,
 }
 
 

@@ -36,6 +36,7 @@ CELLS = {
     "DataPruningScores": ("metrics_classifier", "typical"),
     "DynamicSparseTraining": ("batchnorm_cnn", "typical"),
     "ScheduleRefinement": ("manual_two_optimizers", "typical"),
+    "ScheduleFree": ("batchnorm_cnn", "typical"),
 }
 
 

@@ -404,3 +404,17 @@ def test_warmup_stable_decay_refuses_an_unknown_cooldown():
     with pytest.raises(ValueError, match="cooldown must be one of linear, cosine, 1-sqrt"):
         WarmupStableDecayLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)]), 10,
                             cooldown="sqrt")  # fmt: skip
+
+
+def test_curve_shortfall_by_hand():
+    from lightning_ext.functional import curve_shortfall, curve_value_at
+
+    progress, losses = [0.2, 0.6, 1.0], [1.0, 0.5, 0.25]
+    assert curve_value_at(progress, losses, 0.4) == pytest.approx(0.75)
+    assert curve_shortfall(progress, losses, 0.4, 0.9) == pytest.approx(0.2)  # 20% behind
+    assert curve_shortfall(progress, losses, 1.0, 0.2) == pytest.approx(-0.2)  # ahead
+    assert curve_shortfall(progress, [0.5, 0.8, 0.9], 0.6, 0.72, "max") == pytest.approx(0.1)
+    assert curve_shortfall(progress, losses, 0.6, float("nan")) == math.inf
+    assert curve_shortfall(progress, losses, 0.1, 9.0) is None  # before the first point
+    with pytest.raises(ValueError, match="one value per progress point"):
+        curve_value_at([0.1], [1.0, 2.0], 0.1)

@@ -162,8 +162,6 @@ def merge_peft_adapters(
     """
     if not folders:
         raise ValueError("no adapters given")
-    for name in (WEIGHTS[0], CONFIG):  # the files written: refused before any merging
-        check_output(Path(out) / name, inputs=folders, overwrite=overwrite)
     configs, scalings = [], []
     for i, folder in enumerate(folders):  # configs and ranks first: refuse before merging
         state, config = load_peft_adapter(folder)
@@ -172,6 +170,8 @@ def merge_peft_adapters(
         scalings.append(peft_scaling(config, state[modules[0] + LORA_A].shape[0], name=name))
         configs.append(config)
         del state
+    for name in (WEIGHTS[0], CONFIG):  # the files written: refused before merging, after the inputs
+        check_output(Path(out) / name, inputs=folders, overwrite=overwrite)
     bases = {c.get("base_model_name_or_path") for c in configs}
     if len(bases) > 1:
         raise ValueError(

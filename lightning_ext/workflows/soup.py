@@ -37,6 +37,13 @@ from lightning_ext._batch import (
     default_unpack_batch,
     move_to_device,
 )
+from lightning_ext._finite import (
+    Pattern,
+    disagreeing,
+    nonfinite_pattern,
+    refuse_nonfinite,
+    restore_nonfinite,
+)
 from lightning_ext._lightning import configure_model_skipped, fit_val_loaders, namespace_of
 from lightning_ext._plot import new_figure, write_png
 from lightning_ext._sized import dataset_size
@@ -46,7 +53,7 @@ from lightning_ext.functional.learned_soup import (
     learn_soup_coefficients,
 )
 from lightning_ext.functional.merge_methods import MERGE_METHODS
-from lightning_ext.functional.merging import check_same_layout, greedy_soup, is_statistic
+from lightning_ext.functional.merging import greedy_soup, is_statistic
 from lightning_ext.io.ingredients import Ingredients, IngredientSource
 
 __all__ = [
@@ -772,6 +779,26 @@ def _mean_over_ranks(grad: Tensor) -> None:
     grad.div_(dist.get_world_size())
 
 
+def _shared_nonfinite(
+    ingredients: Sequence[Mapping[str, Tensor]],
+    base: Mapping[str, Tensor] | None,
+    names: Sequence[str],
+    allow: bool,
+) -> Pattern:
+    """Refuse non-finite weights before any scoring (an ``Ingredients`` checks its own as it
+    loads them); return the +-inf entries every input shares, to copy into the soup."""
+    if allow:
+        return {}
+    if isinstance(ingredients, Ingredients):
+        return ingredients.shared_nonfinite()
+    states = [*ingredients, *([base] if base is not None else [])]
+    labels = [*names, *(["base"] if base is not None else [])]
+    patterns = [nonfinite_pattern(state) for state in states]
+    for i, pattern in enumerate(patterns):
+        refuse_nonfinite(disagreeing(pattern, patterns[:i] + patterns[i + 1 :]), labels[i])
+    return patterns[0] if patterns else {}
+
+
 def run_soup(
     scorer: Callable[[Mapping[str, Tensor]], float],
     ingredients: Sequence[Mapping[str, Tensor]],
@@ -785,6 +812,7 @@ def run_soup(
     progress_bar: bool = True,
     base: Mapping[str, Tensor] | None = None,
     options: Mapping[str, Any] | None = None,
+    allow_nonfinite: bool = False,
 ) -> SoupResult:
     """Score every ingredient, build the soup and score it; the scorer ends holding the soup.
 
@@ -811,13 +839,17 @@ def run_soup(
         progress_bar: show a tqdm bar.
         base: the pre-trained weights, for task-vector methods and aTLAS.
         options: the method's options (``MergeMethod.parameters``, ``LEARNED_SOUP_OPTIONS``).
+        allow_nonfinite: accept NaN and inf weights (refused by default, before any scoring,
+            naming the ingredient and tensors; +-inf entries shared by every ingredient and the
+            base, e.g. an additive mask buffer, are copied into the soup, never averaged).
 
     Returns:
         The soup, its score and every ingredient's (and the learned coefficients).
 
     Raises:
-        ValueError: an unknown ``method`` or bad options (see ``check_soup_method``), or
-            ``"learned"`` with a scorer that is not a ``ValidationScorer``.
+        ValueError: an unknown ``method`` or bad options (see ``check_soup_method``),
+            ``"learned"`` with a scorer that is not a ``ValidationScorer``, or non-finite
+            weights (``NonFiniteError``).
 
     Examples:
         >>> import torch
@@ -837,6 +869,7 @@ def run_soup(
             f"ValidationScorer, not {type(scorer).__name__}"
         )
     names = list(names) if names is not None else [f"ingredient {i}" for i in range(n)]
+    shared = _shared_nonfinite(ingredients, base, names, allow_nonfinite)
     bar = _progress(n, progress_bar)
     scores: list[float] = []
     for i in range(n):
@@ -874,6 +907,8 @@ def run_soup(
     else:
         soup, chosen = MERGE_METHODS[method].call(ingredients, base, resolved), list(range(n))
     bar.close()
+    if shared:
+        soup = restore_nonfinite(dict(soup), shared)
     soup_score = float(scorer(soup))
     rank_zero_info(
         f"soup of {len(chosen)} ingredient(s) {chosen}: {monitor}={soup_score:.4g} "
@@ -903,6 +938,7 @@ def build_soup(
     apply: bool = True,
     base: IngredientSource | None = None,
     options: Mapping[str, Any] | None = None,
+    allow_nonfinite: bool = False,
 ) -> SoupResult:
     """Build a soup for ``module`` from checkpoint paths (or state dicts, or modules), scoring
     every ingredient and candidate with the module's ``validation_step`` and ``monitor``
@@ -946,6 +982,9 @@ def build_soup(
             task-vector merge methods and aTLAS.
         options: the method's options: the parameters of its ``MERGE_METHODS`` entry, or
             ``LEARNED_SOUP_OPTIONS`` for ``"learned"``.
+        allow_nonfinite: accept NaN and inf weights in the ingredients and base (refused by
+            default, before any scoring, naming the file and tensors; an ``Ingredients`` given
+            keeps its own setting).
 
     Returns:
         The soup, the chosen ingredients, every score (and, learned, the coefficients).
@@ -953,8 +992,8 @@ def build_soup(
     Raises:
         ValueError: an unknown ``method`` (the message lists the valid ones), bad ``options``,
             a missing or unused ``base``, an unknown ``mode``, no held-out data, ingredients
-            whose layouts differ, or a folder that is not a distributed checkpoint (all checked
-            before any merging or scoring).
+            whose layouts differ or with non-finite weights, or a folder that is not a
+            distributed checkpoint (all checked before any merging or scoring).
         KeyError: a ``monitor`` that ``validation_step`` did not log.
 
     Examples:
@@ -964,14 +1003,17 @@ def build_soup(
                                 mode="max", dataloaders=val_loader)
             result.chosen, result.soup_score
     """
-    ings = ingredients if isinstance(ingredients, Ingredients) else Ingredients(ingredients)
+    ings = (
+        ingredients
+        if isinstance(ingredients, Ingredients)
+        else Ingredients(ingredients, allow_nonfinite=allow_nonfinite)
+    )
     check_soup_method(method, options, num_ingredients=len(ings), has_base=base is not None)
     check_mode(monitor, mode, "build_soup")
     ings.validate()
     base_state = None
     if base is not None:
-        base_state = ings.like([base])[0]
-        check_same_layout(base_state, ings[0], name=ings.name(0), ref_name="base")
+        base_state = ings.load_base(base)
     scorer = ValidationScorer(
         module,
         dataloaders=dataloaders,
@@ -996,6 +1038,7 @@ def build_soup(
         progress_bar=progress_bar,
         base=base_state,
         options=options,
+        allow_nonfinite=ings.allow_nonfinite,
     )
     if recalibrate_on is not None:
         result.state_dict = {k: v.detach().clone() for k, v in module.state_dict().items()}

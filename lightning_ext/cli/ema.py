@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from lightning_ext.cli._options import add_trusted_option
+from lightning_ext.cli._options import add_allow_nonfinite_option, add_trusted_option
 
 
 def _export_ema(args: argparse.Namespace) -> int:
     from lightning_ext.io.ema import export_ema
 
-    path = export_ema(args.checkpoint, args.out, state_key=args.state_key, trusted=args.trusted)
+    path = export_ema(
+        args.checkpoint,
+        args.out,
+        state_key=args.state_key,
+        trusted=args.trusted,
+        allow_nonfinite=args.allow_nonfinite,
+    )
     print(f"wrote the EMA weights of {args.checkpoint} to {path}")
     return 0
 
@@ -21,6 +27,7 @@ def _register_export_ema(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output file (torch.save of a state dict)")
     p.add_argument("--state-key", default=None, help="which EMA, when the run had several")
     add_trusted_option(p, "a checkpoint")
+    add_allow_nonfinite_option(p, "EMA weights")
     p.set_defaults(func=_export_ema)
 
 
@@ -28,7 +35,13 @@ def _posthoc_ema(args: argparse.Namespace) -> int:
     from lightning_ext.io.ema import write_posthoc_ema
 
     path = write_posthoc_ema(
-        args.snapshot_dir, args.sigma_rel, args.out, step=args.step, progress=True
+        args.snapshot_dir,
+        args.sigma_rel,
+        args.out,
+        step=args.step,
+        progress=True,
+        trusted=args.trusted,
+        allow_nonfinite=args.allow_nonfinite,
     )
     print(
         f"wrote the sigma_rel={args.sigma_rel} EMA reconstructed from {args.snapshot_dir} to {path}"
@@ -46,6 +59,8 @@ def _register_posthoc_ema(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--step", type=int, default=None, help="EMA update to reconstruct (default: last)"
     )
+    add_trusted_option(p, "snapshot files")
+    add_allow_nonfinite_option(p, "snapshots")
     p.set_defaults(func=_posthoc_ema)
 
 

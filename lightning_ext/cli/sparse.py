@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from lightning_ext.cli._options import add_trusted_option
+from lightning_ext.cli._options import add_allow_nonfinite_option, add_trusted_option
 
 if TYPE_CHECKING:
     from lightning_ext.io.sparse import Layout
@@ -24,6 +24,7 @@ def _sparse_export(args: argparse.Namespace) -> int:
             FORMATS[args.format],
             trusted=args.trusted,
             state_key=args.state_key,
+            allow_nonfinite=args.allow_nonfinite,
         )
     except RuntimeError as err:  # what this machine cannot do (2:4 without a GPU): one line
         raise ValueError(str(err)) from err
@@ -55,4 +56,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--state-key", default=None, help="which DynamicSparseTraining, when the run had several"
     )
     add_trusted_option(p, "a checkpoint")
+    add_allow_nonfinite_option(p, "weights")
     p.set_defaults(func=_sparse_export)

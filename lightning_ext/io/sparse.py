@@ -13,7 +13,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_ext._io import atomic_torch_save, load_file
+from lightning_ext._finite import check_finite
+from lightning_ext._io import BadFileError, atomic_torch_save, load_file
 from lightning_ext._modules import normalise_name, normalised_keys
 from lightning_ext.functional.sparse import to_csr, to_semi_structured
 
@@ -62,6 +63,7 @@ def export_sparse_checkpoint(
     *,
     trusted: bool = False,
     state_key: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Tensor]:
     """The model state dict of a Lightning checkpoint with its DynamicSparseTraining masks applied
     and the targeted weights in ``layout``; written atomically to ``out`` when given.
@@ -78,13 +80,16 @@ def export_sparse_checkpoint(
             GPU of compute capability 8.0 or higher).
         trusted: unpickle arbitrary objects; only for checkpoints you made yourself.
         state_key: the callback's state key, when the checkpoint holds several.
+        allow_nonfinite: export NaN and inf weights instead of refusing them (one checkpoint:
+            nothing to share an additive ``-inf`` buffer with, so any is refused).
 
     Returns:
         The state dict, the targeted weights converted.
 
     Raises:
-        ValueError: an unknown layout, or no (or several, without ``state_key``)
-            DynamicSparseTraining states in the checkpoint.
+        ValueError: an unknown layout, no (or several, without ``state_key``)
+            DynamicSparseTraining states in the checkpoint, a mask naming no weight of it, or
+            (``NonFiniteError``) non-finite weights; all before anything is written.
         RuntimeError: ``"semi_structured"`` on a machine without a CUDA GPU.
     """
     convert = layout_converter(layout)
@@ -92,6 +97,10 @@ def export_sparse_checkpoint(
     # Asked before the file is read: a machine without a GPU cannot do 2:4 at all.
     device = _export_device(layout)
     ckpt = load_file(checkpoint, trusted=trusted)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise BadFileError(
+            f"{checkpoint} is not a Lightning checkpoint (no 'state_dict' dict of weights)"
+        )
     states = {
         k: v
         for k, v in ckpt.get("callbacks", {}).items()
@@ -112,7 +121,14 @@ def export_sparse_checkpoint(
         )
     (state,) = states.values()
     weights = dict(ckpt["state_dict"])
+    check_finite(weights, f"{checkpoint} (state_dict)", allow=allow_nonfinite)
     keys = normalised_keys(weights)
+    missing = [name for name in state["names"] if normalise_name(name) not in keys]
+    if missing:
+        raise BadFileError(
+            f"{checkpoint}: the DynamicSparseTraining masks name {len(missing)} weight(s) missing "
+            f"from its state_dict (e.g. {missing[0]!r}): an edited or mismatched checkpoint"
+        )
     for name, mask in zip(state["names"], state["masks"]):
         key = keys[normalise_name(name)]
         weights[key] = convert(weights[key].to(device), mask.to(device))

@@ -105,7 +105,8 @@ def read_metadata(path: str | os.PathLike, *, trusted: bool = False) -> Metadata
     Raises:
         ValueError: ``path`` is not a folder with a ``.metadata`` file (so that a folder of
             another kind is not mistaken for one), or the file is unreadable or, unless
-            ``trusted``, holds objects other than checkpoint metadata.
+            ``trusted``, holds objects other than checkpoint metadata, or places a shard file
+            outside the folder.
     """
     from torch.distributed.checkpoint.metadata import Metadata
 
@@ -129,7 +130,32 @@ def read_metadata(path: str | os.PathLike, *, trusted: bool = False) -> Metadata
         raise ValueError(f"{metadata_file}: unreadable checkpoint metadata: {err}") from err
     if not isinstance(metadata, Metadata):
         raise ValueError(f"{metadata_file}: not checkpoint metadata")
+    check_shard_paths(folder, metadata)
     return metadata
+
+
+def check_shard_paths(folder: Path, metadata: Metadata) -> None:
+    """Refuse shard files that ``.metadata`` places outside its folder (``../other/__0_0.distcp``,
+    an absolute path): torch would open them; a checkpoint only reads its own files.
+
+    Args:
+        folder: the checkpoint folder.
+        metadata: its ``.metadata``.
+
+    Raises:
+        ValueError: a shard path that resolves outside ``folder``, before anything is read.
+    """
+    root = folder.resolve()
+    for info in (metadata.storage_data or {}).values():
+        relative = getattr(info, "relative_path", None)
+        if relative is None:
+            continue
+        if Path(relative).is_absolute() or root not in (root / relative).resolve().parents:
+            raise ValueError(
+                f"{folder}: its {METADATA_FILE} places a shard at {relative!r}, outside the "
+                "folder; a distributed checkpoint only reads its own files (an edited or "
+                "malicious checkpoint)"
+            )
 
 
 def _tensor_entries(

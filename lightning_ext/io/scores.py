@@ -15,10 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_ext._io import atomic_torch_save, load_file
+from lightning_ext._io import BadFileError, atomic_torch_save, load_file
 from lightning_ext.functional.pruning import combine_runs, dataset_fingerprint
 
-__all__ = ["check_fingerprint", "load_scores", "write_scores"]
+__all__ = ["check_fingerprint", "check_score_record", "load_scores", "write_scores"]
+
+#: What every score file holds (``write_scores``); ``runs``, ``run_names`` and ``task`` too.
+RECORD_KEYS = ("scores", "labels", "fingerprint")
 
 
 def load_scores(
@@ -37,12 +40,50 @@ def load_scores(
         The file's record: ``scores``, ``fingerprint`` and whatever else the callback saved.
 
     Raises:
-        ValueError: the file was computed on another dataset.
+        ValueError: the file was computed on another dataset, or (``BadFileError``) is not a
+            score file (see ``check_score_record``).
     """
-    record = load_file(path, trusted=trusted)
+    record = check_score_record(load_file(path, trusted=trusted), str(path))
     if labels is not None:
         check_fingerprint(record["fingerprint"], dataset_fingerprint(labels), str(path))
     return record
+
+
+def check_score_record(record: Any, source: str) -> dict[str, Any]:
+    """Refuse a file that is not a score file, in one line naming it and what it should hold:
+    scores and labels of the same length, finite scores, a fingerprint.
+
+    Args:
+        record: what the file holds.
+        source: how the message names the file.
+
+    Returns:
+        ``record``.
+
+    Raises:
+        BadFileError: not a dict with ``scores``, ``labels`` and ``fingerprint``, scores that
+            are not a 1-D tensor or not finite, or scores and labels of different lengths.
+    """
+    expected = "a score file written by DataPruningScores (a dict with 'scores', 'labels' and "
+    expected += "'fingerprint')"
+    if not isinstance(record, Mapping):
+        raise BadFileError(f"{source} holds a {type(record).__name__}, not {expected}")
+    missing = [k for k in RECORD_KEYS if k not in record]
+    if missing:
+        raise BadFileError(f"{source} has no {', '.join(map(repr, missing))}: not {expected}")
+    scores, labels = record["scores"], record["labels"]
+    if not isinstance(scores, Tensor) or scores.dim() != 1:
+        raise BadFileError(f"{source}: 'scores' must be a 1-D tensor (one score per example)")
+    if not isinstance(labels, Tensor) or len(labels) != scores.numel():
+        count = len(labels) if isinstance(labels, Tensor | list | tuple) else "no"
+        raise BadFileError(
+            f"{source} holds {scores.numel()} scores but {count} labels: scores and labels must "
+            "have one entry per example (a damaged or hand-edited score file)"
+        )
+    if scores.is_floating_point() and not bool(torch.isfinite(scores).all()):
+        bad = int((~torch.isfinite(scores)).sum())
+        raise BadFileError(f"{source}: {bad} of {scores.numel()} scores are NaN or inf")
+    return dict(record)
 
 
 def check_fingerprint(saved: Mapping[str, Any], actual: Mapping[str, Any], source: str) -> None:

@@ -95,9 +95,21 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def _check_readable(path: Path) -> bool:
-    """Refuse what ``torch.load`` would fail on with a message that does not say which file or
-    what is wrong; return whether the file is a zip (new format, memory-mappable) torch file."""
+def check_readable(path: Path) -> bool:
+    """Refuse what ``torch.load`` (or ``pickle.load``) would fail on with a message that says
+    neither which file nor what is wrong: a directory, an empty file, an incomplete or foreign
+    zip archive, a text file.
+
+    Args:
+        path: the file.
+
+    Returns:
+        Whether it is a zip (new-format, memory-mappable) torch file; False: a pickle.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        BadFileError: one line naming the file and what is wrong with it.
+    """
     if path.is_dir():
         raise BadFileError(f"{path} is a directory, not a file written by torch.save")
     if not path.exists():
@@ -168,7 +180,7 @@ def load_file(
             tensors and plain containers (the message says to pass ``trusted=True``).
     """
     path = Path(path)
-    is_zip = _check_readable(path)
+    is_zip = check_readable(path)
     try:
         return torch.load(
             path, map_location=map_location, mmap=mmap and is_zip, weights_only=not trusted

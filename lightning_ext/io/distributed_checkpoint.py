@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from lightning_ext._io import BadFileError, check_readable
+
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
@@ -56,6 +58,10 @@ _ALLOWED_GLOBALS = {
 }
 
 
+class _UntrustedGlobal(pickle.UnpicklingError):
+    """A global that checkpoint metadata is not made of."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Resolves only the globals a DCP ``.metadata`` file is made of: no other code can run."""
 
@@ -67,7 +73,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             or (module == _METADATA_MODULE and _is_metadata_class(name))
         )
         if not allowed:
-            raise pickle.UnpicklingError(f"global '{module}.{name}' is not checkpoint metadata")
+            raise _UntrustedGlobal(f"global '{module}.{name}' is not checkpoint metadata")
         return super().find_class(module, name)
 
 
@@ -112,24 +118,29 @@ def read_metadata(path: str | os.PathLike, *, trusted: bool = False) -> Metadata
 
     folder, metadata_file = Path(path), Path(path) / METADATA_FILE
     if not is_distributed_checkpoint(folder):
-        raise ValueError(
+        raise BadFileError(
             f"{folder} is a folder but not a distributed checkpoint (no {METADATA_FILE} file): "
             "pass a checkpoint file, or a folder written by torch.distributed.checkpoint (e.g. "
             "Lightning's ModelParallelStrategy with save_distributed_checkpoint=True)"
         )
+    check_readable(metadata_file)  # empty, text, a zip: one line naming the file
     try:
         with open(metadata_file, "rb") as handle:
             metadata = pickle.load(handle) if trusted else _MetadataUnpickler(handle).load()
-    except pickle.UnpicklingError as err:
-        raise ValueError(
+    except _UntrustedGlobal as err:
+        raise BadFileError(
             f"{metadata_file}: {err}. Objects beyond checkpoint metadata are not "
             "unpickled by default because unpickling runs code; if the folder comes from a "
-            "source you trust, pass trusted=True."
+            "source you trust, pass trusted=True (--trusted)."
         ) from err
-    except (EOFError, AttributeError, ImportError, TypeError) as err:
-        raise ValueError(f"{metadata_file}: unreadable checkpoint metadata: {err}") from err
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError) as err:
+        raise BadFileError(
+            f"{metadata_file} is truncated or not checkpoint metadata: {err}"
+        ) from err
     if not isinstance(metadata, Metadata):
-        raise ValueError(f"{metadata_file}: not checkpoint metadata")
+        raise BadFileError(
+            f"{metadata_file} holds a {type(metadata).__name__}, not checkpoint metadata"
+        )
     check_shard_paths(folder, metadata)
     return metadata
 

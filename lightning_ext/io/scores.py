@@ -49,37 +49,44 @@ def load_scores(
     return record
 
 
-def check_score_record(record: Any, source: str) -> dict[str, Any]:
+def check_score_record(record: Any, source: str, *, need_labels: bool = False) -> dict[str, Any]:
     """Refuse a file that is not a score file, in one line naming it and what it should hold:
-    scores and labels of the same length, finite scores, a fingerprint.
+    finite scores, one per example of the fingerprint (and of the labels, when present).
 
     Args:
         record: what the file holds.
         source: how the message names the file.
+        need_labels: the labels are needed (``prune-select`` reads the classes from them).
 
     Returns:
         ``record``.
 
     Raises:
-        BadFileError: not a dict with ``scores``, ``labels`` and ``fingerprint``, scores that
-            are not a 1-D tensor or not finite, or scores and labels of different lengths.
+        BadFileError: not a dict with ``scores`` and ``fingerprint`` (and ``labels`` when
+            needed), scores that are not a 1-D tensor or not finite, or scores whose count
+            differs from the labels' or the fingerprint's.
     """
     expected = "a score file written by DataPruningScores (a dict with 'scores', 'labels' and "
     expected += "'fingerprint')"
     if not isinstance(record, Mapping):
         raise BadFileError(f"{source} holds a {type(record).__name__}, not {expected}")
-    missing = [k for k in RECORD_KEYS if k not in record]
+    missing = [k for k in RECORD_KEYS if k not in record and (need_labels or k != "labels")]
     if missing:
         raise BadFileError(f"{source} has no {', '.join(map(repr, missing))}: not {expected}")
-    scores, labels = record["scores"], record["labels"]
+    scores = record["scores"]
     if not isinstance(scores, Tensor) or scores.dim() != 1:
         raise BadFileError(f"{source}: 'scores' must be a 1-D tensor (one score per example)")
-    if not isinstance(labels, Tensor) or len(labels) != scores.numel():
-        count = len(labels) if isinstance(labels, Tensor | list | tuple) else "no"
-        raise BadFileError(
-            f"{source} holds {scores.numel()} scores but {count} labels: scores and labels must "
-            "have one entry per example (a damaged or hand-edited score file)"
-        )
+    counts = {"labels": record.get("labels"), "examples in its fingerprint": None}
+    fingerprint = record["fingerprint"]
+    if isinstance(fingerprint, Mapping) and isinstance(fingerprint.get("size"), int):
+        counts["examples in its fingerprint"] = fingerprint["size"]
+    for what, other in counts.items():
+        count = len(other) if isinstance(other, Tensor | list | tuple) else other
+        if count is not None and count != scores.numel():
+            raise BadFileError(
+                f"{source} holds {scores.numel()} scores but {count} {what}: one score per "
+                "example is needed (a damaged or hand-edited score file)"
+            )
     if scores.is_floating_point() and not bool(torch.isfinite(scores).all()):
         bad = int((~torch.isfinite(scores)).sum())
         raise BadFileError(f"{source}: {bad} of {scores.numel()} scores are NaN or inf")

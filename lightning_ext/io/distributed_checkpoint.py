@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -141,31 +142,49 @@ def read_metadata(path: str | os.PathLike, *, trusted: bool = False) -> Metadata
         raise BadFileError(
             f"{metadata_file} holds a {type(metadata).__name__}, not checkpoint metadata"
         )
-    check_shard_paths(folder, metadata)
+    check_shards(folder, metadata)
     return metadata
 
 
-def check_shard_paths(folder: Path, metadata: Metadata) -> None:
+def check_shards(folder: Path, metadata: Metadata) -> None:
     """Refuse shard files that ``.metadata`` places outside its folder (``../other/__0_0.distcp``,
-    an absolute path): torch would open them; a checkpoint only reads its own files.
+    an absolute path: torch would open them; a checkpoint only reads its own files), and shard
+    files that are missing or shorter than the entries they hold (an interrupted copy), from
+    their sizes alone, before anything is read.
 
     Args:
         folder: the checkpoint folder.
         metadata: its ``.metadata``.
 
     Raises:
-        ValueError: a shard path that resolves outside ``folder``, before anything is read.
+        BadFileError: a shard path outside ``folder``, a missing shard file, or one too short.
     """
     root = folder.resolve()
+    needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         relative = getattr(info, "relative_path", None)
         if relative is None:
             continue
         if Path(relative).is_absolute() or root not in (root / relative).resolve().parents:
-            raise ValueError(
+            raise BadFileError(
                 f"{folder}: its {METADATA_FILE} places a shard at {relative!r}, outside the "
                 "folder; a distributed checkpoint only reads its own files (an edited or "
                 "malicious checkpoint)"
+            )
+        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+        needed[relative] = max(needed.get(relative, 0), end)
+    for relative, end in needed.items():
+        shard = root / relative
+        if shard.is_dir():
+            raise BadFileError(f"{folder}: shard {relative} is a directory, not a shard file")
+        if not shard.is_file():
+            raise BadFileError(
+                f"{folder}: shard file {relative} listed in {METADATA_FILE} is missing"
+            )
+        if shard.stat().st_size < end:
+            raise BadFileError(
+                f"{folder / relative} is truncated: {shard.stat().st_size} bytes, but "
+                f"{METADATA_FILE} places data up to byte {end}; copy the checkpoint again"
             )
 
 
@@ -246,7 +265,7 @@ def load_distributed_checkpoint(
         ``{name: full tensor}``, keys as in the module's ``state_dict`` (without ``key.``).
 
     Raises:
-        ValueError: as ``read_layout``.
+        ValueError: as ``read_layout``, or (``BadFileError``) a corrupted shard file.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -259,8 +278,20 @@ def load_distributed_checkpoint(
     with warnings.catch_warnings():
         # The single-process load is what is meant here; torch warns that it assumes it.
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single")
-        dcp.load(state, storage_reader=_reader_class()(folder, metadata), no_dist=True)
+        try:
+            dcp.load(state, storage_reader=_reader_class()(folder, metadata), no_dist=True)
+        except dcp.api.CheckpointException as err:  # a corrupted shard: torch's many lines
+            raise BadFileError(
+                f"{folder}: a shard file is corrupted or not written by "
+                f"torch.distributed.checkpoint ({_last_error_line(str(err))})"
+            ) from err
     return {name: state[flat].to(map_location) for name, (flat, _) in entries.items()}
+
+
+def _last_error_line(text: str) -> str:
+    """The last ``SomeError: message`` line of torch's multi-rank report, shortened."""
+    lines = re.findall(r"^\s*([\w.]+(?:Error|Exception): .*)$", text, flags=re.MULTILINE)
+    return (lines[-1] if lines else text.strip().splitlines()[-1]).strip()[:160]
 
 
 @functools.cache

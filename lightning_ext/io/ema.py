@@ -242,8 +242,12 @@ def read_index(snapshot_dir: Path) -> list[dict[str, Any]]:
             file, a positive step or positive finite gammas, or repeats a step.
     """
     index = Path(snapshot_dir) / INDEX_FILE
+    if index.is_dir():
+        raise BadFileError(f"{index} is a directory, not a PostHocEMA index")
     if not index.is_file():
         raise FileNotFoundError(f"{index} not found: is {snapshot_dir} a PostHocEMA snapshot_dir?")
+    if index.stat().st_size == 0:
+        raise BadFileError(f"{index} is empty: an interrupted copy?")
     try:
         entries = json.loads(index.read_text())["snapshots"]
     except (ValueError, KeyError, TypeError) as err:

@@ -226,6 +226,33 @@ def _dcp(read: Callable[[Path], Any]) -> Builder:
     return build
 
 
+#: A shard file is checked against the sizes .metadata lists, then read by torch: a bad one is
+#: missing, a directory, too short ("truncated") or "corrupted", named with its folder.
+SHARD_EXPECT = {
+    fault: Expected(BadFileError, r"missing|directory|truncated|corrupted", "refused")
+    for fault in FAULTS
+    if fault not in ("non-finite", "mismatched")
+}
+
+
+def _shard(folder: Path) -> Path:
+    (shard,) = folder.glob("*.distcp")
+    return shard
+
+
+def _dcp_shard(folder: Path, variant: str) -> Case:
+    ckpt = _dcp_folder(folder / "ckpt", variant)
+    read = distributed_checkpoint.load_distributed_checkpoint
+    return Case(lambda: read(ckpt), _shard(ckpt), named="ckpt", mismatch="outside",
+                expect=SHARD_EXPECT)  # fmt: skip
+
+
+def _soup_folder_shard(folder: Path, variant: str) -> Case:
+    case = _soup_folders(folder, variant)
+    case.bad, case.expect = _shard(folder / "second"), SHARD_EXPECT
+    return case
+
+
 def _soup_folders(folder: Path, variant: str) -> Case:
     first = _dcp_folder(folder / "first", "valid")
     second = _dcp_folder(folder / "second", variant)
@@ -309,6 +336,36 @@ def _snapshots(folder: Path, variant: str) -> tuple[Path, Path]:
         entries.append(entry)
     (snapshots / INDEX_FILE).write_text(json.dumps({"run_id": "r", "snapshots": entries}))
     return snapshots, snapshots / "s2.pt"
+
+
+#: The index is JSON: a torch file, a pickle or text there is "not a PostHocEMA index"; its
+#: non-finite case is a NaN gamma, its mismatched case a step listed twice.
+INDEX_EXPECT = {
+    **{
+        fault: Expected(BadFileError, r"not a PostHocEMA index", "refused: 'not an index'")
+        for fault in (
+            "truncated",
+            "zip-not-torch",
+            "text",
+            "legacy-pickle-payload",
+            "zip-pickle-payload",
+        )
+    },
+    "non-finite": Expected(BadFileError, r"positive finite", "refused naming the gamma"),
+}
+
+
+def _posthoc_index(folder: Path, variant: str) -> Case:
+    snapshots, _ = _snapshots(folder, "valid")
+    index = snapshots / INDEX_FILE
+    entries = json.loads(index.read_text())
+    if variant == "non-finite":
+        entries["snapshots"][1]["gammas"] = [float("nan"), 16.97]
+    if variant == "mismatched":
+        entries["snapshots"][1]["step"] = 1
+    index.write_text(json.dumps(entries))
+    return Case(lambda: posthoc_ema_state_dict(snapshots, 0.1), index, mismatch="more than once",
+                expect=INDEX_EXPECT)  # fmt: skip
 
 
 def _posthoc_cli(folder: Path, variant: str) -> Case:
@@ -425,6 +482,7 @@ TARGETS: dict[str, tuple[Builder, dict[str, str]]] = {
     "cli-soup-second": (_soup_cli(1), {}),
     "cli-soup-base": (_soup_cli(2), {}),
     "cli-soup-folder": (_soup_folders, {"zip-pickle-payload": "a .metadata is a plain pickle"}),
+    "cli-soup-folder-shard": (_soup_folder_shard, {}),
     "cli-export-ema": (_export_ema_cli, {}),
     "cli-sparse-export": (_sparse_export_cli, {}),
     "cli-posthoc-ema": (_posthoc_cli, {}),
@@ -440,6 +498,7 @@ TARGETS: dict[str, tuple[Builder, dict[str, str]]] = {
         _dcp(distributed_checkpoint.load_distributed_checkpoint),
         {"non-finite": "raw loader", "zip-pickle-payload": "a .metadata is a plain pickle"},
     ),
+    "load_distributed_checkpoint-shard": (_dcp_shard, {"non-finite": "raw loader"}),
     "read_layout": (
         _dcp(distributed_checkpoint.read_layout),
         {"non-finite": "no values read", "zip-pickle-payload": "a .metadata is a plain pickle"},
@@ -449,6 +508,7 @@ TARGETS: dict[str, tuple[Builder, dict[str, str]]] = {
     "export_sparse_checkpoint": (_sparse_export, {}),
     "posthoc_ema_state_dict": (_posthoc, {}),
     "write_posthoc_ema": (_write_posthoc, {}),
+    "posthoc_ema_state_dict-index": (_posthoc_index, {}),
     "load_scores": (_load_scores, {}),
     "pruned_subset": (_pruned_subset, {}),
     "load_grad_norms": (

@@ -70,6 +70,32 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
 
 
+def load_json(path: str | os.PathLike) -> Any:
+    """A JSON file the package wrote (an index, a plan, metrics), or one line naming the file
+    when it is not JSON (truncated, edited, another file): ``json``'s own message names only a
+    line and column.
+
+    Args:
+        path: the file.
+
+    Returns:
+        What it holds.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        BadFileError: a directory, or not JSON.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise BadFileError(f"{path} is a directory, not a JSON file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {path}") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise BadFileError(f"{path} is not valid JSON ({err}): truncated or edited?") from err
+
+
 class BadFileError(ValueError):
     """A file that exists but cannot be read as what was asked for; the message is one line that
     names the file and what is wrong with it (empty, a directory, truncated, not a torch file, a

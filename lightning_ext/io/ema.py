@@ -8,7 +8,6 @@ write; these functions read and write the files, with or without Lightning.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +25,13 @@ from lightning_ext._finite import (
     refuse_nonfinite,
     restore_nonfinite,
 )
-from lightning_ext._io import BadFileError, atomic_torch_save, atomic_write_json, load_file
+from lightning_ext._io import (
+    BadFileError,
+    atomic_torch_save,
+    atomic_write_json,
+    load_file,
+    load_json,
+)
 from lightning_ext._masks import apply_masks_
 from lightning_ext.functional.ema import posthoc_ema_coefficients, sigma_rel_to_gamma
 
@@ -249,7 +254,7 @@ def read_index(snapshot_dir: Path) -> list[dict[str, Any]]:
     if index.stat().st_size == 0:
         raise BadFileError(f"{index} is empty: an interrupted copy?")
     try:
-        entries = json.loads(index.read_text())["snapshots"]
+        entries = load_json(index)["snapshots"]
     except (ValueError, KeyError, TypeError) as err:
         raise BadFileError(
             f"{index} is not a PostHocEMA index (JSON with a 'snapshots' list): {err}"

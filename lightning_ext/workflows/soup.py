@@ -779,24 +779,44 @@ def _mean_over_ranks(grad: Tensor) -> None:
     grad.div_(dist.get_world_size())
 
 
-def _shared_nonfinite(
-    ingredients: Sequence[Mapping[str, Tensor]],
-    base: Mapping[str, Tensor] | None,
-    names: Sequence[str],
-    allow: bool,
-) -> Pattern:
-    """Refuse non-finite weights before any scoring (an ``Ingredients`` checks its own as it
-    loads them); return the +-inf entries every input shares, to copy into the soup."""
-    if allow:
-        return {}
-    if isinstance(ingredients, Ingredients):
-        return ingredients.shared_nonfinite()
-    states = [*ingredients, *([base] if base is not None else [])]
-    labels = [*names, *(["base"] if base is not None else [])]
-    patterns = [nonfinite_pattern(state) for state in states]
-    for i, pattern in enumerate(patterns):
-        refuse_nonfinite(disagreeing(pattern, patterns[:i] + patterns[i + 1 :]), labels[i])
-    return patterns[0] if patterns else {}
+class _NonFiniteCheck:
+    """The non-finite rule over a soup's inputs. An ``Ingredients`` checks its own as it loads
+    them; a list in memory is checked before any scoring; a lazy sequence (``SoupStrategy``'s
+    ranks, broadcast one at a time) as each ingredient is scored, so that it is never held whole
+    nor read twice; in every case before the soup is built."""
+
+    def __init__(
+        self,
+        ingredients: Sequence[Mapping[str, Tensor]],
+        base: Mapping[str, Tensor] | None,
+        names: Sequence[str],
+        allow: bool,
+    ) -> None:
+        self.off = allow or isinstance(ingredients, Ingredients)
+        self.ingredients, self.names = ingredients, list(names)
+        self.patterns: list[Pattern] = []
+        self.base = nonfinite_pattern(base) if base is not None and not self.off else None
+        if not self.off and isinstance(ingredients, list | tuple):
+            self.patterns = [nonfinite_pattern(state) for state in ingredients]
+            self.check()
+
+    def see(self, index: int, state: Mapping[str, Tensor]) -> None:
+        """Record ingredient ``index`` as it is scored (lazy sequences only)."""
+        if not self.off and len(self.patterns) == index:
+            self.patterns.append(nonfinite_pattern(state))
+
+    def check(self) -> None:
+        """Refuse a tensor with NaN or inf that not every input shares, naming its input."""
+        patterns = [*self.patterns, *([self.base] if self.base is not None else [])]
+        labels = [*self.names, "base"]
+        for i, pattern in enumerate(patterns):
+            refuse_nonfinite(disagreeing(pattern, patterns[:i] + patterns[i + 1 :]), labels[i])
+
+    def shared(self) -> Pattern:
+        """The +-inf entries every input shares, to copy into the soup."""
+        if isinstance(self.ingredients, Ingredients) and not self.ingredients.allow_nonfinite:
+            return self.ingredients.shared_nonfinite()
+        return {} if self.off or not self.patterns else self.patterns[0]
 
 
 def run_soup(
@@ -869,13 +889,16 @@ def run_soup(
             f"ValidationScorer, not {type(scorer).__name__}"
         )
     names = list(names) if names is not None else [f"ingredient {i}" for i in range(n)]
-    shared = _shared_nonfinite(ingredients, base, names, allow_nonfinite)
+    nonfinite = _NonFiniteCheck(ingredients, base, names, allow_nonfinite)
     bar = _progress(n, progress_bar)
     scores: list[float] = []
     for i in range(n):
-        scores.append(float(scorer(ingredients[i])))
+        state = ingredients[i]
+        nonfinite.see(i, state)
+        scores.append(float(scorer(state)))
         bar.update(1)
         bar.set_postfix_str(f"{names[i]}: {monitor}={scores[-1]:.4g}")
+    nonfinite.check()
     candidates: list[tuple[int, float, bool]] = []
     learned: LearnedSoup | None = None
     if method == "greedy":
@@ -907,8 +930,8 @@ def run_soup(
     else:
         soup, chosen = MERGE_METHODS[method].call(ingredients, base, resolved), list(range(n))
     bar.close()
-    if shared:
-        soup = restore_nonfinite(dict(soup), shared)
+    if nonfinite.shared():
+        soup = restore_nonfinite(dict(soup), nonfinite.shared())
     soup_score = float(scorer(soup))
     rank_zero_info(
         f"soup of {len(chosen)} ingredient(s) {chosen}: {monitor}={soup_score:.4g} "

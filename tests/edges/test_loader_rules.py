@@ -96,6 +96,29 @@ def test_run_soup_refuses_nonfinite_ingredients_before_scoring():
     assert not torch.isfinite(result.state_dict["w"]).any()
 
 
+class CountingSequence:
+    """A lazy sequence (as SoupStrategy's ranks, broadcast one at a time) counting its reads."""
+
+    def __init__(self, states):
+        self.states, self.reads = states, 0
+
+    def __len__(self):
+        return len(self.states)
+
+    def __getitem__(self, index):
+        self.reads += 1
+        return self.states[index]
+
+
+def test_run_soup_checks_a_lazy_sequence_as_it_scores_it_never_reading_twice():
+    from lightning_ext.workflows.soup import run_soup
+
+    lazy = CountingSequence([{"w": torch.tensor([1.0])}, {"w": torch.tensor([float("nan")])}])
+    with pytest.raises(NonFiniteError, match="ingredient 1"):
+        run_soup(lambda state: 0.0, lazy, method="uniform", progress_bar=False)
+    assert lazy.reads == 2  # each scored once, then refused before the soup is built
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [("--scale", "inf"), ("--scale", "nan"), ("--weights", "nan"), ("--gamma", "nan")],

@@ -158,7 +158,10 @@ def _ema_state_dict(
 ) -> dict[str, Tensor]:
     if "state_dict" not in ckpt and "callbacks" not in ckpt:
         raise ValueError(f"{checkpoint}: not a Lightning checkpoint (no 'state_dict' entry)")
-    candidates = {k: v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("EMA") and v}
+    callbacks = ckpt.get("callbacks", {})
+    if not isinstance(callbacks, Mapping):
+        raise BadFileError(f"{checkpoint}: its 'callbacks' entry is not a dict of callback states")
+    candidates = {k: v for k, v in callbacks.items() if k.startswith("EMA") and v}
     if state_key is not None:
         if state_key not in candidates:
             raise KeyError(

@@ -101,10 +101,11 @@ def export_sparse_checkpoint(
         raise BadFileError(
             f"{checkpoint} is not a Lightning checkpoint (no 'state_dict' dict of weights)"
         )
+    callbacks = ckpt.get("callbacks", {})
     states = {
         k: v
-        for k, v in ckpt.get("callbacks", {}).items()
-        if k.startswith("DynamicSparseTraining") and "masks" in v
+        for k, v in (callbacks.items() if isinstance(callbacks, dict) else ())
+        if k.startswith("DynamicSparseTraining") and isinstance(v, dict) and "masks" in v
     }
     if state_key is not None:
         states = {k: v for k, v in states.items() if k == state_key}
@@ -120,6 +121,11 @@ def export_sparse_checkpoint(
             "name one with state_key"
         )
     (state,) = states.values()
+    if not isinstance(state.get("names"), list) or len(state["names"]) != len(state["masks"]):
+        raise BadFileError(
+            f"{checkpoint}: the DynamicSparseTraining state needs one name per mask ('names' "
+            "and 'masks' lists of one length): an edited or mismatched checkpoint"
+        )
     weights = dict(ckpt["state_dict"])
     check_finite(weights, f"{checkpoint} (state_dict)", allow=allow_nonfinite)
     keys = normalised_keys(weights)

@@ -39,12 +39,18 @@ class NonFiniteError(ValueError):
 
 
 def _nonfinite(value: object) -> bool:
-    return (
-        isinstance(value, Tensor)
-        and value.is_floating_point()
-        and value.device.type != "meta"
-        and not bool(torch.isfinite(value).all())
-    )
+    """Whether a float tensor holds NaN or inf. First one reduction without a mask the size of
+    the tensor (NaN and inf propagate into a float64 sum; finite float32 or narrower values
+    cannot overflow it); only a non-finite sum (or huge float64 values) is looked at entry by
+    entry."""
+    if not isinstance(value, Tensor) or not value.is_floating_point():
+        return False
+    if value.device.type == "meta" or value.numel() == 0:
+        return False
+    value = value.detach()
+    if bool(torch.isfinite(value.sum(dtype=torch.float64))):
+        return False
+    return not bool(torch.isfinite(value).all())
 
 
 def nonfinite_pattern(state: Mapping[str, object]) -> Pattern:

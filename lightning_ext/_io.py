@@ -70,30 +70,48 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
 
 
-def load_json(path: str | os.PathLike) -> Any:
-    """A JSON file the package wrote (an index, a plan, metrics), or one line naming the file
-    when it is not JSON (truncated, edited, another file): ``json``'s own message names only a
-    line and column.
+def load_file(
+    path: str | os.PathLike,
+    *,
+    trusted: bool = False,
+    map_location: Any = "cpu",
+    mmap: bool = False,
+) -> Any:
+    """Load a file written by ``torch.save``: weights only unless ``trusted=True``.
+
+    Every way a file can be wrong gives one line naming it: torch's own errors for an empty,
+    truncated or foreign file say neither which file nor what is wrong. A legacy (non-zip) file
+    cannot be memory-mapped and is read whole, under the same rule.
 
     Args:
         path: the file.
+        trusted: unpickle arbitrary objects (the file's code may run): only files you trust.
+        map_location: where the tensors go.
+        mmap: memory-map the tensors' storage (zip files only; others are read).
 
     Returns:
-        What it holds.
+        What the file holds.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        BadFileError: a directory, or not JSON.
+        BadFileError: a directory, an empty, truncated or corrupted file, a file that
+            ``torch.save`` did not write, or (unless ``trusted``) one holding objects beyond
+            tensors and plain containers (the message says to pass ``trusted=True``).
     """
     path = Path(path)
-    if path.is_dir():
-        raise BadFileError(f"{path} is a directory, not a JSON file")
+    is_zip = check_readable(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such file: {path}") from None
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise BadFileError(f"{path} is not valid JSON ({err}): truncated or edited?") from err
+        return torch.load(
+            path, map_location=map_location, mmap=mmap and is_zip, weights_only=not trusted
+        )
+    except pickle.UnpicklingError as err:
+        if not trusted and "weights_only" in str(err):
+            raise _trust_error(path) from err
+        raise BadFileError(f"{path} is not a readable torch file: {_first_line(err)}") from err
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise BadFileError(
+            f"{path} is truncated or corrupted ({_first_line(err)}); copy or write it again"
+        ) from err
 
 
 class BadFileError(ValueError):
@@ -171,51 +189,35 @@ def _looks_like_text(path: Path) -> bool:
     with open(path, "rb") as handle:
         sample = handle.read(512)
     try:
-        sample.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return all(c.isprintable() or c in "\n\r\t" for c in sample.decode("utf-8"))
+        text = sample.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(sample) - 3:  # not a character cut at the end of the sample
+            return False
+        text = sample[: err.start].decode("utf-8")
+    return all(c.isprintable() or c in "\n\r\t" for c in text)
 
 
-def load_file(
-    path: str | os.PathLike,
-    *,
-    trusted: bool = False,
-    map_location: Any = "cpu",
-    mmap: bool = False,
-) -> Any:
-    """Load a file written by ``torch.save``: weights only unless ``trusted=True``.
-
-    Every way a file can be wrong gives one line naming it: torch's own errors for an empty,
-    truncated or foreign file say neither which file nor what is wrong. A legacy (non-zip) file
-    cannot be memory-mapped and is read whole, under the same rule.
+def load_json(path: str | os.PathLike) -> Any:
+    """A JSON file the package wrote (an index, a plan, metrics), or one line naming the file
+    when it is not JSON (truncated, edited, another file): ``json``'s own message names only a
+    line and column.
 
     Args:
         path: the file.
-        trusted: unpickle arbitrary objects (the file's code may run): only files you trust.
-        map_location: where the tensors go.
-        mmap: memory-map the tensors' storage (zip files only; others are read).
 
     Returns:
-        What the file holds.
+        What it holds.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        BadFileError: a directory, an empty, truncated or corrupted file, a file that
-            ``torch.save`` did not write, or (unless ``trusted``) one holding objects beyond
-            tensors and plain containers (the message says to pass ``trusted=True``).
+        BadFileError: a directory, or not JSON.
     """
     path = Path(path)
-    is_zip = check_readable(path)
+    if path.is_dir():
+        raise BadFileError(f"{path} is a directory, not a JSON file")
     try:
-        return torch.load(
-            path, map_location=map_location, mmap=mmap and is_zip, weights_only=not trusted
-        )
-    except pickle.UnpicklingError as err:
-        if not trusted and "weights_only" in str(err):
-            raise _trust_error(path) from err
-        raise BadFileError(f"{path} is not a readable torch file: {_first_line(err)}") from err
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise BadFileError(
-            f"{path} is truncated or corrupted ({_first_line(err)}); copy or write it again"
-        ) from err
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {path}") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise BadFileError(f"{path} is not valid JSON ({err}): truncated or edited?") from err

@@ -145,9 +145,8 @@ def ema_state_dict_from_checkpoint(
         KeyError: no EMA state under ``state_key``.
     """
     ckpt = _load_checkpoint(checkpoint, trusted)
-    ema = _ema_state_dict(ckpt, checkpoint, state_key)
+    ema, live = _ema_state_dict(ckpt, checkpoint, state_key)
     # The live weights are the other input: a buffer both hold as the same -inf is legitimate.
-    live = ckpt.get(LIVE_STATE_KEY) or ckpt.get("state_dict") or {}
     others = [nonfinite_pattern(live)] if live else []
     check_finite(ema, f"{checkpoint} (EMA weights)", allow=allow_nonfinite, others=others)
     return ema
@@ -155,7 +154,9 @@ def ema_state_dict_from_checkpoint(
 
 def _ema_state_dict(
     ckpt: Mapping[str, Any], checkpoint: object, state_key: str | None
-) -> dict[str, Tensor]:
+) -> tuple[dict[str, Tensor], Mapping[str, Tensor]]:
+    """The EMA state dict and the live weights the checkpoint holds beside it (empty when it
+    holds none: a distributed folder's metadata, or the EMA layout without them)."""
     if "state_dict" not in ckpt and "callbacks" not in ckpt:
         raise ValueError(f"{checkpoint}: not a Lightning checkpoint (no 'state_dict' entry)")
     callbacks = ckpt.get("callbacks", {})
@@ -180,18 +181,19 @@ def _ema_state_dict(
         )
     state = _checked_ema_state(next(iter(candidates.values())), str(checkpoint))
     if "state_dict" not in ckpt:  # distributed folder: every tracked tensor, under every name
-        return _with_aliases(masked_state(state["shadow"], state.get("masks", {})), state)
+        return _with_aliases(masked_state(state["shadow"], state.get("masks", {})), state), {}
     model_state = ckpt["state_dict"]
     if state.get(EMA_IN_STATE_DICT):
-        return dict(model_state)  # already the (masked) EMA
+        return dict(model_state), ckpt.get(LIVE_STATE_KEY) or {}  # already the (masked) EMA
     shadow = masked_state(state["shadow"], state.get("masks", {}))
     aliases = state.get("aliases", {})
     if shadow and not any(k in model_state for k in shadow):
         raise ValueError(
-            f"the EMA state names none of the model's tensors (e.g. {next(iter(shadow))!r}): "
-            "was the checkpoint edited or written for another model?"
+            f"{checkpoint}: the EMA state names none of the model's tensors (e.g. "
+            f"{next(iter(shadow))!r}): was the checkpoint edited or written for another model?"
         )
-    return {name: shadow.get(aliases.get(name, name), value) for name, value in model_state.items()}
+    ema = {name: shadow.get(aliases.get(name, name), value) for name, value in model_state.items()}
+    return ema, model_state
 
 
 def _with_aliases(shadow: Mapping[str, Tensor], state: Mapping[str, Any]) -> dict[str, Tensor]:

@@ -315,3 +315,20 @@ def test_a_shard_outside_the_folder_is_refused_before_anything_is_read(tmp_path,
     with pytest.raises(ValueError, match="outside the folder") as raised:
         distributed_checkpoint.load_distributed_checkpoint(folder)
     assert str(folder) in str(raised.value) and shard in str(raised.value)
+
+
+# ------------------------------------------------------------------------------- EMA export
+def ema_checkpoint(path: Path, shadow_w: torch.Tensor) -> Path:
+    live = {"w": torch.ones(2), "mask": torch.tensor([0.0, -INF])}  # the mask: a buffer
+    torch.save({"state_dict": live, "callbacks": {"EMA{}": {"shadow": {"w": shadow_w}}}}, path)
+    return path
+
+
+def test_export_ema_keeps_a_buffer_the_live_weights_hold_and_refuses_a_diverged_ema(tmp_path):
+    ckpt = ema_checkpoint(tmp_path / "ok.ckpt", torch.full((2,), 0.5))
+    assert run_cli(["export-ema", str(ckpt), str(tmp_path / "ok.pt")])[0] == 0
+    assert torch.equal(torch.load(tmp_path / "ok.pt")["mask"], torch.tensor([0.0, -INF]))
+    ckpt = ema_checkpoint(tmp_path / "bad.ckpt", torch.tensor([0.5, INF]))
+    code, err = run_cli(["export-ema", str(ckpt), str(tmp_path / "bad.pt")])
+    assert code == 2 and "bad.ckpt (EMA weights)" in err and "1 tensor(s): w" in err
+    assert not (tmp_path / "bad.pt").exists()

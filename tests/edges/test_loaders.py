@@ -8,8 +8,9 @@ exit 2, no traceback, for the ``lightning-ext`` subcommands), that no pickle pay
 no output was written. ``test_loader_target_reads_valid_input`` runs every target on its valid
 inputs, so a refusal in the matrix is the fault's doing, not the fixture's.
 
-``EXPECTED`` (what each fault must give) and ``TARGETS`` are module-level so that
-``tools/edges_table.py`` can render the table from the test ids.
+``EXPECTED`` (what each fault must give), ``TARGETS`` (each with the faults that do not apply
+and why) and ``split_id`` are module-level so that ``tools/edges_table.py`` can render the table
+from the test ids (rows: targets, columns: ``FAULTS``).
 """
 
 from __future__ import annotations
@@ -549,6 +550,15 @@ def _apply(fault: str, path: Path, folder: Path, pickle_file: bool) -> None:
         raise AssertionError(fault)
 
 
+def split_id(test_id: str) -> tuple[str, str]:
+    """``"cli-soup-first-zip-not-torch"`` -> ``("cli-soup-first", "zip-not-torch")``: targets and
+    faults both hold hyphens, so the fault is found as a suffix."""
+    for fault in sorted(FAULTS, key=len, reverse=True):
+        if test_id.endswith(f"-{fault}"):
+            return test_id[: -len(fault) - 1], fault
+    raise ValueError(f"{test_id!r} is not <target>-<fault>")
+
+
 def _cells() -> list[Any]:
     cells = []
     for target, (_, skipped) in TARGETS.items():
@@ -609,3 +619,8 @@ def test_loader_target_reads_valid_input(target: str, tmp_path: Path) -> None:
         result = case.run()
     if case.command is not None:
         assert result == 0
+
+
+def test_every_cell_id_splits_into_its_target_and_fault() -> None:
+    for cell in _cells():
+        assert split_id(cell.id) == cell.values

@@ -8,8 +8,9 @@ result silently (a soup of NaN, a ``val_loss=nan`` an hour later). Every loader 
 One exception: a float buffer whose non-finite entries are the same ``+-inf`` at the same
 positions in every input (an additive ``-inf`` causal mask registered as a buffer) is legitimate:
 never refused, and copied into a merge rather than averaged (``restore_nonfinite``). NaN is never
-legitimate (no mask is written with NaN), and a single input has nothing to agree with, so its
-infinities are refused too. Pure torch.
+legitimate (no mask is written with NaN: it is what a diverged run leaves). A single input has
+no other to disagree with: its +-inf entries are kept (a soup of one checkpoint with a causal
+mask), its NaN refused. Pure torch.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def disagreeing(pattern: Pattern, others: Iterable[Pattern]) -> list[str]:
 
     Args:
         pattern: one input's non-finite entries (``nonfinite_pattern``).
-        others: the other inputs' patterns; empty: a single input, nothing agrees.
+        others: the other inputs' patterns; empty: a single input, whose NaN entries alone
+            disagree (NaN never equals anything, not even itself).
 
     Returns:
         Their names, in ``pattern``'s order.
@@ -95,7 +97,7 @@ def disagreeing(pattern: Pattern, others: Iterable[Pattern]) -> list[str]:
     return [
         name
         for name, entries in pattern.items()
-        if not others or not all(_agrees(entries, p.get(name)) for p in others)
+        if bool(entries[1].isnan().any()) or not all(_agrees(entries, p.get(name)) for p in others)
     ]
 
 
@@ -139,7 +141,7 @@ def check_finite(
         allow: accept non-finite values (the explicit opt-out).
         others: the non-finite patterns (``nonfinite_pattern``) of the other inputs of the same
             command; a tensor whose +-inf entries are identical in all of them and in ``state``
-            is a legitimate buffer (an additive mask). Empty: a single input, nothing agrees.
+            is a legitimate buffer (an additive mask). Empty: a single input (NaN refused).
         option: how the message names the opt-out.
 
     Returns:

@@ -80,8 +80,8 @@ def export_sparse_checkpoint(
             GPU of compute capability 8.0 or higher).
         trusted: unpickle arbitrary objects; only for checkpoints you made yourself.
         state_key: the callback's state key, when the checkpoint holds several.
-        allow_nonfinite: export NaN and inf weights instead of refusing them (one checkpoint:
-            nothing to share an additive ``-inf`` buffer with, so any is refused).
+        allow_nonfinite: export NaN weights instead of refusing them (one checkpoint: its
+            +-inf entries, an additive mask buffer, are kept; nothing to disagree with).
 
     Returns:
         The state dict, the targeted weights converted.

@@ -332,3 +332,13 @@ def test_export_ema_keeps_a_buffer_the_live_weights_hold_and_refuses_a_diverged_
     code, err = run_cli(["export-ema", str(ckpt), str(tmp_path / "bad.pt")])
     assert code == 2 and "bad.ckpt (EMA weights)" in err and "1 tensor(s): w" in err
     assert not (tmp_path / "bad.pt").exists()
+
+
+def test_a_single_input_keeps_its_infinities_and_refuses_its_nan(tmp_path):
+    from lightning_ext.io.ingredients import Ingredients
+
+    torch.save(masked(1.0, [0.0, -INF]), tmp_path / "mask.pt")
+    assert len(Ingredients([tmp_path / "mask.pt"]).validate()) == 1  # a soup of one checkpoint
+    torch.save(masked(1.0, [0.0, float("nan")]), tmp_path / "nan.pt")
+    with pytest.raises(NonFiniteError, match="1 tensor\\(s\\): mask"):
+        Ingredients([tmp_path / "nan.pt"]).validate()

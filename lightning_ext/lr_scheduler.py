@@ -20,7 +20,7 @@ from lightning_ext.functional.schedule import (
     resample_schedule,
     warmup_stable_decay,
 )
-from lightning_ext.io.schedule import load_schedule
+from lightning_ext.io.schedule import check_schedule, load_schedule
 
 __all__ = [
     "InfiniteScheduleLR",
@@ -67,7 +67,8 @@ class StoredScheduleLR(_MultiplierLR):
         last_epoch: the index of the last step taken (-1: a fresh start), as in torch.
 
     Raises:
-        ValueError: a schedule of fewer than 2 values, or ``total_steps`` below 2.
+        ValueError: a schedule of fewer than 2 values, all zero, negative or not finite
+            (naming its file), or ``total_steps`` below 2.
 
     Examples:
         >>> import torch
@@ -85,7 +86,10 @@ class StoredScheduleLR(_MultiplierLR):
         total_steps: int,
         last_epoch: int = -1,
     ) -> None:
-        values = load_schedule(schedule) if isinstance(schedule, str) else schedule
+        if isinstance(schedule, str):
+            values = load_schedule(schedule)
+        else:
+            values = check_schedule(schedule, "StoredScheduleLR(schedule=...)")
         self.values = resample_schedule(values, total_steps).tolist()
         super().__init__(optimizer, last_epoch)
 

@@ -21,6 +21,7 @@ FUNCTIONAL_MODULES = [
 ]
 # Modules whose class examples only build an object (no fit): cheap to run.
 OTHER_MODULES = [
+    "lightning_ext._finite",
     "lightning_ext._sized",
     "lightning_ext.averaging",
     "lightning_ext.callbacks.continual",

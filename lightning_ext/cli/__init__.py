@@ -71,10 +71,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError, KeyError) as err:  # OSError: a write failure, one line
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"lightning-ext {args.command}: error: {message}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, ImportError) as err:
+        # The one place where a command's expected failures become one line: bad values and
+        # files (BadFileError, NonFiniteError are ValueErrors), missing or unreadable paths
+        # (OSError names the path), entries missing from a file, an unimportable MODULE:FUNCTION.
+        print(f"lightning-ext {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` as one line (a KeyError's own text, not its repr).
+
+    Args:
+        err: the exception.
+
+    Returns:
+        Its message, line breaks folded.
+    """
+    message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    return " ".join(str(message).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -7,7 +7,12 @@ import argparse
 
 def add_trusted_option(parser: argparse.ArgumentParser, what: str) -> None:
     """``--trusted``: the package's one loading rule (``lightning_ext._io.load_file``) for ``what``
-    the subcommand reads."""
+    the subcommand reads.
+
+    Args:
+        parser: the subcommand's parser.
+        what: what the subcommand reads, for the help text.
+    """
     parser.add_argument(
         "--trusted",
         action="store_true",
@@ -24,4 +29,20 @@ def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace the output if it exists (it keeps its permissions); by default an existing "
         "output is refused. An output that is one of the inputs is always refused",
+    )
+
+
+def add_allow_nonfinite_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--allow-nonfinite``: the opt-out of the package's one rule for non-finite weights
+    (``lightning_ext._finite``), refused by default naming the tensors.
+
+    Args:
+        parser: the subcommand's parser.
+        what: what the subcommand reads, for the help text.
+    """
+    parser.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help=f"use {what} holding NaN or inf weights (refused by default, naming the tensors; "
+        "+-inf entries identical in every input, e.g. an additive mask buffer, are always kept)",
     )

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from lightning_ext.cli._options import add_overwrite_option, add_trusted_option
+from lightning_ext.cli._options import (
+    add_allow_nonfinite_option,
+    add_overwrite_option,
+    add_trusted_option,
+)
 
 
 def _export_ema(args: argparse.Namespace) -> int:
@@ -16,6 +20,7 @@ def _export_ema(args: argparse.Namespace) -> int:
         state_key=args.state_key,
         trusted=args.trusted,
         overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite,
     )
     print(f"wrote the EMA weights of {args.checkpoint} to {path}")
     return 0
@@ -30,6 +35,7 @@ def _register_export_ema(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-key", default=None, help="which EMA, when the run had several")
     add_trusted_option(p, "a checkpoint")
     add_overwrite_option(p)
+    add_allow_nonfinite_option(p, "EMA weights")
     p.set_defaults(func=_export_ema)
 
 
@@ -43,6 +49,8 @@ def _posthoc_ema(args: argparse.Namespace) -> int:
         step=args.step,
         progress=True,
         overwrite=args.overwrite,
+        trusted=args.trusted,
+        allow_nonfinite=args.allow_nonfinite,
     )
     print(
         f"wrote the sigma_rel={args.sigma_rel} EMA reconstructed from {args.snapshot_dir} to {path}"
@@ -63,6 +71,8 @@ def _register_posthoc_ema(sub: argparse._SubParsersAction) -> None:
         "--step", type=int, default=None, help="EMA update to reconstruct (default: last)"
     )
     add_overwrite_option(p)
+    add_trusted_option(p, "snapshot files")
+    add_allow_nonfinite_option(p, "snapshots")
     p.set_defaults(func=_posthoc_ema)
 
 

@@ -66,10 +66,12 @@ def coverage_report(labels: Tensor, kept: Tensor) -> str:
 def _prune_select(args: argparse.Namespace) -> int:
     from lightning_ext._io import atomic_torch_save, atomic_write_json, check_output
     from lightning_ext.functional.pruning import select_indices
-    from lightning_ext.io.scores import load_scores
+    from lightning_ext.io.scores import check_score_record, load_scores
 
     out = check_output(args.out, inputs=[args.scores], overwrite=args.overwrite)
-    record = load_scores(args.scores, trusted=args.trusted)
+    record = check_score_record(
+        load_scores(args.scores, trusted=args.trusted), args.scores, need_labels=True
+    )
     sequence = record.get("task") == "sequence"
     if sequence and args.strategy in CLASS_STRATEGIES:
         raise ValueError(

@@ -87,6 +87,13 @@ def _refine_schedule_command(args: Any) -> int:
     # before the norms are read
     check_refined_outputs(out, args.plot, inputs=[args.grad_norms], overwrite=args.overwrite)
     records, kinds = load_grad_norms(args.grad_norms)
+    for i, record in enumerate(records):
+        bad = int((~torch.isfinite(record)).sum())
+        if bad and not args.drop_nonfinite:
+            raise ValueError(
+                f"{args.grad_norms}: record {i} holds {bad} non-finite (NaN or inf) gradient "
+                "norm(s), steps an fp16 grad scaler skipped? Pass --drop-nonfinite to drop them"
+            )
     # A recorded kind is "l1" or "l2" as the callback wrote it; refine_schedule rejects any other.
     norms = cast(list[Norm], [args.norm or kind or "l2" for kind in kinds])
     options = {k: getattr(args, k) for k in ("power", "exclude_initial", "floor", "blend")}

@@ -45,7 +45,11 @@ from typing import Any
 import torch
 
 from lightning_ext._io import atomic_save_weights, check_output, load_file
-from lightning_ext.cli._options import add_overwrite_option, add_trusted_option
+from lightning_ext.cli._options import (
+    add_allow_nonfinite_option,
+    add_overwrite_option,
+    add_trusted_option,
+)
 from lightning_ext.functional import merging
 from lightning_ext.functional.merge_methods import (
     CLI_SPELLING,
@@ -54,7 +58,7 @@ from lightning_ext.functional.merge_methods import (
     Parameter,
     get_merge_method,
 )
-from lightning_ext.io.ingredients import Ingredients, load_state_dict
+from lightning_ext.io.ingredients import Ingredients
 from lightning_ext.io.safetensors import is_safetensors_path
 
 TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
@@ -99,6 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         )
     add_trusted_option(p, "checkpoints")
     add_overwrite_option(p)
+    add_allow_nonfinite_option(p, "checkpoints")
     p.add_argument(
         "--recalibrate-bn",
         metavar="MODULE:FUNCTION",
@@ -222,17 +227,17 @@ def merge(args: argparse.Namespace, request: MergeRequest) -> dict[str, torch.Te
         The merged state dict.
 
     Raises:
-        ValueError: a checkpoint (or the base) whose layout differs from the first's, checked
-            for all before any merging; a file or folder that holds no state dict.
+        ValueError: a checkpoint (or the base) whose layout differs from the first's, or with
+            non-finite weights, checked for all before any merging; a file or folder that holds
+            no state dict.
         FileNotFoundError: a checkpoint that does not exist.
     """
     method, options = request
-    ings = Ingredients(args.checkpoints, trusted=args.trusted).validate()
-    base = None
-    if args.base:
-        base = load_state_dict(args.base, trusted=args.trusted)
-        merging.check_same_layout(base, ings[0], name=ings.name(0), ref_name=f"base {args.base}")
-    return method.call(ings, base, options)
+    ings = Ingredients(
+        args.checkpoints, trusted=args.trusted, allow_nonfinite=args.allow_nonfinite
+    ).validate()
+    base = ings.load_base(args.base) if args.base else None
+    return ings.restore_nonfinite(method.call(ings, base, options))
 
 
 def import_callable(spec: str, option: str) -> Callable[..., Any]:
@@ -247,7 +252,8 @@ def import_callable(spec: str, option: str) -> Callable[..., Any]:
         The callable.
 
     Raises:
-        ValueError: ``spec`` is not ``MODULE:FUNCTION`` or names something not callable.
+        ValueError: ``spec`` is not ``MODULE:FUNCTION``, its module cannot be imported, or it
+            names something not callable.
     """
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
@@ -256,7 +262,11 @@ def import_callable(spec: str, option: str) -> Callable[..., Any]:
         )
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    target = getattr(importlib.import_module(module_name), attr, None)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"{option} {spec}: cannot import {module_name!r} ({err})") from err
+    target = getattr(module, attr, None)
     if not callable(target):
         raise ValueError(f"{option}: {spec!r} is not a callable")
     return target

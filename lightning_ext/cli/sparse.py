@@ -6,7 +6,11 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from lightning_ext.cli._options import add_overwrite_option, add_trusted_option
+from lightning_ext.cli._options import (
+    add_allow_nonfinite_option,
+    add_overwrite_option,
+    add_trusted_option,
+)
 
 if TYPE_CHECKING:
     from lightning_ext.io.sparse import Layout
@@ -25,6 +29,7 @@ def _sparse_export(args: argparse.Namespace) -> int:
             trusted=args.trusted,
             state_key=args.state_key,
             overwrite=args.overwrite,
+            allow_nonfinite=args.allow_nonfinite,
         )
     except RuntimeError as err:  # what this machine cannot do (2:4 without a GPU): one line
         raise ValueError(str(err)) from err
@@ -57,4 +62,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_trusted_option(p, "a checkpoint")
     add_overwrite_option(p)
+    add_allow_nonfinite_option(p, "weights")
     p.set_defaults(func=_sparse_export)

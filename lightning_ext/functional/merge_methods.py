@@ -200,7 +200,9 @@ class Parameter:
         too_high = self.high is not None and (
             number >= self.high if self.high_open else number > self.high
         )
-        if not math.isfinite(number) or too_low or too_high:
+        if not math.isfinite(number):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+        if too_low or too_high:
             if self.low is not None and self.high is not None:
                 raise ValueError(f"{name} must lie in {self.range_text()}, got {value}")
             raise ValueError(f"{name} must be {self.range_text()}, got {value}")

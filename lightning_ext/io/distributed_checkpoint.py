@@ -23,12 +23,15 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from lightning_ext._io import BadFileError, check_readable
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
@@ -56,6 +59,10 @@ _ALLOWED_GLOBALS = {
 }
 
 
+class _UntrustedGlobal(pickle.UnpicklingError):
+    """A global that checkpoint metadata is not made of."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Resolves only the globals a DCP ``.metadata`` file is made of: no other code can run."""
 
@@ -67,7 +74,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             or (module == _METADATA_MODULE and _is_metadata_class(name))
         )
         if not allowed:
-            raise pickle.UnpicklingError(f"global '{module}.{name}' is not checkpoint metadata")
+            raise _UntrustedGlobal(f"global '{module}.{name}' is not checkpoint metadata")
         return super().find_class(module, name)
 
 
@@ -105,31 +112,80 @@ def read_metadata(path: str | os.PathLike, *, trusted: bool = False) -> Metadata
     Raises:
         ValueError: ``path`` is not a folder with a ``.metadata`` file (so that a folder of
             another kind is not mistaken for one), or the file is unreadable or, unless
-            ``trusted``, holds objects other than checkpoint metadata.
+            ``trusted``, holds objects other than checkpoint metadata, or places a shard file
+            outside the folder.
     """
     from torch.distributed.checkpoint.metadata import Metadata
 
     folder, metadata_file = Path(path), Path(path) / METADATA_FILE
     if not is_distributed_checkpoint(folder):
-        raise ValueError(
+        raise BadFileError(
             f"{folder} is a folder but not a distributed checkpoint (no {METADATA_FILE} file): "
             "pass a checkpoint file, or a folder written by torch.distributed.checkpoint (e.g. "
             "Lightning's ModelParallelStrategy with save_distributed_checkpoint=True)"
         )
+    check_readable(metadata_file)  # empty, text, a zip: one line naming the file
     try:
         with open(metadata_file, "rb") as handle:
             metadata = pickle.load(handle) if trusted else _MetadataUnpickler(handle).load()
-    except pickle.UnpicklingError as err:
-        raise ValueError(
+    except _UntrustedGlobal as err:
+        raise BadFileError(
             f"{metadata_file}: {err}. Objects beyond checkpoint metadata are not "
             "unpickled by default because unpickling runs code; if the folder comes from a "
-            "source you trust, pass trusted=True."
+            "source you trust, pass trusted=True (--trusted)."
         ) from err
-    except (EOFError, AttributeError, ImportError, TypeError) as err:
-        raise ValueError(f"{metadata_file}: unreadable checkpoint metadata: {err}") from err
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError) as err:
+        raise BadFileError(
+            f"{metadata_file} is truncated or not checkpoint metadata: {err}"
+        ) from err
     if not isinstance(metadata, Metadata):
-        raise ValueError(f"{metadata_file}: not checkpoint metadata")
+        raise BadFileError(
+            f"{metadata_file} holds a {type(metadata).__name__}, not checkpoint metadata"
+        )
+    check_shards(folder, metadata)
     return metadata
+
+
+def check_shards(folder: Path, metadata: Metadata) -> None:
+    """Refuse shard files that ``.metadata`` places outside its folder (``../other/__0_0.distcp``,
+    an absolute path: torch would open them; a checkpoint only reads its own files), and shard
+    files that are missing or shorter than the entries they hold (an interrupted copy), from
+    their sizes alone, before anything is read.
+
+    Args:
+        folder: the checkpoint folder.
+        metadata: its ``.metadata``.
+
+    Raises:
+        BadFileError: a shard path outside ``folder``, a missing shard file, or one too short.
+    """
+    root = folder.resolve()
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        relative = getattr(info, "relative_path", None)
+        if relative is None:
+            continue
+        if Path(relative).is_absolute() or root not in (root / relative).resolve().parents:
+            raise BadFileError(
+                f"{folder}: its {METADATA_FILE} places a shard at {relative!r}, outside the "
+                "folder; a distributed checkpoint only reads its own files (an edited or "
+                "malicious checkpoint)"
+            )
+        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+        needed[relative] = max(needed.get(relative, 0), end)
+    for relative, end in needed.items():
+        shard = root / relative
+        if shard.is_dir():
+            raise BadFileError(f"{folder}: shard {relative} is a directory, not a shard file")
+        if not shard.is_file():
+            raise BadFileError(
+                f"{folder}: shard file {relative} listed in {METADATA_FILE} is missing"
+            )
+        if shard.stat().st_size < end:
+            raise BadFileError(
+                f"{folder / relative} is truncated: {shard.stat().st_size} bytes, but "
+                f"{METADATA_FILE} places data up to byte {end}; copy the checkpoint again"
+            )
 
 
 def _tensor_entries(
@@ -209,7 +265,7 @@ def load_distributed_checkpoint(
         ``{name: full tensor}``, keys as in the module's ``state_dict`` (without ``key.``).
 
     Raises:
-        ValueError: as ``read_layout``.
+        ValueError: as ``read_layout``, or (``BadFileError``) a corrupted shard file.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -222,8 +278,20 @@ def load_distributed_checkpoint(
     with warnings.catch_warnings():
         # The single-process load is what is meant here; torch warns that it assumes it.
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single")
-        dcp.load(state, storage_reader=_reader_class()(folder, metadata), no_dist=True)
+        try:
+            dcp.load(state, storage_reader=_reader_class()(folder, metadata), no_dist=True)
+        except dcp.api.CheckpointException as err:  # a corrupted shard: torch's many lines
+            raise BadFileError(
+                f"{folder}: a shard file is corrupted or not written by "
+                f"torch.distributed.checkpoint ({_last_error_line(str(err))})"
+            ) from err
     return {name: state[flat].to(map_location) for name, (flat, _) in entries.items()}
+
+
+def _last_error_line(text: str) -> str:
+    """The last ``SomeError: message`` line of torch's multi-rank report, shortened."""
+    lines = re.findall(r"^\s*([\w.]+(?:Error|Exception): .*)$", text, flags=re.MULTILINE)
+    return (lines[-1] if lines else text.strip().splitlines()[-1]).strip()[:160]
 
 
 @functools.cache

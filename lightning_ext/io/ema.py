@@ -8,7 +8,7 @@ write; these functions read and write the files, with or without Lightning.
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -19,13 +19,23 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lightning_ext._finite import (
+    Pattern,
+    check_finite,
+    disagreeing,
+    nonfinite_pattern,
+    refuse_nonfinite,
+    restore_nonfinite,
+)
 from lightning_ext._io import (
+    BadFileError,
     atomic_save_weights,
     atomic_torch_save,
     atomic_write,
     atomic_write_json,
     check_output,
     load_file,
+    load_json,
 )
 from lightning_ext._masks import apply_masks_
 from lightning_ext.functional.ema import posthoc_ema_coefficients, sigma_rel_to_gamma
@@ -83,9 +93,32 @@ def _load_checkpoint(
         if path.is_dir() and (path / _DISTRIBUTED_METADATA).is_file():
             # a distributed checkpoint folder (ModelParallelStrategy): the weights are shards,
             # the callback state (with the full EMA) is in its metadata file
-            return load_file(path / _DISTRIBUTED_METADATA, trusted=trusted)
-        return load_file(checkpoint, trusted=trusted)
+            path = path / _DISTRIBUTED_METADATA
+        ckpt = load_file(path, trusted=trusted)
+        if not isinstance(ckpt, Mapping):
+            raise BadFileError(
+                f"{path} holds a {type(ckpt).__name__}, not a Lightning checkpoint (a dict with "
+                "'state_dict' and 'callbacks' entries)"
+            )
+        return ckpt
     return checkpoint
+
+
+def _checked_ema_state(state: Any, source: str) -> Mapping[str, Any]:
+    """The EMA callback state of a checkpoint, refused in one line naming the file when an entry
+    names a tensor the EMA does not hold (an edited or foreign checkpoint)."""
+    shadow = state.get("shadow") if isinstance(state, Mapping) else None
+    if not isinstance(shadow, Mapping) or not all(isinstance(v, Tensor) for v in shadow.values()):
+        raise BadFileError(f"{source}: the EMA state has no 'shadow' dict of tensors")
+    for entry, names in (("masks", state.get("masks", {})), ("aliases", state.get("aliases", {}))):
+        targets = names.values() if entry == "aliases" else names
+        missing = [n for n in targets if n not in shadow]
+        if missing:
+            raise BadFileError(
+                f"{source}: the EMA state's {entry} name {len(missing)} tensor(s) missing from "
+                f"its averaged weights (e.g. {missing[0]!r}): an edited or mismatched checkpoint"
+            )
+    return state
 
 
 def ema_state_dict_from_checkpoint(
@@ -93,6 +126,7 @@ def ema_state_dict_from_checkpoint(
     *,
     state_key: str | None = None,
     trusted: bool = False,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Tensor]:
     """The module's state dict with every averaged tensor replaced by its EMA, for inference.
 
@@ -107,23 +141,43 @@ def ema_state_dict_from_checkpoint(
         state_key: the EMA callback's ``state_key`` (``EMA{'decay': 0.999, 'start_step': 0}``
             for the defaults), needed when the checkpoint holds several; None: the only one.
         trusted: unpickle arbitrary objects; only for checkpoints you made yourself.
+        allow_nonfinite: accept NaN and inf in the EMA weights (refused by default naming the
+            tensors; +-inf entries the live weights hold identically, an additive mask buffer,
+            are kept).
 
     Returns:
         The state dict, ready for ``model.load_state_dict``.
 
     Raises:
         ValueError: not a Lightning checkpoint, no EMA state or several without ``state_key``,
-            or an EMA state that names none of the model's tensors.
+            an EMA state that names none of the model's tensors, or (``NonFiniteError``)
+            non-finite EMA weights.
         KeyError: no EMA state under ``state_key``.
     """
     ckpt = _load_checkpoint(checkpoint, trusted)
+    ema, live = _ema_state_dict(ckpt, checkpoint, state_key)
+    # The live weights are the other input: a buffer both hold as the same -inf is legitimate.
+    others = [nonfinite_pattern(live)] if live else []
+    check_finite(ema, f"{checkpoint} (EMA weights)", allow=allow_nonfinite, others=others)
+    return ema
+
+
+def _ema_state_dict(
+    ckpt: Mapping[str, Any], checkpoint: object, state_key: str | None
+) -> tuple[dict[str, Tensor], Mapping[str, Tensor]]:
+    """The EMA state dict and the live weights the checkpoint holds beside it (empty when it
+    holds none: a distributed folder's metadata, or the EMA layout without them)."""
     if "state_dict" not in ckpt and "callbacks" not in ckpt:
         raise ValueError(f"{checkpoint}: not a Lightning checkpoint (no 'state_dict' entry)")
-    candidates = {k: v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("EMA") and v}
+    callbacks = ckpt.get("callbacks", {})
+    if not isinstance(callbacks, Mapping):
+        raise BadFileError(f"{checkpoint}: its 'callbacks' entry is not a dict of callback states")
+    candidates = {k: v for k, v in callbacks.items() if k.startswith("EMA") and v}
     if state_key is not None:
         if state_key not in candidates:
             raise KeyError(
-                f"no EMA state {state_key!r} in the checkpoint; found {sorted(candidates)}"
+                f"{checkpoint}: no EMA state {state_key!r} in the checkpoint; found "
+                f"{sorted(candidates)}"
             )
         candidates = {state_key: candidates[state_key]}
     if not candidates:
@@ -132,23 +186,24 @@ def ema_state_dict_from_checkpoint(
         )
     if len(candidates) > 1:
         raise ValueError(
-            "the checkpoint holds several EMA states; choose one with state_key from "
+            f"{checkpoint} holds several EMA states; choose one with state_key from "
             f"{sorted(candidates)}"
         )
-    state = next(iter(candidates.values()))
+    state = _checked_ema_state(next(iter(candidates.values())), str(checkpoint))
     if "state_dict" not in ckpt:  # distributed folder: every tracked tensor, under every name
-        return _with_aliases(masked_state(state["shadow"], state.get("masks", {})), state)
+        return _with_aliases(masked_state(state["shadow"], state.get("masks", {})), state), {}
     model_state = ckpt["state_dict"]
     if state.get(EMA_IN_STATE_DICT):
-        return dict(model_state)  # already the (masked) EMA
+        return dict(model_state), ckpt.get(LIVE_STATE_KEY) or {}  # already the (masked) EMA
     shadow = masked_state(state["shadow"], state.get("masks", {}))
     aliases = state.get("aliases", {})
     if shadow and not any(k in model_state for k in shadow):
         raise ValueError(
-            f"the EMA state names none of the model's tensors (e.g. {next(iter(shadow))!r}): "
-            "was the checkpoint edited or written for another model?"
+            f"{checkpoint}: the EMA state names none of the model's tensors (e.g. "
+            f"{next(iter(shadow))!r}): was the checkpoint edited or written for another model?"
         )
-    return {name: shadow.get(aliases.get(name, name), value) for name, value in model_state.items()}
+    ema = {name: shadow.get(aliases.get(name, name), value) for name, value in model_state.items()}
+    return ema, model_state
 
 
 def _with_aliases(shadow: Mapping[str, Tensor], state: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -165,6 +220,7 @@ def export_ema(
     state_key: str | None = None,
     trusted: bool = False,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Write the EMA-only state dict of ``checkpoint`` to ``out`` (atomically).
 
@@ -178,22 +234,27 @@ def export_ema(
         trusted: unpickle arbitrary objects; only for checkpoints you made yourself.
         overwrite: replace an existing ``out`` (refused by default; ``out`` may never be
             ``checkpoint``).
+        allow_nonfinite: write NaN and inf EMA weights instead of refusing them.
 
     Returns:
         The path written.
 
     Raises:
-        ValueError: ``out`` is ``checkpoint``, exists without ``overwrite``, or is a folder.
+        ValueError: as ``ema_state_dict_from_checkpoint``; ``out`` is ``checkpoint``, exists
+            without ``overwrite``, or is a folder; all before anything is written.
         OSError: ``out``'s folder is not writable (checked before the checkpoint is read).
     """
     check_output(out, inputs=[checkpoint], overwrite=overwrite)
-    state = ema_state_dict_from_checkpoint(checkpoint, state_key=state_key, trusted=trusted)
+    state = ema_state_dict_from_checkpoint(
+        checkpoint, state_key=state_key, trusted=trusted, allow_nonfinite=allow_nonfinite
+    )
     return atomic_save_weights(state, out)
 
 
 # ------------------------------------------------------------------ post-hoc EMA
 def read_index(snapshot_dir: Path) -> list[dict[str, Any]]:
-    """The snapshot entries of a ``PostHocEMA`` folder's index, in step order.
+    """The snapshot entries of a ``PostHocEMA`` folder's index, in step order, checked: a
+    reconstruction from a damaged or edited index would be silently wrong.
 
     Args:
         snapshot_dir: the folder ``PostHocEMA`` wrote.
@@ -203,11 +264,52 @@ def read_index(snapshot_dir: Path) -> list[dict[str, Any]]:
 
     Raises:
         FileNotFoundError: the folder holds no index.
+        BadFileError: an index that is not JSON, lists no snapshot, has an entry without a
+            file, a positive step or positive finite gammas, or repeats a step.
     """
     index = Path(snapshot_dir) / INDEX_FILE
-    if not index.exists():
+    if index.is_dir():
+        raise BadFileError(f"{index} is a directory, not a PostHocEMA index")
+    if not index.is_file():
         raise FileNotFoundError(f"{index} not found: is {snapshot_dir} a PostHocEMA snapshot_dir?")
-    return json.loads(index.read_text())["snapshots"]
+    if index.stat().st_size == 0:
+        raise BadFileError(f"{index} is empty: an interrupted copy?")
+    try:
+        entries = load_json(index)["snapshots"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise BadFileError(
+            f"{index} is not a PostHocEMA index (JSON with a 'snapshots' list): {err}"
+        ) from err
+    if not isinstance(entries, list) or not entries:
+        raise BadFileError(f"{index} lists no snapshot: nothing to reconstruct from")
+    for entry in entries:
+        _check_entry(entry, index)
+    steps = [e["step"] for e in entries]
+    repeated = sorted({t for t in steps if steps.count(t) > 1})
+    if repeated:
+        raise BadFileError(
+            f"{index} lists step(s) {repeated} more than once: snapshots of two runs mixed in one "
+            "folder? Reconstruct from one run's snapshots"
+        )
+    return sorted(entries, key=lambda e: e["step"])
+
+
+def _check_entry(entry: Any, index: Path) -> None:
+    """One index entry: a snapshot file, a step, positive finite gammas. The file may lie in an
+    earlier run folder of the same run (a resumed run's index lists its predecessor's files)."""
+    if not isinstance(entry, dict) or not {"file", "step", "gammas"} <= set(entry):
+        raise BadFileError(f"{index}: an entry without 'file', 'step' and 'gammas': {entry!r}")
+    step, gammas = entry["step"], entry["gammas"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise BadFileError(f"{index}: {entry['file']} has step {step!r}, not a positive integer")
+    valid = isinstance(gammas, list) and gammas
+    if not valid or not all(
+        isinstance(g, int | float) and math.isfinite(g) and g > 0 for g in gammas
+    ):
+        raise BadFileError(
+            f"{index}: {entry['file']} has gammas {gammas!r}; each must be a positive finite "
+            "number (the power-EMA exponents the snapshot stores)"
+        )
 
 
 def snapshot_path(snapshot_dir: str | Path, entry: Mapping[str, Any]) -> Path:
@@ -325,6 +427,65 @@ def write_snapshot(
     atomic_write_json(index, folder / INDEX_FILE)
 
 
+class _SnapshotChecker:
+    """Checks each profile of the snapshots against the first, as they stream by: the same
+    tensor names, shapes and dtypes, and (unless allowed) no NaN or inf that every profile does
+    not share. Mixing profiles of another layout would give a silently wrong EMA."""
+
+    def __init__(self, total: int, allow_nonfinite: bool) -> None:
+        self.total, self.allow = total, allow_nonfinite
+        self.layout: dict[str, tuple[torch.Size, torch.dtype]] | None = None
+        self.first = ""
+        self.pattern: Pattern = {}
+
+    def check(self, weights: Any, where: str) -> None:
+        if not isinstance(weights, Mapping) or not all(
+            isinstance(v, Tensor) for v in weights.values()
+        ):
+            raise BadFileError(f"{where} is not a state dict of tensors")
+        layout = {k: (v.shape, v.dtype) for k, v in weights.items()}
+        if self.layout is None:
+            self.layout, self.first = layout, where
+            self.pattern = nonfinite_pattern(weights)
+            if self.total == 1 and not self.allow:
+                refuse_nonfinite(disagreeing(self.pattern, []), where)
+            return
+        if layout != self.layout:
+            raise BadFileError(
+                f"{where} differs from {self.first}: {_difference(self.layout, layout)}"
+            )
+        if not self.allow:
+            pattern = check_finite(weights, where, others=[self.pattern])
+            refuse_nonfinite(disagreeing(self.pattern, [pattern]), self.first)
+
+
+def _difference(
+    reference: Mapping[str, tuple[torch.Size, torch.dtype]],
+    other: Mapping[str, tuple[torch.Size, torch.dtype]],
+) -> str:
+    """The first way ``other``'s layout differs from ``reference``'s, in words."""
+    missing, extra = sorted(set(reference) - set(other)), sorted(set(other) - set(reference))
+    if missing or extra:
+        return f"tensors missing {missing[:3]}, unexpected {extra[:3]}"
+    name = next(k for k in reference if reference[k] != other[k])
+    (shape, dtype), (other_shape, other_dtype) = reference[name], other[name]
+    return f"{name} is {tuple(other_shape)} {other_dtype}, not {tuple(shape)} {dtype}"
+
+
+def _read_snapshot(path: Path, entry: Mapping[str, Any], trusted: bool) -> Mapping[str, Any]:
+    """One snapshot file, with one weights dict per gamma its index entry lists."""
+    snapshot = load_file(path, trusted=trusted)
+    weights = snapshot.get("weights") if isinstance(snapshot, Mapping) else None
+    if not isinstance(weights, list):
+        raise BadFileError(f"{path} is not a PostHocEMA snapshot (no 'weights' list)")
+    if len(weights) != len(entry["gammas"]):
+        raise BadFileError(
+            f"{path} holds {len(weights)} profile(s) but the index lists {len(entry['gammas'])} "
+            f"gammas {entry['gammas']} for it: a profile is missing (or the index is another run's)"
+        )
+    return snapshot
+
+
 @torch.no_grad()
 def posthoc_ema_state_dict(
     snapshot_dir: str | Path,
@@ -332,15 +493,20 @@ def posthoc_ema_state_dict(
     *,
     step: int | None = None,
     progress: bool = False,
+    trusted: bool = False,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Tensor]:
     """Reconstruct the EMA with relative width ``sigma_rel`` at EMA update ``step`` (default: the
     last snapshot) from the snapshots in ``snapshot_dir``. Streams one snapshot file at a time,
     with a tqdm progress bar when ``progress`` is set.
 
     Only snapshots taken at or before ``step`` are used, so any earlier moment of the run can be
-    rebuilt too, as long as snapshots precede it. The tensors the callback copied rather than
-    averaged (counters, constant buffers such as an additive ``-inf`` mask) are taken from the
-    last snapshot used.
+    rebuilt too, as long as snapshots precede it. Every profile of every snapshot used must hold
+    the same tensors (names, shapes, dtypes) as the first, each snapshot as many profiles as the
+    index lists, and no NaN or inf (unless ``allow_nonfinite``); +-inf entries that every profile
+    holds identically (an additive mask buffer) are copied, never combined. The tensors the
+    callback copied rather than averaged (counters, constant buffers) are taken from the last
+    snapshot used.
 
     Args:
         snapshot_dir: the folder ``PostHocEMA`` wrote (its ``index.json`` and snapshot files).
@@ -348,12 +514,16 @@ def posthoc_ema_state_dict(
             one of the tracked widths.
         step: the EMA update at which to rebuild it; None: the last snapshot's.
         progress: show a progress bar over the snapshot files.
+        trusted: unpickle arbitrary objects from the snapshot files; only for files you trust.
+        allow_nonfinite: combine NaN and inf weights instead of refusing them.
 
     Returns:
         The model's state dict with the rebuilt EMA, in the tensors' own dtypes.
 
     Raises:
-        ValueError: ``step`` outside ``[1, last snapshot's step]``.
+        ValueError: ``step`` outside ``[1, last snapshot's step]``, ``sigma_rel`` out of range,
+            or (``BadFileError``, ``NonFiniteError``) an inconsistent index or snapshot, named.
+        FileNotFoundError: no index, or a snapshot file it lists is missing.
     """
     entries = read_index(Path(snapshot_dir))
     last = entries[-1]["step"]
@@ -361,28 +531,34 @@ def posthoc_ema_state_dict(
     if not 0 < step <= last:
         raise ValueError(f"step must lie in [1, {last}] (the last snapshot), got {step}")
     usable, coefficients = snapshot_coefficients(entries, sigma_rel, step)
+    checker = _SnapshotChecker(len(coefficients), allow_nonfinite)
     result: dict[str, Tensor] = {}
-    dtypes: dict[str, torch.dtype] = {}
     position = 0
     last_masks: dict[str, Tensor] = {}
     for entry in tqdm(usable, desc="loading snapshots", unit="file", disable=not progress):
-        snapshot = load_file(snapshot_path(snapshot_dir, entry))
+        path = snapshot_path(snapshot_dir, entry)
+        snapshot = _read_snapshot(path, entry, trusted)
         last_masks = snapshot.get("masks", {})
         copied = set(snapshot.get("copied", ()))
-        for weights in snapshot["weights"]:
+        for profile, weights in enumerate(snapshot["weights"]):
+            checker.check(weights, f"{path} (profile {profile}, gamma {entry['gammas'][profile]})")
             x = coefficients[position].item()
             position += 1
             for name, value in weights.items():
                 if name in copied or not value.is_floating_point() or _nonfinite(value):
                     result[name] = value.clone()  # copied (counters, masks): the latest value
-                    dtypes.pop(name, None)
                     continue
-                dtypes[name] = value.dtype
-                contribution = value.double() * x
+                value = value.double()
+                if not allow_nonfinite and name in checker.pattern:  # restored below
+                    value = value.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+                contribution = value * x
                 result[name] = result[name] + contribution if name in result else contribution
     # The snapshots' masks change as sparse training goes: the EMA at ``step`` keeps the last one.
     apply_masks_(result, last_masks)
-    return {name: v.to(dtypes[name]) if name in dtypes else v for name, v in result.items()}
+    assert checker.layout is not None  # read_index refuses an index without snapshots
+    dtypes = {name: dtype for name, (_, dtype) in checker.layout.items()}
+    state = {name: v.to(dtypes[name]) for name, v in result.items()}
+    return state if allow_nonfinite else restore_nonfinite(state, checker.pattern)
 
 
 def _nonfinite(value: Tensor) -> bool:
@@ -399,6 +575,8 @@ def write_posthoc_ema(
     step: int | None = None,
     progress: bool = False,
     overwrite: bool = False,
+    trusted: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Reconstruct (see ``posthoc_ema_state_dict``) and save the state dict atomically.
 
@@ -412,15 +590,24 @@ def write_posthoc_ema(
         progress: show a progress bar over the snapshot files.
         overwrite: replace an existing ``out`` (refused by default; never inside
             ``snapshot_dir``).
+        trusted: unpickle arbitrary objects from the snapshot files; only for files you trust.
+        allow_nonfinite: combine NaN and inf weights instead of refusing them.
 
     Returns:
         The path written.
 
     Raises:
-        ValueError: ``out`` lies inside ``snapshot_dir``, exists without ``overwrite``, or is a
-            folder.
+        ValueError: as ``posthoc_ema_state_dict``; ``out`` lies inside ``snapshot_dir``, exists
+            without ``overwrite``, or is a folder; all before anything is written.
         OSError: ``out``'s folder is not writable (checked before any snapshot is read).
     """
     check_output(out, inputs=[snapshot_dir], overwrite=overwrite)
-    state = posthoc_ema_state_dict(snapshot_dir, sigma_rel, step=step, progress=progress)
+    state = posthoc_ema_state_dict(
+        snapshot_dir,
+        sigma_rel,
+        step=step,
+        progress=progress,
+        trusted=trusted,
+        allow_nonfinite=allow_nonfinite,
+    )
     return atomic_save_weights(state, out)

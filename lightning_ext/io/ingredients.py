@@ -19,6 +19,14 @@ from typing import Any, overload
 import torch
 from torch import Tensor, nn
 
+from lightning_ext._finite import (
+    Pattern,
+    check_finite,
+    disagreeing,
+    nonfinite_pattern,
+    refuse_nonfinite,
+    restore_nonfinite,
+)
 from lightning_ext._io import load_file
 from lightning_ext.functional.merging import check_same_layout
 from lightning_ext.io import distributed_checkpoint, safetensors
@@ -113,12 +121,16 @@ class Ingredients(Sequence):
     ``ingredients[i]`` loads ingredient ``i`` (from disk, for paths) and checks its keys, shapes
     and dtypes against ingredient 0, raising ``ValueError`` that names the file and the tensor.
     ``validate()`` checks them all up front (files memory-mapped, distributed checkpoint folders
-    from their ``.metadata``: no tensor data is read), which the soup APIs do before any
-    averaging or evaluation.
+    from their ``.metadata``), which the soup APIs do before any averaging or evaluation.
 
     ``strip_prefix`` removes a key prefix (e.g. ``"model."`` when checkpoints wrap the network),
     ``map_location`` places loaded tensors and ``trusted=True`` allows checkpoints that pickle
     arbitrary objects (e.g. custom classes in ``hyper_parameters``).
+
+    Non-finite weights (NaN, inf: a diverged run) are refused naming the ingredient and the
+    tensors (``lightning_ext._finite``), unless ``allow_nonfinite=True``; +-inf entries identical
+    in every ingredient (an additive mask buffer) are legitimate, and ``restore_nonfinite`` copies
+    them into a merge instead of averaging them.
 
     Args:
         sources: state dicts, modules, or paths of files holding them (checkpoints or bare
@@ -129,10 +141,12 @@ class Ingredients(Sequence):
         map_location: where loaded tensors go.
         mmap: memory-map the files (no tensor data read until used).
         trusted: allow checkpoints that pickle arbitrary objects (see ``load_file``).
+        allow_nonfinite: accept NaN and inf weights.
 
     Raises:
         ValueError: no sources; on access, an ingredient whose layout differs from the first,
-            or a folder that is not a distributed checkpoint.
+            a folder that is not a distributed checkpoint, or (``NonFiniteError``) non-finite
+            weights.
         FileNotFoundError: on access, a path that does not exist.
         IndexError: an index out of range.
 
@@ -152,13 +166,17 @@ class Ingredients(Sequence):
         map_location: str | torch.device = "cpu",
         mmap: bool = True,
         trusted: bool = False,
+        allow_nonfinite: bool = False,
     ) -> None:
         self.sources = list(sources)
         if not self.sources:
-            raise ValueError("no ingredients given")
+            raise ValueError("no ingredients given (an empty list)")
         self.key, self.strip_prefix = key, strip_prefix
         self.map_location, self.mmap, self.trusted = map_location, mmap, trusted
+        self.allow_nonfinite = allow_nonfinite
         self._layout: dict[str, tuple[torch.Size, torch.dtype]] | None = None
+        self._reference: Pattern | None = None  # ingredient 0's non-finite entries
+        self._values_checked: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -166,6 +184,7 @@ class Ingredients(Sequence):
     def like(self, sources: Iterable[IngredientSource]) -> Ingredients:
         """Other sources read the way these are (same ``key``, ``strip_prefix``, location and
         trust): a merge's base must be normalised as its ingredients are, or their names differ.
+        Their values are not checked alone: ``check_base`` checks a base against these.
 
         Args:
             sources: the files, folders, modules or state dicts to read.
@@ -180,7 +199,74 @@ class Ingredients(Sequence):
             map_location=self.map_location,
             mmap=self.mmap,
             trusted=self.trusted,
+            allow_nonfinite=True,
         )
+
+    def load_base(self, base: IngredientSource) -> dict[str, Tensor]:
+        """A merge's base, read as the ingredients are and checked against them (layout and
+        non-finite values: the base is one more input).
+
+        Args:
+            base: the pre-trained weights (a path or folder, state dict or module).
+
+        Returns:
+            Its state dict.
+
+        Raises:
+            ValueError: a layout that differs from the ingredients', or non-finite weights not
+                shared by every ingredient (``NonFiniteError``).
+        """
+        state = self.like([base])[0]
+        name = f"base ({os.fspath(base)})" if isinstance(base, str | os.PathLike) else "base"
+        check_same_layout(state, self[0], name=self.name(0), ref_name=name)
+        if not self.allow_nonfinite:
+            reference = self.shared_nonfinite()
+            pattern = check_finite(state, name, others=[reference])
+            refuse_nonfinite(disagreeing(reference, [pattern]), self.name(0))
+        return state
+
+    def shared_nonfinite(self) -> Pattern:
+        """The +-inf entries every ingredient shares (legitimate buffers, e.g. additive masks),
+        from ingredient 0; ``restore_nonfinite`` copies them into a merge.
+
+        Returns:
+            ``{name: (flat positions, values)}``; empty when every weight is finite.
+        """
+        if self._reference is None:
+            self._reference = nonfinite_pattern(self._load(0))
+        return self._reference
+
+    def restore_nonfinite(self, merged: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``merged`` with the shared +-inf entries copied in, never averaged (see
+        ``shared_nonfinite``); unchanged with ``allow_nonfinite``.
+
+        Args:
+            merged: a merge of these ingredients.
+
+        Returns:
+            ``merged``.
+        """
+        if self.allow_nonfinite:
+            return merged
+        return restore_nonfinite(merged, self.shared_nonfinite())
+
+    def _check_values(self, sd: Mapping[str, Tensor], index: int) -> None:
+        """Refuse non-finite weights, checked once per ingredient and in both directions against
+        ingredient 0: a tensor is legitimate only when every ingredient holds the same +-inf
+        entries (with one ingredient, never). Meta tensors (a folder's layout) wait for data."""
+        if self.allow_nonfinite or index in self._values_checked:
+            return
+        if any(v.device.type == "meta" for v in sd.values()):
+            return
+        if index == 0:
+            self._reference = nonfinite_pattern(sd)
+            if len(self) == 1:
+                refuse_nonfinite(disagreeing(self._reference, []), self.name(0))
+        else:
+            reference = self.shared_nonfinite()
+            pattern = check_finite(sd, self.name(index), others=[reference])
+            refuse_nonfinite(disagreeing(reference, [pattern]), self.name(0))
+        self._values_checked.add(index)
 
     def name(self, index: int) -> str:
         return _describe(self.sources[index], index)
@@ -220,6 +306,7 @@ class Ingredients(Sequence):
             raise IndexError(f"ingredient index {index} out of range for {len(self)}")
         sd = self._load(index)
         self._check_against_first(sd, index)
+        self._check_values(sd, index)
         return sd
 
     def _check_against_first(self, sd: Mapping[str, Tensor], index: int) -> None:
@@ -244,10 +331,20 @@ class Ingredients(Sequence):
         return IngredientSubset(self, indices)
 
     def validate(self) -> Ingredients:
-        """Check every ingredient's layout against the first, reading no tensor data where the
-        source allows (files are memory-mapped, folders described by their metadata)."""
+        """Check every ingredient's layout against the first (files memory-mapped, folders
+        described by their metadata) and its values for NaN and inf (one pass over a mapped
+        file; a folder's when its data is read), before any merging or scoring.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: a layout that differs from the first, or non-finite weights.
+        """
         for i in range(len(self)):
-            self._check_against_first(self._load(i, data=False), i)
+            sd = self._load(i, data=False)
+            self._check_against_first(sd, i)
+            self._check_values(sd, i)
         return self
 
 

@@ -21,7 +21,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_ext._io import atomic_torch_save, atomic_write_json, check_output, load_file
+from lightning_ext._io import (
+    BadFileError,
+    atomic_torch_save,
+    atomic_write_json,
+    check_output,
+    load_file,
+)
 from lightning_ext._plot import new_figure, write_png
 from lightning_ext.functional.schedule import (
     REFERENCE_WINDOW,
@@ -39,6 +45,7 @@ __all__ = [
     "SCHEDULE_FILE",
     "behind_warning",
     "check_refined_outputs",
+    "check_schedule",
     "degenerate_warning",
     "load_curve",
     "load_grad_norms",
@@ -72,10 +79,68 @@ def _warn(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+def _read_text_values(path: str) -> Tensor:
+    """One number per line (the last comma-separated field, so ``step,value`` CSV rows work); a
+    first line that is not a number is a header and skipped; any other bad line is one error
+    naming the file and the line."""
+    values = []
+    with open(path) as handle:
+        lines = [(n, line) for n, line in enumerate(handle, start=1) if line.strip()]
+    for position, (number, line) in enumerate(lines):
+        field = line.split(",")[-1].strip()
+        try:
+            values.append(float(field))
+        except ValueError:
+            if position == 0:
+                continue  # a header such as "step,value"
+            raise BadFileError(
+                f"{path}, line {number}: {field!r} is not a number (expected one value per "
+                "line, or step,value rows)"
+            ) from None
+    if not values:
+        raise BadFileError(f"{path} holds no values (expected one number per line)")
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def check_schedule(values: Tensor | Sequence[float], what: str) -> Tensor:
+    """Refuse a schedule that would train with a zero, negative or non-finite learning rate.
+
+    Args:
+        values: the multipliers.
+        what: how the message names the schedule (its file, or ``schedule``).
+
+    Returns:
+        ``values`` as a 1-D float64 tensor.
+
+    Raises:
+        ValueError: not 1-D, a NaN or inf, a negative value, or all values zero.
+
+    Examples:
+        >>> check_schedule(torch.tensor([1.0, 0.5, 0.0]), "schedule")
+        tensor([1.0000, 0.5000, 0.0000], dtype=torch.float64)
+    """
+    values = torch.as_tensor(values, dtype=torch.float64)
+    if values.dim() != 1:
+        raise ValueError(f"{what}: a schedule is 1-D (one multiplier per step), got shape "
+                         f"{tuple(values.shape)}")  # fmt: skip
+    if not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise ValueError(f"{what}: {bad} multiplier(s) are NaN or inf")
+    if bool((values < 0).any()):
+        first = int((values < 0).nonzero()[0])
+        raise ValueError(
+            f"{what}: negative multiplier {values[first].item():.4g} at step {first} (a negative "
+            "learning rate climbs the loss)"
+        )
+    if values.numel() and not bool((values > 0).any()):
+        raise ValueError(f"{what}: every multiplier is 0 (the learning rate would stay 0)")
+    return values
+
+
 def load_schedule(path: str | os.PathLike) -> Tensor:
     """A schedule file written by ``ScheduleRefinement`` or ``lightning-ext refine-schedule`` (a
     dict with key ``"schedule"``), a bare 1-D tensor saved with torch.save, or a text file with
-    one value per line.
+    one value per line (a header line is skipped); checked by ``check_schedule``.
 
     Args:
         path: the file.
@@ -85,7 +150,8 @@ def load_schedule(path: str | os.PathLike) -> Tensor:
 
     Raises:
         FileNotFoundError: no such file.
-        KeyError: a dict without a ``"schedule"`` entry.
+        ValueError: a file that holds no schedule (``BadFileError``: e.g. a dict without a
+            ``"schedule"`` entry), or a schedule that is all zero, negative or not finite.
 
     Examples:
         >>> import os, tempfile
@@ -96,25 +162,29 @@ def load_schedule(path: str | os.PathLike) -> Tensor:
         tensor([1.0000, 0.5000, 0.0000], dtype=torch.float64)
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"schedule file {path!r} does not exist")
-    if path.endswith((".txt", ".csv")):
-        with open(path) as handle:
-            values = [float(line.split(",")[-1]) for line in handle if line.strip()]
-        return torch.tensor(values, dtype=torch.float64)
+    if path.endswith((".txt", ".csv")) and os.path.isfile(path):
+        return check_schedule(_read_text_values(path), path)
     obj = load_file(path)
     if isinstance(obj, dict):
         if "schedule" not in obj:
-            raise KeyError(f"{path!r} holds a dict without a 'schedule' entry: {sorted(obj)}")
+            raise BadFileError(
+                f"{path} holds a dict without a 'schedule' entry (keys {sorted(obj)[:5]}): not a "
+                "schedule file"
+            )
         obj = obj["schedule"]
     if isinstance(obj, list | tuple) and obj and isinstance(obj[0], Tensor):
         obj = obj[0]  # one schedule per optimizer: the first
-    return torch.as_tensor(obj, dtype=torch.float64)
+    try:
+        values = torch.as_tensor(obj, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise BadFileError(f"{path} holds a {type(obj).__name__}, not a schedule") from err
+    return check_schedule(values, path)
 
 
 def load_grad_norms(path: str | os.PathLike) -> tuple[list[Tensor], list[str | None]]:
     """Gradient-norm records and their norm kinds from a ``grad_norms.pt`` written by the callback,
-    a bare 1-D tensor, or a text file with one value per line (kind unknown: None).
+    a bare 1-D tensor, or a text file with one value per line (kind unknown: None; a header line
+    is skipped).
 
     Args:
         path: the file.
@@ -124,7 +194,8 @@ def load_grad_norms(path: str | os.PathLike) -> tuple[list[Tensor], list[str | N
 
     Raises:
         FileNotFoundError: no such file.
-        KeyError: neither a tensor nor a dict with a ``"grad_norms"`` entry.
+        ValueError: (``BadFileError``) neither a tensor nor a dict with a ``"grad_norms"``
+            entry, no record, or a record that is not a 1-D tensor of at least 2 norms.
 
     Examples:
         >>> import os, tempfile
@@ -135,16 +206,30 @@ def load_grad_norms(path: str | os.PathLike) -> tuple[list[Tensor], list[str | N
         ([tensor([1., 1., 1.])], ['l1'])
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"gradient-norm file {path!r} does not exist")
-    if path.endswith((".txt", ".csv")):
-        return [load_schedule(path)], [None]
-    obj = load_file(path)
-    if isinstance(obj, Tensor):
-        return [obj], [None]
-    if not isinstance(obj, dict) or "grad_norms" not in obj:
-        raise KeyError(f"{path!r} is neither a tensor nor a dict with a 'grad_norms' entry")
-    return list(obj["grad_norms"]), list(obj.get("norm", [None] * len(obj["grad_norms"])))
+    kinds: list[str | None]
+    if path.endswith((".txt", ".csv")) and os.path.isfile(path):
+        records, kinds = [_read_text_values(path)], [None]
+    else:
+        obj = load_file(path)
+        if isinstance(obj, Tensor):
+            records, kinds = [obj], [None]
+        elif isinstance(obj, dict) and "grad_norms" in obj:
+            records = list(obj["grad_norms"])
+            kinds = list(obj.get("norm", [None] * len(records)))
+        else:
+            raise BadFileError(
+                f"{path} holds a {type(obj).__name__} that is neither a tensor of gradient norms "
+                "nor a dict with a 'grad_norms' entry (what ScheduleRefinement writes)"
+            )
+    if not records:
+        raise BadFileError(f"{path} holds no gradient-norm record (an empty 'grad_norms' list)")
+    for i, record in enumerate(records):
+        if not isinstance(record, Tensor) or record.dim() != 1 or record.numel() < 2:
+            got = tuple(record.shape) if isinstance(record, Tensor) else type(record).__name__
+            raise BadFileError(
+                f"{path}: gradient-norm record {i} is {got}, not a 1-D tensor of at least 2 norms"
+            )
+    return records, kinds
 
 
 def write_grad_norms(

@@ -15,10 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_ext._io import atomic_torch_save, check_output, load_file, locked
+from lightning_ext._io import BadFileError, atomic_torch_save, check_output, load_file, locked
 from lightning_ext.functional.pruning import combine_runs, dataset_fingerprint
 
-__all__ = ["check_fingerprint", "load_scores", "write_scores"]
+__all__ = ["check_fingerprint", "check_score_record", "load_scores", "write_scores"]
+
+#: What every score file holds (``write_scores``); ``runs``, ``run_names`` and ``task`` too.
+RECORD_KEYS = ("scores", "labels", "fingerprint")
 
 
 def load_scores(
@@ -37,12 +40,57 @@ def load_scores(
         The file's record: ``scores``, ``fingerprint`` and whatever else the callback saved.
 
     Raises:
-        ValueError: the file was computed on another dataset.
+        ValueError: the file was computed on another dataset, or (``BadFileError``) is not a
+            score file (see ``check_score_record``).
     """
-    record = load_file(path, trusted=trusted)
+    record = check_score_record(load_file(path, trusted=trusted), str(path))
     if labels is not None:
         check_fingerprint(record["fingerprint"], dataset_fingerprint(labels), str(path))
     return record
+
+
+def check_score_record(record: Any, source: str, *, need_labels: bool = False) -> dict[str, Any]:
+    """Refuse a file that is not a score file, in one line naming it and what it should hold:
+    finite scores, one per example of the fingerprint (and of the labels, when present).
+
+    Args:
+        record: what the file holds.
+        source: how the message names the file.
+        need_labels: the labels are needed (``prune-select`` reads the classes from them).
+
+    Returns:
+        ``record``.
+
+    Raises:
+        BadFileError: not a dict with ``scores`` and ``fingerprint`` (and ``labels`` when
+            needed), scores that are not a 1-D tensor or not finite, or scores whose count
+            differs from the labels' or the fingerprint's.
+    """
+    expected = "a score file written by DataPruningScores (a dict with 'scores', 'labels' and "
+    expected += "'fingerprint')"
+    if not isinstance(record, Mapping):
+        raise BadFileError(f"{source} holds a {type(record).__name__}, not {expected}")
+    missing = [k for k in RECORD_KEYS if k not in record and (need_labels or k != "labels")]
+    if missing:
+        raise BadFileError(f"{source} has no {', '.join(map(repr, missing))}: not {expected}")
+    scores = record["scores"]
+    if not isinstance(scores, Tensor) or scores.dim() != 1:
+        raise BadFileError(f"{source}: 'scores' must be a 1-D tensor (one score per example)")
+    counts = {"labels": record.get("labels"), "examples in its fingerprint": None}
+    fingerprint = record["fingerprint"]
+    if isinstance(fingerprint, Mapping) and isinstance(fingerprint.get("size"), int):
+        counts["examples in its fingerprint"] = fingerprint["size"]
+    for what, other in counts.items():
+        count = len(other) if isinstance(other, Tensor | list | tuple) else other
+        if count is not None and count != scores.numel():
+            raise BadFileError(
+                f"{source} holds {scores.numel()} scores but {count} {what}: one score per "
+                "example is needed (a damaged or hand-edited score file)"
+            )
+    if scores.is_floating_point() and not bool(torch.isfinite(scores).all()):
+        bad = int((~torch.isfinite(scores)).sum())
+        raise BadFileError(f"{source}: {bad} of {scores.numel()} scores are NaN or inf")
+    return dict(record)
 
 
 def check_fingerprint(saved: Mapping[str, Any], actual: Mapping[str, Any], source: str) -> None:

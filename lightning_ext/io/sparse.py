@@ -13,7 +13,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_ext._io import atomic_save_weights, check_output, load_file
+from lightning_ext._finite import check_finite
+from lightning_ext._io import BadFileError, atomic_save_weights, check_output, load_file
 from lightning_ext._modules import normalise_name, normalised_keys
 from lightning_ext.functional.sparse import to_csr, to_semi_structured
 from lightning_ext.io.safetensors import is_safetensors_path
@@ -64,6 +65,7 @@ def export_sparse_checkpoint(
     trusted: bool = False,
     state_key: str | None = None,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Tensor]:
     """The model state dict of a Lightning checkpoint with its DynamicSparseTraining masks applied
     and the targeted weights in ``layout``; written atomically to ``out`` when given.
@@ -82,14 +84,17 @@ def export_sparse_checkpoint(
         state_key: the callback's state key, when the checkpoint holds several.
         overwrite: replace an existing ``out`` (refused by default; ``out`` may never be
             ``checkpoint``).
+        allow_nonfinite: export NaN weights instead of refusing them (one checkpoint: its
+            +-inf entries, an additive mask buffer, are kept; nothing to disagree with).
 
     Returns:
         The state dict, the targeted weights converted.
 
     Raises:
-        ValueError: an unknown layout, or no (or several, without ``state_key``)
-            DynamicSparseTraining states in the checkpoint; an ``out`` that is the checkpoint,
-            exists without ``overwrite`` or is a folder.
+        ValueError: an unknown layout, no (or several, without ``state_key``)
+            DynamicSparseTraining states in the checkpoint, a mask naming no weight of it, or
+            (``NonFiniteError``) non-finite weights; an ``out`` that is the checkpoint, exists
+            without ``overwrite`` or is a folder; all before anything is written.
         RuntimeError: ``"semi_structured"`` on a machine without a CUDA GPU.
         OSError: ``out``'s folder is not writable (checked before the checkpoint is read).
     """
@@ -105,10 +110,15 @@ def export_sparse_checkpoint(
     # Asked before the file is read: a machine without a GPU cannot do 2:4 at all.
     device = _export_device(layout)
     ckpt = load_file(checkpoint, trusted=trusted)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise BadFileError(
+            f"{checkpoint} is not a Lightning checkpoint (no 'state_dict' dict of weights)"
+        )
+    callbacks = ckpt.get("callbacks", {})
     states = {
         k: v
-        for k, v in ckpt.get("callbacks", {}).items()
-        if k.startswith("DynamicSparseTraining") and "masks" in v
+        for k, v in (callbacks.items() if isinstance(callbacks, dict) else ())
+        if k.startswith("DynamicSparseTraining") and isinstance(v, dict) and "masks" in v
     }
     if state_key is not None:
         states = {k: v for k, v in states.items() if k == state_key}
@@ -124,8 +134,20 @@ def export_sparse_checkpoint(
             "name one with state_key"
         )
     (state,) = states.values()
+    if not isinstance(state.get("names"), list) or len(state["names"]) != len(state["masks"]):
+        raise BadFileError(
+            f"{checkpoint}: the DynamicSparseTraining state needs one name per mask ('names' "
+            "and 'masks' lists of one length): an edited or mismatched checkpoint"
+        )
     weights = dict(ckpt["state_dict"])
+    check_finite(weights, f"{checkpoint} (state_dict)", allow=allow_nonfinite)
     keys = normalised_keys(weights)
+    missing = [name for name in state["names"] if normalise_name(name) not in keys]
+    if missing:
+        raise BadFileError(
+            f"{checkpoint}: the DynamicSparseTraining masks name {len(missing)} weight(s) missing "
+            f"from its state_dict (e.g. {missing[0]!r}): an edited or mismatched checkpoint"
+        )
     for name, mask in zip(state["names"], state["masks"]):
         key = keys[normalise_name(name)]
         weights[key] = convert(weights[key].to(device), mask.to(device))

@@ -38,6 +38,13 @@ from lightning_ext._batch import (
     default_unpack_batch,
     move_to_device,
 )
+from lightning_ext._finite import (
+    Pattern,
+    disagreeing,
+    nonfinite_pattern,
+    refuse_nonfinite,
+    restore_nonfinite,
+)
 from lightning_ext._io import check_output
 from lightning_ext._lightning import configure_model_skipped, fit_val_loaders, namespace_of
 from lightning_ext._plot import new_figure, write_png
@@ -48,7 +55,7 @@ from lightning_ext.functional.learned_soup import (
     learn_soup_coefficients,
 )
 from lightning_ext.functional.merge_methods import MERGE_METHODS
-from lightning_ext.functional.merging import check_same_layout, greedy_soup, is_statistic
+from lightning_ext.functional.merging import greedy_soup, is_statistic
 from lightning_ext.io.ingredients import Ingredients, IngredientSource
 
 __all__ = [
@@ -789,6 +796,46 @@ def _mean_over_ranks(grad: Tensor) -> None:
     grad.div_(dist.get_world_size())
 
 
+class _NonFiniteCheck:
+    """The non-finite rule over a soup's inputs. An ``Ingredients`` checks its own as it loads
+    them; a list in memory is checked before any scoring; a lazy sequence (``SoupStrategy``'s
+    ranks, broadcast one at a time) as each ingredient is scored, so that it is never held whole
+    nor read twice; in every case before the soup is built."""
+
+    def __init__(
+        self,
+        ingredients: Sequence[Mapping[str, Tensor]],
+        base: Mapping[str, Tensor] | None,
+        names: Sequence[str],
+        allow: bool,
+    ) -> None:
+        self.off = allow or isinstance(ingredients, Ingredients)
+        self.ingredients, self.names = ingredients, list(names)
+        self.patterns: list[Pattern] = []
+        self.base = nonfinite_pattern(base) if base is not None and not self.off else None
+        if not self.off and isinstance(ingredients, list | tuple):
+            self.patterns = [nonfinite_pattern(state) for state in ingredients]
+            self.check()
+
+    def see(self, index: int, state: Mapping[str, Tensor]) -> None:
+        """Record ingredient ``index`` as it is scored (lazy sequences only)."""
+        if not self.off and len(self.patterns) == index:
+            self.patterns.append(nonfinite_pattern(state))
+
+    def check(self) -> None:
+        """Refuse a tensor with NaN or inf that not every input shares, naming its input."""
+        patterns = [*self.patterns, *([self.base] if self.base is not None else [])]
+        labels = [*self.names, "base"]
+        for i, pattern in enumerate(patterns):
+            refuse_nonfinite(disagreeing(pattern, patterns[:i] + patterns[i + 1 :]), labels[i])
+
+    def shared(self) -> Pattern:
+        """The +-inf entries every input shares, to copy into the soup."""
+        if isinstance(self.ingredients, Ingredients) and not self.ingredients.allow_nonfinite:
+            return self.ingredients.shared_nonfinite()
+        return {} if self.off or not self.patterns else self.patterns[0]
+
+
 def run_soup(
     scorer: Callable[[Mapping[str, Tensor]], float],
     ingredients: Sequence[Mapping[str, Tensor]],
@@ -802,6 +849,7 @@ def run_soup(
     progress_bar: bool = True,
     base: Mapping[str, Tensor] | None = None,
     options: Mapping[str, Any] | None = None,
+    allow_nonfinite: bool = False,
 ) -> SoupResult:
     """Score every ingredient, build the soup and score it; the scorer ends holding the soup.
 
@@ -828,13 +876,17 @@ def run_soup(
         progress_bar: show a tqdm bar.
         base: the pre-trained weights, for task-vector methods and aTLAS.
         options: the method's options (``MergeMethod.parameters``, ``LEARNED_SOUP_OPTIONS``).
+        allow_nonfinite: accept NaN and inf weights (refused by default, before any scoring,
+            naming the ingredient and tensors; +-inf entries shared by every ingredient and the
+            base, e.g. an additive mask buffer, are copied into the soup, never averaged).
 
     Returns:
         The soup, its score and every ingredient's (and the learned coefficients).
 
     Raises:
-        ValueError: an unknown ``method`` or bad options (see ``check_soup_method``), or
-            ``"learned"`` with a scorer that is not a ``ValidationScorer``.
+        ValueError: an unknown ``method`` or bad options (see ``check_soup_method``),
+            ``"learned"`` with a scorer that is not a ``ValidationScorer``, or non-finite
+            weights (``NonFiniteError``).
 
     Examples:
         >>> import torch
@@ -854,12 +906,16 @@ def run_soup(
             f"ValidationScorer, not {type(scorer).__name__}"
         )
     names = list(names) if names is not None else [f"ingredient {i}" for i in range(n)]
+    nonfinite = _NonFiniteCheck(ingredients, base, names, allow_nonfinite)
     bar = _progress(n, progress_bar)
     scores: list[float] = []
     for i in range(n):
-        scores.append(float(scorer(ingredients[i])))
+        state = ingredients[i]
+        nonfinite.see(i, state)
+        scores.append(float(scorer(state)))
         bar.update(1)
         bar.set_postfix_str(f"{names[i]}: {monitor}={scores[-1]:.4g}")
+    nonfinite.check()
     candidates: list[tuple[int, float, bool]] = []
     learned: LearnedSoup | None = None
     if method == "greedy":
@@ -891,6 +947,8 @@ def run_soup(
     else:
         soup, chosen = MERGE_METHODS[method].call(ingredients, base, resolved), list(range(n))
     bar.close()
+    if nonfinite.shared():
+        soup = restore_nonfinite(dict(soup), nonfinite.shared())
     soup_score = float(scorer(soup))
     rank_zero_info(
         f"soup of {len(chosen)} ingredient(s) {chosen}: {monitor}={soup_score:.4g} "
@@ -921,6 +979,7 @@ def build_soup(
     base: IngredientSource | None = None,
     options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ) -> SoupResult:
     """Build a soup for ``module`` from checkpoint paths (or state dicts, or modules), scoring
     every ingredient and candidate with the module's ``validation_step`` and ``monitor``
@@ -965,6 +1024,9 @@ def build_soup(
         options: the method's options: the parameters of its ``MERGE_METHODS`` entry, or
             ``LEARNED_SOUP_OPTIONS`` for ``"learned"``.
         overwrite: replace an existing ``plot`` file (refused by default, before any scoring).
+        allow_nonfinite: accept NaN and inf weights in the ingredients and base (refused by
+            default, before any scoring, naming the file and tensors; an ``Ingredients`` given
+            keeps its own setting).
 
     Returns:
         The soup, the chosen ingredients, every score (and, learned, the coefficients).
@@ -972,9 +1034,9 @@ def build_soup(
     Raises:
         ValueError: an unknown ``method`` (the message lists the valid ones), bad ``options``,
             a missing or unused ``base``, an unknown ``mode``, no held-out data, ingredients
-            whose layouts differ, or a folder that is not a distributed checkpoint (all checked
-            before any merging or scoring); a ``plot`` that is an ingredient, exists without
-            ``overwrite`` or is a folder.
+            whose layouts differ or with non-finite weights, or a folder that is not a
+            distributed checkpoint (all checked before any merging or scoring); a ``plot`` that
+            is an ingredient, exists without ``overwrite`` or is a folder.
         OSError: ``plot``'s folder is not writable (checked before any scoring).
         KeyError: a ``monitor`` that ``validation_step`` did not log.
 
@@ -985,7 +1047,11 @@ def build_soup(
                                 mode="max", dataloaders=val_loader)
             result.chosen, result.soup_score
     """
-    ings = ingredients if isinstance(ingredients, Ingredients) else Ingredients(ingredients)
+    ings = (
+        ingredients
+        if isinstance(ingredients, Ingredients)
+        else Ingredients(ingredients, allow_nonfinite=allow_nonfinite)
+    )
     check_soup_method(method, options, num_ingredients=len(ings), has_base=base is not None)
     check_mode(monitor, mode, "build_soup")
     if plot is not None:  # the picture is not lost after the scoring
@@ -994,8 +1060,7 @@ def build_soup(
     ings.validate()
     base_state = None
     if base is not None:
-        base_state = ings.like([base])[0]
-        check_same_layout(base_state, ings[0], name=ings.name(0), ref_name="base")
+        base_state = ings.load_base(base)
     scorer = ValidationScorer(
         module,
         dataloaders=dataloaders,
@@ -1020,6 +1085,7 @@ def build_soup(
         progress_bar=progress_bar,
         base=base_state,
         options=options,
+        allow_nonfinite=ings.allow_nonfinite,
     )
     if recalibrate_on is not None:
         result.state_dict = {k: v.detach().clone() for k, v in module.state_dict().items()}

@@ -40,7 +40,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_ext._io import atomic_torch_save, atomic_write_json, load_file
+from lightning_ext._io import atomic_torch_save, atomic_write_json, load_file, load_json
 from lightning_ext._lightning import namespace_of
 from lightning_ext._modules import named_parameters, normalise_name
 from lightning_ext.functional.sparse import active_count, topk_mask
@@ -320,7 +320,7 @@ def _claim_folder(folder: Path, plan: dict[str, Any], writer: bool) -> None:
     folder's plan is this one (never mix two runs' files)."""
     path = folder / "plan.json"
     if path.exists():
-        existing = json.loads(path.read_text())
+        existing = load_json(path)
         if existing != plan:
             raise ValueError(
                 f"{folder} holds a sparse model soup with another plan ({existing}); pass a new "
@@ -542,7 +542,7 @@ def sparse_model_soup(
         if done.exists():
             saved = load_file(cycle_dir / "soup.pt")
             current, masks = saved["state_dict"], saved["masks"]
-            results.append(CycleResult(**json.loads(done.read_text())))
+            results.append(CycleResult(**load_json(done)))
             rank_zero_info(f"sparse model soup: cycle {cycle} already done in {cycle_dir}")
             continue
         scorer_module.load_state_dict(current)

@@ -29,7 +29,6 @@ the user asked for.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_ext._io import atomic_torch_save, atomic_write_json, load_file
+from lightning_ext._io import atomic_torch_save, atomic_write_json, load_file, load_json
 from lightning_ext._masks import rezero_outside_masks_, sparse_masks_for
 from lightning_ext.functional.interpolation import liti, multi_slerp
 from lightning_ext.strategies.warp import MASKS_SUFFIX, WARPStrategyMixin
@@ -331,4 +330,4 @@ def _barrier() -> None:
 
 def _read_metrics(it_dir: Path) -> dict[str, dict[str, float]]:
     path = it_dir / "metrics.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return load_json(path) if path.exists() else {}

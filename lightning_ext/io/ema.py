@@ -110,6 +110,8 @@ def _checked_ema_state(state: Any, source: str) -> Mapping[str, Any]:
     shadow = state.get("shadow") if isinstance(state, Mapping) else None
     if not isinstance(shadow, Mapping) or not all(isinstance(v, Tensor) for v in shadow.values()):
         raise BadFileError(f"{source}: the EMA state has no 'shadow' dict of tensors")
+    if state.get(EMA_IN_STATE_DICT):  # the EMA is the checkpoint's state_dict, not stored twice
+        return state
     for entry, names in (("masks", state.get("masks", {})), ("aliases", state.get("aliases", {}))):
         targets = names.values() if entry == "aliases" else names
         missing = [n for n in targets if n not in shadow]

@@ -559,6 +559,14 @@ def split_id(test_id: str) -> tuple[str, str]:
     raise ValueError(f"{test_id!r} is not <target>-<fault>")
 
 
+#: The cells a target does not have, with the reason (for tools/edges_table.py's "n/a" cells).
+NOT_APPLICABLE = {
+    (target, fault): reason
+    for target, (_, skipped) in TARGETS.items()
+    for fault, reason in skipped.items()
+}
+
+
 def _cells() -> list[Any]:
     cells = []
     for target, (_, skipped) in TARGETS.items():

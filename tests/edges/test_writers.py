@@ -643,8 +643,8 @@ def test_every_writer_and_fault_is_declared() -> None:
 
 def test_edges_page_reports_each_outcome_in_words(tmp_path: Path) -> None:
     """tools/edges_table.py: one table per file in tests/edges, a cell per (target, fault) in
-    words; a failing cell is not hidden and a loader file without declarations gets its rows and
-    columns from the ids."""
+    words; a failing cell is not hidden, and the loaders' ids (targets holding hyphens) are split
+    by that file's own split_id."""
     from tools import edges_table
 
     junit = tmp_path / "run.xml"
@@ -659,7 +659,7 @@ def test_edges_page_reports_each_outcome_in_words(tmp_path: Path) -> None:
             "export_ema-read-only-dir",
             '<skipped type="pytest.xfail" message="a reason this test invents"/>',
         )
-        + case.format("loaders", "loader", "load_file-empty-file", "")
+        + case.format("loaders", "loader", "load_file-empty", "")
         + "</testsuite></testsuites>"
     )
     page = edges_table.render(edges_table.read_junit(junit))
@@ -671,7 +671,12 @@ def test_edges_page_reports_each_outcome_in_words(tmp_path: Path) -> None:
     assert rows["**soup**"][column["concurrent-writers"]].strip().startswith("n/a [")
     assert rows["**export_ema**"][column["read-only-dir"]].strip().startswith("bug [")
     assert rows["**atomic_torch_save**"][column["sigkill-mid-write"]].strip() == "not run"
-    assert rows["**load_file**"] == [" holds "]
+    from tests.edges.test_loaders import FAULTS as READ_FAULTS
+
+    loader_row = rows["**load_file**"]
+    assert loader_row[READ_FAULTS.index("empty")].strip() == "holds"
+    assert loader_row[READ_FAULTS.index("missing")].strip() == "not run"
+    assert loader_row[READ_FAULTS.index("non-finite")].strip().startswith("n/a [")
     assert "a reason this test invents" in page and "## `tests/edges/test_loaders.py`" in page
     assert "Every bad file gets one line" in page  # the reading rules, with the loaders' table
 

@@ -449,7 +449,7 @@ def test_prune_select_cli_writes_the_subset_and_reports_class_coverage(tmp_path,
                 "--strategy",
                 "class_balanced",
                 "--out",
-                str(out),
+                str(out.with_name("sequence_keep.pt")),
             ]
         )
 

@@ -41,6 +41,7 @@ __all__ = [
     "namespace_of",
     "run_dir",
     "run_validation_epoch_apart",
+    "stepping_batches",
 ]
 
 NAMESPACES: tuple[ModuleType, ...] = tuple(
@@ -191,6 +192,23 @@ def fit_train_loaders(trainer: Any) -> Any:
     """What the fit trains on, as returned by its source (the datamodule's, the module's or
     ``fit(train_dataloaders=...)``); read from the fit loop's private data source."""
     return trainer.fit_loop._data_source.dataloader()
+
+
+def stepping_batches(trainer: Any) -> int | float:
+    """``trainer.estimated_stepping_batches``, read once the fit loop has built its training loader
+    (from ``on_train_start`` on).
+
+    Read earlier (``setup``, ``on_fit_start``), the property makes Lightning build the training
+    loader before a checkpoint's loader state is restored, so a resumed run's stateful loader is
+    never fast-forwarded and a mid-epoch resume replays the epoch's first batches. Refusing the
+    early read keeps every caller in this package honest.
+    """
+    if trainer.max_epochs != -1 and trainer.fit_loop._combined_loader is None:
+        raise RuntimeError(
+            "lightning_ext read estimated_stepping_batches before the fit loop built its "
+            "training loader; read it from on_train_start on, or resume would not be exact"
+        )
+    return trainer.estimated_stepping_batches
 
 
 def _fit_val_source(trainer: Any) -> Any:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from lightning_ext._batch import (
     BatchFormatError,
@@ -56,13 +56,22 @@ PLOT_MAX_CLASSES = 20
 
 
 def _train_dataset(trainer: pl.Trainer) -> Dataset:
+    """The one map-style training dataset whose examples are scored by index."""
     loader = trainer.train_dataloader
     if not isinstance(loader, DataLoader):
         raise ValueError(
             "DataPruningScores scores one training DataLoader; got "
             f"{type(loader).__name__}. Use a single train DataLoader."
         )
-    return loader.dataset
+    dataset = loader.dataset
+    if isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized):
+        raise ValueError(
+            f"DataPruningScores scores each example of the training set by its index, but the "
+            f"training dataset {type(dataset).__name__} is a stream (an IterableDataset, or "
+            "without __len__): train on a map-style dataset (__len__ and __getitem__), wrapped "
+            "in lightning_ext.data.IndexedDataset for mode='online'"
+        )
+    return dataset
 
 
 def _find_sampler(trainer: pl.Trainer, kind: type) -> Any:
@@ -471,6 +480,7 @@ class DataPruningScores(DeclaredState, Callback):
         self._last_is_index = None
         if self.scores is not None:
             return
+        _train_dataset(trainer)  # a stream is refused before the first batch
         if self.mode == "pass":
             self._check_batch_format(trainer, pl_module)
             if self.at_epoch == 0:

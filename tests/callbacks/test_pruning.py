@@ -188,6 +188,26 @@ def test_clear_errors():
         InfoBatch(prune_prob=1.0)
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    """An indexed stream: (x, y, index) samples with no __len__ and no __getitem__."""
+
+    def __iter__(self):
+        x, y = digits(limit=64).tensors
+        return iter(zip(x, y, range(64)))
+
+
+@pytest.mark.parametrize("mode", ["pass", "online"])
+def test_a_stream_is_refused_before_the_first_batch_naming_a_map_style_dataset(mode):
+    """Old behaviour: ``TypeError: object of type ... has no len()`` from inside the scoring pass
+    (after training ran), or at the first online epoch's end."""
+    steps = _CountSteps()
+    with pytest.raises(ValueError, match=r"_Stream is a stream .*map-style dataset"):
+        quiet_trainer(max_epochs=1, callbacks=[DataPruningScores(mode=mode), steps]).fit(
+            IndexedClassifier(), DataLoader(_Stream(), batch_size=16)
+        )
+    assert steps.steps == 0
+
+
 def test_wandb_histogram_and_table(tmp_path):
     from lightning.pytorch.loggers import WandbLogger
 

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import lightning.pytorch as _lightning_pytorch
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -41,6 +42,7 @@ __all__ = [
     "namespace_of",
     "run_dir",
     "run_validation_epoch_apart",
+    "skipped_epoch_end",
     "stepping_batches",
 ]
 
@@ -209,6 +211,43 @@ def stepping_batches(trainer: Any) -> int | float:
             "training loader; read it from on_train_start on, or resume would not be exact"
         )
     return trainer.estimated_stepping_batches
+
+
+_SKIPPED_WARNED_ATTR = "_lightning_ext_skipped_epoch_end_warned"
+
+
+def skipped_epoch_end(trainer: Any) -> int | None:
+    """The epoch whose end this resumed fit skips, or None.
+
+    A checkpoint written after an epoch's last training batch but before that epoch ended
+    (``ModelCheckpoint(every_n_train_steps=...)`` landing on the last batch) resumes with the
+    epoch counted as finished: Lightning runs none of its end (validation, ``on_train_epoch_end``
+    hooks, epoch-interval LR scheduler steps) nor the next epoch's ``on_train_epoch_start``. Read
+    from the loops' restored progress counters, valid in ``on_train_start`` (Lightning decides the
+    restart stage just before it). Warns once per fit, naming what is lost; callbacks of this
+    package redo their own epoch-end work when this returns an epoch.
+    """
+    fit_loop = trainer.fit_loop
+    epoch_loop = fit_loop.epoch_loop
+    skipped = (
+        getattr(fit_loop, "restarted_mid_epoch", False)
+        and getattr(epoch_loop, "restarted_on_train_batch_end", False)
+        and epoch_loop.batch_progress.is_last_batch
+    )
+    if not skipped:
+        return None
+    epoch = int(trainer.current_epoch) - 1  # Lightning already counted the epoch as completed
+    if not getattr(trainer, _SKIPPED_WARNED_ATTR, False):
+        setattr(trainer, _SKIPPED_WARNED_ATTR, True)
+        rank_zero_warn(
+            f"Resumed from a checkpoint written after the last training batch of epoch {epoch} "
+            "but before that epoch ended: Lightning skips the rest of the epoch (its end-of-epoch "
+            "validation, on_train_epoch_end hooks, epoch-interval LR scheduler steps) and the next "
+            "epoch's on_train_epoch_start. lightning_ext callbacks redo their own epoch-end work; "
+            "the rest is lost. Checkpoint at epoch ends (ModelCheckpoint(every_n_epochs=...)) or "
+            "off the epoch's last batch to resume without loss."
+        )
+    return epoch
 
 
 def _fit_val_source(trainer: Any) -> Any:

@@ -24,7 +24,7 @@ from lightning_ext._batch import (
     move_to_device,
     per_sample_cross_entropy,
 )
-from lightning_ext._lightning import is_wandb_logger, run_dir
+from lightning_ext._lightning import is_wandb_logger, run_dir, skipped_epoch_end
 from lightning_ext._plot import new_figure, write_png
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.data.indexed import (
@@ -105,6 +105,47 @@ def _gather_records(trainer: pl.Trainer, indices: Tensor, values: Tensor) -> tup
     first = torch.full((unique.numel(),), indices.numel(), dtype=torch.long)
     first.scatter_reduce_(0, inverse, torch.arange(indices.numel()), reduce="amin")
     return unique, values[first]
+
+
+def _records(buffer: list[tuple[Tensor, ...]], width: int) -> tuple[Tensor, Tensor]:
+    """A buffer of per-batch ``(indices, *width value vectors)`` as one index vector and one
+    ``[n, width]`` float64 value matrix, on the CPU."""
+    if not buffer:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, width, dtype=torch.float64)
+    idx = torch.cat([b[0].cpu().long() for b in buffer])
+    columns = [torch.cat([b[i].cpu().double() for b in buffer]) for i in range(1, width + 1)]
+    return idx, torch.stack(columns, 1)
+
+
+class _BufferState:
+    """The records of the running epoch, kept in the checkpoint: a resume mid-epoch, or on an
+    epoch's last batch (whose end Lightning then skips), still merges the whole epoch. Under DDP
+    each rank holds its own records, so they are gathered when a checkpoint is saved (every rank
+    saves) and every rank restores all of them (the merge keeps each index once)."""
+
+    _buffer: list[tuple[Tensor, ...]]
+    _BUFFER_WIDTH: int  # value vectors per record
+
+    def _buffer_state(self) -> dict[str, Any]:
+        idx, values = _records(self._buffer, self._BUFFER_WIDTH)
+        return {"buffer_indices": idx, "buffer_values": values}
+
+    def _load_buffer(self, state: Mapping[str, Any]) -> None:
+        idx, values = state.get("buffer_indices"), state.get("buffer_values")
+        if idx is None or values is None or not idx.numel():
+            self._buffer = []
+        else:
+            self._buffer = [(idx, *values.unbind(1))]
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if trainer.world_size > 1:
+            idx, values = _gather_records(trainer, *_records(self._buffer, self._BUFFER_WIDTH))
+            key = self.state_key  # type: ignore[attr-defined]  # Callback's
+            saved = checkpoint.get("callbacks", {}).get(key)
+            if saved is not None:
+                saved.update(buffer_indices=idx, buffer_values=values)
 
 
 def _mean_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -218,7 +259,7 @@ def _warn_no_matplotlib() -> None:
         rank_zero_warn("matplotlib is not installed: no score histogram PNG is written")
 
 
-class DataPruningScores(DeclaredState, Callback):
+class DataPruningScores(_BufferState, DeclaredState, Callback):
     """Scores every training example for data pruning and saves them with a dataset fingerprint.
 
     ``mode="pass"`` (drop-in, any module): after ``at_epoch`` epochs (0: before training) or at
@@ -325,7 +366,7 @@ class DataPruningScores(DeclaredState, Callback):
         self._learned: Tensor | None = None
         self._presentations = 0  # completed correctness passes / online epochs (forgetting)
         self._online: Tensor | None = None  # online per-example values (NaN: never presented)
-        self._buffer: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._buffer: list[tuple[Tensor, ...]] = []
         self._last_is_index: bool | None = None
         self._default_dir: Path | None = None
 
@@ -486,6 +527,11 @@ class DataPruningScores(DeclaredState, Callback):
             if self.at_epoch == 0:
                 values, labels = self._pass(trainer, pl_module, self.score)
                 self._finish(trainer, values, labels)
+        # Resumed on an epoch's last batch: Lightning skips that epoch's end; the weights are
+        # the ones it ended with and the epoch's records came with the checkpoint.
+        epoch = skipped_epoch_end(trainer)
+        if epoch is not None:
+            self._epoch_end(trainer, pl_module, epoch)
 
     def on_train_batch_end(
         self,
@@ -518,16 +564,19 @@ class DataPruningScores(DeclaredState, Callback):
         self._buffer.append((indices.detach(), value, sample_keys(targets.detach())))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_end(trainer, pl_module, trainer.current_epoch)
+
+    def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         if self.scores is not None:
             return
-        done = self.at_epoch is not None and trainer.current_epoch + 1 >= self.at_epoch
+        done = self.at_epoch is not None and epoch + 1 >= self.at_epoch
         if self.mode == "pass":
             if self.score == "forgetting":
                 correct, labels = self._pass(trainer, pl_module, "correct")
                 self._record_forgetting(torch.arange(correct.numel()), correct, labels)
                 if done:
                     self._finish_forgetting(trainer)
-            elif self.at_epoch is not None and trainer.current_epoch + 1 == self.at_epoch:
+            elif self.at_epoch is not None and epoch + 1 == self.at_epoch:
                 values, labels = self._pass(trainer, pl_module, self.score)
                 self._finish(trainer, values, labels)
             return
@@ -546,13 +595,9 @@ class DataPruningScores(DeclaredState, Callback):
 
     def _merge_epoch_buffer(self, trainer: pl.Trainer) -> None:
         n = len(_train_dataset(trainer))  # type: ignore[arg-type]
-        if self._buffer:
-            idx, val, lab = (torch.cat([t.cpu() for t in ts]) for ts in zip(*self._buffer))
-        else:
-            idx = torch.zeros(0, dtype=torch.long)
-            val = lab = torch.zeros(0, dtype=torch.float64)
+        records = _records(self._buffer, self._BUFFER_WIDTH)
         self._buffer = []
-        idx, both = _gather_records(trainer, idx, torch.stack([val.double(), lab.double()], 1))
+        idx, both = _gather_records(trainer, *records)
         if self.labels is None:
             self.labels = torch.full((n,), -1, dtype=torch.long)
         if idx.numel() and int(idx.max()) >= n:
@@ -686,9 +731,17 @@ class DataPruningScores(DeclaredState, Callback):
         ("presentations", "_presentations"),
         ("online", "_online"),
     )
+    _BUFFER_WIDTH = 2  # value, label
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), **self._buffer_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._load_buffer(state_dict)
 
 
-class InfoBatch(DeclaredState, Callback):
+class InfoBatch(_BufferState, DeclaredState, Callback):
     """InfoBatch (Qin et al. 2024): each epoch, examples whose last loss is below the mean are
     skipped with probability ``prune_prob``; the kept ones among them have their loss scaled by
     ``1 / (1 - prune_prob)`` so the expected gradient is unchanged. Pruning stops for the last
@@ -730,7 +783,7 @@ class InfoBatch(DeclaredState, Callback):
         self.prune_prob, self.delta = prune_prob, delta
         self.scores: Tensor | None = None
         self._sampler: InfoBatchSampler | None = None
-        self._buffer: list[tuple[Tensor, Tensor]] = []
+        self._buffer: list[tuple[Tensor, ...]] = []
         self._weights: Tensor | None = None
         self._hook_called = False
 
@@ -765,7 +818,15 @@ class InfoBatch(DeclaredState, Callback):
         self._sampler = _find_sampler(trainer, InfoBatchSampler)
         if self.scores is None:
             self.scores = torch.full((len(self._sampler.dataset),), float("nan"))  # type: ignore[arg-type]
-        self._configure(trainer, trainer.current_epoch)
+        if skipped_epoch_end(trainer) is not None:  # the skipped epoch's losses become scores
+            self._merge_scores(trainer)
+        epoch = trainer.current_epoch
+        self._configure(trainer, epoch)
+        # A resumed fit may not start its epoch (mid-epoch, or after a skipped epoch end): the
+        # weights of the epoch's draw are set here too (the draw is the same, cached per epoch).
+        self._sampler.set_epoch(epoch)
+        self._sampler.epoch_indices()
+        self._weights = self._sampler.weights
 
     def _configure(self, trainer: pl.Trainer, epoch: int) -> None:
         assert self._sampler is not None and self.scores is not None
@@ -802,14 +863,23 @@ class InfoBatch(DeclaredState, Callback):
             )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self.scores is not None
-        if self._buffer:
-            idx, val = (torch.cat(t) for t in zip(*self._buffer))
-        else:
-            idx, val = torch.zeros(0, dtype=torch.long), torch.zeros(0)
-        self._buffer = []
-        idx, val = _gather_records(trainer, idx, val)
-        self.scores[idx] = val.float()
+        self._merge_scores(trainer)
         self._configure(trainer, trainer.current_epoch + 1)
 
+    def _merge_scores(self, trainer: pl.Trainer) -> None:
+        """The epoch's recorded losses (every rank's) become the examples' scores."""
+        assert self.scores is not None
+        records = _records(self._buffer, self._BUFFER_WIDTH)
+        self._buffer = []
+        idx, val = _gather_records(trainer, *records)
+        self.scores[idx] = val[:, 0].float()
+
     STATE = ("scores",)
+    _BUFFER_WIDTH = 1  # loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), **self._buffer_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._load_buffer(state_dict)

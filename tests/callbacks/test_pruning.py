@@ -13,10 +13,11 @@ from torch.utils.data import DataLoader
 from lightning_ext.callbacks import DataPruningScores, InfoBatch
 from lightning_ext.data import IndexedDataset, InfoBatchSampler, load_scores
 from lightning_ext.functional import el2n_scores, forgetting_update_
+from tests.helpers.boundary import ResumableLoader, fit_and_resume_at_step
 from tests.helpers.data import DigitsDataModule, digits, loader
 from tests.helpers.ddp import run_ddp
 from tests.helpers.models import Classifier
-from tests.helpers.resume import check_resume_exact, quiet_trainer
+from tests.helpers.resume import assert_bitwise_equal, check_resume_exact, quiet_trainer
 from tests.helpers.wandb_reader import read_offline_runs
 
 LIMIT = 200
@@ -138,6 +139,47 @@ def test_online_forgetting_matches_replay_and_resumes(tmp_path):
         split_epoch=1,
         limit_val_batches=0,
     )
+
+
+@pytest.mark.parametrize("step", [5, 7])  # mid-epoch; epoch 0's last batch (7 of 32 from 200)
+def test_online_forgetting_resumes_exactly_mid_epoch_and_on_an_epochs_last_batch(tmp_path, step):
+    """The epoch's records are checkpointed, and the end Lightning skips on a last-batch resume is
+    redone. Before: 50 of 200 forgetting counts differed by one (the resumed epoch's records
+    were lost), and on a last-batch resume the epoch was never merged."""
+    runs = fit_and_resume_at_step(
+        lambda: IndexedClassifier(lr=0.2),
+        lambda: [DataPruningScores("forgetting", mode="online", at_epoch=None)],
+        lambda: ResumableLoader(IndexedDataset(digits(limit=LIMIT)), 32),
+        tmp_path,
+        step=step,
+        max_epochs=3,
+        limit_val_batches=0,
+    )
+    full, resumed = runs.full_callbacks[0], runs.resumed_callbacks[0]
+    assert resumed._presentations == full._presentations == 3
+    assert_bitwise_equal(full.state_dict(), resumed.state_dict())
+    assert_bitwise_equal(load_scores(full.saved_path), load_scores(resumed.saved_path))
+
+
+def test_infobatch_resumes_exactly_mid_epoch_and_on_an_epochs_last_batch(tmp_path):
+    """Before: the resumed epoch's losses were lost (its examples kept stale scores) and the
+    resumed fit raised in InfoBatch.loss, since Lightning does not start a resumed epoch."""
+    dataset = IndexedDataset(digits(limit=LIMIT))
+    for step in (3, 7):  # mid-epoch; epoch 0's last batch (7 of 32 from 200)
+        runs = fit_and_resume_at_step(
+            InfoBatchClassifier,
+            lambda: [InfoBatch(prune_prob=0.5, delta=1.0)],
+            lambda: ResumableLoader(dataset, 32, sampler=InfoBatchSampler(dataset, seed=0)),
+            tmp_path / str(step),
+            step=step,
+            max_epochs=2,
+            limit_val_batches=0,
+        )
+        assert not torch.isnan(runs.resumed_callbacks[0].scores).any()
+        assert_bitwise_equal(
+            runs.full_callbacks[0].state_dict(), runs.resumed_callbacks[0].state_dict()
+        )
+        assert_bitwise_equal(runs.full_module.state_dict(), runs.resumed_module.state_dict())
 
 
 def test_pass_forgetting_and_grand_with_accumulation_bf16_and_checkpoint(tmp_path):

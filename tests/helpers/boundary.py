@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from tests.helpers.resume import quiet_trainer
 
@@ -24,10 +24,13 @@ from tests.helpers.resume import quiet_trainer
 class ResumableLoader(DataLoader):
     """A DataLoader that remembers how many batches of the epoch it served and skips them on
     resume (unless it served all: the epoch was over). Its order depends only on (seed, epoch),
-    through a seeded DistributedSampler."""
+    through a seeded DistributedSampler, or the epoch-aware ``sampler`` given."""
 
-    def __init__(self, dataset: Dataset, batch_size: int = 32, seed: int = 0) -> None:
-        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
+    def __init__(
+        self, dataset: Dataset, batch_size: int = 32, seed: int = 0, sampler: Sampler | None = None
+    ) -> None:
+        if sampler is None:
+            sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
         super().__init__(dataset, batch_size=batch_size, sampler=sampler)
         self.served = 0
         self._skip = 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sized
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -40,6 +40,7 @@ __all__ = [
     "is_trainer",
     "is_wandb_logger",
     "namespace_of",
+    "recount_train_epoch",
     "run_dir",
     "run_validation_epoch_apart",
     "skipped_epoch_end",
@@ -248,6 +249,46 @@ def skipped_epoch_end(trainer: Any) -> int | None:
             "off the epoch's last batch to resume without loss."
         )
     return epoch
+
+
+def recount_train_epoch(trainer: Any) -> int | None:
+    """Make Lightning count the coming training epoch by its loader's length now; returns that
+    number of batches (None for a loader without a length).
+
+    Lightning reads the training loader's length once, when it builds the loader, and counts
+    every epoch by it: ``num_training_batches``, where a fractional ``val_check_interval``
+    validates, and when a batch is the epoch's last (which the epoch-end validation waits for).
+    A sampler whose epochs differ in length (InfoBatch draws each epoch anew) needs the counts
+    renewed each epoch: call from ``on_train_epoch_start``, once the sampler's epoch is set. Sets
+    the fit loop's ``max_batches``, the combined loader's limits, the data fetcher's length and
+    ``val_check_batch`` as Lightning's own ``setup_data`` computes them.
+    """
+    loop = trainer.fit_loop
+    combined = loop._combined_loader
+    if combined is None:
+        return None
+    connector = _internal(trainer, "trainer.connectors.data_connector")
+    stage = _internal(trainer, "trainer.states").RunningStage.TRAINING
+    lengths = [len(dl) if isinstance(dl, Sized) else None for dl in combined.flattened]
+    if any(length is None for length in lengths):
+        return None
+    limits = [
+        connector._parse_num_batches(stage, length, trainer.limit_train_batches)
+        for length in lengths
+    ]
+    combined.limits = limits
+    if combined._iterator is not None:  # the running iterator counts by its own copy
+        combined._iterator.limits = limits
+    loop.max_batches = len(combined) if combined._iterator is not None else max(limits)
+    fetcher = loop._data_fetcher
+    if fetcher is not None and fetcher.length is not None:
+        fetcher.length = loop.max_batches
+        fetcher.done = loop.max_batches == 0
+    interval = trainer.val_check_interval
+    timed = getattr(trainer, "_val_check_time_interval", None) is not None
+    if isinstance(interval, float) and not timed and trainer.val_check_batch != float("inf"):
+        trainer.val_check_batch = max(1, int(loop.max_batches * interval))
+    return int(loop.max_batches)
 
 
 def _fit_val_source(trainer: Any) -> Any:

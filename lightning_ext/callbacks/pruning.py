@@ -24,7 +24,13 @@ from lightning_ext._batch import (
     move_to_device,
     per_sample_cross_entropy,
 )
-from lightning_ext._lightning import is_wandb_logger, run_dir, skipped_epoch_end
+from lightning_ext._lightning import (
+    is_wandb_logger,
+    recount_train_epoch,
+    run_dir,
+    skipped_epoch_end,
+    stepping_batches,
+)
 from lightning_ext._plot import new_figure, write_png
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.data.indexed import (
@@ -741,6 +747,14 @@ class DataPruningScores(_BufferState, DeclaredState, Callback):
         self._load_buffer(state_dict)
 
 
+_HOOK = (
+    "In training_step, compute the unreduced loss and return it through the callback:\n"
+    "    x, y, index = batch  # IndexedDataset appends the index\n"
+    "    losses = F.cross_entropy(self(x), y, reduction='none')\n"
+    "    return InfoBatch.loss(self, losses, index)"
+)
+
+
 class InfoBatch(_BufferState, DeclaredState, Callback):
     """InfoBatch (Qin et al. 2024): each epoch, examples whose last loss is below the mean are
     skipped with probability ``prune_prob``; the kept ones among them have their loss scaled by
@@ -786,6 +800,7 @@ class InfoBatch(_BufferState, DeclaredState, Callback):
         self._buffer: list[tuple[Tensor, ...]] = []
         self._weights: Tensor | None = None
         self._hook_called = False
+        self._first_step: Any = None
 
     @staticmethod
     def loss(pl_module: pl.LightningModule, per_sample_loss: Tensor, indices: Tensor) -> Tensor:
@@ -816,6 +831,8 @@ class InfoBatch(_BufferState, DeclaredState, Callback):
         if trainer.max_epochs in (None, -1):
             raise ValueError("InfoBatch anneals at delta * max_epochs: set Trainer(max_epochs=...)")
         self._sampler = _find_sampler(trainer, InfoBatchSampler)
+        self._warn_about_run_length(trainer)
+        self._guard_first_step(pl_module)
         if self.scores is None:
             self.scores = torch.full((len(self._sampler.dataset),), float("nan"))  # type: ignore[arg-type]
         if skipped_epoch_end(trainer) is not None:  # the skipped epoch's losses become scores
@@ -827,6 +844,59 @@ class InfoBatch(_BufferState, DeclaredState, Callback):
         self._sampler.set_epoch(epoch)
         self._sampler.epoch_indices()
         self._weights = self._sampler.weights
+        recount_train_epoch(trainer)
+
+    def _guard_first_step(self, pl_module: pl.LightningModule) -> None:
+        """Name ``InfoBatch.loss`` when the first training step fails before calling it.
+
+        A module written without InfoBatch fails in its own ``x, y = batch`` (the batch now ends
+        with the index), before the end-of-batch check could say what is missing. The module's
+        ``training_step`` is shadowed by an instance attribute for that one call (removed after
+        it), and any error it raises before handing over the losses is re-raised naming the hook.
+        """
+        step = pl_module.training_step
+
+        def first_step(*args: Any, **kwargs: Any) -> Any:
+            del pl_module.training_step  # one call only
+            try:
+                return step(*args, **kwargs)
+            except Exception as err:
+                if self._hook_called:
+                    raise
+                raise RuntimeError(
+                    "InfoBatch: the first training step failed before handing over its "
+                    f"per-sample losses ({type(err).__name__}: {err}); with InfoBatch each batch "
+                    f"ends with the examples' indices. {_HOOK}"
+                ) from err
+
+        pl_module.training_step = first_step  # type: ignore[method-assign]
+        self._first_step = first_step
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if pl_module.__dict__.get("training_step") is self._first_step:  # no step was run
+            del pl_module.training_step
+
+    def _warn_about_run_length(self, trainer: pl.Trainer) -> None:
+        """Say so when something is likely sized by the run's length, which InfoBatch shortens
+        as it goes: a per-step LR scheduler (OneCycleLR's total_steps), DynamicSparseTraining's
+        end_fraction, ScheduleRefinement's stored schedule."""
+        if self.prune_prob == 0 or self.delta == 0 or trainer.current_epoch > 0:
+            return
+        readers = [
+            type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs if c.interval == "step"
+        ] + [
+            type(c).__name__
+            for c in trainer.callbacks  # type: ignore[attr-defined]
+            if type(c).__name__ in ("DynamicSparseTraining", "ScheduleRefinement")
+        ]
+        if readers:
+            rank_zero_warn(
+                f"InfoBatch prunes epochs as the run goes, so the run is shorter than "
+                f"trainer.estimated_stepping_batches ({stepping_batches(trainer)} steps, every "
+                f"epoch counted whole), by a share known only as it runs; {readers} may be sized "
+                "by that count and then not finish (a schedule not decayed to its end). Size "
+                "them by steps you set (max_steps, a scheduler's total_steps) or expect it."
+            )
 
     def _configure(self, trainer: pl.Trainer, epoch: int) -> None:
         assert self._sampler is not None and self.scores is not None
@@ -836,6 +906,9 @@ class InfoBatch(_BufferState, DeclaredState, Callback):
         assert self._sampler is not None
         kept = self._sampler.epoch_indices()
         self._weights = self._sampler.weights
+        # Lightning counts epochs by the length it read when it built the loader: a pruned
+        # epoch would validate at the wrong batches and never at its end.
+        recount_train_epoch(trainer)
         n = len(self._sampler.dataset)  # type: ignore[arg-type]
         pl_module.log("infobatch/kept_fraction", kept.numel() / n, on_epoch=True, on_step=False)
 
@@ -855,11 +928,7 @@ class InfoBatch(_BufferState, DeclaredState, Callback):
         if not self._hook_called:
             raise RuntimeError(
                 f"InfoBatch: training batch {batch_idx} of epoch {trainer.current_epoch} did not "
-                "hand over its per-sample losses, so nothing can be pruned or rescaled. In "
-                "training_step, compute the unreduced loss and return it through the callback:\n"
-                "    x, y, index = batch  # IndexedDataset appends the index\n"
-                "    losses = F.cross_entropy(self(x), y, reduction='none')\n"
-                "    return InfoBatch.loss(self, losses, index)"
+                f"hand over its per-sample losses, so nothing can be pruned or rescaled. {_HOOK}"
             )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -165,7 +165,7 @@ def test_infobatch_resumes_exactly_mid_epoch_and_on_an_epochs_last_batch(tmp_pat
     """Before: the resumed epoch's losses were lost (its examples kept stale scores) and the
     resumed fit raised in InfoBatch.loss, since Lightning does not start a resumed epoch."""
     dataset = IndexedDataset(digits(limit=LIMIT))
-    for step in (3, 7):  # mid-epoch; epoch 0's last batch (7 of 32 from 200)
+    for step in (3, 7, 10):  # mid-epoch; epoch 0's last batch (7 of 32 from 200); pruned epoch 1
         runs = fit_and_resume_at_step(
             InfoBatchClassifier,
             lambda: [InfoBatch(prune_prob=0.5, delta=1.0)],
@@ -176,6 +176,8 @@ def test_infobatch_resumes_exactly_mid_epoch_and_on_an_epochs_last_batch(tmp_pat
             limit_val_batches=0,
         )
         assert not torch.isnan(runs.resumed_callbacks[0].scores).any()
+        pruned = runs.full_trainer.num_training_batches
+        assert pruned < 7 and runs.resumed_trainer.num_training_batches == pruned
         assert_bitwise_equal(
             runs.full_callbacks[0].state_dict(), runs.resumed_callbacks[0].state_dict()
         )
@@ -307,6 +309,64 @@ def test_infobatch_prunes_then_anneals_and_resumes(tmp_path):
         split_epoch=2,
         limit_val_batches=0,
     )
+
+
+class _EpochPlaces(Callback):
+    """Per epoch: the batches it trained, Lightning's count of them, where it validated."""
+
+    def __init__(self):
+        self.trained, self.counted, self.validated = [], [], []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.validated.append([])
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.validated[-1].append(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.trained.append(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        self.counted.append(trainer.num_training_batches)
+
+
+def test_infobatch_epochs_are_counted_by_their_pruned_length():
+    """Lightning sees each pruned epoch's true length: val_check_interval=0.5 validates at its
+    middle and end. Before: pruned epochs of 26 and 25 batches were counted as 32, validated at
+    batch 16 only, and the trained model was never validated at an epoch's end."""
+    places = _EpochPlaces()
+    dataset = IndexedDataset(digits(limit=256))
+    quiet_trainer(
+        max_epochs=3,
+        callbacks=[InfoBatch(prune_prob=0.5, delta=1.0), places],
+        val_check_interval=0.5,
+        num_sanity_val_steps=0,
+    ).fit(
+        InfoBatchClassifier(),
+        DataLoader(dataset, batch_size=8, sampler=InfoBatchSampler(dataset, seed=1)),
+        loader(digits("val"), 128, None),
+    )
+    assert places.trained[0] == 32 and all(n < 28 for n in places.trained[1:])
+    assert places.counted == places.trained
+    for n, validated in zip(places.trained, places.validated):
+        assert validated == [n // 2, 2 * (n // 2)]
+
+
+class _OneCycleInfoBatchClassifier(InfoBatchClassifier):
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        total = self.trainer.estimated_stepping_batches
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_infobatch_warns_that_a_schedule_sized_by_the_run_length_will_not_finish():
+    with pytest.warns(UserWarning, match=r"estimated_stepping_batches \(8 steps.*OneCycleLR"):
+        _fit(
+            [InfoBatch()],
+            module=_OneCycleInfoBatchClassifier(),
+            dm=InfoBatchDigits(limit=LIMIT),
+            max_epochs=2,
+        )
 
 
 def test_infobatch_loss_rescales_kept_well_learned_examples():
@@ -587,6 +647,15 @@ def test_infobatch_without_the_loss_hook_fails_at_the_first_batch():
             max_epochs=3,
         )
     assert steps.steps == 0  # raised at the end of the very first batch
+
+
+def test_infobatch_on_a_module_that_does_not_unpack_the_index_names_the_hook():
+    """Before: the module's own ``x, y = batch`` failed with a bare ValueError (too many values
+    to unpack), and nothing named InfoBatch.loss."""
+    steps = _CountSteps()
+    with pytest.raises(RuntimeError, match=r"(?s)too many values to unpack.*InfoBatch.loss\(self"):
+        _fit([InfoBatch(), steps], module=Classifier(), dm=InfoBatchDigits(limit=LIMIT))
+    assert steps.steps == 0
 
 
 def test_pytorch_lightning_namespace():

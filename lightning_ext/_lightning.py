@@ -40,6 +40,7 @@ __all__ = [
     "is_trainer",
     "is_wandb_logger",
     "namespace_of",
+    "realign_loader_reloads",
     "recount_train_epoch",
     "run_dir",
     "run_validation_epoch_apart",
@@ -289,6 +290,24 @@ def recount_train_epoch(trainer: Any) -> int | None:
     if isinstance(interval, float) and not timed and trainer.val_check_batch != float("inf"):
         trainer.val_check_batch = max(1, int(loop.max_batches * interval))
     return int(loop.max_batches)
+
+
+def realign_loader_reloads(trainer: Any) -> None:
+    """Have a resumed fit reload its training loader at the epochs an uninterrupted run does.
+
+    With ``reload_dataloaders_every_n_epochs=n`` an uninterrupted run reloads at epochs 0, n,
+    2n... A resumed fit builds its loader at the restored epoch and counts n epochs from there,
+    so a checkpoint written at a task boundary of a ``TaskStream`` (epoch's end or last batch)
+    resumed on the old task's loader and reloaded off the boundaries. Setting the loop's last
+    reload epoch to the uninterrupted run's restores the schedule; the loader built at resume
+    holds the same data as the uninterrupted run's until the next boundary. Call from
+    ``on_train_start`` (after the loader is built, before the next epoch starts).
+    """
+    n = trainer.reload_dataloaders_every_n_epochs
+    loop = trainer.fit_loop
+    last = loop._last_train_dl_reload_epoch
+    if n and isinstance(last, int):
+        loop._last_train_dl_reload_epoch = (last // n) * n
 
 
 def _fit_val_source(trainer: Any) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import pytorch_lightning as ptl
@@ -13,7 +15,7 @@ from torch.utils.data import DataLoader
 from lightning_ext.callbacks import DataPruningScores, InfoBatch
 from lightning_ext.data import IndexedDataset, InfoBatchSampler, load_scores
 from lightning_ext.functional import el2n_scores, forgetting_update_
-from tests.helpers.boundary import ResumableLoader, fit_and_resume_at_step
+from tests.helpers.boundary import ResumableLoader, SaveAtStep, fit_and_resume_at_step
 from tests.helpers.data import DigitsDataModule, digits, loader
 from tests.helpers.ddp import run_ddp
 from tests.helpers.models import Classifier
@@ -417,12 +419,13 @@ def ddp_scores(out_dir: str) -> None:
     grand = DataPruningScores("grand", at_epoch=1)
     forgetting = DataPruningScores("forgetting", mode="online", at_epoch=2)
     save = _SaveWeightsAfterEpoch0(f"{out_dir}/weights.pt")
+    mid_epoch = SaveAtStep(1, Path(out_dir) / "mid.ckpt")  # after 2 batches on each rank
     trainer = quiet_trainer(
         devices=2,
         strategy="ddp",
         max_epochs=2,
         limit_val_batches=0,
-        callbacks=[save, el2n, grand, forgetting],
+        callbacks=[save, el2n, grand, forgetting, mid_epoch],
         default_root_dir=out_dir,
         precision="bf16-mixed",
         accumulate_grad_batches=2,
@@ -471,6 +474,10 @@ def test_ddp_scores_every_example_once_like_one_process(tmp_path):
     from lightning_ext.functional import grand_scores
 
     r0, r1 = run_ddp("tests.callbacks.test_pruning:ddp_scores", tmp_path)
+    # a mid-epoch checkpoint holds both ranks' online records (2 batches of 32 each), not rank 0's
+    states = torch.load(tmp_path / "mid.ckpt", weights_only=False)["callbacks"]
+    online = next(v for k, v in states.items() if "forgetting" in k and "online" in k)
+    assert online["buffer_indices"].unique().numel() == 2 * 2 * 32
     # InfoBatch: both ranks hold the same scores; epoch 0 covers all (padded to 200), epoch 1 prunes
     assert r0["seen"][0] == r1["seen"][0] == LIMIT // 2
     assert r0["seen"][1] + r1["seen"][1] < 0.9 * LIMIT

@@ -58,10 +58,12 @@ class SaveAtStep(Callback):
     """Writes a checkpoint at the end of the training batch that makes global step ``step``."""
 
     def __init__(self, step: int, path: Path) -> None:
-        self.step, self.path = step, Path(path)
+        self.step, self.path, self.saved = step, Path(path), False
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step and not self.path.exists():
+        # once (with accumulation several batches end at one step), decided alike on every rank
+        if trainer.global_step == self.step and not self.saved:
+            self.saved = True
             trainer.save_checkpoint(self.path)
 
 

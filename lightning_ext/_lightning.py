@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sized
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import lightning.pytorch as _lightning_pytorch
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -41,8 +42,12 @@ __all__ = [
     "is_trainer",
     "is_wandb_logger",
     "namespace_of",
+    "realign_loader_reloads",
+    "recount_train_epoch",
     "run_dir",
     "run_validation_epoch_apart",
+    "skipped_epoch_end",
+    "stepping_batches",
 ]
 
 NAMESPACES: tuple[ModuleType, ...] = tuple(
@@ -193,6 +198,118 @@ def fit_train_loaders(trainer: Any) -> Any:
     """What the fit trains on, as returned by its source (the datamodule's, the module's or
     ``fit(train_dataloaders=...)``); read from the fit loop's private data source."""
     return trainer.fit_loop._data_source.dataloader()
+
+
+def stepping_batches(trainer: Any) -> int | float:
+    """``trainer.estimated_stepping_batches``, read once the fit loop has built its training loader
+    (from ``on_train_start`` on).
+
+    Read earlier (``setup``, ``on_fit_start``), the property makes Lightning build the training
+    loader before a checkpoint's loader state is restored, so a resumed run's stateful loader is
+    never fast-forwarded and a mid-epoch resume replays the epoch's first batches. Refusing the
+    early read keeps every caller in this package honest.
+    """
+    if trainer.max_epochs != -1 and trainer.fit_loop._combined_loader is None:
+        raise RuntimeError(
+            "lightning_ext read estimated_stepping_batches before the fit loop built its "
+            "training loader; read it from on_train_start on, or resume would not be exact"
+        )
+    return trainer.estimated_stepping_batches
+
+
+_SKIPPED_WARNED_ATTR = "_lightning_ext_skipped_epoch_end_warned"
+
+
+def skipped_epoch_end(trainer: Any) -> int | None:
+    """The epoch whose end this resumed fit skips, or None.
+
+    A checkpoint written after an epoch's last training batch but before that epoch ended
+    (``ModelCheckpoint(every_n_train_steps=...)`` landing on the last batch) resumes with the
+    epoch counted as finished: Lightning runs none of its end (validation, ``on_train_epoch_end``
+    hooks, epoch-interval LR scheduler steps) nor the next epoch's ``on_train_epoch_start``. Read
+    from the loops' restored progress counters, valid in ``on_train_start`` (Lightning decides the
+    restart stage just before it). Warns once per fit, naming what is lost; callbacks of this
+    package redo their own epoch-end work when this returns an epoch.
+    """
+    fit_loop = trainer.fit_loop
+    epoch_loop = fit_loop.epoch_loop
+    skipped = (
+        getattr(fit_loop, "restarted_mid_epoch", False)
+        and getattr(epoch_loop, "restarted_on_train_batch_end", False)
+        and epoch_loop.batch_progress.is_last_batch
+    )
+    if not skipped:
+        return None
+    epoch = int(trainer.current_epoch) - 1  # Lightning already counted the epoch as completed
+    if not getattr(trainer, _SKIPPED_WARNED_ATTR, False):
+        setattr(trainer, _SKIPPED_WARNED_ATTR, True)
+        rank_zero_warn(
+            f"Resumed from a checkpoint written after the last training batch of epoch {epoch} "
+            "but before that epoch ended: Lightning skips the rest of the epoch (its end-of-epoch "
+            "validation, on_train_epoch_end hooks, epoch-interval LR scheduler steps) and the next "
+            "epoch's on_train_epoch_start. lightning_ext callbacks redo their own epoch-end work; "
+            "the rest is lost. Checkpoint at epoch ends (ModelCheckpoint(every_n_epochs=...)) or "
+            "off the epoch's last batch to resume without loss."
+        )
+    return epoch
+
+
+def recount_train_epoch(trainer: Any) -> int | None:
+    """Make Lightning count the coming training epoch by its loader's length now; returns that
+    number of batches (None for a loader without a length).
+
+    Lightning reads the training loader's length once, when it builds the loader, and counts
+    every epoch by it: ``num_training_batches``, where a fractional ``val_check_interval``
+    validates, and when a batch is the epoch's last (which the epoch-end validation waits for).
+    A sampler whose epochs differ in length (InfoBatch draws each epoch anew) needs the counts
+    renewed each epoch: call from ``on_train_epoch_start``, once the sampler's epoch is set. Sets
+    the fit loop's ``max_batches``, the combined loader's limits, the data fetcher's length and
+    ``val_check_batch`` as Lightning's own ``setup_data`` computes them.
+    """
+    loop = trainer.fit_loop
+    combined = loop._combined_loader
+    if combined is None:
+        return None
+    connector = _internal(trainer, "trainer.connectors.data_connector")
+    stage = _internal(trainer, "trainer.states").RunningStage.TRAINING
+    lengths = [len(dl) if isinstance(dl, Sized) else None for dl in combined.flattened]
+    if any(length is None for length in lengths):
+        return None
+    limits = [
+        connector._parse_num_batches(stage, length, trainer.limit_train_batches)
+        for length in lengths
+    ]
+    combined.limits = limits
+    if combined._iterator is not None:  # the running iterator counts by its own copy
+        combined._iterator.limits = limits
+    loop.max_batches = len(combined) if combined._iterator is not None else max(limits)
+    fetcher = loop._data_fetcher
+    if fetcher is not None and fetcher.length is not None:
+        fetcher.length = loop.max_batches
+        fetcher.done = loop.max_batches == 0
+    interval = trainer.val_check_interval
+    timed = getattr(trainer, "_val_check_time_interval", None) is not None
+    if isinstance(interval, float) and not timed and trainer.val_check_batch != float("inf"):
+        trainer.val_check_batch = max(1, int(loop.max_batches * interval))
+    return int(loop.max_batches)
+
+
+def realign_loader_reloads(trainer: Any) -> None:
+    """Have a resumed fit reload its training loader at the epochs an uninterrupted run does.
+
+    With ``reload_dataloaders_every_n_epochs=n`` an uninterrupted run reloads at epochs 0, n,
+    2n... A resumed fit builds its loader at the restored epoch and counts n epochs from there,
+    so a checkpoint written at a task boundary of a ``TaskStream`` (epoch's end or last batch)
+    resumed on the old task's loader and reloaded off the boundaries. Setting the loop's last
+    reload epoch to the uninterrupted run's restores the schedule; the loader built at resume
+    holds the same data as the uninterrupted run's until the next boundary. Call from
+    ``on_train_start`` (after the loader is built, before the next epoch starts).
+    """
+    n = trainer.reload_dataloaders_every_n_epochs
+    loop = trainer.fit_loop
+    last = loop._last_train_dl_reload_epoch
+    if n and isinstance(last, int):
+        loop._last_train_dl_reload_epoch = (last // n) * n
 
 
 def _fit_val_source(trainer: Any) -> Any:

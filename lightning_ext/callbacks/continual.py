@@ -37,7 +37,13 @@ from lightning_ext._batch import (
     per_sample_cross_entropy,
     unshifted_lm_targets,
 )
-from lightning_ext._lightning import fit_val_loaders, has_fit_val_loaders, is_wandb_logger, run_dir
+from lightning_ext._lightning import (
+    fit_val_loaders,
+    has_fit_val_loaders,
+    is_wandb_logger,
+    realign_loader_reloads,
+    run_dir,
+)
 from lightning_ext._sized import dataset_size
 from lightning_ext.averaging import fsdp2_modules, reshard
 from lightning_ext.callbacks._state import DeclaredState
@@ -596,6 +602,10 @@ class ContinualEvaluation(DeclaredState, Callback):
         return list(range(self.task + 1))
 
     # ---------------------------------------------------------------------------------- hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._streaming:  # a resumed stream reloads at the task boundaries, not off them
+            realign_loader_reloads(trainer)
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:

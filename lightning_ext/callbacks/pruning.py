@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from lightning_ext._batch import (
     BatchFormatError,
@@ -24,7 +24,13 @@ from lightning_ext._batch import (
     move_to_device,
     per_sample_cross_entropy,
 )
-from lightning_ext._lightning import is_wandb_logger, run_dir
+from lightning_ext._lightning import (
+    is_wandb_logger,
+    recount_train_epoch,
+    run_dir,
+    skipped_epoch_end,
+    stepping_batches,
+)
 from lightning_ext._plot import new_figure, write_png
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.data.indexed import (
@@ -56,13 +62,22 @@ PLOT_MAX_CLASSES = 20
 
 
 def _train_dataset(trainer: pl.Trainer) -> Dataset:
+    """The one map-style training dataset whose examples are scored by index."""
     loader = trainer.train_dataloader
     if not isinstance(loader, DataLoader):
         raise ValueError(
             "DataPruningScores scores one training DataLoader; got "
             f"{type(loader).__name__}. Use a single train DataLoader."
         )
-    return loader.dataset
+    dataset = loader.dataset
+    if isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized):
+        raise ValueError(
+            f"DataPruningScores scores each example of the training set by its index, but the "
+            f"training dataset {type(dataset).__name__} is a stream (an IterableDataset, or "
+            "without __len__): train on a map-style dataset (__len__ and __getitem__), wrapped "
+            "in lightning_ext.data.IndexedDataset for mode='online'"
+        )
+    return dataset
 
 
 def _find_sampler(trainer: pl.Trainer, kind: type) -> Any:
@@ -96,6 +111,47 @@ def _gather_records(trainer: pl.Trainer, indices: Tensor, values: Tensor) -> tup
     first = torch.full((unique.numel(),), indices.numel(), dtype=torch.long)
     first.scatter_reduce_(0, inverse, torch.arange(indices.numel()), reduce="amin")
     return unique, values[first]
+
+
+def _records(buffer: list[tuple[Tensor, ...]], width: int) -> tuple[Tensor, Tensor]:
+    """A buffer of per-batch ``(indices, *width value vectors)`` as one index vector and one
+    ``[n, width]`` float64 value matrix, on the CPU."""
+    if not buffer:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, width, dtype=torch.float64)
+    idx = torch.cat([b[0].cpu().long() for b in buffer])
+    columns = [torch.cat([b[i].cpu().double() for b in buffer]) for i in range(1, width + 1)]
+    return idx, torch.stack(columns, 1)
+
+
+class _BufferState:
+    """The records of the running epoch, kept in the checkpoint: a resume mid-epoch, or on an
+    epoch's last batch (whose end Lightning then skips), still merges the whole epoch. Under DDP
+    each rank holds its own records, so they are gathered when a checkpoint is saved (every rank
+    saves) and every rank restores all of them (the merge keeps each index once)."""
+
+    _buffer: list[tuple[Tensor, ...]]
+    _BUFFER_WIDTH: int  # value vectors per record
+
+    def _buffer_state(self) -> dict[str, Any]:
+        idx, values = _records(self._buffer, self._BUFFER_WIDTH)
+        return {"buffer_indices": idx, "buffer_values": values}
+
+    def _load_buffer(self, state: Mapping[str, Any]) -> None:
+        idx, values = state.get("buffer_indices"), state.get("buffer_values")
+        if idx is None or values is None or not idx.numel():
+            self._buffer = []
+        else:
+            self._buffer = [(idx, *values.unbind(1))]
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if trainer.world_size > 1:
+            idx, values = _gather_records(trainer, *_records(self._buffer, self._BUFFER_WIDTH))
+            key = self.state_key  # type: ignore[attr-defined]  # Callback's
+            saved = checkpoint.get("callbacks", {}).get(key)
+            if saved is not None:
+                saved.update(buffer_indices=idx, buffer_values=values)
 
 
 def _mean_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -209,7 +265,7 @@ def _warn_no_matplotlib() -> None:
         rank_zero_warn("matplotlib is not installed: no score histogram PNG is written")
 
 
-class DataPruningScores(DeclaredState, Callback):
+class DataPruningScores(_BufferState, DeclaredState, Callback):
     """Scores every training example for data pruning and saves them with a dataset fingerprint.
 
     ``mode="pass"`` (drop-in, any module): after ``at_epoch`` epochs (0: before training) or at
@@ -316,7 +372,7 @@ class DataPruningScores(DeclaredState, Callback):
         self._learned: Tensor | None = None
         self._presentations = 0  # completed correctness passes / online epochs (forgetting)
         self._online: Tensor | None = None  # online per-example values (NaN: never presented)
-        self._buffer: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._buffer: list[tuple[Tensor, ...]] = []
         self._last_is_index: bool | None = None
         self._default_dir: Path | None = None
 
@@ -471,11 +527,17 @@ class DataPruningScores(DeclaredState, Callback):
         self._last_is_index = None
         if self.scores is not None:
             return
+        _train_dataset(trainer)  # a stream is refused before the first batch
         if self.mode == "pass":
             self._check_batch_format(trainer, pl_module)
             if self.at_epoch == 0:
                 values, labels = self._pass(trainer, pl_module, self.score)
                 self._finish(trainer, values, labels)
+        # Resumed on an epoch's last batch: Lightning skips that epoch's end; the weights are
+        # the ones it ended with and the epoch's records came with the checkpoint.
+        epoch = skipped_epoch_end(trainer)
+        if epoch is not None:
+            self._epoch_end(trainer, pl_module, epoch)
 
     def on_train_batch_end(
         self,
@@ -508,16 +570,19 @@ class DataPruningScores(DeclaredState, Callback):
         self._buffer.append((indices.detach(), value, sample_keys(targets.detach())))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_end(trainer, pl_module, trainer.current_epoch)
+
+    def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         if self.scores is not None:
             return
-        done = self.at_epoch is not None and trainer.current_epoch + 1 >= self.at_epoch
+        done = self.at_epoch is not None and epoch + 1 >= self.at_epoch
         if self.mode == "pass":
             if self.score == "forgetting":
                 correct, labels = self._pass(trainer, pl_module, "correct")
                 self._record_forgetting(torch.arange(correct.numel()), correct, labels)
                 if done:
                     self._finish_forgetting(trainer)
-            elif self.at_epoch is not None and trainer.current_epoch + 1 == self.at_epoch:
+            elif self.at_epoch is not None and epoch + 1 == self.at_epoch:
                 values, labels = self._pass(trainer, pl_module, self.score)
                 self._finish(trainer, values, labels)
             return
@@ -536,13 +601,9 @@ class DataPruningScores(DeclaredState, Callback):
 
     def _merge_epoch_buffer(self, trainer: pl.Trainer) -> None:
         n = len(_train_dataset(trainer))  # type: ignore[arg-type]
-        if self._buffer:
-            idx, val, lab = (torch.cat([t.cpu() for t in ts]) for ts in zip(*self._buffer))
-        else:
-            idx = torch.zeros(0, dtype=torch.long)
-            val = lab = torch.zeros(0, dtype=torch.float64)
+        records = _records(self._buffer, self._BUFFER_WIDTH)
         self._buffer = []
-        idx, both = _gather_records(trainer, idx, torch.stack([val.double(), lab.double()], 1))
+        idx, both = _gather_records(trainer, *records)
         if self.labels is None:
             self.labels = torch.full((n,), -1, dtype=torch.long)
         if idx.numel() and int(idx.max()) >= n:
@@ -676,9 +737,25 @@ class DataPruningScores(DeclaredState, Callback):
         ("presentations", "_presentations"),
         ("online", "_online"),
     )
+    _BUFFER_WIDTH = 2  # value, label
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), **self._buffer_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._load_buffer(state_dict)
 
 
-class InfoBatch(DeclaredState, Callback):
+_HOOK = (
+    "In training_step, compute the unreduced loss and return it through the callback:\n"
+    "    x, y, index = batch  # IndexedDataset appends the index\n"
+    "    losses = F.cross_entropy(self(x), y, reduction='none')\n"
+    "    return InfoBatch.loss(self, losses, index)"
+)
+
+
+class InfoBatch(_BufferState, DeclaredState, Callback):
     """InfoBatch (Qin et al. 2024): each epoch, examples whose last loss is below the mean are
     skipped with probability ``prune_prob``; the kept ones among them have their loss scaled by
     ``1 / (1 - prune_prob)`` so the expected gradient is unchanged. Pruning stops for the last
@@ -720,9 +797,10 @@ class InfoBatch(DeclaredState, Callback):
         self.prune_prob, self.delta = prune_prob, delta
         self.scores: Tensor | None = None
         self._sampler: InfoBatchSampler | None = None
-        self._buffer: list[tuple[Tensor, Tensor]] = []
+        self._buffer: list[tuple[Tensor, ...]] = []
         self._weights: Tensor | None = None
         self._hook_called = False
+        self._first_step: Any = None
 
     @staticmethod
     def loss(pl_module: pl.LightningModule, per_sample_loss: Tensor, indices: Tensor) -> Tensor:
@@ -753,9 +831,72 @@ class InfoBatch(DeclaredState, Callback):
         if trainer.max_epochs in (None, -1):
             raise ValueError("InfoBatch anneals at delta * max_epochs: set Trainer(max_epochs=...)")
         self._sampler = _find_sampler(trainer, InfoBatchSampler)
+        self._warn_about_run_length(trainer)
+        self._guard_first_step(pl_module)
         if self.scores is None:
             self.scores = torch.full((len(self._sampler.dataset),), float("nan"))  # type: ignore[arg-type]
-        self._configure(trainer, trainer.current_epoch)
+        if skipped_epoch_end(trainer) is not None:  # the skipped epoch's losses become scores
+            self._merge_scores(trainer)
+        epoch = trainer.current_epoch
+        self._configure(trainer, epoch)
+        # A resumed fit may not start its epoch (mid-epoch, or after a skipped epoch end): the
+        # weights of the epoch's draw are set here too (the draw is the same, cached per epoch).
+        self._sampler.set_epoch(epoch)
+        self._sampler.epoch_indices()
+        self._weights = self._sampler.weights
+        recount_train_epoch(trainer)
+
+    def _guard_first_step(self, pl_module: pl.LightningModule) -> None:
+        """Name ``InfoBatch.loss`` when the first training step fails before calling it.
+
+        A module written without InfoBatch fails in its own ``x, y = batch`` (the batch now ends
+        with the index), before the end-of-batch check could say what is missing. The module's
+        ``training_step`` is shadowed by an instance attribute for that one call (removed after
+        it), and any error it raises before handing over the losses is re-raised naming the hook.
+        """
+        step = pl_module.training_step
+
+        def first_step(*args: Any, **kwargs: Any) -> Any:
+            del pl_module.training_step  # one call only
+            try:
+                return step(*args, **kwargs)
+            except Exception as err:
+                if self._hook_called:
+                    raise
+                raise RuntimeError(
+                    "InfoBatch: the first training step failed before handing over its "
+                    f"per-sample losses ({type(err).__name__}: {err}); with InfoBatch each batch "
+                    f"ends with the examples' indices. {_HOOK}"
+                ) from err
+
+        pl_module.training_step = first_step  # type: ignore[method-assign]
+        self._first_step = first_step
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if pl_module.__dict__.get("training_step") is self._first_step:  # no step was run
+            del pl_module.training_step
+
+    def _warn_about_run_length(self, trainer: pl.Trainer) -> None:
+        """Say so when something is likely sized by the run's length, which InfoBatch shortens
+        as it goes: a per-step LR scheduler (OneCycleLR's total_steps), DynamicSparseTraining's
+        end_fraction, ScheduleRefinement's stored schedule."""
+        if self.prune_prob == 0 or self.delta == 0 or trainer.current_epoch > 0:
+            return
+        readers = [
+            type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs if c.interval == "step"
+        ] + [
+            type(c).__name__
+            for c in trainer.callbacks  # type: ignore[attr-defined]
+            if type(c).__name__ in ("DynamicSparseTraining", "ScheduleRefinement")
+        ]
+        if readers:
+            rank_zero_warn(
+                f"InfoBatch prunes epochs as the run goes, so the run is shorter than "
+                f"trainer.estimated_stepping_batches ({stepping_batches(trainer)} steps, every "
+                f"epoch counted whole), by a share known only as it runs; {readers} may be sized "
+                "by that count and then not finish (a schedule not decayed to its end). Size "
+                "them by steps you set (max_steps, a scheduler's total_steps) or expect it."
+            )
 
     def _configure(self, trainer: pl.Trainer, epoch: int) -> None:
         assert self._sampler is not None and self.scores is not None
@@ -765,6 +906,9 @@ class InfoBatch(DeclaredState, Callback):
         assert self._sampler is not None
         kept = self._sampler.epoch_indices()
         self._weights = self._sampler.weights
+        # Lightning counts epochs by the length it read when it built the loader: a pruned
+        # epoch would validate at the wrong batches and never at its end.
+        recount_train_epoch(trainer)
         n = len(self._sampler.dataset)  # type: ignore[arg-type]
         pl_module.log("infobatch/kept_fraction", kept.numel() / n, on_epoch=True, on_step=False)
 
@@ -784,22 +928,27 @@ class InfoBatch(DeclaredState, Callback):
         if not self._hook_called:
             raise RuntimeError(
                 f"InfoBatch: training batch {batch_idx} of epoch {trainer.current_epoch} did not "
-                "hand over its per-sample losses, so nothing can be pruned or rescaled. In "
-                "training_step, compute the unreduced loss and return it through the callback:\n"
-                "    x, y, index = batch  # IndexedDataset appends the index\n"
-                "    losses = F.cross_entropy(self(x), y, reduction='none')\n"
-                "    return InfoBatch.loss(self, losses, index)"
+                f"hand over its per-sample losses, so nothing can be pruned or rescaled. {_HOOK}"
             )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self.scores is not None
-        if self._buffer:
-            idx, val = (torch.cat(t) for t in zip(*self._buffer))
-        else:
-            idx, val = torch.zeros(0, dtype=torch.long), torch.zeros(0)
-        self._buffer = []
-        idx, val = _gather_records(trainer, idx, val)
-        self.scores[idx] = val.float()
+        self._merge_scores(trainer)
         self._configure(trainer, trainer.current_epoch + 1)
 
+    def _merge_scores(self, trainer: pl.Trainer) -> None:
+        """The epoch's recorded losses (every rank's) become the examples' scores."""
+        assert self.scores is not None
+        records = _records(self._buffer, self._BUFFER_WIDTH)
+        self._buffer = []
+        idx, val = _gather_records(trainer, *records)
+        self.scores[idx] = val[:, 0].float()
+
     STATE = ("scores",)
+    _BUFFER_WIDTH = 1  # loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), **self._buffer_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._load_buffer(state_dict)

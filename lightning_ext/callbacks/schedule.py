@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_ext._lightning import run_dir
+from lightning_ext._lightning import run_dir, stepping_batches
 from lightning_ext.averaging import local_shard
 from lightning_ext.functional.schedule import (
     REFERENCE_WINDOW,
@@ -505,12 +505,16 @@ class ScheduleRefinement(Callback):
         self._sharded = self.record and self._check_sharded(trainer, optimizers)
         restored, self._restored = self._restored or {}, None
         self._start_records(restored)
-        total = self.total_steps or trainer.estimated_stepping_batches
-        self._total = int(total) if total != float("inf") and total >= 1 else None
         if self.record:
             rank_zero_info(f"ScheduleRefinement records {', '.join(self._norms)} gradient norms")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The run's length is read once the training loader exists: read earlier, it would
+        # keep a resumed run's loader from being fast-forwarded.
+        total = self.total_steps or stepping_batches(trainer)
+        self._total = int(total) if total != float("inf") and total >= 1 else None
         if self._stored is not None:
-            self._take_over_learning_rates(trainer, optimizers, self._stored)
+            self._take_over_learning_rates(trainer, self._optimizers, self._stored)
 
     def _start_records(self, restored: dict[str, Any]) -> None:
         """The recorders and step counts, continuing a checkpoint's record when given one."""
@@ -553,7 +557,7 @@ class ScheduleRefinement(Callback):
     def _take_over_learning_rates(
         self, trainer: pl.Trainer, optimizers: list[Optimizer], stored: Tensor
     ) -> None:
-        total = self.total_steps or trainer.estimated_stepping_batches
+        total = self.total_steps or stepping_batches(trainer)
         if total == float("inf") or total < 2:
             raise ValueError(
                 f"cannot stretch the stored schedule over {total} steps: set total_steps= on "

@@ -18,6 +18,7 @@ from lightning_ext._lightning import (
     is_wandb_logger,
     namespace_of,
     run_dir,
+    skipped_epoch_end,
 )
 from lightning_ext._masks import apply_masks_, sparse_masks_for
 from lightning_ext.averaging import fsdp2_modules, full_tensors, local_tensors, reshard
@@ -195,8 +196,17 @@ class ModelSoup(DeclaredState, Callback):
         if not self._monitor_checked:
             self._monitor_checked = check_monitor_logged(self.monitor, trainer, "ModelSoup")
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # Resumed on an epoch's last batch: Lightning skips that epoch's end, so its ingredient
+        # is taken now, from the same weights the uninterrupted run takes it from.
+        epoch = skipped_epoch_end(trainer)
+        if epoch is not None and all(e["epoch"] != epoch for e in self.ingredients):
+            self._take_ingredient(trainer, pl_module, epoch)
+
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        epoch = trainer.current_epoch
+        self._take_ingredient(trainer, pl_module, trainer.current_epoch)
+
+    def _take_ingredient(self, trainer: Any, pl_module: Any, epoch: int) -> None:
         if epoch < self.start_epoch or (epoch - self.start_epoch + 1) % self.every_n_epochs:
             return
         assert self.dirpath is not None

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_ext._flops import LayerFlops
-from lightning_ext._lightning import is_wandb_logger, run_dir
+from lightning_ext._lightning import is_wandb_logger, run_dir, stepping_batches
 from lightning_ext._modules import named_parameters, normalise_name, normalised_keys
 from lightning_ext._modules import parameter_aliases as module_parameter_aliases
 from lightning_ext._plot import matplotlib_available, new_figure, write_png
@@ -379,14 +379,6 @@ class DynamicSparseTraining(DeclaredState, Callback):
         self._locals = [local_shard(p) for p in self._params]
         self._refuse_unsharded_methods()
         self._check_optimizers(trainer, pl_module)
-        total = trainer.estimated_stepping_batches
-        if self.spec.scheduled_updates and not 0 < total < float("inf"):
-            raise ValueError(
-                "DynamicSparseTraining needs a finite run length to place its updates: "
-                "set max_steps or max_epochs on the Trainer"
-            )
-        self.end_step = int(self.end_fraction * total) if total < float("inf") else 0
-        self._announce_schedule(total)
         self._own_momentum_index = self._needs_own_momentum(trainer)
         self._hold_every = self._denominator_period(trainer)
         continuing = len(self._masks) == len(self._locals) and all(
@@ -399,11 +391,24 @@ class DynamicSparseTraining(DeclaredState, Callback):
         self._layer_flops: LayerFlops | None = LayerFlops(pl_module, self._params)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._schedule(trainer)
         # Steps count from here only: ModelParallelStrategy restores a checkpoint after
         # on_fit_start, and its optimizer loading runs a zero-gradient optimizer.step()
         # (torch.distributed.checkpoint initialises the state so); re-masking then, with the
         # masks not restored yet, would zero restored weights.
         self._stepping = True
+
+    def _schedule(self, trainer: pl.Trainer) -> None:
+        """Place the updates over the run's length, read once the training loader exists (read
+        earlier, it would keep a resumed run's loader from being fast-forwarded)."""
+        total = stepping_batches(trainer)
+        if self.spec.scheduled_updates and not 0 < total < float("inf"):
+            raise ValueError(
+                "DynamicSparseTraining needs a finite run length to place its updates: "
+                "set max_steps or max_epochs on the Trainer"
+            )
+        self.end_step = int(self.end_fraction * total) if total < float("inf") else 0
+        self._announce_schedule(total)
 
     @property
     def _sharded(self) -> bool:

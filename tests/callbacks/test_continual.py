@@ -192,14 +192,17 @@ def test_explicit_start_task_and_torchmetrics_metric():
         plain_cb.start_task(5)
 
 
-def test_resume_is_exact(tmp_path):
+# At the task boundary (epoch 2 starts task 1), a resumed fit used to build task 0's loader for
+# epoch 2 and reload only at epoch 3: it trained an epoch of the old task.
+@pytest.mark.parametrize("split_epoch", [1, 2], ids=["mid-task", "task-boundary"])
+def test_resume_is_exact(tmp_path, split_epoch):
     result = check_resume_exact(
         lambda: Classifier(optimizer="adam", lr=1e-3),
         lambda: [ContinualEvaluation(every_n_steps=2, subsample=40, window=3, plot=False)],
         lambda: stream(num_tasks=2, epochs_per_task=2, limit=200),
         tmp_path,
         max_epochs=4,
-        split_epoch=1,  # mid-task
+        split_epoch=split_epoch,
         limit_val_batches=0,
         reload_dataloaders_every_n_epochs=2,
     )

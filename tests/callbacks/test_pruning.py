@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import pytorch_lightning as ptl
@@ -13,10 +15,11 @@ from torch.utils.data import DataLoader
 from lightning_ext.callbacks import DataPruningScores, InfoBatch
 from lightning_ext.data import IndexedDataset, InfoBatchSampler, load_scores
 from lightning_ext.functional import el2n_scores, forgetting_update_
+from tests.helpers.boundary import ResumableLoader, SaveAtStep, fit_and_resume_at_step
 from tests.helpers.data import DigitsDataModule, digits, loader
 from tests.helpers.ddp import run_ddp
 from tests.helpers.models import Classifier
-from tests.helpers.resume import check_resume_exact, quiet_trainer
+from tests.helpers.resume import assert_bitwise_equal, check_resume_exact, quiet_trainer
 from tests.helpers.wandb_reader import read_offline_runs
 
 LIMIT = 200
@@ -140,6 +143,49 @@ def test_online_forgetting_matches_replay_and_resumes(tmp_path):
     )
 
 
+@pytest.mark.parametrize("step", [5, 7])  # mid-epoch; epoch 0's last batch (7 of 32 from 200)
+def test_online_forgetting_resumes_exactly_mid_epoch_and_on_an_epochs_last_batch(tmp_path, step):
+    """The epoch's records are checkpointed, and the end Lightning skips on a last-batch resume is
+    redone. Before: 50 of 200 forgetting counts differed by one (the resumed epoch's records
+    were lost), and on a last-batch resume the epoch was never merged."""
+    runs = fit_and_resume_at_step(
+        lambda: IndexedClassifier(lr=0.2),
+        lambda: [DataPruningScores("forgetting", mode="online", at_epoch=None)],
+        lambda: ResumableLoader(IndexedDataset(digits(limit=LIMIT)), 32),
+        tmp_path,
+        step=step,
+        max_epochs=3,
+        limit_val_batches=0,
+    )
+    full, resumed = runs.full_callbacks[0], runs.resumed_callbacks[0]
+    assert resumed._presentations == full._presentations == 3
+    assert_bitwise_equal(full.state_dict(), resumed.state_dict())
+    assert_bitwise_equal(load_scores(full.saved_path), load_scores(resumed.saved_path))
+
+
+def test_infobatch_resumes_exactly_mid_epoch_and_on_an_epochs_last_batch(tmp_path):
+    """Before: the resumed epoch's losses were lost (its examples kept stale scores) and the
+    resumed fit raised in InfoBatch.loss, since Lightning does not start a resumed epoch."""
+    dataset = IndexedDataset(digits(limit=LIMIT))
+    for step in (3, 7, 10):  # mid-epoch; epoch 0's last batch (7 of 32 from 200); pruned epoch 1
+        runs = fit_and_resume_at_step(
+            InfoBatchClassifier,
+            lambda: [InfoBatch(prune_prob=0.5, delta=1.0)],
+            lambda: ResumableLoader(dataset, 32, sampler=InfoBatchSampler(dataset, seed=0)),
+            tmp_path / str(step),
+            step=step,
+            max_epochs=2,
+            limit_val_batches=0,
+        )
+        assert not torch.isnan(runs.resumed_callbacks[0].scores).any()
+        pruned = runs.full_trainer.num_training_batches
+        assert pruned < 7 and runs.resumed_trainer.num_training_batches == pruned
+        assert_bitwise_equal(
+            runs.full_callbacks[0].state_dict(), runs.resumed_callbacks[0].state_dict()
+        )
+        assert_bitwise_equal(runs.full_module.state_dict(), runs.resumed_module.state_dict())
+
+
 def test_pass_forgetting_and_grand_with_accumulation_bf16_and_checkpoint(tmp_path):
     forgetting = DataPruningScores("forgetting", at_epoch=2)
     grand = DataPruningScores("grand", at_step=3, chunk_size=32)
@@ -186,6 +232,26 @@ def test_clear_errors():
         _fit([InfoBatch()], module=InfoBatchClassifier(), dm=IndexedDigits(limit=LIMIT))
     with pytest.raises(ValueError, match="prune_prob"):
         InfoBatch(prune_prob=1.0)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """An indexed stream: (x, y, index) samples with no __len__ and no __getitem__."""
+
+    def __iter__(self):
+        x, y = digits(limit=64).tensors
+        return iter(zip(x, y, range(64)))
+
+
+@pytest.mark.parametrize("mode", ["pass", "online"])
+def test_a_stream_is_refused_before_the_first_batch_naming_a_map_style_dataset(mode):
+    """Old behaviour: ``TypeError: object of type ... has no len()`` from inside the scoring pass
+    (after training ran), or at the first online epoch's end."""
+    steps = _CountSteps()
+    with pytest.raises(ValueError, match=r"_Stream is a stream .*map-style dataset"):
+        quiet_trainer(max_epochs=1, callbacks=[DataPruningScores(mode=mode), steps]).fit(
+            IndexedClassifier(), DataLoader(_Stream(), batch_size=16)
+        )
+    assert steps.steps == 0
 
 
 def test_wandb_histogram_and_table(tmp_path):
@@ -247,6 +313,64 @@ def test_infobatch_prunes_then_anneals_and_resumes(tmp_path):
     )
 
 
+class _EpochPlaces(Callback):
+    """Per epoch: the batches it trained, Lightning's count of them, where it validated."""
+
+    def __init__(self):
+        self.trained, self.counted, self.validated = [], [], []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.validated.append([])
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.validated[-1].append(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.trained.append(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        self.counted.append(trainer.num_training_batches)
+
+
+def test_infobatch_epochs_are_counted_by_their_pruned_length():
+    """Lightning sees each pruned epoch's true length: val_check_interval=0.5 validates at its
+    middle and end. Before: pruned epochs of 26 and 25 batches were counted as 32, validated at
+    batch 16 only, and the trained model was never validated at an epoch's end."""
+    places = _EpochPlaces()
+    dataset = IndexedDataset(digits(limit=256))
+    quiet_trainer(
+        max_epochs=3,
+        callbacks=[InfoBatch(prune_prob=0.5, delta=1.0), places],
+        val_check_interval=0.5,
+        num_sanity_val_steps=0,
+    ).fit(
+        InfoBatchClassifier(),
+        DataLoader(dataset, batch_size=8, sampler=InfoBatchSampler(dataset, seed=1)),
+        loader(digits("val"), 128, None),
+    )
+    assert places.trained[0] == 32 and all(n < 28 for n in places.trained[1:])
+    assert places.counted == places.trained
+    for n, validated in zip(places.trained, places.validated):
+        assert validated == [n // 2, 2 * (n // 2)]
+
+
+class _OneCycleInfoBatchClassifier(InfoBatchClassifier):
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        total = self.trainer.estimated_stepping_batches
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_infobatch_warns_that_a_schedule_sized_by_the_run_length_will_not_finish():
+    with pytest.warns(UserWarning, match=r"estimated_stepping_batches \(8 steps.*OneCycleLR"):
+        _fit(
+            [InfoBatch()],
+            module=_OneCycleInfoBatchClassifier(),
+            dm=InfoBatchDigits(limit=LIMIT),
+            max_epochs=2,
+        )
+
+
 def test_infobatch_loss_rescales_kept_well_learned_examples():
     module = InfoBatchClassifier()
     losses = torch.tensor([1.0, 2.0, 3.0])
@@ -295,12 +419,13 @@ def ddp_scores(out_dir: str) -> None:
     grand = DataPruningScores("grand", at_epoch=1)
     forgetting = DataPruningScores("forgetting", mode="online", at_epoch=2)
     save = _SaveWeightsAfterEpoch0(f"{out_dir}/weights.pt")
+    mid_epoch = SaveAtStep(1, Path(out_dir) / "mid.ckpt")  # after 2 batches on each rank
     trainer = quiet_trainer(
         devices=2,
         strategy="ddp",
         max_epochs=2,
         limit_val_batches=0,
-        callbacks=[save, el2n, grand, forgetting],
+        callbacks=[save, el2n, grand, forgetting, mid_epoch],
         default_root_dir=out_dir,
         precision="bf16-mixed",
         accumulate_grad_batches=2,
@@ -349,6 +474,10 @@ def test_ddp_scores_every_example_once_like_one_process(tmp_path):
     from lightning_ext.functional import grand_scores
 
     r0, r1 = run_ddp("tests.callbacks.test_pruning:ddp_scores", tmp_path)
+    # a mid-epoch checkpoint holds both ranks' online records (2 batches of 32 each), not rank 0's
+    states = torch.load(tmp_path / "mid.ckpt", weights_only=False)["callbacks"]
+    online = next(v for k, v in states.items() if "forgetting" in k and "online" in k)
+    assert online["buffer_indices"].unique().numel() == 2 * 2 * 32
     # InfoBatch: both ranks hold the same scores; epoch 0 covers all (padded to 200), epoch 1 prunes
     assert r0["seen"][0] == r1["seen"][0] == LIMIT // 2
     assert r0["seen"][1] + r1["seen"][1] < 0.9 * LIMIT
@@ -525,6 +654,15 @@ def test_infobatch_without_the_loss_hook_fails_at_the_first_batch():
             max_epochs=3,
         )
     assert steps.steps == 0  # raised at the end of the very first batch
+
+
+def test_infobatch_on_a_module_that_does_not_unpack_the_index_names_the_hook():
+    """Before: the module's own ``x, y = batch`` failed with a bare ValueError (too many values
+    to unpack), and nothing named InfoBatch.loss."""
+    steps = _CountSteps()
+    with pytest.raises(RuntimeError, match=r"(?s)too many values to unpack.*InfoBatch.loss\(self"):
+        _fit([InfoBatch(), steps], module=Classifier(), dm=InfoBatchDigits(limit=LIMIT))
+    assert steps.steps == 0
 
 
 def test_pytorch_lightning_namespace():

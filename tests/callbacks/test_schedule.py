@@ -14,10 +14,11 @@ from lightning_ext.callbacks import ScheduleRefinement
 from lightning_ext.callbacks.schedule import DEFAULT_OPTIONS, _NormRecorder
 from lightning_ext.cli import main as cli_main
 from lightning_ext.functional import refine_schedule, resample_schedule
-from tests.helpers.data import DigitsDataModule
+from tests.helpers.boundary import ResumableLoader, fit_and_resume_at_step
+from tests.helpers.data import DigitsDataModule, digits
 from tests.helpers.ddp import run_ddp
 from tests.helpers.models import Classifier
-from tests.helpers.resume import check_resume_exact, quiet_trainer
+from tests.helpers.resume import assert_bitwise_equal, check_resume_exact, quiet_trainer
 from tests.helpers.wandb_reader import read_offline_runs
 
 STEPS_PER_EPOCH = 4  # 256 samples, batches of 64
@@ -172,6 +173,23 @@ def test_resume_is_bitwise_exact_while_recording_and_driving_the_lr(tmp_path):
     assert state["grad_norms"][0].numel() == 3 * STEPS_PER_EPOCH
     assert state["curve"]["progress"] == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert state["warned_behind"] is True
+
+
+def test_mid_epoch_resume_stretches_the_stored_schedule_without_replaying_batches(tmp_path):
+    """The run's length is read once the training loader exists: read at fit start, the
+    resumed run's loader was never fast-forwarded and replayed the epoch's first batches."""
+    path = stored_schedule(tmp_path / "s.pt", (0.2, 1.0, 0.7, 0.1, 0.0))
+    runs = fit_and_resume_at_step(
+        lambda: Classifier(optimizer="adam", lr=1e-2),
+        lambda: [ScheduleRefinement(schedule_path=path, record=False)],
+        lambda: ResumableLoader(digits("train", limit=256), 64),
+        tmp_path,
+        step=2,
+        max_epochs=2,
+        limit_val_batches=0,
+    )
+    assert runs.resumed_callbacks[0]._steps == [2 * STEPS_PER_EPOCH]
+    assert_bitwise_equal(runs.full_module.state_dict(), runs.resumed_module.state_dict())
 
 
 def test_composes_with_checkpointing_and_lr_monitor_and_logs_to_wandb(tmp_path):

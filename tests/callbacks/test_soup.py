@@ -17,6 +17,7 @@ from lightning_ext.cli import main as cli_main
 from lightning_ext.functional import fisher_merge, task_arithmetic, ties_merge, uniform_soup
 from lightning_ext.io.ingredients import Ingredients, load_state_dict
 from lightning_ext.workflows.soup import build_soup, estimate_fisher, recalibrate_batchnorm
+from tests.helpers.boundary import ResumableLoader, fit_and_resume_at_step
 from tests.helpers.data import DigitsDataModule, digits, loader
 from tests.helpers.ddp import run_ddp
 from tests.helpers.models import Classifier
@@ -230,6 +231,29 @@ def test_model_soup_resumes_exactly(tmp_path):
         split_epoch=1,
         limit_val_batches=1,
     )
+
+
+def test_model_soup_resumed_on_an_epochs_last_batch_takes_that_epochs_ingredient(tmp_path):
+    """Step 8 is epoch 1's last batch (4 batches per epoch): Lightning does not run that epoch's
+    end on resume. Before, the resumed soup lacked epoch 1's ingredient and chose otherwise."""
+    with pytest.warns(UserWarning, match="last training batch of epoch 1"):
+        runs = fit_and_resume_at_step(
+            lambda: Classifier(net="cnn"),
+            lambda: [ModelSoup(method="greedy")],
+            lambda: ResumableLoader(digits("train", limit=256), 64),
+            tmp_path,
+            step=8,
+            make_val_loader=lambda: loader(digits("val"), 128, None),
+            max_epochs=3,
+            limit_val_batches=1,
+        )
+    full, resumed = runs.full_callbacks[0], runs.resumed_callbacks[0]
+    assert [e["epoch"] for e in resumed.ingredients] == [0, 1, 2]
+    assert resumed.result["chosen"] == full.result["chosen"]
+    assert_bitwise_equal(
+        torch.load(Path(full.dirpath) / "soup.pt"), torch.load(Path(resumed.dirpath) / "soup.pt")
+    )
+    assert_bitwise_equal(runs.full_module.state_dict(), runs.resumed_module.state_dict())
 
 
 def test_model_soup_with_bf16_accumulation_and_model_checkpoint(tmp_path):

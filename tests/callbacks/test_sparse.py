@@ -13,7 +13,8 @@ from lightning_ext.callbacks import DynamicSparseTraining
 from lightning_ext.callbacks.sparse import export_sparse_checkpoint
 from lightning_ext.functional import drop_and_grow, drop_count
 from lightning_ext.functional.sparse import HELD_DENOMINATOR, denominator_keys
-from tests.helpers.data import DigitsDataModule
+from tests.helpers.boundary import ResumableLoader, fit_and_resume_at_step
+from tests.helpers.data import DigitsDataModule, digits
 from tests.helpers.ddp import run_ddp
 from tests.helpers.models import Classifier
 from tests.helpers.resume import assert_bitwise_equal, check_resume_exact, quiet_trainer
@@ -245,6 +246,25 @@ def test_resume_exact_rigl_adam(tmp_path):
         split_epoch=2,
         limit_val_batches=0,
     )
+
+
+def test_mid_epoch_resume_under_max_epochs_is_exact(tmp_path):
+    """Step 5 of 8 in the first epoch: the update schedule is placed once the training loader
+    exists, so the resumed run's loader is fast-forwarded past the 5 batches already trained
+    on (placed at fit start, the resumed run replayed them: masks and weights differed)."""
+    runs = fit_and_resume_at_step(
+        lambda: Classifier(net="mlp", optimizer="adam", lr=1e-2),
+        lambda: [DynamicSparseTraining(density=0.2, delta_t=3, plot=False)],
+        lambda: ResumableLoader(digits("train", limit=LIMIT), 32),
+        tmp_path,
+        step=5,
+        max_epochs=3,
+        limit_val_batches=0,
+    )
+    full, resumed = runs.full_callbacks[0], runs.resumed_callbacks[0]
+    assert resumed.end_step == full.end_step == 18 and resumed.updates == full.updates == 5
+    assert_bitwise_equal(full.state_dict(), resumed.state_dict(), "masks")
+    assert_bitwise_equal(runs.full_module.state_dict(), runs.resumed_module.state_dict(), "weights")
 
 
 @pytest.mark.parametrize(

@@ -123,16 +123,9 @@ def _soup_monitor(entry: ZooEntry) -> str:
 
 # Cells that fail today because of a known bug, with the bug: each becomes a strict xfail, so it
 # turns into a failure the day the fix lands and its entry must then be removed. Every bug the
-# matrix found in its first run (issue 11) is fixed but one, listed here.
-INFOBATCH_INDEX_UNPACKING = (
-    "open: InfoBatch needs training_step to unpack the sample index that IndexedDataset appends "
-    "and to return InfoBatch.loss(...); a module that does neither fails in its own `x, y = batch` "
-    "on the first batch, before InfoBatch's end-of-first-batch check can name InfoBatch.loss"
-)
-KNOWN_FAILURES: dict[tuple[str, str, Config], str] = dict.fromkeys(
-    (("InfoBatch", zoo, "typical") for zoo in ZOO),
-    INFOBATCH_INDEX_UNPACKING,
-)
+# matrix found in its first run (issue 11) is fixed (the last, InfoBatch on a module that does
+# not unpack the index, in issue 24: the first step's failure now names InfoBatch.loss).
+KNOWN_FAILURES: dict[tuple[str, str, Config], str] = {}
 
 
 # ------------------------------------------------------------------------------- fit harness

@@ -21,6 +21,8 @@ import signal
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,9 +44,11 @@ from lightning_ext.callbacks import (
 )
 from lightning_ext.data import IndexedDataset
 from lightning_ext.data.sampling import InfoBatchSampler
+from lightning_ext.strategies import SoupStrategy, WARPStrategy
 from tests.callbacks.test_pruning import IndexedClassifier, InfoBatchClassifier
 from tests.conformance.test_matrix import CALLBACKS
 from tests.helpers.data import ResumableLoader, digits, resumable_loader
+from tests.helpers.ddp import fork_ddp
 from tests.helpers.models import Classifier
 from tests.helpers.resume import (
     KILL_POINTS,
@@ -314,3 +318,161 @@ def test_every_callback_is_in_the_resume_matrix() -> None:
     from lightning_ext import callbacks
 
     assert set(SETUPS) == set(CALLBACKS) == set(callbacks.__all__)
+
+
+# ------------------------------------------------------------------------------- strategies
+
+STRATEGIES = ("SoupStrategy", "WARPStrategy")
+# 2-process jobs cost more than the single-process cells: a representative subset, one cell per
+# kill point, both limits among them.
+STRATEGY_CELLS: tuple[tuple[KillPoint, Limit], ...] = (
+    ("mid_epoch", "max_epochs"),
+    ("last_batch", "max_steps"),
+    ("epoch_boundary", "max_epochs"),
+)
+STRATEGY_FAILURES: dict[tuple[str, KillPoint, Limit], str] = {}
+COLLECTIVE_TIMEOUT = timedelta(seconds=30)
+
+
+def fit_strategy(
+    out_dir: Path,
+    strategy: str,
+    limit: Limit,
+    root: Path,
+    *,
+    kill: KillPoint | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """A rank's fit of a strategy cell (inside ``fork_ddp``): as ``fit``, on 2 ranks. The same
+    seed on resume: the strategies derive each rank's data order from the global seed."""
+    ckpt = root / "ckpt" / "killed.ckpt"
+    pl.seed_everything(0, verbose=False)
+    module = Classifier(net="cnn")
+    klass = SoupStrategy if strategy == "SoupStrategy" else WARPStrategy
+    extra = [KillAfterCheckpoint(kill, ckpt, epoch=KILL_EPOCH)] if kill else []
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=klass(process_group_backend="gloo", timeout=COLLECTIVE_TIMEOUT),
+        callbacks=extra,
+        default_root_dir=root / "files",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        enable_checkpointing=bool(extra),
+        **limits(limit),
+    )
+    train = resumable_loader(digits("train", limit=TRAIN_SIZE), BATCH_SIZE, ddp=True)
+    trainer.fit(module, train, _val(), ckpt_path=ckpt if resume else None)
+    merged = getattr(trainer.strategy, "merged_state", None)
+    return {
+        "weights": module.state_dict(),
+        "soup_result": getattr(trainer.strategy, "soup_result", None),
+        "merged_state": merged,
+        "global_step": trainer.global_step,
+    }
+
+
+def _in_turn(out_dir: Path, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A rank of one DDP job that fits several cells one after the other."""
+    return [fit_strategy(out_dir, **run) for run in runs]
+
+
+@cache
+def _strategy_references(root: Path) -> dict[tuple[str, Limit], list[dict[str, Any]]]:
+    """Every strategy's uninterrupted runs, in one DDP job: per (strategy, limit), rank by
+    rank."""
+    keys = sorted({(s, limit) for s in STRATEGIES for _, limit in STRATEGY_CELLS})
+    runs = [{"strategy": s, "limit": limit, "root": root / f"{s}-{limit}"} for s, limit in keys]
+    ranks = fork_ddp(_in_turn, root / "job", timeout=STRATEGY_TIMEOUT, runs=runs)
+    assert all(code == 0 for code, _ in ranks), [code for code, _ in ranks]
+    return {key: [ranks[r][1][i] for r in range(2)] for i, key in enumerate(keys)}
+
+
+STRATEGY_TIMEOUT = 180
+
+
+def strategy_cells() -> Iterator[Any]:
+    for strategy in STRATEGIES:
+        for point, limit in STRATEGY_CELLS:
+            reason = STRATEGY_FAILURES.get((strategy, point, limit))
+            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            yield pytest.param(
+                strategy, point, limit, marks=marks, id=f"{strategy}-{point}-{limit}"
+            )
+
+
+@pytest.mark.ddp
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize(("strategy", "point", "limit"), list(strategy_cells()))
+def test_strategy_resume_cell(
+    strategy: str, point: KillPoint, limit: Limit, tmp_path: Path, references_root: Path
+) -> None:
+    """Both ranks' final (merged) weights and the strategy's merge record equal the
+    uninterrupted job's, after every rank was SIGKILLed right after the checkpoint."""
+    expected = _strategy_references(references_root / "strategies")[(strategy, limit)]
+    killed = fork_ddp(
+        fit_strategy,
+        tmp_path / "killed",
+        timeout=STRATEGY_TIMEOUT,
+        strategy=strategy,
+        limit=limit,
+        root=tmp_path,
+        kill=point,
+    )
+    assert [code for code, _ in killed] == [-signal.SIGKILL] * 2, killed
+    resumed = fork_ddp(
+        fit_strategy,
+        tmp_path / "resumed",
+        timeout=STRATEGY_TIMEOUT,
+        strategy=strategy,
+        limit=limit,
+        root=tmp_path,
+        resume=True,
+    )
+    for rank, ((code, got), want) in enumerate(zip(resumed, expected)):
+        assert code == 0, f"rank {rank} exited with {code}"
+        assert_bitwise_equal(want, got, f"rank{rank}")
+
+
+def test_table_reports_the_resume_and_stream_matrices(tmp_path: Path) -> None:
+    """tools/conformance_table.py writes both matrices from these files' declarations and a
+    run's outcomes: refusals name their option, known bugs their reason, cells outside a
+    matrix are dashes, and a failing or unexpectedly passing cell is not hidden."""
+    from tools import conformance_table as tool
+
+    junit = tmp_path / "run.xml"
+    junit.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="t" name="test_resume_cell[EMA-mid_epoch-max_epochs]"/>'
+        '<testcase classname="t" name="test_resume_cell[InfoBatch-mid_epoch-max_steps]"/>'
+        '<testcase classname="t" name="test_resume_cell[DynamicSparseTraining-mid_epoch-'
+        'max_epochs]"><skipped type="pytest.xfail" message="x"/></testcase>'
+        '<testcase classname="t" name="test_strategy_resume_cell[WARPStrategy-mid_epoch-'
+        'max_epochs]"><failure message="AssertionError: rank0.weights differ"/></testcase>'
+        '<testcase classname="t" name="test_stream_cell[DataPruningScores-iterable]">'
+        '<failure message="[XPASS(strict)] fixed"/></testcase>'
+        '<testcase classname="t" name="test_stream_cell[InfoBatch-iterable]"/>'
+        "</testsuite></testsuites>"
+    )
+    page = tool.render(tool.read_junit(junit))
+    resume = page[page.index("## Resume") : page.index("## Streams")]
+    streams = page[page.index("## Streams") : page.index("## Why cells fail")]
+    notes = page[page.index("## Why cells fail") :]
+
+    def cell(section: str, row: str, column: int) -> str:
+        (line,) = [x for x in section.splitlines() if x.startswith(f"| **{row}** |")]
+        return line.split("|")[column + 1].strip()
+
+    assert cell(resume, "EMA", 1) == "works"
+    assert cell(resume, "InfoBatch", 2) == "refuses (`max_epochs`)"
+    assert cell(resume, "DynamicSparseTraining", 1).startswith("bug [")
+    assert f". {ISSUE_24_2}" in notes
+    assert cell(resume, "WARPStrategy", 1) == "**FAILED**"
+    assert cell(resume, "SoupStrategy", 2) == "—"  # outside the strategies' subset
+    assert cell(resume, "ModelSoup", 3) == "not run"
+    assert cell(streams, "DataPruningScores", 2) == "fixed: remove its xfail"
+    assert cell(streams, "InfoBatch", 2) == "refuses (`InfoBatchSampler`)"
+    assert cell(streams, "ContinualEvaluation", 4) == "—"  # seeded: strategies only

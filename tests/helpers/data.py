@@ -111,10 +111,12 @@ class ResumableLoader(DataLoader):
         self._resume = (state["epoch"], state["consumed"])
 
 
-def resumable_loader(dataset: Dataset, batch_size: int = 16, seed: int = 0) -> ResumableLoader:
-    """``loader``'s seeded per-epoch shuffle, resumable mid-epoch (under DDP: Lightning's
-    sampler)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+def resumable_loader(
+    dataset: Dataset, batch_size: int = 16, seed: int = 0, *, ddp: bool = False
+) -> ResumableLoader:
+    """``loader``'s seeded per-epoch shuffle, resumable mid-epoch. ``ddp``: a plain shuffled
+    loader, into which Lightning puts its (the strategy's) distributed sampler at fit time."""
+    if ddp:
         return ResumableLoader(dataset, batch_size=batch_size, shuffle=True)
     sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
     return ResumableLoader(dataset, batch_size=batch_size, sampler=sampler)

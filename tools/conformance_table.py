@@ -170,8 +170,7 @@ POINT_NAMES = {
 
 
 def resume_rows(outcomes: dict[str, Outcome], notes: Footnotes) -> list[str]:
-    """Callbacks and strategies x kill points x limits (tests/conformance/test_resume_matrix.py);
-    a strategy cell outside the subset that runs is a dash."""
+    """Callbacks and strategies x kill points x limits (tests/conformance/test_resume_matrix.py)."""
     columns = [(p, limit) for p in resume_matrix.KILL_POINTS for limit in resume_matrix.LIMITS]
     lines = [
         "| | " + " | ".join(f"{POINT_NAMES[p]}, `{limit}`" for p, limit in columns) + " |",
@@ -181,12 +180,6 @@ def resume_rows(outcomes: dict[str, Outcome], notes: Footnotes) -> list[str]:
     for row in (*resume_matrix.CALLBACKS, *resume_matrix.STRATEGIES):
         cells = []
         for point, limit in columns:
-            if (
-                row in resume_matrix.STRATEGIES
-                and (point, limit) not in resume_matrix.STRATEGY_CELLS
-            ):
-                cells.append("—")
-                continue
             option = resume_matrix.RESUME_REFUSALS.get((row, limit))
             warning = resume_matrix.RESUME_WARNINGS.get((row, point, limit))
             outcome = outcomes.get(f"{row}-{point}-{limit}")
@@ -287,7 +280,8 @@ def render(outcomes: dict[str, Outcome], seconds: float | None = None) -> str:
         "parsed, folder names aside) equal an uninterrupted run's bitwise. **refuses**: the "
         "callback refuses that limit before training. The train loader is resumable mid-epoch "
         "(`tests/helpers/data.ResumableLoader`, as `torchdata`'s `StatefulDataLoader`). "
-        "Strategies: 2-process DDP jobs (gloo), one cell per kill point (—: not run).",
+        "Strategies: 2-process DDP jobs (gloo), every rank killed; both ranks' merged weights "
+        "and the merge record (`soup_result`, `merged_state`) are compared.",
         "",
         *resume,
         "",

@@ -204,9 +204,15 @@ def stream_rows(outcomes: dict[str, Outcome], notes: Footnotes) -> list[str]:
             if row in stream_matrix.CALLBACKS and stream not in stream_matrix.CALLBACK_STREAMS:
                 cells.append("—")
                 continue
-            refusal = stream_matrix.expected_refusal(row, stream)
+            expected = stream_matrix.expected_refusal(row, stream)
             known = stream_matrix.KNOWN_FAILURES.get((row, stream))
-            cells.append(describe(outcomes.get(f"{row}-{stream}"), refusal, known, notes))
+            outcome = outcomes.get(f"{row}-{stream}")
+            if isinstance(expected, stream_matrix.Said):  # raises or warns, naming its words
+                text = describe(outcome, None, known, notes)
+                words = ", ".join(f"`{w}`" for w in expected.words)
+                cells.append(f"says so ({words})" if text == "works" else text)
+            else:
+                cells.append(describe(outcome, expected, known, notes))
         lines.append(f"| **{row}** | " + " | ".join(cells) + " |")
     return lines
 
@@ -292,7 +298,8 @@ def render(outcomes: dict[str, Outcome], seconds: float | None = None) -> str:
         + ". **works**: a property that can fail was checked (the `check_*` functions; "
         "strategies: both ranks end with the same finite weights and trained different ones "
         "before the merge). **refuses (`option`)**: it raised before the first training step "
-        "naming that option.",
+        "naming that option. **says so (words)**: it raised or warned with a message holding "
+        "those words.",
         "",
         *streams,
         "",

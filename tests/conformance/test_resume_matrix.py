@@ -462,6 +462,7 @@ def test_table_reports_the_resume_and_stream_matrices(tmp_path: Path) -> None:
         '<testcase classname="t" name="test_stream_cell[DataPruningScores-iterable]">'
         '<failure message="[XPASS(strict)] fixed"/></testcase>'
         '<testcase classname="t" name="test_stream_cell[InfoBatch-iterable]"/>'
+        '<testcase classname="t" name="test_stream_cell[ModelSoup-infinite]"/>'
         "</testsuite></testsuites>"
     )
     page = tool.render(tool.read_junit(junit))
@@ -482,3 +483,4 @@ def test_table_reports_the_resume_and_stream_matrices(tmp_path: Path) -> None:
     assert cell(streams, "DataPruningScores", 2) == "fixed: remove its xfail"
     assert cell(streams, "InfoBatch", 2) == "refuses (`InfoBatchSampler`)"
     assert cell(streams, "ContinualEvaluation", 4) == "—"  # seeded: strategies only
+    assert cell(streams, "ModelSoup", 3) == "says so (`ModelSoup`, `epoch`)"

@@ -8,6 +8,7 @@ to compare to ``out_dir / f"rank{rank}.pt"``; the runner returns those objects, 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -104,27 +105,6 @@ def _run_once(
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(nprocs)]
 
 
-def _main() -> None:
-    import importlib
-
-    target, out_dir, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    module_name, function_name = target.split(":")
-    try:
-        getattr(importlib.import_module(module_name), function_name)(out_dir=out_dir, **kwargs)
-    finally:
-        # Tear the process group down before the interpreter exits: left to exit-time
-        # destructors, gloo's threads occasionally aborted a rank ("terminate called without an
-        # active exception", exit -6) after its work had finished.
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    _main()
-
-
 def _forked_rank(
     fn: Any, rank: int, nprocs: int, port: int, out_dir: Path, kwargs: dict[str, Any]
 ) -> None:
@@ -139,17 +119,16 @@ def _forked_rank(
         NODE_RANK="0",
         LOCAL_RANK=str(rank),
     )
-    torch.set_num_threads(1)
-    try:
-        result: dict[str, Any] = {"value": fn(out_dir=out_dir, **kwargs)}
-    except BaseException:  # handed to the parent, which fails the test with it
-        import traceback
+    from tests.helpers.resume import save_outcome
 
-        result = {"error": traceback.format_exc()[-4000:]}
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    torch.save(result, out_dir / f"rank{rank}.pt")
+    def run() -> Any:
+        try:
+            return fn(out_dir=out_dir, **kwargs)
+        finally:  # as in _main: torn down before the process exits
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+
+    save_outcome(run, out_dir / f"rank{rank}.pt")
 
 
 def fork_ddp(
@@ -162,8 +141,6 @@ def fork_ddp(
 
     The caller must not hold a process group itself (``run_ddp``'s jobs and pytest do not).
     """
-    import multiprocessing
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
@@ -193,3 +170,24 @@ def fork_ddp(
             raise AssertionError(f"rank {rank} raised:\n{value['error']}")
         results.append((proc.exitcode, value.get("value")))
     return results
+
+
+def _main() -> None:
+    import importlib
+
+    target, out_dir, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    module_name, function_name = target.split(":")
+    try:
+        getattr(importlib.import_module(module_name), function_name)(out_dir=out_dir, **kwargs)
+    finally:
+        # Tear the process group down before the interpreter exits: left to exit-time
+        # destructors, gloo's threads occasionally aborted a rank ("terminate called without an
+        # active exception", exit -6) after its work had finished.
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _main()

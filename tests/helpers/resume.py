@@ -163,11 +163,15 @@ class Forked:
     error: str | None = None
 
 
-def _child(fn: Callable[..., Any], out: Path, args: tuple, kwargs: dict[str, Any]) -> None:
+def save_outcome(
+    fn: Callable[..., Any], out: Path, args: tuple = (), kwargs: dict[str, Any] | None = None
+) -> None:
+    """In a child process: call ``fn`` on one thread and save ``{"value": ...}``, or
+    ``{"error": traceback}`` for the parent, which fails the test with it."""
     torch.set_num_threads(1)
     try:
-        value: dict[str, Any] = {"value": fn(*args, **kwargs)}
-    except BaseException:  # handed to the parent, which fails the test with it
+        value: dict[str, Any] = {"value": fn(*args, **(kwargs or {}))}
+    except BaseException:  # handed to the parent
         value = {"error": traceback.format_exc()[-4000:]}
     torch.save(value, out)
 
@@ -178,7 +182,7 @@ def run_forked(fn: Callable[..., Any], *args: Any, timeout: float = 120, **kwarg
     context = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.pt"
-        process = context.Process(target=_child, args=(fn, out, args, kwargs))
+        process = context.Process(target=save_outcome, args=(fn, out, args, kwargs))
         process.start()
         process.join(timeout)
         if process.is_alive():

@@ -284,6 +284,13 @@ def cells() -> Iterator[Any]:
 def test_resume_cell(
     callback: str, point: KillPoint, limit: Limit, tmp_path: Path, references_root: Path
 ) -> None:
+    check_resume_cell(callback, point, limit, tmp_path, references_root)
+
+
+def check_resume_cell(
+    callback: str, point: KillPoint, limit: Limit, tmp_path: Path, references_root: Path
+) -> None:
+    """Kill at ``point``, resume, compare with the uninterrupted run (or the refusal/warning)."""
     uninterrupted, reference_root = reference(callback, limit, references_root)
     refusal = RESUME_REFUSALS.get((callback, limit))
     if refusal is not None:  # refused before training: there is nothing to resume
@@ -319,6 +326,54 @@ def _without(content: Any, keys: tuple[str, ...]) -> Any:
     if not isinstance(content, dict):
         return content
     return {k: v for k, v in content.items() if k not in keys}
+
+
+class _Forgetful(Callback):
+    """Counts training batches, writes the count at the end, and forgets it on resume."""
+
+    def __init__(self, files: Path) -> None:
+        self.files, self.count = files, 0
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.count += 1
+
+    def on_train_end(self, *args: Any) -> None:
+        self.files.mkdir(parents=True, exist_ok=True)
+        (self.files / "count.txt").write_text(str(self.count))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        pass  # the bug this control plants
+
+
+def test_a_cell_fails_for_a_callback_that_forgets_its_state(
+    tmp_path: Path, references_root: Path
+) -> None:
+    """Control: the harness catches a callback whose state does not survive the kill."""
+    with pytest.MonkeyPatch.context() as mp:  # the forked children inherit the patched set-ups
+        mp.setitem(SETUPS, "Forgetful", Setup(_Forgetful))
+        with pytest.raises(AssertionError, match=r"Forgetful.state_dict\(\).count: 10 != 4"):
+            check_resume_cell("Forgetful", "mid_epoch", "max_steps", tmp_path, references_root)
+
+
+def test_resumable_loader_skips_exactly_the_batches_trained_on() -> None:
+    """``ResumableLoader``: the resumed epoch yields the batches the killed one had not drawn
+    yet; a plain restart (no state) would yield the epoch from its start."""
+    first, second = _train(), _train()
+    first.sampler.set_epoch(1)  # type: ignore[attr-defined]
+    batches = iter(first)
+    drawn = [next(batches)[1] for _ in range(2)]
+    second.load_state_dict(first.state_dict())
+    second.sampler.set_epoch(1)  # type: ignore[attr-defined]
+    rest = [y for _, y in second]
+    first.sampler.set_epoch(1)  # type: ignore[attr-defined]
+    whole = [y for _, y in first]
+    assert len(whole) == BATCHES and len(rest) == BATCHES - 2
+    assert_bitwise_equal(whole, drawn + rest, "batches")
+    second.sampler.set_epoch(2)  # type: ignore[attr-defined]
+    assert len(list(second)) == BATCHES  # the saved position belongs to epoch 1 only
 
 
 def test_every_callback_is_in_the_resume_matrix() -> None:

@@ -115,7 +115,7 @@ SETUPS: dict[str, Setup] = {
             snapshot_dir=str(files / "phema"),
             plot=False,
         ),
-        volatile=("run_id",),  # a fresh id per run, checked to survive the resume below
+        volatile=("run_id",),  # a fresh id per uninterrupted run; a resumed one keeps its own
     ),
     "ContinualEvaluation": Setup(
         lambda files: ContinualEvaluation(

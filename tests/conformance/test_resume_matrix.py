@@ -360,7 +360,7 @@ def test_a_cell_fails_for_a_callback_that_forgets_its_state(
 
 def test_resumable_loader_skips_exactly_the_batches_trained_on() -> None:
     """``ResumableLoader``: the resumed epoch yields the batches the killed one had not drawn
-    yet; a plain restart (no state) would yield the epoch from its start."""
+    yet, in order, and the saved position applies to that epoch only."""
     first, second = _train(), _train()
     first.sampler.set_epoch(1)  # type: ignore[attr-defined]
     batches = iter(first)
@@ -394,6 +394,7 @@ STRATEGY_FAILURES: dict[tuple[str, KillPoint, Limit], str] = {
     (strategy, "epoch_boundary", "max_steps"): LIGHTNING_STEPS_EPOCH for strategy in STRATEGIES
 }
 COLLECTIVE_TIMEOUT = timedelta(seconds=30)
+STRATEGY_TIMEOUT = 180  # seconds for a DDP job, cold or loaded machine included
 
 
 def fit_strategy(
@@ -451,9 +452,6 @@ def _strategy_references(root: Path) -> dict[tuple[str, Limit], list[dict[str, A
     ranks = fork_ddp(_in_turn, root / "job", timeout=STRATEGY_TIMEOUT, runs=runs)
     assert all(code == 0 for code, _ in ranks), [code for code, _ in ranks]
     return {key: [ranks[r][1][i] for r in range(2)] for i, key in enumerate(keys)}
-
-
-STRATEGY_TIMEOUT = 180
 
 
 def strategy_cells() -> Iterator[Any]:

@@ -23,6 +23,8 @@ from pathlib import Path
 from tests.conformance import test_matrix as matrix
 from tests.conformance import test_matrix_ddp as ddp_matrix
 from tests.conformance import test_namespaces as namespaces
+from tests.conformance import test_resume_matrix as resume_matrix
+from tests.conformance import test_stream_matrix as stream_matrix
 from tests.helpers.zoo import ZOO
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +33,8 @@ TEST_FILES = (
     "tests/conformance/test_matrix.py",
     "tests/conformance/test_matrix_ddp.py",
     "tests/conformance/test_namespaces.py",
+    "tests/conformance/test_resume_matrix.py",
+    "tests/conformance/test_stream_matrix.py",
 )
 ZOO_DESCRIPTIONS = {
     "metrics_classifier": "torchmetrics computed at epoch end, LR scheduler",
@@ -158,6 +162,61 @@ def namespace_rows(outcomes: dict[str, Outcome], notes: Footnotes) -> list[str]:
     return rows
 
 
+POINT_NAMES = {
+    "mid_epoch": "mid-epoch",
+    "last_batch": "an epoch's last batch",
+    "epoch_boundary": "epoch boundary",
+}
+
+
+def resume_rows(outcomes: dict[str, Outcome], notes: Footnotes) -> list[str]:
+    """Callbacks and strategies x kill points x limits (tests/conformance/test_resume_matrix.py)."""
+    columns = [(p, limit) for p in resume_matrix.KILL_POINTS for limit in resume_matrix.LIMITS]
+    lines = [
+        "| | " + " | ".join(f"{POINT_NAMES[p]}, `{limit}`" for p, limit in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    known = {**resume_matrix.KNOWN_FAILURES, **resume_matrix.STRATEGY_FAILURES}
+    for row in (*resume_matrix.CALLBACKS, *resume_matrix.STRATEGIES):
+        cells = []
+        for point, limit in columns:
+            option = resume_matrix.RESUME_REFUSALS.get((row, limit))
+            warning = resume_matrix.RESUME_WARNINGS.get((row, point, limit))
+            outcome = outcomes.get(f"{row}-{point}-{limit}")
+            refusal = None if option is None else matrix.Refusal(option, "")
+            text = describe(outcome, refusal, known.get((row, point, limit)), notes)
+            cells.append(f"warns ({warning!r})" if warning and text == "works" else text)
+        lines.append(f"| **{row}** | " + " | ".join(cells) + " |")
+    return lines
+
+
+def stream_rows(outcomes: dict[str, Outcome], notes: Footnotes) -> list[str]:
+    """Data-reading callbacks and strategies x kinds of training data
+    (tests/conformance/test_stream_matrix.py); a seeded stream is for strategies only."""
+    streams = stream_matrix.STREAMS
+    lines = [
+        "| | " + " | ".join(f"`{stream}`" for stream in streams) + " |",
+        "|---" * (len(streams) + 1) + "|",
+    ]
+    for row in (*stream_matrix.CALLBACKS, *stream_matrix.STRATEGIES):
+        cells = []
+        for stream in streams:
+            if row in stream_matrix.CALLBACKS and stream not in stream_matrix.CALLBACK_STREAMS:
+                cells.append("—")
+                continue
+            expected = stream_matrix.expected_refusal(row, stream)
+            known = stream_matrix.KNOWN_FAILURES.get((row, stream))
+            outcome = outcomes.get(f"{row}-{stream}")
+            if isinstance(expected, stream_matrix.Said):  # raises or warns, naming its words
+                text = describe(outcome, None, known, notes)
+                words = ", ".join(f"`{w}`" for w in expected.words)
+                cells.append(f"says so ({words})" if text == "works" else text)
+            else:
+                cells.append(describe(outcome, expected, known, notes))
+        lines.append(f"| **{row}** | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(outcomes: dict[str, Outcome], seconds: float | None = None) -> str:
     notes = Footnotes()
     callbacks = table(
@@ -171,6 +230,8 @@ def render(outcomes: dict[str, Outcome], seconds: float | None = None) -> str:
         notes,
     )
     pl_rows = namespace_rows(outcomes, notes)
+    resume = resume_rows(outcomes, notes)
+    streams = stream_rows(outcomes, notes)
     counts: dict[str, int] = {}
     for outcome in outcomes.values():
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
@@ -213,6 +274,35 @@ def render(outcomes: dict[str, Outcome], seconds: float | None = None) -> str:
         "|---|---|",
         *pl_rows,
         "",
+        "## Resume: killed with SIGKILL after a checkpoint, resumed in a new process",
+        "",
+        "`tests/conformance/test_resume_matrix.py`. Each cell fits (3 epochs of 4 batches, or "
+        f"`max_steps={resume_matrix.MAX_STEPS}`) in a child process forked from the test, which "
+        "writes a checkpoint at the kill point of the second epoch (mid-epoch: after its second "
+        "batch; its last batch, before the epoch's end hooks; the epoch boundary, in "
+        "`on_train_epoch_end`), as `ModelCheckpoint` would there, then SIGKILLs itself; "
+        "another child resumes from that file into the same folders. **works**: the final "
+        "weights, the callback's `state_dict()` and every file it wrote (tensors loaded, JSON "
+        "parsed, folder names aside) equal an uninterrupted run's bitwise. **refuses**: the "
+        "callback refuses that limit before training. The train loader is resumable mid-epoch "
+        "(`tests/helpers/data.ResumableLoader`, as `torchdata`'s `StatefulDataLoader`). "
+        "Strategies: 2-process DDP jobs (gloo), every rank killed; both ranks' merged weights "
+        "and the merge record (`soup_result`, `merged_state`) are compared.",
+        "",
+        *resume,
+        "",
+        "## Streams: the kinds of training data users feed a Trainer",
+        "",
+        "`tests/conformance/test_stream_matrix.py`. "
+        + "; ".join(f"`{k}`: {v}" for k, v in stream_matrix.STREAM_DESCRIPTIONS.items())
+        + ". **works**: a property that can fail was checked (the `check_*` functions; "
+        "strategies: both ranks end with the same finite weights and trained different ones "
+        "before the merge). **refuses (`option`)**: it raised before the first training step "
+        "naming that option. **says so (words)**: it raised or warned with a message holding "
+        "those words.",
+        "",
+        *streams,
+        "",
         "## Why cells fail today",
         "",
         *(f"{i}. {reason}" for i, reason in enumerate(notes.reasons, 1)),
@@ -226,8 +316,12 @@ def render(outcomes: dict[str, Outcome], seconds: float | None = None) -> str:
         "when the callback does nothing) and its refusals in `expected_refusal`.",
         "- A new kind of user module: add a `ZooEntry` in `tests/helpers/zoo.py` (tiny, both "
         "namespaces through `module_class`) with the metrics it logs and its batch layout.",
+        "- Resume and stream matrices: known failures in `KNOWN_FAILURES` (and "
+        "`STRATEGY_FAILURES`) of `tests/conformance/test_resume_matrix.py` and "
+        "`tests/conformance/test_stream_matrix.py`; a callback that cannot resume at some point "
+        "and says so goes in `RESUME_WARNINGS` with the text its warning must contain.",
         "- Regenerate: `python -m tools.conformance_table` (or `--junit FILE` "
-        "to read a JUnit report of the two test files written by `pytest --junitxml=FILE`).",
+        "to read a JUnit report of the test files written by `pytest --junitxml=FILE`).",
         "",
         "## This run",
         "",

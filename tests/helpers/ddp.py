@@ -8,10 +8,12 @@ to compare to ``out_dir / f"rank{rank}.pt"``; the runner returns those objects, 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,73 @@ def _run_once(
     if failures:
         raise AssertionError("\n".join(failures))
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(nprocs)]
+
+
+def _forked_rank(
+    fn: Any, rank: int, nprocs: int, port: int, out_dir: Path, kwargs: dict[str, Any]
+) -> None:
+    import torch.distributed as dist
+
+    for name in ("RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE"):
+        os.environ.pop(name, None)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(nprocs),
+        NODE_RANK="0",
+        LOCAL_RANK=str(rank),
+    )
+    from tests.helpers.resume import save_outcome
+
+    def run() -> Any:
+        try:
+            return fn(out_dir=out_dir, **kwargs)
+        finally:  # as in _main: torn down before the process exits
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+
+    save_outcome(run, out_dir / f"rank{rank}.pt")
+
+
+def fork_ddp(
+    fn: Any, out_dir: Path, *, nprocs: int = 2, timeout: float = 120, **kwargs: Any
+) -> list[tuple[int | None, Any]]:
+    """Run ``fn(out_dir=..., **kwargs)`` on ``nprocs`` ranks forked from this process: a DDP
+    job on CPU (gloo) that pays no fresh ``import torch, lightning``. Each rank's exit code
+    (``-9``: it SIGKILLed itself) and return value, rank by rank; a rank that raised fails with
+    its traceback, a job still running after ``timeout`` seconds is killed and fails.
+
+    The caller must not hold a process group itself (``run_ddp``'s jobs and pytest do not).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    context = multiprocessing.get_context("fork")
+    procs = [
+        context.Process(target=_forked_rank, args=(fn, rank, nprocs, port, out_dir, kwargs))
+        for rank in range(nprocs)
+    ]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        proc.join(max(deadline - time.monotonic(), 0))
+    hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    if hung:
+        raise AssertionError(f"ranks {hung} still ran after {timeout} s: killed")
+    results = []
+    for rank, proc in enumerate(procs):
+        path = out_dir / f"rank{rank}.pt"
+        value = torch.load(path, weights_only=False) if path.exists() else {}
+        path.unlink(missing_ok=True)
+        if "error" in value:
+            raise AssertionError(f"rank {rank} raised:\n{value['error']}")
+        results.append((proc.exitcode, value.get("value")))
+    return results
 
 
 def _main() -> None:

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_ext._lightning import run_dir, stepping_batches
+from lightning_ext._lightning import run_dir, skipped_epoch_end, stepping_batches
 from lightning_ext.averaging import local_shard
 from lightning_ext.functional.schedule import (
     REFERENCE_WINDOW,
@@ -513,6 +513,8 @@ class ScheduleRefinement(Callback):
         # keep a resumed run's loader from being fast-forwarded.
         total = self.total_steps or stepping_batches(trainer)
         self._total = int(total) if total != float("inf") and total >= 1 else None
+        if self.record:  # a validation Lightning skips on this resume is missing from the curve
+            skipped_epoch_end(trainer)
         if self._stored is not None:
             self._take_over_learning_rates(trainer, self._optimizers, self._stored)
 

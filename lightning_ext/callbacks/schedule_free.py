@@ -19,6 +19,10 @@ from torch.optim import Optimizer
 
 __all__ = ["ScheduleFree", "is_schedule_free"]
 
+#: Checkpoint entry with the train-mode weights ``y`` (the optimizers' parameters in order), so
+#: that a resumed run continues from them bitwise instead of recomputing them from ``x``.
+TRAIN_WEIGHTS_KEY = "schedule_free_train_weights"
+
 
 def is_schedule_free(optimizer: Optimizer) -> bool:
     """Whether ``optimizer`` is a schedule-free one: ``train()``/``eval()`` methods and a
@@ -74,6 +78,9 @@ class ScheduleFree(Callback):
 
     def __init__(self) -> None:
         self._switched: list[Optimizer] = []
+        #: the train-mode weights ``y`` set aside while in eval mode, put back bitwise after
+        self._train_weights: list[torch.Tensor] = []
+        self._restored: list[torch.Tensor] | None = None  # from a checkpoint, for on_train_start
 
     # --- checks -------------------------------------------------------------------------------
 
@@ -95,20 +102,30 @@ class ScheduleFree(Callback):
     # --- modes --------------------------------------------------------------------------------
 
     def _to_eval(self, trainer: pl.Trainer) -> None:
-        for opt in self._optimizers(trainer):
-            if is_schedule_free(opt) and _in_train_mode(opt):
-                opt.eval()  # type: ignore[attr-defined]
-                self._switched.append(opt)
+        switching = [
+            o for o in self._optimizers(trainer) if is_schedule_free(o) and _in_train_mode(o)
+        ]
+        # eval() then train() recomputes y from x and z, off by an ulp: keep y to put it back,
+        # so that validating or checkpointing never changes the training trajectory.
+        self._train_weights = _weights(switching)
+        for opt in switching:
+            opt.eval()  # type: ignore[attr-defined]
+        self._switched = switching
 
     def _back_to_train(self) -> None:
         for opt in self._switched:
             opt.train()  # type: ignore[attr-defined]
-        self._switched = []
+        _put_back(self._switched, self._train_weights)
+        self._switched, self._train_weights = [], []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._switched = []
-        for opt in self._optimizers(trainer):
+        optimizers = self._optimizers(trainer)
+        for opt in optimizers:
             opt.train()  # type: ignore[attr-defined]
+        if self._restored is not None:  # resumed: the exact train-mode weights of the checkpoint
+            _put_back([o for o in optimizers if is_schedule_free(o)], self._restored)
+            self._restored = None
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._to_eval(trainer)
@@ -131,10 +148,13 @@ class ScheduleFree(Callback):
     ) -> None:
         optimizers = [o for o in self._optimizers(trainer) if is_schedule_free(o)]
         training = [o for o in optimizers if _in_train_mode(o)]
-        if not training:
-            return  # already in eval mode (a checkpoint taken during validation): consistent
+        if not training:  # already in eval mode (a checkpoint taken during validation)
+            if self._switched and self._train_weights:
+                checkpoint[TRAIN_WEIGHTS_KEY] = [t.clone() for t in self._train_weights]
+            return
         # The module's state dict was taken before this hook, by reference: replace it with
-        # copies of the eval-mode weights, then go back to train mode.
+        # copies of the eval-mode weights, then go back to train mode, y put back bitwise.
+        train_weights = _weights(training)
         for opt in training:
             opt.eval()  # type: ignore[attr-defined]
         state = trainer.strategy.lightning_module_state_dict()
@@ -143,7 +163,38 @@ class ScheduleFree(Callback):
         }
         for opt in training:
             opt.train()  # type: ignore[attr-defined]
+        _put_back(training, train_weights)
+        checkpoint[TRAIN_WEIGHTS_KEY] = train_weights  # a resume continues from y exactly
         for saved in checkpoint.get("optimizer_states", []):
             for group in saved.get("param_groups", []):
                 if "train_mode" in group:
                     group["train_mode"] = False
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # A checkpoint written before the train-mode weights were kept resumes by recomputing them
+        # (exact up to an ulp of the x -> y round trip).
+        self._restored = checkpoint.get(TRAIN_WEIGHTS_KEY)
+
+
+def _params(optimizers: list[Optimizer]) -> list[torch.Tensor]:
+    return [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+
+
+def _weights(optimizers: list[Optimizer]) -> list[torch.Tensor]:
+    """Copies of the optimizers' parameters, in order."""
+    return [p.detach().clone() for p in _params(optimizers)]
+
+
+@torch.no_grad()
+def _put_back(optimizers: list[Optimizer], weights: list[torch.Tensor]) -> None:
+    """Copy ``weights`` (from ``_weights`` over the same optimizers) into their parameters."""
+    params = _params(optimizers)
+    if len(params) != len(weights):
+        raise ValueError(
+            f"ScheduleFree: {len(weights)} stored train-mode weights for {len(params)} "
+            "parameters: resume with the same configure_optimizers"
+        )
+    for p, w in zip(params, weights):
+        p.copy_(w)

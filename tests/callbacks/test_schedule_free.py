@@ -3,6 +3,7 @@ end, train mode for steps, exact resume, refusal of ordinary optimizers, Lightni
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -116,3 +117,25 @@ def test_lightning_cli_builds_it_from_yaml(tmp_path):
     cli = LightningCLI(SFClassifier, DigitsDataModule, run=False, save_config_callback=None,
                        args=["--config", str(config)])  # fmt: skip
     assert any(isinstance(c, ScheduleFree) for c in cli.trainer.callbacks)
+
+
+def test_validating_and_checkpointing_leave_the_training_trajectory_bitwise_unchanged(tmp_path):
+    """eval() then train() recomputes y from x and z (off by an ulp): the callback puts the
+    train-mode weights back, so a run that validates and checkpoints trains exactly as one that
+    does neither."""
+    runs = []
+    for validate in (False, True):
+        probe = Probe()
+        extra = [ModelCheckpoint(dirpath=tmp_path / str(validate), every_n_train_steps=3)]
+        trainer = quiet_trainer(
+            max_epochs=2,
+            callbacks=[ScheduleFree(), probe, *(extra if validate else [])],
+            limit_val_batches=2 if validate else 0,
+            enable_checkpointing=validate,
+        )
+        pl.seed_everything(0)
+        trainer.fit(SFClassifier(lr=0.5), datamodule=DigitsDataModule(limit=256))
+        runs.append(probe.train_mode)
+    assert len(runs[0]) == len(runs[1]) == 8
+    for plain, validated in zip(*runs):
+        assert torch.equal(plain, validated)

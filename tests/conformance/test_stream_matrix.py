@@ -126,25 +126,9 @@ def expected_refusal(name: str, stream: Stream) -> Refusal | Said | None:
     return None
 
 
-ISSUE_24_4 = (
-    "issue 24 item 4: DataPruningScores on an IterableDataset fails with `TypeError: object of "
-    "type ... has no len()` instead of refusing it by name"
-)
-ISSUE_24_7 = (
-    "issue 24 item 7: on an explicitly seeded IterableDataset both ranks train identical "
-    "weights and the merge is a silent no-op"
-)
-ISSUE_24_SOUP_STREAM = (
-    "issue 24 (Also): ModelSoup on an infinite stream never ends an epoch and builds a "
-    "one-ingredient soup without a word"
-)
-KNOWN_FAILURES: dict[tuple[str, Stream], str] = {
-    ("DataPruningScores", "iterable"): ISSUE_24_4,
-    ("DataPruningScores", "infinite"): ISSUE_24_4,
-    ("ModelSoup", "infinite"): ISSUE_24_SOUP_STREAM,
-    ("SoupStrategy", "seeded"): ISSUE_24_7,
-    ("WARPStrategy", "seeded"): ISSUE_24_7,
-}
+# Empty today: the five cells that failed on 2036510 (issue 24 items 4 and 7, ModelSoup on an
+# infinite stream) hold since the fixes.
+KNOWN_FAILURES: dict[tuple[str, Stream], str] = {}
 
 
 # ------------------------------------------------------------------------------- callbacks

@@ -40,7 +40,7 @@ OTHER_MODULES = [
     "lightning_ext.io.ingredients",
     "lightning_ext.io.safetensors",
     "lightning_ext.io.adapters",
-    "lightning_ext.workflows.soup",
+    "lightning_ext._soup",
     "lightning_ext.workflows.sparse_soup",
     "lightning_ext.strategies.soup",
     "lightning_ext.strategies.warp",

@@ -43,8 +43,9 @@ from torch import Tensor, nn
 from lightning_ext._io import atomic_torch_save, atomic_write_json, load_file, load_json
 from lightning_ext._lightning import namespace_of
 from lightning_ext._modules import named_parameters, normalise_name
+from lightning_ext._soup import batchnorm_layers, check_mode
 from lightning_ext.functional.sparse import active_count, topk_mask
-from lightning_ext.workflows.soup import batchnorm_layers, build_soup, check_mode
+from lightning_ext.workflows.soup import build_soup
 
 __all__ = [
     "CycleResult",

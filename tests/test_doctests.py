@@ -37,6 +37,7 @@ OTHER_MODULES = [
     "lightning_ext.data.sampling",
     "lightning_ext.data.tasks",
     "lightning_ext.lr_scheduler",
+    "lightning_ext.functional._checks",
     "lightning_ext.io.ingredients",
     "lightning_ext.io.safetensors",
     "lightning_ext.io.adapters",

@@ -35,6 +35,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_ext.functional._checks import check_unit_range
+
 __all__ = [
     "breadcrumbs_merge",
     "check_same_layout",
@@ -203,13 +205,6 @@ def _iter_checked(state_dicts: Sequence[StateDict], reference: StateDict) -> Ite
         del sd
 
 
-def _check_fraction(name: str, value: float, *, low_open: bool = True) -> None:
-    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
-    if not ok or math.isnan(value):
-        interval = "(0, 1]" if low_open else "[0, 1]"
-        raise ValueError(f"{name} must lie in {interval}, got {value}")
-
-
 # --------------------------------------------------------------------------- per-layer weights
 
 
@@ -265,8 +260,7 @@ def gradient_value(anchors: Sequence[float], t: float) -> float:
     """
     if len(anchors) == 0:
         raise ValueError("a gradient needs at least one anchor value")
-    if not 0.0 <= t <= 1.0:
-        raise ValueError(f"a layer position must lie in [0, 1], got {t}")
+    check_unit_range("a layer position", t)
     scaled = t * (len(anchors) - 1)
     i0 = int(scaled)
     i1 = min(len(anchors) - 1, i0 + 1)
@@ -647,7 +641,7 @@ def ties_merge(
         tensor([2., 2., 3.])
     """
     _ingredients(state_dicts)
-    _check_fraction("density", density)
+    check_unit_range("density", density, low_open=True)
     return _consensus_merge(base, state_dicts, lambda: lambda d, i: _trim(d, density), None, scale)
 
 
@@ -737,7 +731,7 @@ def dare_merge(
         tensor([4., 0., 2.])
     """
     _ingredients(state_dicts)
-    _check_fraction("density", density)
+    check_unit_range("density", density, low_open=True)
     drop = _dare_sparsifier(density, "inverse", generator)()
     tv = _TaskVectors(base, state_dicts, lambda d, i, k: drop(d, i))
     return _apply(base, tv.delta, scale, tv.statistics)
@@ -858,7 +852,7 @@ def dare_ties_merge(
         tensor([2., 2., 3.])
     """
     n = _ingredients(state_dicts)
-    _check_fraction("density", density)
+    check_unit_range("density", density, low_open=True)
     _check_weights(weights, n)
     _check_rescale(rescale)
     sparsifier = _dare_sparsifier(density, rescale, generator)
@@ -956,7 +950,7 @@ def della_merge(
         tensor([2., 2., 3.])
     """
     n = _ingredients(state_dicts)
-    _check_fraction("density", density)
+    check_unit_range("density", density, low_open=True)
     _check_della_epsilon(density, epsilon)
     _check_weights(weights, n)
     _check_rescale(rescale)
@@ -1023,8 +1017,8 @@ def breadcrumbs_merge(
         tensor([4., 0., 2.])
     """
     _ingredients(state_dicts)
-    _check_fraction("density", density)
-    _check_fraction("gamma", gamma, low_open=False)
+    check_unit_range("density", density, low_open=True)
+    check_unit_range("gamma", gamma)
     if density + gamma > 1.0:
         raise ValueError(f"density + gamma must be <= 1, got {density} + {gamma}")
     tv = _TaskVectors(base, state_dicts, lambda d, i, k: d * _band_mask(d, density, gamma))

@@ -414,7 +414,7 @@ def greedy_soup(
     state_dicts: Sequence[StateDict],
     evaluate: Callable[[dict[str, Tensor]], float],
     *,
-    mode: Literal["max", "min"] = "max",
+    mode: Literal["max", "min"] = "min",
     strict: bool = True,
     passes: int = 1,
     scores: Sequence[float] | None = None,
@@ -423,12 +423,14 @@ def greedy_soup(
     """Greedy soup (Wortsman et al. 2022): rank the ingredients by their own held-out score,
     start from the best, and add each next one only if the soup's score improves.
 
-    ``evaluate`` maps a state dict to a held-out score (``mode`` says whether higher or lower is
-    better). A candidate ``soup * n/(n+1) + theta/(n+1)`` is kept if it scores strictly better
-    (``strict=False``: at least as well). ``passes > 1`` walks the ranked list again, allowing an
-    ingredient to be added more than once (weighting it higher); it stops early after a pass that
-    adds nothing. ``scores`` gives the ingredients' own scores when they are already known (skipping
-    one evaluation each). ``on_candidate(index, score, kept)`` observes every evaluated candidate.
+    ``evaluate`` maps a state dict to a held-out score (``mode`` says whether lower or higher is
+    better; ``"min"`` by default, as Lightning's ``mode`` and every caller here: pass ``"max"``
+    for an accuracy). A candidate ``soup * n/(n+1) + theta/(n+1)`` is kept if it scores strictly
+    better (``strict=False``: at least as well). ``passes > 1`` walks the ranked list again,
+    allowing an ingredient to be added more than once (weighting it higher); it stops early after
+    a pass that adds nothing. ``scores`` gives the ingredients' own scores when they are already
+    known (skipping one evaluation each). ``on_candidate(index, score, kept)`` observes every
+    evaluated candidate.
 
     Returns the soup and the chosen ingredient indices in order of addition. Peak memory: the soup,
     one candidate, one ingredient and whatever ``evaluate`` holds.
@@ -436,7 +438,7 @@ def greedy_soup(
     Args:
         state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
         evaluate: scores a state dict (a held-out metric).
-        mode: ``"max"`` (higher is better) or ``"min"``.
+        mode: ``"min"`` (lower is better, e.g. a loss) or ``"max"`` (e.g. an accuracy).
         strict: keep an ingredient only on a strict improvement.
         passes: passes over the ranked ingredients.
         scores: the ingredients' own scores, if already known.
@@ -453,8 +455,8 @@ def greedy_soup(
         >>> import torch
         >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
         >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
-        >>> evaluate = lambda sd: -float(sd['w'].sub(2).abs().sum())
-        >>> soup, chosen = greedy_soup([a, b], evaluate)
+        >>> distance_to_2 = lambda sd: float(sd['w'].sub(2).abs().sum())
+        >>> soup, chosen = greedy_soup([a, b], distance_to_2)
         >>> chosen
         [1, 0]
         >>> soup['w']

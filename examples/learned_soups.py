@@ -67,7 +67,7 @@ def run_seed(seed: int, pre_epochs: int, ft_epochs: int, steps: int) -> dict[str
         return accuracy(state, *val.tensors)
 
     scores = [val_acc(s) for s in ings]
-    greedy, chosen = greedy_soup(ings, val_acc, scores=scores)
+    greedy, chosen = greedy_soup(ings, val_acc, mode="max", scores=scores)
     held_out = [val.tensors]  # one full batch of the 1000 held-out samples
     model, k = TaskNet(), len(ings)
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tools import house
+
 REPO = Path(__file__).resolve().parents[1]
 PURE_TORCH = [
     "lightning_ext.functional",
@@ -81,3 +83,24 @@ def test_pictures_leave_the_users_matplotlib_backend_alone(tmp_path):
         assert matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(before)
+
+
+def test_every_module_has_a_layer():
+    assert house.unplaced() == [], "place these in tools/house.py's LAYERS"
+
+
+def test_imports_never_run_back_up_a_layer():
+    """Callbacks and strategies never import workflows; the pure-torch layer never imports
+    Lightning or anything above it (read from the source, so lazy imports count too)."""
+    assert house.upward_imports() == []  # 0 exceptions
+
+
+def test_the_command_lines_vocabulary_lives_in_cli():
+    """The pure-torch registry words messages in Python; ``--option`` spelling is the CLI's."""
+    from lightning_ext.cli._options import CLI_SPELLING
+    from lightning_ext.functional import merge_methods
+
+    assert not hasattr(merge_methods, "CLI_SPELLING")
+    assert CLI_SPELLING.option("fisher_floor") == "--fisher-floor"
+    with pytest.raises(ValueError, match=r"^--method ties takes no option --nope"):
+        merge_methods.get_merge_method("ties").resolve({"nope": 1}, spelling=CLI_SPELLING)

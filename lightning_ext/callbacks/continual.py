@@ -48,16 +48,8 @@ from lightning_ext._sized import dataset_size
 from lightning_ext.averaging import fsdp2_modules, reshard
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.functional.continual import (
-    accuracy_matrix,
-    average_accuracy,
-    backward_transfer,
-    chaudhry_forgetting,
-    forward_transfer,
+    continual_metrics,
     learning_curve_area,
-    mean_gap,
-    per_task_forgetting,
-    stability_gap,
-    stream_forgetting,
     wc_acc,
     windowed_forgetting_step,
 )
@@ -730,27 +722,39 @@ class ContinualEvaluation(DeclaredState, Callback):
         steps = torch.tensor([r["step"] for r in self.records], dtype=torch.long)
         return values, trained, steps
 
+    #: the keys of ``functional.continual_metrics`` that ``summary`` adds to the online figures
+    _SUMMARY_KEYS = (
+        "acc",
+        "bwt",
+        "fwt",
+        "chaudhry_forgetting",
+        "stream_forgetting",
+        "forgetting_per_task",
+        "gap_depth",
+        "gap_recovery",
+        "matrix",
+        "initial",
+        "gap",
+    )
+
     def summary(self) -> dict[str, Any]:
         """Matrix, ACC/BWT/FWT, both forgettings, the stability gap per task and task switch
-        with its recovery, and the online figures."""
+        with its recovery (all from ``functional.continual_metrics`` over ``tables()``), and the
+        online figures as logged."""
         values, trained, steps = self.tables()
-        hib = self.higher_is_better
-        matrix, initial = accuracy_matrix(values, trained)
-        gap = stability_gap(values, trained, steps, within=self.gap_within, higher_is_better=hib)
-        out: dict[str, Any] = {k: float(v) for k, v in self.online_metrics().items()}
-        out.update(
-            acc=average_accuracy(matrix),
-            bwt=backward_transfer(matrix, higher_is_better=hib),
-            fwt=forward_transfer(matrix, initial, higher_is_better=hib),
-            chaudhry_forgetting=chaudhry_forgetting(matrix, higher_is_better=hib),
-            stream_forgetting=stream_forgetting(matrix, higher_is_better=hib),
-            forgetting_per_task=per_task_forgetting(matrix, higher_is_better=hib),
-            gap_depth=mean_gap(gap, "depth"),
-            gap_recovery=mean_gap(gap, "recovery"),
-            matrix=matrix.tolist(),
-            initial=initial.tolist(),
-            gap=gap,
+        metrics: dict[str, Any] = continual_metrics(
+            values,
+            trained,
+            steps,
+            window=self.window,
+            lca_beta=self.lca_beta,
+            zero_shot=self.zero_shot,
+            gap_within=self.gap_within,
+            higher_is_better=self.higher_is_better,
         )
+        out: dict[str, Any] = {k: float(v) for k, v in self.online_metrics().items()}
+        out.update({k: metrics[k] for k in self._SUMMARY_KEYS})
+        out["matrix"], out["initial"] = metrics["matrix"].tolist(), metrics["initial"].tolist()
         return out
 
     # -------------------------------------------------------------------------------- exports

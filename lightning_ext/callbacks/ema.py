@@ -24,6 +24,7 @@ from lightning_ext.averaging import fsdp2_modules as _fsdp2_modules
 from lightning_ext.averaging import reshard as _reshard
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.callbacks._steps import AfterOptimizerStep
+from lightning_ext.functional._checks import check_unit_range
 from lightning_ext.functional.ema import ema_decay_at
 from lightning_ext.io.ema import (
     EMA_IN_STATE_DICT,
@@ -116,10 +117,9 @@ class EMA(DeclaredState, AfterOptimizerStep):
         trainable_only: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 < decay < 1.0:
-            raise ValueError(
-                f"EMA decay must lie in (0, 1), got {decay}; typical values: 0.99-0.9999"
-            )
+        check_unit_range(
+            "EMA decay", decay, low_open=True, high_open=True, hint="; typical values: 0.99-0.9999"
+        )
         if update_every_n_steps < 1:
             raise ValueError(f"update_every_n_steps must be >= 1, got {update_every_n_steps}")
         if start_step < 0:

@@ -39,6 +39,7 @@ from lightning_ext.data.indexed import (
     is_indexed,
 )
 from lightning_ext.data.sampling import InfoBatchSampler
+from lightning_ext.functional._checks import check_unit_range
 from lightning_ext.functional.pruning import (
     correct_scores,
     el2n_scores,
@@ -790,10 +791,8 @@ class InfoBatch(_BufferState, DeclaredState, Callback):
     """
 
     def __init__(self, prune_prob: float = 0.5, delta: float = 0.875) -> None:
-        if not 0.0 <= prune_prob < 1.0:
-            raise ValueError(f"prune_prob must lie in [0, 1), got {prune_prob}")
-        if not 0.0 <= delta <= 1.0:
-            raise ValueError(f"delta must lie in [0, 1], got {delta}")
+        check_unit_range("prune_prob", prune_prob, high_open=True)
+        check_unit_range("delta", delta)
         self.prune_prob, self.delta = prune_prob, delta
         self.scores: Tensor | None = None
         self._sampler: InfoBatchSampler | None = None

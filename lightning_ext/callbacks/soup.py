@@ -21,11 +21,7 @@ from lightning_ext._lightning import (
     skipped_epoch_end,
 )
 from lightning_ext._masks import apply_masks_, sparse_masks_for
-from lightning_ext.averaging import fsdp2_modules, full_tensors, local_tensors, reshard
-from lightning_ext.callbacks._state import DeclaredState
-from lightning_ext.functional.merging import uniform_soup
-from lightning_ext.io.ingredients import Ingredients
-from lightning_ext.workflows.soup import (
+from lightning_ext._soup import (
     SoupResult,
     ValidationScorer,
     batchnorm_layers,
@@ -37,6 +33,10 @@ from lightning_ext.workflows.soup import (
     run_soup,
     save_soup_plot,
 )
+from lightning_ext.averaging import fsdp2_modules, full_tensors, local_tensors, reshard
+from lightning_ext.callbacks._state import DeclaredState
+from lightning_ext.functional.merging import uniform_soup
+from lightning_ext.io.ingredients import Ingredients
 
 #: Methods that merge shard by shard under FSDP2: element-wise averages of the local shards,
 #: scored collectively. Any other (a global top-k, norms over whole tensors, learned weights)

@@ -44,6 +44,7 @@ from lightning_ext.averaging import (
     refuse_nonfinite_parameters,
 )
 from lightning_ext.callbacks._steps import AfterOptimizerStep
+from lightning_ext.functional._checks import check_unit_range
 
 AnchorKind = Literal["ema", "init", "sync"]
 # Parameters partitioned outside the module (DeepSpeed) or flattened into FSDP1's flat shards
@@ -107,10 +108,8 @@ class WARP(AfterOptimizerStep):
     ) -> None:
         if anchor not in ("ema", "init", "sync"):
             raise ValueError(f"anchor must be 'ema', 'init' or 'sync', got {anchor!r}")
-        if not 0.0 < mu <= 1.0:
-            raise ValueError(f"mu must lie in (0, 1], got {mu} (WARP uses 0.01)")
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
+        check_unit_range("mu", mu, low_open=True, hint=" (WARP uses 0.01)")
+        check_unit_range("alpha", alpha, low_open=True)
         if int(tau) != tau or tau < 1:
             raise ValueError(f"tau must be a positive number of optimizer steps, got {tau}")
         self.selection = Selection.of(include, exclude, trainable_only)

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from lightning_ext.functional.merge_methods import Spelling
+
+#: How the merge registry's messages name options on the command line: ``--density``,
+#: ``--method ties`` (``functional.merge_methods.PYTHON_SPELLING`` is Python's).
+CLI_SPELLING = Spelling(
+    option=lambda name: "--" + name.replace("_", "-"),
+    choice=lambda name, v: f"--{name.replace('_', '-')} {v}",
+)
+
 
 def add_trusted_option(parser: argparse.ArgumentParser, what: str) -> None:
     """``--trusted``: the package's one loading rule (``lightning_ext._io.load_file``) for ``what``

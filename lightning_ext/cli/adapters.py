@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lightning_ext.cli._options import add_overwrite_option
+from lightning_ext.cli._options import CLI_SPELLING, add_overwrite_option
 from lightning_ext.cli.soup import _ARG_TYPES, _option_help, _options
-from lightning_ext.functional.merge_methods import CLI_SPELLING, MERGE_METHODS, get_merge_method
+from lightning_ext.functional.merge_methods import MERGE_METHODS, get_merge_method
 
 
 def register(sub: argparse._SubParsersAction) -> None:

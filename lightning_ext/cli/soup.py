@@ -46,13 +46,13 @@ import torch
 
 from lightning_ext._io import atomic_save_weights, check_output, load_file
 from lightning_ext.cli._options import (
+    CLI_SPELLING,
     add_allow_nonfinite_option,
     add_overwrite_option,
     add_trusted_option,
 )
 from lightning_ext.functional import merging
 from lightning_ext.functional.merge_methods import (
-    CLI_SPELLING,
     MERGE_METHODS,
     MergeMethod,
     Parameter,

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_ext.functional._checks import check_unit_range
+
 __all__ = [
     "accuracy_matrix",
     "average_accuracy",
@@ -621,8 +623,7 @@ def stability_gap(
         >>> round(gap[0][1]['depth'], 4)
         0.3
     """
-    if not 0.0 < recovered_fraction <= 1.0:
-        raise ValueError(f"recovered_fraction must lie in (0, 1], got {recovered_fraction}")
+    check_unit_range("recovered_fraction", recovered_fraction, low_open=True)
     if within is not None and within < 1:
         raise ValueError(f"within must be >= 1 evaluations or None, got {within}")
     s = _sign(higher_is_better)

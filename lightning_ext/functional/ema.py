@@ -3,13 +3,14 @@ power-function EMA with post-hoc reconstruction of any EMA length from stored sn
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from lightning_ext.functional._checks import check_unit_range
 
 __all__ = [
     "ema_decay_at",
@@ -62,8 +63,7 @@ def group_by_device_and_dtype(
 
 
 def _check_decay(decay: float) -> None:
-    if not 0.0 <= decay <= 1.0 or math.isnan(decay):
-        raise ValueError(f"decay must lie in [0, 1], got {decay}")
+    check_unit_range("decay", decay)
 
 
 @torch.no_grad()

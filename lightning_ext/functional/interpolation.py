@@ -28,6 +28,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from lightning_ext.functional._checks import check_unit_range
 from lightning_ext.functional.merging import is_statistic
 
 __all__ = ["liti", "multi_slerp", "slerp"]
@@ -130,8 +131,7 @@ def _lerp_statistic(first: Tensor, others: Sequence[Tensor], weights: Tensor) ->
 
 
 def _check_t(t: float) -> None:
-    if not 0.0 <= t <= 1.0:
-        raise ValueError(f"t must lie in [0, 1], got {t}")
+    check_unit_range("t", t)
 
 
 def slerp(

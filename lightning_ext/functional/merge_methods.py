@@ -5,8 +5,9 @@ its paper.
 The command line (``lightning-ext soup``), ``build_soup``/``run_soup`` and the docs all read this
 table, so a method added here is reachable everywhere, options are validated before any
 checkpoint is read or any candidate scored, and the documented defaults are the ones that run.
-Errors are worded in the caller's vocabulary (``--density`` on the command line, ``density`` in
-Python) through a ``Spelling``.
+Errors are worded in the caller's vocabulary through a ``Spelling``: ``density`` in Python
+(``PYTHON_SPELLING``, the default), ``--density`` on the command line (``CLI_SPELLING``, defined
+by the CLI in ``lightning_ext.cli._options``).
 
 Merges that need more than state dicts are not entries: the greedy and learned soups need a model
 and held-out data (``lightning_ext.workflows.soup.run_soup``), Fisher merging needs one Fisher per
@@ -31,7 +32,6 @@ from lightning_ext.functional import merging
 from lightning_ext.functional.interpolation import multi_slerp, slerp
 
 __all__ = [
-    "CLI_SPELLING",
     "MERGE_METHODS",
     "PYTHON_SPELLING",
     "MergeMethod",
@@ -55,8 +55,8 @@ class Spelling:
         choice: formats a choice of a named option, e.g. ``method='ties'`` or ``--method ties``.
 
     Examples:
-        >>> CLI_SPELLING.option("density"), PYTHON_SPELLING.choice("method", "ties")
-        ('--density', "method='ties'")
+        >>> PYTHON_SPELLING.option("density"), PYTHON_SPELLING.choice("method", "ties")
+        ('density', "method='ties'")
     """
 
     option: Callable[[str], str]
@@ -64,10 +64,6 @@ class Spelling:
 
 
 PYTHON_SPELLING = Spelling(option=lambda name: name, choice=lambda name, v: f"{name}={v!r}")
-CLI_SPELLING = Spelling(
-    option=lambda name: "--" + name.replace("_", "-"),
-    choice=lambda name, v: f"--{name.replace('_', '-')} {v}",
-)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_ext.functional._checks import check_unit_range
+
 __all__ = [
     "breadcrumbs_merge",
     "check_same_layout",
@@ -203,13 +205,6 @@ def _iter_checked(state_dicts: Sequence[StateDict], reference: StateDict) -> Ite
         del sd
 
 
-def _check_fraction(name: str, value: float, *, low_open: bool = True) -> None:
-    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
-    if not ok or math.isnan(value):
-        interval = "(0, 1]" if low_open else "[0, 1]"
-        raise ValueError(f"{name} must lie in {interval}, got {value}")
-
-
 # --------------------------------------------------------------------------- per-layer weights
 
 
@@ -265,8 +260,7 @@ def gradient_value(anchors: Sequence[float], t: float) -> float:
     """
     if len(anchors) == 0:
         raise ValueError("a gradient needs at least one anchor value")
-    if not 0.0 <= t <= 1.0:
-        raise ValueError(f"a layer position must lie in [0, 1], got {t}")
+    check_unit_range("a layer position", t)
     scaled = t * (len(anchors) - 1)
     i0 = int(scaled)
     i1 = min(len(anchors) - 1, i0 + 1)
@@ -420,7 +414,7 @@ def greedy_soup(
     state_dicts: Sequence[StateDict],
     evaluate: Callable[[dict[str, Tensor]], float],
     *,
-    mode: Literal["max", "min"] = "max",
+    mode: Literal["max", "min"] = "min",
     strict: bool = True,
     passes: int = 1,
     scores: Sequence[float] | None = None,
@@ -429,12 +423,14 @@ def greedy_soup(
     """Greedy soup (Wortsman et al. 2022): rank the ingredients by their own held-out score,
     start from the best, and add each next one only if the soup's score improves.
 
-    ``evaluate`` maps a state dict to a held-out score (``mode`` says whether higher or lower is
-    better). A candidate ``soup * n/(n+1) + theta/(n+1)`` is kept if it scores strictly better
-    (``strict=False``: at least as well). ``passes > 1`` walks the ranked list again, allowing an
-    ingredient to be added more than once (weighting it higher); it stops early after a pass that
-    adds nothing. ``scores`` gives the ingredients' own scores when they are already known (skipping
-    one evaluation each). ``on_candidate(index, score, kept)`` observes every evaluated candidate.
+    ``evaluate`` maps a state dict to a held-out score (``mode`` says whether lower or higher is
+    better; ``"min"`` by default, as Lightning's ``mode`` and every caller here: pass ``"max"``
+    for an accuracy). A candidate ``soup * n/(n+1) + theta/(n+1)`` is kept if it scores strictly
+    better (``strict=False``: at least as well). ``passes > 1`` walks the ranked list again,
+    allowing an ingredient to be added more than once (weighting it higher); it stops early after
+    a pass that adds nothing. ``scores`` gives the ingredients' own scores when they are already
+    known (skipping one evaluation each). ``on_candidate(index, score, kept)`` observes every
+    evaluated candidate.
 
     Returns the soup and the chosen ingredient indices in order of addition. Peak memory: the soup,
     one candidate, one ingredient and whatever ``evaluate`` holds.
@@ -442,7 +438,7 @@ def greedy_soup(
     Args:
         state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
         evaluate: scores a state dict (a held-out metric).
-        mode: ``"max"`` (higher is better) or ``"min"``.
+        mode: ``"min"`` (lower is better, e.g. a loss) or ``"max"`` (e.g. an accuracy).
         strict: keep an ingredient only on a strict improvement.
         passes: passes over the ranked ingredients.
         scores: the ingredients' own scores, if already known.
@@ -459,8 +455,8 @@ def greedy_soup(
         >>> import torch
         >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
         >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
-        >>> evaluate = lambda sd: -float(sd['w'].sub(2).abs().sum())
-        >>> soup, chosen = greedy_soup([a, b], evaluate)
+        >>> distance_to_2 = lambda sd: float(sd['w'].sub(2).abs().sum())
+        >>> soup, chosen = greedy_soup([a, b], distance_to_2)
         >>> chosen
         [1, 0]
         >>> soup['w']
@@ -647,7 +643,7 @@ def ties_merge(
         tensor([2., 2., 3.])
     """
     _ingredients(state_dicts)
-    _check_fraction("density", density)
+    check_unit_range("density", density, low_open=True)
     return _consensus_merge(base, state_dicts, lambda: lambda d, i: _trim(d, density), None, scale)
 
 
@@ -737,7 +733,7 @@ def dare_merge(
         tensor([4., 0., 2.])
     """
     _ingredients(state_dicts)
-    _check_fraction("density", density)
+    check_unit_range("density", density, low_open=True)
     drop = _dare_sparsifier(density, "inverse", generator)()
     tv = _TaskVectors(base, state_dicts, lambda d, i, k: drop(d, i))
     return _apply(base, tv.delta, scale, tv.statistics)
@@ -858,7 +854,7 @@ def dare_ties_merge(
         tensor([2., 2., 3.])
     """
     n = _ingredients(state_dicts)
-    _check_fraction("density", density)
+    check_unit_range("density", density, low_open=True)
     _check_weights(weights, n)
     _check_rescale(rescale)
     sparsifier = _dare_sparsifier(density, rescale, generator)
@@ -956,7 +952,7 @@ def della_merge(
         tensor([2., 2., 3.])
     """
     n = _ingredients(state_dicts)
-    _check_fraction("density", density)
+    check_unit_range("density", density, low_open=True)
     _check_della_epsilon(density, epsilon)
     _check_weights(weights, n)
     _check_rescale(rescale)
@@ -1023,8 +1019,8 @@ def breadcrumbs_merge(
         tensor([4., 0., 2.])
     """
     _ingredients(state_dicts)
-    _check_fraction("density", density)
-    _check_fraction("gamma", gamma, low_open=False)
+    check_unit_range("density", density, low_open=True)
+    check_unit_range("gamma", gamma)
     if density + gamma > 1.0:
         raise ValueError(f"density + gamma must be <= 1, got {density} + {gamma}")
     tv = _TaskVectors(base, state_dicts, lambda d, i, k: d * _band_mask(d, density, gamma))

@@ -22,6 +22,7 @@ from lightning_ext._batch import (
     per_sample_cross_entropy,
     token_view,
 )
+from lightning_ext.functional._checks import check_unit_range
 
 __all__ = [
     "SELECTION_MODES",
@@ -521,9 +522,7 @@ def check_fraction(fraction: float, name: str = "fraction") -> float:
             ...
         ValueError: keep must lie in (0, 1], got 0.0
     """
-    if not isinstance(fraction, int | float) or not 0.0 < fraction <= 1.0:
-        raise ValueError(f"{name} must lie in (0, 1], got {fraction!r}")
-    return float(fraction)
+    return check_unit_range(name, fraction, low_open=True)
 
 
 def _keep_count(n: int, fraction: float) -> int:
@@ -634,8 +633,7 @@ def _ccs(
 
 
 def _check_offset(offset: float) -> None:
-    if not 0.0 <= offset < 1.0:
-        raise ValueError(f"offset must lie in [0, 1), got {offset}")
+    check_unit_range("offset", offset, high_open=True)
 
 
 def _stratified_sample(
@@ -803,8 +801,7 @@ def infobatch_prune(
         >>> kept.tolist(), weights.tolist()  # example 0 was dropped, example 1 kept at weight 2
         ([1, 2, 3], [1.0, 2.0, 1.0, 1.0])
     """
-    if not 0.0 <= prune_prob < 1.0:
-        raise ValueError(f"prune_prob must lie in [0, 1), got {prune_prob}")
+    check_unit_range("prune_prob", prune_prob, high_open=True)
     scored = ~torch.isnan(scores)
     weights = torch.ones(scores.numel(), dtype=torch.float32)
     if not scored.any():
@@ -847,8 +844,9 @@ def distillation_loss(
         >>> distillation_loss(logits, logits, torch.tensor([0, 1]), alpha=1.0)
         tensor(0.)
     """
-    if temperature <= 0 or not 0.0 <= alpha <= 1.0:
-        raise ValueError("temperature must be > 0 and alpha in [0, 1]")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_unit_range("alpha", alpha)
     t = temperature
     kl = F.kl_div(
         F.log_softmax(student_logits.float() / t, dim=-1),

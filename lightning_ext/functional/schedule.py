@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_ext.functional._checks import check_unit_range
+
 __all__ = [
     "REFERENCE_RESOLUTION",
     "REFERENCE_WINDOW",
@@ -289,8 +291,7 @@ def refine_schedule(
     if norm not in ("l1", "l2"):
         raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
     for name, value in (("exclude_initial", exclude_initial), ("floor", floor), ("blend", blend)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} is a fraction in [0, 1], got {value}")
+        check_unit_range(name, value)
     if exclude_initial >= 1.0:
         raise ValueError("exclude_initial=1 would exclude the whole run: use a fraction below 1")
     power = (2.0 if norm == "l2" else 1.0) if power is None else power
@@ -586,8 +587,7 @@ def warmup_stable_decay(
             "warmup_fraction and decay_fraction must be >= 0 and sum to at most 1, got "
             f"{warmup_fraction} and {decay_fraction}"
         )
-    if not 0.0 <= final <= 1.0:
-        raise ValueError(f"final is a fraction of the peak in [0, 1], got {final}")
+    check_unit_range("final", final, hint=" (a fraction of the peak)")
     if cooldown not in COOLDOWNS:
         raise ValueError(f"cooldown must be one of {', '.join(COOLDOWNS)}, got {cooldown!r}")
     warmup, decay_start = warmup_fraction * total, (1.0 - decay_fraction) * total
@@ -635,8 +635,7 @@ def infinite_schedule(
     """
     if warmup_steps < 0 or cooldown_steps < 0 or anneal_steps < 0:
         raise ValueError("warmup_steps, cooldown_steps and anneal_steps must be >= 0")
-    if not 0.0 < constant_level <= 1.0:
-        raise ValueError(f"constant_level must lie in (0, 1], got {constant_level}")
+    check_unit_range("constant_level", constant_level, low_open=True)
     if not 0.0 <= min_level <= constant_level:
         raise ValueError(f"min_level must lie in [0, constant_level], got {min_level}")
     if anneal_start is not None and anneal_start < warmup_steps + cooldown_steps:

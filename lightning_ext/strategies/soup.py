@@ -23,9 +23,7 @@ from lightning_ext._batch import ForwardFn, UnpackBatch, default_unpack_batch
 from lightning_ext._io import atomic_torch_save, load_file
 from lightning_ext._lightning import has_fit_val_loaders, run_dir
 from lightning_ext._masks import apply_masks_, ranks_share_masks, sparse_masks_for
-from lightning_ext.functional.merging import check_same_layout
-from lightning_ext.strategies._ranks import identical_ranks_message
-from lightning_ext.workflows.soup import (
+from lightning_ext._soup import (
     ValidationScorer,
     check_mode,
     check_monitor_logged,
@@ -33,6 +31,8 @@ from lightning_ext.workflows.soup import (
     run_soup,
     save_soup_plot,
 )
+from lightning_ext.functional.merging import check_same_layout
+from lightning_ext.strategies._ranks import identical_ranks_message
 
 INGREDIENT_HOOK = "configure_soup_ingredient"
 RANK_STATE = ("state_dict", "optimizer_states", "lr_schedulers")

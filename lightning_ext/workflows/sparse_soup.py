@@ -43,8 +43,10 @@ from torch import Tensor, nn
 from lightning_ext._io import atomic_torch_save, atomic_write_json, load_file, load_json
 from lightning_ext._lightning import namespace_of
 from lightning_ext._modules import named_parameters, normalise_name
+from lightning_ext._soup import batchnorm_layers, check_mode
+from lightning_ext.functional._checks import check_unit_range
 from lightning_ext.functional.sparse import active_count, topk_mask
-from lightning_ext.workflows.soup import batchnorm_layers, build_soup, check_mode
+from lightning_ext.workflows.soup import build_soup
 
 __all__ = [
     "CycleResult",
@@ -114,8 +116,7 @@ def magnitude_masks(
         >>> magnitude_masks({"w": torch.tensor([0.1, -3.0, 0.5, 2.0])}, 0.5)
         {'w': tensor([False,  True, False,  True])}
     """
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
+    check_unit_range("sparsity", sparsity, high_open=True)
     if scope not in ("global", "layer"):
         raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
     scores = {}

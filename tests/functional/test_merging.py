@@ -131,7 +131,10 @@ def test_greedy_soup_follows_the_paper_on_a_scripted_evaluator():
     sds = [sd(w=v) for v in values]
     calls = []
     soup, chosen = greedy_soup(
-        sds, evaluate, on_candidate=lambda i, score, kept: calls.append((i, score, kept))
+        sds,
+        evaluate,
+        mode="max",
+        on_candidate=lambda i, score, kept: calls.append((i, score, kept)),
     )
     # Ranked 1, 3, 2, 0. Soup {1}=10; +3 -> 8 (0.95 > 0.9, kept); +2 -> 20/3 (0.94, not kept);
     # +0 -> 16/3 (0.6, not kept).
@@ -153,15 +156,23 @@ def test_greedy_soup_is_strict_by_default_and_mode_min_inverts():
     assert chosen == [0, 1]
 
 
+def test_greedy_soup_defaults_to_min_as_lightning_and_every_caller():
+    """A loss by default: the lowest-scoring ingredient starts the soup, as ``build_soup``'s
+    ``mode="min"``; a soup that scores higher is rejected."""
+    sds = [sd(w=3.0), sd(w=1.0)]
+    soup, chosen = greedy_soup(sds, lambda s: float(s["w"]))
+    assert chosen == [1] and float(soup["w"]) == 1.0
+
+
 def test_greedy_soup_extra_passes_may_add_an_ingredient_twice():
     sds = [sd(w=0.0), sd(w=3.0)]
 
     def evaluate(s):  # peaked at w = 2: soups {0}=0, {0,1}=1.5, {0,1,1}=2
         return -abs(float(s["w"]) - 2.0)
 
-    _, chosen = greedy_soup(sds, evaluate, passes=1)
+    _, chosen = greedy_soup(sds, evaluate, mode="max", passes=1)
     assert chosen == [1, 0]  # own scores: 1 -> -1, 0 -> -2; {1, 0} = 1.5 scores -0.5
-    soup, chosen = greedy_soup(sds, evaluate, passes=3)
+    soup, chosen = greedy_soup(sds, evaluate, mode="max", passes=3)
     assert chosen == [1, 0, 1] and float(soup["w"]) == pytest.approx(2.0)
 
 
@@ -172,7 +183,7 @@ def test_greedy_soup_uses_given_scores_and_skips_nan():
         evaluated.append(float(s["w"]))
         return 0.0
 
-    _, chosen = greedy_soup([sd(w=1.0), sd(w=2.0)], evaluate, scores=[math.nan, 0.3])
+    _, chosen = greedy_soup([sd(w=1.0), sd(w=2.0)], evaluate, mode="max", scores=[math.nan, 0.3])
     assert chosen == [1] and evaluated == [1.5]
 
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_ext._soup import _shard
 from lightning_ext.callbacks import ModelSoup
 from lightning_ext.callbacks import soup as soup_module
-from lightning_ext.workflows.soup import _shard
 from tests.helpers import sharded
 from tests.helpers.ddp import run_ddp
 from tests.helpers.resume import assert_bitwise_equal

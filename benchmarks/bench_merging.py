@@ -91,7 +91,7 @@ def measure(method: str, paths: list[str], base: str) -> dict:
             state["calls"] += 1
             return float(state["calls"] % 2)
 
-        greedy_soup(ings, evaluate)
+        greedy_soup(ings, evaluate, mode="max")  # the stand-in score is higher-better
     elif method == "uniform (load all, naive)":
         sds = [load_file(p)["state_dict"] for p in paths]
         {k: torch.stack([sd[k].float() for sd in sds]).mean(0) for k in sds[0]}

@@ -184,10 +184,11 @@ LIGHTNING_STEPS_EPOCH = (
     "nothing detects or says it"
 )
 INFOBATCH_LAST_BATCH = (
-    "issue 24 item 6: resumed from a checkpoint written on an epoch's last batch, Lightning "
-    "2.6 runs neither that epoch's end hooks nor the next epoch's on_train_epoch_start, where "
-    "InfoBatch sets the epoch's example weights: 'InfoBatch.loss was called before training "
-    "started'"
+    "issue 24 item 6, still open for InfoBatch: resumed from a checkpoint written on an epoch's "
+    "last batch (Lightning 2.6 runs neither that epoch's end hooks nor the next epoch's "
+    "on_train_epoch_start; InfoBatch redoes both at train start), the resumed fit trains 8 "
+    "steps where the uninterrupted one trains 11: the pruned epochs after it are counted "
+    "differently; cause not found"
 )
 KNOWN_FAILURES: dict[tuple[str, KillPoint, Limit], str] = {
     **{(c, "epoch_boundary", "max_steps"): LIGHTNING_STEPS_EPOCH for c in CALLBACKS},

@@ -24,3 +24,22 @@ def test_refine_schedule_keeps_the_recorded_norm_kind(tmp_path, capsys):
     out = tmp_path / "from_text.pt"
     assert cli_main(["refine-schedule", str(bare), "-o", str(out), "--norm", "l1"]) == 0
     assert torch.load(out)["norm"] == ["l1"]
+
+
+def test_soup_names_what_a_folder_ingredient_should_hold(tmp_path, capsys):
+    # a folder that is no checkpoint was only said not to be a distributed checkpoint, though a
+    # Hugging Face model folder is accepted too; a PEFT adapter folder is pointed to merge-adapters
+    good = tmp_path / "a.pt"
+    torch.save({"w": torch.ones(2)}, good)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    out = str(tmp_path / "soup.pt")
+    assert cli_main(["soup", str(good), str(empty), "-o", out]) == 2
+    err = capsys.readouterr().err
+    assert "not a distributed checkpoint" in err and "model.safetensors" in err
+    assert cli_main(["soup", str(good), str(adapter), "-o", out]) == 2
+    err = capsys.readouterr().err
+    assert "holds a PEFT adapter" in err and "lightning-ext merge-adapters" in err

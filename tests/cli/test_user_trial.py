@@ -43,3 +43,19 @@ def test_soup_names_what_a_folder_ingredient_should_hold(tmp_path, capsys):
     assert cli_main(["soup", str(good), str(adapter), "-o", out]) == 2
     err = capsys.readouterr().err
     assert "holds a PEFT adapter" in err and "lightning-ext merge-adapters" in err
+
+
+def test_merge_adapters_names_the_options_its_method_ignores(tmp_path, capsys):
+    # `merge-adapters --density 0.5` (default task-arithmetic) dropped --density without a word,
+    # where `soup` warns; both now share the warning
+    adapter = {"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(4, 2)}
+    config = '{"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["m"]}'
+    folders = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(config)
+        torch.save(adapter, tmp_path / name / "adapter_model.bin")
+        folders.append(str(tmp_path / name))
+    out = str(tmp_path / "merged")
+    assert cli_main(["merge-adapters", *folders, "-o", out, "--density", "0.5"]) == 0
+    assert "--method task-arithmetic does not use --density (ignored)" in capsys.readouterr().err

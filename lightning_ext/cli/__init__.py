@@ -11,8 +11,8 @@ from lightning_ext.cli import adapters, ema, pruning, schedule, soup, sparse
 
 DESCRIPTION = """\
 Offline tools for the files lightning-ext's callbacks write: export averaged weights, merge
-checkpoints into a soup, refine a learning-rate schedule from a recorded run, export a sparse
-model, select a pruned subset from a score file. Run
+checkpoints into a soup, merge PEFT LoRA adapters, refine a learning-rate schedule from a recorded
+run, export a sparse model, select a pruned subset from a score file. Run
 `lightning-ext COMMAND --help` for a command's options.
 """
 

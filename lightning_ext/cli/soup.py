@@ -89,7 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=list(MERGE_METHODS),
         default="uniform",
         metavar="METHOD",
-        help="one of: " + ", ".join(MERGE_METHODS) + " (default uniform; see 'merge methods')",
+        help="one of: " + ", ".join(MERGE_METHODS) + " (default uniform; see 'merge methods'). "
+        "Greedy and learned soups score candidates with a model on data: use build_soup",
     )
     users = sorted(m.name for m in MERGE_METHODS.values() if m.base != "unused")
     p.add_argument("--base", help=f"base (pre-trained) checkpoint, for {', '.join(users)}")

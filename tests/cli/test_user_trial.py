@@ -59,3 +59,14 @@ def test_merge_adapters_names_the_options_its_method_ignores(tmp_path, capsys):
     out = str(tmp_path / "merged")
     assert cli_main(["merge-adapters", *folders, "-o", out, "--density", "0.5"]) == 0
     assert "--method task-arithmetic does not use --density (ignored)" in capsys.readouterr().err
+
+
+def test_a_commands_warnings_are_one_line_for_its_user(tmp_path, capsys):
+    # they were printed by Python's default hook: a source path, a line number and a code line
+    norms = tmp_path / "rising.txt"  # norms that start low: a degenerate paper schedule
+    norms.write_text("\n".join(str(min(1.0, 0.1 + i / 30)) for i in range(200)))
+    out = tmp_path / "refined.pt"
+    assert cli_main(["refine-schedule", str(norms), "-o", str(out), "--paper"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-ext refine-schedule: warning: The refined schedule")
+    assert ".py:" not in err and len(err.strip().splitlines()) == 1

@@ -160,9 +160,11 @@ def merge_peft_adapters(
         The folder written.
 
     Raises:
-        ValueError: adapters of other base models or modules, configs not supported (see
-            ``peft_scaling``), the merge's own refusals, or an ``out`` that is (inside) an input
-            folder or already holds an adapter without ``overwrite`` (checked before merging).
+        ValueError: a refused request (``check_lora_merge``: method, options, weights, rank;
+            checked before any adapter is read), adapters of other base models or modules,
+            configs not supported (see ``peft_scaling``), or an ``out`` that is (inside) an
+            input folder or already holds an adapter without ``overwrite`` (checked before
+            merging).
         FileNotFoundError: a folder that is not an adapter.
     """
     check_lora_merge(  # the request first: refused before any adapter is read or folder made

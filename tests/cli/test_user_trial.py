@@ -70,3 +70,11 @@ def test_a_commands_warnings_are_one_line_for_its_user(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("lightning-ext refine-schedule: warning: The refined schedule")
     assert ".py:" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_posthoc_ema_refuses_a_width_out_of_range_before_making_the_output_folder(tmp_path, capsys):
+    # the output's folder was made (and left empty) before --sigma-rel was checked
+    out = tmp_path / "new" / "ema.pt"
+    code = cli_main(["posthoc-ema", str(tmp_path / "missing"), str(out), "--sigma-rel", "0.5"])
+    assert code == 2 and "sigma_rel must lie in (0, 0.28)" in capsys.readouterr().err
+    assert not out.parent.exists()

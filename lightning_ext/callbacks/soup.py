@@ -236,9 +236,10 @@ class ModelSoup(DeclaredState, Callback):
             )
             return
         if len(self.ingredients) == 1:
+            epochs = trainer.current_epoch  # at fit end: the epochs run (the last one counted)
             rank_zero_warn(
                 f"ModelSoup collected one ingredient (epoch {self.ingredients[0]['epoch']}) in "
-                f"{trainer.current_epoch + 1} epochs: the soup is that snapshot alone"
+                f"{epochs} epoch{'' if epochs == 1 else 's'}: the soup is that snapshot alone"
                 + _stream_hint(trainer)
             )
         replaced = _averages_applied_at_fit_end(trainer.callbacks)

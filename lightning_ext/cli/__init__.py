@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from importlib import metadata
 
@@ -11,8 +12,8 @@ from lightning_ext.cli import adapters, ema, pruning, schedule, soup, sparse
 
 DESCRIPTION = """\
 Offline tools for the files lightning-ext's callbacks write: export averaged weights, merge
-checkpoints into a soup, refine a learning-rate schedule from a recorded run, export a sparse
-model, select a pruned subset from a score file. Run
+checkpoints into a soup, merge PEFT LoRA adapters, refine a learning-rate schedule from a recorded
+run, export a sparse model, select a pruned subset from a score file. Run
 `lightning-ext COMMAND --help` for a command's options.
 """
 
@@ -70,13 +71,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():  # one line per warning, as errors are, no source line
+            warnings.showwarning = _one_line_warning(args.command)
+            return int(args.func(args) or 0)
     except (ValueError, OSError, KeyError, ImportError) as err:
         # The one place where a command's expected failures become one line: bad values and
         # files (BadFileError, NonFiniteError are ValueErrors), missing or unreadable paths
         # (OSError names the path), entries missing from a file, an unimportable MODULE:FUNCTION.
         print(f"lightning-ext {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _one_line_warning(command: str) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints ``lightning-ext COMMAND: warning: <message>``: the
+    warnings of a command are for its user, not a pointer into the package's source."""
+
+    def show(message: Warning | str, *args: object, **kwargs: object) -> None:
+        print(
+            f"lightning-ext {command}: warning: {' '.join(str(message).split())}", file=sys.stderr
+        )
+
+    return show
 
 
 def one_line(err: BaseException) -> str:

@@ -84,15 +84,11 @@ def run(args: argparse.Namespace) -> int:
         ValueError: an option out of range, a wrong number of ``--adapter-weights``, or an
             adapter that cannot be merged (see ``merge_peft_adapters``).
     """
+    from lightning_ext.cli.soup import method_options
     from lightning_ext.io.adapters import merge_peft_adapters
 
     method = get_merge_method(args.method, CLI_SPELLING)
-    taken = {p.name for p in method.parameters}
-    given: dict[str, Any] = {
-        name: getattr(args, name)
-        for name in _options()
-        if name in taken and getattr(args, name) is not None
-    }
+    given: dict[str, Any] = method_options(args, method)  # warns about unused options
     method.resolve(
         given,
         num_ingredients=len(args.adapters),

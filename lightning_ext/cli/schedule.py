@@ -30,7 +30,12 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("grad_norms", help="grad_norms.pt, a tensor .pt, or a .txt/.csv file")
     parser.add_argument("-o", "--output", help="output .pt (default: refined_schedule.pt beside)")
-    parser.add_argument("--norm", choices=["l1", "l2"], help="default: the recorded one, else l2")
+    parser.add_argument(
+        "--norm",
+        choices=["l1", "l2"],
+        help="the kind of norms in a file that does not record it (a tensor or text file; "
+        "default l2); a grad_norms.pt keeps its recorded kind",
+    )
     parser.add_argument(
         "--smoothing",
         type=_smoothing,
@@ -94,6 +99,7 @@ def _refine_schedule_command(args: Any) -> int:
                 f"{args.grad_norms}: record {i} holds {bad} non-finite (NaN or inf) gradient "
                 "norm(s), steps an fp16 grad scaler skipped? Pass --drop-nonfinite to drop them"
             )
+    _check_norm_option(args.norm, kinds, args.grad_norms)
     # A recorded kind is "l1" or "l2" as the callback wrote it; refine_schedule rejects any other.
     norms = cast(list[Norm], [args.norm or kind or "l2" for kind in kinds])
     options = {k: getattr(args, k) for k in ("power", "exclude_initial", "floor", "blend")}
@@ -118,3 +124,16 @@ def _refine_schedule_command(args: Any) -> int:
         f"mean multiplier {found['mean_multiplier']:.3f} (linear decay: 0.5)"
     )
     return 0
+
+
+def _check_norm_option(norm: str | None, kinds: list[str | None], path: str) -> None:
+    """``--norm`` names the kind of norms a file holds when the file does not say (a tensor or a
+    text file); it cannot relabel a record the callback wrote, which would refine l2 norms with
+    l1's power and write them down as l1 norms."""
+    recorded = sorted({kind for kind in kinds if kind is not None and kind != norm})
+    if norm is not None and recorded:
+        raise ValueError(
+            f"{path} records {' and '.join(recorded)} gradient norms, not {norm}: drop --norm "
+            f"(it only names the kind of a file that does not record it), or pass --power P to "
+            "change the exponent"
+        )

@@ -89,7 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=list(MERGE_METHODS),
         default="uniform",
         metavar="METHOD",
-        help="one of: " + ", ".join(MERGE_METHODS) + " (default uniform; see 'merge methods')",
+        help="one of: " + ", ".join(MERGE_METHODS) + " (default uniform; see 'merge methods'). "
+        "Greedy and learned soups score candidates with a model on data: use build_soup",
     )
     users = sorted(m.name for m in MERGE_METHODS.values() if m.base != "unused")
     p.add_argument("--base", help=f"base (pre-trained) checkpoint, for {', '.join(users)}")
@@ -182,6 +183,28 @@ def _methods_epilog() -> str:
 MergeRequest = tuple[MergeMethod, dict[str, Any]]
 
 
+def method_options(args: argparse.Namespace, method: MergeMethod) -> dict[str, Any]:
+    """The method options given on the command line that ``method`` takes; the others are
+    ignored with a warning naming them (scripts pass one set of options to every method).
+
+    Args:
+        args: the parsed command line.
+        method: the chosen merge method.
+
+    Returns:
+        The given options ``method`` takes, by name.
+    """
+    given = {name: getattr(args, name) for name in _options() if getattr(args, name) is not None}
+    taken = {p.name for p in method.parameters}
+    unused = [f"--{name}" for name in given if name not in taken]
+    if unused:
+        print(
+            f"warning: --method {method.name} does not use {', '.join(unused)} (ignored)",
+            file=sys.stderr,
+        )
+    return {name: value for name, value in given.items() if name in taken}
+
+
 def resolve(args: argparse.Namespace) -> MergeRequest:
     """The merge method and its options that ``args`` ask for, checked against the method's
     entry in ``MERGE_METHODS``.
@@ -199,16 +222,8 @@ def resolve(args: argparse.Namespace) -> MergeRequest:
             few checkpoints for the method.
     """
     method = get_merge_method(args.method, CLI_SPELLING)
-    given = {name: getattr(args, name) for name in _options() if getattr(args, name) is not None}
-    taken = {p.name for p in method.parameters}
-    unused = [f"--{name}" for name in given if name not in taken]
-    if unused:  # ignored, as this command always has: scripts pass one set of options to all
-        print(
-            f"warning: --method {method.name} does not use {', '.join(unused)} (ignored)",
-            file=sys.stderr,
-        )
     options = method.resolve(
-        {name: value for name, value in given.items() if name in taken},
+        method_options(args, method),
         num_ingredients=len(args.checkpoints),
         has_base=bool(args.base),
         spelling=CLI_SPELLING,

@@ -181,10 +181,60 @@ def _check_scalings(
     for s in scalings:
         if not math.isfinite(s):
             raise ValueError(f"scalings must be finite, got {list(scalings)}")
+    return _adapter_weights(n, weights)
+
+
+def _adapter_weights(n: int, weights: Sequence[float] | None) -> list[float]:
     weights = [1.0] * n if weights is None else [float(w) for w in weights]
     if len(weights) != n or not all(math.isfinite(w) for w in weights):
         raise ValueError(f"need one finite adapter weight per adapter ({n}), got {weights}")
     return weights
+
+
+def check_lora_merge(
+    n: int,
+    *,
+    method: str = "task-arithmetic",
+    options: Mapping[str, Any] | None = None,
+    adapter_weights: Sequence[float] | None = None,
+    combination: Combination = "svd",
+    rank: int | None = None,
+) -> dict[str, Any]:
+    """Refuse a merge request of ``n`` adapters from its arguments alone, so that callers can
+    check it before any adapter is read or any output folder made.
+
+    Args:
+        n: the number of adapters.
+        method: the merge method applied to the updates.
+        options: the method's options.
+        adapter_weights: a factor per adapter (None: 1 each).
+        combination: ``"svd"`` or ``"cat"``.
+        rank: the merged rank for ``"svd"`` (None: the largest input rank).
+
+    Returns:
+        The method's options, resolved with their defaults.
+
+    Raises:
+        ValueError: no adapters, an unknown method or combination, ``"cat"`` with another
+            method, adapter weights that are not one finite number per adapter, a rank below 1,
+            or the method's own refusals of its options.
+    """
+    if n == 0:
+        raise ValueError("no adapters given")
+    if combination not in ("svd", "cat"):
+        raise ValueError(f"combination must be 'svd' or 'cat', got {combination!r}")
+    merge_method = get_merge_method(method)
+    if combination == "cat" and method != "task-arithmetic":
+        raise ValueError(
+            f"combination='cat' concatenates the factors of a sum: it needs "
+            f"method='task-arithmetic', not {method!r} (use combination='svd')"
+        )
+    _adapter_weights(n, adapter_weights)
+    if combination == "svd" and rank is not None and rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    return merge_method.resolve(
+        options, num_ingredients=n, has_base=merge_method.base == "required"
+    )
 
 
 @torch.no_grad()
@@ -233,28 +283,22 @@ def merge_lora_adapters(
         (2, [[2.0, 2.0], [2.0, 2.0]])
     """
     n = len(adapters)
-    if n == 0:
-        raise ValueError("no adapters given")
-    if combination not in ("svd", "cat"):
-        raise ValueError(f"combination must be 'svd' or 'cat', got {combination!r}")
+    resolved = check_lora_merge(
+        n,
+        method=method,
+        options=options,
+        adapter_weights=adapter_weights,
+        combination=combination,
+        rank=rank,
+    )
     merge_method = get_merge_method(method)
-    if combination == "cat" and method != "task-arithmetic":
-        raise ValueError(
-            f"combination='cat' concatenates the factors of a sum: it needs "
-            f"method='task-arithmetic', not {method!r} (use combination='svd')"
-        )
     weights = _check_scalings(n, scalings, adapter_weights)
     first = adapters[0]
     modules = lora_modules(first, name="adapter 0")
     dtype = first[modules[0] + LORA_A].dtype
     ranks = [first[m + LORA_A].shape[0] for m in modules]
-    resolved = merge_method.resolve(
-        options, num_ingredients=n, has_base=merge_method.base == "required"
-    )
     if combination == "cat":
         return _cat(adapters, modules, scalings, weights, resolved["scale"], dtype)
-    if rank is not None and rank < 1:
-        raise ValueError(f"rank must be at least 1, got {rank}")
     deltas = _Deltas(adapters, modules, scalings, weights)
     shapes = {m: (first[m + LORA_B].shape[0], first[m + LORA_A].shape[1]) for m in modules}
     base = None

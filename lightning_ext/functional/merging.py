@@ -289,14 +289,43 @@ def _tensor_weights(weights: Sequence[Weight], keys: Sequence[str]) -> list[dict
     tensor's layer position, filters matched against the tensor's name."""
     positions = layer_positions(keys)
     out = []
+    graded = False  # a weight varies with depth somewhere: positions matter
     for i, weight in enumerate(weights):
         if isinstance(weight, Mapping):
             rules = [(f, _anchors(w, i)) for f, w in weight.items()]
+            graded |= any(len(anchors) > 1 for _, anchors in rules)
             out.append({k: _value(_match(rules, k, i), positions[k]) for k in keys})
         else:
             anchors = _anchors(weight, i)
+            graded |= len(anchors) > 1
             out.append({k: _value(anchors, positions[k]) for k in keys})
+    if graded:
+        _warn_on_several_stacks(keys)
     return out
+
+
+def _warn_on_several_stacks(keys: Iterable[str]) -> None:
+    """Depth is read from one numbered stack of layers (``model.layers.N``); a model numbered in
+    several stacks (a ResNet's ``layer1.0`` ... ``layer4.1``) would be positioned by each block's
+    index inside its stage, not by its depth, so say so instead of merging silently."""
+    import warnings
+
+    stacks: dict[str, None] = {}
+    for key in keys:
+        parts = key.split(".")
+        index = next((j for j, part in enumerate(parts) if part.isdigit()), None)
+        if index is not None:
+            stacks[".".join(parts[:index])] = None
+    if len(stacks) > 1:
+        names = [f"{s}.N" if s else "N" for s in stacks]
+        warnings.warn(
+            f"per-layer weights: the tensors are numbered in {len(stacks)} stacks "
+            f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); each tensor's depth "
+            "is its first integer over the largest, so layers of different stacks share "
+            "positions. Give per-tensor filters ({'layer4': [...], '*': ...}) where that is "
+            "not what you mean",
+            stacklevel=2,
+        )
 
 
 def _value(anchors: list[float], position: float) -> float:

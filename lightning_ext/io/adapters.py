@@ -15,7 +15,12 @@ from typing import Any
 from torch import Tensor
 
 from lightning_ext._io import atomic_write_json, check_output, load_file
-from lightning_ext.functional.lora import LORA_A, lora_modules, merge_lora_adapters
+from lightning_ext.functional.lora import (
+    LORA_A,
+    check_lora_merge,
+    lora_modules,
+    merge_lora_adapters,
+)
 from lightning_ext.io.safetensors import save_safetensors
 
 __all__ = ["load_peft_adapter", "merge_peft_adapters", "peft_scaling", "save_peft_adapter"]
@@ -155,13 +160,21 @@ def merge_peft_adapters(
         The folder written.
 
     Raises:
-        ValueError: adapters of other base models or modules, configs not supported (see
-            ``peft_scaling``), the merge's own refusals, or an ``out`` that is (inside) an input
-            folder or already holds an adapter without ``overwrite`` (checked before merging).
+        ValueError: a refused request (``check_lora_merge``: method, options, weights, rank;
+            checked before any adapter is read), adapters of other base models or modules,
+            configs not supported (see ``peft_scaling``), or an ``out`` that is (inside) an
+            input folder or already holds an adapter without ``overwrite`` (checked before
+            merging).
         FileNotFoundError: a folder that is not an adapter.
     """
-    if not folders:
-        raise ValueError("no adapters given")
+    check_lora_merge(  # the request first: refused before any adapter is read or folder made
+        len(folders),
+        method=method,
+        options=options,
+        adapter_weights=adapter_weights,
+        combination=combination,  # type: ignore[arg-type]
+        rank=rank,
+    )
     configs, scalings = [], []
     for i, folder in enumerate(folders):  # configs and ranks first: refuse before merging
         state, config = load_peft_adapter(folder)
@@ -170,13 +183,13 @@ def merge_peft_adapters(
         scalings.append(peft_scaling(config, state[modules[0] + LORA_A].shape[0], name=name))
         configs.append(config)
         del state
-    for name in (WEIGHTS[0], CONFIG):  # the files written: refused before merging, after the inputs
-        check_output(Path(out) / name, inputs=folders, overwrite=overwrite)
     bases = {c.get("base_model_name_or_path") for c in configs}
     if len(bases) > 1:
         raise ValueError(
             f"the adapters were trained on different base models: {sorted(map(str, bases))}"
         )
+    for name in (WEIGHTS[0], CONFIG):  # the files written: refused before merging, after the inputs
+        check_output(Path(out) / name, inputs=folders, overwrite=overwrite)
     merged, rank = merge_lora_adapters(
         _Adapters(folders),
         scalings,

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from lightning_ext._io import BadFileError, check_readable
+from lightning_ext.io.safetensors import HF_WEIGHTS
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
@@ -86,6 +87,21 @@ def _is_metadata_class(name: str) -> bool:
     return isinstance(value, type) and value.__module__ == _METADATA_MODULE
 
 
+def _not_a_checkpoint_folder(folder: Path) -> str:
+    """Why ``folder`` cannot be read as weights, and what to pass instead."""
+    if (folder / "adapter_config.json").is_file():  # low-rank factors, not a model's weights
+        return (
+            f"{folder} holds a PEFT adapter (adapter_config.json), not a model's weights: merge "
+            "adapters with lightning-ext merge-adapters (io.adapters.merge_peft_adapters)"
+        )
+    return (
+        f"{folder} is a folder but not a distributed checkpoint (no {METADATA_FILE} file) nor a "
+        f"Hugging Face model folder (no {' or '.join(HF_WEIGHTS)}): pass a checkpoint file, a "
+        "model folder, or a folder written by torch.distributed.checkpoint (e.g. Lightning's "
+        "ModelParallelStrategy with save_distributed_checkpoint=True)"
+    )
+
+
 def is_distributed_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a folder written by ``torch.distributed.checkpoint`` (has ``.metadata``).
 
@@ -119,11 +135,7 @@ def read_metadata(path: str | os.PathLike, *, trusted: bool = False) -> Metadata
 
     folder, metadata_file = Path(path), Path(path) / METADATA_FILE
     if not is_distributed_checkpoint(folder):
-        raise BadFileError(
-            f"{folder} is a folder but not a distributed checkpoint (no {METADATA_FILE} file): "
-            "pass a checkpoint file, or a folder written by torch.distributed.checkpoint (e.g. "
-            "Lightning's ModelParallelStrategy with save_distributed_checkpoint=True)"
-        )
+        raise BadFileError(_not_a_checkpoint_folder(folder))
     check_readable(metadata_file)  # empty, text, a zip: one line naming the file
     try:
         with open(metadata_file, "rb") as handle:

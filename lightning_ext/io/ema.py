@@ -603,6 +603,7 @@ def write_posthoc_ema(
             without ``overwrite``, or is a folder; all before anything is written.
         OSError: ``out``'s folder is not writable (checked before any snapshot is read).
     """
+    sigma_rel_to_gamma(sigma_rel)  # a width out of range is refused before the folder is made
     check_output(out, inputs=[snapshot_dir], overwrite=overwrite)
     state = posthoc_ema_state_dict(
         snapshot_dir,

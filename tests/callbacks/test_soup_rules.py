@@ -33,7 +33,9 @@ def _stream_fit(soup: ModelSoup, **kwargs) -> None:
 
 def test_an_infinite_stream_is_named_instead_of_a_silent_one_ingredient_soup(tmp_path):
     soup = ModelSoup(method="uniform", dirpath=str(tmp_path / "a"))
-    with pytest.warns(UserWarning, match=r"one ingredient.*stream without a length.*limit_train"):
+    # the stream's single epoch is counted as one (it was said to be 2: current_epoch + 1)
+    one = r"one ingredient \(epoch 0\) in 1 epoch:.*stream without a length.*limit_train"
+    with pytest.warns(UserWarning, match=one):
         _stream_fit(soup, max_steps=4)
     assert len(soup.ingredients) == 1
     soup = ModelSoup(method="uniform", dirpath=str(tmp_path / "b"))

@@ -217,3 +217,21 @@ def test_merge_adapters_never_replaces_an_input_or_an_existing_adapter(tmp_path,
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "adapter_config.json").read_bytes() == written
     assert cli_main([*args, "-o", str(out), "--adapter-weights", "1", "0.5", "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--adapter-weights", "nan", "1"],
+        ["--combination", "cat", "--method", "ties", "--density", "0.5"],
+        ["--rank", "0"],
+    ],
+)
+def test_a_refused_request_leaves_no_output_folder(tmp_path, capsys, options):
+    # The request is checked before the adapters are read and before the output folder is made
+    # (it was made, then left empty, when the merge refused an option).
+    missing = tmp_path / "not-an-adapter"  # never read: the options are refused first
+    out = tmp_path / "merged"
+    assert cli_main(["merge-adapters", str(missing), str(missing), "-o", str(out), *options]) == 2
+    assert "no adapter_config.json" not in capsys.readouterr().err
+    assert not out.exists()

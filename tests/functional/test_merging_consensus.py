@@ -8,6 +8,8 @@ The random drops are made comparable by handing the port the uniform draws the l
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import Tensor
@@ -242,6 +244,20 @@ def test_weighted_average_with_weights_that_vary_with_depth():
         weighted_average(models, [[1.0, 0.0], [1.0, 0.0]])
     with pytest.raises(ValueError, match="weight of ingredient 1 must be a number >= 0"):
         weighted_average(models, [1.0, [1.0, -1.0]])
+
+
+def test_weights_that_vary_with_depth_warn_when_the_layers_are_numbered_in_several_stacks():
+    # A ResNet's layer1.0 ... layer4.1 are positioned by each block's index in its stage, not by
+    # depth: layer1.1 and layer4.1 both sat at 1 without a word.
+    keys = ["conv1.w", "layer1.0.w", "layer1.1.w", "layer4.0.w", "layer4.1.w", "fc.w"]
+    models = [{k: torch.full((2,), float(i)) for k in keys} for i in range(2)]
+    with pytest.warns(UserWarning, match=r"numbered in 2 stacks \(layer1\.N, layer4\.N\)"):
+        weighted_average(models, [[1.0, 0.0], [0.0, 1.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        weighted_average(models, [1.0, 2.0])  # constant weights: depth plays no part
+        _, one_stack = _models(2)
+        weighted_average(one_stack, [[1.0, 0.0], [0.0, 1.0]])
 
 
 def test_bad_options_are_refused_before_merging():

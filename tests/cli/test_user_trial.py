@@ -1,0 +1,80 @@
+"""Findings of a new user's trial of the documented commands, each a property that failed before
+its fix."""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_ext.cli import main as cli_main
+
+
+def test_refine_schedule_keeps_the_recorded_norm_kind(tmp_path, capsys):
+    # --norm l1 on a record of l2 norms refined them with l1's power and wrote them down as l1
+    record = tmp_path / "grad_norms.pt"
+    torch.save({"grad_norms": [torch.linspace(1.0, 2.0, 20)], "norm": ["l2"]}, record)
+    out = tmp_path / "refined.pt"
+    assert cli_main(["refine-schedule", str(record), "-o", str(out), "--norm", "l1"]) == 2
+    err = capsys.readouterr().err
+    assert "records l2 gradient norms, not l1" in err and "--power" in err
+    assert not out.exists()
+    assert cli_main(["refine-schedule", str(record), "-o", str(out), "--norm", "l2"]) == 0
+    assert torch.load(out)["norm"] == ["l2"]
+    bare = tmp_path / "norms.txt"  # a file without a kind: --norm names it
+    bare.write_text("\n".join(str(1.0 + i / 10) for i in range(20)))
+    out = tmp_path / "from_text.pt"
+    assert cli_main(["refine-schedule", str(bare), "-o", str(out), "--norm", "l1"]) == 0
+    assert torch.load(out)["norm"] == ["l1"]
+
+
+def test_soup_names_what_a_folder_ingredient_should_hold(tmp_path, capsys):
+    # a folder that is no checkpoint was only said not to be a distributed checkpoint, though a
+    # Hugging Face model folder is accepted too; a PEFT adapter folder is pointed to merge-adapters
+    good = tmp_path / "a.pt"
+    torch.save({"w": torch.ones(2)}, good)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    out = str(tmp_path / "soup.pt")
+    assert cli_main(["soup", str(good), str(empty), "-o", out]) == 2
+    err = capsys.readouterr().err
+    assert "not a distributed checkpoint" in err and "model.safetensors" in err
+    assert cli_main(["soup", str(good), str(adapter), "-o", out]) == 2
+    err = capsys.readouterr().err
+    assert "holds a PEFT adapter" in err and "lightning-ext merge-adapters" in err
+
+
+def test_merge_adapters_names_the_options_its_method_ignores(tmp_path, capsys):
+    # `merge-adapters --density 0.5` (default task-arithmetic) dropped --density without a word,
+    # where `soup` warns; both now share the warning
+    adapter = {"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(4, 2)}
+    config = '{"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["m"]}'
+    folders = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(config)
+        torch.save(adapter, tmp_path / name / "adapter_model.bin")
+        folders.append(str(tmp_path / name))
+    out = str(tmp_path / "merged")
+    assert cli_main(["merge-adapters", *folders, "-o", out, "--density", "0.5"]) == 0
+    assert "--method task-arithmetic does not use --density (ignored)" in capsys.readouterr().err
+
+
+def test_a_commands_warnings_are_one_line_for_its_user(tmp_path, capsys):
+    # they were printed by Python's default hook: a source path, a line number and a code line
+    norms = tmp_path / "rising.txt"  # norms that start low: a degenerate paper schedule
+    norms.write_text("\n".join(str(min(1.0, 0.1 + i / 30)) for i in range(200)))
+    out = tmp_path / "refined.pt"
+    assert cli_main(["refine-schedule", str(norms), "-o", str(out), "--paper"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-ext refine-schedule: warning: The refined schedule")
+    assert ".py:" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_posthoc_ema_refuses_a_width_out_of_range_before_making_the_output_folder(tmp_path, capsys):
+    # the output's folder was made (and left empty) before --sigma-rel was checked
+    out = tmp_path / "new" / "ema.pt"
+    code = cli_main(["posthoc-ema", str(tmp_path / "missing"), str(out), "--sigma-rel", "0.5"])
+    assert code == 2 and "sigma_rel must lie in (0, 0.28)" in capsys.readouterr().err
+    assert not out.parent.exists()

@@ -117,7 +117,10 @@ def check_output(
 
 def _probe_folder(path: Path) -> None:
     """Make ``path``'s folder and create (then remove) a file there: a read-only or full folder
-    is found now, not after the work whose result would go there."""
+    is found now, not after the work whose result would go there. Folders made for the probe are
+    removed again, so a command refused later leaves no empty output folder behind (the write
+    makes them for good)."""
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = temp_name(path)
@@ -125,6 +128,12 @@ def _probe_folder(path: Path) -> None:
         os.unlink(probe)
     except OSError as err:
         raise _write_error(path, err) from err
+    finally:
+        for folder in made:  # deepest first; one another writer filled meanwhile stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def _write_error(path: Path, err: OSError) -> OSError:

@@ -78,3 +78,22 @@ def test_posthoc_ema_refuses_a_width_out_of_range_before_making_the_output_folde
     code = cli_main(["posthoc-ema", str(tmp_path / "missing"), str(out), "--sigma-rel", "0.5"])
     assert code == 2 and "sigma_rel must lie in (0, 0.28)" in capsys.readouterr().err
     assert not out.parent.exists()
+
+
+def test_a_refused_command_leaves_no_empty_output_folder(tmp_path, capsys):
+    # check_output probes the output's folder before the work; a command refused after the probe
+    # (a missing input, a bad option) left that folder behind, empty
+    good = tmp_path / "a.pt"
+    torch.save({"w": torch.ones(2)}, good)
+    runs = [
+        ["soup", str(good), str(tmp_path / "missing.pt"), "-o", str(tmp_path / "s" / "o.pt")],
+        ["export-ema", str(tmp_path / "missing.ckpt"), str(tmp_path / "e" / "deep" / "o.pt")],
+        ["sparse-export", str(tmp_path / "missing.ckpt"), str(tmp_path / "x" / "o.pt")],
+    ]
+    for argv in runs:
+        assert cli_main(argv) == 2
+        assert "missing" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
+    out = tmp_path / "w" / "soup.pt"  # a command that succeeds makes the folder for good
+    assert cli_main(["soup", str(good), str(good), "-o", str(out)]) == 0
+    assert out.exists()

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -14,7 +13,8 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_ext._io import atomic_write_json, check_output, load_file
+from lightning_ext._finite import check_finite
+from lightning_ext._io import atomic_write_json, check_output, load_file, load_json
 from lightning_ext.functional.lora import LORA_A, lora_modules, merge_lora_adapters
 from lightning_ext.io.safetensors import save_safetensors
 
@@ -55,41 +55,47 @@ def peft_scaling(config: Mapping[str, Any], rank: int, *, name: str = "adapter")
     r, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(r, int) or isinstance(alpha, bool) or not isinstance(alpha, int | float):
         raise ValueError(f"{name}: {CONFIG} needs an integer 'r' and a number 'lora_alpha'")
+    if not math.isfinite(alpha):
+        raise ValueError(f"{name}: {CONFIG} has a non-finite lora_alpha ({alpha})")
     if r != rank:
         raise ValueError(f"{name}: {CONFIG} says r={r} but its lora_A has rank {rank}")
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def load_peft_adapter(folder: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def load_peft_adapter(
+    folder: str | os.PathLike, *, allow_nonfinite: bool = False
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """A PEFT adapter folder's weights (weights-only: safetensors, or ``adapter_model.bin``
     through the package's loading rule) and its config.
 
     Args:
         folder: the folder ``save_pretrained`` wrote.
+        allow_nonfinite: accept NaN/inf weights (refused by default, naming the tensors).
 
     Returns:
         ``(state_dict, config)``.
 
     Raises:
         FileNotFoundError: no folder, no ``adapter_config.json`` or no adapter weights.
-        ValueError: a config that is not JSON, or weights that are not a state dict.
+        ValueError: a config that is not JSON, weights that are not a state dict, or
+            non-finite weights (one line naming the file).
     """
     folder = Path(folder)
     config_path = folder / CONFIG
-    if not config_path.is_file():
+    if not config_path.exists():
         raise FileNotFoundError(f"{folder}: no {CONFIG} (not a PEFT adapter folder)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{config_path}: not a readable JSON config ({err})") from None
+    config = load_json(config_path)
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: expected a JSON object")
-    weights = next((folder / w for w in WEIGHTS if (folder / w).is_file()), None)
+    weights = next((folder / w for w in WEIGHTS if (folder / w).exists()), None)
     if weights is None:
         raise FileNotFoundError(f"{folder}: no {' or '.join(WEIGHTS)}")
     state = load_file(weights)
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{weights}: expected a state dict of tensors")
+    # merge-adapters offers no opt-out: a NaN update would only fail the SVD or spread
+    check_finite(state, str(weights), allow=allow_nonfinite, option="allow_nonfinite=True "
+                 "to load_peft_adapter")  # fmt: skip
     return dict(state), config
 
 

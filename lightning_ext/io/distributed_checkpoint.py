@@ -120,7 +120,8 @@ def read_metadata(path: str | os.PathLike, *, trusted: bool = False) -> Metadata
     folder, metadata_file = Path(path), Path(path) / METADATA_FILE
     if not is_distributed_checkpoint(folder):
         raise BadFileError(
-            f"{folder} is a folder but not a distributed checkpoint (no {METADATA_FILE} file): "
+            f"{folder} is a folder but not a distributed checkpoint (no {METADATA_FILE} file) "
+            "nor a Hugging Face model folder (no model.safetensors file): "
             "pass a checkpoint file, or a folder written by torch.distributed.checkpoint (e.g. "
             "Lightning's ModelParallelStrategy with save_distributed_checkpoint=True)"
         )

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_ext._io import atomic_write
+from lightning_ext._io import BadFileError, _first_line, atomic_write
 
 __all__ = [
     "ALIASES_KEY",
@@ -98,13 +98,15 @@ def hf_weights_file(folder: str | os.PathLike) -> Path | None:
 def _read_index(path: Path) -> dict[str, list[str]]:
     """The index's shards (inside its folder) and the tensors each holds, or one line naming the
     index and what is wrong with it."""
+    if path.stat().st_size == 0:
+        raise BadFileError(f"{path} is empty (0 bytes): an interrupted copy or write?")
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(
+        raise BadFileError(
             f"{path}: not a safetensors index (a JSON object with a 'weight_map'): {err}"
         ) from None
     folder = path.parent.resolve()
@@ -117,8 +119,26 @@ def _read_index(path: Path) -> dict[str, list[str]]:
     return shards
 
 
-def _open_error(path: Path, err: Exception) -> ValueError:
-    return ValueError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})")
+_MAX_HEADER = 100 * 2**20  # the safetensors library's own limit on a header's size
+
+
+def _open_error(path: Path, err: Exception) -> BadFileError:
+    """One line naming the file and what is wrong: empty, truncated, or not safetensors at all
+    (a torch zip or pickle, a text file), instead of the library's "header too large"."""
+    with open(path, "rb") as handle:
+        data = handle.read(9)
+    if not data:
+        return BadFileError(f"{path} is empty (0 bytes): an interrupted copy or write?")
+    header = int.from_bytes(data[:8], "little") if len(data) >= 8 else _MAX_HEADER + 1
+    if header > _MAX_HEADER or data[8:9] not in (b"", b"{"):
+        return BadFileError(
+            f"{path} is not a safetensors file (it starts with {data[:4]!r}; a torch file, a "
+            "pickle or text under a .safetensors name?)"
+        )
+    return BadFileError(
+        f"{path} is truncated or corrupted ({type(err).__name__}: {_first_line(err)}); copy or "
+        "write it again"
+    )
 
 
 def _load_single(path: Path, device: str) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -169,6 +189,8 @@ def load_safetensors(
     path = Path(path)
     if path.is_dir():
         found = hf_weights_file(path)
+        if found is None and is_safetensors_path(path):
+            raise BadFileError(f"{path} is a directory, not a safetensors file")
         if found is None:
             raise FileNotFoundError(f"{path}: no {' or '.join(HF_WEIGHTS)} in this folder")
         path = found
@@ -181,6 +203,8 @@ def load_safetensors(
     out: dict[str, Tensor] = {}
     for shard, keys in _read_index(path).items():
         shard_path = path.parent / shard
+        if shard_path.is_dir():
+            raise BadFileError(f"{path}: shard {shard} is a directory, not a safetensors file")
         if not shard_path.is_file():
             raise FileNotFoundError(f"{path}: shard {shard} is missing")
         tensors, metadata = _load_single(shard_path, device)

@@ -109,7 +109,7 @@ def test_bad_files_get_one_line_naming_them(tmp_path):
     garbage = tmp_path / "bad.safetensors"
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(
-        ValueError, match=re.escape("bad.safetensors: not a readable safetensors file")
+        ValueError, match=re.escape("bad.safetensors is not a safetensors file")
     ) as e:
         load_file(garbage)
     assert "\n" not in str(e.value)
@@ -177,7 +177,7 @@ def test_cli_soup_of_hf_folders_writes_safetensors(tmp_path, capsys):
     bad.write_bytes(b"junk")
     assert cli_main(["soup", str(bad), str(folders[0]), "-o", str(tmp_path / "o.pt")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "bad.safetensors: not a readable safetensors file" in err and "\n" not in err
+    assert "bad.safetensors is not a safetensors file" in err and "\n" not in err
 
 
 def test_build_soup_takes_hf_folders_and_safetensors_files(tmp_path):

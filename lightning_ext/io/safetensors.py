@@ -21,6 +21,7 @@ Pure torch: no Lightning import.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Mapping
@@ -36,6 +37,7 @@ __all__ = [
     "ALIASES_KEY",
     "INDEX_SUFFIX",
     "SUFFIX",
+    "existing_shards",
     "hf_weights_file",
     "is_safetensors_path",
     "load_safetensors",
@@ -76,6 +78,24 @@ def is_safetensors_path(path: str | os.PathLike) -> bool:
     """
     name = Path(path).name
     return name.endswith(SUFFIX) or name.endswith(INDEX_SUFFIX)
+
+
+def existing_shards(index: str | os.PathLike) -> list[Path]:
+    """The files a sharded write to ``index`` may replace: the ``<stem>-NNNNN-of-NNNNN
+    .safetensors`` files beside it (none for any other name), so that writers check them as
+    outputs before their work.
+
+    Args:
+        index: a ``.safetensors.index.json`` path (it need not exist).
+
+    Returns:
+        The shard files that exist now.
+    """
+    index = Path(index)
+    if not index.name.endswith(INDEX_SUFFIX) or not index.parent.is_dir():
+        return []
+    stem = glob.escape(index.name[: -len(INDEX_SUFFIX)])
+    return sorted(index.parent.glob(f"{stem}-[0-9][0-9][0-9][0-9][0-9]-of-*{SUFFIX}"))
 
 
 def hf_weights_file(folder: str | os.PathLike) -> Path | None:
@@ -397,7 +417,13 @@ def _save_sharded(
         if own:
             shard_header[ALIASES_KEY] = json.dumps(own, sort_keys=True)
         data = st.torch.save(group, metadata=shard_header or None)
-        _write_bytes(data, index.parent / name)
+        try:
+            _write_bytes(data, index.parent / name)
+        except OSError as err:  # named by the index the user asked for, and the shard
+            reason = os.strerror(err.errno) if err.errno else str(err)
+            error = OSError(f"cannot write {index}: shard {name}: {reason}")
+            error.errno = err.errno
+            raise error from err
         weight_map.update(dict.fromkeys([*group, *own], name))
     total = sum(_nbytes(t) for t in tensors.values())
     body = {"metadata": {"total_size": total, **header}, "weight_map": weight_map}

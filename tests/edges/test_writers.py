@@ -55,7 +55,7 @@ from lightning_ext.cli import main as cli_main
 from lightning_ext.functional.ema import sigma_rel_to_gamma
 from lightning_ext.io.adapters import WEIGHTS, merge_peft_adapters, save_peft_adapter
 from lightning_ext.io.ema import export_ema, write_posthoc_ema, write_snapshot
-from lightning_ext.io.safetensors import save_safetensors
+from lightning_ext.io.safetensors import INDEX_SUFFIX, SUFFIX, save_safetensors
 from lightning_ext.io.scores import write_scores
 from lightning_ext.io.sparse import export_sparse_checkpoint
 
@@ -190,6 +190,16 @@ def _st_soup_inputs(tmp: Path) -> list[Path]:
     return paths
 
 
+def _sharded_inputs(tmp: Path) -> list[Path]:
+    """A .pt ingredient and the shard of a sharded one (its index gone): a soup to that index's
+    name would write the shard over the input."""
+    torch.save(_weights(0), tmp / "a.pt")
+    index = tmp / "in" / f"model{INDEX_SUFFIX}"
+    save_safetensors(_weights(1), index)
+    index.unlink()
+    return [tmp / "a.pt", tmp / "in" / f"model-00001-of-00001{SUFFIX}"]
+
+
 def _adapter_state(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A rank-2 PEFT LoRA adapter on one 8 -> 8 linear layer, and its config."""
     g = torch.Generator().manual_seed(seed)
@@ -227,9 +237,13 @@ class Writer:
     heavy: str | None = None
     suffix: str = ".pt"
     inside: str | None = None  # the output is a folder: the file in it that the cells watch
+    clash: Callable[[list[Path]], Path] | None = None  # the output that replaces the last input
 
     def main(self, out: Path) -> Path:
-        """The file the cells watch: ``out``, or the file inside an output folder."""
+        """The file the cells watch: ``out``, the file inside an output folder, or the first
+        shard beside a sharded safetensors index."""
+        if out.name.endswith(INDEX_SUFFIX):
+            return out.parent / f"{out.name[: -len(INDEX_SUFFIX)]}-00001-of-00001{SUFFIX}"
         return out / self.inside if self.inside else out
 
 
@@ -285,6 +299,13 @@ WRITERS: dict[str, Writer] = {
         lambda i, o, w: _cli("soup", *map(str, i), "-o", str(o), *_flag(w)),
         heavy="lightning_ext.cli.soup.merge",
         suffix=".safetensors",
+    ),
+    "soup_sharded": Writer(
+        _sharded_inputs,
+        lambda i, o, w: _cli("soup", *map(str, i), "-o", str(o), *_flag(w)),
+        heavy="lightning_ext.cli.soup.merge",
+        suffix=INDEX_SUFFIX,
+        clash=lambda inputs: inputs[-1].parent / f"model{INDEX_SUFFIX}",
     ),
     "merge_adapters": Writer(
         _adapter_inputs,
@@ -349,6 +370,7 @@ NOT_APPLICABLE: dict[tuple[str, str], str] = {
         (w, "concurrent-writers"): "one output per call"
         for w in (
             "soup_safetensors",
+            "soup_sharded",
             "merge_adapters",
             "export_ema_py",
             "export_sparse_checkpoint",
@@ -512,9 +534,10 @@ def _output_is_input(w: Writer, tmp: Path, mp: pytest.MonkeyPatch) -> None:
     inputs = w.inputs(tmp)
     target = inputs[-1]  # posthoc_ema: a snapshot inside the folder; adapters: an input folder
     before = _content(target)
+    out = w.clash(inputs) if w.clash else target  # soup_sharded: an index whose shard it is
     _no_heavy_work(mp, w)
-    message = _refusal(w, inputs, target)
-    _one_line(message, target)
+    message = _refusal(w, inputs, out)
+    _one_line(message, out, target)
     assert _content(target) == before
 
 

@@ -264,6 +264,8 @@ def read_safetensors_layout(path: str | os.PathLike) -> dict[str, Tensor]:
     st = _module()
     out: dict[str, Tensor] = {}
     for file in files:
+        if file.is_dir():
+            raise BadFileError(f"{found}: shard {file.name} is a directory, not a safetensors file")
         if not file.is_file():
             raise FileNotFoundError(f"{found}: shard {file.name} is missing")
         try:

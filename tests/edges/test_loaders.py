@@ -595,6 +595,20 @@ def _soup_hf_cli(folder: Path, variant: str) -> Case:
                 mismatch="missing|differ", expect=HF_EXPECT)  # fmt: skip
 
 
+def _soup_hf_sharded_cli(folder: Path, variant: str) -> Case:
+    """A sharded Hugging Face folder (index and two shards) beside a single-file one; the
+    sharded folder's second shard is the bad file."""
+    single, sharded = folder / "hf_a", folder / "hf_b"
+    single.mkdir()
+    _st_file(single / "model.safetensors", "valid")
+    sharded.mkdir()
+    _st_sharded(sharded, variant)
+    out = folder / "soup.safetensors"
+    argv = ["soup", str(single), str(sharded), "-o", str(out)]
+    shard = sharded / "model-00002-of-00002.safetensors"
+    return Case(_cli(argv), shard, [out], "soup", mismatch="outside", expect=ST_SHARD_EXPECT)
+
+
 # ---------------------------------------------------------------------- PEFT adapters
 ADAPTER_WEIGHTS = WEIGHTS[0]
 
@@ -741,6 +755,10 @@ TARGETS: dict[str, tuple[Builder, dict[str, str]]] = {
     ),
     "cli-soup-safetensors": (_soup_st_cli, {}),
     "cli-soup-hf-folder": (_soup_hf_cli, {}),
+    "cli-soup-hf-sharded": (
+        _soup_hf_sharded_cli,
+        {"non-finite": "raw loader", "mismatched": "an index's cell: load_file-safetensors-index"},
+    ),
     "Ingredients-safetensors": (_ingredients_st, {"non-finite": "headers only: no values read"}),
     "load_peft_adapter": (
         _load_adapter("weights"),

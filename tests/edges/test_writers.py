@@ -307,6 +307,18 @@ WRITERS: dict[str, Writer] = {
         suffix=INDEX_SUFFIX,
         clash=lambda inputs: inputs[-1].parent / f"model{INDEX_SUFFIX}",
     ),
+    "export_ema_safetensors": Writer(
+        _ema_inputs,
+        lambda i, o, w: _cli("export-ema", str(i[0]), str(o), *_flag(w)),
+        heavy="lightning_ext.io.ema.ema_state_dict_from_checkpoint",
+        suffix=".safetensors",
+    ),
+    "posthoc_ema_safetensors": Writer(
+        _snapshot_inputs,
+        lambda i, o, w: _cli("posthoc-ema", str(i[0]), str(o), "--sigma-rel", "0.08", *_flag(w)),
+        heavy="lightning_ext.io.ema.posthoc_ema_state_dict",
+        suffix=".safetensors",
+    ),
     "merge_adapters": Writer(
         _adapter_inputs,
         lambda i, o, w: _cli("merge-adapters", *map(str, i), "-o", str(o), *_flag(w)),
@@ -371,6 +383,8 @@ NOT_APPLICABLE: dict[tuple[str, str], str] = {
         for w in (
             "soup_safetensors",
             "soup_sharded",
+            "export_ema_safetensors",
+            "posthoc_ema_safetensors",
             "merge_adapters",
             "export_ema_py",
             "export_sparse_checkpoint",

@@ -572,6 +572,36 @@ def _ingredients_st(folder: Path, variant: str) -> Case:
                 expect=SAFETENSORS_EXPECT)  # fmt: skip
 
 
+def _build_soup_st(folder: Path, variant: str) -> Case:
+    from lightning_ext.workflows.soup import build_soup
+
+    a, b = _st_files(folder, variant)
+    plot = folder / "soup.png"
+    return Case(
+        lambda: build_soup(torch.nn.Module(), [a, b], method="uniform", dataloaders=[], plot=plot),
+        b,
+        [plot],
+        mismatch="missing|differ",
+        expect=SAFETENSORS_EXPECT,
+    )
+
+
+def _hf_folders(folder: Path, variant: str) -> tuple[Path, Path]:
+    """Two Hugging Face-style folders; the second's model.safetensors gets the variant."""
+    first, second = folder / "hf_a", folder / "hf_b"
+    for i, hf in enumerate((first, second)):
+        hf.mkdir()
+        _st_file(hf / "model.safetensors", variant if i else "valid", float(i))
+        (hf / "config.json").write_text("{}")
+    return first, second
+
+
+def _ingredients_hf(folder: Path, variant: str) -> Case:
+    first, second = _hf_folders(folder, variant)
+    return Case(lambda: Ingredients([first, second]).validate(), second / "model.safetensors",
+                named="hf_b", mismatch="missing|differ", expect=HF_EXPECT)  # fmt: skip
+
+
 #: A folder without a model.safetensors file is neither a Hugging Face folder nor a distributed
 #: checkpoint, and the message says both.
 HF_EXPECT = {
@@ -584,11 +614,7 @@ HF_EXPECT = {
 
 
 def _soup_hf_cli(folder: Path, variant: str) -> Case:
-    first, second = folder / "hf_a", folder / "hf_b"
-    for i, hf in enumerate((first, second)):
-        hf.mkdir()
-        _st_file(hf / "model.safetensors", variant if i else "valid", float(i))
-        (hf / "config.json").write_text("{}")
+    first, second = _hf_folders(folder, variant)
     out = folder / "soup.safetensors"
     argv = ["soup", str(first), str(second), "-o", str(out)]
     return Case(_cli(argv), second / "model.safetensors", [out], "soup", named="hf_b",
@@ -698,6 +724,7 @@ def _merge_adapters(bad: str) -> Builder:
 
 
 CONFIG_CELL = "a rank other than the config's r: the -config row"
+CONFIG_READ = "the config is read as written: merging checks it (the merge rows)"
 
 #: target -> (builder, faults that do not apply, with the reason shown in the table)
 TARGETS: dict[str, tuple[Builder, dict[str, str]]] = {
@@ -759,18 +786,20 @@ TARGETS: dict[str, tuple[Builder, dict[str, str]]] = {
         _soup_hf_sharded_cli,
         {"non-finite": "raw loader", "mismatched": "an index's cell: load_file-safetensors-index"},
     ),
-    "Ingredients-safetensors": (_ingredients_st, {"non-finite": "headers only: no values read"}),
+    "Ingredients-hf-folder": (_ingredients_hf, {}),
+    "build_soup-safetensors": (_build_soup_st, {}),
+    "Ingredients-safetensors": (_ingredients_st, {}),
     "load_peft_adapter": (
         _load_adapter("weights"),
-        {"non-finite": "raw loader", "mismatched": "raw loader"},
+        {"mismatched": CONFIG_CELL},
     ),
     "load_peft_adapter-bin": (
         _load_adapter("bin"),
-        {"non-finite": "raw loader", "mismatched": "raw loader"},
+        {"mismatched": CONFIG_CELL},
     ),
     "load_peft_adapter-config": (
         _load_adapter("config"),
-        {"non-finite": "raw loader", "mismatched": "raw loader"},
+        {"non-finite": CONFIG_READ, "mismatched": CONFIG_READ},
     ),
     "cli-merge-adapters": (_merge_adapters_cli("weights"), {"mismatched": CONFIG_CELL}),
     "cli-merge-adapters-bin": (_merge_adapters_cli("bin"), {"mismatched": CONFIG_CELL}),

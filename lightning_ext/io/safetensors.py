@@ -361,7 +361,8 @@ def save_safetensors(
 ) -> Path:
     """Write a state dict as safetensors, atomically: one file for a ``.safetensors`` name, or
     shards of at most ``max_shard_bytes`` (``model-00001-of-00002.safetensors``, ...) beside a
-    ``.safetensors.index.json`` name, the index written last.
+    ``.safetensors.index.json`` name, the index written last (then the shards of that name the
+    new index does not list, left by a replaced checkpoint with more shards, are removed).
 
     Tied tensors (views of the same memory) are written once, their other names recorded in the
     metadata and restored by ``load_safetensors``; tensors that only partly overlap are copied.
@@ -430,4 +431,8 @@ def _save_sharded(
     total = sum(_nbytes(t) for t in tensors.values())
     body = {"metadata": {"total_size": total, **header}, "weight_map": weight_map}
     text = json.dumps(body, indent=2, sort_keys=True) + "\n"
-    return atomic_write(index, lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write(index, lambda handle: handle.write(text.encode("utf-8")))
+    for stale in existing_shards(index):  # a replaced checkpoint's other shards: now unused
+        if stale.name not in names:
+            stale.unlink(missing_ok=True)
+    return index

@@ -97,7 +97,9 @@ def check_output(
     from lightning_ext.io.safetensors import existing_shards
 
     shards = existing_shards(path)  # a sharded safetensors index replaces its shards too
-    for source in map(Path, inputs):
+    sources = [Path(source) for source in inputs]
+    sources += [shard for source in sources for shard in existing_shards(source)]  # and reads
+    for source in sources:
         if source.is_dir() and (_inside(path, source) or _same_file(path, source)):
             raise ValueError(
                 f"refusing to write {path} inside the input folder {source}: choose an output "

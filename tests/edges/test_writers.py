@@ -7,8 +7,9 @@ into ``docs/edges.md``.
 
 Faults:
 
-- ``output-is-input``: the output names one of the inputs (or a file inside an input folder):
-  refused in one line naming it, the input unchanged, nothing computed.
+- ``output-is-input``: the output names one of the inputs (or a file inside an input folder, or
+  a shard of a sharded safetensors input or output): refused in one line naming it, even with
+  ``--overwrite``, the input unchanged, nothing computed.
 - ``existing-output``: refused in one line naming ``--overwrite``, the file unchanged.
 - ``existing-output-overwrite-keeps-mode``: with ``--overwrite`` (``overwrite=True``; appending for
   ``write_scores``) the replaced file keeps mode 600.
@@ -200,6 +201,15 @@ def _sharded_inputs(tmp: Path) -> list[Path]:
     return [tmp / "a.pt", tmp / "in" / f"model-00001-of-00001{SUFFIX}"]
 
 
+def _from_sharded_inputs(tmp: Path) -> list[Path]:
+    """A .pt ingredient and a sharded safetensors one: an output named as its first shard would
+    replace part of an input that check_output sees only as the index."""
+    torch.save(_weights(0), tmp / "a.pt")
+    index = tmp / "in" / f"model{INDEX_SUFFIX}"
+    save_safetensors(_weights(1), index, max_shard_bytes=256)
+    return [tmp / "a.pt", index]
+
+
 def _adapter_state(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A rank-2 PEFT LoRA adapter on one 8 -> 8 linear layer, and its config."""
     g = torch.Generator().manual_seed(seed)
@@ -307,6 +317,13 @@ WRITERS: dict[str, Writer] = {
         suffix=INDEX_SUFFIX,
         clash=lambda inputs: inputs[-1].parent / f"model{INDEX_SUFFIX}",
     ),
+    "soup_from_sharded": Writer(
+        _from_sharded_inputs,
+        lambda i, o, w: _cli("soup", *map(str, i), "-o", str(o), *_flag(w)),
+        heavy="lightning_ext.cli.soup.merge",
+        suffix=SUFFIX,
+        clash=lambda inputs: inputs[-1].parent / f"model-00001-of-00002{SUFFIX}",
+    ),
     "export_ema_safetensors": Writer(
         _ema_inputs,
         lambda i, o, w: _cli("export-ema", str(i[0]), str(o), *_flag(w)),
@@ -383,6 +400,7 @@ NOT_APPLICABLE: dict[tuple[str, str], str] = {
         for w in (
             "soup_safetensors",
             "soup_sharded",
+            "soup_from_sharded",
             "export_ema_safetensors",
             "posthoc_ema_safetensors",
             "merge_adapters",
@@ -547,12 +565,12 @@ def _in_child(target: Callable[[], Any], timeout: float = 60) -> tuple[int | Non
 def _output_is_input(w: Writer, tmp: Path, mp: pytest.MonkeyPatch) -> None:
     inputs = w.inputs(tmp)
     target = inputs[-1]  # posthoc_ema: a snapshot inside the folder; adapters: an input folder
-    before = _content(target)
-    out = w.clash(inputs) if w.clash else target  # soup_sharded: an index whose shard it is
+    out = w.clash(inputs) if w.clash else target  # an index and one of its shards
+    before = _content(target), _content(out)
     _no_heavy_work(mp, w)
-    message = _refusal(w, inputs, out)
-    _one_line(message, out, target)
-    assert _content(target) == before
+    message = _refusal(w, inputs, out, overwrite=True)  # an input is never replaced
+    _one_line(message, out)
+    assert (_content(target), _content(out)) == before
 
 
 def _existing_output(name: str, w: Writer, tmp: Path, mp: pytest.MonkeyPatch) -> None:

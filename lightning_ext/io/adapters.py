@@ -63,13 +63,14 @@ def peft_scaling(config: Mapping[str, Any], rank: int, *, name: str = "adapter")
 
 
 def load_peft_adapter(
-    folder: str | os.PathLike, *, allow_nonfinite: bool = False
+    folder: str | os.PathLike, *, trusted: bool = False, allow_nonfinite: bool = False
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """A PEFT adapter folder's weights (weights-only: safetensors, or ``adapter_model.bin``
     through the package's loading rule) and its config.
 
     Args:
         folder: the folder ``save_pretrained`` wrote.
+        trusted: unpickle an ``adapter_model.bin`` holding arbitrary objects (its code may run).
         allow_nonfinite: accept NaN/inf weights (refused by default, naming the tensors).
 
     Returns:
@@ -90,7 +91,7 @@ def load_peft_adapter(
     weights = next((folder / w for w in WEIGHTS if (folder / w).exists()), None)
     if weights is None:
         raise FileNotFoundError(f"{folder}: no {' or '.join(WEIGHTS)}")
-    state = load_file(weights)
+    state = load_file(weights, trusted=trusted)
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{weights}: expected a state dict of tensors")
     # merge-adapters offers no opt-out: a NaN update would only fail the SVD or spread
@@ -122,14 +123,14 @@ def save_peft_adapter(
 class _Adapters(Sequence):
     """The adapters' state dicts, loaded on access (one held at a time by the merges)."""
 
-    def __init__(self, folders: Sequence[str | os.PathLike]) -> None:
-        self.folders = list(folders)
+    def __init__(self, folders: Sequence[str | os.PathLike], trusted: bool) -> None:
+        self.folders, self.trusted = list(folders), trusted
 
     def __len__(self) -> int:
         return len(self.folders)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:  # type: ignore[override]
-        return load_peft_adapter(self.folders[i])[0]
+        return load_peft_adapter(self.folders[i], trusted=self.trusted)[0]
 
 
 def merge_peft_adapters(
@@ -142,6 +143,7 @@ def merge_peft_adapters(
     combination: str = "svd",
     rank: int | None = None,
     overwrite: bool = False,
+    trusted: bool = False,
 ) -> Path:
     """Merge PEFT adapter folders (``functional.lora.merge_lora_adapters``) into a new adapter
     folder: the first adapter's config with ``r = lora_alpha =`` the merged rank (scaling 1) and
@@ -156,6 +158,7 @@ def merge_peft_adapters(
         combination: ``"svd"`` or ``"cat"``.
         rank: the merged rank for ``"svd"`` (None: the largest input rank).
         overwrite: replace the files of an adapter already in ``out``.
+        trusted: unpickle ``adapter_model.bin`` files holding arbitrary objects.
 
     Returns:
         The folder written.
@@ -170,7 +173,7 @@ def merge_peft_adapters(
         raise ValueError("no adapters given")
     configs, scalings = [], []
     for i, folder in enumerate(folders):  # configs and ranks first: refuse before merging
-        state, config = load_peft_adapter(folder)
+        state, config = load_peft_adapter(folder, trusted=trusted)
         name = f"adapter {i} ({os.fspath(folder)})"
         modules = lora_modules(state, name=name)
         scalings.append(peft_scaling(config, state[modules[0] + LORA_A].shape[0], name=name))
@@ -184,7 +187,7 @@ def merge_peft_adapters(
             f"the adapters were trained on different base models: {sorted(map(str, bases))}"
         )
     merged, rank = merge_lora_adapters(
-        _Adapters(folders),
+        _Adapters(folders, trusted),
         scalings,
         method=method,
         options=options,

@@ -74,9 +74,10 @@ def check_output(
 
     The rules of every writer of this package (DESIGN.md principle 11): the output is none of the
     writer's ``inputs`` (same resolved path or same inode; nor inside an input folder); an existing
-    output is replaced only with ``overwrite`` (``--overwrite`` on the command line), unless the
-    writer appends to it (``append``); the output is not a folder, and its folder exists (or is made
-    now) and takes a new file (a probe file is created and removed).
+    output (or, for a sharded ``.safetensors.index.json``, a shard file of its name) is replaced
+    only with ``overwrite`` (``--overwrite`` on the command line), unless the writer appends to
+    it (``append``); the output is not a folder, and its folder exists (or is made now) and takes
+    a new file (a probe file is created and removed).
 
     Args:
         out: the file about to be written.
@@ -93,23 +94,32 @@ def check_output(
         OSError: ``out``'s folder cannot be made or written (the message names ``out``).
     """
     path = Path(out)
-    for source in map(Path, inputs):
+    from lightning_ext.io.safetensors import existing_shards
+
+    shards = existing_shards(path)  # a sharded safetensors index replaces its shards too
+    sources = [Path(source) for source in inputs]
+    sources += [shard for source in sources for shard in existing_shards(source)]  # and reads
+    for source in sources:
         if source.is_dir() and (_inside(path, source) or _same_file(path, source)):
             raise ValueError(
                 f"refusing to write {path} inside the input folder {source}: choose an output "
                 "outside it"
             )
-        if _same_file(path, source):
-            raise ValueError(
-                f"refusing to write {path}: it is the input {source}, which would be lost; "
-                "choose another output"
-            )
+        for target in (path, *shards):
+            if _same_file(target, source):
+                shard = "" if target == path else f" (its shard {target.name})"
+                raise ValueError(
+                    f"refusing to write {path}{shard}: it is the input {source}, which would be "
+                    "lost; choose another output"
+                )
     if path.is_dir():
         raise ValueError(f"cannot write {path}: it is a folder; name a file inside it")
-    if path.exists() and not (overwrite or append):
+    existing = next((t for t in (path, *shards) if t.exists()), None)
+    if existing is not None and not (overwrite or append):
+        shard = "" if existing == path else f" (its shard {existing.name} exists)"
         raise ValueError(
-            f"{path} already exists: pass --overwrite (overwrite=True in Python) to replace it, "
-            "or choose another output"
+            f"{path} already exists{shard}: pass --overwrite (overwrite=True in Python) to "
+            "replace it, or choose another output"
         )
     _probe_folder(path)
     return path

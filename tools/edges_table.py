@@ -193,7 +193,9 @@ READING_RULES = (
     "- **Every bad file gets one line** naming the file and what is wrong with it (missing, "
     "empty, a folder, truncated, not a torch file, text), never a bare `EOFError`, `OSError` or "
     "`KeyError` from deep inside; pickles run code only with `--trusted` (`trusted=True`); "
-    "non-finite weights are refused naming the tensors.",
+    "non-finite weights are refused naming the tensors. A `.safetensors` name is read as "
+    "safetensors only: a torch file, a pickle or text under it is refused as not safetensors, "
+    "never unpickled, so those cells hold a per-target expectation (the loaders' `expect`).",
 )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lightning_ext.cli._options import CLI_SPELLING, add_overwrite_option
+from lightning_ext.cli._options import CLI_SPELLING, add_overwrite_option, add_trusted_option
 from lightning_ext.cli.soup import _ARG_TYPES, _option_help, _options
 from lightning_ext.functional.merge_methods import MERGE_METHODS, get_merge_method
 
@@ -68,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             help=_option_help(name, parameter),
         )
     add_overwrite_option(p)
+    add_trusted_option(p, "adapter_model.bin files")
     p.set_defaults(func=run)
 
 
@@ -109,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         combination=args.combination,
         rank=args.rank,
         overwrite=args.overwrite,
+        trusted=args.trusted,
     )
     print(f"wrote the {args.method} merge of {len(args.adapters)} adapter(s) to {out}")
     return 0

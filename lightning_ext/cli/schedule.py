@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, cast
 
-from lightning_ext.cli._options import add_overwrite_option
+from lightning_ext.cli._options import add_overwrite_option, add_trusted_option
 
 
 def _smoothing(text: str) -> float | str:
@@ -58,6 +58,7 @@ def register(sub: Any) -> None:
         "--drop-nonfinite", action="store_true", help="drop inf/nan norms (fp16-skipped steps)"
     )
     add_overwrite_option(parser)
+    add_trusted_option(parser, "gradient-norm files")
     parser.set_defaults(func=_refine_schedule_command)
 
 
@@ -91,7 +92,7 @@ def _refine_schedule_command(args: Any) -> int:
     )
     # before the norms are read
     check_refined_outputs(out, args.plot, inputs=[args.grad_norms], overwrite=args.overwrite)
-    records, kinds = load_grad_norms(args.grad_norms)
+    records, kinds = load_grad_norms(args.grad_norms, trusted=args.trusted)
     for i, record in enumerate(records):
         bad = int((~torch.isfinite(record)).sum())
         if bad and not args.drop_nonfinite:

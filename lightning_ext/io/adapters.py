@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -14,7 +13,8 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_ext._io import atomic_write_json, check_output, load_file
+from lightning_ext._finite import check_finite
+from lightning_ext._io import atomic_write_json, check_output, load_file, load_json
 from lightning_ext.functional.lora import (
     LORA_A,
     check_lora_merge,
@@ -60,41 +60,48 @@ def peft_scaling(config: Mapping[str, Any], rank: int, *, name: str = "adapter")
     r, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(r, int) or isinstance(alpha, bool) or not isinstance(alpha, int | float):
         raise ValueError(f"{name}: {CONFIG} needs an integer 'r' and a number 'lora_alpha'")
+    if not math.isfinite(alpha):
+        raise ValueError(f"{name}: {CONFIG} has a non-finite lora_alpha ({alpha})")
     if r != rank:
         raise ValueError(f"{name}: {CONFIG} says r={r} but its lora_A has rank {rank}")
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def load_peft_adapter(folder: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def load_peft_adapter(
+    folder: str | os.PathLike, *, trusted: bool = False, allow_nonfinite: bool = False
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """A PEFT adapter folder's weights (weights-only: safetensors, or ``adapter_model.bin``
     through the package's loading rule) and its config.
 
     Args:
         folder: the folder ``save_pretrained`` wrote.
+        trusted: unpickle an ``adapter_model.bin`` holding arbitrary objects (its code may run).
+        allow_nonfinite: accept NaN/inf weights (refused by default, naming the tensors).
 
     Returns:
         ``(state_dict, config)``.
 
     Raises:
         FileNotFoundError: no folder, no ``adapter_config.json`` or no adapter weights.
-        ValueError: a config that is not JSON, or weights that are not a state dict.
+        ValueError: a config that is not JSON, weights that are not a state dict, or
+            non-finite weights (one line naming the file).
     """
     folder = Path(folder)
     config_path = folder / CONFIG
-    if not config_path.is_file():
+    if not config_path.exists():
         raise FileNotFoundError(f"{folder}: no {CONFIG} (not a PEFT adapter folder)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{config_path}: not a readable JSON config ({err})") from None
+    config = load_json(config_path)
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: expected a JSON object")
-    weights = next((folder / w for w in WEIGHTS if (folder / w).is_file()), None)
+    weights = next((folder / w for w in WEIGHTS if (folder / w).exists()), None)
     if weights is None:
         raise FileNotFoundError(f"{folder}: no {' or '.join(WEIGHTS)}")
-    state = load_file(weights)
+    state = load_file(weights, trusted=trusted)
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{weights}: expected a state dict of tensors")
+    # merge-adapters offers no opt-out: a NaN update would only fail the SVD or spread
+    check_finite(state, str(weights), allow=allow_nonfinite, option="allow_nonfinite=True "
+                 "to load_peft_adapter")  # fmt: skip
     return dict(state), config
 
 
@@ -121,14 +128,14 @@ def save_peft_adapter(
 class _Adapters(Sequence):
     """The adapters' state dicts, loaded on access (one held at a time by the merges)."""
 
-    def __init__(self, folders: Sequence[str | os.PathLike]) -> None:
-        self.folders = list(folders)
+    def __init__(self, folders: Sequence[str | os.PathLike], trusted: bool) -> None:
+        self.folders, self.trusted = list(folders), trusted
 
     def __len__(self) -> int:
         return len(self.folders)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:  # type: ignore[override]
-        return load_peft_adapter(self.folders[i])[0]
+        return load_peft_adapter(self.folders[i], trusted=self.trusted)[0]
 
 
 def merge_peft_adapters(
@@ -141,6 +148,7 @@ def merge_peft_adapters(
     combination: str = "svd",
     rank: int | None = None,
     overwrite: bool = False,
+    trusted: bool = False,
 ) -> Path:
     """Merge PEFT adapter folders (``functional.lora.merge_lora_adapters``) into a new adapter
     folder: the first adapter's config with ``r = lora_alpha =`` the merged rank (scaling 1) and
@@ -155,6 +163,7 @@ def merge_peft_adapters(
         combination: ``"svd"`` or ``"cat"``.
         rank: the merged rank for ``"svd"`` (None: the largest input rank).
         overwrite: replace the files of an adapter already in ``out``.
+        trusted: unpickle ``adapter_model.bin`` files holding arbitrary objects.
 
     Returns:
         The folder written.
@@ -177,7 +186,7 @@ def merge_peft_adapters(
     )
     configs, scalings = [], []
     for i, folder in enumerate(folders):  # configs and ranks first: refuse before merging
-        state, config = load_peft_adapter(folder)
+        state, config = load_peft_adapter(folder, trusted=trusted)
         name = f"adapter {i} ({os.fspath(folder)})"
         modules = lora_modules(state, name=name)
         scalings.append(peft_scaling(config, state[modules[0] + LORA_A].shape[0], name=name))
@@ -191,7 +200,7 @@ def merge_peft_adapters(
     for name in (WEIGHTS[0], CONFIG):  # the files written: refused before merging, after the inputs
         check_output(Path(out) / name, inputs=folders, overwrite=overwrite)
     merged, rank = merge_lora_adapters(
-        _Adapters(folders),
+        _Adapters(folders, trusted),
         scalings,
         method=method,
         options=options,

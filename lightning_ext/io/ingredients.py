@@ -331,9 +331,10 @@ class Ingredients(Sequence):
         return IngredientSubset(self, indices)
 
     def validate(self) -> Ingredients:
-        """Check every ingredient's layout against the first (files memory-mapped, folders
-        described by their metadata) and its values for NaN and inf (one pass over a mapped
-        file; a folder's when its data is read), before any merging or scoring.
+        """Check every ingredient's layout against the first (files memory-mapped, safetensors
+        by their headers, folders described by their metadata) and its values for NaN and inf
+        (one pass over each file; a distributed checkpoint folder's when its data is read),
+        before any merging or scoring.
 
         Returns:
             ``self``.
@@ -344,6 +345,13 @@ class Ingredients(Sequence):
         for i in range(len(self)):
             sd = self._load(i, data=False)
             self._check_against_first(sd, i)
+            source = self.sources[i]
+            if (
+                not self.allow_nonfinite
+                and isinstance(source, str | os.PathLike)
+                and _is_safetensors(Path(source))
+            ):  # the layout came from the headers: the values are read once here
+                sd = self._load(i)
             self._check_values(sd, i)
         return self
 

@@ -21,6 +21,7 @@ Pure torch: no Lightning import.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Mapping
@@ -30,12 +31,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_ext._io import atomic_write
+from lightning_ext._io import BadFileError, _first_line, atomic_write
 
 __all__ = [
     "ALIASES_KEY",
     "INDEX_SUFFIX",
     "SUFFIX",
+    "existing_shards",
     "hf_weights_file",
     "is_safetensors_path",
     "load_safetensors",
@@ -78,6 +80,24 @@ def is_safetensors_path(path: str | os.PathLike) -> bool:
     return name.endswith(SUFFIX) or name.endswith(INDEX_SUFFIX)
 
 
+def existing_shards(index: str | os.PathLike) -> list[Path]:
+    """The files a sharded write to ``index`` may replace: the ``<stem>-NNNNN-of-NNNNN
+    .safetensors`` files beside it (none for any other name), so that writers check them as
+    outputs before their work.
+
+    Args:
+        index: a ``.safetensors.index.json`` path (it need not exist).
+
+    Returns:
+        The shard files that exist now.
+    """
+    index = Path(index)
+    if not index.name.endswith(INDEX_SUFFIX) or not index.parent.is_dir():
+        return []
+    stem = glob.escape(index.name[: -len(INDEX_SUFFIX)])
+    return sorted(index.parent.glob(f"{stem}-[0-9][0-9][0-9][0-9][0-9]-of-*{SUFFIX}"))
+
+
 def hf_weights_file(folder: str | os.PathLike) -> Path | None:
     """The weights of a Hugging Face-style model folder: its ``model.safetensors`` or, for a
     sharded model, its ``model.safetensors.index.json``; None for any other folder.
@@ -98,13 +118,15 @@ def hf_weights_file(folder: str | os.PathLike) -> Path | None:
 def _read_index(path: Path) -> dict[str, list[str]]:
     """The index's shards (inside its folder) and the tensors each holds, or one line naming the
     index and what is wrong with it."""
+    if path.stat().st_size == 0:
+        raise BadFileError(f"{path} is empty (0 bytes): an interrupted copy or write?")
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(
+        raise BadFileError(
             f"{path}: not a safetensors index (a JSON object with a 'weight_map'): {err}"
         ) from None
     folder = path.parent.resolve()
@@ -117,8 +139,26 @@ def _read_index(path: Path) -> dict[str, list[str]]:
     return shards
 
 
-def _open_error(path: Path, err: Exception) -> ValueError:
-    return ValueError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})")
+_MAX_HEADER = 100 * 2**20  # the safetensors library's own limit on a header's size
+
+
+def _open_error(path: Path, err: Exception) -> BadFileError:
+    """One line naming the file and what is wrong: empty, truncated, or not safetensors at all
+    (a torch zip or pickle, a text file), instead of the library's "header too large"."""
+    with open(path, "rb") as handle:
+        data = handle.read(9)
+    if not data:
+        return BadFileError(f"{path} is empty (0 bytes): an interrupted copy or write?")
+    header = int.from_bytes(data[:8], "little") if len(data) >= 8 else _MAX_HEADER + 1
+    if header > _MAX_HEADER or data[8:9] not in (b"", b"{"):
+        return BadFileError(
+            f"{path} is not a safetensors file (it starts with {data[:4]!r}; a torch file, a "
+            "pickle or text under a .safetensors name?)"
+        )
+    return BadFileError(
+        f"{path} is truncated or corrupted ({type(err).__name__}: {_first_line(err)}); copy or "
+        "write it again"
+    )
 
 
 def _load_single(path: Path, device: str) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -169,6 +209,8 @@ def load_safetensors(
     path = Path(path)
     if path.is_dir():
         found = hf_weights_file(path)
+        if found is None and is_safetensors_path(path):
+            raise BadFileError(f"{path} is a directory, not a safetensors file")
         if found is None:
             raise FileNotFoundError(f"{path}: no {' or '.join(HF_WEIGHTS)} in this folder")
         path = found
@@ -181,6 +223,8 @@ def load_safetensors(
     out: dict[str, Tensor] = {}
     for shard, keys in _read_index(path).items():
         shard_path = path.parent / shard
+        if shard_path.is_dir():
+            raise BadFileError(f"{path}: shard {shard} is a directory, not a safetensors file")
         if not shard_path.is_file():
             raise FileNotFoundError(f"{path}: shard {shard} is missing")
         tensors, metadata = _load_single(shard_path, device)
@@ -220,6 +264,8 @@ def read_safetensors_layout(path: str | os.PathLike) -> dict[str, Tensor]:
     st = _module()
     out: dict[str, Tensor] = {}
     for file in files:
+        if file.is_dir():
+            raise BadFileError(f"{found}: shard {file.name} is a directory, not a safetensors file")
         if not file.is_file():
             raise FileNotFoundError(f"{found}: shard {file.name} is missing")
         try:
@@ -315,7 +361,8 @@ def save_safetensors(
 ) -> Path:
     """Write a state dict as safetensors, atomically: one file for a ``.safetensors`` name, or
     shards of at most ``max_shard_bytes`` (``model-00001-of-00002.safetensors``, ...) beside a
-    ``.safetensors.index.json`` name, the index written last.
+    ``.safetensors.index.json`` name, the index written last (then the shards of that name the
+    new index does not list, left by a replaced checkpoint with more shards, are removed).
 
     Tied tensors (views of the same memory) are written once, their other names recorded in the
     metadata and restored by ``load_safetensors``; tensors that only partly overlap are copied.
@@ -373,9 +420,19 @@ def _save_sharded(
         if own:
             shard_header[ALIASES_KEY] = json.dumps(own, sort_keys=True)
         data = st.torch.save(group, metadata=shard_header or None)
-        _write_bytes(data, index.parent / name)
+        try:
+            _write_bytes(data, index.parent / name)
+        except OSError as err:  # named by the index the user asked for, and the shard
+            reason = os.strerror(err.errno) if err.errno else str(err)
+            error = OSError(f"cannot write {index}: shard {name}: {reason}")
+            error.errno = err.errno
+            raise error from err
         weight_map.update(dict.fromkeys([*group, *own], name))
     total = sum(_nbytes(t) for t in tensors.values())
     body = {"metadata": {"total_size": total, **header}, "weight_map": weight_map}
     text = json.dumps(body, indent=2, sort_keys=True) + "\n"
-    return atomic_write(index, lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write(index, lambda handle: handle.write(text.encode("utf-8")))
+    for stale in existing_shards(index):  # a replaced checkpoint's other shards: now unused
+        if stale.name not in names:
+            stale.unlink(missing_ok=True)
+    return index

@@ -181,13 +181,16 @@ def load_schedule(path: str | os.PathLike) -> Tensor:
     return check_schedule(values, path)
 
 
-def load_grad_norms(path: str | os.PathLike) -> tuple[list[Tensor], list[str | None]]:
+def load_grad_norms(
+    path: str | os.PathLike, *, trusted: bool = False
+) -> tuple[list[Tensor], list[str | None]]:
     """Gradient-norm records and their norm kinds from a ``grad_norms.pt`` written by the callback,
     a bare 1-D tensor, or a text file with one value per line (kind unknown: None; a header line
     is skipped).
 
     Args:
         path: the file.
+        trusted: unpickle a file holding arbitrary objects (its code may run).
 
     Returns:
         One norm record per optimizer, and for each its kind (``"l1"``, ``"l2"`` or None).
@@ -210,7 +213,7 @@ def load_grad_norms(path: str | os.PathLike) -> tuple[list[Tensor], list[str | N
     if path.endswith((".txt", ".csv")) and os.path.isfile(path):
         records, kinds = [_read_text_values(path)], [None]
     else:
-        obj = load_file(path)
+        obj = load_file(path, trusted=trusted)
         if isinstance(obj, Tensor):
             records, kinds = [obj], [None]
         elif isinstance(obj, dict) and "grad_norms" in obj:

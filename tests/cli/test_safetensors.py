@@ -109,7 +109,7 @@ def test_bad_files_get_one_line_naming_them(tmp_path):
     garbage = tmp_path / "bad.safetensors"
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(
-        ValueError, match=re.escape("bad.safetensors: not a readable safetensors file")
+        ValueError, match=re.escape("bad.safetensors is not a safetensors file")
     ) as e:
         load_file(garbage)
     assert "\n" not in str(e.value)
@@ -177,7 +177,7 @@ def test_cli_soup_of_hf_folders_writes_safetensors(tmp_path, capsys):
     bad.write_bytes(b"junk")
     assert cli_main(["soup", str(bad), str(folders[0]), "-o", str(tmp_path / "o.pt")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "bad.safetensors: not a readable safetensors file" in err and "\n" not in err
+    assert "bad.safetensors is not a safetensors file" in err and "\n" not in err
 
 
 def test_build_soup_takes_hf_folders_and_safetensors_files(tmp_path):
@@ -210,3 +210,16 @@ def test_export_ema_writes_safetensors_by_extension(tmp_path):
     out = tmp_path / "ema.safetensors"
     assert cli_main(["export-ema", str(tmp_path / "run.ckpt"), str(out)]) == 0
     assert_bitwise_equal(load_safetensors(out), ema.ema_state_dict())
+
+
+def test_a_replaced_sharded_checkpoint_leaves_no_stale_shards(tmp_path):
+    """Three shards replaced by two: the third (and the old "-of-00003" names) would sit unused
+    beside the new index, looking like part of it."""
+    index = tmp_path / "model.safetensors.index.json"
+    state = {f"t{i}": torch.full((4,), float(i)) for i in range(3)}
+    save_safetensors(state, index, max_shard_bytes=16)
+    assert len(list(tmp_path.glob("model-*.safetensors"))) == 3
+    save_safetensors({"t0": state["t0"], "t1": state["t1"]}, index, max_shard_bytes=16)
+    names = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert names == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert set(load_safetensors(index)) == {"t0", "t1"}

@@ -7,8 +7,9 @@ into ``docs/edges.md``.
 
 Faults:
 
-- ``output-is-input``: the output names one of the inputs (or a file inside an input folder):
-  refused in one line naming it, the input unchanged, nothing computed.
+- ``output-is-input``: the output names one of the inputs (or a file inside an input folder, or
+  a shard of a sharded safetensors input or output): refused in one line naming it, even with
+  ``--overwrite``, the input unchanged, nothing computed.
 - ``existing-output``: refused in one line naming ``--overwrite``, the file unchanged.
 - ``existing-output-overwrite-keeps-mode``: with ``--overwrite`` (``overwrite=True``; appending for
   ``write_scores``) the replaced file keeps mode 600.
@@ -53,10 +54,14 @@ import torch
 from lightning_ext._io import atomic_torch_save, atomic_write, load_file, temp_name
 from lightning_ext.cli import main as cli_main
 from lightning_ext.functional.ema import sigma_rel_to_gamma
-from lightning_ext.io.ema import write_snapshot
+from lightning_ext.io.adapters import WEIGHTS, merge_peft_adapters, save_peft_adapter
+from lightning_ext.io.ema import export_ema, write_posthoc_ema, write_snapshot
+from lightning_ext.io.safetensors import INDEX_SUFFIX, SUFFIX, save_safetensors
 from lightning_ext.io.scores import write_scores
+from lightning_ext.io.sparse import export_sparse_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
+ADAPTER_WEIGHTS = WEIGHTS[0]
 FAULTS = (
     "output-is-input",
     "existing-output",
@@ -179,6 +184,55 @@ def _classifier_inputs(tmp: Path) -> list[Path]:
     return paths
 
 
+def _st_soup_inputs(tmp: Path) -> list[Path]:
+    paths = [tmp / "a.safetensors", tmp / "b.safetensors"]
+    for i, path in enumerate(paths):
+        save_safetensors(_weights(i), path)
+    return paths
+
+
+def _sharded_inputs(tmp: Path) -> list[Path]:
+    """A .pt ingredient and the shard of a sharded one (its index gone): a soup to that index's
+    name would write the shard over the input."""
+    torch.save(_weights(0), tmp / "a.pt")
+    index = tmp / "in" / f"model{INDEX_SUFFIX}"
+    save_safetensors(_weights(1), index)
+    index.unlink()
+    return [tmp / "a.pt", tmp / "in" / f"model-00001-of-00001{SUFFIX}"]
+
+
+def _from_sharded_inputs(tmp: Path) -> list[Path]:
+    """A .pt ingredient and a sharded safetensors one: an output named as its first shard would
+    replace part of an input that check_output sees only as the index."""
+    torch.save(_weights(0), tmp / "a.pt")
+    index = tmp / "in" / f"model{INDEX_SUFFIX}"
+    save_safetensors(_weights(1), index, max_shard_bytes=256)
+    return [tmp / "a.pt", index]
+
+
+def _adapter_state(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A rank-2 PEFT LoRA adapter on one 8 -> 8 linear layer, and its config."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = "base_model.model.lin"
+    state = {
+        f"{prefix}.lora_A.weight": torch.randn(2, 8, generator=g),
+        f"{prefix}.lora_B.weight": torch.randn(8, 2, generator=g),
+    }
+    return state, {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["lin"]}
+
+
+def _adapter_inputs(tmp: Path) -> list[Path]:
+    return [save_peft_adapter(tmp / f"lora{i}", *_adapter_state(i)) for i in range(2)]
+
+
+def _refine(inputs: list[Path], out: Path, overwrite: bool) -> None:
+    from lightning_ext.io.schedule import load_grad_norms, write_refined_schedule
+
+    norms, kinds = load_grad_norms(inputs[0])
+    _python(lambda: write_refined_schedule(
+        norms, kinds, out, window=5, inputs=inputs, overwrite=overwrite))  # type: ignore[arg-type]  # fmt: skip
+
+
 def _flag(overwrite: bool) -> list[str]:
     return ["--overwrite"] if overwrite else []
 
@@ -192,6 +246,15 @@ class Writer:
     write: Callable[[list[Path], Path, bool], None]
     heavy: str | None = None
     suffix: str = ".pt"
+    inside: str | None = None  # the output is a folder: the file in it that the cells watch
+    clash: Callable[[list[Path]], Path] | None = None  # the output that replaces the last input
+
+    def main(self, out: Path) -> Path:
+        """The file the cells watch: ``out``, the file inside an output folder, or the first
+        shard beside a sharded safetensors index."""
+        if out.name.endswith(INDEX_SUFFIX):
+            return out.parent / f"{out.name[: -len(INDEX_SUFFIX)]}-00001-of-00001{SUFFIX}"
+        return out / self.inside if self.inside else out
 
 
 WRITERS: dict[str, Writer] = {
@@ -241,6 +304,81 @@ WRITERS: dict[str, Writer] = {
     ),
     "run_dir": Writer(lambda tmp: [], lambda i, o, w: None),
     "PostHocEMA": Writer(lambda tmp: [], lambda i, o, w: None),
+    "soup_safetensors": Writer(
+        _st_soup_inputs,
+        lambda i, o, w: _cli("soup", *map(str, i), "-o", str(o), *_flag(w)),
+        heavy="lightning_ext.cli.soup.merge",
+        suffix=".safetensors",
+    ),
+    "soup_sharded": Writer(
+        _sharded_inputs,
+        lambda i, o, w: _cli("soup", *map(str, i), "-o", str(o), *_flag(w)),
+        heavy="lightning_ext.cli.soup.merge",
+        suffix=INDEX_SUFFIX,
+        clash=lambda inputs: inputs[-1].parent / f"model{INDEX_SUFFIX}",
+    ),
+    "soup_from_sharded": Writer(
+        _from_sharded_inputs,
+        lambda i, o, w: _cli("soup", *map(str, i), "-o", str(o), *_flag(w)),
+        heavy="lightning_ext.cli.soup.merge",
+        suffix=SUFFIX,
+        clash=lambda inputs: inputs[-1].parent / f"model-00001-of-00002{SUFFIX}",
+    ),
+    "export_ema_safetensors": Writer(
+        _ema_inputs,
+        lambda i, o, w: _cli("export-ema", str(i[0]), str(o), *_flag(w)),
+        heavy="lightning_ext.io.ema.ema_state_dict_from_checkpoint",
+        suffix=".safetensors",
+    ),
+    "posthoc_ema_safetensors": Writer(
+        _snapshot_inputs,
+        lambda i, o, w: _cli("posthoc-ema", str(i[0]), str(o), "--sigma-rel", "0.08", *_flag(w)),
+        heavy="lightning_ext.io.ema.posthoc_ema_state_dict",
+        suffix=".safetensors",
+    ),
+    "merge_adapters": Writer(
+        _adapter_inputs,
+        lambda i, o, w: _cli("merge-adapters", *map(str, i), "-o", str(o), *_flag(w)),
+        heavy="lightning_ext.io.adapters.merge_lora_adapters",
+        suffix="",
+        inside=ADAPTER_WEIGHTS,
+    ),
+    "export_ema_py": Writer(
+        _ema_inputs,
+        lambda i, o, w: _python(lambda: export_ema(i[0], o, overwrite=w)),
+        heavy="lightning_ext.io.ema.ema_state_dict_from_checkpoint",
+    ),
+    "export_sparse_checkpoint": Writer(
+        _sparse_inputs,
+        lambda i, o, w: _python(lambda: export_sparse_checkpoint(i[0], o, "dense", overwrite=w)),
+        heavy="lightning_ext.io.sparse.load_file",
+    ),
+    "write_posthoc_ema": Writer(
+        _snapshot_inputs,
+        lambda i, o, w: _python(lambda: write_posthoc_ema(i[0], 0.08, o, overwrite=w)),
+        heavy="lightning_ext.io.ema.posthoc_ema_state_dict",
+    ),
+    "write_refined_schedule": Writer(
+        _norms_inputs, _refine, heavy="lightning_ext.io.schedule.refine_schedule"
+    ),
+    "merge_peft_adapters": Writer(
+        _adapter_inputs,
+        lambda i, o, w: _python(lambda: merge_peft_adapters(i, o, overwrite=w)),
+        heavy="lightning_ext.io.adapters.merge_lora_adapters",
+        suffix="",
+        inside=ADAPTER_WEIGHTS,
+    ),
+    "save_safetensors": Writer(
+        lambda tmp: [],
+        lambda i, o, w: _python(lambda: save_safetensors(_weights(0), o)),
+        suffix=".safetensors",
+    ),
+    "save_peft_adapter": Writer(
+        lambda tmp: [],
+        lambda i, o, w: _python(lambda: save_peft_adapter(o, *_adapter_state())),
+        suffix="",
+        inside=ADAPTER_WEIGHTS,
+    ),
 }
 
 TARGETS = tuple(WRITERS)  # the rows of docs/edges.md
@@ -257,6 +395,35 @@ NOT_APPLICABLE: dict[tuple[str, str], str] = {
     ("atomic_torch_save", "output-is-input"): "the primitive: callers check (check_output)",
     ("atomic_torch_save", "existing-output"): "the primitive replaces by contract",
     ("atomic_torch_save", "concurrent-writers"): "each writer renames a whole file",
+    **{
+        (w, "concurrent-writers"): "one output per call"
+        for w in (
+            "soup_safetensors",
+            "soup_sharded",
+            "soup_from_sharded",
+            "export_ema_safetensors",
+            "posthoc_ema_safetensors",
+            "merge_adapters",
+            "export_ema_py",
+            "export_sparse_checkpoint",
+            "write_posthoc_ema",
+            "write_refined_schedule",
+            "merge_peft_adapters",
+        )
+    },
+    **{
+        (w, f): reason
+        for w in ("save_safetensors", "save_peft_adapter")
+        for f, reason in (
+            ("output-is-input", "the primitive: callers check (check_output)"),
+            ("existing-output", "the primitive replaces by contract"),
+            ("concurrent-writers", "each writer renames whole files"),
+        )
+    },
+    **{
+        (w, "output-is-directory"): "the output is a folder"
+        for w in ("merge_adapters", "merge_peft_adapters", "save_peft_adapter")
+    },
     **{
         (w, f): "a folder claim, not a file writer"
         for w in ("run_dir", "PostHocEMA")
@@ -293,6 +460,14 @@ def _no_heavy_work(monkeypatch: pytest.MonkeyPatch, writer: Writer) -> None:
         raise AssertionError(f"{writer.heavy} ran before the output was checked")
 
     monkeypatch.setattr(f"{module}.{name}", forbidden)
+
+
+def _content(path: Path) -> dict[str, bytes]:
+    """A file's bytes, or every file's under a folder, by relative name."""
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*"))
+            if f.is_file()}  # fmt: skip
 
 
 def _temps(folder: Path) -> list[str]:
@@ -389,42 +564,46 @@ def _in_child(target: Callable[[], Any], timeout: float = 60) -> tuple[int | Non
 
 def _output_is_input(w: Writer, tmp: Path, mp: pytest.MonkeyPatch) -> None:
     inputs = w.inputs(tmp)
-    target = inputs[-1]  # posthoc_ema: a snapshot inside the folder; the others: an input file
-    before = target.read_bytes()
+    target = inputs[-1]  # posthoc_ema: a snapshot inside the folder; adapters: an input folder
+    out = w.clash(inputs) if w.clash else target  # an index and one of its shards
+    before = _content(target), _content(out)
     _no_heavy_work(mp, w)
-    message = _refusal(w, inputs, target)
-    _one_line(message, target)
-    assert target.read_bytes() == before
+    message = _refusal(w, inputs, out, overwrite=True)  # an input is never replaced
+    _one_line(message, out)
+    assert (_content(target), _content(out)) == before
 
 
 def _existing_output(name: str, w: Writer, tmp: Path, mp: pytest.MonkeyPatch) -> None:
     inputs = w.inputs(tmp)
     out = tmp / f"out{w.suffix}"
+    main = w.main(out)
+    main.parent.mkdir(exist_ok=True)
     if name == "write_scores":  # a file of another kind under the score file's name
         torch.save(torch.zeros(3), out)
     else:
-        out.write_bytes(b"an earlier result")
+        main.write_bytes(b"an earlier result")
         _no_heavy_work(mp, w)
-    before = out.read_bytes()
+    before = main.read_bytes()
     message = _refusal(w, inputs, out)
     _one_line(message, out)
     assert ("--overwrite" in message) or name == "write_scores"
-    assert out.read_bytes() == before
+    assert main.read_bytes() == before
 
 
 def _keeps_mode(name: str, w: Writer, tmp: Path) -> None:
     inputs = w.inputs(tmp)
     out = tmp / f"out{w.suffix}"
+    main = w.main(out)
     w.write(inputs, out, False)
-    out.chmod(0o600)
-    written = out.stat().st_mtime_ns
-    os.utime(out, ns=(written - 10**9, written - 10**9))
+    main.chmod(0o600)
+    written = main.stat().st_mtime_ns
+    os.utime(main, ns=(written - 10**9, written - 10**9))
     w.write(inputs, out, True)
-    assert oct(out.stat().st_mode & 0o777) == oct(0o600)
-    assert out.stat().st_mtime_ns >= written, "the file was not replaced"
+    assert oct(main.stat().st_mode & 0o777) == oct(0o600)
+    assert main.stat().st_mtime_ns >= written, "the file was not replaced"
     if name == "write_scores":
         assert len(load_file(out)["run_names"]) == 2
-    assert _temps(tmp) == []
+    assert _temps(main.parent) == []
 
 
 def _read_only_dir(w: Writer, tmp: Path, mp: pytest.MonkeyPatch) -> None:
@@ -478,7 +657,7 @@ def _posthoc_ema_read_only(tmp: Path, mp: pytest.MonkeyPatch) -> None:
 
 def _output_is_directory(w: Writer, tmp: Path, mp: pytest.MonkeyPatch) -> None:
     inputs = w.inputs(tmp)
-    out = tmp / "out_dir"
+    out = tmp / f"out_dir{w.suffix}"  # a folder under a name the writer takes
     out.mkdir()
     (out / "kept.txt").write_text("kept")
     _no_heavy_work(mp, w)
@@ -508,11 +687,13 @@ def _disk_full(name: str, w: Writer, tmp: Path, mp: pytest.MonkeyPatch) -> None:
         return
     inputs = w.inputs(tmp)
     out = tmp / f"out{w.suffix}"
+    main = w.main(out)
+    main.parent.mkdir(exist_ok=True)
     if name == "write_scores":
         _add_scores(out)
     else:
-        out.write_bytes(b"the old file")
-    before = out.read_bytes()
+        main.write_bytes(b"the old file")
+    before = main.read_bytes()
 
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -521,12 +702,14 @@ def _disk_full(name: str, w: Writer, tmp: Path, mp: pytest.MonkeyPatch) -> None:
     message = _refusal(w, inputs, out, True)
     _one_line(message, out)
     assert "No space left" in message
-    assert out.read_bytes() == before and _temps(tmp) == []
+    assert main.read_bytes() == before and _temps(main.parent) == []
 
 
 def _sigkill(name: str, w: Writer, tmp: Path) -> None:
     inputs = w.inputs(tmp)
     out = tmp / f"out{w.suffix}"
+    main = w.main(out)
+    main.parent.mkdir(exist_ok=True)
     if name == "atomic_torch_save":  # a real SIGKILL in the middle of the write
 
         def killed_mid_write() -> None:
@@ -542,14 +725,14 @@ def _sigkill(name: str, w: Writer, tmp: Path) -> None:
         stale = _temps(tmp)
         assert len(stale) == 1 and stale[0].startswith(f".{out.name}.")
     else:
-        temp_name(out, _dead_pid()).write_bytes(b"x" * 1000)
-    live = temp_name(out, os.getppid())  # a writer still running: its file stays
+        temp_name(main, _dead_pid()).write_bytes(b"x" * 1000)
+    live = temp_name(main, os.getppid())  # a writer still running: its file stays
     live.write_bytes(b"still being written")
-    remote = tmp / f".{out.name}.{_dead_pid()}@another-host.0000.tmp"  # not judged from here
+    remote = main.parent / f".{main.name}.{_dead_pid()}@another-host.0000.tmp"  # not judged
     remote.write_bytes(b"written from another host")
     w.write(inputs, out, False)
-    assert _temps(tmp) == sorted([live.name, remote.name])
-    assert out.exists()
+    assert _temps(main.parent) == sorted([live.name, remote.name])
+    assert main.exists()
 
 
 def _concurrent(name: str, tmp: Path) -> None:

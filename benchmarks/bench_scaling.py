@@ -43,7 +43,7 @@ MB = 2**20
 
 
 def scaled_mlp(width: int) -> nn.Module:
-    """256 inputs, three hidden layers of ``width``, 10 outputs: about 3 width^2 parameters."""
+    """256 inputs, three hidden layers of ``width``, 10 outputs: about 2 width^2 parameters."""
     return nn.Sequential(
         nn.Linear(256, width),
         nn.ReLU(),
@@ -57,7 +57,7 @@ def scaled_mlp(width: int) -> nn.Module:
 
 # size in millions -> (builder, sample shape, batch): MLP widths and (layers, width) of the
 # encoder chosen for ~1M, ~10M and ~100M parameters.
-MLP_WIDTHS = {1: 576, 10: 1792, 100: 5760}
+MLP_WIDTHS = {1: 640, 10: 2176, 100: 7000}
 ENCODERS = {1: (5, 128), 10: (13, 256), 100: (14, 768)}
 
 

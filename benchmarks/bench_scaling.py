@@ -32,7 +32,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelPruning
 from torch import nn
 
-from benchmarks._common import markdown_table
+from benchmarks._common import markdown_table, median
 from benchmarks._common import write_result as _write_result
 from benchmarks._suite_models import Encoder
 from benchmarks.bench_suite import CONFIGS, Config, Measured, _load, run_fit
@@ -236,9 +236,12 @@ def _pruning_held(kind: str, size: int) -> float:
 
 
 def cell(m: Measured, plain: Measured, held: float) -> str:
+    """step / plain [spread over rounds]; time inside the callback's per-step hooks as a share
+    of the plain step (far less noisy: no training step in it); held memory."""
     ratios = [s / p for s, p in zip(m.round_means(), plain.round_means())]
     ratio = m.step_time / plain.step_time
-    return f"{ratio:.3f} [{min(ratios):.2f}-{max(ratios):.2f}], {held:.2f}x"
+    hooks = 100 * median(m.hooks) / plain.step_time
+    return f"{ratio:.3f} [{min(ratios):.2f}-{max(ratios):.2f}]; {hooks:.1f}%; {held:.2f}x"
 
 
 def main() -> None:
@@ -285,7 +288,9 @@ def main() -> None:
         f"{args.rounds} rounds x (warm-up {args.warmup} + {args.steps} timed steps) per "
         f"configuration and model, configurations rotated each round, one process, 1 torch "
         f"thread, AdamW; step time = mean over step positions of the median over rounds, clock = "
-        f"process CPU time. Each cell: step time / plain [min-max of the per-round ratios], "
+        f"process CPU time. Each cell: step time / plain [min-max of the per-round ratios]; "
+        f"time inside the callback's per-step hooks as a % of the plain step (median over "
+        f"rounds; ModelPruning works inside forward and backward, outside any hook); "
         f"held memory x the model's parameter bytes (optimizer state and the model's own tensors "
         f"excluded; ModelPruning's float masks are module buffers, counted here by hand). "
         f"{elapsed:.0f} s wall, {cpu:.0f} s CPU. Load average (1, 5, 15 min) at the end: "

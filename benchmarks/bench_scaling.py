@@ -32,7 +32,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelPruning
 from torch import nn
 
-from benchmarks._common import markdown_table, median
+from benchmarks._common import RESULTS, markdown_table, median
 from benchmarks._common import write_result as _write_result
 from benchmarks._suite_models import Encoder
 from benchmarks.bench_suite import CONFIGS, Config, Measured, _load, run_fit
@@ -244,6 +244,38 @@ def cell(m: Measured, plain: Measured, held: float) -> str:
     return f"{ratio:.3f} [{min(ratios):.2f}-{max(ratios):.2f}]; {hooks:.1f}%; {held:.2f}x"
 
 
+def merge(names: list[str], out: str) -> None:
+    """One table from the tables of several runs (each too long for one 10-minute run): their
+    columns side by side, rows by callback name, "-" where a run did not measure one."""
+    columns: list[str] = []
+    cells: dict[str, dict[str, str]] = {}
+    notes = []
+    for name in names:
+        text = (RESULTS / f"{name}.md").read_text()
+        lines = [line for line in text.splitlines() if line.startswith("|")]
+        header = [c.strip() for c in lines[0].strip("|").split("|")][1:]
+        columns += header
+        for line in lines[2:]:
+            row = [c.strip() for c in line.strip("|").split("|")]
+            cells.setdefault(row[0], {}).update(zip(header, row[1:]))
+        measured = next(line for line in text.splitlines() if line.startswith("Measured with"))
+        machine = next(line for line in text.splitlines() if line.startswith("date "))
+        settings = next(line for line in text.splitlines() if " rounds x " in line)
+        command = measured[len("Measured with ") :]
+        notes.append(f"- `{name}.md`: {command} {settings.split('.')[0]}; {machine}")
+    rows = [[name, *(values.get(c, "-") for c in columns)] for name, values in cells.items()]
+    body = (
+        "Merged from the runs below (each cell: step time / plain [min-max over rounds]; time "
+        "inside the callback's per-step hooks as a % of the plain step; held memory x the "
+        "parameter bytes):\n\n"
+        + "\n".join(notes)
+        + "\n\n"
+        + markdown_table(["callback(s)", *columns], rows)
+    )
+    command = "python -m benchmarks.bench_scaling --merge " + " ".join(names) + f" --out {out}"
+    _write_result(out, "How the callbacks' cost grows with the model (issue 29)", body, command)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", type=int, choices=[1, 10, 100], default=[1, 10])
@@ -255,7 +287,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per fit")
     parser.add_argument("--only", nargs="+", help="configuration names to run besides plain")
     parser.add_argument("--out", default="bench_scaling_cpu")
+    parser.add_argument("--merge", nargs="+", help="result names to merge into --out, no runs")
     args = parser.parse_args()
+    if args.merge:
+        torch.set_num_threads(1)  # as the runs it merges (the result's machine line says so)
+        merge(args.merge, args.out)
+        return
     args.device = torch.device("cpu")
     torch.set_num_threads(1)
     for name in list(logging.root.manager.loggerDict):

@@ -113,7 +113,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
             instead of 0 (``rigl``, ``set``, ``static``): their gradient and first moment are
             exactly zero, so their update stays exactly zero and the active weights' trajectory
             is bitwise the same, while torch's CPU ``sqrt`` no longer runs on exact zeros, which
-            made the optimizer step about twice as slow (docs/overhead.md).
+            made AdamW's step 1.4-4.5x slower (docs/sparse_training.md).
     """
 
     def __init__(

@@ -79,6 +79,7 @@ def make_run(
         )
         cb.setup(trainer, model, "fit")
         cb.on_fit_start(trainer, model)
+        cb.on_train_start(trainer, model)  # steps count from here: the post-step hook works
         cb._log_due = False  # no LightningModule.log outside a Trainer
 
     def step() -> None:

@@ -246,7 +246,8 @@ def cell(m: Measured, plain: Measured, held: float) -> str:
 
 def merge(names: list[str], out: str) -> None:
     """One table from the tables of several runs (each too long for one 10-minute run): their
-    columns side by side, rows by callback name, "-" where a run did not measure one."""
+    columns side by side, rows by callback name, "-" where a run did not measure one; runs of
+    the same model share its column (its plain step is then the last run's)."""
     columns: list[str] = []
     cells: dict[str, dict[str, str]] = {}
     notes = []
@@ -254,7 +255,7 @@ def merge(names: list[str], out: str) -> None:
         text = (RESULTS / f"{name}.md").read_text()
         lines = [line for line in text.splitlines() if line.startswith("|")]
         header = [c.strip() for c in lines[0].strip("|").split("|")][1:]
-        columns += header
+        columns += [c for c in header if c not in columns]  # one model, several runs: one column
         for line in lines[2:]:
             row = [c.strip() for c in line.strip("|").split("|")]
             cells.setdefault(row[0], {}).update(zip(header, row[1:]))

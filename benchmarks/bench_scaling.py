@@ -12,7 +12,10 @@ rotated, process CPU time, held memory by ``held_storages``), with a batch that 
 with the model (MLP: 16 samples; transformer: 4 sequences of 16 tokens), so that the training
 step's compute and every callback's tensor work both grow with the parameter count: a ratio to
 plain that stays flat or falls as the model grows is the goal. timm and ema-pytorch are optional
-(``pip install lightning-ext[bench]``); a missing anchor is reported as such.
+(``pip install lightning-ext[bench]``); a missing anchor is reported as such. timm needs a
+torchvision built for the installed torch (pip may replace torch to get one: ``pip install
+--no-deps timm`` keeps yours); where ``import timm`` fails, its self-contained
+``timm/utils/model_ema.py`` is loaded alone.
 """
 
 from __future__ import annotations

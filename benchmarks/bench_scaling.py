@@ -12,7 +12,10 @@ rotated, process CPU time, held memory by ``held_storages``), with a batch that 
 with the model (MLP: 16 samples; transformer: 4 sequences of 16 tokens), so that the training
 step's compute and every callback's tensor work both grow with the parameter count: a ratio to
 plain that stays flat or falls as the model grows is the goal. timm and ema-pytorch are optional
-(``pip install lightning-ext[bench]``); a missing anchor is reported as such.
+(``pip install lightning-ext[bench]``); a missing anchor is reported as such. timm needs a
+torchvision built for the installed torch (pip may replace torch to get one: ``pip install
+--no-deps timm`` keeps yours); where ``import timm`` fails, its self-contained
+``timm/utils/model_ema.py`` is loaded alone.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelPruning
 from torch import nn
 
-from benchmarks._common import markdown_table
+from benchmarks._common import RESULTS, markdown_table, median
 from benchmarks._common import write_result as _write_result
 from benchmarks._suite_models import Encoder
 from benchmarks.bench_suite import CONFIGS, Config, Measured, _load, run_fit
@@ -43,7 +46,7 @@ MB = 2**20
 
 
 def scaled_mlp(width: int) -> nn.Module:
-    """256 inputs, three hidden layers of ``width``, 10 outputs: about 3 width^2 parameters."""
+    """256 inputs, three hidden layers of ``width``, 10 outputs: about 2 width^2 parameters."""
     return nn.Sequential(
         nn.Linear(256, width),
         nn.ReLU(),
@@ -57,7 +60,7 @@ def scaled_mlp(width: int) -> nn.Module:
 
 # size in millions -> (builder, sample shape, batch): MLP widths and (layers, width) of the
 # encoder chosen for ~1M, ~10M and ~100M parameters.
-MLP_WIDTHS = {1: 576, 10: 1792, 100: 5760}
+MLP_WIDTHS = {1: 640, 10: 2176, 100: 7000}
 ENCODERS = {1: (5, 128), 10: (13, 256), 100: (14, 768)}
 
 
@@ -236,9 +239,45 @@ def _pruning_held(kind: str, size: int) -> float:
 
 
 def cell(m: Measured, plain: Measured, held: float) -> str:
+    """step / plain [spread over rounds]; time inside the callback's per-step hooks as a share
+    of the plain step (far less noisy: no training step in it); held memory."""
     ratios = [s / p for s, p in zip(m.round_means(), plain.round_means())]
     ratio = m.step_time / plain.step_time
-    return f"{ratio:.3f} [{min(ratios):.2f}-{max(ratios):.2f}], {held:.2f}x"
+    hooks = 100 * median(m.hooks) / plain.step_time
+    return f"{ratio:.3f} [{min(ratios):.2f}-{max(ratios):.2f}]; {hooks:.1f}%; {held:.2f}x"
+
+
+def merge(names: list[str], out: str) -> None:
+    """One table from the tables of several runs (each too long for one 10-minute run): their
+    columns side by side, rows by callback name, "-" where a run did not measure one; runs of
+    the same model share its column (its plain step is then the last run's)."""
+    columns: list[str] = []
+    cells: dict[str, dict[str, str]] = {}
+    notes = []
+    for name in names:
+        text = (RESULTS / f"{name}.md").read_text()
+        lines = [line for line in text.splitlines() if line.startswith("|")]
+        header = [c.strip() for c in lines[0].strip("|").split("|")][1:]
+        columns += [c for c in header if c not in columns]  # one model, several runs: one column
+        for line in lines[2:]:
+            row = [c.strip() for c in line.strip("|").split("|")]
+            cells.setdefault(row[0], {}).update(zip(header, row[1:]))
+        measured = next(line for line in text.splitlines() if line.startswith("Measured with"))
+        machine = next(line for line in text.splitlines() if line.startswith("date "))
+        settings = next(line for line in text.splitlines() if " rounds x " in line)
+        command = measured[len("Measured with ") :]
+        notes.append(f"- `{name}.md`: {command} {settings.split('.')[0]}; {machine}")
+    rows = [[name, *(values.get(c, "-") for c in columns)] for name, values in cells.items()]
+    body = (
+        "Merged from the runs below (each cell: step time / plain [min-max over rounds]; time "
+        "inside the callback's per-step hooks as a % of the plain step; held memory x the "
+        "parameter bytes):\n\n"
+        + "\n".join(notes)
+        + "\n\n"
+        + markdown_table(["callback(s)", *columns], rows)
+    )
+    command = "python -m benchmarks.bench_scaling --merge " + " ".join(names) + f" --out {out}"
+    _write_result(out, "How the callbacks' cost grows with the model (issue 29)", body, command)
 
 
 def main() -> None:
@@ -252,7 +291,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per fit")
     parser.add_argument("--only", nargs="+", help="configuration names to run besides plain")
     parser.add_argument("--out", default="bench_scaling_cpu")
+    parser.add_argument("--merge", nargs="+", help="result names to merge into --out, no runs")
     args = parser.parse_args()
+    if args.merge:
+        torch.set_num_threads(1)  # as the runs it merges (the result's machine line says so)
+        merge(args.merge, args.out)
+        return
     args.device = torch.device("cpu")
     torch.set_num_threads(1)
     for name in list(logging.root.manager.loggerDict):
@@ -285,7 +329,9 @@ def main() -> None:
         f"{args.rounds} rounds x (warm-up {args.warmup} + {args.steps} timed steps) per "
         f"configuration and model, configurations rotated each round, one process, 1 torch "
         f"thread, AdamW; step time = mean over step positions of the median over rounds, clock = "
-        f"process CPU time. Each cell: step time / plain [min-max of the per-round ratios], "
+        f"process CPU time. Each cell: step time / plain [min-max of the per-round ratios]; "
+        f"time inside the callback's per-step hooks as a % of the plain step (median over "
+        f"rounds; ModelPruning works inside forward and backward, outside any hook); "
         f"held memory x the model's parameter bytes (optimizer state and the model's own tensors "
         f"excluded; ModelPruning's float masks are module buffers, counted here by hand). "
         f"{elapsed:.0f} s wall, {cpu:.0f} s CPU. Load average (1, 5, 15 min) at the end: "

@@ -55,7 +55,9 @@ def callback_bytes(cb: DynamicSparseTraining) -> int:
     return storage_bytes(cb._masks + cb._multipliers + cb._ever + own + cb._dense)
 
 
-def make_run(method: str | None, optimizer: str = "adamw", seed: int = 0) -> SimpleNamespace:
+def make_run(
+    method: str | None, optimizer: str = "adamw", seed: int = 0, hold: bool = True
+) -> SimpleNamespace:
     torch.manual_seed(seed)
     model = Encoder()
     if optimizer == "adamw":
@@ -68,13 +70,16 @@ def make_run(method: str | None, optimizer: str = "adamw", seed: int = 0) -> Sim
         optimizers=[opt],
         estimated_stepping_batches=100_000,
         accumulate_grad_batches=1,
-        global_step=1,  # never a multiple of delta_t: no mask update in the timed window
+        global_step=0,  # the first step (held denominators written), then 1: no mask update
     )
     cb = None
     if method is not None:
-        cb = DynamicSparseTraining(density=0.1, method=method, delta_t=100, plot=False)
+        cb = DynamicSparseTraining(
+            density=0.1, method=method, delta_t=100, plot=False, hold_denominators=hold
+        )
         cb.setup(trainer, model, "fit")
         cb.on_fit_start(trainer, model)
+        cb.on_train_start(trainer, model)  # steps count from here: the post-step hook works
         cb._log_due = False  # no LightningModule.log outside a Trainer
 
     def step() -> None:
@@ -85,6 +90,7 @@ def make_run(method: str | None, optimizer: str = "adamw", seed: int = 0) -> Sim
         opt.step()  # the callback's post-step hook re-masks the weights
 
     step()  # optimizer state and gradients exist from here on
+    trainer.global_step = 1  # never a multiple of delta_t nor of the hold period from here on
     return SimpleNamespace(model=model, opt=opt, cb=cb, trainer=trainer, step=step)
 
 
@@ -124,6 +130,7 @@ def main() -> None:
     runs = {
         "dense": make_run(None),
         "rigl": make_run("rigl"),
+        "rigl, hold_denominators=False": make_run("rigl", hold=False),
         "snfs": make_run("snfs"),
     }
     model_bytes = storage_bytes(list(runs["dense"].model.parameters()))
@@ -133,19 +140,23 @@ def main() -> None:
     steps = interleaved_timings({k: r.step for k, r in runs.items()}, repeats=repeats, inner=inner)
     dense = median(steps["dense"])
     rows = [["step (dense)", f"{1e3 * dense:.1f} ms", "1.00x", ""]]
-    for method in ("rigl", "snfs"):
+    for method in ("rigl", "rigl, hold_denominators=False", "snfs"):
         t = median(steps[method])
         rows.append([f"step ({method}, density 0.1)", f"{1e3 * t:.1f} ms", f"{t / dense:.2f}x", ""])
 
-    # Where the rest of the rigl step goes: AdamW on mostly-zero moments (masked gradients keep
-    # the inactive weights' state at zero). Same optimizer step, hooks off, dense vs sparse state.
-    sparse_state = make_run("rigl")
+    # Where the rest of the rigl step went: AdamW on mostly-zero moments (masked gradients keep
+    # the inactive weights' state at zero), unless the callback holds the second moments.
+    # Same optimizer step, hooks off: dense state, rigl state with and without the held values.
+    sparse_state = make_run("rigl", hold=False)
     sparse_state.cb._remove_step_hooks()
+    held_state = make_run("rigl")
+    held_state.cb._remove_step_hooks()
     zeros, positive = torch.zeros(targeted), torch.rand(targeted) + 0.1
     optim = interleaved_timings(
         {
             "dense": runs["dense"].opt.step,
             "sparse": sparse_state.opt.step,
+            "held": held_state.opt.step,
             "sqrt zeros": lambda: torch.sqrt(zeros),
             "sqrt positive": lambda: torch.sqrt(positive),
         },
@@ -153,9 +164,18 @@ def main() -> None:
         inner=inner,
     )
     o_dense, o_sparse = median(optim["dense"]), median(optim["sparse"])
+    o_held = median(optim["held"])
     rows.append(
         [
-            "AdamW step alone, rigl run's state (dense run's state)",
+            "AdamW step alone, rigl run's state with held second moments (dense run's state)",
+            f"{1e3 * o_held:.1f} ms ({1e3 * o_dense:.1f} ms)",
+            f"{(o_held - o_dense) / dense:+.3f}x step",
+            "inactive exp_avg_sq held at 1 (the default, hold_denominators=True)",
+        ]
+    )
+    rows.append(
+        [
+            "AdamW step alone, rigl run's state, zero second moments (dense run's state)",
             f"{1e3 * o_sparse:.1f} ms ({1e3 * o_dense:.1f} ms)",
             f"+{(o_sparse - o_dense) / dense:.3f}x step",
             f"sqrt of {targeted / 1e6:.1f}M zeros {1e3 * median(optim['sqrt zeros']):.1f} ms, "

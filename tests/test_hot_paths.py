@@ -296,3 +296,24 @@ def test_dst_holds_adam_denominators_only_where_inactive() -> None:
         assert torch.all(second[~mask] > 0), "inactive exp_avg_sq left at exact zero"
         assert torch.all(optimizer.state[p]["exp_avg"][~mask] == 0)
         assert torch.all(p[~mask] == 0)
+
+
+def test_large_tensors_are_masked_through_a_float_scratch_with_the_same_bits() -> None:
+    """DST's masking of large float32 tensors: the mask piece is copied into a float scratch
+    buffer and multiplied float by float (torch's float-by-uint8 kernel is a scalar casting loop,
+    3.5x slower), giving the very bits of the direct product, signed zeros included."""
+    from lightning_ext.functional.sparse import MASK_LARGE, MASK_PIECE, mask_multiply_
+
+    gen = torch.Generator().manual_seed(0)
+    big, small = torch.randn(MASK_LARGE + 7, generator=gen), torch.randn(100, generator=gen)
+    masks = [(torch.rand(t.shape, generator=gen) < 0.3).view(torch.uint8) for t in (big, small)]
+    expected = [big.clone(), small.clone()]
+    torch._foreach_mul_(expected, masks)
+    scratch = torch.empty(MASK_PIECE)
+    with OpNames() as ops:
+        mask_multiply_([big, small], masks, scratch)
+    for got, want in zip([big, small], expected):
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # -0.0 too
+    products = [args for name, args in ops.calls if name == "aten.mul_"]
+    assert len(products) == MASK_LARGE // MASK_PIECE + 1  # the large one's pieces, float by float
+    assert all(a[1].dtype == torch.float32 for a in products)

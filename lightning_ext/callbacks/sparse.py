@@ -22,6 +22,8 @@ from lightning_ext._plot import matplotlib_available, new_figure, write_png
 from lightning_ext.averaging import gather_full, is_dtensor, local_part, local_shard
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.functional.sparse import (
+    MASK_LARGE,
+    MASK_PIECE,
     active_count,
     adam_normalised_momentum,
     cosine_drop_fraction,
@@ -32,6 +34,7 @@ from lightning_ext.functional.sparse import (
     hold_period,
     layer_densities,
     mask_as_multiplier,
+    mask_multiply_,
     nm_mask,
     pack_bits,
     popcount_bits,
@@ -114,7 +117,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
             instead of 0 (``rigl``, ``set``, ``static``): their gradient and first moment are
             exactly zero, so their update stays exactly zero and the active weights' trajectory
             is bitwise the same, while torch's CPU ``sqrt`` no longer runs on exact zeros, which
-            made the optimizer step about twice as slow (docs/overhead.md).
+            made AdamW's step 1.4-4.5x slower (docs/sparse_training.md).
     """
 
     def __init__(
@@ -200,6 +203,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
         self.end_step = 0
         self.last_change = 0.0
         self._log_due = False
+        self._scratch = torch.empty(0)  # float32 pieces of masks (mask_multiply_)
         # Held denominators: refilled every _hold_every optimizer steps (0: not held).
         self._hold_every = 0
         self._hold_due = False
@@ -485,6 +489,10 @@ class DynamicSparseTraining(DeclaredState, Callback):
             state, self._loaded = self._loaded, None
             self._restore(state)
         self._multipliers = [mask_as_multiplier(m) for m in self._masks]
+        # float scratch for masking large float32 tensors piece by piece (mask_multiply_)
+        device = self._locals[0].device if self._locals else torch.device("cpu")
+        large = any(p.numel() >= MASK_LARGE for p in self._locals) and device.type == "cpu"
+        self._scratch = torch.empty(MASK_PIECE if large else 0, device=device)
         saved = state.get("momentum", {})
         if not isinstance(saved, dict):  # format before 2026-11-30: a list over all targets
             saved = dict(zip(state.get("names", []), saved))
@@ -586,7 +594,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
         if spec.masks_gradients:
             grads, multipliers = self._grads()
             if grads:
-                torch._foreach_mul_(grads, multipliers)
+                mask_multiply_(grads, multipliers, self._scratch)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._stepping:
@@ -594,7 +602,7 @@ class DynamicSparseTraining(DeclaredState, Callback):
         with torch.no_grad():
             if self.spec.structured:
                 self._srste_after_step()
-            torch._foreach_mul_(self._locals, self._multipliers)
+            mask_multiply_(self._locals, self._multipliers, self._scratch)
             if self._hold_due:  # after the step: the state exists from the first one on
                 self._hold_due = False
                 for held, mask in zip(self._denominators(), self._masks):

@@ -29,6 +29,7 @@ __all__ = [
     "hold_period",
     "layer_densities",
     "mask_as_multiplier",
+    "mask_multiply_",
     "nm_groups",
     "nm_mask",
     "pack_bits",
@@ -260,6 +261,63 @@ def mask_as_multiplier(mask: Tensor) -> Tensor:
     if mask.dtype != torch.bool:
         raise ValueError(f"expected a boolean mask, got {mask.dtype}")
     return mask.view(torch.uint8)
+
+
+#: Elements per piece of ``mask_multiply_``'s float scratch buffer: 256 KB, kept in the cache.
+MASK_PIECE = 1 << 16
+#: Tensors from this many elements on are masked through the scratch buffer: below it torch's
+#: product is as fast (measured equal at 4.7M elements, 4.7x slower at 8M, 5.3x at 49M).
+MASK_LARGE = 1 << 22
+
+
+def mask_multiply_(
+    tensors: Sequence[Tensor], multipliers: Sequence[Tensor], scratch: Tensor
+) -> None:
+    """``tensors[i] *= multipliers[i]`` in place, with ``uint8`` multipliers
+    (``mask_as_multiplier``): the same bits as ``torch._foreach_mul_``, faster for large float32
+    CPU tensors. torch's CPU kernel multiplies float by ``uint8`` in a scalar casting loop (about
+    1-2 ns per element past about 5M elements, 5x a float product plus a vectorised ``uint8`` to
+    float ``copy_``), so a contiguous float32 tensor of ``MASK_LARGE`` elements or more is
+    multiplied piece by piece through ``scratch``, a float32 buffer the masks' pieces are copied
+    into; the others in one ``_foreach_mul_``.
+
+    Args:
+        tensors: the tensors to mask (gradients, weights).
+        multipliers: their ``uint8`` masks, of the same shapes.
+        scratch: a float32 buffer on the tensors' device; pieces are at most its size (an empty
+            buffer sends every tensor to ``_foreach_mul_``).
+
+    Examples:
+        >>> import torch
+        >>> w = torch.ones(MASK_LARGE)
+        >>> mask = (torch.arange(MASK_LARGE) % 2).to(torch.uint8)
+        >>> mask_multiply_([w], [mask], torch.empty(MASK_PIECE))
+        >>> w[:4]
+        tensor([0., 1., 0., 1.])
+    """
+    piece = scratch.numel()
+    rest: list[Tensor] = []
+    rest_masks: list[Tensor] = []
+    for tensor, mask in zip(tensors, multipliers):
+        n = tensor.numel()
+        if (
+            piece == 0
+            or n < MASK_LARGE
+            or tensor.dtype != torch.float32
+            or tensor.device != scratch.device
+            or not (tensor.is_contiguous() and mask.is_contiguous())
+        ):
+            rest.append(tensor)
+            rest_masks.append(mask)
+            continue
+        flat, flat_mask = tensor.view(-1), mask.view(-1)
+        for start in range(0, n, piece):
+            stop = min(start + piece, n)
+            buffer = scratch[: stop - start]
+            buffer.copy_(flat_mask[start:stop])
+            flat[start:stop].mul_(buffer)
+    if rest:
+        torch._foreach_mul_(rest, rest_masks)
 
 
 def pack_bits(mask: Tensor) -> Tensor:

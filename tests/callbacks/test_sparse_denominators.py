@@ -25,15 +25,22 @@ from tests.helpers.resume import quiet_trainer
 
 Optim = Callable[[Any], torch.optim.Optimizer]
 
-# Every optimizer (and CPU variant) the workaround applies to.
+# Every optimizer the workaround applies to, in its CPU default (the for-loop implementation), its
+# foreach and its fused implementation where torch has one for the CPU.
 HELD: dict[str, Optim] = {
     "Adam": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=1e-2),
     "Adam-amsgrad": lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True),
-    "Adam-for-loop": lambda ps: torch.optim.Adam(ps, lr=1e-2, foreach=False),
+    "Adam-foreach": lambda ps: torch.optim.Adam(ps, lr=1e-2, foreach=True),
     "Adam-fused": lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True),
     "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
     "AdamW-amsgrad-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True, fused=True),
-    "AdamW-for-loop": lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False),
+    "AdamW-foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=True),
+    "AdamW-amsgrad-foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True, foreach=True),
+    "NAdam-foreach": lambda ps: torch.optim.NAdam(ps, lr=1e-2, foreach=True),
+    "RAdam-foreach": lambda ps: torch.optim.RAdam(ps, lr=1e-2, foreach=True),
+    "RMSprop-foreach": lambda ps: torch.optim.RMSprop(ps, lr=1e-3, foreach=True),
+    "Adagrad-foreach": lambda ps: torch.optim.Adagrad(ps, lr=1e-2, foreach=True),
+    "Adagrad-fused": lambda ps: torch.optim.Adagrad(ps, lr=1e-2, fused=True),
     "NAdam": lambda ps: torch.optim.NAdam(ps, lr=1e-2, decoupled_weight_decay=True),
     "RAdam": lambda ps: torch.optim.RAdam(ps, lr=1e-2),  # sqrt from step 6 on (rho_t > 5)
     "RMSprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3, alpha=0.5),

@@ -608,7 +608,7 @@ def _ingredients_hf(folder: Path, variant: str) -> Case:
 HF_EXPECT = {
     **SAFETENSORS_EXPECT,
     **{
-        fault: Expected(BadFileError, r"no model\.safetensors file", "refused: 'no weights'")
+        fault: Expected(BadFileError, r"no model\.safetensors", "refused: 'no weights'")
         for fault in ("missing", "directory")
     },
 }

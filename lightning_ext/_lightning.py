@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import lightning.pytorch as _lightning_pytorch
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -310,6 +310,49 @@ def realign_loader_reloads(trainer: Any) -> None:
     last = loop._last_train_dl_reload_epoch
     if n and isinstance(last, int):
         loop._last_train_dl_reload_epoch = (last // n) * n
+
+
+_SAMPLER_REALIGNED_ATTR = "_lightning_ext_sampler_epoch_realigned"
+
+
+def realign_sampler_epoch(trainer: Any) -> bool:
+    """Give the training samplers the epoch an uninterrupted run gives them; True when it had to.
+
+    Lightning 2.6, resumed under ``max_steps`` from a checkpoint written at an epoch's end,
+    counts the restored epoch as processed once more than completed, and hands every training
+    sampler ``set_epoch(current_epoch + 1)`` from then on (the epoch it was resumed into gets
+    the next epoch's shuffle), so the data order differs from the uninterrupted run's. At the
+    start of an epoch the two counters are equal in every other case; when they are not, the
+    samplers get the current epoch again, before the epoch's iterator is made (Lightning's
+    counters are left as they are: they decide when the fit ends). Call from
+    ``on_train_epoch_start``, every epoch.
+
+    Args:
+        trainer: the Trainer.
+
+    Returns:
+        Whether the counters disagreed (and were realigned).
+    """
+    loop = trainer.fit_loop
+    progress = loop.epoch_progress.current
+    if progress.processed <= progress.completed:
+        return False
+    combined = loop._combined_loader
+    for loader in combined.flattened if combined is not None else ():
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        for sampler in (getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
+            set_epoch = getattr(sampler, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(progress.completed)
+    if not getattr(trainer, _SAMPLER_REALIGNED_ATTR, False):
+        setattr(trainer, _SAMPLER_REALIGNED_ATTR, True)
+        rank_zero_info(
+            f"lightning_ext: this resumed fit's training sampler was handed epoch "
+            f"{progress.completed + 1} for epoch {progress.completed} (Lightning, max_steps, a "
+            "checkpoint from an epoch's end); set back, so the data order is the uninterrupted "
+            "run's"
+        )
+    return True
 
 
 def _fit_val_source(trainer: Any) -> Any:

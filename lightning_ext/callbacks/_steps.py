@@ -1,4 +1,5 @@
-"""A callback base for work that must follow each optimizer step (weight averaging, anchors)."""
+"""Callback bases: work that must follow each optimizer step (weight averaging, anchors), and the
+sampler epoch of a resumed fit, which every callback of the package keeps exact."""
 
 from __future__ import annotations
 
@@ -8,10 +9,21 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_ext._lightning import grad_scaler_found_inf
+from lightning_ext._lightning import grad_scaler_found_inf, realign_sampler_epoch
 
 
-class AfterOptimizerStep(Callback):
+class ExactResume(Callback):
+    """Every callback of the package starts from this: at each epoch start, the training
+    samplers get the epoch an uninterrupted run gives them (``_lightning.realign_sampler_epoch``:
+    Lightning 2.6, resumed under ``max_steps`` from an epoch-end checkpoint, hands them the next
+    one), so a resumed fit with any of these callbacks sees the uninterrupted run's data order.
+    Subclasses that define ``on_train_epoch_start`` call ``super()`` first."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        realign_sampler_epoch(trainer)
+
+
+class AfterOptimizerStep(ExactResume):
     """Calls ``on_optimizer_step_done`` at the end of every batch that took an optimizer step.
 
     Lightning has no callback hook after ``optimizer.step``; ``on_train_batch_end`` runs for every

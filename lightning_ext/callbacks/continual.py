@@ -19,7 +19,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
@@ -47,6 +46,7 @@ from lightning_ext._lightning import (
 from lightning_ext._sized import dataset_size
 from lightning_ext.averaging import fsdp2_modules, reshard
 from lightning_ext.callbacks._state import DeclaredState
+from lightning_ext.callbacks._steps import ExactResume
 from lightning_ext.functional.continual import (
     continual_metrics,
     learning_curve_area,
@@ -114,7 +114,7 @@ def _as_list(loaders: Any) -> list[Any]:
     return [loaders]
 
 
-class ContinualEvaluation(DeclaredState, Callback):
+class ContinualEvaluation(DeclaredState, ExactResume):
     """Evaluate on every task seen so far every ``every_n_steps`` optimizer steps.
 
     Args:

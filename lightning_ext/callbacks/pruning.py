@@ -10,7 +10,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
@@ -33,6 +32,7 @@ from lightning_ext._lightning import (
 )
 from lightning_ext._plot import new_figure, write_png
 from lightning_ext.callbacks._state import DeclaredState
+from lightning_ext.callbacks._steps import ExactResume
 from lightning_ext.data.indexed import (
     INDEX_KEY,
     find_indices,
@@ -266,7 +266,7 @@ def _warn_no_matplotlib() -> None:
         rank_zero_warn("matplotlib is not installed: no score histogram PNG is written")
 
 
-class DataPruningScores(_BufferState, DeclaredState, Callback):
+class DataPruningScores(_BufferState, DeclaredState, ExactResume):
     """Scores every training example for data pruning and saves them with a dataset fingerprint.
 
     ``mode="pass"`` (drop-in, any module): after ``at_epoch`` epochs (0: before training) or at
@@ -756,7 +756,7 @@ _HOOK = (
 )
 
 
-class InfoBatch(_BufferState, DeclaredState, Callback):
+class InfoBatch(_BufferState, DeclaredState, ExactResume):
     """InfoBatch (Qin et al. 2024): each epoch, examples whose last loss is below the mean are
     skipped with probability ``prune_prob``; the kept ones among them have their loss scaled by
     ``1 / (1 - prune_prob)`` so the expected gradient is unchanged. Pruning stops for the last
@@ -902,6 +902,7 @@ class InfoBatch(_BufferState, DeclaredState, Callback):
         self._sampler.configure(self.scores, self.prune_prob, self._pruning_at(trainer, epoch))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)  # the sampler's epoch, exact on resume
         assert self._sampler is not None
         kept = self._sampler.epoch_indices()
         self._weights = self._sampler.weights

@@ -16,13 +16,13 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_ext._lightning import run_dir, skipped_epoch_end, stepping_batches
 from lightning_ext.averaging import local_shard
+from lightning_ext.callbacks._steps import ExactResume
 from lightning_ext.functional.schedule import (
     REFERENCE_WINDOW,
     combine_norm_parts,
@@ -338,7 +338,7 @@ class _AbsSums:
         row[self.start : self.stop].copy_(parts)
 
 
-class ScheduleRefinement(Callback):
+class ScheduleRefinement(ExactResume):
     """Record per-step gradient norms, refine the LR schedule at fit end, apply a stored schedule.
 
     Args:

@@ -14,8 +14,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
+
+from lightning_ext.callbacks._steps import ExactResume
 
 __all__ = ["ScheduleFree", "is_schedule_free"]
 
@@ -50,7 +51,7 @@ def _in_train_mode(optimizer: Optimizer) -> bool:
     return bool(optimizer.param_groups[0]["train_mode"])
 
 
-class ScheduleFree(Callback):
+class ScheduleFree(ExactResume):
     """Put schedule-free optimizers in eval mode around validation, checkpointing and fit end.
 
     - training steps run in train mode (``optimizer.train()`` at train start, also after a resume,

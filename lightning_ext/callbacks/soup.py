@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_ext._batch import ForwardFn, UnpackBatch, default_unpack_batch
@@ -35,6 +34,7 @@ from lightning_ext._soup import (
 )
 from lightning_ext.averaging import fsdp2_modules, full_tensors, local_tensors, reshard
 from lightning_ext.callbacks._state import DeclaredState
+from lightning_ext.callbacks._steps import ExactResume
 from lightning_ext.functional.merging import uniform_soup
 from lightning_ext.io.ingredients import Ingredients
 
@@ -44,7 +44,7 @@ from lightning_ext.io.ingredients import Ingredients
 SHARD_WISE_METHODS = ("greedy", "uniform")
 
 
-class ModelSoup(DeclaredState, Callback):
+class ModelSoup(DeclaredState, ExactResume):
     """Snapshot the weights every ``every_n_epochs`` training epochs (from ``start_epoch`` on,
     keeping the last ``keep_last`` when set) into ``dirpath`` (default: the run's folder,
     ``run_dir(trainer, "soup")``), and at fit end replace the module's weights by their soup.
@@ -204,7 +204,11 @@ class ModelSoup(DeclaredState, Callback):
             self._take_ingredient(trainer, pl_module, epoch)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self._take_ingredient(trainer, pl_module, trainer.current_epoch)
+        epoch = trainer.current_epoch
+        # Resumed under max_steps from a checkpoint written at this epoch's end, Lightning runs
+        # the epoch's end hooks again: the ingredient is in the checkpoint already.
+        if all(e["epoch"] != epoch for e in self.ingredients):
+            self._take_ingredient(trainer, pl_module, epoch)
 
     def _take_ingredient(self, trainer: Any, pl_module: Any, epoch: int) -> None:
         if epoch < self.start_epoch or (epoch - self.start_epoch + 1) % self.every_n_epochs:

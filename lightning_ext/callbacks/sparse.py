@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -21,6 +20,7 @@ from lightning_ext._modules import parameter_aliases as module_parameter_aliases
 from lightning_ext._plot import matplotlib_available, new_figure, write_png
 from lightning_ext.averaging import gather_full, is_dtensor, local_part, local_shard
 from lightning_ext.callbacks._state import DeclaredState
+from lightning_ext.callbacks._steps import ExactResume
 from lightning_ext.functional.sparse import (
     MASK_LARGE,
     MASK_PIECE,
@@ -75,7 +75,7 @@ ELEMENTWISE_OPTIMIZERS = frozenset(
 ADAM_MOMENT_OPTIMIZERS = frozenset({"Adam", "AdamW", "NAdam", "RAdam"})
 
 
-class DynamicSparseTraining(DeclaredState, Callback):
+class DynamicSparseTraining(DeclaredState, ExactResume):
     """Keep the chosen weights sparse at a fixed budget and periodically rewire them.
 
     Args:

@@ -16,8 +16,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conformance import test_matrix as matrix
@@ -26,6 +24,7 @@ from tests.conformance import test_namespaces as namespaces
 from tests.conformance import test_resume_matrix as resume_matrix
 from tests.conformance import test_stream_matrix as stream_matrix
 from tests.helpers.zoo import ZOO
+from tools._junit import Footnotes, Outcome, junit_seconds, test_cases
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,29 +50,12 @@ ZOO_DESCRIPTIONS = {
 REASON_SEPARATOR = "; and "  # how the test files join several reasons for one cell
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """A test's result in the JUnit report: passed, xfailed (with the reason), failed, ..."""
-
-    status: str
-    message: str = ""
-
-
 def read_junit(path: Path) -> dict[str, Outcome]:
     """Outcomes keyed by test id (the part inside ``[...]``) of the matrix tests."""
     outcomes = {}
-    for case in ET.parse(path).getroot().iter("testcase"):
+    for case, outcome in test_cases(path):
         name = case.get("name", "")
-        test_id = name[name.index("[") + 1 : -1] if "[" in name else name
-        status, message = "passed", ""
-        for child in case:
-            if child.tag == "skipped":
-                status = "xfailed" if child.get("type") == "pytest.xfail" else "skipped"
-                message = child.get("message", "")
-            elif child.tag in ("failure", "error"):
-                message = child.get("message", "")
-                status = "xpassed" if "XPASS" in message else "failed"
-        outcomes[test_id] = Outcome(status, message)
+        outcomes[name[name.index("[") + 1 : -1] if "[" in name else name] = outcome
     return outcomes
 
 
@@ -89,23 +71,6 @@ def run_matrix(junit: Path) -> None:
         *TEST_FILES,
     ]
     subprocess.run(command, cwd=REPO, check=False)
-
-
-class Footnotes:
-    """Known-failure reasons, numbered in order of first use."""
-
-    def __init__(self) -> None:
-        self.reasons: list[str] = []
-
-    def ref(self, reason: str) -> str:
-        if reason not in self.reasons:
-            self.reasons.append(reason)
-        return f"[{self.reasons.index(reason) + 1}]"
-
-
-def junit_seconds(path: Path) -> float:
-    """Wall time of the run, as pytest recorded it."""
-    return sum(float(suite.get("time", 0)) for suite in ET.parse(path).getroot().iter("testsuite"))
 
 
 def describe(

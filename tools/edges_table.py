@@ -20,21 +20,14 @@ import platform
 import subprocess
 import sys
 import tempfile
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+from tools._junit import Footnotes, Outcome, junit_seconds, test_cases
+
 REPO = Path(__file__).resolve().parents[1]
 EDGES = REPO / "tests" / "edges"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """A test's result in the JUnit report: passed, xfailed (with the reason), failed, ..."""
-
-    status: str
-    message: str = ""
 
 
 @dataclass
@@ -59,22 +52,14 @@ def split_id(test_id: str) -> tuple[str, str]:
 def read_junit(path: Path) -> dict[str, dict[tuple[str, str], Outcome]]:
     """Outcomes of the parametrized ``*_edge`` tests, by file stem and (target, fault)."""
     found: dict[str, dict[tuple[str, str], Outcome]] = {}
-    for case in ET.parse(path).getroot().iter("testcase"):
+    for case, outcome in test_cases(path):
         name = case.get("name", "")
         if "_edge[" not in name:
             continue
         stem = case.get("classname", "").rsplit(".", 1)[-1]
-        status, message = "passed", ""
-        for child in case:
-            if child.tag == "skipped":
-                status = "xfailed" if child.get("type") == "pytest.xfail" else "skipped"
-                message = child.get("message", "")
-            elif child.tag in ("failure", "error"):
-                message = child.get("message", "")
-                status = "xpassed" if "XPASS" in message else "failed"
         # A matrix whose targets hold hyphens declares its own split_id (test_loaders.py).
         split = getattr(_module(stem), "split_id", split_id)
-        found.setdefault(stem, {})[split(name[name.index("[") + 1 : -1])] = Outcome(status, message)
+        found.setdefault(stem, {})[split(name[name.index("[") + 1 : -1])] = outcome
     return found
 
 
@@ -119,18 +104,6 @@ def matrices(outcomes: dict[str, dict[tuple[str, str], Outcome]]) -> list[Matrix
         if m.targets:
             result.append(m)
     return result
-
-
-class Footnotes:
-    """Reasons (known bugs, cells that do not apply), numbered in order of first use."""
-
-    def __init__(self) -> None:
-        self.reasons: list[str] = []
-
-    def ref(self, reason: str) -> str:
-        if reason not in self.reasons:
-            self.reasons.append(reason)
-        return f"[{self.reasons.index(reason) + 1}]"
 
 
 def describe(m: Matrix, cell: tuple[str, str], notes: Footnotes) -> str:
@@ -252,10 +225,6 @@ def render(
         "",
     ]
     return "\n".join(lines)
-
-
-def junit_seconds(path: Path) -> float:
-    return sum(float(suite.get("time", 0)) for suite in ET.parse(path).getroot().iter("testsuite"))
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import argparse
 from typing import Any
 
 from lightning_ext.cli._options import CLI_SPELLING, add_overwrite_option, add_trusted_option
-from lightning_ext.cli.soup import _ARG_TYPES, _option_help, _options
+from lightning_ext.cli.soup import add_method_options
 from lightning_ext.functional.merge_methods import MERGE_METHODS, get_merge_method
 
 
@@ -59,14 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="a factor per adapter on its update, PEFT's weights (default 1 each)",
     )
-    for name, parameter in _options().items():
-        p.add_argument(
-            f"--{name}",
-            type=_ARG_TYPES.get(parameter.kind, float),
-            nargs="+" if parameter.kind in ("floats", "gradients") else None,
-            default=None,
-            help=_option_help(name, parameter),
-        )
+    add_method_options(p)
     add_overwrite_option(p)
     add_trusted_option(p, "adapter_model.bin files")
     p.set_defaults(func=run)

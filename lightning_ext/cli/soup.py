@@ -65,6 +65,23 @@ TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
 LIGHTNING_META_FILE = "meta.pt"  # the rest of a distributed checkpoint, written by Lightning
 
 
+def add_method_options(parser: argparse.ArgumentParser) -> None:
+    """One ``--OPTION`` per option of any ``MERGE_METHODS`` entry (``soup``, ``merge-adapters``),
+    typed and described from the registry.
+
+    Args:
+        parser: the subcommand's parser.
+    """
+    for name, parameter in _options().items():
+        parser.add_argument(
+            f"--{name}",
+            type=_ARG_TYPES.get(parameter.kind, float),
+            nargs="+" if parameter.kind in ("floats", "gradients") else None,
+            default=None,
+            help=_option_help(name, parameter),
+        )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``soup`` subcommand, its options read from ``MERGE_METHODS``.
 
@@ -94,14 +111,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     users = sorted(m.name for m in MERGE_METHODS.values() if m.base != "unused")
     p.add_argument("--base", help=f"base (pre-trained) checkpoint, for {', '.join(users)}")
-    for name, parameter in _options().items():
-        p.add_argument(
-            f"--{name}",
-            type=_ARG_TYPES.get(parameter.kind, float),
-            nargs="+" if parameter.kind in ("floats", "gradients") else None,
-            default=None,
-            help=_option_help(name, parameter),
-        )
+    add_method_options(p)
     add_trusted_option(p, "checkpoints")
     add_overwrite_option(p)
     add_allow_nonfinite_option(p, "checkpoints")

@@ -200,18 +200,18 @@ class ModelSoup(DeclaredState, ExactResume):
         # Resumed on an epoch's last batch: Lightning skips that epoch's end, so its ingredient
         # is taken now, from the same weights the uninterrupted run takes it from.
         epoch = skipped_epoch_end(trainer)
-        if epoch is not None and all(e["epoch"] != epoch for e in self.ingredients):
+        if epoch is not None:
             self._take_ingredient(trainer, pl_module, epoch)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        epoch = trainer.current_epoch
-        # Resumed under max_steps from a checkpoint written at this epoch's end, Lightning runs
-        # the epoch's end hooks again: the ingredient is in the checkpoint already.
-        if all(e["epoch"] != epoch for e in self.ingredients):
-            self._take_ingredient(trainer, pl_module, epoch)
+        self._take_ingredient(trainer, pl_module, trainer.current_epoch)
 
     def _take_ingredient(self, trainer: Any, pl_module: Any, epoch: int) -> None:
         if epoch < self.start_epoch or (epoch - self.start_epoch + 1) % self.every_n_epochs:
+            return
+        # Once per epoch: a resume can bring an epoch's end back (Lightning reruns it under
+        # max_steps from a checkpoint written there; a last-batch resume redoes it here).
+        if any(e["epoch"] == epoch for e in self.ingredients):
             return
         assert self.dirpath is not None
         path = str(Path(self.dirpath).absolute() / f"ingredient-epoch={epoch}.pt")

@@ -117,6 +117,10 @@ CONFIGS = [
         lambda ctx: [DynamicSparseTraining(density=0.1, hold_denominators=False)],
     ),
     Config(
+        "DST rigl 0.1, remask_weights=True",
+        lambda ctx: [DynamicSparseTraining(density=0.1, remask_weights=True)],
+    ),
+    Config(
         "DST snfs 0.1 (no mask update)",
         lambda ctx: [DynamicSparseTraining(density=0.1, method="snfs")],
     ),
@@ -187,9 +191,10 @@ def bytes_per_step(callback: Callback, module: nn.Module) -> int | None:
         return 3 * _float_state_bytes(module) * len(callback.sigma_rels)
     if isinstance(callback, DynamicSparseTraining):
         moved = 0
+        passes = 1 if callback._one_pass else 2  # the gradients'; the weights' where needed
         for name, mask in callback.masks.items():
             p = module.get_parameter(name)
-            moved += 2 * (2 * p.nbytes + mask.nbytes)  # grads and weights: read, mask, write
+            moved += passes * (2 * p.nbytes + mask.nbytes)  # read, mask, write
             if SPARSE_METHODS[callback.method].growth == "momentum":
                 moved += 3 * p.nbytes  # own momentum lerp: read momentum, read grad, write
         return moved

@@ -7,19 +7,25 @@ DynamicSparseTraining provides) and re-applies its current masks to what it hand
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_ext.averaging import local_shard
+from lightning_ext.functional.sparse import denominator_keys, hold_inactive_, hold_period
+
 __all__ = [
     "apply_masks_",
     "count_outside_masks",
+    "denominator_period",
+    "denominators",
     "find_mask_source",
     "mask_digest",
     "masks_for",
     "ranks_share_masks",
+    "refill_denominators_",
     "rezero_outside_masks_",
     "sparse_masks_for",
 ]
@@ -101,3 +107,52 @@ def ranks_share_masks(masks: Mapping[str, Tensor], device: torch.device) -> bool
     digest = torch.tensor([value, -value], dtype=torch.int64, device=device)
     dist.all_reduce(digest, op=dist.ReduceOp.MAX)
     return int(digest[0]) == -int(digest[1])
+
+
+# Held denominators: the Adam-like state of masked weights (exact zeros, on which torch's CPU
+# ``sqrt`` is several times slower) held at a positive constant, for every user of fixed or
+# dynamic masks (DynamicSparseTraining, sparse_soup's FixedMask).
+
+
+def denominator_period(
+    optimizers: Iterable[torch.optim.Optimizer], params: Sequence[Tensor]
+) -> int:
+    """Optimizer steps between refills of ``params``' held denominators: the shortest
+    ``hold_period`` over the param groups holding one of them (0: nothing to hold, e.g. SGD)."""
+    targets = {id(p) for p in params}
+    periods = [
+        hold_period(type(opt).__name__, group)
+        for opt in optimizers
+        for group in opt.param_groups
+        if any(id(p) in targets for p in group["params"])
+    ]
+    return min((p for p in periods if p is not None), default=0)
+
+
+def denominators(
+    optimizers: Iterable[torch.optim.Optimizer], params: Sequence[Tensor]
+) -> list[list[Tensor]]:
+    """Per parameter, its square-root denominators in the optimizers' state (local shards of
+    sharded ones; empty before the first step)."""
+    optimizers = list(optimizers)
+    out: list[list[Tensor]] = []
+    for p in params:
+        tensors = []
+        for opt in optimizers:
+            state = opt.state.get(p, {})
+            for key in denominator_keys(type(opt).__name__):
+                value = state.get(key)
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    tensors.append(local_shard(value))
+        out.append(tensors)
+    return out
+
+
+@torch.no_grad()
+def refill_denominators_(
+    optimizers: Iterable[torch.optim.Optimizer], params: Sequence[Tensor], masks: Sequence[Tensor]
+) -> None:
+    """Hold the denominators of ``params``' inactive entries (``masks`` False) at
+    ``HELD_DENOMINATOR``: their update, a zero first moment over them, stays exactly zero."""
+    for held, mask in zip(denominators(optimizers, params), masks):
+        hold_inactive_(held, mask)

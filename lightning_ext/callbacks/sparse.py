@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_ext._flops import LayerFlops
 from lightning_ext._lightning import is_wandb_logger, run_dir, stepping_batches
+from lightning_ext._masks import denominator_period, denominators, refill_denominators_
 from lightning_ext._modules import named_parameters, normalise_name, normalised_keys
 from lightning_ext._modules import parameter_aliases as module_parameter_aliases
 from lightning_ext._plot import matplotlib_available, new_figure, write_png
@@ -27,11 +28,10 @@ from lightning_ext.functional.sparse import (
     active_count,
     adam_normalised_momentum,
     cosine_drop_fraction,
-    denominator_keys,
     drop_and_grow,
     drop_count,
     hold_inactive_,
-    hold_period,
+    keeps_zeros,
     layer_densities,
     mask_as_multiplier,
     mask_multiply_,
@@ -118,6 +118,12 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
             exactly zero, so their update stays exactly zero and the active weights' trajectory
             is bitwise the same, while torch's CPU ``sqrt`` no longer runs on exact zeros, which
             made AdamW's step 1.4-4.5x slower (docs/sparse_training.md).
+        remask_weights: re-zero the inactive weights after every optimizer step. By default
+            (``rigl``, ``set``, ``static``) a step through Lightning whose optimizer is one of
+            torch's ``functional.sparse.ZERO_KEEPING_OPTIMIZERS`` is not followed by a second
+            masking pass: its masked gradient and zero state leave them exactly zero. They are
+            re-zeroed anyway after each fit's first step, every ``delta_t`` steps and at each
+            mask update; set this for code of yours that writes weights between steps.
     """
 
     def __init__(
@@ -143,6 +149,7 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
         log_per_layer: bool = True,
         plot: bool = True,
         hold_denominators: bool = True,
+        remask_weights: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < density <= 1.0:
@@ -174,6 +181,7 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
         self.n, self.m = int(match[1]), int(match[2])
         self.trust_optimizer_state, self.log_per_layer = trust_optimizer_state, log_per_layer
         self.plot, self.hold_denominators = plot, hold_denominators
+        self.remask_weights = remask_weights
 
         self.names: list[str] = []  # normalised, first name of each targeted parameter
         self.counts: list[int] = []  # active weights per layer (always equal to the mask's sum)
@@ -207,6 +215,12 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
         # Held denominators: refilled every _hold_every optimizer steps (0: not held).
         self._hold_every = 0
         self._hold_due = False
+        # One masking pass per step (the gradients'): the weights' pass after the step runs only
+        # when due (_remask_due) or when the step may have moved an inactive weight.
+        self._one_pass = False
+        self._remask_due = True  # every delta_t steps
+        self._grads_masked = False  # by on_before_optimizer_step, for the step being taken
+        self._state_clean = False  # inactive optimizer state zeroed since the masks were applied
 
     @property
     def masks(self) -> dict[str, Tensor]:
@@ -385,6 +399,14 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
         self._check_optimizers(trainer, pl_module)
         self._own_momentum_index = self._needs_own_momentum(trainer)
         self._hold_every = self._denominator_period(trainer)
+        spec = self.spec
+        self._one_pass = (
+            not self.remask_weights
+            and spec.masks_gradients
+            and spec.resets_optimizer_state
+            and not spec.structured
+            and all(keeps_zeros(opt) for opt in trainer.optimizers)
+        )
         continuing = len(self._masks) == len(self._locals) and all(
             m.shape == p.shape for m, p in zip(self._masks, self._locals)
         )
@@ -443,14 +465,7 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
         spec = self.spec
         if not (self.hold_denominators and spec.masks_gradients and spec.resets_optimizer_state):
             return 0  # snfs grows by the moments themselves; srste steps dense weights
-        targets = {id(p) for p in self._params}
-        periods = [
-            hold_period(type(opt).__name__, group)
-            for opt in trainer.optimizers
-            for group in opt.param_groups
-            if any(id(p) in targets for p in group["params"])
-        ]
-        return min((p for p in periods if p is not None), default=0)
+        return denominator_period(trainer.optimizers, self._params)
 
     def _needs_own_momentum(self, trainer: pl.Trainer) -> list[int]:
         """Momentum growth: targets whose optimizer keeps no momentum (not Adam-like, SGD without
@@ -506,6 +521,7 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
             for i in self._own_momentum_index
         }
         torch._foreach_mul_(self._locals, self._multipliers)
+        self._state_clean = False  # optimizer state from before these masks: zeroed at a step
 
     def _restore(self, state: dict[str, Any]) -> None:
         names = [normalise_name(n) for n in state["names"]]
@@ -586,6 +602,7 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
             self._last_update_step = step
         # From the global step, so that a resumed run refills exactly when the whole one does.
         self._hold_due = self._hold_every > 0 and step % self._hold_every == 0
+        self._remask_due = not self._one_pass or step % self.delta_t == 0
         self._accumulate_own_momentum()
         # An update after the step reads the momentum that includes the step's gradient.
         self._pending_update = step if due and spec.update_after_step else None
@@ -595,6 +612,7 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
             grads, multipliers = self._grads()
             if grads:
                 mask_multiply_(grads, multipliers, self._scratch)
+            self._grads_masked = True
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._stepping:
@@ -602,14 +620,42 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
         with torch.no_grad():
             if self.spec.structured:
                 self._srste_after_step()
-            mask_multiply_(self._locals, self._multipliers, self._scratch)
+            if self._weights_may_have_moved():
+                mask_multiply_(self._locals, self._multipliers, self._scratch)
             if self._hold_due:  # after the step: the state exists from the first one on
                 self._hold_due = False
-                for held, mask in zip(self._denominators(), self._masks):
-                    hold_inactive_(held, mask)
+                refill_denominators_(self._optimizers, self._params, self._masks)
             if self._pending_update is not None:
                 step, self._pending_update = self._pending_update, None
                 self._update_masks(step)
+
+    def _weights_may_have_moved(self) -> bool:
+        """Whether the step just taken may have moved an inactive weight, so that the weights
+        need their masking pass. It cannot when the hook above masked this step's gradients, the
+        optimizers keep zeros (``keeps_zeros``, checked at fit start) and the inactive weights'
+        optimizer state is zero: true from a fresh optimizer, kept by every mask update (grown
+        and dropped weights restart from zero state) and made true here once per fit (a restored
+        or reused optimizer). Otherwise, and every ``delta_t`` steps, the pass runs."""
+        masked, self._grads_masked = self._grads_masked, False
+        if not self._one_pass:
+            return True
+        if not masked:  # the raw optimizer, past Lightning: unmasked gradients reached the state
+            self._state_clean = False
+            return True
+        if not self._state_clean:
+            self._zero_inactive_state()
+            return True
+        return self._remask_due
+
+    def _zero_inactive_state(self) -> None:
+        """Restart the inactive weights' optimizer state at zero (their denominators held), as
+        a mask update restarts dropped ones': the active weights' updates do not read it."""
+        held = self._denominators() if self._hold_every else [[]] * len(self._params)
+        for mask, state, denominators_ in zip(self._masks, self._optimizer_state(), held):
+            for tensor in state:
+                tensor.masked_fill_(~mask, 0)
+            hold_inactive_(denominators_, mask)
+        self._state_clean = True
 
     def _accumulate_own_momentum(self) -> None:
         """Momentum growth without optimizer momentum: fold the gradient into the own EMA."""
@@ -743,17 +789,7 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
 
     def _denominators(self) -> list[list[Tensor]]:
         """Per target, its square-root denominators in the optimizers' state (local shards)."""
-        out: list[list[Tensor]] = []
-        for p in self._params:
-            tensors = []
-            for opt in self._optimizers:
-                state = opt.state.get(p, {})
-                for key in denominator_keys(type(opt).__name__):
-                    value = state.get(key)
-                    if isinstance(value, Tensor) and value.shape == p.shape:
-                        tensors.append(local_shard(value))
-            out.append(tensors)
-        return out
+        return denominators(self._optimizers, self._params)
 
     # ----- observability ---------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ __all__ = [
     "erk_densities",
     "hold_inactive_",
     "hold_period",
+    "keeps_zeros",
     "layer_densities",
     "mask_as_multiplier",
     "mask_multiply_",
@@ -58,6 +59,12 @@ SQRT_DENOMINATORS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "RMSprop": (("square_avg",), "alpha"),
     "Adagrad": (("sum",), None),
 }
+# torch optimizers whose step leaves a weight exactly zero when the weight, its gradient and its
+# momentum or first moment are zero (per-element updates proportional to those; a denominator may
+# be anything positive): sparse training's masked gradients then keep inactive weights at zero.
+ZERO_KEEPING_OPTIMIZERS = frozenset(
+    {"SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "ASGD"}
+)
 #: The value inactive weights' denominators are held at: any positive normal float works, since
 #: it only ever divides an exact zero; 1.0 leaves the most room to decay before a refill.
 HELD_DENOMINATOR = 1.0
@@ -550,6 +557,27 @@ def denominator_keys(optimizer: str) -> tuple[str, ...]:
         (('exp_avg_sq', 'max_exp_avg_sq'), ())
     """
     return SQRT_DENOMINATORS.get(optimizer, ((), None))[0]
+
+
+def keeps_zeros(optimizer: Any) -> bool:
+    """Whether ``optimizer``'s step provably leaves a weight exactly zero when the weight, its
+    gradient and its momentum or first-moment state are zero: torch's own class (not a subclass,
+    whose ``step`` may differ) named in ``ZERO_KEEPING_OPTIMIZERS``.
+
+    Args:
+        optimizer: an optimizer instance.
+
+    Returns:
+        True for those torch optimizers.
+
+    Examples:
+        >>> import torch
+        >>> w = [torch.nn.Parameter(torch.zeros(2))]
+        >>> keeps_zeros(torch.optim.AdamW(w)), keeps_zeros(torch.optim.LBFGS(w))
+        (True, False)
+    """
+    kind = type(optimizer)
+    return kind.__name__ in ZERO_KEEPING_OPTIMIZERS and getattr(torch.optim, kind.__name__) is kind
 
 
 def hold_period(

@@ -42,10 +42,11 @@ from torch import Tensor, nn
 
 from lightning_ext._io import atomic_torch_save, atomic_write_json, load_file, load_json
 from lightning_ext._lightning import namespace_of
+from lightning_ext._masks import denominator_period, refill_denominators_
 from lightning_ext._modules import named_parameters, normalise_name
 from lightning_ext._soup import batchnorm_layers, check_mode
 from lightning_ext.functional._checks import check_unit_range
-from lightning_ext.functional.sparse import active_count, topk_mask
+from lightning_ext.functional.sparse import active_count, mask_as_multiplier, topk_mask
 from lightning_ext.workflows.soup import build_soup
 
 __all__ = [
@@ -163,9 +164,12 @@ def mask_mismatches(state_dict: StateDict, masks: Mapping[str, Tensor]) -> dict[
 
 class FixedMask(Callback):
     """Holds given weights at a fixed sparsity mask during a fit: the pruned weights are zeroed at
-    fit start, their gradients are zeroed before every optimizer step (so momentum and Adam
-    moments stay zero there) and they are zeroed again after every training batch (undoing weight
-    decay). ``masks`` maps (compile-normalised) parameter names to boolean keep-masks.
+    fit start, their gradients are zeroed before every optimizer step (so momentum and Adam's
+    first moment stay zero there) and they are zeroed again after every training batch. Their
+    square-root denominators (Adam's ``exp_avg_sq``...) are held at 1 instead of 0, as
+    DynamicSparseTraining's ``hold_denominators`` does (``_masks.refill_denominators_``): torch's
+    CPU ``sqrt`` is several times slower on exact zeros, and their update stays exactly zero.
+    ``masks`` maps (compile-normalised) parameter names to boolean keep-masks.
 
     Args:
         masks: parameter name (without a ``_orig_mod.`` prefix) to its boolean keep-mask.
@@ -184,6 +188,8 @@ class FixedMask(Callback):
         super().__init__()
         self.masks = {name: m.detach().bool().clone() for name, m in masks.items()}
         self._pairs: list[tuple[nn.Parameter, Tensor]] = []
+        self._hold_every = 0  # optimizer steps between refills of the held denominators (0: none)
+        self._hold_due = False
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         params = named_parameters(pl_module)
@@ -201,19 +207,27 @@ class FixedMask(Callback):
     @torch.no_grad()
     def apply(self) -> None:
         for param, mask in self._pairs:
-            param.mul_(mask)
+            param.mul_(mask_as_multiplier(mask))
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._pairs = [(p, m.to(p.device)) for p, m in self._pairs]
+        self._hold_every = denominator_period(trainer.optimizers, [p for p, _ in self._pairs])
         self.apply()
 
+    @torch.no_grad()
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        for param, mask in self._pairs:
-            if param.grad is not None:
-                param.grad.mul_(mask)
+        pairs = [(p.grad, m) for p, m in self._pairs if p.grad is not None]
+        if pairs:  # uint8 views: torch multiplies by a bool tensor through a float temporary
+            torch._foreach_mul_([g for g, _ in pairs], [mask_as_multiplier(m) for _, m in pairs])
+        # from the global step, so that a resumed fit refills where the uninterrupted one does
+        self._hold_due = self._hold_every > 0 and trainer.global_step % self._hold_every == 0
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         self.apply()
+        if self._hold_due:  # after the step: the optimizer state exists from the first one on
+            self._hold_due = False
+            params, masks = zip(*self._pairs) if self._pairs else ((), ())
+            refill_denominators_(trainer.optimizers, params, masks)
 
 
 # --------------------------------------------------------------------------- workflow

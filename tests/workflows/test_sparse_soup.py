@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from lightning_ext._io import load_file
 from lightning_ext._modules import named_parameters
 from lightning_ext.functional.merging import uniform_soup
+from lightning_ext.workflows import sparse_soup
 from lightning_ext.workflows.sparse_soup import (
     FixedMask,
     magnitude_masks,
@@ -112,6 +113,31 @@ def test_fixed_mask_keeps_pruned_weights_and_their_optimizer_state_zero() -> Non
     assert not torch.equal(weight[mask], before[mask])  # the kept weights trained
     state = trainer.optimizers[0].state[module.net[0].weight]
     assert torch.equal(state["exp_avg"][~mask], torch.zeros(int((~mask).sum())))
+
+
+def _fixed_mask_fit() -> tuple[Classifier, torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    module = Classifier(lr=0.1, optimizer="adamw", weight_decay=0.1)
+    masks = magnitude_masks({"net.0.weight": module.net[0].weight}, 0.7)
+    trainer = quiet_trainer(max_steps=5, callbacks=[FixedMask(masks)])
+    trainer.fit(module, train_dataloaders=TRAIN)
+    return module, trainer.optimizers[0].state[module.net[0].weight], masks
+
+
+def test_fixed_mask_holds_adam_denominators_without_changing_a_weight_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pruned weights' exp_avg_sq is held at 1 (times beta2 per step), not left at the exact
+    zeros that make torch's CPU sqrt slow (issue 29), and every weight is bitwise the same."""
+    held, state, masks = _fixed_mask_fit()
+    mask = masks["net.0.weight"]
+    assert torch.all(state["exp_avg_sq"][~mask] > 0.99)
+    assert not torch.any(state["exp_avg_sq"][mask] > 0.99)  # active ones are Adam's own
+    monkeypatch.setattr(sparse_soup, "refill_denominators_", lambda *args: None)
+    plain, plain_state, _ = _fixed_mask_fit()
+    assert torch.equal(plain_state["exp_avg_sq"][~mask], torch.zeros(int((~mask).sum())))
+    for (key, a), b in zip(held.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), f"{key} differs with held denominators"
 
 
 @pytest.mark.parametrize(

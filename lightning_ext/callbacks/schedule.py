@@ -288,13 +288,17 @@ class _AbsSums:
     """Partial l1 norms of float32 CPU gradients into consecutive columns of a row: the small
     tensors packed into one buffer (one column), each large one's ``abs`` written through a
     scratch buffer of at most ``PIECE`` elements (one column per piece), each summed by torch's
-    vectorised ``sum``: two kernel calls per piece into views made once, no allocation per step."""
+    vectorised ``sum``: two kernel calls per piece into views made once, no allocation per step.
+    No ``reshape`` per step where none is needed (a 1-D gradient joins the packed buffer as it is,
+    a one-piece gradient's ``abs`` goes into a scratch view of its own shape): on the 208 tensors
+    of the 3.4M-parameter transformer those Python calls were a sixth of the recording."""
 
     SMALL = 4096
     PIECE = 1 << 16  # 256 KB of float32: stays in a core's L2 cache between abs and sum
 
     def __init__(self, params: list[Tensor], start: int) -> None:
         self.small = [p for p in params if p.numel() < self.SMALL]
+        self.flat_small = [p.dim() == 1 for p in self.small]  # joins the cat as it is
         self.packed = torch.empty(sum(p.numel() for p in self.small), dtype=torch.float32)
         large = [p for p in params if p.numel() >= self.SMALL]
         biggest = max((p.numel() for p in large), default=0)
@@ -303,14 +307,20 @@ class _AbsSums:
                   for p in large]  # fmt: skip
         self.parts = torch.empty(1 + sum(len(b) for b in bounds), dtype=torch.float32)
         self.start, self.stop = start, start + self.parts.numel()
-        # per large tensor: (param, [(start, stop or None for the whole, scratch view, out)])
-        self.large: list[tuple[Tensor, list[tuple[int, int | None, Tensor, Tensor]]]] = []
+        # per one-piece tensor: (param, scratch view of its shape, the same flat, out)
+        self.whole: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        # per larger tensor: (param, [(start, stop, scratch view, out)])
+        self.large: list[tuple[Tensor, list[tuple[int, int, Tensor, Tensor]]]] = []
         col = 1
         for p, pieces in zip(large, bounds):
-            whole = len(pieces) == 1
+            if len(pieces) == 1:
+                flat = self.scratch[: p.numel()]
+                self.whole.append((p, flat.view(p.shape), flat, self.parts[col]))
+                col += 1
+                continue
             views = []
             for a, b in pieces:
-                views.append((a, None if whole else b, self.scratch[: b - a], self.parts[col]))
+                views.append((a, b, self.scratch[: b - a], self.parts[col]))
                 col += 1
             self.large.append((p, views))
 
@@ -319,21 +329,32 @@ class _AbsSums:
         A missing gradient counts as zeros."""
         parts = self.parts
         if self.small:
-            views = [torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1)
-                     for p in self.small]  # fmt: skip
-            torch.cat(views, out=self.packed)
+            grads = [p.grad for p in self.small]
+            if all(g is not None for g in grads):
+                views = [g if one else g.reshape(-1)  # type: ignore[union-attr]
+                         for g, one in zip(grads, self.flat_small)]  # fmt: skip
+            else:  # a missing gradient counts as zeros (rare)
+                views = [torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1)
+                         for p in self.small]  # fmt: skip
+            torch.cat(views, out=self.packed)  # type: ignore[arg-type]
             torch.sum(self.packed.abs_(), 0, out=parts[0])
         else:
             parts[0].zero_()
+        for p, shaped, flat, out in self.whole:
+            if p.grad is None:
+                out.zero_()
+                continue
+            torch.abs(p.grad, out=shaped)
+            torch.sum(flat, 0, out=out)
         for p, pieces in self.large:
             grad = p.grad
             if grad is None:
                 for _, _, _, out in pieces:
                     out.zero_()
                 continue
-            flat = grad.reshape(-1)
+            whole = grad.reshape(-1)
             for a, b, part, out in pieces:
-                torch.abs(flat if b is None else flat[a:b], out=part)
+                torch.abs(whole[a:b], out=part)
                 torch.sum(part, 0, out=out)
         row[self.start : self.stop].copy_(parts)
 

@@ -320,3 +320,41 @@ def test_large_tensors_are_masked_through_a_float_scratch_with_the_same_bits() -
     products = [args for name, args in ops.calls if name == "aten.mul_"]
     assert len(products) == MASK_LARGE // MASK_PIECE + 1  # the large one's pieces, float by float
     assert all(a[1].dtype == torch.float32 for a in products)
+
+
+class MaskPasses(Callback):
+    """Per step, DynamicSparseTraining's masking passes (``_foreach_mul_`` by its uint8 masks)
+    over the weights and over the gradients, told apart by the weights' storage."""
+
+    def __init__(self) -> None:
+        self.ops = OpNames()
+        self.marks: list[int] = []
+        self.weights: set[int] = set()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.weights = {p.data_ptr() for p in pl_module.parameters()}
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.marks.append(len(self.ops.calls))
+
+    def per_step(self) -> list[tuple[int, int]]:
+        """(weight passes, gradient passes) of each step after the warm-up."""
+        out = []
+        for a, b in itertools.pairwise(self.marks[WARMUP:]):
+            calls = [args for name, args in self.ops.calls[a:b] if name == "aten._foreach_mul_"]
+            passes = [args[0][0] for args in calls if args[1][0].dtype == torch.uint8]
+            weights = sum(t.data_ptr() in self.weights for t in passes)
+            out.append((weights, len(passes) - weights))
+        return out
+
+
+@pytest.mark.parametrize("remask", [False, True])
+def test_dst_makes_one_masking_pass_per_step(remask: bool) -> None:
+    """The gradients' pass only (issue 29: the optimizer keeps masked-gradient weights at zero,
+    so the weights' pass after the step is skipped); both with ``remask_weights=True``."""
+    probe = MaskPasses()
+    with probe.ops:
+        fit([probe, _dst(remask_weights=remask)])
+    assert probe.per_step() == [(int(remask), 1)] * STEPS

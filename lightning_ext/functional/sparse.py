@@ -303,6 +303,10 @@ def mask_multiply_(
         tensor([0., 1., 0., 1.])
     """
     piece = scratch.numel()
+    if piece == 0:  # no tensor of MASK_LARGE elements or more: skip the per-tensor checks
+        if tensors:
+            torch._foreach_mul_(list(tensors), list(multipliers))
+        return
     rest: list[Tensor] = []
     rest_masks: list[Tensor] = []
     for tensor, mask in zip(tensors, multipliers):

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_ext._io import claim_version_dir
+from lightning_ext._io import claim_run_folder, claim_version_dir
 
 _pytorch_lightning: ModuleType | None
 try:  # the older namespace is optional
@@ -102,7 +102,10 @@ _RUN_ROOT_ATTR = "_lightning_ext_run_root"
 def _resolve_run_root(trainer: Any) -> Path:
     """The run's own folder, following Lightning's conventions.
 
-    - CSV/TensorBoard loggers: ``logger.log_dir`` (already versioned, ``version_N``).
+    - CSV/TensorBoard loggers: ``logger.log_dir`` (already versioned, ``version_N``), claimed
+      for this process (``_io.claim_run_folder``): the logger picks its version by listing the
+      folders, so two runs started together get the same one; the second is refused here,
+      before training, instead of overwriting the first one's files.
     - Loggers without a versioned ``log_dir`` (WandbLogger): ``<save_dir>/<name>/<version>``, as
       Lightning's ModelCheckpoint resolves its folder for them (project / run id for wandb).
     - No logger: ``<default_root_dir>/lightning_logs/version_N`` with the next free N, created
@@ -115,6 +118,14 @@ def _resolve_run_root(trainer: Any) -> Path:
         if not is_wandb_logger(logger):
             log_dir = getattr(logger, "log_dir", None)
             if log_dir:
+                holder = claim_run_folder(log_dir)
+                if holder is not None:
+                    raise FileExistsError(
+                        f"{log_dir} is the run folder of another live run (process {holder}): "
+                        "its logger gave this run the same version (runs started at the same "
+                        "moment, or one version= for both). Give each run's logger its own "
+                        "version, or start this run a moment later"
+                    )
                 return Path(log_dir)
         if is_wandb_logger(logger):
             _ = logger.experiment  # the run id (its version) exists only once the run is started

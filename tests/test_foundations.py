@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as lp
@@ -95,6 +97,32 @@ def test_run_dir_without_a_logger_takes_the_next_free_version(tmp_path):
 def test_run_dir_is_resolved_once_per_trainer_and_shared_by_callbacks(tmp_path):
     trainer = _trainer(tmp_path, logger=False)
     assert run_dir(trainer, "a").parent == run_dir(trainer, "b").parent
+
+
+_OUT = {"capture_output": True, "text": True, "check": True}
+
+
+def test_run_dir_refuses_a_logger_folder_another_live_run_holds(tmp_path):
+    # CSV/TensorBoard loggers pick version_N by listing folders: two runs started together were
+    # both given version_0 and wrote into each other's files
+    from lightning_ext._io import _HOST
+
+    first = run_dir(_trainer(tmp_path, logger=lp.loggers.CSVLogger(tmp_path, version=0)), "x")
+    claim = tmp_path / "lightning_logs" / ".version_0.lightning-ext-owner"
+    assert claim.read_text().strip() == f"{os.getpid()}@{_HOST}"
+    assert (
+        run_dir(_trainer(tmp_path, logger=lp.loggers.CSVLogger(tmp_path, version=0)), "x") == first
+    )
+    claim.write_text(f"{os.getppid()}@{_HOST}\n")  # a live process other than this one
+    with pytest.raises(FileExistsError, match=r"version_0 is the run folder of another live run"):
+        run_dir(_trainer(tmp_path, logger=lp.loggers.CSVLogger(tmp_path, version=0)), "x")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], **_OUT)
+    claim.write_text(f"{gone.stdout.strip()}@{_HOST}\n")  # a killed run's claim: taken over
+    assert (
+        run_dir(_trainer(tmp_path, logger=lp.loggers.CSVLogger(tmp_path, version=0)), "x") == first
+    )
+    assert claim.read_text().strip() == f"{os.getpid()}@{_HOST}"
+    assert not any(p.name.startswith(".") for p in first.parent.iterdir())  # the folder stays clean
 
 
 def test_run_dir_follows_the_loggers_versioned_folder(tmp_path):

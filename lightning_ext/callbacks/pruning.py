@@ -28,6 +28,7 @@ from lightning_ext._lightning import (
     recount_train_epoch,
     run_dir,
     skipped_epoch_end,
+    start_next_epoch_at_first_batch,
     stepping_batches,
 )
 from lightning_ext._plot import new_figure, write_png
@@ -844,6 +845,7 @@ class InfoBatch(_BufferState, DeclaredState, ExactResume):
         self._sampler.epoch_indices()
         self._weights = self._sampler.weights
         recount_train_epoch(trainer)
+        start_next_epoch_at_first_batch(trainer)  # after a skipped end: lengths differ by epoch
 
     def _guard_first_step(self, pl_module: pl.LightningModule) -> None:
         """Name ``InfoBatch.loss`` when the first training step fails before calling it.

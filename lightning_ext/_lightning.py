@@ -231,6 +231,17 @@ def stepping_batches(trainer: Any) -> int | float:
 _SKIPPED_WARNED_ATTR = "_lightning_ext_skipped_epoch_end_warned"
 
 
+def _restarted_after_last_batch(trainer: Any) -> bool:
+    """Restored from a checkpoint written after an epoch's last batch, before its end."""
+    fit_loop = trainer.fit_loop
+    epoch_loop = fit_loop.epoch_loop
+    return bool(
+        getattr(fit_loop, "restarted_mid_epoch", False)
+        and getattr(epoch_loop, "restarted_on_train_batch_end", False)
+        and epoch_loop.batch_progress.is_last_batch
+    )
+
+
 def skipped_epoch_end(trainer: Any) -> int | None:
     """The epoch whose end this resumed fit skips, or None.
 
@@ -242,14 +253,7 @@ def skipped_epoch_end(trainer: Any) -> int | None:
     restart stage just before it). Warns once per fit, naming what is lost; callbacks of this
     package redo their own epoch-end work when this returns an epoch.
     """
-    fit_loop = trainer.fit_loop
-    epoch_loop = fit_loop.epoch_loop
-    skipped = (
-        getattr(fit_loop, "restarted_mid_epoch", False)
-        and getattr(epoch_loop, "restarted_on_train_batch_end", False)
-        and epoch_loop.batch_progress.is_last_batch
-    )
-    if not skipped:
+    if not _restarted_after_last_batch(trainer):
         return None
     epoch = int(trainer.current_epoch) - 1  # Lightning already counted the epoch as completed
     if not getattr(trainer, _SKIPPED_WARNED_ATTR, False):
@@ -263,6 +267,29 @@ def skipped_epoch_end(trainer: Any) -> int | None:
             "off the epoch's last batch to resume without loss."
         )
     return epoch
+
+
+def start_next_epoch_at_first_batch(trainer: Any) -> None:
+    """Make a fit resumed after a skipped epoch end start its next epoch at batch 0.
+
+    Lightning resumes from a checkpoint written on an epoch's last batch by counting that batch
+    as completed and starting the epoch afresh only when the count reaches
+    ``trainer.num_training_batches``: right when every epoch has one length, but when the next
+    epoch is longer than the killed one (InfoBatch prunes each epoch anew) it runs that epoch as
+    if the killed epoch's batches were its own and ends it early. Raising the restored count to
+    one short of the epoch's length makes Lightning's own check start the epoch afresh (its
+    progress, scheduler and optimizer counters), the path every equal-length epoch takes. Call
+    from ``on_train_start`` when ``skipped_epoch_end`` returned an epoch, once the coming epoch's
+    length is counted (``recount_train_epoch``). Nothing happens otherwise.
+
+    Args:
+        trainer: the Trainer.
+    """
+    batches = trainer.num_training_batches
+    if not _restarted_after_last_batch(trainer) or batches == float("inf"):
+        return
+    current = trainer.fit_loop.epoch_loop.batch_progress.current
+    current.completed = max(current.completed, int(batches) - 1)
 
 
 def recount_train_epoch(trainer: Any) -> int | None:

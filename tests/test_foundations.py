@@ -20,8 +20,15 @@ from lightning_ext._lightning import (
     is_trainer,
     is_wandb_logger,
     namespace_of,
+    recount_train_epoch,
     run_dir,
+    skipped_epoch_end,
+    start_next_epoch_at_first_batch,
 )
+from tests.helpers.boundary import fit_and_resume_at_step
+from tests.helpers.data import ResumableLoader, digits
+from tests.helpers.models import Classifier
+from tests.helpers.resume import assert_bitwise_equal
 
 
 class _Pickled:
@@ -135,3 +142,51 @@ def test_run_dir_follows_the_loggers_versioned_folder(tmp_path):
     other = lp.loggers.WandbLogger(save_dir=str(tmp_path), project="proj", offline=True)
     assert run_dir(_trainer(tmp_path, logger=other), "x") != got
     other.experiment.finish()
+
+
+class _ShorterOddEpochs(torch.utils.data.Sampler[int]):
+    """64 examples in even epochs, 48 in odd ones (4 and 3 batches of 16), shuffled per epoch."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return 64 - 16 * (self.epoch % 2)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.epoch)
+        return iter(torch.randperm(len(self), generator=generator).tolist())
+
+
+class _CountsEachEpoch(lp.Callback):
+    """What InfoBatch does for epochs of changing length: recount each, and after a skipped
+    epoch end set the sampler to the coming epoch and start it at its first batch."""
+
+    def on_train_start(self, trainer, pl_module):
+        if skipped_epoch_end(trainer) is not None:
+            trainer.train_dataloader.sampler.set_epoch(trainer.current_epoch)
+            recount_train_epoch(trainer)
+            start_next_epoch_at_first_batch(trainer)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        recount_train_epoch(trainer)
+
+
+def test_a_longer_epoch_after_a_skipped_epoch_end_is_trained_whole(tmp_path):
+    """Resumed from epoch 1's last batch (3 batches), epoch 2 has 4: Lightning counted the 3 as
+    epoch 2's own and trained one batch of it (8 steps instead of 11) before the helper."""
+    data = digits("train", limit=64)
+    runs = fit_and_resume_at_step(
+        Classifier,
+        lambda: [_CountsEachEpoch()],
+        lambda: ResumableLoader(data, batch_size=16, sampler=_ShorterOddEpochs()),
+        tmp_path,
+        step=7,  # epoch 1's last batch
+        max_epochs=3,
+        limit_val_batches=0,
+    )
+    assert runs.resumed_trainer.global_step == 11  # the run's 4 + 3 + 4 steps
+    assert_bitwise_equal(runs.full_module.state_dict(), runs.resumed_module.state_dict())

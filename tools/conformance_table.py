@@ -271,6 +271,7 @@ def render(outcomes: dict[str, Outcome], seconds: float | None = None) -> str:
         "## Why cells fail today",
         "",
         *(f"{i}. {reason}" for i, reason in enumerate(notes.reasons, 1)),
+        *([] if notes.reasons else ["None: every cell above works, refuses or warns."]),
         "",
         "## Maintaining the matrix",
         "",

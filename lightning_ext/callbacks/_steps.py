@@ -23,6 +23,22 @@ class ExactResume(Callback):
         realign_sampler_epoch(trainer)
 
 
+def ensure_exact_resume(trainer: Any) -> None:
+    """Give the fit an ``ExactResume`` callback unless one of its callbacks already is one.
+
+    A strategy has no hook between an epoch's ``set_epoch`` and its first batch, where the
+    samplers must be set back; SoupStrategy and WARPStrategy call this from their ``setup`` so
+    that a resumed job sees its uninterrupted data order with or without a lightning_ext callback.
+    Appended once per Trainer (a second fit, or a resumed one, finds it there); its state is
+    empty, so checkpoints do not change.
+
+    Args:
+        trainer: the Trainer (of either Lightning namespace) whose callbacks get it.
+    """
+    if not any(isinstance(callback, ExactResume) for callback in trainer.callbacks):
+        trainer.callbacks.append(ExactResume())
+
+
 class AfterOptimizerStep(ExactResume):
     """Calls ``on_optimizer_step_done`` at the end of every batch that took an optimizer step.
 

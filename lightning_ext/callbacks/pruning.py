@@ -28,6 +28,7 @@ from lightning_ext._lightning import (
     recount_train_epoch,
     run_dir,
     skipped_epoch_end,
+    start_next_epoch_at_first_batch,
     stepping_batches,
 )
 from lightning_ext._plot import new_figure, write_png
@@ -844,6 +845,7 @@ class InfoBatch(_BufferState, DeclaredState, ExactResume):
         self._sampler.epoch_indices()
         self._weights = self._sampler.weights
         recount_train_epoch(trainer)
+        start_next_epoch_at_first_batch(trainer)  # after a skipped end: lengths differ by epoch
 
     def _guard_first_step(self, pl_module: pl.LightningModule) -> None:
         """Name ``InfoBatch.loss`` when the first training step fails before calling it.
@@ -903,6 +905,7 @@ class InfoBatch(_BufferState, DeclaredState, ExactResume):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)  # the sampler's epoch, exact on resume
+        self._follow_rebuilt_sampler(trainer)
         assert self._sampler is not None
         kept = self._sampler.epoch_indices()
         self._weights = self._sampler.weights
@@ -911,6 +914,25 @@ class InfoBatch(_BufferState, DeclaredState, ExactResume):
         recount_train_epoch(trainer)
         n = len(self._sampler.dataset)  # type: ignore[arg-type]
         pl_module.log("infobatch/kept_fraction", kept.numel() / n, on_epoch=True, on_step=False)
+
+    def _follow_rebuilt_sampler(self, trainer: pl.Trainer) -> None:
+        """A train loader rebuilt by the user's ``train_dataloader()``
+        (``reload_dataloaders_every_n_epochs``) brings a new sampler that knows no scores and
+        would prune nothing: it gets the scores and this epoch's pruning, as the first one did."""
+        sampler = _find_sampler(trainer, InfoBatchSampler)
+        if sampler is self._sampler:
+            return
+        assert self.scores is not None
+        size = len(sampler.dataset)
+        if size != self.scores.numel():
+            raise ValueError(
+                f"InfoBatch: the train loader rebuilt for epoch {trainer.current_epoch} "
+                f"(reload_dataloaders_every_n_epochs) holds {size} examples where the earlier "
+                f"epochs held {self.scores.numel()}: InfoBatch scores one dataset across epochs; "
+                "rebuild the loader over the same dataset or do not reload it"
+            )
+        self._sampler = sampler
+        self._configure(trainer, trainer.current_epoch)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

@@ -359,11 +359,12 @@ def realign_sampler_epoch(trainer: Any) -> bool:
     Lightning 2.6, resumed under ``max_steps`` from a checkpoint written at an epoch's end,
     counts the restored epoch as processed once more than completed, and hands every training
     sampler ``set_epoch(current_epoch + 1)`` from then on (the epoch it was resumed into gets
-    the next epoch's shuffle), so the data order differs from the uninterrupted run's. At the
-    start of an epoch the two counters are equal in every other case; when they are not, the
-    samplers get the current epoch again, before the epoch's iterator is made (Lightning's
-    counters are left as they are: they decide when the fit ends). Call from
-    ``on_train_epoch_start``, every epoch.
+    the next epoch's shuffle), so the data order differs from the uninterrupted run's; with
+    ``max_epochs`` set as well, the fit also ends one epoch early (the processed count is what
+    ``max_epochs`` is checked against). At the start of an epoch the two counters are equal in
+    every other case; when they are not, the samplers get the current epoch again, before the
+    epoch's iterator is made, and the processed count is set back to the completed one, as an
+    uninterrupted run has it. Call from ``on_train_epoch_start``, every epoch.
 
     Args:
         trainer: the Trainer.
@@ -376,6 +377,8 @@ def realign_sampler_epoch(trainer: Any) -> bool:
     if progress.processed <= progress.completed:
         return False
     combined = loop._combined_loader
+    loop.epoch_progress.total.processed -= progress.processed - progress.completed
+    progress.processed = progress.completed
     for loader in combined.flattened if combined is not None else ():
         batch_sampler = getattr(loader, "batch_sampler", None)
         for sampler in (getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
@@ -387,8 +390,8 @@ def realign_sampler_epoch(trainer: Any) -> bool:
         rank_zero_info(
             f"lightning_ext: this resumed fit's training sampler was handed epoch "
             f"{progress.completed + 1} for epoch {progress.completed} (Lightning, max_steps, a "
-            "checkpoint from an epoch's end); set back, so the data order is the uninterrupted "
-            "run's"
+            "checkpoint from an epoch's end); set back, so the data order and the number of "
+            "epochs are the uninterrupted run's"
         )
     return True
 

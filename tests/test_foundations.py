@@ -190,3 +190,37 @@ def test_a_longer_epoch_after_a_skipped_epoch_end_is_trained_whole(tmp_path):
     )
     assert runs.resumed_trainer.global_step == 11  # the run's 4 + 3 + 4 steps
     assert_bitwise_equal(runs.full_module.state_dict(), runs.resumed_module.state_dict())
+
+
+@pytest.mark.parametrize("val_batches", [1])
+def test_a_fit_resumed_from_an_epoch_end_under_max_steps_trains_every_epoch(tmp_path, val_batches):
+    """Lightning 2.6, resumed under ``max_steps`` from an epoch-end checkpoint, counts that epoch
+    as processed twice: with ``max_epochs`` set too, the fit ended one epoch early (8 steps of
+    12) and each epoch got the next one's shuffle. ``ExactResume`` (every lightning_ext callback
+    and strategy has it) sets both back."""
+    from lightning_ext.callbacks._steps import ExactResume
+    from tests.helpers.resume import quiet_trainer
+
+    data, ckpts = digits("train", limit=64), tmp_path / "ckpts"
+
+    def fit(ckpt_path: Path | None = None) -> tuple[lp.Trainer, torch.nn.Module]:
+        lp.seed_everything(0, verbose=False)
+        module, every_epoch = Classifier(), lp.callbacks.ModelCheckpoint(ckpts, save_top_k=-1)
+        trainer = quiet_trainer(
+            callbacks=[ExactResume(), every_epoch],
+            enable_checkpointing=True,
+            max_epochs=3,
+            max_steps=100,
+            limit_val_batches=val_batches,
+            default_root_dir=tmp_path,
+        )
+        shuffled = torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0, seed=0)
+        loader = torch.utils.data.DataLoader(data, batch_size=16, sampler=shuffled)
+        val = torch.utils.data.DataLoader(data, batch_size=16)
+        trainer.fit(module, loader, val, ckpt_path=ckpt_path)
+        return trainer, module
+
+    full, full_module = fit()
+    resumed, resumed_module = fit(ckpts / "epoch=0-step=4.ckpt")
+    assert full.global_step == resumed.global_step == 12  # 3 epochs of 4 batches
+    assert_bitwise_equal(full_module.state_dict(), resumed_module.state_dict())

@@ -30,12 +30,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from lightning_ext.functional._checks import check_unit_range
+from lightning_ext.functional.merge_methods import (
+    Parameter,
+    Spelling,
+    check_positive_weights,
+    generator_of,
+    merge_method,
+)
 
 __all__ = [
     "breadcrumbs_merge",
@@ -356,6 +363,47 @@ def _check_weight_sums(per_tensor: list[dict[str, float]], weights: Sequence[Wei
 # --------------------------------------------------------------------------- averages
 
 
+@merge_method(
+    "uniform",
+    summary="the plain mean of the ingredients",
+    reference="Wortsman et al. 2022, Model soups",
+)
+def uniform_soup(state_dicts: Sequence[StateDict]) -> dict:
+    """The uniform soup: the plain mean of the ingredients (Wortsman et al. 2022).
+
+    Args:
+        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
+
+    Returns:
+        The mean of the ingredients.
+
+    Raises:
+        ValueError: ingredients whose layouts differ.
+
+    Examples:
+        >>> import torch
+        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
+        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
+        >>> uniform_soup([a, b])['w']
+        tensor([2., 0., 1.])
+    """
+    return weighted_average(state_dicts, [1.0] * _ingredients(state_dicts))
+
+
+@merge_method(
+    "weighted",
+    summary="the weighted mean, weights normalised to sum to 1",
+    reference="Wortsman et al. 2022, Model soups",
+    options=(
+        Parameter(
+            "weights",
+            "one weight per ingredient, a number or anchors over depth (0,1 rises with depth)",
+            kind="gradients",
+            low=0,
+        ),
+    ),
+    constraint=check_positive_weights,
+)
 @torch.no_grad()
 def weighted_average(state_dicts: Sequence[StateDict], weights: Sequence[Weight]) -> dict:
     """``sum_i w_i theta_i / sum_i w_i`` over the floating-point tensors.
@@ -386,10 +434,6 @@ def weighted_average(state_dicts: Sequence[StateDict], weights: Sequence[Weight]
     n = _ingredients(state_dicts)
     if len(weights) != n:
         raise ValueError(f"got {len(weights)} weights for {n} ingredients")
-    if all(isinstance(w, int | float) for w in weights):
-        constants = [float(w) for w in weights]  # type: ignore[arg-type]
-        if any(w < 0 or math.isnan(w) for w in constants) or sum(constants) <= 0:
-            raise ValueError(f"weights must be >= 0 with a positive sum, got {constants}")
     first = state_dicts[0]
     acc = {k: _float_copy(t) for k, t in first.items() if _is_mergeable(t)}
     per_tensor = _tensor_weights(weights, list(acc))
@@ -408,28 +452,6 @@ def weighted_average(state_dicts: Sequence[StateDict], weights: Sequence[Weight]
     return _finish(acc, first)
 
 
-def uniform_soup(state_dicts: Sequence[StateDict]) -> dict:
-    """The uniform soup: the plain mean of the ingredients (Wortsman et al. 2022).
-
-    Args:
-        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
-
-    Returns:
-        The mean of the ingredients.
-
-    Raises:
-        ValueError: ingredients whose layouts differ.
-
-    Examples:
-        >>> import torch
-        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
-        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
-        >>> uniform_soup([a, b])['w']
-        tensor([2., 0., 1.])
-    """
-    return weighted_average(state_dicts, [1.0] * _ingredients(state_dicts))
-
-
 def _better(score: float, best: float, mode: str, strict: bool) -> bool:
     if math.isnan(score):
         return False
@@ -438,6 +460,13 @@ def _better(score: float, best: float, mode: str, strict: bool) -> bool:
     return score < best if strict else score <= best
 
 
+@merge_method(
+    "greedy",
+    summary="rank the ingredients by their own score, add each next one only if the soup's "
+    "score improves",
+    reference="Wortsman et al. 2022, Model soups",
+    needs=("evaluate",),
+)
 @torch.no_grad()
 def greedy_soup(
     state_dicts: Sequence[StateDict],
@@ -582,6 +611,47 @@ def _apply(
     return _finish(acc, base)
 
 
+_DENSITY = Parameter(
+    "density", "fraction of each task vector kept", low=0.0, high=1.0, low_open=True
+)
+_SCALE = Parameter("scale", "factor of the merged task vector")
+_SEED = Parameter(
+    "seed",
+    "seed of the drop masks",
+    kind="int",
+    default=0,
+    argument="generator",
+    convert=generator_of,
+)
+_TASK_VECTOR_WEIGHTS = Parameter(
+    "weights",
+    "one weight per ingredient's task vector, a number or anchors over depth",
+    kind="gradients",
+    low=0,
+)
+_RESCALE = Parameter(
+    "rescale",
+    "how survivors are rescaled: inverse = 1/keep probability (the papers), l1 = to the former "
+    "L1 norm (mergekit)",
+    kind="choice",
+    choices=("inverse", "l1", "none"),
+)
+_NORMALIZE = Parameter(
+    "normalize",
+    "divide by the agreeing ingredients' total weight (disjoint mean); false sums them",
+    kind="bool",
+)
+_DROP_OPTIONS = (_DENSITY, _SCALE, _SEED)  # the options of DARE's random drop
+_CONSENSUS_OPTIONS = (_TASK_VECTOR_WEIGHTS, _RESCALE, _NORMALIZE)  # those of TIES's sign election
+
+
+@merge_method(
+    "task-arithmetic",
+    summary="base + scale * the sum of the task vectors",
+    reference="Ilharco et al. 2023, Editing models with task arithmetic",
+    base="required",
+    options=(_SCALE,),
+)
 @torch.no_grad()
 def task_arithmetic(base: StateDict, state_dicts: Sequence[StateDict], scale: float = 1.0) -> dict:
     """``base + scale * sum_i (theta_i - base)`` (Ilharco et al. 2023).
@@ -641,6 +711,13 @@ def _elect_signs(summed: dict[str, Tensor]) -> dict[str, Tensor]:
     return signs
 
 
+@merge_method(
+    "ties",
+    summary="trim each task vector, elect signs, disjoint mean",
+    reference="Yadav et al. 2023, TIES-Merging",
+    base="required",
+    options=(_DENSITY, _SCALE),
+)
 @torch.no_grad()
 def ties_merge(
     base: StateDict, state_dicts: Sequence[StateDict], density: float = 0.2, scale: float = 1.0
@@ -672,7 +749,6 @@ def ties_merge(
         tensor([2., 2., 3.])
     """
     _ingredients(state_dicts)
-    check_unit_range("density", density, low_open=True)
     return _consensus_merge(base, state_dicts, lambda: lambda d, i: _trim(d, density), None, scale)
 
 
@@ -727,6 +803,13 @@ def _consensus_merge(
     return _apply(base, merged, scale, tv.statistics)
 
 
+@merge_method(
+    "dare",
+    summary="drop task-vector entries at random, rescale the rest by 1/density",
+    reference="Yu et al. 2024, Language models are Super Mario (DARE)",
+    base="required",
+    options=_DROP_OPTIONS,
+)
 @torch.no_grad()
 def dare_merge(
     base: StateDict,
@@ -762,7 +845,6 @@ def dare_merge(
         tensor([4., 0., 2.])
     """
     _ingredients(state_dicts)
-    check_unit_range("density", density, low_open=True)
     drop = _dare_sparsifier(density, "inverse", generator)()
     tv = _TaskVectors(base, state_dicts, lambda d, i, k: drop(d, i))
     return _apply(base, tv.delta, scale, tv.statistics)
@@ -830,11 +912,14 @@ def _check_weights(weights: Sequence[Weight] | None, n: int) -> None:
         raise ValueError(f"got {len(weights)} weights for {n} ingredients")
 
 
-def _check_rescale(rescale: str) -> None:
-    if rescale not in ("inverse", "l1", "none"):
-        raise ValueError(f"rescale must be one of ['inverse', 'l1', 'none'], got {rescale!r}")
-
-
+@merge_method(
+    "dare-ties",
+    summary="DARE's random drop and rescale, then TIES's sign election and disjoint merge",
+    reference="Yu et al. 2024 (DARE) with Yadav et al. 2023 (TIES)",
+    base="required",
+    options=(*_DROP_OPTIONS, *_CONSENSUS_OPTIONS),
+    constraint=check_positive_weights,
+)
 @torch.no_grad()
 def dare_ties_merge(
     base: StateDict,
@@ -883,9 +968,7 @@ def dare_ties_merge(
         tensor([2., 2., 3.])
     """
     n = _ingredients(state_dicts)
-    check_unit_range("density", density, low_open=True)
     _check_weights(weights, n)
-    _check_rescale(rescale)
     sparsifier = _dare_sparsifier(density, rescale, generator)
     return _consensus_merge(base, state_dicts, sparsifier, weights, scale, normalize=normalize)
 
@@ -932,6 +1015,33 @@ def _della_sparsifier(
     return _replay(generator, make)
 
 
+def _della_band(options: dict[str, Any], n: int | None, has_base: bool, spelling: Spelling) -> None:
+    """DELLA's keep probabilities ``density +/- epsilon`` must lie in (0, 1]."""
+    check_positive_weights(options, n, has_base, spelling)
+    density, epsilon = options["density"], options["epsilon"]
+    if density < 1.0 and not (density - epsilon > 0 and density + epsilon <= 1):
+        raise ValueError(
+            f"{spelling.option('epsilon')} must keep the keep probabilities "
+            f"{spelling.option('density')} +/- {spelling.option('epsilon')} in (0, 1]: got "
+            f"density {density}, epsilon {epsilon}"
+        )
+
+
+@merge_method(
+    "della",
+    summary="drop at random with probabilities ranked by magnitude, rescale, elect signs, "
+    "disjoint merge",
+    reference="Deep et al. 2024, DELLA-Merging",
+    base="required",
+    options=(
+        _DENSITY,
+        Parameter("epsilon", "half the spread of DELLA's keep probabilities around density", low=0),
+        _SCALE,
+        _SEED,
+        *_CONSENSUS_OPTIONS,
+    ),
+    constraint=_della_band,
+)
 @torch.no_grad()
 def della_merge(
     base: StateDict,
@@ -981,22 +1091,9 @@ def della_merge(
         tensor([2., 2., 3.])
     """
     n = _ingredients(state_dicts)
-    check_unit_range("density", density, low_open=True)
-    _check_della_epsilon(density, epsilon)
     _check_weights(weights, n)
-    _check_rescale(rescale)
     sparsifier = _della_sparsifier(density, epsilon, rescale, generator)
     return _consensus_merge(base, state_dicts, sparsifier, weights, scale, normalize=normalize)
-
-
-def _check_della_epsilon(density: float, epsilon: float) -> None:
-    if math.isnan(epsilon) or epsilon < 0:
-        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-    if density < 1.0 and not (density - epsilon > 0 and density + epsilon <= 1):
-        raise ValueError(
-            f"epsilon must keep the keep probabilities density +/- epsilon in (0, 1]: "
-            f"got density {density}, epsilon {epsilon}"
-        )
 
 
 def _band_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
@@ -1011,12 +1108,35 @@ def _band_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     return mask.view_as(delta)
 
 
+def _breadcrumbs_band(
+    options: dict[str, Any], n: int | None, has_base: bool, spelling: Spelling
+) -> None:
+    """The kept band and the dropped outliers cannot overlap: ``density + gamma <= 1``."""
+    if options["density"] + options["gamma"] > 1.0:
+        raise ValueError(
+            f"{spelling.option('density')} + {spelling.option('gamma')} must be <= 1, got "
+            f"{options['density']} + {options['gamma']}"
+        )
+
+
+@merge_method(
+    "breadcrumbs",
+    summary="keep a band of task-vector magnitudes: drop the top gamma and the smallest",
+    reference="Davari & Belilovsky 2024, Model Breadcrumbs",
+    base="required",
+    options=(
+        _DENSITY,
+        Parameter("gamma", "fraction of the largest entries dropped", low=0, high=1),
+        _SCALE,
+    ),
+    constraint=_breadcrumbs_band,
+)
 @torch.no_grad()
 def breadcrumbs_merge(
     base: StateDict,
     state_dicts: Sequence[StateDict],
     density: float,
-    gamma: float,
+    gamma: float = 0.01,
     scale: float = 1.0,
 ) -> dict:
     """Model Breadcrumbs (Davari & Belilovsky 2024): per tensor, drop the largest ``gamma``
@@ -1048,14 +1168,17 @@ def breadcrumbs_merge(
         tensor([4., 0., 2.])
     """
     _ingredients(state_dicts)
-    check_unit_range("density", density, low_open=True)
-    check_unit_range("gamma", gamma)
-    if density + gamma > 1.0:
-        raise ValueError(f"density + gamma must be <= 1, got {density} + {gamma}")
     tv = _TaskVectors(base, state_dicts, lambda d, i, k: d * _band_mask(d, density, gamma))
     return _apply(base, tv.delta, scale, tv.statistics)
 
 
+@merge_method(
+    "model-stock",
+    summary="the mean pulled towards the base by the task vectors' angle, per tensor",
+    reference="Jang et al. 2024, Model Stock",
+    base="required",
+    min_ingredients=2,
+)
 @torch.no_grad()
 def model_stock(base: StateDict, state_dicts: Sequence[StateDict]) -> dict:
     """Model Stock (Jang et al. 2024), per tensor: with ``cos`` the mean pairwise cosine of the

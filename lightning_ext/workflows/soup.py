@@ -94,7 +94,7 @@ def build_soup(
 
     ``method="greedy"`` follows Wortsman et al. (see ``functional.greedy_soup``); ``"learned"``
     learns the mixing coefficients on the held-out data by gradient descent (learned soup, or
-    aTLAS with ``options={"mode": "task_vectors"}`` and ``base``; options:
+    aTLAS with ``options={"mixing": "task_vectors"}`` and ``base``; options:
     ``LEARNED_SOUP_OPTIONS``; collective under DDP); any name of ``MERGE_METHODS`` (``"uniform"``,
     ``"ties"``, ``"model-stock"``, ...) merges with that method and ``options`` (its
     parameters), task-vector methods relative to ``base``; a callable

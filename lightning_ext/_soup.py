@@ -301,6 +301,17 @@ def _class_targets(
     return [(batch_targets.to(probs.device).long(), None)]
 
 
+def _add_squares(
+    fisher: dict[str, Tensor], grads: Mapping[str, Tensor], weight: Tensor | None
+) -> None:
+    """Add the per-sample squared gradients (each sample weighted by ``weight``) to ``fisher``."""
+    for name, g in grads.items():
+        sq = g.float() ** 2
+        if weight is not None:
+            sq = sq * weight.view(-1, *([1] * (sq.dim() - 1)))
+        fisher[name].add_(sq.sum(0))
+
+
 def estimate_fisher(
     model: nn.Module,
     dataloader: Iterable,
@@ -373,11 +384,7 @@ def estimate_fisher(
             with torch.no_grad():
                 probs = F.softmax(forward_fn(model, x).float(), dim=-1)
             for y, weight in _class_targets(probs, labels, targets, generator):
-                for name, g in per_sample_grad(params, x, y).items():
-                    sq = g.float() ** 2
-                    if weight is not None:
-                        sq = sq * weight.view(-1, *([1] * (sq.dim() - 1)))
-                    fisher[name].add_(sq.sum(0))
+                _add_squares(fisher, per_sample_grad(params, x, y), weight)
             count += probs.shape[0]
     finally:
         model.train(was_training)
@@ -830,9 +837,8 @@ def run_soup(
         progress_bar: show a tqdm bar.
         base: the pre-trained weights, for task-vector methods and aTLAS.
         options: the method's options (``MergeMethod.parameters``, ``LEARNED_SOUP_OPTIONS``).
-        allow_nonfinite: accept NaN and inf weights (refused by default, before any scoring,
-            naming the ingredient and tensors; +-inf entries shared by every ingredient and the
-            base, e.g. an additive mask buffer, are copied into the soup, never averaged).
+        allow_nonfinite: accept NaN and inf weights (refused before any scoring by default;
+            +-inf entries shared by every input, e.g. an additive mask, are copied, not averaged).
 
     Returns:
         The soup, its score and every ingredient's (and the learned coefficients).
@@ -856,26 +862,17 @@ def run_soup(
     )
     if method == "learned" and not isinstance(scorer, ValidationScorer):
         raise ValueError(
-            "run_soup(method='learned') learns on the scorer's module and held-out data: pass a "
+            f"run_soup(method='learned') learns on the scorer's module and held-out data: pass a "
             f"ValidationScorer, not {type(scorer).__name__}"
         )
     names = list(names) if names is not None else [f"ingredient {i}" for i in range(n)]
     nonfinite = _NonFiniteCheck(ingredients, base, names, allow_nonfinite)
     bar = _progress(n, progress_bar)
     scores = _score_ingredients(scorer, ingredients, names, monitor, bar, nonfinite)
-    candidates: list[tuple[int, float, bool]] = []
-
-    def observe(index: int, score: float, kept: bool) -> None:
-        candidates.append((index, score, kept))
-        bar.update(1)
-        bar.set_postfix_str(f"+{names[index]}: {monitor}={score:.4g} {'kept' if kept else 'no'}")
-
-    if method == "greedy":
-        bar.reset(total=max(n - 1, 0))
-        bar.set_description("greedy soup")
+    seen = _Candidates(bar, names, monitor, greedy=method == "greedy")
     context = dict(evaluate=scorer, mode=mode, strict=strict, passes=passes, scores=scores)
     soup, chosen, learned = _make_soup(
-        method, ingredients, base, resolved, scorer, on_candidate=observe, **context
+        method, ingredients, base, resolved, scorer, on_candidate=seen.observe, **context
     )
     bar.close()
     if nonfinite.shared():
@@ -885,7 +882,24 @@ def run_soup(
         f"soup of {len(chosen)} ingredient(s) {chosen}: {monitor}={soup_score:.4g} "
         f"(best single {_best(scores, mode):.4g})"
     )
-    return SoupResult(soup, chosen, scores, soup_score, names, candidates, learned)
+    return SoupResult(soup, chosen, scores, soup_score, names, seen.candidates, learned)
+
+
+class _Candidates:
+    """The greedy soup's candidates as ``(index, score, kept)``, shown on the bar as they come."""
+
+    def __init__(self, bar: Any, names: list[str], monitor: str, *, greedy: bool) -> None:
+        self.bar, self.names, self.monitor = bar, names, monitor
+        self.candidates: list[tuple[int, float, bool]] = []
+        if greedy:
+            bar.reset(total=max(len(names) - 1, 0))
+            bar.set_description("greedy soup")
+
+    def observe(self, index: int, score: float, kept: bool) -> None:
+        self.candidates.append((index, score, kept))
+        self.bar.update(1)
+        verdict = "kept" if kept else "no"
+        self.bar.set_postfix_str(f"+{self.names[index]}: {self.monitor}={score:.4g} {verdict}")
 
 
 def _score_ingredients(

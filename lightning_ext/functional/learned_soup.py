@@ -498,15 +498,10 @@ def learn_soup_coefficients(
     seed: int | None = None,
     reduce_grad: Callable[[Tensor], None] | None = None,
 ) -> LearnedSoup:
-    """Learn the mixing coefficients of ``state_dicts`` on held-out ``batches`` with Adam.
-
-    ``mixing="ingredients"``: learned soup (convex combination, starts uniform);
-    ``mixing="task_vectors"``: aTLAS, ``base + sum_k alpha_k (theta_k - base)`` per block (starts at
-    ``init``, default 0: the base). ``granularity``: one coefficient per ingredient and tensor, or
-    per ingredient for the whole model. ``loss_fn(logits, targets)`` defaults to the mean
-    cross-entropy; batches are read with ``unpack_batch`` and ``forward_fn`` (the project's batch
-    convention). The model runs in eval mode (dropout off, BatchNorm on the averaged statistics)
-    unless ``train_mode``; its own parameters and buffers are left untouched either way.
+    """Learn the mixing coefficients of ``state_dicts`` on held-out ``batches`` with Adam: a
+    learned soup (convex combination, starts uniform) or aTLAS (starts at ``init``, default 0: the
+    base), see the module docstring. The model runs in eval mode (dropout off, BatchNorm on the
+    averaged statistics) unless ``train_mode``; its own weights are left untouched either way.
 
     Args:
         model: the network the ingredients are weights of (left untouched).
@@ -523,13 +518,10 @@ def learn_soup_coefficients(
         unpack_batch: ``batch -> (inputs, targets)``.
         forward_fn: ``(module, inputs) -> logits``.
         train_mode: run the model in train mode (dropout, batch statistics).
-        seed: seed the random state while learning (a shuffling loader's order, dropout), so
-            that the result is deterministic; the caller's random state is restored after.
-            None: use the global random state as it is.
-        reduce_grad: called on the coefficients' gradient after every backward, before the
-            step, to change it in place: e.g. averaging it over processes that each learn on
-            their share of the held-out data, so that all of them take the same steps (the
-            losses recorded stay each process's own).
+        seed: seeds the random state while learning (a shuffling loader's order, dropout),
+            restored after; None: the global random state as it is.
+        reduce_grad: changes the coefficients' gradient in place before each step, e.g. its
+            mean over processes that each learn on their share of the data (same steps on all).
 
     Returns:
         The learned coefficients and the loss at every step.
@@ -563,15 +555,7 @@ def learn_soup_coefficients(
         loss_fn=loss_fn,
     )
     alpha = soup.initial_alpha(init).requires_grad_(True)
-    optimizer = torch.optim.Adam([alpha], lr=lr)
-    was_training = model.training
-    model.train(train_mode)
-    losses: list[float] = []
-    with _seeded(seed, alpha.device):
-        try:
-            _learn(soup, alpha, optimizer, batches, steps, losses, reduce_grad)
-        finally:
-            model.train(was_training)
+    losses = _learn(soup, alpha, batches, steps, lr, train_mode, seed, reduce_grad)
     alpha = alpha.detach()
     return LearnedSoup(alpha, soup.blocks, mixing, granularity, soup.weights_by_key(alpha), losses)
 
@@ -628,6 +612,30 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
 
 
 def _learn(
+    soup: SoupParametrisation,
+    alpha: Tensor,
+    batches: Iterable,
+    steps: int,
+    lr: float,
+    train_mode: bool,
+    seed: int | None,
+    reduce_grad: Callable[[Tensor], None] | None,
+) -> list[float]:
+    """Adam on ``alpha`` for ``steps`` batches, the model in ``train_mode`` (restored after) and
+    the random state seeded; returns each step's loss."""
+    optimizer = torch.optim.Adam([alpha], lr=lr)
+    model, losses = soup.model, list[float]()
+    was_training = model.training
+    model.train(train_mode)
+    with _seeded(seed, alpha.device):
+        try:
+            _steps(soup, alpha, optimizer, batches, steps, losses, reduce_grad)
+        finally:
+            model.train(was_training)
+    return losses
+
+
+def _steps(
     soup: SoupParametrisation,
     alpha: Tensor,
     optimizer: torch.optim.Optimizer,

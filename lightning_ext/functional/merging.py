@@ -527,44 +527,73 @@ def greedy_soup(
         raise ValueError(f"passes must be >= 1, got {passes}")
     if scores is None:
         scores = [float(evaluate(dict(state_dicts[i]))) for i in range(n)]
-    else:
-        scores = [float(s) for s in scores]
-        if len(scores) != n:
-            raise ValueError(f"got {len(scores)} scores for {n} ingredients")
+    elif len(scores) != n:
+        raise ValueError(f"got {len(scores)} scores for {n} ingredients")
+    scores = [float(s) for s in scores]
+    order = _ranked(scores, mode)
+    first = state_dicts[order[0]]
+    soup = {k: _float_copy(t) for k, t in first.items() if _is_mergeable(t)}
+    reference = _skeleton(first)
+    del first
     worst = -math.inf if mode == "max" else math.inf
-
-    def rank_key(i: int) -> float:
-        s = scores[i]
-        if math.isnan(s):
-            return math.inf
-        return -s if mode == "max" else s
-
-    order = sorted(range(n), key=rank_key)  # stable: ties keep the given order
-    best_index = order[0]
-    reference = state_dicts[best_index]
-    soup = {k: _float_copy(t) for k, t in reference.items() if _is_mergeable(t)}
-    reference = _skeleton(reference)
-    best_score = scores[best_index] if not math.isnan(scores[best_index]) else worst
-    chosen = [best_index]
+    best = worst if math.isnan(scores[order[0]]) else scores[order[0]]
+    chosen = [order[0]]
+    walk = _GreedyWalk(state_dicts, reference, evaluate, mode, strict, on_candidate)
     for pass_index in range(passes):
-        added = False
-        for i in order if pass_index else order[1:]:
-            sd = state_dicts[i]
-            check_same_layout(reference, sd, name=f"ingredient {i}", ref_name="the best ingredient")
-            frac = 1.0 / (len(chosen) + 1)
-            candidate = {k: s.lerp(_as_acc(sd[k], s), frac) for k, s in soup.items()}
-            del sd
-            score = float(evaluate(_finish(candidate, reference)))
-            kept = _better(score, best_score, mode, strict)
-            if on_candidate is not None:
-                on_candidate(i, score, kept)
-            if kept:
-                soup, best_score, added = candidate, score, True
-                chosen.append(i)
-            del candidate
+        soup, best, added = walk.run(order if pass_index else order[1:], soup, best, chosen)
         if not added:
             break
     return _finish(soup, reference), chosen
+
+
+def _ranked(scores: Sequence[float], mode: str) -> list[int]:
+    """The ingredients best first by their own score (NaN last; ties keep the given order)."""
+
+    def key(i: int) -> float:
+        s = scores[i]
+        return math.inf if math.isnan(s) else (-s if mode == "max" else s)
+
+    return sorted(range(len(scores)), key=key)
+
+
+class _GreedyWalk:
+    """One pass of the greedy soup over ranked ingredients: each candidate
+    ``soup * n/(n+1) + theta/(n+1)`` is scored and kept only if it beats the best so far."""
+
+    def __init__(
+        self,
+        state_dicts: Sequence[StateDict],
+        reference: StateDict,
+        evaluate: Callable[[dict[str, Tensor]], float],
+        mode: str,
+        strict: bool,
+        on_candidate: Callable[[int, float, bool], None] | None,
+    ) -> None:
+        self.state_dicts, self.reference, self.evaluate = state_dicts, reference, evaluate
+        self.mode, self.strict, self.on_candidate = mode, strict, on_candidate
+
+    def run(
+        self, indices: Sequence[int], soup: dict[str, Tensor], best: float, chosen: list[int]
+    ) -> tuple[dict[str, Tensor], float, bool]:
+        """Returns the soup, its score and whether any ingredient was added (to ``chosen``)."""
+        added = False
+        for i in indices:
+            sd = self.state_dicts[i]
+            check_same_layout(
+                self.reference, sd, name=f"ingredient {i}", ref_name="the best ingredient"
+            )
+            frac = 1.0 / (len(chosen) + 1)
+            candidate = {k: s.lerp(_as_acc(sd[k], s), frac) for k, s in soup.items()}
+            del sd
+            score = float(self.evaluate(_finish(candidate, self.reference)))
+            kept = _better(score, best, self.mode, self.strict)
+            if self.on_candidate is not None:
+                self.on_candidate(i, score, kept)
+            if kept:
+                soup, best, added = candidate, score, True
+                chosen.append(i)
+            del candidate
+        return soup, best, added
 
 
 # --------------------------------------------------------------------------- task vectors

@@ -860,19 +860,15 @@ def run_soup(
     resolved = check_soup_method(
         method, options, num_ingredients=n, has_base=base is not None, owner="run_soup"
     )
-    if method == "learned" and not isinstance(scorer, ValidationScorer):
-        raise ValueError(
-            f"run_soup(method='learned') learns on the scorer's module and held-out data: pass a "
-            f"ValidationScorer, not {type(scorer).__name__}"
-        )
+    _check_scorer(method, scorer)
     names = list(names) if names is not None else [f"ingredient {i}" for i in range(n)]
     nonfinite = _NonFiniteCheck(ingredients, base, names, allow_nonfinite)
     bar = _progress(n, progress_bar)
     scores = _score_ingredients(scorer, ingredients, names, monitor, bar, nonfinite)
     seen = _Candidates(bar, names, monitor, greedy=method == "greedy")
-    context = dict(evaluate=scorer, mode=mode, strict=strict, passes=passes, scores=scores)
+    greedy = dict(mode=mode, strict=strict, passes=passes, scores=scores)
     soup, chosen, learned = _make_soup(
-        method, ingredients, base, resolved, scorer, on_candidate=seen.observe, **context
+        method, ingredients, base, resolved, scorer, on_candidate=seen.observe, **greedy
     )
     bar.close()
     if nonfinite.shared():
@@ -883,6 +879,16 @@ def run_soup(
         f"(best single {_best(scores, mode):.4g})"
     )
     return SoupResult(soup, chosen, scores, soup_score, names, seen.candidates, learned)
+
+
+def _check_scorer(method: SoupMethod, scorer: Any) -> None:
+    """A method that learns on a model needs the ``ValidationScorer``'s module and data."""
+    entry = get_soup_method(method) if isinstance(method, str) else None
+    if entry is not None and "model" in entry.needs and not isinstance(scorer, ValidationScorer):
+        raise ValueError(
+            f"run_soup(method={method!r}) learns on the scorer's module and held-out data: pass "
+            f"a ValidationScorer, not {type(scorer).__name__}"
+        )
 
 
 class _Candidates:
@@ -940,6 +946,7 @@ def _make_soup(
     if callable(method):
         return method(ingredients), everyone, None
     entry = SOUP_METHODS[method]
+    context["evaluate"] = scorer
     if isinstance(scorer, ValidationScorer):
         context.update(
             model=scorer.module,

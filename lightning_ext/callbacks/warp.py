@@ -43,7 +43,7 @@ from lightning_ext.averaging import (
     nonfinite_message,
     refuse_nonfinite_parameters,
 )
-from lightning_ext.callbacks._steps import AfterOptimizerStep
+from lightning_ext.callbacks._steps import WhenToUpdate
 from lightning_ext.functional._checks import check_unit_range
 
 AnchorKind = Literal["ema", "init", "sync"]
@@ -55,7 +55,7 @@ _REFUSED_STRATEGIES = {
 }
 
 
-class WARP(AfterOptimizerStep):
+class WARP(WhenToUpdate):
     """Keep the KL anchor of a fine-tuning: an EMA of the policy, its initialisation, or a
     periodically synchronised copy.
 
@@ -72,6 +72,11 @@ class WARP(AfterOptimizerStep):
             LoRA or partially frozen policy shares its frozen base with the anchor instead of
             holding it twice. Tensors left out are the policy's own in the anchor (shared
             storage), which for frozen ones is exact.
+
+    When the anchor moves is one overridable method, ``should_update(step_idx, epoch_idx)``
+    (Lightning's ``WeightAveraging`` protocol, asked after every optimizer step and at every
+    epoch end; default: every step for ``"ema"``, every ``tau``-th for ``"sync"``). Each update
+    moves it by ``mu`` (``"ema"``) or ``alpha`` (``"sync"``); an ``"init"`` anchor never moves.
 
     Logged (every ``log_every_n_steps``): ``warp/anchor_distance``, the L2 distance between the
     policy's and the anchor's weights, and ``warp/anchor_updates``. The KL itself depends on the
@@ -172,6 +177,7 @@ class WARP(AfterOptimizerStep):
 
     # -- lifecycle -------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         name = type(trainer.strategy).__name__
         if name in _REFUSED_STRATEGIES:
             raise RuntimeError(
@@ -195,6 +201,7 @@ class WARP(AfterOptimizerStep):
             self._pending_state = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)  # an epoch end skipped by the resume
         # From here on the sparse-training masks are in place (and restored on resume, which
         # ModelParallelStrategy does after on_fit_start): the anchor, a copy of the module taken
         # at fit start, may predate them.
@@ -250,12 +257,33 @@ class WARP(AfterOptimizerStep):
         self._shadow = shadow
 
     # -- updates ---------------------------------------------------------------------------
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        """After every optimizer step (``"ema"``), every ``tau``-th (``"sync"``), never
+        (``"init"``); never at an epoch's end. Override it to choose other moments.
+
+        Args:
+            step_idx: the zero-based index of the optimizer step just taken
+                (``trainer.global_step - 1``), or None at an epoch's end.
+            epoch_idx: the zero-based index of the epoch just ended, or None after a step.
+
+        Returns:
+            True to move the anchor towards the policy now.
+        """
+        if step_idx is None or self.kind == "init":
+            return False
+        return self.kind == "ema" or (step_idx + 1) % self.tau == 0
+
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.kind == "init":
+            raise ValueError(
+                "WARP(anchor='init') is frozen, but should_update asked it to move: use "
+                "anchor='ema' (moves by mu) or anchor='sync' (moves by alpha)"
+            )
+        self._move_towards_policy(self.mu if self.kind == "ema" else self.alpha)
+
     def on_optimizer_step_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        if self.kind == "ema":
-            self._move_towards_policy(self.mu)
-        elif self.kind == "sync" and step % self.tau == 0:
-            self._move_towards_policy(self.alpha)
+        super().on_optimizer_step_done(trainer, pl_module)  # should_update decides
         self._mask_anchor()  # every kind: the masks may have moved (RigL, SET)
         # Lightning's connectors set this Trainer attribute at run time.
         if step % trainer.log_every_n_steps == 0:  # type: ignore[attr-defined]
@@ -326,6 +354,7 @@ class WARP(AfterOptimizerStep):
             "alpha": self.alpha,
             "tau": self.tau,
             "updates": self.updates,
+            "last_epoch_update": self.last_epoch_update,
             "anchor": anchor,
         }
 
@@ -354,6 +383,7 @@ class WARP(AfterOptimizerStep):
             else:
                 self._anchor.load_state_dict(saved)
         self.updates = int(state["updates"])
+        self.last_epoch_update = int(state.get("last_epoch_update", -1))
 
 
 class _ShardedAnchor(nn.Module):

@@ -41,6 +41,7 @@ from lightning_ext.averaging import (
     TrackedTensors,
     full_tensors,
     nonfinite_message,
+    parse_dtype,
     refuse_nonfinite_parameters,
 )
 from lightning_ext.callbacks._steps import WhenToUpdate
@@ -72,6 +73,11 @@ class WARP(WhenToUpdate):
             LoRA or partially frozen policy shares its frozen base with the anchor instead of
             holding it twice. Tensors left out are the policy's own in the anchor (shared
             storage), which for frozen ones is exact.
+        dtype: the dtype of the anchor's average (``"float32"``: an fp32 anchor of bf16 or
+            fp16 weights, whose small ``mu`` steps those dtypes round away, as EMA's
+            ``dtype``); None: each weight's own. The anchor's forward runs in the module's
+            dtypes, on a cast copy refreshed after every update; ``anchor_state_dict`` and
+            checkpoints keep the average in ``dtype``.
 
     When the anchor moves is one overridable method, ``should_update(step_idx, epoch_idx)``
     (Lightning's ``WeightAveraging`` protocol, asked after every optimizer step and at every
@@ -110,6 +116,7 @@ class WARP(WhenToUpdate):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         trainable_only: bool = False,
+        dtype: str | None = None,
     ) -> None:
         if anchor not in ("ema", "init", "sync"):
             raise ValueError(f"anchor must be 'ema', 'init' or 'sync', got {anchor!r}")
@@ -118,6 +125,7 @@ class WARP(WhenToUpdate):
         if int(tau) != tau or tau < 1:
             raise ValueError(f"tau must be a positive number of optimizer steps, got {tau}")
         self.selection = Selection.of(include, exclude, trainable_only)
+        self.dtype = parse_dtype(dtype, "WARP")
         self.kind: AnchorKind = anchor
         self.mu, self.alpha, self.tau = float(mu), float(alpha), int(tau)
         self.updates = 0
@@ -127,6 +135,9 @@ class WARP(WhenToUpdate):
         self._mask_source: Any = None
         self._rezeroed_now: Tensor | None = None  # this fit's count, summed without host syncs
         self._pending_state: dict[str, Any] | None = None
+        # (the anchor module's tensor, its shadow) where dtype makes them differ: the forward
+        # runs on a cast copy of the shadow, refreshed by _refresh_cast
+        self._cast: list[tuple[Tensor, Tensor]] = []
 
     @property
     def state_key(self) -> str:
@@ -237,7 +248,8 @@ class WARP(WhenToUpdate):
         refuse_nonfinite_parameters(pl_module, "WARP")
         # buffers: averages_buffer decides; tensors the selection leaves out are not copied
         tracked = TrackedTensors.from_module(pl_module, selection=self.selection, who="WARP")
-        shadow = ShadowWeights(tracked, background=False)
+        shadow = ShadowWeights(tracked, background=False, dtype=self.dtype)
+        self._cast = []
         if tracked.sharded:  # FSDP2 forbids deepcopy: swap the shards in for each anchor call
             self._anchor = _ShardedAnchor(pl_module, shadow)
         else:
@@ -246,15 +258,19 @@ class WARP(WhenToUpdate):
             anchor.eval()
             mine = dict(anchor.named_parameters()) | dict(anchor.named_buffers())
             for name, tensor in zip(shadow.tracked.names, shadow.tensors):
+                mine[name].grad = None  # a module fitted before may carry gradients
+                if tensor.dtype != mine[name].dtype:  # dtype: the forward runs on a cast copy
+                    self._cast.append((mine[name].data, tensor))
+                    continue
                 # one storage for the update and the forward: the anchor's tensors *are* the
                 # shadow (which also frees the deep copy's own storage)
                 mine[name].data = tensor
-                mine[name].grad = None  # a module fitted before may carry gradients
             for name, live in tracked.untracked.items():  # left out: the policy's own storage
                 mine[name].data = live.data
                 mine[name].grad = None
             self._anchor = anchor
         self._shadow = shadow
+        self._refresh_cast()  # a narrower dtype than the module's rounds the anchor too
 
     # -- updates ---------------------------------------------------------------------------
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
@@ -296,6 +312,14 @@ class WARP(WhenToUpdate):
         assert self._shadow is not None
         self._shadow.update_(1.0 - weight)  # anchor <- (1 - w) anchor + w policy; ints copied
         self.updates += 1
+        self._refresh_cast()
+
+    @torch.no_grad()
+    def _refresh_cast(self) -> None:
+        """The forward's cast copy of the shadow (``dtype``), after the shadow changed."""
+        if self._cast:
+            for anchor, shadow in self._cast:
+                anchor.copy_(shadow)
 
     def _mask_anchor(self) -> dict[str, Tensor]:
         """Zero the anchor outside the current sparse-training masks (local shards under
@@ -309,6 +333,7 @@ class WARP(WhenToUpdate):
             previous = self._rezeroed_now
             self._rezeroed_now = count if previous is None else previous + count.to(previous)
             apply_masks_(state, masks)
+            self._refresh_cast()
         return masks
 
     def _take_rezeroed(self, trainer: pl.Trainer) -> int:
@@ -342,9 +367,10 @@ class WARP(WhenToUpdate):
     def state_dict(self) -> dict[str, Any]:
         if self._anchor is None or self._shadow is None:
             anchor = None
-        elif self.sharded or self._shadow.tracked.untracked:
+        elif self._saves_shadow:
             # full tensors (rank 0 writes the callback state for every rank), and only the
-            # tracked ones: what a selection leaves out is the policy's, saved with the model
+            # tracked ones: what a selection leaves out is the policy's, saved with the model;
+            # in dtype (the anchor module holds a cast copy)
             anchor = self._shadow.full_state_dict()
         else:
             anchor = self._anchor.state_dict()
@@ -370,11 +396,17 @@ class WARP(WhenToUpdate):
         else:
             self._apply_state(state_dict)
 
+    @property
+    def _saves_shadow(self) -> bool:
+        """The state holds the shadow's tensors (not the anchor module's state dict)."""
+        assert self._shadow is not None
+        return self.sharded or bool(self._shadow.tracked.untracked) or bool(self._cast)
+
     def _apply_state(self, state: dict[str, Any]) -> None:
         assert self._anchor is not None and self._shadow is not None
         saved = state["anchor"]
         if saved is not None:
-            if self.sharded or self._shadow.tracked.untracked:
+            if self._saves_shadow:
                 # full tensors (or another run's shards): each rank keeps its own
                 names = self._shadow.tracked.names
                 self._shadow.load_state_dict(
@@ -382,6 +414,7 @@ class WARP(WhenToUpdate):
                 )
             else:
                 self._anchor.load_state_dict(saved)
+        self._refresh_cast()
         self.updates = int(state["updates"])
         self.last_epoch_update = int(state.get("last_epoch_update", -1))
 

@@ -3,7 +3,7 @@
 from lightning_ext.callbacks.continual import ContinualEvaluation
 from lightning_ext.callbacks.ema import EMA
 from lightning_ext.callbacks.posthoc_ema import PostHocEMA
-from lightning_ext.callbacks.pruning import DataPruningScores, InfoBatch
+from lightning_ext.callbacks.pruning import DataPruningScores, InfoBatch, OnlineScores, ScoringPass
 from lightning_ext.callbacks.schedule import ScheduleRefinement
 from lightning_ext.callbacks.schedule_free import ScheduleFree
 from lightning_ext.callbacks.soup import ModelSoup
@@ -18,7 +18,9 @@ __all__ = [
     "DynamicSparseTraining",
     "InfoBatch",
     "ModelSoup",
+    "OnlineScores",
     "PostHocEMA",
     "ScheduleFree",
     "ScheduleRefinement",
+    "ScoringPass",
 ]

@@ -78,3 +78,23 @@ def test_should_score_overridden_moves_the_pass_and_the_online_scores(tmp_path):
     two = online(OnlineScores("loss", at_epoch=2, plot=False), "two")
     one = online(DataPruningScores("loss", "online", plot=False), "one")
     assert torch.equal(late, two) and not torch.equal(late, one)
+
+
+def test_lightning_cli_configures_the_old_name_and_the_new_ones():
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.callbacks import Callback
+
+    parser = ArgumentParser()
+    parser.add_argument("--callbacks", type=list[Callback])
+    given = [
+        {
+            "class_path": "lightning_ext.callbacks.DataPruningScores",
+            "init_args": {"mode": "online"},
+        },
+        {"class_path": "lightning_ext.callbacks.ScoringPass", "init_args": {"at_step": 3}},
+        {"class_path": "lightning_ext.callbacks.OnlineScores", "init_args": {"score": "loss"}},
+    ]
+    config = parser.parse_object({"callbacks": given})
+    built = parser.instantiate(config).callbacks
+    assert [type(cb) for cb in built] == [OnlineScores, ScoringPass, OnlineScores]
+    assert built[1].at_step == 3 and built[2].score == "loss"

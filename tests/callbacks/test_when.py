@@ -185,3 +185,15 @@ def test_posthoc_ema_and_warp_subclasses_move_when_their_should_update_says(tmp_
 
     with pytest.raises(ValueError, match=r"anchor=.init.\).*is frozen"):
         _fit([MovingInit(anchor="init")], epochs=1)
+
+
+@pytest.mark.parametrize("point", ["epoch_boundary", "last_batch"])
+def test_epoch_end_updates_resume_exactly_under_max_steps_after_a_sigkill(point, tmp_path):
+    """The resume matrix's cell (a child killed right after the checkpoint, resumed in another):
+    under max_steps Lightning reruns the end hooks of an epoch-end checkpoint's epoch, and skips
+    them after a last-batch one; the epoch's update is made once either way."""
+    from tests.conformance.test_resume_matrix import SETUPS, Setup, check_resume_cell
+
+    with pytest.MonkeyPatch.context() as mp:  # the forked children inherit the patched set-ups
+        mp.setitem(SETUPS, "EpochEndEMA", Setup(lambda files: EpochEndEMA(decay=0.5)))
+        check_resume_cell("EpochEndEMA", point, "max_steps", tmp_path / "cell", tmp_path)

@@ -26,7 +26,7 @@ from lightning_ext.strategies.soup import SoupStrategyMixin
 from lightning_ext.strategies.warp import WARPStrategy as _WARPStrategy
 from lightning_ext.strategies.warp import WARPStrategyMixin
 
-__all__ = [*_callbacks.__all__, "SoupStrategy", "WARPStrategy"]
+__all__ = [*_callbacks.__all__, "OnlineScores", "ScoringPass", "SoupStrategy", "WARPStrategy"]
 
 _C = TypeVar("_C", bound=type)
 

@@ -21,6 +21,7 @@ from lightning_ext._plot import matplotlib_available, new_figure, write_png
 from lightning_ext.averaging import gather_full, is_dtensor, local_part, local_shard
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.callbacks._steps import ExactResume
+from lightning_ext.functional._checks import check_unit_range
 from lightning_ext.functional.sparse import (
     MASK_LARGE,
     MASK_PIECE,
@@ -145,22 +146,17 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
         hold_denominators: bool = True,
     ) -> None:
         super().__init__()
-        if not 0.0 < density <= 1.0:
-            raise ValueError(f"density must lie in (0, 1], got {density}")
+        check_unit_range("density", density, low_open=True)
         self.spec: SparseMethod = get_sparse_method(method)  # what the hooks do differently
         if distribution not in ("erk", "er", "uniform", "uniform_first_dense"):
             raise ValueError(f"unknown distribution {distribution!r}")
         for pattern, value in (layer_density or {}).items():
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"layer_density[{pattern!r}] must lie in (0, 1], got {value}")
+            check_unit_range(f"layer_density[{pattern!r}]", value, low_open=True)
         if delta_t < 1:
             raise ValueError(f"delta_t must be >= 1 optimizer step, got {delta_t}")
-        if not 0.0 < end_fraction <= 1.0:
-            raise ValueError(f"end_fraction must lie in (0, 1], got {end_fraction}")
-        if not 0.0 <= drop_fraction <= 1.0:
-            raise ValueError(f"drop_fraction must lie in [0, 1], got {drop_fraction}")
-        if not 0.0 <= momentum_beta < 1.0:
-            raise ValueError(f"momentum_beta must lie in [0, 1), got {momentum_beta}")
+        check_unit_range("end_fraction", end_fraction, low_open=True)
+        check_unit_range("drop_fraction", drop_fraction)
+        check_unit_range("momentum_beta", momentum_beta, high_open=True)
         match = re.fullmatch(r"(\d+):(\d+)", nm)
         if not match or not 0 < int(match[1]) < int(match[2]):
             raise ValueError(f"nm must look like '2:4' (0 < N < M), got {nm!r}")

@@ -269,6 +269,61 @@ def skipped_epoch_end(trainer: Any) -> int | None:
     return epoch
 
 
+_RESTORED_EPOCH_ATTR = "_lightning_ext_restored_epoch_finished"
+
+
+def finish_restored_epoch(trainer: Any) -> bool:
+    """Keep a fit resumed from an epoch-end checkpoint of an epoch without validation from
+    training one batch too many; True when it had to.
+
+    Lightning 2.6 under ``max_steps`` leaves a restored epoch's loop through the branch that
+    skips its already-run validation; an epoch without validation has no such branch, so the
+    loop re-enters the finished epoch and trains one more batch from a fresh iterator (13 steps
+    where an uninterrupted run takes 12), and nothing after the resume matches. When every batch
+    of the restored epoch was processed, its validation is not restored as finished and the
+    restart is on the epoch's end, the epoch is closed: its validation marked as run and the
+    loop's restart state cleared at the next epoch's start (``end_restored_epoch``). With
+    validation, Lightning's branch counts the epoch's last batch a second time for the loggers
+    (their step runs one ahead of the uninterrupted run's from then on): counted back here.
+    Call from ``on_train_start`` (Lightning decides the restart stage just before it).
+
+    Args:
+        trainer: the Trainer.
+
+    Returns:
+        Whether the restored epoch was closed here (an epoch without validation).
+    """
+    loop = trainer.fit_loop
+    epoch_loop = loop.epoch_loop
+    val_loop = epoch_loop.val_loop
+    if not (
+        getattr(loop, "restarted_on_epoch_end", False)
+        and epoch_loop.restarting
+        and epoch_loop._is_training_done
+        and not val_loop._has_run
+    ):
+        return False
+    if val_loop.batch_progress.is_last_batch:  # Lightning's branch: it counts the batch again
+        epoch_loop._batches_that_stepped -= 1
+        return False
+    val_loop._has_run = True
+    setattr(trainer, _RESTORED_EPOCH_ATTR, True)
+    return True
+
+
+def end_restored_epoch(trainer: Any) -> None:
+    """Clear the restart state of an epoch ``finish_restored_epoch`` closed, as Lightning does
+    after a loop's iteration (none ran in it), so the next epoch starts at its first batch. Call
+    from ``on_train_epoch_start``, every epoch.
+
+    Args:
+        trainer: the Trainer.
+    """
+    if getattr(trainer, _RESTORED_EPOCH_ATTR, False):
+        setattr(trainer, _RESTORED_EPOCH_ATTR, False)
+        trainer.fit_loop.epoch_loop.on_iteration_done()
+
+
 def start_next_epoch_at_first_batch(trainer: Any) -> None:
     """Make a fit resumed after a skipped epoch end start its next epoch at batch 0.
 

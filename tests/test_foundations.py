@@ -192,12 +192,13 @@ def test_a_longer_epoch_after_a_skipped_epoch_end_is_trained_whole(tmp_path):
     assert_bitwise_equal(runs.full_module.state_dict(), runs.resumed_module.state_dict())
 
 
-@pytest.mark.parametrize("val_batches", [1])
+@pytest.mark.parametrize("val_batches", [0, 1])
 def test_a_fit_resumed_from_an_epoch_end_under_max_steps_trains_every_epoch(tmp_path, val_batches):
     """Lightning 2.6, resumed under ``max_steps`` from an epoch-end checkpoint, counts that epoch
     as processed twice: with ``max_epochs`` set too, the fit ended one epoch early (8 steps of
-    12) and each epoch got the next one's shuffle. ``ExactResume`` (every lightning_ext callback
-    and strategy has it) sets both back."""
+    12) and each epoch got the next one's shuffle; without validation it also trained the
+    restored epoch one batch too long (13 steps), and with validation the loggers' step ran one
+    ahead. ``ExactResume`` (every lightning_ext callback and strategy has it) sets all right."""
     from lightning_ext.callbacks._steps import ExactResume
     from tests.helpers.resume import quiet_trainer
 
@@ -216,11 +217,13 @@ def test_a_fit_resumed_from_an_epoch_end_under_max_steps_trains_every_epoch(tmp_
         )
         shuffled = torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0, seed=0)
         loader = torch.utils.data.DataLoader(data, batch_size=16, sampler=shuffled)
-        val = torch.utils.data.DataLoader(data, batch_size=16)
+        val = torch.utils.data.DataLoader(data, batch_size=16) if val_batches else None
         trainer.fit(module, loader, val, ckpt_path=ckpt_path)
         return trainer, module
 
     full, full_module = fit()
     resumed, resumed_module = fit(ckpts / "epoch=0-step=4.ckpt")
     assert full.global_step == resumed.global_step == 12  # 3 epochs of 4 batches
+    logged = [t.fit_loop.epoch_loop._batches_that_stepped for t in (full, resumed)]
+    assert logged[0] == logged[1]  # the loggers' step
     assert_bitwise_equal(full_module.state_dict(), resumed_module.state_dict())

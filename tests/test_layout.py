@@ -117,3 +117,27 @@ def test_soup_logic_stays_in_five_files_of_named_steps():
     soup = {n: size for n, size in lengths.items() if any(w in n for w in soup_words)}
     over = {n: size for n, size in soup.items() if size > 80 and not n.endswith(".build_soup")}
     assert over == {} and soup["lightning_ext.workflows.soup.build_soup"] <= 110, over
+
+
+def test_every_exact_resume_callback_keeps_its_resume_fixes():
+    """``ExactResume``'s train-start and epoch-start fixes run only if each subclass that
+    defines those hooks calls ``super()`` in them: one that did not would resume inexactly."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import lightning_ext.callbacks
+    from lightning_ext.callbacks._steps import ExactResume
+
+    for info in pkgutil.iter_modules(lightning_ext.callbacks.__path__):
+        importlib.import_module(f"lightning_ext.callbacks.{info.name}")
+    missing, seen, classes = [], 0, list(ExactResume.__subclasses__())
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        for hook in ("on_train_start", "on_train_epoch_start"):
+            if hook in vars(cls):
+                seen += 1
+                if f"super().{hook}(" not in inspect.getsource(vars(cls)[hook]):
+                    missing.append(f"{cls.__qualname__}.{hook}")
+    assert seen >= 5 and not missing, missing

@@ -10,6 +10,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightning_ext._lightning import (
+    end_restored_epoch,
+    finish_restored_epoch,
     grad_scaler_found_inf,
     realign_sampler_epoch,
     skipped_epoch_end,
@@ -20,10 +22,17 @@ class ExactResume(Callback):
     """Every callback of the package starts from this: at each epoch start, the training
     samplers get the epoch an uninterrupted run gives them (``_lightning.realign_sampler_epoch``:
     Lightning 2.6, resumed under ``max_steps`` from an epoch-end checkpoint, hands them the next
-    one), so a resumed fit with any of these callbacks sees the uninterrupted run's data order.
-    Subclasses that define ``on_train_epoch_start`` call ``super()`` first."""
+    one), so a resumed fit with any of these callbacks sees the uninterrupted run's data order;
+    at train start, a fit resumed from an epoch-end checkpoint of an epoch without validation
+    does not train that epoch a batch too long (``_lightning.finish_restored_epoch``).
+    Subclasses that define ``on_train_start`` or ``on_train_epoch_start`` call ``super()`` first
+    (``tests/test_layout.py`` checks it)."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        finish_restored_epoch(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        end_restored_epoch(trainer)
         realign_sampler_epoch(trainer)
 
 
@@ -150,6 +159,7 @@ class WhenToUpdate(AfterOptimizerStep):
             self._update(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         epoch = skipped_epoch_end(trainer)
         if epoch is not None:
             self._update_at_epoch_end(trainer, pl_module, epoch)

@@ -377,6 +377,7 @@ class _Scores(_BufferState, DeclaredState, ExactResume):
     # --- hooks
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         self._last_is_index = None
         if self.scores is not None:
             return
@@ -1116,6 +1117,7 @@ class InfoBatch(_BufferState, DeclaredState, ExactResume):
         return epoch < self.delta * trainer.max_epochs
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         if trainer.max_epochs in (None, -1):
             raise ValueError("InfoBatch anneals at delta * max_epochs: set Trainer(max_epochs=...)")
         self._sampler = _find_sampler(trainer, InfoBatchSampler)

@@ -516,6 +516,7 @@ class ScheduleRefinement(ExactResume):
             rank_zero_info(f"ScheduleRefinement records {', '.join(self._norms)} gradient norms")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         # The run's length is read once the training loader exists: read earlier, it would
         # keep a resumed run's loader from being fast-forwarded.
         total = self.total_steps or stepping_batches(trainer)

@@ -198,6 +198,7 @@ class ModelSoup(DeclaredState, ExactResume):
             self._monitor_checked = check_monitor_logged(self.monitor, trainer, "ModelSoup")
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
         # Resumed on an epoch's last batch: Lightning skips that epoch's end, so its ingredient
         # is taken now, from the same weights the uninterrupted run takes it from.
         epoch = skipped_epoch_end(trainer)

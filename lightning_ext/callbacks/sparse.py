@@ -391,6 +391,7 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
         self._layer_flops: LayerFlops | None = LayerFlops(pl_module, self._params)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         self._schedule(trainer)
         # Steps count from here only: ModelParallelStrategy restores a checkpoint after
         # on_fit_start, and its optimizer loading runs a zero-gradient optimizer.step()

@@ -64,8 +64,10 @@ from tests.helpers.resume import (
     strip_root,
 )
 
-Limit = Literal["max_epochs", "max_steps"]
-LIMITS: tuple[Limit, ...] = ("max_epochs", "max_steps")
+Limit = Literal["max_epochs", "max_steps", "max_steps_no_val"]
+# max_steps_no_val: a fit without validation (limit_val_batches=0), where Lightning 2.6 resumed
+# from an epoch's end re-entered that epoch (_lightning.finish_restored_epoch)
+LIMITS: tuple[Limit, ...] = ("max_epochs", "max_steps", "max_steps_no_val")
 EPOCHS, BATCHES, BATCH_SIZE = 3, 4, 16
 MAX_STEPS = 10  # ends inside the third epoch
 KILL_EPOCH = 1  # every kill point lies in the second epoch; mid-epoch: after its second batch
@@ -73,7 +75,10 @@ TRAIN_SIZE = BATCHES * BATCH_SIZE
 
 
 def limits(limit: Limit) -> dict[str, int]:
-    return {"max_epochs": EPOCHS} if limit == "max_epochs" else {"max_steps": MAX_STEPS}
+    """The Trainer's options of a limit (validation: one batch each epoch, unless none)."""
+    if limit == "max_epochs":
+        return {"max_epochs": EPOCHS, "limit_val_batches": 1}
+    return {"max_steps": MAX_STEPS, "limit_val_batches": 0 if limit == "max_steps_no_val" else 1}
 
 
 # ------------------------------------------------------------------------------- the set-ups
@@ -180,7 +185,9 @@ RESUME_WARNINGS: dict[tuple[str, KillPoint, Limit], str] = {
 KNOWN_FAILURES: dict[tuple[str, KillPoint, Limit], str] = {}
 # Callbacks that refuse a limit before training (then no cell of that limit has anything to
 # resume): the text the refusal must contain.
-RESUME_REFUSALS: dict[tuple[str, Limit], str] = {("InfoBatch", "max_steps"): "max_epochs"}
+RESUME_REFUSALS: dict[tuple[str, Limit], str] = {
+    ("InfoBatch", limit): "max_epochs" for limit in ("max_steps", "max_steps_no_val")
+}
 
 
 # ------------------------------------------------------------------------------- one fit
@@ -205,7 +212,6 @@ def fit(
     trainer = quiet_trainer(
         callbacks=[instance, *extra],
         default_root_dir=root / "files",
-        limit_val_batches=1,
         num_sanity_val_steps=0,
         enable_checkpointing=bool(extra),
         **limits(limit),
@@ -368,8 +374,9 @@ def test_every_callback_is_in_the_resume_matrix() -> None:
 STRATEGIES = ("SoupStrategy", "WARPStrategy")
 # Every kill point and limit, as for the callbacks (each cell: two 2-process jobs forked from the
 # test; the uninterrupted runs of all cells share one job).
-STRATEGY_CELLS: tuple[tuple[KillPoint, Limit], ...] = tuple(
-    (point, limit) for point in KILL_POINTS for limit in LIMITS
+STRATEGY_CELLS: tuple[tuple[KillPoint, Limit], ...] = (
+    *((point, limit) for point in KILL_POINTS for limit in LIMITS if limit != "max_steps_no_val"),
+    ("epoch_boundary", "max_steps_no_val"),  # the one boundary where validation matters
 )
 # Resumed under max_steps from an epoch's end, Lightning 2.6 hands the samplers the next epoch;
 # the strategies add an ExactResume callback at setup (callbacks._steps.ensure_exact_resume).
@@ -403,7 +410,6 @@ def fit_strategy(
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_val_batches=1,
         num_sanity_val_steps=0,
         enable_checkpointing=bool(extra),
         **limits(limit),

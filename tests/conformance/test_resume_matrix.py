@@ -520,7 +520,6 @@ def test_table_reports_the_resume_and_stream_matrices(
 
     assert cell(resume, "EMA", 1) == "works"
     assert cell(resume, "InfoBatch", 2) == "refuses (`max_epochs`)"
-    assert cell(resume, "InfoBatch", 3) == "refuses (`max_epochs`)"  # max_steps, no validation
     assert cell(resume, "InfoBatch", 4).startswith("bug [")  # last batch, max_epochs
     assert cell(resume, "WARPStrategy", 3) == "—"  # no strategy cell mid-epoch without validation
     assert f". {bug}" in notes

@@ -878,7 +878,32 @@ def run_soup(
         f"soup of {len(chosen)} ingredient(s) {chosen}: {monitor}={soup_score:.4g} "
         f"(best single {_best(scores, mode):.4g})"
     )
+    _warn_if_worse(method, soup_score, scores, names, monitor, mode)
     return SoupResult(soup, chosen, scores, soup_score, names, seen.candidates, learned)
+
+
+def _warn_if_worse(
+    method: SoupMethod,
+    soup_score: float,
+    scores: list[float],
+    names: list[str],
+    monitor: str,
+    mode: str,
+) -> None:
+    """Say, with figures, when the soup scores worse than its best ingredient alone: every
+    method but the greedy one (which starts from the best and keeps only what improves it) can
+    end there, e.g. a uniform soup of ingredients from different basins or a learned soup that
+    overfits its held-out batches. The soup is still returned: the caller chose the method."""
+    best = _best(scores, mode)
+    if method == "greedy" or math.isnan(best) or math.isnan(soup_score):
+        return
+    if (soup_score > best) if mode == "min" else (soup_score < best):
+        name = names[scores.index(best)]
+        rank_zero_warn(
+            f"the {method if isinstance(method, str) else 'custom'} soup scores "
+            f"{monitor}={soup_score:.4g}, worse than its best ingredient alone ({name}: "
+            f"{best:.4g}, mode={mode!r}); method='greedy' never ends below the best ingredient"
+        )
 
 
 def _check_scorer(method: SoupMethod, scorer: Any) -> None:

@@ -400,3 +400,21 @@ def test_docs_tables_are_generated_from_the_registry(table):
     assert registry_tables.current(page, table) == render(), (
         f"{page}: the {table} table differs from the registry; run python -m tools.registry_tables"
     )
+
+
+def test_a_soup_worse_than_its_best_ingredient_is_said_with_figures():
+    """A uniform (or learned) soup can end below its best ingredient alone; the greedy soup
+    cannot. The worse soup is returned as asked, with a warning naming both scores."""
+    import warnings
+
+    from lightning_ext._soup import run_soup
+
+    ingredients = [{"w": torch.tensor([v])} for v in (1.0, 3.0, 11.0)]
+    distance_to_1 = lambda sd: float((sd["w"] - 1).abs())  # noqa: E731
+    said = r"uniform soup scores loss=4, worse than its best ingredient alone \(ingredient 0: 0,"
+    with pytest.warns(UserWarning, match=said):
+        result = run_soup(distance_to_1, ingredients, method="uniform", monitor="loss")
+    assert result.soup_score == 4.0 and result.chosen == [0, 1, 2]  # returned as asked
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run_soup(distance_to_1, ingredients, method="greedy").chosen == [0]

@@ -3,6 +3,7 @@ on any LightningModule. The math lives in ``lightning_ext.functional.sparse``.""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -76,11 +77,27 @@ ELEMENTWISE_OPTIMIZERS = frozenset(
 ADAM_MOMENT_OPTIMIZERS = frozenset({"Adam", "AdamW", "NAdam", "RAdam"})
 
 
+def _check_structured_budget(
+    method: str, nm: str, density: float | None, layer_density: dict[str, float] | None
+) -> None:
+    """An N:M method keeps N of every M weights in every layer: a density or per-layer densities
+    other than that would be silently ignored (a 0.1 asked for trained at 0.5)."""
+    n, m = (int(x) for x in nm.split(":"))
+    if layer_density or (density is not None and not math.isclose(density, n / m)):
+        given = f"layer_density={layer_density}" if layer_density else f"density={density}"
+        raise ValueError(
+            f"method={method!r} keeps {n} of every {m} weights in each layer (nm={nm!r}, density "
+            f"{n / m:g}): {given} cannot apply; drop it, or choose nm, or an unstructured method "
+            "('rigl', 'set', 'snfs', 'static') for that budget"
+        )
+
+
 class DynamicSparseTraining(DeclaredState, ExactResume):
     """Keep the chosen weights sparse at a fixed budget and periodically rewire them.
 
     Args:
-        density: global fraction of the targeted weights kept active, in (0, 1].
+        density: global fraction of the targeted weights kept active, in (0, 1]; None: 0.1,
+            or N/M for ``srste`` (which refuses any other value).
         method: a name of ``functional.SPARSE_METHODS``: ``rigl`` (grow by dense-gradient
             magnitude), ``set`` (grow at random), ``snfs`` (sparse momentum: grow by momentum
             magnitude, growth redistributed across layers by their mean momentum; the momentum is
@@ -123,7 +140,7 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
 
     def __init__(
         self,
-        density: float = 0.1,
+        density: float | None = None,
         *,
         method: Method = "rigl",
         distribution: Distribution = "erk",
@@ -146,8 +163,17 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
         hold_denominators: bool = True,
     ) -> None:
         super().__init__()
-        check_unit_range("density", density, low_open=True)
         self.spec: SparseMethod = get_sparse_method(method)  # what the hooks do differently
+        match = re.fullmatch(r"(\d+):(\d+)", nm)
+        if not match or not 0 < int(match[1]) < int(match[2]):
+            raise ValueError(f"nm must look like '2:4' (0 < N < M), got {nm!r}")
+        if self.spec.structured:
+            _check_structured_budget(method, nm, density, layer_density)
+        # the state key keeps the density as given (0.1 when unset), as checkpoints name it
+        self._key_density = 0.1 if density is None else density
+        if density is None:
+            density = int(match[1]) / int(match[2]) if self.spec.structured else 0.1
+        check_unit_range("density", density, low_open=True)
         if distribution not in ("erk", "er", "uniform", "uniform_first_dense"):
             raise ValueError(f"unknown distribution {distribution!r}")
         for pattern, value in (layer_density or {}).items():
@@ -157,9 +183,6 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
         check_unit_range("end_fraction", end_fraction, low_open=True)
         check_unit_range("drop_fraction", drop_fraction)
         check_unit_range("momentum_beta", momentum_beta, high_open=True)
-        match = re.fullmatch(r"(\d+):(\d+)", nm)
-        if not match or not 0 < int(match[1]) < int(match[2]):
-            raise ValueError(f"nm must look like '2:4' (0 < N < M), got {nm!r}")
         self.density, self.method, self.distribution = density, method, distribution
         self.erk_power, self.layer_density = erk_power, dict(layer_density or {})
         self.delta_t, self.end_fraction, self.drop_fraction = delta_t, end_fraction, drop_fraction
@@ -227,7 +250,7 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(method=self.method, density=self.density)
+        return self._generate_state_key(method=self.method, density=self._key_density)
 
     # ----- setup: choose targets and their budgets -------------------------------------------
 

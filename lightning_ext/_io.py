@@ -385,8 +385,7 @@ def claim_version_dir(root: str | os.PathLike) -> Path:
 
 
 def claim_run_folder(folder: str | os.PathLike) -> str | None:
-    """Claim ``folder`` for this process with a claim file beside it
-    (``.<name>.lightning-ext-owner``, outside the folder so that a logger finds it empty), or
+    """Claim ``folder`` for this process with a claim file in it (``.lightning-ext-owner``), or
     name the live process on this host that holds it. A claim left by a process that is gone (a
     killed run being resumed into its folder) or by another host (which cannot be judged) is
     taken over.
@@ -401,7 +400,7 @@ def claim_run_folder(folder: str | os.PathLike) -> str | None:
         OSError: the claim file cannot be written (the message names it).
     """
     folder = Path(folder)
-    claim = folder.parent / f".{folder.name}.lightning-ext-owner"
+    claim = folder / ".lightning-ext-owner"
     me = f"{os.getpid()}@{_HOST}"
     owner = claim_file(claim, me)
     if owner == me:

@@ -7,8 +7,8 @@ compare on the test set and the shifted test set:
 
 - the best single ingredient, the uniform soup and the greedy soup (``functional.greedy_soup``),
   chosen on the held-out set;
-- the learned soup (``mode="ingredients"``: per-tensor softmax weights over the ingredients) and
-  aTLAS (``mode="task_vectors"``: per-tensor coefficients of the task vectors from the pre-trained
+- the learned soup (``mixing="ingredients"``: per-tensor softmax weights over the ingredients) and
+  aTLAS (``mixing="task_vectors"``: per-tensor coefficients of the task vectors from the pre-trained
   model), both learned by Adam on the same held-out set with only the coefficients trainable.
 
     python -m examples.learned_soups     # 5 seeds; writes benchmarks/results/learned_soups.md
@@ -75,7 +75,7 @@ def run_seed(seed: int, pre_epochs: int, ft_epochs: int, steps: int) -> dict[str
         soup = learn_soup_coefficients(model, ings, held_out, steps=steps, lr=0.05, **options)
         return soup.state_dict(ings, options.get("base"))
 
-    tv = {"base": base, "mode": "task_vectors"}
+    tv = {"base": base, "mixing": "task_vectors"}
     candidates = {
         "best single (val)": ings[max(range(len(ings)), key=scores.__getitem__)],
         "uniform soup": uniform_soup(ings),

@@ -384,6 +384,34 @@ def claim_version_dir(root: str | os.PathLike) -> Path:
         raise _write_error(root, err) from err
 
 
+def claim_run_folder(folder: str | os.PathLike) -> str | None:
+    """Claim ``folder`` for this process with a claim file in it (``.lightning-ext-owner``), or
+    name the live process on this host that holds it. A claim left by a process that is gone (a
+    killed run being resumed into its folder) or by another host (which cannot be judged) is
+    taken over.
+
+    Args:
+        folder: the run folder.
+
+    Returns:
+        None when this process holds the folder now, else the holder (``pid@host``).
+
+    Raises:
+        OSError: the claim file cannot be written (the message names it).
+    """
+    folder = Path(folder)
+    claim = folder / ".lightning-ext-owner"
+    me = f"{os.getpid()}@{_HOST}"
+    owner = claim_file(claim, me)
+    if owner == me:
+        return None
+    pid, _, host = owner.partition("@")
+    if host == _HOST and pid.isdigit() and _alive(int(pid)) and os.name != "nt":
+        return owner
+    atomic_write(claim, lambda handle: handle.write((me + "\n").encode()))
+    return None
+
+
 def claim_file(path: str | os.PathLike, owner: str) -> str:
     """Claim a folder for one run by creating ``path`` exclusively with ``owner`` inside: the
     first claimant wins even when runs start at the same instant.

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_ext._io import claim_version_dir
+from lightning_ext._io import claim_run_folder, claim_version_dir
 
 _pytorch_lightning: ModuleType | None
 try:  # the older namespace is optional
@@ -102,7 +102,10 @@ _RUN_ROOT_ATTR = "_lightning_ext_run_root"
 def _resolve_run_root(trainer: Any) -> Path:
     """The run's own folder, following Lightning's conventions.
 
-    - CSV/TensorBoard loggers: ``logger.log_dir`` (already versioned, ``version_N``).
+    - CSV/TensorBoard loggers: ``logger.log_dir`` (already versioned, ``version_N``), claimed
+      for this process (``_io.claim_run_folder``): the logger picks its version by listing the
+      folders, so two runs started together get the same one; the second is refused here,
+      before training, instead of overwriting the first one's files.
     - Loggers without a versioned ``log_dir`` (WandbLogger): ``<save_dir>/<name>/<version>``, as
       Lightning's ModelCheckpoint resolves its folder for them (project / run id for wandb).
     - No logger: ``<default_root_dir>/lightning_logs/version_N`` with the next free N, created
@@ -115,6 +118,14 @@ def _resolve_run_root(trainer: Any) -> Path:
         if not is_wandb_logger(logger):
             log_dir = getattr(logger, "log_dir", None)
             if log_dir:
+                holder = claim_run_folder(log_dir)
+                if holder is not None:
+                    raise FileExistsError(
+                        f"{log_dir} is the run folder of another live run (process {holder}): "
+                        "its logger gave this run the same version (runs started at the same "
+                        "moment, or one version= for both). Give each run's logger its own "
+                        "version, or start this run a moment later"
+                    )
                 return Path(log_dir)
         if is_wandb_logger(logger):
             _ = logger.experiment  # the run id (its version) exists only once the run is started
@@ -220,6 +231,17 @@ def stepping_batches(trainer: Any) -> int | float:
 _SKIPPED_WARNED_ATTR = "_lightning_ext_skipped_epoch_end_warned"
 
 
+def _restarted_after_last_batch(trainer: Any) -> bool:
+    """Restored from a checkpoint written after an epoch's last batch, before its end."""
+    fit_loop = trainer.fit_loop
+    epoch_loop = fit_loop.epoch_loop
+    return bool(
+        getattr(fit_loop, "restarted_mid_epoch", False)
+        and getattr(epoch_loop, "restarted_on_train_batch_end", False)
+        and epoch_loop.batch_progress.is_last_batch
+    )
+
+
 def skipped_epoch_end(trainer: Any) -> int | None:
     """The epoch whose end this resumed fit skips, or None.
 
@@ -231,14 +253,7 @@ def skipped_epoch_end(trainer: Any) -> int | None:
     restart stage just before it). Warns once per fit, naming what is lost; callbacks of this
     package redo their own epoch-end work when this returns an epoch.
     """
-    fit_loop = trainer.fit_loop
-    epoch_loop = fit_loop.epoch_loop
-    skipped = (
-        getattr(fit_loop, "restarted_mid_epoch", False)
-        and getattr(epoch_loop, "restarted_on_train_batch_end", False)
-        and epoch_loop.batch_progress.is_last_batch
-    )
-    if not skipped:
+    if not _restarted_after_last_batch(trainer):
         return None
     epoch = int(trainer.current_epoch) - 1  # Lightning already counted the epoch as completed
     if not getattr(trainer, _SKIPPED_WARNED_ATTR, False):
@@ -252,6 +267,84 @@ def skipped_epoch_end(trainer: Any) -> int | None:
             "off the epoch's last batch to resume without loss."
         )
     return epoch
+
+
+_RESTORED_EPOCH_ATTR = "_lightning_ext_restored_epoch_finished"
+
+
+def finish_restored_epoch(trainer: Any) -> bool:
+    """Keep a fit resumed from an epoch-end checkpoint of an epoch without validation from
+    training one batch too many; True when it had to.
+
+    Lightning 2.6 under ``max_steps`` leaves a restored epoch's loop through the branch that
+    skips its already-run validation; an epoch without validation has no such branch, so the
+    loop re-enters the finished epoch and trains one more batch from a fresh iterator (13 steps
+    where an uninterrupted run takes 12), and nothing after the resume matches. When every batch
+    of the restored epoch was processed, its validation is not restored as finished and the
+    restart is on the epoch's end, the epoch is closed: its validation marked as run and the
+    loop's restart state cleared at the next epoch's start (``end_restored_epoch``). With
+    validation, Lightning's branch counts the epoch's last batch a second time for the loggers
+    (their step runs one ahead of the uninterrupted run's from then on): counted back here.
+    Call from ``on_train_start`` (Lightning decides the restart stage just before it).
+
+    Args:
+        trainer: the Trainer.
+
+    Returns:
+        Whether the restored epoch was closed here (an epoch without validation).
+    """
+    loop = trainer.fit_loop
+    epoch_loop = loop.epoch_loop
+    val_loop = epoch_loop.val_loop
+    if not (
+        getattr(loop, "restarted_on_epoch_end", False)
+        and epoch_loop.restarting
+        and epoch_loop._is_training_done
+        and not val_loop._has_run
+    ):
+        return False
+    if val_loop.batch_progress.is_last_batch:  # Lightning's branch: it counts the batch again
+        epoch_loop._batches_that_stepped -= 1
+        return False
+    val_loop._has_run = True
+    setattr(trainer, _RESTORED_EPOCH_ATTR, True)
+    return True
+
+
+def end_restored_epoch(trainer: Any) -> None:
+    """Clear the restart state of an epoch ``finish_restored_epoch`` closed, as Lightning does
+    after a loop's iteration (none ran in it), so the next epoch starts at its first batch. Call
+    from ``on_train_epoch_start``, every epoch.
+
+    Args:
+        trainer: the Trainer.
+    """
+    if getattr(trainer, _RESTORED_EPOCH_ATTR, False):
+        setattr(trainer, _RESTORED_EPOCH_ATTR, False)
+        trainer.fit_loop.epoch_loop.on_iteration_done()
+
+
+def start_next_epoch_at_first_batch(trainer: Any) -> None:
+    """Make a fit resumed after a skipped epoch end start its next epoch at batch 0.
+
+    Lightning resumes from a checkpoint written on an epoch's last batch by counting that batch
+    as completed and starting the epoch afresh only when the count reaches
+    ``trainer.num_training_batches``: right when every epoch has one length, but when the next
+    epoch is longer than the killed one (InfoBatch prunes each epoch anew) it runs that epoch as
+    if the killed epoch's batches were its own and ends it early. Raising the restored count to
+    one short of the epoch's length makes Lightning's own check start the epoch afresh (its
+    progress, scheduler and optimizer counters), the path every equal-length epoch takes. Call
+    from ``on_train_start`` when ``skipped_epoch_end`` returned an epoch, once the coming epoch's
+    length is counted (``recount_train_epoch``). Nothing happens otherwise.
+
+    Args:
+        trainer: the Trainer.
+    """
+    batches = trainer.num_training_batches
+    if not _restarted_after_last_batch(trainer) or batches == float("inf"):
+        return
+    current = trainer.fit_loop.epoch_loop.batch_progress.current
+    current.completed = max(current.completed, int(batches) - 1)
 
 
 def recount_train_epoch(trainer: Any) -> int | None:
@@ -321,11 +414,12 @@ def realign_sampler_epoch(trainer: Any) -> bool:
     Lightning 2.6, resumed under ``max_steps`` from a checkpoint written at an epoch's end,
     counts the restored epoch as processed once more than completed, and hands every training
     sampler ``set_epoch(current_epoch + 1)`` from then on (the epoch it was resumed into gets
-    the next epoch's shuffle), so the data order differs from the uninterrupted run's. At the
-    start of an epoch the two counters are equal in every other case; when they are not, the
-    samplers get the current epoch again, before the epoch's iterator is made (Lightning's
-    counters are left as they are: they decide when the fit ends). Call from
-    ``on_train_epoch_start``, every epoch.
+    the next epoch's shuffle), so the data order differs from the uninterrupted run's; with
+    ``max_epochs`` set as well, the fit also ends one epoch early (the processed count is what
+    ``max_epochs`` is checked against). At the start of an epoch the two counters are equal in
+    every other case; when they are not, the samplers get the current epoch again, before the
+    epoch's iterator is made, and the processed count is set back to the completed one, as an
+    uninterrupted run has it. Call from ``on_train_epoch_start``, every epoch.
 
     Args:
         trainer: the Trainer.
@@ -338,6 +432,8 @@ def realign_sampler_epoch(trainer: Any) -> bool:
     if progress.processed <= progress.completed:
         return False
     combined = loop._combined_loader
+    loop.epoch_progress.total.processed -= progress.processed - progress.completed
+    progress.processed = progress.completed
     for loader in combined.flattened if combined is not None else ():
         batch_sampler = getattr(loader, "batch_sampler", None)
         for sampler in (getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
@@ -349,8 +445,8 @@ def realign_sampler_epoch(trainer: Any) -> bool:
         rank_zero_info(
             f"lightning_ext: this resumed fit's training sampler was handed epoch "
             f"{progress.completed + 1} for epoch {progress.completed} (Lightning, max_steps, a "
-            "checkpoint from an epoch's end); set back, so the data order is the uninterrupted "
-            "run's"
+            "checkpoint from an epoch's end); set back, so the data order and the number of "
+            "epochs are the uninterrupted run's"
         )
     return True
 

@@ -50,13 +50,9 @@ from lightning_ext._finite import (
 from lightning_ext._lightning import configure_model_skipped, fit_val_loaders, namespace_of
 from lightning_ext._plot import new_figure, write_png
 from lightning_ext._sized import dataset_size
-from lightning_ext.functional.learned_soup import (
-    LearnedSoup,
-    check_learned_options,
-    learn_soup_coefficients,
-)
-from lightning_ext.functional.merge_methods import MERGE_METHODS
-from lightning_ext.functional.merging import greedy_soup, is_statistic
+from lightning_ext.functional.learned_soup import LearnedSoup
+from lightning_ext.functional.merge_methods import MERGE_METHODS, SOUP_METHODS, get_soup_method
+from lightning_ext.functional.merging import is_statistic
 from lightning_ext.io.ingredients import Ingredients
 
 __all__ = [
@@ -305,6 +301,17 @@ def _class_targets(
     return [(batch_targets.to(probs.device).long(), None)]
 
 
+def _add_squares(
+    fisher: dict[str, Tensor], grads: Mapping[str, Tensor], weight: Tensor | None
+) -> None:
+    """Add the per-sample squared gradients (each sample weighted by ``weight``) to ``fisher``."""
+    for name, g in grads.items():
+        sq = g.float() ** 2
+        if weight is not None:
+            sq = sq * weight.view(-1, *([1] * (sq.dim() - 1)))
+        fisher[name].add_(sq.sum(0))
+
+
 def estimate_fisher(
     model: nn.Module,
     dataloader: Iterable,
@@ -377,11 +384,7 @@ def estimate_fisher(
             with torch.no_grad():
                 probs = F.softmax(forward_fn(model, x).float(), dim=-1)
             for y, weight in _class_targets(probs, labels, targets, generator):
-                for name, g in per_sample_grad(params, x, y).items():
-                    sq = g.float() ** 2
-                    if weight is not None:
-                        sq = sq * weight.view(-1, *([1] * (sq.dim() - 1)))
-                    fisher[name].add_(sq.sum(0))
+                _add_squares(fisher, per_sample_grad(params, x, y), weight)
             count += probs.shape[0]
     finally:
         model.train(was_training)
@@ -685,9 +688,9 @@ def check_soup_method(
     """Check a soup's method, its options and whether a base is given, before any ingredient is
     read or scored; return the options with their defaults.
 
-    ``method`` is ``"greedy"`` (its keywords are ``strict`` and ``passes``, not options),
-    ``"learned"`` (options: ``functional.learned_soup.LEARNED_SOUP_OPTIONS``), a name of
-    ``functional.merge_methods.MERGE_METHODS`` (options: that entry's parameters) or a callable
+    ``method`` is a name of ``functional.merge_methods.SOUP_METHODS`` (``"greedy"``, whose
+    ``strict`` and ``passes`` are keywords of the caller, not options; ``"learned"``, options:
+    ``LEARNED_SOUP_OPTIONS``; any merge method, options: that entry's parameters) or a callable
     ``ingredients -> state_dict`` (it takes its own arguments: no options, no base).
 
     Args:
@@ -708,28 +711,29 @@ def check_soup_method(
         >>> check_soup_method("ties", {"density": 0.5}, has_base=True)
         {'density': 0.5, 'scale': 1.0}
     """
-    label = f"{owner}(method={method!r})"
-    if callable(method) or method == "greedy":
-        label = f"{owner}(method={'a callable' if callable(method) else repr(method)})"
+    if callable(method):
+        label = f"{owner}(method=a callable)"
         if options:
             raise ValueError(f"{label} takes no options: {sorted(options)}")
         if has_base:
             raise ValueError(
                 f"{label} does not use base; base goes with task-vector merge methods "
                 f"{sorted(m.name for m in MERGE_METHODS.values() if m.base != 'unused')} and "
-                "method='learned' with mode='task_vectors'"
+                "method='learned' with mixing='task_vectors'"
             )
         return {}
-    if method == "learned":
-        return check_learned_options(options, has_base=has_base, owner=label)
-    if isinstance(method, str) and method in MERGE_METHODS:
-        return MERGE_METHODS[method].resolve(
-            options, num_ingredients=num_ingredients, has_base=has_base
+    entry = get_soup_method(method) if isinstance(method, str) else None
+    if entry is None:
+        raise ValueError(
+            f"{owner}(method={method!r}) is not a soup method; valid: 'greedy', 'learned', a "
+            f"merge method ({', '.join(repr(m) for m in MERGE_METHODS)}) or a callable "
+            "ingredients -> state_dict"
         )
-    raise ValueError(
-        f"{owner}(method={method!r}) is not a soup method; valid: 'greedy', 'learned', a merge "
-        f"method ({', '.join(repr(m) for m in MERGE_METHODS)}) or a callable "
-        "ingredients -> state_dict"
+    return entry.resolve(  # soups say who asked; merges speak as the command line does
+        options,
+        num_ingredients=num_ingredients,
+        has_base=has_base,
+        owner=f"{owner}(method={method!r})" if entry.needs else None,
     )
 
 
@@ -744,35 +748,13 @@ class _HeldOut:
             yield from loader
 
 
-def _learn_soup(
-    scorer: Callable[[Mapping[str, Tensor]], float],
-    states: list[Mapping[str, Tensor]],
-    base: Mapping[str, Tensor] | None,
-    options: dict[str, Any],
-) -> LearnedSoup:
-    """Learn the coefficients on the held-out data the scorer scores on, with the scorer's
-    module, ``unpack_batch`` and ``forward_fn``. Under ``torch.distributed`` it is collective:
-    every rank learns on its share of the held-out data (the scorer's shard) and the gradient of
-    the coefficients is averaged over the ranks at every step, so every rank takes the same steps
-    and ends with the same coefficients."""
-    assert isinstance(scorer, ValidationScorer), "run_soup checks this before any work"
-    learned = learn_soup_coefficients(
-        scorer.module,
-        states,
-        _HeldOut(scorer.dataloaders),
-        base=base,
-        unpack_batch=scorer.unpack_batch,
-        forward_fn=scorer.forward_fn,
-        reduce_grad=_mean_over_ranks if _distributed() else None,
-        **options,
-    )
+def _report_learned(learned: LearnedSoup) -> None:
     rank_zero_info(
-        f"learned soup ({learned.mode}, per {learned.granularity}): held-out batch loss "
+        f"learned soup ({learned.mixing}, per {learned.granularity}): held-out batch loss "
         f"{learned.losses[0]:.4g} at step 1, {learned.losses[-1]:.4g} at step "
         f"{len(learned.losses)}; "
         f"mean weight per ingredient {[round(w, 3) for w in learned.mean_weights()]}"
     )
-    return learned
 
 
 def _mean_over_ranks(grad: Tensor) -> None:
@@ -837,22 +819,16 @@ def run_soup(
     allow_nonfinite: bool = False,
 ) -> SoupResult:
     """Score every ingredient, build the soup and score it; the scorer ends holding the soup.
-
-    ``method``: ``"greedy"`` (``functional.greedy_soup``, the one implementation); ``"learned"``
-    (``functional.learn_soup_coefficients`` on the held-out data the scorer scores on, which needs
-    a ``ValidationScorer``; collective under ``torch.distributed``); any name of
-    ``MERGE_METHODS`` (``"uniform"``, ``"ties"``, ...; task-vector methods need ``base``); or a
-    callable
-    ``ingredients -> state_dict``. The method and ``options`` are checked before any scoring
-    (``check_soup_method``). The one procedure behind ``build_soup``, ``ModelSoup`` and
-    ``SoupStrategy``; with a collective scorer, every rank runs it in lockstep and gets the same
-    result.
+    The one procedure behind ``build_soup``, ``ModelSoup`` and ``SoupStrategy``: the method and
+    ``options`` are checked before any scoring (``check_soup_method``), then the registry's
+    entry runs (``_make_soup``); with a collective scorer every rank runs it in lockstep.
 
     Args:
         scorer: scores a state dict (e.g. a ``ValidationScorer``).
         ingredients: the state dicts.
-        method: ``"greedy"``, ``"learned"``, a name of ``MERGE_METHODS`` or a callable
-            ``ingredients -> soup``.
+        method: a name of ``SOUP_METHODS`` (``"greedy"``; ``"learned"``, which needs a
+            ``ValidationScorer``; ``"uniform"``, ``"ties"``, ...: task-vector methods need
+            ``base``) or a callable ``ingredients -> soup``.
         monitor: the score's name, for messages.
         mode: ``"min"`` (lower is better) or ``"max"``.
         strict: the greedy soup needs a strict improvement to keep an ingredient.
@@ -861,9 +837,8 @@ def run_soup(
         progress_bar: show a tqdm bar.
         base: the pre-trained weights, for task-vector methods and aTLAS.
         options: the method's options (``MergeMethod.parameters``, ``LEARNED_SOUP_OPTIONS``).
-        allow_nonfinite: accept NaN and inf weights (refused by default, before any scoring,
-            naming the ingredient and tensors; +-inf entries shared by every ingredient and the
-            base, e.g. an additive mask buffer, are copied into the soup, never averaged).
+        allow_nonfinite: accept NaN and inf weights (refused before any scoring by default;
+            +-inf entries shared by every input, e.g. an additive mask, are copied, not averaged).
 
     Returns:
         The soup, its score and every ingredient's (and the learned coefficients).
@@ -885,52 +860,16 @@ def run_soup(
     resolved = check_soup_method(
         method, options, num_ingredients=n, has_base=base is not None, owner="run_soup"
     )
-    if method == "learned" and not isinstance(scorer, ValidationScorer):
-        raise ValueError(
-            "run_soup(method='learned') learns on the scorer's module and held-out data: pass a "
-            f"ValidationScorer, not {type(scorer).__name__}"
-        )
+    _check_scorer(method, scorer)
     names = list(names) if names is not None else [f"ingredient {i}" for i in range(n)]
     nonfinite = _NonFiniteCheck(ingredients, base, names, allow_nonfinite)
     bar = _progress(n, progress_bar)
-    scores: list[float] = []
-    for i in range(n):
-        state = ingredients[i]
-        nonfinite.see(i, state)
-        scores.append(float(scorer(state)))
-        bar.update(1)
-        bar.set_postfix_str(f"{names[i]}: {monitor}={scores[-1]:.4g}")
-    nonfinite.check()
-    candidates: list[tuple[int, float, bool]] = []
-    learned: LearnedSoup | None = None
-    if method == "greedy":
-        bar.reset(total=max(n - 1, 0))
-        bar.set_description("greedy soup")
-
-        def observe(index: int, score: float, kept: bool) -> None:
-            candidates.append((index, score, kept))
-            bar.update(1)
-            bar.set_postfix_str(
-                f"+{names[index]}: {monitor}={score:.4g} {'kept' if kept else 'no'}"
-            )
-
-        soup, chosen = greedy_soup(
-            ingredients,
-            scorer,
-            mode=mode,
-            strict=strict,
-            passes=passes,
-            scores=scores,
-            on_candidate=observe,
-        )
-    elif method == "learned":
-        states = [ingredients[i] for i in range(n)]  # learning stacks them all anyway
-        learned = _learn_soup(scorer, states, base, resolved)
-        soup, chosen = learned.state_dict(states, base), list(range(n))
-    elif callable(method):
-        soup, chosen = method(ingredients), list(range(n))
-    else:
-        soup, chosen = MERGE_METHODS[method].call(ingredients, base, resolved), list(range(n))
+    scores = _score_ingredients(scorer, ingredients, names, monitor, bar, nonfinite)
+    seen = _Candidates(bar, names, monitor, greedy=method == "greedy")
+    greedy = dict(mode=mode, strict=strict, passes=passes, scores=scores)
+    soup, chosen, learned = _make_soup(
+        method, ingredients, base, resolved, scorer, on_candidate=seen.observe, **greedy
+    )
     bar.close()
     if nonfinite.shared():
         soup = restore_nonfinite(dict(soup), nonfinite.shared())
@@ -939,7 +878,117 @@ def run_soup(
         f"soup of {len(chosen)} ingredient(s) {chosen}: {monitor}={soup_score:.4g} "
         f"(best single {_best(scores, mode):.4g})"
     )
-    return SoupResult(soup, chosen, scores, soup_score, names, candidates, learned)
+    _warn_if_worse(method, soup_score, scores, names, monitor, mode)
+    return SoupResult(soup, chosen, scores, soup_score, names, seen.candidates, learned)
+
+
+def _warn_if_worse(
+    method: SoupMethod,
+    soup_score: float,
+    scores: list[float],
+    names: list[str],
+    monitor: str,
+    mode: str,
+) -> None:
+    """Say, with figures, when the soup scores worse than its best ingredient alone: every
+    method but the greedy one (which starts from the best and keeps only what improves it) can
+    end there, e.g. a uniform soup of ingredients from different basins or a learned soup that
+    overfits its held-out batches. The soup is still returned: the caller chose the method."""
+    best = _best(scores, mode)
+    if method == "greedy" or math.isnan(best) or math.isnan(soup_score):
+        return
+    if (soup_score > best) if mode == "min" else (soup_score < best):
+        name = names[scores.index(best)]
+        rank_zero_warn(
+            f"the {method if isinstance(method, str) else 'custom'} soup scores "
+            f"{monitor}={soup_score:.4g}, worse than its best ingredient alone ({name}: "
+            f"{best:.4g}, mode={mode!r}); method='greedy' never ends below the best ingredient"
+        )
+
+
+def _check_scorer(method: SoupMethod, scorer: Any) -> None:
+    """A method that learns on a model needs the ``ValidationScorer``'s module and data."""
+    entry = get_soup_method(method) if isinstance(method, str) else None
+    if entry is not None and "model" in entry.needs and not isinstance(scorer, ValidationScorer):
+        raise ValueError(
+            f"run_soup(method={method!r}) learns on the scorer's module and held-out data: pass "
+            f"a ValidationScorer, not {type(scorer).__name__}"
+        )
+
+
+class _Candidates:
+    """The greedy soup's candidates as ``(index, score, kept)``, shown on the bar as they come."""
+
+    def __init__(self, bar: Any, names: list[str], monitor: str, *, greedy: bool) -> None:
+        self.bar, self.names, self.monitor = bar, names, monitor
+        self.candidates: list[tuple[int, float, bool]] = []
+        if greedy:
+            bar.reset(total=max(len(names) - 1, 0))
+            bar.set_description("greedy soup")
+
+    def observe(self, index: int, score: float, kept: bool) -> None:
+        self.candidates.append((index, score, kept))
+        self.bar.update(1)
+        verdict = "kept" if kept else "no"
+        self.bar.set_postfix_str(f"+{self.names[index]}: {self.monitor}={score:.4g} {verdict}")
+
+
+def _score_ingredients(
+    scorer: Callable[[Mapping[str, Tensor]], float],
+    ingredients: Sequence[Mapping[str, Tensor]],
+    names: list[str],
+    monitor: str,
+    bar: Any,
+    nonfinite: _NonFiniteCheck,
+) -> list[float]:
+    """Every ingredient's own score, in order (one loaded at a time); then the non-finite rule
+    over them all, before any soup is made."""
+    scores: list[float] = []
+    for i in range(len(ingredients)):
+        state = ingredients[i]
+        nonfinite.see(i, state)
+        scores.append(float(scorer(state)))
+        bar.update(1)
+        bar.set_postfix_str(f"{names[i]}: {monitor}={scores[-1]:.4g}")
+    nonfinite.check()
+    return scores
+
+
+def _make_soup(
+    method: SoupMethod,
+    ingredients: Sequence[Mapping[str, Tensor]],
+    base: Mapping[str, Tensor] | None,
+    options: dict[str, Any],
+    scorer: Callable[[Mapping[str, Tensor]], float],
+    **context: Any,
+) -> tuple[dict[str, Tensor], list[int], LearnedSoup | None]:
+    """The one dispatch: the registry's entry runs its function with what it takes of
+    ``context`` (the greedy soup the scorer and scores; the learned soup the scorer's module and
+    held-out data, collective under ``torch.distributed``: each rank learns on its share and the
+    coefficients' gradient is averaged over the ranks). Returns the soup, the ingredients in it
+    and, learned, the coefficients."""
+    everyone = list(range(len(ingredients)))
+    if callable(method):
+        return method(ingredients), everyone, None
+    entry = SOUP_METHODS[method]
+    context["evaluate"] = scorer
+    if isinstance(scorer, ValidationScorer):
+        context.update(
+            model=scorer.module,
+            batches=_HeldOut(scorer.dataloaders),
+            unpack_batch=scorer.unpack_batch,
+            forward_fn=scorer.forward_fn,
+            reduce_grad=_mean_over_ranks if _distributed() else None,
+        )
+    if "model" in entry.needs:  # learning stacks every ingredient anyway
+        ingredients = [ingredients[i] for i in everyone]
+    out = entry.call(ingredients, base, options, **context)
+    if isinstance(out, LearnedSoup):
+        _report_learned(out)
+        return out.state_dict(ingredients, base), everyone, out
+    if isinstance(out, tuple):  # the greedy soup: (soup, chosen)
+        return out[0], out[1], None
+    return out, everyone, None
 
 
 def _best(scores: Sequence[float], mode: str) -> float:

@@ -26,7 +26,7 @@ from lightning_ext.strategies.soup import SoupStrategyMixin
 from lightning_ext.strategies.warp import WARPStrategy as _WARPStrategy
 from lightning_ext.strategies.warp import WARPStrategyMixin
 
-__all__ = [*_callbacks.__all__, "SoupStrategy", "WARPStrategy"]
+__all__ = [*_callbacks.__all__, "OnlineScores", "ScoringPass", "SoupStrategy", "WARPStrategy"]
 
 _C = TypeVar("_C", bound=type)
 
@@ -52,7 +52,10 @@ PostHocEMA = _also_pytorch_lightning(_callbacks.PostHocEMA)
 ContinualEvaluation = _also_pytorch_lightning(_callbacks.ContinualEvaluation)
 ModelSoup = _also_pytorch_lightning(_callbacks.ModelSoup)
 WARP = _also_pytorch_lightning(_callbacks.WARP)
+ScoringPass = _also_pytorch_lightning(_callbacks.ScoringPass)
+OnlineScores = _also_pytorch_lightning(_callbacks.OnlineScores)
 DataPruningScores = _also_pytorch_lightning(_callbacks.DataPruningScores)
+DataPruningScores._MODES = {"pass": ScoringPass, "online": OnlineScores}  # builds these
 InfoBatch = _also_pytorch_lightning(_callbacks.InfoBatch)
 DynamicSparseTraining = _also_pytorch_lightning(_callbacks.DynamicSparseTraining)
 ScheduleRefinement = _also_pytorch_lightning(_callbacks.ScheduleRefinement)

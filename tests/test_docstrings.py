@@ -179,7 +179,7 @@ def test_walk_finds_the_public_api():
     names = {name for name, _ in OBJECTS}
     assert "lightning_ext.functional.ema.ema_update_" in names
     assert "lightning_ext.callbacks.ema.EMA" in names
-    assert "lightning_ext.functional.merging.ties_merge" in names
+    assert "lightning_ext.functional.merge_ties.ties_merge" in names
 
 
 @pytest.mark.parametrize("name, obj", OBJECTS, ids=[name for name, _ in OBJECTS])

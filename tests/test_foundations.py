@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as lp
@@ -18,8 +20,15 @@ from lightning_ext._lightning import (
     is_trainer,
     is_wandb_logger,
     namespace_of,
+    recount_train_epoch,
     run_dir,
+    skipped_epoch_end,
+    start_next_epoch_at_first_batch,
 )
+from tests.helpers.boundary import fit_and_resume_at_step
+from tests.helpers.data import ResumableLoader, digits
+from tests.helpers.models import Classifier
+from tests.helpers.resume import assert_bitwise_equal
 
 
 class _Pickled:
@@ -97,6 +106,31 @@ def test_run_dir_is_resolved_once_per_trainer_and_shared_by_callbacks(tmp_path):
     assert run_dir(trainer, "a").parent == run_dir(trainer, "b").parent
 
 
+_OUT = {"capture_output": True, "text": True, "check": True}
+
+
+def test_run_dir_refuses_a_logger_folder_another_live_run_holds(tmp_path):
+    # CSV/TensorBoard loggers pick version_N by listing folders: two runs started together were
+    # both given version_0 and wrote into each other's files
+    from lightning_ext._io import _HOST
+
+    first = run_dir(_trainer(tmp_path, logger=lp.loggers.CSVLogger(tmp_path, version=0)), "x")
+    claim = tmp_path / "lightning_logs" / "version_0" / ".lightning-ext-owner"
+    assert claim.read_text().strip() == f"{os.getpid()}@{_HOST}"
+    assert (
+        run_dir(_trainer(tmp_path, logger=lp.loggers.CSVLogger(tmp_path, version=0)), "x") == first
+    )
+    claim.write_text(f"{os.getppid()}@{_HOST}\n")  # a live process other than this one
+    with pytest.raises(FileExistsError, match=r"version_0 is the run folder of another live run"):
+        run_dir(_trainer(tmp_path, logger=lp.loggers.CSVLogger(tmp_path, version=0)), "x")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], **_OUT)
+    claim.write_text(f"{gone.stdout.strip()}@{_HOST}\n")  # a killed run's claim: taken over
+    assert (
+        run_dir(_trainer(tmp_path, logger=lp.loggers.CSVLogger(tmp_path, version=0)), "x") == first
+    )
+    assert claim.read_text().strip() == f"{os.getpid()}@{_HOST}"
+
+
 def test_run_dir_follows_the_loggers_versioned_folder(tmp_path):
     csv = lp.loggers.CSVLogger(tmp_path, name="csv")
     assert run_dir(_trainer(tmp_path, logger=csv), "x") == Path(csv.log_dir) / "x"
@@ -107,3 +141,88 @@ def test_run_dir_follows_the_loggers_versioned_folder(tmp_path):
     other = lp.loggers.WandbLogger(save_dir=str(tmp_path), project="proj", offline=True)
     assert run_dir(_trainer(tmp_path, logger=other), "x") != got
     other.experiment.finish()
+
+
+class _ShorterOddEpochs(torch.utils.data.Sampler[int]):
+    """64 examples in even epochs, 48 in odd ones (4 and 3 batches of 16), shuffled per epoch."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return 64 - 16 * (self.epoch % 2)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.epoch)
+        return iter(torch.randperm(len(self), generator=generator).tolist())
+
+
+class _CountsEachEpoch(lp.Callback):
+    """What InfoBatch does for epochs of changing length: recount each, and after a skipped
+    epoch end set the sampler to the coming epoch and start it at its first batch."""
+
+    def on_train_start(self, trainer, pl_module):
+        if skipped_epoch_end(trainer) is not None:
+            trainer.train_dataloader.sampler.set_epoch(trainer.current_epoch)
+            recount_train_epoch(trainer)
+            start_next_epoch_at_first_batch(trainer)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        recount_train_epoch(trainer)
+
+
+def test_a_longer_epoch_after_a_skipped_epoch_end_is_trained_whole(tmp_path):
+    """Resumed from epoch 1's last batch (3 batches), epoch 2 has 4: Lightning counted the 3 as
+    epoch 2's own and trained one batch of it (8 steps instead of 11) before the helper."""
+    data = digits("train", limit=64)
+    runs = fit_and_resume_at_step(
+        Classifier,
+        lambda: [_CountsEachEpoch()],
+        lambda: ResumableLoader(data, batch_size=16, sampler=_ShorterOddEpochs()),
+        tmp_path,
+        step=7,  # epoch 1's last batch
+        max_epochs=3,
+        limit_val_batches=0,
+    )
+    assert runs.resumed_trainer.global_step == 11  # the run's 4 + 3 + 4 steps
+    assert_bitwise_equal(runs.full_module.state_dict(), runs.resumed_module.state_dict())
+
+
+@pytest.mark.parametrize("val_batches", [0, 1])
+def test_a_fit_resumed_from_an_epoch_end_under_max_steps_trains_every_epoch(tmp_path, val_batches):
+    """Lightning 2.6, resumed under ``max_steps`` from an epoch-end checkpoint, counts that epoch
+    as processed twice: with ``max_epochs`` set too, the fit ended one epoch early (8 steps of
+    12) and each epoch got the next one's shuffle; without validation it also trained the
+    restored epoch one batch too long (13 steps), and with validation the loggers' step ran one
+    ahead. ``ExactResume`` (every lightning_ext callback and strategy has it) sets all right."""
+    from lightning_ext.callbacks._steps import ExactResume
+    from tests.helpers.resume import quiet_trainer
+
+    data, ckpts = digits("train", limit=64), tmp_path / "ckpts"
+
+    def fit(ckpt_path: Path | None = None) -> tuple[lp.Trainer, torch.nn.Module]:
+        lp.seed_everything(0, verbose=False)
+        module, every_epoch = Classifier(), lp.callbacks.ModelCheckpoint(ckpts, save_top_k=-1)
+        trainer = quiet_trainer(
+            callbacks=[ExactResume(), every_epoch],
+            enable_checkpointing=True,
+            max_epochs=3,
+            max_steps=100,
+            limit_val_batches=val_batches,
+            default_root_dir=tmp_path,
+        )
+        shuffled = torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0, seed=0)
+        loader = torch.utils.data.DataLoader(data, batch_size=16, sampler=shuffled)
+        val = torch.utils.data.DataLoader(data, batch_size=16) if val_batches else None
+        trainer.fit(module, loader, val, ckpt_path=ckpt_path)
+        return trainer, module
+
+    full, full_module = fit()
+    resumed, resumed_module = fit(ckpts / "epoch=0-step=4.ckpt")
+    assert full.global_step == resumed.global_step == 12  # 3 epochs of 4 batches
+    logged = [t.fit_loop.epoch_loop._batches_that_stepped for t in (full, resumed)]
+    assert logged[0] == logged[1]  # the loggers' step
+    assert_bitwise_equal(full_module.state_dict(), resumed_module.state_dict())

@@ -134,17 +134,33 @@ POINT_NAMES = {
 }
 
 
+LIMIT_NAMES = {
+    "max_epochs": "`max_epochs`",
+    "max_steps": "`max_steps`",
+    "max_steps_no_val": "`max_steps`, no validation",
+}
+
+
 def resume_rows(outcomes: dict[str, Outcome], notes: Footnotes) -> list[str]:
-    """Callbacks and strategies x kill points x limits (tests/conformance/test_resume_matrix.py)."""
+    """Callbacks and strategies x kill points x limits (tests/conformance/test_resume_matrix.py);
+    a strategy's cell that the matrix does not run is a dash."""
     columns = [(p, limit) for p in resume_matrix.KILL_POINTS for limit in resume_matrix.LIMITS]
     lines = [
-        "| | " + " | ".join(f"{POINT_NAMES[p]}, `{limit}`" for p, limit in columns) + " |",
+        "| | "
+        + " | ".join(f"{POINT_NAMES[p]}, {LIMIT_NAMES[limit]}" for p, limit in columns)
+        + " |",
         "|---" * (len(columns) + 1) + "|",
     ]
     known = {**resume_matrix.KNOWN_FAILURES, **resume_matrix.STRATEGY_FAILURES}
     for row in (*resume_matrix.CALLBACKS, *resume_matrix.STRATEGIES):
         cells = []
         for point, limit in columns:
+            if (
+                row in resume_matrix.STRATEGIES
+                and (point, limit) not in resume_matrix.STRATEGY_CELLS
+            ):
+                cells.append("—")
+                continue
             option = resume_matrix.RESUME_REFUSALS.get((row, limit))
             warning = resume_matrix.RESUME_WARNINGS.get((row, point, limit))
             outcome = outcomes.get(f"{row}-{point}-{limit}")
@@ -242,7 +258,8 @@ def render(outcomes: dict[str, Outcome], seconds: float | None = None) -> str:
         "## Resume: killed with SIGKILL after a checkpoint, resumed in a new process",
         "",
         "`tests/conformance/test_resume_matrix.py`. Each cell fits (3 epochs of 4 batches, or "
-        f"`max_steps={resume_matrix.MAX_STEPS}`) in a child process forked from the test, which "
+        f"`max_steps={resume_matrix.MAX_STEPS}`; one validation batch per epoch, or none) in a "
+        "child process forked from the test, which "
         "writes a checkpoint at the kill point of the second epoch (mid-epoch: after its second "
         "batch; its last batch, before the epoch's end hooks; the epoch boundary, in "
         "`on_train_epoch_end`), as `ModelCheckpoint` would there, then SIGKILLs itself; "
@@ -271,6 +288,7 @@ def render(outcomes: dict[str, Outcome], seconds: float | None = None) -> str:
         "## Why cells fail today",
         "",
         *(f"{i}. {reason}" for i, reason in enumerate(notes.reasons, 1)),
+        *([] if notes.reasons else ["None: every cell above works, refuses or warns."]),
         "",
         "## Maintaining the matrix",
         "",

@@ -153,7 +153,10 @@ INTRO = (
     "was killed (its process is gone) are removed by the next write to that target.",
     "- **Shared files and folders**: rows appended to one score file by several processes are "
     "serialised by a file lock (`.<name>.lock`); run folders (`version_N`) are claimed with "
-    "`os.mkdir`; a `PostHocEMA(snapshot_dir=...)` folder is claimed at fit start by an exclusive "
+    "`os.mkdir`, and a CSV/TensorBoard logger's `version_N` by an exclusive claim file in it "
+    "(`.lightning-ext-owner`; a second live run given the same version by its logger is "
+    "refused at setup, a killed run's claim is taken over on resume); a "
+    "`PostHocEMA(snapshot_dir=...)` folder is claimed at fit start by an exclusive "
     "claim file holding the run's id (the same run resumed is accepted, any other refused).",
     "- **Paths read from a file stay inside its folder**: a post-hoc EMA index names its "
     "snapshots relative to its own folder (found again from any working directory) and may not "

@@ -1,6 +1,7 @@
 """The house's shape, measured: the package's layers and the imports running back up them, the
-files and lines per method, the longest functions. ``tests/test_layout.py`` checks the layers with
-the same table; run ``python -m tools.house [ROOT]`` for the figures in docs/development.md.
+files and lines per method (by name, and the soup logic by layer), the longest functions.
+``tests/test_layout.py`` checks the layers with the same table; run ``python -m tools.house
+[ROOT]`` for the figures in docs/development.md.
 """
 
 from __future__ import annotations
@@ -142,6 +143,27 @@ def files_per_method(root: Path = REPO) -> dict[str, tuple[int, int]]:
     return out
 
 
+def soup_logic(root: Path = REPO) -> list[tuple[str, int]]:
+    """The files that decide how a soup is made (ingredients taken, scored, merged,
+    recalibrated): the soup files of layers 1-3 (engine, callback, strategy, workflows). Merge
+    formulas (``functional``), file formats (``io``) and the command line (``cli``) serve soups
+    without deciding them; they count under "files by name".
+
+    Args:
+        root: the folder holding ``lightning_ext/``.
+
+    Returns:
+        (path under ``lightning_ext/``, lines) of each soup-logic file.
+    """
+    package = root / "lightning_ext"
+    out = []
+    for path in sorted(package.rglob("*.py")):
+        layer = layer_of(module_name(path, root))
+        if layer in (1, 2, 3) and any(s in path.stem for s in METHODS["soup"]):
+            out.append((str(path.relative_to(package)), len(path.read_text().splitlines())))
+    return out
+
+
 def longest_functions(root: Path = REPO, top: int = 10) -> list[tuple[int, str]]:
     """Args:
         root: the folder holding ``lightning_ext/``.
@@ -175,6 +197,11 @@ def main(root: Path = REPO) -> None:
     print("| method | files | lines |\n|---|---|---|")
     for method, (files, lines) in files_per_method(root).items():
         print(f"| {method} | {files} | {lines} |")
+    logic = soup_logic(root)
+    print(
+        f"\nsoup logic (layers 1-3): {len(logic)} files, {sum(n for _, n in logic)} lines: "
+        + ", ".join(f"{path} ({n})" for path, n in logic)
+    )
     upward = upward_imports(root)
     print(f"\nimports back up a layer: {len(upward)}")
     for edge in upward:

@@ -1,6 +1,6 @@
 """Write the tables of merge methods, of learned-soup options and of dynamic sparse training
 methods into the docs, from the registries the code runs
-(``functional.merge_methods.MERGE_METHODS``, ``functional.learned_soup.LEARNED_SOUP_OPTIONS``,
+(``functional.merge_methods.SOUP_METHODS``, ``functional.learned_soup.LEARNED_SOUP_OPTIONS``,
 ``functional.sparse_methods.SPARSE_METHODS``), so that documented defaults, ranges and method
 properties are the ones that run.
 
@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lightning_ext.functional.learned_soup import LEARNED_SOUP_OPTIONS
-from lightning_ext.functional.merge_methods import MERGE_METHODS, Parameter
+from lightning_ext.functional.merge_methods import SOUP_METHODS, Parameter
 from lightning_ext.functional.sparse_methods import SPARSE_METHODS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,14 +42,16 @@ def _options(parameters: Sequence[Parameter]) -> str:
 
 
 def merge_methods() -> str:
-    """The markdown table of ``MERGE_METHODS``."""
+    """The markdown table of ``SOUP_METHODS``: the merges, then the soups that need more than
+    state dicts (what, in the column "needs")."""
     rows = [
-        "| method | function | computes | base | options: default, range | paper |",
-        "|---|---|---|---|---|---|",
+        "| method | function | computes | base | needs | options: default, range | paper |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for m in MERGE_METHODS.values():
+    for m in sorted(SOUP_METHODS.values(), key=lambda m: bool(m.needs)):
+        needs = ", ".join(f"`{n}`" for n in m.needs) or "-"
         rows.append(
-            f"| `{m.name}` | `{m.function.__name__}` | {m.summary} | {BASE[m.base]} | "
+            f"| `{m.name}` | `{m.function.__name__}` | {m.summary} | {BASE[m.base]} | {needs} | "
             f"{_options(m.parameters)} | {m.reference} |"
         )
     return "\n".join(rows)

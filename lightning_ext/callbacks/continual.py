@@ -595,6 +595,7 @@ class ContinualEvaluation(DeclaredState, ExactResume):
 
     # ---------------------------------------------------------------------------------- hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         if self._streaming:  # a resumed stream reloads at the task boundaries, not off them
             realign_loader_reloads(trainer)
 

@@ -23,7 +23,7 @@ from lightning_ext.averaging import (
 from lightning_ext.averaging import fsdp2_modules as _fsdp2_modules
 from lightning_ext.averaging import reshard as _reshard
 from lightning_ext.callbacks._state import DeclaredState
-from lightning_ext.callbacks._steps import AfterOptimizerStep
+from lightning_ext.callbacks._steps import WhenToUpdate
 from lightning_ext.functional._checks import check_unit_range
 from lightning_ext.functional.ema import ema_decay_at
 from lightning_ext.io.ema import (
@@ -42,7 +42,7 @@ _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
 _FSDP1 = "FSDPStrategy"
 
 
-class EMA(DeclaredState, AfterOptimizerStep):
+class EMA(DeclaredState, WhenToUpdate):
     """Keep an exponential moving average of the weights and evaluate on it.
 
     After every ``update_every_n_steps``-th optimizer step (from ``start_step``):
@@ -50,6 +50,11 @@ class EMA(DeclaredState, AfterOptimizerStep):
     warm-up ``min(decay, 1 - (1 + t / warmup_gamma) ** -warmup_power)``. Gradient accumulation
     gives one update per optimizer step. The EMA starts as a copy of the weights at fit start (or
     when averaging begins at ``start_step``).
+
+    When and how fast are two overridable methods, the options being their defaults:
+    ``should_update(step_idx, epoch_idx)`` (Lightning's ``WeightAveraging`` protocol: asked after
+    every optimizer step and at every epoch end) and ``decay_at(num_updates)`` (timm's
+    ``get_decay``). A subclass overriding them resumes exactly like the class itself.
 
     Args:
         decay: EMA decay in (0, 1).
@@ -179,6 +184,7 @@ class EMA(DeclaredState, AfterOptimizerStep):
 
     # ------------------------------------------------------------------ set-up and state
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         name = type(trainer.strategy).__name__
         if name in _UNSUPPORTED_STRATEGIES:
             raise RuntimeError(
@@ -220,7 +226,7 @@ class EMA(DeclaredState, AfterOptimizerStep):
             self._shadow.load_state_dict(shadow, "EMA state in the checkpoint")
         return self._shadow
 
-    STATE = ("num_updates", "started")
+    STATE = ("num_updates", "started", "last_epoch_update")
 
     def state_dict(self) -> dict[str, Any]:
         if self._shadow is None:
@@ -304,18 +310,47 @@ class EMA(DeclaredState, AfterOptimizerStep):
         self._ensure_shadow(pl_module)
         self._applied = False
 
-    def on_optimizer_step_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        step = trainer.global_step
-        if step < max(self.start_step, 1) or (step - self.start_step) % self.update_every_n_steps:
-            return
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        """Every ``update_every_n_steps``-th optimizer step from ``start_step`` on; never at an
+        epoch's end. Override it to choose other moments (as Lightning's ``WeightAveraging``).
+
+        Args:
+            step_idx: the zero-based index of the optimizer step just taken
+                (``trainer.global_step - 1``), or None at an epoch's end.
+            epoch_idx: the zero-based index of the epoch just ended, or None after a step.
+
+        Returns:
+            True to update the EMA now (the first update from ``start_step > 0`` copies the
+            live weights instead).
+        """
+        if step_idx is None:
+            return False
+        step = step_idx + 1  # the optimizer steps taken, as start_step counts them
+        return (
+            step >= max(self.start_step, 1)
+            and (step - self.start_step) % self.update_every_n_steps == 0
+        )
+
+    def decay_at(self, num_updates: int) -> float:
+        """The decay of the update that follows ``num_updates`` updates: ``decay``, or timm's
+        warm-up of it with ``warmup_gamma``. Override it for another schedule.
+
+        Args:
+            num_updates: the updates made so far (0 for the first).
+
+        Returns:
+            The decay, in [0, 1).
+        """
+        return ema_decay_at(
+            num_updates, self.decay, warmup_gamma=self.warmup_gamma, warmup_power=self.warmup_power
+        )
+
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         shadow = self._ensure_shadow(pl_module)
         if self.started:
-            decay = ema_decay_at(
-                self.num_updates,
-                self.decay,
-                warmup_gamma=self.warmup_gamma,
-                warmup_power=self.warmup_power,
-            )
+            decay = self.decay_at(self.num_updates)
+            if not 0.0 <= decay <= 1.0:  # an override's value; NaN fails too
+                check_unit_range(f"EMA.decay_at({self.num_updates})", decay)
             shadow.update_(decay)
             self.num_updates += 1
         else:

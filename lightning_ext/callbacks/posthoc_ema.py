@@ -31,7 +31,7 @@ from lightning_ext.averaging import (
     refuse_nonfinite_parameters,
 )
 from lightning_ext.callbacks._state import DeclaredState
-from lightning_ext.callbacks._steps import AfterOptimizerStep
+from lightning_ext.callbacks._steps import WhenToUpdate
 from lightning_ext.functional.ema import power_ema_beta, power_profile, sigma_rel_to_gamma
 from lightning_ext.io.ema import (
     CLAIM_FILE,
@@ -49,8 +49,13 @@ PLOT_FILE = "profiles.png"
 PLOT_SIGMA_RELS = (0.03, 0.07, 0.15, 0.25)
 
 
-class PostHocEMA(DeclaredState, AfterOptimizerStep):
+class PostHocEMA(DeclaredState, WhenToUpdate):
     """Track power-function EMAs with relative widths ``sigma_rels`` and snapshot them to disk.
+
+    When the EMAs move is one overridable method, ``should_update(step_idx, epoch_idx)``
+    (Lightning's ``WeightAveraging`` protocol; default: every ``update_every_n_steps``-th
+    optimizer step). The power EMAs count updates, not steps: a snapshot's ``step`` is the
+    number of updates it holds.
 
     Args:
         sigma_rels: relative standard deviations of the tracked profiles (paper: 0.05 and 0.10).
@@ -128,6 +133,7 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
         return self._dir
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         self.run_id = trainer.strategy.broadcast(self.run_id, src=0)  # one id for all ranks
@@ -213,9 +219,21 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
             raise FileNotFoundError(problem)
         self.snapshots = [{**e, "file": Path(e["file"]).name} for e in self.snapshots]
 
-    def on_optimizer_step_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_step % self.update_every_n_steps:
-            return
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        """Every ``update_every_n_steps``-th optimizer step; never at an epoch's end. Override
+        it to choose other moments (as Lightning's ``WeightAveraging``).
+
+        Args:
+            step_idx: the zero-based index of the optimizer step just taken
+                (``trainer.global_step - 1``), or None at an epoch's end.
+            epoch_idx: the zero-based index of the epoch just ended, or None after a step.
+
+        Returns:
+            True to update the tracked EMAs now.
+        """
+        return step_idx is not None and (step_idx + 1) % self.update_every_n_steps == 0
+
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.num_updates += 1
         for gamma, shadow in zip(self.gammas, self._shadows):
             shadow.update_(power_ema_beta(self.num_updates, gamma))
@@ -303,7 +321,7 @@ class PostHocEMA(DeclaredState, AfterOptimizerStep):
             )
         return masks
 
-    STATE = ("num_updates", "snapshots", "run_id")
+    STATE = ("num_updates", "snapshots", "run_id", "last_epoch_update")
 
     def state_dict(self) -> dict[str, Any]:
         shadows = [s.state_dict() for s in self._shadows] if self._shadows else self._loaded

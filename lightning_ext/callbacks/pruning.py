@@ -1,11 +1,14 @@
-"""Data-pruning callbacks: ``DataPruningScores`` (EL2N, GraNd, forgetting, loss, margin) and
-``InfoBatch`` (dynamic pruning of well-learned examples during training)."""
+"""Data-pruning callbacks: scores (EL2N, GraNd, forgetting, loss, margin) from a pass of their
+own (``ScoringPass``) or from the training steps (``OnlineScores``), both built by
+``DataPruningScores(mode=...)``, and ``InfoBatch`` (dynamic pruning of well-learned examples
+during training)."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sized
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -28,11 +31,12 @@ from lightning_ext._lightning import (
     recount_train_epoch,
     run_dir,
     skipped_epoch_end,
+    start_next_epoch_at_first_batch,
     stepping_batches,
 )
 from lightning_ext._plot import new_figure, write_png
 from lightning_ext.callbacks._state import DeclaredState
-from lightning_ext.callbacks._steps import ExactResume
+from lightning_ext.callbacks._steps import AfterOptimizerStep, ExactResume
 from lightning_ext.data.indexed import (
     INDEX_KEY,
     find_indices,
@@ -266,104 +270,33 @@ def _warn_no_matplotlib() -> None:
         rank_zero_warn("matplotlib is not installed: no score histogram PNG is written")
 
 
-class DataPruningScores(_BufferState, DeclaredState, ExactResume):
-    """Scores every training example for data pruning and saves them with a dataset fingerprint.
+class _Scores(_BufferState, DeclaredState, ExactResume):
+    """What ``ScoringPass`` and ``OnlineScores`` share: the score, when to score
+    (``should_score``), the per-example bookkeeping of forgetting events, the score file, the
+    logs and the state (under ``DataPruningScores``' state key, so checkpoints written before
+    the split resume)."""
 
-    ``mode="pass"`` (drop-in, any module): after ``at_epoch`` epochs (0: before training) or at
-    global step ``at_step``, run a scoring pass over the whole training set in eval mode, with a
-    progress bar on rank zero. Batches are read with ``unpack_batch(batch) -> (inputs, targets)``
-    and ``forward_fn(module, inputs) -> logits`` (defaults: ``lightning_ext._batch``: ``(x, y)``
-    tuples, dicts with a ``labels`` key, ``module(**inputs)``, ``.logits``). Sequence logits
-    ``(B, T, C)`` are scored per token and averaged over the tokens whose target is not -100.
-    Under DDP each rank scores a strided share and the shares are gathered: every example is
-    scored once, no padding. For ``score="forgetting"`` a correctness pass runs after every epoch
-    up to ``at_epoch``. The batch layout is checked on one batch before training starts.
-
-    ``mode="online"`` reuses the training step's own outputs (no extra forward): the module's
-    ``training_step`` returns ``{"loss": loss, "logits": logits}`` and the dataset is wrapped in
-    ``lightning_ext.data.IndexedDataset``. EL2N/loss/margin take each example's value at its last
-    presentation; forgetting counts 1 -> 0 transitions across presentations (Toneva et al.).
-
-    Scores are saved by rank zero to ``output_path``, by default
-    ``<run folder>/pruning/<score>_scores.pt``, with a histogram PNG next to it. If the file exists
-    and holds the same score on the same dataset (size and label hash), this run is appended and
-    ``scores`` combines the runs (mean; sum for forgetting, as the reference code does); a
-    different dataset raises a ``ValueError``.
-
-    Args:
-        score: ``el2n``, ``grand`` (gradient norms, ``mode="pass"`` only), ``forgetting``,
-            ``loss`` or ``margin``; higher is harder for every one.
-        mode: ``pass`` (a scoring pass of its own) or ``online`` (from the training steps).
-        at_epoch: score after this many epochs (0: before training); for ``forgetting``, the
-            epochs whose correctness is counted. EL2N is meant to be taken early in training.
-        at_step: score at this global step instead (``mode="pass"``, not ``forgetting``).
-        output_path: the score file; None: ``<run folder>/pruning/<score>_scores.pt``.
-        run_name: a name for this run's scores, in the file name and the state key, so that
-            several instances (several scores) can run in one fit.
-        batch_size: the scoring pass's batch size.
-        unpack_batch: ``batch -> (inputs, targets)``; None: the default unpacking.
-        forward_fn: ``(module, inputs) -> logits``; None: the default forward.
-        last_layer: GraNd over the last layer's parameters only (cheaper, an approximation).
-        factorise_linear: GraNd's closed forms for Linear, Conv2d and BatchNorm layers.
-        chunk_size: GraNd's ``vmap`` chunk size; None: sized automatically.
-        log_top_k: log the indices of the hardest k examples (0: none).
-        plot: write the histogram PNG (needs matplotlib).
-
-    Raises:
-        ValueError: an unknown score or mode, ``grand`` online, no scoring moment, or a moment
-            or size out of range.
-
-    Examples:
-        >>> import lightning.pytorch as pl
-        >>> from lightning_ext.callbacks import DataPruningScores
-        >>> scores = DataPruningScores("el2n", at_epoch=2)
-        >>> trainer = pl.Trainer(max_epochs=10, callbacks=[scores], logger=False)
-    """
+    MODE: ClassVar[str]
 
     def __init__(
         self,
-        score: Literal["el2n", "grand", "forgetting", "loss", "margin"] = "el2n",
-        mode: Literal["pass", "online"] = "pass",
-        at_epoch: int | None = 1,
-        at_step: int | None = None,
-        output_path: str | None = None,
-        run_name: str | None = None,
-        batch_size: int = 256,
-        unpack_batch: UnpackBatch | None = None,
-        forward_fn: ForwardFn | None = None,
-        last_layer: bool = False,
-        factorise_linear: bool = True,
-        chunk_size: int | None = None,
-        log_top_k: int = 20,
-        plot: bool = True,
+        score: str,
+        *,
+        at_epoch: int | None,
+        output_path: str | None,
+        run_name: str | None,
+        unpack_batch: UnpackBatch | None,
+        log_top_k: int,
+        plot: bool,
     ) -> None:
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        if mode not in ("pass", "online"):
-            raise ValueError(f"mode must be 'pass' or 'online', got {mode!r}")
-        if mode == "online" and score == "grand":
-            raise ValueError(
-                "GraNd needs per-sample gradients, which training steps do not produce: "
-                "use mode='pass'"
-            )
-        if at_step is not None and (at_step < 1 or mode != "pass" or score == "forgetting"):
-            raise ValueError("at_step must be >= 1 and is only for mode='pass' with a 1-pass score")
-        if at_step is not None:
-            at_epoch = None
-        if at_epoch is not None and at_epoch < (1 if mode == "online" else 0):
-            raise ValueError(f"at_epoch must be >= 0 (>= 1 online), got {at_epoch}")
-        if mode == "pass" and score != "forgetting" and at_epoch is None and at_step is None:
-            raise ValueError(f"say when to score {score!r}: set at_epoch or at_step")
-        if batch_size < 1 or (chunk_size is not None and chunk_size < 1) or log_top_k < 0:
-            raise ValueError("batch_size and chunk_size must be >= 1, log_top_k >= 0")
-        self.score, self.mode = score, mode
-        self.at_epoch, self.at_step = at_epoch, at_step
+        if log_top_k < 0:
+            raise ValueError(f"log_top_k must be >= 0, got {log_top_k}")
+        self.score, self.at_epoch = score, at_epoch
         self.output_path, self.run_name = output_path, run_name
-        self.batch_size = batch_size
         self.unpack_batch = unpack_batch or default_unpack_batch
-        self.forward_fn = forward_fn or default_forward
-        self.last_layer, self.chunk_size, self.log_top_k = last_layer, chunk_size, log_top_k
-        self.factorise_linear, self.plot = factorise_linear, plot
+        self.log_top_k, self.plot = log_top_k, plot
         self.scores: Tensor | None = None  # this run's final scores
         self.labels: Tensor | None = None  # per sample: class, or a target checksum (sequences)
         self.saved_path: Path | None = None
@@ -380,8 +313,35 @@ class DataPruningScores(_BufferState, DeclaredState, ExactResume):
     # --- configuration
 
     @property
+    def mode(self) -> str:
+        """``"pass"`` (``ScoringPass``) or ``"online"`` (``OnlineScores``)."""
+        return self.MODE
+
+    @property
     def state_key(self) -> str:
-        return self._generate_state_key(score=self.score, mode=self.mode, run_name=self.run_name)
+        # DataPruningScores' key, whichever class: checkpoints written before the split resume
+        key = {"score": self.score, "mode": self.MODE, "run_name": self.run_name}
+        return f"DataPruningScores{key!r}"
+
+    def should_score(
+        self, step_idx: int | None = None, epoch_idx: int | None = None, *, fit_end: bool = False
+    ) -> bool:
+        """Whether to compute and save the scores now; asked until they are.
+
+        Args:
+            step_idx: the zero-based index of the optimizer step just taken, or None.
+            epoch_idx: the zero-based index of the epoch just ended (-1: before training), or
+                None.
+            fit_end: asked once more when training ends.
+
+        Returns:
+            True to score now.
+        """
+        raise NotImplementedError
+
+    def _score(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Compute the scores now, save and log them."""
+        raise NotImplementedError
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -405,8 +365,6 @@ class DataPruningScores(_BufferState, DeclaredState, ExactResume):
         assert self._default_dir is not None, "setup('fit') resolves the run folder"
         return self._default_dir / f"{self._file_stem}.pt"
 
-    # --- reading batches
-
     def _unpack(self, batch: Any) -> tuple[Any, Tensor]:
         inputs, targets = self.unpack_batch(_strip_index(batch))
         if not isinstance(targets, Tensor):
@@ -415,6 +373,312 @@ class DataPruningScores(_BufferState, DeclaredState, ExactResume):
                 "pass unpack_batch=lambda batch: (inputs, targets) returning a target tensor"
             )
         return inputs, targets
+
+    # --- hooks
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_is_index = None
+        if self.scores is not None:
+            return
+        _train_dataset(trainer)  # a stream is refused before the first batch
+        self._before_training(trainer, pl_module)
+        # Resumed on an epoch's last batch: Lightning skips that epoch's end; the weights are
+        # the ones it ended with and the epoch's records came with the checkpoint.
+        epoch = skipped_epoch_end(trainer)
+        if epoch is not None:
+            self._epoch_end(trainer, pl_module, epoch)
+
+    def _before_training(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Work before the first batch (nothing by default)."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_end(trainer, pl_module, trainer.current_epoch)
+
+    def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        raise NotImplementedError
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.scores is None and self.should_score(fit_end=True):
+            self._score(trainer, pl_module)
+
+    # --- forgetting events
+
+    def _init_forgetting(self, n: int) -> None:
+        if self._last_correct is None:
+            self._last_correct = torch.full((n,), -1, dtype=torch.int8)
+            self._forgotten = torch.zeros(n, dtype=torch.long)
+            self._learned = torch.zeros(n, dtype=torch.bool)
+
+    def _record_forgetting(self, idx: Tensor, correct: Tensor, labels: Tensor | None) -> None:
+        n = idx.numel() if labels is not None else len(self.labels)  # type: ignore[arg-type]
+        self._init_forgetting(n)
+        if labels is not None:
+            self.labels = labels
+        assert self._last_correct is not None and self._forgotten is not None
+        assert self._learned is not None
+        forgetting_update_(self._last_correct, self._forgotten, self._learned, idx, correct)
+        self._presentations += 1
+
+    def _finish_forgetting(self, trainer: pl.Trainer) -> None:
+        if self._learned is None or self._last_correct is None or self._forgotten is None:
+            raise RuntimeError("no epoch was completed: no forgetting events to score")
+        assert self.labels is not None
+        self._check_all_seen(self._last_correct >= 0)
+        scores = forgetting_scores(self._forgotten, self._learned, self._presentations)
+        self._finish(trainer, scores, self.labels)
+
+    @staticmethod
+    def _check_all_seen(seen: Tensor) -> None:
+        if not bool(seen.all()):
+            missing = (~seen).nonzero()[:5, 0].tolist()
+            raise ValueError(
+                f"{int((~seen).sum())} examples were never presented (e.g. indices {missing}): "
+                "online scores need every example in the training data, e.g. no "
+                "limit_train_batches; use ScoringPass (mode='pass') otherwise"
+            )
+
+    # --- results
+
+    def _finish(self, trainer: pl.Trainer, scores: Tensor, labels: Tensor) -> None:
+        self.scores, self.labels = scores.double().cpu(), labels.long().cpu()
+        path = self._target_path()
+        if trainer.is_global_zero:
+            self.saved_path = self._save(path)
+            rank_zero_info(
+                f"DataPruningScores: wrote {self.score} scores of {self.scores.numel()} examples "
+                f"to {path}"
+            )
+        trainer.strategy.barrier("DataPruningScores.save")
+        self._log(trainer)
+
+    def _save(self, path: Path) -> Path:
+        task = "sequence" if self._sequence else "classification"
+        return write_scores(
+            path,
+            self.scores,  # type: ignore[arg-type]
+            self.labels,  # type: ignore[arg-type]
+            score=self.score,
+            run_name=self.run_name,
+            task=task,
+        )
+
+    def _log(self, trainer: pl.Trainer) -> None:
+        scores, labels = self.scores, self.labels
+        assert scores is not None and labels is not None
+        metrics = {
+            f"pruning/{self.score}_mean": float(scores.mean()),
+            f"pruning/{self.score}_max": float(scores.max()),
+        }
+        if self._learned is not None:
+            metrics[f"pruning/{self.score}_never_learned"] = float((~self._learned).sum())
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if not trainer.is_global_zero:
+            return
+        class_labels = None if self._sequence else labels
+        warning = (
+            None if class_labels is None else class_coverage_warning(scores, labels, self.score)
+        )
+        if warning:
+            rank_zero_warn(warning)
+        png = None
+        if self.plot:
+            png = plot_score_histogram(
+                scores,
+                class_labels,
+                self._target_path().with_name(f"{self._file_stem}.png"),
+                f"{self.score} scores of {scores.numel()} examples",
+            )
+        for logger in trainer.loggers:
+            if is_wandb_logger(logger):
+                self._log_wandb(logger, png)
+
+    def _log_wandb(self, logger: Any, png: Path | None) -> None:
+        import wandb
+
+        scores, labels = self.scores, self.labels
+        assert scores is not None and labels is not None
+        top = torch.sort(scores, descending=True, stable=True).indices[: self.log_top_k]
+        rows = [[int(i), int(labels[i]), float(scores[i])] for i in top]
+        media = {
+            f"pruning/{self.score}_hist": wandb.Histogram(scores.tolist()),
+            f"pruning/{self.score}_hardest": wandb.Table(
+                columns=["index", "label", "score"], data=rows
+            ),
+        }
+        if png is not None:
+            media[f"pruning/{self.score}_histogram"] = wandb.Image(str(png))
+        logger.experiment.log(media)
+
+    # --- state
+
+    STATE = (
+        "scores",
+        "labels",
+        ("last_correct", "_last_correct"),
+        ("forgotten", "_forgotten"),
+        ("learned", "_learned"),
+        ("presentations", "_presentations"),
+        ("online", "_online"),
+    )
+    _BUFFER_WIDTH = 2  # value, label
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), **self._buffer_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._load_buffer(state_dict)
+
+
+class ScoringPass(_Scores, AfterOptimizerStep):
+    """Scores every training example in a pass of its own over the training set (drop-in, any
+    module), and saves the scores with a dataset fingerprint.
+
+    The pass runs in eval mode with a progress bar on rank zero, when ``should_score`` says:
+    by default after ``at_epoch`` epochs (0: before training) or after global step ``at_step``.
+    Batches are read with ``unpack_batch(batch) -> (inputs, targets)`` and
+    ``forward_fn(module, inputs) -> logits`` (defaults: ``lightning_ext._batch``: ``(x, y)``
+    tuples, dicts with a ``labels`` key, ``module(**inputs)``, ``.logits``). Sequence logits
+    ``(B, T, C)`` are scored per token and averaged over the tokens whose target is not -100.
+    Under DDP each rank scores a strided share and the shares are gathered: every example is
+    scored once, no padding. For ``score="forgetting"`` a correctness pass runs after every epoch
+    until the scores are computed. The batch layout is checked on one batch before training.
+
+    Scores are saved by rank zero to ``output_path``, by default
+    ``<run folder>/pruning/<score>_scores.pt``, with a histogram PNG next to it. If the file
+    exists and holds the same score on the same dataset (size and label hash), this run is
+    appended and ``scores`` combines the runs (mean; sum for forgetting, as the reference code
+    does); a different dataset raises a ``ValueError``.
+
+    Args:
+        score: ``el2n``, ``grand`` (gradient norms), ``forgetting``, ``loss`` or ``margin``;
+            higher is harder for every one.
+        at_epoch: score after this many epochs (0: before training); for ``forgetting``, the
+            epochs whose correctness is counted (None: every epoch, scored when training ends).
+            EL2N is meant to be taken early in training.
+        at_step: score after this global step instead (not ``forgetting``).
+        output_path: the score file; None: ``<run folder>/pruning/<score>_scores.pt``.
+        run_name: a name for this run's scores, in the file name and the state key, so that
+            several instances (several scores) can run in one fit.
+        batch_size: the scoring pass's batch size.
+        unpack_batch: ``batch -> (inputs, targets)``; None: the default unpacking.
+        forward_fn: ``(module, inputs) -> logits``; None: the default forward.
+        last_layer: GraNd over the last layer's parameters only (cheaper, an approximation).
+        factorise_linear: GraNd's closed forms for Linear, Conv2d and BatchNorm layers.
+        chunk_size: GraNd's ``vmap`` chunk size; None: sized automatically.
+        log_top_k: log the indices of the hardest k examples (0: none).
+        plot: write the histogram PNG (needs matplotlib).
+
+    Raises:
+        ValueError: an unknown score, no scoring moment, or a moment or size out of range.
+
+    Examples:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_ext.callbacks import ScoringPass
+        >>> scores = ScoringPass("el2n", at_epoch=2)
+        >>> trainer = pl.Trainer(max_epochs=10, callbacks=[scores], logger=False)
+    """
+
+    MODE = "pass"
+
+    def __init__(
+        self,
+        score: Literal["el2n", "grand", "forgetting", "loss", "margin"] = "el2n",
+        *,
+        at_epoch: int | None = 1,
+        at_step: int | None = None,
+        output_path: str | None = None,
+        run_name: str | None = None,
+        batch_size: int = 256,
+        unpack_batch: UnpackBatch | None = None,
+        forward_fn: ForwardFn | None = None,
+        last_layer: bool = False,
+        factorise_linear: bool = True,
+        chunk_size: int | None = None,
+        log_top_k: int = 20,
+        plot: bool = True,
+    ) -> None:
+        if at_step is not None and (at_step < 1 or score == "forgetting"):
+            raise ValueError("at_step must be >= 1 and is only for mode='pass' with a 1-pass score")
+        if at_step is not None:
+            at_epoch = None
+        if at_epoch is not None and at_epoch < (1 if score == "forgetting" else 0):
+            raise ValueError(
+                f"at_epoch must be >= 0 (>= 1 for forgetting, counted over epochs), got {at_epoch}"
+            )
+        if score != "forgetting" and at_epoch is None and at_step is None:
+            raise ValueError(f"say when to score {score!r}: set at_epoch or at_step")
+        if batch_size < 1 or (chunk_size is not None and chunk_size < 1):
+            raise ValueError("batch_size and chunk_size must be >= 1, log_top_k >= 0")
+        super().__init__(
+            score,
+            at_epoch=at_epoch,
+            output_path=output_path,
+            run_name=run_name,
+            unpack_batch=unpack_batch,
+            log_top_k=log_top_k,
+            plot=plot,
+        )
+        self.at_step = at_step
+        self.batch_size = batch_size
+        self.forward_fn = forward_fn or default_forward
+        self.last_layer, self.chunk_size = last_layer, chunk_size
+        self.factorise_linear = factorise_linear
+
+    def should_score(
+        self, step_idx: int | None = None, epoch_idx: int | None = None, *, fit_end: bool = False
+    ) -> bool:
+        """After ``at_step`` optimizer steps or ``at_epoch`` epochs (``epoch_idx=-1`` is asked
+        before training, for ``at_epoch=0``); at the end of training for forgetting counted
+        over every epoch. Override it to choose other moments.
+
+        Args:
+            step_idx: the zero-based index of the optimizer step just taken
+                (``trainer.global_step - 1``), or None.
+            epoch_idx: the zero-based index of the epoch just ended (-1: before training), or
+                None.
+            fit_end: asked once more when training ends.
+
+        Returns:
+            True to run the scoring pass now (forgetting: to score the epochs counted so far).
+        """
+        if step_idx is not None:
+            return self.at_step is not None and step_idx + 1 == self.at_step
+        if epoch_idx is not None:
+            return self.at_epoch is not None and epoch_idx + 1 == self.at_epoch
+        return fit_end and self.at_epoch is None and self.at_step is None
+
+    def _score(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.score == "forgetting":
+            self._finish_forgetting(trainer)
+        else:
+            values, labels = self._pass(trainer, pl_module, self.score)
+            self._finish(trainer, values, labels)
+
+    def _before_training(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_batch_format(trainer, pl_module)
+        if self.should_score(epoch_idx=-1):
+            self._score(trainer, pl_module)
+
+    def on_optimizer_step_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.scores is None and self.should_score(step_idx=trainer.global_step - 1):
+            self._score(trainer, pl_module)
+
+    def on_optimizer_step_skipped(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.on_optimizer_step_done(trainer, pl_module)  # the step still counts in global_step
+
+    def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        if self.scores is not None:
+            return
+        if self.score == "forgetting":
+            correct, labels = self._pass(trainer, pl_module, "correct")
+            self._record_forgetting(torch.arange(correct.numel()), correct, labels)
+        if self.should_score(epoch_idx=epoch):
+            self._score(trainer, pl_module)
+
+    # --- reading batches
 
     def _batch_values(self, pl_module: pl.LightningModule, batch: Any, what: str) -> tuple:
         """(values, targets) of one batch, on the module's device."""
@@ -516,29 +780,97 @@ class DataPruningScores(_BufferState, DeclaredState, ExactResume):
             raise RuntimeError(f"scored {idx.numel()} of {n} examples: a rank lost its share")
         return both[:, 0], both[:, 1].long()
 
-    def _init_forgetting(self, n: int) -> None:
-        if self._last_correct is None:
-            self._last_correct = torch.full((n,), -1, dtype=torch.int8)
-            self._forgotten = torch.zeros(n, dtype=torch.long)
-            self._learned = torch.zeros(n, dtype=torch.bool)
 
-    # --- hooks
+class OnlineScores(_Scores):
+    """Scores every training example from the training steps' own outputs (no extra forward),
+    and saves the scores with a dataset fingerprint, as ``ScoringPass`` does.
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_is_index = None
-        if self.scores is not None:
-            return
-        _train_dataset(trainer)  # a stream is refused before the first batch
-        if self.mode == "pass":
-            self._check_batch_format(trainer, pl_module)
-            if self.at_epoch == 0:
-                values, labels = self._pass(trainer, pl_module, self.score)
-                self._finish(trainer, values, labels)
-        # Resumed on an epoch's last batch: Lightning skips that epoch's end; the weights are
-        # the ones it ended with and the epoch's records came with the checkpoint.
-        epoch = skipped_epoch_end(trainer)
-        if epoch is not None:
-            self._epoch_end(trainer, pl_module, epoch)
+    The module's ``training_step`` returns ``{"loss": loss, "logits": logits}`` and the dataset
+    is wrapped in ``lightning_ext.data.IndexedDataset``. EL2N/loss/margin take each example's
+    value at its last presentation; forgetting counts 1 -> 0 transitions across presentations
+    (Toneva et al.). Each epoch's records are merged at its end (gathered across ranks, each
+    example once); ``should_score`` decides after which epoch the scores are computed.
+
+    Args:
+        score: ``el2n``, ``forgetting``, ``loss`` or ``margin`` (GraNd needs ``ScoringPass``);
+            higher is harder for every one.
+        at_epoch: score after this many epochs (>= 1); None: when training ends.
+        output_path: the score file; None: ``<run folder>/pruning/<score>_scores.pt``.
+        run_name: a name for this run's scores, in the file name and the state key, so that
+            several instances (several scores) can run in one fit.
+        unpack_batch: ``batch -> (inputs, targets)``; None: the default unpacking.
+        log_top_k: log the indices of the hardest k examples (0: none).
+        plot: write the histogram PNG (needs matplotlib).
+
+    Raises:
+        ValueError: an unknown score, ``grand``, or ``at_epoch`` below 1.
+
+    Examples:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_ext.callbacks import OnlineScores
+        >>> scores = OnlineScores("forgetting", at_epoch=None)
+        >>> trainer = pl.Trainer(max_epochs=10, callbacks=[scores], logger=False)
+    """
+
+    MODE = "online"
+
+    def __init__(
+        self,
+        score: Literal["el2n", "forgetting", "loss", "margin"] = "el2n",
+        *,
+        at_epoch: int | None = 1,
+        output_path: str | None = None,
+        run_name: str | None = None,
+        unpack_batch: UnpackBatch | None = None,
+        log_top_k: int = 20,
+        plot: bool = True,
+    ) -> None:
+        if score == "grand":
+            raise ValueError(
+                "GraNd needs per-sample gradients, which training steps do not produce: "
+                "use ScoringPass (mode='pass')"
+            )
+        if at_epoch is not None and at_epoch < 1:
+            raise ValueError(
+                f"at_epoch must be >= 1 online (epochs of presentations), got {at_epoch}"
+            )
+        super().__init__(
+            score,
+            at_epoch=at_epoch,
+            output_path=output_path,
+            run_name=run_name,
+            unpack_batch=unpack_batch,
+            log_top_k=log_top_k,
+            plot=plot,
+        )
+
+    def should_score(
+        self, step_idx: int | None = None, epoch_idx: int | None = None, *, fit_end: bool = False
+    ) -> bool:
+        """After ``at_epoch`` epochs, or at the end of training with ``at_epoch=None``. Asked
+        only at epoch ends and at the end (scores need whole epochs of presentations). Override
+        it to choose another epoch.
+
+        Args:
+            step_idx: never given here (kept for one signature with ``ScoringPass``).
+            epoch_idx: the zero-based index of the epoch just ended, or None.
+            fit_end: asked once more when training ends.
+
+        Returns:
+            True to compute the scores from the epochs presented so far.
+        """
+        if epoch_idx is not None:
+            return self.at_epoch is not None and epoch_idx + 1 >= self.at_epoch
+        return fit_end and self.at_epoch is None
+
+    def _score(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.score == "forgetting":
+            return self._finish_forgetting(trainer)
+        if self._online is None:
+            raise RuntimeError("no epoch was completed: no online scores")
+        assert self.labels is not None
+        self._check_all_seen(~torch.isnan(self._online))
+        self._finish(trainer, self._online.clone(), self.labels)
 
     def on_train_batch_end(
         self,
@@ -550,15 +882,11 @@ class DataPruningScores(_BufferState, DeclaredState, ExactResume):
     ) -> None:
         if self.scores is not None:
             return
-        if self.mode == "pass":
-            if self.at_step is not None and trainer.global_step == self.at_step:
-                values, labels = self._pass(trainer, pl_module, self.score)
-                self._finish(trainer, values, labels)
-            return
         if not isinstance(outputs, Mapping) or "logits" not in outputs:
             raise ValueError(
-                "DataPruningScores(mode='online') needs the training step's logits: return "
-                "{'loss': loss, 'logits': logits} from training_step, or use mode='pass'"
+                "OnlineScores (DataPruningScores(mode='online')) needs the training step's "
+                "logits: return {'loss': loss, 'logits': logits} from training_step, or use "
+                "ScoringPass (mode='pass')"
             )
         logits = outputs["logits"].detach().float()
         _, targets = self._unpack(batch)
@@ -570,35 +898,12 @@ class DataPruningScores(_BufferState, DeclaredState, ExactResume):
         self._sequence = targets.ndim > 1
         self._buffer.append((indices.detach(), value, sample_keys(targets.detach())))
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_end(trainer, pl_module, trainer.current_epoch)
-
     def _epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         if self.scores is not None:
             return
-        done = self.at_epoch is not None and epoch + 1 >= self.at_epoch
-        if self.mode == "pass":
-            if self.score == "forgetting":
-                correct, labels = self._pass(trainer, pl_module, "correct")
-                self._record_forgetting(torch.arange(correct.numel()), correct, labels)
-                if done:
-                    self._finish_forgetting(trainer)
-            elif self.at_epoch is not None and epoch + 1 == self.at_epoch:
-                values, labels = self._pass(trainer, pl_module, self.score)
-                self._finish(trainer, values, labels)
-            return
         self._merge_epoch_buffer(trainer)
-        if done:
-            self._finish_online(trainer)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.scores is None and self.at_epoch is None and self.at_step is None:
-            if self.score == "forgetting":
-                self._finish_forgetting(trainer)
-            elif self.mode == "online":
-                self._finish_online(trainer)
-
-    # --- online bookkeeping
+        if self.should_score(epoch_idx=epoch):
+            self._score(trainer, pl_module)
 
     def _merge_epoch_buffer(self, trainer: pl.Trainer) -> None:
         n = len(_train_dataset(trainer))  # type: ignore[arg-type]
@@ -617,135 +922,120 @@ class DataPruningScores(_BufferState, DeclaredState, ExactResume):
                 self._online = torch.full((n,), float("nan"), dtype=torch.float64)
             self._online[idx] = both[:, 0]
 
-    def _record_forgetting(self, idx: Tensor, correct: Tensor, labels: Tensor | None) -> None:
-        n = idx.numel() if labels is not None else len(self.labels)  # type: ignore[arg-type]
-        self._init_forgetting(n)
-        if labels is not None:
-            self.labels = labels
-        assert self._last_correct is not None and self._forgotten is not None
-        assert self._learned is not None
-        forgetting_update_(self._last_correct, self._forgotten, self._learned, idx, correct)
-        self._presentations += 1
 
-    def _finish_forgetting(self, trainer: pl.Trainer) -> None:
-        if self._learned is None or self._last_correct is None or self._forgotten is None:
-            raise RuntimeError("no epoch was completed: no forgetting events to score")
-        assert self.labels is not None
-        self._check_all_seen(self._last_correct >= 0)
-        scores = forgetting_scores(self._forgotten, self._learned, self._presentations)
-        self._finish(trainer, scores, self.labels)
+class _ByMode(type):
+    """The metaclass of ``DataPruningScores``: calling it builds the callback of the ``mode``
+    given (``_MODES``), and every such callback is an instance of it."""
 
-    def _finish_online(self, trainer: pl.Trainer) -> None:
-        if self.score == "forgetting":
-            return self._finish_forgetting(trainer)
-        if self._online is None:
-            raise RuntimeError("no epoch was completed: no online scores")
-        assert self.labels is not None
-        self._check_all_seen(~torch.isnan(self._online))
-        self._finish(trainer, self._online.clone(), self.labels)
+    _MODES: dict[str, type[_Scores]] | None
 
-    @staticmethod
-    def _check_all_seen(seen: Tensor) -> None:
-        if not bool(seen.all()):
-            missing = (~seen).nonzero()[:5, 0].tolist()
-            raise ValueError(
-                f"{int((~seen).sum())} examples were never presented (e.g. indices {missing}): "
-                "online scores need every example in the training data, e.g. no "
-                "limit_train_batches; use mode='pass' otherwise"
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        modes = cls.__dict__.get("_MODES")
+        if modes is None:  # a subclass would lose its overrides in the built callback
+            raise TypeError(
+                f"{cls.__name__}: DataPruningScores builds a ScoringPass or an OnlineScores; "
+                "subclass one of those to override should_score or other methods"
             )
+        bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)  # type: ignore[misc]
+        bound.apply_defaults()
+        options = dict(bound.arguments)
+        options.pop(next(iter(options)))  # self
+        mode = options.pop("mode")
+        if mode not in modes:
+            raise ValueError(f"mode must be 'pass' or 'online', got {mode!r}")
+        if mode == "online":
+            if options["at_step"] is not None:
+                raise ValueError(
+                    "at_step must be >= 1 and is only for mode='pass' with a 1-pass score"
+                )
+            # the scoring pass's own options mean nothing online (accepted, as always)
+            for name in ("at_step", "batch_size", "forward_fn", "last_layer"):
+                options.pop(name)
+            for name in ("factorise_linear", "chunk_size"):
+                options.pop(name)
+        score = options.pop("score")
+        return modes[mode](score, **options)
 
-    # --- results
+    def __instancecheck__(cls, instance: Any) -> bool:
+        return cls.__subclasscheck__(type(instance))
 
-    def _finish(self, trainer: pl.Trainer, scores: Tensor, labels: Tensor) -> None:
-        self.scores, self.labels = scores.double().cpu(), labels.long().cpu()
-        path = self._target_path()
-        if trainer.is_global_zero:
-            self.saved_path = self._save(path)
-            rank_zero_info(
-                f"DataPruningScores: wrote {self.score} scores of {self.scores.numel()} examples "
-                f"to {path}"
-            )
-        trainer.strategy.barrier("DataPruningScores.save")
-        self._log(trainer)
+    def __subclasscheck__(cls, subclass: type) -> bool:
+        modes = cls.__dict__.get("_MODES") or {}
+        built = any(issubclass(subclass, kind) for kind in modes.values())
+        return built or super().__subclasscheck__(subclass)
 
-    def _save(self, path: Path) -> Path:
-        task = "sequence" if self._sequence else "classification"
-        return write_scores(
-            path,
-            self.scores,  # type: ignore[arg-type]
-            self.labels,  # type: ignore[arg-type]
-            score=self.score,
-            run_name=self.run_name,
-            task=task,
-        )
 
-    def _log(self, trainer: pl.Trainer) -> None:
-        scores, labels = self.scores, self.labels
-        assert scores is not None and labels is not None
-        metrics = {
-            f"pruning/{self.score}_mean": float(scores.mean()),
-            f"pruning/{self.score}_max": float(scores.max()),
-        }
-        if self._learned is not None:
-            metrics[f"pruning/{self.score}_never_learned"] = float((~self._learned).sum())
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        if not trainer.is_global_zero:
-            return
-        class_labels = None if self._sequence else labels
-        warning = (
-            None if class_labels is None else class_coverage_warning(scores, labels, self.score)
-        )
-        if warning:
-            rank_zero_warn(warning)
-        png = None
-        if self.plot:
-            png = plot_score_histogram(
-                scores,
-                class_labels,
-                self._target_path().with_name(f"{self._file_stem}.png"),
-                f"{self.score} scores of {scores.numel()} examples",
-            )
-        for logger in trainer.loggers:
-            if is_wandb_logger(logger):
-                self._log_wandb(logger, png)
+class DataPruningScores(_Scores, metaclass=_ByMode):
+    """Scores every training example for data pruning: builds a ``ScoringPass``
+    (``mode="pass"``) or an ``OnlineScores`` (``mode="online"``) from one signature, the
+    callback this name has always meant. Every callback the two build is an instance of it.
 
-    def _log_wandb(self, logger: Any, png: Path | None) -> None:
-        import wandb
+    ``mode="pass"`` (drop-in, any module) runs a scoring pass of its own after ``at_epoch``
+    epochs (0: before training) or at global step ``at_step``; ``mode="online"`` reuses the
+    training step's outputs (``{"loss": loss, "logits": logits}``, an ``IndexedDataset``).
+    See ``ScoringPass`` and ``OnlineScores`` for the semantics; both save the scores with a
+    dataset fingerprint to ``output_path`` (default ``<run folder>/pruning/<score>_scores.pt``).
 
-        scores, labels = self.scores, self.labels
-        assert scores is not None and labels is not None
-        top = torch.sort(scores, descending=True, stable=True).indices[: self.log_top_k]
-        rows = [[int(i), int(labels[i]), float(scores[i])] for i in top]
-        media = {
-            f"pruning/{self.score}_hist": wandb.Histogram(scores.tolist()),
-            f"pruning/{self.score}_hardest": wandb.Table(
-                columns=["index", "label", "score"], data=rows
-            ),
-        }
-        if png is not None:
-            media[f"pruning/{self.score}_histogram"] = wandb.Image(str(png))
-        logger.experiment.log(media)
+    Args:
+        score: ``el2n``, ``grand`` (``mode="pass"`` only), ``forgetting``, ``loss`` or
+            ``margin``; higher is harder for every one.
+        mode: ``pass`` (a scoring pass of its own) or ``online`` (from the training steps).
+        at_epoch: score after this many epochs (0: before training; >= 1 online); for
+            ``forgetting``, the epochs whose correctness is counted.
+        at_step: score at this global step instead (``mode="pass"``, not ``forgetting``).
+        output_path: the score file; None: ``<run folder>/pruning/<score>_scores.pt``.
+        run_name: a name for this run's scores, in the file name and the state key.
+        batch_size: the scoring pass's batch size (``mode="pass"``).
+        unpack_batch: ``batch -> (inputs, targets)``; None: the default unpacking.
+        forward_fn: ``(module, inputs) -> logits`` (``mode="pass"``); None: the default.
+        last_layer: GraNd over the last layer's parameters only.
+        factorise_linear: GraNd's closed forms for Linear, Conv2d and BatchNorm layers.
+        chunk_size: GraNd's ``vmap`` chunk size; None: sized automatically.
+        log_top_k: log the indices of the hardest k examples (0: none).
+        plot: write the histogram PNG (needs matplotlib).
 
-    # --- state
+    Raises:
+        ValueError: an unknown score or mode, ``grand`` online, no scoring moment, or a moment
+            or size out of range.
 
-    STATE = (
-        "scores",
-        "labels",
-        ("last_correct", "_last_correct"),
-        ("forgotten", "_forgotten"),
-        ("learned", "_learned"),
-        ("presentations", "_presentations"),
-        ("online", "_online"),
-    )
-    _BUFFER_WIDTH = 2  # value, label
+    Examples:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_ext.callbacks import DataPruningScores, ScoringPass
+        >>> scores = DataPruningScores("el2n", at_epoch=2)
+        >>> isinstance(scores, ScoringPass) and isinstance(scores, DataPruningScores)
+        True
+        >>> trainer = pl.Trainer(max_epochs=10, callbacks=[scores], logger=False)
+    """
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), **self._buffer_state()}
+    _MODES: ClassVar[dict[str, type[_Scores]] | None] = None  # set below the class
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._load_buffer(state_dict)
+    def __init__(
+        self,
+        score: Literal["el2n", "grand", "forgetting", "loss", "margin"] = "el2n",
+        mode: Literal["pass", "online"] = "pass",
+        at_epoch: int | None = 1,
+        at_step: int | None = None,
+        output_path: str | None = None,
+        run_name: str | None = None,
+        batch_size: int = 256,
+        unpack_batch: UnpackBatch | None = None,
+        forward_fn: ForwardFn | None = None,
+        last_layer: bool = False,
+        factorise_linear: bool = True,
+        chunk_size: int | None = None,
+        log_top_k: int = 20,
+        plot: bool = True,
+    ) -> None:
+        # Never runs: the metaclass builds a ScoringPass or an OnlineScores from these options.
+        raise TypeError("DataPruningScores is built by its metaclass")  # pragma: no cover
+
+
+DataPruningScores._MODES = {"pass": ScoringPass, "online": OnlineScores}
+# its options as its __init__ states them (for LightningCLI and help()), not the metaclass's call
+_SIGNATURE = inspect.signature(DataPruningScores.__init__)
+DataPruningScores.__signature__ = _SIGNATURE.replace(  # type: ignore[attr-defined]
+    parameters=list(_SIGNATURE.parameters.values())[1:]  # without self
+)
 
 
 _HOOK = (
@@ -827,6 +1117,7 @@ class InfoBatch(_BufferState, DeclaredState, ExactResume):
         return epoch < self.delta * trainer.max_epochs
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         if trainer.max_epochs in (None, -1):
             raise ValueError("InfoBatch anneals at delta * max_epochs: set Trainer(max_epochs=...)")
         self._sampler = _find_sampler(trainer, InfoBatchSampler)
@@ -844,6 +1135,7 @@ class InfoBatch(_BufferState, DeclaredState, ExactResume):
         self._sampler.epoch_indices()
         self._weights = self._sampler.weights
         recount_train_epoch(trainer)
+        start_next_epoch_at_first_batch(trainer)  # after a skipped end: lengths differ by epoch
 
     def _guard_first_step(self, pl_module: pl.LightningModule) -> None:
         """Name ``InfoBatch.loss`` when the first training step fails before calling it.
@@ -903,6 +1195,7 @@ class InfoBatch(_BufferState, DeclaredState, ExactResume):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)  # the sampler's epoch, exact on resume
+        self._follow_rebuilt_sampler(trainer)
         assert self._sampler is not None
         kept = self._sampler.epoch_indices()
         self._weights = self._sampler.weights
@@ -911,6 +1204,25 @@ class InfoBatch(_BufferState, DeclaredState, ExactResume):
         recount_train_epoch(trainer)
         n = len(self._sampler.dataset)  # type: ignore[arg-type]
         pl_module.log("infobatch/kept_fraction", kept.numel() / n, on_epoch=True, on_step=False)
+
+    def _follow_rebuilt_sampler(self, trainer: pl.Trainer) -> None:
+        """A train loader rebuilt by the user's ``train_dataloader()``
+        (``reload_dataloaders_every_n_epochs``) brings a new sampler that knows no scores and
+        would prune nothing: it gets the scores and this epoch's pruning, as the first one did."""
+        sampler = _find_sampler(trainer, InfoBatchSampler)
+        if sampler is self._sampler:
+            return
+        assert self.scores is not None
+        size = len(sampler.dataset)
+        if size != self.scores.numel():
+            raise ValueError(
+                f"InfoBatch: the train loader rebuilt for epoch {trainer.current_epoch} "
+                f"(reload_dataloaders_every_n_epochs) holds {size} examples where the earlier "
+                f"epochs held {self.scores.numel()}: InfoBatch scores one dataset across epochs; "
+                "rebuild the loader over the same dataset or do not reload it"
+            )
+        self._sampler = sampler
+        self._configure(trainer, trainer.current_epoch)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 from lightning_ext._lightning import run_dir, skipped_epoch_end, stepping_batches
 from lightning_ext.averaging import local_shard
 from lightning_ext.callbacks._steps import ExactResume
+from lightning_ext.functional._checks import check_unit_range
 from lightning_ext.functional.schedule import (
     REFERENCE_WINDOW,
     combine_norm_parts,
@@ -443,8 +444,7 @@ class ScheduleRefinement(ExactResume):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if not 0.0 <= behind_margin < float("inf"):
             raise ValueError(f"behind_margin is a fraction >= 0, got {behind_margin}")
-        if not 0.0 <= watch_from <= 1.0:
-            raise ValueError(f"watch_from is a fraction of the run in [0, 1], got {watch_from}")
+        check_unit_range("watch_from", watch_from, hint=" (a fraction of the run)")
         if total_steps is not None and total_steps < 2:
             raise ValueError(f"total_steps must be >= 2, got {total_steps}")
         if not record and schedule_path is None and reference_path is None:
@@ -537,6 +537,7 @@ class ScheduleRefinement(ExactResume):
             rank_zero_info(f"ScheduleRefinement records {', '.join(self._norms)} gradient norms")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         # The run's length is read once the training loader exists: read earlier, it would
         # keep a resumed run's loader from being fast-forwarded.
         total = self.total_steps or stepping_batches(trainer)

@@ -120,6 +120,7 @@ class ScheduleFree(ExactResume):
         self._switched, self._train_weights = [], []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         self._switched = []
         optimizers = self._optimizers(trainer)
         for opt in optimizers:

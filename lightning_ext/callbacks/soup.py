@@ -89,7 +89,7 @@ class ModelSoup(DeclaredState, ExactResume):
         save_soup: save the soup to ``dirpath/soup.pt``.
         unpack_batch: ``batch -> (inputs, targets)``, for ``recalibrate_bn``.
         forward_fn: ``(module, inputs) -> logits``, for ``recalibrate_bn`` and ``"learned"``.
-        options: ``method="learned"``'s options (``LEARNED_SOUP_OPTIONS``; ``mode`` stays
+        options: ``method="learned"``'s options (``LEARNED_SOUP_OPTIONS``; ``mixing`` stays
             ``"ingredients"``: aTLAS needs a base, use ``build_soup``).
 
     Raises:
@@ -124,12 +124,13 @@ class ModelSoup(DeclaredState, ExactResume):
             raise ValueError(
                 f"ModelSoup(method=...) must be 'greedy', 'uniform' or 'learned', got {method!r}"
             )
-        if method == "learned" and (options or {}).get("mode") == "task_vectors":
+        given = dict(options or {})
+        if method == "learned" and given.get("mixing", given.get("mode")) == "task_vectors":
             raise ValueError(
-                "ModelSoup(method='learned') mixes its snapshots (mode='ingredients'); aTLAS "
-                "(mode='task_vectors') needs the pre-trained base: after the fit, call "
+                "ModelSoup(method='learned') mixes its snapshots (mixing='ingredients'); aTLAS "
+                "(mixing='task_vectors') needs the pre-trained base: after the fit, call "
                 "build_soup(module, snapshots, method='learned', base=..., "
-                "options={'mode': 'task_vectors'})"
+                "options={'mixing': 'task_vectors'})"
             )
         self.options = check_soup_method(method, options, owner="ModelSoup")
         check_mode(monitor, mode, "ModelSoup")
@@ -197,6 +198,7 @@ class ModelSoup(DeclaredState, ExactResume):
             self._monitor_checked = check_monitor_logged(self.monitor, trainer, "ModelSoup")
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
         # Resumed on an epoch's last batch: Lightning skips that epoch's end, so its ingredient
         # is taken now, from the same weights the uninterrupted run takes it from.
         epoch = skipped_epoch_end(trainer)

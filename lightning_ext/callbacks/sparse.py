@@ -3,6 +3,7 @@ on any LightningModule. The math lives in ``lightning_ext.functional.sparse``.""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -22,6 +23,7 @@ from lightning_ext._plot import matplotlib_available, new_figure, write_png
 from lightning_ext.averaging import gather_full, is_dtensor, local_part, local_shard
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.callbacks._steps import ExactResume
+from lightning_ext.functional._checks import check_unit_range
 from lightning_ext.functional.sparse import (
     MASK_LARGE,
     MASK_PIECE,
@@ -75,11 +77,27 @@ ELEMENTWISE_OPTIMIZERS = frozenset(
 ADAM_MOMENT_OPTIMIZERS = frozenset({"Adam", "AdamW", "NAdam", "RAdam"})
 
 
+def _check_structured_budget(
+    method: str, nm: str, density: float | None, layer_density: dict[str, float] | None
+) -> None:
+    """An N:M method keeps N of every M weights in every layer: a density or per-layer densities
+    other than that would be silently ignored (a 0.1 asked for trained at 0.5)."""
+    n, m = (int(x) for x in nm.split(":"))
+    if layer_density or (density is not None and not math.isclose(density, n / m)):
+        given = f"layer_density={layer_density}" if layer_density else f"density={density}"
+        raise ValueError(
+            f"method={method!r} keeps {n} of every {m} weights in each layer (nm={nm!r}, density "
+            f"{n / m:g}): {given} cannot apply; drop it, or choose nm, or an unstructured method "
+            "('rigl', 'set', 'snfs', 'static') for that budget"
+        )
+
+
 class DynamicSparseTraining(DeclaredState, ExactResume):
     """Keep the chosen weights sparse at a fixed budget and periodically rewire them.
 
     Args:
-        density: global fraction of the targeted weights kept active, in (0, 1].
+        density: global fraction of the targeted weights kept active, in (0, 1]; None: 0.1,
+            or N/M for ``srste`` (which refuses any other value).
         method: a name of ``functional.SPARSE_METHODS``: ``rigl`` (grow by dense-gradient
             magnitude), ``set`` (grow at random), ``snfs`` (sparse momentum: grow by momentum
             magnitude, growth redistributed across layers by their mean momentum; the momentum is
@@ -128,7 +146,7 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
 
     def __init__(
         self,
-        density: float = 0.1,
+        density: float | None = None,
         *,
         method: Method = "rigl",
         distribution: Distribution = "erk",
@@ -152,25 +170,26 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
         remask_weights: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 < density <= 1.0:
-            raise ValueError(f"density must lie in (0, 1], got {density}")
         self.spec: SparseMethod = get_sparse_method(method)  # what the hooks do differently
-        if distribution not in ("erk", "er", "uniform", "uniform_first_dense"):
-            raise ValueError(f"unknown distribution {distribution!r}")
-        for pattern, value in (layer_density or {}).items():
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"layer_density[{pattern!r}] must lie in (0, 1], got {value}")
-        if delta_t < 1:
-            raise ValueError(f"delta_t must be >= 1 optimizer step, got {delta_t}")
-        if not 0.0 < end_fraction <= 1.0:
-            raise ValueError(f"end_fraction must lie in (0, 1], got {end_fraction}")
-        if not 0.0 <= drop_fraction <= 1.0:
-            raise ValueError(f"drop_fraction must lie in [0, 1], got {drop_fraction}")
-        if not 0.0 <= momentum_beta < 1.0:
-            raise ValueError(f"momentum_beta must lie in [0, 1), got {momentum_beta}")
         match = re.fullmatch(r"(\d+):(\d+)", nm)
         if not match or not 0 < int(match[1]) < int(match[2]):
             raise ValueError(f"nm must look like '2:4' (0 < N < M), got {nm!r}")
+        if self.spec.structured:
+            _check_structured_budget(method, nm, density, layer_density)
+        # the state key keeps the density as given (0.1 when unset), as checkpoints name it
+        self._key_density = 0.1 if density is None else density
+        if density is None:
+            density = int(match[1]) / int(match[2]) if self.spec.structured else 0.1
+        check_unit_range("density", density, low_open=True)
+        if distribution not in ("erk", "er", "uniform", "uniform_first_dense"):
+            raise ValueError(f"unknown distribution {distribution!r}")
+        for pattern, value in (layer_density or {}).items():
+            check_unit_range(f"layer_density[{pattern!r}]", value, low_open=True)
+        if delta_t < 1:
+            raise ValueError(f"delta_t must be >= 1 optimizer step, got {delta_t}")
+        check_unit_range("end_fraction", end_fraction, low_open=True)
+        check_unit_range("drop_fraction", drop_fraction)
+        check_unit_range("momentum_beta", momentum_beta, high_open=True)
         self.density, self.method, self.distribution = density, method, distribution
         self.erk_power, self.layer_density = erk_power, dict(layer_density or {})
         self.delta_t, self.end_fraction, self.drop_fraction = delta_t, end_fraction, drop_fraction
@@ -245,7 +264,7 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(method=self.method, density=self.density)
+        return self._generate_state_key(method=self.method, density=self._key_density)
 
     # ----- setup: choose targets and their budgets -------------------------------------------
 
@@ -417,6 +436,7 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
         self._layer_flops: LayerFlops | None = LayerFlops(pl_module, self._params)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         self._schedule(trainer)
         # Steps count from here only: ModelParallelStrategy restores a checkpoint after
         # on_fit_start, and its optimizer loading runs a zero-gradient optimizer.step()

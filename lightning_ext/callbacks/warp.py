@@ -41,9 +41,10 @@ from lightning_ext.averaging import (
     TrackedTensors,
     full_tensors,
     nonfinite_message,
+    parse_dtype,
     refuse_nonfinite_parameters,
 )
-from lightning_ext.callbacks._steps import AfterOptimizerStep
+from lightning_ext.callbacks._steps import WhenToUpdate
 from lightning_ext.functional._checks import check_unit_range
 
 AnchorKind = Literal["ema", "init", "sync"]
@@ -55,7 +56,7 @@ _REFUSED_STRATEGIES = {
 }
 
 
-class WARP(AfterOptimizerStep):
+class WARP(WhenToUpdate):
     """Keep the KL anchor of a fine-tuning: an EMA of the policy, its initialisation, or a
     periodically synchronised copy.
 
@@ -72,6 +73,16 @@ class WARP(AfterOptimizerStep):
             LoRA or partially frozen policy shares its frozen base with the anchor instead of
             holding it twice. Tensors left out are the policy's own in the anchor (shared
             storage), which for frozen ones is exact.
+        dtype: the dtype of the anchor's average (``"float32"``: an fp32 anchor of bf16 or
+            fp16 weights, whose small ``mu`` steps those dtypes round away, as EMA's
+            ``dtype``); None: each weight's own. The anchor's forward runs in the module's
+            dtypes, on a cast copy refreshed after every update; ``anchor_state_dict`` and
+            checkpoints keep the average in ``dtype``.
+
+    When the anchor moves is one overridable method, ``should_update(step_idx, epoch_idx)``
+    (Lightning's ``WeightAveraging`` protocol, asked after every optimizer step and at every
+    epoch end; default: every step for ``"ema"``, every ``tau``-th for ``"sync"``). Each update
+    moves it by ``mu`` (``"ema"``) or ``alpha`` (``"sync"``); an ``"init"`` anchor never moves.
 
     Logged (every ``log_every_n_steps``): ``warp/anchor_distance``, the L2 distance between the
     policy's and the anchor's weights, and ``warp/anchor_updates``. The KL itself depends on the
@@ -105,6 +116,7 @@ class WARP(AfterOptimizerStep):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         trainable_only: bool = False,
+        dtype: str | None = None,
     ) -> None:
         if anchor not in ("ema", "init", "sync"):
             raise ValueError(f"anchor must be 'ema', 'init' or 'sync', got {anchor!r}")
@@ -113,6 +125,7 @@ class WARP(AfterOptimizerStep):
         if int(tau) != tau or tau < 1:
             raise ValueError(f"tau must be a positive number of optimizer steps, got {tau}")
         self.selection = Selection.of(include, exclude, trainable_only)
+        self.dtype = parse_dtype(dtype, "WARP")
         self.kind: AnchorKind = anchor
         self.mu, self.alpha, self.tau = float(mu), float(alpha), int(tau)
         self.updates = 0
@@ -122,6 +135,9 @@ class WARP(AfterOptimizerStep):
         self._mask_source: Any = None
         self._rezeroed_now: Tensor | None = None  # this fit's count, summed without host syncs
         self._pending_state: dict[str, Any] | None = None
+        # (the anchor module's tensor, its shadow) where dtype makes them differ: the forward
+        # runs on a cast copy of the shadow, refreshed by _refresh_cast
+        self._cast: list[tuple[Tensor, Tensor]] = []
 
     @property
     def state_key(self) -> str:
@@ -172,6 +188,7 @@ class WARP(AfterOptimizerStep):
 
     # -- lifecycle -------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         name = type(trainer.strategy).__name__
         if name in _REFUSED_STRATEGIES:
             raise RuntimeError(
@@ -195,6 +212,7 @@ class WARP(AfterOptimizerStep):
             self._pending_state = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)  # an epoch end skipped by the resume
         # From here on the sparse-training masks are in place (and restored on resume, which
         # ModelParallelStrategy does after on_fit_start): the anchor, a copy of the module taken
         # at fit start, may predate them.
@@ -230,7 +248,8 @@ class WARP(AfterOptimizerStep):
         refuse_nonfinite_parameters(pl_module, "WARP")
         # buffers: averages_buffer decides; tensors the selection leaves out are not copied
         tracked = TrackedTensors.from_module(pl_module, selection=self.selection, who="WARP")
-        shadow = ShadowWeights(tracked, background=False)
+        shadow = ShadowWeights(tracked, background=False, dtype=self.dtype)
+        self._cast = []
         if tracked.sharded:  # FSDP2 forbids deepcopy: swap the shards in for each anchor call
             self._anchor = _ShardedAnchor(pl_module, shadow)
         else:
@@ -239,23 +258,48 @@ class WARP(AfterOptimizerStep):
             anchor.eval()
             mine = dict(anchor.named_parameters()) | dict(anchor.named_buffers())
             for name, tensor in zip(shadow.tracked.names, shadow.tensors):
+                mine[name].grad = None  # a module fitted before may carry gradients
+                if tensor.dtype != mine[name].dtype:  # dtype: the forward runs on a cast copy
+                    self._cast.append((mine[name].data, tensor))
+                    continue
                 # one storage for the update and the forward: the anchor's tensors *are* the
                 # shadow (which also frees the deep copy's own storage)
                 mine[name].data = tensor
-                mine[name].grad = None  # a module fitted before may carry gradients
             for name, live in tracked.untracked.items():  # left out: the policy's own storage
                 mine[name].data = live.data
                 mine[name].grad = None
             self._anchor = anchor
         self._shadow = shadow
+        self._refresh_cast()  # a narrower dtype than the module's rounds the anchor too
 
     # -- updates ---------------------------------------------------------------------------
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        """After every optimizer step (``"ema"``), every ``tau``-th (``"sync"``), never
+        (``"init"``); never at an epoch's end. Override it to choose other moments.
+
+        Args:
+            step_idx: the zero-based index of the optimizer step just taken
+                (``trainer.global_step - 1``), or None at an epoch's end.
+            epoch_idx: the zero-based index of the epoch just ended, or None after a step.
+
+        Returns:
+            True to move the anchor towards the policy now.
+        """
+        if step_idx is None or self.kind == "init":
+            return False
+        return self.kind == "ema" or (step_idx + 1) % self.tau == 0
+
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.kind == "init":
+            raise ValueError(
+                "WARP(anchor='init') is frozen, but should_update asked it to move: use "
+                "anchor='ema' (moves by mu) or anchor='sync' (moves by alpha)"
+            )
+        self._move_towards_policy(self.mu if self.kind == "ema" else self.alpha)
+
     def on_optimizer_step_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        if self.kind == "ema":
-            self._move_towards_policy(self.mu)
-        elif self.kind == "sync" and step % self.tau == 0:
-            self._move_towards_policy(self.alpha)
+        super().on_optimizer_step_done(trainer, pl_module)  # should_update decides
         self._mask_anchor()  # every kind: the masks may have moved (RigL, SET)
         # Lightning's connectors set this Trainer attribute at run time.
         if step % trainer.log_every_n_steps == 0:  # type: ignore[attr-defined]
@@ -268,6 +312,14 @@ class WARP(AfterOptimizerStep):
         assert self._shadow is not None
         self._shadow.update_(1.0 - weight)  # anchor <- (1 - w) anchor + w policy; ints copied
         self.updates += 1
+        self._refresh_cast()
+
+    @torch.no_grad()
+    def _refresh_cast(self) -> None:
+        """The forward's cast copy of the shadow (``dtype``), after the shadow changed."""
+        if self._cast:
+            for anchor, shadow in self._cast:
+                anchor.copy_(shadow)
 
     def _mask_anchor(self) -> dict[str, Tensor]:
         """Zero the anchor outside the current sparse-training masks (local shards under
@@ -281,6 +333,7 @@ class WARP(AfterOptimizerStep):
             previous = self._rezeroed_now
             self._rezeroed_now = count if previous is None else previous + count.to(previous)
             apply_masks_(state, masks)
+            self._refresh_cast()
         return masks
 
     def _take_rezeroed(self, trainer: pl.Trainer) -> int:
@@ -314,9 +367,10 @@ class WARP(AfterOptimizerStep):
     def state_dict(self) -> dict[str, Any]:
         if self._anchor is None or self._shadow is None:
             anchor = None
-        elif self.sharded or self._shadow.tracked.untracked:
+        elif self._saves_shadow:
             # full tensors (rank 0 writes the callback state for every rank), and only the
-            # tracked ones: what a selection leaves out is the policy's, saved with the model
+            # tracked ones: what a selection leaves out is the policy's, saved with the model;
+            # in dtype (the anchor module holds a cast copy)
             anchor = self._shadow.full_state_dict()
         else:
             anchor = self._anchor.state_dict()
@@ -326,6 +380,7 @@ class WARP(AfterOptimizerStep):
             "alpha": self.alpha,
             "tau": self.tau,
             "updates": self.updates,
+            "last_epoch_update": self.last_epoch_update,
             "anchor": anchor,
         }
 
@@ -341,11 +396,17 @@ class WARP(AfterOptimizerStep):
         else:
             self._apply_state(state_dict)
 
+    @property
+    def _saves_shadow(self) -> bool:
+        """The state holds the shadow's tensors (not the anchor module's state dict)."""
+        assert self._shadow is not None
+        return self.sharded or bool(self._shadow.tracked.untracked) or bool(self._cast)
+
     def _apply_state(self, state: dict[str, Any]) -> None:
         assert self._anchor is not None and self._shadow is not None
         saved = state["anchor"]
         if saved is not None:
-            if self.sharded or self._shadow.tracked.untracked:
+            if self._saves_shadow:
                 # full tensors (or another run's shards): each rank keeps its own
                 names = self._shadow.tracked.names
                 self._shadow.load_state_dict(
@@ -353,7 +414,9 @@ class WARP(AfterOptimizerStep):
                 )
             else:
                 self._anchor.load_state_dict(saved)
+        self._refresh_cast()
         self.updates = int(state["updates"])
+        self.last_epoch_update = int(state.get("last_epoch_update", -1))
 
 
 class _ShardedAnchor(nn.Module):

@@ -116,6 +116,7 @@ def _refine_schedule_command(args: Any) -> int:
         inputs=[args.grad_norms],
         overwrite=args.overwrite,
         curve=load_curve(args.grad_norms),  # a drop-in run compares itself against it
+        spelling="cli",
         **(PAPER_OPTIONS if args.paper else options),
     )
     schedule, found = payload["schedule"], payload["diagnostics"][0]

@@ -23,15 +23,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from lightning_ext.functional._checks import check_unit_range
+from lightning_ext.functional.merge_methods import (
+    Parameter,
+    Spelling,
+    check_positive_weights,
+    merge_method,
+)
 from lightning_ext.functional.merging import is_statistic
 
-__all__ = ["liti", "multi_slerp", "slerp"]
+__all__ = ["liti", "multi_slerp", "slerp", "slerp_merge"]
 
 COLINEAR_THRESHOLD = 0.9995
 _KARCHER_MAX_ITERS = 100
@@ -355,3 +361,62 @@ def liti(base: StateDictOrTensor, merged: StateDictOrTensor, eta: float) -> Stat
         statistic = is_statistic(key, base[key]) and base[key].is_floating_point()
         out[key] = _liti_tensor(base[key], merged[key], min(eta, 1.0) if statistic else eta, key)
     return out
+
+
+def _slerp_needs_base(
+    options: dict[str, Any], n: int | None, has_base: bool, spelling: Spelling
+) -> None:
+    """SLERP joins 2 models; more, or weights, is multi-SLERP of task vectors: it needs a base."""
+    check_positive_weights(options, n, has_base, spelling)
+    if has_base:
+        return
+    owner, base = spelling.choice("method", "slerp"), spelling.option("base")
+    if n is not None and n > 2:
+        raise ValueError(f"{owner} of more than 2 checkpoints needs {base} (multi-SLERP)")
+    if options["weights"] is not None:
+        raise ValueError(
+            f"{owner} with {spelling.option('weights')} needs {base} (multi-SLERP of task vectors)"
+        )
+
+
+@merge_method(
+    "slerp",
+    summary="spherical interpolation of 2 models (of task vectors with a base); "
+    "more: multi-SLERP, which needs the base",
+    reference="Shoemake 1985; Rame et al. 2024, WARP",
+    base="optional",
+    options=(
+        Parameter("t", "position between the 2 models", low=0, high=1),
+        Parameter("weights", "multi-SLERP weights, one per ingredient", kind="floats", low=0),
+    ),
+    min_ingredients=2,
+    constraint=_slerp_needs_base,
+)
+def slerp_merge(
+    state_dicts: Sequence[Mapping[str, Tensor]],
+    base: Mapping[str, Tensor] | None = None,
+    t: float = 0.5,
+    weights: Sequence[float] | None = None,
+) -> dict[str, Tensor]:
+    """SLERP as a merge method: of 2 models at ``t`` (of their task vectors with ``base``), of
+    more (or with ``weights``) the multi-SLERP of their task vectors from ``base``.
+
+    Args:
+        state_dicts: the ingredients.
+        base: the pre-trained weights (needed for more than 2 ingredients or ``weights``).
+        t: the position between 2 models.
+        weights: multi-SLERP weights, one per ingredient (None: SLERP of 2 at ``t``).
+
+    Returns:
+        The merged state dict.
+
+    Examples:
+        >>> import torch
+        >>> a, b = {"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 1.0])}
+        >>> slerp_merge([a, b])["w"]
+        tensor([0.7071, 0.7071])
+    """
+    if len(state_dicts) == 2 and weights is None:
+        return dict(slerp(state_dicts[0], state_dicts[1], t, base=base))
+    assert base is not None, "the registry's rule refuses multi-SLERP without a base first"
+    return dict(multi_slerp(base, [state_dicts[i] for i in range(len(state_dicts))], weights))

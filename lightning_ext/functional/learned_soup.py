@@ -4,9 +4,9 @@ held-out data, with only the coefficients trainable.
 Two parametrisations of the merged weights, per parameter block ``b`` (one state-dict tensor with
 ``granularity="tensor"``, the whole model with ``granularity="model"``):
 
-- ``mode="ingredients"``, the learned soup of Wortsman et al. (2022):
+- ``mixing="ingredients"``, the learned soup of Wortsman et al. (2022):
   ``theta_b = sum_k softmax(alpha_b)_k theta_{k,b}``, a convex combination of the ingredients.
-- ``mode="task_vectors"``, aTLAS (Zhang et al. 2024, anisotropic scaling):
+- ``mixing="task_vectors"``, aTLAS (Zhang et al. 2024, anisotropic scaling):
   ``theta_b = base_b + sum_k alpha_{k,b} (theta_{k,b} - base_b)``, coefficients unconstrained.
 
 The network runs through ``torch.func.functional_call`` with the merged tensors, so the model's own
@@ -19,12 +19,16 @@ Tensors that are not directions in weight space follow the rule of every merge i
 averaged over the ingredients, never extrapolated; integer and boolean buffers come from the
 reference (the base for task vectors, the first ingredient otherwise).
 
+The option was called ``mode`` before it was ``mixing``; ``mode`` is still accepted, with a
+``DeprecationWarning``, so that ``mode`` means one thing in a soup's call: Lightning's monitor mode.
+
 Pure torch: no Lightning import.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -44,9 +48,10 @@ from lightning_ext._batch import (
 from lightning_ext._modules import normalise_name
 from lightning_ext.functional.merge_methods import (
     PYTHON_SPELLING,
+    SOUP_METHODS,
     Parameter,
     Spelling,
-    resolve_options,
+    merge_method,
 )
 from lightning_ext.functional.merging import check_same_layout, is_statistic
 
@@ -61,106 +66,28 @@ __all__ = [
 ]
 
 StateDict = Mapping[str, Tensor]
-Mode = Literal["ingredients", "task_vectors"]
+Mixing = Literal["ingredients", "task_vectors"]
 Granularity = Literal["tensor", "model"]
 LossFn = Callable[[Tensor, Any], Tensor]
-MODES = ("ingredients", "task_vectors")
+MIXINGS = ("ingredients", "task_vectors")
 GRANULARITIES = ("tensor", "model")
 
-LEARNED_SOUP_OPTIONS: tuple[Parameter, ...] = (
-    Parameter(
-        "mode",
-        "ingredients: a convex combination (learned soup); task_vectors: base + scaled task "
-        "vectors (aTLAS, needs the base)",
-        kind="choice",
-        choices=MODES,
-        default="ingredients",
-    ),
-    Parameter(
-        "granularity",
-        "tensor: one coefficient per ingredient and tensor (the papers); model: one per ingredient",
-        kind="choice",
-        choices=GRANULARITIES,
-        default="tensor",
-    ),
-    Parameter(
-        "steps", "Adam steps over the held-out batches, cycled", kind="int", default=100, low=1
-    ),
-    Parameter("lr", "Adam's learning rate", default=0.05, low=0.0, low_open=True),
-    Parameter("init", "aTLAS's starting coefficient (None: 0, the base)", default=None),
-    Parameter(
-        "seed",
-        "seeds the held-out loader's shuffling and any dropout during learning (None: the "
-        "global random state)",
-        kind="int",
-        default=0,
-        nullable=True,
-    ),
-    Parameter(
-        "train_mode",
-        "learn with the model in train mode (dropout, batch statistics)",
-        kind="bool",
-        default=False,
-    ),
-    Parameter("loss_fn", "(logits, targets) -> loss (None: mean cross-entropy)", kind="callable"),
-)
-"""The options of a learned soup (``build_soup(..., method="learned", options=...)``,
-``ModelSoup(method="learned", options=...)``) with their defaults and valid ranges; the docs'
-table of them is generated from this."""
-_BY_NAME = {p.name: p for p in LEARNED_SOUP_OPTIONS}
+
+def _renamed_mode(mixing: Mixing, mode: Mixing | None, owner: str) -> Mixing:
+    """``mixing``, or the value given under its former name ``mode`` (with a warning)."""
+    if mode is None:
+        return mixing
+    warnings.warn(f"{owner}(mode=...) is now {owner}(mixing=...)", DeprecationWarning, stacklevel=3)
+    return mode
 
 
-def check_learned_options(
-    options: Mapping[str, Any] | None,
-    *,
-    has_base: bool,
-    owner: str = "method='learned'",
-    spelling: Spelling = PYTHON_SPELLING,
-) -> dict[str, Any]:
-    """Check a learned soup's options before any work (every option against
-    ``LEARNED_SOUP_OPTIONS``, and that a base is given exactly for aTLAS); return them all,
-    defaults filled in.
-
-    Args:
-        options: the options given (None: all defaults).
-        has_base: whether the pre-trained base is given.
-        owner: how messages name the caller.
-        spelling: how messages name the options.
-
-    Returns:
-        Every option of ``LEARNED_SOUP_OPTIONS`` with its value.
-
-    Raises:
-        ValueError: an unknown or out-of-range option, aTLAS without a base, a base or ``init``
-            with ``mode="ingredients"``.
-
-    Examples:
-        >>> check_learned_options({"steps": 20}, has_base=False)["lr"]
-        0.05
-    """
-    resolved = resolve_options(owner, LEARNED_SOUP_OPTIONS, options, spelling)
-    base, mode = spelling.option("base"), resolved["mode"]
-    if mode == "task_vectors" and not has_base:
-        raise ValueError(
-            f"{owner} with mode='task_vectors' (aTLAS) needs {base}, the pre-trained weights the "
-            "task vectors are taken from"
-        )
-    if mode == "ingredients" and has_base:
-        raise ValueError(f"{owner}: {base} is only used with mode='task_vectors' (aTLAS)")
-    if mode == "ingredients" and resolved["init"] is not None:
-        raise ValueError(
-            f"{owner}: init applies to mode='task_vectors'; a learned soup starts uniform"
-        )
-    return resolved
-
-
-def mixing_weights(alpha: Tensor, mode: Mode) -> Tensor:
+def mixing_weights(alpha: Tensor, mixing: Mixing) -> Tensor:
     """The weights each ingredient (row) gets in each block (column): ``softmax`` over the
     ingredients for a learned soup (a convex combination), ``alpha`` itself for aTLAS.
 
     Args:
         alpha: the coefficients, shape ``(K, ...)``.
-        mode: the mixing mode: ``"ingredients"`` (convex combination) or ``"task_vectors"``.
+        mixing: ``"ingredients"`` (convex combination) or ``"task_vectors"``.
 
     Returns:
         ``softmax(alpha)`` over the ingredients for a learned soup, ``alpha`` itself for aTLAS.
@@ -170,7 +97,7 @@ def mixing_weights(alpha: Tensor, mode: Mode) -> Tensor:
         >>> mixing_weights(torch.zeros(2), 'ingredients')
         tensor([0.5000, 0.5000])
     """
-    return torch.softmax(alpha, dim=0) if mode == "ingredients" else alpha
+    return torch.softmax(alpha, dim=0) if mixing == "ingredients" else alpha
 
 
 def _is_learned(key: str, tensor: Tensor) -> bool:
@@ -194,18 +121,18 @@ def _combine(weights: Tensor, stacked: Tensor, base: Tensor | None) -> Tensor:
     return mixed if base is None else base + mixed
 
 
-def _check_mode(mode: str, granularity: str) -> None:
-    _BY_NAME["mode"].check(mode)
-    _BY_NAME["granularity"].check(granularity)
+def _check_mixing(mixing: str, granularity: str) -> None:
+    _option("mixing").check(mixing)
+    _option("granularity").check(granularity)
 
 
-def _reference(state_dicts: Sequence[StateDict], base: StateDict | None, mode: str) -> StateDict:
+def _reference(state_dicts: Sequence[StateDict], base: StateDict | None, mixing: str) -> StateDict:
     """The state dict every ingredient is checked against and non-floating tensors come from."""
     if not len(state_dicts):
         raise ValueError("need at least one ingredient, got none")
-    if mode == "task_vectors" and base is None:
-        raise ValueError("mode='task_vectors' needs the `base` the task vectors are taken from")
-    reference = base if mode == "task_vectors" else state_dicts[0]
+    if mixing == "task_vectors" and base is None:
+        raise ValueError("mixing='task_vectors' needs the `base` the task vectors are taken from")
+    reference = base if mixing == "task_vectors" else state_dicts[0]
     assert reference is not None
     for i, sd in enumerate(state_dicts):
         check_same_layout(reference, sd, name=f"ingredient {i}", ref_name="the reference")
@@ -218,19 +145,21 @@ def apply_soup_coefficients(
     weights: Mapping[str, Tensor],
     *,
     base: StateDict | None = None,
-    mode: Mode = "ingredients",
+    mixing: Mixing = "ingredients",
+    mode: Mixing | None = None,
 ) -> dict[str, Tensor]:
     """Materialise a learned soup: every learned tensor ``key`` gets ``sum_k weights[key][k]
-    theta_k`` (``mode="ingredients"``) or ``base + sum_k weights[key][k] (theta_k - base)``
-    (``mode="task_vectors"``); statistics buffers are averaged, non-floating tensors copied from
+    theta_k`` (``mixing="ingredients"``) or ``base + sum_k weights[key][k] (theta_k - base)``
+    (``mixing="task_vectors"``); statistics buffers are averaged, non-floating tensors copied from
     the reference. ``weights`` maps (compile-normalised) keys to K mixing weights, as
     ``LearnedSoup.weights_by_key()`` returns them. Keys and dtypes are the reference's.
 
     Args:
         state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
         weights: the mixing weights per state-dict key, shape ``(K,)`` each.
-        base: the pre-trained weights, for ``mode="task_vectors"``.
-        mode: the mixing mode: ``"ingredients"`` (convex combination) or ``"task_vectors"``.
+        base: the pre-trained weights, for ``mixing="task_vectors"``.
+        mixing: ``"ingredients"`` (convex combination) or ``"task_vectors"``.
+        mode: the former name of ``mixing`` (deprecated).
 
     Returns:
         The merged state dict.
@@ -248,8 +177,9 @@ def apply_soup_coefficients(
         >>> soup['weight'], soup['bias']
         (tensor([[2.5000]]), tensor([1.]))
     """
-    _check_mode(mode, "tensor")
-    reference = _reference(state_dicts, base, mode)
+    mixing = _renamed_mode(mixing, mode, "apply_soup_coefficients")
+    _check_mixing(mixing, "tensor")
+    reference = _reference(state_dicts, base, mixing)
     n = len(state_dicts)
     out: dict[str, Tensor] = {}
     for key, ref in reference.items():
@@ -264,8 +194,8 @@ def apply_soup_coefficients(
             acc = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
             for k, sd in enumerate(state_dicts):
                 theta = sd[key].detach().double()
-                acc.add_(theta - ref.double() if mode == "task_vectors" else theta, alpha=w[k])
-            out[key] = (acc + ref.double() if mode == "task_vectors" else acc).to(ref.dtype)
+                acc.add_(theta - ref.double() if mixing == "task_vectors" else theta, alpha=w[k])
+            out[key] = (acc + ref.double() if mixing == "task_vectors" else acc).to(ref.dtype)
         elif ref.is_floating_point():  # statistics: the plain mean over the ingredients
             mean = torch.stack([sd[key].detach().double() for sd in state_dicts]).mean(0)
             out[key] = mean.to(ref.dtype)
@@ -300,15 +230,16 @@ class SoupParametrisation:
     Args:
         model: the network the ingredients are weights of; its own weights are left untouched.
         state_dicts: the K ingredients.
-        base: the pre-trained weights, for ``mode="task_vectors"``.
-        mode: ``"ingredients"`` (a convex combination) or ``"task_vectors"`` (aTLAS).
+        base: the pre-trained weights, for ``mixing="task_vectors"``.
+        mixing: ``"ingredients"`` (a convex combination) or ``"task_vectors"`` (aTLAS).
         granularity: ``"tensor"`` (one coefficient per ingredient and tensor) or ``"model"``.
         unpack_batch: ``batch -> (inputs, targets)``.
         forward_fn: ``(module, inputs) -> logits`` (None: ``default_forward``).
         loss_fn: ``(logits, targets) -> loss`` (None: mean cross-entropy).
+        mode: the former name of ``mixing`` (deprecated).
 
     Raises:
-        ValueError: no ingredients, ``mode="task_vectors"`` without ``base``, or ingredients
+        ValueError: no ingredients, ``mixing="task_vectors"`` without ``base``, or ingredients
             that lack tensors of the model or do not match each other.
 
     Examples:
@@ -327,21 +258,23 @@ class SoupParametrisation:
         state_dicts: Sequence[StateDict],
         *,
         base: StateDict | None = None,
-        mode: Mode = "ingredients",
+        mixing: Mixing = "ingredients",
         granularity: Granularity = "tensor",
         unpack_batch: UnpackBatch = default_unpack_batch,
         forward_fn: ForwardFn | None = None,
         loss_fn: LossFn | None = None,
+        mode: Mixing | None = None,
     ) -> None:
-        _check_mode(mode, granularity)
-        reference = _reference(state_dicts, base, mode)
-        self.model, self.mode, self.granularity = model, mode, granularity
+        mixing = _renamed_mode(mixing, mode, "SoupParametrisation")
+        _check_mixing(mixing, granularity)
+        reference = _reference(state_dicts, base, mixing)
+        self.model, self.mixing, self.granularity = model, mixing, granularity
         self.num_ingredients = len(state_dicts)
         self.unpack_batch, self.loss_fn = unpack_batch, loss_fn or _default_loss
         self._wrapper = _Forward(model, forward_fn or default_forward)
         device = next(iter(model.parameters()), torch.empty(0)).device
         named = [_by_normalised_name(sd, f"ingredient {i}") for i, sd in enumerate(state_dicts)]
-        ref = _by_normalised_name(reference, "base" if mode == "task_vectors" else "ingredient 0")
+        ref = _by_normalised_name(reference, "base" if mixing == "task_vectors" else "ingredient 0")
         model_state = model.state_dict(keep_vars=True)
         missing = [k for k in model_state if normalise_name(k) not in ref]
         if missing:
@@ -380,7 +313,7 @@ class SoupParametrisation:
         acc_dtype = torch.float32 if ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
         stacked = torch.stack([t.detach().to(device, acc_dtype) for t in tensors])
         base = None
-        if self.mode == "task_vectors":
+        if self.mixing == "task_vectors":
             base = ref.detach().to(device, acc_dtype)
             stacked = stacked - base
         self._stacked.append(stacked)
@@ -391,15 +324,15 @@ class SoupParametrisation:
         """Uniform mixing for a learned soup (equal logits, as the reference code starts);
         ``init`` (default 0, the base model, as aTLAS starts) for every aTLAS coefficient."""
         value = 0.0 if init is None else float(init)
-        if self.mode == "ingredients" and init is not None:
-            raise ValueError("init applies to mode='task_vectors'; a learned soup starts uniform")
+        if self.mixing == "ingredients" and init is not None:
+            raise ValueError("init applies to mixing='task_vectors'; a learned soup starts uniform")
         device = self._stacked[0].device
         return torch.full((self.num_ingredients, self.num_blocks), value, device=device)
 
     def merged(self, alpha: Tensor) -> dict[str, Tensor]:
         """Every tensor the model needs, keyed by the model's state-dict keys; the learned blocks
         depend on ``alpha`` differentiably."""
-        weights = mixing_weights(alpha, self.mode)
+        weights = mixing_weights(alpha, self.mixing)
         out = dict(self._fixed)
         for j, key in enumerate(self.blocks):
             column = weights[:, j if self.granularity == "tensor" else 0]
@@ -421,7 +354,7 @@ class SoupParametrisation:
 
     def weights_by_key(self, alpha: Tensor) -> dict[str, Tensor]:
         """Each learned tensor's K mixing weights, under every (normalised) name it has."""
-        weights = mixing_weights(alpha.detach(), self.mode)
+        weights = mixing_weights(alpha.detach(), self.mixing)
         out = {}
         for j, key in enumerate(self.blocks):
             for name in self.aliases[key]:
@@ -438,7 +371,7 @@ class LearnedSoup:
     Attributes:
         alpha: the learned coefficients, shape ``(K, B)``.
         blocks: the model state-dict keys of the learned tensors.
-        mode: ``"ingredients"`` or ``"task_vectors"``.
+        mixing: ``"ingredients"`` or ``"task_vectors"``.
         granularity: ``"tensor"`` or ``"model"``.
         weights: the mixing weights per state-dict key, shape ``(K,)`` each.
         losses: the loss at every optimisation step.
@@ -452,22 +385,28 @@ class LearnedSoup:
 
     alpha: Tensor
     blocks: list[str]
-    mode: Mode
+    mixing: Mixing
     granularity: Granularity
     weights: dict[str, Tensor]
     losses: list[float] = field(default_factory=list)
+
+    @property
+    def mode(self) -> Mixing:
+        """The former name of ``mixing`` (deprecated)."""
+        warnings.warn("LearnedSoup.mode is now LearnedSoup.mixing", DeprecationWarning, 2)
+        return self.mixing
 
     def state_dict(
         self, state_dicts: Sequence[StateDict], base: StateDict | None = None
     ) -> dict[str, Tensor]:
         """The merged weights (see ``apply_soup_coefficients``)."""
-        return apply_soup_coefficients(state_dicts, self.weights, base=base, mode=self.mode)
+        return apply_soup_coefficients(state_dicts, self.weights, base=base, mixing=self.mixing)
 
     def mean_weights(self) -> list[float]:
         """Each ingredient's mixing weight averaged over the blocks: one number per ingredient to
         log and plot (exactly its weight with ``granularity="model"``; for a learned soup they
         sum to 1)."""
-        return mixing_weights(self.alpha, self.mode).mean(dim=1).tolist()
+        return mixing_weights(self.alpha, self.mixing).mean(dim=1).tolist()
 
 
 def _cycle(batches: Iterable) -> Iterator[Any]:
@@ -481,13 +420,73 @@ def _cycle(batches: Iterable) -> Iterator[Any]:
             raise ValueError("the held-out batches are empty")
 
 
+def _learned_base_rule(
+    options: dict[str, Any], n: int | None, has_base: bool, spelling: Spelling
+) -> None:
+    """A base goes with aTLAS only, and aTLAS needs one; ``init`` is aTLAS's."""
+    owner, base = spelling.choice("method", "learned"), spelling.option("base")
+    mixing = options["mixing"]
+    if mixing == "task_vectors" and not has_base:
+        raise ValueError(
+            f"{owner} with mixing='task_vectors' (aTLAS) needs {base}, the pre-trained weights "
+            "the task vectors are taken from"
+        )
+    if mixing == "ingredients" and has_base:
+        raise ValueError(f"{owner}: {base} is only used with mixing='task_vectors' (aTLAS)")
+    if mixing == "ingredients" and options["init"] is not None:
+        raise ValueError(
+            f"{owner}: init applies to mixing='task_vectors'; a learned soup starts uniform"
+        )
+
+
+@merge_method(
+    "learned",
+    summary="mixing coefficients learned on held-out data by gradient descent: a convex "
+    "combination (learned soup) or scaled task vectors (aTLAS, needs the base)",
+    reference="Wortsman et al. 2022, Model soups; Zhang et al. 2024, aTLAS",
+    base="optional",
+    options=(
+        Parameter(
+            "mixing",
+            "ingredients: a convex combination (learned soup); task_vectors: base + scaled task "
+            "vectors (aTLAS, needs the base)",
+            kind="choice",
+            choices=MIXINGS,
+        ),
+        Parameter(
+            "granularity",
+            "tensor: one coefficient per ingredient and tensor (the papers); model: one per "
+            "ingredient",
+            kind="choice",
+            choices=GRANULARITIES,
+        ),
+        Parameter("steps", "Adam steps over the held-out batches, cycled", kind="int", low=1),
+        Parameter("lr", "Adam's learning rate", low=0.0, low_open=True),
+        Parameter("init", "aTLAS's starting coefficient (None: 0, the base)"),
+        Parameter(
+            "seed",
+            "seeds the held-out loader's shuffling and any dropout during learning (None: the "
+            "global random state)",
+            kind="int",
+            nullable=True,
+        ),
+        Parameter(
+            "train_mode", "learn with the model in train mode (dropout, batch statistics)", "bool"
+        ),
+        Parameter("loss_fn", "(logits, targets) -> loss (None: mean cross-entropy)", "callable"),
+    ),
+    constraint=_learned_base_rule,
+    needs=("model", "batches"),
+    defaults={"seed": 0},  # a soup is reproducible unless asked otherwise
+    renamed={"mode": "mixing"},
+)
 def learn_soup_coefficients(
     model: nn.Module,
     state_dicts: Sequence[StateDict],
     batches: Iterable,
     *,
     base: StateDict | None = None,
-    mode: Mode = "ingredients",
+    mixing: Mixing = "ingredients",
     granularity: Granularity = "tensor",
     steps: int = 100,
     lr: float = 0.05,
@@ -499,22 +498,18 @@ def learn_soup_coefficients(
     seed: int | None = None,
     reduce_grad: Callable[[Tensor], None] | None = None,
 ) -> LearnedSoup:
-    """Learn the mixing coefficients of ``state_dicts`` on held-out ``batches`` with Adam.
-
-    ``mode="ingredients"``: learned soup (convex combination, starts uniform);
-    ``mode="task_vectors"``: aTLAS, ``base + sum_k alpha_k (theta_k - base)`` per block (starts at
-    ``init``, default 0: the base). ``granularity``: one coefficient per ingredient and tensor, or
-    per ingredient for the whole model. ``loss_fn(logits, targets)`` defaults to the mean
-    cross-entropy; batches are read with ``unpack_batch`` and ``forward_fn`` (the project's batch
-    convention). The model runs in eval mode (dropout off, BatchNorm on the averaged statistics)
-    unless ``train_mode``; its own parameters and buffers are left untouched either way.
+    """Learn the mixing coefficients of ``state_dicts`` on held-out ``batches`` with Adam: a
+    learned soup (convex combination, starts uniform) or aTLAS (starts at ``init``, default 0: the
+    base), see the module docstring. The model runs in eval mode (dropout off, BatchNorm on the
+    averaged statistics) unless ``train_mode``; its own weights are left untouched either way.
 
     Args:
         model: the network the ingredients are weights of (left untouched).
         state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
         batches: held-out batches, read with ``unpack_batch`` and ``forward_fn``.
-        base: the pre-trained weights, for ``mode="task_vectors"``.
-        mode: the mixing mode: ``"ingredients"`` (convex combination) or ``"task_vectors"``.
+        base: the pre-trained weights, for ``mixing="task_vectors"``.
+        mixing: ``"ingredients"`` (convex combination) or ``"task_vectors"`` (its former name
+            ``mode`` is accepted with a ``DeprecationWarning``).
         granularity: ``"tensor"`` or ``"model"``: coefficients per tensor or per ingredient.
         steps: Adam steps.
         lr: Adam's learning rate.
@@ -523,13 +518,10 @@ def learn_soup_coefficients(
         unpack_batch: ``batch -> (inputs, targets)``.
         forward_fn: ``(module, inputs) -> logits``.
         train_mode: run the model in train mode (dropout, batch statistics).
-        seed: seed the random state while learning (a shuffling loader's order, dropout), so
-            that the result is deterministic; the caller's random state is restored after.
-            None: use the global random state as it is.
-        reduce_grad: called on the coefficients' gradient after every backward, before the
-            step, to change it in place: e.g. averaging it over processes that each learn on
-            their share of the held-out data, so that all of them take the same steps (the
-            losses recorded stay each process's own).
+        seed: seeds the random state while learning (a shuffling loader's order, dropout),
+            restored after; None: the global random state as it is.
+        reduce_grad: changes the coefficients' gradient in place before each step, e.g. its
+            mean over processes that each learn on their share of the data (same steps on all).
 
     Returns:
         The learned coefficients and the loss at every step.
@@ -552,31 +544,59 @@ def learn_soup_coefficients(
         >>> learned.losses[-1] < learned.losses[0]
         True
     """
-    for name, value in (("steps", steps), ("lr", lr), ("seed", seed)):
-        if value is not None:
-            _BY_NAME[name].check(value)
     soup = SoupParametrisation(
         model,
         state_dicts,
         base=base,
-        mode=mode,
+        mixing=mixing,
         granularity=granularity,
         unpack_batch=unpack_batch,
         forward_fn=forward_fn,
         loss_fn=loss_fn,
     )
     alpha = soup.initial_alpha(init).requires_grad_(True)
-    optimizer = torch.optim.Adam([alpha], lr=lr)
-    was_training = model.training
-    model.train(train_mode)
-    losses: list[float] = []
-    with _seeded(seed, alpha.device):
-        try:
-            _learn(soup, alpha, optimizer, batches, steps, losses, reduce_grad)
-        finally:
-            model.train(was_training)
+    losses = _learn(soup, alpha, batches, steps, lr, train_mode, seed, reduce_grad)
     alpha = alpha.detach()
-    return LearnedSoup(alpha, soup.blocks, mode, granularity, soup.weights_by_key(alpha), losses)
+    return LearnedSoup(alpha, soup.blocks, mixing, granularity, soup.weights_by_key(alpha), losses)
+
+
+LEARNED_SOUP_OPTIONS: tuple[Parameter, ...] = SOUP_METHODS["learned"].parameters
+"""The options of a learned soup (``build_soup(..., method="learned", options=...)``,
+``ModelSoup(method="learned", options=...)``) with their defaults and valid ranges, read from
+``learn_soup_coefficients``'s signature; the docs' table of them is generated from this."""
+
+
+def check_learned_options(
+    options: Mapping[str, Any] | None,
+    *,
+    has_base: bool,
+    owner: str = "method='learned'",
+    spelling: Spelling = PYTHON_SPELLING,
+) -> dict[str, Any]:
+    """Check a learned soup's options before any work (every option against
+    ``LEARNED_SOUP_OPTIONS``, and that a base is given exactly for aTLAS); return them all,
+    defaults filled in.
+
+    Args:
+        options: the options given (None: all defaults).
+        has_base: whether the pre-trained base is given.
+        owner: how messages name the caller.
+        spelling: how messages name the options.
+
+    Returns:
+        Every option of ``LEARNED_SOUP_OPTIONS`` with its value.
+
+    Examples:
+        >>> check_learned_options({"steps": 20}, has_base=False)["lr"]
+        0.05
+    """
+    return SOUP_METHODS["learned"].resolve(
+        options, has_base=has_base, spelling=spelling, owner=owner
+    )
+
+
+def _option(name: str) -> Parameter:
+    return next(p for p in LEARNED_SOUP_OPTIONS if p.name == name)
 
 
 @contextlib.contextmanager
@@ -592,6 +612,30 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
 
 
 def _learn(
+    soup: SoupParametrisation,
+    alpha: Tensor,
+    batches: Iterable,
+    steps: int,
+    lr: float,
+    train_mode: bool,
+    seed: int | None,
+    reduce_grad: Callable[[Tensor], None] | None,
+) -> list[float]:
+    """Adam on ``alpha`` for ``steps`` batches, the model in ``train_mode`` (restored after) and
+    the random state seeded; returns each step's loss."""
+    optimizer = torch.optim.Adam([alpha], lr=lr)
+    model, losses = soup.model, list[float]()
+    was_training = model.training
+    model.train(train_mode)
+    with _seeded(seed, alpha.device):
+        try:
+            _steps(soup, alpha, optimizer, batches, steps, losses, reduce_grad)
+        finally:
+            model.train(was_training)
+    return losses
+
+
+def _steps(
     soup: SoupParametrisation,
     alpha: Tensor,
     optimizer: torch.optim.Optimizer,

@@ -1,43 +1,51 @@
-"""The table of merge methods: one entry per way of merging state dicts, naming its function,
-whether it needs the base (pre-trained) model, its options with defaults and valid ranges, and
-its paper.
+"""The one registry of soup and merge methods: every way of combining ingredients (state dicts)
+registers itself where it is defined, with ``@merge_method(name, ...)`` on its function. The
+decorator reads the option defaults from the function's signature (declared once, there), takes
+one small declaration of each option's range and meaning and of the rules that tie options
+together, checks them on every call of the function, and files the entry under its name
+(a name registered twice is refused).
 
-The command line (``lightning-ext soup``), ``build_soup``/``run_soup`` and the docs all read this
-table, so a method added here is reachable everywhere, options are validated before any
-checkpoint is read or any candidate scored, and the documented defaults are the ones that run.
-Errors are worded in the caller's vocabulary through a ``Spelling``: ``density`` in Python
-(``PYTHON_SPELLING``, the default), ``--density`` on the command line (``CLI_SPELLING``, defined
-by the CLI in ``lightning_ext.cli._options``).
+The command line (``lightning-ext soup``), ``build_soup``/``run_soup``, ``ModelSoup`` and the docs
+all read this registry, so a method added there is reachable everywhere, options are validated
+before any checkpoint is read or any candidate scored, and the documented defaults are the ones
+that run. Errors are worded in the caller's vocabulary through a ``Spelling``: ``density`` in
+Python (``PYTHON_SPELLING``, the default), ``--density`` on the command line (``CLI_SPELLING``,
+defined by the CLI in ``lightning_ext.cli._options``).
 
-Merges that need more than state dicts are not entries: the greedy and learned soups need a model
-and held-out data (``lightning_ext.workflows.soup.run_soup``), Fisher merging needs one Fisher per
-ingredient (``functional.fisher_merge``).
+``SOUP_METHODS`` holds every entry; ``MERGE_METHODS`` those that need nothing but state dicts
+(the command line's). The greedy and learned soups also need a scorer, or a model and held-out
+data (``needs``); ``lightning_ext._soup.run_soup`` passes them, one dispatch for every caller.
+Fisher merging needs one Fisher per ingredient and is called directly
+(``functional.fisher_merge``).
 
 Pure torch: no Lightning import.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor
 
-from lightning_ext.functional import merging
-from lightning_ext.functional.interpolation import multi_slerp, slerp
-
 __all__ = [
     "MERGE_METHODS",
     "PYTHON_SPELLING",
+    "SOUP_METHODS",
     "MergeMethod",
     "Parameter",
     "Spelling",
     "get_merge_method",
+    "get_soup_method",
+    "merge_method",
     "resolve_options",
 ]
 
@@ -86,6 +94,8 @@ class Parameter:
         choices: the valid values of a ``"choice"``.
         nullable: None may be given explicitly, meaning "off" (e.g. no seeding); parameters
             whose default is None accept it anyway.
+        argument: the function's parameter the option feeds ("": the one of its own name).
+        convert: turns the option's value into that argument (e.g. a seed into a generator).
 
     Examples:
         >>> density = Parameter("density", "kept fraction", default=0.2, low=0, high=1,
@@ -105,6 +115,8 @@ class Parameter:
     high_open: bool = False
     choices: tuple[str, ...] = ()
     nullable: bool = False
+    argument: str = ""
+    convert: Callable[[Any], Any] | None = None
 
     def range_text(self) -> str:
         """The valid values in a few characters: ``(0, 1]``, ``>= 1``, ``one of a, b``."""
@@ -239,11 +251,11 @@ def resolve_options(
     known = {p.name: p for p in parameters}
     unknown = [k for k in options if k not in known]
     if unknown:
-        valid = ", ".join(spelling.option(p.name) for p in parameters) or "none"
-        raise ValueError(
-            f"{owner} takes no option {', '.join(spelling.option(k) for k in unknown)}; "
-            f"its options: {valid}"
-        )
+        names = ", ".join(spelling.option(k) for k in unknown)
+        if not parameters:
+            raise ValueError(f"{owner} takes no options ({names})")
+        valid = ", ".join(spelling.option(p.name) for p in parameters)
+        raise ValueError(f"{owner} takes no option {names}; its options: {valid}")
     resolved: dict[str, Any] = {}
     for p in parameters:
         value = options.get(p.name)
@@ -265,25 +277,31 @@ def resolve_options(
     return resolved
 
 
-MergeCall = Callable[[Sequence[StateDict], "StateDict | None", dict[str, Any]], dict]
-Constraint = Callable[[dict[str, Any], int, bool, Spelling], None]
+Constraint = Callable[[dict[str, Any], "int | None", bool, Spelling], None]
+Base = Literal["required", "optional", "unused"]
+PER_INGREDIENT = ("floats", "gradients")
+_SOUP_METHODS: dict[str, MergeMethod] = {}
+_MERGE_METHODS: dict[str, MergeMethod] = {}
 
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """One merge method of the table.
+    """One method of the registry, made by ``@merge_method`` from its function.
 
     Attributes:
         name: the name users pass (``method="ties"``, ``--method ties``).
-        function: the public function of ``lightning_ext.functional`` that does the math.
+        function: the public function of ``lightning_ext.functional`` that does the math (it
+            checks its declared options on every call).
         summary: what it computes, in one line.
         reference: the paper.
         base: ``"required"`` (task-vector methods), ``"optional"`` or ``"unused"``.
-        parameters: its options, with defaults and valid ranges.
-        call: ``call(state_dicts, base, options)``: runs ``function`` with checked options.
+        parameters: its options, defaults read from the function's signature, with valid ranges.
         min_ingredients: the fewest ingredients it can merge.
         constraint: checks that involve several options or the ingredients' number, given
             ``(options, num_ingredients, has_base, spelling)``.
+        needs: what it needs besides state dicts, passed by the caller: ``("evaluate",)`` for
+            the greedy soup, ``("model", "batches")`` for the learned soup; empty for merges.
+        renamed: former option names still accepted (with a ``DeprecationWarning``), to the new.
 
     Examples:
         >>> import torch
@@ -299,11 +317,12 @@ class MergeMethod:
     function: Callable[..., Any]
     summary: str
     reference: str
-    base: Literal["required", "optional", "unused"]
+    base: Base
     parameters: tuple[Parameter, ...]
-    call: MergeCall
     min_ingredients: int = 1
     constraint: Constraint | None = None
+    needs: tuple[str, ...] = ()
+    renamed: Mapping[str, str] = field(default_factory=dict)
 
     def resolve(
         self,
@@ -312,6 +331,7 @@ class MergeMethod:
         num_ingredients: int | None = None,
         has_base: bool | None = None,
         spelling: Spelling = PYTHON_SPELLING,
+        owner: str | None = None,
     ) -> dict[str, Any]:
         """Check the options (and, when known, the number of ingredients and whether a base is
         given) before any work; return every option's value, defaults filled in.
@@ -321,6 +341,7 @@ class MergeMethod:
             num_ingredients: the number of ingredients (None: not known yet).
             has_base: whether a base model is given (None: not known yet).
             spelling: how messages name the options.
+            owner: how messages name the caller (None: ``method='NAME'``).
 
         Returns:
             Every option's value.
@@ -329,17 +350,10 @@ class MergeMethod:
             ValueError: an unknown or out-of-range option, a missing base or required option, a
                 base the method does not use, or too few ingredients.
         """
-        owner = spelling.choice("method", self.name)
-        resolved = resolve_options(owner, self.parameters, options, spelling)
+        owner = owner or spelling.choice("method", self.name)
+        resolved = resolve_options(owner, self.parameters, self._renamed(options, owner), spelling)
         if has_base is not None:
-            if self.base == "required" and not has_base:
-                raise ValueError(
-                    f"{owner} needs {spelling.option('base')} (the pre-trained model the "
-                    "ingredients were fine-tuned from)"
-                )
-            if self.base == "unused" and has_base:
-                users = sorted(m.name for m in MERGE_METHODS.values() if m.base != "unused")
-                raise ValueError(f"{spelling.option('base')} is only used by {users}, not {owner}")
+            self._check_base(has_base, owner, spelling)
         if num_ingredients is not None:
             if num_ingredients < self.min_ingredients:
                 raise ValueError(
@@ -348,15 +362,74 @@ class MergeMethod:
                 )
             for p in self.parameters:
                 value = resolved[p.name]
-                per_ingredient = p.kind in ("floats", "gradients")
-                if per_ingredient and value is not None and len(value) != num_ingredients:
+                if p.kind in PER_INGREDIENT and value is not None and len(value) != num_ingredients:
                     raise ValueError(
                         f"{spelling.option(p.name)}: got {len(value)} values for "
                         f"{num_ingredients} ingredients (give one per ingredient)"
                     )
-            if self.constraint is not None and has_base is not None:
-                self.constraint(resolved, num_ingredients, has_base, spelling)
+        if self.constraint is not None and has_base is not None:
+            self.constraint(resolved, num_ingredients, has_base, spelling)
         return resolved
+
+    def _renamed(self, options: Mapping[str, Any] | None, owner: str) -> dict[str, Any]:
+        options = dict(options or {})
+        for old, new in self.renamed.items():
+            if old in options:
+                warnings.warn(
+                    f"{owner}: option {old!r} is now {new!r} (the old name goes in a later "
+                    "release)",
+                    DeprecationWarning,
+                    stacklevel=4,
+                )
+                options.setdefault(new, options.pop(old))
+        return options
+
+    def _check_base(self, has_base: bool, owner: str, spelling: Spelling) -> None:
+        if self.base == "required" and not has_base:
+            raise ValueError(
+                f"{owner} needs {spelling.option('base')} (the pre-trained model the "
+                "ingredients were fine-tuned from)"
+            )
+        if self.base == "unused" and has_base:
+            users = sorted(m.name for m in _SOUP_METHODS.values() if m.base != "unused")
+            raise ValueError(f"{spelling.option('base')} is only used by {users}, not {owner}")
+
+    def call(
+        self,
+        state_dicts: Sequence[StateDict],
+        base: StateDict | None,
+        options: Mapping[str, Any],
+        **context: Any,
+    ) -> Any:
+        """Run the function with resolved ``options`` (see ``resolve``) and, of ``context``, the
+        arguments its signature takes (``evaluate``, ``mode``, ``model``, ``batches``, ...).
+
+        Args:
+            state_dicts: the ingredients (a lazy sequence streams).
+            base: the pre-trained weights, for methods that use them.
+            options: every option's value.
+            **context: what the caller has beyond state dicts; each function takes its own.
+
+        Returns:
+            What the function returns: a state dict; ``(soup, chosen)`` for the greedy soup;
+            a ``LearnedSoup`` for the learned one.
+
+        Raises:
+            ValueError: a missing base or a missing ``needs`` entry.
+        """
+        accepted = inspect.signature(self.function).parameters
+        missing = [n for n in self.needs if context.get(n) is None]
+        if missing or (self.base == "required" and base is None):
+            absent = missing or ["base"]
+            raise ValueError(f"method={self.name!r} needs {', '.join(absent)}")
+        kwargs = {k: v for k, v in context.items() if k in accepted}
+        kwargs["state_dicts"] = state_dicts
+        if "base" in accepted:
+            kwargs["base"] = base
+        for p in self.parameters:
+            value = options[p.name]
+            kwargs[p.argument or p.name] = value if p.convert is None else p.convert(value)
+        return self.function(**kwargs)
 
     def merge(
         self,
@@ -383,278 +456,180 @@ class MergeMethod:
         )
         return self.call(state_dicts, base, resolved)
 
+    def check_arguments(self, arguments: Mapping[str, Any]) -> None:
+        """The declared ranges and rules over a direct call's bound arguments (the function's
+        own guard): scalar options against their ranges, then ``constraint``. Per-ingredient
+        options are left to the function, which names the ingredient.
 
-# --------------------------------------------------------------------------- the table
+        Args:
+            arguments: the call's arguments by parameter name, defaults applied.
 
-_DENSITY: dict[str, Any] = dict(
-    help="fraction of each task vector kept", low=0.0, high=1.0, low_open=True
-)
-_SCALE = Parameter("scale", "factor of the merged task vector", default=1.0)
+        Raises:
+            ValueError: an option outside its range or breaking a rule.
+        """
+        values = {}
+        for p in self.parameters:
+            if p.convert is not None or (p.argument or p.name) not in arguments:
+                continue
+            values[p.name] = value = arguments[p.argument or p.name]
+            if value is not None and p.kind not in PER_INGREDIENT:
+                p.check(value)
+        if self.constraint is not None:
+            state_dicts = arguments.get("state_dicts")
+            n = len(state_dicts) if state_dicts is not None else None
+            self.constraint(values, n, arguments.get("base") is not None, PYTHON_SPELLING)
 
 
-def _needs_base(base: StateDict | None) -> StateDict:
-    assert base is not None, "resolve() refuses a missing base first"
-    return base
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def merge_method(
+    name: str,
+    *,
+    summary: str,
+    reference: str,
+    base: Base = "unused",
+    options: Sequence[Parameter] = (),
+    min_ingredients: int = 1,
+    constraint: Constraint | None = None,
+    needs: tuple[str, ...] = (),
+    defaults: Mapping[str, Any] | None = None,
+    renamed: Mapping[str, str] | None = None,
+) -> Callable[[F], F]:
+    """Register the decorated function as method ``name``: its options' defaults come from its
+    signature (a parameter without a default is a required option), their ranges and meaning from
+    ``options``; every call of the function checks them (``MergeMethod.check_arguments``).
+
+    Args:
+        name: the method's name.
+        summary: what it computes, in one line.
+        reference: the paper.
+        base: ``"required"``, ``"optional"`` or ``"unused"``.
+        options: one ``Parameter`` per option (its ``default`` is read from the signature when
+            the option feeds a parameter of the function).
+        min_ingredients: the fewest ingredients it can merge.
+        constraint: the rules tying options together (see ``MergeMethod``).
+        needs: what it needs besides state dicts (see ``MergeMethod``).
+        defaults: the registry's defaults where they differ from the function's, e.g. a fixed
+            seed, so that a soup is reproducible unless asked otherwise.
+        renamed: former option names, to the new ones.
+
+    Returns:
+        The decorator; it returns the checked function.
+
+    Raises:
+        ValueError: ``name`` is registered already, or an option names no parameter of the
+            function and declares no ``argument``.
+
+    Examples:
+        >>> MERGE_METHODS["ties"].parameters[0].default  # ties_merge(..., density=0.2, ...)
+        0.2
+    """
+
+    def register(function: F) -> F:
+        if name in _SOUP_METHODS:
+            raise ValueError(f"merge method {name!r} is registered already")
+        signature = inspect.signature(function)
+        parameters = tuple(_from_signature(p, signature, defaults or {}) for p in options)
+
+        @functools.wraps(function)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            kwargs = entry._renamed(kwargs, f"{function.__name__}()")
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            entry.check_arguments(bound.arguments)
+            return function(*args, **kwargs)
+
+        entry = MergeMethod(
+            name=name,
+            function=checked,
+            summary=summary,
+            reference=reference,
+            base=base,
+            parameters=parameters,
+            min_ingredients=min_ingredients,
+            constraint=constraint,
+            needs=needs,
+            renamed=dict(renamed or {}),
+        )
+        _SOUP_METHODS[name] = entry
+        if not needs:
+            _MERGE_METHODS[name] = entry
+        return checked  # type: ignore[return-value]
+
+    return register
+
+
+def _from_signature(
+    p: Parameter, signature: inspect.Signature, defaults: Mapping[str, Any]
+) -> Parameter:
+    """``p`` with its default (or ``required``) read from the parameter it feeds."""
+    target = signature.parameters.get(p.argument or p.name)
+    if target is None:
+        raise ValueError(f"option {p.name!r} feeds no parameter of the function")
+    if p.argument:  # converted (a seed into a generator): the declaration holds the default
+        return p
+    if p.name in defaults:
+        return replace(p, default=defaults[p.name])
+    if target.default is inspect.Parameter.empty:
+        return replace(p, required=True)
+    return replace(p, default=target.default)
+
+
+SOUP_METHODS: Mapping[str, MergeMethod] = MappingProxyType(_SOUP_METHODS)
+"""Every method by name, merges and soups that need a scorer or a model alike."""
+
+MERGE_METHODS: Mapping[str, MergeMethod] = MappingProxyType(_MERGE_METHODS)
+"""The methods that need nothing but state dicts, in the order the docs and ``--help`` list
+them."""
+
+
+def generator_of(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed``: the drop masks of a seeded merge.
+
+    Args:
+        seed: the seed.
+
+    Returns:
+        The generator.
+
+    Examples:
+        >>> generator_of(0).initial_seed()
+        0
+    """
+    return torch.Generator().manual_seed(seed)
 
 
 def _largest(weight: Any) -> float:
     """The largest value a weight takes anywhere (a number, anchors, or per-tensor filters)."""
     if isinstance(weight, Mapping):
         return max(_largest(w) for w in weight.values())
-    return max(weight) if isinstance(weight, list) else weight
+    return max(weight) if isinstance(weight, list | tuple) else weight
 
 
-def _positive_weights(options: dict[str, Any], n: int, has_base: bool, spelling: Spelling) -> None:
-    weights = options.get("weights")
-    if weights is not None and sum(_largest(w) for w in weights) <= 0:
-        raise ValueError(f"{spelling.option('weights')} must not all be 0, got {weights}")
-
-
-def _slerp_constraint(options: dict[str, Any], n: int, has_base: bool, spelling: Spelling) -> None:
-    _positive_weights(options, n, has_base, spelling)
-    if has_base:
-        return
-    owner, base = spelling.choice("method", "slerp"), spelling.option("base")
-    if n > 2:
-        raise ValueError(f"{owner} of more than 2 checkpoints needs {base} (multi-SLERP)")
-    if options["weights"] is not None:
-        raise ValueError(
-            f"{owner} with {spelling.option('weights')} needs {base} (multi-SLERP of task vectors)"
-        )
-
-
-def _slerp_call(sds: Sequence[StateDict], base: StateDict | None, o: dict[str, Any]) -> dict:
-    """Two ingredients: SLERP at ``t`` (of task vectors with a base); more: multi-SLERP."""
-    if len(sds) == 2 and o["weights"] is None:
-        return dict(slerp(sds[0], sds[1], o["t"], base=base))
-    return dict(multi_slerp(_needs_base(base), [sds[i] for i in range(len(sds))], o["weights"]))
-
-
-def _dare_call(sds: Sequence[StateDict], base: StateDict | None, o: dict[str, Any]) -> dict:
-    generator = torch.Generator().manual_seed(o["seed"])
-    return merging.dare_merge(
-        _needs_base(base), sds, o["density"], scale=o["scale"], generator=generator
-    )
-
-
-_TV_WEIGHTS = Parameter(
-    "weights",
-    "one weight per ingredient's task vector, a number or anchors over depth",
-    kind="gradients",
-    low=0,
-)
-_RESCALE = Parameter(
-    "rescale",
-    "how survivors are rescaled: inverse = 1/keep probability (the papers), l1 = to the former "
-    "L1 norm (mergekit)",
-    kind="choice",
-    default="inverse",
-    choices=("inverse", "l1", "none"),
-)
-_NORMALIZE = Parameter(
-    "normalize",
-    "divide by the agreeing ingredients' total weight (disjoint mean); false sums them",
-    kind="bool",
-    default=True,
-)
-
-
-def _dare_ties_call(sds: Sequence[StateDict], base: StateDict | None, o: dict[str, Any]) -> dict:
-    return merging.dare_ties_merge(
-        _needs_base(base),
-        sds,
-        o["density"],
-        scale=o["scale"],
-        generator=torch.Generator().manual_seed(o["seed"]),
-        weights=o["weights"],
-        rescale=o["rescale"],
-        normalize=o["normalize"],
-    )
-
-
-def _della_call(sds: Sequence[StateDict], base: StateDict | None, o: dict[str, Any]) -> dict:
-    return merging.della_merge(
-        _needs_base(base),
-        sds,
-        o["density"],
-        epsilon=o["epsilon"],
-        scale=o["scale"],
-        generator=torch.Generator().manual_seed(o["seed"]),
-        weights=o["weights"],
-        rescale=o["rescale"],
-        normalize=o["normalize"],
-    )
-
-
-def _della_constraint(options: dict[str, Any], n: int, has_base: bool, spelling: Spelling) -> None:
-    _positive_weights(options, n, has_base, spelling)
-    density, epsilon = options["density"], options["epsilon"]
-    if density < 1.0 and not (density - epsilon > 0 and density + epsilon <= 1):
-        raise ValueError(
-            f"{spelling.option('density')} +/- {spelling.option('epsilon')} must lie in (0, 1], "
-            f"got {density} +/- {epsilon}"
-        )
-
-
-def _breadcrumbs_constraint(
-    options: dict[str, Any], n: int, has_base: bool, spelling: Spelling
+def check_positive_weights(
+    options: dict[str, Any], n: int | None, has_base: bool, spelling: Spelling
 ) -> None:
-    if options["density"] + options["gamma"] > 1.0:
-        raise ValueError(
-            f"{spelling.option('density')} + {spelling.option('gamma')} must be <= 1, got "
-            f"{options['density']} + {options['gamma']}"
-        )
+    """The rule of every weighted merge: the weights must not all be 0.
 
+    Args:
+        options: the method's options (``weights`` among them).
+        n: the number of ingredients (unused).
+        has_base: whether a base is given (unused).
+        spelling: how the message names the option.
 
-_TABLE = (
-    MergeMethod(
-        name="uniform",
-        function=merging.uniform_soup,
-        summary="the plain mean of the ingredients",
-        reference="Wortsman et al. 2022, Model soups",
-        base="unused",
-        parameters=(),
-        call=lambda sds, base, o: merging.uniform_soup(sds),
-    ),
-    MergeMethod(
-        name="weighted",
-        function=merging.weighted_average,
-        summary="the weighted mean, weights normalised to sum to 1",
-        reference="Wortsman et al. 2022, Model soups",
-        base="unused",
-        parameters=(
-            Parameter(
-                "weights",
-                "one weight per ingredient, a number or anchors over depth (0,1 rises with depth)",
-                kind="gradients",
-                required=True,
-                low=0,
-            ),
-        ),
-        call=lambda sds, base, o: merging.weighted_average(sds, o["weights"]),
-        constraint=_positive_weights,
-    ),
-    MergeMethod(
-        name="task-arithmetic",
-        function=merging.task_arithmetic,
-        summary="base + scale * the sum of the task vectors",
-        reference="Ilharco et al. 2023, Editing models with task arithmetic",
-        base="required",
-        parameters=(_SCALE,),
-        call=lambda sds, base, o: merging.task_arithmetic(_needs_base(base), sds, o["scale"]),
-    ),
-    MergeMethod(
-        name="ties",
-        function=merging.ties_merge,
-        summary="trim each task vector, elect signs, disjoint mean",
-        reference="Yadav et al. 2023, TIES-Merging",
-        base="required",
-        parameters=(Parameter("density", default=0.2, **_DENSITY), _SCALE),
-        call=lambda sds, base, o: merging.ties_merge(
-            _needs_base(base), sds, density=o["density"], scale=o["scale"]
-        ),
-    ),
-    MergeMethod(
-        name="dare",
-        function=merging.dare_merge,
-        summary="drop task-vector entries at random, rescale the rest by 1/density",
-        reference="Yu et al. 2024, Language models are Super Mario (DARE)",
-        base="required",
-        parameters=(
-            Parameter("density", required=True, **_DENSITY),
-            _SCALE,
-            Parameter("seed", "seed of the drop masks", kind="int", default=0),
-        ),
-        call=_dare_call,
-    ),
-    MergeMethod(
-        name="dare-ties",
-        function=merging.dare_ties_merge,
-        summary="DARE's random drop and rescale, then TIES's sign election and disjoint merge",
-        reference="Yu et al. 2024 (DARE) with Yadav et al. 2023 (TIES)",
-        base="required",
-        parameters=(
-            Parameter("density", required=True, **_DENSITY),
-            _SCALE,
-            Parameter("seed", "seed of the drop masks", kind="int", default=0),
-            _TV_WEIGHTS,
-            _RESCALE,
-            _NORMALIZE,
-        ),
-        call=_dare_ties_call,
-        constraint=_positive_weights,
-    ),
-    MergeMethod(
-        name="della",
-        function=merging.della_merge,
-        summary="drop at random with probabilities ranked by magnitude, rescale, elect signs, "
-        "disjoint merge",
-        reference="Deep et al. 2024, DELLA-Merging",
-        base="required",
-        parameters=(
-            Parameter("density", required=True, **_DENSITY),
-            Parameter(
-                "epsilon",
-                "half the spread of DELLA's keep probabilities around density",
-                default=0.15,
-                low=0,
-            ),
-            _SCALE,
-            Parameter("seed", "seed of the drop masks", kind="int", default=0),
-            _TV_WEIGHTS,
-            _RESCALE,
-            _NORMALIZE,
-        ),
-        call=_della_call,
-        constraint=_della_constraint,
-    ),
-    MergeMethod(
-        name="breadcrumbs",
-        function=merging.breadcrumbs_merge,
-        summary="keep a band of task-vector magnitudes: drop the top gamma and the smallest",
-        reference="Davari & Belilovsky 2024, Model Breadcrumbs",
-        base="required",
-        parameters=(
-            Parameter("density", required=True, **_DENSITY),
-            Parameter(
-                "gamma", "fraction of the largest entries dropped", default=0.01, low=0, high=1
-            ),
-            _SCALE,
-        ),
-        call=lambda sds, base, o: merging.breadcrumbs_merge(
-            _needs_base(base), sds, o["density"], o["gamma"], scale=o["scale"]
-        ),
-        constraint=_breadcrumbs_constraint,
-    ),
-    MergeMethod(
-        name="model-stock",
-        function=merging.model_stock,
-        summary="the mean pulled towards the base by the task vectors' angle, per tensor",
-        reference="Jang et al. 2024, Model Stock",
-        base="required",
-        parameters=(),
-        call=lambda sds, base, o: merging.model_stock(_needs_base(base), sds),
-        min_ingredients=2,
-    ),
-    MergeMethod(
-        name="slerp",
-        function=slerp,
-        summary="spherical interpolation of 2 models (of task vectors with a base); "
-        "more: multi-SLERP, which needs the base",
-        reference="Shoemake 1985; Rame et al. 2024, WARP",
-        base="optional",
-        parameters=(
-            Parameter("t", "position between the 2 models", default=0.5, low=0, high=1),
-            Parameter("weights", "multi-SLERP weights, one per ingredient", kind="floats", low=0),
-        ),
-        call=_slerp_call,
-        min_ingredients=2,
-        constraint=_slerp_constraint,
-    ),
-)
-
-MERGE_METHODS: Mapping[str, MergeMethod] = MappingProxyType({m.name: m for m in _TABLE})
-"""Every merge method by name, in the order the docs and ``--help`` list them."""
+    Raises:
+        ValueError: weights that are all 0.
+    """
+    weights = options.get("weights")
+    if weights is None:
+        return
+    try:
+        total = sum(_largest(w) for w in weights)
+    except (TypeError, ValueError):
+        return  # not numbers: the function names the ingredient
+    if isinstance(total, Real) and total <= 0:
+        raise ValueError(f"{spelling.option('weights')} must not all be 0, got {weights}")
 
 
 def get_merge_method(name: str, spelling: Spelling = PYTHON_SPELLING) -> MergeMethod:
@@ -680,3 +655,19 @@ def get_merge_method(name: str, spelling: Spelling = PYTHON_SPELLING) -> MergeMe
             f"{', '.join(MERGE_METHODS)}"
         )
     return MERGE_METHODS[name]
+
+
+def get_soup_method(name: str) -> MergeMethod | None:
+    """The entry ``name`` of ``SOUP_METHODS`` (greedy and learned soups included).
+
+    Args:
+        name: a method name.
+
+    Returns:
+        The method, or None for an unknown name.
+
+    Examples:
+        >>> get_soup_method("greedy").needs
+        ('evaluate',)
+    """
+    return SOUP_METHODS.get(name)

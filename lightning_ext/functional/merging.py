@@ -1,6 +1,10 @@
-"""Weight-space merging of models that share an architecture: model soups (uniform, weighted,
-greedy), task-vector methods (task arithmetic, TIES, DARE, DARE-TIES, DELLA, breadcrumbs), Model
-Stock and Fisher merging, with per-layer weights (a weight that varies with depth).
+"""Weight-space merging of models that share an architecture: the rules and helpers every merge
+shares, once. The methods live one module each, as mergekit keeps them: model soups
+(``merge_average``: uniform, weighted; ``merge_greedy``), task-vector methods
+(``merge_task_arithmetic``, ``merge_ties``, ``merge_dare``: DARE and DARE-TIES, ``merge_della``,
+``merge_breadcrumbs``), ``merge_model_stock`` and ``merge_fisher``; each registers itself with
+``@merge_method`` and its public names stay importable from here. Per-layer weights (a weight that
+varies with depth) are shared here too.
 
 Every function takes its ingredients as a ``Sequence`` of state dicts and touches them one at a
 time, in order, so that a lazy sequence (``lightning_ext.io.Ingredients``) that loads each
@@ -36,6 +40,10 @@ import torch
 from torch import Tensor
 
 from lightning_ext.functional._checks import check_unit_range
+from lightning_ext.functional.merge_methods import (
+    Parameter,
+    generator_of,
+)
 
 __all__ = [
     "breadcrumbs_merge",
@@ -353,192 +361,7 @@ def _check_weight_sums(per_tensor: list[dict[str, float]], weights: Sequence[Wei
             )
 
 
-# --------------------------------------------------------------------------- averages
-
-
-@torch.no_grad()
-def weighted_average(state_dicts: Sequence[StateDict], weights: Sequence[Weight]) -> dict:
-    """``sum_i w_i theta_i / sum_i w_i`` over the floating-point tensors.
-
-    Weights must be non-negative with a positive sum; they are normalised, so only ratios matter.
-    A weight may vary with depth: a list of anchors (``[0.0, 1.0]``) is interpolated over the
-    layer index of each tensor (``gradient_value`` at ``layer_positions``), as mergekit's gradient
-    parameters, and the weights are normalised per tensor.
-
-    Args:
-        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
-        weights: one weight per ingredient: a number >= 0, a list of anchors over depth, or a
-            mapping from name filters to either.
-
-    Returns:
-        The weighted mean of the ingredients.
-
-    Raises:
-        ValueError: a number of weights other than of ingredients, or negative or all-zero weights.
-
-    Examples:
-        >>> import torch
-        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
-        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
-        >>> weighted_average([a, b], [0.75, 0.25])['w']
-        tensor([ 1.5000, -1.0000,  2.0000])
-    """
-    n = _ingredients(state_dicts)
-    if len(weights) != n:
-        raise ValueError(f"got {len(weights)} weights for {n} ingredients")
-    if all(isinstance(w, int | float) for w in weights):
-        constants = [float(w) for w in weights]  # type: ignore[arg-type]
-        if any(w < 0 or math.isnan(w) for w in constants) or sum(constants) <= 0:
-            raise ValueError(f"weights must be >= 0 with a positive sum, got {constants}")
-    first = state_dicts[0]
-    acc = {k: _float_copy(t) for k, t in first.items() if _is_mergeable(t)}
-    per_tensor = _tensor_weights(weights, list(acc))
-    _check_weight_sums(per_tensor, weights)
-    first = _skeleton(first)
-    total = dict(per_tensor[0])
-    for i in range(1, n):
-        sd = None  # drop the previous ingredient before loading the next
-        sd = state_dicts[i]
-        check_same_layout(first, sd, name=f"ingredient {i}", ref_name="ingredient 0")
-        for key, a in acc.items():
-            w = per_tensor[i][key]
-            total[key] += w
-            if w != 0:
-                a.lerp_(_as_acc(sd[key], a), w / total[key])
-    return _finish(acc, first)
-
-
-def uniform_soup(state_dicts: Sequence[StateDict]) -> dict:
-    """The uniform soup: the plain mean of the ingredients (Wortsman et al. 2022).
-
-    Args:
-        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
-
-    Returns:
-        The mean of the ingredients.
-
-    Raises:
-        ValueError: ingredients whose layouts differ.
-
-    Examples:
-        >>> import torch
-        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
-        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
-        >>> uniform_soup([a, b])['w']
-        tensor([2., 0., 1.])
-    """
-    return weighted_average(state_dicts, [1.0] * _ingredients(state_dicts))
-
-
-def _better(score: float, best: float, mode: str, strict: bool) -> bool:
-    if math.isnan(score):
-        return False
-    if mode == "max":
-        return score > best if strict else score >= best
-    return score < best if strict else score <= best
-
-
-@torch.no_grad()
-def greedy_soup(
-    state_dicts: Sequence[StateDict],
-    evaluate: Callable[[dict[str, Tensor]], float],
-    *,
-    mode: Literal["max", "min"] = "min",
-    strict: bool = True,
-    passes: int = 1,
-    scores: Sequence[float] | None = None,
-    on_candidate: Callable[[int, float, bool], None] | None = None,
-) -> tuple[dict, list[int]]:
-    """Greedy soup (Wortsman et al. 2022): rank the ingredients by their own held-out score,
-    start from the best, and add each next one only if the soup's score improves.
-
-    ``evaluate`` maps a state dict to a held-out score (``mode`` says whether lower or higher is
-    better; ``"min"`` by default, as Lightning's ``mode`` and every caller here: pass ``"max"``
-    for an accuracy). A candidate ``soup * n/(n+1) + theta/(n+1)`` is kept if it scores strictly
-    better (``strict=False``: at least as well). ``passes > 1`` walks the ranked list again,
-    allowing an ingredient to be added more than once (weighting it higher); it stops early after
-    a pass that adds nothing. ``scores`` gives the ingredients' own scores when they are already
-    known (skipping one evaluation each). ``on_candidate(index, score, kept)`` observes every
-    evaluated candidate.
-
-    Returns the soup and the chosen ingredient indices in order of addition. Peak memory: the soup,
-    one candidate, one ingredient and whatever ``evaluate`` holds.
-
-    Args:
-        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
-        evaluate: scores a state dict (a held-out metric).
-        mode: ``"min"`` (lower is better, e.g. a loss) or ``"max"`` (e.g. an accuracy).
-        strict: keep an ingredient only on a strict improvement.
-        passes: passes over the ranked ingredients.
-        scores: the ingredients' own scores, if already known.
-        on_candidate: called with ``(index, score, kept)`` after each candidate.
-
-    Returns:
-        The soup and the chosen ingredients' indices in order of addition.
-
-    Raises:
-        ValueError: an unknown ``mode``, ``passes`` below 1, or a number of ``scores`` other than of
-            ingredients.
-
-    Examples:
-        >>> import torch
-        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
-        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
-        >>> distance_to_2 = lambda sd: float(sd['w'].sub(2).abs().sum())
-        >>> soup, chosen = greedy_soup([a, b], distance_to_2)
-        >>> chosen
-        [1, 0]
-        >>> soup['w']
-        tensor([2., 0., 1.])
-    """
-    n = _ingredients(state_dicts)
-    if mode not in ("max", "min"):
-        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
-    if passes < 1:
-        raise ValueError(f"passes must be >= 1, got {passes}")
-    if scores is None:
-        scores = [float(evaluate(dict(state_dicts[i]))) for i in range(n)]
-    else:
-        scores = [float(s) for s in scores]
-        if len(scores) != n:
-            raise ValueError(f"got {len(scores)} scores for {n} ingredients")
-    worst = -math.inf if mode == "max" else math.inf
-
-    def rank_key(i: int) -> float:
-        s = scores[i]
-        if math.isnan(s):
-            return math.inf
-        return -s if mode == "max" else s
-
-    order = sorted(range(n), key=rank_key)  # stable: ties keep the given order
-    best_index = order[0]
-    reference = state_dicts[best_index]
-    soup = {k: _float_copy(t) for k, t in reference.items() if _is_mergeable(t)}
-    reference = _skeleton(reference)
-    best_score = scores[best_index] if not math.isnan(scores[best_index]) else worst
-    chosen = [best_index]
-    for pass_index in range(passes):
-        added = False
-        for i in order if pass_index else order[1:]:
-            sd = state_dicts[i]
-            check_same_layout(reference, sd, name=f"ingredient {i}", ref_name="the best ingredient")
-            frac = 1.0 / (len(chosen) + 1)
-            candidate = {k: s.lerp(_as_acc(sd[k], s), frac) for k, s in soup.items()}
-            del sd
-            score = float(evaluate(_finish(candidate, reference)))
-            kept = _better(score, best_score, mode, strict)
-            if on_candidate is not None:
-                on_candidate(i, score, kept)
-            if kept:
-                soup, best_score, added = candidate, score, True
-                chosen.append(i)
-            del candidate
-        if not added:
-            break
-    return _finish(soup, reference), chosen
-
-
-# --------------------------------------------------------------------------- task vectors
+# --------------------------------------------------------------------------- task vectors, drops
 
 
 def _is_direction(key: str, t: Tensor) -> bool:
@@ -582,32 +405,38 @@ def _apply(
     return _finish(acc, base)
 
 
-@torch.no_grad()
-def task_arithmetic(base: StateDict, state_dicts: Sequence[StateDict], scale: float = 1.0) -> dict:
-    """``base + scale * sum_i (theta_i - base)`` (Ilharco et al. 2023).
-
-    Args:
-        base: the pre-trained weights the ingredients were fine-tuned from.
-        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
-        scale: the factor of the merged task vector.
-
-    Returns:
-        ``base + scale * sum_i (theta_i - base)``.
-
-    Raises:
-        ValueError: ingredients whose layouts differ from ``base``.
-
-    Examples:
-        >>> import torch
-        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
-        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
-        >>> base = {'w': torch.zeros(3)}
-        >>> task_arithmetic(base, [a, b], scale=0.5)['w']
-        tensor([2., 0., 1.])
-    """
-    _ingredients(state_dicts)
-    tv = _TaskVectors(base, state_dicts, lambda d, i, k: d)
-    return _apply(base, tv.delta, scale, tv.statistics)
+_DENSITY = Parameter(
+    "density", "fraction of each task vector kept", low=0.0, high=1.0, low_open=True
+)
+_SCALE = Parameter("scale", "factor of the merged task vector")
+_SEED = Parameter(
+    "seed",
+    "seed of the drop masks",
+    kind="int",
+    default=0,
+    argument="generator",
+    convert=generator_of,
+)
+_TASK_VECTOR_WEIGHTS = Parameter(
+    "weights",
+    "one weight per ingredient's task vector, a number or anchors over depth",
+    kind="gradients",
+    low=0,
+)
+_RESCALE = Parameter(
+    "rescale",
+    "how survivors are rescaled: inverse = 1/keep probability (the papers), l1 = to the former "
+    "L1 norm (mergekit)",
+    kind="choice",
+    choices=("inverse", "l1", "none"),
+)
+_NORMALIZE = Parameter(
+    "normalize",
+    "divide by the agreeing ingredients' total weight (disjoint mean); false sums them",
+    kind="bool",
+)
+_DROP_OPTIONS = (_DENSITY, _SCALE, _SEED)  # the options of DARE's random drop
+_CONSENSUS_OPTIONS = (_TASK_VECTOR_WEIGHTS, _RESCALE, _NORMALIZE)  # those of TIES's sign election
 
 
 def _count(fraction: float, numel: int) -> int:
@@ -618,154 +447,8 @@ def _count(fraction: float, numel: int) -> int:
     return min(numel, max(1, round(fraction * numel)))
 
 
-def _trim(delta: Tensor, density: float) -> Tensor:
-    """TIES's trim, as the official code does it: keep the entries whose magnitude reaches the
-    ``(numel - int(density * numel))``-th smallest one. That keeps ``int(density * numel) + 1``
-    entries (ties at the threshold included) and never empties a tensor."""
-    if density >= 1.0:
-        return delta
-    flat = delta.abs().flatten()
-    kth = flat.numel() - int(density * flat.numel())
-    threshold = flat.kthvalue(kth).values
-    return delta * (delta.abs() >= threshold)
-
-
-def _elect_signs(summed: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Sign of each entry's summed trimmed task vectors (int8). An entry whose sum is exactly 0
-    takes the majority sign, the sign of the sum of all elected signs over the whole model, as in
-    the official code (``resolve_zero_signs(..., "majority")``)."""
-    signs = {k: torch.sign(summed.pop(k)).to(torch.int8) for k in list(summed)}
-    majority = torch.sign(sum((s.sum(dtype=torch.int64) for s in signs.values()), torch.tensor(0)))
-    for s in signs.values():
-        s.masked_fill_(s == 0, int(majority))
-    return signs
-
-
-@torch.no_grad()
-def ties_merge(
-    base: StateDict, state_dicts: Sequence[StateDict], density: float = 0.2, scale: float = 1.0
-) -> dict:
-    """TIES-merging (Yadav et al. 2023): trim each task vector to its ``density`` fraction of
-    largest magnitudes (per tensor), elect each entry's sign as the sign of the summed trimmed
-    values, and average only the trimmed entries that agree with it (disjoint mean).
-
-    Two passes over the ingredients (elect, then average) keep memory at a few accumulators.
-
-    Args:
-        base: the pre-trained weights the ingredients were fine-tuned from.
-        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
-        density: the fraction of each task vector's entries kept, in (0, 1].
-        scale: the factor of the merged task vector.
-
-    Returns:
-        The TIES merge: trimmed, sign-elected, disjoint mean of the task vectors, added to ``base``.
-
-    Raises:
-        ValueError: ingredients whose layouts differ from ``base``.
-
-    Examples:
-        >>> import torch
-        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
-        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
-        >>> base = {'w': torch.zeros(3)}
-        >>> ties_merge(base, [a, b], density=1.0)['w']
-        tensor([2., 2., 3.])
-    """
-    _ingredients(state_dicts)
-    check_unit_range("density", density, low_open=True)
-    return _consensus_merge(base, state_dicts, lambda: lambda d, i: _trim(d, density), None, scale)
-
-
 Sparsifier = Callable[[Tensor, int], Tensor]
-
-
-def _consensus_merge(
-    base: StateDict,
-    state_dicts: Sequence[StateDict],
-    sparsifier: Callable[[], Sparsifier],
-    weights: Sequence[Weight] | None,
-    scale: float,
-    *,
-    normalize: bool = True,
-) -> dict:
-    """TIES's sign election and disjoint merge of sparsified, weighted task vectors, shared by
-    TIES, DARE-TIES and DELLA: elect each entry's sign from ``sum_i w_i s(delta_i)``, then take
-    ``sum_i w_i s(delta_i) [agrees]``, divided by ``sum_i w_i [agrees]`` when ``normalize``.
-
-    Two passes over the ingredients keep memory at a few accumulators; ``sparsifier()`` is
-    called once per pass and must return a function that draws the same masks both times.
-    """
-    keys = [k for k, t in base.items() if _is_direction(k, t)]
-    per_tensor = None if weights is None else _tensor_weights(weights, keys)
-
-    def weigh(s: Sparsifier) -> Callable[[Tensor, int, str], Tensor]:
-        if per_tensor is None:
-            return lambda d, i, k: s(d, i)
-        return lambda d, i, k: s(d, i).mul_(per_tensor[i][k])
-
-    tv = _TaskVectors(base, state_dicts, weigh(sparsifier()))
-    signs = _elect_signs(tv.delta)
-    total = {k: torch.zeros_like(_float_copy(base[k])) for k in signs}
-    mass = {k: torch.zeros_like(t) for k, t in total.items()}
-    sparsify = sparsifier()
-    for i, sd in enumerate(_iter_checked(state_dicts, base)):
-        for key, sign in signs.items():
-            t = total[key]
-            delta = sparsify(_as_acc(sd[key], t) - _as_acc(base[key], t), i)
-            # A sign of 0 (only when the whole model's majority is 0) selects the negative
-            # entries, as the official disjoint merge does.
-            agree = torch.where(sign > 0, delta > 0, delta < 0)
-            w = 1.0 if per_tensor is None else per_tensor[i][key]
-            total[key].add_(torch.where(agree, delta, 0.0), alpha=w)
-            mass[key].add_(agree.to(mass[key].dtype), alpha=w)
-        del sd
-    merged = total
-    if normalize:
-        for key in keys:
-            m = mass.pop(key)
-            merged[key] = total.pop(key).div_(m.masked_fill_(m == 0, 1.0))
-    return _apply(base, merged, scale, tv.statistics)
-
-
-@torch.no_grad()
-def dare_merge(
-    base: StateDict,
-    state_dicts: Sequence[StateDict],
-    density: float,
-    scale: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> dict:
-    """DARE (Yu et al. 2024): drop each task-vector entry with probability ``1 - density`` and
-    rescale the survivors by ``1 / density`` (unbiased), then add the task vectors to the base.
-
-    Masks are drawn on the CPU from ``generator`` (same seed, same masks on any device).
-
-    Args:
-        base: the pre-trained weights the ingredients were fine-tuned from.
-        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
-        density: the fraction of each task vector's entries kept, in (0, 1].
-        scale: the factor of the merged task vector.
-        generator: the random generator of the drop masks.
-
-    Returns:
-        The DARE merge: randomly dropped and rescaled task vectors, summed onto ``base``.
-
-    Raises:
-        ValueError: ingredients whose layouts differ from ``base``.
-
-    Examples:
-        >>> import torch
-        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
-        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
-        >>> base = {'w': torch.zeros(3)}
-        >>> dare_merge(base, [a, b], density=1.0)['w']
-        tensor([4., 0., 2.])
-    """
-    _ingredients(state_dicts)
-    check_unit_range("density", density, low_open=True)
-    drop = _dare_sparsifier(density, "inverse", generator)()
-    tv = _TaskVectors(base, state_dicts, lambda d, i, k: drop(d, i))
-    return _apply(base, tv.delta, scale, tv.statistics)
+"""Drops entries of one ingredient's task vector: ``(delta, ingredient index) -> delta``."""
 
 
 def _rescaled(delta: Tensor, keep: Tensor, rescale: Rescale, probability: Tensor | float) -> Tensor:
@@ -806,410 +489,21 @@ def _replay(
     return factory
 
 
-def _dare_sparsifier(
-    density: float, rescale: Rescale, generator: torch.Generator | None
-) -> Callable[[], Sparsifier]:
-    """DARE's drop: keep each entry with probability ``density`` (masks drawn on the CPU)."""
-
-    def make(g: torch.Generator) -> Sparsifier:
-        def drop(delta: Tensor, i: int) -> Tensor:
-            if density >= 1.0:
-                return delta
-            keep = (torch.rand(delta.shape, generator=g) < density).to(delta.device)
-            if rescale == "inverse":
-                return delta * keep / density  # the historical form, bit for bit
-            return _rescaled(delta, keep, rescale, density)
-
-        return drop
-
-    return _replay(generator, make)
-
-
 def _check_weights(weights: Sequence[Weight] | None, n: int) -> None:
     if weights is not None and len(weights) != n:
         raise ValueError(f"got {len(weights)} weights for {n} ingredients")
 
 
-def _check_rescale(rescale: str) -> None:
-    if rescale not in ("inverse", "l1", "none"):
-        raise ValueError(f"rescale must be one of ['inverse', 'l1', 'none'], got {rescale!r}")
-
-
-@torch.no_grad()
-def dare_ties_merge(
-    base: StateDict,
-    state_dicts: Sequence[StateDict],
-    density: float,
-    scale: float = 1.0,
-    generator: torch.Generator | None = None,
-    *,
-    weights: Sequence[Weight] | None = None,
-    rescale: Rescale = "inverse",
-    normalize: bool = True,
-) -> dict:
-    """DARE-TIES (Yu et al. 2024 with Yadav et al. 2023): DARE's random drop of each task-vector
-    entry (kept with probability ``density``, survivors rescaled), then TIES's sign election on
-    the weighted sum and the disjoint merge of the entries that agree with it.
-
-    ``weights`` (one per ingredient, a number or a list of anchors over depth) weigh the task
-    vectors as mergekit's ``weight``; ``normalize=False`` sums the agreeing entries instead of
-    averaging them (mergekit's ``dare_ties`` default), and ``rescale="l1"`` rescales each dropped
-    task vector to its former L1 norm (mergekit's ``rescale: true``) instead of by
-    ``1 / density``. Masks are drawn on the CPU from ``generator``.
-
-    Args:
-        base: the pre-trained weights the ingredients were fine-tuned from.
-        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
-        density: the probability of keeping each task-vector entry, in (0, 1].
-        scale: the factor of the merged task vector.
-        generator: the random generator of the drop masks (None: seeded from torch's).
-        weights: one weight per ingredient (None: all 1).
-        rescale: ``"inverse"`` (1 / density), ``"l1"`` or ``"none"``.
-        normalize: divide by the agreeing ingredients' total weight (the disjoint mean).
-
-    Returns:
-        The DARE-TIES merge, added to ``base``.
-
-    Raises:
-        ValueError: a density out of range, a wrong number of weights, an unknown rescale, or
-            ingredients whose layouts differ from ``base``.
-
-    Examples:
-        >>> import torch
-        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
-        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
-        >>> base = {'w': torch.zeros(3)}
-        >>> dare_ties_merge(base, [a, b], density=1.0)['w']
-        tensor([2., 2., 3.])
-    """
-    n = _ingredients(state_dicts)
-    check_unit_range("density", density, low_open=True)
-    _check_weights(weights, n)
-    _check_rescale(rescale)
-    sparsifier = _dare_sparsifier(density, rescale, generator)
-    return _consensus_merge(base, state_dicts, sparsifier, weights, scale, normalize=normalize)
-
-
-def della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
-    """DELLA's keep probabilities (MAGPRUNE): within each row (the tensor viewed as
-    ``(shape[0], -1)``; a vector is one row), entries ranked by magnitude get probabilities
-    spread linearly from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest).
-
-    Args:
-        delta: a task-vector tensor.
-        density: the mean keep probability.
-        epsilon: half the spread of the probabilities.
-
-    Returns:
-        The keep probability of each entry, shaped as ``delta``.
-
-    Examples:
-        >>> import torch
-        >>> della_probabilities(torch.tensor([0.1, -3.0, 2.0]), 0.5, 0.2)
-        tensor([0.3000, 0.7000, 0.5000])
-    """
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    n = rows.shape[1]
-    order = torch.argsort(rows.abs(), dim=1, stable=True)
-    ranks = torch.argsort(order, dim=1).to(_acc_dtype(delta.dtype))
-    position = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
-    return ((density - epsilon) + 2.0 * epsilon * position).reshape(delta.shape)
-
-
-def _della_sparsifier(
-    density: float, epsilon: float, rescale: Rescale, generator: torch.Generator | None
-) -> Callable[[], Sparsifier]:
-    def make(g: torch.Generator) -> Sparsifier:
-        def drop(delta: Tensor, i: int) -> Tensor:
-            if density >= 1.0:
-                return delta
-            p = della_probabilities(delta, density, epsilon)
-            keep = torch.rand(delta.shape, generator=g).to(delta.device) < p
-            return _rescaled(delta, keep, rescale, p)
-
-        return drop
-
-    return _replay(generator, make)
-
-
-@torch.no_grad()
-def della_merge(
-    base: StateDict,
-    state_dicts: Sequence[StateDict],
-    density: float,
-    epsilon: float = 0.15,
-    scale: float = 1.0,
-    generator: torch.Generator | None = None,
-    *,
-    weights: Sequence[Weight] | None = None,
-    rescale: Rescale = "inverse",
-    normalize: bool = True,
-) -> dict:
-    """DELLA (Deep et al. 2024): drop task-vector entries at random with probabilities ranked by
-    magnitude (``della_probabilities``: larger entries are kept more often), rescale the
-    survivors by ``1 / p`` (``"l1"``: to the former L1 norm, as mergekit), then elect signs and
-    merge the agreeing entries as TIES does, weighted by ``weights``.
-
-    ``density = 1`` keeps everything (DELLA reduces to TIES without trimming); ``epsilon = 0``
-    is DARE-TIES.
-
-    Args:
-        base: the pre-trained weights the ingredients were fine-tuned from.
-        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
-        density: the mean keep probability, in (0, 1].
-        epsilon: half the spread of the keep probabilities; ``density - epsilon > 0`` and
-            ``density + epsilon <= 1``.
-        scale: the factor of the merged task vector (mergekit's ``lambda``).
-        generator: the random generator of the drop masks (None: seeded from torch's).
-        weights: one weight per ingredient, a number or a list of anchors over depth (None: 1).
-        rescale: ``"inverse"`` (1 / p), ``"l1"`` or ``"none"``.
-        normalize: divide by the agreeing ingredients' total weight (the disjoint mean).
-
-    Returns:
-        The DELLA merge, added to ``base``.
-
-    Raises:
-        ValueError: a density or epsilon out of range, a wrong number of weights, an unknown
-            rescale, or ingredients whose layouts differ from ``base``.
-
-    Examples:
-        >>> import torch
-        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
-        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
-        >>> base = {'w': torch.zeros(3)}
-        >>> della_merge(base, [a, b], density=1.0)['w']
-        tensor([2., 2., 3.])
-    """
-    n = _ingredients(state_dicts)
-    check_unit_range("density", density, low_open=True)
-    _check_della_epsilon(density, epsilon)
-    _check_weights(weights, n)
-    _check_rescale(rescale)
-    sparsifier = _della_sparsifier(density, epsilon, rescale, generator)
-    return _consensus_merge(base, state_dicts, sparsifier, weights, scale, normalize=normalize)
-
-
-def _check_della_epsilon(density: float, epsilon: float) -> None:
-    if math.isnan(epsilon) or epsilon < 0:
-        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-    if density < 1.0 and not (density - epsilon > 0 and density + epsilon <= 1):
-        raise ValueError(
-            f"epsilon must keep the keep probabilities density +/- epsilon in (0, 1]: "
-            f"got density {density}, epsilon {epsilon}"
-        )
-
-
-def _band_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
-    """Keep ranks [n_top, n_top + n_keep) of the magnitudes sorted in decreasing order."""
-    n = delta.numel()
-    n_top = min(n, round(gamma * n))
-    n_keep = min(n - n_top, _count(density, n))
-    flat = delta.abs().flatten()
-    order = torch.argsort(flat, descending=True, stable=True)
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[order[n_top : n_top + n_keep]] = True
-    return mask.view_as(delta)
-
-
-@torch.no_grad()
-def breadcrumbs_merge(
-    base: StateDict,
-    state_dicts: Sequence[StateDict],
-    density: float,
-    gamma: float,
-    scale: float = 1.0,
-) -> dict:
-    """Model Breadcrumbs (Davari & Belilovsky 2024): per tensor, drop the largest ``gamma``
-    fraction of each task vector's magnitudes (outliers) and the smallest ``1 - density - gamma``,
-    keep the ``density`` band in between, then add the task vectors to the base.
-
-    ``gamma = 0`` keeps the top ``density`` fraction (mergekit instead zeroes the whole task
-    vector whenever ``int(gamma * numel) == 0``).
-
-    Args:
-        base: the pre-trained weights the ingredients were fine-tuned from.
-        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
-        density: the fraction of each task vector's entries kept, in (0, 1].
-        gamma: the fraction of the largest entries dropped as outliers.
-        scale: the factor of the merged task vector.
-
-    Returns:
-        The Model Breadcrumbs merge.
-
-    Raises:
-        ValueError: ``density + gamma`` above 1.
-
-    Examples:
-        >>> import torch
-        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
-        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
-        >>> base = {'w': torch.zeros(3)}
-        >>> breadcrumbs_merge(base, [a, b], density=1.0, gamma=0.0)['w']
-        tensor([4., 0., 2.])
-    """
-    _ingredients(state_dicts)
-    check_unit_range("density", density, low_open=True)
-    check_unit_range("gamma", gamma)
-    if density + gamma > 1.0:
-        raise ValueError(f"density + gamma must be <= 1, got {density} + {gamma}")
-    tv = _TaskVectors(base, state_dicts, lambda d, i, k: d * _band_mask(d, density, gamma))
-    return _apply(base, tv.delta, scale, tv.statistics)
-
-
-@torch.no_grad()
-def model_stock(base: StateDict, state_dicts: Sequence[StateDict]) -> dict:
-    """Model Stock (Jang et al. 2024), per tensor: with ``cos`` the mean pairwise cosine of the
-    task vectors and ``N`` their number, ``t = N cos / (1 + (N - 1) cos)`` clamped to [0, 1], and
-    the result is ``t * mean_i(theta_i) + (1 - t) * base``.
-
-    The mean pairwise cosine is streamed exactly: with unit vectors ``u_i``,
-    ``sum_{i<j} <u_i, u_j> = (|sum_i u_i|^2 - sum_i |u_i|^2) / 2``. A zero task vector has cosine
-    0 with everything, so ingredients identical to the base give ``t = 0`` and return the base.
-
-    Args:
-        base: the pre-trained weights the ingredients were fine-tuned from.
-        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
-
-    Returns:
-        The Model Stock merge: the ingredients' mean pulled towards ``base`` by their angle.
-
-    Raises:
-        ValueError: ingredients whose layouts differ from ``base``.
-
-    Examples:
-        >>> import torch
-        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
-        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
-        >>> base = {'w': torch.zeros(3)}
-        >>> model_stock(base, [a, b])['w']
-        tensor([0., 0., 0.])
-    """
-    n = _ingredients(state_dicts, minimum=2)
-    mean = {k: _float_copy(t) for k, t in base.items() if _is_mergeable(t)}
-    unit_sum = {k: torch.zeros_like(v) for k, v in mean.items()}
-    nonzero = dict.fromkeys(mean, 0)
-    for i, sd in enumerate(_iter_checked(state_dicts, base)):
-        for key, m in mean.items():
-            theta = _as_acc(sd[key], m)
-            if i == 0:
-                m.copy_(theta)
-            else:
-                m.lerp_(theta, 1.0 / (i + 1))
-            delta = theta - _as_acc(base[key], m)
-            norm = float(torch.linalg.vector_norm(delta.double()))
-            if norm > 0:
-                unit_sum[key].add_(delta, alpha=1.0 / norm)
-                nonzero[key] += 1
-        del sd
-    out = {}
-    for key, m in mean.items():
-        sq = float(torch.linalg.vector_norm(unit_sum[key].double())) ** 2
-        cos = (sq - nonzero[key]) / (n * (n - 1))
-        t = 0.0 if cos <= 0 else min(1.0, n * cos / (1.0 + (n - 1) * cos))
-        if is_statistic(key, m):
-            t = 1.0  # statistics buffers: the ingredients' mean, as in every merge
-        out[key] = m * t + _as_acc(base[key], m) * (1.0 - t)
-    return _finish(out, base)
-
-
-# --------------------------------------------------------------------------- Fisher
-
-
-def _fisher_norm(fisher: Mapping[str, Tensor], index: int) -> float:
-    """The L2 norm of a whole diagonal Fisher (all its tensors as one vector)."""
-    norm = math.sqrt(sum(float(f.double().square().sum()) for f in fisher.values()))
-    if not math.isfinite(norm) or norm <= 0:
-        raise ValueError(
-            f"Fisher {index} has norm {norm}: it cannot be normalised. Check the Fisher "
-            "estimate, or pass normalize_fishers=False."
-        )
-    return norm
-
-
-@torch.no_grad()
-def fisher_merge(
-    state_dicts: Sequence[StateDict],
-    fishers: Sequence[Mapping[str, Tensor]],
-    weights: Sequence[float] | None = None,
-    *,
-    normalize_fishers: bool = True,
-    fisher_floor: float = FISHER_FLOOR,
-) -> dict:
-    """Fisher merging (Matena & Raffel 2022): ``sum_i c_i F_i theta_i / sum_i c_i F_i`` per entry,
-    as the official code (mmatena/model_merging) computes it:
-
-    - ``normalize_fishers`` (default, as there): ``c_i = w_i / ||F_i||``, the L2 norm of the whole
-      Fisher, so that models whose Fishers differ in scale count by their weights;
-    - only the target model's Fisher (ingredient 0) is floored at ``fisher_floor``, so entries no
-      ingredient informs fall back to the target model's value.
-
-    Floating tensors without a Fisher entry (e.g. BatchNorm running statistics) get the plain
-    weighted average.
-
-    Args:
-        state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
-        fishers: one diagonal Fisher per ingredient, keyed like the state dicts.
-        weights: one positive weight per ingredient (None: uniform).
-        normalize_fishers: divide each ingredient's weight by its Fisher's L2 norm first.
-        fisher_floor: the floor of the target's (ingredient 0's) Fisher entries.
-
-    Returns:
-        The Fisher-weighted mean of the ingredients.
-
-    Raises:
-        ValueError: a number of Fishers or weights other than of ingredients, or a non-positive
-            weight.
-
-    Examples:
-        >>> import torch
-        >>> a = {'w': torch.tensor([1.0, -2.0, 3.0])}
-        >>> b = {'w': torch.tensor([3.0, 2.0, -1.0])}
-        >>> fishers = [{'w': torch.tensor([1.0, 1.0, 3.0])}, {'w': torch.tensor([1.0, 3.0, 1.0])}]
-        >>> fisher_merge([a, b], fishers)['w']
-        tensor([2., 1., 2.])
-    """
-    n = _ingredients(state_dicts)
-    if len(fishers) != n:
-        raise ValueError(f"got {len(fishers)} Fishers for {n} ingredients")
-    weights = [1.0] * n if weights is None else [float(w) for w in weights]
-    if len(weights) != n or any(w <= 0 or math.isnan(w) for w in weights):
-        raise ValueError(f"need one positive weight per ingredient, got {weights}")
-    coefficients = list(weights)
-    if normalize_fishers:
-        coefficients = [w / _fisher_norm(f, i) for i, (w, f) in enumerate(zip(weights, fishers))]
-    first = _skeleton(state_dicts[0])
-    acc: dict[str, Tensor] = {}
-    mass: dict[str, Tensor] = {}
-    for i in range(n):
-        sd = fisher = None  # drop the previous ingredient before loading the next
-        sd, fisher = state_dicts[i], fishers[i]
-        if i:
-            check_same_layout(first, sd, name=f"ingredient {i}", ref_name="ingredient 0")
-        for key, ref in first.items():
-            if not _is_mergeable(ref):
-                continue
-            theta = _float_copy(sd[key])
-            if key in fisher:
-                w = coefficients[i] * _checked_fisher(fisher, key, ref, i, theta, fisher_floor)
-            else:
-                w = torch.full_like(theta, weights[i])
-            if i == 0:
-                acc[key], mass[key] = theta, w
-            else:  # running weighted mean: identical ingredients come back bit for bit
-                mass[key].add_(w)
-                acc[key].lerp_(theta, w / mass[key])
-    return _finish(acc, first)
-
-
-def _checked_fisher(
-    fisher: Mapping[str, Tensor], key: str, ref: Tensor, index: int, like: Tensor, floor: float
-) -> Tensor:
-    """Fisher ``index``'s entry for ``key``, floored for the target model (index 0) only."""
-    f = fisher[key]
-    if f.shape != ref.shape:
-        raise ValueError(
-            f"Fisher {index}: tensor {key!r} has shape {tuple(f.shape)}, "
-            f"expected {tuple(ref.shape)}"
-        )
-    f = _as_acc(f, like)
-    return f.clamp(min=floor) if index == 0 else f
+# The methods, one module each, imported in the order the registry (and so the docs and --help)
+# lists them; their public names stay importable from here.
+# isort: off
+from lightning_ext.functional.merge_average import uniform_soup, weighted_average  # noqa: E402
+from lightning_ext.functional.merge_greedy import greedy_soup  # noqa: E402
+from lightning_ext.functional.merge_task_arithmetic import task_arithmetic  # noqa: E402
+from lightning_ext.functional.merge_ties import ties_merge  # noqa: E402
+from lightning_ext.functional.merge_dare import dare_merge, dare_ties_merge  # noqa: E402
+from lightning_ext.functional.merge_della import della_merge, della_probabilities  # noqa: E402
+from lightning_ext.functional.merge_breadcrumbs import breadcrumbs_merge  # noqa: E402
+from lightning_ext.functional.merge_model_stock import model_stock  # noqa: E402
+from lightning_ext.functional.merge_fisher import fisher_merge  # noqa: E402
+# isort: on

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_ext.functional._checks import check_unit_range
+
 __all__ = [
     "active_count",
     "adam_normalised_momentum",
@@ -71,8 +73,7 @@ HELD_DENOMINATOR = 1.0
 
 
 def _check_density(density: float, what: str = "density") -> None:
-    if not (0.0 < density <= 1.0) or math.isnan(density):
-        raise ValueError(f"{what} must lie in (0, 1], got {density}")
+    check_unit_range(what, density, low_open=True)
 
 
 def active_count(density: float, numel: int) -> int:
@@ -458,8 +459,7 @@ def cosine_drop_fraction(step: int, end_step: int, alpha: float = 0.3) -> float:
         >>> [round(cosine_drop_fraction(step, 100), 3) for step in (0, 50, 100)]
         [0.3, 0.15, 0.0]
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"drop fraction alpha must lie in [0, 1], got {alpha}")
+    check_unit_range("drop fraction alpha", alpha)
     if end_step <= 0 or step >= end_step:
         return 0.0
     return alpha / 2.0 * (1.0 + math.cos(math.pi * step / end_step))
@@ -950,8 +950,8 @@ def sparse_flops(
     """
     if len(layer_flops) != len(densities):
         raise ValueError(f"got {len(layer_flops)} layer FLOPs for {len(densities)} densities")
-    if any(not 0.0 <= d <= 1.0 for d in densities):
-        raise ValueError(f"densities must lie in [0, 1], got {list(densities)}")
+    for i, d in enumerate(densities):
+        check_unit_range(f"densities[{i}]", d)
     if any(f < 0 for f in layer_flops) or other_flops < 0 or steps < 0:
         raise ValueError("FLOPs and steps must be >= 0")
     if not 0 <= dense_gradient_steps <= steps:

@@ -357,23 +357,49 @@ def _finite(values: Tensor, where: str, drop: bool) -> Tensor:
     return values[keep] if drop else values
 
 
-def degenerate_warning(what: str, diagnostics: dict[str, float], problems: list[str]) -> str:
+#: How the advice in ``degenerate_warning`` names the refinement options, by audience.
+ADVICE_SPELLING: dict[str, dict[str, str]] = {
+    "python": {
+        "exclude": "exclude_initial=",
+        "power": "power=1",
+        "floor": "floor=",
+        "blend": "blend=",
+    },
+    "cli": {
+        "exclude": "--exclude-initial",
+        "power": "--power 1",
+        "floor": "--floor",
+        "blend": "--blend",
+    },
+}
+
+
+def degenerate_warning(
+    what: str,
+    diagnostics: dict[str, float],
+    problems: list[str],
+    *,
+    spelling: Literal["python", "cli"] = "python",
+) -> str:
     """The one warning for a degenerate schedule: what is wrong, with figures, and what to do.
 
     Args:
         what: how the message names the schedule (its file).
         diagnostics: the figures (``ScheduleDiagnostics.as_dict()``).
         problems: what is wrong (``ScheduleDiagnostics.problems()``).
+        spelling: name the options to try as Python arguments or as command-line options.
 
     Returns:
         The message.
     """
+    o = ADVICE_SPELLING[spelling]
     return (
         f"{what} is degenerate: {'; '.join(problems)}. Training with it can end far worse than "
         "the linear decay it was refined from (an unseen 1-D CNN task went to chance accuracy). "
-        "Compare it against linear decay before using it, or refine again with exclude_initial= "
-        "(an initial transient), power=1 (milder weights), floor= or blend= (keep part of linear "
-        f"decay). Figures: {', '.join(f'{k}={v:.3g}' for k, v in diagnostics.items())}."
+        f"Compare it against linear decay before using it, or refine again with {o['exclude']} "
+        f"(an initial transient), {o['power']} (milder weights), {o['floor']} or {o['blend']} "
+        "(keep part of linear decay). Figures: "
+        f"{', '.join(f'{k}={v:.3g}' for k, v in diagnostics.items())}."
     )
 
 
@@ -415,6 +441,7 @@ def write_refined_schedule(
     inputs: Sequence[str | os.PathLike] = (),
     overwrite: bool = False,
     curve: dict[str, Any] | None = None,
+    spelling: Literal["python", "cli"] = "python",
     **options: Any,
 ) -> dict[str, Any]:
     """Refine one schedule per record, save them atomically (``"schedule"``: the first one) with
@@ -438,6 +465,8 @@ def write_refined_schedule(
         overwrite: replace existing outputs (refused by default, before any refinement).
         curve: the recording run's validation curve (see ``load_curve``), kept in the file so
             that a drop-in run can compare itself against it; None: none.
+        spelling: how a degenerate schedule's warning names the options to try: as Python
+            arguments or as command-line options.
         **options: ``refine_schedule``'s ``power``, ``exclude_initial``, ``floor``, ``blend``;
             unset ones take the paper's values.
 
@@ -479,7 +508,7 @@ def write_refined_schedule(
     for i, d in enumerate(diagnostics):
         if d.problems():
             name = f"The refined schedule {out_path}" + (f" [{i}]" if len(diagnostics) > 1 else "")
-            _warn(degenerate_warning(name, d.as_dict(), d.problems()))
+            _warn(degenerate_warning(name, d.as_dict(), d.problems(), spelling=spelling))
     if plot_path is not None:
         plot_schedules(grad_norms, schedules, plot_path)
     return payload

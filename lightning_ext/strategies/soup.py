@@ -31,6 +31,7 @@ from lightning_ext._soup import (
     run_soup,
     save_soup_plot,
 )
+from lightning_ext.callbacks._steps import ensure_exact_resume
 from lightning_ext.functional.merging import check_same_layout
 from lightning_ext.strategies._ranks import identical_ranks_message
 
@@ -206,6 +207,7 @@ class SoupStrategyMixin(_StrategyBase):
             hook = getattr(module, INGREDIENT_HOOK, None)
             if callable(hook):
                 hook(self.global_rank, world)
+            ensure_exact_resume(trainer)  # the resumed data order (a strategy has no epoch hook)
         super().setup(trainer)
 
     @property

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from lightning_ext._io import atomic_torch_save
 from lightning_ext._masks import ranks_share_masks, rezero_outside_masks_, sparse_masks_for
+from lightning_ext.callbacks._steps import ensure_exact_resume
 from lightning_ext.functional.interpolation import liti, multi_slerp
 from lightning_ext.strategies._ranks import identical_ranks_message
 
@@ -112,6 +113,11 @@ class WARPStrategyMixin(_MixinBase):
         self._resumed = False
 
     # -- training without gradient synchronisation -----------------------------------------
+    def setup(self, trainer: Any) -> None:
+        if trainer.state.fn == "fit":
+            ensure_exact_resume(trainer)  # the resumed data order (a strategy has no epoch hook)
+        super().setup(trainer)
+
     def configure_ddp(self) -> None:
         if self.weights is not None and len(self.weights) != self.world_size:
             raise ValueError(

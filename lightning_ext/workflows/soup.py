@@ -90,60 +90,39 @@ def build_soup(
 ) -> SoupResult:
     """Build a soup for ``module`` from checkpoint paths (or state dicts, or modules), scoring
     every ingredient and candidate with the module's ``validation_step`` and ``monitor``
-    (``mode="min"``, Lightning's default: lower is better; pass ``mode="max"`` for accuracies).
-
-    ``method="greedy"`` follows Wortsman et al. (see ``functional.greedy_soup``); ``"learned"``
-    learns the mixing coefficients on the held-out data by gradient descent (learned soup, or
-    aTLAS with ``options={"mode": "task_vectors"}`` and ``base``; options:
-    ``LEARNED_SOUP_OPTIONS``; collective under DDP); any name of ``MERGE_METHODS`` (``"uniform"``,
-    ``"ties"``, ``"model-stock"``, ...) merges with that method and ``options`` (its
-    parameters), task-vector methods relative to ``base``; a callable
-    ``method(ingredients) -> state_dict`` builds any other merge. The soup is then scored. The
-    method and its options are checked first, then every ingredient (keys, shapes, dtypes), all
-    before any averaging or evaluation. With ``apply`` the
-    module ends holding the soup. ``recalibrate_on`` recomputes BatchNorm statistics on that
-    (train) loader, read with ``unpack_batch``/``forward_fn``, for every candidate and the result.
-    ``precision`` is the scoring Trainer's (use the fit's). ``plot`` writes the picture of the
-    scores there (PNG, when matplotlib is installed). Call it on every rank under DDP.
+    (``run_soup``). The method, its options and every ingredient (keys, shapes, dtypes) are
+    checked before any merging or scoring. Call it on every rank under DDP.
 
     Args:
         module: the LightningModule (either namespace) whose ``validation_step`` scores.
-        ingredients: checkpoint paths (files, or distributed checkpoint folders as
-            ModelParallelStrategy saves them, read whole in this process), state dicts or
-            modules.
-        method: ``"greedy"``, ``"uniform"`` or a callable ``ingredients -> state_dict``.
+        ingredients: checkpoint files or distributed checkpoint folders, state dicts, modules.
+        method: a name of ``SOUP_METHODS`` (``"greedy"``, Wortsman et al.; ``"learned"``;
+            ``"uniform"``, ``"ties"``, ...) or a callable ``ingredients -> state_dict``.
         monitor: the logged validation metric that is the score.
-        mode: ``"min"`` (lower is better) or ``"max"``.
+        mode: ``"min"`` (lower is better, Lightning's default) or ``"max"`` (accuracies).
         dataloaders: the held-out data.
         datamodule: a datamodule giving the held-out data, when ``dataloaders`` is None.
         strict: the greedy soup needs a strict improvement to keep an ingredient.
         passes: passes of the greedy soup over the ingredients.
-        recalibrate_on: a train loader to recompute BatchNorm statistics on.
+        recalibrate_on: a train loader to recompute BatchNorm statistics on (every candidate).
         unpack_batch: ``batch -> (inputs, targets)``, for ``recalibrate_on``.
         forward_fn: ``(module, inputs) -> logits``, for ``recalibrate_on``.
         precision: the scoring Trainer's precision (use the fit's).
         trainer: a Trainer whose validation data to use when neither is given.
         progress_bar: show a tqdm bar.
-        plot: where to write the picture of the scores (None: nowhere).
-        apply: load the soup into ``module``.
-        base: the pre-trained weights (a path or folder, state dict or module), for
-            task-vector merge methods and aTLAS.
-        options: the method's options: the parameters of its ``MERGE_METHODS`` entry, or
-            ``LEARNED_SOUP_OPTIONS`` for ``"learned"``.
+        plot: where to write the picture of the scores (PNG, with matplotlib; None: nowhere).
+        apply: end with the soup in ``module`` (else with its own weights).
+        base: the pre-trained weights (path, state dict, module): task vectors and aTLAS.
+        options: the method's options: its ``SOUP_METHODS`` entry's ``parameters``.
         overwrite: replace an existing ``plot`` file (refused by default, before any scoring).
-        allow_nonfinite: accept NaN and inf weights in the ingredients and base (refused by
-            default, before any scoring, naming the file and tensors; an ``Ingredients`` given
-            keeps its own setting).
+        allow_nonfinite: accept NaN and inf weights (an ``Ingredients`` keeps its own setting).
 
     Returns:
         The soup, the chosen ingredients, every score (and, learned, the coefficients).
 
     Raises:
-        ValueError: an unknown ``method`` (the message lists the valid ones), bad ``options``,
-            a missing or unused ``base``, an unknown ``mode``, no held-out data, ingredients
-            whose layouts differ or with non-finite weights, or a folder that is not a
-            distributed checkpoint (all checked before any merging or scoring); a ``plot`` that
-            is an ingredient, exists without ``overwrite`` or is a folder.
+        ValueError: before any scoring: a bad ``method``, ``options``, ``base`` or ``mode``, no
+            held-out data, ingredients that differ or hold non-finite weights, a bad ``plot``.
         OSError: ``plot``'s folder is not writable (checked before any scoring).
         KeyError: a ``monitor`` that ``validation_step`` did not log.
 
@@ -152,22 +131,10 @@ def build_soup(
 
             result = build_soup(module, ["a.ckpt", "b.ckpt", "c.ckpt"], monitor="val_acc",
                                 mode="max", dataloaders=val_loader)
-            result.chosen, result.soup_score
     """
-    ings = (
-        ingredients
-        if isinstance(ingredients, Ingredients)
-        else Ingredients(ingredients, allow_nonfinite=allow_nonfinite)
+    ings, base_state = _checked_inputs(
+        ingredients, base, method, options, monitor, mode, plot, overwrite, allow_nonfinite
     )
-    check_soup_method(method, options, num_ingredients=len(ings), has_base=base is not None)
-    check_mode(monitor, mode, "build_soup")
-    if plot is not None:  # the picture is not lost after the scoring
-        paths = [s for s in [*ings.sources, base] if isinstance(s, str | os.PathLike)]
-        _check_plot_output(plot, paths, overwrite)
-    ings.validate()
-    base_state = None
-    if base is not None:
-        base_state = ings.load_base(base)
     scorer = ValidationScorer(
         module,
         dataloaders=dataloaders,
@@ -194,9 +161,36 @@ def build_soup(
         options=options,
         allow_nonfinite=ings.allow_nonfinite,
     )
-    if recalibrate_on is not None:
+    if recalibrate_on is not None:  # the statistics recomputed for the soup, not averaged
         result.state_dict = {k: v.detach().clone() for k, v in module.state_dict().items()}
     module.load_state_dict(result.state_dict if apply else original)
     if plot is not None and _is_rank_zero():
         save_soup_plot(result, plot, monitor=monitor)
     return result
+
+
+def _checked_inputs(
+    ingredients: Sequence[IngredientSource] | Ingredients,
+    base: IngredientSource | None,
+    method: SoupMethod,
+    options: Mapping[str, Any] | None,
+    monitor: str,
+    mode: str,
+    plot: str | Path | None,
+    overwrite: bool,
+    allow_nonfinite: bool,
+) -> tuple[Ingredients, Mapping[str, Any] | None]:
+    """``build_soup``'s checks, cheapest first and all before any scoring: the method and its
+    options, the mode, the picture's path, the ingredients' layouts; then the base, loaded."""
+    ings = (
+        ingredients
+        if isinstance(ingredients, Ingredients)
+        else Ingredients(ingredients, allow_nonfinite=allow_nonfinite)
+    )
+    check_soup_method(method, options, num_ingredients=len(ings), has_base=base is not None)
+    check_mode(monitor, mode, "build_soup")
+    if plot is not None:  # the picture is not lost after the scoring
+        paths = [s for s in [*ings.sources, base] if isinstance(s, str | os.PathLike)]
+        _check_plot_output(plot, paths, overwrite)
+    ings.validate()
+    return ings, None if base is None else ings.load_base(base)

@@ -549,48 +549,85 @@ def sparse_model_soup(
     plan = _Plan(make_module, make_trainer, retrain_configs, fit_kwargs, devices, rank)
     scorer_module = make_module(retrain_configs[0])
     _warn_stale_statistics(scorer_module, recalibrate_on)
-    masks: dict[str, Tensor] | None = None
-    results = []
+    cycles = _Cycles(plan, scorer_module, folder, writer, targets, scope)
+    soup = dict(method=method, monitor=monitor, mode=mode, recalibrate_on=recalibrate_on)
     for cycle, sparsity in enumerate(sparsities):
-        cycle_dir = folder / f"cycle{cycle}"
+        current = cycles.run(cycle, sparsity, current, val_dataloaders, soup)
+    assert cycles.masks is not None
+    return SparseSoupResult(current, cycles.masks, cycles.results)
+
+
+class _Cycles:
+    """The prune-retrain-soup cycles of one run: each cycle prunes the current weights to a
+    mask nested in the last one, retrains under it, soups the retrains and saves the soup; a
+    cycle already saved in its folder is read back instead."""
+
+    def __init__(
+        self,
+        plan: _Plan,
+        scorer_module: Any,
+        folder: Path,
+        writer: bool,
+        targets: Callable[[str, Tensor], bool],
+        scope: Scope,
+    ) -> None:
+        self.plan, self.scorer_module, self.folder, self.writer = (
+            plan,
+            scorer_module,
+            folder,
+            writer,
+        )
+        self.targets, self.scope = targets, scope
+        self.masks: dict[str, Tensor] | None = None
+        self.results: list[CycleResult] = []
+
+    def run(
+        self,
+        cycle: int,
+        sparsity: float,
+        current: dict[str, Tensor],
+        val_dataloaders: Any,
+        soup: Mapping[str, Any],
+    ) -> dict[str, Tensor]:
+        """One cycle from ``current``; returns its soup."""
+        cycle_dir = self.folder / f"cycle{cycle}"
         done = cycle_dir / "result.json"
         if done.exists():
             saved = load_file(cycle_dir / "soup.pt")
-            current, masks = saved["state_dict"], saved["masks"]
-            results.append(CycleResult(**load_json(done)))
+            self.masks = saved["masks"]
+            self.results.append(CycleResult(**load_json(done)))
             rank_zero_info(f"sparse model soup: cycle {cycle} already done in {cycle_dir}")
-            continue
-        scorer_module.load_state_dict(current)
-        weights = _target_weights(scorer_module, targets)
-        masks = magnitude_masks(weights, sparsity, scope=scope, previous=masks)
-        ingredients = _retrain_cycle(plan, _pruned(current, masks), masks, cycle, cycle_dir)
-        soup = build_soup(
-            scorer_module,
+            return saved["state_dict"]
+        self.scorer_module.load_state_dict(current)
+        weights = _target_weights(self.scorer_module, self.targets)
+        masks = magnitude_masks(weights, sparsity, scope=self.scope, previous=self.masks)
+        self.masks = masks
+        start = _pruned(current, masks)
+        ingredients = _retrain_cycle(self.plan, start, masks, cycle, cycle_dir)
+        made = build_soup(
+            self.scorer_module,
             ingredients,
-            method=method,
-            monitor=monitor,
-            mode=mode,
             dataloaders=val_dataloaders,
-            recalibrate_on=recalibrate_on,
             progress_bar=False,
+            **soup,
         )
-        current = soup.state_dict
-        _check_soup_mask(current, masks, cycle)
+        _check_soup_mask(made.state_dict, masks, cycle)
         result = CycleResult(
             cycle=cycle,
             sparsity=float(sparsity),
-            measured_sparsity=_measured_sparsity(current, masks),
-            ingredient_scores=soup.scores,
-            soup_score=soup.soup_score,
-            chosen=soup.chosen,
+            measured_sparsity=_measured_sparsity(made.state_dict, masks),
+            ingredient_scores=made.scores,
+            soup_score=made.soup_score,
+            chosen=made.chosen,
         )
-        _report(result, mode)
-        if writer:
-            atomic_torch_save({"state_dict": current, "masks": masks}, cycle_dir / "soup.pt")
+        _report(result, soup["mode"])
+        if self.writer:
+            atomic_torch_save(
+                {"state_dict": made.state_dict, "masks": masks}, cycle_dir / "soup.pt"
+            )
             atomic_write_json(asdict(result), done)
-        results.append(result)
-    assert masks is not None
-    return SparseSoupResult(current, masks, results)
+        self.results.append(result)
+        return made.state_dict
 
 
 def _warn_stale_statistics(module: nn.Module, recalibrate_on: Any) -> None:

@@ -128,6 +128,45 @@ def test_an_fp32_average_of_bf16_weights_keeps_the_updates_bf16_rounds_away(tmp_
     )
 
 
+def test_an_fp32_warp_anchor_of_bf16_weights_keeps_its_small_steps_and_resumes_exactly(tmp_path):
+    from tests.callbacks.test_warp import KLClassifier
+
+    recorder = WeightRecorder()
+    fp32, own = WARP(mu=0.01, dtype="float32"), WARP(mu=0.01)
+    for callbacks in ([recorder, fp32], [own]):  # the same bf16 run twice (CPU: deterministic)
+        pl.seed_everything(0)
+        module = Classifier(optimizer="adam", lr=1e-2)
+        _fit(module, callbacks, precision="bf16-true")
+    assert {t.dtype for t in fp32._shadow.averaged} == {torch.float32}
+    truth = {k: v.double() for k, v in recorder.initial.items() if v.is_floating_point()}
+    for state in recorder.states:
+        truth = {k: 0.99 * v + 0.01 * state[k].double() for k, v in truth.items()}
+
+    def error(warp: WARP) -> float:
+        state = warp.anchor_state_dict()
+        return max((state[k].double() - v).abs().max().item() for k, v in truth.items())
+
+    assert error(fp32) < 1e-4 < error(own) / 10, (error(fp32), error(own))
+    # the forward runs in the module's bf16 on the current average, rounded
+    anchor, average = fp32.anchor_module, fp32.anchor_state_dict()
+    for name, tensor in anchor.state_dict().items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, average[name].to(torch.bfloat16)), name
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    module.load_state_dict(anchor.state_dict())
+    assert torch.equal(anchor(x), module(x))
+    check_resume_exact(  # the anchor's forward is used by the loss: a stale copy would show
+        lambda: KLClassifier(optimizer="adam", lr=1e-2),
+        lambda: [WARP(mu=0.05, dtype="float32")],
+        dm,
+        tmp_path,
+        max_epochs=2,
+        split_epoch=1,
+        limit_val_batches=0,
+        precision="bf16-true",
+    )
+
+
 def test_sparse_masks_still_apply_to_what_remains_averaged_in_each_mode(tmp_path):
     from lightning_ext.callbacks import DynamicSparseTraining
     from tests.callbacks.test_sparse_averaging import final_masks, nonzero_outside, sparse_fit
@@ -140,8 +179,11 @@ def test_sparse_masks_still_apply_to_what_remains_averaged_in_each_mode(tmp_path
         snapshot_dir=str(tmp_path / "phema"),
         plot=False,
     )
-    _, dst = sparse_fit([ema, phema], epochs=2)
+    warp = WARP(mu=0.1, dtype="float64")
+    _, dst = sparse_fit([ema, phema, warp], epochs=2)
     masks = final_masks(dst)
+    assert nonzero_outside(warp.anchor_state_dict(), masks) == 0  # the float64 average
+    assert nonzero_outside(warp.anchor_module.state_dict(), masks) == 0  # its cast copy
     assert {"net.0.weight", "net.2.weight", "net.4.weight"} <= set(masks)
     assert ema._shadow.averaged[0].dtype == torch.float64
     assert nonzero_outside(ema.ema_state_dict(), masks) == 0  # averaged ones masked, net.4 live

@@ -313,6 +313,51 @@ def test_infobatch_prunes_then_anneals_and_resumes(tmp_path):
     )
 
 
+class _ReloadedInfoBatchDigits(InfoBatchDigits):
+    """``train_dataloader()`` builds a new InfoBatchSampler at each call; ``limit_at``: from that
+    call on, over fewer examples."""
+
+    def __init__(self, limit_at: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.limit_at, self.calls = limit_at, 0
+
+    def train_dataloader(self):
+        self.calls += 1
+        if self.limit_at is not None and self.calls >= self.limit_at:
+            self.limit = LIMIT // 2
+        return super().train_dataloader()
+
+
+def test_infobatch_follows_a_loader_rebuilt_every_epoch():
+    """With reload_dataloaders_every_n_epochs=1 each epoch brings a new sampler: it is pruned
+    as the first one would have been (the same weights as without reloading). Before, InfoBatch
+    configured the first sampler only and the reloaded epochs pruned nothing."""
+    seen = {}
+    for reload in (0, 1):
+        counter, cb = _LossMeanUnweighted(), InfoBatch(prune_prob=0.5, delta=1.0)
+        dm = _ReloadedInfoBatchDigits(limit=LIMIT)
+        pl.seed_everything(0, verbose=False)  # the same initial weights
+        module, _ = _fit(
+            [cb, counter],
+            module=InfoBatchClassifier(),
+            dm=dm,
+            max_epochs=3,
+            reload_dataloaders_every_n_epochs=reload,
+        )
+        assert dm.calls == (3 if reload else 1)
+        seen[reload] = (counter.seen, module.state_dict())
+    assert seen[1][0] == seen[0][0] and seen[1][0][1] < 0.9 * LIMIT
+    assert_bitwise_equal(seen[0][1], seen[1][1])
+    with pytest.raises(ValueError, match=r"rebuilt for epoch 1 .*holds 100 examples where"):
+        _fit(
+            [InfoBatch()],
+            module=InfoBatchClassifier(),
+            dm=_ReloadedInfoBatchDigits(limit_at=2, limit=LIMIT),
+            max_epochs=2,
+            reload_dataloaders_every_n_epochs=1,
+        )
+
+
 class _EpochPlaces(Callback):
     """Per epoch: the batches it trained, Lightning's count of them, where it validated."""
 

@@ -615,7 +615,7 @@ def test_bad_curve_options_and_a_missing_monitor_are_said(tmp_path):
         ScheduleRefinement(record=False, schedule_path=str(bad)).setup(trainer, None, "fit")
     with pytest.raises(ValueError, match="mode must be 'min' or 'max'"):
         ScheduleRefinement(mode="maximum")
-    with pytest.raises(ValueError, match=r"watch_from is a fraction of the run in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"watch_from must lie in \[0, 1\], got 2.0 \(a fraction"):
         ScheduleRefinement(watch_from=2.0)
 
     cb = ScheduleRefinement(output_dir=str(tmp_path / "o"), plot=False, monitor="val_f1")

@@ -273,7 +273,11 @@ def test_mid_epoch_resume_under_max_epochs_is_exact(tmp_path):
 def test_resume_exact_other_methods(tmp_path, method, optimizer):
     result = check_resume_exact(
         lambda: Classifier(net="mlp", optimizer=optimizer, lr=5e-2 if optimizer == "sgd" else 1e-2),
-        lambda: [DynamicSparseTraining(density=0.2, method=method, delta_t=3)],
+        lambda: [
+            DynamicSparseTraining(
+                density=None if method == "srste" else 0.2, method=method, delta_t=3
+            )
+        ],
         lambda: DigitsDataModule(batch_size=64, limit=LIMIT),
         tmp_path,
         max_epochs=3,
@@ -856,3 +860,15 @@ def test_sparse_export_of_a_checkpoint_without_sparse_training_says_so(tmp_path)
     with pytest.raises(ValueError, match=r"no DynamicSparseTraining state.*trained with"):
         export_sparse_checkpoint(ckpt, tmp_path / "out.pt")
     assert cli_main(["sparse-export", str(ckpt), str(tmp_path / "out.pt")]) == 2
+
+
+def test_srste_refuses_a_density_its_nm_pattern_cannot_keep():
+    """N:M keeps N of every M weights in each layer: a density of 0.1 asked for trained at 0.5
+    without a word; N/M itself (or none) is accepted, and checkpoints keep their state key."""
+    for budget in ({"density": 0.1}, {"layer_density": {"net": 0.2}}):
+        with pytest.raises(ValueError, match=r"keeps 2 of every 4 weights .*cannot apply"):
+            DynamicSparseTraining(method="srste", **budget)
+    assert DynamicSparseTraining(method="srste", density=0.5).density == 0.5
+    implied = DynamicSparseTraining(method="srste", nm="1:4")
+    assert implied.density == 0.25 and "'density': 0.1}" in implied.state_key  # as before
+    assert DynamicSparseTraining().density == 0.1

@@ -70,6 +70,8 @@ def test_a_commands_warnings_are_one_line_for_its_user(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("lightning-ext refine-schedule: warning: The refined schedule")
     assert ".py:" not in err and len(err.strip().splitlines()) == 1
+    # the advice names the command's own options, not the Python arguments
+    assert "--exclude-initial" in err and "exclude_initial=" not in err
 
 
 def test_posthoc_ema_refuses_a_width_out_of_range_before_making_the_output_folder(tmp_path, capsys):

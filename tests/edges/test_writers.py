@@ -26,7 +26,9 @@ Faults:
   temporary file of a process that is gone.
 - ``concurrent-writers``: 8 processes at the same instant (forked, released by one barrier):
   ``write_scores`` keeps all 8 rows; ``run_dir`` gives 8 distinct folders (each process's listing
-  of the versions made slow, so that all list before any creates); 8 fits sharing one
+  of the versions made slow, so that all list before any creates); with CSV loggers, which pick
+  versions by listing, each process owns a distinct folder or is refused naming another live
+  run (all 8 given ``version=0``: 1 owner, 7 refusals); 8 fits sharing one
   ``PostHocEMA(snapshot_dir=...)`` reach fit start together: 1 owner, 7 refusals naming the
   folder and ``snapshot_dir``, and the owner resumed is accepted.
 """
@@ -618,10 +620,11 @@ def _read_only_dir(w: Writer, tmp: Path, mp: pytest.MonkeyPatch) -> None:
     assert list(folder.iterdir()) == []
 
 
-def _bare_trainer(root: Path) -> SimpleNamespace:
-    """What ``run_dir`` reads of a Trainer without a logger, on one process."""
+def _bare_trainer(root: Path, logger: Any = None) -> SimpleNamespace:
+    """What ``run_dir`` reads of a Trainer (without a logger, or with ``logger``), on one
+    process."""
     return SimpleNamespace(
-        loggers=[],
+        loggers=[logger] if logger is not None else [],
         default_root_dir=str(root),
         is_global_zero=True,
         strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj),
@@ -758,6 +761,23 @@ def _concurrent(name: str, tmp: Path) -> None:
 
         folders = _forked(claim)
         assert len(set(folders)) == 8, folders
+
+        def logged(version: int | None) -> Callable[[int], str]:
+            def start(i: int) -> str:  # a CSV logger picks its version by listing the folders
+                from lightning.pytorch.loggers import CSVLogger
+
+                logger = CSVLogger(tmp / f"csv{version}", version=version)
+                return str(run_dir(_bare_trainer(tmp, logger=logger), "files").parent)
+
+            return start
+
+        for version in (None, 0):  # 0: all 8 were given the same version
+            results = _forked(logged(version))
+            owned = [r for r in results if not r.startswith("FileExistsError")]
+            assert len(set(owned)) == len(owned) >= 1, results
+            assert version is None or len(owned) == 1, results
+            for refusal in (r for r in results if r not in owned):
+                assert "is the run folder of another live run" in refusal, refusal
     elif name == "PostHocEMA":
         _posthoc_ema_claims(tmp)
     else:

@@ -37,3 +37,44 @@ def test_nan_and_non_numbers_are_refused_naming_the_option(bad):
 def test_numpy_and_torch_scalars_are_numbers():
     assert check_unit_range("decay", np.float32(0.5)) == 0.5
     assert check_unit_range("decay", torch.tensor(0.25)) == 0.25
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda v: _sparse().erk_densities([(4, 4)], v), r"density must lie in \(0, 1\]"),
+        (lambda v: _sparse().cosine_drop_fraction(0, 10, v), r"alpha must lie in \[0, 1\]"),
+        (
+            lambda v: _sparse().sparse_flops([1.0], [v], steps=1, dense_gradient_steps=0),
+            r"densities\[0\] must lie in",
+        ),
+        (lambda v: _dst(density=v), r"^density must lie in \(0, 1\]"),
+        (lambda v: _dst(layer_density={"net.0.*": v}), r"layer_density\['net.0.\*'\] must lie"),
+        (lambda v: _dst(end_fraction=v), r"^end_fraction must lie in \(0, 1\]"),
+        (lambda v: _dst(drop_fraction=v), r"^drop_fraction must lie in \[0, 1\]"),
+        (lambda v: _dst(momentum_beta=v), r"^momentum_beta must lie in \[0, 1\)"),
+        (lambda v: _refine(watch_from=v), r"^watch_from must lie in \[0, 1\]"),
+    ],
+)
+def test_every_fraction_option_is_refused_by_the_one_check(build, message):
+    for bad in (1.5, math.nan, "0.5"):  # a string used to escape as a TypeError from "<"
+        with pytest.raises(ValueError, match=message):
+            build(bad)
+
+
+def _sparse():
+    from lightning_ext.functional import sparse
+
+    return sparse
+
+
+def _dst(**options):
+    from lightning_ext.callbacks import DynamicSparseTraining
+
+    return DynamicSparseTraining(**{"density": 0.5, **options})
+
+
+def _refine(**options):
+    from lightning_ext.callbacks import ScheduleRefinement
+
+    return ScheduleRefinement(**options)

@@ -39,15 +39,15 @@ def _batches(n: int = 4, dim: int = 6, seed: int = 0) -> list[tuple[Tensor, Tens
     ]
 
 
-@pytest.mark.parametrize("mode", ["ingredients", "task_vectors"])
+@pytest.mark.parametrize("mixing", ["ingredients", "task_vectors"])
 @pytest.mark.parametrize("granularity", ["tensor", "model"])
-def test_gradient_equals_finite_differences(mode: str, granularity: str) -> None:
+def test_gradient_equals_finite_differences(mixing: str, granularity: str) -> None:
     torch.manual_seed(0)
     model = MLP(in_dim=6, hidden=5, out_dim=10).double()
     base = model.state_dict()
     ings = [_perturbed(model, s) for s in (1, 2, 3)]
     soup = SoupParametrisation(
-        model, ings, base=base, mode=mode, granularity=granularity, loss_fn=F.cross_entropy
+        model, ings, base=base, mixing=mixing, granularity=granularity, loss_fn=F.cross_entropy
     )  # in float64 (the default loss computes in float32, too coarse for finite differences)
     batch = _batches(1)[0]
     batch = (batch[0].double(), batch[1])
@@ -72,8 +72,8 @@ def test_merged_weights_match_the_formula_computed_by_hand() -> None:
     base = model.state_dict()
     ings = [_perturbed(model, s) for s in (1, 2)]
     alpha = torch.tensor([[0.3, -1.0, 2.0, 0.5, 0.0, 1.5], [1.2, 0.4, -0.7, 0.0, 2.0, -0.3]])
-    tv = SoupParametrisation(model, ings, base=base, mode="task_vectors").merged(alpha)
-    soup = SoupParametrisation(model, ings, mode="ingredients").merged(alpha)
+    tv = SoupParametrisation(model, ings, base=base, mixing="task_vectors").merged(alpha)
+    soup = SoupParametrisation(model, ings, mixing="ingredients").merged(alpha)
     for j, key in enumerate(["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]):
         a0, a1 = alpha[0, j], alpha[1, j]
         expected_tv = base[key] + a0 * (ings[0][key] - base[key]) + a1 * (ings[1][key] - base[key])
@@ -125,7 +125,7 @@ def test_atlas_reaches_anisotropic_coefficients_beyond_the_convex_hull() -> None
     teacher.load_state_dict(target)
     x = torch.randn(256, 4)
     batches = [(x, teacher(x).detach())]
-    kw = dict(base=base, mode="task_vectors", steps=600, lr=0.05, loss_fn=_mse)
+    kw = dict(base=base, mixing="task_vectors", steps=600, lr=0.05, loss_fn=_mse)
     per_tensor = learn_soup_coefficients(model, [a, b], batches, **kw)
     per_model = learn_soup_coefficients(model, [a, b], batches, granularity="model", **kw)
     torch.testing.assert_close(
@@ -164,7 +164,7 @@ def test_batchnorm_statistics_are_averaged_and_counters_copied() -> None:
                 ing[k] = ing[k].abs() + 0.1
     batches = [(torch.randn(8, 64), torch.randint(0, 10, (8,)))]
     result = learn_soup_coefficients(
-        model, ings, batches, base=base, mode="task_vectors", init=3.0, steps=2
+        model, ings, batches, base=base, mixing="task_vectors", init=3.0, steps=2
     )
     merged = result.state_dict(ings, base)
     mean = uniform_soup(ings)
@@ -216,9 +216,9 @@ def test_bad_input_is_refused_before_any_step() -> None:
     model = MLP(in_dim=6, hidden=5, out_dim=10)
     ings = [_perturbed(model, s) for s in (1, 2)]
     with pytest.raises(ValueError, match="base"):
-        learn_soup_coefficients(model, ings, _batches(), mode="task_vectors")
-    with pytest.raises(ValueError, match="mode"):
-        learn_soup_coefficients(model, ings, _batches(), mode="soup")  # type: ignore[arg-type]
+        learn_soup_coefficients(model, ings, _batches(), mixing="task_vectors")
+    with pytest.raises(ValueError, match="mixing"):
+        learn_soup_coefficients(model, ings, _batches(), mixing="soup")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="shape"):
         bad = dict(ings[1], **{"0.weight": torch.zeros(2, 2)})
         learn_soup_coefficients(model, [ings[0], bad], _batches())
@@ -226,7 +226,13 @@ def test_bad_input_is_refused_before_any_step() -> None:
         learn_soup_coefficients(model, ings, [])
     with pytest.raises(FloatingPointError, match="lr"):
         learn_soup_coefficients(
-            model, ings, _batches(), mode="task_vectors", base=model.state_dict(), lr=1e30, steps=5
+            model,
+            ings,
+            _batches(),
+            mixing="task_vectors",
+            base=model.state_dict(),
+            lr=1e30,
+            steps=5,
         )
 
 
@@ -295,3 +301,21 @@ def test_learned_soup_on_the_module_zoo(entry: str) -> None:
     result = learn_soup_coefficients(module, ings, batches, steps=15, lr=0.1, unpack_batch=unpack)
     assert result.losses[-1] < result.losses[0]
     module.load_state_dict(result.state_dict(ings))
+
+
+def test_the_former_name_mode_still_works_and_warns() -> None:
+    """``mixing`` was ``mode``; the old keyword gives the same coefficients, with a warning."""
+    model = MLP(in_dim=6, hidden=5, out_dim=10)
+    base = model.state_dict()
+    ings = [_perturbed(model, s) for s in (1, 2)]
+    kw: dict = dict(base=base, steps=3, lr=0.1, seed=0)
+    new = learn_soup_coefficients(model, ings, _batches(), mixing="task_vectors", **kw)
+    with pytest.warns(DeprecationWarning, match="mixing"):
+        old = learn_soup_coefficients(model, ings, _batches(), mode="task_vectors", **kw)
+    torch.testing.assert_close(old.alpha, new.alpha, rtol=0, atol=0)
+    with pytest.warns(DeprecationWarning, match="mixing"):
+        assert old.mode == "task_vectors"
+    with pytest.warns(DeprecationWarning, match="mixing"):
+        again = apply_soup_coefficients(ings, new.weights, base=base, mode="task_vectors")
+    expected = apply_soup_coefficients(ings, new.weights, base=base, mixing="task_vectors")
+    torch.testing.assert_close(again, expected, rtol=0, atol=0)

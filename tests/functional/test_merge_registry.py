@@ -4,6 +4,7 @@ declared ranges agree with the function's own guards, and the command line, ``ru
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,13 @@ from lightning_ext.functional import (
     uniform_soup,
     weighted_average,
 )
-from lightning_ext.functional.merge_methods import MERGE_METHODS, get_merge_method
+from lightning_ext.functional.merge_methods import (
+    MERGE_METHODS,
+    SOUP_METHODS,
+    get_merge_method,
+    merge_method,
+)
+from lightning_ext.functional.merging import greedy_soup
 from lightning_ext.io import Ingredients
 from lightning_ext.workflows.soup import build_soup, run_soup
 from tests.helpers.data import DigitsDataModule
@@ -114,6 +121,54 @@ def test_slerp_of_two_models_uses_t():
     _, ingredients = _models(2)
     merged = MERGE_METHODS["slerp"].merge(ingredients, options={"t": 0.3})
     assert_bitwise_equal(merged, slerp(ingredients[0], ingredients[1], 0.3))
+
+
+def test_defaults_are_the_functions_signature_defaults():
+    """Each option's default is read from its function's signature (declared once, there): a
+    default the registry restated could drift from the function's."""
+    for method in SOUP_METHODS.values():
+        signature = inspect.signature(method.function).parameters
+        for p in method.parameters:
+            if p.argument or (method.name, p.name) == ("learned", "seed"):
+                continue  # a seed turned into a generator; the learned soup's fixed seed
+            declared = signature[p.name].default
+            if declared is inspect.Parameter.empty:
+                assert p.required, (method.name, p.name)
+            else:
+                assert p.default == declared and not p.required, (method.name, p.name)
+
+
+def test_a_name_registered_twice_is_refused():
+    with pytest.raises(ValueError, match="'ties' is registered already"):
+        merge_method("ties", summary="-", reference="-")(lambda state_dicts: {})
+    assert MERGE_METHODS["ties"].function.__name__ == "ties_merge"
+
+
+def test_greedy_and_learned_are_entries_of_the_one_registry():
+    """The greedy and learned soups dispatch like any merge (``MergeMethod.call``), taking what
+    they need from the caller's context; ``MERGE_METHODS`` keeps the state-dict-only ones."""
+    _, ingredients = _models()
+    assert {"greedy", "learned"} <= set(SOUP_METHODS) and not {"greedy", "learned"} & set(
+        MERGE_METHODS
+    )
+    target = ingredients[2]["fc.weight"]
+
+    def distance(sd: dict) -> float:
+        return float((sd["fc.weight"] - target).norm())
+
+    greedy = SOUP_METHODS["greedy"]
+    with pytest.raises(ValueError, match="method='greedy' needs evaluate"):
+        greedy.call(ingredients, None, {})
+    soup, chosen = greedy.call(ingredients, None, {}, evaluate=distance, mode="min", model=None)
+    expected, expected_chosen = greedy_soup(ingredients, distance, mode="min")
+    assert chosen == expected_chosen and chosen[0] == 2
+    assert_bitwise_equal(soup, expected)
+    learned = SOUP_METHODS["learned"]
+    assert learned.needs == ("model", "batches")
+    assert [p.name for p in learned.parameters][:3] == ["mixing", "granularity", "steps"]
+    with pytest.warns(DeprecationWarning, match="'mode' is now 'mixing'"):
+        resolved = learned.resolve({"mode": "task_vectors"}, has_base=True)
+    assert resolved["mixing"] == "task_vectors" and resolved["seed"] == 0
 
 
 def _outside(low: float | None, high: float | None) -> list[float]:
@@ -345,3 +400,21 @@ def test_docs_tables_are_generated_from_the_registry(table):
     assert registry_tables.current(page, table) == render(), (
         f"{page}: the {table} table differs from the registry; run python -m tools.registry_tables"
     )
+
+
+def test_a_soup_worse_than_its_best_ingredient_is_said_with_figures():
+    """A uniform (or learned) soup can end below its best ingredient alone; the greedy soup
+    cannot. The worse soup is returned as asked, with a warning naming both scores."""
+    import warnings
+
+    from lightning_ext._soup import run_soup
+
+    ingredients = [{"w": torch.tensor([v])} for v in (1.0, 3.0, 11.0)]
+    distance_to_1 = lambda sd: float((sd["w"] - 1).abs())  # noqa: E731
+    said = r"uniform soup scores loss=4, worse than its best ingredient alone \(ingredient 0: 0,"
+    with pytest.warns(UserWarning, match=said):
+        result = run_soup(distance_to_1, ingredients, method="uniform", monitor="loss")
+    assert result.soup_score == 4.0 and result.chosen == [0, 1, 2]  # returned as asked
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run_soup(distance_to_1, ingredients, method="greedy").chosen == [0]

@@ -87,6 +87,9 @@ def warp_target(out_dir: str) -> None:
     result["sparse"] = _result(third, module)
     result["sparse"]["masks"] = dict(zip(*(sparse.state_dict()[k] for k in ("names", "masks"))))
     result["sparse"]["rezeroed"] = third.rezeroed
+    wide = WARP(mu=0.1, dtype="float64")  # the shards' average in float64, swapped in cast
+    _, module = _fit(True, [wide], out / "float64")
+    result["float64"] = _result(wide, module)
     try:
         sharded.fit(
             False, [], out / "warp_strategy", module_class=ShardsWithoutMesh, devices=2,
@@ -145,6 +148,13 @@ def test_warp_anchor_under_fsdp2_matches_unsharded_and_resumes_exactly(tmp_path)
     _fit(False, [ref_anchor, ref_sparse], tmp_path / "ref_sparse")
     for name, value in ref_anchor.anchor_state_dict().items():
         torch.testing.assert_close(sparse["anchor"][name], value, rtol=0, atol=1e-6, msg=name)
+
+    # dtype: a float64 average of the float32 shards; the forward ran on it cast (same KLs)
+    wide = r0["float64"]
+    assert {v.dtype for v in wide["anchor"].values()} == {torch.float64}
+    for name, value in full["anchor"].items():
+        torch.testing.assert_close(wide["anchor"][name].float(), value, rtol=0, atol=1e-6)
+    assert wide["kls"] == pytest.approx(full["kls"], abs=1e-6)
 
     # WARPStrategy merges whole tensors: a sharded module is refused on every rank
     for rank in (r0, r1):

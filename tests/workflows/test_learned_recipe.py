@@ -125,15 +125,15 @@ def test_build_soup_atlas_starts_at_the_base_and_improves_on_it(finetuned):
         paths,
         method="learned",
         base=base,
-        options={"mode": "task_vectors", "steps": STEPS, "granularity": "tensor"},
+        options={"mixing": "task_vectors", "steps": STEPS, "granularity": "tensor"},
         datamodule=_dm(),
         progress_bar=False,
     )
     learned = result.learned
-    assert learned is not None and learned.mode == "task_vectors"
+    assert learned is not None and learned.mixing == "task_vectors"
     base_state, states = load_state_dict(base), [load_state_dict(p) for p in paths]
     expected = apply_soup_coefficients(
-        states, learned.weights, base=base_state, mode="task_vectors"
+        states, learned.weights, base=base_state, mixing="task_vectors"
     )
     assert_bitwise_equal(result.state_dict, expected)
     assert heldout_loss(result.state_dict) < heldout_loss(base_state)
@@ -188,17 +188,17 @@ def test_bad_learned_options_are_refused_before_any_work(tmp_path):
     cases: list[tuple[dict[str, Any], str]] = [
         ({"steps": 0}, r"steps must be >= 1, got 0"),
         ({"lr": -0.1}, r"lr must be > 0, got -0.1"),
-        ({"stepz": 3}, r"takes no option stepz; its options: mode, granularity, steps"),
-        ({"mode": "atlas"}, r"mode must be one of \['ingredients', 'task_vectors'\]"),
+        ({"stepz": 3}, r"takes no option stepz; its options: mixing, granularity, steps"),
+        ({"mixing": "atlas"}, r"mixing must be one of \['ingredients', 'task_vectors'\]"),
         ({"granularity": "layer"}, r"granularity must be one of"),
-        ({"mode": "task_vectors"}, r"mode='task_vectors' \(aTLAS\) needs base"),
-        ({"init": 0.5}, r"init applies to mode='task_vectors'"),
+        ({"mixing": "task_vectors"}, r"mixing='task_vectors' \(aTLAS\) needs base"),
+        ({"init": 0.5}, r"init applies to mixing='task_vectors'"),
         ({"loss_fn": 3}, r"loss_fn must be a callable"),
     ]
     for options, message in cases:
         with pytest.raises(ValueError, match=message):
             build_soup(Classifier(), missing, method="learned", options=options)
-    with pytest.raises(ValueError, match="base is only used with mode='task_vectors'"):
+    with pytest.raises(ValueError, match="base is only used with mixing='task_vectors'"):
         build_soup(Classifier(), missing, method="learned", base=missing[0])
     with pytest.raises(ValueError, match=r"ModelSoup\(method='learned'\) takes no option lrr"):
         ModelSoup(method="learned", options={"lrr": 0.1})

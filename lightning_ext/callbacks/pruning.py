@@ -293,6 +293,12 @@ class _Scores(_BufferState, DeclaredState, ExactResume):
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         if log_top_k < 0:
             raise ValueError(f"log_top_k must be >= 0, got {log_top_k}")
+        if run_name is not None and (
+            run_name in ("", ".", "..") or run_name != Path(run_name).name
+        ):
+            raise ValueError(
+                f"run_name must be a plain name (it goes into file names), got {run_name!r}"
+            )
         self.score, self.at_epoch = score, at_epoch
         self.output_path, self.run_name = output_path, run_name
         self.unpack_batch = unpack_batch or default_unpack_batch
@@ -401,6 +407,12 @@ class _Scores(_BufferState, DeclaredState, ExactResume):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.scores is None and self.should_score(fit_end=True):
             self._score(trainer, pl_module)
+        if self.scores is None:  # a moment the run never reached, or an override never said yes
+            rank_zero_warn(
+                f"{type(self).__name__}({self.score!r}) computed no scores: should_score never "
+                f"said yes in this fit ({trainer.global_step} steps, {trainer.current_epoch} "
+                "epochs); no score file was written"
+            )
 
     # --- forgetting events
 
@@ -600,8 +612,10 @@ class ScoringPass(_Scores, AfterOptimizerStep):
         log_top_k: int = 20,
         plot: bool = True,
     ) -> None:
-        if at_step is not None and (at_step < 1 or score == "forgetting"):
-            raise ValueError("at_step must be >= 1 and is only for mode='pass' with a 1-pass score")
+        if at_step is not None and at_step < 1:
+            raise ValueError(f"at_step must be >= 1, got {at_step}")
+        if at_step is not None and score == "forgetting":
+            raise ValueError("at_step is for a 1-pass score; forgetting counts over epochs")
         if at_step is not None:
             at_epoch = None
         if at_epoch is not None and at_epoch < (1 if score == "forgetting" else 0):
@@ -610,8 +624,9 @@ class ScoringPass(_Scores, AfterOptimizerStep):
             )
         if score != "forgetting" and at_epoch is None and at_step is None:
             raise ValueError(f"say when to score {score!r}: set at_epoch or at_step")
-        if batch_size < 1 or (chunk_size is not None and chunk_size < 1):
-            raise ValueError("batch_size and chunk_size must be >= 1, log_top_k >= 0")
+        for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         super().__init__(
             score,
             at_epoch=at_epoch,
@@ -658,6 +673,12 @@ class ScoringPass(_Scores, AfterOptimizerStep):
             self._finish(trainer, values, labels)
 
     def _before_training(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = stepping_batches(trainer)
+        if self.at_step is not None and total != float("inf") and self.at_step > total:
+            raise ValueError(
+                f"at_step={self.at_step} is after the last step (this fit takes {int(total)} "
+                "optimizer steps): the scores would never be computed"
+            )
         self._check_batch_format(trainer, pl_module)
         if self.should_score(epoch_idx=-1):
             self._score(trainer, pl_module)
@@ -945,9 +966,7 @@ class _ByMode(type):
             raise ValueError(f"mode must be 'pass' or 'online', got {mode!r}")
         if mode == "online":
             if options["at_step"] is not None:
-                raise ValueError(
-                    "at_step must be >= 1 and is only for mode='pass' with a 1-pass score"
-                )
+                raise ValueError("at_step is only for mode='pass' (a scoring pass at that step)")
             # the scoring pass's own options mean nothing online (accepted, as always)
             for name in ("at_step", "batch_size", "forward_fn", "last_layer"):
                 options.pop(name)

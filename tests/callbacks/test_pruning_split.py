@@ -98,3 +98,33 @@ def test_lightning_cli_configures_the_old_name_and_the_new_ones():
     built = parser.instantiate(config).callbacks
     assert [type(cb) for cb in built] == [OnlineScores, ScoringPass, OnlineScores]
     assert built[1].at_step == 3 and built[2].score == "loss"
+
+
+def test_a_run_name_must_be_a_plain_name():
+    # "a/b" wrote the scores into a surprise subfolder, then failed after training in pathlib
+    for name in ("a/b", "", ".."):
+        with pytest.raises(ValueError, match="run_name must be a plain name"):
+            ScoringPass("el2n", run_name=name)
+
+
+def test_scores_that_would_never_be_computed_are_refused_or_said(tmp_path):
+    # at_step past the run's end ended the fit with no scores and no word (at_epoch refused)
+    with pytest.raises(ValueError, match=r"at_step=500 is after the last step \(this fit takes"):
+        _fit([ScoringPass("el2n", at_step=500, output_path=str(tmp_path / "s.pt"))])
+
+    class Never(ScoringPass):
+        def should_score(self, step_idx=None, epoch_idx=None, *, fit_end=False):
+            return False
+
+    with pytest.warns(UserWarning, match=r"Never\('el2n'\) computed no scores"):
+        _fit([Never("el2n", output_path=str(tmp_path / "n.pt"))])
+    assert not (tmp_path / "n.pt").exists()
+
+
+def test_each_bad_option_is_named_with_its_value():
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        ScoringPass("el2n", batch_size=0)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
+        ScoringPass("el2n", chunk_size=0)
+    with pytest.raises(ValueError, match="at_step must be >= 1, got 0"):
+        ScoringPass("el2n", at_step=0)

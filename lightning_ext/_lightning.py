@@ -434,19 +434,28 @@ def realign_sampler_epoch(trainer: Any) -> bool:
     combined = loop._combined_loader
     loop.epoch_progress.total.processed -= progress.processed - progress.completed
     progress.processed = progress.completed
+    realigned = 0
     for loader in combined.flattened if combined is not None else ():
         batch_sampler = getattr(loader, "batch_sampler", None)
         for sampler in (getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
             set_epoch = getattr(sampler, "set_epoch", None)
             if callable(set_epoch):
                 set_epoch(progress.completed)
+                realigned += 1
     if not getattr(trainer, _SAMPLER_REALIGNED_ATTR, False):
         setattr(trainer, _SAMPLER_REALIGNED_ATTR, True)
         rank_zero_info(
-            f"lightning_ext: this resumed fit's training sampler was handed epoch "
-            f"{progress.completed + 1} for epoch {progress.completed} (Lightning, max_steps, a "
-            "checkpoint from an epoch's end); set back, so the data order and the number of "
-            "epochs are the uninterrupted run's"
+            f"lightning_ext: this resumed fit counted epoch {progress.completed} as processed "
+            "twice (Lightning, max_steps, a checkpoint from an epoch's end); set back, so the "
+            "number of epochs is the uninterrupted run's"
+            + (
+                f", and the samplers' epoch ({progress.completed}, not "
+                f"{progress.completed + 1}) with it"
+                if realigned
+                else "; the training sampler has no set_epoch, so its shuffle is not "
+                "reproducible across a resume (a sampler with set_epoch, or a resumable loader, "
+                "makes it so)"
+            )
         )
     return True
 

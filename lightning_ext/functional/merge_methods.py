@@ -374,6 +374,11 @@ class MergeMethod:
     def _renamed(self, options: Mapping[str, Any] | None, owner: str) -> dict[str, Any]:
         options = dict(options or {})
         for old, new in self.renamed.items():
+            if old in options and new in options and options[old] != options[new]:
+                raise ValueError(
+                    f"{owner}: options {old!r}={options[old]!r} and {new!r}={options[new]!r} "
+                    f"disagree; {old!r} is the former name of {new!r}: give {new!r} only"
+                )
             if old in options:
                 warnings.warn(
                     f"{owner}: option {old!r} is now {new!r} (the old name goes in a later "

@@ -523,15 +523,17 @@ def posthoc_ema_state_dict(
         The model's state dict with the rebuilt EMA, in the tensors' own dtypes.
 
     Raises:
-        ValueError: ``step`` outside ``[1, last snapshot's step]``, ``sigma_rel`` out of range,
+        ValueError: ``step`` outside ``[first, last snapshot's step]``, ``sigma_rel`` out of range,
             or (``BadFileError``, ``NonFiniteError``) an inconsistent index or snapshot, named.
         FileNotFoundError: no index, or a snapshot file it lists is missing.
     """
     entries = read_index(Path(snapshot_dir))
-    last = entries[-1]["step"]
+    first, last = entries[0]["step"], entries[-1]["step"]
     step = last if step is None else step
-    if not 0 < step <= last:
-        raise ValueError(f"step must lie in [1, {last}] (the last snapshot), got {step}")
+    if not first <= step <= last:
+        raise ValueError(
+            f"step must lie in [{first}, {last}] (the first and the last snapshot's), got {step}"
+        )
     usable, coefficients = snapshot_coefficients(entries, sigma_rel, step)
     checker = _SnapshotChecker(len(coefficients), allow_nonfinite)
     result: dict[str, Tensor] = {}

@@ -10,6 +10,7 @@ names are re-exported here and keep this import path.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -187,7 +188,9 @@ def _checked_inputs(
         if isinstance(ingredients, Ingredients)
         else Ingredients(ingredients, allow_nonfinite=allow_nonfinite)
     )
-    check_soup_method(method, options, num_ingredients=len(ings), has_base=base is not None)
+    with warnings.catch_warnings():  # a former option name: run_soup says it, once
+        warnings.simplefilter("ignore", DeprecationWarning)
+        check_soup_method(method, options, num_ingredients=len(ings), has_base=base is not None)
     check_mode(monitor, mode, "build_soup")
     if plot is not None:  # the picture is not lost after the scoring
         paths = [s for s in [*ings.sources, base] if isinstance(s, str | os.PathLike)]

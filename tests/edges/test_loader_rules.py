@@ -342,3 +342,16 @@ def test_a_single_input_keeps_its_infinities_and_refuses_its_nan(tmp_path):
     torch.save(masked(1.0, [0.0, float("nan")]), tmp_path / "nan.pt")
     with pytest.raises(NonFiniteError, match="1 tensor\\(s\\): mask"):
         Ingredients([tmp_path / "nan.pt"]).validate()
+
+
+def test_a_step_before_the_first_snapshot_names_the_range(tmp_path):
+    # --step 2 with snapshots from step 4 said "need one gamma per snapshot step" (no option,
+    # no range), while --step 100 said "[1, 16]", a range 2 lay inside
+    folder = snapshot_folder(tmp_path, [[profile(s + g) for g in range(2)] for s in range(3)])
+    index = json.loads((folder / INDEX_FILE).read_text())
+    for entry in index["snapshots"]:
+        entry["step"] += 3  # snapshots at steps 4, 5, 6
+    (folder / INDEX_FILE).write_text(json.dumps(index))
+    code, err = run_cli(["posthoc-ema", str(folder), "o.pt", "--sigma-rel", "0.1", "--step", "2"])
+    assert code == 2 and "step must lie in [4, 6] (the first and the last snapshot's), got 2" in err
+    assert posthoc_ema_state_dict(folder, 0.1, step=5)["w"].shape == (2,)

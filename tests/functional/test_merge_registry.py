@@ -169,6 +169,9 @@ def test_greedy_and_learned_are_entries_of_the_one_registry():
     with pytest.warns(DeprecationWarning, match="'mode' is now 'mixing'"):
         resolved = learned.resolve({"mode": "task_vectors"}, has_base=True)
     assert resolved["mixing"] == "task_vectors" and resolved["seed"] == 0
+    # both spellings, disagreeing: the new one silently won
+    with pytest.raises(ValueError, match="'mode'='ingredients' and 'mixing'='task_vectors' disag"):
+        learned.resolve({"mode": "ingredients", "mixing": "task_vectors"}, has_base=True)
 
 
 def _outside(low: float | None, high: float | None) -> list[float]:

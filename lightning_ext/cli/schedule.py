@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, cast
 
-from lightning_ext.cli._options import add_overwrite_option, add_trusted_option
+from lightning_ext.cli._options import CLI_SPELLING, add_overwrite_option, add_trusted_option
 
 
 def _smoothing(text: str) -> float | str:
@@ -116,7 +116,7 @@ def _refine_schedule_command(args: Any) -> int:
         inputs=[args.grad_norms],
         overwrite=args.overwrite,
         curve=load_curve(args.grad_norms),  # a drop-in run compares itself against it
-        spelling="cli",
+        spelling=CLI_SPELLING,
         **(PAPER_OPTIONS if args.paper else options),
     )
     schedule, found = payload["schedule"], payload["diagnostics"][0]

@@ -29,6 +29,7 @@ from lightning_ext._io import (
     load_file,
 )
 from lightning_ext._plot import new_figure, write_png
+from lightning_ext.functional.merge_methods import PYTHON_SPELLING, Spelling
 from lightning_ext.functional.schedule import (
     REFERENCE_WINDOW,
     Smoothing,
@@ -357,29 +358,12 @@ def _finite(values: Tensor, where: str, drop: bool) -> Tensor:
     return values[keep] if drop else values
 
 
-#: How the advice in ``degenerate_warning`` names the refinement options, by audience.
-ADVICE_SPELLING: dict[str, dict[str, str]] = {
-    "python": {
-        "exclude": "exclude_initial=",
-        "power": "power=1",
-        "floor": "floor=",
-        "blend": "blend=",
-    },
-    "cli": {
-        "exclude": "--exclude-initial",
-        "power": "--power 1",
-        "floor": "--floor",
-        "blend": "--blend",
-    },
-}
-
-
 def degenerate_warning(
     what: str,
     diagnostics: dict[str, float],
     problems: list[str],
     *,
-    spelling: Literal["python", "cli"] = "python",
+    spelling: Spelling = PYTHON_SPELLING,
 ) -> str:
     """The one warning for a degenerate schedule: what is wrong, with figures, and what to do.
 
@@ -387,18 +371,20 @@ def degenerate_warning(
         what: how the message names the schedule (its file).
         diagnostics: the figures (``ScheduleDiagnostics.as_dict()``).
         problems: what is wrong (``ScheduleDiagnostics.problems()``).
-        spelling: name the options to try as Python arguments or as command-line options.
+        spelling: how the options to try are named (Python's, or the command line's
+            ``cli._options.CLI_SPELLING``).
 
     Returns:
         The message.
     """
-    o = ADVICE_SPELLING[spelling]
+    option = spelling.option
     return (
         f"{what} is degenerate: {'; '.join(problems)}. Training with it can end far worse than "
         "the linear decay it was refined from (an unseen 1-D CNN task went to chance accuracy). "
-        f"Compare it against linear decay before using it, or refine again with {o['exclude']} "
-        f"(an initial transient), {o['power']} (milder weights), {o['floor']} or {o['blend']} "
-        "(keep part of linear decay). Figures: "
+        f"Compare it against linear decay before using it, or refine again with "
+        f"{option('exclude_initial')} (an initial transient), {option('power')}=1 "
+        f"(milder weights), {option('floor')} or {option('blend')} (keep part of linear decay). "
+        "Figures: "
         f"{', '.join(f'{k}={v:.3g}' for k, v in diagnostics.items())}."
     )
 
@@ -441,7 +427,7 @@ def write_refined_schedule(
     inputs: Sequence[str | os.PathLike] = (),
     overwrite: bool = False,
     curve: dict[str, Any] | None = None,
-    spelling: Literal["python", "cli"] = "python",
+    spelling: Spelling = PYTHON_SPELLING,
     **options: Any,
 ) -> dict[str, Any]:
     """Refine one schedule per record, save them atomically (``"schedule"``: the first one) with
@@ -465,8 +451,8 @@ def write_refined_schedule(
         overwrite: replace existing outputs (refused by default, before any refinement).
         curve: the recording run's validation curve (see ``load_curve``), kept in the file so
             that a drop-in run can compare itself against it; None: none.
-        spelling: how a degenerate schedule's warning names the options to try: as Python
-            arguments or as command-line options.
+        spelling: how a degenerate schedule's warning names the options to try (Python's, or
+            the command line's ``cli._options.CLI_SPELLING``).
         **options: ``refine_schedule``'s ``power``, ``exclude_initial``, ``floor``, ``blend``;
             unset ones take the paper's values.
 

@@ -78,11 +78,11 @@ ADAM_MOMENT_OPTIMIZERS = frozenset({"Adam", "AdamW", "NAdam", "RAdam"})
 
 
 def _check_structured_budget(
-    method: str, nm: str, density: float | None, layer_density: dict[str, float] | None
+    method: str, n: int, m: int, density: float | None, layer_density: dict[str, float] | None
 ) -> None:
     """An N:M method keeps N of every M weights in every layer: a density or per-layer densities
     other than that would be silently ignored (a 0.1 asked for trained at 0.5)."""
-    n, m = (int(x) for x in nm.split(":"))
+    nm = f"{n}:{m}"
     if layer_density or (density is not None and not math.isclose(density, n / m)):
         given = f"layer_density={layer_density}" if layer_density else f"density={density}"
         raise ValueError(
@@ -174,12 +174,13 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
         match = re.fullmatch(r"(\d+):(\d+)", nm)
         if not match or not 0 < int(match[1]) < int(match[2]):
             raise ValueError(f"nm must look like '2:4' (0 < N < M), got {nm!r}")
+        n, m = int(match[1]), int(match[2])
         if self.spec.structured:
-            _check_structured_budget(method, nm, density, layer_density)
+            _check_structured_budget(method, n, m, density, layer_density)
         # the state key keeps the density as given (0.1 when unset), as checkpoints name it
         self._key_density = 0.1 if density is None else density
         if density is None:
-            density = int(match[1]) / int(match[2]) if self.spec.structured else 0.1
+            density = n / m if self.spec.structured else 0.1
         check_unit_range("density", density, low_open=True)
         if distribution not in ("erk", "er", "uniform", "uniform_first_dense"):
             raise ValueError(f"unknown distribution {distribution!r}")
@@ -197,7 +198,7 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
         self.include, self.exclude = list(include or []), list(exclude or [])
         self.dense_first_layer = dense_first_layer
         self.momentum_beta, self.srste_decay, self.seed = momentum_beta, srste_decay, seed
-        self.n, self.m = int(match[1]), int(match[2])
+        self.n, self.m = n, m
         self.trust_optimizer_state, self.log_per_layer = trust_optimizer_state, log_per_layer
         self.plot, self.hold_denominators = plot, hold_denominators
         self.remask_weights = remask_weights

@@ -1,13 +1,21 @@
 """What the generated tables read from a pytest JUnit report: each test case's outcome, the run's
-wall time, and numbered footnotes for the reasons cells give. Shared by
-``tools/conformance_table.py`` and ``tools/edges_table.py``."""
+wall time, and numbered footnotes for the reasons cells give; and their one command line (run the
+tests, or read a report, then write the page). Shared by ``tools/conformance_table.py`` and
+``tools/edges_table.py``."""
 
 from __future__ import annotations
 
+import argparse
+import subprocess
+import sys
+import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -48,3 +56,26 @@ class Footnotes:
         if reason not in self.reasons:
             self.reasons.append(reason)
         return f"[{self.reasons.index(reason) + 1}]"
+
+
+def write_table(
+    description: str,
+    default_out: Path,
+    tests: Sequence[str],
+    read: Callable[[Path], Any],
+    render: Callable[[Any, float], str],
+) -> None:
+    """A generated table's command line: ``--junit FILE`` reads a report, otherwise ``tests``
+    run under pytest with one; the page ``render`` makes of the outcomes goes to ``--out``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--junit", type=Path, help="read this JUnit XML instead of running")
+    parser.add_argument("--out", type=Path, default=default_out)
+    args = parser.parse_args()
+    junit = args.junit
+    if junit is None:
+        junit = Path(tempfile.mkdtemp()) / "run.xml"
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        subprocess.run([*command, f"--junitxml={junit}", *tests], cwd=REPO, check=False)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(read(junit), junit_seconds(junit)))
+    print(f"wrote {args.out}")

@@ -10,12 +10,8 @@ report, so the table cannot drift from the tests.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import platform
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 from tests.conformance import test_matrix as matrix
@@ -24,7 +20,7 @@ from tests.conformance import test_namespaces as namespaces
 from tests.conformance import test_resume_matrix as resume_matrix
 from tests.conformance import test_stream_matrix as stream_matrix
 from tests.helpers.zoo import ZOO
-from tools._junit import Footnotes, Outcome, junit_seconds, test_cases
+from tools._junit import Footnotes, Outcome, test_cases, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,20 +53,6 @@ def read_junit(path: Path) -> dict[str, Outcome]:
         name = case.get("name", "")
         outcomes[name[name.index("[") + 1 : -1] if "[" in name else name] = outcome
     return outcomes
-
-
-def run_matrix(junit: Path) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        f"--junitxml={junit}",
-        *TEST_FILES,
-    ]
-    subprocess.run(command, cwd=REPO, check=False)
 
 
 def describe(
@@ -331,17 +313,8 @@ def render(outcomes: dict[str, Outcome], seconds: float | None = None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--junit", type=Path, help="read this JUnit XML instead of running")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "conformance.md")
-    args = parser.parse_args()
-    junit = args.junit
-    if junit is None:
-        junit = Path(tempfile.mkdtemp()) / "conformance.xml"
-        run_matrix(junit)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(read_junit(junit), junit_seconds(junit)))
-    print(f"wrote {args.out}")
+    default_out = REPO / "docs" / "conformance.md"
+    write_table(__doc__.split("\n")[0], default_out, TEST_FILES, read_junit, render)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,14 @@ JUnit report. So the page cannot drift from the tests.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib
 import platform
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-from tools._junit import Footnotes, Outcome, junit_seconds, test_cases
+from tools._junit import Footnotes, Outcome, test_cases, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 EDGES = REPO / "tests" / "edges"
@@ -231,17 +227,9 @@ def render(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--junit", type=Path, help="read this JUnit XML instead of running")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "edges.md")
-    args = parser.parse_args()
-    junit = args.junit
-    if junit is None:
-        junit = Path(tempfile.mkdtemp()) / "edges.xml"
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-        subprocess.run([*command, f"--junitxml={junit}", "tests/edges"], cwd=REPO, check=False)
-    args.out.write_text(render(read_junit(junit), junit_seconds(junit)))
-    print(f"wrote {args.out}")
+    write_table(
+        __doc__.split("\n")[0], REPO / "docs" / "edges.md", ["tests/edges"], read_junit, render
+    )
 
 
 if __name__ == "__main__":

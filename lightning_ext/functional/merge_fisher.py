@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lightning_ext.functional._checks import check_merge_inputs
 from lightning_ext.functional.merging import (
     FISHER_FLOOR,
     StateDict,
@@ -69,6 +70,7 @@ def fisher_merge(
         The Fisher-weighted mean of the ingredients.
 
     Raises:
+        TypeError: ``state_dicts`` that is not a sequence of state dicts (``check_merge_inputs``).
         ValueError: a number of Fishers or weights other than of ingredients, or a non-positive
             weight.
 
@@ -80,6 +82,7 @@ def fisher_merge(
         >>> fisher_merge([a, b], fishers)['w']
         tensor([2., 1., 2.])
     """
+    check_merge_inputs("fisher_merge(state_dicts, fishers, ...)", state_dicts)
     n = _ingredients(state_dicts)
     if len(fishers) != n:
         raise ValueError(f"got {len(fishers)} Fishers for {n} ingredients")

@@ -36,6 +36,8 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import Tensor
 
+from lightning_ext.functional._checks import check_merge_inputs
+
 __all__ = [
     "MERGE_METHODS",
     "PYTHON_SPELLING",
@@ -536,13 +538,22 @@ def merge_method(
             raise ValueError(f"merge method {name!r} is registered already")
         signature = inspect.signature(function)
         parameters = tuple(_from_signature(p, signature, defaults or {}) for p in options)
+        call = _call_text(function.__name__, signature)
 
         @functools.wraps(function)
         def checked(*args: Any, **kwargs: Any) -> Any:
             kwargs = entry._renamed(kwargs, f"{function.__name__}()")
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
-            entry.check_arguments(bound.arguments)
+            arguments = bound.arguments
+            check_merge_inputs(
+                call,
+                arguments.get("state_dicts"),
+                arguments.get("base"),
+                base_use=base,
+                min_ingredients=min_ingredients,
+            )
+            entry.check_arguments(arguments)
             return function(*args, **kwargs)
 
         entry = MergeMethod(
@@ -563,6 +574,20 @@ def merge_method(
         return checked  # type: ignore[return-value]
 
     return register
+
+
+def _call_text(name: str, signature: inspect.Signature) -> str:
+    """The function's leading positional parameters as messages show them, e.g.
+    ``dare_merge(base, state_dicts, density, ...)`` or ``slerp_merge(state_dicts, base=None,
+    ...)``."""
+    shown = []
+    for p in signature.parameters.values():
+        positional = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        if not positional or (p.default is not p.empty and p.name != "base"):
+            break
+        shown.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
+    more = ", ..." if len(shown) < len(signature.parameters) else ""
+    return f"{name}({', '.join(shown)}{more})"
 
 
 def _from_signature(

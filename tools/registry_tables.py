@@ -36,8 +36,16 @@ def _default(p: Parameter) -> str:
     return f"`{p.default!r}`" if isinstance(p.default, str) else f"`{p.default}`"
 
 
+def _name(p: Parameter) -> str:
+    """The option's name, and the function's keyword where a direct call spells it otherwise
+    (``seed``, which the function takes as ``generator=``)."""
+    if p.argument and p.argument != p.name:
+        return f"`{p.name}` (Python `{p.argument}=`)"
+    return f"`{p.name}`"
+
+
 def _options(parameters: Sequence[Parameter]) -> str:
-    cells = (f"`{p.name}`: {_default(p)}, {p.range_text()}" for p in parameters)
+    cells = (f"{_name(p)}: {_default(p)}, {p.range_text()}" for p in parameters)
     return "<br>".join(cell.replace("|", "\\|") for cell in cells) or "-"
 
 
@@ -45,7 +53,8 @@ def merge_methods() -> str:
     """The markdown table of ``SOUP_METHODS``: the merges, then the soups that need more than
     state dicts (what, in the column "needs")."""
     rows = [
-        "| method | function | computes | base | needs | options: default, range | paper |",
+        "| method | function | computes | base | needs | options (`options=`, `--OPTION`): "
+        "default, range | paper |",
         "|---|---|---|---|---|---|---|",
     ]
     for m in sorted(SOUP_METHODS.values(), key=lambda m: bool(m.needs)):

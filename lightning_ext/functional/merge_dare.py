@@ -57,7 +57,9 @@ def dare_merge(
         state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
         density: the fraction of each task vector's entries kept, in (0, 1].
         scale: the factor of the merged task vector.
-        generator: the random generator of the drop masks.
+        generator: the random generator of the drop masks (None: seeded from torch's); the
+            option ``seed`` of the registry and ``--seed`` of the command line pass
+            ``torch.Generator().manual_seed(seed)``.
 
     Returns:
         The DARE merge: randomly dropped and rescaled task vectors, summed onto ``base``.
@@ -133,7 +135,9 @@ def dare_ties_merge(
         state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
         density: the probability of keeping each task-vector entry, in (0, 1].
         scale: the factor of the merged task vector.
-        generator: the random generator of the drop masks (None: seeded from torch's).
+        generator: the random generator of the drop masks (None: seeded from torch's); the
+            option ``seed`` of the registry and ``--seed`` of the command line pass
+            ``torch.Generator().manual_seed(seed)``.
         weights: one weight per ingredient (None: all 1).
         rescale: ``"inverse"`` (1 / density), ``"l1"`` or ``"none"``.
         normalize: divide by the agreeing ingredients' total weight (the disjoint mean).

@@ -136,7 +136,9 @@ def della_merge(
         epsilon: half the spread of the keep probabilities; ``density - epsilon > 0`` and
             ``density + epsilon <= 1``.
         scale: the factor of the merged task vector (mergekit's ``lambda``).
-        generator: the random generator of the drop masks (None: seeded from torch's).
+        generator: the random generator of the drop masks (None: seeded from torch's); the
+            option ``seed`` of the registry and ``--seed`` of the command line pass
+            ``torch.Generator().manual_seed(seed)``.
         weights: one weight per ingredient, a number or a list of anchors over depth (None: 1).
         rescale: ``"inverse"`` (1 / p), ``"l1"`` or ``"none"``.
         normalize: divide by the agreeing ingredients' total weight (the disjoint mean).

@@ -128,6 +128,8 @@ class Parameter:
             return "true | false"
         if self.kind == "callable":
             return "a callable"
+        if self.kind == "int" and self.low is None and self.high is None:
+            return "any integer"
         prefix = "each " if self.kind in ("floats", "gradients") else ""
         if self.low is not None and self.high is not None:
             left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"

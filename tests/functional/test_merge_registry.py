@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ import pytest
 import torch
 from torch import Tensor
 
+from lightning_ext import functional
+from lightning_ext.cli import build_parser
 from lightning_ext.cli import main as cli_main
 from lightning_ext.functional import (
     breadcrumbs_merge,
@@ -403,6 +406,37 @@ def test_docs_tables_are_generated_from_the_registry(table):
     assert registry_tables.current(page, table) == render(), (
         f"{page}: the {table} table differs from the registry; run python -m tools.registry_tables"
     )
+
+
+# A value of each kind, as typed on the command line.
+_CLI_SAMPLE = {"float": "0.5", "int": "3", "floats": "1", "gradients": "1", "bool": "true"}
+_OPTION_CELL = re.compile(r"`(\w+)`(?: \(Python `(\w+)=`\))?: ")
+
+
+def test_the_tables_option_names_are_those_each_spelling_accepts():
+    """Each option the generated table names is a keyword of the function it names (``seed`` of
+    the random merges is, in Python, ``generator=``) and, for the command line's methods, an
+    option ``lightning-ext soup`` parses."""
+    page, _ = registry_tables.TABLES["merge-methods"]
+    rows = [r for r in registry_tables.current(page, "merge-methods").splitlines()[2:] if r]
+    parser = build_parser()
+    spelled = 0
+    for row in rows:
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]]
+        name, function = cells[0].strip("`"), cells[1].strip("`")
+        keywords = inspect.signature(getattr(functional, function)).parameters
+        method = SOUP_METHODS[name]
+        for option, python in _OPTION_CELL.findall(cells[5]):
+            keyword = python or option
+            assert keyword in keywords, f"{name}: the table's {keyword!r} is not {function}'s"
+            spelled += bool(python)
+            if name not in MERGE_METHODS:
+                continue
+            p = next(p for p in method.parameters if p.name == option)
+            value = p.choices[0] if p.kind == "choice" else _CLI_SAMPLE[p.kind]
+            args = parser.parse_args(["soup", "a.pt", "-o", "b.pt", f"--{option}", value])
+            assert getattr(args, option) is not None, f"--{option}"
+    assert spelled == 3  # seed of dare, dare-ties and della: generator= in Python
 
 
 def test_a_soup_worse_than_its_best_ingredient_is_said_with_figures():

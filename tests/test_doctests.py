@@ -47,6 +47,7 @@ OTHER_MODULES = [
     "lightning_ext.data.tasks",
     "lightning_ext.lr_scheduler",
     "lightning_ext.functional._checks",
+    "lightning_ext.functional._ties",
     "lightning_ext.io.ingredients",
     "lightning_ext.io.safetensors",
     "lightning_ext.io.adapters",

@@ -3,7 +3,9 @@ registers itself where it is defined, with ``@merge_method(name, ...)`` on its f
 decorator reads the option defaults from the function's signature (declared once, there), takes
 one small declaration of each option's range and meaning and of the rules that tie options
 together, checks them on every call of the function, and files the entry under its name
-(a name registered twice is refused).
+(a name registered twice is refused). Every call also checks the inputs first
+(``_checks.check_merge_inputs``: swapped ``base``/``state_dicts``, too few ingredients) and a
+merge runs with tied names merged once (``_ties.merge_ties_once``).
 
 The command line (``lightning-ext soup``), ``build_soup``/``run_soup``, ``ModelSoup`` and the docs
 all read this registry, so a method added there is reachable everywhere, options are validated
@@ -37,6 +39,7 @@ import torch
 from torch import Tensor
 
 from lightning_ext.functional._checks import check_merge_inputs
+from lightning_ext.functional._ties import merge_ties_once
 
 __all__ = [
     "MERGE_METHODS",
@@ -544,19 +547,7 @@ def merge_method(
 
         @functools.wraps(function)
         def checked(*args: Any, **kwargs: Any) -> Any:
-            kwargs = entry._renamed(kwargs, f"{function.__name__}()")
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            arguments = bound.arguments
-            check_merge_inputs(
-                call,
-                arguments.get("state_dicts"),
-                arguments.get("base"),
-                base_use=base,
-                min_ingredients=min_ingredients,
-            )
-            entry.check_arguments(arguments)
-            return function(*args, **kwargs)
+            return _call_checked(entry, function, signature, call, args, kwargs)
 
         entry = MergeMethod(
             name=name,
@@ -576,6 +567,34 @@ def merge_method(
         return checked  # type: ignore[return-value]
 
     return register
+
+
+def _call_checked(
+    entry: MergeMethod,
+    function: Callable[..., Any],
+    signature: inspect.Signature,
+    call: str,
+    args: tuple,
+    kwargs: dict[str, Any],
+) -> Any:
+    """A call of a registered function: its inputs checked (``check_merge_inputs``), then its
+    options (``check_arguments``); a merge runs with tied names merged once
+    (``_ties.merge_ties_once``)."""
+    kwargs = entry._renamed(kwargs, f"{function.__name__}()")
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    arguments = bound.arguments
+    check_merge_inputs(
+        call,
+        arguments.get("state_dicts"),
+        arguments.get("base"),
+        base_use=entry.base,
+        min_ingredients=entry.min_ingredients,
+    )
+    entry.check_arguments(arguments)
+    if entry.needs:  # the greedy and learned soups evaluate whole state dicts as they are
+        return function(*args, **kwargs)
+    return merge_ties_once(function, bound)
 
 
 def _call_text(name: str, signature: inspect.Signature) -> str:

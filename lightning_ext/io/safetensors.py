@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from lightning_ext._io import BadFileError, _first_line, atomic_write
+from lightning_ext.functional._ties import tied_names
 
 __all__ = [
     "ALIASES_KEY",
@@ -318,25 +319,22 @@ def _plain_tensors(state: Mapping[str, Any], path: Path) -> dict[str, Tensor]:
 
 def _split_aliases(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Each storage written once: a tensor that is a view of the same memory as an earlier one
-    (same storage, offset, shape and strides: a tied weight) becomes an alias of it; a tensor that
-    only overlaps another's memory is copied."""
-    seen: dict[tuple, str] = {}
-    storages: set[int] = set()
-    unique: dict[str, Tensor] = {}
-    aliases: dict[str, str] = {}
+    (a tied weight, ``functional._ties.tied_names``) becomes an alias of it; a tensor that only
+    overlaps another's memory is copied."""
     for key, t in tensors.items():
-        t = t.detach()
         if t.device.type == "meta":
             raise ValueError(f"tensor {key!r} is on the meta device: it holds no data to write")
+    aliases = tied_names(tensors)
+    storages: set[int] = set()
+    unique: dict[str, Tensor] = {}
+    for key, t in tensors.items():
+        if key in aliases:
+            continue
+        t = t.detach()
         if t.numel() == 0:
             unique[key] = t.cpu().contiguous()
             continue
         ptr = t.untyped_storage().data_ptr()
-        view = (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
-        if view in seen:
-            aliases[key] = seen[view]
-            continue
-        seen[view] = key
         shared = ptr in storages
         storages.add(ptr)
         t = t.cpu()

@@ -35,7 +35,7 @@ from lightning_ext._soup import (
 from lightning_ext.averaging import fsdp2_modules, full_tensors, local_tensors, reshard
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.callbacks._steps import ExactResume
-from lightning_ext.functional.merging import uniform_soup
+from lightning_ext.functional.merge_methods import SOUP_METHODS
 from lightning_ext.io.ingredients import Ingredients
 
 #: Methods that merge shard by shard under FSDP2: element-wise averages of the local shards,
@@ -258,8 +258,8 @@ class ModelSoup(DeclaredState, ExactResume):
             )
         ings = Ingredients([self._file(e, trainer) for e in self.ingredients]).validate()
         val = fit_val_loader(trainer)
-        if val is None:  # uniform without validation data: nothing to score
-            self._load(pl_module, uniform_soup(ings))
+        if val is None:  # uniform without validation data: nothing to score, the registry merges
+            self._load(pl_module, SOUP_METHODS[self.method].merge(ings, options=self.options))
             if self.recalibrate_bn:
                 recalibrate_batchnorm(
                     pl_module,

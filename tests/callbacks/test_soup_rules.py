@@ -12,9 +12,12 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_ext.callbacks import EMA, ModelSoup
+from lightning_ext.functional import uniform_soup
+from lightning_ext.functional.merge_methods import MergeMethod
+from lightning_ext.io import Ingredients
 from tests.helpers.data import DigitsDataModule, digits
 from tests.helpers.models import Classifier
-from tests.helpers.resume import _SaveAtEpochEnd, quiet_trainer
+from tests.helpers.resume import _SaveAtEpochEnd, assert_bitwise_equal, quiet_trainer
 
 
 class EndlessDigits(IterableDataset):
@@ -87,3 +90,23 @@ def test_a_resumed_fit_writes_into_its_own_run_folder_and_keeps_the_earlier_ingr
         "soup.png",
         "soup.pt",
     ]  # the first run's own files, untouched by the resumed one
+
+
+def test_without_validation_data_the_uniform_soup_goes_through_the_registry(tmp_path, monkeypatch):
+    """The uniform soup of a fit without validation data is the registry's entry (its checks and
+    tie handling apply, as on every other path), bitwise the plain ``uniform_soup``."""
+    calls: list[str] = []
+    merge = MergeMethod.merge
+
+    def spy(self: MergeMethod, *args, **kwargs):
+        calls.append(self.name)
+        return merge(self, *args, **kwargs)
+
+    monkeypatch.setattr(MergeMethod, "merge", spy)
+    pl.seed_everything(0)
+    module, soup = Classifier(), ModelSoup(method="uniform", dirpath=str(tmp_path))
+    trainer = quiet_trainer(max_epochs=2, callbacks=[soup])
+    trainer.fit(module, DataLoader(digits("train", 0, 64), batch_size=16))
+    assert calls == ["uniform"] and soup.result["chosen"] == [0, 1]
+    expected = uniform_soup(Ingredients([e["path"] for e in soup.ingredients]))
+    assert_bitwise_equal(module.state_dict(), expected)

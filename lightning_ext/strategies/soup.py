@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lightning_ext._batch import ForwardFn, UnpackBatch, default_unpack_batch
 from lightning_ext._io import atomic_torch_save, load_file
-from lightning_ext._lightning import has_fit_val_loaders, run_dir
+from lightning_ext._lightning import checkpoint_load_options, has_fit_val_loaders, run_dir
 from lightning_ext._masks import apply_masks_, ranks_share_masks, sparse_masks_for
 from lightning_ext._soup import (
     ValidationScorer,
@@ -242,7 +242,9 @@ class SoupStrategyMixin(_StrategyBase):
             atomic_torch_save(own, rank_checkpoint_path(filepath, self.global_rank))
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        checkpoint = super().load_checkpoint(
+            checkpoint_path, **checkpoint_load_options(weights_only)
+        )
         if self.global_rank != 0:
             path = rank_checkpoint_path(checkpoint_path, self.global_rank)
             if not os.path.exists(path):

@@ -38,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_ext._io import atomic_torch_save
+from lightning_ext._lightning import checkpoint_load_options
 from lightning_ext._masks import ranks_share_masks, rezero_outside_masks_, sparse_masks_for
 from lightning_ext.callbacks._steps import ensure_exact_resume
 from lightning_ext.functional.interpolation import liti, multi_slerp
@@ -163,7 +164,9 @@ class WARPStrategyMixin(_MixinBase):
                 f"rank {self.global_rank} has no checkpoint {path}: WARPStrategy resumes only from "
                 "checkpoints it wrote itself, with the same number of ranks"
             )
-        checkpoint = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+        checkpoint = self.checkpoint_io.load_checkpoint(
+            path, **checkpoint_load_options(weights_only)
+        )
         saved = checkpoint.get("warp_strategy")
         if saved is None or saved["world_size"] != self.world_size:
             raise ValueError(

@@ -186,8 +186,8 @@ def checkpoint_load_options(weights_only: bool | None) -> dict[str, bool]:
     """The keyword arguments a strategy passes on to ``load_checkpoint`` for ``weights_only``.
 
     Lightning 2.6 hands ``weights_only`` (None by default) to ``Strategy.load_checkpoint`` and
-    its ``CheckpointIO``; Lightning 2.4 knows no such argument and raises on it. None, the only
-    value Lightning 2.4 can mean, is left out, which is the same call on 2.6.
+    its ``CheckpointIO``; Lightning 2.5 knows no such argument and raises TypeError on it. None,
+    the only value Lightning 2.5 can mean, is left out, which is the same call on 2.6.
     """
     return {} if weights_only is None else {"weights_only": weights_only}
 

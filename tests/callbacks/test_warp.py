@@ -142,7 +142,7 @@ def test_bf16_autocast_runs_and_keeps_the_anchor_in_float32():
 
 def test_composes_with_model_checkpoint_and_lightning_ema(tmp_path):
     lightning_ema = getattr(lightning_callbacks, "EMAWeightAveraging", None)
-    if lightning_ema is None:  # the lower bound, Lightning 2.4, has no EMA callback of its own
+    if lightning_ema is None:  # Lightning 2.5 (the lower bound is 2.5.3) has no EMA callback
         pytest.skip("Lightning's EMAWeightAveraging is new in Lightning 2.6")
     warp = WARP()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)

@@ -68,7 +68,8 @@ def _prune_select(args: argparse.Namespace) -> int:
     from lightning_ext.functional.pruning import select_indices
     from lightning_ext.io.scores import check_score_record, load_scores
 
-    out = check_output(args.out, inputs=[args.scores], overwrite=args.overwrite)
+    binary = "" if args.out.endswith(".json") else ".pt, or .json for a list"
+    out = check_output(args.out, inputs=[args.scores], overwrite=args.overwrite, binary=binary)
     record = check_score_record(
         load_scores(args.scores, trusted=args.trusted), args.scores, need_labels=True
     )

@@ -46,9 +46,15 @@ def register(sub: Any) -> None:
     parser.add_argument("--window", type=int, default=1001, help="median window in steps")
     parser.add_argument("--power", type=float, default=DEFAULT_OPTIONS["power"],
                         help="w = G^-power (default: 2 for l2, 1 for l1)")  # fmt: skip
-    for name in ("exclude_initial", "floor", "blend"):
+    meanings = {
+        "exclude_initial": "leading fraction of the run (a transient) left out of the smoothing",
+        "floor": "the schedule never falls below this fraction of linear decay",
+        "blend": "fraction of linear decay mixed into the schedule",
+    }
+    for name, meaning in meanings.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=float,
-                            default=DEFAULT_OPTIONS[name])  # fmt: skip
+                            default=DEFAULT_OPTIONS[name],
+                            help=f"{meaning} (default {DEFAULT_OPTIONS[name]:g})")  # fmt: skip
     parser.add_argument(
         "--paper", action="store_true", help="the paper's formula: no exclusion, floor or blend"
     )

@@ -414,7 +414,8 @@ def run(args: argparse.Namespace) -> int:
     bn = bn_recalibration(args)
     request = resolve(args)  # the options, checked without reading a checkpoint
     inputs = [*args.checkpoints, *([args.base] if args.base else [])]
-    check_output(args.output, inputs=inputs, overwrite=args.overwrite)  # before any reading
+    names = ".pt, .ckpt or .safetensors"  # the output is checked before any reading
+    check_output(args.output, inputs=inputs, overwrite=args.overwrite, binary=names)
     first = output_template(args.checkpoints[0], trusted=args.trusted)  # refused before merging
     soup = recalibrate(args, merge(args, request), bn)
     out: dict[str, Any] = dict(soup)

@@ -105,7 +105,7 @@ def export_sparse_checkpoint(
             f"{layout} layout to a .pt file"
         )
     if out is not None:
-        check_output(out, inputs=[checkpoint], overwrite=overwrite)
+        check_output(out, inputs=[checkpoint], overwrite=overwrite, binary=".pt")
     # Files load on the CPU; 2:4 tensors exist only on a CUDA device, so the weights go there.
     # Asked before the file is read: a machine without a GPU cannot do 2:4 at all.
     device = _export_device(layout)

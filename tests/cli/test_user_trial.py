@@ -99,3 +99,81 @@ def test_a_refused_command_leaves_no_empty_output_folder(tmp_path, capsys):
     out = tmp_path / "w" / "soup.pt"  # a command that succeeds makes the folder for good
     assert cli_main(["soup", str(good), str(good), "-o", str(out)]) == 0
     assert out.exists()
+
+
+def _norms_file(folder):
+    record = folder / "grad_norms.pt"
+    torch.save({"grad_norms": [torch.linspace(2.0, 1.0, 20)], "norm": ["l2"]}, record)
+    return record
+
+
+def test_refine_schedule_outputs_never_land_on_one_another(tmp_path, capsys):
+    # `-o s.json` wrote the schedule, then its JSON summary over it (schedule lost); `--plot`
+    # equal to -o or to the summary replaced them with a PNG; all reported success
+    record = _norms_file(tmp_path)
+    s, png = str(tmp_path / "s.pt"), str(tmp_path / "s.png")
+    runs = [
+        (["-o", str(tmp_path / "s.json")], "the schedule and the schedule's JSON summary both"),
+        (["-o", s, "--plot", s], "s.pt: it is a PNG; name it .png"),
+        (["-o", s, "--plot", str(tmp_path / "s.json")], "s.json: it is a PNG; name it .png"),
+        (["-o", png, "--plot", png], "the schedule and the plot both"),
+    ]
+    for options, expected in runs:
+        assert cli_main(["refine-schedule", str(record), *options]) == 2
+        assert expected in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grad_norms.pt"]
+
+
+def test_refine_schedule_names_its_outputs_as_they_are_read_back(tmp_path, capsys):
+    # `-o refined.txt` wrote a torch.save file that load_schedule (and the command itself) then
+    # read as text: a bare UnicodeDecodeError naming no file; `--plot x.txt` wrote a PNG there
+    record = _norms_file(tmp_path)
+    assert cli_main(["refine-schedule", str(record), "-o", str(tmp_path / "refined.txt")]) == 2
+    assert "binary (torch.save), not the .txt file" in capsys.readouterr().err
+    plot = ["--plot", str(tmp_path / "plot.txt")]
+    assert cli_main(["refine-schedule", str(record), "-o", str(tmp_path / "r.pt"), *plot]) == 2
+    assert "plot.txt: it is a PNG; name it .png" in capsys.readouterr().err
+    binary = tmp_path / "norms.txt"  # a binary file under a text name: one line naming it
+    torch.save(torch.ones(3), binary)
+    assert cli_main(["refine-schedule", str(binary), "-o", str(tmp_path / "r.pt")]) == 2
+    err = capsys.readouterr().err
+    assert f"{binary} is not a text file" in err and "utf-8" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grad_norms.pt", "norms.txt"]
+
+
+def test_binary_outputs_under_text_names_are_refused_before_any_work(tmp_path, capsys):
+    # export-ema, posthoc-ema, sparse-export, soup and prune-select wrote torch.save (zip) files
+    # under .txt/.csv/.json names: prune-select's help promises .pt or a .json list
+    good = tmp_path / "a.pt"
+    torch.save({"w": torch.ones(2)}, good)
+    missing = str(tmp_path / "missing")  # refused on the name before the input is read
+    runs = [
+        ["export-ema", missing, str(tmp_path / "ema.txt")],
+        ["posthoc-ema", missing, str(tmp_path / "ema.csv"), "--sigma-rel", "0.1"],
+        ["sparse-export", missing, str(tmp_path / "sparse.json")],
+        ["soup", str(good), str(good), "-o", str(tmp_path / "soup.yaml")],
+        ["prune-select", missing, "--keep", "0.5", "--out", str(tmp_path / "keep.txt")],
+    ]
+    for argv in runs:
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert "the output is binary (torch.save)" in err and "name it .pt" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
+    for name in ("soup.safetensors.index.json", "soup.ckpt"):  # still written as before
+        assert cli_main(["soup", str(good), str(good), "-o", str(tmp_path / name)]) == 0
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    # refine-schedule's --exclude-initial, --floor and --blend had no help text at all
+    import argparse
+
+    from lightning_ext.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [
+        f"{name} {action.option_strings[0]}"
+        for name, parser in commands.choices.items()
+        for action in parser._actions
+        if action.option_strings and not action.help
+    ]
+    assert len(commands.choices) == 7 and bare == []

@@ -14,7 +14,13 @@ from typing import Any
 from torch import Tensor
 
 from lightning_ext._finite import check_finite
-from lightning_ext._io import atomic_write_json, check_output, load_file, load_json
+from lightning_ext._io import (
+    TEXT_SUFFIXES,
+    atomic_write_json,
+    check_output,
+    load_file,
+    load_json,
+)
 from lightning_ext.functional.lora import (
     LORA_A,
     check_lora_merge,
@@ -27,6 +33,8 @@ __all__ = ["load_peft_adapter", "merge_peft_adapters", "peft_scaling", "save_pef
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+#: Names of files, which the output folder must not take (loaders go by the name).
+FILE_SUFFIXES = TEXT_SUFFIXES | {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
 
 
 def peft_scaling(config: Mapping[str, Any], rank: int, *, name: str = "adapter") -> float:
@@ -172,8 +180,8 @@ def merge_peft_adapters(
         ValueError: a refused request (``check_lora_merge``: method, options, weights, rank;
             checked before any adapter is read), adapters of other base models or modules,
             configs not supported (see ``peft_scaling``), or an ``out`` that is (inside) an
-            input folder or already holds an adapter without ``overwrite`` (checked before
-            merging).
+            input folder, is named as a file (``merged.safetensors``) or already holds an
+            adapter without ``overwrite`` (checked before merging).
         FileNotFoundError: a folder that is not an adapter.
     """
     check_lora_merge(  # the request first: refused before any adapter is read or folder made
@@ -184,6 +192,7 @@ def merge_peft_adapters(
         combination=combination,  # type: ignore[arg-type]
         rank=rank,
     )
+    _check_folder_name(out)
     configs, scalings = [], []
     for i, folder in enumerate(folders):  # configs and ranks first: refuse before merging
         state, config = load_peft_adapter(folder, trusted=trusted)
@@ -212,6 +221,17 @@ def merge_peft_adapters(
     config.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={})
     config["target_modules"] = _union_of_targets([c.get("target_modules") for c in configs])
     return save_peft_adapter(out, merged, config)
+
+
+def _check_folder_name(out: str | os.PathLike) -> None:
+    """The output is a folder: one named as a weights file (``merged.safetensors``) would be read
+    back as that file by every loader that goes by the name (``soup``, ``load_file``)."""
+    suffix = Path(out).suffix.lower()
+    if suffix in FILE_SUFFIXES:
+        raise ValueError(
+            f"cannot write the merged adapter to {out}: it is a folder (adapter_config.json and "
+            f"adapter_model.safetensors), not the {suffix} file its name promises; name a folder"
+        )
 
 
 def _union_of_targets(targets: list[Any]) -> Any:

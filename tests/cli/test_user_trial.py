@@ -177,3 +177,21 @@ def test_every_option_of_every_command_says_what_it_does():
         if action.option_strings and not action.help
     ]
     assert len(commands.choices) == 7 and bare == []
+
+
+def test_merge_adapters_output_is_not_named_as_a_file(tmp_path, capsys):
+    # `-o merged.safetensors` made a folder of that name, which soup and load_file then take
+    # for a safetensors file
+    adapter = {"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(4, 2)}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["m"]}'
+    )
+    torch.save(adapter, tmp_path / "a" / "adapter_model.bin")
+    folder = str(tmp_path / "a")
+    for name in ("merged.safetensors", "merged.pt"):
+        assert cli_main(["merge-adapters", folder, folder, "-o", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert "it is a folder" in err and "name a folder" in err
+        assert not (tmp_path / name).exists()
+    assert cli_main(["merge-adapters", folder, folder, "-o", str(tmp_path / "merged")]) == 0

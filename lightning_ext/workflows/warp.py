@@ -29,6 +29,7 @@ the user asked for.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,6 +170,8 @@ def run_warp(
         ValueError: ``iterations`` or ``num_policies`` below 1, a negative eta, a number of
             ``weights`` other than ``num_policies``, or a WARPStrategy Trainer whose rank count
             differs from ``num_policies``.
+        TypeError: ``make_module``, ``make_trainer``, ``fit_kwargs`` or ``evaluate`` cannot
+            take the arguments it is called with (checked before any training).
     """
     if iterations < 1 or num_policies < 1:
         raise ValueError(
@@ -178,6 +181,10 @@ def run_warp(
         raise ValueError("eta and every eta of eta_sweep must be >= 0")
     if weights is not None and len(weights) != num_policies:
         raise ValueError(f"got {len(weights)} weights for {num_policies} policies")
+    _check_arity(make_module, "make_module")
+    _check_arity(make_trainer, "make_trainer", "run")
+    _check_arity(fit_kwargs, "fit_kwargs", "run")
+    _check_arity(evaluate, "evaluate", "module", "iteration")
     out_dir = Path(out_dir)
     fit_kwargs = fit_kwargs or (lambda run: {})
     result = WARPResult(final_state={}, out_dir=out_dir)
@@ -224,6 +231,23 @@ def run_warp(
             _barrier()
     result.final_state = _load(out_dir / f"iteration_{iterations - 1}" / "liti.pt")
     return result
+
+
+def _check_arity(function: Callable[..., Any] | None, name: str, *args: str) -> None:
+    """A user function that cannot take the arguments ``run_warp`` passes (``args``, named as
+    the docs name them) is refused before any training, not after an iteration's fine-tunings."""
+    if function is None:
+        return
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # no signature to read (a builtin): found out when called
+        return
+    try:
+        signature.bind(*args)
+    except TypeError:
+        raise TypeError(
+            f"run_warp calls {name}({', '.join(args)}), but {name} takes {signature}"
+        ) from None
 
 
 def _iteration(

@@ -587,7 +587,7 @@ def check_readable(path: Path) -> bool:
         return True
     if head[0] == _PICKLE_PROTOCOL:
         return False
-    kind = "a text file" if _looks_like_text(path) else "not a file written by torch.save"
+    kind = "a text file" if _looks_like_text(path) else "binary data of another format"
     raise BadFileError(
         f"{path} is {kind} (it starts with {head!r}), not a file written by torch.save"
     )

@@ -195,3 +195,14 @@ def test_merge_adapters_output_is_not_named_as_a_file(tmp_path, capsys):
         assert "it is a folder" in err and "name a folder" in err
         assert not (tmp_path / name).exists()
     assert cli_main(["merge-adapters", folder, folder, "-o", str(tmp_path / "merged")]) == 0
+
+
+def test_a_binary_file_of_another_format_is_named_once(tmp_path, capsys):
+    # a PNG given as a checkpoint read "is not a file written by torch.save (it starts with
+    # b'\x89PNG'), not a file written by torch.save"
+    image = tmp_path / "plot.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    assert cli_main(["export-ema", str(image), str(tmp_path / "ema.pt")]) == 2
+    err = capsys.readouterr().err
+    assert f"{image} is binary data of another format (it starts with b'\\x89PNG')" in err
+    assert err.count("torch.save") == 1

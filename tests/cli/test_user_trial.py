@@ -206,3 +206,16 @@ def test_a_binary_file_of_another_format_is_named_once(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{image} is binary data of another format (it starts with b'\\x89PNG')" in err
     assert err.count("torch.save") == 1
+
+
+def test_soup_model_option_names_a_function_the_module_lacks(tmp_path, capsys, monkeypatch):
+    # `--model mk:nomodel` (a typo) said "'mk:nomodel' is not a callable", as if it existed
+    (tmp_path / "mk_user.py").write_text("def model():\n    return None\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    good = tmp_path / "a.pt"
+    torch.save({"w": torch.ones(2)}, good)
+    bn = ["--model", "mk_user:nomodel", "--recalibrate-bn", "mk_user:model"]
+    assert cli_main(["soup", str(good), str(good), "-o", str(tmp_path / "s.pt"), *bn]) == 2
+    err = capsys.readouterr().err
+    assert "mk_user" in err and "has no 'nomodel'" in err and "not a callable" not in err

@@ -188,7 +188,8 @@ def _ema_state_dict(
         )
     if len(candidates) > 1:
         raise ValueError(
-            f"{checkpoint} holds several EMA states; choose one with state_key from "
+            f"{checkpoint} holds several EMA states; choose one with --state-key "
+            "(state_key= in Python) from "
             f"{sorted(candidates)}"
         )
     state = _checked_ema_state(next(iter(candidates.values())), str(checkpoint))

@@ -131,7 +131,7 @@ def export_sparse_checkpoint(
     if len(states) > 1:
         raise ValueError(
             f"{checkpoint} holds several DynamicSparseTraining states {sorted(states)}: "
-            "name one with state_key"
+            "name one with --state-key (state_key= in Python)"
         )
     (state,) = states.values()
     if not isinstance(state.get("names"), list) or len(state["names"]) != len(state["masks"]):

@@ -219,3 +219,15 @@ def test_soup_model_option_names_a_function_the_module_lacks(tmp_path, capsys, m
     assert cli_main(["soup", str(good), str(good), "-o", str(tmp_path / "s.pt"), *bn]) == 2
     err = capsys.readouterr().err
     assert "mk_user" in err and "has no 'nomodel'" in err and "not a callable" not in err
+
+
+def test_a_checkpoint_of_several_states_names_the_commands_option(tmp_path, capsys):
+    # export-ema and sparse-export said "choose one with state_key", the Python argument's name
+    ckpt = tmp_path / "two.ckpt"
+    states = {"EMA{'decay': 0.9}": {"shadow": {}}, "EMA{'decay': 0.99}": {"shadow": {}}}
+    states |= {f"DynamicSparseTraining{{'density': {d}}}": {"masks": {}} for d in (0.1, 0.2)}
+    torch.save({"state_dict": {"w": torch.ones(2)}, "callbacks": states}, ckpt)
+    for command in ("export-ema", "sparse-export"):
+        assert cli_main([command, str(ckpt), str(tmp_path / "out.pt")]) == 2
+        err = capsys.readouterr().err
+        assert "holds several" in err and "--state-key (state_key= in Python)" in err, err

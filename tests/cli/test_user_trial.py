@@ -231,3 +231,24 @@ def test_a_checkpoint_of_several_states_names_the_commands_option(tmp_path, caps
         assert cli_main([command, str(ckpt), str(tmp_path / "out.pt")]) == 2
         err = capsys.readouterr().err
         assert "holds several" in err and "--state-key (state_key= in Python)" in err, err
+
+
+def test_prune_select_names_the_options_its_strategy_ignores(tmp_path, capsys):
+    # `prune-select --offset 0.2` (default strategy hardest) silently kept the hardest examples,
+    # the ones the user asked to drop; soup and merge-adapters warn about ignored options
+    from lightning_ext.io.scores import write_scores
+
+    scores = tmp_path / "scores.pt"
+    values, labels = torch.linspace(0.0, 1.0, 20), torch.arange(20) % 2
+    write_scores(scores, values, labels, score="el2n", run_name=None, task="classification")
+    common = ["prune-select", str(scores), "--keep", "0.5", "--offset", "0.2", "--strata", "3"]
+    assert cli_main([*common, "--out", str(tmp_path / "hard.pt")]) == 0
+    err = capsys.readouterr().err
+    assert "--strategy hardest does not use --offset, --strata (ignored)" in err
+    assert len(err.strip().splitlines()) == 1
+    hard = torch.load(tmp_path / "hard.pt")
+    assert torch.equal(hard, torch.arange(10, 20))  # the hardest half, as without the options
+    argv = [*common, "--strategy", "offset", "--out", str(tmp_path / "offset.pt")]
+    assert cli_main(argv) == 0  # offset uses --offset (and warns about --strata only)
+    assert "does not use --strata (ignored)" in capsys.readouterr().err
+    assert torch.equal(torch.load(tmp_path / "offset.pt"), torch.arange(6, 16))

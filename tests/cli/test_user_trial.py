@@ -252,3 +252,21 @@ def test_prune_select_names_the_options_its_strategy_ignores(tmp_path, capsys):
     assert cli_main(argv) == 0  # offset uses --offset (and warns about --strata only)
     assert "does not use --strata (ignored)" in capsys.readouterr().err
     assert torch.equal(torch.load(tmp_path / "offset.pt"), torch.arange(6, 16))
+
+
+def test_refine_schedule_refuses_options_its_paper_formula_would_drop(tmp_path, capsys):
+    # `--paper --blend 0.5` wrote the paper's schedule without the blend, silently; `--window`
+    # with a fractional --smoothing was dropped without a word (and recorded as used)
+    record = _norms_file(tmp_path)
+    paper = ["refine-schedule", str(record), "-o", str(tmp_path / "p.pt"), "--paper"]
+    assert cli_main([*paper, "--blend", "0.5", "--power", "1"]) == 2
+    assert "--paper is the paper's exact formula, which --power, --blend" in capsys.readouterr().err
+    assert cli_main(paper) == 0 and torch.load(tmp_path / "p.pt")["blend"] == 0.0
+    capsys.readouterr()
+    out = tmp_path / "w.pt"
+    argv = ["refine-schedule", str(record), "-o", str(out), "--smoothing", "0", "--window", "5"]
+    assert cli_main(argv) == 0
+    assert "--smoothing 0 does not use --window (ignored)" in capsys.readouterr().err
+    assert torch.load(out)["window"] != 5
+    argv = ["refine-schedule", str(record), "-o", str(tmp_path / "b.pt"), "--blend", "0.2"]
+    assert cli_main(argv) == 0 and torch.load(tmp_path / "b.pt")["blend"] == 0.2

@@ -23,6 +23,7 @@ from lightning_ext._io import (
 )
 from lightning_ext.functional.lora import (
     LORA_A,
+    LORA_B,
     check_lora_merge,
     lora_modules,
     merge_lora_adapters,
@@ -194,12 +195,14 @@ def merge_peft_adapters(
     )
     _check_folder_name(out)
     configs, scalings = [], []
+    updates: dict[str, tuple[tuple[int, ...], str]] = {}  # module: (update shape, adapter)
     for i, folder in enumerate(folders):  # configs and ranks first: refuse before merging
         state, config = load_peft_adapter(folder, trusted=trusted)
         name = f"adapter {i} ({os.fspath(folder)})"
         modules = lora_modules(state, name=name)
         scalings.append(peft_scaling(config, state[modules[0] + LORA_A].shape[0], name=name))
         configs.append(config)
+        _check_update_shapes(updates, state, modules, name)
         del state
     bases = {c.get("base_model_name_or_path") for c in configs}
     if len(bases) > 1:
@@ -221,6 +224,25 @@ def merge_peft_adapters(
     config.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={})
     config["target_modules"] = _union_of_targets([c.get("target_modules") for c in configs])
     return save_peft_adapter(out, merged, config)
+
+
+def _check_update_shapes(
+    seen: dict[str, tuple[tuple[int, ...], str]],
+    state: Mapping[str, Tensor],
+    modules: list[str],
+    name: str,
+) -> None:
+    """Each module's update shape (B's rows, A's input dims) against the first adapter that
+    adapts it (``seen``, filled here): adapters of another model are refused naming both folders
+    and the module, before any merging."""
+    for module in modules:
+        shape = (state[module + LORA_B].shape[0], *state[module + LORA_A].shape[1:])
+        first = seen.setdefault(module, (shape, name))
+        if first[0] != shape:
+            raise ValueError(
+                f"{name}: module {module!r} updates a weight of shape {shape}, but {first[1]} "
+                f"one of shape {first[0]}: adapters of different models cannot be merged"
+            )
 
 
 def _check_folder_name(out: str | os.PathLike) -> None:

@@ -270,3 +270,19 @@ def test_refine_schedule_refuses_options_its_paper_formula_would_drop(tmp_path, 
     assert torch.load(out)["window"] != 5
     argv = ["refine-schedule", str(record), "-o", str(tmp_path / "b.pt"), "--blend", "0.2"]
     assert cli_main(argv) == 0 and torch.load(tmp_path / "b.pt")["blend"] == 0.2
+
+
+def test_merge_adapters_of_different_models_names_both_folders(tmp_path, capsys):
+    # the merge refused them naming "ingredient 1" and "the reference", no folder
+    config = '{"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["m"]}'
+    for name, width in (("a", 3), ("c", 5)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(config)
+        state = {"m.lora_A.weight": torch.ones(2, width), "m.lora_B.weight": torch.ones(4, 2)}
+        torch.save(state, tmp_path / name / "adapter_model.bin")
+    folders = [str(tmp_path / "a"), str(tmp_path / "c")]
+    assert cli_main(["merge-adapters", *folders, "-o", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert f"adapter 1 ({folders[1]}): module 'm' updates a weight of shape (4, 5)" in err
+    assert f"adapter 0 ({folders[0]}) one of shape (4, 3)" in err
+    assert not (tmp_path / "merged").exists()

@@ -286,3 +286,16 @@ def test_merge_adapters_of_different_models_names_both_folders(tmp_path, capsys)
     assert f"adapter 1 ({folders[1]}): module 'm' updates a weight of shape (4, 5)" in err
     assert f"adapter 0 ({folders[0]}) one of shape (4, 3)" in err
     assert not (tmp_path / "merged").exists()
+
+
+def test_soup_says_when_a_file_is_given_twice(tmp_path, capsys):
+    # `soup run*/last.ckpt run1/last.ckpt` averaged run1 twice (a 2:1 weighting), silently
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save({"w": torch.zeros(2)}, a)
+    torch.save({"w": torch.ones(2)}, b)
+    out = tmp_path / "soup.pt"
+    assert cli_main(["soup", str(a), str(b), str(tmp_path / "." / "a.pt"), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: ingredients 0 and 2 are the same file" in err and "counts twice" in err
+    assert cli_main(["soup", str(a), str(b), "-o", str(tmp_path / "two.pt")]) == 0
+    assert "same file" not in capsys.readouterr().err

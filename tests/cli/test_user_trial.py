@@ -3,6 +3,8 @@ its fix."""
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from lightning_ext.cli import main as cli_main
@@ -252,6 +254,9 @@ def test_prune_select_names_the_options_its_strategy_ignores(tmp_path, capsys):
     assert cli_main(argv) == 0  # offset uses --offset (and warns about --strata only)
     assert "does not use --strata (ignored)" in capsys.readouterr().err
     assert torch.equal(torch.load(tmp_path / "offset.pt"), torch.arange(6, 16))
+    out = tmp_path / "keep.JSON"  # a .json list whatever the case of its suffix
+    assert cli_main(["prune-select", str(scores), "--keep", "0.5", "--out", str(out)]) == 0
+    assert json.loads(out.read_text()) == list(range(10, 20))
 
 
 def test_refine_schedule_refuses_options_its_paper_formula_would_drop(tmp_path, capsys):

@@ -306,8 +306,10 @@ class EMA(DeclaredState, WhenToUpdate):
         own = checkpoint.get("callbacks", {}).get(self.state_key) or {}
         if LIVE_STATE_KEY not in checkpoint:
             return
-        if not own.get(EMA_IN_STATE_DICT):  # another EMA's average in the state_dict
+        if not own:  # this EMA wrote nothing: the state_dict holds another EMA's average
             self._resume_live_weights(pl_module, checkpoint)
+            return
+        if not own.get(EMA_IN_STATE_DICT):  # the live layout: another EMA of this fit wrote it
             return
         # The Trainer has just loaded the EMA into the module: put the live weights back and
         # keep the EMA for the shadow (load_state_dict, which runs next, completes it).

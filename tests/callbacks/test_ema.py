@@ -782,3 +782,18 @@ def test_resume_with_other_ema_options_trains_on_from_the_live_weights(tmp_path)
     live, average = saved[LIVE_STATE_KEY], saved["state_dict"]
     assert any(not torch.equal(live[k], average[k]) for k in live)  # the two differ
     assert_bitwise_equal(seen["ema"], {k: live[k] for k in seen["ema"]})  # restarts from live
+
+
+def test_resume_of_two_emas_warns_about_neither(tmp_path, recwarn):
+    # the fix above must not take the live-layout EMA of a two-EMA fit for a stranger
+    def emas():
+        return [EMA(decay=0.9), EMA(decay=0.5, checkpoint_weights="live", live_suffix="_b")]
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(Classifier(), [*emas(), ckpt], epochs=1, limit=64, enable_checkpointing=True)
+    recwarn.clear()
+    data = DigitsDataModule(batch_size=32, limit=64)
+    quiet_trainer(max_epochs=2, callbacks=emas()).fit(
+        Classifier(), data, ckpt_path=ckpt.last_model_path
+    )
+    assert not [w for w in recwarn if "whose options differ" in str(w.message)]

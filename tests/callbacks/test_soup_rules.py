@@ -1,5 +1,5 @@
 """ModelSoup's rules at the edges: a stream without epochs, EMA on the same Trainer (who wins),
-and where a resumed fit writes."""
+where a resumed fit writes, and a diverged snapshot."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_ext._finite import NonFiniteError
 from lightning_ext.callbacks import EMA, ModelSoup
 from lightning_ext.functional import uniform_soup
 from lightning_ext.functional.merge_methods import MergeMethod
@@ -110,3 +111,31 @@ def test_without_validation_data_the_uniform_soup_goes_through_the_registry(tmp_
     assert calls == ["uniform"] and soup.result["chosen"] == [0, 1]
     expected = uniform_soup(Ingredients([e["path"] for e in soup.ingredients]))
     assert_bitwise_equal(module.state_dict(), expected)
+
+
+class _Diverge(pl.Callback):
+    """Puts a NaN into the live weights at the end of one epoch, before ModelSoup snapshots them
+    (placed first on the Trainer: callbacks run in order)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                pl_module.net[0].weight[0, 0] = float("nan")
+
+
+def test_a_diverged_snapshot_is_refused_when_taken_naming_the_epoch_and_tensor(tmp_path):
+    """Without validation data nothing scores the snapshots: one holding NaN is refused as it is
+    taken, naming the epoch and the parameter, and neither it nor a soup is written (before: the
+    fit trained on from NaN weights, wrote every snapshot and was refused only at its end, told to
+    pass an ``allow_nonfinite`` that ModelSoup does not take)."""
+    pl.seed_everything(0)
+    soup = ModelSoup(method="uniform", dirpath=str(tmp_path))
+    trainer = quiet_trainer(max_epochs=3, callbacks=[_Diverge(epoch=1), soup])
+    message = r"ModelSoup: the weights at the end of epoch 1 hold NaN .*: net\.0\.weight; the run"
+    with pytest.raises(NonFiniteError, match=message):
+        trainer.fit(Classifier(), DataLoader(digits("train", 0, 64), batch_size=16))
+    assert trainer.current_epoch == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ingredient-epoch=0.pt"]

@@ -42,6 +42,7 @@ from lightning_ext.averaging import (
 )
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.callbacks._steps import ExactResume
+from lightning_ext.functional._ties import copy_keeping_ties
 from lightning_ext.functional.merge_methods import SOUP_METHODS
 from lightning_ext.io.ingredients import Ingredients
 
@@ -232,7 +233,7 @@ class ModelSoup(DeclaredState, ExactResume):
             entry["shards"] = trainer.world_size
         if self._fsdp2 or trainer.is_global_zero:
             local = local_tensors(pl_module.state_dict())
-            state = {k: v.detach().cpu().clone() for k, v in local.items()}
+            state = copy_keeping_ties(local, lambda v: v.detach().cpu().clone())
             apply_masks_(state, self._current_masks(trainer, state))
             atomic_torch_save(state, self._file(entry, trainer))
         self.ingredients.append(entry)
@@ -302,7 +303,7 @@ class ModelSoup(DeclaredState, ExactResume):
         # Sharded: the full tensors, gathered on every rank (a collective) and written by rank 0.
         full = full_tensors(pl_module.state_dict()) if self.save_soup else {}
         if self.save_soup and trainer.is_global_zero:
-            state = {k: v.detach().cpu() for k, v in full.items()}
+            state = copy_keeping_ties(full, lambda v: v.detach().cpu())
             atomic_torch_save(state, Path(self.dirpath or ".") / "soup.pt")
         if self.save_soup:  # no rank reads soup.pt before rank 0 has written it
             trainer.strategy.barrier("ModelSoup.soup_saved")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["merge_ties_once", "tie_groups", "tied_names"]
+__all__ = ["copy_keeping_ties", "merge_ties_once", "tie_groups", "tied_names"]
 
 StateDict = Mapping[str, Tensor]
 
@@ -64,6 +64,30 @@ def tied_names(state: StateDict) -> dict[str, str]:
         else:
             seen[view] = key
     return aliases
+
+
+def copy_keeping_ties(state: StateDict, copy: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """``{name: copy(tensor)}`` with each tied tensor copied once and the copy put under every
+    name, so that a snapshot written with ``torch.save`` (or the safetensors writer) stores it
+    once and reloads tied (a copy per name would untie it and store it twice).
+
+    Args:
+        state: a state dict.
+        copy: makes one tensor's copy (e.g. ``lambda t: t.detach().cpu().clone()``).
+
+    Returns:
+        The copies, in ``state``'s order.
+
+    Examples:
+        >>> import torch
+        >>> w = torch.zeros(2)
+        >>> out = copy_keeping_ties({"a": w, "b": w}, torch.clone)
+        >>> out["a"] is out["b"], out["a"] is w
+        (True, False)
+    """
+    aliases = tied_names(state)
+    copies = {k: copy(v) for k, v in state.items() if k not in aliases}
+    return _retie(copies, aliases, list(state))
 
 
 def tie_groups(order: Sequence[str], *aliases: Mapping[str, str]) -> dict[str, str]:

@@ -139,3 +139,19 @@ def test_a_diverged_snapshot_is_refused_when_taken_naming_the_epoch_and_tensor(t
         trainer.fit(Classifier(), DataLoader(digits("train", 0, 64), batch_size=16))
     assert trainer.current_epoch == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ingredient-epoch=0.pt"]
+
+
+def test_snapshots_and_the_soup_of_a_tied_model_store_the_tied_weight_once(tmp_path):
+    """A tied embedding and head are one tensor in every snapshot file and in ``soup.pt`` (before:
+    each snapshot copied the tensor per name, stored it twice and reloaded it untied), so the
+    soups made of the snapshots keep the tie as well."""
+    from tests.helpers.zoo import ZOO
+
+    module, train, val = ZOO["tied_weights"](seed=0)
+    soup = ModelSoup(method="greedy", dirpath=str(tmp_path))
+    quiet_trainer(max_epochs=2, callbacks=[soup]).fit(module, train, val)
+    alias, first = "net.out.weight", "net.embed.weight"
+    assert module.net.out.weight is module.net.embed.weight
+    for path in [*(e["path"] for e in soup.ingredients), tmp_path / "soup.pt"]:
+        state = torch.load(path, weights_only=True)
+        assert state[alias].data_ptr() == state[first].data_ptr(), path

@@ -224,3 +224,19 @@ def test_fisher_merge_keeps_the_tie_with_the_tensor_s_one_fisher(tmp_path):
     split = [dict(f, **{alias: f[first] + 1.0}) for f in fishers]
     with pytest.raises(ValueError, match=rf"fishers\[0\]: '{alias}' and '{first}' are one tied"):
         fisher_merge(ingredients, split)
+
+
+def test_a_tied_minus_inf_buffer_stays_tied_when_copied_into_the_merge(tmp_path):
+    """One causal mask registered in two layers (one tensor, shared -inf entries) is copied into
+    the merge, not averaged, and stays one tensor (before: a copy per name, stored twice)."""
+    paths = []
+    for i in (1, 2):
+        mask = torch.tensor([0.0, float("-inf")])
+        state = {"w": torch.full((2,), float(i)), "a.mask": mask, "b.mask": mask}
+        paths.append(atomic_save_weights(state, tmp_path / f"ft{i}.pt"))
+    out = tmp_path / "soup.safetensors"
+    assert cli_main(["soup", *map(str, paths), "-o", str(out)]) == 0
+    assert "b.mask" not in _header(out)
+    loaded = load_file(out)
+    assert loaded["a.mask"].data_ptr() == loaded["b.mask"].data_ptr()
+    assert torch.equal(loaded["b.mask"], torch.tensor([0.0, float("-inf")]))

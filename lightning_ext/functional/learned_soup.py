@@ -268,8 +268,9 @@ class SoupParametrisation:
     """The merged weights of ``model`` as a differentiable function of the coefficients ``alpha``
     (shape ``(K, B)``): ingredients (or task vectors) are stacked once per block, detached.
 
-    ``blocks`` lists the learned tensors by the model's state-dict key (each tied parameter once:
-    ``functional_call`` ties its aliases). ``loss(alpha, batch)`` runs the model on one batch.
+    ``blocks`` lists the learned tensors by the model's state-dict key, a tied tensor once (names
+    tied in the model or in the reference: one coefficient, one merged tensor under every name).
+    ``loss(alpha, batch)`` runs the model on one batch.
 
     Args:
         model: the network the ingredients are weights of; its own weights are left untouched.
@@ -283,8 +284,9 @@ class SoupParametrisation:
         mode: the former name of ``mixing`` (deprecated).
 
     Raises:
-        ValueError: no ingredients, ``mixing="task_vectors"`` without ``base``, or ingredients
-            that lack tensors of the model or do not match each other.
+        ValueError: no ingredients, ``mixing="task_vectors"`` without ``base``, ingredients
+            that lack tensors of the model or do not match each other, or one whose tied names
+            hold different values.
 
     Examples:
         >>> import torch
@@ -573,7 +575,8 @@ def learn_soup_coefficients(
         The learned coefficients and the loss at every step.
 
     Raises:
-        ValueError: an option outside ``LEARNED_SOUP_OPTIONS``'s ranges.
+        ValueError: an option outside ``LEARNED_SOUP_OPTIONS``'s ranges, or an ingredient whose
+            tied names (one tensor in the model or the reference) hold different values.
         FloatingPointError: the loss becomes NaN or infinite.
 
     Examples:

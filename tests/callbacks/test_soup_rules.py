@@ -1,5 +1,6 @@
 """ModelSoup's rules at the edges: a stream without epochs, EMA on the same Trainer (who wins),
-where a resumed fit writes, and a diverged snapshot."""
+where a resumed fit writes, a diverged snapshot, and tied weights through ModelSoup and
+build_soup."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lightning_ext._finite import NonFiniteError
 from lightning_ext.callbacks import EMA, ModelSoup
 from lightning_ext.functional import uniform_soup
+from lightning_ext.functional._ties import copy_keeping_ties
 from lightning_ext.functional.merge_methods import MergeMethod
 from lightning_ext.io import Ingredients
 from tests.helpers.data import DigitsDataModule, digits
@@ -155,3 +157,27 @@ def test_snapshots_and_the_soup_of_a_tied_model_store_the_tied_weight_once(tmp_p
     for path in [*(e["path"] for e in soup.ingredients), tmp_path / "soup.pt"]:
         state = torch.load(path, weights_only=True)
         assert state[alias].data_ptr() == state[first].data_ptr(), path
+
+
+@pytest.mark.parametrize("recalibrate", [False, True])
+def test_build_soup_of_a_tied_model_returns_one_tensor_per_tie(recalibrate):
+    """``build_soup``'s ``result.state_dict`` holds a tied weight once under both names, also when
+    it is read back from the module after BatchNorm recalibration (before: copied per name)."""
+    from lightning_ext.workflows.soup import build_soup
+    from tests.helpers.zoo import ZOO
+
+    module, train, val = ZOO["tied_weights"](seed=0)
+    state = ZOO["tied_weights"](seed=1)[0].state_dict()
+    twin = copy_keeping_ties(state, torch.clone)  # scores the same: kept with strict=False
+    result = build_soup(
+        module,
+        [state, twin],
+        method="greedy",
+        strict=False,
+        dataloaders=val,
+        progress_bar=False,
+        recalibrate_on=train if recalibrate else None,
+    )
+    alias, first = "net.out.weight", "net.embed.weight"
+    assert result.chosen == [0, 1] and result.state_dict[alias] is result.state_dict[first]
+    assert module.net.out.weight is module.net.embed.weight

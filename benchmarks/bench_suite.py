@@ -488,6 +488,7 @@ def model_table(
             [
                 config,
                 f"{ratio:.3f} [{min(ratios):.3f}-{max(ratios):.3f}]",
+                _paired(ratios),
                 f"{overhead_ms:+.2f}",
                 f"{hooks_ms:.2f} ({100 * figures.hooks_share:.1f}%)",
                 "-" if m.moved is None else f"{m.moved / MB:.1f} MB: {bound_ms:.2f} ms",
@@ -499,6 +500,7 @@ def model_table(
     header = [
         "callback(s)",
         "step time / plain [rounds min-max]",
+        "per-round ratio: median [quartiles]",
         "overhead ms/step",
         "in hooks ms/step (% of plain step)",
         "bandwidth bound per step",
@@ -507,6 +509,15 @@ def model_table(
         "goal",
     ]
     return markdown_table(header, rows)
+
+
+def _paired(ratios: list[float]) -> str:
+    """Each round's ratio to the plain fit of the same round (adjacent in time, so a slow phase
+    of the machine hits both): the median and quartiles, tighter than the min-max spread."""
+    if len(ratios) < 2:
+        return f"{ratios[0]:.3f}"
+    q1, q2, q3 = statistics.quantiles(ratios, n=4)
+    return f"{q2:.3f} [{q1:.3f}-{q3:.3f}]"
 
 
 def describe_model(name: str) -> str:

@@ -358,3 +358,33 @@ def test_dst_makes_one_masking_pass_per_step(remask: bool) -> None:
     with probe.ops:
         fit([probe, _dst(remask_weights=remask)])
     assert probe.per_step() == [(int(remask), 1)] * STEPS
+
+
+def test_the_floor_benchmark_does_each_callbacks_tensor_work() -> None:
+    """``benchmarks/bench_floor``'s bare loop adds exactly the per-step tensor work it claims
+    (three lerps, one uint8 gradient pass, the l1 recorder) and keeps DST's inactive weights at
+    zero with their denominators held, so that its floor is the callbacks' own work."""
+    from benchmarks.bench_floor import PER_STEP, build_variant, train_step
+
+    torch.manual_seed(0)
+    template = MLP()
+    suite = build_variant("suite", PER_STEP, template)
+    x, y = torch.randn(BATCH, 64), torch.randint(0, 10, (BATCH,))
+    train_step(suite, x, y)  # the first step creates the optimizer state and holds it
+    with OpNames() as ops:
+        train_step(suite, x, y)
+    names = [name for name, _ in ops.calls]
+    uint8_products = [
+        args
+        for name, args in ops.calls
+        if name == "aten._foreach_mul_" and args[1][0].dtype == torch.uint8
+    ]
+    assert names.count("aten._foreach_lerp_") == 3  # EMA and PostHocEMA's two profiles
+    assert len(uint8_products) == 1  # DST's gradient pass
+    assert {"aten.abs", "aten.abs_"} & set(names) and "aten.sum" in names  # the l1 recorder
+    state = suite.optimizer.state
+    for p in suite.model.parameters():
+        if p.dim() >= 2:
+            inactive = p == 0
+            assert int(inactive.sum()) == p.numel() - p.numel() // 10
+            assert torch.all(state[p]["exp_avg_sq"][inactive] > 0)

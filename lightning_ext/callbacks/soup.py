@@ -259,14 +259,6 @@ class ModelSoup(DeclaredState, ExactResume):
                 f"{epochs} epoch{'' if epochs == 1 else 's'}: the soup is that snapshot alone"
                 + _stream_hint(trainer)
             )
-        replaced = _averages_applied_at_fit_end(trainer.callbacks)
-        if replaced:
-            rank_zero_info(
-                f"ModelSoup: the module ends holding the soup of {len(self.ingredients)} "
-                f"snapshots of the live weights; the average {', '.join(replaced)} applied at "
-                "train end is replaced (the soup wins; read the average from the callback or "
-                "its checkpoints)."
-            )
         ings = Ingredients([self._file(e, trainer) for e in self.ingredients]).validate()
         val = fit_val_loader(trainer)
         if val is None:  # uniform without validation data: nothing to score, the registry merges
@@ -296,6 +288,7 @@ class ModelSoup(DeclaredState, ExactResume):
             if result.learned is not None:
                 decision["coefficients"] = result.learned.mean_weights()
                 decision["learned"] = result.learned
+        self._say_averages_replaced(trainer, len(decision["chosen"]))
         local = local_tensors(pl_module.state_dict())
         apply_masks_(local, self._current_masks(trainer, local))
         reshard(self._fsdp2)
@@ -315,6 +308,19 @@ class ModelSoup(DeclaredState, ExactResume):
         self._log(trainer, decision, picture)
 
     # ----------------------------------------------------------------------- internals
+
+    def _say_averages_replaced(self, trainer: Any, chosen: int) -> None:
+        """Name the weight averages whose train-end weights the soup replaced, and how many of
+        the snapshots the soup holds (a greedy soup may keep fewer than it collected)."""
+        replaced = _averages_applied_at_fit_end(trainer.callbacks)
+        if replaced:
+            total = len(self.ingredients)
+            rank_zero_info(
+                f"ModelSoup: the module ends holding the soup of {chosen} of the {total} "
+                f"snapshots of the live weights; the average {', '.join(replaced)} applied at "
+                "train end is replaced (the soup wins; read the average from the callback or "
+                "its checkpoints)."
+            )
 
     def _current_masks(self, trainer: Any, state: dict[str, Any]) -> dict[str, Any]:
         """The sparse-training masks of ``state``'s tensors (empty when not trained sparse)."""

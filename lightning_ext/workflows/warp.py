@@ -29,7 +29,6 @@ the user asked for.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from lightning_ext._io import atomic_torch_save, atomic_write_json, load_file, l
 from lightning_ext._masks import rezero_outside_masks_, sparse_masks_for
 from lightning_ext.functional.interpolation import liti, multi_slerp
 from lightning_ext.strategies.warp import MASKS_SUFFIX, WARPStrategyMixin
+from lightning_ext.workflows._calls import check_call
 
 StateDict = dict[str, Tensor]
 Evaluate = Callable[[pl.LightningModule, int], Mapping[str, float]]
@@ -181,10 +181,10 @@ def run_warp(
         raise ValueError("eta and every eta of eta_sweep must be >= 0")
     if weights is not None and len(weights) != num_policies:
         raise ValueError(f"got {len(weights)} weights for {num_policies} policies")
-    _check_arity(make_module, "make_module")
-    _check_arity(make_trainer, "make_trainer", "run")
-    _check_arity(fit_kwargs, "fit_kwargs", "run")
-    _check_arity(evaluate, "evaluate", "module", "iteration")
+    check_call("run_warp", make_module, "make_module")
+    check_call("run_warp", make_trainer, "make_trainer", "run")
+    check_call("run_warp", fit_kwargs, "fit_kwargs", "run")
+    check_call("run_warp", evaluate, "evaluate", "module", "iteration")
     out_dir = Path(out_dir)
     fit_kwargs = fit_kwargs or (lambda run: {})
     result = WARPResult(final_state={}, out_dir=out_dir)
@@ -231,23 +231,6 @@ def run_warp(
             _barrier()
     result.final_state = _load(out_dir / f"iteration_{iterations - 1}" / "liti.pt")
     return result
-
-
-def _check_arity(function: Callable[..., Any] | None, name: str, *args: str) -> None:
-    """A user function that cannot take the arguments ``run_warp`` passes (``args``, named as
-    the docs name them) is refused before any training, not after an iteration's fine-tunings."""
-    if function is None:
-        return
-    try:
-        signature = inspect.signature(function)
-    except (TypeError, ValueError):  # no signature to read (a builtin): found out when called
-        return
-    try:
-        signature.bind(*args)
-    except TypeError:
-        raise TypeError(
-            f"run_warp calls {name}({', '.join(args)}), but {name} takes {signature}"
-        ) from None
 
 
 def _iteration(

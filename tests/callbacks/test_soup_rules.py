@@ -65,6 +65,18 @@ def test_with_ema_on_the_same_trainer_the_soup_wins_and_says_so(tmp_path, caplog
     )
 
 
+def test_the_soup_wins_message_counts_the_snapshots_a_greedy_soup_kept(tmp_path, caplog):
+    """Said after the soup is made: a greedy soup may keep fewer snapshots than it collected
+    (it said "the soup of 3 snapshots" before scoring, whatever greedy then kept)."""
+    caplog.set_level(logging.INFO)
+    pl.seed_everything(0)
+    ema, soup = EMA(decay=0.9), ModelSoup(method="greedy", dirpath=str(tmp_path))
+    trainer = quiet_trainer(max_epochs=3, callbacks=[ema, soup], limit_val_batches=2)
+    trainer.fit(Classifier(), datamodule=DigitsDataModule(batch_size=64, limit=256))
+    kept = len(soup.result["chosen"])
+    assert f"the soup of {kept} of the 3 snapshots" in caplog.text
+
+
 def test_a_resumed_fit_writes_into_its_own_run_folder_and_keeps_the_earlier_ingredients(tmp_path):
     ckpt = tmp_path / "epoch0.ckpt"
 

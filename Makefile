@@ -37,6 +37,7 @@ test-gpu:
 	$(GPU_PYTHON) -c "import torch; assert torch.cuda.is_available(), 'test-gpu needs a CUDA GPU'"
 	PYTHONPATH=. $(GPU_PYTHON) -m pytest -q -p no:cacheprovider -m cuda tests
 	PYTHONPATH=. $(GPU_PYTHON) -m benchmarks.bench_suite --device cuda --quick
+	PYTHONPATH=. $(GPU_PYTHON) -m benchmarks.bench_floor --device cuda --rounds 10 --steps 10
 
 # The lowest releases pyproject.toml allows (docs/development.md, "Supported versions"), on the
 # test files that drive Lightning the most, in a venv of their own. torch stays $(TORCH): the

@@ -1,6 +1,7 @@
 """The floor under the per-step callbacks' cost: their tensor work alone, in a bare torch loop.
 
     python -m benchmarks.bench_floor --rounds 30               # ~6 min on one free CPU core
+    python -m benchmarks.bench_floor --device cuda             # on a GPU (bench_floor_gpu.md)
 
 ``bench_suite`` times the callbacks inside ``Trainer.fit``. This script asks what no
 implementation of them could avoid on this machine: the same models, batches and optimizer
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 
 from benchmarks._common import markdown_table, median, write_result
 from benchmarks._suite_models import MODELS, random_data
+from benchmarks.bench_suite import clock_for
 from lightning_ext.callbacks.schedule import _NormRecorder
 from lightning_ext.functional.sparse import (
     hold_inactive_,
@@ -63,8 +65,10 @@ class Variant:
     phases: dict[str, list[float]] = field(default_factory=dict)  # per phase: seconds per step
 
 
-def build_variant(name: str, adds: tuple[str, ...], template: nn.Module) -> Variant:
-    model = copy.deepcopy(template)
+def build_variant(
+    name: str, adds: tuple[str, ...], template: nn.Module, device: torch.device | None = None
+) -> Variant:
+    model = copy.deepcopy(template).to(device or torch.device("cpu"))
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     variant = Variant(name, adds, model, optimizer)
@@ -78,9 +82,9 @@ def build_variant(name: str, adds: tuple[str, ...], template: nn.Module) -> Vari
     if "DST" in adds:
         targets = [p for p in params if p.dim() >= 2]
         generator = torch.Generator().manual_seed(0)
-        masks = [random_mask(p.shape, p.numel() // 10, generator) for p in targets]
+        masks = [random_mask(p.shape, p.numel() // 10, generator, device=p.device) for p in targets]
         multipliers = [mask_as_multiplier(m) for m in masks]
-        scratch = torch.empty(0)
+        scratch = torch.empty(0, device=targets[0].device)
         with torch.no_grad():
             torch._foreach_mul_(targets, multipliers)
         variant.before_step.append(
@@ -107,47 +111,51 @@ def _first_step_holds(variant: Variant, targets: list[Tensor], masks: list[Tenso
     variant.after_step.append(hold)
 
 
-def train_step(variant: Variant, x: Tensor, y: Tensor) -> None:
+def train_step(
+    variant: Variant, x: Tensor, y: Tensor, now: Callable[[], float] = time.process_time
+) -> None:
     """One step; the time of the added work and of the optimizer's step kept per phase."""
     variant.optimizer.zero_grad(set_to_none=True)
     F.cross_entropy(variant.model(x), y).backward()
     with torch.no_grad():
-        t0 = time.process_time()
+        t0 = now()
         for fn in variant.before_step:
             fn()
-        t1 = time.process_time()
+        t1 = now()
         variant.optimizer.step()
-        t2 = time.process_time()
+        t2 = now()
         for fn in variant.after_step:
             fn()
-        t3 = time.process_time()
+        t3 = now()
     for phase, seconds in (("before", t1 - t0), ("optimizer", t2 - t1), ("after", t3 - t2)):
         variant.phases.setdefault(phase, []).append(seconds)
 
 
-def measure(name: str, rounds: int, steps: int, warmup: int) -> list[Variant]:
+def measure(name: str, rounds: int, steps: int, warmup: int, device: torch.device) -> list[Variant]:
     build, shape, batch_size = MODELS[name]
     torch.manual_seed(0)
     template = build()
     configs = [("plain", ())] + [(a, (a,)) for a in PER_STEP] + [("suite", PER_STEP)]
-    variants = [build_variant(n, adds, template) for n, adds in configs]
+    variants = [build_variant(n, adds, template, device) for n, adds in configs]
     data = random_data(shape, batch_size * (warmup + steps), seed=1)
+    inputs, labels = (t.to(device) for t in data.tensors)
     batches = [
-        (data.tensors[0][i : i + batch_size], data.tensors[1][i : i + batch_size])
+        (inputs[i : i + batch_size], labels[i : i + batch_size])
         for i in range(0, len(data), batch_size)
     ]
+    now = clock_for(device)
     for variant in variants:
         for x, y in batches[:warmup]:
-            train_step(variant, x, y)
+            train_step(variant, x, y, now)
         variant.phases.clear()
     for round_ in range(rounds):
         order = variants[round_ % len(variants) :] + variants[: round_ % len(variants)]
         spent = {v.name: 0.0 for v in variants}
         for x, y in batches[warmup:]:  # step by step: every variant on the same batch in turn
             for variant in order:
-                start = time.process_time()
-                train_step(variant, x, y)
-                spent[variant.name] += time.process_time() - start
+                start = now()
+                train_step(variant, x, y, now)
+                spent[variant.name] += now() - start
         for variant in variants:
             variant.seconds.append(spent[variant.name] / steps)
         print(f"{name}: round {round_ + 1}/{rounds}", file=sys.stderr, flush=True)
@@ -202,13 +210,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", default="bench_floor_cpu")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--out", help="result name (default bench_floor_cpu / bench_floor_gpu)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(1)
     started = time.perf_counter()
     sections = []
     for name in args.models:
-        variants = measure(name, args.rounds, args.steps, args.warmup)
+        variants = measure(name, args.rounds, args.steps, args.warmup, device)
         zeros = ", ".join(
             f"{v.name} {zero_second_moments(v)}" for v in variants if v.name in ("plain", "DST")
         )
@@ -218,12 +228,14 @@ def main() -> None:
         )
     body = (
         f"{args.rounds} rounds x {args.steps} steps per variant (after {args.warmup} warm-up "
-        f"steps), variants alternating step by step, rotated each round; clock = process CPU "
-        f"time, 1 torch thread; {time.perf_counter() - started:.0f} s in all.\n\n"
+        f"steps), variants alternating step by step, rotated each round; clock = "
+        f"{'wall time after a synchronisation' if device.type == 'cuda' else 'process CPU time'}"
+        f", 1 torch thread, device {device}; {time.perf_counter() - started:.0f} s in all.\n\n"
         + "\n".join(sections)
     )
     command = "python -m benchmarks.bench_floor " + " ".join(sys.argv[1:])
-    write_result(args.out, "The floor: the callbacks' per-step tensor work in a bare loop", body,
+    out = args.out or f"bench_floor_{'gpu' if device.type == 'cuda' else 'cpu'}"
+    write_result(out, "The floor: the callbacks' per-step tensor work in a bare loop", body,
                  command.strip())  # fmt: skip
 
 

@@ -172,11 +172,15 @@ def restore_nonfinite(state: dict[str, Tensor], pattern: Pattern) -> dict[str, T
         pattern: the inputs' shared non-finite entries (``nonfinite_pattern`` of one input).
 
     Returns:
-        ``state``.
+        ``state``; names that held one tensor (a tied buffer) still hold one.
     """
+    fixed_of: dict[int, Tensor] = {}  # one fixed copy per tensor, shared by its tied names
     for name, (where, values) in pattern.items():
         if name in state and state[name].is_floating_point():
-            fixed = state[name].detach().clone()  # never write into an input's (mapped) storage
-            fixed.view(-1)[where] = values.to(fixed.dtype)
-            state[name] = fixed
+            tensor = state[name]
+            if id(tensor) not in fixed_of:
+                fixed = tensor.detach().clone()  # never write into an input's (mapped) storage
+                fixed.view(-1)[where] = values.to(fixed.dtype)
+                fixed_of[id(tensor)] = fixed
+            state[name] = fixed_of[id(tensor)]
     return state

@@ -63,12 +63,31 @@ def _inside(path: Path, folder: Path) -> bool:
     return folder.resolve() in path.resolve().parents
 
 
+# Names that readers (people, editors, this package's own text loaders) take for text or images.
+TEXT_SUFFIXES = frozenset(
+    {".txt", ".csv", ".tsv", ".json", ".yaml", ".yml", ".md", ".log", ".png", ".jpg", ".svg"}
+)
+
+
+def _check_binary_name(path: Path, names: str) -> None:
+    """A torch.save file under a text or image name would be read back as text (a schedule
+    loader reads ``.txt``/``.csv`` as one value per line) or not opened at all."""
+    from lightning_ext.io.safetensors import is_safetensors_path
+
+    if path.suffix.lower() in TEXT_SUFFIXES and not is_safetensors_path(path):
+        raise ValueError(
+            f"cannot write {path}: the output is binary (torch.save), not the {path.suffix} "
+            f"file its name promises; name it {names}"
+        )
+
+
 def check_output(
     out: str | os.PathLike,
     *,
     inputs: Iterable[str | os.PathLike] = (),
     overwrite: bool = False,
     append: bool = False,
+    binary: str = "",
 ) -> Path:
     """Refuse, before any heavy work, an output that would lose data or could not be written.
 
@@ -84,16 +103,20 @@ def check_output(
         inputs: the files and folders the writer reads.
         overwrite: an existing ``out`` may be replaced.
         append: the writer adds to an existing ``out`` (a score file): no ``overwrite`` needed.
+        binary: for a ``torch.save`` output, the names to suggest (e.g. ``".pt"``) when ``out``
+            is named as a text or image file (``TEXT_SUFFIXES``), which is refused; "": any name.
 
     Returns:
         ``out`` as a Path.
 
     Raises:
         ValueError: ``out`` is an input, lies inside an input folder, exists without
-            ``overwrite``, or is a folder.
+            ``overwrite``, is a folder, or is a binary output under a text name.
         OSError: ``out``'s folder cannot be made or written (the message names ``out``).
     """
     path = Path(out)
+    if binary:
+        _check_binary_name(path, binary)
     from lightning_ext.io.safetensors import existing_shards
 
     shards = existing_shards(path)  # a sharded safetensors index replaces its shards too
@@ -564,7 +587,7 @@ def check_readable(path: Path) -> bool:
         return True
     if head[0] == _PICKLE_PROTOCOL:
         return False
-    kind = "a text file" if _looks_like_text(path) else "not a file written by torch.save"
+    kind = "a text file" if _looks_like_text(path) else "binary data of another format"
     raise BadFileError(
         f"{path} is {kind} (it starts with {head!r}), not a file written by torch.save"
     )

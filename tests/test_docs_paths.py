@@ -5,6 +5,7 @@ not by a user.)"""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import re
@@ -83,6 +84,57 @@ def test_every_python_m_command_names_a_module():
         }
     )
     assert not missing, "\n".join(missing)
+
+
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.M | re.S)
+#: Where the docs' code blocks take the package's names from.
+NAMESPACES = ("callbacks", "strategies", "functional", "workflows", "workflows.sparse_soup", "data")
+
+
+def _package_names() -> dict[str, str]:
+    """Each public class or function of the namespaces users import from: its namespace."""
+    names: dict[str, str] = {}
+    for namespace in ("lightning_ext", *(f"lightning_ext.{n}" for n in NAMESPACES)):
+        module = importlib.import_module(namespace)
+        for name in dir(module):
+            obj = getattr(module, name)
+            ours = getattr(obj, "__module__", "") or ""
+            if not name.startswith("_") and callable(obj) and ours.startswith("lightning_ext"):
+                names.setdefault(name, namespace)
+    return names
+
+
+def _bound(tree: ast.AST) -> set[str]:
+    """The names a code block imports, defines or assigns."""
+    bound = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            bound.add(node.id)
+    return bound
+
+
+def test_every_package_name_a_code_block_uses_is_imported_on_its_page():
+    # docs/beyond.md used FixedMask, magnitude_masks and SoupStrategy, docs/data_pruning.md
+    # ScoringPass, with no import anywhere on the page: a user copying them got a NameError
+    # with no hint where the names live (found trying the quick starts as a new user)
+    package, unimported = _package_names(), []
+    for page in PAGES:
+        if page.suffix != ".md":
+            continue
+        bound: set[str] = set()  # blocks run in page order, as a reader copies them
+        for block in BLOCK.findall(page.read_text(encoding="utf-8")):
+            tree = ast.parse(block)
+            bound |= _bound(tree)
+            unimported += [
+                f"{page.relative_to(REPO)}: {node.id} (from {package[node.id]})"
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Name) and node.id in package and node.id not in bound
+            ]
+    assert not unimported, "\n".join(sorted(set(unimported)))
 
 
 @pytest.mark.parametrize("bad", ["lightning_ext.soups.build_soup", "lightning_ext.no_such"])

@@ -144,6 +144,11 @@ INTRO = (
     "file created in it, and a folder as output is refused, before any checkpoint is read, soup "
     "merged or scored. Write failures (read-only folder, full disk) are one line naming the "
     "output, never the hidden temporary file.",
+    "- **An output is named for what it holds**: a `torch.save` output (weights, a schedule, "
+    "indices) under a text or image name (`.txt`, `.csv`, `.json`, `.yaml`, `.png`, ...) is "
+    "refused naming the names to use, since readers take such names for text (the schedule "
+    "loaders read `.txt` and `.csv` as one value per line); `refine-schedule`'s schedule, its "
+    "`.json` summary and its `--plot` (named `.png`) are three distinct files.",
     "- **Nothing is left half-written**: files are written to `.<name>.<pid>@<host>.<random>.tmp` "
     "beside the target, fsynced and renamed; the temporary files of a writer on this host that "
     "was killed (its process is gone) are removed by the next write to that target.",

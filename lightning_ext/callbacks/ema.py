@@ -286,11 +286,30 @@ class EMA(DeclaredState, WhenToUpdate):
             # with masks the state_dict holds the masked EMA and resuming needs the raw one
             own["shadow"] = {k: v for k, v in own["shadow"].items() if k not in ema_state}
 
+    def _resume_live_weights(
+        self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """The checkpoint's EMA was written by an EMA with other options (another ``state_key``):
+        the fit still resumes from the live weights, not from that average, and this EMA starts
+        afresh from them (before, training went on from the other EMA's average, silently)."""
+        pl_module.load_state_dict(checkpoint[LIVE_STATE_KEY], strict=pl_module.strict_loading)
+        writers = [k for k in checkpoint.get("callbacks", {}) if k.startswith("EMA")]
+        rank_zero_warn(
+            f"{self.state_key}: the checkpoint's EMA was written by {writers or 'another EMA'}, "
+            "whose options differ: training resumes from the live weights and this EMA starts "
+            "afresh from them (resume with the same EMA options to keep the average)"
+        )
+
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         own = checkpoint.get("callbacks", {}).get(self.state_key) or {}
-        if not own.get(EMA_IN_STATE_DICT) or LIVE_STATE_KEY not in checkpoint:
+        if LIVE_STATE_KEY not in checkpoint:
+            return
+        if not own:  # this EMA wrote nothing: the state_dict holds another EMA's average
+            self._resume_live_weights(pl_module, checkpoint)
+            return
+        if not own.get(EMA_IN_STATE_DICT):  # the live layout: another EMA of this fit wrote it
             return
         # The Trainer has just loaded the EMA into the module: put the live weights back and
         # keep the EMA for the shadow (load_state_dict, which runs next, completes it).

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_ext._batch import ForwardFn, UnpackBatch, default_unpack_batch
+from lightning_ext._finite import NonFiniteError
 from lightning_ext._io import atomic_torch_save
 from lightning_ext._lightning import (
     fit_train_loaders,
@@ -32,9 +33,16 @@ from lightning_ext._soup import (
     run_soup,
     save_soup_plot,
 )
-from lightning_ext.averaging import fsdp2_modules, full_tensors, local_tensors, reshard
+from lightning_ext.averaging import (
+    fsdp2_modules,
+    full_tensors,
+    local_tensors,
+    nonfinite_names,
+    reshard,
+)
 from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.callbacks._steps import ExactResume
+from lightning_ext.functional._ties import copy_keeping_ties
 from lightning_ext.functional.merge_methods import SOUP_METHODS
 from lightning_ext.io.ingredients import Ingredients
 
@@ -64,7 +72,9 @@ class ModelSoup(DeclaredState, ExactResume):
     (``ingredient-epoch=E.rank{r}.pt``) and merges them shard by shard; greedy candidates are
     scored by all ranks together, each validating the same number of batches; ``soup.pt`` holds
     the gathered full tensors. ``recalibrate_bn`` and methods other than ``"greedy"`` and
-    ``"uniform"`` (``"learned"`` too) are refused there at fit start.
+    ``"uniform"`` (``"learned"`` too) are refused there at fit start. A snapshot whose
+    parameters hold NaN or inf (a diverged run) is refused as it is taken (``NonFiniteError``
+    naming the epoch and the parameters), before it is written.
 
     ``recalibrate_bn`` recomputes BatchNorm statistics of every candidate on the training data,
     read with ``unpack_batch``/``forward_fn``. The soup is saved to ``dirpath/soup.pt`` and the
@@ -216,13 +226,14 @@ class ModelSoup(DeclaredState, ExactResume):
         if any(e["epoch"] == epoch for e in self.ingredients):
             return
         assert self.dirpath is not None
+        _refuse_nonfinite_snapshot(pl_module, epoch)
         path = str(Path(self.dirpath).absolute() / f"ingredient-epoch={epoch}.pt")
         entry: dict[str, Any] = {"epoch": epoch, "path": path}
         if self._fsdp2:  # every rank its own shards (masks are local shards too)
             entry["shards"] = trainer.world_size
         if self._fsdp2 or trainer.is_global_zero:
             local = local_tensors(pl_module.state_dict())
-            state = {k: v.detach().cpu().clone() for k, v in local.items()}
+            state = copy_keeping_ties(local, lambda v: v.detach().cpu().clone())
             apply_masks_(state, self._current_masks(trainer, state))
             atomic_torch_save(state, self._file(entry, trainer))
         self.ingredients.append(entry)
@@ -247,14 +258,6 @@ class ModelSoup(DeclaredState, ExactResume):
                 f"ModelSoup collected one ingredient (epoch {self.ingredients[0]['epoch']}) in "
                 f"{epochs} epoch{'' if epochs == 1 else 's'}: the soup is that snapshot alone"
                 + _stream_hint(trainer)
-            )
-        replaced = _averages_applied_at_fit_end(trainer.callbacks)
-        if replaced:
-            rank_zero_info(
-                f"ModelSoup: the module ends holding the soup of {len(self.ingredients)} "
-                f"snapshots of the live weights; the average {', '.join(replaced)} applied at "
-                "train end is replaced (the soup wins; read the average from the callback or "
-                "its checkpoints)."
             )
         ings = Ingredients([self._file(e, trainer) for e in self.ingredients]).validate()
         val = fit_val_loader(trainer)
@@ -285,6 +288,7 @@ class ModelSoup(DeclaredState, ExactResume):
             if result.learned is not None:
                 decision["coefficients"] = result.learned.mean_weights()
                 decision["learned"] = result.learned
+        self._say_averages_replaced(trainer, len(decision["chosen"]))
         local = local_tensors(pl_module.state_dict())
         apply_masks_(local, self._current_masks(trainer, local))
         reshard(self._fsdp2)
@@ -292,7 +296,7 @@ class ModelSoup(DeclaredState, ExactResume):
         # Sharded: the full tensors, gathered on every rank (a collective) and written by rank 0.
         full = full_tensors(pl_module.state_dict()) if self.save_soup else {}
         if self.save_soup and trainer.is_global_zero:
-            state = {k: v.detach().cpu() for k, v in full.items()}
+            state = copy_keeping_ties(full, lambda v: v.detach().cpu())
             atomic_torch_save(state, Path(self.dirpath or ".") / "soup.pt")
         if self.save_soup:  # no rank reads soup.pt before rank 0 has written it
             trainer.strategy.barrier("ModelSoup.soup_saved")
@@ -304,6 +308,19 @@ class ModelSoup(DeclaredState, ExactResume):
         self._log(trainer, decision, picture)
 
     # ----------------------------------------------------------------------- internals
+
+    def _say_averages_replaced(self, trainer: Any, chosen: int) -> None:
+        """Name the weight averages whose train-end weights the soup replaced, and how many of
+        the snapshots the soup holds (a greedy soup may keep fewer than it collected)."""
+        replaced = _averages_applied_at_fit_end(trainer.callbacks)
+        if replaced:
+            total = len(self.ingredients)
+            rank_zero_info(
+                f"ModelSoup: the module ends holding the soup of {chosen} of the {total} "
+                f"snapshots of the live weights; the average {', '.join(replaced)} applied at "
+                "train end is replaced (the soup wins; read the average from the callback or "
+                "its checkpoints)."
+            )
 
     def _current_masks(self, trainer: Any, state: dict[str, Any]) -> dict[str, Any]:
         """The sparse-training masks of ``state``'s tensors (empty when not trained sparse)."""
@@ -416,6 +433,21 @@ class ModelSoup(DeclaredState, ExactResume):
     # ``dirpath`` is not restored: a resumed fit writes into its own run folder, as every other
     # callback does, while ``ingredients`` still name the files written before (absolute paths).
     STATE = ("ingredients",)
+
+
+def _refuse_nonfinite_snapshot(pl_module: Any, epoch: int) -> None:
+    """A snapshot whose parameters hold NaN or inf is refused when it is taken, before it is
+    written (every rank together: sharded parameters are checked across the ranks): no soup can
+    use it, and the fit would otherwise train on to a refusal at its end. Buffers (an additive
+    ``-inf`` mask) are left to the loader's rule at fit end."""
+    bad = nonfinite_names(dict(pl_module.named_parameters()))
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteError(
+            f"ModelSoup: the weights at the end of epoch {epoch} hold NaN or inf in "
+            f"{len(bad)} parameter(s): {shown}; the run diverged and no soup can use them: "
+            "resume from an earlier checkpoint with a lower learning rate"
+        )
 
 
 def _has_val_data(trainer: Any, pl_module: Any) -> bool:

@@ -4,12 +4,20 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
 from torch import Tensor
 
 from lightning_ext.cli._options import add_overwrite_option, add_trusted_option
 
 CLASS_STRATEGIES = ("class_balanced", "class_ccs")
+#: The strategies that use each selection option; with any other, a given option is ignored
+#: with a warning (as ``soup`` warns about merge options its method does not take).
+OPTION_USERS = {
+    "offset": ("offset", "ccs", "class_ccs"),
+    "strata": ("ccs", "class_ccs"),
+    "seed": ("random", "ccs", "class_ccs"),
+}
 
 
 def class_coverage(labels: Tensor, kept: Tensor) -> dict[int, tuple[int, int]]:
@@ -68,7 +76,8 @@ def _prune_select(args: argparse.Namespace) -> int:
     from lightning_ext.functional.pruning import select_indices
     from lightning_ext.io.scores import check_score_record, load_scores
 
-    out = check_output(args.out, inputs=[args.scores], overwrite=args.overwrite)
+    binary = "" if args.out.lower().endswith(".json") else ".pt, or .json for a list"
+    out = check_output(args.out, inputs=[args.scores], overwrite=args.overwrite, binary=binary)
     record = check_score_record(
         load_scores(args.scores, trusted=args.trusted), args.scores, need_labels=True
     )
@@ -79,16 +88,15 @@ def _prune_select(args: argparse.Namespace) -> int:
             f"--strategy {args.strategy} needs class labels; use hardest, ccs or random"
         )
     labels = record["labels"]
-    kept = select_indices(
-        record["scores"],
-        args.keep,
-        args.strategy,
-        offset=args.offset,
-        labels=labels,
-        seed=args.seed,
-        strata=args.strata,
-    )
-    if out.suffix == ".json":
+    given = {name: getattr(args, name) for name in OPTION_USERS if getattr(args, name) is not None}
+    unused = [f"--{name}" for name in given if args.strategy not in OPTION_USERS[name]]
+    if unused:
+        warnings.warn(
+            f"--strategy {args.strategy} does not use {', '.join(unused)} (ignored)", stacklevel=2
+        )
+    options = {name: value for name, value in given.items() if name not in unused}
+    kept = select_indices(record["scores"], args.keep, args.strategy, labels=labels, **options)
+    if out.suffix.lower() == ".json":
         atomic_write_json(kept.tolist(), out)
     else:
         atomic_torch_save(kept, out)
@@ -121,13 +129,12 @@ def _register_prune_select(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--offset",
         type=float,
-        default=0.0,
-        help="offset, ccs, class_ccs: fraction of the hardest examples dropped first",
+        help="offset, ccs, class_ccs: fraction of the hardest examples dropped first (default 0)",
     )
     p.add_argument(
-        "--strata", type=int, default=CCS_STRATA, help="ccs, class_ccs: number of score bins"
+        "--strata", type=int, help=f"ccs, class_ccs: number of score bins (default {CCS_STRATA})"
     )
-    p.add_argument("--seed", type=int, default=0, help="random and ccs draws")
+    p.add_argument("--seed", type=int, help="random, ccs, class_ccs: seed of the draws (default 0)")
     p.add_argument(
         "--out", required=True, help="output: a .pt tensor of sorted indices, or a .json list"
     )

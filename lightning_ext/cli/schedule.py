@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, cast
 
 from lightning_ext.cli._options import CLI_SPELLING, add_overwrite_option, add_trusted_option
@@ -43,12 +44,21 @@ def register(sub: Any) -> None:
         help="'reference' (the reference code's median filter, default), or a fraction of the "
         "run (0: none)",
     )
-    parser.add_argument("--window", type=int, default=1001, help="median window in steps")
-    parser.add_argument("--power", type=float, default=DEFAULT_OPTIONS["power"],
+    parser.add_argument(
+        "--window",
+        type=int,
+        help="median window in steps, for --smoothing reference (default 1001)",
+    )
+    parser.add_argument("--power", type=float,
                         help="w = G^-power (default: 2 for l2, 1 for l1)")  # fmt: skip
-    for name in ("exclude_initial", "floor", "blend"):
+    meanings = {
+        "exclude_initial": "leading fraction of the run (a transient) left out of the smoothing",
+        "floor": "the schedule never falls below this fraction of linear decay",
+        "blend": "fraction of linear decay mixed into the schedule",
+    }
+    for name, meaning in meanings.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=float,
-                            default=DEFAULT_OPTIONS[name])  # fmt: skip
+                            help=f"{meaning} (default {DEFAULT_OPTIONS[name]:g})")  # fmt: skip
     parser.add_argument(
         "--paper", action="store_true", help="the paper's formula: no exclusion, floor or blend"
     )
@@ -79,7 +89,6 @@ def _refine_schedule_command(args: Any) -> int:
 
     from lightning_ext.functional.schedule import Norm
     from lightning_ext.io.schedule import (
-        PAPER_OPTIONS,
         SCHEDULE_FILE,
         check_refined_outputs,
         load_curve,
@@ -103,13 +112,12 @@ def _refine_schedule_command(args: Any) -> int:
     _check_norm_option(args.norm, kinds, args.grad_norms)
     # A recorded kind is "l1" or "l2" as the callback wrote it; refine_schedule rejects any other.
     norms = cast(list[Norm], [args.norm or kind or "l2" for kind in kinds])
-    options = {k: getattr(args, k) for k in ("power", "exclude_initial", "floor", "blend")}
     payload = write_refined_schedule(
         [torch.as_tensor(r, dtype=torch.float64) for r in records],
         norms,
         out,
         smoothing=args.smoothing,
-        window=args.window,
+        window=_window(args),
         steps=args.steps,
         plot_path=args.plot,
         drop_nonfinite=args.drop_nonfinite,
@@ -117,7 +125,7 @@ def _refine_schedule_command(args: Any) -> int:
         overwrite=args.overwrite,
         curve=load_curve(args.grad_norms),  # a drop-in run compares itself against it
         spelling=CLI_SPELLING,
-        **(PAPER_OPTIONS if args.paper else options),
+        **_refine_options(args),
     )
     schedule, found = payload["schedule"], payload["diagnostics"][0]
     peak = int(schedule.argmax())
@@ -126,6 +134,37 @@ def _refine_schedule_command(args: Any) -> int:
         f"mean multiplier {found['mean_multiplier']:.3f} (linear decay: 0.5)"
     )
     return 0
+
+
+def _refine_options(args: Any) -> dict[str, Any]:
+    """``refine_schedule``'s options: the defaults (the paper's with ``--paper``) and those given.
+    ``--paper`` is the paper's exact formula: an option that changes it is refused, not dropped
+    (``--paper --blend 0.5`` wrote a schedule without the blend, silently)."""
+    from lightning_ext.io.schedule import DEFAULT_OPTIONS, PAPER_OPTIONS
+
+    given = {k: getattr(args, k) for k in DEFAULT_OPTIONS if getattr(args, k) is not None}
+    if args.paper and given:
+        spelled = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+        raise ValueError(
+            f"--paper is the paper's exact formula, which {spelled} would change: drop "
+            f"{spelled}, or drop --paper"
+        )
+    return {**(PAPER_OPTIONS if args.paper else DEFAULT_OPTIONS), **given}
+
+
+def _window(args: Any) -> int:
+    """The median window: ``--window`` serves the reference smoothing only (a fraction sets its
+    own window), so giving it with another ``--smoothing`` is said, not silently dropped."""
+    from lightning_ext.functional.schedule import REFERENCE_WINDOW
+
+    if args.window is None or args.smoothing == "reference":
+        return REFERENCE_WINDOW if args.window is None else args.window
+    warnings.warn(
+        f"--smoothing {args.smoothing:g} does not use --window (ignored): it sets the window of "
+        "the reference smoothing only",
+        stacklevel=2,
+    )
+    return REFERENCE_WINDOW
 
 
 def _check_norm_option(norm: str | None, kinds: list[str | None], path: str) -> None:

@@ -278,7 +278,7 @@ def import_callable(spec: str, option: str) -> Callable[..., Any]:
 
     Raises:
         ValueError: ``spec`` is not ``MODULE:FUNCTION``, its module cannot be imported, or it
-            names something not callable.
+            names something the module lacks or that is not callable.
     """
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
@@ -291,7 +291,9 @@ def import_callable(spec: str, option: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(f"{option} {spec}: cannot import {module_name!r} ({err})") from err
-    target = getattr(module, attr, None)
+    if not hasattr(module, attr):
+        raise ValueError(f"{option} {spec}: {module_name} ({module.__file__}) has no {attr!r}")
+    target = getattr(module, attr)
     if not callable(target):
         raise ValueError(f"{option}: {spec!r} is not a callable")
     return target
@@ -414,7 +416,8 @@ def run(args: argparse.Namespace) -> int:
     bn = bn_recalibration(args)
     request = resolve(args)  # the options, checked without reading a checkpoint
     inputs = [*args.checkpoints, *([args.base] if args.base else [])]
-    check_output(args.output, inputs=inputs, overwrite=args.overwrite)  # before any reading
+    names = ".pt, .ckpt or .safetensors"  # the output is checked before any reading
+    check_output(args.output, inputs=inputs, overwrite=args.overwrite, binary=names)
     first = output_template(args.checkpoints[0], trusted=args.trusted)  # refused before merging
     soup = recalibrate(args, merge(args, request), bn)
     out: dict[str, Any] = dict(soup)

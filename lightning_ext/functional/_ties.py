@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["merge_ties_once", "tied_names"]
+__all__ = ["copy_keeping_ties", "merge_ties_once", "tie_groups", "tied_names"]
 
 StateDict = Mapping[str, Tensor]
 
@@ -66,6 +66,63 @@ def tied_names(state: StateDict) -> dict[str, str]:
     return aliases
 
 
+def copy_keeping_ties(state: StateDict, copy: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """``{name: copy(tensor)}`` with each tied tensor copied once and the copy put under every
+    name, so that a snapshot written with ``torch.save`` (or the safetensors writer) stores it
+    once and reloads tied (a copy per name would untie it and store it twice).
+
+    Args:
+        state: a state dict.
+        copy: makes one tensor's copy (e.g. ``lambda t: t.detach().cpu().clone()``).
+
+    Returns:
+        The copies, in ``state``'s order.
+
+    Examples:
+        >>> import torch
+        >>> w = torch.zeros(2)
+        >>> out = copy_keeping_ties({"a": w, "b": w}, torch.clone)
+        >>> out["a"] is out["b"], out["a"] is w
+        (True, False)
+    """
+    aliases = tied_names(state)
+    copies = {k: copy(v) for k, v in state.items() if k not in aliases}
+    return _retie(copies, aliases, list(state))
+
+
+def tie_groups(order: Sequence[str], *aliases: Mapping[str, str]) -> dict[str, str]:
+    """The ties of several sources together (a model's and its checkpoint's): every name of
+    ``order`` tied to another by any of ``aliases``, mapped to the first name of its group in
+    ``order``.
+
+    Args:
+        order: the names, first names first (a model's state-dict order).
+        *aliases: ``{alias: first name}`` maps, as ``tied_names`` gives them.
+
+    Returns:
+        ``{alias: first name}`` over the union of the ties.
+
+    Examples:
+        >>> tie_groups(["a", "b", "c"], {"b": "a"}, {"c": "b"})
+        {'b': 'a', 'c': 'a'}
+    """
+    position = {name: i for i, name in enumerate(order)}
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        while name in parent:
+            name = parent[name]
+        return name
+
+    for mapping in aliases:
+        for alias, first in mapping.items():
+            if alias in position and first in position:
+                a, b = sorted((root(alias), root(first)), key=position.__getitem__)
+                if a != b:
+                    parent[b] = a
+    return {name: root(name) for name in order if root(name) != name}
+
+
 def _holds_tie(a: Tensor, b: Tensor) -> bool:
     if a.is_meta or b.is_meta:  # a layout only: nothing to compare
         return a.shape == b.shape and a.dtype == b.dtype
@@ -74,12 +131,14 @@ def _holds_tie(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
 
 
-def _untie(state: StateDict, aliases: Mapping[str, str], name: str) -> dict[str, Tensor]:
+def _untie(
+    state: StateDict, aliases: Mapping[str, str], name: str, where: str = "the reference"
+) -> dict[str, Tensor]:
     """``state`` without the aliases, once each is checked to hold its first name's tensor."""
     for alias, first in aliases.items():
         if alias in state and first in state and not _holds_tie(state[alias], state[first]):
             raise ValueError(
-                f"{name}: '{alias}' and '{first}' are one tied tensor in the reference but differ "
+                f"{name}: '{alias}' and '{first}' are one tied tensor in {where} but differ "
                 "here; merge models whose tied weights are tied in every input"
             )
     return {k: v for k, v in state.items() if k not in aliases}
@@ -116,17 +175,33 @@ def _retie(merged: Mapping[str, Tensor], aliases: Mapping[str, str], keys: Seque
     return ordered
 
 
-def merge_ties_once(function: Callable[..., Any], bound: inspect.BoundArguments) -> Any:
+def _untie_keyed(mapping: StateDict, aliases: Mapping[str, str], name: str) -> dict[str, Tensor]:
+    """A mapping keyed like the ingredients (a Fisher) without the aliases: one held under an
+    alias only is moved to its first name, one held under both is checked as ``_untie`` does."""
+    moved = dict(mapping)
+    for alias, first in aliases.items():
+        if alias in moved and first not in moved:
+            moved[first] = moved.pop(alias)
+    return _untie(moved, aliases, name)
+
+
+def merge_ties_once(
+    function: Callable[..., Any], bound: inspect.BoundArguments, *, keyed_like: Sequence[str] = ()
+) -> Any:
     """Run a merge ``function`` on its bound arguments (``base``, ``state_dicts``) with every
-    tied name merged once, and the result put back under each name.
+    tied name merged once, and the result put back under each name. A soup that scores whole
+    state dicts (an ``evaluate`` argument: the greedy soup) has them scored with the ties put
+    back, and returns ``(soup, ...)``: the soup gets them too.
 
     Args:
         function: a merge function taking ``state_dicts`` (and maybe ``base``), returning a
-            state dict.
+            state dict or a tuple whose first entry is one.
         bound: its arguments, bound to its signature.
+        keyed_like: arguments holding one mapping per ingredient keyed like them (the Fishers of
+            ``fisher_merge``): untied too, an entry under an alias only moved to its first name.
 
     Returns:
-        The merged state dict, ties kept (one tensor under each tied name).
+        The merged state dict (or tuple), ties kept (one tensor under each tied name).
 
     Raises:
         ValueError: an input whose tied names hold different values (naming it and them).
@@ -134,7 +209,7 @@ def merge_ties_once(function: Callable[..., Any], bound: inspect.BoundArguments)
     arguments = bound.arguments
     state_dicts, base = arguments["state_dicts"], arguments.get("base")
     eager = isinstance(state_dicts, list | tuple)  # in memory: every input checked up front
-    reference = base if base is not None else (state_dicts[0] if eager else None)
+    reference = base if base is not None else (state_dicts[0] if eager or keyed_like else None)
     aliases = tied_names(reference) if reference is not None else None
     if aliases == {}:  # the common case: nothing tied, the function as it is
         return function(*bound.args, **bound.kwargs)
@@ -142,5 +217,14 @@ def merge_ties_once(function: Callable[..., Any], bound: inspect.BoundArguments)
     if base is not None:
         arguments["base"] = _untie(base, untied.aliases or {}, "base")
     arguments["state_dicts"] = [untied[i] for i in range(len(untied))] if eager else untied
+    for name in keyed_like:
+        arguments[name] = [
+            _untie_keyed(m, aliases or {}, f"{name}[{i}]") for i, m in enumerate(arguments[name])
+        ]
+    if "evaluate" in arguments:  # scored as the caller's model holds them: tied
+        evaluate = arguments["evaluate"]
+        arguments["evaluate"] = lambda sd: evaluate(_retie(sd, untied.aliases or {}, untied.keys))
     merged = function(*bound.args, **bound.kwargs)
+    if isinstance(merged, tuple):  # the greedy soup: (soup, chosen)
+        return (_retie(merged[0], untied.aliases or {}, untied.keys), *merged[1:])
     return _retie(merged, untied.aliases or {}, untied.keys)

@@ -28,6 +28,7 @@ Pure torch: no Lightning import.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from lightning_ext._batch import (
     per_sample_cross_entropy,
 )
 from lightning_ext._modules import normalise_name
+from lightning_ext.functional._ties import _untie, merge_ties_once, tie_groups, tied_names
 from lightning_ext.functional.merge_methods import (
     PYTHON_SPELLING,
     SOUP_METHODS,
@@ -115,6 +117,20 @@ def _by_normalised_name(sd: StateDict, what: str) -> dict[str, Tensor]:
     return out
 
 
+def _model_ties(
+    model_state: Mapping[str, Tensor], ref: StateDict, named: Sequence[StateDict]
+) -> dict[str, str]:
+    """The model's tied names (its own ties and the reference's, ``_ties.tie_groups``), each
+    mapped to its group's first model key; every ingredient must hold them (checked here, before
+    any step: a tie learned from two different tensors is not a tie)."""
+    key_of = {normalise_name(k): k for k in model_state}
+    own = {normalise_name(a): normalise_name(f) for a, f in tied_names(model_state).items()}
+    tied = tie_groups(list(key_of), own, tied_names(ref))
+    for i, sd in enumerate(named):
+        _untie(sd, tied, f"ingredient {i}", "the model or the reference")
+    return {key_of[alias]: key_of[first] for alias, first in tied.items()}
+
+
 def _combine(weights: Tensor, stacked: Tensor, base: Tensor | None) -> Tensor:
     """``sum_k w_k stacked_k`` (+ ``base``), differentiable in ``weights``."""
     mixed = torch.tensordot(weights.to(stacked.dtype), stacked, dims=1)
@@ -152,7 +168,9 @@ def apply_soup_coefficients(
     theta_k`` (``mixing="ingredients"``) or ``base + sum_k weights[key][k] (theta_k - base)``
     (``mixing="task_vectors"``); statistics buffers are averaged, non-floating tensors copied from
     the reference. ``weights`` maps (compile-normalised) keys to K mixing weights, as
-    ``LearnedSoup.weights_by_key()`` returns them. Keys and dtypes are the reference's.
+    ``LearnedSoup.weights_by_key()`` returns them. Keys and dtypes are the reference's; names
+    tied in the reference (one tensor) are merged once and hold one tensor in the result
+    (``_ties.merge_ties_once``, as every merge).
 
     Args:
         state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
@@ -166,7 +184,8 @@ def apply_soup_coefficients(
 
     Raises:
         KeyError: a floating-point key without weights.
-        ValueError: weights of the wrong shape.
+        ValueError: weights of the wrong shape, different weights for tied names, or an input
+            whose tied names hold different values.
 
     Examples:
         >>> import torch
@@ -179,6 +198,31 @@ def apply_soup_coefficients(
     """
     mixing = _renamed_mode(mixing, mode, "apply_soup_coefficients")
     _check_mixing(mixing, "tensor")
+    if len(state_dicts):
+        _check_tied_weights(weights, base if base is not None else state_dicts[0])
+    bound = inspect.signature(_apply).bind(state_dicts, weights, base, mixing)
+    return merge_ties_once(_apply, bound)
+
+
+def _check_tied_weights(weights: Mapping[str, Tensor], reference: StateDict) -> None:
+    """Tied names (one tensor) must have one mixing weight each: two would untie them."""
+    for alias, first in tied_names(reference).items():
+        a, f = normalise_name(alias), normalise_name(first)
+        if a in weights and f in weights and not torch.equal(weights[a], weights[f]):
+            raise ValueError(
+                f"weights for '{alias}' and '{first}' differ, but the two names hold one tied "
+                "tensor: give them the same weights"
+            )
+
+
+@torch.no_grad()
+def _apply(
+    state_dicts: Sequence[StateDict],
+    weights: Mapping[str, Tensor],
+    base: StateDict | None,
+    mixing: Mixing,
+) -> dict[str, Tensor]:
+    """``apply_soup_coefficients`` on checked inputs (a tied tensor under its first name)."""
     reference = _reference(state_dicts, base, mixing)
     n = len(state_dicts)
     out: dict[str, Tensor] = {}
@@ -224,8 +268,9 @@ class SoupParametrisation:
     """The merged weights of ``model`` as a differentiable function of the coefficients ``alpha``
     (shape ``(K, B)``): ingredients (or task vectors) are stacked once per block, detached.
 
-    ``blocks`` lists the learned tensors by the model's state-dict key (each tied parameter once:
-    ``functional_call`` ties its aliases). ``loss(alpha, batch)`` runs the model on one batch.
+    ``blocks`` lists the learned tensors by the model's state-dict key, a tied tensor once (names
+    tied in the model or in the reference: one coefficient, one merged tensor under every name).
+    ``loss(alpha, batch)`` runs the model on one batch.
 
     Args:
         model: the network the ingredients are weights of; its own weights are left untouched.
@@ -239,8 +284,9 @@ class SoupParametrisation:
         mode: the former name of ``mixing`` (deprecated).
 
     Raises:
-        ValueError: no ingredients, ``mixing="task_vectors"`` without ``base``, or ingredients
-            that lack tensors of the model or do not match each other.
+        ValueError: no ingredients, ``mixing="task_vectors"`` without ``base``, ingredients
+            that lack tensors of the model or do not match each other, or one whose tied names
+            hold different values.
 
     Examples:
         >>> import torch
@@ -287,15 +333,15 @@ class SoupParametrisation:
         self._base: list[Tensor | None] = []
         self._dtypes: list[torch.dtype] = []
         self._fixed: dict[str, Tensor] = {}
-        seen: dict[int, str] = {}
-        for key, tensor in model_state.items():
+        self._tied = _model_ties(model_state, ref, named)  # model key -> its group's first key
+        for key in model_state:
             name = normalise_name(key)
-            if id(tensor) in seen:  # a tied weight: one block, several names
-                self.aliases[seen[id(tensor)]].append(name)
+            if key in self._tied:  # a tied weight: one block (one coefficient), several names
+                if self._tied[key] in self.aliases:
+                    self.aliases[self._tied[key]].append(name)
                 continue
             r = ref[name]
             if _is_learned(name, r):
-                seen[id(tensor)] = key
                 self.blocks.append(key)
                 self.aliases[key] = [name]
                 self._add_block(r, [sd[name] for sd in named], device)
@@ -330,13 +376,14 @@ class SoupParametrisation:
         return torch.full((self.num_ingredients, self.num_blocks), value, device=device)
 
     def merged(self, alpha: Tensor) -> dict[str, Tensor]:
-        """Every tensor the model needs, keyed by the model's state-dict keys; the learned blocks
-        depend on ``alpha`` differentiably."""
+        """Every tensor the model needs, keyed by the model's state-dict keys (a tied one's
+        names all hold one tensor); the learned blocks depend on ``alpha`` differentiably."""
         weights = mixing_weights(alpha, self.mixing)
         out = dict(self._fixed)
         for j, key in enumerate(self.blocks):
             column = weights[:, j if self.granularity == "tensor" else 0]
             out[key] = _combine(column, self._stacked[j], self._base[j]).to(self._dtypes[j])
+        out.update({alias: out[first] for alias, first in self._tied.items()})
         return out
 
     def forward(self, alpha: Tensor, inputs: Any) -> Tensor:
@@ -344,6 +391,7 @@ class SoupParametrisation:
         merged = self.merged(alpha)
         if self.model.training:  # BatchNorm in train mode writes its statistics in place
             merged.update({k: v.clone() for k, v in self._fixed.items()})
+            merged.update({alias: merged[first] for alias, first in self._tied.items()})
         tensors = {f"module.{k}": v for k, v in merged.items()}
         return functional_call(self._wrapper, tensors, (inputs,))
 
@@ -527,7 +575,8 @@ def learn_soup_coefficients(
         The learned coefficients and the loss at every step.
 
     Raises:
-        ValueError: an option outside ``LEARNED_SOUP_OPTIONS``'s ranges.
+        ValueError: an option outside ``LEARNED_SOUP_OPTIONS``'s ranges, or an ingredient whose
+            tied names (one tensor in the model or the reference) hold different values.
         FloatingPointError: the loss becomes NaN or infinite.
 
     Examples:

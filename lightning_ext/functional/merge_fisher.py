@@ -6,6 +6,7 @@ Pure torch: no Lightning import.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_ext.functional._checks import check_merge_inputs
+from lightning_ext.functional._ties import merge_ties_once
 from lightning_ext.functional.merging import (
     FISHER_FLOOR,
     StateDict,
@@ -57,7 +59,9 @@ def fisher_merge(
       ingredient informs fall back to the target model's value.
 
     Floating tensors without a Fisher entry (e.g. BatchNorm running statistics) get the plain
-    weighted average.
+    weighted average. A tied weight (one tensor under two names, as ``estimate_fisher`` gives
+    its Fisher under the first name only) is merged once with its Fisher and put under both names
+    (``_ties.merge_ties_once``), so that the names cannot get two different values.
 
     Args:
         state_dicts: the ingredients, state dicts with the same keys, shapes and dtypes.
@@ -71,8 +75,8 @@ def fisher_merge(
 
     Raises:
         TypeError: ``state_dicts`` that is not a sequence of state dicts (``check_merge_inputs``).
-        ValueError: a number of Fishers or weights other than of ingredients, or a non-positive
-            weight.
+        ValueError: a number of Fishers or weights other than of ingredients, a non-positive
+            weight, or an ingredient or Fisher whose tied names hold different values.
 
     Examples:
         >>> import torch
@@ -89,6 +93,21 @@ def fisher_merge(
     weights = [1.0] * n if weights is None else [float(w) for w in weights]
     if len(weights) != n or any(w <= 0 or math.isnan(w) for w in weights):
         raise ValueError(f"need one positive weight per ingredient, got {weights}")
+    bound = inspect.signature(_fisher_merge).bind(
+        state_dicts, fishers, weights, normalize_fishers, fisher_floor
+    )
+    return merge_ties_once(_fisher_merge, bound, keyed_like=("fishers",))
+
+
+def _fisher_merge(
+    state_dicts: Sequence[StateDict],
+    fishers: Sequence[Mapping[str, Tensor]],
+    weights: list[float],
+    normalize_fishers: bool,
+    fisher_floor: float,
+) -> dict:
+    """``fisher_merge`` on checked inputs (a tied tensor under its first name only)."""
+    n = len(state_dicts)
     coefficients = list(weights)
     if normalize_fishers:
         coefficients = [w / _fisher_norm(f, i) for i, (w, f) in enumerate(zip(weights, fishers))]

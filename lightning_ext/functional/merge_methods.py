@@ -578,7 +578,7 @@ def _call_checked(
     kwargs: dict[str, Any],
 ) -> Any:
     """A call of a registered function: its inputs checked (``check_merge_inputs``), then its
-    options (``check_arguments``); a merge runs with tied names merged once
+    options (``check_arguments``); a merge (the greedy soup too) runs with tied names merged once
     (``_ties.merge_ties_once``)."""
     kwargs = entry._renamed(kwargs, f"{function.__name__}()")
     bound = signature.bind(*args, **kwargs)
@@ -592,7 +592,7 @@ def _call_checked(
         min_ingredients=entry.min_ingredients,
     )
     entry.check_arguments(arguments)
-    if entry.needs:  # the greedy and learned soups evaluate whole state dicts as they are
+    if "model" in entry.needs:  # the learned soup shares one coefficient per tie itself
         return function(*args, **kwargs)
     return merge_ties_once(function, bound)
 

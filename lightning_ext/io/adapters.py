@@ -14,9 +14,16 @@ from typing import Any
 from torch import Tensor
 
 from lightning_ext._finite import check_finite
-from lightning_ext._io import atomic_write_json, check_output, load_file, load_json
+from lightning_ext._io import (
+    TEXT_SUFFIXES,
+    atomic_write_json,
+    check_output,
+    load_file,
+    load_json,
+)
 from lightning_ext.functional.lora import (
     LORA_A,
+    LORA_B,
     check_lora_merge,
     lora_modules,
     merge_lora_adapters,
@@ -27,6 +34,8 @@ __all__ = ["load_peft_adapter", "merge_peft_adapters", "peft_scaling", "save_pef
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+#: Names of files, which the output folder must not take (loaders go by the name).
+FILE_SUFFIXES = TEXT_SUFFIXES | {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
 
 
 def peft_scaling(config: Mapping[str, Any], rank: int, *, name: str = "adapter") -> float:
@@ -172,8 +181,8 @@ def merge_peft_adapters(
         ValueError: a refused request (``check_lora_merge``: method, options, weights, rank;
             checked before any adapter is read), adapters of other base models or modules,
             configs not supported (see ``peft_scaling``), or an ``out`` that is (inside) an
-            input folder or already holds an adapter without ``overwrite`` (checked before
-            merging).
+            input folder, is named as a file (``merged.safetensors``) or already holds an
+            adapter without ``overwrite`` (checked before merging).
         FileNotFoundError: a folder that is not an adapter.
     """
     check_lora_merge(  # the request first: refused before any adapter is read or folder made
@@ -184,13 +193,16 @@ def merge_peft_adapters(
         combination=combination,  # type: ignore[arg-type]
         rank=rank,
     )
+    _check_folder_name(out)
     configs, scalings = [], []
+    updates: dict[str, tuple[tuple[int, ...], str]] = {}  # module: (update shape, adapter)
     for i, folder in enumerate(folders):  # configs and ranks first: refuse before merging
         state, config = load_peft_adapter(folder, trusted=trusted)
         name = f"adapter {i} ({os.fspath(folder)})"
         modules = lora_modules(state, name=name)
         scalings.append(peft_scaling(config, state[modules[0] + LORA_A].shape[0], name=name))
         configs.append(config)
+        _check_update_shapes(updates, state, modules, name)
         del state
     bases = {c.get("base_model_name_or_path") for c in configs}
     if len(bases) > 1:
@@ -212,6 +224,36 @@ def merge_peft_adapters(
     config.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={})
     config["target_modules"] = _union_of_targets([c.get("target_modules") for c in configs])
     return save_peft_adapter(out, merged, config)
+
+
+def _check_update_shapes(
+    seen: dict[str, tuple[tuple[int, ...], str]],
+    state: Mapping[str, Tensor],
+    modules: list[str],
+    name: str,
+) -> None:
+    """Each module's update shape (B's rows, A's input dims) against the first adapter that
+    adapts it (``seen``, filled here): adapters of another model are refused naming both folders
+    and the module, before any merging."""
+    for module in modules:
+        shape = (state[module + LORA_B].shape[0], *state[module + LORA_A].shape[1:])
+        first = seen.setdefault(module, (shape, name))
+        if first[0] != shape:
+            raise ValueError(
+                f"{name}: module {module!r} updates a weight of shape {shape}, but {first[1]} "
+                f"one of shape {first[0]}: adapters of different models cannot be merged"
+            )
+
+
+def _check_folder_name(out: str | os.PathLike) -> None:
+    """The output is a folder: one named as a weights file (``merged.safetensors``) would be read
+    back as that file by every loader that goes by the name (``soup``, ``load_file``)."""
+    suffix = Path(out).suffix.lower()
+    if suffix in FILE_SUFFIXES:
+        raise ValueError(
+            f"cannot write the merged adapter to {out}: it is a folder (adapter_config.json and "
+            f"adapter_model.safetensors), not the {suffix} file its name promises; name a folder"
+        )
 
 
 def _union_of_targets(targets: list[Any]) -> Any:

@@ -188,7 +188,8 @@ def _ema_state_dict(
         )
     if len(candidates) > 1:
         raise ValueError(
-            f"{checkpoint} holds several EMA states; choose one with state_key from "
+            f"{checkpoint} holds several EMA states; choose one with --state-key "
+            "(state_key= in Python) from "
             f"{sorted(candidates)}"
         )
     state = _checked_ema_state(next(iter(candidates.values())), str(checkpoint))
@@ -246,7 +247,7 @@ def export_ema(
             without ``overwrite``, or is a folder; all before anything is written.
         OSError: ``out``'s folder is not writable (checked before the checkpoint is read).
     """
-    check_output(out, inputs=[checkpoint], overwrite=overwrite)
+    check_output(out, inputs=[checkpoint], overwrite=overwrite, binary=".pt or .safetensors")
     state = ema_state_dict_from_checkpoint(
         checkpoint, state_key=state_key, trusted=trusted, allow_nonfinite=allow_nonfinite
     )
@@ -606,7 +607,7 @@ def write_posthoc_ema(
         OSError: ``out``'s folder is not writable (checked before any snapshot is read).
     """
     sigma_rel_to_gamma(sigma_rel)  # a width out of range is refused before the folder is made
-    check_output(out, inputs=[snapshot_dir], overwrite=overwrite)
+    check_output(out, inputs=[snapshot_dir], overwrite=overwrite, binary=".pt or .safetensors")
     state = posthoc_ema_state_dict(
         snapshot_dir,
         sigma_rel,

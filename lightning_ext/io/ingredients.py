@@ -12,6 +12,7 @@ the weights under the same key, read whole by ``lightning_ext.io.distributed_che
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
@@ -115,6 +116,22 @@ def _describe(source: IngredientSource, index: int) -> str:
     return f"ingredient {index} (state dict)"
 
 
+def _warn_repeated_files(sources: list[Any]) -> None:
+    """A file given twice (a glob and a name that overlap) counts twice in every average: said,
+    naming it, since it is rarely meant."""
+    first: dict[Path, int] = {}
+    for i, source in enumerate(sources):
+        if not isinstance(source, (str, os.PathLike)):
+            continue
+        j = first.setdefault(Path(source).resolve(), i)
+        if j != i:
+            warnings.warn(
+                f"ingredients {j} and {i} are the same file ({os.fspath(source)}): it counts "
+                "twice in the merge",
+                stacklevel=3,
+            )
+
+
 class Ingredients(Sequence):
     """A lazy, validated sequence of state dicts.
 
@@ -171,6 +188,7 @@ class Ingredients(Sequence):
         self.sources = list(sources)
         if not self.sources:
             raise ValueError("no ingredients given (an empty list)")
+        _warn_repeated_files(self.sources)
         self.key, self.strip_prefix = key, strip_prefix
         self.map_location, self.mmap, self.trusted = map_location, mmap, trusted
         self.allow_nonfinite = allow_nonfinite

@@ -85,8 +85,14 @@ def _read_text_values(path: str) -> Tensor:
     first line that is not a number is a header and skipped; any other bad line is one error
     naming the file and the line."""
     values = []
-    with open(path) as handle:
-        lines = [(n, line) for n, line in enumerate(handle, start=1) if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = [(n, line) for n, line in enumerate(handle, start=1) if line.strip()]
+    except UnicodeDecodeError:
+        raise BadFileError(
+            f"{path} is not a text file (it holds binary data, e.g. a torch.save file under a "
+            f"{Path(path).suffix} name): give a .txt/.csv file of one number per line, or a .pt"
+        ) from None
     for position, (number, line) in enumerate(lines):
         field = line.split(",")[-1].strip()
         try:
@@ -406,11 +412,25 @@ def check_refined_outputs(
         overwrite: existing outputs may be replaced.
 
     Raises:
-        ValueError: an output that is an input, exists without ``overwrite``, or is a folder.
+        ValueError: an output that is an input, exists without ``overwrite``, or is a folder; a
+            schedule under a text name (``.txt``/``.csv`` are read back as text, ``.json`` is its
+            summary's), a plot not named ``.png``, or two outputs that are one file.
         OSError: an output folder that is not writable.
     """
-    outputs = [out_path, Path(out_path).with_suffix(".json"), *([plot_path] if plot_path else [])]
-    for output in outputs:
+    summary = Path(out_path).with_suffix(".json")
+    named = {"the schedule": Path(out_path), "the schedule's JSON summary": summary}
+    if plot_path:
+        if Path(plot_path).suffix.lower() != ".png":
+            raise ValueError(f"cannot write the plot {plot_path}: it is a PNG; name it .png")
+        named["the plot"] = Path(plot_path)
+    for (what, path), (other, other_path) in itertools.combinations(named.items(), 2):
+        if path.resolve() == other_path.resolve():
+            raise ValueError(
+                f"cannot write {what} and {other} both to {path}: name the schedule .pt "
+                "and the plot .png (the summary goes beside the schedule, as .json)"
+            )
+    check_output(out_path, inputs=inputs, overwrite=overwrite, binary=".pt")
+    for output in list(named.values())[1:]:
         check_output(output, inputs=inputs, overwrite=overwrite)
 
 

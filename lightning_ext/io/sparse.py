@@ -105,7 +105,7 @@ def export_sparse_checkpoint(
             f"{layout} layout to a .pt file"
         )
     if out is not None:
-        check_output(out, inputs=[checkpoint], overwrite=overwrite)
+        check_output(out, inputs=[checkpoint], overwrite=overwrite, binary=".pt")
     # Files load on the CPU; 2:4 tensors exist only on a CUDA device, so the weights go there.
     # Asked before the file is read: a machine without a GPU cannot do 2:4 at all.
     device = _export_device(layout)
@@ -131,7 +131,7 @@ def export_sparse_checkpoint(
     if len(states) > 1:
         raise ValueError(
             f"{checkpoint} holds several DynamicSparseTraining states {sorted(states)}: "
-            "name one with state_key"
+            "name one with --state-key (state_key= in Python)"
         )
     (state,) = states.values()
     if not isinstance(state.get("names"), list) or len(state["names"]) != len(state["masks"]):

@@ -36,6 +36,7 @@ from lightning_ext._soup import (
 from lightning_ext._soup import batchnorm_layers as batchnorm_layers  # kept importable here
 from lightning_ext._soup import check_monitor_logged as check_monitor_logged
 from lightning_ext._soup import fit_val_loader as fit_val_loader
+from lightning_ext.functional._ties import copy_keeping_ties
 from lightning_ext.io.ingredients import Ingredients, IngredientSource
 
 __all__ = [
@@ -163,7 +164,7 @@ def build_soup(
         allow_nonfinite=ings.allow_nonfinite,
     )
     if recalibrate_on is not None:  # the statistics recomputed for the soup, not averaged
-        result.state_dict = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        result.state_dict = copy_keeping_ties(module.state_dict(), lambda v: v.detach().clone())
     module.load_state_dict(result.state_dict if apply else original)
     if plot is not None and _is_rank_zero():
         save_soup_plot(result, plot, monitor=monitor)

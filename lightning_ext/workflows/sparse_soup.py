@@ -47,6 +47,7 @@ from lightning_ext._modules import named_parameters, normalise_name
 from lightning_ext._soup import batchnorm_layers, check_mode
 from lightning_ext.functional._checks import check_unit_range
 from lightning_ext.functional.sparse import active_count, mask_as_multiplier, topk_mask
+from lightning_ext.workflows._calls import check_call
 from lightning_ext.workflows.soup import build_soup
 
 __all__ = [
@@ -279,6 +280,15 @@ class SparseSoupResult:
     state_dict: dict[str, Tensor]
     masks: dict[str, Tensor]
     cycles: list[CycleResult] = field(default_factory=list)
+
+
+def _check_functions(
+    make_module: Callable[..., Any], make_trainer: Callable[..., Any], devices: int
+) -> None:
+    """The user's two functions take the arguments they will be called with (before any work)."""
+    check_call("sparse_model_soup", make_module, "make_module", "config")
+    trainer_args = ("cycle", "index", "callbacks") + (("strategy",) if devices > 1 else ())
+    check_call("sparse_model_soup", make_trainer, "make_trainer", *trainer_args)
 
 
 def _check_plan(
@@ -530,6 +540,8 @@ def sparse_model_soup(
         The last cycle's soup and masks, and every cycle's figures.
 
     Raises:
+        TypeError: before any training: ``make_module`` or ``make_trainer`` cannot take the
+            arguments it is called with.
         ValueError: before any training: a bad plan (sparsities, no retrain, a number of retrains
             that is not a multiple of ``devices``), a folder holding another plan, or a Trainer
             without the ``FixedMask`` (or, with ``devices > 1``, without the strategy, or not
@@ -537,6 +549,7 @@ def sparse_model_soup(
     """
     _check_plan(sparsities, retrain_configs, devices)
     check_mode(monitor, mode, "sparse_model_soup")
+    _check_functions(make_module, make_trainer, devices)
     folder = Path(output_dir)
     current = _state(initial) if isinstance(initial, nn.Module) else dict(initial)
     rank = _launch_rank() if devices > 1 else 0

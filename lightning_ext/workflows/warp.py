@@ -44,6 +44,7 @@ from lightning_ext._io import atomic_torch_save, atomic_write_json, load_file, l
 from lightning_ext._masks import rezero_outside_masks_, sparse_masks_for
 from lightning_ext.functional.interpolation import liti, multi_slerp
 from lightning_ext.strategies.warp import MASKS_SUFFIX, WARPStrategyMixin
+from lightning_ext.workflows._calls import check_call
 
 StateDict = dict[str, Tensor]
 Evaluate = Callable[[pl.LightningModule, int], Mapping[str, float]]
@@ -169,6 +170,8 @@ def run_warp(
         ValueError: ``iterations`` or ``num_policies`` below 1, a negative eta, a number of
             ``weights`` other than ``num_policies``, or a WARPStrategy Trainer whose rank count
             differs from ``num_policies``.
+        TypeError: ``make_module``, ``make_trainer``, ``fit_kwargs`` or ``evaluate`` cannot
+            take the arguments it is called with (checked before any training).
     """
     if iterations < 1 or num_policies < 1:
         raise ValueError(
@@ -178,6 +181,10 @@ def run_warp(
         raise ValueError("eta and every eta of eta_sweep must be >= 0")
     if weights is not None and len(weights) != num_policies:
         raise ValueError(f"got {len(weights)} weights for {num_policies} policies")
+    check_call("run_warp", make_module, "make_module")
+    check_call("run_warp", make_trainer, "make_trainer", "run")
+    check_call("run_warp", fit_kwargs, "fit_kwargs", "run")
+    check_call("run_warp", evaluate, "evaluate", "module", "iteration")
     out_dir = Path(out_dir)
     fit_kwargs = fit_kwargs or (lambda run: {})
     result = WARPResult(final_state={}, out_dir=out_dir)

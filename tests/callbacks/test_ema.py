@@ -753,3 +753,47 @@ def test_export_reads_weights_only_unless_trusted(tmp_path):
     assert cli_main(args) == 2 and not (tmp_path / "out.pt").exists()
     assert cli_main([*args, "--trusted"]) == 0
     assert_bitwise_equal(torch.load(tmp_path / "out.pt", weights_only=True), exported)
+
+
+def test_resume_with_other_ema_options_trains_on_from_the_live_weights(tmp_path):
+    # the checkpoint's state_dict holds the EMA (for load_from_checkpoint); a fit resumed with
+    # EMA(decay=0.9) from an EMA(decay=0.999) run restored nothing of the other EMA's state and
+    # silently trained on from that average instead of the live weights (new-user trial)
+    from lightning_ext.io.ema import LIVE_STATE_KEY
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(Classifier(), [EMA(decay=0.999), ckpt], epochs=1, limit=64, enable_checkpointing=True)
+    saved = torch.load(ckpt.last_model_path, weights_only=True)
+    seen = {}
+
+    class AtStart(Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["module"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            seen["ema"] = trainer.callbacks[0].ema_state_dict()
+
+    ema = EMA(decay=0.9)
+    with pytest.warns(UserWarning, match=r"written by \[\"EMA\{'decay': 0.999"):
+        trainer = quiet_trainer(max_epochs=2, callbacks=[ema, AtStart()])
+        trainer.fit(
+            Classifier(), datamodule=DigitsDataModule(batch_size=32, limit=64),
+            ckpt_path=ckpt.last_model_path,
+        )  # fmt: skip
+    assert_bitwise_equal(seen["module"], saved[LIVE_STATE_KEY])
+    live, average = saved[LIVE_STATE_KEY], saved["state_dict"]
+    assert any(not torch.equal(live[k], average[k]) for k in live)  # the two differ
+    assert_bitwise_equal(seen["ema"], {k: live[k] for k in seen["ema"]})  # restarts from live
+
+
+def test_resume_of_two_emas_warns_about_neither(tmp_path, recwarn):
+    # the fix above must not take the live-layout EMA of a two-EMA fit for a stranger
+    def emas():
+        return [EMA(decay=0.9), EMA(decay=0.5, checkpoint_weights="live", live_suffix="_b")]
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit(Classifier(), [*emas(), ckpt], epochs=1, limit=64, enable_checkpointing=True)
+    recwarn.clear()
+    data = DigitsDataModule(batch_size=32, limit=64)
+    quiet_trainer(max_epochs=2, callbacks=emas()).fit(
+        Classifier(), data, ckpt_path=ckpt.last_model_path
+    )
+    assert not [w for w in recwarn if "whose options differ" in str(w.message)]

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_ext.functional._ties import tied_names
 from lightning_ext.functional.learned_soup import (
     SoupParametrisation,
     apply_soup_coefficients,
@@ -24,6 +25,8 @@ def _perturbed(model: nn.Module, seed: int, scale: float = 0.1) -> dict[str, Ten
             out[k] = v + scale * torch.randn(v.shape, generator=g, dtype=v.dtype)
         else:
             out[k] = v + seed  # integer counters differ per ingredient
+    for alias, first in tied_names(model.state_dict()).items():  # a tied weight moves as one
+        out[alias] = out[first]
     return out
 
 

@@ -76,7 +76,8 @@ def _run(folder: Path, trainers: _Trainers, **kw: Any) -> Any:
         val_dataloaders=VAL,
     )
     options.update(kw)
-    return sparse_model_soup(_make_module, trainers, _dense(), **options)
+    make_module = options.pop("make_module", _make_module)
+    return sparse_model_soup(make_module, trainers, _dense(), **options)
 
 
 def test_magnitude_masks_keep_the_largest_weights_globally_or_per_layer() -> None:
@@ -244,6 +245,16 @@ def test_refuses_bad_plans_and_trainers_without_the_mask(tmp_path: Path) -> None
         quiet_trainer(
             max_steps=1, callbacks=[FixedMask({"nope": torch.ones(2, dtype=torch.bool)})]
         ).fit(Classifier(), train_dataloaders=TRAIN)
+
+
+def test_user_functions_of_the_wrong_arity_are_refused_before_any_work(tmp_path: Path) -> None:
+    """make_module() without the config, make_trainer without its callbacks: named in one line
+    before any folder is written (before: a bare TypeError from inside the first retrain)."""
+    with pytest.raises(TypeError, match=r"make_module\(config\), but make_module takes \(\)"):
+        _run(tmp_path / "a", _Trainers(), make_module=lambda: Classifier())
+    with pytest.raises(TypeError, match=r"make_trainer\(cycle, index, callbacks\), but"):
+        _run(tmp_path / "b", lambda cycle, index: quiet_trainer(max_steps=1))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_pytorch_lightning_namespace(tmp_path: Path) -> None:

@@ -125,6 +125,25 @@ def test_loop_rejects_bad_configuration(tmp_path):
         run_warp(_module, lambda run: quiet_trainer(), tmp_path, eta_sweep=(-1.0,))
 
 
+def test_loop_refuses_user_functions_of_the_wrong_shape_before_training(tmp_path):
+    # an evaluate(module) without the iteration failed with a bare TypeError only after the
+    # first iteration's fine-tunings had trained (found trying the docs' loop as a new user)
+    def trainer(run):
+        raise AssertionError("no Trainer may be built before the functions are checked")
+
+    bad = [
+        ({"make_module": lambda config: _module()}, r"make_module\(\), but make_module takes"),
+        ({"make_trainer": lambda: trainer(None)}, r"make_trainer\(run\)"),
+        ({"fit_kwargs": lambda: {}}, r"fit_kwargs\(run\)"),
+        ({"evaluate": lambda module: {}}, r"evaluate\(module, iteration\), but evaluate takes"),
+    ]
+    for change, message in bad:
+        options = {"make_module": _module, "make_trainer": trainer, **change}
+        with pytest.raises(TypeError, match=message):
+            run_warp(options.pop("make_module"), options.pop("make_trainer"), tmp_path, **options)
+    assert not any(tmp_path.iterdir())
+
+
 class RankSeededDigits(DigitsDataModule):
     """Data order from PL_GLOBAL_SEED, read when the loader is built: WARPStrategy sets it per
     rank, so the two policies see different orders (and resume exactly)."""

@@ -222,6 +222,20 @@ def fit_train_loaders(trainer: Any) -> Any:
     return trainer.fit_loop._data_source.dataloader()
 
 
+def logging_step(trainer: Any) -> int:
+    """The step under which Lightning's loggers file this training batch's ``self.log`` values
+    (the fit loop's private count of batches that stepped, raised only after the batch's
+    hooks): metrics sent to a logger directly from a batch hook line up with them.
+
+    Args:
+        trainer: the Trainer.
+
+    Returns:
+        The logging step of the current training batch.
+    """
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
 def stepping_batches(trainer: Any) -> int | float:
     """``trainer.estimated_stepping_batches``, read once the fit loop has built its training loader
     (from ``on_train_start`` on).

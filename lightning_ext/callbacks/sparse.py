@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_ext._flops import LayerFlops
-from lightning_ext._lightning import is_wandb_logger, run_dir, stepping_batches
+from lightning_ext._lightning import is_wandb_logger, logging_step, run_dir, stepping_batches
 from lightning_ext._masks import denominator_period, denominators, refill_denominators_
 from lightning_ext._modules import named_parameters, normalise_name, normalised_keys
 from lightning_ext._modules import parameter_aliases as module_parameter_aliases
@@ -831,8 +831,17 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
     ) -> None:
         if self._log_due:
             self._log_due = False
+            per_layer: dict[str, float] = {}
             for key, value in self.metrics().items():
-                pl_module.log(key, value, on_step=True, on_epoch=False)
+                if key.count("/") > 1:  # sparse/density/<param>, sparse/mask_change/<param>
+                    per_layer[key] = value
+                else:
+                    pl_module.log(key, value, on_step=True, on_epoch=False)
+            # Per layer straight to the loggers, one call each: two ``self.log`` per layer cost
+            # ~70 ms on a 69-layer model per update (~0.7 ms a step at delta_t=100), and nobody
+            # monitors a single layer's density.
+            for logger in trainer.loggers:
+                logger.log_metrics(per_layer, step=logging_step(trainer))
 
     def metrics(self) -> dict[str, float]:
         """Total sparsity, mask change and in-time over-parameterisation (fraction of weights ever

@@ -11,13 +11,6 @@ from torch import Tensor
 from lightning_ext.cli._options import add_overwrite_option, add_trusted_option
 
 CLASS_STRATEGIES = ("class_balanced", "class_ccs")
-#: The strategies that use each selection option; with any other, a given option is ignored
-#: with a warning (as ``soup`` warns about merge options its method does not take).
-OPTION_USERS = {
-    "offset": ("offset", "ccs", "class_ccs"),
-    "strata": ("ccs", "class_ccs"),
-    "seed": ("random", "ccs", "class_ccs"),
-}
 
 
 def class_coverage(labels: Tensor, kept: Tensor) -> dict[int, tuple[int, int]]:
@@ -73,7 +66,7 @@ def coverage_report(labels: Tensor, kept: Tensor) -> str:
 
 def _prune_select(args: argparse.Namespace) -> int:
     from lightning_ext._io import atomic_torch_save, atomic_write_json, check_output
-    from lightning_ext.functional.pruning import select_indices
+    from lightning_ext.functional.pruning import SELECTION_OPTION_USERS, select_indices
     from lightning_ext.io.scores import check_score_record, load_scores
 
     binary = "" if args.out.lower().endswith(".json") else ".pt, or .json for a list"
@@ -88,12 +81,15 @@ def _prune_select(args: argparse.Namespace) -> int:
             f"--strategy {args.strategy} needs class labels; use hardest, ccs or random"
         )
     labels = record["labels"]
-    given = {name: getattr(args, name) for name in OPTION_USERS if getattr(args, name) is not None}
-    unused = [f"--{name}" for name in given if args.strategy not in OPTION_USERS[name]]
-    if unused:
-        warnings.warn(
-            f"--strategy {args.strategy} does not use {', '.join(unused)} (ignored)", stacklevel=2
-        )
+    given = {
+        name: getattr(args, name)
+        for name in SELECTION_OPTION_USERS
+        if getattr(args, name) is not None
+    }
+    unused = [name for name in given if args.strategy not in SELECTION_OPTION_USERS[name]]
+    if unused:  # said in the command's spelling here, so select_indices has nothing to repeat
+        flags = ", ".join(f"--{name}" for name in unused)
+        warnings.warn(f"--strategy {args.strategy} does not use {flags} (ignored)", stacklevel=2)
     options = {name: value for name, value in given.items() if name not in unused}
     kept = select_indices(record["scores"], args.keep, args.strategy, labels=labels, **options)
     if out.suffix.lower() == ".json":

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lightning_ext._batch import UnpackBatch, default_unpack_batch
-from lightning_ext.functional.pruning import sample_keys, select_indices
+from lightning_ext.functional.pruning import SELECTION_OPTION_USERS, sample_keys, select_indices
 from lightning_ext.io.scores import check_fingerprint, load_scores
 
 __all__ = [
@@ -140,8 +140,8 @@ def pruned_subset(
     fraction: float,
     mode: str = "hardest",
     *,
-    offset: float = 0.0,
-    seed: int = 0,
+    offset: float | None = None,
+    seed: int | None = None,
     unpack_batch: UnpackBatch | None = None,
     trusted: bool = False,
 ) -> torch.utils.data.Subset:
@@ -153,8 +153,9 @@ def pruned_subset(
         scores: one score per example, or the path of a score file.
         fraction: the share to keep, in ``(0, 1]``.
         mode: a ``functional.pruning.SELECTION_MODES`` entry.
-        offset: the hardest share to drop first (``offset`` and the CCS modes).
-        seed: seeds the random choices of ``random`` and the CCS modes.
+        offset: the hardest share to drop first (``offset`` and the CCS modes; default 0; given
+            to another mode: ignored with a warning).
+        seed: seeds the random choices of ``random`` and the CCS modes (default 0).
         unpack_batch: how to read a sample's target, as for ``labels_of``.
         trusted: unpickle arbitrary objects when reading a score file.
 
@@ -191,8 +192,8 @@ def pruned_datamodule(
     fraction: float,
     mode: str = "hardest",
     *,
-    offset: float = 0.0,
-    seed: int = 0,
+    offset: float | None = None,
+    seed: int | None = None,
     unpack_batch: UnpackBatch | None = None,
     trusted: bool = False,
 ) -> Any:
@@ -210,8 +211,9 @@ def pruned_datamodule(
         scores: one score per training example, or the path of a score file.
         fraction: the share to keep, in ``(0, 1]``.
         mode: a ``functional.pruning.SELECTION_MODES`` entry.
-        offset: the hardest share to drop first (``offset`` and the CCS modes).
-        seed: seeds the selection's random choices and the new loader's shuffling.
+        offset: the hardest share to drop first (``offset`` and the CCS modes; default 0; given
+            to another mode: ignored with a warning).
+        seed: seeds the selection's random choices and the new loader's shuffling (default 0).
         unpack_batch: how to read a sample's target, as for ``labels_of``.
         trusted: unpickle arbitrary objects when reading a score file.
 
@@ -232,7 +234,7 @@ def pruned_datamodule(
             fraction,
             mode,
             offset=offset,
-            seed=seed,
+            seed=seed if mode in SELECTION_OPTION_USERS["seed"] else None,  # else: the shuffle's
             unpack_batch=unpack_batch,
             trusted=trusted,
         )
@@ -244,7 +246,7 @@ def pruned_datamodule(
             collate_fn=loader.collate_fn,
             pin_memory=loader.pin_memory,
             drop_last=loader.drop_last,
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed(0 if seed is None else seed),
         )
 
     datamodule.train_dataloader = train_dataloader

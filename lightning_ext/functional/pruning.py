@@ -8,6 +8,7 @@ from Okanovic et al.; the InfoBatch pruning rule from Qin et al. (2024).
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -46,6 +47,12 @@ __all__ = [
 GRAND_CHUNK_ELEMENTS = 2**21
 SELECTION_MODES = ("hardest", "easiest", "offset", "random", "class_balanced", "ccs", "class_ccs")
 CCS_STRATA = 50
+#: The selection modes that use each option of ``select_indices`` (given to another: ignored).
+SELECTION_OPTION_USERS = {
+    "offset": ("offset", "ccs", "class_ccs"),
+    "strata": ("ccs", "class_ccs"),
+    "seed": ("random", "ccs", "class_ccs"),
+}
 
 
 def el2n_scores(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -536,10 +543,10 @@ def select_indices(
         "hardest", "easiest", "offset", "random", "class_balanced", "ccs", "class_ccs"
     ] = "hardest",
     *,
-    offset: float = 0.0,
+    offset: float | None = None,
     labels: Tensor | None = None,
-    seed: int = 0,
-    strata: int = CCS_STRATA,
+    seed: int | None = None,
+    strata: int | None = None,
 ) -> Tensor:
     """Sorted indices of the ``round(fraction * N)`` examples to keep.
 
@@ -558,10 +565,13 @@ def select_indices(
         fraction: the share of examples to keep, in ``(0, 1]``; at least one is kept.
         mode: one of ``SELECTION_MODES``, described above.
         offset: the hardest share to drop first, in ``[0, 1)``, for ``offset``, ``ccs`` and
-            ``class_ccs``.
+            ``class_ccs`` (default 0).
         labels: one class per example, for ``class_balanced`` and ``class_ccs``.
-        seed: seeds ``random`` and the draws inside CCS strata.
-        strata: the number of CCS score bins.
+        seed: seeds ``random`` and the draws inside CCS strata (default 0).
+        strata: the number of CCS score bins (default ``CCS_STRATA``). ``offset``, ``seed`` and
+            ``strata`` given to a mode that does not use them (``SELECTION_OPTION_USERS``) are
+            ignored with a warning: ``offset=0.2`` with ``hardest`` keeps the very examples the
+            offset was meant to drop.
 
     Returns:
         The kept indices, sorted ascending.
@@ -583,6 +593,17 @@ def select_indices(
     check_fraction(fraction)
     if mode not in SELECTION_MODES:
         raise ValueError(f"mode must be one of {SELECTION_MODES}, got {mode!r}")
+    given = {"offset": offset, "seed": seed, "strata": strata}
+    unused = [
+        k for k, v in given.items() if v is not None and mode not in SELECTION_OPTION_USERS[k]
+    ]
+    if unused:
+        warnings.warn(
+            f"selection mode {mode!r} does not use {', '.join(unused)} (ignored)", stacklevel=2
+        )
+    offset = 0.0 if offset is None else offset
+    seed = 0 if seed is None else seed
+    strata = CCS_STRATA if strata is None else strata
     if scores.ndim != 1 or scores.numel() == 0:
         raise ValueError(f"scores must be a non-empty 1-D tensor, got shape {tuple(scores.shape)}")
     if torch.isnan(scores).any():

@@ -484,3 +484,20 @@ def test_score_files_load_weights_only_unless_trusted(tmp_path):
         pruned_subset(digits(limit=10), str(path), 0.5)
     assert isinstance(load_scores(path, trusted=True)["extra"], _Pickled)
     assert len(pruned_subset(digits(limit=10), str(path), 0.5, trusted=True)) == 5
+
+
+def test_an_option_the_selection_mode_does_not_use_is_named_not_silently_dropped() -> None:
+    """``offset=0.2`` with ``hardest`` kept the very examples the offset was meant to drop, with
+    no word; defaults (not given) stay silent, and a mode's own options are used."""
+    import warnings
+
+    from lightning_ext.functional.pruning import select_indices
+
+    scores = torch.arange(10.0)
+    with pytest.warns(UserWarning, match=r"'hardest' does not use offset, strata \(ignored\)"):
+        kept = select_indices(scores, 0.3, "hardest", offset=0.2, strata=4)
+    assert kept.tolist() == [7, 8, 9]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert select_indices(scores, 0.3).tolist() == [7, 8, 9]
+        assert select_indices(scores, 0.3, "offset", offset=0.2).tolist() == [5, 6, 7]

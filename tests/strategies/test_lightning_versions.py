@@ -41,15 +41,20 @@ def lightning_26_load(
     return self.checkpoint_io.load_checkpoint(checkpoint_path, weights_only=weights_only)
 
 
+def _strategy_and_checkpoint(make: Any, takes_weights_only: bool, path: Any) -> tuple[Any, Any]:
+    """A strategy reading through a RecordingIO, and a checkpoint it can load at ``path``."""
+    strategy = make()
+    strategy.checkpoint_io = io = RecordingIO(takes_weights_only=takes_weights_only)
+    saved = {"init_state": None, "world_size": strategy.world_size}
+    torch.save({"state_dict": {"w": torch.ones(2)}, "warp_strategy": saved}, path)
+    return strategy, io
+
+
 @pytest.mark.parametrize("make", [SoupStrategy, WARPStrategy], ids=["soup", "warp"])
 def test_loads_through_lightning_25_without_weights_only(tmp_path, monkeypatch, make):
     monkeypatch.setattr(Strategy, "load_checkpoint", lightning_25_load)
-    strategy = make()
-    strategy.checkpoint_io = io = RecordingIO(takes_weights_only=False)
-    path = tmp_path / "last.ckpt"
-    saved = {"init_state": None, "world_size": strategy.world_size}
-    torch.save({"state_dict": {"w": torch.ones(2)}, "warp_strategy": saved}, path)
-    loaded = strategy.load_checkpoint(path)  # as Lightning 2.5 calls it: the path alone
+    strategy, io = _strategy_and_checkpoint(make, False, tmp_path / "last.ckpt")
+    loaded = strategy.load_checkpoint(tmp_path / "last.ckpt")  # as 2.5 calls it: the path alone
     assert torch.equal(loaded["state_dict"]["w"], torch.ones(2))
     assert io.options == {}
 
@@ -57,10 +62,6 @@ def test_loads_through_lightning_25_without_weights_only(tmp_path, monkeypatch, 
 @pytest.mark.parametrize("make", [SoupStrategy, WARPStrategy], ids=["soup", "warp"])
 def test_passes_lightning_26_weights_only_on(tmp_path, monkeypatch, make):
     monkeypatch.setattr(Strategy, "load_checkpoint", lightning_26_load)
-    strategy = make()
-    strategy.checkpoint_io = io = RecordingIO(takes_weights_only=True)
-    path = tmp_path / "last.ckpt"
-    saved = {"init_state": None, "world_size": strategy.world_size}
-    torch.save({"state_dict": {}, "warp_strategy": saved}, path)
-    strategy.load_checkpoint(path, weights_only=True)
+    strategy, io = _strategy_and_checkpoint(make, True, tmp_path / "last.ckpt")
+    strategy.load_checkpoint(tmp_path / "last.ckpt", weights_only=True)
     assert io.options == {"weights_only": True}

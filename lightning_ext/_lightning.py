@@ -42,6 +42,7 @@ __all__ = [
     "is_lightning_module",
     "is_trainer",
     "is_wandb_logger",
+    "logging_step",
     "namespace_of",
     "realign_loader_reloads",
     "recount_train_epoch",

@@ -25,8 +25,6 @@ from lightning_ext.callbacks._state import DeclaredState
 from lightning_ext.callbacks._steps import ExactResume
 from lightning_ext.functional._checks import check_unit_range
 from lightning_ext.functional.sparse import (
-    MASK_LARGE,
-    MASK_PIECE,
     active_count,
     adam_normalised_momentum,
     cosine_drop_fraction,
@@ -37,6 +35,7 @@ from lightning_ext.functional.sparse import (
     layer_densities,
     mask_as_multiplier,
     mask_multiply_,
+    mask_scratch,
     nm_mask,
     pack_bits,
     popcount_bits,
@@ -525,10 +524,7 @@ class DynamicSparseTraining(DeclaredState, ExactResume):
             state, self._loaded = self._loaded, None
             self._restore(state)
         self._multipliers = [mask_as_multiplier(m) for m in self._masks]
-        # float scratch for masking large float32 tensors piece by piece (mask_multiply_)
-        device = self._locals[0].device if self._locals else torch.device("cpu")
-        large = any(p.numel() >= MASK_LARGE for p in self._locals) and device.type == "cpu"
-        self._scratch = torch.empty(MASK_PIECE if large else 0, device=device)
+        self._scratch = mask_scratch(self._locals)  # large float32 tensors masked piece by piece
         saved = state.get("momentum", {})
         if not isinstance(saved, dict):  # format before 2026-11-30: a list over all targets
             saved = dict(zip(state.get("names", []), saved))

@@ -46,7 +46,13 @@ from lightning_ext._masks import denominator_period, refill_denominators_
 from lightning_ext._modules import named_parameters, normalise_name
 from lightning_ext._soup import batchnorm_layers, check_mode
 from lightning_ext.functional._checks import check_unit_range
-from lightning_ext.functional.sparse import active_count, mask_as_multiplier, topk_mask
+from lightning_ext.functional.sparse import (
+    active_count,
+    mask_as_multiplier,
+    mask_multiply_,
+    mask_scratch,
+    topk_mask,
+)
 from lightning_ext.workflows._calls import check_call
 from lightning_ext.workflows.soup import build_soup
 
@@ -190,6 +196,9 @@ class FixedMask(Callback):
         self.masks = {name: m.detach().bool().clone() for name, m in masks.items()}
         self._pairs: list[tuple[nn.Parameter, Tensor]] = []
         self._hold_every = 0  # optimizer steps between refills of the held denominators (0: none)
+        self._scratch = torch.empty(
+            0
+        )  # float32 pieces of masks (mask_multiply_), sized at fit start
         self._hold_due = False
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -207,11 +216,12 @@ class FixedMask(Callback):
 
     @torch.no_grad()
     def apply(self) -> None:
-        for param, mask in self._pairs:
-            param.mul_(mask_as_multiplier(mask))
+        params = [p for p, _ in self._pairs]
+        mask_multiply_(params, [mask_as_multiplier(m) for _, m in self._pairs], self._scratch)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._pairs = [(p, m.to(p.device)) for p, m in self._pairs]
+        self._scratch = mask_scratch([p for p, _ in self._pairs])
         self._hold_every = denominator_period(trainer.optimizers, [p for p, _ in self._pairs])
         self.apply()
 
@@ -219,7 +229,8 @@ class FixedMask(Callback):
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         pairs = [(p.grad, m) for p, m in self._pairs if p.grad is not None]
         if pairs:  # uint8 views: torch multiplies by a bool tensor through a float temporary
-            torch._foreach_mul_([g for g, _ in pairs], [mask_as_multiplier(m) for _, m in pairs])
+            grads, multipliers = [g for g, _ in pairs], [mask_as_multiplier(m) for _, m in pairs]
+            mask_multiply_(grads, multipliers, self._scratch)
         # from the global step, so that a resumed fit refills where the uninterrupted one does
         self._hold_due = self._hold_every > 0 and trainer.global_step % self._hold_every == 0
 

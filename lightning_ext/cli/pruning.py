@@ -69,7 +69,8 @@ def _prune_select(args: argparse.Namespace) -> int:
     from lightning_ext.functional.pruning import SELECTION_OPTION_USERS, select_indices
     from lightning_ext.io.scores import check_score_record, load_scores
 
-    binary = "" if args.out.lower().endswith(".json") else ".pt, or .json for a list"
+    as_json = args.out.lower().endswith(".json")  # a list; any other name: a torch.save tensor
+    binary = "" if as_json else ".pt, or .json for a list"
     out = check_output(args.out, inputs=[args.scores], overwrite=args.overwrite, binary=binary)
     record = check_score_record(
         load_scores(args.scores, trusted=args.trusted), args.scores, need_labels=True
@@ -92,7 +93,7 @@ def _prune_select(args: argparse.Namespace) -> int:
         warnings.warn(f"--strategy {args.strategy} does not use {flags} (ignored)", stacklevel=2)
     options = {name: value for name, value in given.items() if name not in unused}
     kept = select_indices(record["scores"], args.keep, args.strategy, labels=labels, **options)
-    if out.suffix.lower() == ".json":
+    if as_json:
         atomic_write_json(kept.tolist(), out)
     else:
         atomic_torch_save(kept, out)
